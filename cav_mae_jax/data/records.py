@@ -1,0 +1,365 @@
+"""The clip record format: the one module that knows the record keys.
+
+One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
+
+| key                  | stored as                      | parsed as (`parse_example`)          |
+|----------------------|--------------------------------|--------------------------------------|
+| `video_id`           | bytes [1] (UTF-8)              | tf.string scalar                     |
+| `labels`             | int64 [L] (class indices)      | tf.int64 [L], L may be 0             |
+| `label_ids`          | bytes [L] (e.g. `/m/09x0r`)    | tf.string [L]                        |
+| `fbank`              | bytes [1]: float16 [1024, 128] | tf.float32 [1024, 128]               |
+|                      | little-endian, raw log-mel,    |                                      |
+|                      | NOT normalized, zero-padded    |                                      |
+| `fbank_num_frames`   | int64 [1]: frames before       | tf.int64 scalar                      |
+|                      | padding/cutting to 1024        |                                      |
+| `waveform`           | bytes [1]: int16 16 kHz mono   | tf.int16 [N] (only when asked for    |
+|  (optional)          | (first channel), first 10 s    | with `with_waveform=True`)           |
+| `frames`             | bytes [10]: JPEG (quality 75)  | tf.string [10]                       |
+|                      | 224x224 RGB                    |                                      |
+| `frame_indices`      | int64 [10]: 0-based source     | tf.int64 [10]                        |
+|                      | frame numbers of `frames`      |                                      |
+| `duration_s`         | float [1]: source duration     | tf.float32 scalar                    |
+| `source_sample_rate` | int64 [1]: before resampling   | tf.int64 scalar                      |
+| `fps`                | float [1]: source frame rate   | tf.float32 scalar                    |
+| `frame_count`        | int64 [1]: source video frames | tf.int64 scalar                      |
+
+The index JSON (`index.json` beside the shards) lists the shard files and their example
+counts, per-class label counts (for balanced sampling) and the fbank mean/std of the written
+examples. The statistics are taken over the valid fbank frames only (the first
+`min(fbank_num_frames, 1024)` rows of every example, all 128 bins, on the float16 values
+stored), not over the zero padding: padding is not a log-mel value. (The original's
+statistics tool averages over padded batches; with 10-s clips there is no padding, so both
+agree on full-length data.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+FORMAT_VERSION = 1
+NUM_MEL_BINS = 128
+TARGET_FBANK_FRAMES = 1024
+NUM_VIDEO_FRAMES = 10
+IMAGE_SIZE = 224
+WAVEFORM_SAMPLE_RATE = 16000
+
+VIDEO_ID = "video_id"
+LABELS = "labels"
+LABEL_IDS = "label_ids"
+FBANK = "fbank"
+FBANK_NUM_FRAMES = "fbank_num_frames"
+WAVEFORM = "waveform"
+FRAMES = "frames"
+FRAME_INDICES = "frame_indices"
+DURATION_S = "duration_s"
+SOURCE_SAMPLE_RATE = "source_sample_rate"
+FPS = "fps"
+FRAME_COUNT = "frame_count"
+
+ExampleValues = dict[str, Any]
+
+
+def make_example_values(
+    *,
+    video_id: str,
+    labels: Sequence[int],
+    label_ids: Sequence[str],
+    fbank: np.ndarray,
+    fbank_num_frames: int,
+    jpeg_frames: Sequence[bytes],
+    frame_indices: Sequence[int],
+    duration_s: float,
+    source_sample_rate: int,
+    fps: float,
+    frame_count: int,
+    waveform: np.ndarray | None = None,
+) -> ExampleValues:
+  """Checks and normalizes one clip's values into the record's key -> numpy value dict."""
+  fbank = np.asarray(fbank)
+  if fbank.shape != (TARGET_FBANK_FRAMES, NUM_MEL_BINS):
+    raise ValueError(f"{video_id}: fbank has shape {fbank.shape}, expected "
+                     f"({TARGET_FBANK_FRAMES}, {NUM_MEL_BINS}) (pad or cut first)")
+  if not np.all(np.isfinite(fbank)):
+    raise ValueError(f"{video_id}: fbank has non-finite values")
+  if len(labels) != len(label_ids):
+    raise ValueError(f"{video_id}: {len(labels)} labels but {len(label_ids)} label ids")
+  if len(jpeg_frames) != NUM_VIDEO_FRAMES or len(frame_indices) != NUM_VIDEO_FRAMES:
+    raise ValueError(f"{video_id}: expected {NUM_VIDEO_FRAMES} frames and frame indices, got "
+                     f"{len(jpeg_frames)} and {len(frame_indices)}")
+  values: ExampleValues = {
+      VIDEO_ID: str(video_id),
+      LABELS: np.asarray(labels, dtype=np.int64).reshape(-1),
+      LABEL_IDS: [str(x) for x in label_ids],
+      FBANK: fbank.astype(np.float16),
+      FBANK_NUM_FRAMES: int(fbank_num_frames),
+      FRAMES: [bytes(x) for x in jpeg_frames],
+      FRAME_INDICES: np.asarray(frame_indices, dtype=np.int64).reshape(-1),
+      DURATION_S: float(duration_s),
+      SOURCE_SAMPLE_RATE: int(source_sample_rate),
+      FPS: float(fps),
+      FRAME_COUNT: int(frame_count),
+  }
+  if waveform is not None:
+    waveform = np.asarray(waveform)
+    if waveform.dtype != np.int16 or waveform.ndim != 1:
+      raise ValueError(f"{video_id}: waveform must be 1-D int16, got {waveform.dtype} "
+                       f"{waveform.shape}")
+    values[WAVEFORM] = waveform
+  return values
+
+
+def _bytes(values: Sequence[bytes]) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(values: Sequence[int]) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def _floats(values: Sequence[float]) -> tf.train.Feature:
+  return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def serialize_example(values: ExampleValues) -> bytes:
+  """Serializes `make_example_values` output to a `tf.train.Example` proto string."""
+  feature = {
+      VIDEO_ID: _bytes([values[VIDEO_ID].encode("utf-8")]),
+      LABELS: _ints(values[LABELS]),
+      LABEL_IDS: _bytes([x.encode("utf-8") for x in values[LABEL_IDS]]),
+      FBANK: _bytes([values[FBANK].astype("<f2").tobytes()]),
+      FBANK_NUM_FRAMES: _ints([values[FBANK_NUM_FRAMES]]),
+      FRAMES: _bytes(values[FRAMES]),
+      FRAME_INDICES: _ints(values[FRAME_INDICES]),
+      DURATION_S: _floats([values[DURATION_S]]),
+      SOURCE_SAMPLE_RATE: _ints([values[SOURCE_SAMPLE_RATE]]),
+      FPS: _floats([values[FPS]]),
+      FRAME_COUNT: _ints([values[FRAME_COUNT]]),
+  }
+  if WAVEFORM in values:
+    feature[WAVEFORM] = _bytes([values[WAVEFORM].astype("<i2").tobytes()])
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def feature_spec(with_waveform: bool = False) -> dict[str, Any]:
+  """The `tf.io.parse_single_example` spec of a clip record."""
+  spec = {
+      VIDEO_ID: tf.io.FixedLenFeature([], tf.string),
+      LABELS: tf.io.VarLenFeature(tf.int64),
+      LABEL_IDS: tf.io.VarLenFeature(tf.string),
+      FBANK: tf.io.FixedLenFeature([], tf.string),
+      FBANK_NUM_FRAMES: tf.io.FixedLenFeature([], tf.int64),
+      FRAMES: tf.io.FixedLenFeature([NUM_VIDEO_FRAMES], tf.string),
+      FRAME_INDICES: tf.io.FixedLenFeature([NUM_VIDEO_FRAMES], tf.int64),
+      DURATION_S: tf.io.FixedLenFeature([], tf.float32),
+      SOURCE_SAMPLE_RATE: tf.io.FixedLenFeature([], tf.int64),
+      FPS: tf.io.FixedLenFeature([], tf.float32),
+      FRAME_COUNT: tf.io.FixedLenFeature([], tf.int64),
+  }
+  if with_waveform:
+    spec[WAVEFORM] = tf.io.FixedLenFeature([], tf.string)
+  return spec
+
+
+def parse_example(serialized: tf.Tensor, with_waveform: bool = False) -> dict[str, tf.Tensor]:
+  """Parses one serialized clip record into tensors (usable inside `tf.data.Dataset.map`).
+
+  `fbank` comes back as float32 [1024, 128] (raw, un-normalized); `labels` and `label_ids`
+  as dense 1-D tensors of the clip's own length; `waveform` (int16) only if asked for, and
+  then a record without one fails to parse with an error naming the key.
+  """
+  parsed = tf.io.parse_single_example(serialized, feature_spec(with_waveform))
+  fbank = tf.io.decode_raw(parsed[FBANK], tf.float16, little_endian=True)
+  parsed[FBANK] = tf.reshape(tf.cast(fbank, tf.float32), [TARGET_FBANK_FRAMES, NUM_MEL_BINS])
+  parsed[LABELS] = tf.sparse.to_dense(parsed[LABELS])
+  parsed[LABEL_IDS] = tf.sparse.to_dense(parsed[LABEL_IDS])
+  if with_waveform:
+    parsed[WAVEFORM] = tf.io.decode_raw(parsed[WAVEFORM], tf.int16, little_endian=True)
+  return parsed
+
+
+def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
+  """Converts eagerly parsed tensors (or TFDS numpy examples) to `make_example_values` form."""
+
+  def text(x: Any) -> str:
+    x = x.numpy() if hasattr(x, "numpy") else x
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+  def array(x: Any) -> np.ndarray:
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+
+  values: ExampleValues = {
+      VIDEO_ID: text(parsed[VIDEO_ID]),
+      LABELS: array(parsed[LABELS]).astype(np.int64).reshape(-1),
+      LABEL_IDS: [text(x) for x in array(parsed[LABEL_IDS]).reshape(-1)],
+      FBANK: array(parsed[FBANK]).astype(np.float16),
+      FBANK_NUM_FRAMES: int(array(parsed[FBANK_NUM_FRAMES])),
+      FRAMES: [bytes(x) for x in array(parsed[FRAMES]).reshape(-1)],
+      FRAME_INDICES: array(parsed[FRAME_INDICES]).astype(np.int64).reshape(-1),
+      DURATION_S: float(array(parsed[DURATION_S])),
+      SOURCE_SAMPLE_RATE: int(array(parsed[SOURCE_SAMPLE_RATE])),
+      FPS: float(array(parsed[FPS])),
+      FRAME_COUNT: int(array(parsed[FRAME_COUNT])),
+  }
+  if WAVEFORM in parsed:
+    values[WAVEFORM] = array(parsed[WAVEFORM]).astype(np.int16).reshape(-1)
+  return values
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics and the index JSON.
+
+
+@dataclasses.dataclass
+class ShardStats:
+  """Mergeable per-shard statistics: example and label counts, fbank sums (float64)."""
+
+  num_classes: int
+  num_examples: int = 0
+  label_counts: list[int] = dataclasses.field(default_factory=list)
+  fbank_count: int = 0
+  fbank_sum: float = 0.0
+  fbank_sum_squares: float = 0.0
+
+  def __post_init__(self):
+    if not self.label_counts:
+      self.label_counts = [0] * self.num_classes
+    if len(self.label_counts) != self.num_classes:
+      raise ValueError(f"label_counts has {len(self.label_counts)} entries, expected "
+                       f"num_classes={self.num_classes}")
+
+  def add(self, values: ExampleValues) -> None:
+    """Counts one example: its labels and its valid fbank frames."""
+    self.num_examples += 1
+    for label in values[LABELS]:
+      if not 0 <= label < self.num_classes:
+        raise ValueError(f"{values[VIDEO_ID]}: label {label} outside [0, {self.num_classes})")
+      self.label_counts[int(label)] += 1
+    valid = min(int(values[FBANK_NUM_FRAMES]), TARGET_FBANK_FRAMES)
+    fbank = values[FBANK][:valid].astype(np.float64)
+    self.fbank_count += fbank.size
+    self.fbank_sum += float(fbank.sum())
+    self.fbank_sum_squares += float(np.square(fbank).sum())
+
+  def merge(self, other: ShardStats) -> ShardStats:
+    """Returns the statistics of both shards together."""
+    if other.num_classes != self.num_classes:
+      raise ValueError(f"cannot merge stats with num_classes {self.num_classes} and "
+                       f"{other.num_classes}")
+    return ShardStats(
+        num_classes=self.num_classes,
+        num_examples=self.num_examples + other.num_examples,
+        label_counts=[a + b for a, b in zip(self.label_counts, other.label_counts)],
+        fbank_count=self.fbank_count + other.fbank_count,
+        fbank_sum=self.fbank_sum + other.fbank_sum,
+        fbank_sum_squares=self.fbank_sum_squares + other.fbank_sum_squares,
+    )
+
+  def fbank_mean_std(self) -> tuple[float, float]:
+    """Mean and (population) std of all counted fbank values."""
+    if self.fbank_count == 0:
+      raise ValueError("no fbank values counted: cannot compute mean/std of an empty set")
+    mean = self.fbank_sum / self.fbank_count
+    variance = max(self.fbank_sum_squares / self.fbank_count - mean * mean, 0.0)
+    return mean, math.sqrt(variance)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> ShardStats:
+    return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+  """One TFRecord file of the set: its name (relative to the index) and example count."""
+
+  file: str
+  num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordIndex:
+  """The contents of index.json: shards, counts and normalization statistics."""
+
+  shards: tuple[ShardInfo, ...]
+  num_examples: int
+  num_classes: int
+  label_counts: tuple[int, ...]
+  fbank_mean: float
+  fbank_std: float
+  fbank_stats_count: int
+  store_waveform: bool
+  fbank_shape: tuple[int, int] = (TARGET_FBANK_FRAMES, NUM_MEL_BINS)
+  num_video_frames: int = NUM_VIDEO_FRAMES
+  image_size: int = IMAGE_SIZE
+  waveform_sample_rate: int = WAVEFORM_SAMPLE_RATE
+  format_version: int = FORMAT_VERSION
+
+  def shard_paths(self, index_path: str) -> list[str]:
+    """Absolute paths of the shard files (they sit beside the index)."""
+    base = os.path.dirname(os.path.abspath(index_path))
+    return [os.path.join(base, shard.file) for shard in self.shards]
+
+
+def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
+                     store_waveform: bool) -> RecordIndex:
+  """Builds the index of a finished record set from its shards and merged statistics."""
+  if sum(s.num_examples for s in shards) != stats.num_examples:
+    raise ValueError(f"shard counts sum to {sum(s.num_examples for s in shards)} but the "
+                     f"statistics counted {stats.num_examples} examples")
+  mean, std = stats.fbank_mean_std()
+  return RecordIndex(
+      shards=tuple(shards),
+      num_examples=stats.num_examples,
+      num_classes=stats.num_classes,
+      label_counts=tuple(stats.label_counts),
+      fbank_mean=mean,
+      fbank_std=std,
+      fbank_stats_count=stats.fbank_count,
+      store_waveform=store_waveform,
+  )
+
+
+def write_index(path: str, index: RecordIndex) -> None:
+  """Writes the index JSON atomically (temp file + rename)."""
+  data = dataclasses.asdict(index)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_index(path: str) -> RecordIndex:
+  """Reads and checks an index JSON written by `write_index`."""
+  with open(path) as f:
+    data = json.load(f)
+  version = data.get("format_version")
+  if version != FORMAT_VERSION:
+    raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+  fields = {f.name for f in dataclasses.fields(RecordIndex)}
+  missing = fields - set(data)
+  if missing:
+    raise ValueError(f"{path}: index is missing fields {sorted(missing)}")
+  unknown = set(data) - fields
+  if unknown:
+    raise ValueError(f"{path}: index has unknown fields {sorted(unknown)}")
+  data["shards"] = tuple(ShardInfo(**s) for s in data["shards"])
+  data["label_counts"] = tuple(data["label_counts"])
+  data["fbank_shape"] = tuple(data["fbank_shape"])
+  index = RecordIndex(**data)
+  if len(index.label_counts) != index.num_classes:
+    raise ValueError(f"{path}: label_counts has {len(index.label_counts)} entries but "
+                     f"num_classes is {index.num_classes}")
+  if sum(s.num_examples for s in index.shards) != index.num_examples:
+    raise ValueError(f"{path}: shard counts do not sum to num_examples={index.num_examples}")
+  return index
