@@ -1,0 +1,112 @@
+"""Orbax checkpoints of the train state and the input iterator, with preemption handling.
+
+A checkpoint holds two items: `state` (params, optimizer state, step, RNG; restored sharded into
+the shardings of an abstract state) and `input` (the input iterator's state as JSON, so a resumed
+run sees the same remaining batch order). Saves are asynchronous and atomic: orbax writes to a
+temporary directory and renames it when complete, so a process killed mid-save leaves the previous
+checkpoint as the latest restorable one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves every `config.checkpoint.every_steps` steps (and when forced), keeps the newest K."""
+
+  def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict):
+    self.every_steps = int(checkpoint_config.every_steps)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=checkpoint_config.keep,
+        enable_async_checkpointing=checkpoint_config.async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """Step of the newest complete checkpoint, or None."""
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is a periodic save step."""
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  def save(self, step: int, state: Any, input_state: dict[str, Any]) -> None:
+    """Starts an (asynchronous) save of `state` and the input iterator state at `step`."""
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                input=ocp.args.JsonSave(input_state)),
+        force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores (state, input_state) at `step`; arrays take `abstract_state`'s shardings."""
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                input=ocp.args.JsonRestore()))
+    return restored["state"], restored["input"]
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the cluster's preemption notice (multi-host sync point) was reached."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are complete."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending saves and releases resources."""
+    self.manager.close()
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a flag polled by the train loop, which then saves and stops.
+
+  In multi-process runs a signal may reach hosts at different steps, so hosts agree through
+  JAX's preemption sync point (`Checkpointer.reached_preemption`) instead; when that service
+  is not available this is logged once rather than silently ignored.
+  """
+
+  def __init__(self, checkpointer: Checkpointer | None):
+    self.checkpointer = checkpointer
+    self._signalled = threading.Event()
+    self._multi_process = jax.process_count() > 1
+    self._warned = False
+    self._previous_handler = None
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
+    self._signalled.set()
+
+  def preempted(self, step: int) -> bool:
+    """True once a preemption notice arrived (single process: SIGTERM; multi-host: sync point)."""
+    if not self._multi_process:
+      return self._signalled.is_set()
+    if self.checkpointer is None:
+      return False
+    try:
+      return self.checkpointer.reached_preemption(step)
+    except Exception as error:  # pylint: disable=broad-except
+      if not self._warned:
+        logging.warning("Preemption sync point unavailable (%s); preemption is not detected.",
+                        error)
+        self._warned = True
+      return False
+
+  def restore_handler(self) -> None:
+    """Puts back the SIGTERM handler that was installed before."""
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None

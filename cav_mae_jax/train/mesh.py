@@ -1,0 +1,93 @@
+"""Device mesh with `data` and `fsdp` axes, and the shardings of parameters and batches.
+
+Parameters are sharded over `fsdp` (each array along its largest dimension that the `fsdp` size
+divides; small or indivisible arrays are replicated) and replicated over `data`. Batches are
+split along their leading axis over both axes, so the global batch is spread over every device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+# Arrays with fewer elements than this stay replicated: sharding them saves nothing.
+MIN_SHARDED_SIZE = 2**12
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """Resolves (data, fsdp) sizes for `num_devices`; one size may be -1 ("all remaining")."""
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ValueError(f"config.mesh.{axis}={size}: must be a positive size or -1 (all remaining).")
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError("config.mesh.data and config.mesh.fsdp are both -1: at most one may be.")
+  if free:
+    fixed = int(np.prod([s for a, s in sizes.items() if a not in free]))
+    if num_devices % fixed:
+      raise ValueError(
+          f"config.mesh: {dict(sizes)} cannot cover {num_devices} devices "
+          f"({num_devices} is not a multiple of {fixed}).")
+    sizes[free[0]] = num_devices // fixed
+  if sizes["data"] * sizes["fsdp"] != num_devices:
+    raise ValueError(
+        f"config.mesh: data={sizes['data']} x fsdp={sizes['fsdp']} = "
+        f"{sizes['data'] * sizes['fsdp']} devices, but {num_devices} devices are available.")
+  return sizes["data"], sizes["fsdp"]
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ('data', 'fsdp') mesh over `devices` (default: all global devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of batch arrays: leading axis split over ('data', 'fsdp')."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated sharding (scalars, RNG keys, the step counter)."""
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
+  """PartitionSpec sharding the largest `fsdp`-divisible dimension of `shape`, if worthwhile."""
+  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
+  """NamedShardings for every array of a (abstract) pytree: fsdp-sharded or replicated."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(getattr(x, "shape", ()), fsdp_size)),
+      abstract_tree)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles this host's part of the batch into global arrays split over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,80 @@
+"""Optimizer and learning-rate schedules of the original recipes, in optax.
+
+The original trains with `torch.optim.Adam(lr, betas=(0.95, 0.999), weight_decay=5e-7)`: a
+*coupled* L2 term (the decay is added to the gradient before the Adam moments, unlike AdamW),
+and a MultiStep schedule halving the learning rate at epochs 10, 15, 20, ... stepped once per
+epoch. Parameters the model marks as not trainable (fixed position embeddings) get no update and
+no decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULE_KINDS = ("multistep", "warmup_cosine")
+
+
+def multistep_schedule(base_lr: float, steps_per_epoch: int, first_decay_epoch: int,
+                       decay_every_epochs: int, decay_factor: float) -> optax.Schedule:
+  """torch MultiStepLR(milestones=range(first, inf, every)) stepped per epoch, as a step fn."""
+  if steps_per_epoch < 1:
+    raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1.")
+
+  def schedule(step):
+    epochs_done = jnp.asarray(step) // steps_per_epoch
+    num_decays = jnp.where(
+        epochs_done >= first_decay_epoch,
+        (epochs_done - first_decay_epoch) // decay_every_epochs + 1, 0)
+    return base_lr * jnp.asarray(decay_factor, jnp.float32) ** num_decays
+
+  return schedule
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_steps: int) -> optax.Schedule:
+  """The learning-rate schedule of `config.schedule` at base rate `config.optim.learning_rate`."""
+  sched, base_lr = config.schedule, config.optim.learning_rate
+  if sched.kind == "multistep":
+    return multistep_schedule(base_lr, steps_per_epoch, sched.first_decay_epoch,
+                              sched.decay_every_epochs, sched.decay_factor)
+  if sched.kind == "warmup_cosine":
+    warmup_steps = int(round(sched.warmup_epochs * steps_per_epoch))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=base_lr * sched.final_lr_fraction)
+  raise ValueError(f"config.schedule.kind={sched.kind!r}: expected one of {SCHEDULE_KINDS}.")
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule,
+                   trainable: Any) -> optax.GradientTransformation:
+  """Adam with coupled L2 (torch `Adam(weight_decay=...)`), optional clipping, frozen params.
+
+  Args:
+    optim_config: `config.optim` (b1, b2, eps, weight_decay, grad_clip_norm).
+    learning_rate: a constant or a schedule of the step.
+    trainable: pytree of bools matching the parameters (`cav_mae_jax.models.trainable_mask`).
+  """
+  steps = []
+  if optim_config.grad_clip_norm > 0:
+    steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+  if optim_config.weight_decay > 0:
+    steps.append(optax.add_decayed_weights(optim_config.weight_decay))  # coupled: before Adam
+  steps += [
+      optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps),
+      optax.scale_by_learning_rate(learning_rate),
+  ]
+  labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable)
+  return optax.multi_transform(
+      {"trainable": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels)
+
+
+def trainable_global_norm(grads: Any, trainable: Any) -> jax.Array:
+  """Global L2 norm over the gradients of trainable parameters only."""
+  leaves = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable)) if t]
+  return optax.tree.norm(leaves)

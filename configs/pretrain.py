@@ -1,0 +1,159 @@
+r"""CAV-MAE pretraining configs: `--config configs/pretrain.py:<arg>`.
+
+`arg` is a comma-separated list: first a recipe, then optional ablation options.
+
+Recipes (REFERENCE.md, Optimization):
+  tiny     tiny model, float32, a few hundred steps: seconds to minutes on a CPU.
+  base     the paper's base recipe: lr 5e-5, batch 48, 25 epochs.
+  scale+   lr 1e-4, batch 120 (the Scale+ script; the README table says 108).
+  scale++  lr 2e-4, batch 256 (the recommended released model).
+  vgg      VGGSound pretraining: lr 1e-4, batch 120.
+
+Paper recipes ran under torch DataParallel on 4 GPUs, so contrastive negatives came from each
+GPU's quarter of the batch and the losses were summed over GPUs; they set
+`model.contrast_group_size = batch / 4` (12, 30, 64, 30) to optimize the same objective. Use
+`--config.model.contrast_group_size=0` for negatives over the whole global batch.
+
+Ablation options (the paper's Tables 1-2 and its ablation study):
+  mask_ratio=R        mask ratio of both modalities (e.g. 0.65, 0.85)
+  mask_mode=M         audio mask mode: unstructured | time | freq | tf
+  lambda_c=X          contrastive loss weight (e.g. 0.1 as in the retrieval tables)
+  symmetric           bidirectional contrastive loss (audio->visual and visual->audio)
+  vanilla_avmae       one shared encoder (modality_specific_depth=0), no contrastive loss
+  avmae               AV-MAE: 11+1 encoder, no contrastive loss (lambda_c=0)
+  cav                 CAV: contrastive only, no decoder (lambda_mae=0)
+  audio_mae / visual_mae   single-modality MAE
+  cosine              warmup + cosine schedule instead of the original MultiStep
+e.g. `configs/pretrain.py:base,mask_mode=time` or `configs/pretrain.py:scale++,cav`.
+
+Every field can be overridden with `--config.<path>=<value>`. Durations: exactly one of
+`total_epochs` / `total_steps` is set; epochs become steps at run time from the training
+records' example count (index.json).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from cav_mae_jax.models.config import model_config
+
+RECIPES = {
+    # name: (model size, learning rate, global batch, contrast group size, epochs)
+    "tiny": ("tiny", 1e-3, 16, 0, None),
+    "base": ("base", 5e-5, 48, 12, 25),
+    "scale+": ("base", 1e-4, 120, 30, 25),
+    "scale++": ("base", 2e-4, 256, 64, 25),
+    "vgg": ("base", 1e-4, 120, 30, 25),
+}
+VARIANTS = ("symmetric", "vanilla_avmae", "avmae", "cav", "audio_mae", "visual_mae", "cosine")
+VALUED_OPTIONS = ("mask_ratio", "mask_mode", "lambda_c")
+
+
+def parse_arg(arg: str) -> tuple[str, dict[str, str], set[str]]:
+  """Splits 'recipe,key=value,flag,...' into (recipe, options, flags); unknown names raise."""
+  parts = [p.strip() for p in (arg or "tiny").split(",") if p.strip()]
+  recipe, options, flags = parts[0], {}, set()
+  if recipe not in RECIPES:
+    raise ValueError(f"config name {recipe!r}: unknown recipe; choose one of {sorted(RECIPES)}.")
+  for part in parts[1:]:
+    if "=" in part:
+      key, value = part.split("=", 1)
+      if key not in VALUED_OPTIONS:
+        raise ValueError(f"config option {key!r}: unknown; valued options are {VALUED_OPTIONS}.")
+      options[key] = value
+    elif part in VARIANTS:
+      flags.add(part)
+    else:
+      raise ValueError(f"config option {part!r}: unknown; flags are {VARIANTS}.")
+  return recipe, options, flags
+
+
+def model_overrides(options: dict[str, str], flags: set[str]) -> dict[str, object]:
+  """config.model fields set by the ablation options."""
+  overrides: dict[str, object] = {}
+  if "mask_ratio" in options:
+    overrides["mask_ratio_a"] = overrides["mask_ratio_v"] = float(options["mask_ratio"])
+  if "mask_mode" in options:
+    overrides["mask_mode_a"] = options["mask_mode"]
+  if "lambda_c" in options:
+    overrides["lambda_c"] = float(options["lambda_c"])
+  if "symmetric" in flags:
+    overrides["contrast_bidirectional"] = True
+  if "vanilla_avmae" in flags:
+    overrides.update(modality_specific_depth=0, lambda_c=0.0)
+  if "avmae" in flags:
+    overrides["lambda_c"] = 0.0
+  if "cav" in flags:
+    overrides["lambda_mae"] = 0.0
+  if "audio_mae" in flags:
+    overrides.update(modalities="audio", lambda_c=0.0)
+  if "visual_mae" in flags:
+    overrides.update(modalities="visual", lambda_c=0.0)
+  return overrides
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the locked pretraining config for `arg` (see the module docstring)."""
+  recipe, options, flags = parse_arg(arg or "tiny")
+  size, learning_rate, batch_size, group_size, epochs = RECIPES[recipe]
+  tiny = recipe == "tiny"
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  if tiny:
+    config.total_steps = 300
+    config.total_epochs = config_dict.placeholder(float)
+  else:
+    config.total_steps = config_dict.placeholder(int)
+    config.total_epochs = float(epochs)
+  config.log_every_steps = 10 if tiny else 100
+
+  config.model = model_config(
+      size, contrast_group_size=group_size, dtype="float32" if tiny else "bfloat16",
+      **model_overrides(options, flags))
+
+  # Records written by tools/preprocess.py (index.json + shards); the input pipeline adds the
+  # original's pretraining augmentation (noise + time roll) and normalizes the fbank.
+  config.data = ml_collections.ConfigDict()
+  config.data.train_dir = ""
+  config.data.eval_dir = ""
+  config.data.batch_size = batch_size
+  config.data.noise = True
+  config.data.fbank_mean = -5.081
+  config.data.fbank_std = 4.4849
+  config.data.shuffle_buffer = 256 if tiny else 10_000
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = learning_rate
+  config.optim.b1 = 0.95
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 5e-7  # coupled L2, as torch Adam(weight_decay=...)
+  config.optim.grad_clip_norm = 0.0  # 0 = off (the original does not clip)
+
+  config.schedule = ml_collections.ConfigDict()
+  if "cosine" in flags:
+    config.schedule.kind = "warmup_cosine"
+    config.schedule.warmup_epochs = 1.0
+    config.schedule.final_lr_fraction = 0.0
+  else:  # torch MultiStepLR(milestones=range(10, 1000, 5), gamma=0.5) stepped per epoch
+    config.schedule.kind = "multistep"
+    config.schedule.first_decay_epoch = 10
+    config.schedule.decay_every_epochs = 5
+    config.schedule.decay_factor = 0.5
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all devices not used by the other axis
+  config.mesh.fsdp = 1
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 100 if tiny else 2000
+  config.checkpoint.keep = 3
+  config.checkpoint.async_save = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_steps = 100 if tiny else 5000
+  config.eval.batch_size = batch_size
+  config.eval.retrieval_max_clips = 1725  # the paper's AudioSet retrieval subset size
+  config.lock()
+  return config

@@ -1,0 +1,77 @@
+"""Tests of audio <-> visual retrieval metrics on hand-made similarity matrices."""
+
+import numpy as np
+import pytest
+
+from cav_mae_jax.eval import retrieval
+
+
+def test_identity_similarity_is_perfect():
+  metrics = retrieval.retrieval_metrics(np.eye(12))
+  assert metrics == {"r@1": 100.0, "r@5": 100.0, "r@10": 100.0, "median_rank": 1.0}
+
+
+def test_hand_made_ranks():
+  # Query 0: correct item best (rank 0). Query 1: two items above it (rank 2).
+  # Query 2: one item above it (rank 1).
+  similarity = np.array([
+      [0.9, 0.1, 0.2],
+      [0.8, 0.3, 0.7],
+      [0.1, 0.6, 0.5],
+  ])
+  np.testing.assert_array_equal(retrieval.correct_item_ranks(similarity), [0, 2, 1])
+  metrics = retrieval.retrieval_metrics(similarity, ks=(1, 2))
+  assert metrics["r@1"] == pytest.approx(100 / 3)
+  assert metrics["r@2"] == pytest.approx(200 / 3)
+  assert metrics["median_rank"] == 2.0
+
+
+def test_ties_count_against_the_query():
+  metrics = retrieval.retrieval_metrics(np.ones((20, 20)))
+  assert metrics["r@1"] == 0.0 and metrics["r@10"] == 0.0
+  assert metrics["median_rank"] == 20.0
+
+
+def test_recall_at_k_of_shifted_permutation():
+  # Correct item always ranks 6th (rank index 5): R@1 = R@5 = 0, R@10 = 100.
+  n = 30
+  similarity = np.zeros((n, n))
+  for i in range(n):
+    for r, j in enumerate([(i + s) % n for s in range(1, 6)]):
+      similarity[i, j] = 10 - r
+    similarity[i, i] = 1
+  metrics = retrieval.retrieval_metrics(similarity)
+  assert (metrics["r@1"], metrics["r@5"], metrics["r@10"]) == (0.0, 0.0, 100.0)
+  assert metrics["median_rank"] == 6.0
+
+
+def test_directions_use_transpose():
+  audio = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  video = np.array([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])
+  metrics = retrieval.audio_visual_retrieval(audio, video)
+  sim = retrieval.cosine_similarity(audio, video)
+  np.testing.assert_allclose(np.diag(sim)[1], 1.0)
+  a2v = retrieval.retrieval_metrics(sim)
+  v2a = retrieval.retrieval_metrics(sim.T)
+  assert metrics["a2v/r@1"] == a2v["r@1"] and metrics["v2a/r@1"] == v2a["r@1"]
+  assert a2v["r@1"] != v2a["r@1"]  # the example is asymmetric on purpose
+
+
+def test_evaluator_drops_padding_and_yields_pairs():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(10, 4))
+  batches = [
+      {"x": features[:6], "valid": np.ones(6, bool)},
+      {"x": np.concatenate([features[6:], np.full((2, 4), 99.0)]),
+       "valid": np.array([True] * 4 + [False] * 2)},
+  ]
+  evaluator = retrieval.RetrievalEvaluator(
+      lambda params, batch: (batch["x"] * params, batch["x"]), lambda: iter(batches))
+  metrics = dict(evaluator.run(2.0))
+  assert metrics["retrieval/num_clips"] == 10
+  assert metrics["retrieval/a2v/r@1"] == 100.0 and metrics["retrieval/v2a/median_rank"] == 1.0
+
+
+def test_rejects_non_square():
+  with pytest.raises(ValueError, match="square"):
+    retrieval.correct_item_ranks(np.zeros((3, 4)))
