@@ -1,0 +1,355 @@
+"""Decodes a video file into what CAV-MAE stores for a clip: 16 kHz audio and 10 frames.
+
+Audio (as the original's `ffmpeg -i F -vn -ar 16000 out.wav` then `sox out.wav ... remix 1`):
+the first audio stream is decoded with PyAV, resampled by libswresample to signed 16-bit at
+16 kHz keeping the source channel layout, and its FIRST channel is kept (not a downmix).
+Audio longer than `max_seconds` is cut; shorter audio is returned as it is (padding happens
+in fbank space). An all-zero (silent) track is valid audio.
+
+Frames (as the original's `extract_video_frame.py`): with `fps` and `frame_count` as OpenCV
+reports them (the guessed frame rate; the container's frame count, else duration * fps),
+`total = min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The
+original seeks OpenCV to that index minus one, so the frame it really stores, and the one
+we return, is the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in
+presentation order). Each frame is converted to RGB, resized with PIL bilinear so its
+shorter side is 224, and center-cropped to 224 x 224 (torchvision's `Resize(224)` +
+`CenterCrop(224)`). Only the needed packets are decoded: decoding stops at the last needed
+frame and after `max_seconds` of audio. The original saves these frames as JPEG at PIL's
+default quality 75: `encode_jpeg` does that, so every writer uses one encoder.
+
+Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Reason codes
+(stable; the preprocessing quarantine counts clips by them):
+
+  missing_file          the path does not exist or is not a regular file
+  empty_file            the file has zero bytes
+  unreadable_container  no demuxer can open the file, or demuxing fails (text file named
+                        .mp4, an MP4 truncated before its index, random bytes)
+  no_audio_stream       the container has no audio stream (asked for audio)
+  no_video_stream       the container has no video stream (asked for frames)
+  audio_decode_error    the audio decoder fails, or decodes much less audio than the
+                        stream declares (truncated data)
+  audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
+  video_decode_error    the video decoder or the RGB conversion fails
+  too_few_frames        the stream has no frames, or ends before a frame the rule needs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Iterator
+
+import av
+import numpy as np
+from PIL import Image
+
+REASONS = (
+    'missing_file',
+    'empty_file',
+    'unreadable_container',
+    'no_audio_stream',
+    'no_video_stream',
+    'audio_decode_error',
+    'audio_too_short',
+    'video_decode_error',
+    'too_few_frames',
+)
+FRAME_WINDOW_SECONDS = 10  # The original spreads its frames over the first 10 s.
+MIN_AUDIO_SAMPLES = 400  # One 25 ms fbank window at 16 kHz.
+_AV_TIME_BASE = 1_000_000
+
+
+class DecodeError(Exception):
+  """A clip that cannot be decoded; `reason` is one of `REASONS`."""
+
+  def __init__(self, path: str | os.PathLike, reason: str, detail: str = ''):
+    if reason not in REASONS:
+      raise ValueError(f'unknown decode failure reason {reason!r}; expected one of {REASONS}')
+    self.path = os.fspath(path)
+    self.reason = reason
+    self.detail = detail
+    message = f'{self.path}: {reason}'
+    super().__init__(f'{message} ({detail})' if detail else message)
+
+  def __reduce__(self):
+    return (DecodeError, (self.path, self.reason, self.detail))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedClip:
+  """What a clip contributes to a record, before fbank and JPEG encoding."""
+
+  waveform: np.ndarray  # int16 [num_samples], 16 kHz, first channel, at most max_seconds.
+  frames: np.ndarray  # uint8 [num_frames, image_size, image_size, 3], RGB.
+  frame_indices: np.ndarray  # int32 [num_frames], 0-based decoded frame numbers.
+  duration_s: float  # Container duration in seconds.
+  source_sample_rate: int  # Sample rate of the audio stream before resampling.
+  fps: float  # Frame rate as OpenCV reports it (guessed rate, else average).
+  frame_count: int  # Frame count as OpenCV reports it (container count, else estimate).
+
+
+def frame_indices(frame_count: int, fps: float, num_frames: int = 10) -> np.ndarray:
+  """Returns the 0-based frames the original really stores: max(int(i * total / n) - 1, 0)."""
+  total = min(int(frame_count), int(fps * FRAME_WINDOW_SECONDS))
+  return np.array([max(int(i * (total / num_frames)) - 1, 0) for i in range(num_frames)],
+                  np.int32)
+
+
+def resize_and_crop(frame: np.ndarray, image_size: int = 224) -> np.ndarray:
+  """Resizes an RGB frame (PIL bilinear) so its shorter side is image_size, then center-crops."""
+  height, width = frame.shape[:2]
+  short, long = min(height, width), max(height, width)
+  new_long = int(image_size * long / short)
+  new_width, new_height = (image_size, new_long) if width <= height else (new_long, image_size)
+  image = Image.fromarray(frame)
+  if (new_width, new_height) != (width, height):
+    image = image.resize((new_width, new_height), Image.BILINEAR)
+  # torchvision's CenterCrop rounds half offsets with Python's round (to even).
+  top = int(round((new_height - image_size) / 2.0))
+  left = int(round((new_width - image_size) / 2.0))
+  return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = 75) -> bytes:
+  """Encodes an RGB uint8 frame as JPEG with PIL (the original's save_image settings)."""
+  if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+    raise ValueError(f'frame must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}')
+  buffer = io.BytesIO()
+  Image.fromarray(frame).save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def _check_file(path: str) -> None:
+  if not os.path.isfile(path):
+    raise DecodeError(path, 'missing_file')
+  if os.path.getsize(path) == 0:
+    raise DecodeError(path, 'empty_file')
+
+
+def _open(path: str) -> av.container.InputContainer:
+  _check_file(path)
+  try:
+    return av.open(path, mode='r')
+  except (av.error.FFmpegError, UnicodeDecodeError) as e:
+    raise DecodeError(path, 'unreadable_container', str(e)) from e
+
+
+def _container_duration_s(container: av.container.InputContainer) -> float:
+  if container.duration is not None:
+    return container.duration / _AV_TIME_BASE
+  return 0.0
+
+
+def _stream_duration_s(stream: av.stream.Stream) -> float | None:
+  if stream.duration is not None and stream.time_base is not None:
+    return float(stream.duration * stream.time_base)
+  return None
+
+
+class _AudioSink:
+  """Decodes one audio stream's packets into 16 kHz int16 samples of its first channel."""
+
+  def __init__(self, path: str, stream: av.audio.stream.AudioStream, target_sample_rate: int,
+               max_samples: int | None):
+    self.path = path
+    self.stream = stream
+    self.target_sample_rate = target_sample_rate
+    self.max_samples = max_samples
+    self.source_sample_rate = int(stream.codec_context.sample_rate or stream.rate or 0)
+    self.done = False
+    self._resampler: av.AudioResampler | None = None
+    self._chunks: list[np.ndarray] = []
+    self._num_samples = 0
+
+  def _collect(self, frames: list[av.AudioFrame]) -> None:
+    for frame in frames:
+      channels = len(frame.layout.channels)
+      samples = frame.to_ndarray().reshape(-1, channels)[:, 0]  # Packed s16: first channel.
+      self._chunks.append(samples)
+      self._num_samples += samples.shape[0]
+    if self.max_samples is not None and self._num_samples >= self.max_samples:
+      self.done = True
+
+  def feed(self, packet: av.Packet | None) -> None:
+    """Decodes a packet (None flushes the decoder and the resampler)."""
+    try:
+      decoded = self.stream.decode(packet)
+      for frame in decoded:
+        if self._resampler is None:
+          self._resampler = av.AudioResampler(
+              format='s16', layout=frame.layout, rate=self.target_sample_rate)
+        self._collect(self._resampler.resample(frame))
+        if self.done:
+          return
+      if packet is None:
+        if self._resampler is not None:
+          self._collect(self._resampler.resample(None))
+        self.done = True
+    except (av.error.FFmpegError, ValueError) as e:
+      raise DecodeError(self.path, 'audio_decode_error', str(e)) from e
+
+  def waveform(self) -> np.ndarray:
+    """Returns the decoded int16 waveform, cut to max_samples; raises on truncated audio."""
+    waveform = (np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16))
+    if self.max_samples is not None:
+      waveform = waveform[:self.max_samples]
+    waveform = np.ascontiguousarray(waveform, np.int16)
+    if waveform.shape[0] < MIN_AUDIO_SAMPLES:
+      raise DecodeError(self.path, 'audio_too_short',
+                        f'{waveform.shape[0]} samples at {self.target_sample_rate} Hz')
+    declared_s = _stream_duration_s(self.stream)
+    if declared_s is not None:
+      expected = declared_s * self.target_sample_rate
+      if self.max_samples is not None:
+        expected = min(expected, self.max_samples)
+      if waveform.shape[0] < expected - max(0.5 * self.target_sample_rate, 0.05 * expected):
+        raise DecodeError(
+            self.path, 'audio_decode_error',
+            f'decoded {waveform.shape[0] / self.target_sample_rate:.2f} s of audio, the stream '
+            f'declares {declared_s:.2f} s')
+    return waveform
+
+
+class _FrameSink:
+  """Decodes one video stream's packets until the frames the original stores are collected."""
+
+  def __init__(self, path: str, container: av.container.InputContainer,
+               stream: av.video.stream.VideoStream, num_frames: int, image_size: int):
+    self.path = path
+    self.stream = stream
+    self.image_size = image_size
+    rate = stream.guessed_rate or stream.average_rate or (
+        1 / stream.time_base if stream.time_base else None)
+    self.fps = float(rate) if rate else 0.0
+    frame_count = int(stream.frames or 0)
+    if frame_count == 0:
+      duration_s = _container_duration_s(container) or _stream_duration_s(stream) or 0.0
+      frame_count = int(np.floor(duration_s * self.fps + 0.5))
+    self.frame_count = frame_count
+    self.indices = frame_indices(frame_count, self.fps, num_frames)
+    if frame_count <= 0 or self.fps <= 0:
+      raise DecodeError(path, 'too_few_frames',
+                        f'frame count {frame_count} at {self.fps:.3f} fps')
+    self._wanted = sorted(set(self.indices.tolist()))
+    self._frames: dict[int, np.ndarray] = {}
+    self._next_index = 0
+    self.done = False
+
+  def feed(self, packet: av.Packet | None) -> None:
+    """Decodes a packet (None flushes the decoder), keeping the frames that are wanted."""
+    try:
+      for frame in self.stream.decode(packet):
+        if self._next_index in self._wanted:
+          rgb = frame.to_ndarray(format='rgb24')
+          self._frames[self._next_index] = resize_and_crop(rgb, self.image_size)
+        self._next_index += 1
+        if self._next_index > self._wanted[-1]:
+          self.done = True
+          return
+      if packet is None:
+        self.done = True
+    except (av.error.FFmpegError, ValueError) as e:
+      raise DecodeError(self.path, 'video_decode_error', str(e)) from e
+
+  def frames(self) -> np.ndarray:
+    """Returns the wanted frames [num_frames, size, size, 3]; raises if the stream ended early."""
+    missing = [i for i in self._wanted if i not in self._frames]
+    if missing:
+      raise DecodeError(
+          self.path, 'too_few_frames',
+          f'decoded {self._next_index} frames, needed frame {missing[0]} (container declares '
+          f'{self.frame_count} frames at {self.fps:.3f} fps)')
+    return np.stack([self._frames[i] for i in self.indices.tolist()])
+
+
+def _packets(path: str, container: av.container.InputContainer,
+             streams: list[av.stream.Stream]) -> Iterator[av.Packet]:
+  """Yields demuxed packets of the given streams, mapping demuxer failures to DecodeError."""
+  iterator = container.demux(streams)
+  while True:
+    try:
+      packet = next(iterator)
+    except StopIteration:
+      return
+    except av.error.FFmpegError as e:
+      raise DecodeError(path, 'unreadable_container', f'demuxing failed: {e}') from e
+    yield packet
+
+
+def _drain(path: str, container: av.container.InputContainer,
+           sinks: list[_AudioSink | _FrameSink]) -> None:
+  """Feeds packets to the sinks until each is done, flushing the ones the file ends before."""
+  by_index = {sink.stream.index: sink for sink in sinks}
+  for packet in _packets(path, container, [sink.stream for sink in sinks]):
+    sink = by_index[packet.stream.index]
+    if not sink.done:
+      # PyAV ends each stream with an empty packet; decoding it flushes the decoder.
+      sink.feed(packet if packet.size else None)
+    if all(s.done for s in sinks):
+      return
+  for sink in sinks:
+    if not sink.done:
+      sink.feed(None)
+
+
+def _audio_sink(path: str, container: av.container.InputContainer, target_sample_rate: int,
+                max_seconds: float | None) -> _AudioSink:
+  if not container.streams.audio:
+    raise DecodeError(path, 'no_audio_stream')
+  stream = container.streams.best('audio')
+  max_samples = None if max_seconds is None else int(round(max_seconds * target_sample_rate))
+  return _AudioSink(path, stream, target_sample_rate, max_samples)
+
+
+def _frame_sink(path: str, container: av.container.InputContainer, num_frames: int,
+                image_size: int) -> _FrameSink:
+  if not container.streams.video:
+    raise DecodeError(path, 'no_video_stream')
+  stream = container.streams.best('video')
+  stream.thread_type = 'AUTO'
+  return _FrameSink(path, container, stream, num_frames, image_size)
+
+
+def decode_audio(path: str | os.PathLike,
+                 target_sample_rate: int = 16000,
+                 max_seconds: float | None = 10.0) -> tuple[np.ndarray, int]:
+  """Returns (int16 first-channel waveform at target_sample_rate, source sample rate)."""
+  path = os.fspath(path)
+  with _open(path) as container:
+    sink = _audio_sink(path, container, target_sample_rate, max_seconds)
+    _drain(path, container, [sink])
+    return sink.waveform(), sink.source_sample_rate
+
+
+def decode_frames(path: str | os.PathLike,
+                  num_frames: int = 10,
+                  image_size: int = 224) -> tuple[np.ndarray, np.ndarray, float, int]:
+  """Returns (uint8 RGB frames [n, size, size, 3], int32 frame indices, fps, frame count)."""
+  path = os.fspath(path)
+  with _open(path) as container:
+    sink = _frame_sink(path, container, num_frames, image_size)
+    _drain(path, container, [sink])
+    return sink.frames(), sink.indices, sink.fps, sink.frame_count
+
+
+def decode_clip(path: str | os.PathLike,
+                *,
+                num_frames: int = 10,
+                image_size: int = 224,
+                target_sample_rate: int = 16000,
+                max_seconds: float | None = 10.0) -> DecodedClip:
+  """Decodes a clip's audio and frames in one pass over the file."""
+  path = os.fspath(path)
+  with _open(path) as container:
+    audio = _audio_sink(path, container, target_sample_rate, max_seconds)
+    video = _frame_sink(path, container, num_frames, image_size)
+    _drain(path, container, [audio, video])
+    return DecodedClip(
+        waveform=audio.waveform(),
+        frames=video.frames(),
+        frame_indices=video.indices,
+        duration_s=_container_duration_s(container),
+        source_sample_rate=audio.source_sample_rate,
+        fps=video.fps,
+        frame_count=video.frame_count)
