@@ -38,7 +38,7 @@ def test_adam_with_coupled_l2_matches_hand_computation():
   updates, state = tx.update(grads, state, params)
   # First Adam step: m_hat = g', v_hat = g'^2 with g' = g + wd * p  =>  update = -lr * sign(g').
   g = np.array([0.5, 0.25]) + wd * np.array([1.0, -2.0])
-  np.testing.assert_allclose(updates["w"], -lr * g / (np.abs(g) + 1e-8), rtol=1e-6)
+  np.testing.assert_allclose(updates["w"], -lr * g / (np.abs(g) + 1e-8), rtol=1e-4)
   np.testing.assert_array_equal(updates["pos"], [0.0])  # frozen: no update, no decay
   updates, _ = tx.update(grads, state, params)
   g2 = g  # same gradient and params: m_hat = g, v_hat = g^2 again
