@@ -130,16 +130,22 @@ def unflatten_params(flat: Mapping[tuple[str, ...], Any]) -> Params:
   return tree
 
 
+def torch_array_to_flax(key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+  """Converts one state-dict entry to its flax path and layout."""
+  array = np.asarray(array)
+  path, kind = torch_key_to_path(key, array.ndim)
+  return path, _to_flax_layout(array, kind)
+
+
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], *, strip_module_prefix: bool = True) -> Params:
   """Converts a state dict in the original's layout into a nested Flax params dict."""
   source = remove_module_prefix(state_dict) if strip_module_prefix else dict(state_dict)
   flat = {}
   for key, value in source.items():
-    array = np.asarray(value)
-    path, kind = torch_key_to_path(key, array.ndim)
+    path, array = torch_array_to_flax(key, value)
     if path in flat:
       raise ValueError(f"two state-dict keys map to {'/'.join(path)} (second: {key!r})")
-    flat[path] = _to_flax_layout(array, kind)
+    flat[path] = array
   return unflatten_params(flat)
 
 

@@ -1,0 +1,117 @@
+"""Released CAV-MAE checkpoints (original CAVMAE / CAVMAEFT state dicts) -> our params.
+
+Handles what the original does when it loads a pretrained model for fine-tuning (the decoder
+is dropped, a new head is initialized) and the options users change: a new classification
+head, and a different audio length (the 8 x T/16 audio position grid trimmed or interpolated).
+Every other target parameter must come from the checkpoint with the same shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cav_mae_jax.convert import pos_embed as pos_embed_lib
+from cav_mae_jax.convert import report as report_lib
+from cav_mae_jax.convert import state_dict as sd
+
+HEAD_MODULES = ("mlp_head_0", "mlp_head_1")
+# Ours only (not in the original): kept at their init values.
+NOT_IN_ORIGINAL = ("log_temperature",)
+AUDIO_POS_EMBEDS = ("pos_embed_a", "decoder_pos_embed_a")
+
+
+def _is_decoder(name: str) -> bool:
+  return name.startswith("decoder_") or name == "mask_token"
+
+
+def cavmae_to_params(
+    state_dict: Mapping[str, np.ndarray], init_params: Mapping[str, Any], *,
+    new_head: bool = False, audio_pos_resize: pos_embed_lib.ResizeMethod | None = None,
+    freq_patches: int = 8, allow_unexpected: bool = False,
+) -> tuple[dict[str, Any], report_lib.ConversionReport]:
+  """Converts a CAV-MAE pretraining or fine-tuning state dict onto the target's init_params.
+
+  new_head: the classification head keeps its init values (any head in the source is dropped).
+  audio_pos_resize: 'trim' or 'interpolate' when the source's audio length differs.
+  A decoder in the source is dropped when the target has none (fine-tuning model).
+  """
+  report = report_lib.ConversionReport()
+  source = sd.flatten_params(sd.torch_to_flax(state_dict))
+  target = sd.flatten_params(init_params)
+  target_modules = {path[0] for path in target}
+  kept_at_init = {}
+
+  for path in target:
+    if path[0] in NOT_IN_ORIGINAL:
+      kept_at_init[path] = "not in the original model"
+    elif new_head and path[0] in HEAD_MODULES:
+      kept_at_init[path] = "new classification head"
+  for path in list(source):
+    name = "/".join(path)
+    if new_head and path[0] in HEAD_MODULES:
+      report.dropped[name] = "replaced by a new classification head"
+      del source[path]
+    elif _is_decoder(path[0]) and not any(_is_decoder(m) for m in target_modules):
+      report.dropped[name] = "decoder, not part of the target (fine-tuning) model"
+      del source[path]
+
+  for name in AUDIO_POS_EMBEDS:
+    path = (name,)
+    if path in source and path in target and source[path].shape != np.shape(target[path]):
+      source[path] = _resize(name, source[path], np.shape(target[path]), audio_pos_resize,
+                             freq_patches, report)
+
+  missing = [p for p in target if p not in source and p not in kept_at_init]
+  if missing:
+    hint = ""
+    if any(p[0] in HEAD_MODULES for p in missing):
+      hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
+    elif any(_is_decoder(p[0]) for p in missing):
+      hint = " (a fine-tuned checkpoint has no decoder: it cannot initialize a pretraining model)"
+    raise sd.ParamsMismatchError(
+        f"{len(missing)} target parameters missing from the checkpoint{hint}: "
+        f"{', '.join(_abbreviate(['/'.join(p) for p in missing]))}")
+  filled_target = {p: leaf for p, leaf in target.items() if p not in kept_at_init}
+  matched, match_report = sd.match_to_target(sd.unflatten_params(source),
+                                             sd.unflatten_params(filled_target))
+  report.mapped = {name: name for name in match_report.mapped}
+  report.cast = list(match_report.cast)
+  report.unexpected = list(match_report.unexpected)
+  report_lib.check_no_unexpected(report, allow_unexpected)
+  report.kept_init.update({"/".join(p): why for p, why in kept_at_init.items()})
+  matched_flat = sd.flatten_params(matched)
+  params = sd.unflatten_params(
+      {p: matched_flat[p] if p in matched_flat else np.asarray(leaf) for p, leaf in target.items()})
+  return params, report
+
+
+def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
+            method: pos_embed_lib.ResizeMethod | None, freq_patches: int,
+            report: report_lib.ConversionReport) -> np.ndarray:
+  if method is None:
+    raise sd.ParamsMismatchError(
+        f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "
+        "(a different audio length: choose audio_pos_resize='trim' or 'interpolate')")
+  if len(target_shape) != 3 or target_shape[2] != value.shape[2] or target_shape[1] % freq_patches:
+    raise sd.ParamsMismatchError(
+        f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "
+        "cannot be fixed by resizing the time axis")
+  time_patches = target_shape[1] // freq_patches
+  resized = pos_embed_lib.resize_audio_pos_embed(
+      value, freq_patches=freq_patches, time_patches=time_patches, method=method)
+  report.notes.append(f"{name}: {method} {freq_patches} x {value.shape[1] // freq_patches} -> "
+                      f"{freq_patches} x {time_patches} audio grid")
+  return resized
+
+
+def _abbreviate(names: list[str], limit: int = 24) -> list[str]:
+  return names if len(names) <= limit else [*names[:limit], f"... ({len(names) - limit} more)"]
+
+
+def is_finetuned_state_dict(state_dict: Mapping[str, np.ndarray]) -> bool:
+  """True for a CAVMAEFT state dict (has the mlp_head classifier)."""
+  return any(re.match(r"^(module\.)?mlp_head\.", k) for k in state_dict)

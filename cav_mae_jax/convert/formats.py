@@ -1,0 +1,190 @@
+"""Reading and writing flat state dicts ({key: array}) as .pth, .safetensors and .npz files.
+
+torch is optional: it is imported only to read or write .pth files. Arrays come back as
+NumPy arrays with their stored dtype (bfloat16 via ml_dtypes, bit-exact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+# Top-level keys under which training scripts nest the state dict (facebookresearch/mae: 'model').
+_WRAPPER_KEYS = ("model", "state_dict")
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class CheckpointFileError(ValueError):
+  """A file is not a readable state dict (wrong type, truncated, unexpected contents)."""
+
+  def __init__(self, path: str | os.PathLike, reason: str):
+    super().__init__(f"{os.fspath(path)}: {reason}")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+  """Returns 'pth', 'safetensors' or 'npz' from the file's first bytes (not its name)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(16)
+      size = os.fstat(f.fileno()).st_size
+  except OSError as e:
+    raise CheckpointFileError(path, f"cannot open ({e.strerror})") from e
+  if not head:
+    raise CheckpointFileError(path, "empty file")
+  if head.startswith(b"PK"):  # zip: torch.save (since 1.6) and np.savez both write zip archives
+    return "npz" if _zip_holds_npy(path) else "pth"
+  if head[:1] == b"\x80":  # a bare pickle: torch.save with the legacy serialization
+    return "pth"
+  if len(head) >= 9 and head[8:9] == b"{":
+    header_len = struct.unpack("<Q", head[:8])[0]
+    if header_len < size:
+      return "safetensors"
+    raise CheckpointFileError(path, "truncated safetensors file (header longer than the file)")
+  raise CheckpointFileError(
+      path, "not a PyTorch (.pth), safetensors or .npz file "
+      f"(first bytes {head[:8]!r})")
+
+
+def _zip_holds_npy(path: str | os.PathLike) -> bool:
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+  except zipfile.BadZipFile as e:
+    raise CheckpointFileError(path, f"truncated or corrupt zip archive ({e})") from e
+  return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+  """Reads a flat {key: array} state dict from a .pth, .safetensors or .npz file."""
+  kind = detect_format(path)
+  readers = {"pth": _read_pth, "safetensors": _read_safetensors, "npz": _read_npz}
+  state_dict = readers[kind](path)
+  if not state_dict:
+    raise CheckpointFileError(path, "holds no arrays")
+  return state_dict
+
+
+def _read_pth(path: str | os.PathLike) -> StateDict:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointFileError(
+        path, "reading .pth needs PyTorch (pip install 'cav-mae-jax[torch]'), "
+        "or convert it once elsewhere to .safetensors/.npz") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointFileError(
+        path, "holds objects other than tensors and containers; refusing to unpickle "
+        f"arbitrary code (torch.load weights_only=True: {str(e).splitlines()[0]})") from e
+  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({str(e).splitlines()[0]})") from e
+  tensors = _unwrap(path, obj)
+  return {key: _tensor_to_numpy(path, key, value) for key, value in tensors.items()}
+
+
+def _unwrap(path: str | os.PathLike, obj: object) -> Mapping[str, object]:
+  """Returns the state dict inside a loaded object (as is, or under 'model'/'state_dict')."""
+  if not isinstance(obj, Mapping):
+    raise CheckpointFileError(path, f"holds a {type(obj).__name__}, not a state dict")
+  if obj and all(not isinstance(v, Mapping) for v in obj.values()):
+    return obj
+  for wrapper in _WRAPPER_KEYS:
+    if isinstance(obj.get(wrapper), Mapping):
+      return obj[wrapper]
+  raise CheckpointFileError(
+      path, f"no state dict found: top-level keys {sorted(map(str, obj))[:10]} "
+      f"(expected tensors, or a dict under one of {_WRAPPER_KEYS})")
+
+
+def _tensor_to_numpy(path: str | os.PathLike, key: str, value: object) -> np.ndarray:
+  import torch  # pylint: disable=import-outside-toplevel
+  if not isinstance(value, torch.Tensor):
+    raise CheckpointFileError(path, f"entry {key!r} is a {type(value).__name__}, not a tensor")
+  value = value.detach().cpu().contiguous()
+  if value.dtype == torch.bfloat16:
+    return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return value.numpy()
+
+
+def _read_npz(path: str | os.PathLike) -> StateDict:
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {key: archive[key] for key in archive.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise CheckpointFileError(path, f"truncated or corrupt .npz file ({e})") from e
+
+
+def _read_safetensors(path: str | os.PathLike) -> StateDict:
+  """Parses a safetensors file (format: u64 header size, JSON header, raw little-endian data)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  header_len = struct.unpack("<Q", data[:8])[0]
+  start = 8 + header_len
+  try:
+    header = json.loads(data[8:start])
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointFileError(path, f"corrupt safetensors header ({e})") from e
+  header.pop("__metadata__", None)
+  state_dict = {}
+  for key, info in header.items():
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+      raise CheckpointFileError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if start + end > len(data):
+      raise CheckpointFileError(
+          path, f"truncated safetensors file: tensor {key!r} ends at byte {start + end}, "
+          f"file has {len(data)}")
+    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+      raise CheckpointFileError(path, f"tensor {key!r}: byte range does not match shape {shape}")
+    raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=int(np.prod(shape)),
+                        offset=start + begin)
+    state_dict[key] = raw.reshape(shape).astype(dtype, copy=True)
+  return state_dict
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
+  """Writes a flat state dict; the format follows the suffix (.pth/.pt, .safetensors, .npz)."""
+  suffix = os.fspath(path).rsplit(".", 1)[-1].lower()
+  arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
+  if suffix in ("pth", "pt"):
+    _write_pth(path, arrays)
+  elif suffix == "safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    save_file(arrays, os.fspath(path))
+  elif suffix == "npz":
+    with open(path, "wb") as f:
+      np.savez(f, **arrays)
+  else:
+    raise ValueError(f"{os.fspath(path)}: unknown output format '.{suffix}' "
+                     "(use .pth, .safetensors or .npz)")
+
+
+def _write_pth(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ValueError("writing .pth needs PyTorch (pip install 'cav-mae-jax[torch]'); "
+                     "write .safetensors instead") from e
+  tensors = {}
+  for key, value in arrays.items():
+    if value.dtype == ml_dtypes.bfloat16:
+      tensors[key] = torch.from_numpy(value.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+      tensors[key] = torch.from_numpy(value.copy())
+  torch.save(tensors, path)

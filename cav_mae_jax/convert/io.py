@@ -1,0 +1,85 @@
+"""Params checkpoints (orbax, {'params': tree}) and all-or-nothing writes of output paths."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling path; renames it to `path` only if the block succeeds."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f"{path}: output already exists (pass overwrite=True to replace it)")
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f"{path}: parent directory {parent} does not exist")
+  scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+  staged = os.path.join(scratch, os.path.basename(path))
+  try:
+    yield staged
+    if not os.path.lexists(staged):
+      raise RuntimeError(f"nothing was written for {path}")
+    if os.path.lexists(path):
+      _remove(path)
+    os.replace(staged, path)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, Any], *,
+                model_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+  """Writes {'params': params} as an orbax checkpoint directory, with the model config beside it."""
+  with atomic_output(path, overwrite=overwrite) as staged:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staged, {"params": params})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if model_config is not None:
+      with open(os.path.join(staged, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(dict(model_config), f, indent=2, sort_keys=True)
+
+
+def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Returns the params tree of a checkpoint written by save_params.
+
+  `target` (e.g. jax.eval_shape of the model's params, with shardings) restores straight into
+  that structure, shapes, dtypes and placement; without it, arrays come back as saved.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no params checkpoint (expected an orbax checkpoint directory)")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    restored = checkpointer.restore(path, None if target is None else {"params": target})
+  finally:
+    checkpointer.close()
+  if "params" not in restored:
+    raise ValueError(f"{path}: checkpoint has no 'params' entry (top level: {sorted(restored)})")
+  return restored["params"]
+
+
+def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
+  """Returns the model config saved beside a params checkpoint."""
+  config_path = os.path.join(os.fspath(path), MODEL_CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path}: no model config beside the params checkpoint")
+  with open(config_path) as f:
+    return json.load(f)

@@ -1,0 +1,53 @@
+"""Resizing the audio position-embedding grid to another number of time patches.
+
+Audio patches are ordered frequency-major: flat index = f * time_patches + t, on a grid of
+`freq_patches` (8 for 128 mel bins) rows by `time_patches` (audio_length / 16) columns.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+ResizeMethod = Literal["trim", "interpolate"]
+
+
+def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_patches: int,
+                           method: ResizeMethod) -> np.ndarray:
+  """Maps a [1, F*T, D] audio position embedding to [1, F*time_patches, D].
+
+  'trim' keeps the first `time_patches` columns of every frequency row (only shortens; for
+  the fixed sin-cos embedding it equals recomputing it on the smaller grid). 'interpolate'
+  resamples each row linearly along time (half-pixel centres, as torch bilinear with
+  align_corners=False), computed in float64.
+  """
+  if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+    raise ValueError(f"audio pos embed must be [1, patches, dim], got {pos_embed.shape}")
+  _, patches, dim = pos_embed.shape
+  if freq_patches <= 0 or patches % freq_patches:
+    raise ValueError(f"{patches} audio patches do not form {freq_patches} frequency rows")
+  if time_patches <= 0:
+    raise ValueError(f"time_patches must be positive, got {time_patches}")
+  source_time = patches // freq_patches
+  grid = pos_embed.reshape(freq_patches, source_time, dim)
+  if method == "trim":
+    if time_patches > source_time:
+      raise ValueError(f"cannot trim {source_time} time patches to {time_patches}; "
+                       "use method='interpolate' to lengthen")
+    resized = grid[:, :time_patches]
+  elif method == "interpolate":
+    resized = _interpolate_time(grid.astype(np.float64), time_patches).astype(pos_embed.dtype)
+  else:
+    raise ValueError(f"unknown resize method {method!r} (use 'trim' or 'interpolate')")
+  return np.ascontiguousarray(resized.reshape(1, freq_patches * time_patches, dim))
+
+
+def _interpolate_time(grid: np.ndarray, time_patches: int) -> np.ndarray:
+  source_time = grid.shape[1]
+  centres = (np.arange(time_patches) + 0.5) * (source_time / time_patches) - 0.5
+  centres = np.clip(centres, 0.0, source_time - 1)
+  left = np.floor(centres).astype(np.int64)
+  right = np.minimum(left + 1, source_time - 1)
+  weight = (centres - left)[None, :, None]
+  return grid[:, left] * (1.0 - weight) + grid[:, right] * weight
