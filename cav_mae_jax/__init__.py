@@ -1,0 +1,3 @@
+"""cav-mae-jax: CAV-MAE (Contrastive Audio-Visual Masked Autoencoder) in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Per-sample random masking, vectorized over the batch, jit-compatible, with explicit PRNG keys.
+
+A mask is fully determined by its noise: tokens are sorted by ascending noise and the first
+`int(L * (1 - ratio))` are kept. `mask_noise` draws the noise the model would draw, so a caller
+(a test, a parity check) can pass the same noise to two implementations and get the same mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cav_mae_jax.models.config import MASK_MODES
+
+# Noise offset that sorts structurally masked tokens after every unmasked one (noise < 1).
+STRUCTURED_OFFSET = 1.1
+
+
+def num_kept(num_tokens: int, mask_ratio: float) -> int:
+  """Tokens kept per sample: int(L * (1 - ratio)), the original's rule."""
+  return int(num_tokens * (1 - mask_ratio))
+
+
+def _choose(key: jax.Array, batch_size: int, size: int, count: int) -> jax.Array:
+  """[B, size] bool with exactly `count` True entries per row, uniformly at random."""
+  ranks = jnp.argsort(jnp.argsort(jax.random.uniform(key, (batch_size, size)), axis=1), axis=1)
+  return ranks < count
+
+
+def mask_noise(key: jax.Array, batch_size: int, grid: tuple[int, int], mask_ratio: float,
+               mode: str = "unstructured") -> jax.Array:
+  """Noise [B, rows * cols] whose ascending order decides which tokens are kept.
+
+  `unstructured`: uniform noise. `time` / `freq` (audio only, grid = (freq rows, time columns)):
+  int(cols * ratio) whole columns / int(rows * ratio) whole rows are lifted by 1.1 so they sort
+  last. `tf`: both, with int(cols * ratio * 0.7) columns and int(rows * ratio * 0.7) rows. The
+  original sets those entries to exactly 1.1; lifting keeps them distinct, so where a mode masks
+  more tokens than it removes (`tf`) the few kept ones are random rather than decided by the
+  sort's tie order. Whole masked rows/columns are removed in every case where they fit.
+  """
+  if mode not in MASK_MODES:
+    raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+  rows, cols = grid
+  key_noise, key_cols, key_rows = jax.random.split(key, 3)
+  noise = jax.random.uniform(key_noise, (batch_size, rows, cols))
+  lifted = jnp.zeros((batch_size, rows, cols), dtype=bool)
+  if mode in ("time", "tf"):
+    count = int(cols * mask_ratio * (0.7 if mode == "tf" else 1.0))
+    lifted |= _choose(key_cols, batch_size, cols, count)[:, None, :]
+  if mode in ("freq", "tf"):
+    count = int(rows * mask_ratio * (0.7 if mode == "tf" else 1.0))
+    lifted |= _choose(key_rows, batch_size, rows, count)[:, :, None]
+  noise = jnp.where(lifted, noise + STRUCTURED_OFFSET, noise)
+  return noise.reshape(batch_size, rows * cols)
+
+
+def random_masking(x: jax.Array, noise: jax.Array, keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Keeps the `keep` lowest-noise tokens of x [B, L, D].
+
+  Returns (kept tokens [B, keep, D], mask [B, L] float32 with 1 = removed, ids_restore [B, L]).
+  """
+  if noise.shape != x.shape[:2]:
+    raise ValueError(f"mask noise has shape {noise.shape}, expected {x.shape[:2]}")
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  kept = jnp.take_along_axis(x, ids_shuffle[:, :keep, None], axis=1)
+  mask = (ids_restore >= keep).astype(jnp.float32)
+  return kept, mask, ids_restore
+
+
+def restore_with_mask_tokens(x: jax.Array, mask_token: jax.Array, ids_restore: jax.Array) -> jax.Array:
+  """Appends mask tokens to kept tokens x [B, keep, D] and unshuffles to [B, L, D]."""
+  batch, keep, dim = x.shape
+  length = ids_restore.shape[1]
+  filler = jnp.broadcast_to(mask_token.astype(x.dtype), (batch, length - keep, dim))
+  full = jnp.concatenate([x, filler], axis=1)
+  return jnp.take_along_axis(full, ids_restore[:, :, None], axis=1)
