@@ -1,0 +1,132 @@
+"""Reading/writing state-dict files and orbax params checkpoints; errors on bad files."""
+
+import os
+import pickle
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cav_mae_jax.convert import formats
+from cav_mae_jax.convert import io
+
+
+def _state_dict():
+  rng = np.random.default_rng(0)
+  return {"blocks_a.0.attn.qkv.weight": rng.standard_normal((6, 2)).astype(np.float32),
+          "modality_a": rng.standard_normal((1, 1, 2)).astype(np.float16),
+          "norm.weight": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)}
+
+
+def _assert_same(got, want):
+  assert set(got) == set(want)
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+    assert got[key].tobytes() == value.tobytes(), key
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "npz", "pth"])
+def test_write_then_read_is_exact(tmp_path, suffix):
+  if suffix == "pth":
+    pytest.importorskip("torch", reason="reading .pth needs torch")
+  want = _state_dict()
+  if suffix == "npz":  # np.savez cannot hold bfloat16 portably
+    del want["norm.weight"]
+  path = tmp_path / f"weights.{suffix}"
+  formats.write_state_dict(path, want)
+  assert formats.detect_format(path) == suffix
+  _assert_same(formats.read_state_dict(path), want)
+
+
+def test_pth_nested_under_model_is_unwrapped(tmp_path):
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  path = tmp_path / "mae.pth"
+  torch.save({"model": {"norm.weight": torch.ones(3)}}, path)
+  got = formats.read_state_dict(path)
+  assert list(got) == ["norm.weight"] and got["norm.weight"].dtype == np.float32
+
+
+def test_pth_with_pickled_objects_is_refused(tmp_path):
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  path = tmp_path / "train_state.pth"
+  torch.save({"model": {"w": torch.ones(1)}, "args": _Namespace()}, path)
+  with pytest.raises(formats.CheckpointFileError, match="refusing to unpickle"):
+    formats.read_state_dict(path)
+
+
+class _Namespace:
+  pass
+
+
+def _bad_files(tmp_path):
+  """(path, expected message) for every kind of bad input."""
+  good = tmp_path / "good.safetensors"
+  formats.write_state_dict(good, {"w": np.ones((64, 64), np.float32)})
+  data = good.read_bytes()
+  cases = []
+
+  def add(name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    cases.append((path, message))
+
+  add("notes.pth", b"hello, this is a text file\n", "not a PyTorch")
+  add("image.npz", b"\x89PNG\r\n\x1a\n" + bytes(64), "not a PyTorch")
+  add("empty.safetensors", b"", "empty file")
+  add("cut.safetensors", data[: len(data) // 2], "truncated safetensors")
+  add("cut_header.safetensors", data[:12], "truncated safetensors")
+  npz = tmp_path / "good.npz"
+  formats.write_state_dict(npz, {"w": np.ones((64, 64), np.float32)})
+  add("cut.npz", npz.read_bytes()[:300], "truncated or corrupt")
+  add("pickle.pth", pickle.dumps([1, 2, 3], protocol=2), "corrupt PyTorch file|needs PyTorch")
+  return cases
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+  for path, message in _bad_files(tmp_path):
+    with pytest.raises(formats.CheckpointFileError, match=message) as info:
+      formats.read_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_pth_is_reported(tmp_path):
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  path = tmp_path / "audio_model.21.pth"
+  torch.save({"w": torch.ones(256, 256)}, path)
+  path.write_bytes(path.read_bytes()[:5000])
+  with pytest.raises(formats.CheckpointFileError, match="truncated or corrupt"):
+    formats.read_state_dict(path)
+
+
+def test_missing_file_is_reported(tmp_path):
+  with pytest.raises(formats.CheckpointFileError, match="cannot open"):
+    formats.read_state_dict(tmp_path / "nope.pth")
+
+
+def test_unknown_output_suffix_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="unknown output format"):
+    formats.write_state_dict(tmp_path / "w.ckpt", {"w": np.ones(1)})
+
+
+def test_params_checkpoint_round_trip_with_config(tmp_path):
+  params = {"blocks_a_0": {"attn": {"qkv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}},
+            "modality_a": np.ones((1, 1, 3), np.float32)}
+  path = tmp_path / "ckpt"
+  io.save_params(path, params, model_config={"embed_dim": 3})
+  restored = io.load_params(path)
+  np.testing.assert_array_equal(restored["blocks_a_0"]["attn"]["qkv"]["kernel"],
+                                params["blocks_a_0"]["attn"]["qkv"]["kernel"])
+  assert io.load_model_config(path) == {"embed_dim": 3}
+  assert [p for p in os.listdir(tmp_path) if p != "ckpt"] == []  # no temp left behind
+  with pytest.raises(FileExistsError):
+    io.save_params(path, params)
+
+
+def test_atomic_output_leaves_nothing_on_error(tmp_path):
+  path = tmp_path / "out.safetensors"
+  with pytest.raises(RuntimeError, match="boom"):
+    with io.atomic_output(path) as staged:
+      with open(staged, "wb") as f:
+        f.write(b"partial")
+      raise RuntimeError("boom")
+  assert os.listdir(tmp_path) == []
