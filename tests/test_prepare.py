@@ -1,0 +1,270 @@
+"""Tests for cav_mae_jax.data.prepare and tools/preprocess.py on a generated bad-input corpus."""
+from __future__ import annotations
+
+import fractions
+import json
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+
+from cav_mae_jax.data import prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS_CSV = 'index,mid,display_name\n0,/m/a,"Alpha"\n1,/m/b,"Beta, b"\n2,/m/c,"Gamma"\n'
+
+
+def write_clip(path: str, *, seconds: float, fps: int = 4, size: tuple[int, int] = (64, 48),
+               sample_rate: int = 44100, channels: int = 2, audio: bool = True,
+               video: bool = True, silent: bool = False, variable_frame_rate: bool = False,
+               channel_freqs: tuple[float, ...] | None = None, seed: int = 0) -> str:
+  """Writes a small H.264 + AAC MP4 whose frames and tones differ per frame / channel."""
+  layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
+  freqs = channel_freqs or tuple(440.0 * (c + 1) + 10 * seed for c in range(channels))
+  with av.open(path, "w", format="mp4") as out:
+    if video:
+      vstream = out.add_stream("libx264", rate=fps)
+      vstream.width, vstream.height, vstream.pix_fmt = size[0], size[1], "yuv420p"
+      vstream.options = {"preset": "ultrafast"}
+      if variable_frame_rate:
+        vstream.codec_context.time_base = fractions.Fraction(1, 1000)
+    if audio:
+      astream = out.add_stream("aac", rate=sample_rate, layout=layout)
+    if video:
+      pts_ms = 0
+      for i in range(int(seconds * fps)):
+        image = np.zeros((size[1], size[0], 3), np.uint8)
+        image[..., 0] = (i * 7 + 40 * seed) % 256
+        image[: (i % size[1]) + 1, :, 1] = 200
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        if variable_frame_rate:  # Alternating long and short frame durations.
+          frame.pts, frame.time_base = pts_ms, fractions.Fraction(1, 1000)
+          pts_ms += int(1000 / fps * (0.5 if i % 2 else 1.5))
+        out.mux(vstream.encode(frame))
+      out.mux(vstream.encode())
+    if audio:
+      total = int(seconds * sample_rate)
+      t = np.arange(total) / sample_rate
+      data = np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in freqs]).astype(np.float32)
+      if silent:
+        data[:] = 0
+      for start in range(0, total, 1024):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, start:start + 1024]),
+                                           format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = sample_rate, start
+        out.mux(astream.encode(frame))
+      out.mux(astream.encode())
+  return path
+
+
+def write_datafile(path: str, rows: list[tuple[str, str, str]]) -> str:
+  """Writes the original's JSON datafile for (video_id, media path, labels) rows."""
+  data = [{"video_id": v, "wav": p, "video_path": p, "labels": l} for v, p, l in rows]
+  with open(path, "w") as f:
+    json.dump({"data": data}, f)
+  return path
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> dict[str, str]:
+  """The bad-input corpus of issue 5, plus a few good clips."""
+  root = tmp_path_factory.mktemp("media")
+  p = lambda name: str(root / name)
+  files = {
+      "good_a": write_clip(p("good_a.mp4"), seconds=10, seed=1),
+      "good_b": write_clip(p("good_b.mp4"), seconds=10, seed=2),
+      "silent": write_clip(p("silent.mp4"), seconds=10, silent=True),
+      "one_second": write_clip(p("one_second.mp4"), seconds=1),
+      "thirty_seconds": write_clip(p("thirty_seconds.mp4"), seconds=30, fps=2),
+      "mono_8k": write_clip(p("mono_8k.mp4"), seconds=2, sample_rate=8000, channels=1),
+      "six_48k": write_clip(p("six_48k.mp4"), seconds=2, sample_rate=48000, channels=6,
+                            channel_freqs=(1000.0, 2500.0, 3000.0, 60.0, 3500.0, 4000.0)),
+      "vfr": write_clip(p("vfr.mp4"), seconds=10, variable_frame_rate=True),
+      "audio_only": write_clip(p("audio_only.mp4"), seconds=2, video=False),
+      "video_only": write_clip(p("video_only.mp4"), seconds=2, audio=False),
+      "zero_byte": p("zero_byte.mp4"),
+      "truncated": p("truncated.mp4"),
+      "text": p("text.mp4"),
+      "missing": p("missing.mp4"),
+  }
+  open(files["zero_byte"], "wb").close()
+  with open(files["good_a"], "rb") as f:
+    content = f.read()
+  with open(files["truncated"], "wb") as f:
+    f.write(content[: len(content) // 2])
+  with open(files["text"], "w") as f:
+    f.write("this is not a video\n" * 20)
+  with open(p("class_labels_indices.csv"), "w") as f:
+    f.write(LABELS_CSV)
+  files["labels_csv"] = p("class_labels_indices.csv")
+  return files
+
+
+EXPECTED_QUARANTINE = {
+    "zero_byte": "empty_file",
+    "truncated": "unreadable_container",
+    "text": "unreadable_container",
+    "missing": "missing_file",
+    "audio_only": "no_video_stream",
+    "video_only": "no_audio_stream",
+    "unknown_label": "unknown_label",
+}
+WRITTEN = ["good_a", "good_b", "silent", "one_second", "thirty_seconds", "mono_8k", "six_48k",
+           "vfr"]
+
+
+@pytest.fixture(scope="module")
+def corpus_run(media, tmp_path_factory):
+  """Runs prepare_records (in-process) once over the whole corpus, storing waveforms."""
+  root = tmp_path_factory.mktemp("corpus_run")
+  rows = [(name, media[name], "/m/a,/m/b" if name == "good_b" else "/m/a")
+          for name in WRITTEN + [k for k in EXPECTED_QUARANTINE if k != "unknown_label"]]
+  rows.append(("unknown_label", media["good_a"], "/m/a,/m/not_a_class"))
+  datafile = write_datafile(str(root / "data.json"), rows)
+  out = str(root / "out")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
+                                    examples_per_shard=4, store_waveform=True, progress=False)
+  examples = {e["video_id"]: e for e in prepare.iter_shard_examples(out)}
+  return out, summary, examples
+
+
+def test_corpus_quarantine_and_summary(corpus_run):
+  out, summary, examples = corpus_run
+  assert sorted(examples) == sorted(WRITTEN)
+  with open(os.path.join(out, prepare.QUARANTINE)) as f:
+    lines = [json.loads(line) for line in f]
+  assert {line["video_id"]: line["reason"] for line in lines} == EXPECTED_QUARANTINE
+  for line in lines:
+    assert line["path"] and line["message"]
+  with open(os.path.join(out, prepare.SUMMARY)) as f:
+    on_disk = json.load(f)
+  assert on_disk["written"] == len(WRITTEN) == summary.written
+  assert on_disk["quarantined"] == len(EXPECTED_QUARANTINE)
+  expected_by_reason = {}
+  for reason in EXPECTED_QUARANTINE.values():
+    expected_by_reason[reason] = expected_by_reason.get(reason, 0) + 1
+  assert on_disk["quarantined_by_reason"] == expected_by_reason
+  assert on_disk["seconds"] > 0 and on_disk["index_written"]
+
+
+def test_corpus_valid_clips(corpus_run):
+  from cav_mae_jax.data import fbank as fbank_lib
+
+  _, _, examples = corpus_run
+  for name, e in examples.items():
+    valid = e["fbank_num_frames"]
+    assert valid == fbank_lib.num_frames(e["waveform"].size), name
+    assert np.all(np.isfinite(e["fbank"])), name
+    assert np.all(e["fbank"][valid:] == 0), name  # Zero padding only after the clip's frames.
+    assert len(e["frames"]) == 10 and e["frames"][0][:2] == b"\xff\xd8", name
+    assert np.all(np.diff(e["frame_indices"]) >= 0), name
+  silent = examples["silent"]
+  assert silent["fbank_num_frames"] == 998 and not np.any(silent["waveform"])
+  np.testing.assert_allclose(silent["fbank"][:998], np.log(np.finfo(np.float32).eps),
+                             atol=1e-2)  # log floor, not zeros
+  one = examples["one_second"]
+  assert 90 <= one["fbank_num_frames"] <= 105 and one["duration_s"] == pytest.approx(1, abs=0.1)
+  long = examples["thirty_seconds"]
+  assert long["waveform"].size == 160000 and long["fbank_num_frames"] == 998
+  assert long["duration_s"] == pytest.approx(30, abs=0.1)
+  assert long["frame_indices"].max() < 20  # 2 fps: frames come from the first 10 s only.
+  assert examples["mono_8k"]["source_sample_rate"] == 8000
+  six = examples["six_48k"]
+  assert six["source_sample_rate"] == 48000
+  spectrum = np.abs(np.fft.rfft(six["waveform"].astype(np.float64)))
+  freqs = np.fft.rfftfreq(six["waveform"].size, 1 / 16000)
+  assert abs(freqs[np.argmax(spectrum)] - 1000) < 5  # First channel, not a downmix.
+  assert spectrum[np.abs(freqs - 2500) < 20].max() < 0.01 * spectrum.max()
+  assert examples["good_b"]["labels"].tolist() == [0, 1]
+  assert examples["good_b"]["label_ids"] == ["/m/a", "/m/b"]
+
+
+def test_corpus_index_stats(corpus_run):
+  from cav_mae_jax.data import records
+
+  out, _, examples = corpus_run
+  index = records.read_index(os.path.join(out, prepare.INDEX))
+  assert index.num_examples == len(WRITTEN) and len(index.shards) == 4
+  assert index.store_waveform and index.num_classes == 3
+  assert list(index.label_counts) == [len(WRITTEN), 1, 0]
+  valid = np.concatenate([e["fbank"][:e["fbank_num_frames"]].astype(np.float64).ravel()
+                          for e in examples.values()])
+  assert index.fbank_mean == pytest.approx(valid.mean(), abs=1e-6)
+  assert index.fbank_std == pytest.approx(valid.std(), abs=1e-6)
+
+
+def test_strict_cli_names_first_bad_file(media, tmp_path):
+  datafile = write_datafile(str(tmp_path / "data.json"), [
+      ("good_a", media["good_a"], "/m/a"),
+      ("zero_byte", media["zero_byte"], "/m/a"),
+      ("text", media["text"], "/m/a")])
+  out = str(tmp_path / "out")
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "preprocess.py"), "--datafile", datafile,
+       "--labels", media["labels_csv"], "--out", out, "--workers", "0",
+       "--examples-per-shard", "1", "--strict", "--no-progress"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert media["zero_byte"] in result.stderr and "empty_file" in result.stderr
+  assert media["text"] not in result.stderr
+  assert os.path.exists(os.path.join(out, prepare.shard_file_name(0, 3)))  # kept
+  assert not os.path.exists(os.path.join(out, prepare.shard_file_name(1, 3)))
+  assert not any(".tmp-" in name for name in os.listdir(out))
+  assert not os.path.exists(os.path.join(out, prepare.INDEX))
+
+
+def _never_called(entry, labels, store_waveform):
+  raise AssertionError(f"{entry.video_id} was processed again although its shard was finished")
+
+
+def test_split_runs_merge_and_resume(media, tmp_path):
+  rows = [(f"clip{i}", media["good_a" if i % 2 else "good_b"], "/m/c") for i in range(3)]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  out = str(tmp_path / "out")
+  kwargs = dict(examples_per_shard=1, num_workers=0, progress=False)
+  first = prepare.prepare_records(datafile, media["labels_csv"], out, task_index=0,
+                                  num_tasks=2, **kwargs)
+  assert (first.shards_finished, first.index_written) == (2, False)  # shards 0 and 2
+  assert not os.path.exists(os.path.join(out, prepare.INDEX))
+  stale = os.path.join(out, prepare.shard_file_name(1, 3) + ".tmp-deadhost-1")
+  open(stale, "w").close()  # A temp file left by a killed run.
+  second = prepare.prepare_records(datafile, media["labels_csv"], out, task_index=1,
+                                   num_tasks=2, **kwargs)
+  assert (second.shards_finished, second.index_written, second.written) == (3, True, 3)
+  assert not os.path.exists(stale)
+  mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)
+            if n.endswith(".tfrecord")}
+  again = prepare.prepare_records(datafile, media["labels_csv"], out, clip_fn=_never_called,
+                                  **kwargs)
+  assert again.written == 3
+  assert mtimes == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in mtimes}
+  os.remove(os.path.join(out, prepare.INDEX))
+  assert prepare.finalize(out).index_written  # --merge-index
+  with pytest.raises(ValueError, match="store_waveform"):
+    prepare.prepare_records(datafile, media["labels_csv"], out, store_waveform=True, **kwargs)
+
+
+def _crash_on_marked_clip(entry, labels, store_waveform):
+  """A clip function whose process dies on the clip with id 'crash' (like a decoder segfault)."""
+  if entry.video_id == "crash":
+    os._exit(7)
+  return prepare.clip_example(entry, labels, store_waveform)
+
+
+def test_worker_crash_loses_nothing_else(media, tmp_path):
+  ids = ["a0", "b0", "crash", "b1", "a2", "b2"]  # shard 0: a0, crash, a2; shard 1: b0, b1, b2
+  rows = [(v, media["one_second"], "/m/b") for v in ids]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  out = str(tmp_path / "out")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=2,
+                                    examples_per_shard=3, clip_fn=_crash_on_marked_clip,
+                                    progress=False)
+  assert summary.written == 5 and summary.quarantined_by_reason == {"worker_crashed": 1}
+  assert sorted(e["video_id"] for e in prepare.iter_shard_examples(out)) == sorted(
+      set(ids) - {"crash"})
+  with open(os.path.join(out, prepare.QUARANTINE)) as f:
+    (line,) = [json.loads(x) for x in f]
+  assert line["video_id"] == "crash" and "exit code 7" in line["message"]

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Raw videos -> sharded clip TFRecords + index.json, without Beam.
+
+  python tools/preprocess.py --datafile train.json --labels class_labels_indices.csv \
+      --out DIR [--workers N] [--shard-index i --num-shards n] [--examples-per-shard K] \
+      [--store-waveform] [--strict]
+  python tools/preprocess.py --merge-index --out DIR
+
+`--shard-index i --num-shards n` splits the work across n machines: machine i writes the
+output shards s with s % n == i. When all of them are in DIR (e.g. copied from the machines),
+`--merge-index` writes index.json, quarantine.jsonl and summary.json. Rerunning the same
+command resumes: finished shards are skipped. Exit status: 0 on success, 1 when a clip stops
+a `--strict` run or shards fail, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cav_mae_jax.data import prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--datafile", help="JSON datafile {'data': [{video_id, wav, "
+                      "video_path, labels}]}")
+  parser.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                      help="worker processes (0: in this process)")
+  parser.add_argument("--shard-index", type=int, default=0, help="this machine's index")
+  parser.add_argument("--num-shards", type=int, default=1, help="number of machines")
+  parser.add_argument("--examples-per-shard", type=int, default=1024)
+  parser.add_argument("--store-waveform", action="store_true",
+                      help="also store the 16 kHz int16 waveform (for waveform mixup)")
+  parser.add_argument("--strict", action="store_true",
+                      help="stop at the first clip that cannot be written")
+  parser.add_argument("--merge-index", action="store_true",
+                      help="only merge finished shards' sidecars into index.json")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+
+  if args.merge_index:
+    summary = prepare.finalize(args.out)
+  else:
+    if not args.datafile or not args.labels:
+      parser.error("--datafile and --labels are required (unless --merge-index)")
+    try:
+      summary = prepare.prepare_records(
+          args.datafile, args.labels, args.out, num_workers=args.workers,
+          task_index=args.shard_index, num_tasks=args.num_shards,
+          examples_per_shard=args.examples_per_shard, store_waveform=args.store_waveform,
+          strict=args.strict, progress=not args.no_progress)
+    except prepare.StrictModeError as e:
+      print(f"error: --strict: {e}", file=sys.stderr)
+      return 1
+    except (prepare.WorkerCrashError, RuntimeError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  print(prepare.format_summary(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
