@@ -1,0 +1,134 @@
+"""Released CAV-MAE checkpoints -> our params -> the original's layout (tiny configs)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cav_mae_jax.convert import cavmae_checkpoint
+from cav_mae_jax.convert import export
+from cav_mae_jax.convert import state_dict as sd
+from test_convert_layout import Dims, original_shapes, random_state_dict
+
+TINY = Dims()
+TINY_FT = dataclasses.replace(TINY, num_classes=5)
+
+
+def _init(dims, seed=100):
+  """Stand-in for a target model's init params with the original's tree."""
+  return sd.torch_to_flax(random_state_dict(dims, seed=seed))
+
+
+def _released(dims, seed=0):
+  """A state dict as the released files store it: DataParallel's 'module.' prefix on every key."""
+  return {"module." + k: v for k, v in random_state_dict(dims, seed=seed).items()}
+
+
+def test_pretraining_checkpoint_round_trip_is_bit_identical():
+  released = _released(TINY)
+  params, report = cavmae_checkpoint.cavmae_to_params(released, _init(TINY))
+  assert not report.unexpected and not report.dropped and not report.kept_init
+  back, notes = export.to_original_state_dict(params, module_prefix=True)
+  assert not notes and set(back) == set(released)
+  for key, value in released.items():
+    assert back[key].dtype == value.dtype and back[key].tobytes() == value.tobytes(), key
+
+
+def test_pretraining_checkpoint_to_finetuning_model_with_new_head():
+  released = _released(TINY)
+  init = _init(TINY_FT)
+  params, report = cavmae_checkpoint.cavmae_to_params(released, init, new_head=True)
+  np.testing.assert_array_equal(params["mlp_head_1"]["kernel"], init["mlp_head_1"]["kernel"])
+  np.testing.assert_array_equal(params["blocks_u_0"]["attn"]["qkv"]["kernel"],
+                                released["module.blocks_u.0.attn.qkv.weight"].T)
+  assert report.dropped["decoder_pred_a/kernel"].startswith("decoder")
+  assert report.dropped["mask_token"].startswith("decoder")
+  assert set(report.kept_init) == {"mlp_head_0/scale", "mlp_head_0/bias", "mlp_head_1/kernel",
+                                   "mlp_head_1/bias"}
+
+
+def test_pretraining_checkpoint_without_new_head_names_the_head():
+  with pytest.raises(sd.ParamsMismatchError, match=r"new_head=True.*mlp_head_0/scale"):
+    cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(TINY_FT))
+
+
+def test_finetuned_checkpoint_where_pretraining_is_expected_names_what_is_missing():
+  with pytest.raises(sd.ParamsMismatchError,
+                     match=r"fine-tuned checkpoint has no decoder.*decoder_embed/kernel.*mask_token"):
+    cavmae_checkpoint.cavmae_to_params(_released(TINY_FT), _init(TINY))
+
+
+def test_other_class_count_needs_a_new_head():
+  released = _released(TINY_FT)
+  other = _init(dataclasses.replace(TINY_FT, num_classes=7))
+  with pytest.raises(sd.ParamsMismatchError, match=r"mlp_head_1/kernel: source \(16, 5\) vs target \(16, 7\)"):
+    cavmae_checkpoint.cavmae_to_params(released, other)
+  params, report = cavmae_checkpoint.cavmae_to_params(released, other, new_head=True)
+  assert params["mlp_head_1"]["kernel"].shape == (16, 7)
+  assert "mlp_head_1/kernel" in report.dropped
+  np.testing.assert_array_equal(params["norm"]["scale"], released["module.norm.weight"])
+
+
+def test_wrong_depth_is_rejected():
+  deeper = dataclasses.replace(TINY, modality_specific_depth=1)  # 1 + 2 joint blocks
+  with pytest.raises(sd.ParamsMismatchError, match="blocks_u_1"):
+    cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(deeper))
+
+
+@pytest.mark.parametrize("method", ["trim", "interpolate"])
+def test_audio_length_change_resizes_both_audio_grids(method):
+  source_dims = dataclasses.replace(TINY, audio_length=1024)  # 8 x 64 audio grid
+  target_dims = dataclasses.replace(TINY, audio_length=512)  # 8 x 32
+  released = _released(source_dims)
+  with pytest.raises(sd.ParamsMismatchError, match="pos_embed_a.*audio_pos_resize"):
+    cavmae_checkpoint.cavmae_to_params(released, _init(target_dims))
+  params, report = cavmae_checkpoint.cavmae_to_params(released, _init(target_dims),
+                                                      audio_pos_resize=method)
+  for name, dim in (("pos_embed_a", 16), ("decoder_pos_embed_a", 8)):
+    assert params[name].shape == (1, 256, dim)
+    source = released[f"module.{name}"].reshape(8, 64, dim)
+    if method == "trim":
+      np.testing.assert_array_equal(params[name].reshape(8, 32, dim), source[:, :32])
+    else:  # halving: each new column is the mean of two neighbours
+      np.testing.assert_allclose(params[name].reshape(8, 32, dim),
+                                 (source[:, 0::2] + source[:, 1::2]) / 2, rtol=1e-5, atol=1e-6)
+  assert any(method in note and "8 x 64 -> 8 x 32" in note for note in report.notes)
+
+
+def test_unexpected_source_keys_are_errors_unless_allowed():
+  released = _released(TINY)
+  released["module.cls_token_av"] = np.zeros((1, 1, 16), np.float32)
+  with pytest.raises(sd.ParamsMismatchError, match="cls_token_av"):
+    cavmae_checkpoint.cavmae_to_params(released, _init(TINY))
+  _, report = cavmae_checkpoint.cavmae_to_params(released, _init(TINY), allow_unexpected=True)
+  assert report.unexpected == ["cls_token_av"]
+
+
+def test_learned_temperature_is_kept_at_init_and_left_out_of_the_export():
+  init = _init(TINY)
+  init["log_temperature"] = np.asarray(np.log(0.05), np.float32)
+  params, report = cavmae_checkpoint.cavmae_to_params(_released(TINY), init)
+  assert report.kept_init == {"log_temperature": "not in the original model"}
+  back, notes = export.to_original_state_dict(params)
+  assert "log_temperature" not in back and "log_temperature" in notes[0]
+  assert set(back) == set(original_shapes(TINY))
+
+
+def test_finetuned_state_dict_is_recognized():
+  assert cavmae_checkpoint.is_finetuned_state_dict(_released(TINY_FT))
+  assert not cavmae_checkpoint.is_finetuned_state_dict(_released(TINY))
+
+
+def test_eval_export_casts_floats(tmp_path):
+  from cav_mae_jax.convert import io  # pylint: disable=import-outside-toplevel
+  params, _ = cavmae_checkpoint.cavmae_to_params(_released(TINY_FT), _init(TINY_FT))
+  export.export_for_eval(params, {"num_classes": 5}, tmp_path / "eval", dtype="bfloat16")
+  restored = io.load_params(tmp_path / "eval")
+  kernel = restored["mlp_head_1"]["kernel"]
+  assert str(kernel.dtype) == "bfloat16"
+  np.testing.assert_allclose(np.asarray(kernel, np.float32), params["mlp_head_1"]["kernel"],
+                             rtol=1e-2, atol=1e-2)
+  assert io.load_model_config(tmp_path / "eval") == {"num_classes": 5}
+  with pytest.raises(ValueError, match="export dtype 'int8'"):
+    export.export_for_eval(params, {}, tmp_path / "eval8", dtype="int8")
+  assert not (tmp_path / "eval8").exists()
