@@ -70,10 +70,6 @@ def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_d
       batch = config[field.split(".")[0]].batch_size
       if batch % group:
         _fail("model.contrast_group_size", group, f"must divide config.{field}={batch}.")
-  if config.data.fbank_std <= 0:
-    _fail("data.fbank_std", config.data.fbank_std, "must be positive.")
-  if config.data.shuffle_buffer < 1:
-    _fail("data.shuffle_buffer", config.data.shuffle_buffer, "must be >= 1.")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,47 @@
+r"""Pretrain CAV-MAE.
+
+  python tools/pretrain.py --config configs/pretrain.py:base --workdir /ckpt/run1 \
+      --config.data.train_dir=/data/as2m --config.data.eval_dir=/data/as_eval
+
+Resumes from the latest checkpoint in --workdir. Multi-host: run the same command on every host;
+with --distributed the processes join through `jax.distributed.initialize` (arguments from the
+flags below, or detected from the cluster environment: TPU pods, SLURM, Open MPI, Kubernetes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  logging.getLogger().setLevel(logging.INFO)
+  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(" ".join(f"{k}={v:.5g}" for k, v in sorted(summary.items())))
+
+
+if __name__ == "__main__":
+  app.run(main)
