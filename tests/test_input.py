@@ -1,0 +1,276 @@
+"""Tests of the tf.data input pipeline over tiny generated records."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from cav_mae_jax.data import input as input_lib
+from cav_mae_jax.data import records
+
+NUM_CLASSES = 4
+IMAGE_SIZE = 32
+
+
+def _jpeg(red: int, green: int, height: int = 36, width: int = 40) -> bytes:
+  pixels = np.zeros((height, width, 3), np.uint8)
+  pixels[..., 0], pixels[..., 1], pixels[..., 2] = red, green, 128
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="JPEG")
+  return buffer.getvalue()
+
+
+def clip_values(clip: int, labels: list[int], waveform_length: int | None = None) -> dict:
+  """A clip whose fbank is the constant `clip` and whose frame j has red = 20 * j + 10."""
+  waveform = None
+  if waveform_length is not None:
+    rng = np.random.default_rng(clip)
+    waveform = (rng.standard_normal(waveform_length) * 3000).astype(np.int16)
+  return records.make_example_values(
+      video_id=f"clip{clip}", labels=labels, label_ids=[f"/m/{x}" for x in labels],
+      fbank=np.full((records.TARGET_FBANK_FRAMES, records.NUM_MEL_BINS), clip, np.float32),
+      fbank_num_frames=records.TARGET_FBANK_FRAMES,
+      jpeg_frames=[_jpeg(20 * j + 10, clip) for j in range(records.NUM_VIDEO_FRAMES)],
+      frame_indices=list(range(records.NUM_VIDEO_FRAMES)), duration_s=10.0,
+      source_sample_rate=16000, fps=25.0, frame_count=250, waveform=waveform)
+
+
+def write_records(directory: str, labels: list[list[int]], num_shards: int,
+                  waveform_lengths: list[int] | None = None) -> str:
+  """Writes clips 0..N-1 round-robin into `num_shards` shards plus index.json."""
+  os.makedirs(directory, exist_ok=True)
+  shards = []
+  stats = records.ShardStats(num_classes=NUM_CLASSES)
+  clips = list(range(len(labels)))
+  for shard in range(num_shards):
+    name = f"clips-{shard:05d}-of-{num_shards:05d}.tfrecord"
+    mine = clips[shard::num_shards]
+    with tf.io.TFRecordWriter(os.path.join(directory, name)) as writer:
+      for clip in mine:
+        length = None if waveform_lengths is None else waveform_lengths[clip]
+        values = clip_values(clip, labels[clip], length)
+        stats.add(values)
+        writer.write(records.serialize_example(values))
+    shards.append(records.ShardInfo(file=name, num_examples=len(mine)))
+  index = records.index_from_stats(shards, stats, store_waveform=waveform_lengths is not None)
+  records.write_index(os.path.join(directory, input_lib.INDEX_FILE), index)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def record_dirs(tmp_path_factory) -> dict[str, str]:
+  root = tmp_path_factory.mktemp("records")
+  train_labels = [[i % 3] for i in range(10)]
+  eval_labels = [[i % NUM_CLASSES] for i in range(7)]
+  rare_labels = [[0]] * 19 + [[1]]
+  return {
+      "train": write_records(str(root / "train"), train_labels, num_shards=3),
+      "eval": write_records(str(root / "eval"), eval_labels, num_shards=3),
+      "rare": write_records(str(root / "rare"), rare_labels, num_shards=2),
+      "wave": write_records(str(root / "wave"), [[i % NUM_CLASSES] for i in range(4)], 1,
+                            waveform_lengths=[16000, 12000, 16000, 9000]),
+  }
+
+
+def make_config(record_dirs: dict[str, str], **data_overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(
+      dict(audio_length=1024, num_mel_bins=128, image_size=IMAGE_SIZE))
+  data = dict(train_dir=record_dirs["train"], eval_dir=record_dirs["eval"], batch_size=4,
+              shuffle_buffer=8, fbank_mean=0.0, fbank_std=1.0, prefetch=1)
+  data.update(data_overrides)
+  config.data = ml_collections.ConfigDict(data)
+  return config
+
+
+def clip_ids(batch: dict[str, np.ndarray]) -> list[int]:
+  """Clip ids of a batch without noise: the constant fbank value."""
+  return [int(round(float(x))) for x in batch["audio"][:, 0, 0]]
+
+
+def take(pipeline, n: int) -> list[dict[str, np.ndarray]]:
+  return [next(pipeline) for _ in range(n)]
+
+
+def test_host_file_indices_are_disjoint_and_cover_all():
+  for num_files in (1, 5, 8, 13):
+    for count in (1, 2, 3, 8):
+      parts = [input_lib.host_file_indices(num_files, p, count) for p in range(count)]
+      flat = sorted(i for part in parts for i in part)
+      assert flat == list(range(num_files))
+      assert parts == [input_lib.host_file_indices(num_files, p, count) for p in range(count)]
+  with pytest.raises(ValueError, match="process_index"):
+    input_lib.host_file_indices(4, 2, 2)
+
+
+def test_eval_keeps_every_clip_once_across_processes(record_dirs):
+  config = make_config(record_dirs)
+  seen, batch_counts = [], []
+  for process in range(3):
+    pipeline = input_lib.InputPipeline(config, "eval", process_index=process, process_count=3,
+                                       batch_size=3)
+    batches = list(pipeline)
+    batch_counts.append(len(batches))
+    assert len(batches) == pipeline.num_batches
+    for batch in batches:
+      assert batch["audio"].shape == (1, 1024, 128) and batch["image"].shape == (1, 32, 32, 3)
+      assert batch["label"].shape == (1, NUM_CLASSES) and batch["valid"].dtype == bool
+      ids = np.asarray(clip_ids(batch))
+      seen += list(ids[batch["valid"]])
+      np.testing.assert_array_equal(batch["audio"][~batch["valid"]], 0.0)
+      np.testing.assert_array_equal(batch["label"][~batch["valid"]], 0.0)
+      np.testing.assert_array_equal(batch["frame_index"][batch["valid"]], 5)
+  assert sorted(seen) == list(range(7))
+  # Shards hold 3, 2, 2 clips: every process yields 3 batches of 1, padding the short ones.
+  assert batch_counts == [3, 3, 3]
+
+
+def test_eval_pads_the_last_batch_and_labels_are_multi_hot(record_dirs):
+  config = make_config(record_dirs)
+  batches = list(input_lib.InputPipeline(config, "eval", process_index=0, process_count=1))
+  assert [b["valid"].tolist() for b in batches] == [[True] * 4, [True] * 3 + [False]]
+  labels = np.concatenate([b["label"] for b in batches])[:7]
+  ids = sum((clip_ids(b) for b in batches), [])[:7]
+  for clip, label in zip(ids, labels):
+    np.testing.assert_array_equal(label, np.eye(NUM_CLASSES)[clip % NUM_CLASSES])
+  # Frame 5 has red 110: after normalization (x / 255 - 0.485) / 0.229.
+  red = batches[0]["image"][0, ..., 0] * 0.229 + 0.485
+  np.testing.assert_allclose(red, 110 / 255, atol=3 / 255)
+
+
+def test_eval_all_frames_adds_a_frame_axis(record_dirs):
+  config = make_config(record_dirs, eval_all_frames=True)
+  batch = next(input_lib.InputPipeline(config, "eval", process_index=0, process_count=1))
+  assert batch["image"].shape == (4, 10, 32, 32, 3)
+  np.testing.assert_array_equal(batch["frame_index"], -1)
+  red = batch["image"][0, :, 0, 0, 0] * 0.229 + 0.485
+  np.testing.assert_allclose(red, (20 * np.arange(10) + 10) / 255, atol=3 / 255)
+
+
+def test_train_is_deterministic_for_a_seed_and_covers_each_epoch(record_dirs):
+  config = make_config(record_dirs)
+  first = take(input_lib.InputPipeline(config, "train", process_index=0, process_count=1,
+                                       seed=3), 5)
+  again = take(input_lib.InputPipeline(config, "train", process_index=0, process_count=1,
+                                       seed=3), 5)
+  other = take(input_lib.InputPipeline(config, "train", process_index=0, process_count=1,
+                                       seed=4), 5)
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  order = sum((clip_ids(b) for b in first), [])
+  assert order != sum((clip_ids(b) for b in other), [])
+  assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+  assert order[:10] != order[10:20]  # each epoch is shuffled anew
+  frames = np.concatenate([b["frame_index"] for b in first])
+  assert frames.min() >= 0 and frames.max() < 10 and len(set(frames.tolist())) > 3
+  # The image is the chosen frame (red = 20 * frame + 10).
+  red = np.concatenate([b["image"][:, 0, 0, 0] for b in first]) * 0.229 + 0.485
+  np.testing.assert_allclose(red, (20 * frames + 10) / 255, atol=3 / 255)
+  assert all(b["valid"].all() for b in first)
+
+
+def test_resume_from_state_gives_the_same_remaining_batches(record_dirs):
+  for overrides in ({"noise": True}, {"balanced_sampling": True}):
+    config = make_config(record_dirs, **overrides)
+    straight = input_lib.InputPipeline(config, "train", process_index=0, process_count=1,
+                                       seed=7)
+    take(straight, 3)  # crosses the first epoch boundary (10 clips, batches of 4)
+    state = json.loads(json.dumps(straight.get_state()))
+    expected = take(straight, 3)
+    resumed = input_lib.InputPipeline(config, "train", process_index=0, process_count=1, seed=7)
+    resumed.set_state(state)
+    for want, got in zip(expected, take(resumed, 3)):
+      for key in want:
+        np.testing.assert_array_equal(want[key], got[key], err_msg=f"{overrides} {key}")
+  with pytest.raises(ValueError, match="seed"):
+    resumed.set_state({**state, "seed": 8})
+  with pytest.raises(ValueError, match="process 1"):
+    resumed.set_state({**state, "process_index": 1})
+
+
+def test_train_hosts_read_disjoint_clips_and_share_resume_state(record_dirs):
+  config = make_config(record_dirs)
+  pipelines = [input_lib.InputPipeline(config, "train", process_index=p, process_count=2,
+                                       seed=1) for p in range(2)]
+  batches = [take(p, 4) for p in pipelines]  # host batch 2, 5 clips per host and epoch
+  ids = [set(sum((clip_ids(b) for b in host), [])) for host in batches]
+  assert ids[0].isdisjoint(ids[1]) and ids[0] | ids[1] == set(range(10))
+  # Without balanced sampling the state is a batch count: process 0's restores process 1.
+  resumed = input_lib.InputPipeline(config, "train", process_index=1, process_count=2, seed=1)
+  state = pipelines[0].get_state()
+  resumed.set_state({**state, "batches": 2})
+  for want, got in zip(batches[1][2:], take(resumed, 2)):
+    np.testing.assert_array_equal(want["audio"], got["audio"])
+    np.testing.assert_array_equal(want["image"], got["image"])
+
+
+def test_balanced_sampling_oversamples_the_rare_class(record_dirs):
+  config = make_config(record_dirs, train_dir=record_dirs["rare"], balanced_sampling=True)
+  ids = sum((clip_ids(b) for b in take(
+      input_lib.InputPipeline(config, "train", process_index=0, process_count=1), 10)), [])
+  # Weights: 1000 / 19.01 for class 0 (19 clips), 1000 / 1.01 for the class-1 clip: that clip
+  # is drawn about half the time, against 1 / 20 without balancing.
+  assert 0.3 < ids.count(19) / len(ids) < 0.7
+  plain = sum((clip_ids(b) for b in take(input_lib.InputPipeline(
+      make_config(record_dirs, train_dir=record_dirs["rare"]), "train", process_index=0,
+      process_count=1), 10)), [])
+  assert plain.count(19) == 2
+
+
+def test_balanced_weights_follow_the_original():
+  weights = input_lib.class_sampling_weights([10, 0, 3])
+  np.testing.assert_allclose(weights, [1000 / 10.01, 1000 / 0.01, 1000 / 3.01])
+  assert input_lib.total_sampling_weight([10, 0, 3]) == pytest.approx(
+      10 * 1000 / 10.01 + 3 * 1000 / 3.01)
+
+
+def test_training_augmentation_with_waveform_mixup_and_smoothing(record_dirs):
+  config = make_config(record_dirs, train_dir=record_dirs["wave"], mixup=1.0,
+                       mixup_on="waveform", label_smooth=0.1, freqm=8, timem=16, noise=True,
+                       fbank_mean=None, fbank_std=None)
+  batch = next(input_lib.InputPipeline(config, "train", process_index=0, process_count=1))
+  assert batch["audio"].shape == (4, 1024, 128) and np.isfinite(batch["audio"]).all()
+  assert set(batch) == {"audio", "image", "label", "valid", "frame_index"}
+  # Every clip is mixed with another of a different class: two labels share 1 - s.
+  np.testing.assert_allclose(batch["label"].sum(axis=1), 1.0, rtol=1e-5)
+  assert ((batch["label"] > 0.1) & (batch["label"] < 0.9)).sum() == 8
+  # The fbank is recomputed from the mixed waveform: no longer the constant clip value.
+  assert batch["audio"].reshape(4, -1).std(axis=1).min() > 0.1
+
+
+def test_bad_config_fails_naming_the_field(record_dirs, tmp_path):
+  cases = [
+      (dict(train_dir=str(tmp_path / "missing")), "config.data.train_dir"),
+      (dict(train_dir=str(tmp_path)), "config.data.train_dir"),
+      (dict(batch_size=6), "config.data.batch_size"),
+      (dict(mixup_on="spectrum"), "config.data.mixup_on"),
+      (dict(mixup=1.5), "config.data.mixup"),
+      (dict(fbank_std=None), "config.data.fbank_std"),
+      (dict(eval_frame=10), "config.data.eval_frame"),
+      (dict(label_smooth=1.0), "config.data.label_smooth"),
+      (dict(shuffle_buffr=3), "shuffle_buffr"),
+      (dict(mixup=0.5, mixup_on="waveform"), "config.data.mixup_on"),  # no waveforms stored
+  ]
+  for overrides, field in cases:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+      input_lib.make_dataset(make_config(record_dirs, **overrides), "train", process_index=0,
+                             process_count=4)
+  config = make_config(record_dirs)
+  config.model.audio_length = 512
+  with pytest.raises(ValueError, match="audio_length"):
+    input_lib.InputPipeline(config, "train", process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="split"):
+    input_lib.InputPipeline(make_config(record_dirs), "test", process_index=0, process_count=1)
+
+
+def test_benchmark_input_measures_samples_per_second(record_dirs):
+  rate = input_lib.benchmark_input(make_config(record_dirs, noise=True), num_batches=3)
+  assert 0 < rate < 1e7
