@@ -1,0 +1,141 @@
+"""Bad pretraining configs fail before any tracing or compilation, naming the field."""
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from cav_mae_jax.data import records
+from cav_mae_jax.train import trainer
+from cav_mae_jax.train import validation
+
+_SPEC = importlib.util.spec_from_file_location(
+    "pretrain_config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain.py"))
+pretrain_config = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(pretrain_config)
+
+
+def _write_index(directory, fbank_shape=(1024, 128)):
+  """A records directory holding only index.json (validation reads only the index)."""
+  os.makedirs(directory, exist_ok=True)
+  index = records.RecordIndex(
+      shards=(records.ShardInfo(file="records-00000-of-00001.tfrecord", num_examples=4),),
+      num_examples=4, num_classes=1, label_counts=(4,), fbank_mean=-5.0, fbank_std=4.0,
+      fbank_stats_count=10, store_waveform=False, fbank_shape=tuple(fbank_shape))
+  records.write_index(os.path.join(directory, "index.json"), index)
+  return directory
+
+
+@pytest.fixture(name="config")
+def fixture_config(tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.data.train_dir = _write_index(str(tmp_path / "train"))
+  config.data.eval_dir = _write_index(str(tmp_path / "eval"))
+  return config
+
+
+def test_valid_config_passes(config):
+  model = validation.validate_config(config, num_devices=8)
+  assert model.embed_dim == config.model.embed_dim
+
+
+def _set(config, path, value):
+  node = config
+  *parents, leaf = path.split(".")
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+BAD_CASES = [
+    # (field to set, bad value, field named in the error, extra kwargs to validate_config)
+    ("data.batch_size", 12, "config.data.batch_size", {}),             # not divisible by 8
+    ("mesh.data", 3, "config.mesh", {}),                               # 3 x 1 != 8 devices
+    ("mesh.fsdp", 3, "config.mesh", {}),                               # -1 x 3 cannot cover 8
+    ("model.mask_ratio_a", 1.0, "config.model.mask_ratio_a", {}),
+    ("model.mask_ratio_v", 1.5, "config.model.mask_ratio_v", {}),
+    ("model.mask_mode_a", "diagonal", "config.model.mask_mode_a", {}),
+    ("model.audio_length", 1000, "config.model.audio_length", {}),    # not a multiple of 16
+    ("data.train_dir", "/nonexistent/records", "config.data.train_dir", {}),
+    ("data.eval_dir", "/nonexistent/eval", "config.data.eval_dir", {}),
+    ("optim.learning_rate", -1e-4, "config.optim.learning_rate", {}),
+    ("model.contrast_group_size", 3, "config.model.contrast_group_size", {}),  # 16 % 3
+    ("eval.batch_size", 20, "config.eval.batch_size", {}),
+    ("schedule.kind", "linear", "config.schedule.kind", {}),
+    ("total_steps", 0, "config.total_steps", {}),
+    ("data.batch_size", 8, "config.data.batch_size", {"num_processes": 16, "num_devices": 8}),
+]
+
+
+@pytest.mark.parametrize("path,value,field,kwargs", BAD_CASES,
+                         ids=[f"{c[0]}={c[1]}" for c in BAD_CASES])
+def test_bad_config_names_the_field(config, path, value, field, kwargs):
+  _set(config, path, value)
+  kwargs = {"num_devices": 8, **kwargs}
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    validation.validate_config(config, **kwargs)
+
+
+def test_records_fbank_shape_must_match_model(config, tmp_path):
+  config.data.train_dir = _write_index(str(tmp_path / "short"), fbank_shape=(512, 128))
+  with pytest.raises(ValueError, match=r"config\.model\.audio_length.*512-frame"):
+    validation.validate_config(config, num_devices=8)
+  config.data.train_dir = _write_index(str(tmp_path / "narrow"), fbank_shape=(1024, 64))
+  with pytest.raises(ValueError, match=r"config\.model\.num_mel_bins.*64 mel bins"):
+    validation.validate_config(config, num_devices=8)
+
+
+def test_unknown_config_name_and_option():
+  with pytest.raises(ValueError, match="config name 'huge'"):
+    pretrain_config.get_config("huge")
+  with pytest.raises(ValueError, match="config option 'maskratio'"):
+    pretrain_config.get_config("base,maskratio=0.5")
+  with pytest.raises(ValueError, match="config option 'bidirectional'"):
+    pretrain_config.get_config("base,bidirectional")
+
+
+def test_trainer_fails_before_compiling(config, monkeypatch):
+  # The trainer validates first: a bad field raises before any jit function is built.
+  def no_jit(*args, **kwargs):
+    raise AssertionError("jax.jit called before validation failed")
+  monkeypatch.setattr(jax, "jit", no_jit)
+  config.model.mask_mode_a = "diagonal"
+  with pytest.raises(ValueError, match=r"config\.model\.mask_mode_a"):
+    trainer.train_and_evaluate(config, "/nonexistent/workdir")
+
+
+@pytest.mark.parametrize("arg,expected", [
+    ("base", dict(embed_dim=768, contrast_group_size=12, dtype="bfloat16")),
+    ("scale++", dict(contrast_group_size=64)),
+    ("base,mask_ratio=0.85,mask_mode=time", dict(mask_ratio_a=0.85, mask_ratio_v=0.85,
+                                                 mask_mode_a="time")),
+    ("base,lambda_c=0.1,symmetric", dict(lambda_c=0.1, contrast_bidirectional=True)),
+    ("base,vanilla_avmae", dict(modality_specific_depth=0, lambda_c=0.0)),
+    ("base,avmae", dict(modality_specific_depth=11, lambda_c=0.0)),
+    ("base,cav", dict(lambda_mae=0.0, lambda_c=0.01)),
+    ("vgg", dict(embed_dim=768)),
+])
+def test_recipes_and_ablations(arg, expected):
+  config = pretrain_config.get_config(arg)
+  for key, value in expected.items():
+    assert config.model[key] == value, key
+  recipe = arg.split(",")[0]
+  lr, batch = {"base": (5e-5, 48), "scale++": (2e-4, 256), "vgg": (1e-4, 120)}[recipe]
+  assert (config.optim.learning_rate, config.data.batch_size) == (lr, batch)
+  assert config.total_epochs == 25 and config.total_steps is None
+  validation.validate_config(config, num_devices=4, check_data=False)
+  with pytest.raises(AttributeError):  # locked: a typo cannot add a dead key
+    config.optim.learnin_rate = 1.0
+
+
+def test_scale_plus_recipe():
+  config = pretrain_config.get_config("scale+,cosine")
+  assert (config.optim.learning_rate, config.data.batch_size) == (1e-4, 120)
+  assert config.schedule.kind == "warmup_cosine"
+
+
+def test_resolve_total_steps(config):
+  assert trainer.resolve_total_steps(config, 100) == (6, 300)  # tiny: total_steps=300, batch 16
+  config = pretrain_config.get_config("base")
+  assert trainer.resolve_total_steps(config, 4800) == (100, 2500)
