@@ -1,0 +1,286 @@
+"""TFDS builder `cav_mae_clips`: raw videos -> clip examples, locally or on Apache Beam.
+
+Every clip goes through `prepare.try_clip_example`, the function `tools/preprocess.py` uses,
+so both write the same examples (same keys as `records.py`; TFDS stores them in its own
+format). Configs:
+
+  datafile      the original's JSON datafiles: MANUAL_DIR/{train,validation,test}.json
+                (whichever exist) and MANUAL_DIR/class_labels_indices.csv.
+  audioset_csv  AudioSet segment CSVs: MANUAL_DIR/{train,validation,test}.csv with rows
+                `YTID, start_seconds, end_seconds, "positive_labels"` ('#' lines skipped),
+                MANUAL_DIR/class_labels_indices.csv, videos MANUAL_DIR/videos/{ytid}_{start:.3f}.mp4
+                (the name of the original's sample video `00W1lcxW-WU_40.000.mp4`).
+  vggsound_csv  MANUAL_DIR/vggsound.csv with rows `ytid,start_seconds,label,split` (label is a
+                class display name), MANUAL_DIR/class_labels_indices.csv,
+                videos MANUAL_DIR/videos/{ytid}_{start:06d}.mp4 (VGGSound's file names).
+  synthetic     `synthetic.generate_dataset` clips made in the download directory.
+
+Under Beam (`tfds build --imports cav_mae_jax.data.tfds_builder cav_mae_clips/datafile
+--manual_dir DIR --beam_pipeline_options="runner=DataflowRunner,..."`, or a `DownloadConfig`
+with `beam_runner`/`beam_options`), `_generate_examples` returns a Beam transform; without,
+a Python generator. Clips that cannot be made into examples are never replaced by zeros:
+they are written to `quarantine-{split}-*.jsonl` in the dataset directory (path, video_id,
+reason, message) and counted in Beam counters `quarantined_{reason}`; with `strict=True` the
+build fails at the first one, naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cav_mae_jax.data import prepare
+from cav_mae_jax.data import records
+
+SOURCES = ("datafile", "audioset_csv", "vggsound_csv", "synthetic")
+SPLITS = ("train", "validation", "test")
+LABELS_CSV = "class_labels_indices.csv"
+
+
+@dataclasses.dataclass(eq=False)
+class ClipsConfig(tfds.core.BuilderConfig):
+  """Where the clips come from and what the examples carry."""
+
+  source: str = "datafile"
+  store_waveform: bool = False
+  strict: bool = False
+  video_name_format: str = ""
+  synthetic_clips_per_split: tuple[tuple[str, int], ...] = (("train", 64), ("test", 16))
+  synthetic_num_classes: int = 8
+  synthetic_duration_s: float = 10.0
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"ClipsConfig.source must be one of {SOURCES}, got {self.source!r}")
+
+
+def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list[prepare.ClipEntry]:
+  """Reads an AudioSet segments CSV (YTID, start_seconds, end_seconds, positive_labels)."""
+  entries = []
+  with open(path, newline="") as f:
+    rows = csv.reader((line for line in f if not line.startswith("#")), skipinitialspace=True)
+    for line_number, row in enumerate(rows, 1):
+      if not row:
+        continue
+      if len(row) != 4:
+        raise ValueError(f"{path}: data row {line_number} has {len(row)} fields, expected 4 "
+                         "(YTID, start_seconds, end_seconds, positive_labels)")
+      ytid, start, end, labels = row
+      name = video_name_format.format(ytid=ytid, start=float(start), end=float(end))
+      entries.append(prepare.ClipEntry(ytid, os.path.join(video_dir, name),
+                                       tuple(x.strip() for x in labels.split(",") if x.strip())))
+  return entries
+
+
+def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
+                      split: str) -> list[prepare.ClipEntry]:
+  """Reads the rows of one split of vggsound.csv (ytid, start_seconds, label, split)."""
+  entries = []
+  with open(path, newline="") as f:
+    for line_number, row in enumerate(csv.reader(f), 1):
+      if not row:
+        continue
+      if len(row) != 4:
+        raise ValueError(f"{path}: line {line_number} has {len(row)} fields, expected 4 "
+                         "(ytid, start_seconds, label, split)")
+      ytid, start, label, row_split = (x.strip() for x in row)
+      if row_split != split:
+        continue
+      name = video_name_format.format(ytid=ytid, start=int(start))
+      entries.append(prepare.ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
+                                       (label,)))
+  return entries
+
+
+def vggsound_splits(path: str) -> list[str]:
+  """The split names used in vggsound.csv, in order of appearance."""
+  with open(path, newline="") as f:
+    names = [row[3].strip() for row in csv.reader(f) if len(row) == 4]
+  return list(dict.fromkeys(names))
+
+
+def tfds_example(values: records.ExampleValues) -> dict[str, Any]:
+  """Record values -> the TFDS features' input form (same keys)."""
+  example = dict(values)
+  example[records.LABEL_IDS] = np.asarray(values[records.LABEL_IDS], dtype=object)
+  example[records.FRAMES] = np.asarray(values[records.FRAMES], dtype=object)
+  return example
+
+
+def _features(store_waveform: bool) -> tfds.features.FeaturesDict:
+  features = {
+      records.VIDEO_ID: tfds.features.Text(),
+      records.LABELS: tfds.features.Tensor(shape=(None,), dtype=np.int64),
+      records.LABEL_IDS: tfds.features.Tensor(shape=(None,), dtype=tf.string),
+      records.FBANK: tfds.features.Tensor(
+          shape=(records.TARGET_FBANK_FRAMES, records.NUM_MEL_BINS), dtype=np.float16),
+      records.FBANK_NUM_FRAMES: tfds.features.Scalar(dtype=np.int64),
+      records.FRAMES: tfds.features.Tensor(shape=(records.NUM_VIDEO_FRAMES,), dtype=tf.string),
+      records.FRAME_INDICES: tfds.features.Tensor(shape=(records.NUM_VIDEO_FRAMES,),
+                                                  dtype=np.int64),
+      records.DURATION_S: tfds.features.Scalar(dtype=np.float32),
+      records.SOURCE_SAMPLE_RATE: tfds.features.Scalar(dtype=np.int64),
+      records.FPS: tfds.features.Scalar(dtype=np.float32),
+      records.FRAME_COUNT: tfds.features.Scalar(dtype=np.int64),
+  }
+  if store_waveform:
+    features[records.WAVEFORM] = tfds.features.Tensor(shape=(None,), dtype=np.int16)
+  return tfds.features.FeaturesDict(features)
+
+
+def _example_or_quarantine(entry: prepare.ClipEntry, labels: prepare.ClassLabels,
+                           store_waveform: bool, strict: bool
+                           ) -> tuple[str, dict[str, Any]] | prepare.Quarantined:
+  """The (key, example) of a clip, or its quarantine record (raises with `strict`)."""
+  result = prepare.try_clip_example(entry, labels, store_waveform)
+  if isinstance(result, prepare.Quarantined):
+    if strict:
+      raise prepare.StrictModeError(result)
+    return result
+  return entry.video_id, tfds_example(result)
+
+
+def _beam_clip_examples(entries: Sequence[prepare.ClipEntry], labels: prepare.ClassLabels,
+                        store_waveform: bool, strict: bool, quarantine_prefix: str):
+  """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files."""
+  beam = tfds.core.lazy_imports.apache_beam
+
+  def process(entry):
+    result = _example_or_quarantine(entry, labels, store_waveform, strict)
+    if isinstance(result, prepare.Quarantined):
+      beam.metrics.Metrics.counter("cav_mae_clips", f"quarantined_{result.reason}").inc()
+      yield beam.pvalue.TaggedOutput("quarantine", json.dumps(result.to_json()))
+    else:
+      beam.metrics.Metrics.counter("cav_mae_clips", "written").inc()
+      yield result
+
+  @beam.ptransform_fn
+  def transform(root):
+    outputs = (root
+               | "Entries" >> beam.Create(list(entries))
+               | "Spread" >> beam.Reshuffle()
+               | "Decode" >> beam.FlatMap(process).with_outputs("quarantine", main="examples"))
+    _ = outputs.quarantine | "Quarantine" >> beam.io.WriteToText(quarantine_prefix,
+                                                                  file_name_suffix=".jsonl")
+    return outputs.examples
+
+  return transform()  # pylint: disable=no-value-for-parameter
+
+
+def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
+  """The quarantined clips of one split of a built dataset."""
+  lines = []
+  for path in sorted(tf.io.gfile.glob(os.path.join(data_dir, f"quarantine-{split}-*.jsonl"))):
+    with tf.io.gfile.GFile(path) as f:
+      lines.extend(json.loads(line) for line in f if line.strip())
+  return lines
+
+
+class CavMaeClips(tfds.core.GeneratorBasedBuilder):
+  """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: records format version 1."}
+  BUILDER_CONFIGS = [
+      ClipsConfig(name="datafile", source="datafile",
+                  description="The original's JSON datafiles in the manual dir."),
+      ClipsConfig(name="audioset_csv", source="audioset_csv",
+                  video_name_format="{ytid}_{start:.3f}.mp4",
+                  description="AudioSet segment CSVs + a folder of videos."),
+      ClipsConfig(name="vggsound_csv", source="vggsound_csv",
+                  video_name_format="{ytid}_{start:06d}.mp4",
+                  description="vggsound.csv + a folder of videos."),
+      ClipsConfig(name="synthetic", source="synthetic",
+                  description="The synthetic audio-visual set (generated, no manual dir)."),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=_features(self.builder_config.store_waveform),
+        supervised_keys=None,
+        homepage="https://github.com/YuanGongND/cav-mae",
+    )
+
+  beam_counters: dict[str, int] | None = None  # Set after a Beam build.
+
+  def _download_and_prepare(self, dl_manager, download_config) -> None:
+    self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
+    super()._download_and_prepare(dl_manager, download_config)
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """Keeps and logs the Beam counters (written, quarantined_{reason}) of the build."""
+    counters = pipeline_result.metrics().query()["counters"]
+    self.beam_counters = {c.key.metric.name: c.committed if c.committed is not None else c.attempted
+                          for c in counters
+                          if c.key.metric.namespace == "cav_mae_clips"}
+    logging.info("cav_mae_clips Beam counters: %s", self.beam_counters)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
+    if config.source == "synthetic":
+      from cav_mae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+      split_entries = {}
+      for split, num_clips in config.synthetic_clips_per_split:
+        made = synthetic.generate_dataset(
+            os.path.join(dl_manager.download_dir, "synthetic"), num_clips,
+            num_classes=config.synthetic_num_classes, duration_s=config.synthetic_duration_s,
+            split_name=split)
+        split_entries[split] = prepare.read_datafile(made["datafile"])
+      labels_csv = made["labels_csv"]
+    else:
+      manual_dir = os.fspath(dl_manager.manual_dir)
+      labels_csv = os.path.join(manual_dir, LABELS_CSV)
+      video_dir = os.path.join(manual_dir, "videos")
+      if config.source == "datafile":
+        split_entries = {s: prepare.read_datafile(os.path.join(manual_dir, f"{s}.json"))
+                         for s in SPLITS if os.path.exists(os.path.join(manual_dir, f"{s}.json"))}
+      elif config.source == "audioset_csv":
+        split_entries = {s: read_audioset_csv(os.path.join(manual_dir, f"{s}.csv"), video_dir,
+                                              config.video_name_format)
+                         for s in SPLITS if os.path.exists(os.path.join(manual_dir, f"{s}.csv"))}
+      else:
+        csv_path = os.path.join(manual_dir, "vggsound.csv")
+        split_entries = {s: read_vggsound_csv(csv_path, video_dir, config.video_name_format, s)
+                         for s in vggsound_splits(csv_path)}
+      if not split_entries:
+        raise ValueError(f"{manual_dir}: no split files found for config {config.name!r}; "
+                         f"see MANUAL_DOWNLOAD_INSTRUCTIONS")
+    labels = prepare.read_class_labels(labels_csv)
+    return {split: self._generate_examples(entries, labels, split)
+            for split, entries in split_entries.items()}
+
+  def _generate_examples(self, entries: Sequence[prepare.ClipEntry],
+                         labels: prepare.ClassLabels, split: str):
+    config = self.builder_config
+    quarantine_prefix = os.path.join(self.data_dir, f"quarantine-{split}")
+    if getattr(self, "_use_beam", False):
+      return _beam_clip_examples(entries, labels, config.store_waveform, config.strict,
+                                 quarantine_prefix)
+    return self._local_examples(entries, labels, quarantine_prefix)
+
+  def _local_examples(self, entries: Sequence[prepare.ClipEntry], labels: prepare.ClassLabels,
+                      quarantine_prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    config = self.builder_config
+    with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
+      for entry in entries:
+        result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict)
+        if isinstance(result, prepare.Quarantined):
+          quarantine.write(json.dumps(result.to_json()) + "\n")
+        else:
+          yield result
+
+
+def builder(config: str | ClipsConfig, data_dir: str | None = None) -> CavMaeClips:
+  """The builder for a config name or a custom `ClipsConfig`."""
+  return CavMaeClips(config=config, data_dir=data_dir)

@@ -1,0 +1,122 @@
+"""Tests for the cav_mae_clips TFDS builder: one Beam DirectRunner build equals the tool's output."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cav_mae_jax.data import prepare
+from cav_mae_jax.data import records
+from cav_mae_jax.data import tfds_builder
+from test_prepare import LABELS_CSV, write_clip, write_datafile
+
+
+@pytest.fixture(scope="module")
+def manual_dir(tmp_path_factory) -> str:
+  """A manual dir for the `datafile` config: train.json (good and bad clips) + labels."""
+  root = tmp_path_factory.mktemp("manual")
+  good_a = write_clip(str(root / "good_a.mp4"), seconds=3, seed=1)
+  good_b = write_clip(str(root / "good_b.mp4"), seconds=1, seed=2)
+  empty = str(root / "empty.mp4")
+  open(empty, "wb").close()
+  write_datafile(str(root / "train.json"), [
+      ("a", "good_a.mp4", "/m/a"),  # relative to the datafile's folder
+      ("b", good_b, "/m/b,/m/c"),
+      ("empty", empty, "/m/a"),
+      ("unknown", good_a, "/m/unknown"),
+      ("c", good_a, "/m/c")])
+  (root / tfds_builder.LABELS_CSV).write_text(LABELS_CSV)
+  return str(root)
+
+
+def _assert_same_examples(got: dict[str, dict], want: dict[str, dict]) -> None:
+  assert sorted(got) == sorted(want)
+  for video_id, example in want.items():
+    assert got[video_id].keys() == example.keys(), video_id
+    for key, value in example.items():
+      if isinstance(value, np.ndarray):
+        np.testing.assert_array_equal(got[video_id][key], value, err_msg=f"{video_id} {key}")
+        assert got[video_id][key].dtype == value.dtype, (video_id, key)
+      else:
+        assert got[video_id][key] == value, (video_id, key)
+
+
+def test_beam_build_equals_preprocess_tool(manual_dir, tmp_path):
+  beam = pytest.importorskip("apache_beam", reason="the Beam build needs apache-beam")
+  config = tfds_builder.ClipsConfig(name="datafile_waveform", source="datafile",
+                                    store_waveform=True)
+  builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, beam_runner=beam.runners.DirectRunner()))
+  assert builder.beam_counters == {"written": 3, "quarantined_empty_file": 1,
+                                   "quarantined_unknown_label": 1}
+  from_tfds = {}
+  for example in tfds.as_numpy(builder.as_dataset(split="train")):
+    values = records.parsed_to_values(example)
+    from_tfds[values["video_id"]] = values
+
+  out = str(tmp_path / "records")
+  prepare.prepare_records(os.path.join(manual_dir, "train.json"),
+                          os.path.join(manual_dir, tfds_builder.LABELS_CSV), out,
+                          num_workers=0, examples_per_shard=2, store_waveform=True,
+                          progress=False)
+  from_tool = {e["video_id"]: e for e in prepare.iter_shard_examples(out)}
+  assert sorted(from_tool) == ["a", "b", "c"]
+  assert from_tool["b"]["labels"].tolist() == [1, 2]
+  _assert_same_examples(from_tfds, from_tool)
+
+  with open(os.path.join(out, prepare.QUARANTINE)) as f:
+    tool_quarantine = {(q["video_id"], q["reason"]) for q in map(json.loads, f)}
+  tfds_quarantine = {(q["video_id"], q["reason"])
+                     for q in tfds_builder.read_quarantine(builder.data_dir, "train")}
+  assert tfds_quarantine == tool_quarantine == {("empty", "empty_file"),
+                                                ("unknown", "unknown_label")}
+
+
+def test_strict_local_build_names_bad_clip(manual_dir, tmp_path):
+  config = tfds_builder.ClipsConfig(name="datafile_strict", source="datafile", strict=True)
+  builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(prepare.StrictModeError, match="empty.mp4: empty_file"):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def test_synthetic_config_local_build(tmp_path):
+  config = tfds_builder.ClipsConfig(name="synthetic_tiny", source="synthetic",
+                                    synthetic_clips_per_split=(("train", 2),),
+                                    synthetic_num_classes=2, synthetic_duration_s=1.0)
+  builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare()
+  examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
+  assert sorted(e["labels"].tolist() for e in examples) == [[0], [1]]
+  assert all(e["fbank"].shape == (1024, 128) and e["frames"].shape == (10,) for e in examples)
+  assert builder.beam_counters is None  # no Beam without a runner or options
+
+
+def test_audioset_and_vggsound_csv_readers(tmp_path):
+  audioset = tmp_path / "train.csv"
+  audioset.write_text("# Segments csv created Sun Mar  5 10:54:31 2017\n"
+                      "# YTID, start_seconds, end_seconds, positive_labels\n"
+                      '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"\n'
+                      '00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\n')
+  entries = tfds_builder.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
+  assert entries == [
+      prepare.ClipEntry("--PJHxphWEs", "/videos/--PJHxphWEs_30.000.mp4", ("/m/09x0r", "/t/dd00088")),
+      prepare.ClipEntry("00W1lcxW-WU", "/videos/00W1lcxW-WU_40.000.mp4", ("/m/04rlf",))]
+  vgg = tmp_path / "vggsound.csv"
+  vgg.write_text("---g-f_I2yQ,1,people marching,test\nKlsG1EnBEjc,361,dog barking,train\n")
+  assert tfds_builder.vggsound_splits(str(vgg)) == ["test", "train"]
+  assert tfds_builder.read_vggsound_csv(str(vgg), "/v", "{ytid}_{start:06d}.mp4", "train") == [
+      prepare.ClipEntry("KlsG1EnBEjc_000361", "/v/KlsG1EnBEjc_000361.mp4", ("dog barking",))]
+  bad = tmp_path / "bad.csv"
+  bad.write_text("a,1,2\n")
+  with pytest.raises(ValueError, match="bad.csv: line 1 has 3 fields"):
+    tfds_builder.read_vggsound_csv(str(bad), "/v", "{ytid}.mp4", "train")
+
+
+def test_unknown_source_is_rejected():
+  with pytest.raises(ValueError, match="source"):
+    tfds_builder.ClipsConfig(name="x", source="youtube")
