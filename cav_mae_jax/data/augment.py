@@ -80,11 +80,16 @@ def parse_op(spec: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
 
 
 def get_op(spec: str) -> PreprocessOp:
-  """Builds one op from its spec string."""
+  """Builds one op from its spec string; the op returns a new dict, leaving its input as is."""
   name, args, kwargs = parse_op(spec)
   if name not in _REGISTRY:
     raise ValueError(f"unknown preprocessing op {name!r}; known ops: {registered_ops()}")
-  return _REGISTRY[name](*args, **kwargs)
+  op = _REGISTRY[name](*args, **kwargs)
+
+  def apply(data: Data) -> Data:
+    return op(dict(data))
+
+  return apply
 
 
 def get_preprocess_fn(spec: str | Sequence[str]) -> PreprocessOp:
@@ -93,7 +98,6 @@ def get_preprocess_fn(spec: str | Sequence[str]) -> PreprocessOp:
   ops = [get_op(s) for s in specs if s.strip()]
 
   def preprocess(data: Data) -> Data:
-    data = dict(data)
     for op in ops:
       data = op(data)
     return data
