@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import fractions
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import av
 import numpy as np
@@ -196,20 +195,27 @@ def test_corpus_index_stats(corpus_run):
   assert index.fbank_std == pytest.approx(valid.std(), abs=1e-6)
 
 
-def test_strict_cli_names_first_bad_file(media, tmp_path):
+def _preprocess_tool():
+  spec = importlib.util.spec_from_file_location(
+      "preprocess_tool", os.path.join(REPO, "tools", "preprocess.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_strict_cli_names_first_bad_file(media, tmp_path, capsys):
   datafile = write_datafile(str(tmp_path / "data.json"), [
       ("good_a", media["good_a"], "/m/a"),
       ("zero_byte", media["zero_byte"], "/m/a"),
       ("text", media["text"], "/m/a")])
   out = str(tmp_path / "out")
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tools", "preprocess.py"), "--datafile", datafile,
-       "--labels", media["labels_csv"], "--out", out, "--workers", "0",
-       "--examples-per-shard", "1", "--strict", "--no-progress"],
-      capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
-  assert media["zero_byte"] in result.stderr and "empty_file" in result.stderr
-  assert media["text"] not in result.stderr
+  exit_code = _preprocess_tool().main([
+      "--datafile", datafile, "--labels", media["labels_csv"], "--out", out, "--workers", "0",
+      "--examples-per-shard", "1", "--strict", "--no-progress"])
+  stderr = capsys.readouterr().err
+  assert exit_code == 1
+  assert media["zero_byte"] in stderr and "empty_file" in stderr
+  assert media["text"] not in stderr
   assert os.path.exists(os.path.join(out, prepare.shard_file_name(0, 3)))  # kept
   assert not os.path.exists(os.path.join(out, prepare.shard_file_name(1, 3)))
   assert not any(".tmp-" in name for name in os.listdir(out))

@@ -363,6 +363,10 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
       conn.send(("done", sidecar))
 
 
+_WORKER_PRELOAD = ["cav_mae_jax.data.prepare", "cav_mae_jax.data.decode",
+                   "cav_mae_jax.data.fbank", "tensorflow"]
+
+
 @dataclasses.dataclass
 class _Worker:
   process: multiprocessing.process.BaseProcess
@@ -376,7 +380,11 @@ class _WorkerPool:
   """Long-lived worker processes, one shard each at a time; replaces workers that die."""
 
   def __init__(self, num_workers: int, worker_args: tuple[Any, ...]):
-    self._context = multiprocessing.get_context("spawn")
+    # A fork server imports the heavy modules (TensorFlow, PyAV) once; each worker, and each
+    # replacement of a dead one, is then a cheap fork of it. Workers never fork from a parent
+    # that may have run TensorFlow ops.
+    self._context = multiprocessing.get_context("forkserver")
+    self._context.set_forkserver_preload(_WORKER_PRELOAD)
     self._worker_args = worker_args
     self.workers = [self._start() for _ in range(num_workers)]
 
