@@ -274,3 +274,25 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
     (line,) = [json.loads(x) for x in f]
   assert line["video_id"] == "crash" and "exit code 7" in line["message"]
+
+
+def test_inspect_records_tool(corpus_run, tmp_path, capsys):
+  out, _, examples = corpus_run
+  spec = importlib.util.spec_from_file_location(
+      "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  report = tool.inspect(out, str(tmp_path / "png"), num_images=2)
+  assert report["num_examples"] == len(WRITTEN)
+  assert report["shapes"]["fbank"] == ("float32", (1024, 128))
+  assert report["shapes"]["frames"] == ("string", (10,))
+  assert report["label_counts"] == [len(WRITTEN), 1, 0]
+  assert len(report["pngs"]) == 4
+  from PIL import Image
+  first = next(p for p in report["pngs"] if "fbank_" in p)
+  video_id = os.path.basename(first)[len("fbank_"):-len(".png")]
+  assert Image.open(first).size == (examples[video_id]["fbank_num_frames"], 128)
+  assert Image.open(first).mode == "L"
+  assert Image.open(next(p for p in report["pngs"] if "frames_" in p)).size == (5 * 224, 2 * 224)
+  assert tool.main(["--records", out, "--png-dir", str(tmp_path / "png2")]) == 0
+  assert f"{len(WRITTEN)} examples in 4 shards" in capsys.readouterr().out
