@@ -7,7 +7,8 @@ Audio longer than `max_seconds` is cut; shorter audio is returned as it is (padd
 in fbank space). An all-zero (silent) track is valid audio.
 
 Frames (as the original's `extract_video_frame.py`): with `fps` and `frame_count` as OpenCV
-reports them (the guessed frame rate; the container's frame count, else duration * fps),
+reports them (the stream's average frame rate; the container's frame count, else
+round(duration * fps)),
 `total = min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The
 original seeks OpenCV to that index minus one, so the frame it really stores, and the one
 we return, is the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in
@@ -85,7 +86,7 @@ class DecodedClip:
   frame_indices: np.ndarray  # int32 [num_frames], 0-based decoded frame numbers.
   duration_s: float  # Container duration in seconds.
   source_sample_rate: int  # Sample rate of the audio stream before resampling.
-  fps: float  # Frame rate as OpenCV reports it (guessed rate, else average).
+  fps: float  # Frame rate as OpenCV reports it (the stream's average frame rate).
   frame_count: int  # Frame count as OpenCV reports it (container count, else estimate).
 
 
@@ -219,7 +220,8 @@ class _FrameSink:
     self.path = path
     self.stream = stream
     self.image_size = image_size
-    rate = stream.guessed_rate or stream.average_rate or (
+    # OpenCV's order (cap_ffmpeg_impl get_fps): average rate, then the codec time base.
+    rate = stream.average_rate or stream.guessed_rate or (
         1 / stream.time_base if stream.time_base else None)
     self.fps = float(rate) if rate else 0.0
     frame_count = int(stream.frames or 0)
