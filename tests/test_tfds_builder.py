@@ -49,8 +49,10 @@ def test_beam_build_equals_preprocess_tool(manual_dir, tmp_path):
   config = tfds_builder.ClipsConfig(name="datafile_waveform", source="datafile",
                                     store_waveform=True)
   builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
+  # What `tfds build --beam_pipeline_options=runner=DirectRunner` passes to the builder.
+  options = beam.options.pipeline_options.PipelineOptions(flags=["--runner=DirectRunner"])
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, beam_runner=beam.runners.DirectRunner()))
+      manual_dir=manual_dir, beam_options=options))
   assert builder.beam_counters == {"written": 3, "quarantined_empty_file": 1,
                                    "quarantined_unknown_label": 1}
   from_tfds = {}

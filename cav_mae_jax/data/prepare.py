@@ -595,13 +595,15 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
   index.json once every shard is finished (merge mode for split runs)."""
   num_shards, sidecars, manifest = _sidecars(out_dir)
   by_reason: dict[str, int] = {}
-  with open(os.path.join(out_dir, QUARANTINE) + ".tmp", "w") as f:
+  quarantine_path = os.path.join(out_dir, QUARANTINE)
+  tmp = f"{quarantine_path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  with open(tmp, "w") as f:
     for sidecar in sidecars:
       for item in sidecar["quarantined"]:
         by_reason[item["reason"]] = by_reason.get(item["reason"], 0) + 1
         line = {k: item[k] for k in ("path", "video_id", "reason", "message")}
         f.write(json.dumps({**line, "shard": sidecar["file"]}) + "\n")
-  os.replace(os.path.join(out_dir, QUARANTINE) + ".tmp", os.path.join(out_dir, QUARANTINE))
+  os.replace(tmp, quarantine_path)
   stats = [records.ShardStats.from_json(s["stats"]) for s in sidecars]
   complete = len(sidecars) == num_shards
   index_written = False
