@@ -35,6 +35,9 @@ def cavmae_to_params(
 ) -> tuple[dict[str, Any], report_lib.ConversionReport]:
   """Converts a CAV-MAE pretraining or fine-tuning state dict onto the target's init_params.
 
+  init_params: the target model's params; shapes (jax.eval_shape) suffice where no leaf keeps
+  its init value (no new head, no parameter absent from the original).
+
   new_head: the classification head keeps its init values (any head in the source is dropped).
   audio_pos_resize: 'trim' or 'interpolate' when the source's audio length differs.
   A decoder in the source is dropped when the target has none (fine-tuning model).
@@ -84,6 +87,10 @@ def cavmae_to_params(
   report_lib.check_no_unexpected(report, allow_unexpected)
   report.kept_init.update({"/".join(p): why for p, why in kept_at_init.items()})
   matched_flat = sd.flatten_params(matched)
+  for path in kept_at_init:
+    if not hasattr(target[path], "__array__"):
+      raise ValueError(f"{'/'.join(path)} keeps its init value, so init_params must hold arrays "
+                       "there, not shapes")
   params = sd.unflatten_params(
       {p: matched_flat[p] if p in matched_flat else np.asarray(leaf) for p, leaf in target.items()})
   return params, report
