@@ -274,6 +274,7 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
     (line,) = [json.loads(x) for x in f]
   assert line["video_id"] == "crash" and "exit code 7" in line["message"]
+  assert not any(".tmp-" in name for name in os.listdir(out))  # The dead worker's temp file.
 
 
 def test_inspect_records_tool(corpus_run, tmp_path, capsys):
