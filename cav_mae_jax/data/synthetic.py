@@ -54,15 +54,18 @@ def write_mp4(path: str | os.PathLike,
               *,
               audio_layout: str | None = None,
               frame_times_s: np.ndarray | None = None,
-              crf: int = 23) -> None:
+              crf: int = 23,
+              faststart: bool = False) -> None:
   """Writes uint8 RGB frames [T, H, W, 3] as H.264 and float audio [C, S] as AAC into an MP4.
 
   Either part may be None (audio-only or video-only files). `frame_times_s` gives each frame's
-  presentation time for variable-frame-rate files (default: frame i at i / fps).
+  presentation time for variable-frame-rate files (default: frame i at i / fps). `faststart`
+  puts the index (moov) before the media data, as streaming-friendly files have it.
   """
   if frames is None and audio is None:
     raise ValueError('write_mp4 needs frames, audio or both')
-  with av.open(os.fspath(path), mode='w', format='mp4') as container:
+  options = {'movflags': 'faststart'} if faststart else {}
+  with av.open(os.fspath(path), mode='w', format='mp4', options=options) as container:
     video_stream = audio_stream = None
     if frames is not None:
       if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:

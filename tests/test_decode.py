@@ -1,0 +1,322 @@
+"""PyAV clip decoding: the original's frame choice and audio path, and every failure mode."""
+
+import fractions
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from cav_mae_jax.data import decode
+from cav_mae_jax.data import fbank
+from cav_mae_jax.data import synthetic
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), 'data')
+SMALL_SAMPLE = os.path.join(DATA_DIR, '00W1lcxW-WU_40.000.mp4')
+SAMPLE_RATE = 44100
+
+
+def _sine(freq_hz, seconds, rate, amplitude=0.5):
+  t = np.arange(int(round(seconds * rate))) / rate
+  return (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
+
+
+def _stereo(seconds, rate=SAMPLE_RATE):
+  return np.stack([_sine(440.0, seconds, rate), _sine(1000.0, seconds, rate, 0.3)])
+
+
+@pytest.fixture(scope='session')
+def media(tmp_path_factory):
+  """Small media files with specific properties, written once per test session."""
+  root = tmp_path_factory.mktemp('decode_media')
+  paths = {}
+
+  def write(name, frames=None, fps=10, audio=None, rate=SAMPLE_RATE, **kwargs):
+    paths[name] = str(root / name)
+    synthetic.write_mp4(paths[name], frames, fps, audio, rate, **kwargs)
+
+  write('numbered_12.5fps.mp4', synthetic.numbered_frames(125), fractions.Fraction(25, 2),
+        _stereo(10.0))
+  write('silent.mp4', synthetic.numbered_frames(100), 10,
+        np.zeros((2, 10 * SAMPLE_RATE), np.float32))
+  write('one_second.mp4', synthetic.numbered_frames(10), 10, _stereo(1.0))
+  write('thirty_seconds.mp4', synthetic.numbered_frames(150), 5, _stereo(30.0))
+  write('mono_8k.mp4', synthetic.numbered_frames(100), 10, _sine(440.0, 10.0, 8000)[None], 8000)
+  six = np.stack([_sine(440.0, 10.0, 48000)] + [_sine(1000.0 + 300 * k, 10.0, 48000, 0.3)
+                                                for k in range(5)])
+  write('six_channel_48k.mp4', synthetic.numbered_frames(100), 10, six, 48000)
+  vfr_gaps = np.where(np.arange(240) % 2 == 0, 1 / 30, 1 / 15)
+  write('vfr.mp4', synthetic.numbered_frames(240), 20, _stereo(12.0),
+        frame_times_s=np.concatenate([[0.0], np.cumsum(vfr_gaps)[:-1]]))
+  write('audio_only.mp4', audio=_stereo(2.0))
+  write('video_only.mp4', synthetic.numbered_frames(20), 10)
+  paths['missing.mp4'] = str(root / 'missing.mp4')
+  paths['empty.mp4'] = str(root / 'empty.mp4')
+  open(paths['empty.mp4'], 'wb').close()
+  paths['text.mp4'] = str(root / 'text.mp4')
+  with open(paths['text.mp4'], 'w') as f:
+    f.write('this is not a video\n' * 50)
+  data = open(paths['numbered_12.5fps.mp4'], 'rb').read()
+  paths['truncated.mp4'] = str(root / 'truncated.mp4')  # Index (moov) at the end: lost.
+  with open(paths['truncated.mp4'], 'wb') as f:
+    f.write(data[:len(data) // 2])
+  # Index at the start (faststart), media data cut: the container opens, the data ends early.
+  for name, frames in (('truncated_audio_data.mp4', None),
+                       ('truncated_av_data.mp4', synthetic.numbered_frames(100))):
+    whole = str(root / f'whole_{name}')
+    synthetic.write_mp4(whole, frames, 10, _stereo(10.0), faststart=True)
+    data = open(whole, 'rb').read()
+    paths[name] = str(root / name)
+    with open(paths[name], 'wb') as f:
+      f.write(data[:int(len(data) * 0.4)])
+  return paths
+
+
+def _numbers(frames):
+  return [synthetic.read_frame_number(frame) for frame in frames]
+
+
+# ----------------------------------------------------------------------------------------
+# Frames.
+
+
+def test_frame_indices_follow_the_original_rule():
+  # 12.5 fps, 125 frames: int(i * 12.5) - 1, clamped at 0.
+  np.testing.assert_array_equal(decode.frame_indices(125, 12.5),
+                                [0, 11, 24, 36, 49, 61, 74, 86, 99, 111])
+  # total = min(frame_count, int(fps * 10)): a 12-s NTSC clip uses int(299.7) = 299.
+  np.testing.assert_array_equal(decode.frame_indices(360, 30000 / 1001),
+                                [0, 28, 58, 88, 118, 148, 178, 208, 238, 268])
+  # Fewer than 10 frames repeat frames rather than invent any.
+  np.testing.assert_array_equal(decode.frame_indices(5, 5.0), [0, 0, 0, 0, 1, 1, 2, 2, 3, 3])
+  assert decode.frame_indices(125, 12.5).dtype == np.int32
+
+
+@pytest.mark.parametrize('name', ['numbered_25fps_10s.mp4', 'numbered_ntsc_12s.mp4',
+                                  'numbered_24fps_3.5s.mp4', 'numbered_vfr_12s.mp4'])
+def test_frames_are_the_ones_opencv_returns_in_the_original(name):
+  stored = np.load(os.path.join(DATA_DIR, 'frames_expected.npz'))
+  frames, indices, fps, frame_count = decode.decode_frames(os.path.join(DATA_DIR, name))
+  assert frames.shape == (10, 224, 224, 3) and frames.dtype == np.uint8
+  assert fps == pytest.approx(float(stored[f'{name}/fps']), rel=1e-9)
+  assert frame_count == int(stored[f'{name}/frame_count'])
+  assert _numbers(frames) == stored[f'{name}/numbers'].tolist()
+  np.testing.assert_array_equal(indices, stored[f'{name}/numbers'])
+
+
+def test_sample_video_frames_match_the_originals_stored_frames():
+  frames, indices, fps, frame_count = decode.decode_frames(SMALL_SAMPLE)
+  assert (fps, frame_count) == (12.5, 125)
+  np.testing.assert_array_equal(indices, [0, 11, 24, 36, 49, 61, 74, 86, 99, 111])
+  for i in (0, 5, 9):
+    original = np.asarray(Image.open(os.path.join(DATA_DIR, f'sample_frames_orig_{i}.png')))
+    difference = np.abs(frames[i].astype(np.float64) - original)
+    assert difference.mean() <= 2.0, (i, difference.mean())  # Measured: identical.
+
+
+def _reference_resize_crop(rgb, size=224):
+  """torchvision Resize(size) + CenterCrop(size) on a PIL image, written out independently."""
+  height, width = rgb.shape[:2]
+  if width <= height:
+    new_size = (size, int(size * height / width))
+  else:
+    new_size = (int(size * width / height), size)
+  image = Image.fromarray(rgb).resize(new_size, Image.BILINEAR)
+  left = int(round((new_size[0] - size) / 2.0))
+  top = int(round((new_size[1] - size) / 2.0))
+  return np.asarray(image)[top:top + size, left:left + size]
+
+
+def test_frames_equal_a_pil_resize_and_crop_of_the_decoded_frame(tmp_path):
+  result = synthetic.generate_dataset(tmp_path, 1, num_classes=2, duration_s=2.0, fps=10,
+                                      width=160, height=120)
+  path = os.path.join(result['video_dir'], 'syn_train_00000.mp4')
+  frames, indices, _, _ = decode.decode_frames(path)
+  with av.open(path) as container:
+    every_frame = [f.to_ndarray(format='rgb24') for f in container.decode(video=0)]
+  assert len(every_frame) == 20
+  for frame, index in zip(frames, indices):
+    reference = _reference_resize_crop(every_frame[index])
+    assert np.abs(frame.astype(np.float64) - reference).mean() <= 2.0
+
+
+def test_generated_clips_give_the_frames_the_rule_names(media):
+  cases = {
+      'numbered_12.5fps.mp4': (12.5, 125),
+      'one_second.mp4': (10.0, 10),
+      'thirty_seconds.mp4': (5.0, 150),
+      'vfr.mp4': (None, 240),
+  }
+  for name, (fps, count) in cases.items():
+    frames, indices, got_fps, got_count = decode.decode_frames(media[name])
+    assert got_count == count, name
+    if fps is not None:
+      assert got_fps == pytest.approx(fps), name
+    np.testing.assert_array_equal(indices, decode.frame_indices(got_count, got_fps))
+    assert _numbers(frames) == indices.tolist(), name
+  # 30-s clip: only the first 10 s (5 fps -> frames 0..49) are used.
+  _, indices, _, _ = decode.decode_frames(media['thirty_seconds.mp4'])
+  assert indices.max() < 50
+  # VFR: the average rate (20 fps) gives total 200 of 240 frames, as in OpenCV.
+  _, indices, fps, _ = decode.decode_frames(media['vfr.mp4'])
+  assert 19.9 < fps < 20.1 and indices.max() == 179
+
+
+def test_image_size_is_configurable(media):
+  frames, _, _, _ = decode.decode_frames(media['numbered_12.5fps.mp4'], num_frames=4,
+                                         image_size=64)
+  assert frames.shape == (4, 64, 64, 3)
+  assert _numbers(frames) == decode.frame_indices(125, 12.5, 4).tolist()
+
+
+def test_encode_jpeg_uses_pil_quality():
+  frame = decode.resize_and_crop(synthetic.numbered_frames(1, 64, 96)[0])
+  default = decode.encode_jpeg(frame)
+  assert default == decode.encode_jpeg(frame, quality=75)
+  assert len(decode.encode_jpeg(frame, quality=95)) > len(default)
+  restored = np.asarray(Image.open(io.BytesIO(default)))
+  assert restored.shape == (224, 224, 3)
+  assert np.abs(restored.astype(int) - frame).mean() < 3
+  with pytest.raises(ValueError, match='uint8'):
+    decode.encode_jpeg(frame.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Audio.
+
+
+def test_sample_audio_matches_the_ffmpeg_cli_path():
+  original = np.load(os.path.join(DATA_DIR, 'sample_audio.npz'))['00W1lcxW-WU_40.000']
+  waveform, source_rate = decode.decode_audio(SMALL_SAMPLE, max_seconds=None)
+  assert source_rate == 44100
+  assert waveform.dtype == np.int16 and waveform.shape == original.shape
+  # Different ffmpeg builds' AAC decoders differ by ~1e-7, which can flip an s16 rounding.
+  sample_difference = np.abs(waveform.astype(np.int32) - original)
+  assert sample_difference.max() <= 1 and (sample_difference > 0).mean() < 1e-3
+  ours, theirs = fbank.clip_fbank(waveform), fbank.clip_fbank(original)
+  assert np.abs(ours - theirs).max() < 0.02  # Measured 0.0102.
+  assert np.abs(ours - theirs).mean() < 1e-4  # Measured 7.5e-6.
+  cut, _ = decode.decode_audio(SMALL_SAMPLE)
+  np.testing.assert_array_equal(cut, waveform[:160000])
+
+
+@pytest.mark.parametrize('name, source_rate', [('numbered_12.5fps.mp4', 44100),
+                                               ('mono_8k.mp4', 8000),
+                                               ('six_channel_48k.mp4', 48000)])
+def test_first_channel_resampled_to_16k(media, name, source_rate):
+  waveform, got_rate = decode.decode_audio(media[name])
+  assert got_rate == source_rate
+  assert waveform.dtype == np.int16
+  assert abs(waveform.shape[0] - 160000) <= 2048  # Encoder padding, cut at 10 s.
+  # Channel 0 is the 440 Hz sine at amplitude 0.5; a downmix would mix in the other tones.
+  t = np.arange(waveform.shape[0]) / 16000
+  signal = waveform.astype(np.float64) / 32768
+  sin_part, cos_part = signal @ np.sin(2 * np.pi * 440 * t), signal @ np.cos(2 * np.pi * 440 * t)
+  amplitude = 2 * np.hypot(sin_part, cos_part) / signal.shape[0]
+  assert amplitude == pytest.approx(0.5, rel=0.03)
+  assert (amplitude**2 / 2) / np.mean(signal**2) > 0.98  # Nearly all energy is the 440 Hz tone.
+
+
+def test_silent_track_is_valid_audio(media):
+  clip = decode.decode_clip(media['silent.mp4'])
+  assert clip.waveform.shape == (160000,)
+  assert np.all(clip.waveform == 0)
+  features = fbank.clip_fbank(clip.waveform)
+  assert np.all(np.isfinite(features))
+  np.testing.assert_allclose(features, -15.942385, atol=1e-5)
+
+
+def test_one_second_clip_is_returned_as_is(media):
+  clip = decode.decode_clip(media['one_second.mp4'])
+  assert abs(clip.waveform.shape[0] - 16000) <= 1100
+  assert clip.duration_s == pytest.approx(1.0, abs=0.1)
+  features = fbank.clip_fbank(clip.waveform)
+  assert features.shape[0] == fbank.num_frames(clip.waveform.shape[0])
+  padded = fbank.pad_or_trim(features)
+  assert padded.shape == (1024, 128) and np.all(padded[features.shape[0]:] == 0)
+
+
+def test_thirty_second_clip_keeps_the_first_ten_seconds(media):
+  clip = decode.decode_clip(media['thirty_seconds.mp4'])
+  assert clip.waveform.shape == (160000,)
+  assert clip.duration_s == pytest.approx(30.0, abs=0.1)
+  everything, _ = decode.decode_audio(media['thirty_seconds.mp4'], max_seconds=None)
+  assert everything.shape[0] >= 30 * 16000
+  np.testing.assert_array_equal(clip.waveform, everything[:160000])
+
+
+def test_decode_clip_is_decode_audio_plus_decode_frames(media):
+  path = media['numbered_12.5fps.mp4']
+  clip = decode.decode_clip(path)
+  waveform, source_rate = decode.decode_audio(path)
+  frames, indices, fps, frame_count = decode.decode_frames(path)
+  np.testing.assert_array_equal(clip.waveform, waveform)
+  np.testing.assert_array_equal(clip.frames, frames)
+  np.testing.assert_array_equal(clip.frame_indices, indices)
+  assert clip.frame_indices.dtype == np.int32
+  assert (clip.source_sample_rate, clip.fps, clip.frame_count) == (source_rate, fps, frame_count)
+  assert clip.duration_s == pytest.approx(10.0, abs=0.05)
+
+
+# ----------------------------------------------------------------------------------------
+# Failures.
+
+
+@pytest.mark.parametrize('name, reason, function', [
+    ('missing.mp4', 'missing_file', 'decode_clip'),
+    ('empty.mp4', 'empty_file', 'decode_clip'),
+    ('text.mp4', 'unreadable_container', 'decode_clip'),
+    ('truncated.mp4', 'unreadable_container', 'decode_clip'),
+    ('truncated_audio_data.mp4', 'audio_decode_error', 'decode_audio'),
+    ('truncated_av_data.mp4', 'audio_decode_error', 'decode_clip'),
+    ('truncated_av_data.mp4', 'too_few_frames', 'decode_frames'),
+    ('audio_only.mp4', 'no_video_stream', 'decode_clip'),
+    ('audio_only.mp4', 'no_video_stream', 'decode_frames'),
+    ('video_only.mp4', 'no_audio_stream', 'decode_clip'),
+    ('video_only.mp4', 'no_audio_stream', 'decode_audio'),
+])
+def test_bad_input_raises_decode_error_with_reason(media, name, reason, function):
+  with pytest.raises(decode.DecodeError) as info:
+    getattr(decode, function)(media[name])
+  assert info.value.reason == reason
+  assert info.value.path == media[name]
+  assert media[name] in str(info.value) and reason in str(info.value)
+
+
+def test_single_stream_files_still_decode_their_stream(media):
+  waveform, _ = decode.decode_audio(media['audio_only.mp4'])
+  assert abs(waveform.shape[0] - 32000) <= 1100
+  frames, indices, _, _ = decode.decode_frames(media['video_only.mp4'])
+  assert _numbers(frames) == indices.tolist()
+
+
+def test_audio_shorter_than_one_fbank_window_is_an_error(tmp_path):
+  short = str(tmp_path / 'short.mp4')
+  synthetic.write_mp4(short, synthetic.numbered_frames(3), 10, _stereo(0.01))
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_audio(short)
+  assert info.value.reason == 'audio_too_short'
+
+
+def test_decode_error_survives_pickling_and_rejects_unknown_reasons():
+  error = decode.DecodeError('/x/y.mp4', 'too_few_frames', 'decoded 3 frames')
+  copy = pickle.loads(pickle.dumps(error))
+  assert (copy.path, copy.reason, copy.detail) == ('/x/y.mp4', 'too_few_frames',
+                                                   'decoded 3 frames')
+  assert str(copy) == '/x/y.mp4: too_few_frames (decoded 3 frames)'
+  with pytest.raises(ValueError, match='unknown decode failure reason'):
+    decode.DecodeError('/x/y.mp4', 'something_else')
+  for reason in decode.REASONS:
+    assert reason in decode.__doc__
+
+
+def test_numpy_modules_do_not_import_tensorflow():
+  code = ('import sys; from cav_mae_jax.data import decode, fbank, synthetic; '
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=root)
