@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -34,6 +35,8 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import tensorflow as tf
 
 from cav_mae_jax.data import records
 
@@ -115,8 +118,8 @@ class ClassLabels:
 
 def read_class_labels(path: str) -> ClassLabels:
   """Reads class_labels_indices.csv; indices must be 0..C-1 in order."""
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+  with tf.io.gfile.GFile(path) as f:
+    rows = list(csv.DictReader(io.StringIO(f.read())))
   if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
     raise ValueError(f"{path}: expected a CSV with columns index,mid,display_name")
   for position, row in enumerate(rows):
@@ -141,19 +144,20 @@ def read_datafile(path: str) -> list[ClipEntry]:
   The media file of an entry is `video_path` when it names a file (a video with both streams);
   the original's layout, where `video_path` is a folder of extracted frames, is not usable
   here, so then `wav` must name the video. Relative paths are taken from the datafile's folder.
+  The datafile may be on any file system TensorFlow reads (e.g. gs://).
   """
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     data = json.load(f)
   if not isinstance(data, dict) or not isinstance(data.get("data"), list):
     raise ValueError(f"{path}: expected a JSON object with a 'data' list")
-  base = os.path.dirname(os.path.abspath(path))
+  base = os.path.dirname(path if "://" in path else os.path.abspath(path))
   entries = []
   for position, item in enumerate(data["data"]):
     for key in ("video_id", "labels"):
       if key not in item:
         raise ValueError(f"{path}: data[{position}] has no {key!r}")
     media = item.get("video_path") or ""
-    if not media or media.endswith(("/", os.sep)) or os.path.isdir(os.path.join(base, media)):
+    if not media or media.endswith("/") or tf.io.gfile.isdir(os.path.join(base, media)):
       media = item.get("wav") or ""
     if not media:
       raise ValueError(f"{path}: data[{position}] ({item['video_id']}) names no media file "
@@ -278,8 +282,6 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: ClassLabels, *,
   worker died on); they are not tried again. With `strict`, the first bad clip raises
   StrictModeError and nothing of the shard is left on disk.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   known_quarantined = known_quarantined or {}
   start = time.time()
   final = os.path.join(out_dir, plan.file_name)
@@ -509,7 +511,7 @@ class Summary:
 
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with tf.io.gfile.GFile(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -633,8 +635,6 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
 
 def iter_shard_examples(out_dir: str) -> Iterator[records.ExampleValues]:
   """Reads back every example of a finished directory, in shard order (for tests and tools)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   index = records.read_index(os.path.join(out_dir, INDEX))
   for path in index.shard_paths(os.path.join(out_dir, INDEX)):
     for serialized in tf.data.TFRecordDataset(path):

@@ -18,7 +18,9 @@ format). Configs:
 Under Beam (`tfds build --imports cav_mae_jax.data.tfds_builder cav_mae_clips/datafile
 --manual_dir DIR --beam_pipeline_options="runner=DataflowRunner,..."`, or a `DownloadConfig`
 with `beam_runner`/`beam_options`), `_generate_examples` returns a Beam transform; without,
-a Python generator. Clips that cannot be made into examples are never replaced by zeros:
+a Python generator. Under Beam the clip list is read inside the pipeline, so the manual dir
+may be on any file system TensorFlow reads (gs://...); the videos must be readable by PyAV on
+the workers (local disk or a mounted bucket). Clips that cannot be made into examples are never replaced by zeros:
 they are written to `quarantine-{split}-*.jsonl` in the dataset directory (path, video_id,
 reason, message) and counted in Beam counters `quarantined_{reason}`; with `strict=True` the
 build fails at the first one, naming it.
@@ -28,9 +30,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -44,6 +48,8 @@ from cav_mae_jax.data import records
 SOURCES = ("datafile", "audioset_csv", "vggsound_csv", "synthetic")
 SPLITS = ("train", "validation", "test")
 LABELS_CSV = "class_labels_indices.csv"
+
+EntryReader = Callable[[], list[prepare.ClipEntry]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,8 +72,9 @@ class ClipsConfig(tfds.core.BuilderConfig):
 def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list[prepare.ClipEntry]:
   """Reads an AudioSet segments CSV (YTID, start_seconds, end_seconds, positive_labels)."""
   entries = []
-  with open(path, newline="") as f:
-    rows = csv.reader((line for line in f if not line.startswith("#")), skipinitialspace=True)
+  with tf.io.gfile.GFile(path) as f:
+    lines = [line for line in io.StringIO(f.read()) if not line.startswith("#")]
+    rows = csv.reader(lines, skipinitialspace=True)
     for line_number, row in enumerate(rows, 1):
       if not row:
         continue
@@ -85,8 +92,8 @@ def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
                       split: str) -> list[prepare.ClipEntry]:
   """Reads the rows of one split of vggsound.csv (ytid, start_seconds, label, split)."""
   entries = []
-  with open(path, newline="") as f:
-    for line_number, row in enumerate(csv.reader(f), 1):
+  with tf.io.gfile.GFile(path) as f:
+    for line_number, row in enumerate(csv.reader(io.StringIO(f.read())), 1):
       if not row:
         continue
       if len(row) != 4:
@@ -103,8 +110,8 @@ def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
 
 def vggsound_splits(path: str) -> list[str]:
   """The split names used in vggsound.csv, in order of appearance."""
-  with open(path, newline="") as f:
-    names = [row[3].strip() for row in csv.reader(f) if len(row) == 4]
+  with tf.io.gfile.GFile(path) as f:
+    names = [row[3].strip() for row in csv.reader(io.StringIO(f.read())) if len(row) == 4]
   return list(dict.fromkeys(names))
 
 
@@ -149,9 +156,13 @@ def _example_or_quarantine(entry: prepare.ClipEntry, labels: prepare.ClassLabels
   return entry.video_id, tfds_example(result)
 
 
-def _beam_clip_examples(entries: Sequence[prepare.ClipEntry], labels: prepare.ClassLabels,
+def _beam_clip_examples(read_entries: EntryReader, labels: prepare.ClassLabels,
                         store_waveform: bool, strict: bool, quarantine_prefix: str):
-  """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files."""
+  """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files.
+
+  The clip list is read inside the pipeline (not embedded in the job graph), then spread
+  over the workers, so millions of clips make a small job description.
+  """
   beam = tfds.core.lazy_imports.apache_beam
 
   def process(entry):
@@ -166,7 +177,8 @@ def _beam_clip_examples(entries: Sequence[prepare.ClipEntry], labels: prepare.Cl
   @beam.ptransform_fn
   def transform(root):
     outputs = (root
-               | "Entries" >> beam.Create(list(entries))
+               | "Start" >> beam.Create([None])
+               | "ReadEntries" >> beam.FlatMap(lambda _: read_entries())
                | "Spread" >> beam.Reshuffle()
                | "Decode" >> beam.FlatMap(process).with_outputs("quarantine", main="examples"))
     _ = outputs.quarantine | "Quarantine" >> beam.io.WriteToText(quarantine_prefix,
@@ -227,47 +239,49 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
+    readers: dict[str, EntryReader] = {}
     if config.source == "synthetic":
       from cav_mae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
-      split_entries = {}
       for split, num_clips in config.synthetic_clips_per_split:
         made = synthetic.generate_dataset(
             os.path.join(dl_manager.download_dir, "synthetic"), num_clips,
             num_classes=config.synthetic_num_classes, duration_s=config.synthetic_duration_s,
             split_name=split)
-        split_entries[split] = prepare.read_datafile(made["datafile"])
+        readers[split] = functools.partial(prepare.read_datafile, made["datafile"])
       labels_csv = made["labels_csv"]
     else:
       manual_dir = os.fspath(dl_manager.manual_dir)
       labels_csv = os.path.join(manual_dir, LABELS_CSV)
       video_dir = os.path.join(manual_dir, "videos")
-      if config.source == "datafile":
-        split_entries = {s: prepare.read_datafile(os.path.join(manual_dir, f"{s}.json"))
-                         for s in SPLITS if os.path.exists(os.path.join(manual_dir, f"{s}.json"))}
-      elif config.source == "audioset_csv":
-        split_entries = {s: read_audioset_csv(os.path.join(manual_dir, f"{s}.csv"), video_dir,
-                                              config.video_name_format)
-                         for s in SPLITS if os.path.exists(os.path.join(manual_dir, f"{s}.csv"))}
-      else:
+      for split in SPLITS:
+        json_path = os.path.join(manual_dir, f"{split}.json")
+        csv_path = os.path.join(manual_dir, f"{split}.csv")
+        if config.source == "datafile" and tf.io.gfile.exists(json_path):
+          readers[split] = functools.partial(prepare.read_datafile, json_path)
+        elif config.source == "audioset_csv" and tf.io.gfile.exists(csv_path):
+          readers[split] = functools.partial(read_audioset_csv, csv_path, video_dir,
+                                             config.video_name_format)
+      if config.source == "vggsound_csv":
         csv_path = os.path.join(manual_dir, "vggsound.csv")
-        split_entries = {s: read_vggsound_csv(csv_path, video_dir, config.video_name_format, s)
-                         for s in vggsound_splits(csv_path)}
-      if not split_entries:
+        readers = {split: functools.partial(read_vggsound_csv, csv_path, video_dir,
+                                            config.video_name_format, split)
+                   for split in vggsound_splits(csv_path)}
+      if not readers:
         raise ValueError(f"{manual_dir}: no split files found for config {config.name!r}; "
                          f"see MANUAL_DOWNLOAD_INSTRUCTIONS")
     labels = prepare.read_class_labels(labels_csv)
-    return {split: self._generate_examples(entries, labels, split)
-            for split, entries in split_entries.items()}
+    return {split: self._generate_examples(read_entries, labels, split)
+            for split, read_entries in readers.items()}
 
-  def _generate_examples(self, entries: Sequence[prepare.ClipEntry],
-                         labels: prepare.ClassLabels, split: str):
+  def _generate_examples(self, read_entries: EntryReader, labels: prepare.ClassLabels,
+                         split: str):
     config = self.builder_config
     quarantine_prefix = os.path.join(self.data_dir, f"quarantine-{split}")
     if getattr(self, "_use_beam", False):
-      return _beam_clip_examples(entries, labels, config.store_waveform, config.strict,
+      return _beam_clip_examples(read_entries, labels, config.store_waveform, config.strict,
                                  quarantine_prefix)
-    return self._local_examples(entries, labels, quarantine_prefix)
+    return self._local_examples(read_entries(), labels, quarantine_prefix)
 
   def _local_examples(self, entries: Sequence[prepare.ClipEntry], labels: prepare.ClassLabels,
                       quarantine_prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
