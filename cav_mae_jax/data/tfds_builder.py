@@ -20,10 +20,10 @@ Under Beam (`tfds build --imports cav_mae_jax.data.tfds_builder cav_mae_clips/da
 with `beam_runner`/`beam_options`), `_generate_examples` returns a Beam transform; without,
 a Python generator. Under Beam the clip list is read inside the pipeline, so the manual dir
 may be on any file system TensorFlow reads (gs://...); the videos must be readable by PyAV on
-the workers (local disk or a mounted bucket). Clips that cannot be made into examples are never replaced by zeros:
-they are written to `quarantine-{split}-*.jsonl` in the dataset directory (path, video_id,
-reason, message) and counted in Beam counters `quarantined_{reason}`; with `strict=True` the
-build fails at the first one, naming it.
+the workers (local disk or a mounted bucket). Clips that cannot be made into examples are
+never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
+directory (path, video_id, reason, message) and counted in Beam counters
+`quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it.
 """
 
 from __future__ import annotations
