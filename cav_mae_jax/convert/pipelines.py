@@ -1,0 +1,84 @@
+"""File-to-file conversions behind tools/convert.py: read, map, check, then write atomically.
+
+Every check happens before anything is written, and outputs are written to a temporary
+sibling and renamed, so a failed conversion leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from cav_mae_jax import models
+from cav_mae_jax.convert import cavmae_checkpoint
+from cav_mae_jax.convert import export
+from cav_mae_jax.convert import formats
+from cav_mae_jax.convert import imagenet_mae
+from cav_mae_jax.convert import io
+from cav_mae_jax.convert import pos_embed as pos_embed_lib
+from cav_mae_jax.convert import report as report_lib
+from cav_mae_jax.convert import state_dict as sd
+from cav_mae_jax.convert import target
+
+
+def _config_dict(model_config: Any) -> dict[str, Any]:
+  """Validated model config as a plain JSON-able dict."""
+  return dataclasses.asdict(models.ModelConfig.from_config(model_config))
+
+
+def imagenet_mae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_config: Any, *,
+                               seed: int = 0, allow_unexpected: bool = False,
+                               overwrite: bool = False) -> report_lib.ConversionReport:
+  """ImageNet MAE file -> CAV-MAE pretraining params checkpoint (init values where MAE has none)."""
+  state_dict = formats.read_state_dict(src)
+  init = target.init_params(model_config, finetune=False, seed=seed)
+  params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init, allow_unexpected=allow_unexpected)
+  io.save_params(out, params, model_config=_config_dict(model_config), overwrite=overwrite)
+  return report
+
+
+def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_config: Any, *,
+                         finetune: bool, new_head: bool = False,
+                         audio_pos_resize: pos_embed_lib.ResizeMethod | None = None,
+                         seed: int = 0, allow_unexpected: bool = False,
+                         overwrite: bool = False) -> report_lib.ConversionReport:
+  """Released CAV-MAE file (pretrained or fine-tuned) -> our params checkpoint."""
+  state_dict = formats.read_state_dict(src)
+  config = models.ModelConfig.from_config(model_config)
+  needs_init = new_head or config.learnable_temperature
+  init = (target.init_params(config, finetune=finetune, seed=seed) if needs_init
+          else models.param_shapes(config, finetune=finetune))
+  params, report = cavmae_checkpoint.cavmae_to_params(
+      state_dict, init, new_head=new_head, audio_pos_resize=audio_pos_resize,
+      freq_patches=config.audio_grid[0], allow_unexpected=allow_unexpected)
+  io.save_params(out, params, model_config=_config_dict(config), overwrite=overwrite)
+  return report
+
+
+def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, module_prefix: bool = False,
+                        overwrite: bool = False) -> list[str]:
+  """Our params checkpoint -> a .pth / .safetensors / .npz state dict in the original's layout."""
+  params = io.load_params(src)
+  state_dict, notes = export.to_original_state_dict(params, module_prefix=module_prefix)
+  with io.atomic_output(out, overwrite=overwrite) as staged:
+    formats.write_state_dict(staged, state_dict)
+  notes.insert(0, f"exported {len(state_dict)} arrays")
+  return notes
+
+
+def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str,
+                              model_config: Mapping[str, Any] | None = None,
+                              overwrite: bool = False) -> None:
+  """Params checkpoint -> params-only export in `dtype` with its model config JSON beside it."""
+  if dtype not in export.EXPORT_DTYPES:
+    raise ValueError(f"export dtype {dtype!r} not supported (choose from {sorted(export.EXPORT_DTYPES)})")
+  config = _config_dict(model_config if model_config is not None else io.load_model_config(src))
+  params = io.load_params(src)
+  finetune = "mlp_head_1" in params
+  _, fit = sd.match_to_target(params, models.param_shapes(config, finetune=finetune))
+  if fit.unexpected:
+    raise sd.ParamsMismatchError(f"{os.fspath(src)}: params not in the model config: "
+                                 f"{', '.join(fit.unexpected)}")
+  export.export_for_eval(params, config, out, dtype=dtype, overwrite=overwrite)

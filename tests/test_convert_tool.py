@@ -1,0 +1,129 @@
+"""File-to-file conversions (cav_mae_jax.convert.pipelines) and the tools/convert.py command line."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cav_mae_jax import models
+from cav_mae_jax.convert import formats
+from cav_mae_jax.convert import io
+from cav_mae_jax.convert import pipelines
+from cav_mae_jax.convert import state_dict as sd
+from test_convert_imagenet_mae import mae_shapes
+from test_convert_layout import Dims, random_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(audio_length=64, image_size=32)
+DIMS = Dims(embed_dim=64, num_heads=4, modality_specific_depth=2, encoder_depth=3,
+            decoder_embed_dim=32, decoder_depth=1, audio_length=64, image_size=32)
+PRETRAIN = models.model_config("tiny", **SMALL)
+FINETUNE = models.model_config("tiny", **SMALL, num_classes=5, trainable_pos_embed=True)
+
+
+def _released(tmp_path, dims=DIMS, name="audio_model.21.safetensors"):
+  """A released-style checkpoint file ('module.' keys); safetensors so torch is not needed."""
+  state_dict = {"module." + k: v for k, v in random_state_dict(dims, seed=0).items()}
+  path = tmp_path / name
+  formats.write_state_dict(path, state_dict)
+  return path, state_dict
+
+
+def test_released_pretrained_to_checkpoint_and_back_is_exact(tmp_path):
+  src, state_dict = _released(tmp_path)
+  report = pipelines.cavmae_to_checkpoint(src, tmp_path / "ckpt", PRETRAIN, finetune=False)
+  assert len(report.mapped) == len(state_dict) and not report.unexpected
+  assert io.load_model_config(tmp_path / "ckpt")["embed_dim"] == 64
+  notes = pipelines.checkpoint_to_torch(tmp_path / "ckpt", tmp_path / "back.safetensors",
+                                        module_prefix=True)
+  assert notes == [f"exported {len(state_dict)} arrays"]
+  back = formats.read_state_dict(tmp_path / "back.safetensors")
+  assert set(back) == set(state_dict)
+  for key, value in state_dict.items():
+    assert back[key].tobytes() == value.tobytes(), key
+
+
+def test_pretrained_to_finetuning_with_new_head_then_eval_export(tmp_path):
+  src, state_dict = _released(tmp_path)
+  report = pipelines.cavmae_to_checkpoint(src, tmp_path / "ft", FINETUNE, finetune=True, new_head=True)
+  assert "mlp_head_1/kernel" in report.kept_init and "decoder_embed/kernel" in report.dropped
+  params = io.load_params(tmp_path / "ft")
+  np.testing.assert_array_equal(params["norm_a"]["scale"], state_dict["module.norm_a.weight"])
+  assert params["mlp_head_1"]["kernel"].shape == (64, 5)
+  pipelines.checkpoint_to_eval_export(tmp_path / "ft", tmp_path / "eval", dtype="bfloat16")
+  exported = io.load_params(tmp_path / "eval")
+  assert str(exported["blocks_u_0"]["attn"]["qkv"]["kernel"].dtype) == "bfloat16"
+  assert io.load_model_config(tmp_path / "eval")["num_classes"] == 5
+  with pytest.raises(sd.ParamsMismatchError, match="mlp_head_1/kernel"):
+    pipelines.checkpoint_to_eval_export(tmp_path / "ft", tmp_path / "eval10", dtype="float32",
+                                        model_config=dict(FINETUNE.to_dict(), num_classes=10))
+  assert not (tmp_path / "eval10").exists()
+
+
+def test_imagenet_mae_file_to_pretraining_checkpoint(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  # Random stand-in init values: compiling the model's init is slow, and target.init_params is
+  # exercised by the new-head test above.
+  monkeypatch.setattr(pipelines.target, "init_params", lambda config, finetune, seed: jax.tree_util.tree_map(
+      lambda s: rng.standard_normal(s.shape).astype(s.dtype), models.param_shapes(config, finetune)))
+  mae = {k: rng.standard_normal(s).astype(np.float32) for k, s in mae_shapes(DIMS).items()}
+  formats.write_state_dict(tmp_path / "mae.npz", mae)
+  report = pipelines.imagenet_mae_to_checkpoint(tmp_path / "mae.npz", tmp_path / "init", PRETRAIN)
+  assert report.dropped == {"cls_token": "CAV-MAE has no CLS token"}
+  params = io.load_params(tmp_path / "init")
+  np.testing.assert_array_equal(params["pos_embed_v"], mae["pos_embed"][:, 1:])
+  shapes = models.param_shapes(PRETRAIN)
+  assert set(sd.flatten_params(params)) == set(sd.flatten_params(shapes))
+
+
+def _assert_nothing_written(tmp_path, out):
+  assert not out.exists()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp left behind
+
+
+def test_finetuned_checkpoint_given_for_pretraining_names_what_is_missing(tmp_path):
+  src, _ = _released(tmp_path, dataclasses.replace(DIMS, num_classes=5), "ft.safetensors")
+  out = tmp_path / "ckpt"
+  with pytest.raises(sd.ParamsMismatchError, match=r"has no decoder.*decoder_embed/kernel"):
+    pipelines.cavmae_to_checkpoint(src, out, PRETRAIN, finetune=False)
+  _assert_nothing_written(tmp_path, out)
+
+
+def test_bad_files_write_nothing(tmp_path):
+  src, _ = _released(tmp_path)
+  truncated = tmp_path / "cut.safetensors"
+  truncated.write_bytes(src.read_bytes()[:-100])
+  text = tmp_path / "readme.pth"
+  text.write_text("not weights")
+  for path, message in ((truncated, "truncated"), (text, "not a PyTorch")):
+    out = tmp_path / "ckpt"
+    with pytest.raises(formats.CheckpointFileError, match=message):
+      pipelines.cavmae_to_checkpoint(path, out, PRETRAIN, finetune=False)
+    _assert_nothing_written(tmp_path, out)
+  with pytest.raises(FileNotFoundError, match="no params checkpoint"):
+    pipelines.checkpoint_to_torch(tmp_path / "missing", tmp_path / "x.pth")
+  _assert_nothing_written(tmp_path, tmp_path / "x.pth")
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, str(ROOT / "tools/convert.py"), *args], capture_output=True,
+                        text=True, cwd=ROOT, check=False)
+
+
+def test_command_line_converts_and_reports_errors(tmp_path):
+  src, _ = _released(tmp_path)
+  config = [f"--config={ROOT}/configs/pretrain.py:tiny", "--config.model.audio_length=64",
+            "--config.model.image_size=32"]
+  ok = _cli("cavmae", f"--src={src}", f"--out={tmp_path / 'ckpt'}", *config)
+  assert ok.returncode == 0, ok.stderr
+  assert "mapped: " in ok.stdout and f"wrote {tmp_path / 'ckpt'}" in ok.stdout
+  cut = tmp_path / "cut.safetensors"
+  cut.write_bytes(src.read_bytes()[:1000])
+  bad = _cli("cavmae", f"--src={cut}", f"--out={tmp_path / 'bad'}", *config)
+  assert bad.returncode == 1 and "truncated safetensors file" in bad.stderr
+  assert not (tmp_path / "bad").exists()

@@ -1,0 +1,108 @@
+r"""Converts weights between the original CAV-MAE / ImageNet MAE files and our params checkpoints.
+
+Usage: python tools/convert.py <direction> --src=... --out=... [flags]
+
+Directions:
+  imagenet-mae  ImageNet MAE .pth/.safetensors/.npz (facebookresearch/mae, with or without its
+                decoder) -> CAV-MAE pretraining params checkpoint. Needs --config.
+  cavmae        released CAV-MAE checkpoint (pretrained or fine-tuned) -> params checkpoint for
+                --config (configs/pretrain.py:... or configs/finetune.py:...). Options:
+                --new_head (new classifier, e.g. from a pretrained model or another class
+                count), --audio_pos_resize=trim|interpolate (other audio length, e.g.
+                --config.model.audio_length=512).
+  to-torch      params checkpoint -> .pth / .safetensors / .npz in the original's layout
+                (loads with strict=True into the original CAVMAE / CAVMAEFT).
+  export-eval   params checkpoint -> params-only checkpoint in --dtype, with model_config.json.
+
+Examples:
+  python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/scale_pp \
+      --config=configs/pretrain.py:base
+  python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/vgg_init \
+      --config=configs/finetune.py:base,classes=309 --new_head
+  python tools/convert.py to-torch --src=ckpt/scale_pp --out=scale_pp.pth --module_prefix
+
+Prints what was mapped, kept at init and dropped. On any error it prints the reason and exits
+with status 1, and nothing is written at --out.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from cav_mae_jax.convert import formats
+from cav_mae_jax.convert import pipelines
+from cav_mae_jax.convert import state_dict as sd
+
+DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Target config, e.g. configs/pretrain.py:base or configs/finetune.py:base,classes=309.")
+_SRC = flags.DEFINE_string("src", None, "Input file or params checkpoint directory.")
+_OUT = flags.DEFINE_string("out", None, "Output path (must not exist unless --overwrite).")
+_NEW_HEAD = flags.DEFINE_bool("new_head", False, "cavmae: start a new classification head.")
+_AUDIO_POS_RESIZE = flags.DEFINE_enum(
+    "audio_pos_resize", None, ["trim", "interpolate"],
+    "cavmae: how to fit the audio position grid to another audio length.")
+_ALLOW_UNEXPECTED = flags.DEFINE_bool(
+    "allow_unexpected", False, "Ignore source arrays that have no place in the target (listed).")
+_MODULE_PREFIX = flags.DEFINE_bool(
+    "module_prefix", False, "to-torch: prefix keys with 'module.' like the released files.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                           "export-eval: dtype of the exported params.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the init values for parameters not in the source.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+
+
+def _model_config(required: bool):
+  config = _CONFIG.value
+  if config is None:
+    if required:
+      raise app.UsageError("--config is required for this direction")
+    return None, False
+  return config.model, config.get("task", "pretrain") == "finetune"
+
+
+def run(direction: str) -> None:
+  """Runs one conversion and prints its account."""
+  src, out = _SRC.value, _OUT.value
+  if direction == "imagenet-mae":
+    model_config, finetune = _model_config(required=True)
+    if finetune:
+      raise app.UsageError("imagenet-mae initializes a pretraining model: use configs/pretrain.py")
+    report = pipelines.imagenet_mae_to_checkpoint(
+        src, out, model_config, seed=_SEED.value, allow_unexpected=_ALLOW_UNEXPECTED.value,
+        overwrite=_OVERWRITE.value)
+    print(report.summary())
+  elif direction == "cavmae":
+    model_config, finetune = _model_config(required=True)
+    report = pipelines.cavmae_to_checkpoint(
+        src, out, model_config, finetune=finetune, new_head=_NEW_HEAD.value,
+        audio_pos_resize=_AUDIO_POS_RESIZE.value, seed=_SEED.value,
+        allow_unexpected=_ALLOW_UNEXPECTED.value, overwrite=_OVERWRITE.value)
+    print(report.summary())
+  elif direction == "to-torch":
+    print("\n".join(pipelines.checkpoint_to_torch(src, out, module_prefix=_MODULE_PREFIX.value,
+                                                  overwrite=_OVERWRITE.value)))
+  else:
+    model_config, _ = _model_config(required=False)
+    pipelines.checkpoint_to_eval_export(src, out, dtype=_DTYPE.value, model_config=model_config,
+                                        overwrite=_OVERWRITE.value)
+  print(f"wrote {out}")
+
+
+def main(argv) -> None:
+  if len(argv) != 2 or argv[1] not in DIRECTIONS:
+    raise app.UsageError(f"give one direction: {' | '.join(DIRECTIONS)}")
+  if not _SRC.value or not _OUT.value:
+    raise app.UsageError("--src and --out are required")
+  try:
+    run(argv[1])
+  except (formats.CheckpointFileError, sd.ParamsMismatchError, FileExistsError,
+          FileNotFoundError, ValueError) as e:
+    sys.exit(f"convert {argv[1]}: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
