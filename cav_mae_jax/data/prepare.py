@@ -220,7 +220,8 @@ def try_clip_example(entry: ClipEntry, labels: ClassLabels, store_waveform: bool
   except ClipError as e:
     return Quarantined(entry.path, entry.video_id, e.reason, e.message)
   except decode.DecodeError as e:
-    return Quarantined(entry.path, entry.video_id, e.reason, e.detail or str(e))
+    return Quarantined(entry.path, entry.video_id, e.reason,
+                       e.detail or e.reason.replace("_", " "))
 
 
 # ----------------------------------------------------------------------------------------
@@ -467,6 +468,9 @@ def _run_pool(plans: list[ShardPlan], out_dir: str, labels: ClassLabels, *,
           _handle_crash(pool, worker, pending, strict)
   except BaseException:
     pool.terminate()
+    for worker in pool.workers:  # Shards cut short leave no temp files behind.
+      if worker.plan is not None:
+        _remove_stale_temporaries(out_dir, worker.plan.file_name)
     raise
   pool.close()
   return errors
