@@ -99,7 +99,7 @@ def build_reference(cfg: models.ModelConfig, finetune: bool = False, seed: int =
 
 def flax_params(reference: "torch.nn.Module", cfg: models.ModelConfig, finetune: bool = False) -> dict:
   """The reference's weights as Flax params, strictly matched against the Flax model's tree."""
-  state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  state = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}  # no shared memory
   params, report = sd.match_to_target(sd.torch_to_flax(state), models.param_shapes(cfg, finetune))
   if report.unexpected:
     raise AssertionError(f"reference parameters the Flax model lacks: {report.unexpected}")
