@@ -53,6 +53,7 @@ def media(tmp_path_factory):
   vfr_gaps = np.where(np.arange(240) % 2 == 0, 1 / 30, 1 / 15)
   write('vfr.mp4', synthetic.numbered_frames(240), 20, _stereo(12.0),
         frame_times_s=np.concatenate([[0.0], np.cumsum(vfr_gaps)[:-1]]))
+  write('b_frames.mp4', synthetic.numbered_frames(250), 25, preset='medium')
   write('audio_only.mp4', audio=_stereo(2.0))
   write('video_only.mp4', synthetic.numbered_frames(20), 10)
   paths['missing.mp4'] = str(root / 'missing.mp4')
@@ -165,6 +166,22 @@ def test_generated_clips_give_the_frames_the_rule_names(media):
   # VFR: the average rate (20 fps) gives total 200 of 240 frames, as in OpenCV.
   _, indices, fps, _ = decode.decode_frames(media['vfr.mp4'])
   assert 19.9 < fps < 20.1 and indices.max() == 179
+
+
+@pytest.mark.parametrize('reorder_window', [None, 0])
+def test_reordered_frames_are_numbered_by_presentation_order(media, monkeypatch,
+                                                            reorder_window):
+  # x264 'medium' uses B-frames: decode order differs from presentation order, and unwanted
+  # non-reference frames are skipped. With no reorder window the timestamp ranks come out
+  # inconsistent, and the stream must be decoded again counting frames: same answer.
+  if reorder_window is not None:
+    monkeypatch.setattr(decode, '_REORDER_WINDOW', reorder_window)
+  with av.open(media['b_frames.mp4']) as container:
+    packets = [p for p in container.demux(video=0) if p.size]
+  assert any(a.pts > b.pts for a, b in zip(packets, packets[1:]))  # Really reordered.
+  frames, indices, fps, count = decode.decode_frames(media['b_frames.mp4'])
+  assert (fps, count) == (25.0, 250)
+  assert _numbers(frames) == indices.tolist() == [0, 24, 49, 74, 99, 124, 149, 174, 199, 224]
 
 
 def test_image_size_is_configurable(media):

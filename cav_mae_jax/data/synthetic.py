@@ -55,11 +55,13 @@ def write_mp4(path: str | os.PathLike,
               audio_layout: str | None = None,
               frame_times_s: np.ndarray | None = None,
               crf: int = 23,
+              preset: str = 'ultrafast',
               faststart: bool = False) -> None:
   """Writes uint8 RGB frames [T, H, W, 3] as H.264 and float audio [C, S] as AAC into an MP4.
 
   Either part may be None (audio-only or video-only files). `frame_times_s` gives each frame's
-  presentation time for variable-frame-rate files (default: frame i at i / fps). `faststart`
+  presentation time for variable-frame-rate files (default: frame i at i / fps). `preset` is
+  x264's (the default 'ultrafast' has no B-frames; 'medium' reorders frames). `faststart`
   puts the index (moov) before the media data, as streaming-friendly files have it.
   """
   if frames is None and audio is None:
@@ -75,7 +77,7 @@ def write_mp4(path: str | os.PathLike,
       video_stream.width, video_stream.height = frames.shape[2], frames.shape[1]
       video_stream.pix_fmt = 'yuv420p'
       video_stream.codec_context.thread_count = 1  # Deterministic output.
-      video_stream.options = {'preset': 'ultrafast', 'crf': str(crf)}
+      video_stream.options = {'preset': preset, 'crf': str(crf)}
       if frame_times_s is not None:
         video_stream.codec_context.time_base = fractions.Fraction(1, 1000)
     if audio is not None:
