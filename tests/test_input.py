@@ -136,6 +136,7 @@ def test_eval_pads_the_last_batch_and_labels_are_multi_hot(record_dirs):
   config = make_config(record_dirs)
   batches = list(input_lib.InputPipeline(config, "eval", process_index=0, process_count=1))
   assert [b["valid"].tolist() for b in batches] == [[True] * 4, [True] * 3 + [False]]
+  np.testing.assert_array_equal(batches[1]["image"][3], 0.0)  # padding is zero, not -mean/std
   labels = np.concatenate([b["label"] for b in batches])[:7]
   ids = sum((clip_ids(b) for b in batches), [])[:7]
   for clip, label in zip(ids, labels):

@@ -343,12 +343,17 @@ def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tenso
   return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed)
 
 
-def _batch_fn(batch_pp, base_seed: tf.Tensor):
+def _batch_fn(batch_pp, base_seed: tf.Tensor, zero_padding: bool):
   def apply(batch_number: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     batch = dict(batch)
     batch[augment.SEED_KEY] = _salted(base_seed, "batch", batch_number)
     batch = batch_pp(batch)
-    return {k: v for k, v in batch.items() if k in _OUTPUT_KEYS or k in (_EPOCH, _POSITION)}
+    batch = {k: v for k, v in batch.items() if k in _OUTPUT_KEYS or k in (_EPOCH, _POSITION)}
+    if zero_padding:  # padding clips are exactly zero after normalization too
+      for key in ("audio", "image", "label"):
+        valid = tf.reshape(batch["valid"], [-1] + [1] * (batch[key].shape.rank - 1))
+        batch[key] = tf.where(valid, batch[key], tf.zeros_like(batch[key]))
+    return batch
 
   return apply
 
@@ -442,8 +447,11 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
         host_batch, drop_remainder=True).skip(start_batch)
 
   batches = batches.enumerate(start=start_batch).map(
-      _batch_fn(batch_pp, base_seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return batches.prefetch(data_config.prefetch).with_options(_options(threads))
+      _batch_fn(batch_pp, base_seed, zero_padding=not training),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if data_config.prefetch:
+    batches = batches.prefetch(data_config.prefetch)
+  return batches.with_options(_options(threads))
 
 
 class InputPipeline:
@@ -507,6 +515,11 @@ class InputPipeline:
       epochs, positions = batch.pop(_EPOCH), batch.pop(_POSITION)
       self._epoch, self._position = int(epochs[-1]), int(positions[-1]) + 1
     return batch
+
+  def reset(self) -> None:
+    """Rewinds to the first batch (e.g. before another evaluation pass)."""
+    self._batches, self._epoch, self._position = 0, 0, 0
+    self._iterator = None
 
   def get_state(self) -> dict[str, Any]:
     """The position in the stream as a JSON-serializable dict."""
