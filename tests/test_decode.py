@@ -265,6 +265,15 @@ def test_thirty_second_clip_keeps_the_first_ten_seconds(media):
   everything, _ = decode.decode_audio(media['thirty_seconds.mp4'], max_seconds=None)
   assert everything.shape[0] >= 30 * 16000
   np.testing.assert_array_equal(clip.waveform, everything[:160000])
+  # The original cuts a long clip's fbank (not its audio) to 1024 frames = 164080 samples.
+  original_view, _ = decode.decode_audio(media['thirty_seconds.mp4'],
+                                         max_seconds=decode.ORIGINAL_AUDIO_SECONDS)
+  assert original_view.shape == (164080,)
+  assert fbank.num_frames(original_view.shape[0]) == 1024
+  # Equal up to float32 rounding of the (different) clip means: per-frame DC removal cancels
+  # the mean itself; pure tones leave bins near log(eps), where that rounding shows.
+  difference = np.abs(fbank.clip_fbank(original_view) - fbank.clip_fbank(everything)[:1024])
+  assert difference.max() < 0.01 and difference.mean() < 1e-4
 
 
 def test_decode_clip_is_decode_audio_plus_decode_frames(media):

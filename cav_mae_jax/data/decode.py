@@ -1,22 +1,27 @@
 """Decodes a video file into what CAV-MAE stores for a clip: 16 kHz audio and 10 frames.
 
 Audio (as the original's `ffmpeg -i F -vn -ar 16000 out.wav` then `sox out.wav ... remix 1`):
-the first audio stream is decoded with PyAV, resampled by libswresample to signed 16-bit at
-16 kHz keeping the source channel layout, and its FIRST channel is kept (not a downmix).
-Audio longer than `max_seconds` is cut; shorter audio is returned as it is (padding happens
-in fbank space). An all-zero (silent) track is valid audio.
+the first audio stream is decoded with PyAV and its FIRST channel (not a downmix) is resampled
+by libswresample to signed 16-bit at 16 kHz. libswresample treats channels independently, so
+this is bit-identical to channel 0 of ffmpeg's multi-channel output (the ffmpeg CLI build may
+decode AAC ~1e-7 differently, which flips an occasional sample by 1 LSB). Audio longer than
+`max_seconds` is cut; shorter audio is returned as it is (padding happens in fbank space). An
+all-zero (silent) track is valid audio. The original keeps the whole track and cuts the fbank
+to 1024 frames, which see the first `ORIGINAL_AUDIO_SECONDS` (10.255 s); pass that as
+`max_seconds` to reproduce its fbank exactly for clips longer than 10 s.
 
 Frames (as the original's `extract_video_frame.py`): with `fps` and `frame_count` as OpenCV
 reports them (the stream's average frame rate; the container's frame count, else
-round(duration * fps)),
-`total = min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The
-original seeks OpenCV to that index minus one, so the frame it really stores, and the one
-we return, is the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in
-presentation order). Each frame is converted to RGB, resized with PIL bilinear so its
-shorter side is 224, and center-cropped to 224 x 224 (torchvision's `Resize(224)` +
-`CenterCrop(224)`). Only the needed packets are decoded: decoding stops at the last needed
-frame and after `max_seconds` of audio. The original saves these frames as JPEG at PIL's
-default quality 75: `encode_jpeg` does that, so every writer uses one encoder.
+round(duration * fps)), `total = min(frame_count, int(fps * 10))` and frame i of 10 is
+`int(i * (total / 10))`. The original seeks OpenCV to that index minus one, so the frame it
+really stores, and the one we return, is the decoded frame number
+`max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order). Each frame is converted
+to RGB, resized with PIL bilinear so its shorter side is 224, and center-cropped to 224 x 224
+(torchvision's `Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
+stops at the last needed frame and after `max_seconds` of audio, and unwanted non-reference
+(e.g. B-) frames are skipped, which leaves the other frames bit-identical. The original saves
+these frames as JPEG at PIL's default quality 75: `encode_jpeg` does that, so every writer
+uses one encoder.
 
 Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Reason codes
 (stable; the preprocessing quarantine counts clips by them):
@@ -59,6 +64,7 @@ REASONS = (
     'too_few_frames',
 )
 FRAME_WINDOW_SECONDS = 10  # The original spreads its frames over the first 10 s.
+ORIGINAL_AUDIO_SECONDS = (1023 * 160 + 400) / 16000  # Audio in the original's 1024 fbank frames.
 MIN_AUDIO_SAMPLES = 400  # One 25 ms fbank window at 16 kHz.
 _RESAMPLE_MARGIN_S = 0.05  # Extra source audio decoded past max_seconds (filter reach).
 _REORDER_WINDOW = 32  # Packets held back to rank timestamps (H.264 reorders at most 16).
