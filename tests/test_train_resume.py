@@ -1,0 +1,194 @@
+"""Exact resume after SIGKILL, atomic async saves, and the non-finite-loss guard.
+
+Training runs in subprocesses (this file is also their entry point: `python THIS MODE WORKDIR`)
+so they can be killed like a preempted job; a shared compilation cache keeps them fast.
+"""
+
+import hashlib
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 6
+KILL_AFTER_STEP = 3
+
+
+def tiny_config():
+  """The tiny recipe with small inputs: seconds per run on a CPU."""
+  spec = importlib.util.spec_from_file_location("pretrain_config",
+                                                os.path.join(ROOT, "configs", "pretrain.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.model.audio_length, config.model.num_mel_bins, config.model.image_size = 32, 32, 32
+  config.model.encoder_depth, config.model.modality_specific_depth = 2, 1
+  config.mesh.data, config.mesh.fsdp = 1, -1  # parameters sharded over the 2 devices
+  config.data.batch_size = config.eval.batch_size = 8
+  config.total_steps = TOTAL_STEPS
+  config.checkpoint.every_steps = KILL_AFTER_STEP
+  config.eval.every_steps = 0
+  config.log_every_steps = 1
+  return config
+
+
+class RecordingInput:
+  """Wraps an input and appends a hash of every batch it hands out to a file."""
+
+  def __init__(self, inner, log_path, kill_on_call=None, wait_for_dir=None, poison_call=None):
+    self.inner, self.log_path, self.poison_call = inner, log_path, poison_call
+    self.kill_on_call, self.wait_for_dir, self.calls = kill_on_call, wait_for_dir, 0
+
+  def __next__(self):
+    self.calls += 1
+    if self.calls == self.kill_on_call:
+      deadline = time.time() + 120
+      while not os.path.isdir(self.wait_for_dir) and time.time() < deadline:
+        time.sleep(0.05)  # the step-3 checkpoint directory appears when its save is complete
+      os.kill(os.getpid(), signal.SIGKILL)
+    batch = next(self.inner)
+    if self.calls == self.poison_call:
+      batch["audio"] = batch["audio"].copy()
+      batch["audio"][0, 0, 0] = np.nan
+    with open(self.log_path, "a") as f:
+      f.write(hashlib.sha1(batch["audio"].tobytes() + batch["image"].tobytes()).hexdigest() + "\n")
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def run_training(workdir, kill=False, poison_call=None):
+  """Trains the tiny config in `workdir` on in-memory clips (resuming if checkpoints exist)."""
+  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  if poison_call is not None:
+    config.checkpoint.every_steps = 2
+  source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
+  wrapped = RecordingInput(
+      source, os.path.join(workdir, "batches.txt"),
+      kill_on_call=KILL_AFTER_STEP + 1 if kill else None,
+      wait_for_dir=os.path.join(workdir, trainer.CHECKPOINT_DIR, str(KILL_AFTER_STEP)),
+      poison_call=poison_call)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    return trainer.train_and_evaluate(config, workdir, trainer.Inputs(wrapped, None, 24))
+  except trainer.NonFiniteLossError as error:
+    print(f"NonFiniteLossError: {error}")
+    raise SystemExit(3) from error
+
+
+@pytest.fixture(scope="module", name="cache")
+def fixture_cache(tmp_path_factory):
+  """One compilation cache for every training subprocess of this module."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _subprocess(mode, workdir, cache_dir):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, __file__, mode, str(workdir)], env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def _restore_state(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  result = _subprocess("train", straight, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  killed = _subprocess("train_then_kill", resumed, cache)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  batches_before = (resumed / "batches.txt").read_text().split()
+  assert len(batches_before) == KILL_AFTER_STEP
+  result = _subprocess("train", resumed, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  # Identical batch order: 3 before the kill + 3 after resuming == 6 straight.
+  assert (resumed / "batches.txt").read_text().split() == \
+      (straight / "batches.txt").read_text().split()
+  # Bit-identical params, optimizer state, step and RNG.
+  import jax  # pylint: disable=import-outside-toplevel
+  a, b = _restore_state(straight, TOTAL_STEPS), _restore_state(resumed, TOTAL_STEPS)
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(a["state"]["step"]) == TOTAL_STEPS
+  # The resumed run really restored (it did not retrain from scratch): 3 steps were run after.
+  assert len((resumed / "batches.txt").read_text().split()) == TOTAL_STEPS
+
+
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):
+  result = _subprocess("save_then_kill", tmp_path, cache)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  checkpointer = checkpoint.Checkpointer(
+      str(tmp_path / "ckpt"), ml_collections.ConfigDict(dict(every_steps=1, keep=3,
+                                                             async_save=True)))
+  assert checkpointer.latest_step() == 1
+  import jax  # pylint: disable=import-outside-toplevel
+  abstract = {"w": jax.ShapeDtypeStruct((SAVE_ELEMENTS,), np.float32)}
+  state, input_state = checkpointer.restore(1, abstract)
+  assert input_state == {"position": 1}
+  np.testing.assert_array_equal(np.asarray(state["w"])[:5], np.full(5, 1.0, np.float32))
+  checkpointer.close()
+
+
+SAVE_ELEMENTS = 32 * 2**20  # 128 MB: the background write is still running when the kill lands
+
+
+def save_then_kill(workdir):
+  """Saves step 1 completely, starts an async save of step 2, and SIGKILLs itself."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  checkpointer = checkpoint.Checkpointer(
+      os.path.join(workdir, "ckpt"),
+      ml_collections.ConfigDict(dict(every_steps=1, keep=3, async_save=True)))
+  checkpointer.save(1, {"w": jnp.full((SAVE_ELEMENTS,), 1.0)}, {"position": 1})
+  checkpointer.wait()
+  checkpointer.save(2, {"w": jnp.full((SAVE_ELEMENTS,), 2.0)}, {"position": 2})
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_nan_batch_stops_run_and_keeps_last_good_checkpoint(tmp_path, cache):
+  # The 4th batch carries a NaN, so step 4's loss is NaN; checkpoints every 2 steps.
+  result = _subprocess("nan_at_step_4", tmp_path, cache)
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert re.search(r"Non-finite loss nan at step 4\b.*last good checkpoint is step 2",
+                   result.stdout), result.stdout[-2000:]
+  state = _restore_state(str(tmp_path), 2)
+  import jax  # pylint: disable=import-outside-toplevel
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["state"]))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+if __name__ == "__main__":
+  MODE, WORKDIR = sys.argv[1], sys.argv[2]
+  if MODE == "train":
+    run_training(WORKDIR)
+  elif MODE == "train_then_kill":
+    run_training(WORKDIR, kill=True)
+  elif MODE == "nan_at_step_4":
+    run_training(WORKDIR, poison_call=4)
+  elif MODE == "save_then_kill":
+    save_then_kill(WORKDIR)
+  else:
+    raise SystemExit(f"unknown mode {MODE}")
