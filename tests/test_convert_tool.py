@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(audio_length=64, image_size=32)
 DIMS = Dims(embed_dim=64, num_heads=4, modality_specific_depth=2, encoder_depth=3,
             decoder_embed_dim=32, decoder_depth=1, audio_length=64, image_size=32)
-PRETRAIN = models.model_config("tiny", **SMALL)
-FINETUNE = models.model_config("tiny", **SMALL, num_classes=5, trainable_pos_embed=True)
+# contrast_group_size > 1 as in the paper recipes: it must not get in the way of building the target.
+PRETRAIN = models.model_config("tiny", **SMALL, contrast_group_size=4)
+FINETUNE = models.model_config("tiny", **SMALL, num_classes=5, trainable_pos_embed=True,
+                               contrast_group_size=4)
 
 
 def _released(tmp_path, dims=DIMS, name="audio_model.21.safetensors"):
@@ -70,14 +72,14 @@ def test_imagenet_mae_file_to_pretraining_checkpoint(tmp_path, monkeypatch):
   # Random stand-in init values: compiling the model's init is slow, and target.init_params is
   # exercised by the new-head test above.
   monkeypatch.setattr(pipelines.target, "init_params", lambda config, finetune, seed: jax.tree_util.tree_map(
-      lambda s: rng.standard_normal(s.shape).astype(s.dtype), models.param_shapes(config, finetune)))
+      lambda s: rng.standard_normal(s.shape).astype(s.dtype), pipelines.target.param_shapes(config, finetune=finetune)))
   mae = {k: rng.standard_normal(s).astype(np.float32) for k, s in mae_shapes(DIMS).items()}
   formats.write_state_dict(tmp_path / "mae.npz", mae)
   report = pipelines.imagenet_mae_to_checkpoint(tmp_path / "mae.npz", tmp_path / "init", PRETRAIN)
   assert report.dropped == {"cls_token": "CAV-MAE has no CLS token"}
   params = io.load_params(tmp_path / "init")
   np.testing.assert_array_equal(params["pos_embed_v"], mae["pos_embed"][:, 1:])
-  shapes = models.param_shapes(PRETRAIN)
+  shapes = models.param_shapes(PRETRAIN.to_dict() | {"contrast_group_size": 0})
   assert set(sd.flatten_params(params)) == set(sd.flatten_params(shapes))
 
 

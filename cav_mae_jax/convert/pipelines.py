@@ -49,7 +49,7 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
   config = models.ModelConfig.from_config(model_config)
   needs_init = new_head or config.learnable_temperature
   init = (target.init_params(config, finetune=finetune, seed=seed) if needs_init
-          else models.param_shapes(config, finetune=finetune))
+          else target.param_shapes(config, finetune=finetune))
   params, report = cavmae_checkpoint.cavmae_to_params(
       state_dict, init, new_head=new_head, audio_pos_resize=audio_pos_resize,
       freq_patches=config.audio_grid[0], allow_unexpected=allow_unexpected)
@@ -77,7 +77,7 @@ def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *,
   config = _config_dict(model_config if model_config is not None else io.load_model_config(src))
   params = io.load_params(src)
   finetune = "mlp_head_1" in params
-  _, fit = sd.match_to_target(params, models.param_shapes(config, finetune=finetune))
+  _, fit = sd.match_to_target(params, target.param_shapes(config, finetune=finetune))
   if fit.unexpected:
     raise sd.ParamsMismatchError(f"{os.fspath(src)}: params not in the model config: "
                                  f"{', '.join(fit.unexpected)}")
