@@ -101,6 +101,7 @@ def test_128_bin_bank_at_16k_has_exactly_one_empty_filter():
   assert np.all(filters[:, -1] == 0)  # The Nyquist bin has no weight.
   assert np.all(filters[:, 0] == 0)  # Nor DC: filters start at 20 Hz.
   assert filters.max() <= 1.0 and filters.min() >= 0.0
+  assert not filters.flags.writeable  # Cached and shared: must not be modified.
   # A loud broadband signal still gives log(eps) in the empty bin and finite values elsewhere.
   noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
   features = fbank.kaldi_fbank(noise)

@@ -15,6 +15,7 @@ original.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -51,11 +52,12 @@ def _mel(freq_hz):
   return 1127.0 * np.log1p(np.asarray(freq_hz, np.float64) / 700.0)
 
 
+@functools.lru_cache(maxsize=16)
 def mel_filterbank(num_mel_bins: int, fft_length: int, sample_rate: int) -> np.ndarray:
   """Returns Kaldi's triangular mel filters as a float32 [num_mel_bins, fft_length // 2 + 1] matrix.
 
   The last column (the Nyquist FFT bin) is zero, as in Kaldi. Filters that cover no FFT bin
-  stay all-zero rather than being widened.
+  stay all-zero rather than being widened. The result is cached and read-only.
   """
   if num_mel_bins <= 3:
     raise ValueError(f'num_mel_bins must be > 3, got {num_mel_bins}')
@@ -74,8 +76,9 @@ def mel_filterbank(num_mel_bins: int, fft_length: int, sample_rate: int) -> np.n
   up_slope = (fft_mel - left) / (center - left)
   down_slope = (right - fft_mel) / (right - center)
   weights = np.maximum(0.0, np.minimum(up_slope, down_slope))
-  weights = np.pad(weights, ((0, 0), (0, 1)))  # Nyquist bin gets no weight.
-  return weights.astype(np.float32)
+  weights = np.pad(weights, ((0, 0), (0, 1))).astype(np.float32)  # Nyquist bin: no weight.
+  weights.flags.writeable = False
+  return weights
 
 
 def povey_window(window_length: int) -> np.ndarray:
