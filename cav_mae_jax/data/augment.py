@@ -367,12 +367,14 @@ def specaugment(freq_mask: int, time_mask: int) -> PreprocessOp:
     audio = data["audio"]
     batch, frames, bins = tf.shape(audio)[0], audio.shape[1], audio.shape[2]
     freq_seed, time_seed = _split_seed(_op_seed(data, "specaugment"), 2)
-    masked = tf.zeros_like(audio, dtype=tf.bool)
+    keep_bins = tf.ones([batch, bins], tf.bool)
+    keep_frames = tf.ones([batch, frames], tf.bool)
     if freq_mask >= 1:
-      masked |= _axis_mask(freq_seed, batch, freq_mask, bins)[:, None, :]
+      keep_bins = ~_axis_mask(freq_seed, batch, freq_mask, bins)
     if time_mask >= 1:
-      masked |= _axis_mask(time_seed, batch, time_mask, frames)[:, :, None]
-    data["audio"] = tf.where(masked, tf.zeros_like(audio), audio)
+      keep_frames = ~_axis_mask(time_seed, batch, time_mask, frames)
+    keep = keep_frames[:, :, None] & keep_bins[:, None, :]
+    data["audio"] = tf.where(keep, audio, tf.zeros_like(audio))
     return data
 
   return op
