@@ -134,6 +134,8 @@ def test_bad_arguments_raise_value_errors(tmp_path):
     synthetic.write_mp4(tmp_path / 'x.mp4')
   with pytest.raises(ValueError, match='uint8'):
     synthetic.write_mp4(tmp_path / 'x.mp4', np.zeros((2, 16, 16, 3), np.float32))
+  with pytest.raises(ValueError, match='no default layout for 3 channels'):
+    synthetic.write_mp4(tmp_path / 'x.mp4', audio=np.zeros((3, 4410), np.float32))
   with pytest.raises(ValueError, match='even'):
     synthetic.generate_dataset(tmp_path, 1, width=95)
   with pytest.raises(ValueError, match='num_clips'):

@@ -40,6 +40,7 @@ TIMBRES = ('sine', 'odd harmonics', 'all harmonics', 'bell')
 MOTIONS = ('horizontal', 'vertical', 'circular', 'diagonal')
 NOTE_RATES_HZ = (1.0, 1.5, 2.0, 3.0, 4.0)
 _AUDIO_FRAME_SAMPLES = 1024
+_DEFAULT_LAYOUTS = {1: 'mono', 2: 'stereo', 6: '5.1'}
 
 
 # ----------------------------------------------------------------------------------------
@@ -84,7 +85,9 @@ def write_mp4(path: str | os.PathLike,
       audio = np.asarray(audio, np.float32)
       if audio.ndim != 2:
         raise ValueError(f'audio must be [channels, samples], got shape {audio.shape}')
-      layout = audio_layout or {1: 'mono', 2: 'stereo', 6: '5.1'}[audio.shape[0]]
+      layout = audio_layout or _DEFAULT_LAYOUTS.get(audio.shape[0])
+      if layout is None:
+        raise ValueError(f'no default layout for {audio.shape[0]} channels; pass audio_layout')
       # The fast coder without the optional coding tools is about 4x quicker than ffmpeg's
       # default; synthetic sound does not need the quality.
       audio_stream = container.add_stream(
