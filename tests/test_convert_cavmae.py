@@ -45,6 +45,9 @@ def test_pretraining_checkpoint_to_finetuning_model_with_new_head():
   assert report.dropped["mask_token"].startswith("decoder")
   assert set(report.kept_init) == {"mlp_head_0/scale", "mlp_head_0/bias", "mlp_head_1/kernel",
                                    "mlp_head_1/bias"}
+  summary = report.summary()
+  assert "decoder_blocks_*/* (20 arrays)  (decoder, not part of the target (fine-tuning) model)" in summary
+  assert "mlp_head_*/* (4 arrays)  (new classification head)" in summary
 
 
 def test_pretraining_checkpoint_without_new_head_names_the_head():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ class ConversionReport:
     for title, entries in (("kept at init", self.kept_init), ("dropped from the source", self.dropped)):
       if entries:
         lines.append(f"{title}: {len(entries)}")
-        lines.extend(f"  {key}  ({why})" for key, why in sorted(entries.items()))
+        lines.extend(f"  {name}  ({why})" for name, why in _grouped_by_module(entries))
     if self.unexpected:
       lines.append(f"unexpected (no rule, not used): {len(self.unexpected)}")
       lines.extend(f"  {key}" for key in self.unexpected)
@@ -36,6 +37,16 @@ class ConversionReport:
       lines.append(f"cast to the target dtype: {', '.join(self.cast)}")
     lines.extend(f"note: {n}" for n in self.notes)
     return "\n".join(lines)
+
+
+def _grouped_by_module(entries: Mapping[str, str]) -> list[tuple[str, str]]:
+  """[(name, reason)]: arrays of one module family with one reason become 'blocks_a_*/* (n arrays)'."""
+  groups: dict[tuple[str, str], list[str]] = {}
+  for key, why in sorted(entries.items()):
+    family = re.sub(r"_\d+$", "_*", key.split("/")[0])
+    groups.setdefault((family, why), []).append(key)
+  return [(keys[0] if len(keys) == 1 else f"{module}/* ({len(keys)} arrays)", why)
+          for (module, why), keys in groups.items()]
 
 
 def check_no_unexpected(report: ConversionReport, allow_unexpected: bool) -> None:
