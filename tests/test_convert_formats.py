@@ -130,3 +130,17 @@ def test_atomic_output_leaves_nothing_on_error(tmp_path):
         f.write(b"partial")
       raise RuntimeError("boom")
   assert os.listdir(tmp_path) == []
+
+
+def test_load_params_into_an_abstract_sharded_target(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  params = {"norm": {"scale": np.arange(8, dtype=np.float32)}, "modality_a": np.ones((1, 1, 8), np.float32)}
+  io.save_params(tmp_path / "ckpt", params)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  restored = io.load_params(tmp_path / "ckpt", target)
+  assert isinstance(restored["norm"]["scale"], jax.Array)
+  assert restored["norm"]["scale"].sharding == replicated
+  np.testing.assert_array_equal(restored["norm"]["scale"], params["norm"]["scale"])
