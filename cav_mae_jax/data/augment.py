@@ -124,7 +124,7 @@ def _split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
 
 @register("choose_frame")
 def choose_frame(index: int | None = None, num_frames: int = 10) -> PreprocessOp:
-  """Selects one of `frames` into `frame_jpeg` and `frame_index`: frame `index`, or uniform if None."""
+  """Picks frame `index` (uniformly random if None) of `frames` into `frame_jpeg`, `frame_index`."""
   if index is not None and not 0 <= index < num_frames:
     raise ValueError(f"choose_frame: index {index} outside [0, {num_frames})")
 

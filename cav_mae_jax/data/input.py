@@ -1,7 +1,8 @@
 """tf.data input pipeline: clip records -> host-local batch dicts of numpy arrays.
 
 Records of a split live in one directory (`index.json` beside the shards, see `records.py`):
-`config.data.train_dir` for split "train", `config.data.eval_dir` for split "eval". Each process reads a disjoint, deterministic subset of the shard files
+`config.data.train_dir` for split "train", `config.data.eval_dir` for split "eval". Each
+process reads a disjoint, deterministic subset of the shard files
 (`files[process_index::process_count]`) and yields batches of `batch_size // process_count`
 clips, as the DESIGN.md batch dict:
 
@@ -83,8 +84,8 @@ _OUTPUT_KEYS = ("audio", "image", "label", "valid", "frame_index")
 class DataConfig:
   """Validated view of `config.data` plus the model's input shapes."""
 
-  train_dir: str
   batch_size: int
+  train_dir: str = ""
   eval_dir: str = ""
   shuffle_buffer: int = 2048
   eval_frame: int = 5
@@ -113,9 +114,8 @@ class DataConfig:
     unknown = sorted(set(data) - set(known))
     if unknown:
       raise ValueError(f"config.data: unknown field(s) {unknown}; known: {known}")
-    for required in ("train_dir", "batch_size"):
-      if data.get(required) is None:
-        raise ValueError(f"config.data.{required} is required")
+    if data.get("batch_size") is None:
+      raise ValueError("config.data.batch_size is required")
     values = {k: v for k, v in data.items()}
     for name in MODEL_FIELDS:
       if name in model:
@@ -130,8 +130,9 @@ class DataConfig:
     def fail(field: str, why: str) -> None:
       raise ValueError(f"config.data.{field}={getattr(self, field)!r}: {why}")
 
-    if not isinstance(self.train_dir, str) or not self.train_dir:
-      fail("train_dir", "must be a directory path")
+    for field in ("train_dir", "eval_dir"):
+      if not isinstance(getattr(self, field), str):
+        fail(field, "must be a directory path (a string)")
     if not isinstance(self.batch_size, int) or self.batch_size <= 0:
       fail("batch_size", "must be a positive int")
     if self.shuffle_buffer < 1:
@@ -392,9 +393,10 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   """This process's batches of `split` as a tf.data.Dataset of dicts (see the module doc).
 
   `training` defaults to `split == "train"`; `batch_size` (global) overrides
-  config.data.batch_size, e.g. with config.eval.batch_size for evaluation. Training batches also carry `_epoch` and
-  `_position` [B] (where each clip sits in the stream, for `InputPipeline`'s state); the stream
-  starts at clip `start_position` of epoch `start_epoch`, numbering batches from `start_batch`.
+  config.data.batch_size, e.g. with config.eval.batch_size for evaluation. Training batches
+  also carry `_epoch` and `_position` [B] (where each clip sits in the stream, for
+  `InputPipeline`'s state); the stream starts at clip `start_position` of epoch `start_epoch`,
+  numbering batches from `start_batch`.
   """
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training
