@@ -1,0 +1,93 @@
+"""Masking: exact kept counts, structured modes, per-sample/per-key randomness, explicit noise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cav_mae_jax.models import masking
+
+GRID = (8, 64)  # audio grid of the paper's model: 8 frequency rows x 64 time columns
+L = GRID[0] * GRID[1]
+
+
+def _mask(key, mode, ratio, batch=6):
+  noise = masking.mask_noise(key, batch, GRID, ratio, mode)
+  x = jnp.arange(batch * L, dtype=jnp.float32).reshape(batch, L, 1)
+  kept, mask, ids_restore = masking.random_masking(x, noise, masking.num_kept(L, ratio))
+  return noise, np.asarray(kept), np.asarray(mask), np.asarray(ids_restore)
+
+
+@pytest.mark.parametrize("mode", masking.MASK_MODES)
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75, 0.9])
+def test_kept_count_is_exact_in_every_mode(mode, ratio):
+  _, kept, mask, _ = _mask(jax.random.key(0), mode, ratio)
+  keep = int(L * (1 - ratio))
+  assert kept.shape[1] == keep
+  np.testing.assert_array_equal(mask.sum(axis=1), L - keep)
+
+
+def test_kept_tokens_are_the_unmasked_ones_and_restore_inverts():
+  _, kept, mask, ids_restore = _mask(jax.random.key(1), "unstructured", 0.75)
+  for b in range(kept.shape[0]):
+    kept_positions = kept[b, :, 0] - b * L
+    np.testing.assert_array_equal(np.sort(kept_positions), np.flatnonzero(mask[b] == 0))
+  x = jnp.arange(L, dtype=jnp.float32)[None, :, None].repeat(2, 0)
+  noise = masking.mask_noise(jax.random.key(2), 2, GRID, 0.75, "unstructured")
+  kept2, _, restore = masking.random_masking(x, noise, 128)
+  full = masking.restore_with_mask_tokens(kept2, jnp.full((1, 1, 1), -1.0), restore)
+  visible = np.asarray(full[..., 0]) >= 0
+  np.testing.assert_array_equal(np.asarray(full[..., 0])[visible], np.nonzero(visible)[1])
+
+
+def test_time_mode_removes_whole_columns():
+  _, _, mask, _ = _mask(jax.random.key(3), "time", 0.75)
+  grid = mask.reshape(-1, *GRID)
+  column_removed = grid.min(axis=1) == 1
+  assert (column_removed.sum(axis=1) == int(64 * 0.75)).all()
+  # Every removed token lies in a fully removed column.
+  assert (grid == column_removed[:, None, :]).all()
+
+
+def test_freq_mode_removes_whole_rows():
+  _, _, mask, _ = _mask(jax.random.key(4), "freq", 0.75)
+  grid = mask.reshape(-1, *GRID)
+  row_removed = grid.min(axis=2) == 1
+  assert (row_removed.sum(axis=1) == int(8 * 0.75)).all()
+  assert (grid == row_removed[:, :, None]).all()
+
+
+def test_tf_mode_lifts_rows_and_columns():
+  noise, _, mask, _ = _mask(jax.random.key(5), "tf", 0.75)
+  lifted = np.asarray(noise).reshape(-1, *GRID) >= masking.STRUCTURED_OFFSET
+  assert ((lifted.min(axis=1)).sum(axis=1) == int(64 * 0.75 * 0.7)).all()
+  assert ((lifted.min(axis=2)).sum(axis=1) == int(8 * 0.75 * 0.7)).all()
+  # Every token not in a lifted row/column is kept (there are fewer of them than keep slots).
+  assert (mask.reshape(-1, *GRID)[~lifted] == 0).all()
+
+
+@pytest.mark.parametrize("mode", masking.MASK_MODES)
+def test_masks_differ_across_samples_and_keys(mode):
+  _, _, mask_a, _ = _mask(jax.random.key(6), mode, 0.75)
+  _, _, mask_b, _ = _mask(jax.random.key(7), mode, 0.75)
+  distinct = len({row.tobytes() for row in mask_a})
+  # `freq` has only C(8, 6) = 28 possible masks, so repeats within a batch are expected there.
+  assert distinct == mask_a.shape[0] if mode != "freq" else distinct >= 3
+  assert not np.array_equal(mask_a, mask_b)
+  _, _, mask_c, _ = _mask(jax.random.key(6), mode, 0.75)
+  np.testing.assert_array_equal(mask_a, mask_c)
+
+
+def test_explicit_noise_reproduces_a_given_mask():
+  wanted = np.zeros((1, L), np.float32)
+  wanted[0, 100:484] = 1  # remove exactly these 384 tokens
+  noise = jnp.asarray(wanted + np.linspace(0, 0.5, L, dtype=np.float32)[None])
+  _, mask, _ = masking.random_masking(jnp.zeros((1, L, 2)), noise, masking.num_kept(L, 0.75))
+  np.testing.assert_array_equal(np.asarray(mask), wanted)
+
+
+def test_masking_is_jittable_and_vectorized():
+  fn = jax.jit(lambda key: masking.mask_noise(key, 32, GRID, 0.75, "tf"))
+  assert fn(jax.random.key(0)).shape == (32, L)
+  with pytest.raises(ValueError, match="mask mode"):
+    masking.mask_noise(jax.random.key(0), 2, GRID, 0.75, "checkerboard")

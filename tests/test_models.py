@@ -1,0 +1,232 @@
+"""Model family: parameter counts, variants, dtypes, and input/config validation."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cav_mae_jax import models
+from cav_mae_jax.models import CAVMAE, CAVMAEFT, ModelConfig, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small inputs and two encoder blocks (one modality-specific, one joint) keep compile time low.
+SMALL = dict(audio_length=64, image_size=32, encoder_depth=2, modality_specific_depth=1)
+
+
+def _cfg(**overrides) -> ModelConfig:
+  return ModelConfig.from_config(model_config("tiny", **{**SMALL, **overrides}))
+
+
+def _inputs(cfg: ModelConfig, batch: int = 4, seed: int = 0):
+  ka, kv = jax.random.split(jax.random.key(seed))
+  audio = jax.random.normal(ka, (batch, cfg.audio_length, cfg.num_mel_bins))
+  image = jax.random.normal(kv, (batch, cfg.image_size, cfg.image_size, 3))
+  return audio, image
+
+
+def _init(model, audio, image):
+  return jax.jit(model.init)({"params": jax.random.key(0), "mask": jax.random.key(1)}, audio, image)
+
+
+def _init_and_run(model, audio, image, **kwargs):
+  """Initializes and runs a pretraining model in one compiled function (one compile per test)."""
+  @jax.jit
+  def run(audio, image):
+    variables = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, audio, image)
+    return variables["params"], model.apply(variables, audio, image, rngs={"mask": jax.random.key(2)},
+                                            **kwargs)
+  return run(audio, image)
+
+
+# ---- Parameter counts of the paper's model (eval_shape only; nothing is materialized). ----
+
+@pytest.fixture(scope="module")
+def base_shapes():
+  return models.param_shapes(model_config("base"))
+
+
+def test_base_pretraining_counts_match_original(base_shapes):
+  mask = models.trainable_mask(base_shapes, model_config("base"))
+  assert models.count_params(base_shapes) == 191_036_160
+  assert round(models.count_params(base_shapes, mask) / 1e6, 2) == 190.13
+  decoder = {k: v for k, v in base_shapes.items() if k.startswith("decoder") or k == "mask_token"}
+  encoder = {k: v for k, v in base_shapes.items() if k not in decoder}
+  assert round(models.count_params(encoder) / 1e6, 2) == 164.50
+  assert round(models.count_params(decoder) / 1e6, 2) == 26.54
+
+
+def test_base_finetuning_count_matches_original():
+  shapes = models.param_shapes(model_config("base", num_classes=527, trainable_pos_embed=True),
+                               finetune=True)
+  assert round(models.count_params(shapes) / 1e6, 3) == 164.907
+  assert shapes["mlp_head_1"]["kernel"].shape == (768, 527)
+
+
+def test_every_block_owns_six_layer_norms(base_shapes):
+  for name in ("blocks_a_0", "blocks_v_10", "blocks_u_0", "decoder_blocks_7"):
+    block = base_shapes[name]
+    assert {"norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v", "attn", "mlp"} == set(block)
+  assert base_shapes["blocks_a_0"]["attn"]["qkv"]["kernel"].shape == (768, 2304)
+  assert base_shapes["patch_embed_a"]["proj"]["kernel"].shape == (16, 16, 1, 768)
+  assert base_shapes["pos_embed_a"].shape == (1, 512, 768)
+  assert base_shapes["decoder_pred_v"]["kernel"].shape == (512, 768)
+
+
+def test_model_summary_tool_prints_total_last():
+  result = subprocess.run([sys.executable, str(ROOT / "tools/model_summary.py"),
+                           "--config", str(ROOT / "configs/finetune.py") + ":base"],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+  lines = result.stdout.strip().splitlines()
+  assert lines[-1] == "total_params 164907023"
+  assert lines[-2] == "trainable_params 164907023"
+
+
+# ---- Behaviour on tiny models. ----
+
+def test_pos_embed_matches_reference_formula():
+  from cav_mae_jax.models.pos_embed import sincos_2d
+  dim, rows, cols = 16, 8, 64
+  table = sincos_2d(dim, rows, cols)
+  k = 3 * cols + 5  # row 3, column 5
+  w = 10000.0 ** (-np.arange(dim // 4) / (dim / 4))
+  e = lambda p: np.concatenate([np.sin(p * w), np.cos(p * w)])
+  np.testing.assert_allclose(table[k], np.concatenate([e(5), e(3)]).astype(np.float32), atol=1e-7)
+  assert table.dtype == np.float32
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  cfg = _cfg()
+  return _init(CAVMAE(cfg), *_inputs(cfg))["params"]
+
+
+def test_pretraining_outputs_and_fixed_pos_embeds_get_no_gradient(tiny_params):
+  cfg = _cfg()
+  audio, image = _inputs(cfg)
+  model = CAVMAE(cfg)
+  params = tiny_params
+  loss_fn = lambda p: model.apply({"params": p}, audio, image, rngs={"mask": jax.random.key(2)})["loss"]
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  assert float(jnp.abs(grads["pos_embed_a"]).max()) == 0.0
+  assert float(jnp.abs(grads["decoder_pos_embed_v"]).max()) == 0.0
+  assert float(jnp.abs(grads["modality_a"]).max()) > 0.0
+  mask = models.trainable_mask(params, cfg)
+  assert not mask["pos_embed_v"] and mask["blocks_a_0"]["attn"]["qkv"]["kernel"]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_losses(tiny_params):
+  cfg16 = _cfg(dtype="bfloat16")
+  audio, image = _inputs(cfg16)
+  variables = {"params": tiny_params}
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  out16 = jax.jit(lambda v: CAVMAE(cfg16).apply(v, audio, image, rngs={"mask": jax.random.key(3)}))(variables)
+  out32 = jax.jit(lambda v: CAVMAE(_cfg()).apply(v, audio, image, rngs={"mask": jax.random.key(3)}))(variables)
+  for key in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc"):
+    assert out16[key].dtype == jnp.float32
+  assert abs(float(out16["loss"]) - float(out32["loss"])) < 0.05 * float(out32["loss"])
+  assert float(out16["loss"]) != float(out32["loss"])  # bf16 really changed the compute
+
+
+@pytest.mark.parametrize("variant, overrides, decoder, contrast", [
+    ("cav_mae", {}, True, True),
+    ("av_mae", dict(lambda_c=0.0), True, False),
+    ("vanilla_av_mae", dict(lambda_c=0.0, modality_specific_depth=0), True, False),
+    ("cav", dict(lambda_mae=0.0), False, True),
+    ("audio_mae", dict(modalities="audio", lambda_c=0.0, modality_specific_depth=0), True, False),
+    ("visual_mae", dict(modalities="visual", lambda_c=0.0, modality_specific_depth=0), True, False),
+])
+def test_variants(variant, overrides, decoder, contrast):
+  cfg = _cfg(**overrides)
+  audio, image = _inputs(cfg)
+  params, out = _init_and_run(CAVMAE(cfg), audio, image)
+  assert any(k.startswith("decoder") for k in params) == decoder
+  assert (float(out["loss_c"]) > 0) == contrast
+  assert (float(out["loss_mae"]) > 0) == decoder
+  np.testing.assert_allclose(float(out["loss"]), float(out["loss_mae"]) + float(out["loss_c"]), rtol=1e-6)
+  if variant == "vanilla_av_mae":
+    assert not any(k.startswith("blocks_a") for k in params)
+    assert sum(k.startswith("blocks_u") for k in params) == cfg.encoder_depth
+  if variant == "audio_mae":
+    assert "patch_embed_v" not in params and float(out["loss_mae_v"]) == 0.0
+  if variant == "visual_mae":
+    assert "patch_embed_a" not in params and float(out["loss_mae_a"]) == 0.0
+
+
+def test_finetuning_modes_and_features():
+  cfg = _cfg(num_classes=7, trainable_pos_embed=True)
+  audio, image = _inputs(cfg)
+  model = CAVMAEFT(cfg)
+
+  @jax.jit
+  def run(audio, image):
+    variables = model.init(jax.random.key(0), audio, image)
+    # Freshly initialized LayerNorms are all identical; make the joint and audio norms differ.
+    variables["params"]["norm_a"]["bias"] = variables["params"]["norm_a"]["bias"] + 0.5
+    logits = {mode: model.apply(variables, audio, image, mode=mode) for mode in models.FT_MODES}
+    logits["audio_alone"] = model.apply(variables, audio, None, mode="audioonly")
+    logits["video_alone"] = model.apply(variables, None, image, mode="missingvideoonly")
+    return logits, model.apply(variables, audio, image, method="features")
+
+  logits, (a, v) = run(audio, image)
+  for mode in models.FT_MODES:
+    assert logits[mode].shape == (4, 7) and logits[mode].dtype == jnp.float32
+  # Single-modality modes ignore the other modality entirely.
+  np.testing.assert_allclose(logits["audio_alone"], logits["audioonly"], rtol=1e-6)
+  np.testing.assert_allclose(logits["video_alone"], logits["missingvideoonly"], rtol=1e-6)
+  assert not np.allclose(logits["multimodal"], logits["audioonly"])
+  assert not np.allclose(logits["missingaudioonly"], logits["audioonly"])
+  assert a.shape == (4, cfg.num_audio_patches, cfg.embed_dim) and v.shape == (4, cfg.num_image_patches, cfg.embed_dim)
+
+
+def test_inpaint_returns_reconstructions_and_masks():
+  cfg = _cfg(norm_pix_loss=False)
+  audio, image = _inputs(cfg)
+  _, out = _init_and_run(CAVMAE(cfg), audio, image, method="inpaint")
+  assert out["pred_a"].shape == (4, cfg.num_audio_patches, 256)
+  assert out["pred_v"].shape == (4, cfg.num_image_patches, 768)
+  assert out["mask_a"].shape == (4, cfg.num_audio_patches)
+
+
+# ---- Bad input: ValueError naming the field, raised in Python before any tracing. ----
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(mask_ratio_a=1.0), "mask_ratio_a"),
+    (dict(mask_ratio_v=-0.1), "mask_ratio_v"),
+    (dict(mask_mode_a="diagonal"), "mask_mode_a"),
+    (dict(ft_mode="bimodal"), "ft_mode"),
+    (dict(audio_length=1000), "audio_length"),
+    (dict(num_heads=5), "num_heads"),
+    (dict(modality_specific_depth=3), "modality_specific_depth"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(lambda_c=0.0, lambda_mae=0.0), "lambda_c"),
+    (dict(modalities="audio"), "lambda_c"),
+    (dict(contrast_group_size=-2), "contrast_group_size"),
+    (dict(mask_ratio_a="0.75"), "mask_ratio_a"),
+    (dict(dropout=0.1), "dropout"),
+])
+def test_bad_config_names_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field):
+    model_config("tiny", **overrides)
+
+
+def test_bad_inputs_name_the_field():
+  cfg = _cfg(contrast_group_size=3)
+  model = CAVMAE(cfg)
+  audio, image = _inputs(cfg, batch=6)
+  rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
+  with pytest.raises(ValueError, match="audio_length"):
+    model.init(rngs, audio[:, :48], image)
+  with pytest.raises(ValueError, match="num_mel_bins"):
+    model.init(rngs, audio[:, :, :64], image)
+  with pytest.raises(ValueError, match="image_size"):
+    model.init(rngs, audio, image[:, :16, :16])
+  with pytest.raises(ValueError, match="contrast_group_size"):
+    model.init(rngs, audio[:4], image[:4])
+  with pytest.raises(ValueError, match="fine-tuning mode"):
+    CAVMAEFT(_cfg()).init(jax.random.key(0), audio, image, mode="stereo")
+  with pytest.raises(ValueError, match="image is required"):
+    CAVMAEFT(_cfg()).init(jax.random.key(0), audio, None, mode="videoonly")
