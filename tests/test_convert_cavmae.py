@@ -117,11 +117,6 @@ def test_learned_temperature_is_kept_at_init_and_left_out_of_the_export():
   assert set(back) == set(original_shapes(TINY))
 
 
-def test_finetuned_state_dict_is_recognized():
-  assert cavmae_checkpoint.is_finetuned_state_dict(_released(TINY_FT))
-  assert not cavmae_checkpoint.is_finetuned_state_dict(_released(TINY))
-
-
 def test_eval_export_casts_floats(tmp_path):
   from cav_mae_jax.convert import io  # pylint: disable=import-outside-toplevel
   params, _ = cavmae_checkpoint.cavmae_to_params(_released(TINY_FT), _init(TINY_FT))

@@ -197,3 +197,29 @@ def test_rules_at_real_vit_base_shapes():
   rgb = mae["patch_embed.proj.weight"]
   np.testing.assert_array_equal(mapped["patch_embed_a.proj.weight"][0][:, 0],
                                 rgb[:, 0] + rgb[:, 1] + rgb[:, 2])
+
+
+def _without_decoder(state_dict):
+  return {k: v for k, v in state_dict.items() if not (k.startswith("decoder_") or k == "mask_token")}
+
+
+def test_contrastive_only_target_drops_the_decoder():
+  """CAV (lambda_mae=0) has no decoder: the MAE decoder is dropped, not an error."""
+  mae = _random(mae_shapes(TINY), seed=11)
+  init = sd.torch_to_flax(_without_decoder(random_state_dict(TINY, seed=12)))
+  params, report = imagenet_mae.imagenet_mae_to_params(mae, init)
+  assert "decoder_embed" not in params
+  assert report.dropped["decoder_embed.weight -> decoder_embed/kernel"] == "not a parameter of this model variant"
+  assert not report.unexpected
+
+
+def test_shared_encoder_target_puts_every_block_in_the_joint_stack():
+  """Vanilla AV-MAE (modality_specific_depth=0): all MAE blocks become joint blocks."""
+  shared = dataclasses.replace(TINY, modality_specific_depth=0)
+  mae = _random(mae_shapes(shared), seed=13)
+  params, _ = imagenet_mae.imagenet_mae_to_params(mae, sd.torch_to_flax(random_state_dict(shared, seed=14)))
+  assert not any(name.startswith(("blocks_a", "blocks_v")) for name in params)
+  for i in range(shared.encoder_depth):
+    np.testing.assert_array_equal(params[f"blocks_u_{i}"]["norm1_a"]["scale"], mae[f"blocks.{i}.norm1.weight"])
+    np.testing.assert_array_equal(params[f"blocks_u_{i}"]["attn"]["qkv"]["kernel"],
+                                  mae[f"blocks.{i}.attn.qkv.weight"].T)

@@ -8,7 +8,6 @@ Every other target parameter must come from the checkpoint with the same shape.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,7 +117,3 @@ def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
 def _abbreviate(names: list[str], limit: int = 24) -> list[str]:
   return names if len(names) <= limit else [*names[:limit], f"... ({len(names) - limit} more)"]
 
-
-def is_finetuned_state_dict(state_dict: Mapping[str, np.ndarray]) -> bool:
-  """True for a CAVMAEFT state dict (has the mlp_head classifier)."""
-  return any(re.match(r"^(module\.)?mlp_head\.", k) for k in state_dict)

@@ -7,6 +7,7 @@ NumPy arrays with their stored dtype (bfloat16 via ml_dtypes, bit-exact).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
 import struct
@@ -130,32 +131,36 @@ def _read_npz(path: str | os.PathLike) -> StateDict:
 
 def _read_safetensors(path: str | os.PathLike) -> StateDict:
   """Parses a safetensors file (format: u64 header size, JSON header, raw little-endian data)."""
-  with open(path, "rb") as f:
-    data = f.read()
-  header_len = struct.unpack("<Q", data[:8])[0]
-  start = 8 + header_len
-  try:
-    header = json.loads(data[8:start])
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointFileError(path, f"corrupt safetensors header ({e})") from e
-  header.pop("__metadata__", None)
-  state_dict = {}
-  for key, info in header.items():
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-    if dtype is None:
-      raise CheckpointFileError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if start + end > len(data):
-      raise CheckpointFileError(
-          path, f"truncated safetensors file: tensor {key!r} ends at byte {start + end}, "
-          f"file has {len(data)}")
-    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-      raise CheckpointFileError(path, f"tensor {key!r}: byte range does not match shape {shape}")
-    raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=int(np.prod(shape)),
-                        offset=start + begin)
-    state_dict[key] = raw.reshape(shape).astype(dtype, copy=True)
-  return state_dict
+  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    header_len = struct.unpack("<Q", data[:8])[0]
+    start = 8 + header_len
+    try:
+      header = json.loads(data[8:start])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointFileError(path, f"corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    state_dict = {}
+    for key, info in header.items():
+      state_dict[key] = _safetensors_array(path, key, info, data, start)
+    return state_dict
+
+
+def _safetensors_array(path: str | os.PathLike, key: str, info: Mapping[str, object],
+                       data: mmap.mmap, start: int) -> np.ndarray:
+  dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+  if dtype is None:
+    raise CheckpointFileError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+  begin, end = info["data_offsets"]
+  shape = tuple(info["shape"])
+  count = int(np.prod(shape))
+  if start + end > len(data):
+    raise CheckpointFileError(
+        path, f"truncated safetensors file: tensor {key!r} ends at byte {start + end}, "
+        f"file has {len(data)}")
+  if end - begin != count * np.dtype(dtype).itemsize:
+    raise CheckpointFileError(path, f"tensor {key!r}: byte range does not match shape {shape}")
+  raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=start + begin)
+  return raw.reshape(shape).astype(dtype, copy=True)
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
