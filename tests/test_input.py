@@ -113,9 +113,9 @@ def test_host_file_indices_are_disjoint_and_cover_all():
 def test_eval_keeps_every_clip_once_across_processes(record_dirs):
   config = make_config(record_dirs)
   seen, batch_counts = [], []
-  for process in range(3):
-    pipeline = input_lib.InputPipeline(config, "eval", process_index=process, process_count=3,
-                                       batch_size=3)
+  for process in range(4):  # 3 shard files: process 3 has none and yields only padding
+    pipeline = input_lib.InputPipeline(config, "eval", process_index=process, process_count=4,
+                                       batch_size=4)
     batches = list(pipeline)
     batch_counts.append(len(batches))
     assert len(batches) == pipeline.num_batches
@@ -129,7 +129,7 @@ def test_eval_keeps_every_clip_once_across_processes(record_dirs):
       np.testing.assert_array_equal(batch["frame_index"][batch["valid"]], 5)
   assert sorted(seen) == list(range(7))
   # Shards hold 3, 2, 2 clips: every process yields 3 batches of 1, padding the short ones.
-  assert batch_counts == [3, 3, 3]
+  assert batch_counts == [3, 3, 3, 3]
 
 
 def test_eval_pads_the_last_batch_and_labels_are_multi_hot(record_dirs):

@@ -439,7 +439,9 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
         parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
-    clips = tf.data.TFRecordDataset(list(split_files.files)).map(
+    # A process may hold no shard at all (more processes than files): it yields padding only.
+    files = tf.constant(split_files.files, tf.string, shape=[len(split_files.files)])
+    clips = tf.data.TFRecordDataset(files).map(
         lambda serialized: parse(serialized, base_seed), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True)
     total = num_eval_batches(split_files, host_batch) * host_batch
