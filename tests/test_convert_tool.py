@@ -110,6 +110,13 @@ def test_bad_files_write_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match="no params checkpoint"):
     pipelines.checkpoint_to_torch(tmp_path / "missing", tmp_path / "x.pth")
   _assert_nothing_written(tmp_path, tmp_path / "x.pth")
+  with pytest.raises(ValueError, match="unknown output format '.ckpt'"):
+    pipelines.checkpoint_to_torch(tmp_path / "missing", tmp_path / "x.ckpt")
+  existing = tmp_path / "taken"
+  existing.mkdir()
+  with pytest.raises(FileExistsError, match="already exists"):
+    pipelines.cavmae_to_checkpoint(src, existing, PRETRAIN, finetune=False)
+  assert not os.listdir(existing)
 
 
 def _cli(*args):

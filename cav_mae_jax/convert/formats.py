@@ -165,19 +165,26 @@ def _safetensors_array(path: str | os.PathLike, key: str, info: Mapping[str, obj
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
   """Writes a flat state dict; the format follows the suffix (.pth/.pt, .safetensors, .npz)."""
-  suffix = os.fspath(path).rsplit(".", 1)[-1].lower()
+  kind = output_format(path)
   arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
-  if suffix in ("pth", "pt"):
+  if kind == "pth":
     _write_pth(path, arrays)
-  elif suffix == "safetensors":
+  elif kind == "safetensors":
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file(arrays, os.fspath(path))
-  elif suffix == "npz":
+  else:
     with open(path, "wb") as f:
       np.savez(f, **arrays)
-  else:
+
+
+def output_format(path: str | os.PathLike) -> str:
+  """Returns 'pth', 'safetensors' or 'npz' from an output path's suffix."""
+  suffix = os.fspath(path).rsplit(".", 1)[-1].lower()
+  kinds = {"pth": "pth", "pt": "pth", "safetensors": "safetensors", "npz": "npz"}
+  if suffix not in kinds:
     raise ValueError(f"{os.fspath(path)}: unknown output format '.{suffix}' "
                      "(use .pth, .safetensors or .npz)")
+  return kinds[suffix]
 
 
 def _write_pth(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:

@@ -15,15 +15,22 @@ import orbax.checkpoint as ocp
 MODEL_CONFIG_FILE = "model_config.json"
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling path; renames it to `path` only if the block succeeds."""
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
+  """Returns the absolute output path; raises if it exists (unless overwrite) or has no parent."""
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f"{path}: output already exists (pass overwrite=True to replace it)")
   parent = os.path.dirname(path)
   if not os.path.isdir(parent):
     raise FileNotFoundError(f"{path}: parent directory {parent} does not exist")
+  return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling path; renames it to `path` only if the block succeeds."""
+  path = check_output_path(path, overwrite=overwrite)
+  parent = os.path.dirname(path)
   scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
   staged = os.path.join(scratch, os.path.basename(path))
   try:

@@ -32,6 +32,7 @@ def imagenet_mae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, m
                                seed: int = 0, allow_unexpected: bool = False,
                                overwrite: bool = False) -> report_lib.ConversionReport:
   """ImageNet MAE file -> CAV-MAE pretraining params checkpoint (init values where MAE has none)."""
+  io.check_output_path(out, overwrite=overwrite)  # fail before any work
   state_dict = formats.read_state_dict(src)
   init = target.init_params(model_config, finetune=False, seed=seed)
   params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init, allow_unexpected=allow_unexpected)
@@ -45,6 +46,7 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
                          seed: int = 0, allow_unexpected: bool = False,
                          overwrite: bool = False) -> report_lib.ConversionReport:
   """Released CAV-MAE file (pretrained or fine-tuned) -> our params checkpoint."""
+  io.check_output_path(out, overwrite=overwrite)  # fail before any work
   state_dict = formats.read_state_dict(src)
   config = models.ModelConfig.from_config(model_config)
   needs_init = new_head or config.learnable_temperature
@@ -60,6 +62,8 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
 def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, module_prefix: bool = False,
                         overwrite: bool = False) -> list[str]:
   """Our params checkpoint -> a .pth / .safetensors / .npz state dict in the original's layout."""
+  io.check_output_path(out, overwrite=overwrite)  # fail before any work
+  formats.output_format(out)
   params = io.load_params(src)
   state_dict, notes = export.to_original_state_dict(params, module_prefix=module_prefix)
   with io.atomic_output(out, overwrite=overwrite) as staged:
@@ -72,6 +76,7 @@ def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *,
                               model_config: Mapping[str, Any] | None = None,
                               overwrite: bool = False) -> None:
   """Params checkpoint -> params-only export in `dtype` with its model config JSON beside it."""
+  io.check_output_path(out, overwrite=overwrite)  # fail before any work
   if dtype not in export.EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r} not supported (choose from {sorted(export.EXPORT_DTYPES)})")
   config = _config_dict(model_config if model_config is not None else io.load_model_config(src))
