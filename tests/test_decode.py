@@ -1,6 +1,7 @@
 """PyAV clip decoding: the original's frame choice and audio path, and every failure mode."""
 
 import fractions
+import importlib.util
 import io
 import os
 import pickle
@@ -17,6 +18,17 @@ from cav_mae_jax.data import fbank
 from cav_mae_jax.data import synthetic
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), 'data')
+
+
+def _load_make_expected():
+  spec = importlib.util.spec_from_file_location(
+      'make_expected', os.path.join(DATA_DIR, 'make_expected.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+make_expected = _load_make_expected()
 SMALL_SAMPLE = os.path.join(DATA_DIR, '00W1lcxW-WU_40.000.mp4')
 SAMPLE_RATE = 44100
 
@@ -108,6 +120,17 @@ def test_frames_are_the_ones_opencv_returns_in_the_original(name):
   assert frame_count == int(stored[f'{name}/frame_count'])
   assert _numbers(frames) == stored[f'{name}/numbers'].tolist()
   np.testing.assert_array_equal(indices, stored[f'{name}/numbers'])
+
+
+@pytest.mark.parametrize('name', ['numbered_12.5fps.mp4', 'b_frames.mp4', 'vfr.mp4',
+                                  'one_second.mp4', 'thirty_seconds.mp4'])
+def test_frames_match_opencv_read_the_original_way(media, name):
+  pytest.importorskip('cv2', reason='OpenCV is the original frame reader')
+  opencv = make_expected.original_frame_numbers(media[name], synthetic.read_frame_number)
+  frames, indices, fps, frame_count = decode.decode_frames(media[name])
+  assert fps == pytest.approx(opencv['fps'], rel=1e-9)
+  assert frame_count == int(opencv['frame_count'])
+  assert _numbers(frames) == indices.tolist() == opencv['numbers'].tolist()
 
 
 def test_sample_video_frames_match_the_originals_stored_frames():
