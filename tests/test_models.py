@@ -165,7 +165,7 @@ def test_finetuning_modes_and_features():
   def run(audio, image):
     variables = model.init(jax.random.key(0), audio, image)
     # Freshly initialized LayerNorms are all identical; make the joint and audio norms differ.
-    variables["params"]["norm_a"]["bias"] = variables["params"]["norm_a"]["bias"] + 0.5
+    variables["params"]["norm_a"]["bias"] = variables["params"]["norm_a"]["bias"] + jnp.linspace(-1.0, 1.0, cfg.embed_dim)
     logits = {mode: model.apply(variables, audio, image, mode=mode) for mode in models.FT_MODES}
     logits["audio_alone"] = model.apply(variables, audio, None, mode="audioonly")
     logits["video_alone"] = model.apply(variables, None, image, mode="missingvideoonly")
