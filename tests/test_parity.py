@@ -8,8 +8,9 @@ perturbed (so a dropped or transposed bias cannot hide behind zeros) and the inp
 of every stream sees low-variance tokens, where its epsilon matters. The negative controls
 (LayerNorm eps 1e-6, tanh GELU in the reference) then exceed the tolerance by orders of magnitude.
 
-Model: the tiny preset with 256 audio frames and 64 x 64 images. Configurations are covered pairwise, one compile each: every audio mask mode, norm_pix_loss on
-and off, single and bidirectional contrast, contrast groups on and off.
+Model: the tiny preset with 256 audio frames and 64 x 64 images. Two loss configurations (norm_pix_loss on/off, single/bidirectional contrast, contrast groups
+off/on), each with every audio mask mode; one jitted call per configuration also runs inpaint and
+features. The five fine-tuning modes and features run in one jitted call.
 
 Run the base-config comparison once (not part of the suite; a minute or more on CPU):
   python -m tests.test_parity --base
@@ -28,7 +29,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="parity tests compare against the PyTorch reference")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from cav_mae_jax import models  # noqa: E402
 from cav_mae_jax.convert import state_dict as sd  # noqa: E402
@@ -43,6 +43,8 @@ TOLERANCE = 1e-5
 BATCH = 4
 GROUP = 2
 EMBED_SCALE = 1e-2
+AUDIO_FT_MODES = ("multimodal", "audioonly", "missingaudioonly")
+VIDEO_FT_MODES = ("multimodal", "videoonly", "missingvideoonly")
 PRETRAIN_OUTPUTS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc", "mask_a",
                     "mask_v", "pred_a", "pred_v", "latent", "latent_a", "latent_v")
 
@@ -153,40 +155,45 @@ def assert_parity(diffs: dict[str, float]) -> None:
   assert not bad, f"outputs beyond {TOLERANCE}: {bad} (all: {diffs})"
 
 
-def run_flax_pretrain(cfg: models.ModelConfig, params: dict, audio, image, noise_a, noise_v) -> dict:
-  """Flax pretraining forward with details, plus the encoder outputs (captured final norms)."""
+INPAINT_OUTPUTS = ("pred_a", "pred_v", "mask_a", "mask_v", "loss_mae_a", "loss_mae_v")
+INPAINT_GROUP_DEPENDENT = ("inpaint/loss_mae_a", "inpaint/loss_mae_v")
+
+
+def flax_pretrain_fn(cfg: models.ModelConfig, with_features: bool = True):
+  """One jitted call: forward with details, encoder outputs (captured final norms), inpaint, features."""
   model = models.CAVMAE(cfg)
   final_norms = {"norm": "latent", "norm_a": "latent_a", "norm_v": "latent_v"}
 
-  def forward(p, a, v, na, nv):
-    out, state = model.apply({"params": p}, a, v, noise_a=na, noise_v=nv, return_details=True,
+  def run(p, audio, image, noise_a, noise_v):
+    variables = {"params": p}
+    out, state = model.apply(variables, audio, image, noise_a=noise_a, noise_v=noise_v, return_details=True,
                              capture_intermediates=lambda mdl, _: mdl.name in final_norms,
                              mutable=["intermediates"])
     captured = {name: state["intermediates"][norm]["__call__"] for norm, name in final_norms.items()}
     assert all(len(calls) == 1 for calls in captured.values()), "a final norm ran more than once"
-    return dict(out, **{name: calls[0] for name, calls in captured.items()})
+    out.update({name: calls[0] for name, calls in captured.items()})
+    inpaint = model.apply(variables, audio, image, noise_a=noise_a, noise_v=noise_v, method="inpaint")
+    out.update({f"inpaint/{k}": v for k, v in inpaint.items()})
+    if with_features:  # unmasked and independent of the loss options
+      out["features/a"], out["features/v"] = model.apply(variables, audio, image, method="features")
+    return out
 
-  return jax.device_get(jax.jit(forward)(params, audio, image, noise_a, noise_v))
+  jitted = jax.jit(run)
+  return lambda *args: jax.device_get(jitted(*args))
 
 
-def run_torch_pretrain(reference, cfg: models.ModelConfig, audio, image, noise_a, noise_v) -> dict:
-  """Reference pretraining forward, restricted to the outputs compared with Flax."""
+def torch_pretrain_outputs(reference, cfg: models.ModelConfig, audio, image, noise_a, noise_v,
+                           with_features: bool = True) -> dict:
+  """The reference's counterparts of flax_pretrain_fn's outputs (under the same names)."""
+  a, v, na, nv = to_torch(audio), nchw(image), to_torch(noise_a), to_torch(noise_v)
   with torch.no_grad():
-    out = reference.forward_details(to_torch(audio), nchw(image), noise_a=to_torch(noise_a),
-                                    noise_v=to_torch(noise_v), **reference_forward_kwargs(cfg))
-  return {k: out[k] for k in PRETRAIN_OUTPUTS}
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-# Pairwise cover: each mask mode once, each of norm_pix / bidirectional / groups on and off.
-PRETRAIN_CASES = {
-    "unstructured-normpix-single": dict(mask_mode_a="unstructured", norm_pix_loss=True),
-    "time-bidirectional": dict(mask_mode_a="time", norm_pix_loss=False, contrast_bidirectional=True),
-    "freq-normpix-bidirectional-groups": dict(mask_mode_a="freq", norm_pix_loss=True,
-                                              contrast_bidirectional=True, contrast_group_size=GROUP),
-    "tf-groups": dict(mask_mode_a="tf", norm_pix_loss=False, contrast_group_size=GROUP),
-}
+    details = reference.forward_details(a, v, noise_a=na, noise_v=nv, **reference_forward_kwargs(cfg))
+    inpaint = reference.forward_inpaint(a, v, cfg.mask_ratio_a, cfg.mask_ratio_v, noise_a=na, noise_v=nv)
+    out = {k: details[k] for k in PRETRAIN_OUTPUTS}
+    out.update({f"inpaint/{k}": t for k, t in zip(INPAINT_OUTPUTS, inpaint)})
+    if with_features:
+      out["features/a"], out["features/v"] = reference.forward_feat(a, v)
+  return out
 
 
 def tiny_config(**overrides: Any) -> models.ModelConfig:
@@ -196,111 +203,104 @@ def tiny_config(**overrides: Any) -> models.ModelConfig:
   return models.ModelConfig.from_config(models.model_config("tiny", **values))
 
 
-@pytest.fixture(scope="module")
-def pretrain_setup():
-  """Reference model, Flax params and inputs shared by the pretraining tests."""
-  cfg = tiny_config()
-  reference = build_reference(cfg)
-  params = flax_params(reference, cfg)
-  audio, image = make_inputs(cfg, BATCH)
-  return cfg, reference, params, audio, image
-
-
-@pytest.fixture(scope="module")
-def base_case(pretrain_setup):
-  """The default configuration's outputs on both sides (reused by the negative controls)."""
-  cfg, reference, params, audio, image = pretrain_setup
-  noise_a, noise_v = make_noise(cfg, BATCH, seed=1)
-  flax_out = run_flax_pretrain(cfg, params, audio, image, noise_a, noise_v)
-  torch_out = run_torch_pretrain(reference, cfg, audio, image, noise_a, noise_v)
-  return flax_out, torch_out, (noise_a, noise_v)
-
-
-@pytest.fixture(scope="module")
-def finetune_setup():
-  cfg = tiny_config(num_classes=7, trainable_pos_embed=True)
-  reference = build_reference(cfg, finetune=True, seed=3)
-  params = flax_params(reference, cfg, finetune=True)
-  audio, image = make_inputs(cfg, 2, seed=4)
-  return cfg, reference, params, audio, image
-
-
 # ----------------------------------------------------------------------------- pretraining
 
+# Two configurations cover each loss option on and off; each runs every audio mask mode. With
+# explicit noise the mask depends only on the noise (mask_mode_a picks the noise generator), so
+# one compiled function per configuration serves all four modes.
+PRETRAIN_CONFIGS = {
+    "normpix-single": dict(norm_pix_loss=True),  # also runs the features method
+    "pixels-bidirectional-groups": dict(norm_pix_loss=False, contrast_bidirectional=True,
+                                        contrast_group_size=GROUP),
+}
 
-def test_default_pretraining_forward_matches(base_case):
-  flax_out, torch_out, _ = base_case
+
+class PretrainCases:
+  """Builds the shared reference/params once and each configuration's jitted function lazily."""
+
+  def __init__(self):
+    self.cfg = tiny_config()
+    self.reference = build_reference(self.cfg)
+    self.params = flax_params(self.reference, self.cfg)
+    self.audio, self.image = make_inputs(self.cfg, BATCH)
+    self._fns: dict[str, Any] = {}
+    self._results: dict[tuple[str, str], tuple[dict, dict, tuple]] = {}
+
+  def config(self, name: str, mode: str) -> models.ModelConfig:
+    return dataclasses.replace(self.cfg, mask_mode_a=mode, **PRETRAIN_CONFIGS[name])
+
+  def run(self, name: str, mode: str) -> tuple[dict, dict, tuple]:
+    """(flax outputs, torch outputs, (noise_a, noise_v)) for one configuration and mask mode."""
+    if (name, mode) not in self._results:
+      cfg = self.config(name, mode)
+      with_features = name == "normpix-single"
+      if name not in self._fns:
+        self._fns[name] = flax_pretrain_fn(cfg, with_features)
+      noise = make_noise(cfg, BATCH, seed=models.MASK_MODES.index(mode))
+      self.reference.norm_pix_loss = cfg.norm_pix_loss  # a loss flag only; the weights are shared
+      try:
+        torch_out = torch_pretrain_outputs(self.reference, cfg, self.audio, self.image, *noise, with_features)
+      finally:
+        self.reference.norm_pix_loss = self.cfg.norm_pix_loss
+      flax_out = self._fns[name](self.params, self.audio, self.image, *noise)
+      self._results[(name, mode)] = (flax_out, torch_out, noise)
+    return self._results[(name, mode)]
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+  return PretrainCases()
+
+
+@pytest.mark.parametrize("mode", models.MASK_MODES)
+@pytest.mark.parametrize("name", list(PRETRAIN_CONFIGS))
+def test_pretraining_matches(pretrain, name, mode):
+  """Losses, c_acc, masks, reconstructions, encoder outputs, inpaint and features agree."""
+  flax_out, torch_out, _ = pretrain.run(name, mode)
+  if pretrain.config(name, mode).contrast_group_size:  # see test_inpaint_losses_ignore_groups
+    torch_out = {k: v for k, v in torch_out.items() if k not in INPAINT_GROUP_DEPENDENT}
   assert_parity(max_abs_diffs(flax_out, torch_out))
   assert float(torch_out["loss_c"]) > 0 and float(torch_out["loss_mae"]) > 0
 
 
-@pytest.mark.parametrize("case", [c for c in PRETRAIN_CASES if c != "unstructured-normpix-single"])
-def test_pretraining_variant_matches(pretrain_setup, case):
-  base_cfg, reference, params, audio, image = pretrain_setup
-  cfg = dataclasses.replace(base_cfg, **PRETRAIN_CASES[case])
-  reference.norm_pix_loss = cfg.norm_pix_loss  # a loss flag only; the weights are shared
-  try:
-    noise_a, noise_v = make_noise(cfg, BATCH, seed=2)
-    flax_out = run_flax_pretrain(cfg, params, audio, image, noise_a, noise_v)
-    torch_out = run_torch_pretrain(reference, cfg, audio, image, noise_a, noise_v)
-  finally:
-    reference.norm_pix_loss = base_cfg.norm_pix_loss
-  assert_parity(max_abs_diffs(flax_out, torch_out))
-
-
-def test_structured_noise_masks_whole_rows_or_columns(pretrain_setup):
+@pytest.mark.parametrize("mode, axis", [("time", 1), ("freq", 2), ("tf", None)])
+def test_structured_masks_remove_whole_rows_or_columns(pretrain, mode, axis):
   """The compared masks really are structured (so the mode cases test what they claim)."""
-  base_cfg = pretrain_setup[0]
-  rows, cols = base_cfg.audio_grid
-  for mode, axis in (("time", 1), ("freq", 2)):
-    cfg = dataclasses.replace(base_cfg, mask_mode_a=mode)
-    noise_a, _ = make_noise(cfg, BATCH, seed=2)
-    lifted = (np.asarray(noise_a) >= 1.0).reshape(BATCH, rows, cols)
-    whole = lifted.all(axis=axis)
-    assert whole.any(axis=1).all(), mode
-    assert (lifted == np.broadcast_to(np.expand_dims(whole, axis), lifted.shape)).all(), mode
+  _, torch_out, _ = pretrain.run("normpix-single", mode)
+  rows, cols = pretrain.cfg.audio_grid
+  mask = torch_out["mask_a"].numpy().reshape(BATCH, rows, cols).astype(bool)
+  whole_cols, whole_rows = mask.all(axis=1), mask.all(axis=2)
+  assert (whole_cols.any(axis=1) if mode != "freq" else whole_rows.any(axis=1)).all(), mode
+  if axis is not None:  # nothing but whole columns (time) or whole rows (freq) is removed
+    full = whole_cols[:, None, :] if mode == "time" else whole_rows[:, :, None]
+    assert (mask == np.broadcast_to(full, mask.shape)).all(), mode
 
 
-def test_contrast_groups_change_the_objective(pretrain_setup, base_case):
-  """Groups are a different objective: summed losses differ from the whole-batch ones."""
-  base_cfg, reference, _, audio, image = pretrain_setup
-  _, torch_whole, (noise_a, noise_v) = base_case
-  cfg = dataclasses.replace(base_cfg, contrast_group_size=GROUP)
-  torch_groups = run_torch_pretrain(reference, cfg, audio, image, noise_a, noise_v)
+@pytest.mark.xfail(strict=True, reason=(
+    "Flax CAVMAE.inpaint sums its reconstruction losses over contrast groups; the original's "
+    "forward_inpaint is called on model.module (no DataParallel split) and averages over the batch"))
+def test_inpaint_losses_ignore_groups(pretrain):
+  flax_out, torch_out, _ = pretrain.run("pixels-bidirectional-groups", "unstructured")
+  names = INPAINT_GROUP_DEPENDENT
+  assert_parity(max_abs_diffs({k: flax_out[k] for k in names}, {k: torch_out[k] for k in names}))
+
+
+def test_contrast_groups_change_the_objective(pretrain):
+  """Groups are a different objective: summed per-group losses, not whole-batch ones."""
+  _, torch_groups, noise = pretrain.run("pixels-bidirectional-groups", "unstructured")
+  cfg = dataclasses.replace(pretrain.config("pixels-bidirectional-groups", "unstructured"), contrast_group_size=0)
+  pretrain.reference.norm_pix_loss = False
+  try:
+    torch_whole = torch_pretrain_outputs(pretrain.reference, cfg, pretrain.audio, pretrain.image, *noise, False)
+  finally:
+    pretrain.reference.norm_pix_loss = pretrain.cfg.norm_pix_loss
   ratio = float(torch_groups["loss_mae"]) / float(torch_whole["loss_mae"])
-  assert abs(ratio - BATCH // GROUP) < 0.5  # roughly n_groups times the per-batch mean
+  assert abs(ratio - BATCH // GROUP) < 0.5  # about n_groups times the whole-batch mean
   assert abs(float(torch_groups["loss_c"]) - float(torch_whole["loss_c"])) > 1e-3
 
 
-def test_inpaint_matches(pretrain_setup):
-  base_cfg, reference, params, audio, image = pretrain_setup
-  cfg = dataclasses.replace(base_cfg, norm_pix_loss=False)  # the inpainting model's setting
-  reference.norm_pix_loss = False
-  try:
-    noise_a, noise_v = make_noise(cfg, BATCH, seed=5)
-    fn = jax.jit(lambda p, a, v, na, nv: models.CAVMAE(cfg).apply(
-        {"params": p}, a, v, noise_a=na, noise_v=nv, method="inpaint"))
-    flax_out = jax.device_get(fn(params, audio, image, noise_a, noise_v))
-    with torch.no_grad():
-      values = reference.forward_inpaint(to_torch(audio), nchw(image), cfg.mask_ratio_a, cfg.mask_ratio_v,
-                                         noise_a=to_torch(noise_a), noise_v=to_torch(noise_v))
-  finally:
-    reference.norm_pix_loss = base_cfg.norm_pix_loss
-  names = ("pred_a", "pred_v", "mask_a", "mask_v", "loss_mae_a", "loss_mae_v")
-  assert_parity(max_abs_diffs(flax_out, dict(zip(names, values))))
-
-
-def test_pretraining_features_match(pretrain_setup):
-  cfg, reference, params, audio, image = pretrain_setup
-  fn = jax.jit(lambda p, a, v: models.CAVMAE(cfg).apply({"params": p}, a, v, method="features"))
-  feat_a, feat_v = jax.device_get(fn(params, audio[:2], image[:2]))
-  with torch.no_grad():
-    ref_a, ref_v = reference.forward_feat(to_torch(audio[:2]), nchw(image[:2]))
-  assert_parity(max_abs_diffs({"a": feat_a, "v": feat_v}, {"a": ref_a, "v": ref_v}))
-
-
 def test_position_embedding_tables_match():
-  for dim, rows, cols in ((64, 8, 64), (32, 14, 14), (768, 8, 64)):
+  for dim, rows, cols in ((64, 8, 16), (32, 4, 4), (768, 8, 64), (512, 14, 14)):
     mine = flax_pos_embed.sincos_2d(dim, rows, cols)
     theirs = tr.sincos_pos_embed_2d(dim, rows, cols).astype(np.float32)
     np.testing.assert_array_equal(mine, theirs)
@@ -311,76 +311,100 @@ def test_position_embedding_tables_match():
 
 @pytest.mark.parametrize("change", [dict(layer_norm_eps=1e-6), dict(gelu_approximate="tanh")],
                          ids=["layernorm-eps-1e-6", "tanh-gelu"])
-def test_negative_control_breaks_parity(pretrain_setup, base_case, change):
+def test_negative_control_breaks_parity(pretrain, change):
   """The same comparison with one numerical change in the reference fails the tolerance clearly."""
-  cfg, reference, _, audio, image = pretrain_setup
-  flax_out, _, (noise_a, noise_v) = base_case
-  changed = copy_weights(reference, tr.CAVMAE(**reference_kwargs(cfg, **change)))
-  diffs = max_abs_diffs(flax_out, run_torch_pretrain(changed, cfg, audio, image, noise_a, noise_v))
-  assert max(diffs.values()) > 10 * TOLERANCE, diffs
-  assert diffs["latent"] > 10 * TOLERANCE and diffs["pred_a"] > TOLERANCE, diffs
+  flax_out, _, noise = pretrain.run("normpix-single", "unstructured")
+  cfg = pretrain.config("normpix-single", "unstructured")
+  changed = copy_weights(pretrain.reference, tr.CAVMAE(**reference_kwargs(cfg, **change)))
+  diffs = max_abs_diffs(flax_out, torch_pretrain_outputs(changed, cfg, pretrain.audio, pretrain.image, *noise))
+  for name in ("latent", "latent_a", "latent_v", "pred_a", "pred_v", "features/a", "features/v"):
+    assert diffs[name] > 10 * TOLERANCE, (name, diffs)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
 
+def flax_finetune_fn(cfg: models.ModelConfig):
+  """One jitted call: logits of every mode (absent modality passed as None) and features."""
+  model = models.CAVMAEFT(cfg)
+
+  def run(p, audio, image):
+    variables = {"params": p}
+    out = {}
+    for mode in models.FT_MODES:
+      a = audio if mode in AUDIO_FT_MODES else None
+      v = image if mode in VIDEO_FT_MODES else None
+      out[mode] = model.apply(variables, a, v, mode=mode)
+    out["features/a"], out["features/v"] = model.apply(variables, audio, image, method="features")
+    return out
+
+  jitted = jax.jit(run)
+  return lambda *args: jax.device_get(jitted(*args))
+
+
+def torch_finetune_outputs(reference, audio, image) -> dict:
+  a, v = to_torch(audio), nchw(image)
+  with torch.no_grad():
+    out = {mode: reference(a if mode in AUDIO_FT_MODES else None, v if mode in VIDEO_FT_MODES else None, mode)
+           for mode in models.FT_MODES}
+    out["features/a"], out["features/v"] = reference.forward_feat(a, v)
+  return out
+
+
+@pytest.fixture(scope="module")
+def finetune():
+  cfg = tiny_config(num_classes=7, trainable_pos_embed=True)
+  reference = build_reference(cfg, finetune=True, seed=3)
+  params = flax_params(reference, cfg, finetune=True)
+  audio, image = make_inputs(cfg, 2, seed=4)
+  return cfg, flax_finetune_fn(cfg)(params, audio, image), torch_finetune_outputs(reference, audio, image)
+
+
 @pytest.mark.parametrize("mode", models.FT_MODES)
-def test_finetuning_mode_matches(finetune_setup, mode):
-  cfg, reference, params, audio, image = finetune_setup
-  uses_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
-  uses_image = mode in ("multimodal", "videoonly", "missingvideoonly")
-  a = audio if uses_audio else None
-  v = image if uses_image else None
-  fn = jax.jit(lambda p, a, v: models.CAVMAEFT(cfg).apply({"params": p}, a, v, mode=mode))
-  logits = jax.device_get(fn(params, a, v))
-  with torch.no_grad():
-    expected = reference(None if a is None else to_torch(a), None if v is None else nchw(v), mode)
-  assert logits.shape == (audio.shape[0], cfg.num_classes)
-  assert_parity(max_abs_diffs({"logits": logits}, {"logits": expected}))
+def test_finetuning_mode_matches(finetune, mode):
+  cfg, flax_out, torch_out = finetune
+  assert flax_out[mode].shape == (2, cfg.num_classes)
+  assert_parity(max_abs_diffs({mode: flax_out[mode]}, {mode: torch_out[mode]}))
 
 
-def test_finetuning_features_match(finetune_setup):
-  cfg, reference, params, audio, image = finetune_setup
-  fn = jax.jit(lambda p, a, v: models.CAVMAEFT(cfg).apply({"params": p}, a, v, method="features"))
-  feat_a, feat_v = jax.device_get(fn(params, audio, image))
-  with torch.no_grad():
-    ref_a, ref_v = reference.forward_feat(to_torch(audio), nchw(image))
-  assert_parity(max_abs_diffs({"a": feat_a, "v": feat_v}, {"a": ref_a, "v": ref_v}))
+def test_finetuning_features_match(finetune):
+  _, flax_out, torch_out = finetune
+  names = ("features/a", "features/v")
+  assert_parity(max_abs_diffs({k: flax_out[k] for k in names}, {k: torch_out[k] for k in names}))
+
+
+def test_finetuning_modes_differ(finetune):
+  """The five modes are distinct computations (so each parity case checks its own path)."""
+  _, _, torch_out = finetune
+  logits = [torch_out[m].numpy() for m in models.FT_MODES]
+  for i in range(len(logits)):
+    for j in range(i + 1, len(logits)):
+      assert np.max(np.abs(logits[i] - logits[j])) > 1e-3, (models.FT_MODES[i], models.FT_MODES[j])
 
 
 # ----------------------------------------------------------------------------- base config (manual)
 
 
 def compare_base(batch: int = 2, seed: int = 0) -> dict[str, float]:
-  """Max abs diffs of every output for the base configs (original init, no perturbation)."""
-  diffs: dict[str, float] = {}
+  """Max abs diffs of every output for the base configs (the original's init, unperturbed)."""
   cfg = models.ModelConfig.from_config(models.model_config("base", dtype="float32"))
   torch.manual_seed(seed)
   reference = tr.CAVMAE(**reference_kwargs(cfg)).eval()
   params = flax_params(reference, cfg)
   audio, image = make_inputs(cfg, batch, seed)
-  noise_a, noise_v = make_noise(cfg, batch, seed)
-  flax_out = run_flax_pretrain(cfg, params, audio, image, noise_a, noise_v)
-  torch_out = run_torch_pretrain(reference, cfg, audio, image, noise_a, noise_v)
-  diffs.update({f"pretrain/{k}": v for k, v in max_abs_diffs(flax_out, torch_out).items()})
+  noise = make_noise(cfg, batch, seed)
+  flax_out = flax_pretrain_fn(cfg)(params, audio, image, *noise)
+  torch_out = torch_pretrain_outputs(reference, cfg, audio, image, *noise)
+  diffs = {f"pretrain/{k}": v for k, v in max_abs_diffs(flax_out, torch_out).items()}
   del reference, params, flax_out, torch_out
 
   ft_cfg = dataclasses.replace(cfg, trainable_pos_embed=True)
   torch.manual_seed(seed + 1)
   reference = tr.CAVMAEFT(ft_cfg.num_classes, **reference_kwargs(ft_cfg, True)).eval()
   params = flax_params(reference, ft_cfg, finetune=True)
-  model = models.CAVMAEFT(ft_cfg)
-  for mode in models.FT_MODES:
-    logits = jax.jit(lambda p, a, v: model.apply({"params": p}, a, v, mode=mode))(params, audio, image)
-    with torch.no_grad():
-      expected = reference(to_torch(audio), nchw(image), mode)
-    diffs[f"finetune/{mode}"] = max_abs_diffs({"x": logits}, {"x": expected})["x"]
-  feat_a, feat_v = jax.jit(lambda p, a, v: model.apply({"params": p}, a, v, method="features"))(
-      params, audio, image)
-  with torch.no_grad():
-    ref_a, ref_v = reference.forward_feat(to_torch(audio), nchw(image))
-  diffs.update({f"finetune/features_{k}": v for k, v in
-                max_abs_diffs({"a": feat_a, "v": feat_v}, {"a": ref_a, "v": ref_v}).items()})
+  flax_out = flax_finetune_fn(ft_cfg)(params, audio, image)
+  torch_out = torch_finetune_outputs(reference, audio, image)
+  diffs.update({f"finetune/{k}": v for k, v in max_abs_diffs(flax_out, torch_out).items()})
   return diffs
 
 
