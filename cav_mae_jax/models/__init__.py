@@ -39,9 +39,13 @@ def count_params(params: Any, mask: Any = None) -> int:
   return int(sum(np.prod(x.shape) for x, m in zip(leaves, jax.tree_util.tree_leaves(mask)) if m))
 
 
-def dummy_inputs(config: Any, batch_size: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-  """Abstract (audio, image) inputs of the configured shapes, for init / eval_shape."""
+def dummy_inputs(config: Any, batch_size: int | None = None) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """Abstract (audio, image) inputs of the configured shapes, for init / eval_shape.
+
+  The default batch is the smallest the model accepts (one contrastive group, or 1).
+  """
   cfg = ModelConfig.from_config(config)
+  batch_size = batch_size or cfg.contrast_group_size or 1
   audio = jax.ShapeDtypeStruct((batch_size, cfg.audio_length, cfg.num_mel_bins), np.float32)
   image = jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, 3), np.float32)
   return audio, image
