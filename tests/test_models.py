@@ -76,13 +76,16 @@ def test_every_block_owns_six_layer_norms(base_shapes):
   assert base_shapes["decoder_pred_v"]["kernel"].shape == (512, 768)
 
 
-def test_model_summary_tool_prints_total_last():
-  result = subprocess.run([sys.executable, str(ROOT / "tools/model_summary.py"),
-                           "--config", str(ROOT / "configs/finetune.py") + ":base"],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
+@pytest.mark.parametrize("config, total, trainable", [
+    ("configs/pretrain.py:base", 191_036_160, 190_129_920),  # grouped contrast (batch 48 / 4)
+    ("configs/finetune.py:base", 164_907_023, 164_907_023),
+])
+def test_model_summary_tool_prints_total_last(config, total, trainable):
+  result = subprocess.run([sys.executable, str(ROOT / "tools/model_summary.py"), "--config",
+                           str(ROOT / config)], capture_output=True, text=True, check=True, cwd=ROOT)
   lines = result.stdout.strip().splitlines()
-  assert lines[-1] == "total_params 164907023"
-  assert lines[-2] == "trainable_params 164907023"
+  assert lines[-1] == f"total_params {total}"
+  assert lines[-2] == f"trainable_params {trainable}"
 
 
 # ---- Behaviour on tiny models. ----
