@@ -275,3 +275,24 @@ def test_bad_config_fails_naming_the_field(record_dirs, tmp_path):
 def test_benchmark_input_measures_samples_per_second(record_dirs):
   rate = input_lib.benchmark_input(make_config(record_dirs, noise=True), num_batches=3)
   assert 0 < rate < 1e7
+
+
+def test_a_damaged_shard_fails_naming_the_file(record_dirs, tmp_path):
+  def truncate(data: bytes) -> bytes:  # ends cleanly after the first record: no read error
+    return data[:len(data) // 2]
+
+  def corrupt(data: bytes) -> bytes:  # a flipped byte inside a record: checksum error
+    middle = len(data) // 4
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+  for damage in (truncate, corrupt):
+    damaged = tmp_path / damage.__name__
+    damaged.mkdir()
+    for name in os.listdir(record_dirs["eval"]):
+      data = open(os.path.join(record_dirs["eval"], name), "rb").read()
+      if name.startswith("clips-00001"):
+        data = damage(data)
+      (damaged / name).write_bytes(data)
+    config = make_config(record_dirs, eval_dir=str(damaged))
+    with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):
+      list(input_lib.InputPipeline(config, "eval", process_index=0, process_count=1))

@@ -174,6 +174,7 @@ class SplitFiles:
   index: records.RecordIndex
   index_path: str
   files: tuple[str, ...]
+  file_examples: tuple[int, ...]  # examples in each of `files`, as the index lists them
   host_examples: tuple[int, ...]  # examples of every process, by process index
 
   @property
@@ -215,6 +216,7 @@ def load_split(config: DataConfig, split: str, process_index: int,
       for p in range(process_count))
   mine = host_file_indices(len(paths), process_index, process_count)
   return SplitFiles(index=index, index_path=index_path, files=tuple(paths[i] for i in mine),
+                    file_examples=tuple(index.shards[i].num_examples for i in mine),
                     host_examples=host_examples)
 
 
@@ -458,6 +460,25 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   return batches.with_options(_options(threads))
 
 
+class RecordReadError(RuntimeError):
+  """Reading or decoding the records failed; the message names the split and, if found, the file."""
+
+
+def find_damaged_shard(files: Any, expected_counts: Any) -> tuple[str, str] | None:
+  """The first shard that cannot be parsed to its end or holds another count than the index."""
+  for path, expected in zip(files, expected_counts):
+    count = 0
+    try:
+      for serialized in tf.data.TFRecordDataset(path):
+        records.parse_example(serialized)
+        count += 1
+    except tf.errors.OpError as e:
+      return path, e.message.strip()
+    if count != expected:
+      return path, f"holds {count} records, the index lists {expected} (truncated file?)"
+  return None
+
+
 class InputPipeline:
   """Iterator of host-local batches (dicts of numpy arrays) with a checkpointable position.
 
@@ -513,12 +534,28 @@ class InputPipeline:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
       self._iterator = self._build()
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError as e:
+      raise RecordReadError(self._describe_failure(e.message)) from e
+    except StopIteration:
+      if not self.training and self._batches != self.num_batches:
+        raise RecordReadError(self._describe_failure(
+            f"ended after {self._batches} of {self.num_batches} batches")) from None
+      raise
     self._batches += 1
     if self.training:
       epochs, positions = batch.pop(_EPOCH), batch.pop(_POSITION)
       self._epoch, self._position = int(epochs[-1]), int(positions[-1]) + 1
     return batch
+
+  def _describe_failure(self, message: str) -> str:
+    where = (f"split {self.split!r} ({self.split_files.index_path}), process "
+             f"{self.process_index} of {self.process_count}, batch {self._batches}")
+    damaged = find_damaged_shard(self.split_files.files, self.split_files.file_examples)
+    if damaged is not None:
+      return f"{where}: shard {damaged[0]} is damaged: {damaged[1]}"
+    return f"{where}: {message}"
 
   def reset(self) -> None:
     """Rewinds to the first batch (e.g. before another evaluation pass)."""
