@@ -50,6 +50,11 @@ Fields of `config.data` (the model's input shapes come from `config.model`: `aud
 Balanced sampling (as the original's WeightedRandomSampler with replacement over an epoch of
 N draws) is done streaming: in each epoch every record is emitted k ~ Poisson(N * w / sum(w))
 times before the shuffle buffer, which gives each clip the same expected count per epoch.
+Epoch lengths then vary, so each process must restore its own `get_state()`.
+
+The batches become global `jax.Array`s with `cav_mae_jax.train.mesh.global_batch`. Reading
+errors and shards shorter than the index says raise `RecordReadError` naming the shard file.
+Throughput is measured by `measure_input` (samples per wall second and per CPU second).
 """
 
 from __future__ import annotations
