@@ -296,3 +296,7 @@ def test_a_damaged_shard_fails_naming_the_file(record_dirs, tmp_path):
     config = make_config(record_dirs, eval_dir=str(damaged))
     with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):
       list(input_lib.InputPipeline(config, "eval", process_index=0, process_count=1))
+  # Training notices the short epoch (6 of 7 clips) at its end.
+  config = make_config(record_dirs, train_dir=str(tmp_path / "truncate"))
+  with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):
+    take(input_lib.InputPipeline(config, "train", process_index=0, process_count=1), 3)

@@ -551,8 +551,20 @@ class InputPipeline:
     self._batches += 1
     if self.training:
       epochs, positions = batch.pop(_EPOCH), batch.pop(_POSITION)
+      if not self.config.balanced_sampling:
+        self._check_epoch_ends(epochs, positions)
       self._epoch, self._position = int(epochs[-1]), int(positions[-1]) + 1
     return batch
+
+  def _check_epoch_ends(self, epochs: np.ndarray, positions: np.ndarray) -> None:
+    """An epoch must end after exactly the index's count of this host's clips."""
+    epoch_size = self.split_files.host_examples[self.process_index]
+    last_epoch, last_position = self._epoch, self._position - 1
+    for epoch, position in zip(epochs.tolist(), positions.tolist()):
+      if epoch != last_epoch and last_position != epoch_size - 1:
+        raise RecordReadError(self._describe_failure(
+            f"epoch {last_epoch} ended after {last_position + 1} of {epoch_size} clips"))
+      last_epoch, last_position = epoch, position
 
   def _describe_failure(self, message: str) -> str:
     where = (f"split {self.split!r} ({self.split_files.index_path}), process "
