@@ -185,7 +185,9 @@ def clip_example(entry: ClipEntry, labels: ClassLabels,
     indices.append(index)
   clip = decode.decode_clip(entry.path, num_frames=records.NUM_VIDEO_FRAMES,
                             image_size=records.IMAGE_SIZE,
-                            target_sample_rate=records.WAVEFORM_SAMPLE_RATE)
+                            target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
+                            # Exactly the audio the original's 1024 fbank frames see (10.255 s).
+                            max_seconds=decode.ORIGINAL_AUDIO_SECONDS)
   features = fbank.clip_fbank(clip.waveform, records.WAVEFORM_SAMPLE_RATE,
                               records.NUM_MEL_BINS)
   if features.shape[0] == 0:

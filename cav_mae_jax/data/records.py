@@ -13,7 +13,7 @@ One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
 | `fbank_num_frames`   | int64 [1]: frames before       | tf.int64 scalar                      |
 |                      | padding/cutting to 1024        |                                      |
 | `waveform`           | bytes [1]: int16 16 kHz mono   | tf.int16 [N] (only when asked for    |
-|  (optional)          | (first channel), first 10 s    | with `with_waveform=True`)           |
+|  (optional)          | (first channel), first 10.255 s| with `with_waveform=True`)           |
 | `frames`             | bytes [10]: JPEG (quality 75)  | tf.string [10]                       |
 |                      | 224x224 RGB                    |                                      |
 | `frame_indices`      | int64 [10]: 0-based source     | tf.int64 [10]                        |
