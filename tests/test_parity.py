@@ -326,6 +326,29 @@ def test_pretraining_variant_matches(variant):
   assert (float(flax_out["loss_mae"]) == 0) == (not cfg.has_decoder)
 
 
+def test_two_joint_blocks_chain_the_contrastive_streams():
+  """With joint depth > 1 the Flax model chains the joint blocks on the audio/video streams.
+
+  The original's pretraining forward keeps only the last joint block's output there (its
+  `for blk in blocks_u: ca = blk(a, 'a')`); the paper's models have one joint block, where both agree.
+  """
+  cfg = tiny_config(modality_specific_depth=1)
+  reference = build_reference(cfg, seed=11, unchained_joint_streams=False)
+  params = flax_params(reference, cfg)
+  audio, image = make_inputs(cfg, BATCH, seed=12)
+  noise = make_noise(cfg, BATCH, seed=13)
+  fn = jax.jit(lambda p, a, v, na, nv: models.CAVMAE(cfg).apply({"params": p}, a, v, noise_a=na, noise_v=nv))
+  flax_out = jax.device_get(fn(params, audio, image, *noise))
+  kwargs = dict(noise_a=to_torch(noise[0]), noise_v=to_torch(noise[1]), **reference_forward_kwargs(cfg))
+  with torch.no_grad():
+    chained = reference.forward_details(to_torch(audio), nchw(image), **kwargs)
+    reference.unchained_joint_streams = True
+    original = reference.forward_details(to_torch(audio), nchw(image), **kwargs)
+  names = ("loss", "loss_c", "c_acc", "loss_mae")
+  assert_parity(max_abs_diffs({k: flax_out[k] for k in names}, {k: chained[k] for k in names}))
+  assert abs(float(original["loss_c"]) - float(chained["loss_c"])) > 1e-4
+
+
 def test_contrast_groups_change_the_objective(pretrain):
   """Groups are a different objective: summed per-group losses, not whole-batch ones."""
   _, torch_groups, noise = pretrain.run("pixels-bidirectional-groups", "unstructured")
