@@ -8,9 +8,11 @@ perturbed (so a dropped or transposed bias cannot hide behind zeros) and the inp
 of every stream sees low-variance tokens, where its epsilon matters. The negative controls
 (LayerNorm eps 1e-6, tanh GELU in the reference) then exceed the tolerance by orders of magnitude.
 
-Model: the tiny preset with 256 audio frames and 64 x 64 images. Two loss configurations (norm_pix_loss on/off, single/bidirectional contrast, contrast groups
-off/on), each with every audio mask mode; one jitted call per configuration also runs inpaint and
-features. The five fine-tuning modes and features run in one jitted call.
+Model: the tiny preset with 256 audio frames and 64 x 64 images. Two loss configurations
+(norm_pix_loss on/off, single/bidirectional contrast, contrast groups off/on), each with every
+audio mask mode; one jitted call per configuration also runs inpaint and features. Then the
+AV-MAE, vanilla AV-MAE and CAV variants, two joint blocks, and the five fine-tuning modes with
+features (one jitted call).
 
 Run the base-config comparison once (not part of the suite; a minute or more on CPU):
   python -m tests.test_parity --base

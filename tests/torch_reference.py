@@ -311,7 +311,7 @@ class CAVMAE(_AudioVisualEncoderMixin, nn.Module):
 
   def forward_encoder(self, audio, images, mask_ratio_a, mask_ratio_v, mask_mode="unstructured",
                       noise_a=None, noise_v=None):
-    """Masks and encodes; returns (joint latent, mask_a, ids_restore_a, mask_v, ids_restore_v, audio latent, video latent)."""
+    """Masks and encodes: (joint, mask_a, ids_restore_a, mask_v, ids_restore_v, audio-only, video-only)."""
     a, v = self.embed_audio(audio), self.embed_video(images)
     batch = a.shape[0]
     if noise_a is None:
