@@ -50,7 +50,7 @@ def base_shapes():
 
 
 def test_base_pretraining_counts_match_original(base_shapes):
-  mask = models.trainable_mask(base_shapes, model_config("base"))
+  mask = models.requires_grad_mask(base_shapes, model_config("base"))
   assert models.count_params(base_shapes) == 191_036_160
   assert round(models.count_params(base_shapes, mask) / 1e6, 2) == 190.13
   decoder = {k: v for k, v in base_shapes.items() if k.startswith("decoder") or k == "mask_token"}
@@ -119,6 +119,7 @@ def test_pretraining_outputs_and_fixed_pos_embeds_get_no_gradient(tiny_params):
   assert float(jnp.abs(grads["modality_a"]).max()) > 0.0
   mask = models.trainable_mask(params, cfg)
   assert not mask["pos_embed_v"] and mask["blocks_a_0"]["attn"]["qkv"]["kernel"]
+  assert not mask["blocks_a_0"]["norm1_a"]["scale"] and mask["blocks_u_0"]["norm1_a"]["scale"]
 
 
 def test_bfloat16_compute_keeps_float32_params_and_losses(tiny_params):
@@ -233,3 +234,61 @@ def test_bad_inputs_name_the_field():
     CAVMAEFT(_cfg()).init(jax.random.key(0), audio, image, mode="stereo")
   with pytest.raises(ValueError, match="image is required"):
     CAVMAEFT(_cfg()).init(jax.random.key(0), audio, None, mode="videoonly")
+
+
+# ---- The optimizer mask: exactly the parameters the objective reaches (torch: grad is not None). ----
+
+def _zero_grad_tensors(grads) -> dict[str, bool]:
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  return {jax.tree_util.keystr(path): bool(jnp.all(g == 0)) for path, g in flat}
+
+
+def _masked_out(mask) -> dict[str, bool]:
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  return {jax.tree_util.keystr(path): not m for path, m in flat}
+
+
+def _assert_mask_matches_gradients(mask, grads):
+  zero, masked_out = _zero_grad_tensors(grads), _masked_out(mask)
+  fixed = {k for k in zero if any(f"'{name}'" in k for name in models.FIXED_POS_EMBEDS)}
+  wrong = {k for k in zero if k not in fixed and zero[k] != masked_out[k]}
+  assert not wrong, sorted(wrong)[:10]
+  assert any(masked_out[k] for k in zero if k not in fixed)  # every model has unused norms
+
+
+@pytest.mark.parametrize("overrides", [dict(lambda_c=0.0), dict(lambda_mae=0.0)], ids=["av_mae", "cav"])
+def test_trainable_mask_is_what_pretraining_reaches(overrides):
+  cfg = _cfg(**overrides)
+  audio, image = _inputs(cfg)
+  model = CAVMAE(cfg)
+
+  @jax.jit
+  def grads(audio, image):
+    params = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, audio, image)["params"]
+    loss = lambda p: model.apply({"params": p}, audio, image, rngs={"mask": jax.random.key(2)})["loss"]
+    return params, jax.grad(loss)(params)
+
+  params, g = grads(audio, image)
+  _assert_mask_matches_gradients(models.trainable_mask(params, cfg), g)
+
+
+def test_trainable_mask_is_what_each_finetuning_mode_reaches():
+  cfg = _cfg(num_classes=5, trainable_pos_embed=True)
+  audio, image = _inputs(cfg)
+  model = CAVMAEFT(cfg)
+  weights = jax.random.normal(jax.random.key(3), (4, 5))
+
+  @jax.jit
+  def grads(audio, image):
+    params = model.init(jax.random.key(0), audio, image)["params"]
+    out = {}
+    for mode in models.FT_MODES:
+      loss = lambda p, mode=mode: jnp.sum(model.apply({"params": p}, audio, image, mode=mode) * weights)
+      out[mode] = jax.grad(loss)(params)
+    return params, out
+
+  params, per_mode = grads(audio, image)
+  for mode, g in per_mode.items():
+    mode_cfg = ModelConfig.from_config(model_config("tiny", **{**SMALL, "ft_mode": mode,
+                                                               "trainable_pos_embed": True}))
+    _assert_mask_matches_gradients(models.trainable_mask(params, mode_cfg, finetune=True), g)

@@ -289,9 +289,6 @@ def test_structured_masks_remove_whole_rows_or_columns(pretrain, mode, axis):
     assert (mask == np.broadcast_to(full, mask.shape)).all(), mode
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Flax CAVMAE.inpaint sums its reconstruction losses over contrast groups; the original's "
-    "forward_inpaint is called on model.module (no DataParallel split) and averages over the batch"))
 def test_inpaint_losses_ignore_groups(pretrain):
   flax_out, torch_out, _ = pretrain.run("pixels-bidirectional-groups", "unstructured")
   names = INPAINT_GROUP_DEPENDENT

@@ -2,7 +2,8 @@
 
 Usage: python tools/model_summary.py --config configs/pretrain.py:base
 The last line is `total_params <N>` (all elements, fixed position embeddings included); the line
-before it is `trainable_params <N>`.
+before it is `trainable_params <N>`, counted as the original does (everything but the fixed
+position embeddings).
 """
 
 from absl import app
@@ -18,7 +19,7 @@ def summarize(config) -> list[str]:
   """Lines of the summary for a config with a `model` field."""
   finetune = config.get("task", "pretrain") == "finetune"
   shapes = models.param_shapes(config.model, finetune=finetune)
-  mask = models.trainable_mask(shapes, config.model)
+  mask = models.requires_grad_mask(shapes, config.model)
   lines = [f"model {'CAVMAEFT' if finetune else 'CAVMAE'}"]
   width = max(len(name) for name in shapes)
   for name in sorted(shapes):

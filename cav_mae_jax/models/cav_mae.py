@@ -257,8 +257,14 @@ class CAVMAE(_Encoder):
     """Pretraining forward: float32 scalar losses (and masks/predictions if return_details)."""
     cfg = self.config
     check_inputs(cfg, audio, image, need_audio=cfg.uses_audio, need_image=cfg.uses_video)
-    batch = (audio if cfg.uses_audio else image).shape[0]
-    check_group_size(cfg, batch)
+    check_group_size(cfg, (audio if cfg.uses_audio else image).shape[0])
+    return self._forward(audio, image, noise_a, noise_v, cfg.contrast_group_size, return_details)
+
+  def _forward(self, audio: Optional[jax.Array], image: Optional[jax.Array],
+               noise_a: Optional[jax.Array], noise_v: Optional[jax.Array], group_size: int,
+               return_details: bool) -> dict[str, jax.Array]:
+    """Losses with negatives and loss sums over groups of `group_size` (0: the whole batch)."""
+    cfg = self.config
     enc = self.encode(audio, image, noise_a, noise_v)
     zero = jnp.zeros((), jnp.float32)
     out = {"loss_mae_a": zero, "loss_mae_v": zero, "loss_mae": zero, "loss_c": zero, "c_acc": zero}
@@ -270,7 +276,7 @@ class CAVMAE(_Encoder):
         if pred is not None:
           out[f"loss_mae_{name}"] = losses.mae_loss(
               targets[name], pred, enc[f"mask_{name}"], norm_pix_loss=cfg.norm_pix_loss,
-              group_size=cfg.contrast_group_size)
+              group_size=group_size)
           details[f"pred_{name}"] = pred
       out["loss_mae"] = cfg.lambda_mae * (out["loss_mae_a"] + out["loss_mae_v"])
     if "latent_c_a" in enc and (cfg.has_contrast or self.is_initializing()):
@@ -278,7 +284,7 @@ class CAVMAE(_Encoder):
       nce, out["c_acc"] = losses.contrastive_loss(
           enc["latent_c_a"].astype(jnp.float32).mean(axis=1),
           enc["latent_c_v"].astype(jnp.float32).mean(axis=1), temperature,
-          bidirectional=cfg.contrast_bidirectional, group_size=cfg.contrast_group_size)
+          bidirectional=cfg.contrast_bidirectional, group_size=group_size)
       out["loss_c"] = cfg.lambda_c * nce
     out["loss"] = out["loss_mae"] + out["loss_c"]
     if return_details:
@@ -287,10 +293,16 @@ class CAVMAE(_Encoder):
 
   def inpaint(self, audio: jax.Array, image: jax.Array, *, noise_a: Optional[jax.Array] = None,
               noise_v: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-    """Reconstructions, masks and per-modality reconstruction losses (the original's forward_inpaint)."""
-    if not self.config.has_decoder:
+    """Reconstructions, masks and per-modality reconstruction losses (the original's forward_inpaint).
+
+    Losses are means over the whole batch: the original calls forward_inpaint outside
+    DataParallel, so contrast groups do not apply here.
+    """
+    cfg = self.config
+    if not cfg.has_decoder:
       raise ValueError("inpaint needs a decoder; config.model.lambda_mae is 0 (CAV has no decoder)")
-    out = self(audio, image, noise_a=noise_a, noise_v=noise_v, return_details=True)
+    check_inputs(cfg, audio, image, need_audio=cfg.uses_audio, need_image=cfg.uses_video)
+    out = self._forward(audio, image, noise_a, noise_v, 0, True)
     keys = ("pred_a", "pred_v", "mask_a", "mask_v", "loss_mae_a", "loss_mae_v")
     return {k: out[k] for k in keys if k in out}
 
