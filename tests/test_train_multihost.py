@@ -16,6 +16,15 @@ import multihost_worker  # pylint: disable=wrong-import-position
 ROOT = multihost_worker.ROOT
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  """Cheap XLA compilation for this module only (the numbers compared are all built so)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture(scope="module", name="one_device")
 def fixture_one_device():
   return multihost_worker.one_step(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
@@ -38,7 +47,7 @@ def _free_port():
 def test_two_processes_match_one_device(one_device):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   worker = os.path.join(ROOT, "tests", "multihost_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

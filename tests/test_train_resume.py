@@ -42,8 +42,10 @@ def tiny_config():
 class RecordingInput:
   """Wraps an input and appends a hash of every batch it hands out to a file."""
 
-  def __init__(self, inner, log_path, kill_on_call=None, wait_for_dir=None, poison_call=None):
+  def __init__(self, inner, log_path, kill_on_call=None, wait_for_dir=None, poison_call=None,
+               sigterm_on_call=None):
     self.inner, self.log_path, self.poison_call = inner, log_path, poison_call
+    self.sigterm_on_call = sigterm_on_call
     self.kill_on_call, self.wait_for_dir, self.calls = kill_on_call, wait_for_dir, 0
 
   def __next__(self):
@@ -53,6 +55,8 @@ class RecordingInput:
       while not os.path.isdir(self.wait_for_dir) and time.time() < deadline:
         time.sleep(0.05)  # the step-3 checkpoint directory appears when its save is complete
       os.kill(os.getpid(), signal.SIGKILL)
+    if self.calls == self.sigterm_on_call:
+      os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice while step 2 is prepared
     batch = next(self.inner)
     if self.calls == self.poison_call:
       batch["audio"] = batch["audio"].copy()
@@ -68,7 +72,7 @@ class RecordingInput:
     self.inner.set_state(state)
 
 
-def run_training(workdir, kill=False, poison_call=None):
+def run_training(workdir, kill=False, poison_call=None, sigterm_call=None):
   """Trains the tiny config in `workdir` on in-memory clips (resuming if checkpoints exist)."""
   from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
   config = tiny_config()
@@ -79,7 +83,7 @@ def run_training(workdir, kill=False, poison_call=None):
       source, os.path.join(workdir, "batches.txt"),
       kill_on_call=KILL_AFTER_STEP + 1 if kill else None,
       wait_for_dir=os.path.join(workdir, trainer.CHECKPOINT_DIR, str(KILL_AFTER_STEP)),
-      poison_call=poison_call)
+      poison_call=poison_call, sigterm_on_call=sigterm_call)
   os.makedirs(workdir, exist_ok=True)
   try:
     return trainer.train_and_evaluate(config, workdir, trainer.Inputs(wrapped, None, 24))
@@ -94,12 +98,23 @@ def fixture_cache(tmp_path_factory):
   return tmp_path_factory.mktemp("jax_cache")
 
 
-def _subprocess(mode, workdir, cache_dir):
+def _start(mode, workdir, cache_dir):
+  # Cheap XLA compilation (the same for every run, so results stay bit-comparable).
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, __file__, mode, str(workdir)], env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+             XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  return subprocess.Popen([sys.executable, __file__, mode, str(workdir)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+  stdout, stderr = proc.communicate(timeout=400)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _subprocess(mode, workdir, cache_dir):
+  return _finish(_start(mode, workdir, cache_dir))
 
 
 def _restore_state(workdir, step):
@@ -110,9 +125,10 @@ def _restore_state(workdir, step):
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  result = _subprocess("train", straight, cache)
+  straight_proc = _start("train", straight, cache)  # both at once: 2 cores
+  killed = _finish(_start("train_then_kill", resumed, cache))
+  result = _finish(straight_proc)
   assert result.returncode == 0, result.stderr[-3000:]
-  killed = _subprocess("train_then_kill", resumed, cache)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   batches_before = (resumed / "batches.txt").read_text().split()
   assert len(batches_before) == KILL_AFTER_STEP
@@ -180,12 +196,22 @@ def test_nan_batch_stops_run_and_keeps_last_good_checkpoint(tmp_path, cache):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
+def test_sigterm_saves_and_stops(tmp_path, cache):
+  result = _subprocess("sigterm_at_step_2", tmp_path, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # saved at once, not at 3
+  assert len((tmp_path / "batches.txt").read_text().split()) == 2
+  assert int(_restore_state(str(tmp_path), 2)["state"]["step"]) == 2
+
+
 if __name__ == "__main__":
   MODE, WORKDIR = sys.argv[1], sys.argv[2]
   if MODE == "train":
     run_training(WORKDIR)
   elif MODE == "train_then_kill":
     run_training(WORKDIR, kill=True)
+  elif MODE == "sigterm_at_step_2":
+    run_training(WORKDIR, sigterm_call=2)
   elif MODE == "nan_at_step_4":
     run_training(WORKDIR, poison_call=4)
   elif MODE == "save_then_kill":
