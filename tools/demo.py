@@ -30,6 +30,7 @@ _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 4.0, "Clip duration (fbanks a
 _STEPS = flags.DEFINE_integer("steps", 240, "Training steps.")
 _CONFIG_ARG = flags.DEFINE_string("config", "tiny,lambda_c=0.1,cosine",
                                   "Argument of configs/pretrain.py.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Processes writing the synthetic clips.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +127,7 @@ def main(argv: list[str]) -> None:
   config = load_config(_CONFIG_ARG.value)
   config.data.train_dir, config.data.eval_dir = train_dir, eval_dir
   config.total_steps = _STEPS.value
+  config.optim.learning_rate = _LEARNING_RATE.value
   config.eval.every_steps = _STEPS.value
   config.eval.batch_size = config.data.batch_size
   config.checkpoint.every_steps = _STEPS.value

@@ -134,10 +134,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = metrics_lib.ProgressBar(total_steps, start_step, enabled=is_main)
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # dispatched, not yet checked on host
   logged: list[dict[str, float]] = []
-  last_log_time, last_log_step = time.monotonic(), start_step
   summary: dict[str, float] = {}
   if evaluate and start_step == 0:  # the initialization's baseline
     writer.write_scalars(0, dict(evaluate(state.params)))
+  last_log_time, last_log_step = time.monotonic(), start_step
 
   def check(upto_step: int) -> None:
     """Fetches metrics of steps <= upto_step; stops the run on a non-finite loss."""
