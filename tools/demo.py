@@ -22,15 +22,15 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cav_mae_demo", "Everything is written here.")
-_TRAIN_CLIPS = flags.DEFINE_integer("train_clips", 192, "Synthetic training clips.")
-_EVAL_CLIPS = flags.DEFINE_integer("eval_clips", 64, "Held-out clips for evaluation.")
+_TRAIN_CLIPS = flags.DEFINE_integer("train_clips", 128, "Synthetic training clips.")
+_EVAL_CLIPS = flags.DEFINE_integer("eval_clips", 32, "Held-out clips for evaluation.")
 _CLASSES = flags.DEFINE_integer("classes", 8, "Synthetic classes.")
 _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 4.0, "Clip duration (fbanks are padded to "
                                    "1024 frames, as the original does for short clips).")
-_STEPS = flags.DEFINE_integer("steps", 240, "Training steps.")
-_CONFIG_ARG = flags.DEFINE_string("config", "tiny,lambda_c=0.1,cosine",
+_STEPS = flags.DEFINE_integer("steps", 300, "Training steps.")
+_CONFIG_ARG = flags.DEFINE_string("config", "tiny,lambda_c=1.0,cosine",
                                   "Argument of configs/pretrain.py.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Processes writing the synthetic clips.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
