@@ -159,7 +159,7 @@ def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[st
   sync()
   step_s = (time.perf_counter() - start) / steps
   result = {"torch/step_time_s": step_s, "torch/samples_per_s": batch_size / step_s,
-            "torch/loss": float(loss)}
+            "torch/loss": float(loss.detach())}
   if device.type == "cuda":
     result["torch/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
   print(f"torch reference on {device}, autocast {autocast_dtype}")
