@@ -146,6 +146,14 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(a["state"]["step"]) == TOTAL_STEPS
+  # Metrics: one JSONL record per logged step with the documented keys, and TensorBoard events.
+  from cav_mae_jax.train import metrics  # pylint: disable=import-outside-toplevel
+  records = metrics.read_jsonl(str(straight / metrics.METRICS_FILE))
+  assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
+  for key in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc", "grad_norm", "lr",
+              "samples_per_s", "step_time_s"):
+    assert all(np.isfinite(r[f"train/{key}"]) for r in records), key
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(straight / "tensorboard"))
   # The resumed run really restored (it did not retrain from scratch): 3 steps were run after.
   assert len((resumed / "batches.txt").read_text().split()) == TOTAL_STEPS
 
