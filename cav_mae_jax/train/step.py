@@ -53,15 +53,28 @@ def abstract_params(model: nn.Module, model_config: ModelConfig) -> Any:
   return jax.eval_shape(lambda: init_params(model, model_config, jax.random.PRNGKey(0)))
 
 
+def _init_state_fn(model: nn.Module, model_config: ModelConfig,
+                   tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+  def init_state(rng):
+    params = init_params(model, model_config, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init_state
+
+
+def abstract_train_state(model: nn.Module, model_config: ModelConfig,
+                         tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """ShapeDtypeStructs (with their shardings) of the train state; nothing is materialized."""
+  abstract = jax.eval_shape(_init_state_fn(model, model_config, tx), jax.random.PRNGKey(0))
+  shardings = state_shardings(abstract, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def create_train_state(model: nn.Module, model_config: ModelConfig,
                        tx: optax.GradientTransformation, mesh: Mesh,
                        rng: jax.Array) -> tuple[TrainState, Any]:
   """Initializes the state born sharded over `mesh`; returns (state, its shardings)."""
-
-  def init_state(rng):
-    params = init_params(model, model_config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
+  init_state = _init_state_fn(model, model_config, tx)
   shardings = state_shardings(jax.eval_shape(init_state, rng), mesh)
   state = jax.jit(init_state, in_shardings=mesh_lib.replicated(mesh),
                   out_shardings=shardings)(rng)

@@ -105,19 +105,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---------------------------------------------------------------- init or restore
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  state, shardings = step_lib.create_train_state(model, model_config, tx, mesh, init_rng)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                              config.checkpoint)
-  replicated = mesh_lib.replicated(mesh)
-  train_rng = jax.device_put(train_rng, replicated)
+  train_rng = jax.device_put(train_rng, mesh_lib.replicated(mesh))
   start_step = checkpointer.latest_step() or 0
-  if start_step:
-    abstract = {"state": jax.tree.map(_abstract_like, state),
-                "rng": _abstract_like(train_rng)}
-    restored, input_state = checkpointer.restore(start_step, abstract)
+  if start_step:  # restored straight into its shardings; nothing is initialized
+    abstract_state = step_lib.abstract_train_state(model, model_config, tx, mesh)
+    restored, input_state = checkpointer.restore(
+        start_step, {"state": abstract_state, "rng": _abstract_like(train_rng)})
     state, train_rng = restored["state"], restored["rng"]
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     inputs.train.set_state(input_state)
     logging.info("Resumed from step %d.", start_step)
+  else:
+    state, shardings = step_lib.create_train_state(model, model_config, tx, mesh, init_rng)
 
   # ---------------------------------------------------------------- compiled steps
   train_step = step_lib.make_train_step(model, tx, schedule, trainable, mesh, shardings)
