@@ -112,13 +112,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       size, contrast_group_size=group_size, dtype="float32" if tiny else "bfloat16",
       **model_overrides(options, flags))
 
-  # Records written by tools/preprocess.py (index.json + shards); the input pipeline adds the
-  # original's pretraining augmentation (noise + time roll) and normalizes the fbank.
+  # Records written by tools/preprocess.py (index.json + shards); the input pipeline normalizes
+  # the fbank and the train step adds the original's pretraining augmentation (noise + time
+  # roll) on the device (noise_on_device=False does it in tf.data instead).
   config.data = ml_collections.ConfigDict()
   config.data.train_dir = ""
   config.data.eval_dir = ""
   config.data.batch_size = batch_size
   config.data.noise = True
+  config.data.noise_on_device = True
   config.data.fbank_mean = -5.081
   config.data.fbank_std = 4.4849
   config.data.shuffle_buffer = 256 if tiny else 10_000

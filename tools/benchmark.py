@@ -59,7 +59,9 @@ def benchmark_jax(config, batch_size: int, steps: int, warmup: int) -> dict[str,
   tx = optim.make_optimizer(config.optim, schedule, trainable)
   state, shardings = step_lib.create_train_state(model, model_config, tx, mesh,
                                                  jax.random.PRNGKey(0))
-  train_step = step_lib.make_train_step(model, tx, schedule, trainable, mesh, shardings)
+  train_step = step_lib.make_train_step(
+      model, tx, schedule, trainable, mesh, shardings,
+      audio_noise=config.data.noise and config.data.get("noise_on_device", False))
   clips = array_input.random_clips(batch_size, model_config.audio_length,
                                    model_config.num_mel_bins, model_config.image_size)
   batch = mesh_lib.global_batch(clips, mesh)

@@ -35,6 +35,9 @@ Fields of `config.data` (the model's input shapes come from `config.model`: `aud
   eval_frame: int          frame used in evaluation (the original uses 5).
   eval_all_frames: bool    evaluation yields all 10 frames per clip instead.
   noise: bool              noise + time-roll augmentation (training).
+  noise_on_device: bool    with `noise`, leave that augmentation to the train step, which applies
+                           it on the device (cav_mae_jax/train/device_augment.py); the
+                           pipeline then yields normalized, un-noised fbanks.
   freqm: int               SpecAugment frequency mask size (0 = off; fine-tuning uses 48).
   timem: int               SpecAugment time mask size (0 = off; fine-tuning uses 192).
   mixup: float             probability of mixing a clip (0 = off; fine-tuning uses 0.5).
@@ -96,6 +99,7 @@ class DataConfig:
   eval_frame: int = 5
   eval_all_frames: bool = False
   noise: bool = False
+  noise_on_device: bool = False
   freqm: int = 0
   timem: int = 0
   mixup: float = 0.0
@@ -272,7 +276,7 @@ def batch_preprocess_spec(config: DataConfig, training: bool, mean: float, std: 
   if training and (config.freqm or config.timem):
     ops.append(f"specaugment({config.freqm}, {config.timem})")
   ops.append(f"normalize_fbank({mean!r}, {std!r})")
-  if training and config.noise:
+  if training and config.noise and not config.noise_on_device:
     ops.append("noise_roll")
   ops.append("normalize_image")
   if training and config.label_smooth > 0:

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from cav_mae_jax.models.config import ModelConfig
+from cav_mae_jax.train import device_augment
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
 
@@ -88,16 +89,22 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, trainable: Any, mesh: Mesh,
-                    shardings: TrainState) -> Callable[[TrainState, Batch, jax.Array],
-                                                       tuple[TrainState, Metrics]]:
-  """The jit train step `(state, batch, rng) -> (state, metrics)`; `state` is donated."""
+                    shardings: TrainState, *, audio_noise: bool = False
+                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+  """The jit train step `(state, batch, rng) -> (state, metrics)`; `state` is donated.
+
+  `audio_noise` applies the noise + time-roll augmentation here, on the device
+  (`config.data.noise_on_device`), instead of in the input pipeline.
+  """
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-    step_rng = jax.random.fold_in(rng, state.step)
+    mask_rng, noise_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    audio = batch["audio"]
+    if audio_noise:
+      audio = device_augment.noise_and_roll(audio, noise_rng)
 
     def loss_fn(params):
-      out = model.apply({"params": params}, batch["audio"], batch["image"],
-                        rngs={"mask": step_rng})
+      out = model.apply({"params": params}, audio, batch["image"], rngs={"mask": mask_rng})
       return out["loss"], out
 
     grads, out = jax.grad(loss_fn, has_aux=True)(state.params)

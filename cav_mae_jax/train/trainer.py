@@ -121,7 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, shardings = step_lib.create_train_state(model, model_config, tx, mesh, init_rng)
 
   # ---------------------------------------------------------------- compiled steps
-  train_step = step_lib.make_train_step(model, tx, schedule, trainable, mesh, shardings)
+  train_step = step_lib.make_train_step(
+      model, tx, schedule, trainable, mesh, shardings,
+      audio_noise=config.data.noise and config.data.get("noise_on_device", False))
   step_flops = flops_lib.pretrain_step_flops(config.model)
   peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
 
