@@ -108,3 +108,18 @@ def test_base_flops_match_reference():
   assert flops.pretrain_forward_flops(cav) / 1e9 == pytest.approx(78.1 - 43.8 - 0.43, abs=0.1)
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert flops.peak_flops("cpu") is None
+
+
+def test_checkpointer_accepts_a_relative_workdir(tmp_path, monkeypatch):
+  """tools/demo.sh and users pass relative workdirs; orbax itself needs absolute paths."""
+  from cav_mae_jax.train import checkpoint
+  monkeypatch.chdir(tmp_path)
+  config = ml_collections.ConfigDict(dict(every_steps=1, keep=2, async_save=True))
+  ckpt = checkpoint.Checkpointer("relative/checkpoints", config)
+  state = {"w": jnp.arange(4.0)}
+  ckpt.save(3, state, {"epoch": 0})
+  ckpt.wait()
+  restored, input_state = ckpt.restore(3, jax.eval_shape(lambda: state))
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert input_state == {"epoch": 0} and (tmp_path / "relative/checkpoints/3").is_dir()
+  ckpt.close()

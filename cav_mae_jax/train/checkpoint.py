@@ -9,6 +9,8 @@ checkpoint as the latest restorable one.
 
 from __future__ import annotations
 
+import os
+
 import logging
 import signal
 import threading
@@ -30,6 +32,8 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
     )
+    if "://" not in directory:  # orbax needs absolute local paths (gs://... stays as is)
+      directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(directory, options=options)
 
   def latest_step(self) -> int | None:
