@@ -98,9 +98,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-    mask_rng, noise_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    mask_rng = jax.random.fold_in(rng, state.step)
     audio = batch["audio"]
     if audio_noise:
+      mask_rng, noise_rng = jax.random.split(mask_rng)
       audio = device_augment.noise_and_roll(audio, noise_rng)
 
     def loss_fn(params):
