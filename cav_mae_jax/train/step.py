@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from cav_mae_jax import models
 from cav_mae_jax.models.config import ModelConfig
 from cav_mae_jax.train import device_augment
 from cav_mae_jax.train import mesh as mesh_lib
@@ -34,18 +35,10 @@ class TrainState:
   opt_state: Any
 
 
-def dummy_inputs(model_config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """Zero (audio, image) of the smallest batch the model accepts, for initialization."""
-  batch = max(2, model_config.contrast_group_size)
-  audio = jnp.zeros((batch, model_config.audio_length, model_config.num_mel_bins), jnp.float32)
-  image = jnp.zeros((batch, model_config.image_size, model_config.image_size, 3), jnp.float32)
-  return audio, image
-
-
 def init_params(model: nn.Module, model_config: ModelConfig, rng: jax.Array) -> Any:
   """Initial float32 parameters (call under jit or eval_shape)."""
   params_rng, mask_rng = jax.random.split(rng)
-  audio, image = dummy_inputs(model_config)
+  audio, image = (jnp.zeros(s.shape, s.dtype) for s in models.dummy_inputs(model_config))
   return model.init({"params": params_rng, "mask": mask_rng}, audio, image)["params"]
 
 
