@@ -37,6 +37,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cav_mae_jax.models.config import model_config
+from configs import common
 
 RECIPES = {
     # name: (model size, learning rate, global batch, contrast group size, epochs)
@@ -99,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size, learning_rate, batch_size, group_size, epochs = RECIPES[recipe]
   tiny = recipe == "tiny"
   config = ml_collections.ConfigDict()
+  config.task = "pretrain"
   config.seed = 0
   if tiny:
     config.total_steps = 300
@@ -107,56 +109,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = config_dict.placeholder(int)
     config.total_epochs = float(epochs)
   config.log_every_steps = 10 if tiny else 100
+  config.init = common.init_config()
 
   config.model = model_config(
       size, contrast_group_size=group_size, dtype="float32" if tiny else "bfloat16",
       **model_overrides(options, flags))
 
-  # Records written by tools/preprocess.py (index.json + shards); the input pipeline normalizes
-  # the fbank. The original's pretraining augmentation (noise + time roll) runs in the train
-  # step on the accelerator for the paper's recipes (it frees host input work), and in tf.data
-  # for `tiny`, which runs on a CPU where host and device are the same cores.
-  config.data = ml_collections.ConfigDict()
-  config.data.train_dir = ""
-  config.data.eval_dir = ""
-  config.data.batch_size = batch_size
-  config.data.noise = True
-  config.data.noise_on_device = not tiny
-  config.data.fbank_mean = -5.081
-  config.data.fbank_std = 4.4849
-  config.data.shuffle_buffer = 256 if tiny else 10_000
+  # The original's pretraining augmentation (noise + time roll) runs in the train step on the
+  # accelerator for the paper's recipes (it frees host input work), and in tf.data for `tiny`,
+  # which runs on a CPU where host and device are the same cores. No mixup, no SpecAugment.
+  config.data = common.data_config(batch_size, noise=True, noise_on_device=not tiny,
+                                   shuffle_buffer=256 if tiny else 10_000)
+  config.optim = common.optim_config(learning_rate)
+  # The original: torch MultiStepLR(milestones=range(10, 1000, 5), gamma=0.5) stepped per epoch.
+  config.schedule = (common.cosine_schedule() if "cosine" in flags
+                     else common.multistep_schedule(first_decay_epoch=10, decay_every_epochs=5))
+  config.mesh = common.mesh_config()
+  config.checkpoint = common.checkpoint_config(every_steps=100 if tiny else 2000)
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = learning_rate
-  config.optim.b1 = 0.95
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 5e-7  # coupled L2, as torch Adam(weight_decay=...)
-  config.optim.grad_clip_norm = 0.0  # 0 = off (the original does not clip)
-
-  config.schedule = ml_collections.ConfigDict()
-  if "cosine" in flags:
-    config.schedule.kind = "warmup_cosine"
-    config.schedule.warmup_epochs = 1.0
-    config.schedule.final_lr_fraction = 0.0
-  else:  # torch MultiStepLR(milestones=range(10, 1000, 5), gamma=0.5) stepped per epoch
-    config.schedule.kind = "multistep"
-    config.schedule.first_decay_epoch = 10
-    config.schedule.decay_every_epochs = 5
-    config.schedule.decay_factor = 0.5
-
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # -1: all devices not used by the other axis
-  config.mesh.fsdp = 1
-
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 100 if tiny else 2000
-  config.checkpoint.keep = 3
-  config.checkpoint.async_save = True
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.every_steps = 100 if tiny else 5000
-  config.eval.batch_size = batch_size
-  config.eval.retrieval_max_clips = 1725  # the paper's AudioSet retrieval subset size
+  # Held-out losses on fixed masks and audio<->visual retrieval (the paper's AudioSet subset
+  # size), both on config.data.eval_dir.
+  every = 100 if tiny else 5000
+  config.evals = ml_collections.ConfigDict()
+  config.evals.val = common.evaluator("losses", every_steps=every, batch_size=batch_size,
+                                      at_start=True, mask_seed=1234)
+  config.evals.retrieval = common.evaluator("retrieval", every_steps=every,
+                                            batch_size=batch_size, at_start=True,
+                                            max_clips=1725)
   config.lock()
   return config

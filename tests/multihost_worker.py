@@ -19,12 +19,8 @@ GLOBAL_BATCH = 8
 
 def tiny_config():
   """The tiny recipe, float32, small inputs."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("pretrain_config",
-                                                os.path.join(ROOT, "configs", "pretrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  config = pretrain.get_config("tiny")
   config.model.audio_length, config.model.num_mel_bins, config.model.image_size = 32, 32, 32
   config.model.encoder_depth, config.model.modality_specific_depth = 2, 1
   config.model.contrast_group_size = 0
@@ -35,22 +31,18 @@ def tiny_config():
 def one_step(mesh_config, devices=None) -> tuple[float, float]:
   """(loss, sum of updated params) of one train step on a fixed global batch and init."""
   import jax  # pylint: disable=import-outside-toplevel
-  from cav_mae_jax import models  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import tasks  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import array_input  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from cav_mae_jax.train import optim  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import optim  # pylint: disable=import-outside-toplevel
 
   config = tiny_config()
-  model_config = models.ModelConfig.from_config(config.model)
-  model = models.CAVMAE(config=model_config)
+  task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh(mesh_config, devices)
-  trainable = models.trainable_mask(step_lib.abstract_params(model, model_config), model_config)
-  schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
-  tx = optim.make_optimizer(config.optim, schedule, trainable)
-  state, shardings = step_lib.create_train_state(model, model_config, tx, mesh,
-                                                 jax.random.PRNGKey(0))
-  train_step = step_lib.make_train_step(model, tx, schedule, trainable, mesh, shardings)
+  schedule, tx = optim.for_task(config, task, steps_per_epoch=10, total_steps=100)
+  state, shardings = step_lib.create_train_state(task, tx, mesh, jax.random.PRNGKey(0))
+  train_step = step_lib.make_train_step(task, tx, schedule, mesh, shardings)
   clips = array_input.random_clips(GLOBAL_BATCH, 32, 32, 32, seed=3)
   sharding = mesh_lib.batch_sharding(mesh)
   batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
@@ -78,5 +70,4 @@ def main(process_id: int, num_processes: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, ROOT)
   main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -1,6 +1,5 @@
 """Bad pretraining configs fail before any tracing or compilation, naming the field."""
 
-import importlib.util
 import os
 
 import jax
@@ -9,11 +8,7 @@ import pytest
 from cav_mae_jax.data import records
 from cav_mae_jax.train import trainer
 from cav_mae_jax.train import validation
-
-_SPEC = importlib.util.spec_from_file_location(
-    "pretrain_config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain.py"))
-pretrain_config = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(pretrain_config)
+from configs import pretrain as pretrain_config
 
 
 def _write_index(directory, fbank_shape=(1024, 128)):
@@ -61,7 +56,17 @@ BAD_CASES = [
     ("data.eval_dir", "/nonexistent/eval", "config.data.eval_dir", {}),
     ("optim.learning_rate", -1e-4, "config.optim.learning_rate", {}),
     ("model.contrast_group_size", 3, "config.model.contrast_group_size", {}),  # 16 % 3
-    ("eval.batch_size", 20, "config.eval.batch_size", {}),
+    ("evals.val.batch_size", 20, "config.evals.val.batch_size", {}),
+    ("evals.retrieval.max_clips", 1, "config.evals.retrieval.max_clips", {}),
+    ("evals.val.split", "test", "config.evals.val.split", {}),
+    ("evals.retrieval.dir", "/nonexistent/eval", "config.evals.retrieval.dir", {}),
+    ("evals.val.type", "mAP", "config.evals.val.type", {}),
+    ("task", "segmentation", "config.task", {}),
+    ("init.source", "torch", "config.init.source", {}),
+    ("init.path", "", "config.init.path", {"init.source": "cavmae"}),
+    ("init.path", "/nonexistent/model.pth", "config.init.path", {"init.source": "cavmae"}),
+    ("data.freqm", -1, "config.data.freqm", {}),
+    ("data.mixup_on", "audio", "config.data.mixup_on", {}),
     ("schedule.kind", "linear", "config.schedule.kind", {}),
     ("total_steps", 0, "config.total_steps", {}),
     ("data.batch_size", 8, "config.data.batch_size", {"num_processes": 16, "num_devices": 8}),
@@ -71,8 +76,10 @@ BAD_CASES = [
 @pytest.mark.parametrize("path,value,field,kwargs", BAD_CASES,
                          ids=[f"{c[0]}={c[1]}" for c in BAD_CASES])
 def test_bad_config_names_the_field(config, path, value, field, kwargs):
+  for other_path, other_value in [(k, v) for k, v in kwargs.items() if "." in k]:
+    _set(config, other_path, other_value)
+  kwargs = {"num_devices": 8, **{k: v for k, v in kwargs.items() if "." not in k}}
   _set(config, path, value)
-  kwargs = {"num_devices": 8, **kwargs}
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     validation.validate_config(config, **kwargs)
 

@@ -134,5 +134,6 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(src.read_bytes()[:1000])
   bad = _cli("cavmae", f"--src={cut}", f"--out={tmp_path / 'bad'}", *config)
-  assert bad.returncode == 1 and "truncated safetensors file" in bad.stderr
+  assert bad.returncode == 2 and "truncated safetensors file" in bad.stderr
+  assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error:"), bad.stderr
   assert not (tmp_path / "bad").exists()

@@ -58,15 +58,24 @@ def test_directions_use_transpose():
 
 
 def test_evaluator_drops_padding_and_yields_pairs():
+  import jax  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.eval import common  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from configs import common as config_common  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
-  features = rng.normal(size=(10, 4))
+  features = rng.normal(size=(10, 4)).astype(np.float32)
+  image = np.zeros((6, 1), np.float32)
   batches = [
-      {"x": features[:6], "valid": np.ones(6, bool)},
-      {"x": np.concatenate([features[6:], np.full((2, 4), 99.0)]),
-       "valid": np.array([True] * 4 + [False] * 2)},
+      {"audio": features[:6], "image": image, "valid": np.ones(6, bool)},
+      {"audio": np.concatenate([features[6:], np.full((2, 4), 99.0, np.float32)]),
+       "image": image, "valid": np.array([True] * 4 + [False] * 2)},
   ]
-  evaluator = retrieval.RetrievalEvaluator(
-      lambda params, batch: (batch["x"] * params, batch["x"]), lambda: iter(batches))
+  entry = config_common.evaluator("retrieval", every_steps=1, batch_size=6, max_clips=100)
+  mesh = mesh_lib.make_mesh(config_common.mesh_config(), jax.devices()[:1])
+  predict_fns = {"features": lambda params, batch: (batch["audio"] * params, batch["audio"])}
+  evaluator = retrieval.RetrievalEvaluator("retrieval", entry, predict_fns, mesh,
+                                           lambda split, directory, batch_size: iter(batches))
+  assert isinstance(evaluator, common.Evaluator)
   metrics = dict(evaluator.run(2.0))
   assert metrics["retrieval/num_clips"] == 10
   assert metrics["retrieval/a2v/r@1"] == 100.0 and metrics["retrieval/v2a/median_rank"] == 1.0

@@ -5,7 +5,6 @@ so they can be killed like a preempted job; a shared compilation cache keeps the
 """
 
 import hashlib
-import importlib.util
 import os
 import re
 import signal
@@ -23,18 +22,17 @@ KILL_AFTER_STEP = 3
 
 def tiny_config():
   """The tiny recipe with small inputs: seconds per run on a CPU."""
-  spec = importlib.util.spec_from_file_location("pretrain_config",
-                                                os.path.join(ROOT, "configs", "pretrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  config = pretrain.get_config("tiny")
   config.model.audio_length, config.model.num_mel_bins, config.model.image_size = 32, 32, 32
   config.model.encoder_depth, config.model.modality_specific_depth = 2, 1
   config.mesh.data, config.mesh.fsdp = 1, -1  # parameters sharded over the 2 devices
-  config.data.batch_size = config.eval.batch_size = 8
+  config.data.batch_size = 8
   config.total_steps = TOTAL_STEPS
   config.checkpoint.every_steps = KILL_AFTER_STEP
-  config.eval.every_steps = 0
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict()  # no records here: no evaluators
   config.log_every_steps = 1
   return config
 
@@ -72,17 +70,19 @@ class RecordingInput:
     self.inner.set_state(state)
 
 
-def run_training(workdir, kill=False, poison_call=None, sigterm_call=None):
+def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overrides=()):
   """Trains the tiny config in `workdir` on in-memory clips (resuming if checkpoints exist)."""
-  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, run_config, trainer  # pylint: disable=import-outside-toplevel
   config = tiny_config()
+  for field, value in overrides:
+    run_config._set(config, field, value)  # pylint: disable=protected-access
   if poison_call is not None:
     config.checkpoint.every_steps = 2
   source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
   wrapped = RecordingInput(
       source, os.path.join(workdir, "batches.txt"),
       kill_on_call=KILL_AFTER_STEP + 1 if kill else None,
-      wait_for_dir=os.path.join(workdir, trainer.CHECKPOINT_DIR, str(KILL_AFTER_STEP)),
+      wait_for_dir=os.path.join(workdir, "checkpoints", str(KILL_AFTER_STEP)),
       poison_call=poison_call, sigterm_on_call=sigterm_call)
   os.makedirs(workdir, exist_ok=True)
   try:
@@ -90,6 +90,9 @@ def run_training(workdir, kill=False, poison_call=None, sigterm_call=None):
   except trainer.NonFiniteLossError as error:
     print(f"NonFiniteLossError: {error}")
     raise SystemExit(3) from error
+  except run_config.ResumeConfigError as error:
+    print(f"error: {error}")
+    raise SystemExit(2) from error
 
 
 @pytest.fixture(scope="module", name="cache")
@@ -132,6 +135,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   batches_before = (resumed / "batches.txt").read_text().split()
   assert len(batches_before) == KILL_AFTER_STEP
+  # Every step logged up to the committed checkpoint reached metrics.jsonl before the SIGKILL.
+  from cav_mae_jax.train import metrics  # pylint: disable=import-outside-toplevel
+  logged = [r["step"] for r in metrics.read_jsonl(str(resumed / metrics.METRICS_FILE))]
+  assert logged == list(range(1, KILL_AFTER_STEP + 1))
   result = _subprocess("train", resumed, cache)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -147,7 +154,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(a["state"]["step"]) == TOTAL_STEPS
   # Metrics: one JSONL record per logged step with the documented keys, and TensorBoard events.
-  from cav_mae_jax.train import metrics  # pylint: disable=import-outside-toplevel
   records = metrics.read_jsonl(str(straight / metrics.METRICS_FILE))
   assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
   for key in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc", "grad_norm", "lr",
@@ -156,6 +162,21 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(straight / "tensorboard"))
   # The resumed run really restored (it did not retrain from scratch): 3 steps were run after.
   assert len((resumed / "batches.txt").read_text().split()) == TOTAL_STEPS
+  # hparams are written once, at the run's start, not at the resume.
+  with open(straight / metrics.METRICS_FILE) as f:
+    assert sum('"hparams"' in line for line in f) == 1
+
+  # Resuming with a model change that alters parameter shapes: one line naming the field.
+  result = _subprocess("train_decoder_depth_2", resumed, cache)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:"), result.stdout
+  assert "config.model.decoder_depth (1 -> 2)" in lines[0] and "total_steps" not in lines[0]
+  # A longer run (changed total_steps) continues from step 6 to 8.
+  result = _subprocess("train_8_steps", resumed, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "changed fields: total_steps 6 -> 8" in result.stdout
+  assert len((resumed / "batches.txt").read_text().split()) == 8
 
 
 def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):
@@ -222,6 +243,10 @@ if __name__ == "__main__":
     run_training(WORKDIR, sigterm_call=2)
   elif MODE == "nan_at_step_4":
     run_training(WORKDIR, poison_call=4)
+  elif MODE == "train_decoder_depth_2":
+    run_training(WORKDIR, overrides=[("model.decoder_depth", 2), ("total_steps", 8)])
+  elif MODE == "train_8_steps":
+    run_training(WORKDIR, overrides=[("total_steps", 8)])
   elif MODE == "save_then_kill":
     save_then_kill(WORKDIR)
   else:

@@ -10,9 +10,11 @@ Directions:
                 --new_head (new classifier, e.g. from a pretrained model or another class
                 count), --audio_pos_resize=trim|interpolate (other audio length, e.g.
                 --config.model.audio_length=512).
-  to-torch      params checkpoint -> .pth / .safetensors / .npz in the original's layout
-                (loads with strict=True into the original CAVMAE / CAVMAEFT).
-  export-eval   params checkpoint -> params-only checkpoint in --dtype, with model_config.json.
+  to-torch      params checkpoint or training workdir (its latest checkpoint, or --step) ->
+                .pth / .safetensors / .npz in the original's layout (loads with strict=True
+                into the original CAVMAE / CAVMAEFT).
+  export-eval   params checkpoint or training workdir -> params-only checkpoint in --dtype,
+                with model_config.json.
 
 Examples:
   python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/scale_pp \
@@ -21,19 +23,17 @@ Examples:
       --config=configs/finetune.py:base,classes=309 --new_head
   python tools/convert.py to-torch --src=ckpt/scale_pp --out=scale_pp.pth --module_prefix
 
-Prints what was mapped, kept at init and dropped. On any error it prints the reason and exits
-with status 1, and nothing is written at --out.
+Prints what was mapped, kept at init and dropped. On any error it prints one line `error: ...`
+and exits with status 2, and nothing is written at --out (missing parent folders of --out are
+created).
 """
-
-import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cav_mae_jax.convert import formats
+from cav_mae_jax import cli
 from cav_mae_jax.convert import pipelines
-from cav_mae_jax.convert import state_dict as sd
 
 DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
 
@@ -53,6 +53,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"
                            "export-eval: dtype of the exported params.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init values for parameters not in the source.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_STEP = flags.DEFINE_integer("step", 0, "to-torch / export-eval from a workdir: its checkpoint "
+                             "step (0: the latest).")
 
 
 def _model_config(required: bool):
@@ -61,7 +63,7 @@ def _model_config(required: bool):
     if required:
       raise app.UsageError("--config is required for this direction")
     return None, False
-  return config.model, config.get("task", "pretrain") == "finetune"
+  return config.model, config.task == "finetune"
 
 
 def run(direction: str) -> None:
@@ -84,11 +86,11 @@ def run(direction: str) -> None:
     print(report.summary())
   elif direction == "to-torch":
     print("\n".join(pipelines.checkpoint_to_torch(src, out, module_prefix=_MODULE_PREFIX.value,
-                                                  overwrite=_OVERWRITE.value)))
+                                                  overwrite=_OVERWRITE.value, step=_STEP.value)))
   else:
     model_config, _ = _model_config(required=False)
     pipelines.checkpoint_to_eval_export(src, out, dtype=_DTYPE.value, model_config=model_config,
-                                        overwrite=_OVERWRITE.value)
+                                        overwrite=_OVERWRITE.value, step=_STEP.value)
   print(f"wrote {out}")
 
 
@@ -97,12 +99,8 @@ def main(argv) -> None:
     raise app.UsageError(f"give one direction: {' | '.join(DIRECTIONS)}")
   if not _SRC.value or not _OUT.value:
     raise app.UsageError("--src and --out are required")
-  try:
-    run(argv[1])
-  except (formats.CheckpointFileError, sd.ParamsMismatchError, FileExistsError,
-          FileNotFoundError, ValueError) as e:
-    sys.exit(f"convert {argv[1]}: error: {e}")
+  run(argv[1])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,18 +6,20 @@ before it is `trainable_params <N>`, counted as the original does (everything bu
 position embeddings).
 """
 
-from absl import app
+from absl import flags
 from ml_collections import config_flags
 
+from cav_mae_jax import cli
 from cav_mae_jax import models
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:base.",
                                           lock_config=True)
+flags.mark_flags_as_required(["config"])
 
 
 def summarize(config) -> list[str]:
   """Lines of the summary for a config with a `model` field."""
-  finetune = config.get("task", "pretrain") == "finetune"
+  finetune = config.task == "finetune"
   shapes = models.param_shapes(config.model, finetune=finetune)
   mask = models.requires_grad_mask(shapes, config.model)
   lines = [f"model {'CAVMAEFT' if finetune else 'CAVMAE'}"]
@@ -35,4 +37,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, uses_tensorflow=False)

@@ -16,13 +16,14 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
-  """Returns the absolute output path; raises if it exists (unless overwrite) or has no parent."""
+  """Returns the absolute output path (its parent created); raises if it exists, unless overwrite."""
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f"{path}: output already exists (pass overwrite=True to replace it)")
   parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f"{path}: parent directory {parent} does not exist")
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise NotADirectoryError(f"{path}: {parent} is not a directory")
+  os.makedirs(parent, exist_ok=True)
   return path
 
 

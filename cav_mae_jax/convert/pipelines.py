@@ -16,6 +16,7 @@ from cav_mae_jax.convert import cavmae_checkpoint
 from cav_mae_jax.convert import export
 from cav_mae_jax.convert import formats
 from cav_mae_jax.convert import imagenet_mae
+from cav_mae_jax.convert import init_source
 from cav_mae_jax.convert import io
 from cav_mae_jax.convert import pos_embed as pos_embed_lib
 from cav_mae_jax.convert import report as report_lib
@@ -60,11 +61,11 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
 
 
 def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, module_prefix: bool = False,
-                        overwrite: bool = False) -> list[str]:
-  """Our params checkpoint -> a .pth / .safetensors / .npz state dict in the original's layout."""
+                        overwrite: bool = False, step: int = 0) -> list[str]:
+  """Our params checkpoint or training workdir -> a state dict in the original's layout."""
   io.check_output_path(out, overwrite=overwrite)  # fail before any work
   formats.output_format(out)
-  params = io.load_params(src)
+  params = init_source.read_params(os.fspath(src), step)
   state_dict, notes = export.to_original_state_dict(params, module_prefix=module_prefix)
   with io.atomic_output(out, overwrite=overwrite) as staged:
     formats.write_state_dict(staged, state_dict)
@@ -74,13 +75,14 @@ def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, modul
 
 def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str,
                               model_config: Mapping[str, Any] | None = None,
-                              overwrite: bool = False) -> None:
-  """Params checkpoint -> params-only export in `dtype` with its model config JSON beside it."""
+                              overwrite: bool = False, step: int = 0) -> None:
+  """Params checkpoint or workdir -> params-only export in `dtype` with its model config JSON."""
   io.check_output_path(out, overwrite=overwrite)  # fail before any work
   if dtype not in export.EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r} not supported (choose from {sorted(export.EXPORT_DTYPES)})")
-  config = _config_dict(model_config if model_config is not None else io.load_model_config(src))
-  params = io.load_params(src)
+  config = _config_dict(model_config if model_config is not None
+                        else init_source.read_model_config(os.fspath(src)))
+  params = init_source.read_params(os.fspath(src), step)
   finetune = "mlp_head_1" in params
   _, fit = sd.match_to_target(params, target.param_shapes(config, finetune=finetune))
   if fit.unexpected:

@@ -8,13 +8,13 @@ degenerate constant features give chance-level recall, not perfect recall.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from cav_mae_jax.eval import common
+
 RECALL_KS = (1, 5, 10)
-# (features of audio, features of video) for one batch, each [B, D].
-FeatureFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 def cosine_similarity(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -54,39 +54,42 @@ def audio_visual_retrieval(audio_features: np.ndarray,
   return metrics
 
 
-class RetrievalEvaluator:
-  """Audio <-> visual retrieval over a held-out split.
+class RetrievalEvaluator(common.Evaluator):
+  """Audio <-> visual retrieval over a split, from the task's 'features' predict function.
 
-  Built from `features_fn(params, batch) -> (audio [B, D], video [B, D])` (pooled features
-  of the whole batch, host numpy) and `batches`, a callable returning a fresh iterator of host
-  batch dicts with a boolean `valid` entry marking real (non-padding) examples.
+  The features are the mean-pooled audio-only and video-only streams of every valid clip, in
+  data order, up to `max_clips` (the paper's subsets: 1,725 AudioSet and 1,545 VGGSound clips).
   """
 
-  def __init__(self, features_fn: FeatureFn, batches: Callable[[], Iterable[dict]],
-               max_examples: int | None = None):
-    self.features_fn = features_fn
-    self.batches = batches
-    self.max_examples = max_examples
+  FIELDS = {"max_clips": int}
 
-  def features(self, params) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled audio and video features of every valid example, in data order."""
+  @classmethod
+  def check_entry(cls, name, config):
+    if config.max_clips < 2:
+      raise ValueError(f"config.evals.{name}.max_clips={config.max_clips}: must be >= 2.")
+
+  def __init__(self, name, config, predict_fns, mesh, batch_source):
+    super().__init__(name, config, predict_fns, mesh, batch_source)
+    self._features = self.jit(predict_fns["features"])
+
+  def features(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled audio and video features of the first `max_clips` valid clips."""
     audio, video, count = [], [], 0
+    max_clips = self.config.max_clips
     for batch in self.batches():
-      batch_audio, batch_video = self.features_fn(params, batch)
-      valid = np.asarray(batch["valid"], bool)
+      batch_audio, batch_video = self._features(params, self.global_batch(batch))
+      valid = batch["valid"]
       audio.append(np.asarray(batch_audio)[valid])
       video.append(np.asarray(batch_video)[valid])
       count += int(valid.sum())
-      if self.max_examples is not None and count >= self.max_examples:
+      if count >= max_clips:
         break
     if not count:
-      raise ValueError("Retrieval evaluation got no valid examples.")
-    audio, video = np.concatenate(audio), np.concatenate(video)
-    return audio[:self.max_examples], video[:self.max_examples]
+      raise ValueError(f"evaluator {self.name!r}: split {self.config.split!r} has no clips.")
+    return np.concatenate(audio)[:max_clips], np.concatenate(video)[:max_clips]
 
-  def run(self, params) -> Iterator[tuple[str, float]]:
-    """Yields ('retrieval/a2v/r@1', value), ... and the number of clips compared."""
+  def run(self, params: Any) -> Iterator[tuple[str, float]]:
     audio, video = self.features(params)
-    yield "retrieval/num_clips", float(len(audio))
+    yield f"{self.name}/num_clips", float(len(audio))
     for name, value in audio_visual_retrieval(audio, video).items():
-      yield f"retrieval/{name}", value
+      yield f"{self.name}/{name}", value

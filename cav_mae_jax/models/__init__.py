@@ -16,8 +16,7 @@ FIXED_POS_EMBEDS = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decode
 __all__ = [
     "CAVMAE", "CAVMAEFT", "ModelConfig", "model_config", "mask_noise", "num_kept", "FT_MODES",
     "MASK_MODES", "check_inputs", "check_group_size", "trainable_mask", "requires_grad_mask",
-    "count_params",
-    "dummy_inputs", "param_shapes",
+    "count_params", "dummy_inputs", "init_params", "param_shapes",
 ]
 
 
@@ -115,22 +114,31 @@ def count_params(params: Any, mask: Any = None) -> int:
   return int(sum(np.prod(x.shape) for x, m in zip(leaves, jax.tree_util.tree_leaves(mask)) if m))
 
 
-def dummy_inputs(config: Any, batch_size: int | None = None) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+def dummy_inputs(config: Any, batch_size: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
   """Abstract (audio, image) inputs of the configured shapes, for init / eval_shape.
 
-  The default batch is the smallest the model accepts (one contrastive group, or 1).
+  Parameters do not depend on the batch: the models skip the contrast-group check while
+  initializing, so one clip initializes every recipe.
   """
   cfg = ModelConfig.from_config(config)
-  batch_size = batch_size or cfg.contrast_group_size or 1
   audio = jax.ShapeDtypeStruct((batch_size, cfg.audio_length, cfg.num_mel_bins), np.float32)
   image = jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, 3), np.float32)
   return audio, image
 
 
-def param_shapes(config: Any, finetune: bool = False) -> Any:
-  """Parameter shapes (jax.ShapeDtypeStruct pytree) without materializing any weights."""
+def init_params(config: Any, rng: jax.Array, *, finetune: bool = False) -> Any:
+  """Initial float32 parameters of CAVMAE (or CAVMAEFT); call under jit or eval_shape.
+
+  The one initialization path of the project: training, conversion targets and shape queries
+  all come here, so the same seed gives the same parameters everywhere.
+  """
   cfg = ModelConfig.from_config(config)
   model = CAVMAEFT(cfg) if finetune else CAVMAE(cfg)
-  audio, image = dummy_inputs(cfg)
-  rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
-  return jax.eval_shape(lambda a, v: model.init(rngs, a, v), audio, image)["params"]
+  params_rng, mask_rng = jax.random.split(rng)
+  audio, image = (jax.numpy.zeros(s.shape, s.dtype) for s in dummy_inputs(cfg))
+  return model.init({"params": params_rng, "mask": mask_rng}, audio, image)["params"]
+
+
+def param_shapes(config: Any, finetune: bool = False) -> Any:
+  """Parameter shapes (jax.ShapeDtypeStruct pytree) without materializing any weights."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0), finetune=finetune))

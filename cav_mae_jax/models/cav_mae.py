@@ -257,6 +257,8 @@ class CAVMAE(_Encoder):
     """Pretraining forward: float32 scalar losses (and masks/predictions if return_details)."""
     cfg = self.config
     check_inputs(cfg, audio, image, need_audio=cfg.uses_audio, need_image=cfg.uses_video)
+    if self.is_initializing():  # parameters do not depend on the batch: any batch initializes
+      return self._forward(audio, image, noise_a, noise_v, 0, return_details)
     check_group_size(cfg, (audio if cfg.uses_audio else image).shape[0])
     return self._forward(audio, image, noise_a, noise_v, cfg.contrast_group_size, return_details)
 

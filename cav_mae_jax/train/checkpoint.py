@@ -18,7 +18,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 
 
 class Checkpointer:
@@ -71,6 +74,45 @@ class Checkpointer:
   def close(self) -> None:
     """Finishes pending saves and releases resources."""
     self.manager.close()
+
+
+def workdir_checkpoints(workdir: str) -> str:
+  """The checkpoint directory of a training workdir."""
+  return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a training workdir (it holds a checkpoint directory)."""
+  return os.path.isdir(workdir_checkpoints(path))
+
+
+def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], int]:
+  """(params as NumPy, step) of a workdir's checkpoint `step` (0: the latest); nothing else is read.
+
+  Only the parameters are restored (orbax partial restore), so a workdir of any task can start
+  another: the optimizer state and the input position stay on disk.
+  """
+  directory = os.path.abspath(workdir_checkpoints(workdir))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "input"))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{workdir}: no complete checkpoint in {directory}")
+    step = step or max(steps)
+    if step not in steps:
+      raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)})")
+    metadata = manager.item_metadata(step)["state"]
+    params_metadata = metadata["params"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                params_metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": params_metadata}, restore_args={"params": restore_args},
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step
 
 
 class PreemptionWatcher:

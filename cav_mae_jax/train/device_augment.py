@@ -11,6 +11,8 @@ elementwise operations on the device. Select it with `config.data.noise_on_devic
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -24,3 +26,20 @@ def noise_and_roll(audio: jax.Array, rng: jax.Array) -> jax.Array:
   shift = jax.random.randint(shift_rng, (batch,), -frames, frames)
   source = jnp.mod(jnp.arange(frames)[None, :] - shift[:, None], frames)
   return jnp.take_along_axis(audio, source[:, :, None], axis=1)
+
+
+def make_device_augment(data_config: Any) -> Callable[[dict[str, jax.Array], jax.Array],
+                                                      tuple[dict[str, jax.Array], jax.Array]] | None:
+  """The train step's on-device augmentation for `config.data`, or None when there is none.
+
+  Returns `(batch, rng) -> (batch, rng)`: the noise takes the second half of a split of the
+  step's key, the task gets the first.
+  """
+  if not (data_config.noise and data_config.noise_on_device):
+    return None
+
+  def augment(batch: dict[str, jax.Array], rng: jax.Array):
+    rng, noise_rng = jax.random.split(rng)
+    return {**batch, "audio": noise_and_roll(batch["audio"], noise_rng)}, rng
+
+  return augment

@@ -67,3 +67,11 @@ def peak_flops(device_kind: str) -> float | None:
     if device_kind.startswith(prefix):
       return peak
   return None
+
+
+def mfu(samples_per_s: float, step_flops: float, device_kind: str, num_devices: int) -> float | None:
+  """Model FLOPs utilization: model FLOP/s over the devices' dense bf16 peak (None if unknown)."""
+  peak = peak_flops(device_kind)
+  if not peak:
+    return None
+  return samples_per_s * step_flops / (peak * num_devices)

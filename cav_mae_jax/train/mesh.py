@@ -91,3 +91,10 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def host_to_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays (the same full values on every process) placed as global arrays in `shardings`."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
+      tree, shardings)

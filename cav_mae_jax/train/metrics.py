@@ -77,6 +77,17 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, f) if "step" in r]
 
 
+def last_scalars(workdir: str) -> dict[str, float]:
+  """The latest value of every metric logged in a workdir's metrics.jsonl (train/ prefix dropped)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return {}
+  latest: dict[str, float] = {}
+  for record in read_jsonl(path):
+    latest.update({k.removeprefix("train/"): v for k, v in record.items() if k != "step"})
+  return latest
+
+
 class ProgressBar:
   """One console line: step, percent, a few metrics, elapsed and estimated time left."""
 

@@ -52,29 +52,66 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule,
-                   trainable: Any) -> optax.GradientTransformation:
+                   trainable: Any, lr_multipliers: Any = None) -> optax.GradientTransformation:
   """Adam with coupled L2 (torch `Adam(weight_decay=...)`), optional clipping, frozen params.
 
   Args:
     optim_config: `config.optim` (b1, b2, eps, weight_decay, grad_clip_norm).
     learning_rate: a constant or a schedule of the step.
-    trainable: pytree of bools matching the parameters (`cav_mae_jax.models.trainable_mask`).
+    trainable: pytree of bools matching the parameters (the task's `trainable`); the others get
+      no update, no weight decay and no optimizer state.
+    lr_multipliers: pytree of floats matching the parameters (e.g. the original's x100 for the
+      fine-tuning head: a second torch param group), or None for 1.0 everywhere.
   """
+  if lr_multipliers is None:
+    lr_multipliers = jax.tree.map(lambda _: 1.0, trainable)
+
+  def label(is_trainable: bool, multiplier: float) -> str:
+    if not is_trainable:
+      return "frozen"
+    return "trainable" if multiplier == 1.0 else f"trainable_lr_x{multiplier:g}"
+
+  labels = jax.tree.map(label, trainable, lr_multipliers)
+  transforms = {"frozen": optax.set_to_zero()}
+  for is_trainable, multiplier in zip(jax.tree.leaves(trainable), jax.tree.leaves(lr_multipliers)):
+    name = label(is_trainable, multiplier)
+    if name not in transforms:
+      transforms[name] = _adam(optim_config, _scaled(learning_rate, multiplier))
+  optimizer = optax.multi_transform(transforms, labels)
+  if optim_config.grad_clip_norm > 0:  # one global norm over every trainable gradient
+    clip = optax.masked(optax.clip_by_global_norm(optim_config.grad_clip_norm), trainable)
+    optimizer = optax.chain(clip, optimizer)
+  return optimizer
+
+
+def _scaled(learning_rate: optax.ScalarOrSchedule, multiplier: float) -> optax.ScalarOrSchedule:
+  if multiplier == 1.0:
+    return learning_rate
+  if callable(learning_rate):
+    return lambda step: multiplier * learning_rate(step)
+  return multiplier * learning_rate
+
+
+def _adam(optim_config: ml_collections.ConfigDict,
+          learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
   steps = []
-  if optim_config.grad_clip_norm > 0:
-    steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   if optim_config.weight_decay > 0:
     steps.append(optax.add_decayed_weights(optim_config.weight_decay))  # coupled: before Adam
   steps += [
       optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps),
       optax.scale_by_learning_rate(learning_rate),
   ]
-  labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable)
-  return optax.multi_transform(
-      {"trainable": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels)
+  return optax.chain(*steps)
 
 
 def trainable_global_norm(grads: Any, trainable: Any) -> jax.Array:
   """Global L2 norm over the gradients of trainable parameters only."""
   leaves = [g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable)) if t]
   return optax.tree.norm(leaves)
+
+
+def for_task(config: ml_collections.ConfigDict, task: Any, steps_per_epoch: int,
+             total_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+  """(schedule, optimizer) of `config.schedule` / `config.optim` for a task's parameters."""
+  schedule = make_schedule(config, steps_per_epoch, total_steps)
+  return schedule, make_optimizer(config.optim, schedule, task.trainable, task.lr_multipliers)

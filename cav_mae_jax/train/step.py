@@ -1,8 +1,9 @@
-"""Train state, its sharded initialization, and the jit-compiled train and eval steps.
+"""Train state, its sharded initialization, and the jit-compiled train step of any task.
 
 Parameters and optimizer state stay float32; the model computes in `config.model.dtype`
-(bfloat16 on accelerators) and returns float32 losses. Steps take global `jax.Array`s sharded
-over the mesh; jit partitions the computation (no pmap, no explicit collectives).
+(bfloat16 on accelerators) and returns float32 losses. The step takes global `jax.Array`s
+sharded over the mesh; jit partitions the computation (no pmap, no explicit collectives). What
+is computed comes from the task (`cav_mae_jax.tasks`): this module knows no model and no loss.
 """
 
 from __future__ import annotations
@@ -10,21 +11,19 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cav_mae_jax import models
-from cav_mae_jax.models.config import ModelConfig
-from cav_mae_jax.train import device_augment
+from cav_mae_jax.tasks import Task
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-LOSS_KEYS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
+# (batch, rng) -> (augmented batch, rng left for the task): augmentation run on the device.
+DeviceAugment = Callable[[Batch, jax.Array], tuple[Batch, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -35,77 +34,70 @@ class TrainState:
   opt_state: Any
 
 
-def init_params(model: nn.Module, model_config: ModelConfig, rng: jax.Array) -> Any:
-  """Initial float32 parameters (call under jit or eval_shape)."""
-  params_rng, mask_rng = jax.random.split(rng)
-  audio, image = (jnp.zeros(s.shape, s.dtype) for s in models.dummy_inputs(model_config))
-  return model.init({"params": params_rng, "mask": mask_rng}, audio, image)["params"]
+def state_from_params(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  """A step-0 train state around `params` (call under jit)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_params(model: nn.Module, model_config: ModelConfig) -> Any:
-  """ShapeDtypeStructs of the parameters; nothing is materialized."""
-  return jax.eval_shape(lambda: init_params(model, model_config, jax.random.PRNGKey(0)))
-
-
-def _init_state_fn(model: nn.Module, model_config: ModelConfig,
-                   tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
-  def init_state(rng):
-    params = init_params(model, model_config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return init_state
-
-
-def abstract_train_state(model: nn.Module, model_config: ModelConfig,
-                         tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def abstract_train_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
   """ShapeDtypeStructs (with their shardings) of the train state; nothing is materialized."""
-  abstract = jax.eval_shape(_init_state_fn(model, model_config, tx), jax.random.PRNGKey(0))
-  shardings = state_shardings(abstract, mesh)
+  abstract = jax.eval_shape(lambda rng: state_from_params(task.init_params(rng), tx),
+                            jax.random.PRNGKey(0))
+  shardings = mesh_lib.tree_shardings(mesh, abstract)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
 
 
-def create_train_state(model: nn.Module, model_config: ModelConfig,
-                       tx: optax.GradientTransformation, mesh: Mesh,
-                       rng: jax.Array) -> tuple[TrainState, Any]:
-  """Initializes the state born sharded over `mesh`; returns (state, its shardings)."""
-  init_state = _init_state_fn(model, model_config, tx)
-  shardings = state_shardings(jax.eval_shape(init_state, rng), mesh)
-  state = jax.jit(init_state, in_shardings=mesh_lib.replicated(mesh),
-                  out_shardings=shardings)(rng)
+def abstract_state_of(config: Any) -> TrainState:
+  """The train state's shapes for a config (what a checkpoint of a run of that config holds)."""
+  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.get_task(config)
+  _, tx = optim.for_task(config, task, steps_per_epoch=1, total_steps=1)
+  return jax.eval_shape(lambda rng: state_from_params(task.init_params(rng), tx),
+                        jax.random.PRNGKey(0))
+
+
+def shardings_of(abstract: Any) -> Any:
+  """The shardings of an abstract (or concrete) pytree."""
+  return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def create_train_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh,
+                       rng: jax.Array, params: Any = None) -> tuple[TrainState, TrainState]:
+  """The step-0 state born sharded over `mesh`; returns (state, its shardings).
+
+  The parameters are initialized from `rng`, or taken from `params` (sharded already, e.g.
+  loaded by `config.init`).
+  """
+  shardings = shardings_of(abstract_train_state(task, tx, mesh))
+  if params is None:
+    init = lambda rng: state_from_params(task.init_params(rng), tx)
+    state = jax.jit(init, in_shardings=mesh_lib.replicated(mesh), out_shardings=shardings)(rng)
+  else:
+    state = jax.jit(lambda p: state_from_params(p, tx), in_shardings=(shardings.params,),
+                    out_shardings=shardings)(params)
   return state, shardings
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-  """Parameters and optimizer moments sharded over fsdp; the step counter replicated."""
-  return mesh_lib.tree_shardings(mesh, abstract_state)
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, trainable: Any, mesh: Mesh,
-                    shardings: TrainState, *, audio_noise: bool = False
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, shardings: TrainState, *,
+                    device_augment: DeviceAugment | None = None
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """The jit train step `(state, batch, rng) -> (state, metrics)`; `state` is donated.
 
-  `audio_noise` applies the noise + time-roll augmentation here, on the device
-  (`config.data.noise_on_device`), instead of in the input pipeline.
+  The step's randomness is `fold_in(rng, step)`; `device_augment` (e.g. the noise + time roll of
+  `config.data.noise_on_device`) takes its share first, the task's loss gets the rest.
   """
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-    mask_rng = jax.random.fold_in(rng, state.step)
-    audio = batch["audio"]
-    if audio_noise:
-      mask_rng, noise_rng = jax.random.split(mask_rng)
-      audio = device_augment.noise_and_roll(audio, noise_rng)
-
-    def loss_fn(params):
-      out = model.apply({"params": params}, audio, batch["image"], rngs={"mask": mask_rng})
-      return out["loss"], out
-
-    grads, out = jax.grad(loss_fn, has_aux=True)(state.params)
+    rng = jax.random.fold_in(rng, state.step)
+    if device_augment is not None:
+      batch, rng = device_augment(batch, rng)
+    grads, metrics = jax.grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {k: out[k] for k in LOSS_KEYS}
-    metrics["grad_norm"] = optim.trainable_global_norm(grads, trainable)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optim.trainable_global_norm(grads, task.trainable)
     metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -115,30 +107,3 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       in_shardings=(shardings, mesh_lib.batch_sharding(mesh), replicated),
       out_shardings=(shardings, replicated),
       donate_argnums=(0,))
-
-
-def make_eval_step(model: nn.Module, mesh: Mesh, param_shardings: Any
-                   ) -> Callable[[Any, Batch, jax.Array], Metrics]:
-  """jit `(params, batch, rng) -> losses` of the pretraining objective on one batch."""
-
-  def eval_step(params, batch, rng):
-    out = model.apply({"params": params}, batch["audio"], batch["image"], rngs={"mask": rng})
-    return {k: out[k] for k in LOSS_KEYS}
-
-  replicated = mesh_lib.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh),
-                                          replicated), out_shardings=replicated)
-
-
-def make_features_step(model: nn.Module, mesh: Mesh, param_shardings: Any
-                       ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-  """jit `(params, batch) -> (audio [B, D], video [B, D])`: mean-pooled unmasked features."""
-
-  def features_step(params, batch):
-    audio, video = model.apply({"params": params}, batch["audio"], batch["image"],
-                               method="features")
-    return audio.mean(axis=1), video.mean(axis=1)
-
-  return jax.jit(features_step,
-                 in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=mesh_lib.replicated(mesh))

@@ -1,8 +1,10 @@
-"""CAV-MAE pretraining loop, read top to bottom: setup, data, model and optimizer, init or
-restore, compiled steps, evaluators, loop.
+"""The training loop of every task, read top to bottom: setup, data, task and optimizer, init or
+restore, the update function, evaluators, loop.
 
 The same code runs on one CPU, on 8 fake CPU devices and on many hosts: every process runs this
-function; batches are host-local numpy dicts assembled into global arrays over the mesh.
+function; batches are host-local numpy dicts assembled into global arrays over the mesh. What is
+trained comes from the task (`cav_mae_jax.tasks`), what is measured from the evaluators
+(`cav_mae_jax.eval`); this file knows neither a model nor a loss.
 """
 
 from __future__ import annotations
@@ -12,25 +14,25 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 
-from cav_mae_jax import models
-from cav_mae_jax.eval.retrieval import RetrievalEvaluator
-from cav_mae_jax.models.cav_mae import CAVMAE
+from cav_mae_jax import eval as eval_lib
+from cav_mae_jax import tasks
 from cav_mae_jax.train import checkpoint as checkpoint_lib
+from cav_mae_jax.train import device_augment
 from cav_mae_jax.train import flops as flops_lib
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import metrics as metrics_lib
 from cav_mae_jax.train import optim
+from cav_mae_jax.train import run_config
 from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
 
-CHECKPOINT_DIR = "checkpoints"
-EVAL_MASK_SEED = 1234  # fixed masks for eval losses, so evals at different steps compare
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,22 +49,18 @@ class TrainInput(Protocol):
 
 @dataclasses.dataclass
 class Inputs:
-  """What the loop consumes: a train iterator, a fresh-eval-pass factory and the epoch size."""
+  """What the loop consumes: train batches, evaluation passes (None: the records) and the epoch size."""
   train: TrainInput
-  eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None
+  eval_batches: eval_lib.common.BatchSource | None
   train_examples: int
 
 
 def records_inputs(config: ml_collections.ConfigDict) -> Inputs:
-  """The tf.data pipelines over `config.data.train_dir` / `eval_dir` (imports TensorFlow)."""
+  """The tf.data pipeline over `config.data.train_dir` (imports TensorFlow)."""
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   train_index = validation.read_records_index(config.data.train_dir, "data.train_dir")
-  eval_batches = None
-  if config.eval.every_steps > 0:
-    eval_batches = lambda: input_lib.InputPipeline(config, "eval", seed=config.seed,
-                                                   batch_size=config.eval.batch_size)
   return Inputs(train=input_lib.InputPipeline(config, "train", seed=config.seed),
-                eval_batches=eval_batches, train_examples=train_index.num_examples)
+                eval_batches=None, train_examples=train_index.num_examples)
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, int]:
@@ -78,59 +76,81 @@ def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        inputs: Inputs | None = None) -> dict[str, float]:
-  """Pretrains (resuming from the latest checkpoint in workdir); returns the last metrics."""
+  """Trains `config.task` (resuming from the latest checkpoint in workdir); returns the last metrics."""
   # ---------------------------------------------------------------- setup
-  model_config = validation.validate_config(
-      config, jax.device_count(), jax.process_count(), check_data=inputs is None)
+  validation.validate_config(config, jax.device_count(), jax.process_count(),
+                             check_data=inputs is None)
+  task = tasks.get_task(config)
+  eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.workdir_checkpoints(workdir),
+                                             config.checkpoint)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    changes = run_config.check_resume(run_config.read_run_config(workdir), config,
+                                      step_lib.abstract_state_of)
+    if changes and is_main:
+      print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
+  if is_main:
+    run_config.write_run_config(workdir, config)
   mesh = mesh_lib.make_mesh(config.mesh)
-  logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  logger.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
+              jax.process_count())
   writer = metrics_lib.make_writer(workdir, is_main)
-  writer.write_hparams(config.to_dict())
 
   # ---------------------------------------------------------------- data
   inputs = inputs or records_inputs(config)
   steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
-  logging.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
-               inputs.train_examples)
+  if start_step >= total_steps:
+    checkpointer.close()
+    if is_main:
+      print(f"{workdir}: finished: step {start_step} of {total_steps} is checkpointed; "
+            "nothing to do (raise config.total_steps or total_epochs to continue).")
+    return metrics_lib.last_scalars(workdir)
+  logger.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
+              inputs.train_examples)
 
-  # ---------------------------------------------------------------- model and optimizer
-  model = CAVMAE(config=model_config)
-  trainable = models.trainable_mask(step_lib.abstract_params(model, model_config), model_config)
-  schedule = optim.make_schedule(config, steps_per_epoch, total_steps)
-  tx = optim.make_optimizer(config.optim, schedule, trainable)
+  # ---------------------------------------------------------------- task and optimizer
+  schedule, tx = optim.for_task(config, task, steps_per_epoch, total_steps)
 
   # ---------------------------------------------------------------- init or restore
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
-                                             config.checkpoint)
   train_rng = jax.device_put(train_rng, mesh_lib.replicated(mesh))
-  start_step = checkpointer.latest_step() or 0
+  abstract_state = step_lib.abstract_train_state(task, tx, mesh)
+  shardings = step_lib.shardings_of(abstract_state)
   if start_step:  # restored straight into its shardings; nothing is initialized
-    abstract_state = step_lib.abstract_train_state(model, model_config, tx, mesh)
     restored, input_state = checkpointer.restore(
         start_step, {"state": abstract_state, "rng": _abstract_like(train_rng)})
     state, train_rng = restored["state"], restored["rng"]
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     inputs.train.set_state(input_state)
-    logging.info("Resumed from step %d.", start_step)
+    if is_main:
+      print(f"resumed from step {start_step} in {workdir}")
   else:
-    state, shardings = step_lib.create_train_state(model, model_config, tx, mesh, init_rng)
+    params = None
+    if config.init.source:
+      params = _load_init_params(config, task, init_rng, shardings.params, workdir, is_main)
+    state, _ = step_lib.create_train_state(task, tx, mesh, init_rng, params)
+    writer.write_hparams(config.to_dict())
 
-  # ---------------------------------------------------------------- compiled steps
+  # ---------------------------------------------------------------- update function
   train_step = step_lib.make_train_step(
-      model, tx, schedule, trainable, mesh, shardings,
-      audio_noise=config.data.noise and config.data.get("noise_on_device", False))
-  step_flops = flops_lib.pretrain_step_flops(config.model)
-  peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
+      task, tx, schedule, mesh, shardings,
+      device_augment=device_augment.make_device_augment(config.data))
 
   # ---------------------------------------------------------------- evaluators
-  evaluate = None
-  if inputs.eval_batches is not None and config.eval.every_steps > 0:
-    evaluate = make_evaluate(config, model, mesh, shardings.params, inputs.eval_batches)
+  evaluators = eval_lib.build_evaluators(config, task.predict_fns, mesh, inputs.eval_batches)
+
+  def evaluate(step: int, params: Any) -> dict[str, float]:
+    results = {}
+    for evaluator in evaluators:
+      if evaluator.due(step, total_steps):
+        results.update(evaluator.run(params))
+    if results:
+      writer.write_scalars(step, results)
+      writer.flush()
+    return results
 
   # ---------------------------------------------------------------- loop
   preemption = checkpoint_lib.PreemptionWatcher(checkpointer)
@@ -138,8 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # dispatched, not yet checked on host
   logged: list[dict[str, float]] = []
   summary: dict[str, float] = {}
-  if evaluate and start_step == 0:  # the initialization's baseline
-    writer.write_scalars(0, dict(evaluate(state.params)))
+  if start_step == 0:  # the initialization's baseline
+    evaluate(0, state.params)
   last_log_time, last_log_step = time.monotonic(), start_step
 
   def check(upto_step: int) -> None:
@@ -172,21 +192,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         summary["step_time_s"] = seconds_per_step
         summary["samples_per_s"] = config.data.batch_size / seconds_per_step
         summary["epoch"] = step / steps_per_epoch
-        if peak:
-          summary["mfu"] = summary["samples_per_s"] * step_flops / (peak * jax.device_count())
+        mfu = flops_lib.mfu(summary["samples_per_s"], task.step_flops,
+                            jax.devices()[0].device_kind, jax.device_count())
+        if mfu is not None:
+          summary["mfu"] = mfu
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-        progress.update(step, {k: summary[k] for k in ("loss", "c_acc", "lr")})
+        writer.flush()
+        progress.update(step, {k: summary[k] for k in ("loss", "lr") if k in summary})
         last_log_time, last_log_step = now, step
       if checkpointer.should_save(step) or final:
         check(step)
+        writer.flush()  # the metrics of every step up to this checkpoint are on disk first
         checkpointer.save(step, {"state": state, "rng": train_rng}, inputs.train.get_state())
-      if evaluate and (step % config.eval.every_steps == 0 or step == total_steps):
-        eval_metrics = dict(evaluate(state.params))
-        writer.write_scalars(step, eval_metrics)
+      eval_metrics = evaluate(step, state.params)
+      if eval_metrics:
         summary.update(eval_metrics)
         last_log_time = time.monotonic()  # eval time is not train step time
       if preempted:
-        logging.warning("Preempted: saved step %d; stopping.", step)
+        logger.warning("Preempted: saved step %d; stopping.", step)
         break
   finally:
     progress.close()
@@ -197,62 +220,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
-def make_evaluate(config: ml_collections.ConfigDict, model: CAVMAE, mesh: jax.sharding.Mesh,
-                  param_shardings: Any,
-                  eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
-                  ) -> Callable[[Any], Iterator[tuple[str, float]]]:
-  """Eval losses (over full eval batches) and audio<->visual retrieval on the held-out split."""
-  eval_step = step_lib.make_eval_step(model, mesh, param_shardings)
-  features_step = step_lib.make_features_step(model, mesh, param_shardings)
-  mask_rng = jax.device_put(jax.random.PRNGKey(EVAL_MASK_SEED), mesh_lib.replicated(mesh))
-
-  def features_fn(params, batch):
-    audio, video = features_step(params, mesh_lib.global_batch(_model_inputs(batch), mesh))
-    return np.asarray(audio), np.asarray(video)
-
-  def global_batches():
-    # Every process reads its own part; `valid` must describe the global batch.
-    for batch in eval_batches():
-      valid = _gather_valid(batch["valid"])
-      yield {**batch, "valid": valid}
-
-  retrieval = RetrievalEvaluator(features_fn, global_batches, config.eval.retrieval_max_clips)
-
-  def evaluate(params) -> Iterator[tuple[str, float]]:
-    totals: dict[str, float] = {}
-    full_batches = 0
-    for batch in eval_batches():
-      # Eval losses are batch means over the model's contrastive groups: only batches without
-      # padding enter them (retrieval below uses every valid clip).
-      if not _all_valid_globally(batch["valid"]):
-        continue
-      out = jax.device_get(eval_step(params, mesh_lib.global_batch(_model_inputs(batch), mesh),
-                                     mask_rng))
-      for k, v in out.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-      full_batches += 1
-    for k, v in totals.items():
-      yield f"eval/{k}", v / full_batches
-    yield "eval/full_batches", float(full_batches)
-    yield from retrieval.run(params)
-
-  return evaluate
-
-
-def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"audio": batch["audio"], "image": batch["image"]}
-
-
-def _gather_valid(valid: np.ndarray) -> np.ndarray:
-  """The global batch's `valid` mask from every process's local part."""
-  if jax.process_count() == 1:
-    return np.asarray(valid, bool)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(np.asarray(valid, bool))).reshape(-1)
-
-
-def _all_valid_globally(valid: np.ndarray) -> bool:
-  return bool(np.all(_gather_valid(valid)))
+def _load_init_params(config: ml_collections.ConfigDict, task: tasks.Task, init_rng: jax.Array,
+                      param_shardings: Any, workdir: str, is_main: bool) -> Any:
+  """`config.init`'s parameters, mapped onto the task's model and placed in their shardings."""
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  init_params = jax.tree.map(np.asarray, jax.jit(task.init_params)(init_rng))
+  params, report = init_source.load_init_params(config.init, task.model_config,
+                                                finetune=task.finetune, init_params=init_params)
+  if is_main:
+    print(init_source.write_report(workdir, config.init, report), end="")
+  return mesh_lib.host_to_global(params, param_shardings)
 
 
 def _abstract_like(x: jax.Array) -> jax.ShapeDtypeStruct:

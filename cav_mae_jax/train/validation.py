@@ -1,8 +1,10 @@
-"""Checks of a pretraining config before anything is traced: a bad value raises ValueError
-naming the field.
+"""Checks of a run's config before anything is traced: a bad value raises ValueError naming
+the field.
 
-The model's own fields are checked by `ModelConfig.from_config`; this module checks the rest and
-the relations between sections (batch vs devices, contrast groups vs batch, records vs model).
+Each section is checked in one place: `config.model` by `ModelConfig.from_config`, `config.data`
+by the input pipeline's `DataConfig`, each `config.evals` entry by its evaluator type; this
+module checks the rest and the relations between sections (batch vs devices, contrast groups vs
+batch, records vs model).
 """
 
 from __future__ import annotations
@@ -24,20 +26,36 @@ def _fail(field: str, value: Any, why: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
-                    num_processes: int = 1, check_data: bool = True) -> ModelConfig:
-  """Validates `config` for a run on `num_devices` devices; returns the checked ModelConfig."""
+                    num_processes: int = 1, check_data: bool = True,
+                    training: bool = True) -> ModelConfig:
+  """Validates `config` for a run on `num_devices` devices; returns the checked ModelConfig.
+
+  `check_data=False` skips what needs the records (and TensorFlow): their presence, their shapes
+  against the model, and the input pipeline's own field checks. `training=False` (evaluation
+  only) does not need the training records.
+  """
+  from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  if config.task not in tasks.TASKS:
+    _fail("task", config.task, f"unknown task; choose one of {sorted(tasks.TASKS)}.")
   model = ModelConfig.from_config(config.model)
   _validate_duration(config)
   _validate_batch(config, model, num_devices, num_processes)
   mesh_lib.mesh_shape(config.mesh, num_devices)
   _validate_optim(config)
-  _validate_checkpoint_and_eval(config)
+  _validate_checkpoint(config)
+  _validate_init(config)
+  eval_lib.validate_evals(config, None, num_devices, num_processes)
   if check_data:
-    train_index = read_records_index(config.data.train_dir, "data.train_dir")
-    check_records_match_model(train_index, model, "data.train_dir")
-    if config.eval.every_steps > 0:
-      eval_index = read_records_index(config.data.eval_dir, "data.eval_dir")
-      check_records_match_model(eval_index, model, "data.eval_dir")
+    from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+    input_lib.DataConfig.from_config(config)
+    if training:
+      train_index = read_records_index(config.data.train_dir, "data.train_dir")
+      check_records_match_model(train_index, model, "data.train_dir")
+    for name, entry in config.evals.items():
+      field = f"evals.{name}.dir" if entry.dir else f"data.{entry.split}_dir"
+      directory = entry.dir or config.data[f"{entry.split}_dir"]
+      check_records_match_model(read_records_index(directory, field), model, field)
   return model
 
 
@@ -56,20 +74,22 @@ def _validate_duration(config: ml_collections.ConfigDict) -> None:
 
 def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_devices: int,
                     num_processes: int) -> None:
-  for field, batch in (("data.batch_size", config.data.batch_size),
-                       ("eval.batch_size", config.eval.batch_size)):
-    if batch <= 0:
-      _fail(field, batch, "must be positive.")
-    if batch % num_devices:
-      _fail(field, batch, f"must be divisible by the number of devices ({num_devices}).")
-    if batch % num_processes:
-      _fail(field, batch, f"must be divisible by the number of processes ({num_processes}).")
+  batch = config.data.batch_size
+  if batch <= 0:
+    _fail("data.batch_size", batch, "must be positive.")
+  if batch % num_devices:
+    _fail("data.batch_size", batch, f"must be divisible by the number of devices ({num_devices}).")
+  if batch % num_processes:
+    _fail("data.batch_size", batch,
+          f"must be divisible by the number of processes ({num_processes}).")
   group = model.contrast_group_size
   if model.has_contrast and group:
-    for field in ("data.batch_size", "eval.batch_size"):
-      batch = config[field.split(".")[0]].batch_size
-      if batch % group:
-        _fail("model.contrast_group_size", group, f"must divide config.{field}={batch}.")
+    batches = {"data.batch_size": batch}
+    batches.update({f"evals.{name}.batch_size": entry.batch_size
+                    for name, entry in config.evals.items() if entry.type == "losses"})
+    for field, value in batches.items():
+      if value % group:
+        _fail("model.contrast_group_size", group, f"must divide config.{field}={value}.")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
@@ -101,15 +121,36 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
       _fail("schedule.final_lr_fraction", sched.final_lr_fraction, "must be in [0, 1].")
 
 
-def _validate_checkpoint_and_eval(config: ml_collections.ConfigDict) -> None:
+def _validate_checkpoint(config: ml_collections.ConfigDict) -> None:
   if config.checkpoint.every_steps < 0:
     _fail("checkpoint.every_steps", config.checkpoint.every_steps, "must be >= 0 (0 = end only).")
   if config.checkpoint.keep < 1:
     _fail("checkpoint.keep", config.checkpoint.keep, "must be >= 1.")
-  if config.eval.every_steps < 0:
-    _fail("eval.every_steps", config.eval.every_steps, "must be >= 0 (0 = no eval).")
-  if config.eval.retrieval_max_clips < 2:
-    _fail("eval.retrieval_max_clips", config.eval.retrieval_max_clips, "must be >= 2.")
+
+
+INIT_SOURCES = ("", "workdir", "params", "cavmae", "imagenet_mae")
+AUDIO_POS_RESIZE = ("", "trim", "interpolate")
+
+
+def _validate_init(config: ml_collections.ConfigDict) -> None:
+  init = config.init
+  if init.source not in INIT_SOURCES:
+    _fail("init.source", init.source, f"must be one of {INIT_SOURCES} ('' = random init).")
+  if init.source and not init.path:
+    _fail("init.path", init.path, f"init.source={init.source!r} needs a path.")
+  if init.source and not _exists(init.path):
+    _fail("init.path", init.path, "does not exist.")
+  if init.step < 0:
+    _fail("init.step", init.step, "must be >= 0 (0 = the latest checkpoint).")
+  if init.audio_pos_resize not in AUDIO_POS_RESIZE:
+    _fail("init.audio_pos_resize", init.audio_pos_resize, f"must be one of {AUDIO_POS_RESIZE}.")
+
+
+def _exists(path: str) -> bool:
+  if "://" in path:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (remote file systems)
+    return tf.io.gfile.exists(path)
+  return os.path.exists(path)
 
 
 def read_records_index(directory: str, field: str) -> Any:

@@ -1,24 +1,20 @@
-r"""Pretrain CAV-MAE.
+r"""Train any task: pretraining now (configs/pretrain.py), fine-tuning and probing next.
 
-  python tools/pretrain.py --config configs/pretrain.py:base --workdir /ckpt/run1 \
+  python tools/train.py --config configs/pretrain.py:base --workdir /ckpt/run1 \
       --config.data.train_dir=/data/as2m --config.data.eval_dir=/data/as_eval
 
-Resumes from the latest checkpoint in --workdir. Multi-host: run the same command on every host;
+Resumes from the latest checkpoint in --workdir (a changed config that alters parameter or
+optimizer shapes is refused, naming the field). Multi-host: run the same command on every host;
 with --distributed the processes join through `jax.distributed.initialize` (arguments from the
 flags below, or detected from the cluster environment: TPU pods, SLURM, Open MPI, Kubernetes).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cav_mae_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
                                           lock_config=True)
@@ -37,11 +33,10 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  logging.getLogger().setLevel(logging.INFO)
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.5g}" for k, v in sorted(summary.items())))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,0 +1,120 @@
+"""What every command-line tool shares: one flag style, quiet logs, one-line errors.
+
+Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
+- A bad input (missing or unreadable file, wrong folder, bad flag or config value) prints one
+  line `error: <what> <why>` to stderr and exits 2, never a traceback. Unexpected errors still
+  raise; `--verbosity=1` (or absl's `-v 1`) shows the traceback of any error and the library logs.
+- `--config` files resolve from any working directory: a relative `configs/<file>.py` that does
+  not exist where the tool runs is taken from this package's `configs/` directory.
+- TensorFlow's C++ start-up lines are silenced: TF_CPP_MIN_LOG_LEVEL=3 unless set, and TF
+  (when installed) is imported once with the process's stderr closed, because TF 2.16+ prints
+  its start-up lines before that variable is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+
+# Errors that mean "bad input", not "bug": ValueError covers config checks, parse and shape
+# errors (ours subclass it); OSError covers missing, unreadable and existing paths.
+USER_ERRORS = (ValueError, OSError)
+
+
+def config_search_dirs() -> list[str]:
+  """Where a relative `configs/...` path is looked for: the working directory, then the package's."""
+  import configs  # pylint: disable=g-import-not-at-top
+  return [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(configs.__file__)))]
+
+
+def resolve_config_args(argv: Sequence[str], flag_names: Sequence[str] = ("config",)) -> list[str]:
+  """argv with `--config=<file>[:arg]` made absolute when the file is found in a search dir."""
+  resolved = list(argv)
+  for i, arg in enumerate(resolved):
+    for name in flag_names:
+      prefix = f"--{name}="
+      if arg.startswith(prefix):
+        resolved[i] = prefix + _resolve(arg[len(prefix):])
+      elif arg == f"--{name}" and i + 1 < len(resolved):
+        resolved[i + 1] = _resolve(resolved[i + 1])
+  return resolved
+
+
+def _resolve(value: str) -> str:
+  path, sep, arg = value.partition(":")
+  if not path or os.path.isabs(path) or os.path.exists(path):
+    return value
+  for directory in config_search_dirs():
+    candidate = os.path.join(directory, path)
+    if os.path.exists(candidate):
+      return candidate + sep + arg
+  return value
+
+
+def fail(message: str) -> None:
+  """Prints `error: <message>` as one line to stderr and exits 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(resolve_config_args(argv))
+  except flags.Error as e:
+    fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except  (a config file's get_config raised)
+    fail(f"{type(e).__name__}: {e}")
+  return []
+
+
+def _verbose() -> bool:
+  return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (if installed) with file descriptor 2 pointed at /dev/null meanwhile."""
+  if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True) -> None:
+  """app.run(main) with the conventions of the module docstring.
+
+  `uses_tensorflow=False` for tools that must not import TensorFlow (the train-step benchmark
+  runs where it is not installed).
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
+    import_tensorflow_quietly()
+  sys.argv[:] = resolve_config_args(sys.argv)  # in place: config_flags keeps a reference
+
+  def wrapped(argv: list[str]) -> None:
+    if not _verbose():
+      absl_logging.set_verbosity(absl_logging.WARNING)
+      import logging  # pylint: disable=g-import-not-at-top
+      logging.getLogger().setLevel(logging.WARNING)
+    try:
+      main(argv)
+    except app.UsageError as e:
+      fail(str(e))
+    except USER_ERRORS as e:
+      if _verbose():
+        raise
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=_parse_flags)

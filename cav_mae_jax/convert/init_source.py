@@ -1,0 +1,89 @@
+"""One checkpoint world: every source of parameters a run can start from, with one accounting.
+
+`config.init.source` names the kind of `config.init.path`:
+  workdir       a training workdir of ours (params of checkpoint `step`, 0 = the latest)
+  params        a params checkpoint written by tools/convert.py
+  cavmae        an original CAV-MAE .pth (pretraining or fine-tuning layout, `module.` or not)
+  imagenet_mae  ImageNet-MAE weights (facebookresearch/mae), mapped as the original's init
+Our own params go through the original's layout first, so that every source is mapped by the
+same strict rules (`cavmae_checkpoint`): a decoder dropped for a fine-tuning model, a new head
+where asked, audio position grids trimmed or interpolated where asked, and every target
+parameter accounted for in the report.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from cav_mae_jax import models
+from cav_mae_jax.convert import cavmae_checkpoint
+from cav_mae_jax.convert import export
+from cav_mae_jax.convert import formats
+from cav_mae_jax.convert import imagenet_mae
+from cav_mae_jax.convert import io
+from cav_mae_jax.convert import report as report_lib
+
+REPORT_FILE = "init_report.txt"
+
+
+def read_params(path: str, step: int = 0) -> dict[str, Any]:
+  """Our params (NumPy) from a training workdir (checkpoint `step`, 0 = latest) or params dir."""
+  from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  if checkpoint.is_workdir(path):
+    return checkpoint.read_workdir_params(path, step)[0]
+  return io.load_params(path)
+
+
+def read_model_config(path: str) -> dict[str, Any]:
+  """The model config of a training workdir (its config.json) or of a params checkpoint."""
+  from cav_mae_jax.train import checkpoint, run_config  # pylint: disable=g-import-not-at-top
+  if checkpoint.is_workdir(path):
+    config = run_config.read_run_config(path)
+    if config is None:
+      raise FileNotFoundError(f"{path}: no {run_config.RUN_CONFIG_FILE} in the workdir")
+    return config.model.to_dict()
+  return io.load_model_config(path)
+
+
+def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, finetune: bool,
+                     init_params: dict[str, Any]) -> tuple[dict[str, Any],
+                                                           report_lib.ConversionReport]:
+  """(params, report): `init.path` mapped onto the target model's `init_params` (NumPy).
+
+  `init_params` gives the values of parameters the source does not have (a new head, a learned
+  temperature, ImageNet-MAE's missing decoder) and the shapes of all others.
+  """
+  config = models.ModelConfig.from_config(model_config)
+  if init.source == "imagenet_mae":
+    if finetune:
+      raise ValueError("config.init.source='imagenet_mae' initializes a pretraining model; "
+                       "pretrain first, then fine-tune from that workdir.")
+    return imagenet_mae.imagenet_mae_to_params(
+        formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
+  notes = []
+  if init.source == "cavmae":
+    state_dict = formats.read_state_dict(init.path)
+  elif init.source in ("workdir", "params"):
+    state_dict, notes = export.to_original_state_dict(read_params(init.path, init.step))
+  else:
+    raise ValueError(f"config.init.source={init.source!r}: nothing to load.")
+  params, report = cavmae_checkpoint.cavmae_to_params(
+      state_dict, init_params, new_head=init.new_head,
+      audio_pos_resize=init.audio_pos_resize or None, freq_patches=config.audio_grid[0],
+      allow_unexpected=init.allow_unexpected)
+  report.notes.extend(notes)
+  return params, report
+
+
+def write_report(workdir: str, init: ml_collections.ConfigDict,
+                 report: report_lib.ConversionReport) -> str:
+  """Writes the conversion account to `workdir/init_report.txt`; returns its text."""
+  text = (f"initialized from {init.source} {init.path}"
+          f"{f' (step {init.step})' if init.source == 'workdir' and init.step else ''}\n"
+          f"{report.summary()}\n")
+  with open(os.path.join(workdir, REPORT_FILE), "w") as f:
+    f.write(text)
+  return text

@@ -1,0 +1,126 @@
+"""What every evaluator shares: its config entry, its batches, and the global `valid` mask.
+
+An evaluator is built from its `config.evals.<name>` entry, the task's predict functions, the
+mesh and a batch source; `run(params)` yields `(metric_name, value)` pairs, which the caller
+writes with the training metrics. Every evaluator reads its own split in evaluation mode (no
+augmentation, fixed frame, padded last batch) and never imports the trainer.
+
+Fields of an entry (each type adds its own, listed in its `FIELDS`):
+  type: str          the evaluator type (a module of this package)
+  split: str         'train' or 'eval': the records of config.data.<split>_dir
+  dir: str           records directory to read instead of the split's ('' = the split's)
+  every_steps: int   run every that many training steps (0 = only at the end)
+  at_start: bool     also run on the initial parameters of a fresh run (step 0)
+  batch_size: int    global batch size
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from cav_mae_jax.train import mesh as mesh_lib
+
+HostBatch = dict[str, np.ndarray]
+# (split, records directory or '', global batch size) -> a fresh pass over that split.
+BatchSource = Callable[[str, str, int], Iterable[HostBatch]]
+COMMON_FIELDS = {"type": str, "split": str, "dir": str, "every_steps": int, "at_start": bool,
+                 "batch_size": int}
+SPLITS = ("train", "eval")
+
+
+class Evaluator:
+  """Base class: scheduling and batches; subclasses define `FIELDS` and `run(params)`."""
+
+  FIELDS: Mapping[str, type] = {}
+
+  def __init__(self, name: str, config: ml_collections.ConfigDict,
+               predict_fns: Mapping[str, Callable[..., Any]], mesh: jax.sharding.Mesh,
+               batch_source: BatchSource):
+    self.name = name
+    self.config = config
+    self.predict_fns = predict_fns
+    self.mesh = mesh
+    self._batch_source = batch_source
+
+  @classmethod
+  def check_entry(cls, name: str, config: ml_collections.ConfigDict) -> None:
+    """Checks the type's own fields (types and common fields are checked already)."""
+
+  def due(self, step: int, total_steps: int) -> bool:
+    """Whether to run after training step `step` (0: the fresh run's initial parameters)."""
+    if step == 0:
+      return self.config.at_start
+    every = self.config.every_steps
+    return step == total_steps or (every > 0 and step % every == 0)
+
+  def batches(self) -> Iterator[HostBatch]:
+    """A fresh pass over this evaluator's split; `valid` describes the global batch."""
+    for batch in self._batch_source(self.config.split, self.config.dir, self.config.batch_size):
+      yield {**batch, "valid": global_valid(batch["valid"])}
+
+  def global_batch(self, batch: HostBatch, keys: Iterable[str] = ("audio", "image")
+                   ) -> dict[str, jax.Array]:
+    """The model inputs of a host batch as global arrays over the mesh."""
+    return mesh_lib.global_batch({k: batch[k] for k in keys}, self.mesh)
+
+  def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` compiled with replicated outputs (fetchable on every host)."""
+    return jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
+
+  def run(self, params: Any) -> Iterator[tuple[str, float]]:
+    """Yields `(f'{name}/{metric}', value)` pairs."""
+    raise NotImplementedError
+
+
+def global_valid(valid: np.ndarray) -> np.ndarray:
+  """The global batch's `valid` mask from every process's local part (the one place it is gathered)."""
+  valid = np.asarray(valid, bool)
+  if jax.process_count() == 1:
+    return valid
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(valid)).reshape(-1)
+
+
+def records_batch_source(config: ml_collections.ConfigDict) -> BatchSource:
+  """Evaluation passes over the records of `config.data` (imports TensorFlow when called)."""
+
+  def batches(split: str, directory: str, batch_size: int) -> Iterable[HostBatch]:
+    from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+    data_config = config
+    if directory:
+      data_config = config.copy_and_resolve_references()
+      data_config.data[f"{split}_dir"] = directory
+    return input_lib.InputPipeline(data_config, split, training=False, seed=config.seed,
+                                   batch_size=batch_size)
+
+  return batches
+
+
+def validate_entry(name: str, entry: ml_collections.ConfigDict, fields: Mapping[str, type],
+                   num_devices: int, num_processes: int) -> None:
+  """Checks one `config.evals.<name>` entry; raises ValueError naming the field."""
+  where = f"config.evals.{name}"
+  expected = {**COMMON_FIELDS, **fields}
+  present = set(entry.keys())
+  for field in sorted(set(expected) - present):
+    raise ValueError(f"{where}.{field}: missing (fields of a {entry.get('type')!r} evaluator: "
+                     f"{sorted(expected)}).")
+  for field in sorted(present - set(expected)):
+    raise ValueError(f"{where}.{field}: unknown field for a {entry.type!r} evaluator "
+                     f"(fields: {sorted(expected)}).")
+  for field, kind in expected.items():
+    value = entry[field]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise ValueError(f"{where}.{field}={value!r}: expected {kind.__name__}.")
+  if entry.split not in SPLITS:
+    raise ValueError(f"{where}.split={entry.split!r}: must be one of {SPLITS}.")
+  if entry.every_steps < 0:
+    raise ValueError(f"{where}.every_steps={entry.every_steps}: must be >= 0 (0 = at the end).")
+  batch = entry.batch_size
+  if batch <= 0 or batch % num_devices or batch % num_processes:
+    raise ValueError(f"{where}.batch_size={batch}: must be positive and divisible by the "
+                     f"number of devices ({num_devices}) and processes ({num_processes}).")

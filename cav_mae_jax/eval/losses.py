@@ -1,0 +1,41 @@
+"""The task's own losses on held-out clips, with masks drawn from a fixed seed.
+
+Fixed masks make evaluations at different steps comparable. The losses are batch means over the
+model's contrastive groups, so only batches without padding enter them (`full_batches` says how
+many); evaluators that score clips (retrieval, classification) use every valid clip instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from cav_mae_jax.eval import common
+from cav_mae_jax.train import mesh as mesh_lib
+
+
+class LossesEvaluator(common.Evaluator):
+  """Mean of the task's 'losses' predict function over the split's full batches."""
+
+  FIELDS = {"mask_seed": int}
+
+  def __init__(self, name, config, predict_fns, mesh, batch_source):
+    super().__init__(name, config, predict_fns, mesh, batch_source)
+    self._losses = self.jit(predict_fns["losses"])
+    self._rng = jax.device_put(jax.random.PRNGKey(config.mask_seed), mesh_lib.replicated(mesh))
+
+  def run(self, params: Any) -> Iterator[tuple[str, float]]:
+    totals: dict[str, float] = {}
+    full_batches = 0
+    for batch in self.batches():
+      if not np.all(batch["valid"]):
+        continue
+      out = jax.device_get(self._losses(params, self.global_batch(batch), self._rng))
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      full_batches += 1
+    for k, v in totals.items():
+      yield f"{self.name}/{k}", v / full_batches
+    yield f"{self.name}/full_batches", float(full_batches)

@@ -1,0 +1,57 @@
+"""Tasks: what a run trains. `config.task` names one; the trainer and evaluators know no other.
+
+A task gives the loop everything model-specific (DESIGN: "Tasks and evaluators"):
+
+  model_config   the validated `config.model`
+  init_params    rng -> float32 params (call under jit / eval_shape)
+  loss_fn        (params, batch, rng) -> (loss, metrics): float32 scalars; `rng` is already
+                 folded with the step; the batch is the input pipeline's dict (DESIGN.md)
+  trainable      pytree of bools: what the optimizer updates (the rest gets no update and no
+                 optimizer state)
+  lr_multipliers pytree of floats (1.0 = the base rate) or None
+  predict_fns    name -> function the evaluators call, e.g. 'losses' (params, batch, rng) ->
+                 metrics, 'features' (params, batch) -> (audio [B, D], video [B, D])
+  step_flops     model FLOPs of one training step per sample (for MFU)
+  finetune       whether the parameters are the fine-tuning model's (conversion targets)
+
+A new task is one module here with a `make_task(config) -> Task` function, registered below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+
+from cav_mae_jax.models.config import ModelConfig
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+# config.task -> module in this package.
+TASKS = {"pretrain": "pretrain"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """The model-specific half of a run (see the module docstring)."""
+  name: str
+  model_config: ModelConfig
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: LossFn
+  trainable: Any
+  lr_multipliers: Any
+  predict_fns: Mapping[str, Callable[..., Any]]
+  step_flops: float
+  finetune: bool = False
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+  """The task named by `config.task`, built from `config`."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}: unknown task; choose one of {sorted(TASKS)}.")
+  module = importlib.import_module(f"cav_mae_jax.tasks.{TASKS[config.task]}")
+  return module.make_task(config)

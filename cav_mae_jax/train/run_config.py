@@ -1,0 +1,121 @@
+"""The config a workdir was run with, and what may change when a run resumes.
+
+The workdir records its config (`config.json`, written at the start of every run). Resuming with
+a change that alters the shapes of the parameters or the optimizer state is refused with one
+line naming the fields that cause it; so is a changed batch size (it re-plans epochs, learning
+rate milestones and the input position silently). Other changes (durations, logging, eval
+cadence, data paths) are allowed and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+RUN_CONFIG_FILE = "config.json"
+# Changes refused on resume even though no shape depends on them.
+REPLANNING_FIELDS = ("data.batch_size",)
+
+
+class ResumeConfigError(ValueError):
+  """The config of a resumed run is incompatible with its workdir's checkpoints."""
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+  """{'model.embed_dim': 768, ...} of a ConfigDict or nested dict."""
+  values = config.to_dict() if hasattr(config, "to_dict") else config
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records `config` in the workdir (the main process writes it)."""
+  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config recorded in the workdir, or None (a workdir from before this file existed)."""
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def changed_fields(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+                   ) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved value, new value)} of every field that differs (JSON-normalized)."""
+  old = flatten(json.loads(saved.to_json_best_effort()))
+  new = flatten(json.loads(config.to_json_best_effort()))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+def check_resume(saved: ml_collections.ConfigDict | None, config: ml_collections.ConfigDict,
+                 abstract_state: Callable[[ml_collections.ConfigDict], Any]
+                 ) -> dict[str, tuple[Any, Any]]:
+  """Returns the allowed changes from `saved` to `config`; raises ResumeConfigError otherwise.
+
+  `abstract_state(config)` gives the train state's ShapeDtypeStruct tree for a config; a field
+  is named when setting it alone on the saved config changes that tree.
+  """
+  if saved is None:
+    return {}
+  changes = changed_fields(saved, config)
+  if not changes:
+    return {}
+  replanning = [f for f in REPLANNING_FIELDS if f in changes]
+  if replanning:
+    raise ResumeConfigError(
+        f"config.{replanning[0]} changed ({_arrow(changes[replanning[0]])}) on resume: it "
+        "re-plans epochs, the schedule and the input position; keep it, or start a new "
+        "workdir with config.init.source='workdir' pointing at this one")
+  baseline = _signature(abstract_state(saved))
+  if _signature(abstract_state(config)) == baseline:
+    return changes
+  culprits = []
+  for field, (_, new) in changes.items():
+    candidate = saved.copy_and_resolve_references()
+    try:
+      _set(candidate, field, new)
+      if _signature(abstract_state(candidate)) != baseline:
+        culprits.append(field)
+    except (ValueError, KeyError, TypeError, AttributeError):
+      culprits.append(field)  # not valid alone: it travels with another change
+  culprits = culprits or list(changes)
+  raise ResumeConfigError(
+      "changed on resume, altering the parameter or optimizer-state shapes of the checkpoints: "
+      + ", ".join(f"config.{f} ({_arrow(changes[f])})" for f in culprits)
+      + "; keep it, or start a new workdir (config.init.source='workdir' can start from this one)")
+
+
+def describe(changes: dict[str, tuple[Any, Any]]) -> str:
+  """'total_steps 6 -> 8, ...' for a log line."""
+  return ", ".join(f"{field} {_arrow(values)}" for field, values in changes.items())
+
+
+def _arrow(values: tuple[Any, Any]) -> str:
+  return f"{values[0]!r} -> {values[1]!r}"
+
+
+def _signature(abstract: Any) -> tuple[Any, ...]:
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  return str(treedef), tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value

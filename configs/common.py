@@ -1,0 +1,118 @@
+"""Config sections shared by every task: init, data, optim, schedule, mesh, checkpoint, evals.
+
+Every field any code reads lives here with its default and can be overridden with
+`--config.<path>=<value>`; each section is checked in one place before anything is compiled
+(`cav_mae_jax.train.validation`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+AUDIOSET_FBANK_MEAN = -5.081
+AUDIOSET_FBANK_STD = 4.4849
+
+
+def init_config() -> ml_collections.ConfigDict:
+  """`config.init`: where a fresh run's parameters come from (resuming ignores it).
+
+  source: ''              random initialization (config.seed)
+          'workdir'       a training workdir's checkpoint (`step`: 0 = the latest)
+          'params'        a params checkpoint written by tools/convert.py
+          'cavmae'        an original CAV-MAE .pth (pretraining or fine-tuning layout)
+          'imagenet_mae'  ImageNet-MAE weights (facebookresearch/mae .pth/.safetensors/.npz)
+  Every source is mapped with the converter's strict key accounting; the report is printed
+  and written to the workdir (init_report.txt).
+  """
+  init = ml_collections.ConfigDict()
+  init.source = ""
+  init.path = ""
+  init.step = 0
+  init.new_head = False          # a new classification head (another class count, or none)
+  init.audio_pos_resize = ""     # '', 'trim' or 'interpolate': another audio length
+  init.allow_unexpected = False  # ignore source arrays the target model has no place for
+  return init
+
+
+def data_config(batch_size: int, *, noise: bool, noise_on_device: bool,
+                shuffle_buffer: int) -> ml_collections.ConfigDict:
+  """`config.data`: records directories and the input pipeline (cav_mae_jax/data/input.py)."""
+  data = ml_collections.ConfigDict()
+  data.train_dir = ""
+  data.eval_dir = ""
+  data.batch_size = batch_size
+  data.shuffle_buffer = shuffle_buffer
+  data.eval_frame = 5
+  data.eval_all_frames = False
+  data.noise = noise
+  data.noise_on_device = noise_on_device
+  data.freqm = 0
+  data.timem = 0
+  data.mixup = 0.0
+  data.mixup_on = "waveform"
+  data.label_smooth = 0.0
+  data.balanced_sampling = False
+  data.fbank_mean = config_dict.placeholder(float)
+  data.fbank_mean = AUDIOSET_FBANK_MEAN
+  data.fbank_std = config_dict.placeholder(float)
+  data.fbank_std = AUDIOSET_FBANK_STD
+  data.prefetch = 2
+  return data
+
+
+def optim_config(learning_rate: float) -> ml_collections.ConfigDict:
+  """`config.optim`: the original's Adam with coupled L2 (torch Adam(weight_decay=...))."""
+  optim = ml_collections.ConfigDict()
+  optim.learning_rate = learning_rate
+  optim.b1 = 0.95
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 5e-7
+  optim.grad_clip_norm = 0.0  # 0 = off (the original does not clip)
+  return optim
+
+
+def multistep_schedule(first_decay_epoch: int, decay_every_epochs: int,
+                       decay_factor: float = 0.5) -> ml_collections.ConfigDict:
+  """`config.schedule` of torch MultiStepLR(range(first, 1000, every), gamma) stepped per epoch."""
+  schedule = ml_collections.ConfigDict()
+  schedule.kind = "multistep"
+  schedule.first_decay_epoch = first_decay_epoch
+  schedule.decay_every_epochs = decay_every_epochs
+  schedule.decay_factor = decay_factor
+  return schedule
+
+
+def cosine_schedule(warmup_epochs: float = 1.0) -> ml_collections.ConfigDict:
+  """`config.schedule`: linear warmup then cosine decay to zero."""
+  schedule = ml_collections.ConfigDict()
+  schedule.kind = "warmup_cosine"
+  schedule.warmup_epochs = warmup_epochs
+  schedule.final_lr_fraction = 0.0
+  return schedule
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """`config.mesh`: data-parallel over every device, parameters not sharded."""
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by the other axis
+  mesh.fsdp = 1
+  return mesh
+
+
+def checkpoint_config(every_steps: int) -> ml_collections.ConfigDict:
+  """`config.checkpoint`: orbax saves every `every_steps` and at the end, newest `keep` kept."""
+  checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = every_steps
+  checkpoint.keep = 3
+  checkpoint.async_save = True
+  return checkpoint
+
+
+def evaluator(type_name: str, *, every_steps: int, batch_size: int, split: str = "eval",
+              at_start: bool = False, **fields) -> ml_collections.ConfigDict:
+  """One `config.evals.<name>` entry (cav_mae_jax/eval/common.py lists the fields)."""
+  return ml_collections.ConfigDict(dict(type=type_name, split=split, dir="",
+                                        every_steps=every_steps, at_start=at_start,
+                                        batch_size=batch_size, **fields))
