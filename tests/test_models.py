@@ -228,8 +228,9 @@ def test_bad_inputs_name_the_field():
     model.init(rngs, audio[:, :, :64], image)
   with pytest.raises(ValueError, match="image_size"):
     model.init(rngs, audio, image[:, :16, :16])
+  params = model.init(rngs, audio[:1], image[:1])  # init: any batch (params do not depend on it)
   with pytest.raises(ValueError, match="contrast_group_size"):
-    model.init(rngs, audio[:4], image[:4])
+    model.apply(params, audio[:4], image[:4], rngs={"mask": jax.random.key(1)})
   with pytest.raises(ValueError, match="fine-tuning mode"):
     CAVMAEFT(_cfg()).init(jax.random.key(0), audio, image, mode="stereo")
   with pytest.raises(ValueError, match="image is required"):

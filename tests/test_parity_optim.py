@@ -18,8 +18,6 @@ Three checks, from the same start:
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -39,15 +37,12 @@ except ModuleNotFoundError:
   from tests import test_parity as parity  # noqa: E402
 
 STEPS = 2
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain.py"
 
 
 def recipe_optim_config():
   """`config.optim` of the tiny pretraining recipe (lr 1e-3; Adam betas/eps/decay of the original)."""
-  spec = importlib.util.spec_from_file_location("pretrain_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny").optim
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  return pretrain.get_config("tiny").optim
 
 
 GRAD_RTOL = 1e-4  # gradient diffs, relative to the tensor's largest gradient

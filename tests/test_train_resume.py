@@ -177,6 +177,10 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "changed fields: total_steps 6 -> 8" in result.stdout
   assert len((resumed / "batches.txt").read_text().split()) == 8
+  # Running a finished run again says so and trains nothing.
+  result = _subprocess("train_8_steps", resumed, cache)
+  assert result.returncode == 0 and "finished: step 8 of 8" in result.stdout, result.stdout
+  assert len((resumed / "batches.txt").read_text().split()) == 8
 
 
 def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):

@@ -9,9 +9,9 @@ checkpoint as the latest restorable one.
 
 from __future__ import annotations
 
-import os
-
+import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 
@@ -95,24 +96,37 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
   directory = os.path.abspath(workdir_checkpoints(workdir))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "input"))
+  manager = ocp.CheckpointManager(directory)
   try:
     steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{workdir}: no complete checkpoint in {directory}")
-    step = step or max(steps)
-    if step not in steps:
-      raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)})")
-    metadata = manager.item_metadata(step)["state"]
-    params_metadata = metadata["params"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                params_metadata)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": params_metadata}, restore_args={"params": restore_args},
-        partial_restore=True)))
   finally:
     manager.close()
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no complete checkpoint in {directory}")
+  step = step or max(steps)
+  if step not in steps:
+    raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)})")
+  path = os.path.join(directory, str(step), "state")  # the item holding {"state", "rng"}
+  with _quiet_absl(), ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    params_metadata = tree["state"]["params"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                params_metadata)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"state": {"params": params_metadata}},
+        restore_args={"state": {"params": restore_args}}, partial_restore=True))
   return restored["state"]["params"], step
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Hides orbax's warnings about optional metadata files of items read directly."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(level if level >= absl_logging.INFO else absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 class PreemptionWatcher:

@@ -187,6 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         check(step)
         now = time.monotonic()
         summary = _mean(logged)
+        summary["lr"] = logged[-1]["lr"]  # the rate of the logged step, not a window mean
         logged.clear()
         seconds_per_step = (now - last_log_time) / (step - last_log_step)
         summary["step_time_s"] = seconds_per_step

@@ -1,0 +1,146 @@
+"""A run starts from every `config.init` source, with the params equal to the converted source.
+
+Each run trains one step whose learning rate is 0 (warmup), so the parameters it checkpoints are
+exactly the ones it started from; they must equal the source mapped by the converter's rules.
+Sources: (a) a training workdir, (b) params written by tools/convert.py, (c) an original .pth,
+(d) ImageNet-MAE weights. Tiny shapes, in-memory clips.
+"""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cav_mae_jax import tasks
+from cav_mae_jax.convert import export
+from cav_mae_jax.convert import formats
+from cav_mae_jax.convert import imagenet_mae
+from cav_mae_jax.convert import init_source
+from cav_mae_jax.convert import io
+from cav_mae_jax.convert import state_dict as sd
+from cav_mae_jax.train import array_input
+from cav_mae_jax.train import checkpoint
+from cav_mae_jax.train import metrics
+from cav_mae_jax.train import optim
+from cav_mae_jax.train import trainer
+from configs import pretrain
+from test_convert_imagenet_mae import mae_shapes
+from test_convert_layout import Dims
+
+DIMS = Dims(embed_dim=32, num_heads=2, modality_specific_depth=1, encoder_depth=2,
+            decoder_embed_dim=16, decoder_depth=1, audio_length=32, image_size=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def tiny_config(**init):
+  config = pretrain.get_config("tiny,cosine")
+  m = config.model
+  m.embed_dim, m.num_heads, m.encoder_depth = DIMS.embed_dim, DIMS.num_heads, DIMS.encoder_depth
+  m.modality_specific_depth = DIMS.modality_specific_depth
+  m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads = DIMS.decoder_embed_dim, 1, 2
+  m.audio_length, m.image_size = DIMS.audio_length, DIMS.image_size
+  config.data.batch_size = 8
+  config.total_steps = 1
+  config.schedule.warmup_epochs = 1.0  # lr(step 0) = 0: the one step leaves params as they are
+  config.log_every_steps = 1
+  for key, value in init.items():
+    config.init[key] = value
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict()
+  return config
+
+
+def train(config, workdir):
+  clips = array_input.random_clips(16, DIMS.audio_length, 128, DIMS.image_size, seed=0)
+  inputs = trainer.Inputs(array_input.ArrayInput(clips, 8, seed=0), None, 16)
+  trainer.train_and_evaluate(config, str(workdir), inputs)
+  params, step = checkpoint.read_workdir_params(str(workdir))
+  assert step == config.total_steps
+  return params
+
+
+def assert_trees_equal(actual, expected):
+  flat_a, flat_e = sd.flatten_params(actual), sd.flatten_params(expected)
+  assert sorted(flat_a) == sorted(flat_e)
+  for path, value in flat_e.items():
+    np.testing.assert_array_equal(np.asarray(flat_a[path]), np.asarray(value), err_msg=str(path))
+
+
+@pytest.fixture(scope="module", name="source")
+def fixture_source(tmp_path_factory):
+  """A trained workdir (learning rate 1e-3 for 2 steps, so its params are not the init)."""
+  workdir = tmp_path_factory.mktemp("source")
+  config = tiny_config()
+  config.total_steps, config.schedule.warmup_epochs, config.log_every_steps = 2, 0.0, 2
+  params = train(config, workdir)
+  # The logged lr is the rate of the logged step (step 2 uses schedule(1)), not a window mean.
+  schedule = optim.make_schedule(config, steps_per_epoch=2, total_steps=2)
+  logged = metrics.read_jsonl(str(workdir / metrics.METRICS_FILE))
+  assert [r["step"] for r in logged] == [2]
+  assert logged[0]["train/lr"] == pytest.approx(float(schedule(1)), rel=1e-7)
+  assert float(schedule(0)) != float(schedule(1))
+  return workdir, params
+
+
+def run_init_params(config):
+  """The random init the run would use for what the source lacks (config.seed's init key)."""
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  return jax.tree.map(np.asarray, jax.jit(tasks.get_task(config).init_params)(init_rng))
+
+
+def test_random_init_step_keeps_params(tmp_path):
+  config = tiny_config()
+  assert_trees_equal(train(config, tmp_path / "run"), run_init_params(config))
+
+
+def test_from_training_workdir(source, tmp_path):
+  workdir, params = source
+  started = train(tiny_config(source="workdir", path=str(workdir)), tmp_path / "run")
+  assert_trees_equal(started, params)
+  report = (tmp_path / "run" / init_source.REPORT_FILE).read_text()
+  assert f"initialized from workdir {workdir}" in report and "mapped: " in report
+
+
+def test_from_converted_params(source, tmp_path):
+  _, params = source
+  io.save_params(tmp_path / "params", params)
+  assert_trees_equal(train(tiny_config(source="params", path=str(tmp_path / "params")),
+                           tmp_path / "run"), params)
+
+
+def test_from_original_pth(source, tmp_path):
+  pytest.importorskip("torch", reason="writing a .pth needs torch")
+  _, params = source
+  state_dict, _ = export.to_original_state_dict(params, module_prefix=True)
+  formats.write_state_dict(str(tmp_path / "audio_model.pth"), state_dict)
+  config = tiny_config(source="cavmae", path=str(tmp_path / "audio_model.pth"))
+  assert_trees_equal(train(config, tmp_path / "run"), params)
+
+
+def test_from_imagenet_mae(tmp_path):
+  rng = np.random.default_rng(3)
+  mae = {k: rng.standard_normal(s).astype(np.float32)
+         for k, s in mae_shapes(DIMS, decoder=False).items()}
+  np.savez(tmp_path / "mae.npz", **mae)
+  config = tiny_config(source="imagenet_mae", path=str(tmp_path / "mae.npz"))
+  expected, report = imagenet_mae.imagenet_mae_to_params(mae, run_init_params(config))
+  assert report.kept_init  # the decoder keeps its init values: MAE has none here
+  assert_trees_equal(train(config, tmp_path / "run"), expected)
+
+
+def test_wrong_architecture_names_the_parameters(source, tmp_path):
+  workdir, _ = source
+  config = tiny_config(source="workdir", path=str(workdir))
+  config.model.encoder_depth, config.model.modality_specific_depth = 3, 2
+  with pytest.raises(sd.ParamsMismatchError, match="blocks_"):
+    train(config, tmp_path / "run")
+  assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
