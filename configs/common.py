@@ -102,17 +102,20 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 
 def checkpoint_config(every_steps: int) -> ml_collections.ConfigDict:
-  """`config.checkpoint`: orbax saves every `every_steps` and at the end, newest `keep` kept."""
+  """`config.checkpoint`: orbax saves every `every_steps` (0 = off) and at the end, the newest
+  `keep` kept; with `every_epoch` also one at every epoch end, all kept (weight averaging)."""
   checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = every_steps
+  checkpoint.every_epoch = False
   checkpoint.keep = 3
   checkpoint.async_save = True
   return checkpoint
 
 
 def evaluator(type_name: str, *, every_steps: int, batch_size: int, split: str = "eval",
-              at_start: bool = False, **fields) -> ml_collections.ConfigDict:
+              every_epochs: float = 0.0, at_start: bool = False,
+              **fields) -> ml_collections.ConfigDict:
   """One `config.evals.<name>` entry (cav_mae_jax/eval/common.py lists the fields)."""
   return ml_collections.ConfigDict(dict(type=type_name, split=split, dir="",
-                                        every_steps=every_steps, at_start=at_start,
-                                        batch_size=batch_size, **fields))
+                                        every_steps=every_steps, every_epochs=every_epochs,
+                                        at_start=at_start, batch_size=batch_size, **fields))

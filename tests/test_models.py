@@ -78,7 +78,7 @@ def test_every_block_owns_six_layer_norms(base_shapes):
 
 @pytest.mark.parametrize("config, total, trainable", [
     ("configs/pretrain.py:base", 191_036_160, 190_129_920),  # grouped contrast (batch 48 / 4)
-    ("configs/finetune.py:base", 164_907_023, 164_907_023),
+    ("configs/finetune.py:as2m", 164_907_023, 164_907_023),
 ])
 def test_model_summary_tool_prints_total_last(config, total, trainable):
   result = subprocess.run([sys.executable, str(ROOT / "tools/model_summary.py"), "--config",

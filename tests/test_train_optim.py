@@ -114,7 +114,7 @@ def test_checkpointer_accepts_a_relative_workdir(tmp_path, monkeypatch):
   """tools/demo.sh and users pass relative workdirs; orbax itself needs absolute paths."""
   from cav_mae_jax.train import checkpoint
   monkeypatch.chdir(tmp_path)
-  config = ml_collections.ConfigDict(dict(every_steps=1, keep=2, async_save=True))
+  config = ml_collections.ConfigDict(dict(every_steps=1, keep=2, async_save=True, every_epoch=False))
   ckpt = checkpoint.Checkpointer("relative/checkpoints", config)
   state = {"w": jnp.arange(4.0)}
   ckpt.save(3, state, {"epoch": 0})

@@ -190,7 +190,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):
   import ml_collections  # pylint: disable=import-outside-toplevel
   checkpointer = checkpoint.Checkpointer(
       str(tmp_path / "ckpt"), ml_collections.ConfigDict(dict(every_steps=1, keep=3,
-                                                             async_save=True)))
+                                                             async_save=True, every_epoch=False)))
   assert checkpointer.latest_step() == 1
   import jax  # pylint: disable=import-outside-toplevel
   abstract = {"w": jax.ShapeDtypeStruct((SAVE_ELEMENTS,), np.float32)}
@@ -210,7 +210,7 @@ def save_then_kill(workdir):
   from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
   checkpointer = checkpoint.Checkpointer(
       os.path.join(workdir, "ckpt"),
-      ml_collections.ConfigDict(dict(every_steps=1, keep=3, async_save=True)))
+      ml_collections.ConfigDict(dict(every_steps=1, keep=3, async_save=True, every_epoch=False)))
   checkpointer.save(1, {"w": jnp.full((SAVE_ELEMENTS,), 1.0)}, {"position": 1})
   checkpointer.wait()
   checkpointer.save(2, {"w": jnp.full((SAVE_ELEMENTS,), 2.0)}, {"position": 2})

@@ -20,7 +20,7 @@ Examples:
   python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/scale_pp \
       --config=configs/pretrain.py:base
   python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/vgg_init \
-      --config=configs/finetune.py:base,classes=309 --new_head
+      --config=configs/finetune.py:vgg --new_head
   python tools/convert.py to-torch --src=ckpt/scale_pp --out=scale_pp.pth --module_prefix
 
 Prints what was mapped, kept at init and dropped. On any error it prints one line `error: ...`
@@ -38,7 +38,7 @@ from cav_mae_jax.convert import pipelines
 DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Target config, e.g. configs/pretrain.py:base or configs/finetune.py:base,classes=309.")
+    "config", None, "Target config, e.g. configs/pretrain.py:base or configs/finetune.py:vgg.")
 _SRC = flags.DEFINE_string("src", None, "Input file or params checkpoint directory.")
 _OUT = flags.DEFINE_string("out", None, "Output path (must not exist unless --overwrite).")
 _NEW_HEAD = flags.DEFINE_bool("new_head", False, "cavmae: start a new classification head.")

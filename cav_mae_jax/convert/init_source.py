@@ -25,6 +25,7 @@ from cav_mae_jax.convert import formats
 from cav_mae_jax.convert import imagenet_mae
 from cav_mae_jax.convert import io
 from cav_mae_jax.convert import report as report_lib
+from cav_mae_jax.convert import state_dict as sd
 
 REPORT_FILE = "init_report.txt"
 
@@ -70,8 +71,12 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
     state_dict, notes = export.to_original_state_dict(read_params(init.path, init.step))
   else:
     raise ValueError(f"config.init.source={init.source!r}: nothing to load.")
+  # A source without a classification head (a pretrained model) gets a new one; a head of
+  # another class count needs init.new_head, so that replacing a head is never silent.
+  has_head = any(k.removeprefix(sd.MODULE_PREFIX).startswith("mlp_head") for k in state_dict)
+  new_head = init.new_head or (finetune and not has_head)
   params, report = cavmae_checkpoint.cavmae_to_params(
-      state_dict, init_params, new_head=init.new_head,
+      state_dict, init_params, new_head=new_head,
       audio_pos_resize=init.audio_pos_resize or None, freq_patches=config.audio_grid[0],
       allow_unexpected=init.allow_unexpected)
   report.notes.extend(notes)

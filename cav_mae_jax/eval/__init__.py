@@ -5,6 +5,8 @@
 `(f'{name}/{metric}', value)` pairs. Types:
   losses     the task's losses on fixed masks (`losses.py`)
   retrieval  audio <-> visual recall@k and median rank (`retrieval.py`)
+  classification  mAP, AUC, d-prime, accuracy, any modality mode, frame 5 or all frames
+                  (`classification.py`)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from cav_mae_jax.eval import common
 EVALUATOR_TYPES = {
     "losses": ("losses", "LossesEvaluator", "losses"),
     "retrieval": ("retrieval", "RetrievalEvaluator", "features"),
+    "classification": ("classification", "ClassificationEvaluator", "probabilities"),
 }
 
 

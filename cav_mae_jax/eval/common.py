@@ -9,7 +9,9 @@ Fields of an entry (each type adds its own, listed in its `FIELDS`):
   type: str          the evaluator type (a module of this package)
   split: str         'train' or 'eval': the records of config.data.<split>_dir
   dir: str           records directory to read instead of the split's ('' = the split's)
-  every_steps: int   run every that many training steps (0 = only at the end)
+  every_steps: int   run every that many training steps (0 = off; every evaluator also runs
+                     at the end of training)
+  every_epochs: float  run every that many epochs (0 = off), e.g. 1.0 at every epoch end
   at_start: bool     also run on the initial parameters of a fresh run (step 0)
   batch_size: int    global batch size
 """
@@ -25,10 +27,11 @@ import numpy as np
 from cav_mae_jax.train import mesh as mesh_lib
 
 HostBatch = dict[str, np.ndarray]
-# (split, records directory or '', global batch size) -> a fresh pass over that split.
-BatchSource = Callable[[str, str, int], Iterable[HostBatch]]
-COMMON_FIELDS = {"type": str, "split": str, "dir": str, "every_steps": int, "at_start": bool,
-                 "batch_size": int}
+# (split, records directory or '', global batch size, **config.data overrides) -> a fresh pass
+# over that split in evaluation mode.
+BatchSource = Callable[..., Iterable[HostBatch]]
+COMMON_FIELDS = {"type": str, "split": str, "dir": str, "every_steps": int,
+                 "every_epochs": float, "at_start": bool, "batch_size": int}
 SPLITS = ("train", "eval")
 
 
@@ -50,16 +53,23 @@ class Evaluator:
   def check_entry(cls, name: str, config: ml_collections.ConfigDict) -> None:
     """Checks the type's own fields (types and common fields are checked already)."""
 
-  def due(self, step: int, total_steps: int) -> bool:
+  def due(self, step: int, total_steps: int, steps_per_epoch: int) -> bool:
     """Whether to run after training step `step` (0: the fresh run's initial parameters)."""
     if step == 0:
       return self.config.at_start
     every = self.config.every_steps
-    return step == total_steps or (every > 0 and step % every == 0)
+    every_epoch_steps = int(round(self.config.every_epochs * steps_per_epoch))
+    return (step == total_steps or (every > 0 and step % every == 0) or
+            (every_epoch_steps > 0 and step % every_epoch_steps == 0))
+
+  def data_overrides(self) -> dict[str, Any]:
+    """`config.data` fields this evaluator's passes set (e.g. all frames per clip)."""
+    return {}
 
   def batches(self) -> Iterator[HostBatch]:
     """A fresh pass over this evaluator's split; `valid` describes the global batch."""
-    for batch in self._batch_source(self.config.split, self.config.dir, self.config.batch_size):
+    for batch in self._batch_source(self.config.split, self.config.dir, self.config.batch_size,
+                                    **self.data_overrides()):
       yield {**batch, "valid": global_valid(batch["valid"])}
 
   def global_batch(self, batch: HostBatch, keys: Iterable[str] = ("audio", "image")
@@ -78,22 +88,31 @@ class Evaluator:
 
 def global_valid(valid: np.ndarray) -> np.ndarray:
   """The global batch's `valid` mask from every process's local part (the one place it is gathered)."""
-  valid = np.asarray(valid, bool)
+  return global_array(np.asarray(valid, bool)).reshape(-1)
+
+
+def global_array(local: np.ndarray) -> np.ndarray:
+  """The global batch's rows of a host array (labels, ids) from every process's local part."""
+  local = np.asarray(local)
   if jax.process_count() == 1:
-    return valid
+    return local
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(valid)).reshape(-1)
+  gathered = np.asarray(multihost_utils.process_allgather(local))
+  return gathered.reshape((-1,) + local.shape[1:])
 
 
 def records_batch_source(config: ml_collections.ConfigDict) -> BatchSource:
   """Evaluation passes over the records of `config.data` (imports TensorFlow when called)."""
 
-  def batches(split: str, directory: str, batch_size: int) -> Iterable[HostBatch]:
+  def batches(split: str, directory: str, batch_size: int,
+              **data_overrides: Any) -> Iterable[HostBatch]:
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
     data_config = config
-    if directory:
+    if directory or data_overrides:
       data_config = config.copy_and_resolve_references()
-      data_config.data[f"{split}_dir"] = directory
+      data_config.data.update(data_overrides)
+      if directory:
+        data_config.data[f"{split}_dir"] = directory
     return input_lib.InputPipeline(data_config, split, training=False, seed=config.seed,
                                    batch_size=batch_size)
 
@@ -119,7 +138,9 @@ def validate_entry(name: str, entry: ml_collections.ConfigDict, fields: Mapping[
   if entry.split not in SPLITS:
     raise ValueError(f"{where}.split={entry.split!r}: must be one of {SPLITS}.")
   if entry.every_steps < 0:
-    raise ValueError(f"{where}.every_steps={entry.every_steps}: must be >= 0 (0 = at the end).")
+    raise ValueError(f"{where}.every_steps={entry.every_steps}: must be >= 0 (0 = off).")
+  if entry.every_epochs < 0:
+    raise ValueError(f"{where}.every_epochs={entry.every_epochs}: must be >= 0 (0 = off).")
   batch = entry.batch_size
   if batch <= 0 or batch % num_devices or batch % num_processes:
     raise ValueError(f"{where}.batch_size={batch}: must be positive and divisible by the "

@@ -14,7 +14,8 @@ A task gives the loop everything model-specific (DESIGN: "Tasks and evaluators")
   step_flops     model FLOPs of one training step per sample (for MFU)
   finetune       whether the parameters are the fine-tuning model's (conversion targets)
 
-A new task is one module here with a `make_task(config) -> Task` function, registered below.
+A new task is one module here with a `make_task(config) -> Task` function (and, for fields of
+its own config section, a `validate_config(config)`), registered below.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 # config.task -> module in this package.
-TASKS = {"pretrain": "pretrain"}
+TASKS = {"pretrain": "pretrain", "finetune": "finetune", "probe": "probe"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +50,19 @@ class Task:
   finetune: bool = False
 
 
-def get_task(config: ml_collections.ConfigDict) -> Task:
-  """The task named by `config.task`, built from `config`."""
+def _module(config: ml_collections.ConfigDict) -> Any:
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: unknown task; choose one of {sorted(TASKS)}.")
-  module = importlib.import_module(f"cav_mae_jax.tasks.{TASKS[config.task]}")
-  return module.make_task(config)
+  return importlib.import_module(f"cav_mae_jax.tasks.{TASKS[config.task]}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the task name and the task's own config section; raises ValueError naming the field."""
+  module = _module(config)
+  if hasattr(module, "validate_config"):
+    module.validate_config(config)
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+  """The task named by `config.task`, built from `config`."""
+  return _module(config).make_task(config)

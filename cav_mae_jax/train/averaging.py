@@ -12,7 +12,7 @@ their correctly rounded mean. Float64 leaves are averaged in float64 without the
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -42,28 +42,54 @@ def _first_mismatch(reference: list, other: list) -> str | None:
   return None
 
 
-def average_params(trees: Sequence[PyTree]) -> PyTree:
-  """Element-wise mean of float pytrees of one structure, as NumPy leaves of the input dtypes."""
-  if not trees:
+def average_params(trees: Iterable[PyTree]) -> PyTree:
+  """Element-wise mean of float pytrees of one structure, as NumPy leaves of the input dtypes.
+
+  `trees` may be a generator: one tree at a time is held besides the float64 sums, so the
+  checkpoints of a long epoch range can be averaged in the memory of two.
+  """
+  iterator = iter(trees)
+  first = next(iterator, None)
+  if first is None:
     raise ValueError("average_params needs at least one tree.")
-  reference, treedef = jax.tree_util.tree_flatten_with_path(trees[0])
+  reference, treedef = jax.tree_util.tree_flatten_with_path(first)
   for path, leaf in reference:
     if not jnp.issubdtype(_dtype(leaf), jnp.floating):
       raise ValueError(f"Cannot average the non-float leaf {jax.tree_util.keystr(path)} "
                        f"({_dtype(leaf)}).")
-  leaves = [[leaf for _, leaf in reference]]
-  for index, tree in enumerate(trees[1:], start=1):
+  # Starting from the first tree, not from zeros, which would turn -0.0 into +0.0.
+  totals = [np.array(leaf, np.float64) for _, leaf in reference]
+  count = 1
+  for index, tree in enumerate(iterator, start=1):
     flat, other_treedef = jax.tree_util.tree_flatten_with_path(tree)
     mismatch = _first_mismatch(reference, flat)
     if mismatch is None and other_treedef != treedef:
       mismatch = f"in its container types ({other_treedef} instead of {treedef})"
     if mismatch is not None:
       raise ValueError(f"Tree {index} does not match tree 0 {mismatch}.")
-    leaves.append([leaf for _, leaf in flat])
-  means = []
-  for position, (_, leaf) in enumerate(reference):
-    total = np.array(leaf, np.float64)  # starting from zeros would turn -0.0 into +0.0
-    for tree_leaves in leaves[1:]:
-      total += np.asarray(tree_leaves[position], np.float64)
-    means.append((total / len(trees)).astype(_dtype(leaf)))
+    for total, (_, leaf) in zip(totals, flat):
+      total += np.asarray(leaf, np.float64)
+    count += 1
+  means = [(total / count).astype(_dtype(leaf)) for total, (_, leaf) in zip(totals, reference)]
   return jax.tree_util.tree_unflatten(treedef, means)
+
+
+def average_workdir(workdir: str, first_epoch: int, last_epoch: int) -> tuple[PyTree, list[int]]:
+  """(mean params, steps) of a workdir's epoch-end checkpoints of epochs first..last (1-based).
+
+  Needs a run with `config.checkpoint.every_epoch` (epoch-end checkpoints are kept); a missing
+  epoch is an error naming it.
+  """
+  from cav_mae_jax.train import checkpoint, run_config  # pylint: disable=g-import-not-at-top
+  if not 1 <= first_epoch <= last_epoch:
+    raise ValueError(f"epochs {first_epoch}..{last_epoch}: need 1 <= first <= last.")
+  steps_per_epoch = run_config.read_steps_per_epoch(workdir)
+  steps = [epoch * steps_per_epoch for epoch in range(first_epoch, last_epoch + 1)]
+  available = set(checkpoint.saved_steps(workdir))
+  missing = [s // steps_per_epoch for s in steps if s not in available]
+  if missing:
+    raise FileNotFoundError(f"{workdir}: no epoch-end checkpoint of epoch(s) {missing} "
+                            f"({steps_per_epoch} steps per epoch; saved steps "
+                            f"{sorted(available)}; was config.checkpoint.every_epoch on?)")
+  params = average_params(checkpoint.read_workdir_params(workdir, s)[0] for s in steps)
+  return params, steps

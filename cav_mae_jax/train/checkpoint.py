@@ -26,12 +26,16 @@ CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 
 
 class Checkpointer:
-  """Saves every `config.checkpoint.every_steps` steps (and when forced), keeps the newest K."""
+  """Saves every `every_steps` steps and at epoch ends (when asked); keeps the newest K and
+  every epoch-end checkpoint."""
 
-  def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict):
+  def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict,
+               steps_per_epoch: int = 0):
     self.every_steps = int(checkpoint_config.every_steps)
+    self.epoch_steps = steps_per_epoch if checkpoint_config.every_epoch else 0
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep,
+        keep_period=self.epoch_steps or None,
         enable_async_checkpointing=checkpoint_config.async_save,
         cleanup_tmp_directories=True,
         create=True,
@@ -45,8 +49,9 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    """Whether `step` is a periodic save step."""
-    return self.every_steps > 0 and step % self.every_steps == 0
+    """Whether `step` is a periodic or epoch-end save step."""
+    return ((self.every_steps > 0 and step % self.every_steps == 0) or
+            (self.epoch_steps > 0 and step % self.epoch_steps == 0))
 
   def save(self, step: int, state: Any, input_state: dict[str, Any]) -> None:
     """Starts an (asynchronous) save of `state` and the input iterator state at `step`."""
@@ -87,6 +92,18 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(workdir_checkpoints(path))
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in a training workdir."""
+  directory = os.path.abspath(workdir_checkpoints(workdir))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
+  manager = ocp.CheckpointManager(directory)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
 def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], int]:
   """(params as NumPy, step) of a workdir's checkpoint `step` (0: the latest); nothing else is read.
 
@@ -94,13 +111,7 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
   another: the optimizer state and the input position stay on disk.
   """
   directory = os.path.abspath(workdir_checkpoints(workdir))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
-  manager = ocp.CheckpointManager(directory)
-  try:
-    steps = manager.all_steps()
-  finally:
-    manager.close()
+  steps = saved_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{workdir}: no complete checkpoint in {directory}")
   step = step or max(steps)

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 RUN_CONFIG_FILE = "config.json"
+PLAN_FILE = "plan.json"
 # Changes refused on resume even though no shape depends on them.
 REPLANNING_FIELDS = ("data.batch_size",)
 
@@ -37,10 +38,23 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records `config` in the workdir (the main process writes it)."""
+def write_run_config(workdir: str, config: ml_collections.ConfigDict,
+                     steps_per_epoch: int | None = None) -> None:
+  """Records `config` (and the run's steps per epoch) in the workdir; the main process writes."""
   with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if steps_per_epoch is not None:
+    with open(os.path.join(workdir, PLAN_FILE), "w") as f:
+      json.dump({"steps_per_epoch": steps_per_epoch}, f)
+
+
+def read_steps_per_epoch(workdir: str) -> int:
+  """The steps per epoch of the run in `workdir` (epoch-end checkpoints are at its multiples)."""
+  path = os.path.join(workdir, PLAN_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: no {PLAN_FILE} (not a training workdir)")
+  with open(path) as f:
+    return int(json.load(f)["steps_per_epoch"])
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict | None:

@@ -84,32 +84,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  logger.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
+              jax.process_count())
+
+  # ---------------------------------------------------------------- data
+  inputs = inputs or records_inputs(config)
+  steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
+  logger.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
+              inputs.train_examples)
+
+  # ---------------------------------------------------------------- workdir: resume or start
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.workdir_checkpoints(workdir),
-                                             config.checkpoint)
+                                             config.checkpoint, steps_per_epoch)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     changes = run_config.check_resume(run_config.read_run_config(workdir), config,
                                       step_lib.abstract_state_of)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
-  if is_main:
-    run_config.write_run_config(workdir, config)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  logger.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
-              jax.process_count())
-  writer = metrics_lib.make_writer(workdir, is_main)
-
-  # ---------------------------------------------------------------- data
-  inputs = inputs or records_inputs(config)
-  steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
   if start_step >= total_steps:
     checkpointer.close()
     if is_main:
       print(f"{workdir}: finished: step {start_step} of {total_steps} is checkpointed; "
             "nothing to do (raise config.total_steps or total_epochs to continue).")
     return metrics_lib.last_scalars(workdir)
-  logger.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
-              inputs.train_examples)
+  if is_main:
+    run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch)
+  writer = metrics_lib.make_writer(workdir, is_main)
 
   # ---------------------------------------------------------------- task and optimizer
   schedule, tx = optim.for_task(config, task, steps_per_epoch, total_steps)
@@ -145,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate(step: int, params: Any) -> dict[str, float]:
     results = {}
     for evaluator in evaluators:
-      if evaluator.due(step, total_steps):
+      if evaluator.due(step, total_steps, steps_per_epoch):
         results.update(evaluator.run(params))
     if results:
       writer.write_scalars(step, results)

@@ -36,8 +36,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   """
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
-  if config.task not in tasks.TASKS:
-    _fail("task", config.task, f"unknown task; choose one of {sorted(tasks.TASKS)}.")
+  tasks.validate_config(config)
   model = ModelConfig.from_config(config.model)
   _validate_duration(config)
   _validate_batch(config, model, num_devices, num_processes)

@@ -1,0 +1,72 @@
+"""Classification of a held-out split: mAP, AUC, d-prime and top-1 accuracy of every clip.
+
+As the original's evaluation: the task's scores (sigmoid for BCE-trained models, softmax for
+cross-entropy) of frame `config.data.eval_frame` (5), or, with `all_frames`, the mean of the
+scores of the 10 frames run one by one (models that do not look at the picture use one pass).
+`mode` evaluates a multimodal model with a modality missing ('missingaudioonly' keeps only the
+audio, 'missingvideoonly' only the video; '' = the model's own `ft_mode`). Unlike the
+original's per-epoch loop (drop_last), every clip of the split is scored exactly once: padding
+clips are marked by `valid` and dropped. Statistics: `eval/stats.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from cav_mae_jax.eval import common
+from cav_mae_jax.eval import stats
+from cav_mae_jax.models.config import FT_MODES
+
+AUDIO_ONLY_MODES = ("audioonly", "missingaudioonly")
+
+
+class ClassificationEvaluator(common.Evaluator):
+  """Scores of the task's 'probabilities' predict function against the split's labels."""
+
+  FIELDS = {"mode": str, "all_frames": bool}
+
+  @classmethod
+  def check_entry(cls, name, config):
+    if config.mode and config.mode not in FT_MODES:
+      raise ValueError(f"config.evals.{name}.mode={config.mode!r}: unknown mode; must be '' "
+                       f"(the model's) or one of {FT_MODES}.")
+
+  def __init__(self, name, config, predict_fns, mesh, batch_source):
+    super().__init__(name, config, predict_fns, mesh, batch_source)
+    self._mode = config.mode or None
+    self._scores = self.jit(functools.partial(predict_fns["probabilities"], mode=self._mode))
+
+  def data_overrides(self) -> dict[str, Any]:
+    return {"eval_all_frames": self.config.all_frames}
+
+  def _batch_scores(self, params: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    image = batch["image"]
+    if image.ndim == 4:  # one frame per clip
+      return np.asarray(self._scores(params, self.global_batch(batch)))
+    frames = [0] if self._mode in AUDIO_ONLY_MODES else range(image.shape[1])
+    total = 0.0
+    for frame in frames:
+      inputs = self.global_batch({"audio": batch["audio"], "image": image[:, frame]})
+      total = total + np.asarray(self._scores(params, inputs), np.float64)
+    return total / len(frames)
+
+  def predictions(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [clips, classes], labels [clips, classes]) of every valid clip, in data order."""
+    scores, labels = [], []
+    for batch in self.batches():
+      valid = batch["valid"]
+      scores.append(self._batch_scores(params, batch)[valid])
+      labels.append(common.global_array(batch["label"])[valid])
+    if not scores or not sum(len(s) for s in scores):
+      raise ValueError(f"evaluator {self.name!r}: split {self.config.split!r} has no clips.")
+    return np.concatenate(scores), np.concatenate(labels)
+
+  def run(self, params: Any) -> Iterator[tuple[str, float]]:
+    scores, labels = self.predictions(params)
+    yield f"{self.name}/num_clips", float(len(scores))
+    for key, value in stats.classification_stats(scores, labels).items():
+      yield f"{self.name}/{key}", float(value)

@@ -1,0 +1,46 @@
+r"""Weight averaging: the mean of a fine-tuning run's epoch-end checkpoints, as the paper reports.
+
+  python tools/average.py --workdir /ckpt/ft_as20k --out /ckpt/ft_as20k_avg \
+      [--first_epoch 3 --last_epoch 15]
+
+The epochs default to the run's `config.finetune.average_first_epoch` / `average_last_epoch`
+(the original's recipes: AS-20K 3-15, AS-2M 1-10, VGGSound 3-10). The result is a params
+checkpoint (with model_config.json) for tools/evaluate.py --params, tools/convert.py to-torch
+or another run's config.init.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from cav_mae_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning workdir with epoch-end checkpoints.")
+_OUT = flags.DEFINE_string("out", None, "Params checkpoint directory to write.")
+_FIRST = flags.DEFINE_integer("first_epoch", None, "First averaged epoch (1-based).")
+_LAST = flags.DEFINE_integer("last_epoch", None, "Last averaged epoch (inclusive).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import averaging, run_config  # pylint: disable=g-import-not-at-top
+  io.check_output_path(_OUT.value, overwrite=_OVERWRITE.value)
+  config = run_config.read_run_config(_WORKDIR.value)
+  if config is None:
+    raise FileNotFoundError(f"{_WORKDIR.value}: not a training workdir (no config.json)")
+  if "finetune" not in config and not (_FIRST.value and _LAST.value):
+    raise ValueError(f"{_WORKDIR.value} is not a fine-tuning run: give --first_epoch and "
+                     "--last_epoch")
+  first = _FIRST.value or config.finetune.average_first_epoch
+  last = _LAST.value or config.finetune.average_last_epoch
+  params, steps = averaging.average_workdir(_WORKDIR.value, first, last)
+  io.save_params(_OUT.value, params, model_config=config.model.to_dict(),
+                 overwrite=_OVERWRITE.value)
+  print(f"averaged epochs {first}-{last} (steps {steps}) -> {_OUT.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main, uses_tensorflow=False)
