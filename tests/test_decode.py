@@ -369,3 +369,10 @@ def test_numpy_modules_do_not_import_tensorflow():
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, '-c', code], check=True, cwd=root)
+
+
+def test_benchmark_preprocess_tool_missing_source_prints_one_error_line(tmp_path):
+  from test_prepare import assert_one_error_line, run_tool  # pylint: disable=g-import-not-at-top
+  missing = str(tmp_path / 'missing.mp4')
+  result = run_tool('benchmark_preprocess', '--source', missing)
+  assert_one_error_line(result.returncode, result.stderr, '--source', missing, 'no such file')

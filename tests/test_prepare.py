@@ -5,15 +5,38 @@ import fractions
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
 import pytest
 
+from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
+from cav_mae_jax.data import records
+from cav_mae_jax.data import shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,"Alpha"\n1,/m/b,"Beta, b"\n2,/m/c,"Gamma"\n'
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs tools/<name>.py as a user would: this checkout's package, TensorFlow's default logs."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if "PYTHONPATH" in env
+                                                else []))
+  return subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def assert_one_error_line(returncode: int, stderr: str, *fragments: str) -> None:
+  """Exit status 2 and exactly one stderr line `error: ...` holding every fragment."""
+  lines = stderr.splitlines()
+  assert returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
 
 
 def write_clip(path: str, *, seconds: float, fps: int = 4, size: tuple[int, int] = (64, 48),
@@ -126,7 +149,7 @@ def corpus_run(media, tmp_path_factory):
   out = str(root / "out")
   summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
                                     examples_per_shard=4, store_waveform=True, progress=False)
-  examples = {e["video_id"]: e for e in prepare.iter_shard_examples(out)}
+  examples = {e["video_id"]: e for e in records.iter_examples(out)}
   return out, summary, examples
 
 
@@ -184,10 +207,8 @@ def test_corpus_valid_clips(corpus_run):
 
 
 def test_corpus_index_stats(corpus_run):
-  from cav_mae_jax.data import records
-
   out, _, examples = corpus_run
-  index = records.read_index(os.path.join(out, prepare.INDEX))
+  index = records.open_records_dir(out)
   assert index.num_examples == len(WRITTEN) and len(index.shards) == 4
   assert index.store_waveform and index.num_classes == 3
   assert list(index.label_counts) == [len(WRITTEN), 1, 0]
@@ -218,10 +239,10 @@ def test_strict_cli_names_first_bad_file(media, tmp_path, capsys):
   assert exit_code == 1
   assert media["zero_byte"] in stderr and "empty_file" in stderr
   assert media["text"] not in stderr
-  assert os.path.exists(os.path.join(out, prepare.shard_file_name(0, 3)))  # kept
-  assert not os.path.exists(os.path.join(out, prepare.shard_file_name(1, 3)))
+  assert os.path.exists(os.path.join(out, shards.shard_file_name(0, 3)))  # kept
+  assert not os.path.exists(os.path.join(out, shards.shard_file_name(1, 3)))
   assert not any(".tmp-" in name for name in os.listdir(out))
-  assert not os.path.exists(os.path.join(out, prepare.INDEX))
+  assert not os.path.exists(records.index_path(out))
 
 
 def _never_called(entry, labels, store_waveform):
@@ -236,8 +257,8 @@ def test_split_runs_merge_and_resume(media, tmp_path):
   first = prepare.prepare_records(datafile, media["labels_csv"], out, task_index=0,
                                   num_tasks=2, **kwargs)
   assert (first.shards_finished, first.index_written) == (2, False)  # shards 0 and 2
-  assert not os.path.exists(os.path.join(out, prepare.INDEX))
-  stale = os.path.join(out, prepare.shard_file_name(1, 3) + ".tmp-deadhost-1")
+  assert not os.path.exists(records.index_path(out))
+  stale = os.path.join(out, shards.shard_file_name(1, 3) + ".tmp-deadhost-1")
   open(stale, "w").close()  # A temp file left by a killed run.
   second = prepare.prepare_records(datafile, media["labels_csv"], out, task_index=1,
                                    num_tasks=2, **kwargs)
@@ -249,7 +270,7 @@ def test_split_runs_merge_and_resume(media, tmp_path):
                                   **kwargs)
   assert again.written == 3
   assert mtimes == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in mtimes}
-  os.remove(os.path.join(out, prepare.INDEX))
+  os.remove(records.index_path(out))
   assert prepare.finalize(out).index_written  # --merge-index
   with pytest.raises(ValueError, match="store_waveform"):
     prepare.prepare_records(datafile, media["labels_csv"], out, store_waveform=True, **kwargs)
@@ -259,7 +280,7 @@ def _crash_on_marked_clip(entry, labels, store_waveform):
   """A clip function whose process dies on the clip with id 'crash' (like a decoder segfault)."""
   if entry.video_id == "crash":
     os._exit(7)
-  return prepare.clip_example(entry, labels, store_waveform)
+  return clips.clip_example(entry, labels, store_waveform)
 
 
 def test_worker_crash_loses_nothing_else(media, tmp_path):
@@ -271,7 +292,7 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
                                     examples_per_shard=3, clip_fn=_crash_on_marked_clip,
                                     progress=False)
   assert summary.written == 5 and summary.quarantined_by_reason == {"worker_crashed": 1}
-  assert sorted(e["video_id"] for e in prepare.iter_shard_examples(out)) == sorted(
+  assert sorted(e["video_id"] for e in records.iter_examples(out)) == sorted(
       set(ids) - {"crash"})
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
     (line,) = [json.loads(x) for x in f]
@@ -299,3 +320,41 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
   assert Image.open(next(p for p in report["pngs"] if "frames_" in p)).size == (5 * 224, 2 * 224)
   assert tool.main(["--records", out, "--png-dir", str(tmp_path / "png2")]) == 0
   assert f"{len(WRITTEN)} examples in 4 shards" in capsys.readouterr().out
+
+
+def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  missing = str(tmp_path / "missing.json")
+  result = run_tool("preprocess", "--datafile", missing, "--labels", media["labels_csv"],
+                    "--out", out)
+  assert_one_error_line(result.returncode, result.stderr, "datafile", missing, "no such file")
+  assert not os.path.exists(out)  # Nothing is started before the lists are read.
+  datafile = write_datafile(str(tmp_path / "data.json"), [("a", media["good_a"], "/m/a")])
+  not_json = tmp_path / "not_json.json"
+  not_json.write_text("{'data': []}")
+  tool = _preprocess_tool()
+  for args, fragments in [
+      (["--datafile", datafile, "--labels", str(tmp_path / "none.csv")],
+       ["labels CSV", "none.csv", "no such file"]),
+      (["--datafile", str(not_json), "--labels", media["labels_csv"]],
+       ["datafile", "not_json.json", "not valid JSON"]),
+      (["--datafile", datafile, "--labels", datafile], ["labels CSV", "expected a CSV"]),
+      (["--merge-index"], [out, "not an output directory"]),
+  ]:
+    status = tool.main(args + ["--out", out, "--workers", "0", "--no-progress"])
+    assert_one_error_line(status, capsys.readouterr().err, *fragments)
+
+
+def test_inspect_records_tool_rejects_other_folders(corpus_run, tmp_path, capsys):
+  result = run_tool("inspect_records", "--records", str(tmp_path / "missing"))
+  assert_one_error_line(result.returncode, result.stderr, str(tmp_path / "missing"),
+                        "directory does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  status = tool.main(["--records", str(tmp_path)])
+  assert_one_error_line(status, capsys.readouterr().err, "no index.json",
+                        "not a records directory")
+  status = tool.main(["--records", corpus_run[0], "--labels", str(tmp_path / "none.csv")])
+  assert_one_error_line(status, capsys.readouterr().err, "labels CSV", "no such file")

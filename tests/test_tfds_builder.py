@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
+from cav_mae_jax.data import sources
 from cav_mae_jax.data import tfds_builder
 from test_prepare import LABELS_CSV, write_clip, write_datafile
 
@@ -65,7 +67,7 @@ def test_beam_build_equals_preprocess_tool(manual_dir, tmp_path):
                           os.path.join(manual_dir, tfds_builder.LABELS_CSV), out,
                           num_workers=0, examples_per_shard=2, store_waveform=True,
                           progress=False)
-  from_tool = {e["video_id"]: e for e in prepare.iter_shard_examples(out)}
+  from_tool = {e["video_id"]: e for e in records.iter_examples(out)}
   assert sorted(from_tool) == ["a", "b", "c"]
   assert from_tool["b"]["labels"].tolist() == [1, 2]
   _assert_same_examples(from_tfds, from_tool)
@@ -81,7 +83,7 @@ def test_beam_build_equals_preprocess_tool(manual_dir, tmp_path):
 def test_strict_local_build_names_bad_clip(manual_dir, tmp_path):
   config = tfds_builder.ClipsConfig(name="datafile_strict", source="datafile", strict=True)
   builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(prepare.StrictModeError, match="empty.mp4: empty_file"):
+  with pytest.raises(clips.StrictModeError, match="empty.mp4: empty_file"):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
@@ -104,19 +106,19 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
                       "# YTID, start_seconds, end_seconds, positive_labels\n"
                       '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"\n'
                       '00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\n')
-  entries = tfds_builder.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
+  entries = sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
   assert entries == [
-      prepare.ClipEntry("--PJHxphWEs", "/videos/--PJHxphWEs_30.000.mp4", ("/m/09x0r", "/t/dd00088")),
-      prepare.ClipEntry("00W1lcxW-WU", "/videos/00W1lcxW-WU_40.000.mp4", ("/m/04rlf",))]
+      sources.ClipEntry("--PJHxphWEs", "/videos/--PJHxphWEs_30.000.mp4", ("/m/09x0r", "/t/dd00088")),
+      sources.ClipEntry("00W1lcxW-WU", "/videos/00W1lcxW-WU_40.000.mp4", ("/m/04rlf",))]
   vgg = tmp_path / "vggsound.csv"
   vgg.write_text("---g-f_I2yQ,1,people marching,test\nKlsG1EnBEjc,361,dog barking,train\n")
-  assert tfds_builder.vggsound_splits(str(vgg)) == ["test", "train"]
-  assert tfds_builder.read_vggsound_csv(str(vgg), "/v", "{ytid}_{start:06d}.mp4", "train") == [
-      prepare.ClipEntry("KlsG1EnBEjc_000361", "/v/KlsG1EnBEjc_000361.mp4", ("dog barking",))]
+  assert sources.vggsound_splits(str(vgg)) == ["test", "train"]
+  assert sources.read_vggsound_csv(str(vgg), "/v", "{ytid}_{start:06d}.mp4", "train") == [
+      sources.ClipEntry("KlsG1EnBEjc_000361", "/v/KlsG1EnBEjc_000361.mp4", ("dog barking",))]
   bad = tmp_path / "bad.csv"
   bad.write_text("a,1,2\n")
   with pytest.raises(ValueError, match="bad.csv: line 1 has 3 fields"):
-    tfds_builder.read_vggsound_csv(str(bad), "/v", "{ytid}.mp4", "train")
+    sources.read_vggsound_csv(str(bad), "/v", "{ytid}.mp4", "train")
 
 
 def test_unknown_source_is_rejected():

@@ -23,9 +23,11 @@ One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
 | `fps`                | float [1]: source frame rate   | tf.float32 scalar                    |
 | `frame_count`        | int64 [1]: source video frames | tf.int64 scalar                      |
 
-The index JSON (`index.json` beside the shards) lists the shard files and their example
-counts, per-class label counts (for balanced sampling) and the fbank mean/std of the written
-examples. The statistics are taken over the valid fbank frames only (the first
+A records directory holds the shard files and the index JSON (`INDEX_FILE`, `index.json`),
+which lists the shard files and their example counts, per-class label counts (for balanced
+sampling) and the fbank mean/std of the written examples. This module is the only one that
+knows that file name: open a records directory with `open_records_dir`, which checks it and
+raises `RecordsDirError` (one line naming the directory and the reason) when it is not one. The statistics are taken over the valid fbank frames only (the first
 `min(fbank_num_frames, 1024)` rows of every example, all 128 bins, on the float16 values
 stored), not over the zero padding: padding is not a log-mel value. (The original's
 statistics tool averages over padded batches; with 10-s clips there is no padding, so both
@@ -38,13 +40,14 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
 NUM_MEL_BINS = 128
 TARGET_FBANK_FRAMES = 1024
 NUM_VIDEO_FRAMES = 10
@@ -304,10 +307,11 @@ class RecordIndex:
   waveform_sample_rate: int = WAVEFORM_SAMPLE_RATE
   format_version: int = FORMAT_VERSION
 
-  def shard_paths(self, index_path: str) -> list[str]:
-    """Absolute paths of the shard files (they sit beside the index)."""
-    base = os.path.dirname(os.path.abspath(index_path))
-    return [os.path.join(base, shard.file) for shard in self.shards]
+  def shard_paths(self, directory: str) -> list[str]:
+    """Paths of the shard files in the records directory (absolute for local paths)."""
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
+    return [os.path.join(directory, shard.file) for shard in self.shards]
 
 
 def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
@@ -339,10 +343,17 @@ def write_index(path: str, index: RecordIndex) -> None:
   os.replace(tmp, path)
 
 
+def index_path(directory: str) -> str:
+  """Path of the index JSON of a records directory."""
+  return os.path.join(directory, INDEX_FILE)
+
+
 def read_index(path: str) -> RecordIndex:
   """Reads and checks an index JSON written by `write_index`."""
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     data = json.load(f)
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
   version = data.get("format_version")
   if version != FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
@@ -363,3 +374,55 @@ def read_index(path: str) -> RecordIndex:
   if sum(s.num_examples for s in index.shards) != index.num_examples:
     raise ValueError(f"{path}: shard counts do not sum to num_examples={index.num_examples}")
   return index
+
+
+# ----------------------------------------------------------------------------------------
+# Records directories.
+
+
+class RecordsDirError(ValueError):
+  """A path that is not a usable records directory; the message is one line naming it."""
+
+  def __init__(self, directory: str, reason: str):
+    super().__init__(f"{directory}: {reason}" if directory else f"{reason} (empty path)")
+    self.directory = directory
+    self.reason = reason
+
+
+def open_records_dir(directory: str) -> RecordIndex:
+  """Checks a records directory (index and every shard present) and returns its index.
+
+  Raises RecordsDirError for an empty path, a missing directory, a directory without
+  index.json (not a records directory), an unreadable or invalid index, or missing shards.
+  Works on any file system TensorFlow reads.
+  """
+  if not directory:
+    raise RecordsDirError(directory, "no records directory given")
+  if not tf.io.gfile.isdir(directory):
+    reason = ("not a directory" if tf.io.gfile.exists(directory) else
+              "directory does not exist")
+    raise RecordsDirError(directory, reason)
+  path = index_path(directory)
+  if not tf.io.gfile.exists(path):
+    raise RecordsDirError(directory, f"no {INDEX_FILE}: not a records directory (tools/"
+                          "preprocess.py writes it once every shard is finished)")
+  try:
+    index = read_index(path)
+  except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError) as e:
+    why = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    why = why.replace(f"{path}: ", "").splitlines()[0] if why else type(e).__name__
+    raise RecordsDirError(directory, f"unreadable {INDEX_FILE}: {why}") from None
+  present = set(tf.io.gfile.listdir(directory))
+  missing = [shard.file for shard in index.shards if shard.file not in present]
+  if missing:
+    raise RecordsDirError(directory, f"{INDEX_FILE} lists {len(missing)} shard file(s) that "
+                          f"do not exist, e.g. {missing[0]}")
+  return index
+
+
+def iter_examples(directory: str) -> Iterator[ExampleValues]:
+  """Every example of a records directory as record values, in shard order."""
+  index = open_records_dir(directory)
+  for path in index.shard_paths(directory):
+    for serialized in tf.data.TFRecordDataset(path):
+      yield parsed_to_values(parse_example(serialized, with_waveform=index.store_waveform))
