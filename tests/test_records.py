@@ -57,6 +57,13 @@ def test_round_trip_inside_tf_data():
   assert back["source_sample_rate"] == 44100 and back["fbank_num_frames"] == 1024
 
 
+def test_serialized_bytes_do_not_depend_on_the_process():
+  serialized = records.serialize_example(_values())
+  example = tf.train.Example.FromString(serialized)
+  # Map entries in sorted key order, whatever order this process's protobuf maps iterate in.
+  assert serialized == example.SerializeToString(deterministic=True)
+
+
 def test_parse_without_waveform_and_no_labels():
   values = _values(labels=(), waveform=False)
   parsed = records.parse_example(tf.constant(records.serialize_example(values)))

@@ -148,7 +148,10 @@ def serialize_example(values: ExampleValues) -> bytes:
   }
   if WAVEFORM in values:
     feature[WAVEFORM] = _bytes([values[WAVEFORM].astype("<i2").tobytes()])
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  # Deterministic: map entries in key order. The default order of protobuf's map varies from
+  # process to process, which made the same clips give different shard bytes on every run.
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(with_waveform: bool = False) -> dict[str, Any]:
