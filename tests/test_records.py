@@ -64,6 +64,16 @@ def test_serialized_bytes_do_not_depend_on_the_process():
   assert serialized == example.SerializeToString(deterministic=True)
 
 
+def test_rotation_is_stored_only_when_frames_were_turned():
+  untagged = records.serialize_example(_values(waveform=False))
+  assert b"rotation" not in untagged  # The bytes records had before the key existed.
+  assert int(records.parse_example(tf.constant(untagged))["rotation"]) == 0
+  values = _values(waveform=False)
+  values["rotation"] = 270
+  parsed = records.parse_example(tf.constant(records.serialize_example(values)))
+  assert records.parsed_to_values(parsed)["rotation"] == 270
+
+
 def test_parse_without_waveform_and_no_labels():
   values = _values(labels=(), waveform=False)
   parsed = records.parse_example(tf.constant(records.serialize_example(values)))
@@ -87,6 +97,7 @@ def test_ragged_labels_batch_after_parse():
     ("labels", {"labels": [1]}, "label ids"),
     ("frames", {"jpeg_frames": [b"x"] * 9}, "10 frames"),
     ("waveform", {"waveform": np.zeros(10, np.float32)}, "int16"),
+    ("rotation", {"rotation": -90}, "rotation"),
 ])
 def test_make_example_values_rejects_bad_fields(field, kwargs, match):
   base = dict(video_id="v", labels=[], label_ids=[], fbank=np.zeros((1024, 128)),

@@ -22,7 +22,8 @@ from typing import Any
 
 if __name__ == "__main__":
   # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
-  # this tool does no TensorFlow arithmetic (it only parses records with it), so oneDNN's kernels are not needed.
+  # this tool does no TensorFlow arithmetic (it only parses records with it), so oneDNN's
+  # kernels are not needed.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -64,6 +65,7 @@ def inspect(records_dir: str, png_dir: str, num_images: int = 4) -> dict[str, An
   index = records.open_records_dir(records_dir)
   os.makedirs(png_dir, exist_ok=True)
   label_counts: collections.Counter[int] = collections.Counter()
+  rotations: collections.Counter[int] = collections.Counter()
   shard_counts, shapes, fbank_frames, images = {}, {}, [], []
   for shard, path in zip(index.shards, index.shard_paths(records_dir)):
     count = 0
@@ -74,6 +76,7 @@ def inspect(records_dir: str, png_dir: str, num_images: int = 4) -> dict[str, An
       values = records.parsed_to_values(parsed)
       label_counts.update(int(x) for x in values[records.LABELS])
       fbank_frames.append(values[records.FBANK_NUM_FRAMES])
+      rotations[values[records.ROTATION]] += 1
       if len(images) < 2 * num_images:  # Two PNGs per clip.
         name = _safe_name(values[records.VIDEO_ID])
         fbank_path = os.path.join(png_dir, f"fbank_{name}.png")
@@ -97,6 +100,7 @@ def inspect(records_dir: str, png_dir: str, num_images: int = 4) -> dict[str, An
       "label_counts": counted,
       "fbank_num_frames": {"min": int(np.min(fbank_frames)), "max": int(np.max(fbank_frames)),
                            "mean": float(np.mean(fbank_frames))},
+      "rotation": dict(sorted(rotations.items())),
       "fbank_mean": index.fbank_mean,
       "fbank_std": index.fbank_std,
       "pngs": images,
@@ -110,9 +114,11 @@ def format_report(report: dict[str, Any], class_names: list[str] | None, top: in
   lines.append("parsed keys (dtype, shape):")
   lines += [f"  {key}: {dtype} {shape}" for key, (dtype, shape) in report["shapes"].items()]
   frames = report["fbank_num_frames"]
-  lines.append(f"fbank frames before pad/cut: min {frames['min']} max {frames['max']} "
-               f"mean {frames['mean']:.1f}; fbank mean {report['fbank_mean']:.4f} "
-               f"std {report['fbank_std']:.4f} (raw, valid frames)")
+  lines.append(f"fbank frames before padding (at most 1024): min {frames['min']} max "
+               f"{frames['max']} mean {frames['mean']:.1f}; fbank mean "
+               f"{report['fbank_mean']:.4f} std {report['fbank_std']:.4f} (raw, valid frames)")
+  lines.append("frames turned upright by (clockwise degrees: clips): " + ", ".join(
+      f"{degrees}: {count}" for degrees, count in report["rotation"].items()))
   order = sorted(range(len(report["label_counts"])), key=lambda i: -report["label_counts"][i])
   most = max(report["label_counts"]) or 1
   lines.append(f"label histogram (top {top} of {len(order)} classes):")

@@ -23,7 +23,8 @@ import sys
 
 if __name__ == "__main__":
   # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
-  # this tool does no TensorFlow arithmetic (it only reads and writes files with it), so oneDNN's kernels are not needed.
+  # this tool does no TensorFlow arithmetic (it only reads and writes files with it), so
+  # oneDNN's kernels are not needed.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 

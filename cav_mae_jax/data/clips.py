@@ -86,6 +86,7 @@ def clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
       fps=clip.fps,
       frame_count=clip.frame_count,
       waveform=clip.waveform if store_waveform else None,
+      rotation=clip.rotation,
   )
 
 

@@ -189,7 +189,7 @@ def host_file_indices(num_files: int, process_index: int, process_count: int) ->
 
 def load_split(config: DataConfig, split: str, process_index: int,
                process_count: int) -> SplitFiles:
-  """Opens the split's records directory, checks it against the config, picks this process's files."""
+  """Opens and checks the split's records directory and picks this process's shard files."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; the input reads {SPLITS}")
   field = f"{split}_dir"

@@ -10,8 +10,9 @@ One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
 | `fbank`              | bytes [1]: float16 [1024, 128] | tf.float32 [1024, 128]               |
 |                      | little-endian, raw log-mel,    |                                      |
 |                      | NOT normalized, zero-padded    |                                      |
-| `fbank_num_frames`   | int64 [1]: frames before       | tf.int64 scalar                      |
-|                      | padding/cutting to 1024        |                                      |
+| `fbank_num_frames`   | int64 [1]: fbank frames of the | tf.int64 scalar                      |
+|                      | decoded audio, at most 1024    |                                      |
+|                      | (see below)                    |                                      |
 | `waveform`           | bytes [1]: int16 16 kHz mono   | tf.int16 [N] (only when asked for    |
 |  (optional)          | (first channel), first 10.255 s| with `with_waveform=True`)           |
 | `frames`             | bytes [10]: JPEG (quality 75)  | tf.string [10]                       |
@@ -22,12 +23,24 @@ One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
 | `source_sample_rate` | int64 [1]: before resampling   | tf.int64 scalar                      |
 | `fps`                | float [1]: source frame rate   | tf.float32 scalar                    |
 | `frame_count`        | int64 [1]: source video frames | tf.int64 scalar                      |
+| `rotation`           | int64 [1]: clockwise degrees   | tf.int64 scalar, 0 when absent       |
+|  (only when not 0)   | applied to make the frames     |                                      |
+|                      | upright (display matrix: 90,   |                                      |
+|                      | 180 or 270)                    |                                      |
+
+`fbank_num_frames` counts the frames the fbank of the decoded audio has before it is padded to
+1024: the audio is cut at 10.255 s (the span of the original's 1024 frames) before the fbank,
+so a clip longer than that has exactly 1024; a shorter clip has fewer (the rest is zeros).
+`rotation` is written only for tagged clips, so an untagged clip's record is the same bytes as
+before the key existed; records without it parse as 0, and readers that do not know it ignore
+it (the format version stays 1).
 
 A records directory holds the shard files and the index JSON (`INDEX_FILE`, `index.json`),
 which lists the shard files and their example counts, per-class label counts (for balanced
 sampling) and the fbank mean/std of the written examples. This module is the only one that
 knows that file name: open a records directory with `open_records_dir`, which checks it and
-raises `RecordsDirError` (one line naming the directory and the reason) when it is not one. The statistics are taken over the valid fbank frames only (the first
+raises `RecordsDirError` (one line naming the directory and the reason) when it is not one.
+The statistics are taken over the valid fbank frames only (the first
 `min(fbank_num_frames, 1024)` rows of every example, all 128 bins, on the float16 values
 stored), not over the zero padding: padding is not a log-mel value. (The original's
 statistics tool averages over padded batches; with 10-s clips there is no padding, so both
@@ -66,6 +79,8 @@ DURATION_S = "duration_s"
 SOURCE_SAMPLE_RATE = "source_sample_rate"
 FPS = "fps"
 FRAME_COUNT = "frame_count"
+ROTATION = "rotation"
+ROTATIONS = (0, 90, 180, 270)
 
 ExampleValues = dict[str, Any]
 
@@ -84,6 +99,7 @@ def make_example_values(
     fps: float,
     frame_count: int,
     waveform: np.ndarray | None = None,
+    rotation: int = 0,
 ) -> ExampleValues:
   """Checks and normalizes one clip's values into the record's key -> numpy value dict."""
   fbank = np.asarray(fbank)
@@ -94,6 +110,8 @@ def make_example_values(
     raise ValueError(f"{video_id}: fbank has non-finite values")
   if len(labels) != len(label_ids):
     raise ValueError(f"{video_id}: {len(labels)} labels but {len(label_ids)} label ids")
+  if rotation not in ROTATIONS:
+    raise ValueError(f"{video_id}: rotation {rotation!r}, expected one of {ROTATIONS}")
   if len(jpeg_frames) != NUM_VIDEO_FRAMES or len(frame_indices) != NUM_VIDEO_FRAMES:
     raise ValueError(f"{video_id}: expected {NUM_VIDEO_FRAMES} frames and frame indices, got "
                      f"{len(jpeg_frames)} and {len(frame_indices)}")
@@ -109,6 +127,7 @@ def make_example_values(
       SOURCE_SAMPLE_RATE: int(source_sample_rate),
       FPS: float(fps),
       FRAME_COUNT: int(frame_count),
+      ROTATION: int(rotation),
   }
   if waveform is not None:
     waveform = np.asarray(waveform)
@@ -148,6 +167,8 @@ def serialize_example(values: ExampleValues) -> bytes:
   }
   if WAVEFORM in values:
     feature[WAVEFORM] = _bytes([values[WAVEFORM].astype("<i2").tobytes()])
+  if values.get(ROTATION, 0):  # Untagged clips: no key, the bytes records had before it.
+    feature[ROTATION] = _ints([values[ROTATION]])
   # Deterministic: map entries in key order. The default order of protobuf's map varies from
   # process to process, which made the same clips give different shard bytes on every run.
   example = tf.train.Example(features=tf.train.Features(feature=feature))
@@ -168,6 +189,7 @@ def feature_spec(with_waveform: bool = False) -> dict[str, Any]:
       SOURCE_SAMPLE_RATE: tf.io.FixedLenFeature([], tf.int64),
       FPS: tf.io.FixedLenFeature([], tf.float32),
       FRAME_COUNT: tf.io.FixedLenFeature([], tf.int64),
+      ROTATION: tf.io.FixedLenFeature([], tf.int64, default_value=0),
   }
   if with_waveform:
     spec[WAVEFORM] = tf.io.FixedLenFeature([], tf.string)
@@ -213,6 +235,7 @@ def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
       SOURCE_SAMPLE_RATE: int(array(parsed[SOURCE_SAMPLE_RATE])),
       FPS: float(array(parsed[FPS])),
       FRAME_COUNT: int(array(parsed[FRAME_COUNT])),
+      ROTATION: int(array(parsed[ROTATION])) if ROTATION in parsed else 0,
   }
   if WAVEFORM in parsed:
     values[WAVEFORM] = array(parsed[WAVEFORM]).astype(np.int16).reshape(-1)

@@ -104,12 +104,18 @@ def _split_labels(labels: str | Sequence[str]) -> tuple[str, ...]:
   return tuple(str(x).strip() for x in labels)
 
 
+def _media_path(base: str, media: str) -> str:
+  """A datafile's media path: absolute paths and URIs (gs://...) as they are, else under base."""
+  return media if "://" in media else os.path.join(base, media)
+
+
 def read_datafile(path: str) -> list[ClipEntry]:
   """Reads the original's JSON datafile `{"data": [{"video_id", "wav", "video_path", "labels"}]}`.
 
   The media file of an entry is `video_path` when it names a file (a video with both streams);
   the original's layout, where `video_path` is a folder of extracted frames, is not usable
-  here, so then `wav` must name the video. Relative paths are taken from the datafile's folder.
+  here, so then `wav` must name the video. Relative paths are taken from the datafile's folder
+  (which may itself be remote); media paths may be URIs of any file system TensorFlow reads.
   """
   what = "datafile"
   try:
@@ -127,12 +133,12 @@ def read_datafile(path: str) -> list[ClipEntry]:
       if key not in item:
         raise SourceError(what, path, f"data[{position}] has no {key!r}")
     media = item.get("video_path") or ""
-    if not media or media.endswith("/") or tf.io.gfile.isdir(os.path.join(base, media)):
+    if not media or media.endswith("/") or tf.io.gfile.isdir(_media_path(base, media)):
       media = item.get("wav") or ""
     if not media:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")
-    entries.append(ClipEntry(str(item["video_id"]), os.path.join(base, media),
+    entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
                              _split_labels(item["labels"])))
   return entries
 

@@ -19,9 +19,9 @@ Under Beam (`tfds build --imports cav_mae_jax.data.tfds_builder cav_mae_clips/da
 --manual_dir DIR --beam_pipeline_options="runner=DataflowRunner,..."`, or a `DownloadConfig`
 with `beam_runner`/`beam_options`), `_generate_examples` returns a Beam transform; without,
 a Python generator. Under Beam the clip list is read inside the pipeline, so the manual dir
-may be on any file system TensorFlow reads (gs://...); the videos must be readable by PyAV on
-the workers (local disk or a mounted bucket). Clips that cannot be made into examples are
-never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
+may be on any file system TensorFlow reads (gs://...), and so may the videos: `decode.py` reads
+non-local paths through tf.io.gfile, so the workers need no mounted bucket. Clips that cannot
+be made into examples are never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
 directory (path, video_id, reason, message) and counted in Beam counters
 `quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it.
 """
@@ -91,6 +91,7 @@ def _features(store_waveform: bool) -> tfds.features.FeaturesDict:
       records.SOURCE_SAMPLE_RATE: tfds.features.Scalar(dtype=np.int64),
       records.FPS: tfds.features.Scalar(dtype=np.float32),
       records.FRAME_COUNT: tfds.features.Scalar(dtype=np.int64),
+      records.ROTATION: tfds.features.Scalar(dtype=np.int64),
   }
   if store_waveform:
     features[records.WAVEFORM] = tfds.features.Tensor(shape=(None,), dtype=np.int16)
@@ -153,8 +154,11 @@ def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
 class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: records format version 1."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: records format version 1.",
+      "1.1.0": "Frames are made upright by the display matrix; `rotation` says by how much.",
+  }
   BUILDER_CONFIGS = [
       ClipsConfig(name="datafile", source="datafile",
                   description="The original's JSON datafiles in the manual dir."),
