@@ -1,10 +1,13 @@
 """PyAV clip decoding: the original's frame choice and audio path, and every failure mode."""
 
+import dataclasses
 import fractions
 import importlib.util
 import io
+import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -169,6 +172,112 @@ def test_frames_equal_a_pil_resize_and_crop_of_the_decoded_frame(tmp_path):
     assert np.abs(frame.astype(np.float64) - reference).mean() <= 2.0
 
 
+# Display-matrix tags (counterclockwise degrees, as written) -> what ffmpeg's autorotate does
+# with them: the libavfilter chain it inserts, and the clockwise turn that makes.
+AUTOROTATE = {
+    0: ([], 0),
+    90: ([('transpose', 'cclock')], 270),
+    -90: ([('transpose', 'clock')], 90),  # Phone footage tagged rotate=90.
+    180: ([('hflip', None), ('vflip', None)], 180),
+    270: ([('transpose', 'clock')], 90),
+}
+
+
+@pytest.fixture(scope='session')
+def rotated_clips(tmp_path_factory):
+  """A 640x360 clip (numbered frames on a colour gradient) once per rotation tag."""
+  root = tmp_path_factory.mktemp('rotated')
+  frames = synthetic.numbered_frames(20, height=360, width=640).copy()
+  frames[..., 0] = np.linspace(0, 255, 640, dtype=np.uint8)[None, None, :]
+  frames[..., 2] = np.linspace(255, 0, 360, dtype=np.uint8)[None, :, None]
+  paths = {}
+  for tag in AUTOROTATE:
+    paths[tag] = str(root / f'rotate_{tag}.mp4')
+    synthetic.write_mp4(paths[tag], frames, 10, _stereo(2.0), display_rotation=tag)
+  paths['mirrored'] = str(root / 'mirrored.mp4')
+  synthetic.write_mp4(paths['mirrored'], frames[:4], 10, display_rotation=90, display_hflip=True)
+  return paths
+
+
+def _autorotated_frames(path, chain):
+  """Every frame through the libavfilter filters the ffmpeg command line inserts, as RGB."""
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    graph = av.filter.Graph()
+    nodes = [graph.add_buffer(template=stream)]
+    nodes += [graph.add(name, args) for name, args in chain] + [graph.add('buffersink')]
+    for source, sink in zip(nodes, nodes[1:]):
+      source.link_to(sink)
+    graph.configure()
+    frames = []
+    for frame in container.decode(stream):
+      graph.push(frame)
+      frames.append(graph.pull().to_ndarray(format='rgb24'))
+  return frames
+
+
+def _ffmpeg_cli_frame(path, index):
+  """Frame `index` as the ffmpeg command line decodes it (autorotate on, its default), RGB."""
+  command = ['ffmpeg', '-nostdin', '-v', 'error', '-i', path, '-vf', f'select=eq(n\\,{index})',
+             '-frames:v', '1', '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-']
+  return np.frombuffer(subprocess.run(command, capture_output=True, check=True).stdout, np.uint8)
+
+
+@pytest.mark.parametrize('tag', sorted(AUTOROTATE))
+def test_tagged_frames_are_upright_as_ffmpeg_autorotates_them(rotated_clips, tag):
+  chain, clockwise = AUTOROTATE[tag]
+  reference = _autorotated_frames(rotated_clips[tag], chain)
+  with av.open(rotated_clips[tag]) as container:
+    decoded = list(container.decode(video=0))
+  assert [decode.frame_rotation(frame) for frame in decoded] == [clockwise] * 20
+  ours = [decode.upright_rgb(frame, clockwise) for frame in decoded]
+  assert ours[0].shape == ((640, 360, 3) if clockwise in (90, 270) else (360, 640, 3))
+  for mine, theirs in zip(ours, reference):
+    np.testing.assert_array_equal(mine, theirs)  # Pixel for pixel, before any resizing.
+  if shutil.which('ffmpeg'):  # The command line itself, where it is installed.
+    for index in (0, 7, 19):
+      np.testing.assert_array_equal(_ffmpeg_cli_frame(rotated_clips[tag], index),
+                                    ours[index].reshape(-1))
+
+
+@pytest.mark.parametrize('tag', sorted(AUTOROTATE))
+def test_stored_frames_are_the_upright_frame_resized_and_cropped(rotated_clips, tag):
+  from cav_mae_jax.data import clips, records, sources  # pylint: disable=g-import-not-at-top
+
+  chain, clockwise = AUTOROTATE[tag]
+  reference = _autorotated_frames(rotated_clips[tag], chain)
+  labels = sources.ClassLabels(('/m/a',), ('A',), 'labels.csv')
+  values = clips.clip_example(sources.ClipEntry('v', rotated_clips[tag], ('/m/a',)), labels)
+  assert values[records.ROTATION] == clockwise
+  np.testing.assert_array_equal(values[records.FRAME_INDICES],
+                                decode.frame_indices(20, 10.0))  # The frame choice is unchanged.
+  for jpeg, index in zip(values[records.FRAMES], values[records.FRAME_INDICES]):
+    assert jpeg == decode.encode_jpeg(_reference_resize_crop(reference[index])), index
+  serialized = records.serialize_example(values)
+  assert (b'rotation' in serialized) == (clockwise != 0)  # Untagged: the bytes of before.
+  assert int(records.parse_example(serialized)[records.ROTATION]) == clockwise
+
+
+def test_mirrored_or_oblique_display_matrices_are_refused(rotated_clips):
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_frames(rotated_clips['mirrored'], num_frames=4)
+  assert info.value.reason == 'unsupported_rotation' and 'mirrors' in info.value.detail
+
+  def matrix(counterclockwise_degrees, hflip=False):  # As libavutil's display.c writes it.
+    radians = math.radians(counterclockwise_degrees)
+    cos, sin = math.cos(radians) * 65536, math.sin(radians) * 65536
+    sign = -1 if hflip else 1
+    return [round(sign * cos), round(-sin), 0, round(sign * sin), round(cos), 0, 0, 0, 1 << 30]
+
+  for counterclockwise, clockwise in ((0, 0), (90, 270), (-90, 90), (180, 180), (-180, 180),
+                                      (270, 90), (450, 270)):
+    assert decode.rotation_from_display_matrix(matrix(counterclockwise)) == clockwise
+  with pytest.raises(ValueError, match='45 degrees'):
+    decode.rotation_from_display_matrix(matrix(-45))
+  with pytest.raises(ValueError, match='mirrors'):
+    decode.rotation_from_display_matrix(matrix(0, hflip=True))
+
+
 def test_generated_clips_give_the_frames_the_rule_names(media):
   cases = {
       'numbered_12.5fps.mp4': (12.5, 125),
@@ -316,7 +425,7 @@ def test_decode_clip_is_decode_audio_plus_decode_frames(media):
 # Failures.
 
 
-@pytest.mark.parametrize('name, reason, function', [
+BAD_INPUTS = [
     ('missing.mp4', 'missing_file', 'decode_clip'),
     ('empty.mp4', 'empty_file', 'decode_clip'),
     ('text.mp4', 'unreadable_container', 'decode_clip'),
@@ -328,7 +437,10 @@ def test_decode_clip_is_decode_audio_plus_decode_frames(media):
     ('audio_only.mp4', 'no_video_stream', 'decode_frames'),
     ('video_only.mp4', 'no_audio_stream', 'decode_clip'),
     ('video_only.mp4', 'no_audio_stream', 'decode_audio'),
-])
+]
+
+
+@pytest.mark.parametrize('name, reason, function', BAD_INPUTS)
 def test_bad_input_raises_decode_error_with_reason(media, name, reason, function):
   with pytest.raises(decode.DecodeError) as info:
     getattr(decode, function)(media[name])
@@ -369,3 +481,62 @@ def test_numpy_modules_do_not_import_tensorflow():
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, '-c', code], check=True, cwd=root)
+
+
+# ----------------------------------------------------------------------------------------
+# Files on other file systems (read through tf.io.gfile).
+
+
+def _to_ram(local_path, name):
+  """A copy of a local file on TensorFlow's in-memory file system (none if it is missing)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  remote = f'ram://test_decode/{name}'
+  if tf.io.gfile.exists(remote):
+    tf.io.gfile.remove(remote)  # ram:// appends to an existing file instead of replacing it.
+  if os.path.exists(local_path):
+    tf.io.gfile.copy(local_path, remote)
+  return remote
+
+
+def test_remote_files_keep_the_reason_codes(media):
+  for name, reason, function in BAD_INPUTS:
+    remote = _to_ram(media[name], name)
+    with pytest.raises(decode.DecodeError) as info:
+      getattr(decode, function)(remote)
+    assert (info.value.reason, info.value.path) == (reason, remote), (name, str(info.value))
+
+
+def test_remote_clip_decodes_as_the_local_file(media):
+  for name in ('numbered_12.5fps.mp4', 'vfr.mp4'):
+    local, remote = decode.decode_clip(media[name]), decode.decode_clip(_to_ram(media[name], name))
+    for field in dataclasses.fields(local):
+      np.testing.assert_array_equal(getattr(remote, field.name), getattr(local, field.name),
+                                    err_msg=f'{name} {field.name}')
+
+
+def test_a_remote_read_failing_midway_is_unreadable_container(media, monkeypatch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  remote = _to_ram(media['numbered_12.5fps.mp4'], 'fails_midway.mp4')
+  reads = []
+
+  class FailingGFile(tf.io.gfile.GFile):
+    def read(self, n=-1):
+      reads.append(n)
+      if len(reads) > 3:
+        raise tf.errors.UnavailableError(None, None, 'connection reset by peer')
+      return super().read(n)
+
+  monkeypatch.setattr(tf.io.gfile, 'GFile', FailingGFile)
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_clip(remote)
+  assert info.value.reason == 'unreadable_container' and len(reads) > 3
+  assert 'reading failed: connection reset by peer' in info.value.detail
+
+
+def test_benchmark_preprocess_tool_missing_source_prints_one_error_line(tmp_path):
+  from test_prepare import assert_one_error_line, run_tool  # pylint: disable=g-import-not-at-top
+  missing = str(tmp_path / 'missing.mp4')
+  result = run_tool('benchmark_preprocess', '--source', missing)
+  assert_one_error_line(result.returncode, result.stderr, '--source', missing, 'no such file')

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from cav_mae_jax.data import dataset
 from cav_mae_jax.data import input as input_lib
 from cav_mae_jax.data import records
 
@@ -60,7 +61,7 @@ def write_records(directory: str, labels: list[list[int]], num_shards: int,
         writer.write(records.serialize_example(values))
     shards.append(records.ShardInfo(file=name, num_examples=len(mine)))
   index = records.index_from_stats(shards, stats, store_waveform=waveform_lengths is not None)
-  records.write_index(os.path.join(directory, input_lib.INDEX_FILE), index)
+  records.write_index(records.index_path(directory), index)
   return directory
 
 
@@ -102,12 +103,12 @@ def take(pipeline, n: int) -> list[dict[str, np.ndarray]]:
 def test_host_file_indices_are_disjoint_and_cover_all():
   for num_files in (1, 5, 8, 13):
     for count in (1, 2, 3, 8):
-      parts = [input_lib.host_file_indices(num_files, p, count) for p in range(count)]
+      parts = [dataset.host_file_indices(num_files, p, count) for p in range(count)]
       flat = sorted(i for part in parts for i in part)
       assert flat == list(range(num_files))
-      assert parts == [input_lib.host_file_indices(num_files, p, count) for p in range(count)]
+      assert parts == [dataset.host_file_indices(num_files, p, count) for p in range(count)]
   with pytest.raises(ValueError, match="process_index"):
-    input_lib.host_file_indices(4, 2, 2)
+    dataset.host_file_indices(4, 2, 2)
 
 
 def test_eval_keeps_every_clip_once_across_processes(record_dirs):
@@ -227,9 +228,9 @@ def test_balanced_sampling_oversamples_the_rare_class(record_dirs):
 
 
 def test_balanced_weights_follow_the_original():
-  weights = input_lib.class_sampling_weights([10, 0, 3])
+  weights = dataset.class_sampling_weights([10, 0, 3])
   np.testing.assert_allclose(weights, [1000 / 10.01, 1000 / 0.01, 1000 / 3.01])
-  assert input_lib.total_sampling_weight([10, 0, 3]) == pytest.approx(
+  assert dataset.total_sampling_weight([10, 0, 3]) == pytest.approx(
       10 * 1000 / 10.01 + 3 * 1000 / 3.01)
 
 
@@ -262,8 +263,8 @@ def test_bad_config_fails_naming_the_field(record_dirs, tmp_path):
   ]
   for overrides, field in cases:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-      input_lib.make_dataset(make_config(record_dirs, **overrides), "train", process_index=0,
-                             process_count=4)
+      dataset.make_dataset(make_config(record_dirs, **overrides), "train", process_index=0,
+                           process_count=4)
   config = make_config(record_dirs)
   config.model.audio_length = 512
   with pytest.raises(ValueError, match="audio_length"):

@@ -5,21 +5,46 @@ import fractions
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
+from cav_mae_jax.data import records
+from cav_mae_jax.data import shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,"Alpha"\n1,/m/b,"Beta, b"\n2,/m/c,"Gamma"\n'
 
 
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs tools/<name>.py as a user would: this checkout's package, TensorFlow's default logs."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if "PYTHONPATH" in env
+                                                else []))
+  return subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def assert_one_error_line(returncode: int, stderr: str, *fragments: str) -> None:
+  """Exit status 2 and exactly one stderr line `error: ...` holding every fragment."""
+  lines = stderr.splitlines()
+  assert returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+
+
 def write_clip(path: str, *, seconds: float, fps: int = 4, size: tuple[int, int] = (64, 48),
                sample_rate: int = 44100, channels: int = 2, audio: bool = True,
                video: bool = True, silent: bool = False, variable_frame_rate: bool = False,
-               channel_freqs: tuple[float, ...] | None = None, seed: int = 0) -> str:
+               channel_freqs: tuple[float, ...] | None = None, seed: int = 0,
+               display_rotation: int = 0) -> str:
   """Writes a small H.264 + AAC MP4 whose frames and tones differ per frame / channel."""
   layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
   freqs = channel_freqs or tuple(440.0 * (c + 1) + 10 * seed for c in range(channels))
@@ -28,6 +53,8 @@ def write_clip(path: str, *, seconds: float, fps: int = 4, size: tuple[int, int]
       vstream = out.add_stream("libx264", rate=fps)
       vstream.width, vstream.height, vstream.pix_fmt = size[0], size[1], "yuv420p"
       vstream.options = {"preset": "ultrafast"}
+      if display_rotation:
+        vstream.set_display_rotation(display_rotation)
       if variable_frame_rate:
         vstream.codec_context.time_base = fractions.Fraction(1, 1000)
     if audio:
@@ -60,10 +87,18 @@ def write_clip(path: str, *, seconds: float, fps: int = 4, size: tuple[int, int]
 
 
 def write_datafile(path: str, rows: list[tuple[str, str, str]]) -> str:
-  """Writes the original's JSON datafile for (video_id, media path, labels) rows."""
+  """Writes the original's JSON datafile for (video_id, media path, labels) rows (any FS)."""
   data = [{"video_id": v, "wav": p, "video_path": p, "labels": l} for v, p, l in rows]
-  with open(path, "w") as f:
-    json.dump({"data": data}, f)
+  write_file(path, json.dumps({"data": data}).encode())
+  return path
+
+
+def write_file(path: str, data: bytes) -> str:
+  """Writes a file on any file system TensorFlow writes (ram:// included)."""
+  if tf.io.gfile.exists(path):
+    tf.io.gfile.remove(path)  # ram:// appends to an existing file instead of replacing it.
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(data)
   return path
 
 
@@ -82,6 +117,7 @@ def media(tmp_path_factory) -> dict[str, str]:
       "six_48k": write_clip(p("six_48k.mp4"), seconds=2, sample_rate=48000, channels=6,
                             channel_freqs=(1000.0, 2500.0, 3000.0, 60.0, 3500.0, 4000.0)),
       "vfr": write_clip(p("vfr.mp4"), seconds=10, variable_frame_rate=True),
+      "rotated": write_clip(p("rotated.mp4"), seconds=2, display_rotation=-90),  # rotate=90
       "audio_only": write_clip(p("audio_only.mp4"), seconds=2, video=False),
       "video_only": write_clip(p("video_only.mp4"), seconds=2, audio=False),
       "zero_byte": p("zero_byte.mp4"),
@@ -112,7 +148,7 @@ EXPECTED_QUARANTINE = {
     "unknown_label": "unknown_label",
 }
 WRITTEN = ["good_a", "good_b", "silent", "one_second", "thirty_seconds", "mono_8k", "six_48k",
-           "vfr"]
+           "vfr", "rotated"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +162,7 @@ def corpus_run(media, tmp_path_factory):
   out = str(root / "out")
   summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
                                     examples_per_shard=4, store_waveform=True, progress=False)
-  examples = {e["video_id"]: e for e in prepare.iter_shard_examples(out)}
+  examples = {e["video_id"]: e for e in records.iter_examples(out)}
   return out, summary, examples
 
 
@@ -179,15 +215,14 @@ def test_corpus_valid_clips(corpus_run):
   freqs = np.fft.rfftfreq(six["waveform"].size, 1 / 16000)
   assert abs(freqs[np.argmax(spectrum)] - 1000) < 5  # First channel, not a downmix.
   assert spectrum[np.abs(freqs - 2500) < 20].max() < 0.01 * spectrum.max()
+  assert {name: e["rotation"] for name, e in examples.items() if e["rotation"]} == {"rotated": 90}
   assert examples["good_b"]["labels"].tolist() == [0, 1]
   assert examples["good_b"]["label_ids"] == ["/m/a", "/m/b"]
 
 
 def test_corpus_index_stats(corpus_run):
-  from cav_mae_jax.data import records
-
   out, _, examples = corpus_run
-  index = records.read_index(os.path.join(out, prepare.INDEX))
+  index = records.open_records_dir(out)
   assert index.num_examples == len(WRITTEN) and len(index.shards) == 4
   assert index.store_waveform and index.num_classes == 3
   assert list(index.label_counts) == [len(WRITTEN), 1, 0]
@@ -218,10 +253,10 @@ def test_strict_cli_names_first_bad_file(media, tmp_path, capsys):
   assert exit_code == 1
   assert media["zero_byte"] in stderr and "empty_file" in stderr
   assert media["text"] not in stderr
-  assert os.path.exists(os.path.join(out, prepare.shard_file_name(0, 3)))  # kept
-  assert not os.path.exists(os.path.join(out, prepare.shard_file_name(1, 3)))
+  assert os.path.exists(os.path.join(out, shards.shard_file_name(0, 3)))  # kept
+  assert not os.path.exists(os.path.join(out, shards.shard_file_name(1, 3)))
   assert not any(".tmp-" in name for name in os.listdir(out))
-  assert not os.path.exists(os.path.join(out, prepare.INDEX))
+  assert not os.path.exists(records.index_path(out))
 
 
 def _never_called(entry, labels, store_waveform):
@@ -236,8 +271,8 @@ def test_split_runs_merge_and_resume(media, tmp_path):
   first = prepare.prepare_records(datafile, media["labels_csv"], out, task_index=0,
                                   num_tasks=2, **kwargs)
   assert (first.shards_finished, first.index_written) == (2, False)  # shards 0 and 2
-  assert not os.path.exists(os.path.join(out, prepare.INDEX))
-  stale = os.path.join(out, prepare.shard_file_name(1, 3) + ".tmp-deadhost-1")
+  assert not os.path.exists(records.index_path(out))
+  stale = os.path.join(out, shards.shard_file_name(1, 3) + ".tmp-deadhost-1")
   open(stale, "w").close()  # A temp file left by a killed run.
   second = prepare.prepare_records(datafile, media["labels_csv"], out, task_index=1,
                                    num_tasks=2, **kwargs)
@@ -249,7 +284,7 @@ def test_split_runs_merge_and_resume(media, tmp_path):
                                   **kwargs)
   assert again.written == 3
   assert mtimes == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in mtimes}
-  os.remove(os.path.join(out, prepare.INDEX))
+  os.remove(records.index_path(out))
   assert prepare.finalize(out).index_written  # --merge-index
   with pytest.raises(ValueError, match="store_waveform"):
     prepare.prepare_records(datafile, media["labels_csv"], out, store_waveform=True, **kwargs)
@@ -259,7 +294,7 @@ def _crash_on_marked_clip(entry, labels, store_waveform):
   """A clip function whose process dies on the clip with id 'crash' (like a decoder segfault)."""
   if entry.video_id == "crash":
     os._exit(7)
-  return prepare.clip_example(entry, labels, store_waveform)
+  return clips.clip_example(entry, labels, store_waveform)
 
 
 def test_worker_crash_loses_nothing_else(media, tmp_path):
@@ -271,7 +306,7 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
                                     examples_per_shard=3, clip_fn=_crash_on_marked_clip,
                                     progress=False)
   assert summary.written == 5 and summary.quarantined_by_reason == {"worker_crashed": 1}
-  assert sorted(e["video_id"] for e in prepare.iter_shard_examples(out)) == sorted(
+  assert sorted(e["video_id"] for e in records.iter_examples(out)) == sorted(
       set(ids) - {"crash"})
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
     (line,) = [json.loads(x) for x in f]
@@ -290,6 +325,7 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
   assert report["shapes"]["fbank"] == ("float32", (1024, 128))
   assert report["shapes"]["frames"] == ("string", (10,))
   assert report["label_counts"] == [len(WRITTEN), 1, 0]
+  assert report["rotation"] == {0: len(WRITTEN) - 1, 90: 1}
   assert len(report["pngs"]) == 4
   from PIL import Image
   first = next(p for p in report["pngs"] if "fbank_" in p)
@@ -298,4 +334,83 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
   assert Image.open(first).mode == "L"
   assert Image.open(next(p for p in report["pngs"] if "frames_" in p)).size == (5 * 224, 2 * 224)
   assert tool.main(["--records", out, "--png-dir", str(tmp_path / "png2")]) == 0
-  assert f"{len(WRITTEN)} examples in 4 shards" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert f"{len(WRITTEN)} examples in 4 shards" in printed
+  assert ("frames turned upright by (clockwise degrees: clips): "
+          f"0: {len(WRITTEN) - 1}, 90: 1") in printed
+
+
+def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  missing = str(tmp_path / "missing.json")
+  result = run_tool("preprocess", "--datafile", missing, "--labels", media["labels_csv"],
+                    "--out", out)
+  assert_one_error_line(result.returncode, result.stderr, "datafile", missing, "no such file")
+  assert not os.path.exists(out)  # Nothing is started before the lists are read.
+  datafile = write_datafile(str(tmp_path / "data.json"), [("a", media["good_a"], "/m/a")])
+  not_json = tmp_path / "not_json.json"
+  not_json.write_text("{'data': []}")
+  tool = _preprocess_tool()
+  for args, fragments in [
+      (["--datafile", datafile, "--labels", str(tmp_path / "none.csv")],
+       ["labels CSV", "none.csv", "no such file"]),
+      (["--datafile", str(not_json), "--labels", media["labels_csv"]],
+       ["datafile", "not_json.json", "not valid JSON"]),
+      (["--datafile", datafile, "--labels", datafile], ["labels CSV", "expected a CSV"]),
+      (["--merge-index"], [out, "not an output directory"]),
+  ]:
+    status = tool.main(args + ["--out", out, "--workers", "0", "--no-progress"])
+    assert_one_error_line(status, capsys.readouterr().err, *fragments)
+
+
+def test_inspect_records_tool_rejects_other_folders(corpus_run, tmp_path, capsys):
+  result = run_tool("inspect_records", "--records", str(tmp_path / "missing"))
+  assert_one_error_line(result.returncode, result.stderr, str(tmp_path / "missing"),
+                        "directory does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  status = tool.main(["--records", str(tmp_path)])
+  assert_one_error_line(status, capsys.readouterr().err, "no index.json",
+                        "not a records directory")
+  status = tool.main(["--records", corpus_run[0], "--labels", str(tmp_path / "none.csv")])
+  assert_one_error_line(status, capsys.readouterr().err, "labels CSV", "no such file")
+
+
+def test_lists_and_videos_on_ram_filesystem_give_the_local_records(media, tmp_path):
+  # TensorFlow's in-memory file system stands for gs:// and the like. It lives in this process
+  # only, hence --workers 0.
+  root = f"ram://preprocess_{tmp_path.name}"
+  names = ["good_a", "one_second", "six_48k", "text", "zero_byte", "truncated", "missing"]
+  local_rows, remote_rows = [], []
+  for name in names:
+    if os.path.exists(media[name]):
+      with open(media[name], "rb") as f:
+        write_file(f"{root}/videos/{name}.mp4", f.read())
+    local_rows.append((name, media[name], "/m/a"))
+    remote_rows.append((name, f"videos/{name}.mp4", "/m/a"))  # relative to the datafile
+  with open(media["labels_csv"], "rb") as f:
+    remote_labels = write_file(f"{root}/labels.csv", f.read())
+  runs = {"local": (write_datafile(str(tmp_path / "data.json"), local_rows), media["labels_csv"]),
+          "ram": (write_datafile(f"{root}/data.json", remote_rows), remote_labels)}
+  tool = _preprocess_tool()
+  for kind, (datafile, labels) in runs.items():
+    assert tool.main(["--datafile", datafile, "--labels", labels, "--out", str(tmp_path / kind),
+                      "--workers", "0", "--examples-per-shard", "2", "--no-progress"]) == 0
+  local, remote = (str(tmp_path / kind) for kind in runs)
+  shard_files = sorted(n for n in os.listdir(local) if n.endswith(".tfrecord"))
+  assert len(shard_files) == 4 and shard_files == sorted(
+      n for n in os.listdir(remote) if n.endswith(".tfrecord"))
+  for name in shard_files + [os.path.basename(records.index_path(local))]:
+    with open(os.path.join(local, name), "rb") as a, open(os.path.join(remote, name), "rb") as b:
+      assert a.read() == b.read(), name
+  assert [e["video_id"] for e in records.iter_examples(remote)] == ["good_a", "one_second",
+                                                                     "six_48k"]
+  quarantined = {}
+  for kind, out in (("local", local), ("ram", remote)):
+    with open(os.path.join(out, prepare.QUARANTINE)) as f:
+      quarantined[kind] = {(q["video_id"], q["reason"]) for q in map(json.loads, f)}
+  assert quarantined["ram"] == quarantined["local"] == {
+      ("text", "unreadable_container"), ("zero_byte", "empty_file"),
+      ("truncated", "unreadable_container"), ("missing", "missing_file")}

@@ -57,6 +57,23 @@ def test_round_trip_inside_tf_data():
   assert back["source_sample_rate"] == 44100 and back["fbank_num_frames"] == 1024
 
 
+def test_serialized_bytes_do_not_depend_on_the_process():
+  serialized = records.serialize_example(_values())
+  example = tf.train.Example.FromString(serialized)
+  # Map entries in sorted key order, whatever order this process's protobuf maps iterate in.
+  assert serialized == example.SerializeToString(deterministic=True)
+
+
+def test_rotation_is_stored_only_when_frames_were_turned():
+  untagged = records.serialize_example(_values(waveform=False))
+  assert b"rotation" not in untagged  # The bytes records had before the key existed.
+  assert int(records.parse_example(tf.constant(untagged))["rotation"]) == 0
+  values = _values(waveform=False)
+  values["rotation"] = 270
+  parsed = records.parse_example(tf.constant(records.serialize_example(values)))
+  assert records.parsed_to_values(parsed)["rotation"] == 270
+
+
 def test_parse_without_waveform_and_no_labels():
   values = _values(labels=(), waveform=False)
   parsed = records.parse_example(tf.constant(records.serialize_example(values)))
@@ -80,6 +97,7 @@ def test_ragged_labels_batch_after_parse():
     ("labels", {"labels": [1]}, "label ids"),
     ("frames", {"jpeg_frames": [b"x"] * 9}, "10 frames"),
     ("waveform", {"waveform": np.zeros(10, np.float32)}, "int16"),
+    ("rotation", {"rotation": -90}, "rotation"),
 ])
 def test_make_example_values_rejects_bad_fields(field, kwargs, match):
   base = dict(video_id="v", labels=[], label_ids=[], fbank=np.zeros((1024, 128)),
@@ -111,10 +129,10 @@ def test_index_round_trip_and_validation(tmp_path):
   stats.add(_values())
   shards = [records.ShardInfo("records-00000-of-00001.tfrecord", 1)]
   index = records.index_from_stats(shards, stats, store_waveform=True)
-  path = str(tmp_path / "index.json")
+  path = records.index_path(str(tmp_path))
   records.write_index(path, index)
   assert records.read_index(path) == index
-  assert records.read_index(path).shard_paths(path) == [
+  assert records.read_index(path).shard_paths(str(tmp_path)) == [
       str(tmp_path / "records-00000-of-00001.tfrecord")]
   data = json.loads(open(path).read())
   data["num_examples"] = 2
@@ -123,3 +141,45 @@ def test_index_round_trip_and_validation(tmp_path):
     records.read_index(str(tmp_path / "bad.json"))
   with pytest.raises(ValueError, match="shard counts"):
     records.index_from_stats(shards * 2, stats, store_waveform=True)
+
+
+def test_open_records_dir_checks_the_directory_in_one_line(tmp_path):
+  stats = records.ShardStats(num_classes=8)
+  stats.add(_values(waveform=False))
+  good = tmp_path / "good"
+  good.mkdir()
+  with tf.io.TFRecordWriter(str(good / "records-00000-of-00001.tfrecord")) as writer:
+    writer.write(records.serialize_example(_values(waveform=False)))
+  index = records.index_from_stats([records.ShardInfo("records-00000-of-00001.tfrecord", 1)],
+                                   stats, store_waveform=False)
+  records.write_index(records.index_path(str(good)), index)
+  assert records.open_records_dir(str(good)) == index
+  assert [v["video_id"] for v in records.iter_examples(str(good))] == ["clip_0"]
+
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "file.txt").write_text("x")
+  bad_json = tmp_path / "bad_json"
+  bad_json.mkdir()
+  (bad_json / records.INDEX_FILE).write_text("{not json")
+  wrong_version = tmp_path / "wrong_version"
+  wrong_version.mkdir()
+  (wrong_version / records.INDEX_FILE).write_text(json.dumps({"format_version": 99}))
+  no_shard = tmp_path / "no_shard"
+  no_shard.mkdir()
+  records.write_index(records.index_path(str(no_shard)), index)
+  cases = {
+      "": "no records directory given",
+      str(tmp_path / "missing"): "directory does not exist",
+      str(tmp_path / "file.txt"): "not a directory",
+      str(tmp_path / "plain"): "no index.json: not a records directory",
+      str(bad_json): "unreadable index.json: Expecting property name",
+      str(wrong_version): "unreadable index.json: format_version 99",
+      str(no_shard): "lists 1 shard file(s) that do not exist, e.g. records-00000-of-00001",
+  }
+  for directory, reason in cases.items():
+    with pytest.raises(records.RecordsDirError) as error:
+      records.open_records_dir(directory)
+    message = str(error.value)
+    assert reason in message and "\n" not in message, message
+    assert message.startswith(directory), message
+    assert isinstance(error.value, ValueError) and error.value.reason in message

@@ -158,3 +158,13 @@ def test_make_synthetic_tool_writes_train_and_eval(tmp_path, capsys):
   assert os.path.isfile(tmp_path / 'class_labels_indices.csv')
   assert 'train: 2 clips' in capsys.readouterr().out
   assert module.main(['--out', str(tmp_path), '--width', '63']) == 2
+
+
+def test_make_synthetic_tool_bad_values_print_one_error_line(tmp_path):
+  from test_prepare import assert_one_error_line, run_tool  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'out')
+  result = run_tool('make_synthetic', '--out', out, '--train', '0')
+  assert_one_error_line(result.returncode, result.stderr, 'num_clips', 'must be positive')
+  result = run_tool('make_synthetic', '--out', out, '--eval', '-1')
+  assert_one_error_line(result.returncode, result.stderr, '--eval -1', 'must be >= 0')
+  assert not os.path.exists(out)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
+from cav_mae_jax.data import sources
 from cav_mae_jax.data import tfds_builder
-from test_prepare import LABELS_CSV, write_clip, write_datafile
+from test_prepare import LABELS_CSV, write_clip, write_datafile, write_file
 
 
 @pytest.fixture(scope="module")
@@ -44,44 +46,79 @@ def _assert_same_examples(got: dict[str, dict], want: dict[str, dict]) -> None:
         assert got[video_id][key] == value, (video_id, key)
 
 
-def test_beam_build_equals_preprocess_tool(manual_dir, tmp_path):
-  beam = pytest.importorskip("apache_beam", reason="the Beam build needs apache-beam")
-  config = tfds_builder.ClipsConfig(name="datafile_waveform", source="datafile",
-                                    store_waveform=True)
-  builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
-  # What `tfds build --beam_pipeline_options=runner=DirectRunner` passes to the builder.
-  options = beam.options.pipeline_options.PipelineOptions(flags=["--runner=DirectRunner"])
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, beam_options=options))
-  assert builder.beam_counters == {"written": 3, "quarantined_empty_file": 1,
-                                   "quarantined_unknown_label": 1}
-  from_tfds = {}
-  for example in tfds.as_numpy(builder.as_dataset(split="train")):
-    values = records.parsed_to_values(example)
-    from_tfds[values["video_id"]] = values
-
-  out = str(tmp_path / "records")
+@pytest.fixture(scope="module")
+def tool_records(manual_dir, tmp_path_factory) -> tuple[dict[str, dict], set[tuple[str, str]]]:
+  """tools/preprocess.py's examples (by video id) and quarantine of the manual dir's train.json."""
+  out = str(tmp_path_factory.mktemp("tool") / "records")
   prepare.prepare_records(os.path.join(manual_dir, "train.json"),
                           os.path.join(manual_dir, tfds_builder.LABELS_CSV), out,
                           num_workers=0, examples_per_shard=2, store_waveform=True,
                           progress=False)
-  from_tool = {e["video_id"]: e for e in prepare.iter_shard_examples(out)}
+  examples = {e["video_id"]: e for e in records.iter_examples(out)}
+  with open(os.path.join(out, prepare.QUARANTINE)) as f:
+    quarantine = {(q["video_id"], q["reason"]) for q in map(json.loads, f)}
+  return examples, quarantine
+
+
+def _beam_build(manual_dir: str, data_dir: str) -> tuple[tfds_builder.CavMaeClips, dict]:
+  """Builds train.json of `manual_dir` with Beam's DirectRunner; returns examples by video id."""
+  beam = pytest.importorskip("apache_beam", reason="the Beam build needs apache-beam")
+  config = tfds_builder.ClipsConfig(name="datafile_waveform", source="datafile",
+                                    store_waveform=True)
+  builder = tfds_builder.builder(config, data_dir=data_dir)
+  # What `tfds build --beam_pipeline_options=runner=DirectRunner` passes to the builder.
+  options = beam.options.pipeline_options.PipelineOptions(flags=["--runner=DirectRunner"])
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, beam_options=options))
+  examples = {}
+  for example in tfds.as_numpy(builder.as_dataset(split="train")):
+    values = records.parsed_to_values(example)
+    examples[values["video_id"]] = values
+  return builder, examples
+
+
+def test_beam_build_equals_preprocess_tool(manual_dir, tool_records, tmp_path):
+  from_tool, tool_quarantine = tool_records
+  builder, from_tfds = _beam_build(manual_dir, str(tmp_path / "tfds"))
+  assert builder.beam_counters == {"written": 3, "quarantined_empty_file": 1,
+                                   "quarantined_unknown_label": 1}
   assert sorted(from_tool) == ["a", "b", "c"]
   assert from_tool["b"]["labels"].tolist() == [1, 2]
   _assert_same_examples(from_tfds, from_tool)
-
-  with open(os.path.join(out, prepare.QUARANTINE)) as f:
-    tool_quarantine = {(q["video_id"], q["reason"]) for q in map(json.loads, f)}
   tfds_quarantine = {(q["video_id"], q["reason"])
                      for q in tfds_builder.read_quarantine(builder.data_dir, "train")}
   assert tfds_quarantine == tool_quarantine == {("empty", "empty_file"),
                                                 ("unknown", "unknown_label")}
 
 
+def test_beam_build_reads_videos_from_ram_filesystem(manual_dir, tool_records, tmp_path):
+  # The videos live only on TensorFlow's in-memory file system (standing for gs://); the
+  # DirectRunner runs in this process, so it sees them. The clip list names them by URI.
+  root = f"ram://beam_{tmp_path.name}"
+  with open(os.path.join(manual_dir, "train.json")) as f:
+    rows = json.load(f)["data"]
+  remote_rows = []
+  for row in rows:
+    local = row["wav"] if os.path.isabs(row["wav"]) else os.path.join(manual_dir, row["wav"])
+    with open(local, "rb") as f:
+      remote = write_file(f"{root}/{row['video_id']}.mp4", f.read())
+    remote_rows.append((row["video_id"], remote, row["labels"]))
+  remote_rows.append(("gone", f"{root}/gone.mp4", "/m/a"))
+  ram_manual = tmp_path / "manual"
+  ram_manual.mkdir()
+  write_datafile(str(ram_manual / "train.json"), remote_rows)
+  (ram_manual / tfds_builder.LABELS_CSV).write_text(LABELS_CSV)
+  builder, from_tfds = _beam_build(str(ram_manual), str(tmp_path / "tfds"))
+  from_tool, tool_quarantine = tool_records
+  _assert_same_examples(from_tfds, from_tool)
+  assert {(q["video_id"], q["reason"]) for q in tfds_builder.read_quarantine(
+      builder.data_dir, "train")} == tool_quarantine | {("gone", "missing_file")}
+
+
 def test_strict_local_build_names_bad_clip(manual_dir, tmp_path):
   config = tfds_builder.ClipsConfig(name="datafile_strict", source="datafile", strict=True)
   builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(prepare.StrictModeError, match="empty.mp4: empty_file"):
+  with pytest.raises(clips.StrictModeError, match="empty.mp4: empty_file"):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
@@ -104,19 +141,19 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
                       "# YTID, start_seconds, end_seconds, positive_labels\n"
                       '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"\n'
                       '00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\n')
-  entries = tfds_builder.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
+  entries = sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
   assert entries == [
-      prepare.ClipEntry("--PJHxphWEs", "/videos/--PJHxphWEs_30.000.mp4", ("/m/09x0r", "/t/dd00088")),
-      prepare.ClipEntry("00W1lcxW-WU", "/videos/00W1lcxW-WU_40.000.mp4", ("/m/04rlf",))]
+      sources.ClipEntry("--PJHxphWEs", "/videos/--PJHxphWEs_30.000.mp4", ("/m/09x0r", "/t/dd00088")),
+      sources.ClipEntry("00W1lcxW-WU", "/videos/00W1lcxW-WU_40.000.mp4", ("/m/04rlf",))]
   vgg = tmp_path / "vggsound.csv"
   vgg.write_text("---g-f_I2yQ,1,people marching,test\nKlsG1EnBEjc,361,dog barking,train\n")
-  assert tfds_builder.vggsound_splits(str(vgg)) == ["test", "train"]
-  assert tfds_builder.read_vggsound_csv(str(vgg), "/v", "{ytid}_{start:06d}.mp4", "train") == [
-      prepare.ClipEntry("KlsG1EnBEjc_000361", "/v/KlsG1EnBEjc_000361.mp4", ("dog barking",))]
+  assert sources.vggsound_splits(str(vgg)) == ["test", "train"]
+  assert sources.read_vggsound_csv(str(vgg), "/v", "{ytid}_{start:06d}.mp4", "train") == [
+      sources.ClipEntry("KlsG1EnBEjc_000361", "/v/KlsG1EnBEjc_000361.mp4", ("dog barking",))]
   bad = tmp_path / "bad.csv"
   bad.write_text("a,1,2\n")
   with pytest.raises(ValueError, match="bad.csv: line 1 has 3 fields"):
-    tfds_builder.read_vggsound_csv(str(bad), "/v", "{ytid}.mp4", "train")
+    sources.read_vggsound_csv(str(bad), "/v", "{ytid}.mp4", "train")
 
 
 def test_unknown_source_is_rejected():

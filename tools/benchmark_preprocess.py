@@ -34,9 +34,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position,import-outside-toplevel
+# pylint: disable=g-import-not-at-top,import-outside-toplevel
 
 
 def _cpu_seconds() -> float:
@@ -153,8 +151,16 @@ def run_original(paths: list[str], work_dir: str) -> dict:
           'wall_s': time.perf_counter() - wall}
 
 
+def _error(message: object) -> int:
+  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
+  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
+  return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs the benchmark; returns the exit status (2 on bad input, with one line on stderr)."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.error = lambda message: sys.exit(_error(message))
   parser.add_argument('--source', help='a real video to transcode to the 360p test clips')
   parser.add_argument('--clips', type=int, default=8)
   parser.add_argument('--cpu', type=int, default=0, help='the CPU core both sides run on')
@@ -162,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
                       help='python with cv2, torch, torchaudio, torchvision, soundfile')
   parser.add_argument('--run-original', metavar='CLIP_DIR', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  os.sched_setaffinity(0, {args.cpu})
+  if args.source and not os.path.isfile(args.source):
+    return _error(f'--source {args.source}: no such file')
+  if args.clips < 1:
+    return _error(f'--clips {args.clips}: must be >= 1')
+  try:
+    os.sched_setaffinity(0, {args.cpu})
+  except OSError as e:
+    return _error(f'--cpu {args.cpu}: {e.strerror or e}')
   if args.run_original:  # Worker mode, under --original-python.
     paths = sorted(os.path.join(args.run_original, n) for n in os.listdir(args.run_original)
                    if n.endswith('.mp4'))

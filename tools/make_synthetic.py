@@ -5,7 +5,8 @@
       [--seed 0] [--duration 10] [--fps 10] [--width 160] [--height 120] [--workers N]
 
 Writes DIR/train.json, DIR/eval.json (the original CAV-MAE datafile format), DIR/video/<split>/
-*.mp4 and DIR/class_labels_indices.csv. Train and eval clips are drawn independently.
+*.mp4 and DIR/class_labels_indices.csv. Train and eval clips are drawn independently. Bad values
+print one line `error: ...` on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cav_mae_jax.data import synthetic
 
-from cav_mae_jax.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+def _error(message: object) -> int:
+  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
+  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
+  return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the tool; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.error = lambda message: sys.exit(_error(message))
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--train', type=int, default=256, help='number of training clips')
   parser.add_argument('--eval', type=int, default=64, help='number of evaluation clips (0: none)')
@@ -33,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--height', type=int, default=120)
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
+  for flag, value, minimum in (('--eval', args.eval, 0), ('--workers', args.workers, 1)):
+    if value < minimum:
+      return _error(f'{flag} {value}: must be >= {minimum}')
   splits = [('train', args.train)] + ([('eval', args.eval)] if args.eval > 0 else [])
   for split_name, num_clips in splits:
     start = time.time()
@@ -42,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
           duration_s=args.duration, fps=args.fps, width=args.width, height=args.height,
           split_name=split_name, num_workers=args.workers)
     except ValueError as e:
-      print(f'make_synthetic: {e}', file=sys.stderr)
-      return 2
+      return _error(e)
+    except OSError as e:
+      return _error(f'--out {e.filename or args.out}: {e.strerror or e}')
     print(f'{split_name}: {num_clips} clips in {time.time() - start:.1f} s -> '
           f'{result["datafile"]}')
   print(f'labels: {os.path.join(args.out, "class_labels_indices.csv")}')

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Raw videos -> sharded clip TFRecords + index.json, without Beam.
+"""Raw videos -> sharded clip TFRecords + their index, without Beam.
 
   python tools/preprocess.py --datafile train.json --labels class_labels_indices.csv \
       --out DIR [--workers N] [--shard-index i --num-shards n] [--examples-per-shard K] \
@@ -9,8 +9,10 @@
 `--shard-index i --num-shards n` splits the work across n machines: machine i writes the
 output shards s with s % n == i. When all of them are in DIR (e.g. copied from the machines),
 `--merge-index` writes index.json, quarantine.jsonl and summary.json. Rerunning the same
-command resumes: finished shards are skipped. Exit status: 0 on success, 1 when a clip stops
-a `--strict` run or shards fail, 2 on bad arguments.
+command resumes: finished shards are skipped. The datafile, the labels CSV and the videos may
+be on any file system TensorFlow reads (gs://, ram://, ...); DIR is local. Exit status: 0 on
+success, 1 when a clip stops a `--strict` run or shards fail, 2 on bad input (one line
+`error: ...` on stderr: missing or unreadable lists, bad flags, a DIR started with other inputs).
 """
 
 from __future__ import annotations
@@ -19,13 +21,27 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":
+  # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
+  # this tool does no TensorFlow arithmetic (it only reads and writes files with it), so
+  # oneDNN's kernels are not needed.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from cav_mae_jax.data import clips  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cav_mae_jax.data import prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def _error(message: object) -> int:
+  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs the tool; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.error = lambda message: sys.exit(_error(message))
   parser.add_argument("--datafile", help="JSON datafile {'data': [{video_id, wav, "
                       "video_path, labels}]}")
   parser.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name)")
@@ -43,24 +59,27 @@ def main(argv: list[str] | None = None) -> int:
                       help="only merge finished shards' sidecars into index.json")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-
-  if args.merge_index:
-    summary = prepare.finalize(args.out)
-  else:
-    if not args.datafile or not args.labels:
-      parser.error("--datafile and --labels are required (unless --merge-index)")
-    try:
+  if not args.merge_index and (not args.datafile or not args.labels):
+    parser.error("--datafile and --labels are required (unless --merge-index)")
+  try:
+    if args.merge_index:
+      summary = prepare.finalize(args.out)
+    else:
       summary = prepare.prepare_records(
           args.datafile, args.labels, args.out, num_workers=args.workers,
           task_index=args.shard_index, num_tasks=args.num_shards,
           examples_per_shard=args.examples_per_shard, store_waveform=args.store_waveform,
           strict=args.strict, progress=not args.no_progress)
-    except prepare.StrictModeError as e:
-      print(f"error: --strict: {e}", file=sys.stderr)
-      return 1
-    except (prepare.WorkerCrashError, RuntimeError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 1
+  except clips.StrictModeError as e:
+    print(f"error: --strict: {e}", file=sys.stderr)
+    return 1
+  except RuntimeError as e:  # Shards failed or a worker crashed: finished shards are kept.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:
+    return _error(f"{e.filename or args.out}: {e.strerror or e}")
+  except ValueError as e:
+    return _error(e)
   print(prepare.format_summary(summary))
   return 0
 

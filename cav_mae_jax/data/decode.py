@@ -16,12 +16,29 @@ round(duration * fps)), `total = min(frame_count, int(fps * 10))` and frame i of
 `int(i * (total / 10))`. The original seeks OpenCV to that index minus one, so the frame it
 really stores, and the one we return, is the decoded frame number
 `max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order). Each frame is converted
-to RGB, resized with PIL bilinear so its shorter side is 224, and center-cropped to 224 x 224
-(torchvision's `Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
+to RGB, turned upright by the video stream's display matrix (below), resized with PIL
+bilinear so its shorter side is 224, and center-cropped to 224 x 224 (torchvision's
+`Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
 stops at the last needed frame and after `max_seconds` of audio, and unwanted non-reference
 (e.g. B-) frames are skipped, which leaves the other frames bit-identical. The original saves
 these frames as JPEG at PIL's default quality 75: `encode_jpeg` does that, so every writer
 uses one encoder.
+
+Rotation: phone footage stores the picture sideways and a display matrix saying how to turn it.
+The original's OpenCV reader (auto-rotation is on by default) and the ffmpeg command line both
+return the upright picture, so we do too: `rotation_from_display_matrix` gives the clockwise
+rotation ffmpeg's autorotate applies (0, 90, 180 or 270; ffprobe's "rotation of -90 degrees",
+the usual phone tag, is 90 clockwise), and the RGB frame is rotated by it (`np.rot90`) before
+the resize and crop. That is OpenCV's order (convert,
+then rotate); with 4:2:0 chroma on whole 2 x 2 blocks it equals ffmpeg's transpose-then-convert
+pixel for pixel (tested against libavfilter's transpose filters). The frame numbers are
+unchanged. Untagged clips take exactly the path they took before. A display matrix that
+mirrors the picture or turns it by another angle is not guessed at: `unsupported_rotation`.
+
+Files: a local path is opened by FFmpeg directly (the fast path); any other path with a scheme
+(gs://, ram://, s3://, ...) is read through `tf.io.gfile` as a Python file object, so anything
+TensorFlow reads can be decoded. Remote files keep the reason codes below; a read that fails
+midway is `unreadable_container`. TensorFlow is imported only for such paths.
 
 Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Reason codes
 (stable; the preprocessing quarantine counts clips by them):
@@ -29,7 +46,8 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   missing_file          the path does not exist or is not a regular file
   empty_file            the file has zero bytes
   unreadable_container  no demuxer can open the file, or demuxing fails (text file named
-                        .mp4, an MP4 truncated before its index, random bytes)
+                        .mp4, an MP4 truncated before its index, random bytes), or reading a
+                        remote file fails
   no_audio_stream       the container has no audio stream (asked for audio)
   no_video_stream       the container has no video stream (asked for frames)
   audio_decode_error    the audio decoder fails, or decodes much less audio than the
@@ -37,16 +55,20 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
   video_decode_error    the video decoder or the RGB conversion fails
   too_few_frames        the stream has no frames, or ends before a frame the rule needs
+  unsupported_rotation  the display matrix mirrors the picture or turns it by an angle that
+                        is not a multiple of 90 degrees
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import io
+import math
 import os
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import av
 import numpy as np
@@ -62,6 +84,7 @@ REASONS = (
     'audio_too_short',
     'video_decode_error',
     'too_few_frames',
+    'unsupported_rotation',
 )
 FRAME_WINDOW_SECONDS = 10  # The original spreads its frames over the first 10 s.
 ORIGINAL_AUDIO_SECONDS = (1023 * 160 + 400) / 16000  # Audio in the original's 1024 fbank frames.
@@ -98,6 +121,7 @@ class DecodedClip:
   source_sample_rate: int  # Sample rate of the audio stream before resampling.
   fps: float  # Frame rate as OpenCV reports it (the stream's average frame rate).
   frame_count: int  # Frame count as OpenCV reports it (container count, else estimate).
+  rotation: int = 0  # Clockwise degrees applied to make the frames upright (display matrix).
 
 
 def frame_indices(frame_count: int, fps: float, num_frames: int = 10) -> np.ndarray:
@@ -138,12 +162,90 @@ def _check_file(path: str) -> None:
     raise DecodeError(path, 'empty_file')
 
 
-def _open(path: str) -> av.container.InputContainer:
-  _check_file(path)
+def is_local_path(path: str) -> bool:
+  """Whether FFmpeg opens the path itself (no URI scheme), rather than tf.io.gfile."""
+  return '://' not in path
+
+
+class _RemoteFile:
+  """A read-only file object over `tf.io.gfile`, for PyAV to read non-local paths.
+
+  PyAV prints and drops exceptions raised by a file object's read, then sees the end of the
+  file; so read errors are kept here instead, and `_open` reports them as
+  `unreadable_container`.
+  """
+
+  def __init__(self, path: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote paths)
+
+    self._errors = tf.errors.OpError
+    try:
+      stat = tf.io.gfile.stat(path)
+    except tf.errors.NotFoundError:
+      raise DecodeError(path, 'missing_file') from None
+    except tf.errors.OpError as e:
+      raise DecodeError(path, 'unreadable_container', e.message) from None
+    if stat.is_directory:
+      raise DecodeError(path, 'missing_file', 'a directory, not a file')
+    if stat.length == 0:
+      raise DecodeError(path, 'empty_file')
+    self._file = tf.io.gfile.GFile(path, 'rb')
+    self.error: str | None = None
+
+  def read(self, size: int = -1) -> bytes:
+    """Up to `size` bytes (b'' at the end of the file or after a read error)."""
+    if self.error is not None:
+      return b''
+    try:
+      return self._file.read(size)
+    except self._errors as e:
+      self.error = e.message
+      return b''
+
+  def seek(self, offset: int, whence: int = 0) -> int:
+    """Moves the read position; returns the new position."""
+    try:
+      self._file.seek(offset, whence)
+    except self._errors as e:
+      self.error = e.message
+    return self._file.tell()
+
+  def tell(self) -> int:
+    """The read position."""
+    return self._file.tell()
+
+  def close(self) -> None:
+    """Closes the underlying GFile."""
+    self._file.close()
+
+
+def _open_container(path: str, source: str | _RemoteFile) -> av.container.InputContainer:
   try:
-    return av.open(path, mode='r')
+    return av.open(source, mode='r')
   except (av.error.FFmpegError, UnicodeDecodeError) as e:
     raise DecodeError(path, 'unreadable_container', str(e)) from e
+
+
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[av.container.InputContainer]:
+  """Opens a media file (local: by path; otherwise through tf.io.gfile) as a PyAV container."""
+  if is_local_path(path):
+    _check_file(path)
+    with _open_container(path, path) as container:
+      yield container
+    return
+  remote = _RemoteFile(path)
+  try:
+    with _open_container(path, remote) as container:
+      yield container
+  except DecodeError as e:
+    if remote.error is None:
+      raise
+    raise DecodeError(path, 'unreadable_container', f'reading failed: {remote.error}') from e
+  finally:
+    remote.close()
+  if remote.error is not None:
+    raise DecodeError(path, 'unreadable_container', f'reading failed: {remote.error}')
 
 
 def _container_duration_s(container: av.container.InputContainer) -> float:
@@ -252,8 +354,36 @@ class _AudioSink:
     return waveform
 
 
-def _rgb_frame(frame: av.VideoFrame, image_size: int) -> np.ndarray:
-  return resize_and_crop(frame.to_ndarray(format='rgb24'), image_size)
+def rotation_from_display_matrix(matrix: Sequence[int]) -> int:
+  """Clockwise degrees (0, 90, 180, 270) that ffmpeg's autorotate turns a frame by.
+
+  `matrix` is FFmpeg's 3 x 3 display matrix (9 int32, 16.16 fixed point), as stored in an
+  MP4's track header. Raises ValueError for a matrix that mirrors the picture or turns it by
+  an angle that is not a multiple of 90 degrees.
+  """
+  a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+  if a * d - b * c <= 0:
+    raise ValueError('the display matrix mirrors the picture (or is degenerate)')
+  # ffmpeg's get_rotation: -round(av_display_rotation_get(matrix)), taken modulo 360.
+  theta = round(math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))) % 360
+  if theta % 90:
+    raise ValueError(f'the display matrix turns the picture by {theta} degrees, not a '
+                     'multiple of 90')
+  return theta
+
+
+def frame_rotation(frame: av.VideoFrame) -> int:
+  """Clockwise degrees that make a decoded frame upright (0 when it has no display matrix)."""
+  side_data = frame.side_data.get('DISPLAYMATRIX')
+  if side_data is None:
+    return 0
+  return rotation_from_display_matrix(np.frombuffer(bytes(side_data), np.int32))
+
+
+def upright_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
+  """The frame as RGB uint8 [H, W, 3], turned clockwise by `rotation` degrees."""
+  rgb = frame.to_ndarray(format='rgb24')
+  return np.rot90(rgb, k=-(rotation // 90)) if rotation else rgb
 
 
 class _FrameSink:
@@ -293,7 +423,21 @@ class _FrameSink:
     self._seen_pts: list[int] = []  # Sorted timestamps of the packets demuxed so far.
     self._pending: collections.deque[av.Packet] = collections.deque()
     self._count_instead = False  # Timestamps cannot rank frames: count them in a new pass.
+    self.rotation: int | None = None  # Clockwise degrees applied; known at the first frame.
     self.done = False
+
+  def _convert(self, frame: av.VideoFrame) -> np.ndarray:
+    """A wanted frame, upright, resized and cropped."""
+    try:
+      rotation = frame_rotation(frame)
+    except ValueError as e:
+      raise DecodeError(self.path, 'unsupported_rotation', str(e)) from None
+    if self.rotation is None:
+      self.rotation = rotation
+    elif rotation != self.rotation:
+      raise DecodeError(self.path, 'video_decode_error', f'the display rotation changes from '
+                        f'{self.rotation} to {rotation} degrees within the stream')
+    return resize_and_crop(upright_rgb(frame, rotation), self.image_size)
 
   def feed(self, packet: av.Packet | None) -> None:
     """Takes the next packet in decode order (None at the end of the stream)."""
@@ -329,7 +473,7 @@ class _FrameSink:
       for frame in self.stream.decode(packet):
         index = self._target_pts.get(frame.pts)
         if index is not None and index not in self._frames:
-          self._frames[index] = _rgb_frame(frame, self.image_size)
+          self._frames[index] = self._convert(frame)
           self._frame_pts[index] = frame.pts
     except (av.error.FFmpegError, ValueError) as e:
       raise DecodeError(self.path, 'video_decode_error', str(e)) from e
@@ -351,7 +495,7 @@ class _FrameSink:
         try:
           for frame in stream.decode(packet if packet.size else None):
             if count in self._wanted:
-              self._frames[count] = _rgb_frame(frame, self.image_size)
+              self._frames[count] = self._convert(frame)
             count += 1
         except (av.error.FFmpegError, ValueError) as e:
           raise DecodeError(self.path, 'video_decode_error', str(e)) from e
@@ -434,7 +578,7 @@ def decode_audio(path: str | os.PathLike,
 def decode_frames(path: str | os.PathLike,
                   num_frames: int = 10,
                   image_size: int = 224) -> tuple[np.ndarray, np.ndarray, float, int]:
-  """Returns (uint8 RGB frames [n, size, size, 3], int32 frame indices, fps, frame count)."""
+  """Returns (upright uint8 RGB frames [n, size, size, 3], int32 indices, fps, frame count)."""
   path = os.fspath(path)
   with _open(path) as container:
     sink = _frame_sink(path, container, num_frames, image_size)
@@ -461,4 +605,5 @@ def decode_clip(path: str | os.PathLike,
         duration_s=_container_duration_s(container),
         source_sample_rate=audio.source_sample_rate,
         fps=video.fps,
-        frame_count=video.frame_count)
+        frame_count=video.frame_count,
+        rotation=video.rotation or 0)

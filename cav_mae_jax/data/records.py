@@ -10,8 +10,9 @@ One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
 | `fbank`              | bytes [1]: float16 [1024, 128] | tf.float32 [1024, 128]               |
 |                      | little-endian, raw log-mel,    |                                      |
 |                      | NOT normalized, zero-padded    |                                      |
-| `fbank_num_frames`   | int64 [1]: frames before       | tf.int64 scalar                      |
-|                      | padding/cutting to 1024        |                                      |
+| `fbank_num_frames`   | int64 [1]: fbank frames of the | tf.int64 scalar                      |
+|                      | decoded audio, at most 1024    |                                      |
+|                      | (see below)                    |                                      |
 | `waveform`           | bytes [1]: int16 16 kHz mono   | tf.int16 [N] (only when asked for    |
 |  (optional)          | (first channel), first 10.255 s| with `with_waveform=True`)           |
 | `frames`             | bytes [10]: JPEG (quality 75)  | tf.string [10]                       |
@@ -22,10 +23,24 @@ One `tf.train.Example` per clip. Keys (see also cav_mae_jax/data/README.md):
 | `source_sample_rate` | int64 [1]: before resampling   | tf.int64 scalar                      |
 | `fps`                | float [1]: source frame rate   | tf.float32 scalar                    |
 | `frame_count`        | int64 [1]: source video frames | tf.int64 scalar                      |
+| `rotation`           | int64 [1]: clockwise degrees   | tf.int64 scalar, 0 when absent       |
+|  (only when not 0)   | applied to make the frames     |                                      |
+|                      | upright (display matrix: 90,   |                                      |
+|                      | 180 or 270)                    |                                      |
 
-The index JSON (`index.json` beside the shards) lists the shard files and their example
-counts, per-class label counts (for balanced sampling) and the fbank mean/std of the written
-examples. The statistics are taken over the valid fbank frames only (the first
+`fbank_num_frames` counts the frames the fbank of the decoded audio has before it is padded to
+1024: the audio is cut at 10.255 s (the span of the original's 1024 frames) before the fbank,
+so a clip longer than that has exactly 1024; a shorter clip has fewer (the rest is zeros).
+`rotation` is written only for tagged clips, so an untagged clip's record is the same bytes as
+before the key existed; records without it parse as 0, and readers that do not know it ignore
+it (the format version stays 1).
+
+A records directory holds the shard files and the index JSON (`INDEX_FILE`, `index.json`),
+which lists the shard files and their example counts, per-class label counts (for balanced
+sampling) and the fbank mean/std of the written examples. This module is the only one that
+knows that file name: open a records directory with `open_records_dir`, which checks it and
+raises `RecordsDirError` (one line naming the directory and the reason) when it is not one.
+The statistics are taken over the valid fbank frames only (the first
 `min(fbank_num_frames, 1024)` rows of every example, all 128 bins, on the float16 values
 stored), not over the zero padding: padding is not a log-mel value. (The original's
 statistics tool averages over padded batches; with 10-s clips there is no padding, so both
@@ -38,13 +53,14 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
 NUM_MEL_BINS = 128
 TARGET_FBANK_FRAMES = 1024
 NUM_VIDEO_FRAMES = 10
@@ -63,6 +79,8 @@ DURATION_S = "duration_s"
 SOURCE_SAMPLE_RATE = "source_sample_rate"
 FPS = "fps"
 FRAME_COUNT = "frame_count"
+ROTATION = "rotation"
+ROTATIONS = (0, 90, 180, 270)
 
 ExampleValues = dict[str, Any]
 
@@ -81,6 +99,7 @@ def make_example_values(
     fps: float,
     frame_count: int,
     waveform: np.ndarray | None = None,
+    rotation: int = 0,
 ) -> ExampleValues:
   """Checks and normalizes one clip's values into the record's key -> numpy value dict."""
   fbank = np.asarray(fbank)
@@ -91,6 +110,8 @@ def make_example_values(
     raise ValueError(f"{video_id}: fbank has non-finite values")
   if len(labels) != len(label_ids):
     raise ValueError(f"{video_id}: {len(labels)} labels but {len(label_ids)} label ids")
+  if rotation not in ROTATIONS:
+    raise ValueError(f"{video_id}: rotation {rotation!r}, expected one of {ROTATIONS}")
   if len(jpeg_frames) != NUM_VIDEO_FRAMES or len(frame_indices) != NUM_VIDEO_FRAMES:
     raise ValueError(f"{video_id}: expected {NUM_VIDEO_FRAMES} frames and frame indices, got "
                      f"{len(jpeg_frames)} and {len(frame_indices)}")
@@ -106,6 +127,7 @@ def make_example_values(
       SOURCE_SAMPLE_RATE: int(source_sample_rate),
       FPS: float(fps),
       FRAME_COUNT: int(frame_count),
+      ROTATION: int(rotation),
   }
   if waveform is not None:
     waveform = np.asarray(waveform)
@@ -145,7 +167,12 @@ def serialize_example(values: ExampleValues) -> bytes:
   }
   if WAVEFORM in values:
     feature[WAVEFORM] = _bytes([values[WAVEFORM].astype("<i2").tobytes()])
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  if values.get(ROTATION, 0):  # Untagged clips: no key, the bytes records had before it.
+    feature[ROTATION] = _ints([values[ROTATION]])
+  # Deterministic: map entries in key order. The default order of protobuf's map varies from
+  # process to process, which made the same clips give different shard bytes on every run.
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  return example.SerializeToString(deterministic=True)
 
 
 def feature_spec(with_waveform: bool = False) -> dict[str, Any]:
@@ -162,6 +189,7 @@ def feature_spec(with_waveform: bool = False) -> dict[str, Any]:
       SOURCE_SAMPLE_RATE: tf.io.FixedLenFeature([], tf.int64),
       FPS: tf.io.FixedLenFeature([], tf.float32),
       FRAME_COUNT: tf.io.FixedLenFeature([], tf.int64),
+      ROTATION: tf.io.FixedLenFeature([], tf.int64, default_value=0),
   }
   if with_waveform:
     spec[WAVEFORM] = tf.io.FixedLenFeature([], tf.string)
@@ -207,6 +235,7 @@ def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
       SOURCE_SAMPLE_RATE: int(array(parsed[SOURCE_SAMPLE_RATE])),
       FPS: float(array(parsed[FPS])),
       FRAME_COUNT: int(array(parsed[FRAME_COUNT])),
+      ROTATION: int(array(parsed[ROTATION])) if ROTATION in parsed else 0,
   }
   if WAVEFORM in parsed:
     values[WAVEFORM] = array(parsed[WAVEFORM]).astype(np.int16).reshape(-1)
@@ -304,10 +333,11 @@ class RecordIndex:
   waveform_sample_rate: int = WAVEFORM_SAMPLE_RATE
   format_version: int = FORMAT_VERSION
 
-  def shard_paths(self, index_path: str) -> list[str]:
-    """Absolute paths of the shard files (they sit beside the index)."""
-    base = os.path.dirname(os.path.abspath(index_path))
-    return [os.path.join(base, shard.file) for shard in self.shards]
+  def shard_paths(self, directory: str) -> list[str]:
+    """Paths of the shard files in the records directory (absolute for local paths)."""
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
+    return [os.path.join(directory, shard.file) for shard in self.shards]
 
 
 def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
@@ -339,10 +369,17 @@ def write_index(path: str, index: RecordIndex) -> None:
   os.replace(tmp, path)
 
 
+def index_path(directory: str) -> str:
+  """Path of the index JSON of a records directory."""
+  return os.path.join(directory, INDEX_FILE)
+
+
 def read_index(path: str) -> RecordIndex:
   """Reads and checks an index JSON written by `write_index`."""
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     data = json.load(f)
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
   version = data.get("format_version")
   if version != FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
@@ -363,3 +400,55 @@ def read_index(path: str) -> RecordIndex:
   if sum(s.num_examples for s in index.shards) != index.num_examples:
     raise ValueError(f"{path}: shard counts do not sum to num_examples={index.num_examples}")
   return index
+
+
+# ----------------------------------------------------------------------------------------
+# Records directories.
+
+
+class RecordsDirError(ValueError):
+  """A path that is not a usable records directory; the message is one line naming it."""
+
+  def __init__(self, directory: str, reason: str):
+    super().__init__(f"{directory}: {reason}" if directory else f"{reason} (empty path)")
+    self.directory = directory
+    self.reason = reason
+
+
+def open_records_dir(directory: str) -> RecordIndex:
+  """Checks a records directory (index and every shard present) and returns its index.
+
+  Raises RecordsDirError for an empty path, a missing directory, a directory without
+  index.json (not a records directory), an unreadable or invalid index, or missing shards.
+  Works on any file system TensorFlow reads.
+  """
+  if not directory:
+    raise RecordsDirError(directory, "no records directory given")
+  if not tf.io.gfile.isdir(directory):
+    reason = ("not a directory" if tf.io.gfile.exists(directory) else
+              "directory does not exist")
+    raise RecordsDirError(directory, reason)
+  path = index_path(directory)
+  if not tf.io.gfile.exists(path):
+    raise RecordsDirError(directory, f"no {INDEX_FILE}: not a records directory (tools/"
+                          "preprocess.py writes it once every shard is finished)")
+  try:
+    index = read_index(path)
+  except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError) as e:
+    why = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    why = why.replace(f"{path}: ", "").splitlines()[0] if why else type(e).__name__
+    raise RecordsDirError(directory, f"unreadable {INDEX_FILE}: {why}") from None
+  present = set(tf.io.gfile.listdir(directory))
+  missing = [shard.file for shard in index.shards if shard.file not in present]
+  if missing:
+    raise RecordsDirError(directory, f"{INDEX_FILE} lists {len(missing)} shard file(s) that "
+                          f"do not exist, e.g. {missing[0]}")
+  return index
+
+
+def iter_examples(directory: str) -> Iterator[ExampleValues]:
+  """Every example of a records directory as record values, in shard order."""
+  index = open_records_dir(directory)
+  for path in index.shard_paths(directory):
+    for serialized in tf.data.TFRecordDataset(path):
+      yield parsed_to_values(parse_example(serialized, with_waveform=index.store_waveform))

@@ -57,13 +57,18 @@ def write_mp4(path: str | os.PathLike,
               frame_times_s: np.ndarray | None = None,
               crf: int = 23,
               preset: str = 'ultrafast',
-              faststart: bool = False) -> None:
+              faststart: bool = False,
+              display_rotation: int = 0,
+              display_hflip: bool = False) -> None:
   """Writes uint8 RGB frames [T, H, W, 3] as H.264 and float audio [C, S] as AAC into an MP4.
 
   Either part may be None (audio-only or video-only files). `frame_times_s` gives each frame's
   presentation time for variable-frame-rate files (default: frame i at i / fps). `preset` is
   x264's (the default 'ultrafast' has no B-frames; 'medium' reorders frames). `faststart`
   puts the index (moov) before the media data, as streaming-friendly files have it.
+  `display_rotation` tags the video with a display matrix turning it counterclockwise by that
+  many degrees (what ffprobe prints as "rotation of N degrees"; phone footage tagged
+  `rotate=90` is -90); `display_hflip` adds a mirror to it.
   """
   if frames is None and audio is None:
     raise ValueError('write_mp4 needs frames, audio or both')
@@ -79,6 +84,8 @@ def write_mp4(path: str | os.PathLike,
       video_stream.pix_fmt = 'yuv420p'
       video_stream.codec_context.thread_count = 1  # Deterministic output.
       video_stream.options = {'preset': preset, 'crf': str(crf)}
+      if display_rotation or display_hflip:
+        video_stream.set_display_rotation(display_rotation, hflip=display_hflip)
       if frame_times_s is not None:
         video_stream.codec_context.time_base = fractions.Fraction(1, 1000)
     if audio is not None:

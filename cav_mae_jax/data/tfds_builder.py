@@ -1,6 +1,6 @@
 """TFDS builder `cav_mae_clips`: raw videos -> clip examples, locally or on Apache Beam.
 
-Every clip goes through `prepare.try_clip_example`, the function `tools/preprocess.py` uses,
+Every clip goes through `clips.try_clip_example`, the function `tools/preprocess.py` uses,
 so both write the same examples (same keys as `records.py`; TFDS stores them in its own
 format). Configs:
 
@@ -19,19 +19,17 @@ Under Beam (`tfds build --imports cav_mae_jax.data.tfds_builder cav_mae_clips/da
 --manual_dir DIR --beam_pipeline_options="runner=DataflowRunner,..."`, or a `DownloadConfig`
 with `beam_runner`/`beam_options`), `_generate_examples` returns a Beam transform; without,
 a Python generator. Under Beam the clip list is read inside the pipeline, so the manual dir
-may be on any file system TensorFlow reads (gs://...); the videos must be readable by PyAV on
-the workers (local disk or a mounted bucket). Clips that cannot be made into examples are
-never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
+may be on any file system TensorFlow reads (gs://...), and so may the videos: `decode.py` reads
+non-local paths through tf.io.gfile, so the workers need no mounted bucket. Clips that cannot
+be made into examples are never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
 directory (path, video_id, reason, message) and counted in Beam counters
 `quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -42,14 +40,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cav_mae_jax.data import prepare
+from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
+from cav_mae_jax.data import sources
 
 SOURCES = ("datafile", "audioset_csv", "vggsound_csv", "synthetic")
 SPLITS = ("train", "validation", "test")
 LABELS_CSV = "class_labels_indices.csv"
 
-EntryReader = Callable[[], list[prepare.ClipEntry]]
+EntryReader = Callable[[], list[sources.ClipEntry]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,52 +66,6 @@ class ClipsConfig(tfds.core.BuilderConfig):
   def __post_init__(self):
     if self.source not in SOURCES:
       raise ValueError(f"ClipsConfig.source must be one of {SOURCES}, got {self.source!r}")
-
-
-def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list[prepare.ClipEntry]:
-  """Reads an AudioSet segments CSV (YTID, start_seconds, end_seconds, positive_labels)."""
-  entries = []
-  with tf.io.gfile.GFile(path) as f:
-    lines = [line for line in io.StringIO(f.read()) if not line.startswith("#")]
-    rows = csv.reader(lines, skipinitialspace=True)
-    for line_number, row in enumerate(rows, 1):
-      if not row:
-        continue
-      if len(row) != 4:
-        raise ValueError(f"{path}: data row {line_number} has {len(row)} fields, expected 4 "
-                         "(YTID, start_seconds, end_seconds, positive_labels)")
-      ytid, start, end, labels = row
-      name = video_name_format.format(ytid=ytid, start=float(start), end=float(end))
-      entries.append(prepare.ClipEntry(ytid, os.path.join(video_dir, name),
-                                       tuple(x.strip() for x in labels.split(",") if x.strip())))
-  return entries
-
-
-def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
-                      split: str) -> list[prepare.ClipEntry]:
-  """Reads the rows of one split of vggsound.csv (ytid, start_seconds, label, split)."""
-  entries = []
-  with tf.io.gfile.GFile(path) as f:
-    for line_number, row in enumerate(csv.reader(io.StringIO(f.read())), 1):
-      if not row:
-        continue
-      if len(row) != 4:
-        raise ValueError(f"{path}: line {line_number} has {len(row)} fields, expected 4 "
-                         "(ytid, start_seconds, label, split)")
-      ytid, start, label, row_split = (x.strip() for x in row)
-      if row_split != split:
-        continue
-      name = video_name_format.format(ytid=ytid, start=int(start))
-      entries.append(prepare.ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
-                                       (label,)))
-  return entries
-
-
-def vggsound_splits(path: str) -> list[str]:
-  """The split names used in vggsound.csv, in order of appearance."""
-  with tf.io.gfile.GFile(path) as f:
-    names = [row[3].strip() for row in csv.reader(io.StringIO(f.read())) if len(row) == 4]
-  return list(dict.fromkeys(names))
 
 
 def tfds_example(values: records.ExampleValues) -> dict[str, Any]:
@@ -138,25 +91,26 @@ def _features(store_waveform: bool) -> tfds.features.FeaturesDict:
       records.SOURCE_SAMPLE_RATE: tfds.features.Scalar(dtype=np.int64),
       records.FPS: tfds.features.Scalar(dtype=np.float32),
       records.FRAME_COUNT: tfds.features.Scalar(dtype=np.int64),
+      records.ROTATION: tfds.features.Scalar(dtype=np.int64),
   }
   if store_waveform:
     features[records.WAVEFORM] = tfds.features.Tensor(shape=(None,), dtype=np.int16)
   return tfds.features.FeaturesDict(features)
 
 
-def _example_or_quarantine(entry: prepare.ClipEntry, labels: prepare.ClassLabels,
+def _example_or_quarantine(entry: sources.ClipEntry, labels: sources.ClassLabels,
                            store_waveform: bool, strict: bool
-                           ) -> tuple[str, dict[str, Any]] | prepare.Quarantined:
+                           ) -> tuple[str, dict[str, Any]] | clips.Quarantined:
   """The (key, example) of a clip, or its quarantine record (raises with `strict`)."""
-  result = prepare.try_clip_example(entry, labels, store_waveform)
-  if isinstance(result, prepare.Quarantined):
+  result = clips.try_clip_example(entry, labels, store_waveform)
+  if isinstance(result, clips.Quarantined):
     if strict:
-      raise prepare.StrictModeError(result)
+      raise clips.StrictModeError(result)
     return result
   return entry.video_id, tfds_example(result)
 
 
-def _beam_clip_examples(read_entries: EntryReader, labels: prepare.ClassLabels,
+def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
                         store_waveform: bool, strict: bool, quarantine_prefix: str):
   """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files.
 
@@ -167,7 +121,7 @@ def _beam_clip_examples(read_entries: EntryReader, labels: prepare.ClassLabels,
 
   def process(entry):
     result = _example_or_quarantine(entry, labels, store_waveform, strict)
-    if isinstance(result, prepare.Quarantined):
+    if isinstance(result, clips.Quarantined):
       beam.metrics.Metrics.counter("cav_mae_clips", f"quarantined_{result.reason}").inc()
       yield beam.pvalue.TaggedOutput("quarantine", json.dumps(result.to_json()))
     else:
@@ -200,8 +154,11 @@ def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
 class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: records format version 1."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: records format version 1.",
+      "1.1.0": "Frames are made upright by the display matrix; `rotation` says by how much.",
+  }
   BUILDER_CONFIGS = [
       ClipsConfig(name="datafile", source="datafile",
                   description="The original's JSON datafiles in the manual dir."),
@@ -248,7 +205,7 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
             os.path.join(dl_manager.download_dir, "synthetic"), num_clips,
             num_classes=config.synthetic_num_classes, duration_s=config.synthetic_duration_s,
             split_name=split)
-        readers[split] = functools.partial(prepare.read_datafile, made["datafile"])
+        readers[split] = functools.partial(sources.read_datafile, made["datafile"])
       labels_csv = made["labels_csv"]
     else:
       manual_dir = os.fspath(dl_manager.manual_dir)
@@ -258,23 +215,23 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
         json_path = os.path.join(manual_dir, f"{split}.json")
         csv_path = os.path.join(manual_dir, f"{split}.csv")
         if config.source == "datafile" and tf.io.gfile.exists(json_path):
-          readers[split] = functools.partial(prepare.read_datafile, json_path)
+          readers[split] = functools.partial(sources.read_datafile, json_path)
         elif config.source == "audioset_csv" and tf.io.gfile.exists(csv_path):
-          readers[split] = functools.partial(read_audioset_csv, csv_path, video_dir,
+          readers[split] = functools.partial(sources.read_audioset_csv, csv_path, video_dir,
                                              config.video_name_format)
       if config.source == "vggsound_csv":
         csv_path = os.path.join(manual_dir, "vggsound.csv")
-        readers = {split: functools.partial(read_vggsound_csv, csv_path, video_dir,
+        readers = {split: functools.partial(sources.read_vggsound_csv, csv_path, video_dir,
                                             config.video_name_format, split)
-                   for split in vggsound_splits(csv_path)}
+                   for split in sources.vggsound_splits(csv_path)}
       if not readers:
         raise ValueError(f"{manual_dir}: no split files found for config {config.name!r}; "
                          f"see MANUAL_DOWNLOAD_INSTRUCTIONS")
-    labels = prepare.read_class_labels(labels_csv)
+    labels = sources.read_class_labels(labels_csv)
     return {split: self._generate_examples(read_entries, labels, split)
             for split, read_entries in readers.items()}
 
-  def _generate_examples(self, read_entries: EntryReader, labels: prepare.ClassLabels,
+  def _generate_examples(self, read_entries: EntryReader, labels: sources.ClassLabels,
                          split: str):
     config = self.builder_config
     quarantine_prefix = os.path.join(self.data_dir, f"quarantine-{split}")
@@ -283,13 +240,13 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
                                  quarantine_prefix)
     return self._local_examples(read_entries(), labels, quarantine_prefix)
 
-  def _local_examples(self, entries: Sequence[prepare.ClipEntry], labels: prepare.ClassLabels,
+  def _local_examples(self, entries: Sequence[sources.ClipEntry], labels: sources.ClassLabels,
                       quarantine_prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
     config = self.builder_config
     with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
       for entry in entries:
         result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict)
-        if isinstance(result, prepare.Quarantined):
+        if isinstance(result, clips.Quarantined):
           quarantine.write(json.dumps(result.to_json()) + "\n")
         else:
           yield result

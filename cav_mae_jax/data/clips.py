@@ -1,0 +1,108 @@
+"""One clip -> one record's values, or the reason it is quarantined.
+
+`clip_example` decodes a clip (`decode.py`), computes its fbank (`fbank.py`), encodes its
+frames and checks its labels; `try_clip_example` turns the expected failures (bad media, an
+unknown label, audio shorter than one fbank window) into a `Quarantined` record with a reason
+code instead of an exception. `tools/preprocess.py` (through `shards.write_shard`) and the
+TFDS builder both call `try_clip_example`, so they write the same examples and quarantine the
+same clips. A clip that cannot be made into a correct record is never replaced by zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from cav_mae_jax.data import records
+from cav_mae_jax.data import sources
+
+UNKNOWN_LABEL = "unknown_label"
+AUDIO_TOO_SHORT = "audio_too_short"
+
+
+class ClipError(Exception):
+  """A clip that cannot become a record; `reason` is a short code, the message says why."""
+
+  def __init__(self, path: str, reason: str, message: str):
+    super().__init__(f"{path}: {reason}: {message}")
+    self.path = path
+    self.reason = reason
+    self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantined:
+  """A clip left out of the records, and why."""
+
+  path: str
+  video_id: str
+  reason: str
+  message: str
+
+  def to_json(self) -> dict[str, str]:
+    return dataclasses.asdict(self)
+
+
+class StrictModeError(RuntimeError):
+  """Raised in strict mode (tool or TFDS builder) at the first clip that is not written."""
+
+  def __init__(self, quarantined: Quarantined):
+    super().__init__(f"{quarantined.path}: {quarantined.reason}: {quarantined.message}")
+    self.quarantined = quarantined
+
+
+def clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
+                 store_waveform: bool = False) -> records.ExampleValues:
+  """Decodes one clip and returns its record values; raises ClipError or decode.DecodeError."""
+  from cav_mae_jax.data import decode, fbank  # pylint: disable=g-import-not-at-top
+
+  indices = []
+  for label_id in entry.label_ids:
+    index = labels.index_of(label_id)
+    if index is None:
+      raise ClipError(entry.path, UNKNOWN_LABEL,
+                      f"label {label_id!r} is not in {labels.source}")
+    indices.append(index)
+  clip = decode.decode_clip(entry.path, num_frames=records.NUM_VIDEO_FRAMES,
+                            image_size=records.IMAGE_SIZE,
+                            target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
+                            # Exactly the audio the original's 1024 fbank frames see (10.255 s).
+                            max_seconds=decode.ORIGINAL_AUDIO_SECONDS)
+  features = fbank.clip_fbank(clip.waveform, records.WAVEFORM_SAMPLE_RATE,
+                              records.NUM_MEL_BINS)
+  if features.shape[0] == 0:
+    raise ClipError(entry.path, AUDIO_TOO_SHORT,
+                    f"{clip.waveform.size} samples at 16 kHz is shorter than one 25-ms window")
+  return records.make_example_values(
+      video_id=entry.video_id,
+      labels=indices,
+      label_ids=[labels.mids[i] for i in indices],
+      fbank=fbank.pad_or_trim(features, records.TARGET_FBANK_FRAMES),
+      fbank_num_frames=features.shape[0],
+      jpeg_frames=[decode.encode_jpeg(frame) for frame in clip.frames],
+      frame_indices=clip.frame_indices,
+      duration_s=clip.duration_s,
+      source_sample_rate=clip.source_sample_rate,
+      fps=clip.fps,
+      frame_count=clip.frame_count,
+      waveform=clip.waveform if store_waveform else None,
+      rotation=clip.rotation,
+  )
+
+
+ClipFn = Callable[[sources.ClipEntry, sources.ClassLabels, bool], records.ExampleValues]
+
+
+def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
+                     store_waveform: bool = False,
+                     clip_fn: ClipFn = clip_example) -> records.ExampleValues | Quarantined:
+  """Returns the clip's record values, or why it is quarantined (bad input, not a bug)."""
+  from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
+
+  try:
+    return clip_fn(entry, labels, store_waveform)
+  except ClipError as e:
+    return Quarantined(entry.path, entry.video_id, e.reason, e.message)
+  except decode.DecodeError as e:
+    return Quarantined(entry.path, entry.video_id, e.reason,
+                       e.detail or e.reason.replace("_", " "))

@@ -1,0 +1,453 @@
+"""The tf.data graph of the input: a records directory -> host-local batch dicts.
+
+Records of a split live in one directory (see `records.py`): `config.data.train_dir` for split
+"train", `config.data.eval_dir` for split "eval". Each process reads a disjoint, deterministic
+subset of the shard files (`files[process_index::process_count]`) and `make_dataset` builds its
+batches of `batch_size // process_count` clips, as the DESIGN.md batch dict:
+
+  audio [B, T, 128] f32 (normalized fbank), image [B, H, W, 3] f32 (ImageNet-normalized; eval
+  with all frames: [B, 10, H, W, 3]), label [B, C] f32, valid [B] bool, frame_index [B] int32
+  (-1 when all frames are used).
+
+Training: an endless stream of epochs; each epoch reads this host's files in a seeded random
+order, interleaved, through a seeded shuffle buffer; one random frame per clip; the augmentations
+configured below (order and semantics of the original, see `augment.py`). Batches are full
+(an epoch's tail joins the next epoch). Evaluation: one pass in file order, a fixed frame or all
+frames, no augmentation and no label smoothing (as the original's eval loader); every clip is
+kept: the last batches are padded with zero clips marked `valid=False`, and every process yields
+the same number of batches (`num_eval_batches`).
+
+Every random choice is a stateless function of (seed, epoch, position in the epoch) or (seed,
+batch number), so the stream is fixed by the seed and can start anywhere: `make_dataset` takes
+the epoch, position and batch number to start from, which is how `input.InputPipeline` resumes.
+
+Fields of `config.data` (`DataConfig`; the model's input shapes come from `config.model`:
+`audio_length`, `num_mel_bins`, `image_size`):
+  train_dir: str           records of the "train" split (tools/preprocess.py output).
+  eval_dir: str            records of the "eval" split ("" when there is none).
+  batch_size: int          global training batch size (all processes together); evaluation
+                           passes its own (config.eval.batch_size) to `make_dataset`.
+  shuffle_buffer: int      examples in each host's shuffle buffer (training); raw records
+                           (~0.4 MB each) are buffered, so this bounds host memory.
+  eval_frame: int          frame used in evaluation (the original uses 5).
+  eval_all_frames: bool    evaluation yields all 10 frames per clip instead.
+  noise: bool              noise + time-roll augmentation (training).
+  noise_on_device: bool    with `noise`, leave that augmentation to the train step, which applies
+                           it on the device (cav_mae_jax/train/device_augment.py); the
+                           pipeline then yields normalized, un-noised fbanks.
+  freqm: int               SpecAugment frequency mask size (0 = off; fine-tuning uses 48).
+  timem: int               SpecAugment time mask size (0 = off; fine-tuning uses 192).
+  mixup: float             probability of mixing a clip (0 = off; fine-tuning uses 0.5).
+  mixup_on: str            'waveform' (as the original: mixes mean-removed waveforms and
+                           recomputes the fbank; needs records written with waveforms) or
+                           'fbank' (mixes raw fbanks; cheaper, not the original's).
+  label_smooth: float      label smoothing (training; fine-tuning uses 0.1).
+  balanced_sampling: bool  sample clips with weight sum over labels of 1000 / (count + 0.01).
+  fbank_mean: float|None   fbank normalization mean; None = the records' statistics.
+  fbank_std: float|None    fbank normalization std; None = the records' statistics.
+  prefetch: int            batches prepared ahead.
+
+Balanced sampling (as the original's WeightedRandomSampler with replacement over an epoch of
+N draws) is done streaming: in each epoch every record is emitted k ~ Poisson(N * w / sum(w))
+times before the shuffle buffer, which gives each clip the same expected count per epoch.
+Epoch lengths then vary (see `input.InputPipeline` for what that means for resuming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from cav_mae_jax.data import augment
+from cav_mae_jax.data import records
+
+MIXUP_TARGETS = augment.MIXUP_TARGETS
+SPLITS = ("train", "eval")
+BALANCED_WEIGHT_NUMERATOR = 1000.0
+BALANCED_COUNT_OFFSET = 0.01
+INTERLEAVE_CYCLE = 16
+EPOCH_KEY, POSITION_KEY = "_epoch", "_position"  # where a training clip sits
+MODEL_FIELDS = ("audio_length", "num_mel_bins", "image_size")  # read from config.model
+_OUTPUT_KEYS = ("audio", "image", "label", "valid", "frame_index")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Validated view of `config.data` plus the model's input shapes."""
+
+  batch_size: int
+  train_dir: str = ""
+  eval_dir: str = ""
+  shuffle_buffer: int = 2048
+  eval_frame: int = 5
+  eval_all_frames: bool = False
+  noise: bool = False
+  noise_on_device: bool = False
+  freqm: int = 0
+  timem: int = 0
+  mixup: float = 0.0
+  mixup_on: str = "waveform"
+  label_smooth: float = 0.0
+  balanced_sampling: bool = False
+  fbank_mean: float | None = None
+  fbank_std: float | None = None
+  prefetch: int = 2
+  # From config.model.
+  audio_length: int = records.TARGET_FBANK_FRAMES
+  num_mel_bins: int = records.NUM_MEL_BINS
+  image_size: int = records.IMAGE_SIZE
+
+  @classmethod
+  def from_config(cls, config: Any) -> DataConfig:
+    """Reads `config.data` and `config.model`; a missing or bad field raises ValueError."""
+    data = _as_dict(config, "data")
+    model = _as_dict(config, "model")
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in MODEL_FIELDS]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+      raise ValueError(f"config.data: unknown field(s) {unknown}; known: {known}")
+    if data.get("batch_size") is None:
+      raise ValueError("config.data.batch_size is required")
+    values = {k: v for k, v in data.items()}
+    for name in MODEL_FIELDS:
+      if name in model:
+        values[name] = model[name]
+    result = cls(**values)
+    result.validate()
+    return result
+
+  def validate(self) -> None:
+    """Checks values that need no files; raises ValueError naming the field."""
+
+    def fail(field: str, why: str) -> None:
+      raise ValueError(f"config.data.{field}={getattr(self, field)!r}: {why}")
+
+    for field in ("train_dir", "eval_dir"):
+      if not isinstance(getattr(self, field), str):
+        fail(field, "must be a directory path (a string)")
+    if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+      fail("batch_size", "must be a positive int")
+    if self.shuffle_buffer < 1:
+      fail("shuffle_buffer", "must be >= 1 (1 = no shuffling)")
+    if not 0 <= self.eval_frame < records.NUM_VIDEO_FRAMES:
+      fail("eval_frame", f"must be in [0, {records.NUM_VIDEO_FRAMES})")
+    if self.freqm < 0:
+      fail("freqm", "must be >= 0")
+    if self.timem < 0:
+      fail("timem", "must be >= 0")
+    if not 0.0 <= self.mixup <= 1.0:
+      fail("mixup", "is a probability: must be in [0, 1]")
+    if self.mixup_on not in MIXUP_TARGETS:
+      fail("mixup_on", f"must be one of {MIXUP_TARGETS}")
+    if not 0.0 <= self.label_smooth < 1.0:
+      fail("label_smooth", "must be in [0, 1)")
+    if (self.fbank_mean is None) != (self.fbank_std is None):
+      fail("fbank_std" if self.fbank_std is None else "fbank_mean",
+           "fbank_mean and fbank_std must both be set or both be None")
+    if self.fbank_std is not None and not self.fbank_std > 0:
+      fail("fbank_std", "must be positive")
+    if self.prefetch < 0:
+      fail("prefetch", "must be >= 0")
+
+
+def _as_dict(config: Any, name: str) -> dict[str, Any]:
+  section = config[name] if isinstance(config, Mapping) else getattr(config, name, None)
+  if section is None:
+    if name == "model":
+      return {}
+    raise ValueError(f"config.{name} is missing")
+  return dict(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+  """One split's index and this process's share of its shard files."""
+
+  index: records.RecordIndex
+  directory: str
+  files: tuple[str, ...]
+  file_examples: tuple[int, ...]  # examples in each of `files`, as the index lists them
+  host_examples: tuple[int, ...]  # examples of every process, by process index
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.host_examples)
+
+
+def host_file_indices(num_files: int, process_index: int, process_count: int) -> list[int]:
+  """The shard files one process reads: every process_count-th, from process_index."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  return list(range(process_index, num_files, process_count))
+
+
+def load_split(config: DataConfig, split: str, process_index: int,
+               process_count: int) -> SplitFiles:
+  """Opens and checks the split's records directory and picks this process's shard files."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; the input reads {SPLITS}")
+  field = f"{split}_dir"
+  directory = getattr(config, field)
+  try:
+    index = records.open_records_dir(directory)
+  except records.RecordsDirError as e:
+    raise ValueError(f"config.data.{field}: {e}") from None
+  expected = (config.audio_length, config.num_mel_bins)
+  if tuple(index.fbank_shape) != expected:
+    raise ValueError(f"config.model.audio_length x num_mel_bins = {expected[0]} x {expected[1]} "
+                     f"but the records in {directory} hold fbank {tuple(index.fbank_shape)}")
+  paths = index.shard_paths(directory)
+  host_examples = tuple(
+      sum(index.shards[i].num_examples for i in host_file_indices(len(paths), p, process_count))
+      for p in range(process_count))
+  mine = host_file_indices(len(paths), process_index, process_count)
+  return SplitFiles(index=index, directory=directory, files=tuple(paths[i] for i in mine),
+                    file_examples=tuple(index.shards[i].num_examples for i in mine),
+                    host_examples=host_examples)
+
+
+def host_batch_size(batch_size: int, process_count: int,
+                    field: str = "config.data.batch_size") -> int:
+  """This process's share of a global batch; it must divide evenly."""
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"{field}={batch_size}: must be a positive multiple of the process count "
+                     f"{process_count}")
+  return batch_size // process_count
+
+
+def fbank_statistics(config: DataConfig, index: records.RecordIndex) -> tuple[float, float]:
+  """(mean, std) for fbank normalization: the config's override, else the records' own."""
+  if config.fbank_mean is not None:
+    return float(config.fbank_mean), float(config.fbank_std)
+  return float(index.fbank_mean), float(index.fbank_std)
+
+
+def class_sampling_weights(label_counts: Any) -> np.ndarray:
+  """Per-class balanced-sampling weight 1000 / (count + 0.01); a clip's weight is their sum."""
+  counts = np.asarray(label_counts, np.float64)
+  return BALANCED_WEIGHT_NUMERATOR / (counts + BALANCED_COUNT_OFFSET)
+
+
+def total_sampling_weight(label_counts: Any) -> float:
+  """Sum of all clips' balanced weights, from the label counts alone."""
+  counts = np.asarray(label_counts, np.float64)
+  return float(np.sum(counts * class_sampling_weights(counts)))
+
+
+def example_preprocess_spec(config: DataConfig, training: bool, num_classes: int) -> str:
+  """The per-clip op string: frame choice, JPEG decode, resize + crop, multi-hot labels."""
+  if training:
+    frame = f"choose_frame(None, {records.NUM_VIDEO_FRAMES})"
+  elif config.eval_all_frames:
+    frame = "all_frames"
+  else:
+    frame = f"choose_frame({config.eval_frame}, {records.NUM_VIDEO_FRAMES})"
+  return f"{frame}|decode_jpeg|resize_crop({config.image_size})|multi_hot({num_classes})"
+
+
+def batch_preprocess_spec(config: DataConfig, training: bool, mean: float, std: float) -> str:
+  """The per-batch op string, in the original's order (evaluation: normalization only)."""
+  ops = []
+  if training and config.mixup > 0:
+    ops.append(f"mixup({config.mixup!r}, {config.mixup_on!r})")
+  if training and (config.freqm or config.timem):
+    ops.append(f"specaugment({config.freqm}, {config.timem})")
+  ops.append(f"normalize_fbank({mean!r}, {std!r})")
+  if training and config.noise and not config.noise_on_device:
+    ops.append("noise_roll")
+  ops.append("normalize_image")
+  if training and config.label_smooth > 0:
+    ops.append(f"smooth_labels({config.label_smooth!r})")
+  return "|".join(ops)
+
+
+def _salted(seed: tf.Tensor, name: str, *values: tf.Tensor) -> tf.Tensor:
+  """Stateless seed [2] derived from `seed`, a name and integers."""
+  seed = tf.random.experimental.stateless_fold_in(seed, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  for value in values:
+    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(value, tf.int64))
+  return seed
+
+
+def _uses_waveform(config: DataConfig, training: bool) -> bool:
+  return training and config.mixup > 0 and config.mixup_on == "waveform"
+
+
+def _parse_fn(config: DataConfig, training: bool, num_classes: int,
+              with_waveform: bool):
+  example_pp = augment.get_preprocess_fn(example_preprocess_spec(config, training, num_classes))
+
+  def parse(serialized: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    parsed = records.parse_example(serialized, with_waveform=with_waveform)
+    data = {
+        "audio": parsed[records.FBANK],
+        "frames": parsed[records.FRAMES],
+        "labels": parsed[records.LABELS],
+        augment.SEED_KEY: seed,
+    }
+    data = example_pp(data)
+    out = {
+        "audio": data["audio"],
+        "image": data["image"],
+        "label": data["label"],
+        "valid": tf.constant(True),
+        "frame_index": tf.cast(data["frame_index"], tf.int32),
+    }
+    if with_waveform:
+      out["waveform"] = parsed[records.WAVEFORM]
+      out["waveform_length"] = tf.shape(parsed[records.WAVEFORM], out_type=tf.int32)[0]
+    return out
+
+  return parse
+
+
+def _label_indices(serialized: tf.Tensor) -> tf.Tensor:
+  spec = {records.LABELS: records.feature_spec()[records.LABELS]}
+  return tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)[records.LABELS])
+
+
+def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tensor,
+                   config: DataConfig, balanced: tuple[np.ndarray, float, int] | None
+                   ) -> tf.data.Dataset:
+  """One epoch of this host's raw records, in the epoch's deterministic shuffled order."""
+  order = tf.random.experimental.stateless_shuffle(
+      tf.constant(files), _salted(base_seed, "files", epoch))
+  dataset = tf.data.Dataset.from_tensor_slices(order).interleave(
+      tf.data.TFRecordDataset, cycle_length=min(len(files), INTERLEAVE_CYCLE), block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if balanced is not None:
+    class_weights, total_weight, num_examples = balanced
+    class_weights = tf.constant(class_weights, tf.float64)
+
+    def copies(read_position: tf.Tensor, serialized: tf.Tensor) -> tf.data.Dataset:
+      weight = tf.reduce_sum(tf.gather(class_weights, _label_indices(serialized)))
+      rate = tf.cast(weight * num_examples / total_weight, tf.float32)
+      count = tf.random.stateless_poisson(
+          [], _salted(base_seed, "balanced", epoch, read_position), rate, dtype=tf.int64)
+      return tf.data.Dataset.from_tensors(serialized).repeat(count)
+
+    dataset = dataset.enumerate().flat_map(copies)
+  shuffle_seed = tf.random.stateless_uniform(
+      [], _salted(base_seed, "shuffle", epoch), minval=None, maxval=None, dtype=tf.int64)
+  return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+
+
+def _batch_fn(batch_pp, base_seed: tf.Tensor, zero_padding: bool):
+  def apply(batch_number: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    batch = dict(batch)
+    batch[augment.SEED_KEY] = _salted(base_seed, "batch", batch_number)
+    batch = batch_pp(batch)
+    batch = {k: v for k, v in batch.items() if k in _OUTPUT_KEYS or k in (EPOCH_KEY, POSITION_KEY)}
+    if zero_padding:  # padding clips are exactly zero after normalization too
+      for key in ("audio", "image", "label"):
+        valid = tf.reshape(batch["valid"], [-1] + [1] * (batch[key].shape.rank - 1))
+        batch[key] = tf.where(valid, batch[key], tf.zeros_like(batch[key]))
+    return batch
+
+  return apply
+
+
+def _batch(dataset: tf.data.Dataset, host_batch: int, with_waveform: bool) -> tf.data.Dataset:
+  if with_waveform:  # waveforms differ in length: zero-pad to the batch's longest
+    return dataset.padded_batch(host_batch, drop_remainder=True)
+  return dataset.batch(host_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+
+
+def _options(threads: int | None) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def resolve_host_batch(config: DataConfig, batch_size: int | None, process_count: int) -> int:
+  """This process's batch: of `batch_size` if given, else of config.data.batch_size."""
+  if batch_size is None:
+    return host_batch_size(config.batch_size, process_count)
+  return host_batch_size(batch_size, process_count, field="batch_size (passed to the input)")
+
+
+def num_eval_batches(split_files: SplitFiles, host_batch: int) -> int:
+  """Batches every process yields in evaluation: enough for the process with most clips."""
+  return max(math.ceil(n / host_batch) for n in split_files.host_examples)
+
+
+def make_dataset(config: Any, split: str, *, process_index: int, process_count: int,
+                 seed: int = 0, training: bool | None = None, start_epoch: int = 0,
+                 start_position: int = 0, start_batch: int = 0, batch_size: int | None = None,
+                 threads: int | None = None) -> tf.data.Dataset:
+  """This process's batches of `split` as a tf.data.Dataset of dicts (see the module doc).
+
+  `training` defaults to `split == "train"`; `batch_size` (global) overrides
+  config.data.batch_size, e.g. with config.eval.batch_size for evaluation. Training batches
+  also carry `EPOCH_KEY` and `POSITION_KEY` [B] (where each clip sits in the stream, for
+  `InputPipeline`'s state); the stream starts at clip `start_position` of epoch `start_epoch`,
+  numbering batches from `start_batch`.
+  """
+  data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
+  training = split == "train" if training is None else training
+  split_files = load_split(data_config, split, process_index, process_count)
+  index = split_files.index
+  host_batch = resolve_host_batch(data_config, batch_size, process_count)
+  with_waveform = _uses_waveform(data_config, training)
+  if with_waveform and not index.store_waveform:
+    raise ValueError(f"config.data.mixup_on='waveform' needs records with waveforms, but "
+                     f"{split_files.directory} was written without them (use 'fbank' or "
+                     f"rewrite the records with waveforms)")
+  mean, std = fbank_statistics(data_config, index)
+  parse = _parse_fn(data_config, training, index.num_classes, with_waveform)
+  batch_pp = augment.get_preprocess_fn(batch_preprocess_spec(data_config, training, mean, std))
+  base_seed = tf.constant([0, seed], tf.int64)
+
+  if training:
+    if min(split_files.host_examples) == 0:
+      raise ValueError(f"{split_files.directory}: process {split_files.host_examples.index(0)} "
+                       f"of {process_count} gets no training examples "
+                       f"({len(index.shards)} shard files); write more shards")
+    balanced = None
+    if data_config.balanced_sampling:
+      balanced = (class_sampling_weights(index.label_counts),
+                  total_sampling_weight(index.label_counts), index.num_examples)
+    files = split_files.files
+
+    def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
+      skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
+      return _epoch_records(files, epoch, base_seed, data_config, balanced).enumerate().skip(
+          skip).map(lambda position, serialized: (epoch, position, serialized))
+
+    def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
+                   serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+      clip = parse(serialized, _salted(base_seed, "clip", epoch, position))
+      clip[EPOCH_KEY], clip[POSITION_KEY] = epoch, position
+      return clip
+
+    clips = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream).map(
+        parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = _batch(clips, host_batch, with_waveform)
+  else:
+    # A process may hold no shard at all (more processes than files): it yields padding only.
+    files = tf.constant(split_files.files, tf.string, shape=[len(split_files.files)])
+    clips = tf.data.TFRecordDataset(files).map(
+        lambda serialized: parse(serialized, base_seed), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+    total = num_eval_batches(split_files, host_batch) * host_batch
+    padding = total - split_files.host_examples[process_index]
+    blank = {k: tf.zeros(s.shape, s.dtype) for k, s in clips.element_spec.items()}
+    batches = clips.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding)).batch(
+        host_batch, drop_remainder=True).skip(start_batch)
+
+  batches = batches.enumerate(start=start_batch).map(
+      _batch_fn(batch_pp, base_seed, zero_padding=not training),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if data_config.prefetch:
+    batches = batches.prefetch(data_config.prefetch)
+  return batches.with_options(_options(threads))

@@ -1,0 +1,308 @@
+"""The shard writer: one output shard of clip records at a time, on worker processes.
+
+- Clips are assigned to shards round-robin over the source list (`plan_shards`), so every
+  machine of a split run agrees on which clip goes where.
+- A shard is written to a temporary name and renamed when complete, then its sidecar JSON
+  (counts, label counts, fbank sums, quarantined clips) is renamed into place: a shard whose
+  sidecar exists is finished (`read_sidecar`), which is what resuming relies on.
+- `run_pool` runs shards on long-lived worker processes from a fork server. A worker that dies
+  (e.g. a decoder crash) loses only its current shard, which is redone without the clip it
+  died on (quarantined as `worker_crashed`); the other workers go on.
+- With `strict`, the first clip that is not written raises `clips.StrictModeError` and nothing
+  of its shard is left on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from cav_mae_jax.data import clips
+from cav_mae_jax.data import records
+from cav_mae_jax.data import sources
+
+SIDECAR_SUFFIX = ".json"
+WORKER_CRASHED = "worker_crashed"
+
+
+class WorkerCrashError(RuntimeError):
+  """A worker process died; raised in strict mode (otherwise the clip is quarantined)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+  """The clips of one output shard, in datafile order."""
+
+  shard_index: int
+  num_shards: int
+  entries: tuple[sources.ClipEntry, ...]
+
+  @property
+  def file_name(self) -> str:
+    return shard_file_name(self.shard_index, self.num_shards)
+
+
+def shard_file_name(shard_index: int, num_shards: int) -> str:
+  """File name of an output shard."""
+  return f"records-{shard_index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def num_shards_for(num_entries: int, examples_per_shard: int) -> int:
+  """How many shards hold `num_entries` clips at most `examples_per_shard` per shard."""
+  if examples_per_shard <= 0:
+    raise ValueError(f"examples_per_shard must be positive, got {examples_per_shard}")
+  return max(1, -(-num_entries // examples_per_shard))
+
+
+def plan_shards(entries: Sequence[sources.ClipEntry], num_shards: int) -> list[ShardPlan]:
+  """Assigns clip i to shard i % num_shards (deterministic, balanced, order kept)."""
+  return [ShardPlan(s, num_shards, tuple(entries[s::num_shards])) for s in range(num_shards)]
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+  """Writes a JSON file through a temporary name and a rename (readers never see half)."""
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
+  """Removes temporary files of `file_name` left by killed runs or dead workers."""
+  for stale in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(file_name) + ".tmp-*")):
+    os.remove(stale)
+
+
+def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
+                store_waveform: bool = False, strict: bool = False,
+                clip_fn: clips.ClipFn = clips.clip_example,
+                known_quarantined: dict[int, clips.Quarantined] | None = None,
+                on_clip: Callable[[int, clips.Quarantined | None], None] | None = None,
+                on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Writes one shard (temp name, then rename) and its sidecar; returns the sidecar dict.
+
+  `known_quarantined` maps positions in the shard to clips already known to be bad (a clip a
+  worker died on); they are not tried again. With `strict`, the first bad clip raises
+  clips.StrictModeError and nothing of the shard is left on disk.
+  """
+  known_quarantined = known_quarantined or {}
+  start = time.time()
+  final = os.path.join(out_dir, plan.file_name)
+  tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
+  remove_stale_temporaries(out_dir, plan.file_name)
+  stats = records.ShardStats(num_classes=labels.num_classes)
+  quarantined: list[dict[str, Any]] = []
+  try:
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for position, entry in enumerate(plan.entries):
+        if on_start is not None:
+          on_start(position)
+        result = known_quarantined.get(position)
+        if result is None:
+          result = clips.try_clip_example(entry, labels, store_waveform, clip_fn)
+        if isinstance(result, clips.Quarantined):
+          if strict:
+            raise clips.StrictModeError(result)
+          quarantined.append({"position": position, **result.to_json()})
+        else:
+          writer.write(records.serialize_example(result))
+          stats.add(result)
+        if on_clip is not None:
+          on_clip(position, result if isinstance(result, clips.Quarantined) else None)
+    os.replace(tmp, final)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  sidecar = {
+      "file": plan.file_name,
+      "shard_index": plan.shard_index,
+      "num_shards": plan.num_shards,
+      "num_entries": len(plan.entries),
+      "store_waveform": store_waveform,
+      "stats": stats.to_json(),
+      "quarantined": quarantined,
+      "seconds": time.time() - start,
+  }
+  write_json_atomic(final + SIDECAR_SUFFIX, sidecar)
+  return sidecar
+
+
+def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, Any] | None:
+  """The sidecar of a finished shard, or None if the shard is not finished."""
+  name = shard_file_name(shard_index, num_shards)
+  sidecar_path = os.path.join(out_dir, name + SIDECAR_SUFFIX)
+  if not os.path.exists(sidecar_path):
+    return None
+  if not os.path.exists(os.path.join(out_dir, name)):
+    raise ValueError(f"{sidecar_path} exists but its shard {name} does not: remove the "
+                     "sidecar to redo the shard")
+  with open(sidecar_path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------
+# Worker processes.
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
+                 labels: sources.ClassLabels, store_waveform: bool, strict: bool,
+                 clip_fn: clips.ClipFn) -> None:
+  """Child process loop: receives (plan, known_quarantined), sends progress and results."""
+  while True:
+    message = conn.recv()
+    if message is None:
+      return
+    plan, known = message
+    try:
+      sidecar = write_shard(
+          plan, out_dir, labels, store_waveform=store_waveform, strict=strict,
+          clip_fn=clip_fn, known_quarantined=known,
+          on_start=lambda position: conn.send(("start", position)),
+          on_clip=lambda position, bad: conn.send(("clip", position, bad)))
+    except clips.StrictModeError as e:
+      conn.send(("strict", e.quarantined))
+    except Exception as e:  # pylint: disable=broad-except
+      conn.send(("error", f"{type(e).__name__}: {e}"))
+    else:
+      conn.send(("done", sidecar))
+
+
+_WORKER_PRELOAD = ["cav_mae_jax.data.shards", "cav_mae_jax.data.decode",
+                   "cav_mae_jax.data.fbank", "tensorflow"]
+
+
+@dataclasses.dataclass
+class _Worker:
+  process: multiprocessing.process.BaseProcess
+  conn: multiprocessing.connection.Connection
+  plan: ShardPlan | None = None
+  known: dict[int, clips.Quarantined] = dataclasses.field(default_factory=dict)
+  position: int | None = None
+
+
+class _WorkerPool:
+  """Long-lived worker processes, one shard each at a time; replaces workers that die."""
+
+  def __init__(self, num_workers: int, worker_args: tuple[Any, ...]):
+    # A fork server imports the heavy modules (TensorFlow, PyAV) once; each worker, and each
+    # replacement of a dead one, is then a cheap fork of it. Workers never fork from a parent
+    # that may have run TensorFlow ops.
+    self._context = multiprocessing.get_context("forkserver")
+    self._context.set_forkserver_preload(_WORKER_PRELOAD)
+    self._worker_args = worker_args
+    self.workers = [self._start() for _ in range(num_workers)]
+
+  def _start(self) -> _Worker:
+    parent, child = self._context.Pipe()
+    process = self._context.Process(target=_worker_main, args=(child, *self._worker_args),
+                                    daemon=True)
+    process.start()
+    child.close()
+    return _Worker(process, parent)
+
+  def replace(self, worker: _Worker) -> _Worker:
+    worker.conn.close()
+    worker.process.join()
+    new = self._start()
+    self.workers[self.workers.index(worker)] = new
+    return new
+
+  def close(self) -> None:
+    for worker in self.workers:
+      if worker.process.is_alive():
+        try:
+          worker.conn.send(None)
+        except OSError:
+          pass
+    for worker in self.workers:
+      worker.process.join(timeout=10)
+      if worker.process.is_alive():
+        worker.process.kill()
+        worker.process.join()
+
+  def terminate(self) -> None:
+    for worker in self.workers:
+      if worker.process.is_alive():
+        worker.process.kill()
+      worker.process.join()
+
+
+def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, *,
+              num_workers: int, store_waveform: bool, strict: bool, clip_fn: clips.ClipFn,
+              on_clip: Callable[[], None]) -> list[str]:
+  """Runs shards on worker processes; returns errors of shards that failed (not crashed)."""
+  pending: list[tuple[ShardPlan, dict[int, clips.Quarantined]]] = [(p, {}) for p in plans]
+  errors: list[str] = []
+  pool = _WorkerPool(min(num_workers, len(plans)),
+                     (out_dir, labels, store_waveform, strict, clip_fn))
+  try:
+    while True:
+      for worker in pool.workers:
+        if worker.plan is None and pending:
+          worker.plan, worker.known = pending.pop(0)
+          worker.position = None
+          worker.conn.send((worker.plan, worker.known))
+      busy = [w for w in pool.workers if w.plan is not None]
+      if not busy:
+        break
+      ready = multiprocessing.connection.wait(
+          [w.conn for w in busy] + [w.process.sentinel for w in busy])
+      for worker in busy:
+        if worker.conn in ready or worker.process.sentinel in ready:
+          try:
+            while worker.plan is not None and worker.conn.poll():
+              kind, *payload = worker.conn.recv()
+              if kind == "start":
+                worker.position = payload[0]
+              elif kind == "clip":
+                on_clip()
+              elif kind == "strict":
+                raise clips.StrictModeError(payload[0])
+              elif kind == "error":
+                errors.append(f"{worker.plan.file_name}: {payload[0]}")
+                worker.plan = None
+              elif kind == "done":
+                worker.plan = None
+          except (EOFError, ConnectionResetError):
+            pass  # The process died; handled below through its sentinel.
+        if worker.plan is not None and not worker.process.is_alive():
+          _handle_crash(pool, worker, pending, strict)
+  except BaseException:
+    pool.terminate()
+    for worker in pool.workers:  # Shards cut short leave no temp files behind.
+      if worker.plan is not None:
+        remove_stale_temporaries(out_dir, worker.plan.file_name)
+    raise
+  pool.close()
+  return errors
+
+
+def _handle_crash(pool: _WorkerPool, worker: _Worker,
+                  pending: list[tuple[ShardPlan, dict[int, clips.Quarantined]]],
+                  strict: bool) -> None:
+  """Quarantines the clip a worker died on and puts its shard back in the queue."""
+  plan, exitcode, position = worker.plan, worker.process.exitcode, worker.position
+  if position is None:
+    raise WorkerCrashError(f"worker (exit code {exitcode}) died before starting a clip of "
+                           f"{plan.file_name}")
+  entry = plan.entries[position]
+  bad = clips.Quarantined(entry.path, entry.video_id, WORKER_CRASHED,
+                    f"the worker process died (exit code {exitcode}) on this clip")
+  if strict:
+    raise clips.StrictModeError(bad)
+  known = dict(worker.known)
+  known[position] = bad
+  pending.insert(0, (plan, known))
+  pool.replace(worker)

@@ -1,0 +1,190 @@
+"""Source lists: which clips to turn into records, and the class list their labels come from.
+
+Readers for the original's JSON datafile, AudioSet segment CSVs and vggsound.csv, each giving
+`ClipEntry`s (an id, a media path and label ids), and for an AudioSet-format
+class_labels_indices.csv (`ClassLabels`). `tools/preprocess.py` and the TFDS builder read their
+lists here, so both see the same clips. Lists may live on any file system TensorFlow reads
+(gs://, ram://, ...). A list that cannot be read or parsed raises `SourceError`, one line
+naming the file and the reason, which the tools print as it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+
+class SourceError(ValueError):
+  """A source list that cannot be read or parsed; the message names the file and why."""
+
+  def __init__(self, what: str, path: str, reason: str):
+    super().__init__(f"{what} {path}: {reason}")
+    self.path = path
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipEntry:
+  """One clip to process: its id, media file and label ids (e.g. AudioSet mids)."""
+
+  video_id: str
+  path: str
+  label_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassLabels:
+  """The class list of an AudioSet-format class_labels_indices.csv (index,mid,display_name)."""
+
+  mids: tuple[str, ...]
+  display_names: tuple[str, ...]
+  source: str
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.mids)
+
+  def index_of(self, label_id: str) -> int | None:
+    """Class index of a mid (or, failing that, of a display name); None if unknown."""
+    if label_id in self.mids:
+      return self.mids.index(label_id)
+    if label_id in self.display_names:
+      return self.display_names.index(label_id)
+    return None
+
+
+def read_text(what: str, path: str) -> str:
+  """The whole text of a list file on any file system TensorFlow reads; SourceError if not."""
+  try:
+    if tf.io.gfile.isdir(path):
+      raise SourceError(what, path, "is a directory, not a file")
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read()
+  except tf.errors.NotFoundError:
+    raise SourceError(what, path, "no such file") from None
+  except tf.errors.PermissionDeniedError:
+    raise SourceError(what, path, "permission denied") from None
+  except tf.errors.OpError as e:
+    raise SourceError(what, path, f"cannot be read: {e.message.splitlines()[0]}") from None
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise SourceError(what, path, f"not UTF-8 text (byte {e.start})") from None
+
+
+def read_class_labels(path: str) -> ClassLabels:
+  """Reads class_labels_indices.csv; indices must be 0..C-1 in order."""
+  what = "labels CSV"
+  rows = list(csv.DictReader(io.StringIO(read_text(what, path))))
+  if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+    raise SourceError(what, path, "expected a CSV with columns index,mid,display_name")
+  for position, row in enumerate(rows):
+    try:
+      index = int(row["index"])
+    except (TypeError, ValueError):
+      index = None
+    if index != position:
+      raise SourceError(what, path, f"row {position + 2} has index {row['index']!r}, "
+                        f"expected {position}")
+  mids = tuple((row["mid"] or "").strip() for row in rows)
+  if len(set(mids)) != len(mids):
+    raise SourceError(what, path, "duplicate mids")
+  return ClassLabels(mids, tuple((row["display_name"] or "").strip() for row in rows), path)
+
+
+def _split_labels(labels: str | Sequence[str]) -> tuple[str, ...]:
+  if isinstance(labels, str):
+    return tuple(x.strip() for x in labels.split(",") if x.strip())
+  return tuple(str(x).strip() for x in labels)
+
+
+def _media_path(base: str, media: str) -> str:
+  """A datafile's media path: absolute paths and URIs (gs://...) as they are, else under base."""
+  return media if "://" in media else os.path.join(base, media)
+
+
+def read_datafile(path: str) -> list[ClipEntry]:
+  """Reads the original's JSON datafile `{"data": [{"video_id", "wav", "video_path", "labels"}]}`.
+
+  The media file of an entry is `video_path` when it names a file (a video with both streams);
+  the original's layout, where `video_path` is a folder of extracted frames, is not usable
+  here, so then `wav` must name the video. Relative paths are taken from the datafile's folder
+  (which may itself be remote); media paths may be URIs of any file system TensorFlow reads.
+  """
+  what = "datafile"
+  try:
+    data = json.loads(read_text(what, path))
+  except json.JSONDecodeError as e:
+    raise SourceError(what, path, f"not valid JSON ({e})") from None
+  if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+    raise SourceError(what, path, "expected a JSON object with a 'data' list")
+  base = os.path.dirname(path if "://" in path else os.path.abspath(path))
+  entries = []
+  for position, item in enumerate(data["data"]):
+    if not isinstance(item, dict):
+      raise SourceError(what, path, f"data[{position}] is not an object")
+    for key in ("video_id", "labels"):
+      if key not in item:
+        raise SourceError(what, path, f"data[{position}] has no {key!r}")
+    media = item.get("video_path") or ""
+    if not media or media.endswith("/") or tf.io.gfile.isdir(_media_path(base, media)):
+      media = item.get("wav") or ""
+    if not media:
+      raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
+                        "file in 'video_path' or 'wav'")
+    entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
+                             _split_labels(item["labels"])))
+  return entries
+
+
+def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list[ClipEntry]:
+  """Reads an AudioSet segments CSV (YTID, start_seconds, end_seconds, positive_labels)."""
+  what = "AudioSet CSV"
+  lines = [line for line in io.StringIO(read_text(what, path)) if not line.startswith("#")]
+  entries = []
+  for line_number, row in enumerate(csv.reader(lines, skipinitialspace=True), 1):
+    if not row:
+      continue
+    if len(row) != 4:
+      raise SourceError(what, path, f"data row {line_number} has {len(row)} fields, expected "
+                        "4 (YTID, start_seconds, end_seconds, positive_labels)")
+    ytid, start, end, labels = row
+    name = video_name_format.format(ytid=ytid, start=float(start), end=float(end))
+    entries.append(ClipEntry(ytid, os.path.join(video_dir, name), _split_labels(labels)))
+  return entries
+
+
+def _vggsound_rows(path: str) -> list[list[str]]:
+  """The rows of vggsound.csv (ytid, start_seconds, label, split), stripped and checked."""
+  rows = []
+  for line_number, row in enumerate(csv.reader(io.StringIO(read_text("vggsound CSV", path))), 1):
+    if not row:
+      continue
+    if len(row) != 4:
+      raise SourceError("vggsound CSV", path, f"line {line_number} has {len(row)} fields, "
+                        "expected 4 (ytid, start_seconds, label, split)")
+    rows.append([x.strip() for x in row])
+  return rows
+
+
+def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
+                      split: str) -> list[ClipEntry]:
+  """Reads the rows of one split of vggsound.csv (ytid, start_seconds, label, split)."""
+  entries = []
+  for ytid, start, label, row_split in _vggsound_rows(path):
+    if row_split == split:
+      name = video_name_format.format(ytid=ytid, start=int(start))
+      entries.append(ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
+                               (label,)))
+  return entries
+
+
+def vggsound_splits(path: str) -> list[str]:
+  """The split names used in vggsound.csv, in order of appearance."""
+  return list(dict.fromkeys(row[3] for row in _vggsound_rows(path)))
