@@ -33,9 +33,9 @@ class DemoOptions:
 
 def make_records(options: DemoOptions, split: str, num_clips: int, seed: int) -> str:
   """Generates `num_clips` synthetic clips of `split` and preprocesses them; returns the dir."""
-  from cav_mae_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import prepare, records, synthetic  # pylint: disable=g-import-not-at-top
   out_dir = os.path.join(options.workdir, "records", split)
-  if os.path.isfile(os.path.join(out_dir, "index.json")):
+  if os.path.isfile(records.index_path(out_dir)):
     return out_dir  # already prepared by an earlier run
   info = synthetic.generate_dataset(
       os.path.join(options.workdir, "synthetic"), num_clips, num_classes=options.classes,

@@ -43,11 +43,13 @@ def _parse(argv):
 
 
 @pytest.mark.parametrize("config_arg", ["configs/pretrain.py:tiny", "configs/pretrain.py:base",
-                                        "configs/pretrain.py:scale++,cav,cosine"])
+                                        "configs/pretrain.py:scale++,cav,cosine",
+                                        "configs/finetune.py:tiny", "configs/finetune.py:as2m",
+                                        "configs/finetune.py:vgg,probe,mode=audioonly"])
 def test_every_field_overrides_from_the_command_line(config_arg):
   defaults = run_config.flatten(_parse([f"--config={os.path.join(ROOT, config_arg)}"]))
   assert {"task", "init.source", "data.freqm", "data.prefetch", "evals.val.every_steps",
-          "evals.retrieval.max_clips", "model.decoder_depth", "mesh.fsdp"} <= set(defaults)
+          "model.decoder_depth", "mesh.fsdp", "checkpoint.every_epoch"} <= set(defaults)
   wanted = {field: _other(field, value) for field, value in defaults.items()}
   overrides = [f"--config.{field}={value}" for field, value in wanted.items()]
   parsed = run_config.flatten(_parse([f"--config={os.path.join(ROOT, config_arg)}", *overrides]))

@@ -18,7 +18,6 @@ from cav_mae_jax.models.config import ModelConfig
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
 
-INDEX_FILE = "index.json"
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -153,16 +152,14 @@ def _exists(path: str) -> bool:
 
 
 def read_records_index(directory: str, field: str) -> Any:
-  """The `records.RecordIndex` of a records directory; a missing one raises naming `field`."""
+  """The `records.RecordIndex` of a records directory; a bad one raises naming `field`."""
   if not directory:
     _fail(field, directory, "no records directory given.")
-  if not os.path.isdir(directory):
-    _fail(field, directory, "directory does not exist.")
-  path = os.path.join(directory, INDEX_FILE)
-  if not os.path.isfile(path):
-    _fail(field, directory, f"no {INDEX_FILE} in the directory (not a records directory).")
   from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top  (imports TF)
-  return records.read_index(path)
+  try:
+    return records.open_records_dir(directory)
+  except records.RecordsDirError as e:
+    _fail(field, directory, f"{e.reason}.")
 
 
 def check_records_match_model(index: Any, model: ModelConfig, field: str) -> None:

@@ -1,0 +1,196 @@
+"""Fine-tuning and linear probe: the classification evaluator, the probe's frozen encoder, a
+run started from a pretraining workdir, epoch-end checkpoints and their average, bad inputs.
+
+Tiny shapes, in-memory clips (no records), cheap XLA compilation.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cav_mae_jax import tasks
+from cav_mae_jax.convert import init_source
+from cav_mae_jax.convert import state_dict as sd
+from cav_mae_jax.eval import classification
+from cav_mae_jax.eval import stats
+from cav_mae_jax.train import array_input
+from cav_mae_jax.train import averaging
+from cav_mae_jax.train import checkpoint
+from cav_mae_jax.train import mesh as mesh_lib
+from cav_mae_jax.train import trainer
+from cav_mae_jax.train import validation
+from configs import common
+from configs import finetune
+from configs import pretrain
+
+CLASSES, CLIPS, BATCH = 5, 16, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _shrink(config):
+  m = config.model
+  m.embed_dim, m.num_heads, m.encoder_depth, m.modality_specific_depth = 32, 2, 2, 1
+  m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads = 16, 1, 2
+  m.audio_length, m.image_size = 32, 32
+  config.data.batch_size = BATCH
+  config.log_every_steps = 1
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict()
+  return config
+
+
+def ft_config(arg="tiny", **init):
+  config = _shrink(finetune.get_config(f"{arg},classes={CLASSES}"))
+  config.total_epochs = 2.0  # 2 steps per epoch of 16 clips
+  for key, value in init.items():
+    config.init[key] = value
+  return config
+
+
+def clips(seed=0):
+  arrays = array_input.random_clips(CLIPS, 32, 128, 32, seed=seed)
+  labels = np.eye(CLASSES, dtype=np.float32)[np.arange(CLIPS) % CLASSES]
+  return {**arrays, "label": labels}
+
+
+def train(config, workdir, seed=0):
+  inputs = trainer.Inputs(array_input.ArrayInput(clips(seed), BATCH, seed=0), None, CLIPS)
+  return trainer.train_and_evaluate(config, str(workdir), inputs)
+
+
+def init_params(config):
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  return jax.tree.map(np.asarray, jax.jit(tasks.get_task(config).init_params)(init_rng))
+
+
+def test_classification_evaluator_scores_every_clip_once():
+  config = ft_config()
+  task = tasks.get_task(config)
+  params = init_params(config)
+  data = clips(seed=1)
+  frames = np.stack([data["image"], data["image"][::-1], -data["image"]], axis=1)  # 3 frames
+  pad = lambda x: np.concatenate([x, np.zeros((11 - len(x),) + x.shape[1:], x.dtype)])
+  batches = [{"audio": pad(data["audio"][i:i + 9]), "image": pad(frames[i:i + 9]),
+              "label": pad(data["label"][i:i + 9]), "valid": pad(np.ones(min(9, 16 - i), bool))}
+             for i in (0, 9)]  # 16 clips in batches of 11: 9 + 7 valid, the rest padding
+  seen = []
+
+  def batch_source(split, directory, batch_size, **overrides):
+    seen.append((split, batch_size, overrides))
+    return iter(batches)
+
+  mesh = mesh_lib.make_mesh(common.mesh_config(), jax.devices()[:1])
+  entry = common.evaluator("classification", every_steps=1, batch_size=11, mode="",
+                           all_frames=True)
+  evaluator = classification.ClassificationEvaluator("val", entry, task.predict_fns, mesh,
+                                                     batch_source)
+  result = dict(evaluator.run(params))
+  assert seen == [("eval", 11, {"eval_all_frames": True})]
+  assert result["val/num_clips"] == CLIPS
+  # Expected: per-frame softmax of every clip, averaged over frames, scored once.
+  scores = np.mean([jax.nn.softmax(task.predict_fns["logits"](
+      params, {"audio": data["audio"], "image": frames[:, f]}), -1) for f in range(3)], axis=0)
+  expected = stats.classification_stats(np.asarray(scores), data["label"])
+  for key, value in expected.items():
+    assert result[f"val/{key}"] == pytest.approx(value, abs=1e-6), key
+
+  # A missing-modality mode needs no frame loop: audio only, one pass.
+  entry.mode = "missingaudioonly"
+  audio_only = classification.ClassificationEvaluator("val", entry, task.predict_fns, mesh,
+                                                      batch_source)
+  logits = task.predict_fns["logits"](params, {"audio": data["audio"], "image": None},
+                                      "missingaudioonly")
+  expected = stats.classification_stats(np.asarray(jax.nn.softmax(logits, -1)), data["label"])
+  assert dict(audio_only.run(params))["val/accuracy"] == pytest.approx(expected["accuracy"])
+
+  # An empty split is an error naming the evaluator.
+  empty = [{**batches[1], "valid": np.zeros(11, bool)}]
+  evaluator = classification.ClassificationEvaluator(
+      "val", entry, task.predict_fns, mesh, lambda *a, **k: iter(empty))
+  with pytest.raises(ValueError, match="evaluator 'val'.*no clips"):
+    dict(evaluator.run(params))
+
+
+def test_probe_leaves_the_encoder_bit_identical(tmp_path):
+  config = ft_config("tiny,probe")
+  config.total_epochs, config.optim.learning_rate = 1.0, 1e-2
+  train(config, tmp_path)
+  before = sd.flatten_params(init_params(config))
+  after = sd.flatten_params(checkpoint.read_workdir_params(str(tmp_path))[0])
+  for path, value in before.items():
+    if path[0].startswith("mlp_head"):
+      continue
+    np.testing.assert_array_equal(after[path], value, err_msg=str(path))
+  assert not np.array_equal(after[("mlp_head_1", "kernel")], before[("mlp_head_1", "kernel")])
+  # No optimizer state for the encoder: Adam's moments cover the head only.
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  state = ocp.StandardCheckpointer().restore(str(tmp_path / "checkpoints" / "2" / "state"))
+  moments = sum(np.size(x) for x in jax.tree.leaves(state["state"]["opt_state"]))
+  head = sum(np.size(v) for p, v in before.items() if p[0].startswith("mlp_head"))
+  assert head * 2 <= moments <= head * 2 + 16  # mu and nu of the head (+ step counters)
+
+
+def test_finetune_from_pretraining_then_average_epochs(tmp_path):
+  pretrained = tmp_path / "pretrain"
+  config = _shrink(pretrain.get_config("tiny"))
+  config.model.contrast_group_size, config.total_steps = 0, 1
+  inputs = trainer.Inputs(array_input.ArrayInput(clips(), BATCH, seed=0), None, CLIPS)
+  trainer.train_and_evaluate(config, str(pretrained), inputs)
+
+  config = ft_config(source="workdir", path=str(pretrained))
+  config.checkpoint.every_epoch = True
+  train(config, tmp_path / "ft")
+  report = (tmp_path / "ft" / init_source.REPORT_FILE).read_text()
+  assert "new classification head" in report and "decoder, not part of the target" in report
+  assert checkpoint.saved_steps(str(tmp_path / "ft")) == [2, 4]  # both epoch ends kept
+  averaged, steps = averaging.average_workdir(str(tmp_path / "ft"), 1, 2)
+  assert steps == [2, 4]
+  first = checkpoint.read_workdir_params(str(tmp_path / "ft"), 2)[0]
+  second = checkpoint.read_workdir_params(str(tmp_path / "ft"), 4)[0]
+  for (path, a), b, m in zip(sd.flatten_params(first).items(),
+                             sd.flatten_params(second).values(),
+                             sd.flatten_params(averaged).values()):
+    expected = ((a.astype(np.float64) + b) / 2).astype(np.float32)
+    np.testing.assert_array_equal(m, expected, err_msg=str(path))
+  with pytest.raises(FileNotFoundError, match=r"epoch\(s\) \[3\]"):
+    averaging.average_workdir(str(tmp_path / "ft"), 2, 3)
+
+  # Another class count: refused unless a new head is asked for.
+  other = ft_config(source="workdir", path=str(tmp_path / "ft"))
+  other.model.num_classes = CLASSES + 2
+  with pytest.raises(sd.ParamsMismatchError, match="mlp_head_1"):
+    init_source.load_init_params(other.init, other.model, finetune=True,
+                                 init_params=init_params(other))
+  other.init.new_head = True
+  params, _ = init_source.load_init_params(other.init, other.model, finetune=True,
+                                           init_params=init_params(other))
+  assert params["mlp_head_1"]["kernel"].shape == (32, CLASSES + 2)
+
+
+@pytest.mark.parametrize("arg, field", [("tiny,mode=stereo", "mode='stereo'"),
+                                        ("tiny,heads=3", "heads=3"),
+                                        ("huge", "'huge'")])
+def test_bad_finetune_config_arg(arg, field):
+  with pytest.raises(ValueError, match=field):
+    finetune.get_config(arg)
+
+
+def test_bad_finetune_fields_name_the_field():
+  config = ft_config()
+  config.finetune.loss = "hinge"
+  with pytest.raises(ValueError, match=r"config\.finetune\.loss"):
+    validation.validate_config(config, 8, check_data=False)
+  config = _shrink(finetune.get_config("tiny"))
+  with config.unlocked():
+    config.evals.val = common.evaluator("classification", every_steps=1, batch_size=8,
+                                        mode="stereo", all_frames=False)
+  with pytest.raises(ValueError, match=r"config\.evals\.val\.mode"):
+    validation.validate_config(config, 8, check_data=False)
