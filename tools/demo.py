@@ -1,4 +1,4 @@
-r"""The one-command demo: synthetic clips -> records -> tiny CAV-MAE pretraining on CPU -> report.
+r"""The one-command demo: synthetic clips -> records -> tiny CAV-MAE pretraining and fine-tuning.
 
   python tools/demo.py --workdir /tmp/cav_mae_demo
 
@@ -24,6 +24,8 @@ _CONFIG_ARG = flags.DEFINE_string("config", "tiny,lambda_c=1.0,cosine",
                                   "Argument of configs/pretrain.py.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Processes writing the synthetic clips.")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 64, "Fine-tuning steps (each of the "
+                                       "pretrained and the randomly initialized model).")
 
 
 def main(argv: list[str]) -> None:
@@ -33,7 +35,8 @@ def main(argv: list[str]) -> None:
   demo.run_demo(demo.DemoOptions(
       workdir=_WORKDIR.value, train_clips=_TRAIN_CLIPS.value, eval_clips=_EVAL_CLIPS.value,
       classes=_CLASSES.value, clip_seconds=_CLIP_SECONDS.value, steps=_STEPS.value,
-      config=_CONFIG_ARG.value, learning_rate=_LEARNING_RATE.value, workers=_WORKERS.value))
+      config=_CONFIG_ARG.value, learning_rate=_LEARNING_RATE.value, workers=_WORKERS.value,
+      finetune_steps=_FINETUNE_STEPS.value))
 
 
 if __name__ == "__main__":
