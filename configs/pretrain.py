@@ -2,7 +2,7 @@ r"""CAV-MAE pretraining configs: `--config configs/pretrain.py:<arg>`.
 
 `arg` is a comma-separated list: first a recipe, then optional ablation options.
 
-Recipes (REFERENCE.md, Optimization):
+Recipes (docs/original.md, Optimization):
   tiny     tiny model, float32, a few hundred steps: seconds to minutes on a CPU.
   base     the paper's base recipe: lr 5e-5, batch 48, 25 epochs.
   scale+   lr 1e-4, batch 120 (the Scale+ script; the README table says 108).

@@ -130,3 +130,17 @@ def test_eval_export_casts_floats(tmp_path):
   with pytest.raises(ValueError, match="export dtype 'int8'"):
     export.export_for_eval(params, {}, tmp_path / "eval8", dtype="int8")
   assert not (tmp_path / "eval8").exists()
+
+
+def test_width_mismatch_is_named_as_a_width_not_an_audio_length():
+  import jax  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.convert import cavmae_checkpoint  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.convert import state_dict as sd_lib  # pylint: disable=import-outside-toplevel
+  source = {"pos_embed_a": np.zeros((1, 512, 768), np.float32)}
+  target = {"pos_embed_a": jax.ShapeDtypeStruct((1, 512, 64), np.float32)}
+  with pytest.raises(sd_lib.ParamsMismatchError, match="different width") as error:
+    cavmae_checkpoint.cavmae_to_params(source, target)
+  assert "audio length" not in str(error.value)
+  target = {"pos_embed_a": jax.ShapeDtypeStruct((1, 256, 768), np.float32)}
+  with pytest.raises(sd_lib.ParamsMismatchError, match="different audio length"):
+    cavmae_checkpoint.cavmae_to_params(source, target)

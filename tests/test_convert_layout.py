@@ -100,7 +100,7 @@ def random_state_dict(dims: Dims, seed: int = 0) -> dict[str, np.ndarray]:
 
 def test_base_layout_has_the_original_parameter_count():
   total = sum(int(np.prod(s)) for s in original_shapes(BASE).values())
-  assert total == 191_036_160  # REFERENCE.md: counted by running the original
+  assert total == 191_036_160  # docs/original.md: counted by running the original
   finetune = dataclasses.replace(BASE, num_classes=527)
   finetune_total = sum(int(np.prod(s)) for s in original_shapes(finetune).values())
   assert round(finetune_total / 1e6, 3) == 164.907

@@ -7,7 +7,7 @@ from cav_mae_jax.convert.pos_embed import resize_audio_pos_embed
 
 
 def _sincos_2d(dim, rows, cols):
-  """MAE sin-cos embedding: first half encodes the column, second the row (REFERENCE.md)."""
+  """MAE sin-cos embedding: first half encodes the column, second the row (docs/original.md)."""
   def one_d(d, positions):
     omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
     angles = positions.reshape(-1, 1).astype(np.float64) * omega

@@ -363,7 +363,7 @@ def test_contrast_groups_change_the_objective(pretrain):
 
 
 def test_reference_base_counts_match_the_original():
-  """The reference's architecture: the original's element counts (REFERENCE.md), on the meta device."""
+  """The reference's architecture: the original's element counts (docs/original.md), on the meta device."""
   with torch.device("meta"):
     pretrain_model, finetune_model = tr.CAVMAE(), tr.CAVMAEFT(527)
   assert tr.count_elements(pretrain_model) == 191_036_160

@@ -101,7 +101,7 @@ def test_param_shardings_split_over_fsdp():
 
 def test_base_flops_match_reference():
   model = model_config("base")
-  # REFERENCE.md: encoder 33.4 + decoder 43.8 + embeddings/heads ~0.9 = 78.1 GFLOP per sample.
+  # docs/original.md: encoder 33.4 + decoder 43.8 + embeddings/heads ~0.9 = 78.1 GFLOP per sample.
   assert flops.pretrain_forward_flops(model) / 1e9 == pytest.approx(78.1, abs=0.1)
   assert flops.pretrain_step_flops(model) / 1e9 == pytest.approx(234.3, abs=0.3)
   cav = model_config("base", lambda_mae=0.0)

@@ -1,6 +1,6 @@
 """PyTorch reference of the original CAV-MAE and CAV-MAE fine-tuning models, for parity tests.
 
-Written from REFERENCE.md and the paper, with the original's module and parameter names
+Written from docs/original.md and the paper, with the original's module and parameter names
 (`blocks_a.0.norm1_a.weight`, `blocks_u.0.attn.qkv.weight`, `mlp_head.0.weight`, ...), so a
 released `.pth` state dict (after dropping the `module.` prefix) loads with `strict=True`.
 No timm: attention, MLP and block are written here with the original's semantics.

@@ -1,4 +1,5 @@
-r"""Train any task: pretraining now (configs/pretrain.py), fine-tuning and probing next.
+r"""Train any task: pretraining (configs/pretrain.py), fine-tuning and linear probing
+(configs/finetune.py).
 
   python tools/train.py --config configs/pretrain.py:base --workdir /ckpt/run1 \
       --config.data.train_dir=/data/as2m --config.data.eval_dir=/data/as_eval

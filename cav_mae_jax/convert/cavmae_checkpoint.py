@@ -98,6 +98,11 @@ def cavmae_to_params(
 def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
             method: pos_embed_lib.ResizeMethod | None, freq_patches: int,
             report: report_lib.ConversionReport) -> np.ndarray:
+  if len(target_shape) == 3 and value.ndim == 3 and target_shape[2] != value.shape[2]:
+    raise sd.ParamsMismatchError(
+        f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "
+        f"(a different width: the checkpoint's embedding is {value.shape[2]} wide, the "
+        f"config's {target_shape[2]}; use the config of the checkpoint's model size)")
   if method is None:
     raise sd.ParamsMismatchError(
         f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "

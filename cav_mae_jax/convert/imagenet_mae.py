@@ -1,6 +1,6 @@
 """ImageNet MAE (facebookresearch/mae layout, with or without its decoder) -> CAV-MAE params.
 
-The rules of the original's `adapt_vmae_weights.py` (REFERENCE.md, Initialization from
+The rules of the original's `adapt_vmae_weights.py` (docs/original.md, Initialization from
 ImageNet MAE), for S = modality_specific_depth:
   blocks.i (i < S)        -> blocks_a.i and blocks_v.i
   blocks.i (i >= S)       -> blocks_u.(i-S), norm1/norm2 also copied to norm1_a/_v, norm2_a/_v

@@ -1,6 +1,6 @@
 """PyTorch state dict <-> Flax parameter tree: renames and transposes only (NumPy, no torch).
 
-Rule (see MODEL_CONTRACT.md), applied to every key of the original's layout:
+Rule (see docs/design.md), applied to every key of the original's layout:
   `blocks_a.3.attn.qkv.weight` -> ('blocks_a_3', 'attn', 'qkv', 'kernel')
   * an all-digit path segment (ModuleList / Sequential index) joins the previous one with `_`;
   * `<module>.weight` of rank 2 (Linear, [out, in]) -> `kernel` [in, out];

@@ -5,7 +5,7 @@ A task gives the loop everything model-specific (DESIGN: "Tasks and evaluators")
   model_config   the validated `config.model`
   init_params    rng -> float32 params (call under jit / eval_shape)
   loss_fn        (params, batch, rng) -> (loss, metrics): float32 scalars; `rng` is already
-                 folded with the step; the batch is the input pipeline's dict (DESIGN.md)
+                 folded with the step; the batch is the input pipeline's dict (docs/design.md)
   trainable      pytree of bools: what the optimizer updates (the rest gets no update and no
                  optimizer state)
   lr_multipliers pytree of floats (1.0 = the base rate) or None
