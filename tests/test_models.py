@@ -86,6 +86,11 @@ def test_model_summary_tool_prints_total_last(config, total, trainable):
   lines = result.stdout.strip().splitlines()
   assert lines[-1] == f"total_params {total}"
   assert lines[-2] == f"trainable_params {trainable}"
+  assert "encoder_params 164500224" in lines  # the original's encoder count, any head
+  names = [line.split()[0] for line in lines if line.startswith("  ")]
+  assert names.index("blocks_a_2") < names.index("blocks_a_10")  # natural order
+  if "pretrain" in config:
+    assert "decoder_params 26535936" in lines and "encoder/audio: 78,625,536" in lines
 
 
 # ---- Behaviour on tiny models. ----
