@@ -1,0 +1,50 @@
+"""What may change when a run resumes (train/run_config.py), checked on the recorded config."""
+
+import pytest
+
+from cav_mae_jax.train import run_config
+from cav_mae_jax.train import step as step_lib
+from configs import pretrain
+
+
+def _saved(tmp_path):
+  config = pretrain.get_config("tiny")
+  run_config.write_run_config(str(tmp_path), config, steps_per_epoch=8)
+  return run_config.read_run_config(str(tmp_path))
+
+
+def test_recorded_config_round_trips(tmp_path):
+  saved = _saved(tmp_path)
+  assert run_config.changed_fields(saved, pretrain.get_config("tiny")) == {}
+  assert run_config.read_steps_per_epoch(str(tmp_path)) == 8
+
+
+def test_allowed_changes_are_returned(tmp_path):
+  config = pretrain.get_config("tiny")
+  config.total_steps, config.evals.val.every_steps = 600, 50
+  config.data.train_dir = "/elsewhere/records"
+  changes = run_config.check_resume(_saved(tmp_path), config, step_lib.abstract_state_of)
+  assert changes == {"total_steps": (300, 600), "evals.val.every_steps": (100, 50),
+                     "data.train_dir": ("", "/elsewhere/records")}
+
+
+def test_changed_batch_size_is_refused(tmp_path):
+  config = pretrain.get_config("tiny")
+  config.data.batch_size = 32
+  with pytest.raises(run_config.ResumeConfigError, match=r"config\.data\.batch_size changed \(16 -> 32\)"):
+    run_config.check_resume(_saved(tmp_path), config, step_lib.abstract_state_of)
+
+
+def test_shape_changes_name_only_the_responsible_fields(tmp_path):
+  config = pretrain.get_config("tiny")
+  config.model.embed_dim, config.total_steps = 128, 400
+  config.optim.learning_rate = 5e-4  # no shape depends on it
+  with pytest.raises(run_config.ResumeConfigError) as error:
+    run_config.check_resume(_saved(tmp_path), config, step_lib.abstract_state_of)
+  message = str(error.value)
+  assert "config.model.embed_dim (64 -> 128)" in message and "\n" not in message
+  assert "total_steps" not in message and "learning_rate" not in message
+
+
+def test_a_workdir_without_a_record_resumes_as_before():
+  assert run_config.check_resume(None, pretrain.get_config("tiny"), step_lib.abstract_state_of) == {}
