@@ -1,0 +1,143 @@
+"""Clip sources with ids and features on a mesh (eval/clips.py, eval/features.py).
+
+Records are the input tests' tiny records (7 clips in 3 shards, ids clip0..clip6); the model is a
+tiny float32 CAV-MAE; 8 fake CPU devices (conftest) against one.
+"""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cav_mae_jax import models
+from cav_mae_jax import tasks
+from cav_mae_jax.data import input as input_lib
+from cav_mae_jax.eval import clips
+from cav_mae_jax.eval import features
+from cav_mae_jax.eval import ranking
+from cav_mae_jax.train import mesh as mesh_lib
+from configs import pretrain
+from test_input import write_records
+
+NUM_CLIPS = 7
+RECORD_ORDER = ["clip0", "clip3", "clip6", "clip1", "clip4", "clip2", "clip5"]  # shard by shard
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def tiny_config(eval_dir: str = "") -> ml_collections.ConfigDict:
+  """A tiny float32 model on 1024-frame records and 32-pixel images."""
+  config = pretrain.get_config("tiny")
+  m = config.model
+  m.embed_dim, m.num_heads, m.encoder_depth, m.modality_specific_depth = 32, 2, 2, 1
+  m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads = 16, 1, 2
+  m.image_size = 32
+  config.data.eval_dir = eval_dir
+  config.data.batch_size = 8
+  return config
+
+
+@pytest.fixture(scope="module", name="records_dir")
+def fixture_records_dir(tmp_path_factory):
+  return write_records(str(tmp_path_factory.mktemp("records")),
+                       [[i % 4] for i in range(NUM_CLIPS)], num_shards=3)
+
+
+@pytest.fixture(scope="module", name="params")
+def fixture_params():
+  return jax.jit(lambda rng: models.init_params(tiny_config().model, rng))(jax.random.key(0))
+
+
+def test_record_batches_are_the_eval_pipelines_with_ids(records_dir):
+  config = tiny_config(records_dir)
+  ours = list(clips.record_batches(config, 4))
+  theirs = list(input_lib.InputPipeline(config, "eval", training=False, batch_size=4,
+                                        process_index=0, process_count=1))
+  assert len(ours) == len(theirs) == 2
+  for mine, reference in zip(ours, theirs):
+    np.testing.assert_array_equal(mine["valid"], reference["valid"])
+    np.testing.assert_array_equal(mine["audio"], reference["audio"])
+    np.testing.assert_array_equal(mine["image"], reference["image"])
+  ids = np.concatenate([b["video_id"] for b in ours])
+  assert list(ids) == RECORD_ORDER + [""]
+
+
+def test_subset_keeps_listed_clips_and_names_missing_ones(records_dir, tmp_path):
+  config = tiny_config(records_dir)
+  batches = list(clips.record_batches(config, 4, video_ids=["clip4", "clip0"]))
+  assert len(batches) == 1
+  assert list(batches[0]["video_id"]) == ["clip0", "clip4", "", ""]
+  assert list(batches[0]["valid"]) == [True, True, False, False]
+  with pytest.raises(ValueError, match="nope7, nope8"):
+    list(clips.record_batches(config, 4, video_ids=["clip1", "nope7", "nope8"]))
+  (tmp_path / "subset.json").write_text(json.dumps({"data": [{"video_id": "a"},
+                                                             {"video_id": "b"}]}))
+  (tmp_path / "subset.txt").write_text("# five per class\na\n\nb\na\n")
+  assert clips.read_id_list(str(tmp_path / "subset.json")) == ["a", "b"]
+  assert clips.read_id_list(str(tmp_path / "subset.txt")) == ["a", "b"]
+  (tmp_path / "empty.txt").write_text("\n")
+  with pytest.raises(ValueError, match="no clip ids"):
+    clips.read_id_list(str(tmp_path / "empty.txt"))
+
+
+def _direct_embeddings(params, config, batches):
+  """Embeddings of the valid clips by one un-jitted model call, no mesh, no padding."""
+  rows = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in ("audio", "image")}
+  tokens = models.CAVMAE(models.ModelConfig.from_config(config.model)).apply(
+      {"params": params}, rows["audio"], rows["image"], method="streams")
+  return {k: np.asarray(v.mean(axis=1)) for k, v in tokens.items()}, tokens
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_embeddings_over_the_mesh_drop_padding(records_dir, params, num_devices):
+  config = tiny_config(records_dir)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:num_devices])
+  batches = list(clips.record_batches(config, 8))
+  loaded = features.Loaded(tasks.get_task(config), mesh, params, 0)
+  ids, out = features.extract_embeddings(loaded, batches, patches=True)
+  assert list(ids) == RECORD_ORDER
+  expected, tokens = _direct_embeddings(params, config, batches)
+  assert sorted(out) == ["audio", "audio_patches", "joint", "joint_patches", "video",
+                         "video_patches"]
+  for name in ("audio", "video", "joint"):
+    assert out[name].shape == (NUM_CLIPS, 32)
+    np.testing.assert_allclose(out[name], expected[name], atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(out[name + "_patches"], tokens[name], atol=2e-5, err_msg=name)
+  assert out["audio_patches"].shape == (NUM_CLIPS, 512, 32)
+  assert out["joint_patches"].shape == (NUM_CLIPS, 512 + 4, 32)
+
+
+def test_retrieval_ranks_the_tasks_features(records_dir, params):
+  config = tiny_config(records_dir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  loaded = features.Loaded(tasks.get_task(config), mesh, params, 0)
+  batches = list(clips.record_batches(config, 8, video_ids=RECORD_ORDER[:5]))
+  result = features.retrieval(loaded, batches)
+  assert sorted(result.ids) == sorted(RECORD_ORDER[:5])
+  expected, _ = _direct_embeddings(params, config, batches)
+  assert result.metrics == pytest.approx(
+      ranking.audio_visual_retrieval(expected["audio"], expected["video"]))
+  assert set(result.metrics) == {f"{d}/{m}" for d in ("a2v", "v2a")
+                                 for m in ("r@1", "r@5", "r@10", "median_rank")}
+
+
+def test_batch_size_must_fit_the_devices():
+  mesh = mesh_lib.make_mesh(tiny_config().mesh)
+  assert features.check_batch_size(16, mesh) == 16
+  with pytest.raises(ValueError, match="batch_size=12"):
+    features.check_batch_size(12, mesh)
+
+
+def test_npz_holds_ids_and_arrays(tmp_path):
+  path = str(tmp_path / "out" / "features.npz")
+  features.write_npz(path, np.array(["a", "bb"], object), {"audio": np.ones((2, 3), np.float32)})
+  with np.load(path) as data:
+    assert list(data["ids"]) == ["a", "bb"] and data["audio"].shape == (2, 3)
