@@ -1,10 +1,8 @@
-"""Clip sources with ids and features on a mesh (eval/clips.py, eval/features.py).
+"""Embeddings and retrieval of clips on a mesh (eval/features.py).
 
 Records are the input tests' tiny records (7 clips in 3 shards, ids clip0..clip6); the model is a
 tiny float32 CAV-MAE; 8 fake CPU devices (conftest) against one.
 """
-
-import json
 
 import jax
 import ml_collections
@@ -13,7 +11,6 @@ import pytest
 
 from cav_mae_jax import models
 from cav_mae_jax import tasks
-from cav_mae_jax.data import input as input_lib
 from cav_mae_jax.eval import clips
 from cav_mae_jax.eval import features
 from cav_mae_jax.eval import ranking
@@ -54,38 +51,6 @@ def fixture_records_dir(tmp_path_factory):
 @pytest.fixture(scope="module", name="params")
 def fixture_params():
   return jax.jit(lambda rng: models.init_params(tiny_config().model, rng))(jax.random.key(0))
-
-
-def test_record_batches_are_the_eval_pipelines_with_ids(records_dir):
-  config = tiny_config(records_dir)
-  ours = list(clips.record_batches(config, 4))
-  theirs = list(input_lib.InputPipeline(config, "eval", training=False, batch_size=4,
-                                        process_index=0, process_count=1))
-  assert len(ours) == len(theirs) == 2
-  for mine, reference in zip(ours, theirs):
-    np.testing.assert_array_equal(mine["valid"], reference["valid"])
-    np.testing.assert_array_equal(mine["audio"], reference["audio"])
-    np.testing.assert_array_equal(mine["image"], reference["image"])
-  ids = np.concatenate([b["video_id"] for b in ours])
-  assert list(ids) == RECORD_ORDER + [""]
-
-
-def test_subset_keeps_listed_clips_and_names_missing_ones(records_dir, tmp_path):
-  config = tiny_config(records_dir)
-  batches = list(clips.record_batches(config, 4, video_ids=["clip4", "clip0"]))
-  assert len(batches) == 1
-  assert list(batches[0]["video_id"]) == ["clip0", "clip4", "", ""]
-  assert list(batches[0]["valid"]) == [True, True, False, False]
-  with pytest.raises(ValueError, match="nope7, nope8"):
-    list(clips.record_batches(config, 4, video_ids=["clip1", "nope7", "nope8"]))
-  (tmp_path / "subset.json").write_text(json.dumps({"data": [{"video_id": "a"},
-                                                             {"video_id": "b"}]}))
-  (tmp_path / "subset.txt").write_text("# five per class\na\n\nb\na\n")
-  assert clips.read_id_list(str(tmp_path / "subset.json")) == ["a", "b"]
-  assert clips.read_id_list(str(tmp_path / "subset.txt")) == ["a", "b"]
-  (tmp_path / "empty.txt").write_text("\n")
-  with pytest.raises(ValueError, match="no clip ids"):
-    clips.read_id_list(str(tmp_path / "empty.txt"))
 
 
 def _direct_embeddings(params, config, batches):
