@@ -113,6 +113,20 @@ def pad_batch(batch: HostBatch, size: int) -> HostBatch:
   return padded
 
 
+def array_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[HostBatch]:
+  """Host batches of in-memory arrays [N, ...] (this process's rows), ids '0'..'N-1'."""
+  from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  host_batch = input_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
+  num = len(next(iter(arrays.values())))
+  ids = np.asarray([str(i) for i in range(num)], dtype=object)
+  for start in range(0, num, batch_size):
+    rows = slice(start + jax.process_index() * host_batch,
+                 start + (jax.process_index() + 1) * host_batch)
+    batch = {k: v[rows] for k, v in arrays.items()}
+    batch["valid"], batch["video_id"] = np.ones(len(ids[rows]), bool), ids[rows]
+    yield pad_batch(batch, host_batch)
+
+
 # ----------------------------------------------------------------------------------------
 # The evaluation pipeline's preprocessing of one clip.
 
