@@ -21,6 +21,7 @@ takes tens of minutes for a few thousand clips, this takes seconds.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -135,6 +136,17 @@ def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step:
   return Loaded(task, mesh, params, step)
 
 
+def records_directory(config: ml_collections.ConfigDict, records: str = "") -> str:
+  """`records`, else config.data.eval_dir, checked to be a records directory (index.json)."""
+  directory = records or config.data.eval_dir
+  if not directory:
+    raise ValueError("no records to read: give a records directory or set config.data.eval_dir")
+  if not os.path.isfile(os.path.join(directory, "index.json")):
+    what = "no such directory" if not os.path.isdir(directory) else "no index.json in it"
+    raise FileNotFoundError(f"{directory}: not a records directory ({what})")
+  return directory
+
+
 def clip_batches(config: ml_collections.ConfigDict, batch_size: int, *, records_dir: str = "",
                  subset: Sequence[str] | None = None, videos: str = "",
                  on_error: Callable[[clips_lib.VideoClip, Exception], None] | None = None
@@ -145,7 +157,8 @@ def clip_batches(config: ml_collections.ConfigDict, batch_size: int, *, records_
       raise ValueError("a subset list selects records; list the video files instead")
     return clips_lib.video_batches(clips_lib.list_videos(videos), config, batch_size,
                                    on_error=on_error or _raise)
-  return clips_lib.record_batches(config, batch_size, directory=records_dir, video_ids=subset)
+  return clips_lib.record_batches(config, batch_size, video_ids=subset,
+                                  directory=records_directory(config, records_dir))
 
 
 def _raise(clip: clips_lib.VideoClip, error: Exception) -> None:
