@@ -4,6 +4,12 @@ Records are the input tests' tiny records (7 clips in 3 shards, ids clip0..clip6
 tiny float32 CAV-MAE; 8 fake CPU devices (conftest) against one.
 """
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -106,3 +112,36 @@ def test_npz_holds_ids_and_arrays(tmp_path):
   features.write_npz(path, np.array(["a", "bb"], object), {"audio": np.ones((2, 3), np.float32)})
   with np.load(path) as data:
     assert list(data["ids"]) == ["a", "bb"] and data["audio"].shape == (2, 3)
+
+
+def test_two_processes_count_every_clip_once(records_dir):
+  """2 processes x 4 devices: ids of all processes' rows, in global order, padding dropped."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  worker = os.path.join(root, "tests", "features_multihost_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), records_dir],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=300)
+      assert proc.returncode == 0, err[-3000:]
+      outputs.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert outputs[0] == outputs[1]
+  result = outputs[0]
+  assert result["array_ids"] == [str(i) for i in range(13)]
+  np.testing.assert_array_equal(result["array_x"], np.arange(26).reshape(13, 2) * 2.0)
+  # Process 0 reads shards 0 and 2 (clips 0, 3, 6, 2, 5), process 1 shard 1 (clips 1, 4).
+  assert sorted(result["record_ids"]) == ["clip0", "clip1", "clip2", "clip4", "clip6"]
+  clip_numbers = np.array([int(x[4:]) for x in result["record_ids"]])
+  np.testing.assert_allclose(result["record_mean"], (clip_numbers + 5.081) / 4.4849, rtol=1e-5)
+  assert result["gathered"] == [["p0"], ["p1", "p1"]]

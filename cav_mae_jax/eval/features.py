@@ -51,13 +51,22 @@ def run_on_mesh(fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Ar
   """
   jitted = jax.jit(fn, out_shardings=mesh_lib.replicated(mesh))
   local_ids, valid_rows, outputs = [], [], {}
+
+  def collect(result: Mapping[str, jax.Array], valid: np.ndarray) -> None:
+    for name, value in result.items():
+      outputs.setdefault(name, []).append(np.asarray(value)[valid])
+
+  pending = None
   for batch in batches:
     valid = common.global_valid(batch["valid"])
     result = jitted(params, mesh_lib.global_batch({k: batch[k] for k in input_keys}, mesh))
-    for name, value in result.items():
-      outputs.setdefault(name, []).append(np.asarray(value)[valid])
+    if pending is not None:  # fetched one batch late: the next batch's transfer overlaps
+      collect(*pending)
+    pending = (result, valid)
     local_ids.append(batch["video_id"])
     valid_rows.append(valid)
+  if pending is not None:
+    collect(*pending)
   if not valid_rows or not np.concatenate(valid_rows).any():
     raise ValueError("no clips to compute features of (every clip was padding or failed)")
   ids = clips_lib.global_ids(local_ids)[np.concatenate(valid_rows)]
