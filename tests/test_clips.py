@@ -16,7 +16,8 @@ from cav_mae_jax.data import input as input_lib
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import synthetic
 from cav_mae_jax.eval import clips
-from test_features import RECORD_ORDER, fixture_records_dir, tiny_config  # pylint: disable=unused-import
+from test_features import (  # pylint: disable=unused-import
+    RECORD_ORDER, fixture_records_dir, tiny_config)
 
 VIDEO_SECONDS = 2.0
 

@@ -16,7 +16,8 @@ import pytest
 
 from cav_mae_jax import tasks
 from cav_mae_jax.convert import io
-from test_features import NUM_CLIPS, RECORD_ORDER, fixture_records_dir, tiny_config  # pylint: disable=unused-import
+from test_features import (  # pylint: disable=unused-import
+    NUM_CLIPS, RECORD_ORDER, fixture_records_dir, tiny_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/pretrain.py:tiny", "--config.model.embed_dim=32",

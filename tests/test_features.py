@@ -145,3 +145,22 @@ def test_two_processes_count_every_clip_once(records_dir):
   clip_numbers = np.array([int(x[4:]) for x in result["record_ids"]])
   np.testing.assert_allclose(result["record_mean"], (clip_numbers + 5.081) / 4.4849, rtol=1e-5)
   assert result["gathered"] == [["p0"], ["p1", "p1"]]
+
+
+def test_finetuned_encoder_gives_the_same_embeddings(params):
+  config = tiny_config()
+  model_config = models.ModelConfig.from_config(config.model)
+  finetuned = jax.jit(lambda k: models.init_params(model_config, k, finetune=True))(
+      jax.random.key(1))
+  pretrained = {**params, **{k: v for k, v in finetuned.items() if k in params}}
+  rng = np.random.default_rng(0)
+  batch = {"audio": rng.standard_normal((2, 1024, 128)).astype(np.float32),
+           "image": rng.standard_normal((2, 32, 32, 3)).astype(np.float32)}
+  ours = features.embedding_fn(model_config, finetune=True)(finetuned, batch)
+  reference = features.embedding_fn(model_config)(pretrained, batch)
+  assert sorted(ours) == ["audio", "joint", "video"]
+  for name in ours:
+    np.testing.assert_allclose(ours[name], reference[name], atol=1e-5, err_msg=name)
+  audio_only = features.embedding_fn(model_config, streams=("audio",))(pretrained, batch)
+  assert sorted(audio_only) == ["audio"]
+  np.testing.assert_allclose(audio_only["audio"], reference["audio"], atol=1e-5)

@@ -9,7 +9,8 @@ import pytest
 from cav_mae_jax import models
 from cav_mae_jax.eval import inpaint
 from cav_mae_jax.models import losses
-from test_features import RECORD_ORDER, fixture_records_dir, tiny_config  # pylint: disable=unused-import
+from test_features import (  # pylint: disable=unused-import
+    RECORD_ORDER, fixture_records_dir, tiny_config)
 
 
 @pytest.fixture(scope="module", autouse=True)

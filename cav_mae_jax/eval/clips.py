@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np

@@ -15,7 +15,9 @@ fine-tuned model's encoder gives the same streams (its head is not used).
 
 Retrieval (`retrieval`) uses the task's own 'features' predict function (what the retrieval
 evaluator uses) and ranks on the device (`eval.ranking`): the original's Python double loop
-takes tens of minutes for a few thousand clips, this takes seconds.
+takes tens of minutes for a few thousand clips; ranking 2,000 clips of 768-wide features in
+both directions takes 0.15 s here on two CPU cores (0.65 s with compilation), so a retrieval
+run costs what reading the clips and the encoder's forward pass cost.
 """
 
 from __future__ import annotations
