@@ -56,6 +56,8 @@ def test_subset_keeps_listed_clips_and_names_missing_ones(records_dir, tmp_path)
   assert list(batches[0]["valid"]) == [True, True, False, False]
   with pytest.raises(ValueError, match="nope7, nope8"):
     list(clips.record_batches(config, 4, video_ids=["clip1", "nope7", "nope8"]))
+  with pytest.raises(ValueError, match="empty"):
+    list(clips.record_batches(config, 4, video_ids=[]))
   (tmp_path / "subset.json").write_text(json.dumps({"data": [{"video_id": "a"},
                                                              {"video_id": "b"}]}))
   (tmp_path / "subset.txt").write_text("# five per class\na\n\nb\na\n")

@@ -175,7 +175,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   """Host batches of the records in `directory` (default config.data.eval_dir), with ids.
 
   With `video_ids`, only the clips whose id is listed (every record with such an id); an id
-  that no record has raises ValueError naming it. Reads this process's shards in order.
+  that no record has raises ValueError naming it. Reads this process's shards in order (with
+  `video_ids`, twice: their ids first, to count and check the subset).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
@@ -195,6 +196,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   dataset = tf.data.TFRecordDataset(files)
   if video_ids is not None:
     wanted = list(dict.fromkeys(video_ids))
+    if not wanted:
+      raise ValueError("the subset of clip ids is empty")
     local_ids = [x.decode() for x in dataset.map(
         lambda s: tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]).as_numpy_iterator()]
     found = {x for ids in allgather_strings(sorted(set(local_ids) & set(wanted))) for x in ids}
