@@ -191,6 +191,37 @@ def test_finetuning_modes_and_features():
   assert a.shape == (4, cfg.num_audio_patches, cfg.embed_dim) and v.shape == (4, cfg.num_image_patches, cfg.embed_dim)
 
 
+def test_streams_are_the_unmasked_encoder_streams():
+  cfg = _cfg(mask_ratio_a=0.0, mask_ratio_v=0.0)
+  audio, image = _inputs(cfg, batch=2)
+  model = CAVMAE(cfg)
+  keep_order = lambda count: jnp.tile(jnp.arange(count, dtype=jnp.float32), (2, 1))
+
+  @jax.jit
+  def run(audio, image):
+    variables = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, audio, image)
+    # Freshly initialized LayerNorms are identical; make the three final norms differ.
+    for i, name in enumerate(("norm", "norm_a", "norm_v")):
+      variables["params"][name]["bias"] = variables["params"][name]["bias"] + i
+    encoded = model.apply(variables, audio, image, noise_a=keep_order(cfg.num_audio_patches),
+                          noise_v=keep_order(cfg.num_image_patches), method="encode")
+    return encoded, model.apply(variables, audio, image, method="streams")
+
+  encoded, streams = run(audio, image)
+  np.testing.assert_allclose(streams["joint"], encoded["x"], atol=1e-5)
+  np.testing.assert_allclose(streams["audio"], encoded["latent_c_a"], atol=1e-5)
+  np.testing.assert_allclose(streams["video"], encoded["latent_c_v"], atol=1e-5)
+  assert streams["joint"].shape == (2, cfg.num_audio_patches + cfg.num_image_patches, cfg.embed_dim)
+
+
+def test_unpatchify_inverts_patchify():
+  from cav_mae_jax.models import losses  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(0).standard_normal((2, 32, 48, 3)).astype(np.float32)
+  patches = losses.patchify(images, 16)
+  assert patches.shape == (2, 6, 768)
+  np.testing.assert_array_equal(losses.unpatchify(patches, (2, 3), 16), images)
+
+
 def test_inpaint_returns_reconstructions_and_masks():
   cfg = _cfg(norm_pix_loss=False)
   audio, image = _inputs(cfg)

@@ -135,15 +135,31 @@ class _Encoder(nn.Module):
 
   def features(self, audio: Optional[jax.Array], image: Optional[jax.Array]) -> tuple[Any, Any]:
     """Unmasked audio-only and video-only stream tokens [B, L, D] (float32), used for retrieval."""
+    streams = self.streams(audio, image, joint=False)
+    return streams.get("audio"), streams.get("video")
+
+  def streams(self, audio: Optional[jax.Array], image: Optional[jax.Array], *,
+              joint: bool = True) -> dict[str, jax.Array]:
+    """Unmasked token streams after the joint blocks (float32), for the inputs given.
+
+    'audio' [B, La, D] (audio-only stream, `norm_a`; the original's `forward_feat` audio output),
+    'video' [B, Lv, D] (video-only stream, `norm_v`) and, with both inputs and `joint`,
+    'joint' [B, La + Lv, D] (the audio+video stream, `norm`, as multimodal fine-tuning pools it).
+    """
     cfg = self.config
     check_inputs(cfg, audio, image, need_audio=cfg.uses_audio and audio is not None,
                  need_image=cfg.uses_video and image is not None)
     a = v = None
+    out = {}
     if cfg.uses_audio and audio is not None:
-      a = self.joint(self.audio_blocks(self.embed_audio(audio)), "a").astype(jnp.float32)
+      a = self.audio_blocks(self.embed_audio(audio))
+      out["audio"] = self.joint(a, "a").astype(jnp.float32)
     if cfg.uses_video and image is not None:
-      v = self.joint(self.video_blocks(self.embed_video(image)), "v").astype(jnp.float32)
-    return a, v
+      v = self.video_blocks(self.embed_video(image))
+      out["video"] = self.joint(v, "v").astype(jnp.float32)
+    if joint and a is not None and v is not None:
+      out["joint"] = self.joint(jnp.concatenate([a, v], axis=1)).astype(jnp.float32)
+    return out
 
 
 class CAVMAE(_Encoder):

@@ -15,6 +15,16 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return x.reshape(batch, (height // p) * (width // p), p * p * channels)
 
 
+def unpatchify(patches: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
+  """[B, h*w, p*p*C] -> NHWC [B, h*p, w*p, C]: the inverse of `patchify` on an h x w grid."""
+  batch, _, size = patches.shape
+  rows, cols = grid
+  p = patch_size
+  channels = size // (p * p)
+  x = patches.reshape(batch, rows, cols, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, rows * p, cols * p, channels)
+
+
 def audio_as_image(audio: jax.Array) -> jax.Array:
   """Fbank [B, T, F] -> NHWC [B, F, T, 1]: frequency is the height, time the width."""
   return jnp.swapaxes(audio, 1, 2)[..., None]

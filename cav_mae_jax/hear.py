@@ -1,0 +1,164 @@
+"""HEAR-style audio embeddings of a CAV-MAE model, for benchmarking its audio branch.
+
+The HEAR API (hearbenchmark.com): `load_model(path)`, `get_scene_embeddings(audio, model)` ->
+[n, D] and `get_timestamp_embeddings(audio, model)` -> ([n, T, D], timestamps [n, T] in ms),
+with `sample_rate` (16 kHz) and the embedding sizes as model (and module) attributes. `audio`
+is float [n, samples] at 16 kHz (NumPy, JAX or torch; torch in gives torch out).
+
+Only the audio branch runs: the audio-only stream after the joint block with `norm_a`, as the
+original's audio feature script (`forward_feat`) takes it. A clip becomes a Kaldi fbank exactly
+as the input pipeline computes one (mean removed, 128 bins, 10 ms frames), normalized with the
+run's `config.data.fbank_mean` / `fbank_std` when the model is a training workdir, else
+AudioSet's -5.081 / 4.4849 (every released recipe uses those).
+
+Lengths. The model sees `audio_length` frames (1024 = 10.24 s) at a time. Shorter audio is
+padded with zero log-mel frames before normalization, as the original pads. Longer audio is cut
+into consecutive windows of `audio_length` frames (no overlap; the last one padded), each
+encoded on its own.
+- Timestamp embeddings: the tokens of one time column of the patch grid (16 frames, 160 ms),
+  averaged over its frequency rows; one embedding per column that holds any real audio, so
+  T = ceil(frames / 16). A column's timestamp is the centre of the audio its frames see:
+  160 * t + 87.5 ms (frame f covers [10 f, 10 f + 25) ms).
+- Scene embeddings: the mean of all tokens of a window (padding columns included, as the
+  original pools a padded clip); for several windows, their mean weighted by the real frames in
+  each. For audio up to the model's length this is exactly the original's pooled feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from cav_mae_jax import models
+from cav_mae_jax.data import fbank
+from cav_mae_jax.eval import clips
+from cav_mae_jax.eval import features
+from cav_mae_jax.train import mesh as mesh_lib
+
+sample_rate = 16000  # pylint: disable=invalid-name  (HEAR API attribute)
+WINDOWS_PER_DEVICE = 8
+
+
+@dataclasses.dataclass
+class HearModel:
+  """A loaded model: parameters on a mesh of every device, and what the API reports."""
+
+  model_config: models.ModelConfig
+  params: Any
+  mesh: jax.sharding.Mesh
+  finetune: bool
+  fbank_mean: float
+  fbank_std: float
+  batch_size: int
+  sample_rate: int = sample_rate
+
+  @property
+  def scene_embedding_size(self) -> int:
+    return self.model_config.embed_dim
+
+  @property
+  def timestamp_embedding_size(self) -> int:
+    return self.model_config.embed_dim
+
+
+def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0) -> HearModel:
+  """A params checkpoint (tools/convert.py, with model_config.json) or a training workdir.
+
+  `step`: the workdir's checkpoint (0: the latest). `batch_size`: windows per device batch
+  (default 8 per device).
+  """
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  path = os.fspath(model_file_path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no params checkpoint or training workdir")
+  model_config = models.ModelConfig.from_config(init_source.read_model_config(path))
+  if not model_config.uses_audio:
+    raise ValueError(f"{path}: model has no audio branch (modalities="
+                     f"{model_config.modalities!r})")
+  mean, std = fbank_normalization(path)
+  host_params = init_source.read_params(path, step)
+  mesh = mesh_lib.make_mesh(common.mesh_config())
+  params = mesh_lib.host_to_global(host_params, mesh_lib.tree_shardings(mesh, host_params))
+  batch_size = features.check_batch_size(batch_size or WINDOWS_PER_DEVICE * mesh.devices.size,
+                                         mesh)
+  return HearModel(model_config, params, mesh, "mlp_head_1" in host_params, mean, std,
+                   batch_size)
+
+
+def fbank_normalization(path: str) -> tuple[float, float]:
+  """(mean, std) of fbank normalization: a workdir's config.data values, else AudioSet's."""
+  from cav_mae_jax.train import checkpoint, run_config  # pylint: disable=g-import-not-at-top
+  if checkpoint.is_workdir(path):
+    config = run_config.read_run_config(path)
+    data = config.get("data") if config is not None else None
+    if data is not None and data.get("fbank_mean") is not None:
+      return float(data.fbank_mean), float(data.fbank_std)
+  return fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD
+
+
+def _windows(audio: Any, model: HearModel) -> tuple[np.ndarray, int]:
+  """Normalized fbank windows [n * W, audio_length, F] of audio [n, samples], and frames."""
+  audio = np.asarray(audio, np.float32)
+  if audio.ndim != 2 or audio.shape[0] == 0:
+    raise ValueError(f"audio must be [n, samples] with n >= 1, got shape {audio.shape}")
+  window, _, _ = fbank.frame_geometry(sample_rate)
+  if audio.shape[1] < window:
+    raise ValueError(f"audio has {audio.shape[1]} samples: at least {window} (one 25-ms fbank "
+                     f"frame at {sample_rate} Hz) are needed")
+  length = model.model_config.audio_length
+  frames = fbank.num_frames(audio.shape[1], sample_rate)
+  padded = math.ceil(frames / length) * length
+  clip_windows = [
+      fbank.normalize_fbank(
+          fbank.pad_or_trim(fbank.clip_fbank(clip, sample_rate, model.model_config.num_mel_bins),
+                            padded), model.fbank_mean, model.fbank_std)
+      for clip in audio]
+  return np.stack(clip_windows).reshape(-1, length, model.model_config.num_mel_bins), frames
+
+
+def _encode(audio: Any, model: HearModel) -> tuple[np.ndarray, np.ndarray, int]:
+  """(pooled [n, W, D], time columns [n, W * columns, D], frames) of every window."""
+  windows, frames = _windows(audio, model)
+  fn = features.embedding_fn(model.model_config, finetune=model.finetune, patches=True,
+                             streams=("audio",))
+  _, out = features.run_on_mesh(fn, model.params,
+                                clips.array_batches({"audio": windows}, model.batch_size),
+                                model.mesh, input_keys=("audio",))
+  n = np.shape(audio)[0]
+  rows, columns = model.model_config.audio_grid
+  tokens = out["audio_patches"].reshape(n, -1, rows, columns, model.model_config.embed_dim)
+  column_tokens = tokens.mean(axis=2).reshape(n, -1, model.model_config.embed_dim)
+  return out["audio"].reshape(n, -1, model.model_config.embed_dim), column_tokens, frames
+
+
+def _like(array: np.ndarray, audio: Any) -> Any:
+  """`array` as a torch tensor when `audio` is one (HEAR's harness passes torch)."""
+  if type(audio).__module__.split(".")[0] == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    return torch.from_numpy(np.ascontiguousarray(array))
+  return array
+
+
+def get_scene_embeddings(audio: Any, model: HearModel) -> Any:
+  """[n, D] float32: one embedding per clip of `audio` [n, samples] at 16 kHz."""
+  pooled, _, frames = _encode(audio, model)
+  length = model.model_config.audio_length
+  real = np.clip(frames - length * np.arange(pooled.shape[1]), 0, length).astype(np.float64)
+  return _like(np.einsum("nwd,w->nd", pooled, real / real.sum()).astype(np.float32), audio)
+
+
+def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
+  """([n, T, D] float32 embeddings, [n, T] float32 centre times in ms), one per 160 ms column."""
+  _, column_tokens, frames = _encode(audio, model)
+  patch = model.model_config.patch_size
+  count = math.ceil(frames / patch)
+  centres = ((patch * np.arange(count) + (patch - 1) / 2) * fbank.FRAME_SHIFT_MS
+             + fbank.FRAME_LENGTH_MS / 2)
+  timestamps = np.broadcast_to(centres, (column_tokens.shape[0], count)).astype(np.float32)
+  return _like(column_tokens[:, :count], audio), _like(timestamps, audio)

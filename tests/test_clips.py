@@ -1,0 +1,135 @@
+"""Clip batches with ids: records (subset lists) and video files (decode, quarantine).
+
+Records batches must equal the evaluation input pipeline's; video files must give what their
+records give (the records written by the data tools from the same files).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cav_mae_jax.data import decode
+from cav_mae_jax.data import fbank
+from cav_mae_jax.data import input as input_lib
+from cav_mae_jax.data import prepare
+from cav_mae_jax.data import synthetic
+from cav_mae_jax.eval import clips
+from test_features import (  # pylint: disable=unused-import
+    RECORD_ORDER, fixture_records_dir, tiny_config)
+
+VIDEO_SECONDS = 2.0
+
+
+@pytest.fixture(scope="module", name="videos")
+def fixture_videos(tmp_path_factory):
+  """Three short synthetic MP4s and the records tools/preprocess.py writes from them."""
+  root = tmp_path_factory.mktemp("videos")
+  data = synthetic.generate_dataset(root, num_clips=3, num_classes=2, duration_s=VIDEO_SECONDS,
+                                    fps=10, width=64, height=48, split_name="eval")
+  records_dir = str(root / "records")
+  prepare.prepare_records(data["datafile"], data["labels_csv"], records_dir, num_workers=0,
+                          examples_per_shard=2, progress=False)
+  return data, records_dir
+
+
+def test_record_batches_are_the_eval_pipelines_with_ids(records_dir):
+  config = tiny_config(records_dir)
+  ours = list(clips.record_batches(config, 4))
+  theirs = list(input_lib.InputPipeline(config, "eval", training=False, batch_size=4,
+                                        process_index=0, process_count=1))
+  assert len(ours) == len(theirs) == 2
+  for mine, reference in zip(ours, theirs):
+    np.testing.assert_array_equal(mine["valid"], reference["valid"])
+    np.testing.assert_array_equal(mine["audio"], reference["audio"])
+    np.testing.assert_array_equal(mine["image"], reference["image"])
+  ids = np.concatenate([b["video_id"] for b in ours])
+  assert list(ids) == RECORD_ORDER + [""]
+
+
+def test_subset_keeps_listed_clips_and_names_missing_ones(records_dir, tmp_path):
+  config = tiny_config(records_dir)
+  batches = list(clips.record_batches(config, 4, video_ids=["clip4", "clip0"]))
+  assert len(batches) == 1
+  assert list(batches[0]["video_id"]) == ["clip0", "clip4", "", ""]
+  assert list(batches[0]["valid"]) == [True, True, False, False]
+  with pytest.raises(ValueError, match="nope7, nope8"):
+    list(clips.record_batches(config, 4, video_ids=["clip1", "nope7", "nope8"]))
+  with pytest.raises(ValueError, match="empty"):
+    list(clips.record_batches(config, 4, video_ids=[]))
+  (tmp_path / "subset.json").write_text(json.dumps({"data": [{"video_id": "a"},
+                                                             {"video_id": "b"}]}))
+  (tmp_path / "subset.txt").write_text("# five per class\na\n\nb\na\n")
+  assert clips.read_id_list(str(tmp_path / "subset.json")) == ["a", "b"]
+  assert clips.read_id_list(str(tmp_path / "subset.txt")) == ["a", "b"]
+  (tmp_path / "empty.txt").write_text("\n")
+  with pytest.raises(ValueError, match="no clip ids"):
+    clips.read_id_list(str(tmp_path / "empty.txt"))
+
+
+
+def test_video_files_give_what_their_records_give(videos):
+  data, records_dir = videos
+  config = tiny_config(records_dir)
+  listed = clips.list_videos(data["video_dir"])
+  assert [c.video_id for c in listed] == [f"syn_eval_{i:05d}" for i in range(3)]
+  from_videos = list(clips.video_batches(listed, config, 4, on_error=pytest.fail))
+  from_records = list(clips.record_batches(config, 4))
+  assert len(from_videos) == len(from_records) == 1
+  by_id = {v: i for i, v in enumerate(from_records[0]["video_id"])}
+  order = [by_id[v] for v in from_videos[0]["video_id"][:3]]
+  np.testing.assert_array_equal(from_videos[0]["image"][:3], from_records[0]["image"][order])
+  # Records hold float16 fbanks: 2**-7 at most on log-mel values under 16, / std.
+  np.testing.assert_allclose(from_videos[0]["audio"][:3], from_records[0]["audio"][order],
+                             atol=2**-7 / fbank.AUDIOSET_STD)
+  assert list(from_videos[0]["valid"]) == [True, True, True, False]
+
+
+def test_short_audio_is_padded_as_the_original(videos):
+  data, _ = videos
+  config = tiny_config()
+  data_config = clips.eval_data_config(config)
+  preprocess = clips.eval_preprocess_fn(data_config, -5.081, 4.4849)
+  path = clips.list_videos(data["video_dir"])[0].path
+  audio = clips.video_inputs(path, data_config, preprocess)["audio"]
+  frames = fbank.clip_fbank(decode.decode_audio(path)[0]).shape[0]
+  assert 190 < frames < 220  # about 2 s
+  assert audio.shape == (1024, 128)
+  np.testing.assert_allclose(audio[frames:], (0 + 5.081) / 4.4849, rtol=1e-6)  # zero log-mel
+  assert np.abs(audio[:frames] - (0 + 5.081) / 4.4849).min(axis=1).max() > 0.01
+  # A shorter model window cuts the audio to what its frames see.
+  config.model.audio_length = 96
+  short = clips.video_inputs(path, clips.eval_data_config(config), preprocess)["audio"]
+  np.testing.assert_allclose(short, audio[:96], atol=1e-5)
+
+
+def test_bad_videos_are_quarantined_or_fatal(videos, tmp_path):
+  data, _ = videos
+  good = clips.list_videos(data["video_dir"])[0]
+  (tmp_path / "empty.mp4").write_bytes(b"")
+  listing = tmp_path / "list.txt"
+  listing.write_text(f"{good.path}\nmissing.mp4\nempty.mp4\n")
+  listed = clips.list_videos(str(listing))
+  assert [c.video_id for c in listed] == [good.video_id, "missing", "empty"]
+  quarantine = clips.Quarantine(str(tmp_path / "quarantine.jsonl"))
+  batches = list(clips.video_batches(listed, tiny_config(), 8, on_error=quarantine))
+  assert list(batches[0]["valid"][:3]) == [True, False, False] and quarantine.count == 2
+  lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+  assert [(x["video_id"], x["reason"]) for x in lines] == [("missing", "missing_file"),
+                                                           ("empty", "empty_file")]
+  assert lines[0]["path"] == str(tmp_path / "missing.mp4")
+  strict = clips.Quarantine(str(tmp_path / "unused.jsonl"), strict=True)
+  with pytest.raises(ValueError, match="missing.mp4: missing_file"):
+    list(clips.video_batches(listed, tiny_config(), 8, on_error=strict))
+  assert not os.path.exists(tmp_path / "unused.jsonl")
+
+
+def test_video_lists_name_their_problems(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such video"):
+    clips.list_videos(str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match="lists no video files"):
+    clips.list_videos(str(tmp_path))
+  (tmp_path / "list.txt").write_text("a/x.mp4\nb/x.mp4\n")
+  with pytest.raises(ValueError, match="repeated: x"):
+    clips.list_videos(str(tmp_path / "list.txt"))

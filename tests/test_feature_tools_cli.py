@@ -1,0 +1,107 @@
+"""The feature tools as a user runs them: retrieval, extract_features and inpaint.
+
+Bad input prints one line `error: ...` and exits 2; a good run on tiny records and a tiny params
+checkpoint prints its table, writes its .npz or PNG. Subprocesses from another working directory,
+8 fake CPU devices (inherited from conftest).
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cav_mae_jax import tasks
+from cav_mae_jax.convert import io
+from test_features import (  # pylint: disable=unused-import
+    NUM_CLIPS, RECORD_ORDER, fixture_records_dir, tiny_config)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/pretrain.py:tiny", "--config.model.embed_dim=32",
+        "--config.model.num_heads=2", "--config.model.encoder_depth=2",
+        "--config.model.modality_specific_depth=1", "--config.model.decoder_embed_dim=16",
+        "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
+        "--config.model.image_size=32", "--config.data.batch_size=8"]
+
+
+def run_tool(tool, args, cwd):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the tools quiet TensorFlow themselves
+  return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args], cwd=cwd,
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module", name="params_dir")
+def fixture_params_dir(tmp_path_factory):
+  config = tiny_config()
+  params = jax.jit(tasks.get_task(config).init_params)(jax.random.key(0))
+  path = str(tmp_path_factory.mktemp("ckpt") / "params")
+  io.save_params(path, jax.tree.map(np.asarray, params),
+                 model_config=dataclasses.asdict(tasks.get_task(config).model_config))
+  return path
+
+
+CASES = {
+    "retrieval_missing_records": ("retrieval.py", ["--params=p", "--records=/no/records"],
+                                  "/no/records"),
+    "retrieval_missing_subset": ("retrieval.py", ["--params=p", "--records={records}",
+                                                  "--subset=/no/subset.txt"], "/no/subset.txt"),
+    "retrieval_missing_params": ("retrieval.py", ["--params=/no/params", "--records={records}"],
+                                 "/no/params"),
+    "extract_missing_videos": ("extract_features.py", ["--params=p", "--videos=/no/videos",
+                                                       "--out=f.npz"], "/no/videos"),
+    "extract_strict_missing_video": ("extract_features.py",
+                                     ["--params={params}", "--videos=list.txt", "--out=f.npz",
+                                      "--strict"], "missing.mp4: missing_file"),
+    "inpaint_missing_records": ("inpaint.py", ["--params=p", "--records=/no/records",
+                                               "--out=x.png"], "/no/records"),
+    "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",
+                                              "--out=x.png"], "--mask_ratio_a=1.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_dir, tmp_path):
+  tool, args, named = CASES[case]
+  (tmp_path / "list.txt").write_text("missing.mp4\n")
+  args = [a.format(records=records_dir, params=params_dir) for a in args]
+  result = run_tool(tool, TINY + args, tmp_path)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  assert named in lines[0], lines[0]
+  assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_retrieval_prints_both_directions(records_dir, params_dir, tmp_path):
+  (tmp_path / "subset.txt").write_text("\n".join(RECORD_ORDER[:5]) + "\n")
+  result = run_tool("retrieval.py", TINY + [f"--params={params_dir}", f"--records={records_dir}",
+                                            "--subset=subset.txt"], tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert "5 clips" in lines[0]
+  assert lines[1].split() == ["direction", "R@1", "R@5", "R@10", "median", "rank"]
+  assert [line.split()[0] for line in lines[2:]] == ["audio->video", "video->audio"]
+  assert all(float(line.split()[3]) == 100.0 for line in lines[2:])  # R@10 of 5 clips
+
+
+def test_extract_features_writes_npz(records_dir, params_dir, tmp_path):
+  result = run_tool("extract_features.py", TINY + [f"--params={params_dir}",
+                                                   f"--records={records_dir}", "--out=f.npz"],
+                    tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with np.load(tmp_path / "f.npz") as data:
+    assert list(data["ids"]) == RECORD_ORDER
+    assert {k: data[k].shape for k in ("audio", "video", "joint")} == {
+        k: (NUM_CLIPS, 32) for k in ("audio", "video", "joint")}
+
+
+def test_inpaint_writes_png(records_dir, params_dir, tmp_path):
+  result = run_tool("inpaint.py", TINY + [f"--params={params_dir}", f"--records={records_dir}",
+                                          "--clip_id=clip4", "--seed=2", "--out=x.png"], tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "clip clip4" in result.stdout and "normalized-patch space" in result.stdout
+  assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,166 @@
+"""Embeddings and retrieval of clips on a mesh (eval/features.py).
+
+Records are the input tests' tiny records (7 clips in 3 shards, ids clip0..clip6); the model is a
+tiny float32 CAV-MAE; 8 fake CPU devices (conftest) against one.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cav_mae_jax import models
+from cav_mae_jax import tasks
+from cav_mae_jax.eval import clips
+from cav_mae_jax.eval import features
+from cav_mae_jax.eval import ranking
+from cav_mae_jax.train import mesh as mesh_lib
+from configs import pretrain
+from test_input import write_records
+
+NUM_CLIPS = 7
+RECORD_ORDER = ["clip0", "clip3", "clip6", "clip1", "clip4", "clip2", "clip5"]  # shard by shard
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def tiny_config(eval_dir: str = "") -> ml_collections.ConfigDict:
+  """A tiny float32 model on 1024-frame records and 32-pixel images."""
+  config = pretrain.get_config("tiny")
+  m = config.model
+  m.embed_dim, m.num_heads, m.encoder_depth, m.modality_specific_depth = 32, 2, 2, 1
+  m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads = 16, 1, 2
+  m.image_size = 32
+  config.data.eval_dir = eval_dir
+  config.data.batch_size = 8
+  return config
+
+
+@pytest.fixture(scope="module", name="records_dir")
+def fixture_records_dir(tmp_path_factory):
+  return write_records(str(tmp_path_factory.mktemp("records")),
+                       [[i % 4] for i in range(NUM_CLIPS)], num_shards=3)
+
+
+@pytest.fixture(scope="module", name="params")
+def fixture_params():
+  return jax.jit(lambda rng: models.init_params(tiny_config().model, rng))(jax.random.key(0))
+
+
+def _direct_embeddings(params, config, batches):
+  """Embeddings of the valid clips by one un-jitted model call, no mesh, no padding."""
+  rows = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in ("audio", "image")}
+  tokens = models.CAVMAE(models.ModelConfig.from_config(config.model)).apply(
+      {"params": params}, rows["audio"], rows["image"], method="streams")
+  return {k: np.asarray(v.mean(axis=1)) for k, v in tokens.items()}, tokens
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_embeddings_over_the_mesh_drop_padding(records_dir, params, num_devices):
+  config = tiny_config(records_dir)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:num_devices])
+  batches = list(clips.record_batches(config, 8))
+  loaded = features.Loaded(tasks.get_task(config), mesh, params, 0)
+  ids, out = features.extract_embeddings(loaded, batches, patches=True)
+  assert list(ids) == RECORD_ORDER
+  expected, tokens = _direct_embeddings(params, config, batches)
+  assert sorted(out) == ["audio", "audio_patches", "joint", "joint_patches", "video",
+                         "video_patches"]
+  for name in ("audio", "video", "joint"):
+    assert out[name].shape == (NUM_CLIPS, 32)
+    np.testing.assert_allclose(out[name], expected[name], atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(out[name + "_patches"], tokens[name], atol=2e-5, err_msg=name)
+  assert out["audio_patches"].shape == (NUM_CLIPS, 512, 32)
+  assert out["joint_patches"].shape == (NUM_CLIPS, 512 + 4, 32)
+
+
+def test_retrieval_ranks_the_tasks_features(records_dir, params):
+  config = tiny_config(records_dir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  loaded = features.Loaded(tasks.get_task(config), mesh, params, 0)
+  batches = list(clips.record_batches(config, 8, video_ids=RECORD_ORDER[:5]))
+  result = features.retrieval(loaded, batches)
+  assert sorted(result.ids) == sorted(RECORD_ORDER[:5])
+  expected, _ = _direct_embeddings(params, config, batches)
+  assert result.metrics == pytest.approx(
+      ranking.audio_visual_retrieval(expected["audio"], expected["video"]))
+  assert set(result.metrics) == {f"{d}/{m}" for d in ("a2v", "v2a")
+                                 for m in ("r@1", "r@5", "r@10", "median_rank")}
+
+
+def test_batch_size_must_fit_the_devices():
+  mesh = mesh_lib.make_mesh(tiny_config().mesh)
+  assert features.check_batch_size(16, mesh) == 16
+  with pytest.raises(ValueError, match="batch_size=12"):
+    features.check_batch_size(12, mesh)
+
+
+def test_npz_holds_ids_and_arrays(tmp_path):
+  path = str(tmp_path / "out" / "features.npz")
+  features.write_npz(path, np.array(["a", "bb"], object), {"audio": np.ones((2, 3), np.float32)})
+  with np.load(path) as data:
+    assert list(data["ids"]) == ["a", "bb"] and data["audio"].shape == (2, 3)
+
+
+def test_two_processes_count_every_clip_once(records_dir):
+  """2 processes x 4 devices: ids of all processes' rows, in global order, padding dropped."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  worker = os.path.join(root, "tests", "features_multihost_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), records_dir],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=300)
+      assert proc.returncode == 0, err[-3000:]
+      outputs.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert outputs[0] == outputs[1]
+  result = outputs[0]
+  assert result["array_ids"] == [str(i) for i in range(13)]
+  np.testing.assert_array_equal(result["array_x"], np.arange(26).reshape(13, 2) * 2.0)
+  # Process 0 reads shards 0 and 2 (clips 0, 3, 6, 2, 5), process 1 shard 1 (clips 1, 4).
+  assert sorted(result["record_ids"]) == ["clip0", "clip1", "clip2", "clip4", "clip6"]
+  clip_numbers = np.array([int(x[4:]) for x in result["record_ids"]])
+  np.testing.assert_allclose(result["record_mean"], (clip_numbers + 5.081) / 4.4849, rtol=1e-5)
+  assert result["gathered"] == [["p0"], ["p1", "p1"]]
+
+
+def test_finetuned_encoder_gives_the_same_embeddings(params):
+  config = tiny_config()
+  model_config = models.ModelConfig.from_config(config.model)
+  finetuned = jax.jit(lambda k: models.init_params(model_config, k, finetune=True))(
+      jax.random.key(1))
+  pretrained = {**params, **{k: v for k, v in finetuned.items() if k in params}}
+  rng = np.random.default_rng(0)
+  batch = {"audio": rng.standard_normal((2, 1024, 128)).astype(np.float32),
+           "image": rng.standard_normal((2, 32, 32, 3)).astype(np.float32)}
+  ours = features.embedding_fn(model_config, finetune=True)(finetuned, batch)
+  reference = features.embedding_fn(model_config)(pretrained, batch)
+  assert sorted(ours) == ["audio", "joint", "video"]
+  for name in ours:
+    np.testing.assert_allclose(ours[name], reference[name], atol=1e-5, err_msg=name)
+  audio_only = features.embedding_fn(model_config, streams=("audio",))(pretrained, batch)
+  assert sorted(audio_only) == ["audio"]
+  np.testing.assert_allclose(audio_only["audio"], reference["audio"], atol=1e-5)

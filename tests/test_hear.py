@@ -1,0 +1,119 @@
+"""HEAR API: embeddings equal the audio-only stream of the model on the clip's fbank windows.
+
+A tiny model with a 64-frame audio window (0.64 s), so 1.5 s of audio spans three windows.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cav_mae_jax import hear
+from cav_mae_jax import models
+from cav_mae_jax.convert import io
+from cav_mae_jax.data import fbank
+
+WINDOW = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module", name="checkpoint")
+def fixture_checkpoint(tmp_path_factory):
+  config = models.ModelConfig.from_config(models.model_config(
+      "tiny", embed_dim=32, num_heads=2, encoder_depth=2, modality_specific_depth=1,
+      audio_length=WINDOW, image_size=32))
+  params = jax.tree.map(np.asarray, jax.jit(lambda k: models.init_params(config, k))(
+      jax.random.key(0)))
+  path = str(tmp_path_factory.mktemp("hear") / "params")
+  io.save_params(path, params, model_config=dataclasses.asdict(config))
+  return path, config, params
+
+
+@pytest.fixture(scope="module", name="model")
+def fixture_model(checkpoint):
+  return hear.load_model(checkpoint[0])
+
+
+def _audio(num_clips, samples, seed=0):
+  return np.random.default_rng(seed).uniform(-0.5, 0.5, (num_clips, samples)).astype(np.float32)
+
+
+def _direct_tokens(clip, config, params):
+  """Audio-stream tokens [W, rows, columns, D] of a clip's padded, normalized fbank windows."""
+  features = fbank.clip_fbank(clip)
+  padded = -(-features.shape[0] // WINDOW) * WINDOW
+  windows = fbank.normalize_fbank(fbank.pad_or_trim(features, padded)).reshape(-1, WINDOW, 128)
+  tokens = models.CAVMAE(config).apply({"params": params}, windows, None, method="streams")
+  return np.asarray(tokens["audio"]).reshape(len(windows), *config.audio_grid, -1)
+
+
+def test_model_attributes(model):
+  assert hear.sample_rate == model.sample_rate == 16000
+  assert model.scene_embedding_size == model.timestamp_embedding_size == 32
+  assert (model.fbank_mean, model.fbank_std) == (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD)
+
+
+def test_short_audio_is_one_padded_window(checkpoint, model):
+  _, config, params = checkpoint
+  audio = _audio(3, 8000)  # 0.5 s: 48 frames, padded to 64
+  scene = hear.get_scene_embeddings(audio, model)
+  embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+  assert scene.shape == (3, 32) and embeddings.shape == (3, 3, 32)
+  np.testing.assert_allclose(timestamps, np.tile([87.5, 247.5, 407.5], (3, 1)))
+  for i, clip in enumerate(audio):
+    tokens = _direct_tokens(clip, config, params)
+    np.testing.assert_allclose(scene[i], tokens.mean(axis=(0, 1, 2)), atol=2e-5)
+    np.testing.assert_allclose(embeddings[i], tokens[0].mean(axis=0)[:3], atol=2e-5)
+
+
+def test_long_audio_spans_windows(checkpoint, model):
+  _, config, params = checkpoint
+  audio = _audio(2, 24000, seed=1)  # 1.5 s: 148 frames = windows of 64, 64 and 20 real frames
+  scene = hear.get_scene_embeddings(audio, model)
+  embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+  assert embeddings.shape == (2, 10, 32)  # ceil(148 / 16) columns of 160 ms
+  np.testing.assert_allclose(timestamps[0], 160 * np.arange(10) + 87.5)
+  for i, clip in enumerate(audio):
+    tokens = _direct_tokens(clip, config, params)
+    columns = np.concatenate(list(tokens.mean(axis=1)))  # [3 windows * 4 columns, D]
+    np.testing.assert_allclose(embeddings[i], columns[:10], atol=2e-5)
+    weights = np.array([64, 64, 20]) / 148
+    expected = np.einsum("w,wd->d", weights, tokens.mean(axis=(1, 2)))
+    np.testing.assert_allclose(scene[i], expected, atol=2e-5)
+
+
+def test_torch_in_torch_out(model):
+  torch = pytest.importorskip("torch")
+  audio = _audio(1, 8000)
+  scene = hear.get_scene_embeddings(torch.from_numpy(audio), model)
+  assert isinstance(scene, torch.Tensor)
+  np.testing.assert_allclose(scene.numpy(), hear.get_scene_embeddings(audio, model))
+
+
+def test_bad_audio_and_paths(model, tmp_path):
+  with pytest.raises(ValueError, match="at least 400"):
+    hear.get_scene_embeddings(np.zeros((1, 399), np.float32), model)
+  with pytest.raises(ValueError, match=r"\[n, samples\]"):
+    hear.get_scene_embeddings(np.zeros(16000, np.float32), model)
+  with pytest.raises(FileNotFoundError, match="no params checkpoint"):
+    hear.load_model(str(tmp_path / "nothing"))
+
+
+def test_workdir_normalization_is_the_runs(tmp_path):
+  os.makedirs(tmp_path / "checkpoints")
+  (tmp_path / "config.json").write_text(json.dumps({"data": {"fbank_mean": -4.0,
+                                                             "fbank_std": 3.0}}))
+  assert hear.fbank_normalization(str(tmp_path)) == (-4.0, 3.0)
+  (tmp_path / "config.json").write_text(json.dumps({"data": {"fbank_mean": None,
+                                                             "fbank_std": None}}))
+  assert hear.fbank_normalization(str(tmp_path)) == (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD)

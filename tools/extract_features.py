@@ -1,0 +1,74 @@
+r"""Per-clip audio, visual and joint embeddings of video files or records, to one .npz.
+
+  python tools/extract_features.py --config configs/pretrain.py:base --params ckpt/scale_pp \
+      --videos /data/clips --out features.npz [--patches] [--quarantine bad.jsonl] [--strict]
+  python tools/extract_features.py --config configs/pretrain.py:base --workdir /runs/base \
+      --records /data/vggsound_test [--subset ids.txt] --out vgg_test.npz
+
+The .npz holds `ids` [N] and `audio`, `video`, `joint` [N, D]: the mean-pooled audio-only
+(norm_a), video-only (norm_v) and audio+video (norm) streams after the joint block; --patches
+adds the tokens `audio_patches` [N, La, D], `video_patches` [N, Lv, D], `joint_patches`.
+
+--videos: a directory of video files (ids: file names without extension), a text file of paths
+(one a line) or the original's JSON datafile (ids: video_id). Each file is decoded and
+preprocessed as tools/preprocess.py and the evaluation input do (frame config.data.eval_frame,
+fbank normalized with config.data.fbank_mean / fbank_std); audio longer than the model's
+audio_length frames is cut, shorter audio zero-padded in log-mel space as the original pads.
+A file that cannot be decoded is listed in --quarantine (JSON lines: path, video_id, reason,
+message; default <out>.quarantine.jsonl) and left out; --strict stops at the first one instead.
+--records (default config.data.eval_dir when --videos is not given) reads clip records.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from cav_mae_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its checkpoint --step).")
+_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step of --workdir (0: the latest).")
+_PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output).")
+_VIDEOS = flags.DEFINE_string("videos", None, "Video directory, list file or JSON datafile.")
+_RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
+_SUBSET = flags.DEFINE_string("subset", None, "With records: file of clip ids to keep.")
+_OUT = flags.DEFINE_string("out", None, "Output .npz file.")
+_PATCHES = flags.DEFINE_bool("patches", False, "Also write the per-patch tokens.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
+_QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
+                                  "(default <out>.quarantine.jsonl).")
+_STRICT = flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be read.")
+flags.mark_flags_as_required(["config", "out"])
+flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
+flags.mark_flags_as_mutual_exclusive(["videos", "records"])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  quarantine = None
+  if _VIDEOS.value:
+    quarantine = clips.Quarantine(_QUARANTINE.value or _OUT.value + ".quarantine.jsonl",
+                                  strict=_STRICT.value)
+  subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
+  batch_size = _BATCH_SIZE.value or config.data.batch_size
+  batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",
+                                  subset=subset, videos=_VIDEOS.value or "", on_error=quarantine)
+  loaded = features.load(config, workdir=_WORKDIR.value, step=_STEP.value,
+                         params_path=_PARAMS.value)
+  features.check_batch_size(batch_size, loaded.mesh)
+  ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
+  if jax.process_index() == 0:
+    features.write_npz(_OUT.value, ids, arrays)
+  shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
+  print(f"wrote {_OUT.value}: {len(ids)} clips ({shapes})")
+  if quarantine is not None and quarantine.count:
+    print(f"quarantined {quarantine.count} videos: see {quarantine.path}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
