@@ -8,7 +8,7 @@ process yields the same number of batches; the last ones are padded with zero cl
 `valid=False`, so every clip is counted once and padding is dropped downstream.
 
 Both sources preprocess a clip with the evaluation pipeline's own ops (`eval_preprocess_fn`,
-built from `data.input`'s op strings): frame choice, JPEG decoding, resize and center crop,
+built from `data.dataset`'s op strings): frame choice, JPEG decoding, resize and center crop,
 fbank and ImageNet normalization, so a video file gives the model what its record would.
 
 Records (`record_batches`): this process's shard files in order (as the input pipeline splits
@@ -115,8 +115,8 @@ def pad_batch(batch: HostBatch, size: int) -> HostBatch:
 
 def array_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[HostBatch]:
   """Host batches of in-memory arrays [N, ...] (this process's rows), ids '0'..'N-1'."""
-  from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-  host_batch = input_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
+  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
   num = len(next(iter(arrays.values())))
   ids = np.asarray([str(i) for i in range(num)], dtype=object)
   for start in range(0, num, batch_size):
@@ -133,8 +133,8 @@ def array_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[Ho
 
 def eval_data_config(config: Any, frame: int | None = None) -> Any:
   """`config.data` as `data.input.DataConfig`, one evaluation frame (`frame` or eval_frame)."""
-  from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-  data_config = input_lib.DataConfig.from_config(config)
+  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  data_config = dataset_lib.DataConfig.from_config(config)
   data_config = dataclasses.replace(
       data_config, eval_all_frames=False,
       eval_frame=data_config.eval_frame if frame is None else frame)
@@ -150,11 +150,11 @@ def eval_preprocess_fn(data_config: Any, mean: float, std: float) -> Callable[[d
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import augment  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   example_ops = augment.get_preprocess_fn(
-      input_lib.example_preprocess_spec(data_config, training=False, num_classes=1))
+      dataset_lib.example_preprocess_spec(data_config, training=False, num_classes=1))
   batch_ops = augment.get_preprocess_fn(
-      input_lib.batch_preprocess_spec(data_config, training=False, mean=mean, std=std))
+      dataset_lib.batch_preprocess_spec(data_config, training=False, mean=mean, std=std))
 
   def preprocess(clip: dict) -> dict:
     data = example_ops({"audio": clip["audio"], "frames": clip["frames"],
@@ -179,6 +179,7 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   `video_ids`, twice: their ids first, to count and check the subset).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
 
@@ -186,32 +187,32 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   if directory:
     data_config = dataclasses.replace(data_config, eval_dir=directory)
   process, processes = jax.process_index(), jax.process_count()
-  split = input_lib.load_split(data_config, "eval", process, processes)
-  host_batch = input_lib.host_batch_size(batch_size, processes, field="batch_size")
-  mean, std = input_lib.fbank_statistics(data_config, split.index)
+  split = dataset_lib.load_split(data_config, "eval", process, processes)
+  host_batch = dataset_lib.host_batch_size(batch_size, processes, field="batch_size")
+  mean, std = dataset_lib.fbank_statistics(data_config, split.index)
   preprocess = eval_preprocess_fn(data_config, mean, std)
   files = tf.constant(split.files, tf.string, shape=[len(split.files)])
   id_spec = {records.VIDEO_ID: records.feature_spec()[records.VIDEO_ID]}
   count = split.host_examples[process]
-  dataset = tf.data.TFRecordDataset(files)
+  examples = tf.data.TFRecordDataset(files)
   if video_ids is not None:
     wanted = list(dict.fromkeys(video_ids))
     if not wanted:
       raise ValueError("the subset of clip ids is empty")
-    local_ids = [x.decode() for x in dataset.map(
+    local_ids = [x.decode() for x in examples.map(
         lambda s: tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]).as_numpy_iterator()]
     found = {x for ids in allgather_strings(sorted(set(local_ids) & set(wanted))) for x in ids}
     missing = [x for x in wanted if x not in found]
     if missing:
       raise ValueError(f"{len(missing)} of the {len(wanted)} subset clips are not in the records "
-                       f"{split.index_path}: {', '.join(missing[:20])}"
+                       f"{split.directory}: {', '.join(missing[:20])}"
                        f"{' ...' if len(missing) > 20 else ''}")
     wanted_set = set(wanted)
     count = sum(x in wanted_set for x in local_ids)
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(wanted), tf.ones(len(wanted), tf.int32)),
         default_value=0)
-    dataset = dataset.filter(
+    examples = examples.filter(
         lambda s: table.lookup(tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]) > 0)
 
   def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -219,19 +220,19 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     clip = preprocess({"audio": parsed[records.FBANK], "frames": parsed[records.FRAMES]})
     return {**clip, "video_id": parsed[records.VIDEO_ID], "valid": tf.constant(True)}
 
-  dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  dataset = dataset.batch(host_batch).prefetch(2)
+  batches = examples.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batches = batches.batch(host_batch).prefetch(2)
   num_batches = _max_over_processes(math.ceil(count / host_batch))
   yielded = 0
   try:
-    for batch in dataset.as_numpy_iterator():
+    for batch in batches.as_numpy_iterator():
       batch["video_id"] = np.asarray([x.decode() for x in batch["video_id"]], dtype=object)
       yield pad_batch(batch, host_batch)
       yielded += 1
   except tf.errors.OpError as e:
     damaged = input_lib.find_damaged_shard(split.files, split.file_examples)
     where = f"shard {damaged[0]} is damaged: {damaged[1]}" if damaged else e.message
-    raise input_lib.RecordReadError(f"records {split.index_path}: {where}") from e
+    raise input_lib.RecordReadError(f"records {split.directory}: {where}") from e
   empty = {"audio": np.zeros((0, data_config.audio_length, data_config.num_mel_bins), np.float32),
            "image": np.zeros((0, data_config.image_size, data_config.image_size, 3), np.float32),
            "valid": np.zeros(0, bool), "video_id": np.zeros(0, object)}
@@ -263,8 +264,8 @@ def list_videos(source: str) -> list[VideoClip]:
   elif not os.path.isfile(source):
     raise FileNotFoundError(f"{source}: no such video directory or list file")
   elif source.endswith(".json"):
-    from cav_mae_jax.data import prepare  # pylint: disable=g-import-not-at-top
-    clips = [VideoClip(e.video_id, e.path) for e in prepare.read_datafile(source)]
+    from cav_mae_jax.data import sources  # pylint: disable=g-import-not-at-top
+    clips = [VideoClip(e.video_id, e.path) for e in sources.read_datafile(source)]
   else:
     base = os.path.dirname(os.path.abspath(source))
     with open(source) as f:
@@ -321,13 +322,13 @@ def video_batches(clips: Sequence[VideoClip], config: Any, batch_size: int, *,
   no records statistics).
   """
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   data_config = eval_data_config(config, frame)
   if data_config.fbank_mean is None:
     raise ValueError("config.data.fbank_mean / fbank_std are None (the records' statistics): "
                      "video files need them set, e.g. AudioSet's -5.081 / 4.4849")
   preprocess = eval_preprocess_fn(data_config, data_config.fbank_mean, data_config.fbank_std)
-  host_batch = input_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
+  host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
   first_row = jax.process_index() * host_batch
   size = data_config.image_size
   for start in range(0, len(clips), batch_size):
@@ -365,12 +366,12 @@ class Quarantine:
         pass
 
   def __call__(self, clip: VideoClip, error: Any) -> None:
-    from cav_mae_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    from cav_mae_jax.data import clips as data_clips  # pylint: disable=g-import-not-at-top
     message = error.detail or error.reason.replace("_", " ")
     if self.strict:
       raise ValueError(f"{clip.path}: {error.reason} ({message}); --strict stops at the first "
                        "clip that cannot be read")
     self.count += 1
-    entry = prepare.Quarantined(clip.path, clip.video_id, error.reason, message)
+    entry = data_clips.Quarantined(clip.path, clip.video_id, error.reason, message)
     with open(self.path, "a") as f:
       f.write(json.dumps(entry.to_json()) + "\n")

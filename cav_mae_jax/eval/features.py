@@ -23,7 +23,6 @@ run costs what reading the clips and the encoder's forward pass cost.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -148,13 +147,12 @@ def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step:
 
 
 def records_directory(config: ml_collections.ConfigDict, records: str = "") -> str:
-  """`records`, else config.data.eval_dir, checked to be a records directory (index.json)."""
+  """`records`, else config.data.eval_dir, checked to be a complete records directory."""
+  from cav_mae_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
   directory = records or config.data.eval_dir
   if not directory:
     raise ValueError("no records to read: give a records directory or set config.data.eval_dir")
-  if not os.path.isfile(os.path.join(directory, "index.json")):
-    what = "no such directory" if not os.path.isdir(directory) else "no index.json in it"
-    raise FileNotFoundError(f"{directory}: not a records directory ({what})")
+  records_lib.open_records_dir(directory)
   return directory
 
 
