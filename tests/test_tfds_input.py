@@ -9,6 +9,7 @@ same batches from either (training with a fixed seed, plain and balanced, and an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -197,3 +198,22 @@ def test_pretraining_steps_from_tfds(sources, tmp_path):
   evaluated = [r for r in logged if "val/loss" in r]  # the TFDS test split, through evals
   assert [r["step"] for r in evaluated] == [3] and np.isfinite(evaluated[0]["val/loss"])
   assert np.isfinite(result["loss"])
+
+
+def test_inspect_tool_reads_tfds_as_records(sources, tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location(
+      "inspect_tool", os.path.join(os.path.dirname(__file__), "..", "tools",
+                                   "inspect_records.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  reports = [tool.inspect(split, str(tmp_path / str(i)), num_images=1) for i, split in enumerate(
+      (splits.open_records_split(sources["train"], "records"),
+       splits.open_tfds_split(TFDS_NAME, "train", sources["tfds_data_dir"])))]
+  for report in reports:
+    del report["source"], report["shards"], report["pngs"]
+  assert reports[0] == reports[1]
+  assert reports[1]["num_examples"] == NUM_TRAIN
+  assert tool.main(["--tfds", TFDS_NAME, "--tfds-data-dir", sources["tfds_data_dir"],
+                    "--split", "test", "--png-dir", str(tmp_path / "png")]) == 0
+  assert f"TFDS split 'test' of {sources['tfds_data_dir']}" in capsys.readouterr().out
+  assert len(os.listdir(tmp_path / "png")) == 8  # 4 clips, 2 PNGs each
