@@ -310,9 +310,12 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   assert "the eval split is the training clips" in caplog.records[0].getMessage()
 
 
-def test_benchmark_input_measures_samples_per_second(record_dirs):
-  rate = input_lib.benchmark_input(make_config(record_dirs, noise=True), num_batches=3)
-  assert 0 < rate < 1e7
+def test_measure_input_counts_samples_per_wall_and_cpu_second(record_dirs):
+  result = input_lib.measure_input(make_config(record_dirs, noise=True), num_batches=3)
+  assert result["samples"] == 12
+  assert 0 < result["samples_per_second"] < 1e7 and 0 < result["samples_per_cpu_second"] < 1e7
+  assert result["cpu_cores_used"] == pytest.approx(
+      result["samples_per_second"] / result["samples_per_cpu_second"])
 
 
 def test_a_damaged_shard_fails_naming_the_file(record_dirs, tmp_path):

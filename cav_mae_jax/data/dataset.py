@@ -286,10 +286,6 @@ class SplitFiles:
     return self.source.index
 
   @property
-  def directory(self) -> str:
-    return self.source.directory
-
-  @property
   def num_examples(self) -> int:
     return sum(self.host_examples)
 
@@ -513,9 +509,9 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
 
     def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
       skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
-      return _epoch_records(files, epoch, base_seed, data_config, source,
-                            balanced).enumerate().skip(
-          skip).map(lambda position, serialized: (epoch, position, serialized))
+      epoch_records = _epoch_records(files, epoch, base_seed, data_config, source, balanced)
+      return epoch_records.enumerate().skip(skip).map(
+          lambda position, serialized: (epoch, position, serialized))
 
     def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
                    serialized: tf.Tensor) -> dict[str, tf.Tensor]:

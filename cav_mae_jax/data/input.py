@@ -192,19 +192,14 @@ class InputPipeline:
     self._iterator = None
 
 
-def benchmark_input(config: Any, num_batches: int, *, split: str = "train",
-                    threads: int | None = None, warmup_batches: int = 2) -> float:
-  """Samples per second (wall clock) of the input pipeline alone: read, decode, augment, batch."""
-  return measure_input(config, num_batches, split=split, threads=threads,
-                       warmup_batches=warmup_batches)["samples_per_second"]
-
-
 def measure_input(config: Any, num_batches: int, *, split: str = "train",
                   threads: int | None = None, warmup_batches: int = 2) -> dict[str, float]:
   """Input throughput: samples per wall second and per CPU second (= per fully used core).
 
-  CPU seconds are this process's user + system time over the timed batches, so the per-core
-  figure holds on a shared machine too.
+  Times `num_batches` batches of the pipeline alone (read, parse, decode, augment, batch: as
+  `split` is configured, on one process) after `warmup_batches`. CPU seconds are this
+  process's user + system time over the timed batches, so the per-core figure holds on a
+  shared machine too.
   """
   pipeline = InputPipeline(config, split, training=split == "train", process_index=0,
                            process_count=1, threads=threads)
@@ -215,5 +210,5 @@ def measure_input(config: Any, num_batches: int, *, split: str = "train",
     next(pipeline)
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   samples = num_batches * pipeline.host_batch
-  return {"samples": float(samples), "samples_per_second": samples / wall,
+  return {"samples": float(samples), "wall_seconds": wall, "samples_per_second": samples / wall,
           "samples_per_cpu_second": samples / cpu, "cpu_cores_used": cpu / wall}
