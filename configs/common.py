@@ -8,7 +8,6 @@ Every field any code reads lives here with its default and can be overridden wit
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 AUDIOSET_FBANK_MEAN = -5.081
 AUDIOSET_FBANK_STD = 4.4849
@@ -37,10 +36,24 @@ def init_config() -> ml_collections.ConfigDict:
 
 def data_config(batch_size: int, *, noise: bool, noise_on_device: bool,
                 shuffle_buffer: int) -> ml_collections.ConfigDict:
-  """`config.data`: records directories and the input pipeline (cav_mae_jax/data/input.py)."""
+  """`config.data`: where the clips are and the input pipeline (cav_mae_jax/data/dataset.py).
+
+  Each split ('train', 'eval') reads its records directory (`train_dir`, `eval_dir`:
+  tools/preprocess.py output) when set, else the TFDS split `tfds_train_split` /
+  `tfds_eval_split` of the dataset `tfds_name` ('cav_mae_clips/<config>[:<version>]', built
+  by cav_mae_jax/data/tfds_builder.py) in `tfds_data_dir` ('' = TFDS's default); e.g.
+  `--config.data.tfds_name=cav_mae_clips/audioset_csv --config.data.tfds_data_dir=/data/tfds`.
+  fbank normalization: `fbank_stats='fixed'` uses `fbank_mean`/`fbank_std` (AudioSet's, as the
+  original recipes); `fbank_stats='index'` uses the training split's own statistics (its
+  index.json, or the TFDS builder's metadata) for every split.
+  """
   data = ml_collections.ConfigDict()
   data.train_dir = ""
   data.eval_dir = ""
+  data.tfds_name = ""
+  data.tfds_data_dir = ""
+  data.tfds_train_split = "train"
+  data.tfds_eval_split = "test"
   data.batch_size = batch_size
   data.shuffle_buffer = shuffle_buffer
   data.eval_frame = 5
@@ -53,9 +66,8 @@ def data_config(batch_size: int, *, noise: bool, noise_on_device: bool,
   data.mixup_on = "waveform"
   data.label_smooth = 0.0
   data.balanced_sampling = False
-  data.fbank_mean = config_dict.placeholder(float)
+  data.fbank_stats = "fixed"  # or 'index': the training split's own mean/std
   data.fbank_mean = AUDIOSET_FBANK_MEAN
-  data.fbank_std = config_dict.placeholder(float)
   data.fbank_std = AUDIOSET_FBANK_STD
   data.prefetch = 2
   return data

@@ -237,7 +237,7 @@ def test_balanced_weights_follow_the_original():
 def test_training_augmentation_with_waveform_mixup_and_smoothing(record_dirs):
   config = make_config(record_dirs, train_dir=record_dirs["wave"], mixup=1.0,
                        mixup_on="waveform", label_smooth=0.1, freqm=8, timem=16, noise=True,
-                       fbank_mean=None, fbank_std=None)
+                       fbank_stats="index")
   batch = next(input_lib.InputPipeline(config, "train", process_index=0, process_count=1))
   assert batch["audio"].shape == (4, 1024, 128) and np.isfinite(batch["audio"]).all()
   assert set(batch) == {"audio", "image", "label", "valid", "frame_index"}
@@ -256,6 +256,10 @@ def test_bad_config_fails_naming_the_field(record_dirs, tmp_path):
       (dict(mixup_on="spectrum"), "config.data.mixup_on"),
       (dict(mixup=1.5), "config.data.mixup"),
       (dict(fbank_std=None), "config.data.fbank_std"),
+      (dict(fbank_stats="audioset"), "config.data.fbank_stats"),
+      (dict(train_dir=""), "config.data.train_dir"),  # no records and no TFDS dataset
+      (dict(train_dir="", tfds_name="cav_mae_clips/none", tfds_data_dir=str(tmp_path)),
+       "config.data.tfds_name"),
       (dict(eval_frame=10), "config.data.eval_frame"),
       (dict(label_smooth=1.0), "config.data.label_smooth"),
       (dict(shuffle_buffr=3), "shuffle_buffr"),
@@ -273,9 +277,45 @@ def test_bad_config_fails_naming_the_field(record_dirs, tmp_path):
     input_lib.InputPipeline(make_config(record_dirs), "test", process_index=0, process_count=1)
 
 
-def test_benchmark_input_measures_samples_per_second(record_dirs):
-  rate = input_lib.benchmark_input(make_config(record_dirs, noise=True), num_batches=3)
-  assert 0 < rate < 1e7
+def test_index_stats_are_the_training_index_for_every_split(record_dirs, caplog):
+  # fbank_mean/std are unused with 'index' (None would be refused with 'fixed').
+  config = make_config(record_dirs, fbank_stats="index", fbank_mean=None, fbank_std=None)
+  train = records.open_records_dir(record_dirs["train"])  # clips 0..9: mean 4.5
+  assert train.fbank_mean != records.open_records_dir(record_dirs["eval"]).fbank_mean
+  with caplog.at_level("INFO", logger=input_lib.logger.name):
+    pipelines = [input_lib.InputPipeline(config, split, process_index=0, process_count=1)
+                 for split in ("train", "train", "eval")]
+  for pipeline in pipelines:
+    normalization = pipeline.fbank_normalization
+    assert (normalization.mean, normalization.std) == (train.fbank_mean, train.fbank_std)
+    assert "fbank_stats='index'" in normalization.origin
+    assert record_dirs["train"] in normalization.origin
+  logged = [r.getMessage() for r in caplog.records if "fbank normalization" in r.getMessage()]
+  assert len(logged) == 2 and logged[0].startswith("split 'train'")  # once per split
+  # Eval clips in file order (shards 0,3,6 | 1,4 | 2,5): each fbank is its constant clip id.
+  audio = next(pipelines[2])["audio"]
+  np.testing.assert_allclose(audio[:, 0, 0], (np.array([0, 3, 6, 1]) - train.fbank_mean) /
+                             train.fbank_std, rtol=1e-6)
+  fixed = input_lib.InputPipeline(make_config(record_dirs), "eval", process_index=0,
+                                  process_count=1)
+  assert (fixed.fbank_normalization.mean, fixed.fbank_normalization.std) == (0.0, 1.0)
+
+
+def test_same_train_and_eval_clips_warn(record_dirs, caplog):
+  with caplog.at_level("WARNING", logger=dataset.logger.name):
+    dataset.check_data_sources(make_config(record_dirs))
+    assert not caplog.records
+    dataset.check_data_sources(make_config(record_dirs, eval_dir=record_dirs["train"] + "/"))
+  assert len(caplog.records) == 1
+  assert "the eval split is the training clips" in caplog.records[0].getMessage()
+
+
+def test_measure_input_counts_samples_per_wall_and_cpu_second(record_dirs):
+  result = input_lib.measure_input(make_config(record_dirs, noise=True), num_batches=3)
+  assert result["samples"] == 12
+  assert 0 < result["samples_per_second"] < 1e7 and 0 < result["samples_per_cpu_second"] < 1e7
+  assert result["cpu_cores_used"] == pytest.approx(
+      result["samples_per_second"] / result["samples_per_cpu_second"])
 
 
 def test_a_damaged_shard_fails_naming_the_file(record_dirs, tmp_path):

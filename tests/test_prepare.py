@@ -17,6 +17,7 @@ from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
 from cav_mae_jax.data import shards
+from cav_mae_jax.data import splits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,"Alpha"\n1,/m/b,"Beta, b"\n2,/m/c,"Gamma"\n'
@@ -314,30 +315,48 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
   assert not any(".tmp-" in name for name in os.listdir(out))  # The dead worker's temp file.
 
 
-def test_inspect_records_tool(corpus_run, tmp_path, capsys):
-  out, _, examples = corpus_run
+def _inspect_tool():
   spec = importlib.util.spec_from_file_location(
       "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
-  report = tool.inspect(out, str(tmp_path / "png"), num_images=2)
+  return tool
+
+
+def test_inspect_records_tool(corpus_run, tmp_path, capsys):
+  out, _, examples = corpus_run
+  tool = _inspect_tool()
+  report = tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"),
+                        num_images=2)
   assert report["num_examples"] == len(WRITTEN)
   assert report["shapes"]["fbank"] == ("float32", (1024, 128))
   assert report["shapes"]["frames"] == ("string", (10,))
   assert report["label_counts"] == [len(WRITTEN), 1, 0]
   assert report["rotation"] == {0: len(WRITTEN) - 1, 90: 1}
-  assert len(report["pngs"]) == 4
-  from PIL import Image
-  first = next(p for p in report["pngs"] if "fbank_" in p)
-  video_id = os.path.basename(first)[len("fbank_"):-len(".png")]
-  assert Image.open(first).size == (examples[video_id]["fbank_num_frames"], 128)
-  assert Image.open(first).mode == "L"
-  assert Image.open(next(p for p in report["pngs"] if "frames_" in p)).size == (5 * 224, 2 * 224)
+  assert len(report["pngs"]) == 4 and all(os.path.getsize(p) > 0 for p in report["pngs"])
   assert tool.main(["--records", out, "--png-dir", str(tmp_path / "png2")]) == 0
   printed = capsys.readouterr().out
   assert f"{len(WRITTEN)} examples in 4 shards" in printed
   assert ("frames turned upright by (clockwise degrees: clips): "
           f"0: {len(WRITTEN) - 1}, 90: 1") in printed
+
+
+def test_inspect_figures_have_titles_axes_and_frame_numbers(corpus_run):
+  tool = _inspect_tool()
+  values = next(v for v in corpus_run[2].values() if v["rotation"] == 90)
+  figure = tool.fbank_figure(values, ["Alpha", "Beta", "Gamma"])
+  axes, colorbar = figure.axes
+  assert axes.get_title() == f"{values['video_id']}: Alpha"
+  assert axes.get_xlabel().startswith("time frame") and axes.get_ylabel() == "mel bin"
+  assert "log-mel" in colorbar.get_ylabel()
+  np.testing.assert_array_equal(axes.images[0].get_array(),
+                                values["fbank"][:values["fbank_num_frames"]].T)
+  figure = tool.frames_figure(values)  # no class names: the stored label ids
+  title = figure.texts[0].get_text()
+  assert title.startswith(f"{values['video_id']}: /m/a\nrotation 90 (turned 90 degrees")
+  assert [a.get_title() for a in figure.axes] == [
+      f"frame {i}" for i in values["frame_indices"]]
+  assert figure.axes[0].images[0].get_array().shape == (224, 224, 3)
 
 
 def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys):
@@ -367,10 +386,7 @@ def test_inspect_records_tool_rejects_other_folders(corpus_run, tmp_path, capsys
   result = run_tool("inspect_records", "--records", str(tmp_path / "missing"))
   assert_one_error_line(result.returncode, result.stderr, str(tmp_path / "missing"),
                         "directory does not exist")
-  spec = importlib.util.spec_from_file_location(
-      "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  tool = _inspect_tool()
   status = tool.main(["--records", str(tmp_path)])
   assert_one_error_line(status, capsys.readouterr().err, "no index.json",
                         "not a records directory")

@@ -1,4 +1,5 @@
-"""Tests for the cav_mae_clips TFDS builder: one Beam DirectRunner build equals the tool's output."""
+"""Tests for the cav_mae_clips TFDS builder: one Beam DirectRunner build equals the tool's output
+(examples, quarantine and the index's statistics), with Beam counters per split."""
 from __future__ import annotations
 
 import json
@@ -12,13 +13,15 @@ from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
+from cav_mae_jax.data import splits
 from cav_mae_jax.data import tfds_builder
 from test_prepare import LABELS_CSV, write_clip, write_datafile, write_file
 
 
 @pytest.fixture(scope="module")
 def manual_dir(tmp_path_factory) -> str:
-  """A manual dir for the `datafile` config: train.json (good and bad clips) + labels."""
+  """A manual dir for the `datafile` config: train.json (good and bad clips), test.json
+  (one good clip, one missing) + labels."""
   root = tmp_path_factory.mktemp("manual")
   good_a = write_clip(str(root / "good_a.mp4"), seconds=3, seed=1)
   good_b = write_clip(str(root / "good_b.mp4"), seconds=1, seed=2)
@@ -30,6 +33,8 @@ def manual_dir(tmp_path_factory) -> str:
       ("empty", empty, "/m/a"),
       ("unknown", good_a, "/m/unknown"),
       ("c", good_a, "/m/c")])
+  write_datafile(str(root / "test.json"), [("d", good_b, "/m/b"),
+                                           ("gone", str(root / "gone.mp4"), "/m/a")])
   (root / tfds_builder.LABELS_CSV).write_text(LABELS_CSV)
   return str(root)
 
@@ -47,8 +52,9 @@ def _assert_same_examples(got: dict[str, dict], want: dict[str, dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tool_records(manual_dir, tmp_path_factory) -> tuple[dict[str, dict], set[tuple[str, str]]]:
-  """tools/preprocess.py's examples (by video id) and quarantine of the manual dir's train.json."""
+def tool_records(manual_dir, tmp_path_factory
+                 ) -> tuple[dict[str, dict], set[tuple[str, str]], records.RecordIndex]:
+  """tools/preprocess.py's examples (by video id), quarantine and index of train.json."""
   out = str(tmp_path_factory.mktemp("tool") / "records")
   prepare.prepare_records(os.path.join(manual_dir, "train.json"),
                           os.path.join(manual_dir, tfds_builder.LABELS_CSV), out,
@@ -57,7 +63,7 @@ def tool_records(manual_dir, tmp_path_factory) -> tuple[dict[str, dict], set[tup
   examples = {e["video_id"]: e for e in records.iter_examples(out)}
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
     quarantine = {(q["video_id"], q["reason"]) for q in map(json.loads, f)}
-  return examples, quarantine
+  return examples, quarantine, records.open_records_dir(out)
 
 
 def _beam_build(manual_dir: str, data_dir: str) -> tuple[tfds_builder.CavMaeClips, dict]:
@@ -78,10 +84,11 @@ def _beam_build(manual_dir: str, data_dir: str) -> tuple[tfds_builder.CavMaeClip
 
 
 def test_beam_build_equals_preprocess_tool(manual_dir, tool_records, tmp_path):
-  from_tool, tool_quarantine = tool_records
+  from_tool, tool_quarantine, tool_index = tool_records
   builder, from_tfds = _beam_build(manual_dir, str(tmp_path / "tfds"))
-  assert builder.beam_counters == {"written": 3, "quarantined_empty_file": 1,
-                                   "quarantined_unknown_label": 1}
+  assert builder.beam_counters == {
+      "train": {"written": 3, "quarantined_empty_file": 1, "quarantined_unknown_label": 1},
+      "test": {"written": 1, "quarantined_missing_file": 1}}
   assert sorted(from_tool) == ["a", "b", "c"]
   assert from_tool["b"]["labels"].tolist() == [1, 2]
   _assert_same_examples(from_tfds, from_tool)
@@ -89,6 +96,18 @@ def test_beam_build_equals_preprocess_tool(manual_dir, tool_records, tmp_path):
                      for q in tfds_builder.read_quarantine(builder.data_dir, "train")}
   assert tfds_quarantine == tool_quarantine == {("empty", "empty_file"),
                                                 ("unknown", "unknown_label")}
+  # The statistics index.json holds, from the Beam combine, read back by a fresh builder
+  # (TFDS's read-only builder for this custom config) through the input's split reader.
+  split = splits.open_tfds_split("cav_mae_clips/datafile_waveform", "train",
+                                 str(tmp_path / "tfds"))
+  index = split.index
+  assert (index.num_examples, index.num_classes, index.label_counts, index.fbank_stats_count,
+          index.store_waveform) == (tool_index.num_examples, tool_index.num_classes,
+                                    tool_index.label_counts, tool_index.fbank_stats_count, True)
+  assert index.fbank_mean == pytest.approx(tool_index.fbank_mean, rel=1e-12)
+  assert index.fbank_std == pytest.approx(tool_index.fbank_std, rel=1e-12)
+  test_stats = tfds_builder.read_split_stats(builder.info, "test")
+  assert (test_stats.num_examples, test_stats.label_counts) == (1, [0, 1, 0])
 
 
 def test_beam_build_reads_videos_from_ram_filesystem(manual_dir, tool_records, tmp_path):
@@ -109,7 +128,7 @@ def test_beam_build_reads_videos_from_ram_filesystem(manual_dir, tool_records, t
   write_datafile(str(ram_manual / "train.json"), remote_rows)
   (ram_manual / tfds_builder.LABELS_CSV).write_text(LABELS_CSV)
   builder, from_tfds = _beam_build(str(ram_manual), str(tmp_path / "tfds"))
-  from_tool, tool_quarantine = tool_records
+  from_tool, tool_quarantine, _ = tool_records
   _assert_same_examples(from_tfds, from_tool)
   assert {(q["video_id"], q["reason"]) for q in tfds_builder.read_quarantine(
       builder.data_dir, "train")} == tool_quarantine | {("gone", "missing_file")}
@@ -133,6 +152,11 @@ def test_synthetic_config_local_build(tmp_path):
   assert sorted(e["labels"].tolist() for e in examples) == [[0], [1]]
   assert all(e["fbank"].shape == (1024, 128) and e["frames"].shape == (10,) for e in examples)
   assert builder.beam_counters is None  # no Beam without a runner or options
+  stats = tfds_builder.read_split_stats(builder.info, "train")  # the local running sum
+  valid = [e["fbank"][:e["fbank_num_frames"]].astype(np.float64) for e in examples]
+  assert (stats.num_examples, stats.label_counts) == (2, [1, 1])
+  assert stats.fbank_count == sum(v.size for v in valid)
+  assert stats.fbank_mean_std()[0] == pytest.approx(np.concatenate(valid).mean(), rel=1e-12)
 
 
 def test_audioset_and_vggsound_csv_readers(tmp_path):

@@ -3,17 +3,22 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
   python tools/benchmark.py --config configs/pretrain.py:base            # JAX train step
   python tools/benchmark.py --config configs/pretrain.py:base --compare-torch
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
-      --config.data.train_dir=/data/records/train
+      --config.data.train_dir=/data/records/train [--samples 2000]
 
 The train-step benchmark reports samples/s, step time, peak device memory and MFU after warm-up
 steps (`cav_mae_jax/train/benchmark.py`); `--compare-torch` also times the PyTorch reference of
 the original trained as the original (fp16 autocast + GradScaler on CUDA) and prints the ratio.
-`--input-only` times the tf.data pipeline alone from records, per wall second and per CPU
-second (one fully used core).
+`--input-only` times the host input pipeline alone on the training split (records or TFDS, as
+config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
+batched, in one process, with no model and no device transfer; at least `--samples` clips
+(default 2000; steps = samples / batch size, rounded up) after `--warmup` batches. It prints
+samples per wall second and per CPU-second of this process (user + system time: the
+throughput of one fully used core, which holds on a shared machine too).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from absl import flags
@@ -23,7 +28,9 @@ from cav_mae_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default: 20 train steps; input: "
+                              "enough batches for --samples).")
+_SAMPLES = flags.DEFINE_integer("samples", 2000, "--input-only: time at least this many clips.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default config.data.batch_size).")
 _COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Also time the torch reference.")
@@ -31,22 +38,44 @@ _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipe
 flags.mark_flags_as_required(["config"])
 
 
+def input_only(config) -> None:
+  """Times the input pipeline alone and prints what was measured and the figures."""
+  cli.import_tensorflow_quietly()
+  from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+  if _BATCH.value:
+    config = config.copy_and_resolve_references()
+    config.data.batch_size = _BATCH.value
+  batch = config.data.batch_size
+  steps = _STEPS.value or math.ceil(_SAMPLES.value / batch)
+  data_config = dataset.DataConfig.from_config(config)
+  source = dataset.open_split(data_config, "train")
+  normalization = dataset.fbank_normalization(data_config)
+  ops = (dataset.example_preprocess_spec(data_config, True, source.index.num_classes) + "|" +
+         dataset.batch_preprocess_spec(data_config, True, normalization.mean, normalization.std))
+  result = input_lib.measure_input(config, steps, warmup_batches=_WARMUP.value)
+  print(f"input pipeline alone, training split of {source.description}: {int(result['samples'])} "
+        f"clips in {steps} batches of {batch} after {_WARMUP.value} warm-up batches, "
+        f"{result['wall_seconds']:.1f} s; per clip: read + parse, {ops}; no model, no device")
+  print(f"  {result['samples_per_second']:.0f} samples per wall second (this process, "
+        f"{len(os.sched_getaffinity(0))} cores available, {result['cpu_cores_used']:.2f} busy "
+        "on average)")
+  print(f"  {result['samples_per_cpu_second']:.0f} samples per CPU-second (user + system time "
+        "of this process = one fully used core)")
+
+
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
   if _INPUT_ONLY.value:
-    cli.import_tensorflow_quietly()
-    from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-    samples_per_s = input_lib.benchmark_input(config, _STEPS.value, warmup_batches=_WARMUP.value)
-    cores = len(os.sched_getaffinity(0))
-    print(f"input pipeline: {samples_per_s:.1f} samples/s on {cores} cores = "
-          f"{samples_per_s / cores:.1f} samples/s per core")
+    input_only(config)
     return
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   batch_size = _BATCH.value or config.data.batch_size
-  results = benchmark.benchmark_train_step(config, batch_size, _STEPS.value, _WARMUP.value)
+  steps = _STEPS.value or 20
+  results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value)
   if _COMPARE_TORCH.value:
-    results.update(benchmark.benchmark_torch(config, batch_size, _STEPS.value, _WARMUP.value))
+    results.update(benchmark.benchmark_torch(config, batch_size, steps, _WARMUP.value))
     results["jax_over_torch_samples_per_s"] = (results["jax/samples_per_s"] /
                                                results["torch/samples_per_s"])
   for key, value in results.items():

@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""Looks inside a clip-record directory: counts, shapes, label histogram, fbank/frame PNGs.
+"""Looks inside a split of clips: counts, shapes, label histogram, fbank and frame PNGs.
 
   python tools/inspect_records.py --records DIR [--labels class_labels_indices.csv] \
       [--png-dir DIR/inspect] [--num-images 4] [--top 20]
+  python tools/inspect_records.py --tfds cav_mae_clips/<config> [--tfds-data-dir D] \
+      [--split train] [--labels ...] [--png-dir inspect_<config>_<split>]
 
-Reads every record (checking the counts against index.json), prints a report, and writes
-`fbank_<video_id>.png` (time to the right, mel bin 0 at the bottom, the raw fbank scaled to
-its own min..max) and `frames_<video_id>.png` (the 10 stored JPEG frames in a 2 x 5 grid) for
-the first `--num-images` clips. A folder that is not a records directory, a missing labels
-CSV or damaged records print one line `error: ...` on stderr and exit with status 2.
+Reads every example of a records directory (tools/preprocess.py output) or of a split of a
+TFDS dataset built by the cav_mae_clips builder (the same reader as the input pipeline,
+`cav_mae_jax.data.splits`), checks the counts and label counts against the index (for TFDS,
+the dataset info and the builder's statistics), prints a report, and for the first
+`--num-images` clips writes `fbank_<video_id>.png` (the raw fbank's valid frames: time frame
+across, mel bin up, a colorbar in raw log-mel units; titled with the clip id and its labels)
+and `frames_<video_id>.png` (the 10 stored JPEG frames in a 2 x 5 grid, each with its source
+frame number, titled with the clip id, labels and the rotation that made them upright). A
+source that is not a records directory or a built TFDS split, a missing labels CSV or damaged
+records print one line `error: ...` on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -28,72 +35,105 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import numpy as np
 from PIL import Image
 import tensorflow as tf
 
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
+from cav_mae_jax.data import splits
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
-def fbank_image(fbank: np.ndarray, num_frames: int) -> Image.Image:
-  """A grayscale picture of the valid part of a [T, 128] fbank (low bins at the bottom)."""
-  valid = fbank[:max(num_frames, 1)].astype(np.float32)
-  low, high = float(valid.min()), float(valid.max())
-  scaled = (valid - low) / (high - low) if high > low else np.zeros_like(valid)
-  return Image.fromarray(np.round(255 * scaled.T[::-1]).astype(np.uint8), mode="L")
+def label_text(values: records.ExampleValues, class_names: list[str] | None) -> str:
+  """The clip's labels: class names when known, else the stored label ids."""
+  if class_names:
+    names = [class_names[i] if i < len(class_names) else f"class {i}"
+             for i in values[records.LABELS]]
+  else:
+    names = list(values[records.LABEL_IDS])
+  return ", ".join(names) if names else "no labels"
 
 
-def frames_grid(jpeg_frames: list[bytes], columns: int = 5) -> Image.Image:
-  """The JPEG frames decoded and tiled in rows of `columns`."""
-  images = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in jpeg_frames]
-  width, height = images[0].size
+def fbank_figure(values: records.ExampleValues, class_names: list[str] | None = None) -> Figure:
+  """The valid frames of the clip's raw fbank: time frames across, mel bins up, a colorbar."""
+  frames = max(min(int(values[records.FBANK_NUM_FRAMES]), records.TARGET_FBANK_FRAMES), 1)
+  fbank = values[records.FBANK][:frames].astype(np.float32)
+  figure = Figure(figsize=(10, 4), dpi=100)
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  image = axes.imshow(fbank.T, origin="lower", aspect="auto", cmap="magma",
+                      interpolation="nearest", extent=(-0.5, frames - 0.5, -0.5,
+                                                       fbank.shape[1] - 0.5))
+  axes.set_xlabel(f"time frame (10 ms; {frames} of {records.TARGET_FBANK_FRAMES} valid)")
+  axes.set_ylabel("mel bin")
+  axes.set_title(f"{values[records.VIDEO_ID]}: {label_text(values, class_names)}")
+  figure.colorbar(image, ax=axes, label="log-mel energy (raw, not normalized)")
+  figure.tight_layout()
+  return figure
+
+
+def frames_figure(values: records.ExampleValues, class_names: list[str] | None = None,
+                  columns: int = 5) -> Figure:
+  """The JPEG frames in rows of `columns`, each titled with its source frame number."""
+  images = [np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+            for jpeg in values[records.FRAMES]]
   rows = -(-len(images) // columns)
-  grid = Image.new("RGB", (columns * width, rows * height))
-  for i, image in enumerate(images):
-    grid.paste(image, ((i % columns) * width, (i // columns) * height))
-  return grid
+  figure = Figure(figsize=(3 * columns, 3.2 * rows + 0.6), dpi=100)
+  FigureCanvasAgg(figure)
+  for i, (image, index) in enumerate(zip(images, values[records.FRAME_INDICES])):
+    axes = figure.add_subplot(rows, columns, i + 1)
+    axes.imshow(image)
+    axes.set_title(f"frame {int(index)}")
+    axes.axis("off")
+  rotation = int(values[records.ROTATION])
+  turned = f"turned {rotation} degrees clockwise to be upright" if rotation else "not rotated"
+  figure.suptitle(f"{values[records.VIDEO_ID]}: {label_text(values, class_names)}\n"
+                  f"rotation {rotation} ({turned}); source frame numbers, 0-based")
+  figure.tight_layout()
+  return figure
 
 
 def _safe_name(video_id: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
 
 
-def inspect(records_dir: str, png_dir: str, num_images: int = 4) -> dict[str, Any]:
-  """Reads all records of a directory; returns counts, shapes and histograms, writes PNGs."""
-  index = records.open_records_dir(records_dir)
+def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
+            class_names: list[str] | None = None) -> dict[str, Any]:
+  """Reads every example of a split; returns counts, shapes and histograms, writes PNGs."""
+  index = split.index
   os.makedirs(png_dir, exist_ok=True)
   label_counts: collections.Counter[int] = collections.Counter()
   rotations: collections.Counter[int] = collections.Counter()
   shard_counts, shapes, fbank_frames, images = {}, {}, [], []
-  for shard, path in zip(index.shards, index.shard_paths(records_dir)):
+  for shard, path in zip(index.shards, split.files):
     count = 0
     for serialized in tf.data.TFRecordDataset(path):
-      parsed = records.parse_example(serialized, with_waveform=index.store_waveform)
+      parsed = split.parse(serialized, with_waveform=index.store_waveform)
       if not shapes:
-        shapes = {k: (v.dtype.name, tuple(v.shape)) for k, v in parsed.items()}
+        shapes = {k: (v.dtype.name, tuple(v.shape)) for k, v in sorted(parsed.items())}
       values = records.parsed_to_values(parsed)
       label_counts.update(int(x) for x in values[records.LABELS])
       fbank_frames.append(values[records.FBANK_NUM_FRAMES])
       rotations[values[records.ROTATION]] += 1
       if len(images) < 2 * num_images:  # Two PNGs per clip.
         name = _safe_name(values[records.VIDEO_ID])
-        fbank_path = os.path.join(png_dir, f"fbank_{name}.png")
-        frames_path = os.path.join(png_dir, f"frames_{name}.png")
-        fbank_image(values[records.FBANK], values[records.FBANK_NUM_FRAMES]).save(fbank_path)
-        frames_grid(values[records.FRAMES]).save(frames_path)
-        images += [fbank_path, frames_path]
+        for kind, draw in (("fbank", fbank_figure), ("frames", frames_figure)):
+          png = os.path.join(png_dir, f"{kind}_{name}.png")
+          draw(values, class_names).savefig(png)
+          images.append(png)
       count += 1
     if count != shard.num_examples:
-      raise ValueError(f"{path}: {count} records, {records.INDEX_FILE} says "
-                       f"{shard.num_examples}")
+      raise ValueError(f"{path}: {count} examples, the index says {shard.num_examples}")
     shard_counts[shard.file] = count
   counted = [label_counts.get(i, 0) for i in range(index.num_classes)]
   if counted != list(index.label_counts):
-    raise ValueError(f"{records_dir}: label_counts of {records.INDEX_FILE} differ from the "
-                     "records' labels")
+    raise ValueError(f"{split.description}: the index's label_counts differ from the "
+                     "examples' labels")
   return {
+      "source": split.description,
       "num_examples": sum(shard_counts.values()),
       "shards": shard_counts,
       "shapes": shapes,
@@ -109,7 +149,8 @@ def inspect(records_dir: str, png_dir: str, num_images: int = 4) -> dict[str, An
 
 def format_report(report: dict[str, Any], class_names: list[str] | None, top: int) -> str:
   """Human-readable lines for `inspect`'s report."""
-  lines = [f"{report['num_examples']} examples in {len(report['shards'])} shards"]
+  lines = [f"{report['source']}: {report['num_examples']} examples in "
+           f"{len(report['shards'])} shards"]
   lines += [f"  {name}: {count}" for name, count in report["shards"].items()]
   lines.append("parsed keys (dtype, shape):")
   lines += [f"  {key}: {dtype} {shape}" for key, (dtype, shape) in report["shapes"].items()]
@@ -136,27 +177,43 @@ def _error(message: object) -> int:
   return 2
 
 
+def open_source(args: argparse.Namespace) -> tuple[splits.Split, str]:
+  """The split the flags name and the default PNG folder for it."""
+  if args.records:
+    return (splits.open_records_split(args.records, "--records"),
+            os.path.join(args.records, "inspect"))
+  split = splits.open_tfds_split(args.tfds, args.split, args.tfds_data_dir, name_field="--tfds",
+                                 split_field="--split")
+  return split, f"inspect_{_safe_name(args.tfds.replace('/', '_'))}_{args.split}"
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status (2 on bad input, with one line on stderr)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.error = lambda message: sys.exit(_error(message))
-  parser.add_argument("--records", required=True, help="a records directory (tools/"
-                      "preprocess.py output)")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--records", help="a records directory (tools/preprocess.py output)")
+  source.add_argument("--tfds", help="a TFDS dataset built by the cav_mae_clips builder, "
+                      "e.g. cav_mae_clips/datafile")
+  parser.add_argument("--tfds-data-dir", default="", help="its TFDS data directory "
+                      "(default: TFDS's)")
+  parser.add_argument("--split", default="train", help="the TFDS split (with --tfds)")
   parser.add_argument("--labels", help="class_labels_indices.csv, for class names")
-  parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect)")
+  parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect, or "
+                      "inspect_<dataset>_<split> here for --tfds)")
   parser.add_argument("--num-images", type=int, default=4)
   parser.add_argument("--top", type=int, default=20)
   args = parser.parse_args(argv)
   try:
     names = list(sources.read_class_labels(args.labels).display_names) if args.labels else None
-    report = inspect(args.records, args.png_dir or os.path.join(args.records, "inspect"),
-                     args.num_images)
+    split, default_png_dir = open_source(args)
+    report = inspect(split, args.png_dir or default_png_dir, args.num_images, names)
   except OSError as e:
     return _error(f"{e.filename}: {e.strerror or e}")
-  except ValueError as e:  # records.RecordsDirError, sources.SourceError, wrong counts
+  except ValueError as e:  # not a records dir or TFDS split, sources.SourceError, wrong counts
     return _error(e)
   except tf.errors.OpError as e:  # A shard that cannot be read or parsed.
-    return _error(f"{args.records}: damaged records: {e.message}")
+    return _error(f"{args.records or args.tfds}: damaged records: {e.message}")
   print(format_report(report, names, args.top))
   return 0
 

@@ -1,9 +1,12 @@
-"""The tf.data graph of the input: a records directory -> host-local batch dicts.
+"""The tf.data graph of the input: a split's clip files -> host-local batch dicts.
 
-Records of a split live in one directory (see `records.py`): `config.data.train_dir` for split
-"train", `config.data.eval_dir` for split "eval". Each process reads a disjoint, deterministic
-subset of the shard files (`files[process_index::process_count]`) and `make_dataset` builds its
-batches of `batch_size // process_count` clips, as the DESIGN.md batch dict:
+A split ("train" or "eval") is read from its records directory, `config.data.<split>_dir`
+(tools/preprocess.py output) when that is set, else from split `config.data.tfds_<split>_split`
+of the TFDS dataset `config.data.tfds_name` (the `cav_mae_clips` builder's output), so either
+source, or one of each, works; `open_split` resolves this and `splits.py` reads both kinds the
+same way. Each process reads a disjoint, deterministic subset of the split's shard files
+(`files[process_index::process_count]`) and `make_dataset` builds its batches of
+`batch_size // process_count` clips, as the DESIGN.md batch dict:
 
   audio [B, T, 128] f32 (normalized fbank), image [B, H, W, 3] f32 (ImageNet-normalized; eval
   with all frames: [B, 10, H, W, 3]), label [B, C] f32, valid [B] bool, frame_index [B] int32
@@ -23,8 +26,13 @@ the epoch, position and batch number to start from, which is how `input.InputPip
 
 Fields of `config.data` (`DataConfig`; the model's input shapes come from `config.model`:
 `audio_length`, `num_mel_bins`, `image_size`):
-  train_dir: str           records of the "train" split (tools/preprocess.py output).
-  eval_dir: str            records of the "eval" split ("" when there is none).
+  train_dir: str           records directory of the "train" split ('' = from TFDS, see below).
+  eval_dir: str            records directory of the "eval" split ('' = from TFDS, or none).
+  tfds_name: str           TFDS dataset the splits without a records directory are read from,
+                           'cav_mae_clips/<config>[:<version>]' ('' = none).
+  tfds_data_dir: str       its TFDS data directory ('' = TFDS's default, ~/tensorflow_datasets).
+  tfds_train_split: str    the TFDS split read as "train" (a TFDS split name, e.g. 'train').
+  tfds_eval_split: str     the TFDS split read as "eval" (e.g. 'test' or 'validation').
   batch_size: int          global training batch size (all processes together); evaluation
                            passes its own (config.eval.batch_size) to `make_dataset`.
   shuffle_buffer: int      examples in each host's shuffle buffer (training); raw records
@@ -43,8 +51,13 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
                            'fbank' (mixes raw fbanks; cheaper, not the original's).
   label_smooth: float      label smoothing (training; fine-tuning uses 0.1).
   balanced_sampling: bool  sample clips with weight sum over labels of 1000 / (count + 0.01).
-  fbank_mean: float|None   fbank normalization mean; None = the records' statistics.
-  fbank_std: float|None    fbank normalization std; None = the records' statistics.
+  fbank_stats: str         where fbank normalization's mean and std come from (both splits):
+                           'fixed': fbank_mean / fbank_std (the recipes set AudioSet's
+                           -5.081 / 4.4849, the original's numbers); 'index': the training
+                           split's own statistics (index.json, or the TFDS builder's metadata:
+                           mean/std of the raw fbank over the valid frames).
+  fbank_mean: float        normalization mean with fbank_stats='fixed' (unused with 'index').
+  fbank_std: float         normalization std with fbank_stats='fixed' (unused with 'index').
   prefetch: int            batches prepared ahead.
 
 Balanced sampling (as the original's WeightedRandomSampler with replacement over an epoch of
@@ -56,6 +69,7 @@ Epoch lengths then vary (see `input.InputPipeline` for what that means for resum
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import zlib
 from collections.abc import Mapping
@@ -66,9 +80,13 @@ import tensorflow as tf
 
 from cav_mae_jax.data import augment
 from cav_mae_jax.data import records
+from cav_mae_jax.data import splits
+
+logger = logging.getLogger(__name__)
 
 MIXUP_TARGETS = augment.MIXUP_TARGETS
 SPLITS = ("train", "eval")
+FBANK_STATS = ("fixed", "index")
 BALANCED_WEIGHT_NUMERATOR = 1000.0
 BALANCED_COUNT_OFFSET = 0.01
 INTERLEAVE_CYCLE = 16
@@ -84,6 +102,10 @@ class DataConfig:
   batch_size: int
   train_dir: str = ""
   eval_dir: str = ""
+  tfds_name: str = ""
+  tfds_data_dir: str = ""
+  tfds_train_split: str = "train"
+  tfds_eval_split: str = "test"
   shuffle_buffer: int = 2048
   eval_frame: int = 5
   eval_all_frames: bool = False
@@ -95,7 +117,8 @@ class DataConfig:
   mixup_on: str = "waveform"
   label_smooth: float = 0.0
   balanced_sampling: bool = False
-  fbank_mean: float | None = None
+  fbank_stats: str = "fixed"
+  fbank_mean: float | None = None  # required with fbank_stats='fixed'
   fbank_std: float | None = None
   prefetch: int = 2
   # From config.model.
@@ -128,9 +151,12 @@ class DataConfig:
     def fail(field: str, why: str) -> None:
       raise ValueError(f"config.data.{field}={getattr(self, field)!r}: {why}")
 
-    for field in ("train_dir", "eval_dir"):
+    for field in ("train_dir", "eval_dir", "tfds_data_dir"):
       if not isinstance(getattr(self, field), str):
         fail(field, "must be a directory path (a string)")
+    for field in ("tfds_name", "tfds_train_split", "tfds_eval_split"):
+      if not isinstance(getattr(self, field), str):
+        fail(field, "must be a string")
     if not isinstance(self.batch_size, int) or self.batch_size <= 0:
       fail("batch_size", "must be a positive int")
     if self.shuffle_buffer < 1:
@@ -147,11 +173,16 @@ class DataConfig:
       fail("mixup_on", f"must be one of {MIXUP_TARGETS}")
     if not 0.0 <= self.label_smooth < 1.0:
       fail("label_smooth", "must be in [0, 1)")
-    if (self.fbank_mean is None) != (self.fbank_std is None):
-      fail("fbank_std" if self.fbank_std is None else "fbank_mean",
-           "fbank_mean and fbank_std must both be set or both be None")
-    if self.fbank_std is not None and not self.fbank_std > 0:
-      fail("fbank_std", "must be positive")
+    if self.fbank_stats not in FBANK_STATS:
+      fail("fbank_stats", f"must be one of {FBANK_STATS} ('index': the training split's "
+           "statistics)")
+    if self.fbank_stats == "fixed":
+      for field in ("fbank_mean", "fbank_std"):
+        if not isinstance(getattr(self, field), (int, float)):
+          fail(field, "must be a number with fbank_stats='fixed' (or use fbank_stats='index' "
+               "for the training split's statistics)")
+      if not self.fbank_std > 0:
+        fail("fbank_std", "must be positive")
     if self.prefetch < 0:
       fail("prefetch", "must be >= 0")
 
@@ -165,15 +196,94 @@ def _as_dict(config: Any, name: str) -> dict[str, Any]:
   return dict(section.to_dict() if hasattr(section, "to_dict") else section)
 
 
+def open_split(config: Any, split: str) -> splits.Split:
+  """The clips of `split` ('train' or 'eval'): its records directory, else its TFDS split.
+
+  `config` is the run's config (or a `DataConfig`). Errors name the config field: no source
+  given, a bad records directory or TFDS dataset, fbank frames or mel bins other than the
+  model's.
+  """
+  config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; the input reads {SPLITS}")
+  directory = getattr(config, f"{split}_dir")
+  if directory:
+    source = splits.open_records_split(directory, f"config.data.{split}_dir")
+  elif config.tfds_name:
+    source = splits.open_tfds_split(
+        config.tfds_name, getattr(config, f"tfds_{split}_split"), config.tfds_data_dir,
+        name_field="config.data.tfds_name", split_field=f"config.data.tfds_{split}_split")
+  else:
+    raise ValueError(f"config.data.{split}_dir='': no records directory given (or set "
+                     f"config.data.tfds_name to read split config.data.tfds_{split}_split of a "
+                     "TFDS dataset)")
+  splits.check_fbank_shape(source, config.audio_length, config.num_mel_bins)
+  return source
+
+
+def check_data_sources(config: Any, training: bool = True) -> None:
+  """Opens every split a run reads and checks it against the model; ValueError naming the field.
+
+  The run reads the training split (when `training`, or for fbank_stats='index'), the split
+  (or records directory `dir`) of each `config.evals` entry, and checks `eval_dir` when set.
+  Logs one warning when the training clips are also read as the "eval" split.
+  """
+  data_config = DataConfig.from_config(config)
+  train = None
+  if training or data_config.fbank_stats == "index":
+    train = open_split(data_config, "train")
+  eval_sources = [open_split(data_config, "eval")] if data_config.eval_dir else []
+  evals = config["evals"] if isinstance(config, Mapping) else getattr(config, "evals", None)
+  for name, entry in (evals or {}).items():
+    if entry["dir"]:
+      source = splits.open_records_split(entry["dir"], f"config.evals.{name}.dir")
+      splits.check_fbank_shape(source, data_config.audio_length, data_config.num_mel_bins)
+    else:
+      source = open_split(data_config, entry["split"])
+    if entry["split"] == "eval":
+      eval_sources.append(source)
+  if train is not None and any(splits.same_clips(train, s) for s in eval_sources):
+    logger.warning("config.data: the eval split is the training clips (%s): evaluation "
+                   "measures the training data.", train.description)
+
+
+@dataclasses.dataclass(frozen=True)
+class FbankNormalization:
+  """The mean and std fbanks are normalized with, and where they come from."""
+
+  mean: float
+  std: float
+  origin: str
+
+  def describe(self) -> str:
+    """One line for the log."""
+    return f"fbank normalization: mean {self.mean:.6g}, std {self.std:.6g} ({self.origin})"
+
+
+def fbank_normalization(config: Any) -> FbankNormalization:
+  """The fbank mean and std of every split: the config's fixed numbers or the training split's."""
+  config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
+  if config.fbank_stats == "fixed":
+    return FbankNormalization(float(config.fbank_mean), float(config.fbank_std),
+                              "config.data.fbank_mean/fbank_std, fbank_stats='fixed'")
+  train = open_split(config, "train")
+  return FbankNormalization(float(train.index.fbank_mean), float(train.index.fbank_std),
+                            f"statistics of the training split, {train.description}, "
+                            "fbank_stats='index'")
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitFiles:
-  """One split's index and this process's share of its shard files."""
+  """One split's clips and this process's share of its shard files."""
 
-  index: records.RecordIndex
-  directory: str
+  source: splits.Split
   files: tuple[str, ...]
   file_examples: tuple[int, ...]  # examples in each of `files`, as the index lists them
   host_examples: tuple[int, ...]  # examples of every process, by process index
+
+  @property
+  def index(self) -> records.RecordIndex:
+    return self.source.index
 
   @property
   def num_examples(self) -> int:
@@ -189,25 +299,14 @@ def host_file_indices(num_files: int, process_index: int, process_count: int) ->
 
 def load_split(config: DataConfig, split: str, process_index: int,
                process_count: int) -> SplitFiles:
-  """Opens and checks the split's records directory and picks this process's shard files."""
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; the input reads {SPLITS}")
-  field = f"{split}_dir"
-  directory = getattr(config, field)
-  try:
-    index = records.open_records_dir(directory)
-  except records.RecordsDirError as e:
-    raise ValueError(f"config.data.{field}: {e}") from None
-  expected = (config.audio_length, config.num_mel_bins)
-  if tuple(index.fbank_shape) != expected:
-    raise ValueError(f"config.model.audio_length x num_mel_bins = {expected[0]} x {expected[1]} "
-                     f"but the records in {directory} hold fbank {tuple(index.fbank_shape)}")
-  paths = index.shard_paths(directory)
+  """Opens and checks the split's clips (`open_split`) and picks this process's shard files."""
+  source = open_split(config, split)
+  index, paths = source.index, source.files
   host_examples = tuple(
       sum(index.shards[i].num_examples for i in host_file_indices(len(paths), p, process_count))
       for p in range(process_count))
   mine = host_file_indices(len(paths), process_index, process_count)
-  return SplitFiles(index=index, directory=directory, files=tuple(paths[i] for i in mine),
+  return SplitFiles(source=source, files=tuple(paths[i] for i in mine),
                     file_examples=tuple(index.shards[i].num_examples for i in mine),
                     host_examples=host_examples)
 
@@ -219,13 +318,6 @@ def host_batch_size(batch_size: int, process_count: int,
     raise ValueError(f"{field}={batch_size}: must be a positive multiple of the process count "
                      f"{process_count}")
   return batch_size // process_count
-
-
-def fbank_statistics(config: DataConfig, index: records.RecordIndex) -> tuple[float, float]:
-  """(mean, std) for fbank normalization: the config's override, else the records' own."""
-  if config.fbank_mean is not None:
-    return float(config.fbank_mean), float(config.fbank_std)
-  return float(index.fbank_mean), float(index.fbank_std)
 
 
 def class_sampling_weights(label_counts: Any) -> np.ndarray:
@@ -279,12 +371,12 @@ def _uses_waveform(config: DataConfig, training: bool) -> bool:
   return training and config.mixup > 0 and config.mixup_on == "waveform"
 
 
-def _parse_fn(config: DataConfig, training: bool, num_classes: int,
-              with_waveform: bool):
-  example_pp = augment.get_preprocess_fn(example_preprocess_spec(config, training, num_classes))
+def _parse_fn(config: DataConfig, training: bool, source: splits.Split, with_waveform: bool):
+  example_pp = augment.get_preprocess_fn(
+      example_preprocess_spec(config, training, source.index.num_classes))
 
   def parse(serialized: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-    parsed = records.parse_example(serialized, with_waveform=with_waveform)
+    parsed = source.parse(serialized, with_waveform=with_waveform)
     data = {
         "audio": parsed[records.FBANK],
         "frames": parsed[records.FRAMES],
@@ -307,14 +399,9 @@ def _parse_fn(config: DataConfig, training: bool, num_classes: int,
   return parse
 
 
-def _label_indices(serialized: tf.Tensor) -> tf.Tensor:
-  spec = {records.LABELS: records.feature_spec()[records.LABELS]}
-  return tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)[records.LABELS])
-
-
 def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tensor,
-                   config: DataConfig, balanced: tuple[np.ndarray, float, int] | None
-                   ) -> tf.data.Dataset:
+                   config: DataConfig, source: splits.Split,
+                   balanced: tuple[np.ndarray, float, int] | None) -> tf.data.Dataset:
   """One epoch of this host's raw records, in the epoch's deterministic shuffled order."""
   order = tf.random.experimental.stateless_shuffle(
       tf.constant(files), _salted(base_seed, "files", epoch))
@@ -326,7 +413,7 @@ def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tenso
     class_weights = tf.constant(class_weights, tf.float64)
 
     def copies(read_position: tf.Tensor, serialized: tf.Tensor) -> tf.data.Dataset:
-      weight = tf.reduce_sum(tf.gather(class_weights, _label_indices(serialized)))
+      weight = tf.reduce_sum(tf.gather(class_weights, source.parse_labels(serialized)))
       rate = tf.cast(weight * num_examples / total_weight, tf.float32)
       count = tf.random.stateless_poisson(
           [], _salted(base_seed, "balanced", epoch, read_position), rate, dtype=tf.int64)
@@ -396,21 +483,22 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training
   split_files = load_split(data_config, split, process_index, process_count)
-  index = split_files.index
+  source, index = split_files.source, split_files.index
   host_batch = resolve_host_batch(data_config, batch_size, process_count)
   with_waveform = _uses_waveform(data_config, training)
   if with_waveform and not index.store_waveform:
     raise ValueError(f"config.data.mixup_on='waveform' needs records with waveforms, but "
-                     f"{split_files.directory} was written without them (use 'fbank' or "
+                     f"{source.description} was written without them (use 'fbank' or "
                      f"rewrite the records with waveforms)")
-  mean, std = fbank_statistics(data_config, index)
-  parse = _parse_fn(data_config, training, index.num_classes, with_waveform)
-  batch_pp = augment.get_preprocess_fn(batch_preprocess_spec(data_config, training, mean, std))
+  normalization = fbank_normalization(data_config)
+  parse = _parse_fn(data_config, training, source, with_waveform)
+  batch_pp = augment.get_preprocess_fn(
+      batch_preprocess_spec(data_config, training, normalization.mean, normalization.std))
   base_seed = tf.constant([0, seed], tf.int64)
 
   if training:
     if min(split_files.host_examples) == 0:
-      raise ValueError(f"{split_files.directory}: process {split_files.host_examples.index(0)} "
+      raise ValueError(f"{source.description}: process {split_files.host_examples.index(0)} "
                        f"of {process_count} gets no training examples "
                        f"({len(index.shards)} shard files); write more shards")
     balanced = None
@@ -421,8 +509,9 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
 
     def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
       skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
-      return _epoch_records(files, epoch, base_seed, data_config, balanced).enumerate().skip(
-          skip).map(lambda position, serialized: (epoch, position, serialized))
+      epoch_records = _epoch_records(files, epoch, base_seed, data_config, source, balanced)
+      return epoch_records.enumerate().skip(skip).map(
+          lambda position, serialized: (epoch, position, serialized))
 
     def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
                    serialized: tf.Tensor) -> dict[str, tf.Tensor]:

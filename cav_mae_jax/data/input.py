@@ -8,15 +8,19 @@ point (it skips the already-seen records of the current epoch before parsing, so
 reading at most one epoch of this host's raw records). With balanced sampling epoch lengths
 vary, so each process must restore its own `get_state()`.
 
-The batches become global `jax.Array`s with `cav_mae_jax.train.mesh.global_batch`. Reading
-errors and shards shorter than the index says raise `RecordReadError` naming the shard file.
-Throughput is measured by `measure_input` (samples per wall second and per CPU second).
+A split is read from a records directory or from a TFDS dataset (`dataset.open_split`; the
+same batch dict from both). The pipeline's `fbank_normalization` says which mean and std it
+normalizes with and where they come from; the main process logs it once per split and
+process. The batches become global `jax.Array`s with `cav_mae_jax.train.mesh.global_batch`.
+Reading errors and shards shorter than the index says raise `RecordReadError` naming the shard
+file. Throughput is measured by `measure_input` (samples per wall second and per CPU second).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,23 +29,31 @@ import tensorflow as tf
 from cav_mae_jax.data import dataset
 from cav_mae_jax.data import records
 
+logger = logging.getLogger(__name__)
+
 STATE_VERSION = 1
-# Names callers use from this module (the config view and the op string of the batch step).
+# Names callers use from this module (the config view, the op string of the batch step, the
+# split sources and the run's data check).
 DataConfig = dataset.DataConfig
 batch_preprocess_spec = dataset.batch_preprocess_spec
+open_split = dataset.open_split
+check_data_sources = dataset.check_data_sources
+_logged: set[str] = set()  # log lines already written by this process
 
 
 class RecordReadError(RuntimeError):
   """Reading or decoding the records failed; the message names the split and, if found, the file."""
 
 
-def find_damaged_shard(files: Any, expected_counts: Any) -> tuple[str, str] | None:
+def find_damaged_shard(files: Any, expected_counts: Any,
+                       parse: Callable[..., Any] = records.parse_example
+                       ) -> tuple[str, str] | None:
   """The first shard that cannot be parsed to its end or holds another count than the index."""
   for path, expected in zip(files, expected_counts):
     count = 0
     try:
       for serialized in tf.data.TFRecordDataset(path):
-        records.parse_example(serialized)
+        parse(serialized)
         count += 1
     except tf.errors.OpError as e:
       return path, e.message.strip()
@@ -73,6 +85,11 @@ class InputPipeline:
     self.seed = seed
     self.threads = threads
     self.split_files = dataset.load_split(self.config, split, process_index, process_count)
+    self.fbank_normalization = dataset.fbank_normalization(self.config)
+    message = f"split {split!r}: {self.fbank_normalization.describe()}"
+    if process_index == 0 and message not in _logged:
+      _logged.add(message)
+      logger.info(message)
     self.batch_size = batch_size
     self.host_batch = dataset.resolve_host_batch(self.config, batch_size, process_count)
     self._batches = 0
@@ -134,9 +151,10 @@ class InputPipeline:
       last_epoch, last_position = epoch, position
 
   def _describe_failure(self, message: str) -> str:
-    where = (f"split {self.split!r} ({self.split_files.directory}), process "
+    where = (f"split {self.split!r} ({self.split_files.source.description}), process "
              f"{self.process_index} of {self.process_count}, batch {self._batches}")
-    damaged = find_damaged_shard(self.split_files.files, self.split_files.file_examples)
+    damaged = find_damaged_shard(self.split_files.files, self.split_files.file_examples,
+                                 self.split_files.source.parse)
     if damaged is not None:
       return f"{where}: shard {damaged[0]} is damaged: {damaged[1]}"
     return f"{where}: {message}"
@@ -174,19 +192,14 @@ class InputPipeline:
     self._iterator = None
 
 
-def benchmark_input(config: Any, num_batches: int, *, split: str = "train",
-                    threads: int | None = None, warmup_batches: int = 2) -> float:
-  """Samples per second (wall clock) of the input pipeline alone: read, decode, augment, batch."""
-  return measure_input(config, num_batches, split=split, threads=threads,
-                       warmup_batches=warmup_batches)["samples_per_second"]
-
-
 def measure_input(config: Any, num_batches: int, *, split: str = "train",
                   threads: int | None = None, warmup_batches: int = 2) -> dict[str, float]:
   """Input throughput: samples per wall second and per CPU second (= per fully used core).
 
-  CPU seconds are this process's user + system time over the timed batches, so the per-core
-  figure holds on a shared machine too.
+  Times `num_batches` batches of the pipeline alone (read, parse, decode, augment, batch: as
+  `split` is configured, on one process) after `warmup_batches`. CPU seconds are this
+  process's user + system time over the timed batches, so the per-core figure holds on a
+  shared machine too.
   """
   pipeline = InputPipeline(config, split, training=split == "train", process_index=0,
                            process_count=1, threads=threads)
@@ -197,5 +210,5 @@ def measure_input(config: Any, num_batches: int, *, split: str = "train",
     next(pipeline)
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   samples = num_batches * pipeline.host_batch
-  return {"samples": float(samples), "samples_per_second": samples / wall,
+  return {"samples": float(samples), "wall_seconds": wall, "samples_per_second": samples / wall,
           "samples_per_cpu_second": samples / cpu, "cpu_cores_used": cpu / wall}

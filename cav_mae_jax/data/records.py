@@ -213,6 +213,12 @@ def parse_example(serialized: tf.Tensor, with_waveform: bool = False) -> dict[st
   return parsed
 
 
+def parse_labels(serialized: tf.Tensor) -> tf.Tensor:
+  """The class indices (int64 [L]) of one serialized clip record, parsing nothing else."""
+  spec = {LABELS: feature_spec()[LABELS]}
+  return tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)[LABELS])
+
+
 def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
   """Converts eagerly parsed tensors (or TFDS numpy examples) to `make_example_values` form."""
 

@@ -24,6 +24,14 @@ non-local paths through tf.io.gfile, so the workers need no mounted bucket. Clip
 be made into examples are never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
 directory (path, video_id, reason, message) and counted in Beam counters
 `quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it.
+
+Every split also gets the statistics a records directory's index.json holds (example and
+per-class label counts, fbank sums over the valid frames: `records.ShardStats`, the code the
+tool uses), computed while the examples are made (a Beam combine, or a running sum locally)
+and stored in the dataset's metadata (`metadata.json`, `info.metadata[STATS_KEY][split]`), so
+balanced sampling and `fbank_stats='index'` work on a TFDS dataset as on records
+(`read_split_stats`; `splits.open_tfds_split` reads a built dataset). Beam counters are kept
+per split: `builder.beam_counters[split][name]`, names `written` and `quarantined_{reason}`.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -45,6 +53,8 @@ from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
 
 SOURCES = ("datafile", "audioset_csv", "vggsound_csv", "synthetic")
+STATS_KEY = "split_stats"  # info.metadata[STATS_KEY][split]: records.ShardStats JSON
+COUNTER_NAMESPACE = "cav_mae_clips"
 SPLITS = ("train", "validation", "test")
 LABELS_CSV = "class_labels_indices.csv"
 
@@ -110,22 +120,48 @@ def _example_or_quarantine(entry: sources.ClipEntry, labels: sources.ClassLabels
   return entry.video_id, tfds_example(result)
 
 
+def _stats_path(data_dir: str, split: str) -> str:
+  """Where a split's statistics wait until the build folds them into the metadata."""
+  return os.path.join(data_dir, f"stats-{split}.json")
+
+
+def _write_stats(path: str, stats: records.ShardStats) -> None:
+  with tf.io.gfile.GFile(path, "w") as f:
+    json.dump(stats.to_json(), f)
+
+
+def _merge_stats(parts: Iterable[records.ShardStats], num_classes: int) -> records.ShardStats:
+  """One `ShardStats` of many (Beam's combiner: associative, takes its own outputs)."""
+  return functools.reduce(records.ShardStats.merge, parts, records.ShardStats(num_classes))
+
+
+def _one_example_stats(keyed_example: tuple[str, dict[str, Any]],
+                       num_classes: int) -> records.ShardStats:
+  stats = records.ShardStats(num_classes)
+  stats.add(keyed_example[1])
+  return stats
+
+
 def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
-                        store_waveform: bool, strict: bool, quarantine_prefix: str):
+                        store_waveform: bool, strict: bool, quarantine_prefix: str,
+                        split: str, stats_path: str):
   """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files.
 
   The clip list is read inside the pipeline (not embedded in the job graph), then spread
-  over the workers, so millions of clips make a small job description.
+  over the workers, so millions of clips make a small job description. The examples'
+  statistics are combined into one `ShardStats` written to `stats_path`; counters are named
+  `{split}/written` and `{split}/quarantined_{reason}`.
   """
   beam = tfds.core.lazy_imports.apache_beam
 
   def process(entry):
     result = _example_or_quarantine(entry, labels, store_waveform, strict)
     if isinstance(result, clips.Quarantined):
-      beam.metrics.Metrics.counter("cav_mae_clips", f"quarantined_{result.reason}").inc()
+      beam.metrics.Metrics.counter(COUNTER_NAMESPACE,
+                                   f"{split}/quarantined_{result.reason}").inc()
       yield beam.pvalue.TaggedOutput("quarantine", json.dumps(result.to_json()))
     else:
-      beam.metrics.Metrics.counter("cav_mae_clips", "written").inc()
+      beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"{split}/written").inc()
       yield result
 
   @beam.ptransform_fn
@@ -137,9 +173,24 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
                | "Decode" >> beam.FlatMap(process).with_outputs("quarantine", main="examples"))
     _ = outputs.quarantine | "Quarantine" >> beam.io.WriteToText(quarantine_prefix,
                                                                   file_name_suffix=".jsonl")
+    num_classes = labels.num_classes
+    _ = (outputs.examples
+         | "ExampleStats" >> beam.Map(_one_example_stats, num_classes=num_classes)
+         | "MergeStats" >> beam.CombineGlobally(_merge_stats, num_classes=num_classes)
+         | "WriteStats" >> beam.Map(lambda stats: _write_stats(stats_path, stats)))
     return outputs.examples
 
   return transform()  # pylint: disable=no-value-for-parameter
+
+
+def read_split_stats(info: tfds.core.DatasetInfo, split: str) -> records.ShardStats:
+  """The statistics of one split of a built dataset; ValueError if the build stored none."""
+  metadata = info.metadata or {}
+  stored = metadata.get(STATS_KEY, {})
+  if split not in stored:
+    raise ValueError(f"{info.full_name}: no statistics of split {split!r} in its metadata "
+                     f"(built by a version before 1.2.0, or not by cav_mae_clips: rebuild it)")
+  return records.ShardStats.from_json(stored[split])
 
 
 def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
@@ -154,10 +205,11 @@ def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
 class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "First release: records format version 1.",
       "1.1.0": "Frames are made upright by the display matrix; `rotation` says by how much.",
+      "1.2.0": "Per-split label counts and fbank statistics in the metadata (as index.json).",
   }
   BUILDER_CONFIGS = [
       ClipsConfig(name="datafile", source="datafile",
@@ -178,20 +230,38 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
         features=_features(self.builder_config.store_waveform),
         supervised_keys=None,
         homepage="https://github.com/YuanGongND/cav-mae",
+        metadata=tfds.core.MetadataDict(),
     )
 
-  beam_counters: dict[str, int] | None = None  # Set after a Beam build.
+  # Set after a Beam build: {split: {"written": n, "quarantined_{reason}": n}}.
+  beam_counters: dict[str, dict[str, int]] | None = None
 
   def _download_and_prepare(self, dl_manager, download_config) -> None:
     self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
     super()._download_and_prepare(dl_manager, download_config)
+    self._store_split_stats()
+
+  def _store_split_stats(self) -> None:
+    """Moves every split's statistics file into the metadata (written with the info)."""
+    stats = {}
+    for split in self.info.splits.keys():
+      path = _stats_path(self.data_dir, split)
+      with tf.io.gfile.GFile(path) as f:
+        stats[split] = json.load(f)
+      tf.io.gfile.remove(path)
+    self.info.metadata[STATS_KEY] = stats
 
   def _process_pipeline_result(self, pipeline_result) -> None:
-    """Keeps and logs the Beam counters (written, quarantined_{reason}) of the build."""
-    counters = pipeline_result.metrics().query()["counters"]
-    self.beam_counters = {c.key.metric.name: c.committed if c.committed is not None else c.attempted
-                          for c in counters
-                          if c.key.metric.namespace == "cav_mae_clips"}
+    """Keeps and logs the Beam counters of the build, per split."""
+    counters: dict[str, dict[str, int]] = {}
+    for counter in pipeline_result.metrics().query()["counters"]:
+      if counter.key.metric.namespace != COUNTER_NAMESPACE:
+        continue
+      split, name = counter.key.metric.name.split("/", 1)
+      value = counter.committed if counter.committed is not None else counter.attempted
+      counters.setdefault(split, {})
+      counters[split][name] = counters[split].get(name, 0) + value
+    self.beam_counters = counters
     logging.info("cav_mae_clips Beam counters: %s", self.beam_counters)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -235,21 +305,28 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
                          split: str):
     config = self.builder_config
     quarantine_prefix = os.path.join(self.data_dir, f"quarantine-{split}")
+    stats_path = _stats_path(self.data_dir, split)
     if getattr(self, "_use_beam", False):
       return _beam_clip_examples(read_entries, labels, config.store_waveform, config.strict,
-                                 quarantine_prefix)
-    return self._local_examples(read_entries(), labels, quarantine_prefix)
+                                 quarantine_prefix, split, stats_path)
+    return self._local_examples(read_entries(), labels, quarantine_prefix, stats_path)
 
   def _local_examples(self, entries: Sequence[sources.ClipEntry], labels: sources.ClassLabels,
-                      quarantine_prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+                      quarantine_prefix: str, stats_path: str
+                      ) -> Iterator[tuple[str, dict[str, Any]]]:
     config = self.builder_config
-    with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
-      for entry in entries:
-        result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict)
-        if isinstance(result, clips.Quarantined):
-          quarantine.write(json.dumps(result.to_json()) + "\n")
-        else:
-          yield result
+    stats = records.ShardStats(labels.num_classes)
+    try:
+      with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
+        for entry in entries:
+          result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict)
+          if isinstance(result, clips.Quarantined):
+            quarantine.write(json.dumps(result.to_json()) + "\n")
+          else:
+            stats.add(result[1])
+            yield result
+    finally:  # Also when TFDS stops early (max_examples_per_split): the examples it took.
+      _write_stats(stats_path, stats)
 
 
 def builder(config: str | ClipsConfig, data_dir: str | None = None) -> CavMaeClips:
