@@ -7,7 +7,8 @@ augmentation, fixed frame, padded last batch) and never imports the trainer.
 
 Fields of an entry (each type adds its own, listed in its `FIELDS`):
   type: str          the evaluator type (a module of this package)
-  split: str         'train' or 'eval': the records of config.data.<split>_dir
+  split: str         'train' or 'eval': the split's clips (config.data.<split>_dir, else its
+                     TFDS split, see cav_mae_jax/data/dataset.py)
   dir: str           records directory to read instead of the split's ('' = the split's)
   every_steps: int   run every that many training steps (0 = off; every evaluator also runs
                      at the end of training)

@@ -56,9 +56,9 @@ class Inputs:
 
 
 def records_inputs(config: ml_collections.ConfigDict) -> Inputs:
-  """The tf.data pipeline over `config.data.train_dir` (imports TensorFlow)."""
+  """The tf.data pipeline over the training split, records or TFDS (imports TensorFlow)."""
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-  train_index = validation.read_records_index(config.data.train_dir, "data.train_dir")
+  train_index = input_lib.open_split(config, "train").index
   return Inputs(train=input_lib.InputPipeline(config, "train", seed=config.seed),
                 eval_batches=None, train_examples=train_index.num_examples)
 

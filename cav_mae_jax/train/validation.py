@@ -4,7 +4,7 @@ the field.
 Each section is checked in one place: `config.model` by `ModelConfig.from_config`, `config.data`
 by the input pipeline's `DataConfig`, each `config.evals` entry by its evaluator type; this
 module checks the rest and the relations between sections (batch vs devices, contrast groups vs
-batch, records vs model).
+batch, data sources vs model: `cav_mae_jax.data.dataset.check_data_sources`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     training: bool = True) -> ModelConfig:
   """Validates `config` for a run on `num_devices` devices; returns the checked ModelConfig.
 
-  `check_data=False` skips what needs the records (and TensorFlow): their presence, their shapes
-  against the model, and the input pipeline's own field checks. `training=False` (evaluation
-  only) does not need the training records.
+  `check_data=False` skips what needs the data (and TensorFlow): every split the run reads
+  (records directories or TFDS splits), their shapes against the model, and the input
+  pipeline's own field checks. `training=False` (evaluation only) does not need the training
+  split.
   """
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
@@ -46,14 +47,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   eval_lib.validate_evals(config, None, num_devices, num_processes)
   if check_data:
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-    input_lib.DataConfig.from_config(config)
-    if training:
-      train_index = read_records_index(config.data.train_dir, "data.train_dir")
-      check_records_match_model(train_index, model, "data.train_dir")
-    for name, entry in config.evals.items():
-      field = f"evals.{name}.dir" if entry.dir else f"data.{entry.split}_dir"
-      directory = entry.dir or config.data[f"{entry.split}_dir"]
-      check_records_match_model(read_records_index(directory, field), model, field)
+    input_lib.check_data_sources(config, training)
   return model
 
 
@@ -149,25 +143,3 @@ def _exists(path: str) -> bool:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (remote file systems)
     return tf.io.gfile.exists(path)
   return os.path.exists(path)
-
-
-def read_records_index(directory: str, field: str) -> Any:
-  """The `records.RecordIndex` of a records directory; a bad one raises naming `field`."""
-  if not directory:
-    _fail(field, directory, "no records directory given.")
-  from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top  (imports TF)
-  try:
-    return records.open_records_dir(directory)
-  except records.RecordsDirError as e:
-    _fail(field, directory, f"{e.reason}.")
-
-
-def check_records_match_model(index: Any, model: ModelConfig, field: str) -> None:
-  """Records' fbank [frames, mel bins] must equal the model's [audio_length, num_mel_bins]."""
-  frames, bins = index.fbank_shape
-  if bins != model.num_mel_bins:
-    _fail("model.num_mel_bins", model.num_mel_bins,
-          f"records in config.{field} have {bins} mel bins.")
-  if frames != model.audio_length:
-    _fail("model.audio_length", model.audio_length,
-          f"records in config.{field} have {frames}-frame fbanks.")
