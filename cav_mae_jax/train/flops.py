@@ -5,9 +5,18 @@ Per transformer block on n tokens of width d: 24*n*d^2 (qkv, projection, 4x MLP)
 blocks on the kept tokens, the joint blocks on three streams (audio+video, audio, video), then the
 decoder on all tokens of both modalities. Base at mask ratio 0.75: about 78.1 GFLOP per sample.
 A training step is 3x the forward (backward = 2x forward).
+
+XLA's own count of a compiled step (`xla_flops`) checks these figures against what really runs:
+it also counts the elementwise work (LayerNorm, GELU, softmax, the optimizer), so it sits a few
+percent above the model FLOPs; much more means wasted work. The base pretraining step compiled in
+bfloat16 counts about 239 GFLOP per sample against the model's 234 (`tools/benchmark.py
+--cost-analysis`); with `config.model.remat` about 295 (the backward recomputes most of the
+forward).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import ml_collections
 
@@ -59,6 +68,16 @@ def pretrain_forward_flops(model: ml_collections.ConfigDict) -> float:
 def pretrain_step_flops(model: ml_collections.ConfigDict) -> float:
   """FLOPs of one training step (forward + backward) for one sample."""
   return 3.0 * pretrain_forward_flops(model)
+
+
+def xla_flops(compiled: Any) -> float:
+  """FLOPs of one call of a compiled JAX executable, from XLA's cost analysis (per partition)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0]
+  if not analysis or "flops" not in analysis:
+    raise ValueError("XLA's cost analysis of this executable reports no FLOPs")
+  return float(analysis["flops"])
 
 
 def peak_flops(device_kind: str) -> float | None:
