@@ -91,8 +91,11 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
 
 
 def step_cost(compiled: jax.stages.Compiled, setup: StepSetup) -> dict[str, float]:
-  """XLA's FLOPs per sample of a compiled step (one partition's program, times the devices)
-  against the task's analytic model FLOPs."""
+  """XLA's FLOPs per sample of a compiled step against the task's analytic model FLOPs.
+
+  XLA costs one partition's program; times the devices, replicated work (the optimizer update of
+  unsharded parameters) counts once per device: `compiled_step_cost` compiles for one device.
+  """
   xla_per_sample = flops.xla_flops(compiled) * setup.mesh.size / setup.batch_size
   return {"xla_gflop_per_sample_step": xla_per_sample / 1e9,
           "model_gflop_per_sample_step": setup.task.step_flops / 1e9,

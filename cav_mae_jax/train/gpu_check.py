@@ -263,8 +263,9 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
     lines.append("| " + " | ".join(row_cells(row, outcome, torch_rates, on_gpu)) + " |")
   lines.append("")
   lines.append("MFU: analytic model FLOPs (train/flops.py) over the chip's dense bf16 peak; "
-               "peak GiB: the process's peak device memory; JAX/torch: samples/s ratio at the "
-               "same batch.")
+               "peak GiB: the process's peak device memory; XLA GFLOP/sample: XLA's cost analysis "
+               "of the compiled step (custom calls such as cuDNN attention count nothing); "
+               "JAX/torch: samples/s ratio at the same batch.")
   return "\n".join(lines)
 
 
