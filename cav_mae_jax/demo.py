@@ -104,6 +104,7 @@ def report(records: list[dict], seconds: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
+<<<<<<< HEAD
 def finetune(options: DemoOptions, train_dir: str, eval_dir: str, pretrained: str | None,
              workdir: str) -> dict[str, float]:
   """Fine-tunes the tiny model (from `pretrained`'s workdir, or random init); held-out metrics.
@@ -151,11 +152,18 @@ def run_demo(options: DemoOptions) -> str:
   seconds = {}
   start = time.time()
   print(f"[1/4] synthetic clips and records in {options.workdir} ...", flush=True)
+=======
+def prepare_demo_records(options: DemoOptions) -> tuple[str, str]:
+  """The demo's train and held-out records directories, generated unless already there."""
+>>>>>>> perf
   train_dir = make_records(options, "train", options.train_clips, seed=0)
   eval_dir = make_records(options, "eval", options.eval_clips, seed=1)
-  seconds["data"] = time.time() - start
+  return train_dir, eval_dir
 
-  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+def demo_config(options: DemoOptions, train_dir: str, eval_dir: str) -> ml_collections.ConfigDict:
+  """The demo's training config: `options.config` with its steps, rate and records."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config(options.config)
   config.data.train_dir, config.data.eval_dir = train_dir, eval_dir
   config.total_steps = options.steps
@@ -164,6 +172,19 @@ def run_demo(options: DemoOptions) -> str:
   for entry in config.evals.values():
     entry.every_steps = options.steps
     entry.batch_size = config.data.batch_size
+  return config
+
+
+def run_demo(options: DemoOptions) -> str:
+  """Runs the whole demo in `options.workdir`; returns the report (also printed as it goes)."""
+  seconds = {}
+  start = time.time()
+  print(f"[1/3] synthetic clips and records in {options.workdir} ...", flush=True)
+  train_dir, eval_dir = prepare_demo_records(options)
+  seconds["data"] = time.time() - start
+
+  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = demo_config(options, train_dir, eval_dir)
   run_dir = os.path.join(options.workdir, "run")
   if os.path.isdir(run_dir):
     shutil.rmtree(run_dir)  # the report compares init and the end of one fresh run

@@ -43,3 +43,43 @@ def test_pipeline_leaves_noise_to_the_device_when_asked():
   on_device = input_lib.DataConfig(**base, noise_on_device=True)
   assert "noise_roll" in input_lib.batch_preprocess_spec(on_host, True, 0.0, 1.0)
   assert "noise_roll" not in input_lib.batch_preprocess_spec(on_device, True, 0.0, 1.0)
+
+
+def _noise_scale_and_shift(out: np.ndarray, frames: int):
+  """(per-clip largest noise, per-clip roll shift) of a noisy, rolled ramp (10 * frame index)."""
+  source = np.floor(out / 10.0)
+  noise = out - 10.0 * source
+  shift = (0 - source[:, 0, 0].astype(int)) % frames  # out[t] = x[(t - shift) mod T]
+  return noise.reshape(len(out), -1).max(axis=1), shift
+
+
+def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+  """Two-sample Kolmogorov-Smirnov statistic: max distance between the empirical CDFs."""
+  grid = np.sort(np.concatenate([a, b]))
+  cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+  return float(np.max(np.abs(cdf(a) - cdf(b))))
+
+
+def test_device_noise_draws_what_the_tfdata_op_draws():
+  """Both placements: the same per-clip noise-scale and roll-shift distributions (issue 11, 4)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import augment  # pylint: disable=g-import-not-at-top
+  batch, frames, bins = 1024, 32, 4
+  ramp = np.broadcast_to(np.arange(frames, dtype=np.float32)[None, :, None] * 10.0,
+                         (batch, frames, bins)).copy()
+  on_device = np.asarray(device_augment.noise_and_roll(jnp.asarray(ramp), jax.random.key(3)))
+  in_tfdata = augment.get_op("noise_roll")(
+      {"audio": tf.constant(ramp), augment.SEED_KEY: tf.constant([3, 4], tf.int64)})["audio"].numpy()
+  (device_scale, device_shift), (tf_scale, tf_shift) = (
+      _noise_scale_and_shift(out, frames) for out in (on_device, in_tfdata))
+  # Noise U(0,1) * u/10 with u ~ U(0,1) per clip: the largest of a clip's 128 values is about
+  # u/10, uniform on [0, 0.1); the shift is uniform on [-T, T), i.e. on the T residues mod T.
+  for scale in (device_scale, tf_scale):
+    assert 0.0 <= scale.min() and scale.max() < 0.1
+    assert abs(scale.mean() - 0.05) < 0.004
+  for shift in (device_shift, tf_shift):
+    counts = np.bincount(shift, minlength=frames)
+    assert counts.min() > batch / frames / 3  # every shift occurs, none dominates
+  critical = 1.95 * np.sqrt(2 / batch)  # 2-sample KS at alpha = 0.001
+  assert _ks_statistic(device_scale, tf_scale) < critical
+  assert _ks_statistic(device_shift.astype(float), tf_shift.astype(float)) < critical

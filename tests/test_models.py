@@ -140,6 +140,25 @@ def test_bfloat16_compute_keeps_float32_params_and_losses(tiny_params):
   assert float(out16["loss"]) != float(out32["loss"])  # bf16 really changed the compute
 
 
+def test_remat_gives_the_same_parameters_losses_and_gradients(tiny_params):
+  """config.model.remat only recomputes activations: same tree, same losses and gradients."""
+  cfg, remat_cfg = _cfg(), _cfg(remat=True)
+  audio, image = _inputs(cfg)
+  remat_params = models.param_shapes(remat_cfg)
+  assert jax.tree.structure(remat_params) == jax.tree.structure(tiny_params)
+
+  def loss_and_grads(config):
+    loss_fn = lambda p: CAVMAE(config).apply({"params": p}, audio, image,
+                                             rngs={"mask": jax.random.key(2)})["loss"]
+    return jax.jit(jax.value_and_grad(loss_fn))(tiny_params)
+
+  loss, grads = loss_and_grads(cfg)
+  remat_loss, remat_grads = loss_and_grads(remat_cfg)
+  np.testing.assert_allclose(float(remat_loss), float(loss), rtol=1e-6)
+  for g, rg in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(rg, g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant, overrides, decoder, contrast", [
     ("cav_mae", {}, True, True),
     ("av_mae", dict(lambda_c=0.0), True, False),

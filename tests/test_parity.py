@@ -14,8 +14,11 @@ audio mask mode; one jitted call per configuration also runs inpaint and feature
 AV-MAE, vanilla AV-MAE and CAV variants, two joint blocks, and the five fine-tuning modes with
 features (one jitted call).
 
-Run the base-config comparison once (not part of the suite; a minute or more on CPU):
-  python -m tests.test_parity --base
+Run the base-config comparison once (not part of the suite; a minute or more on CPU), on the
+CPU or with the torch reference on another device (JAX then runs on its default device):
+  python -m tests.test_parity --base [--device cuda --tolerance 1e-4]
+It also runs the JAX model in bfloat16 on the same weights and masks and compares its losses
+with the float32 reference (relative tolerance 1e-2). `tools/gpu_check.sh` runs it on a GPU.
 """
 
 from __future__ import annotations
@@ -144,12 +147,16 @@ def make_noise(cfg: models.ModelConfig, batch: int, seed: int = 0) -> tuple[jax.
   return noise_a, noise_v
 
 
-def to_torch(x: Any) -> "torch.Tensor":
-  return torch.from_numpy(np.array(x))
+def to_torch(x: Any, device: Any = "cpu") -> "torch.Tensor":
+  return torch.from_numpy(np.array(x)).to(device)
 
 
-def nchw(image: np.ndarray) -> "torch.Tensor":
-  return to_torch(image).permute(0, 3, 1, 2).contiguous()
+def nchw(image: np.ndarray, device: Any = "cpu") -> "torch.Tensor":
+  return to_torch(image, device).permute(0, 3, 1, 2).contiguous()
+
+
+def device_of(module: "torch.nn.Module") -> "torch.device":
+  return next(module.parameters()).device
 
 
 def max_abs_diffs(flax_out: dict[str, Any], torch_out: dict[str, Any]) -> dict[str, float]:
@@ -157,7 +164,7 @@ def max_abs_diffs(flax_out: dict[str, Any], torch_out: dict[str, Any]) -> dict[s
   diffs = {}
   for name, value in torch_out.items():
     mine = np.asarray(flax_out[name], np.float64)
-    theirs = value.detach().numpy().astype(np.float64)
+    theirs = value.detach().cpu().numpy().astype(np.float64)
     assert mine.shape == theirs.shape, f"{name}: flax {mine.shape} vs torch {theirs.shape}"
     diffs[name] = float(np.max(np.abs(mine - theirs))) if mine.size else 0.0
   return diffs
@@ -198,7 +205,9 @@ def flax_pretrain_fn(cfg: models.ModelConfig, with_features: bool = True):
 def torch_pretrain_outputs(reference, cfg: models.ModelConfig, audio, image, noise_a, noise_v,
                            with_features: bool = True) -> dict:
   """The reference's counterparts of flax_pretrain_fn's outputs (under the same names)."""
-  a, v, na, nv = to_torch(audio), nchw(image), to_torch(noise_a), to_torch(noise_v)
+  device = device_of(reference)
+  a, v = to_torch(audio, device), nchw(image, device)
+  na, nv = to_torch(noise_a, device), to_torch(noise_v, device)
   with torch.no_grad():
     details = reference.forward_details(a, v, noise_a=na, noise_v=nv, **reference_forward_kwargs(cfg))
     inpaint = reference.forward_inpaint(a, v, cfg.mask_ratio_a, cfg.mask_ratio_v, noise_a=na, noise_v=nv)
@@ -420,7 +429,8 @@ def flax_finetune_fn(cfg: models.ModelConfig):
 
 
 def torch_finetune_outputs(reference, audio, image) -> dict:
-  a, v = to_torch(audio), nchw(image)
+  device = device_of(reference)
+  a, v = to_torch(audio, device), nchw(image, device)
   with torch.no_grad():
     out = {mode: reference(a if mode in AUDIO_FT_MODES else None, v if mode in VIDEO_FT_MODES else None, mode)
            for mode in models.FT_MODES}
@@ -462,29 +472,72 @@ def test_finetuning_modes_differ(finetune):
 # ----------------------------------------------------------------------------- base config (manual)
 
 
-def compare_base(batch: int = 2, seed: int = 0, constant_tail: bool = True) -> dict[str, tuple[float, float]]:
-  """{output: (max abs diff, max abs reference value)} for the base configs (original init)."""
+BF16_PREFIX = "pretrain-bf16/"
+BF16_LOSSES = ("loss", "loss_mae_a", "loss_mae_v", "loss_c")
+BF16_RELATIVE_TOLERANCE = 1e-2
+
+
+def exact_float32() -> None:
+  """Full float32 matmuls and convolutions in JAX and torch (no TF32 on GPUs)."""
+  jax.config.update("jax_default_matmul_precision", "highest")
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+
+
+def compare_base(batch: int = 2, seed: int = 0, constant_tail: bool = True, device: str = "cpu",
+                 preset: str = "base") -> dict[str, tuple[float, float]]:
+  """{output: (max abs diff, max abs reference value)} for the base configs (original init).
+
+  The torch reference runs on `device`, JAX on its default device. Entries under `BF16_PREFIX`
+  compare the JAX bfloat16 model's losses with the float32 reference. `preset='tiny'` runs the
+  tiny model with short inputs instead (seconds, to check the machinery).
+  """
   def diffs_and_scales(flax_out, torch_out, prefix):
     diffs = max_abs_diffs(flax_out, torch_out)
     return {f"{prefix}/{k}": (d, float(torch_out[k].abs().max())) for k, d in diffs.items()}
 
-  cfg = models.ModelConfig.from_config(models.model_config("base", dtype="float32"))
+  if preset == "tiny":
+    cfg = tiny_config()
+  else:
+    cfg = models.ModelConfig.from_config(models.model_config(preset, dtype="float32"))
   torch.manual_seed(seed)
   reference = tr.CAVMAE(**reference_kwargs(cfg)).eval()
   params = flax_params(reference, cfg)
+  reference.to(device)
   audio, image = make_inputs(cfg, batch, seed, constant_tail)
   noise = make_noise(cfg, batch, seed)
   flax_out = flax_pretrain_fn(cfg)(params, audio, image, *noise)
-  results = diffs_and_scales(flax_out, torch_pretrain_outputs(reference, cfg, audio, image, *noise), "pretrain")
-  del reference, params, flax_out
+  torch_out = torch_pretrain_outputs(reference, cfg, audio, image, *noise)
+  results = diffs_and_scales(flax_out, torch_out, "pretrain")
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  bf16_fn = jax.jit(lambda p, a, v, na, nv: models.CAVMAE(bf16).apply(
+      {"params": p}, a, v, noise_a=na, noise_v=nv))
+  bf16_out = jax.device_get(bf16_fn(params, audio, image, *noise))
+  results.update(diffs_and_scales({k: bf16_out[k] for k in BF16_LOSSES},
+                                  {k: torch_out[k] for k in BF16_LOSSES}, BF16_PREFIX.rstrip("/")))
+  del reference, params, flax_out, torch_out
 
   ft_cfg = dataclasses.replace(cfg, trainable_pos_embed=True)
   torch.manual_seed(seed + 1)
   reference = tr.CAVMAEFT(ft_cfg.num_classes, **reference_kwargs(ft_cfg, True)).eval()
   params = flax_params(reference, ft_cfg, finetune=True)
+  reference.to(device)
   flax_out = flax_finetune_fn(ft_cfg)(params, audio, image)
   results.update(diffs_and_scales(flax_out, torch_finetune_outputs(reference, audio, image), "finetune"))
   return results
+
+
+def base_failures(results: dict[str, tuple[float, float]], tolerance: float = TOLERANCE) -> dict[str, float]:
+  """compare_base's outputs out of tolerance: float32 by max abs diff, bfloat16 losses by relative diff."""
+  failures = {}
+  for name, (diff, scale) in results.items():
+    if name.startswith(BF16_PREFIX):
+      relative = diff / max(scale, 1e-12)
+      if not relative <= BF16_RELATIVE_TOLERANCE:
+        failures[name] = relative
+    elif not diff <= tolerance:
+      failures[name] = diff
+  return failures
 
 
 def main(argv: list[str]) -> int:
@@ -493,18 +546,21 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--no-constant-tail", action="store_true",
                       help="fully random fbank (no zero-padding-like constant patches)")
+  parser.add_argument("--device", default="cpu", help="torch device of the reference (e.g. cuda)")
+  parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="float32 max abs diff allowed")
   args = parser.parse_args(argv)
   if not args.base:
     parser.error("nothing to do: pass --base (the tiny-config tests run under pytest)")
-  jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 on GPUs
-  print(f"devices: {jax.devices()}")
-  results = compare_base(args.batch, constant_tail=not args.no_constant_tail)
+  exact_float32()
+  print(f"devices: {jax.devices()}; torch reference on {args.device}")
+  results = compare_base(args.batch, constant_tail=not args.no_constant_tail, device=args.device)
   print(f"{'output':36s} {'max_abs_diff':>12s} {'max_abs_value':>13s}")
   for name, (diff, scale) in results.items():
     print(f"{name:36s} {diff:12.3e} {scale:13.3e}")
-  worst = max(diff for diff, _ in results.values())
-  print(f"max_abs_diff {worst:.3e} ({'within' if worst <= TOLERANCE else 'beyond'} {TOLERANCE})")
-  return 0
+  failures = base_failures(results, args.tolerance)
+  print(f"float32 within {args.tolerance}, bfloat16 losses within {BF16_RELATIVE_TOLERANCE} relative: "
+        f"{'yes' if not failures else f'no: {failures}'}")
+  return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
 
   python tools/benchmark.py --config configs/pretrain.py:base            # JAX train step
   python tools/benchmark.py --config configs/pretrain.py:base --compare-torch
+  python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 12
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
       --config.data.train_dir=/data/records/train [--samples 2000]
 
 The train-step benchmark reports samples/s, step time, peak device memory and MFU after warm-up
 steps (`cav_mae_jax/train/benchmark.py`); `--compare-torch` also times the PyTorch reference of
 the original trained as the original (fp16 autocast + GradScaler on CUDA) and prints the ratio.
+`--cost-analysis` only compiles the step for one device (no parameters are materialized; a CPU
+is enough) and prints XLA's FLOPs per sample against the analytic model FLOPs.
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
 batched, in one process, with no model and no device transfer; at least `--samples` clips
@@ -34,6 +37,8 @@ _SAMPLES = flags.DEFINE_integer("samples", 2000, "--input-only: time at least th
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default config.data.batch_size).")
 _COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Also time the torch reference.")
+_COST_ANALYSIS = flags.DEFINE_bool("cost-analysis", False,
+                                   "Print XLA's FLOPs of the compiled step vs the model FLOPs.")
 _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipeline.")
 flags.mark_flags_as_required(["config"])
 
@@ -72,6 +77,13 @@ def main(argv: list[str]) -> None:
     return
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   batch_size = _BATCH.value or config.data.batch_size
+  if _COST_ANALYSIS.value:
+    results = benchmark.compiled_step_cost(config, batch_size)
+    print(f"compiled train step, batch {batch_size}, {config.model.dtype}: "
+          f"XLA {results['xla_gflop_per_sample_step']:.1f} GFLOP/sample vs model "
+          f"{results['model_gflop_per_sample_step']:.1f} "
+          f"(x{results['xla_over_model_flops']:.3f})")
+    return
   steps = _STEPS.value or 20
   results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value)
   if _COMPARE_TORCH.value:

@@ -71,6 +71,15 @@ def _fixed_table(table: Any):
   return init
 
 
+def _block_class(config: ModelConfig) -> type[nn.Module]:
+  """Block, or Block under `nn.remat` when `config.remat`: recomputed in the backward pass.
+
+  The block's `modality` is a static argument of the remat (it picks LayerNorms, not values), so
+  every call passes it positionally, `blk(x, None)` included: remat counts positional arguments.
+  """
+  return nn.remat(Block, static_argnums=(2,)) if config.remat else Block
+
+
 class _Encoder(nn.Module):
   """Shared encoder of CAVMAE and CAVMAEFT: embeddings, modality blocks, joint blocks, norms."""
 
@@ -83,7 +92,7 @@ class _Encoder(nn.Module):
   def setup(self) -> None:
     cfg = self.config
     dim = cfg.embed_dim
-    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+    block = _block_class(cfg)
     make_block = lambda: block(dim, cfg.num_heads, cfg.mlp_ratio, self.dtype, cfg.attention_impl)
     normal = nn.initializers.normal(stddev=0.02)
     if cfg.uses_audio:
@@ -118,12 +127,12 @@ class _Encoder(nn.Module):
 
   def audio_blocks(self, x: jax.Array) -> jax.Array:
     for blk in self.blocks_a:
-      x = blk(x)
+      x = blk(x, None)
     return x
 
   def video_blocks(self, x: jax.Array) -> jax.Array:
     for blk in self.blocks_v:
-      x = blk(x)
+      x = blk(x, None)
     return x
 
   def joint(self, x: jax.Array, modality: Optional[str] = None) -> jax.Array:
@@ -189,7 +198,7 @@ class CAVMAE(_Encoder):
           "decoder_pos_embed_v", _fixed_table(sincos_2d(dim, *cfg.image_grid)),
           (1, cfg.num_image_patches, dim), jnp.float32)
       self.decoder_pred_v = dense(cfg.patch_size**2 * 3, "decoder_pred_v", self.dtype)
-    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+    block = _block_class(cfg)
     self.decoder_blocks = [block(dim, cfg.decoder_num_heads, cfg.mlp_ratio, self.dtype,
                                  cfg.attention_impl) for _ in range(cfg.decoder_depth)]
     self.decoder_norm = layer_norm("decoder_norm", self.dtype)
@@ -248,7 +257,7 @@ class CAVMAE(_Encoder):
     lengths = [t.shape[1] for _, t in pieces]
     y = jnp.concatenate([t for _, t in pieces], axis=1)
     for blk in self.decoder_blocks:
-      y = blk(y)
+      y = blk(y, None)
     y = self.decoder_norm(y)
     preds: dict[str, Optional[jax.Array]] = {"a": None, "v": None}
     offset = 0

@@ -1,21 +1,32 @@
-"""Throughput of a task's train step on in-memory batches (no TensorFlow), and of the PyTorch
-reference of the original trained the original's way, on the same device.
+"""Throughput and compiled cost of a task's train step on in-memory batches (no TensorFlow), and
+throughput of the PyTorch reference of the original trained the original's way, on the same device.
 
-`benchmark_train_step` times the sharded jit train step after warm-up steps and reports
-samples/s, step time, peak device memory and MFU (model FLOPs from `flops` over the chip's dense
-bf16 peak). `benchmark_torch` times the torch reference of the same size and batch: Adam(betas
-0.95/0.999, weight_decay 5e-7) under fp16 autocast with a GradScaler on CUDA (bf16 autocast on
-CPU when the config computes in bf16).
+`setup_train_step` builds the sharded jit train step of a config and the abstract arguments it
+is compiled for, so the step can be compiled and costed without materializing any parameter.
+`compiled_step_cost` is XLA's FLOP count of that compiled step against the analytic model FLOPs
+(`flops`): a large excess means wasted work (an extra forward, dense work on masked tokens).
+`benchmark_train_step` compiles the step ahead of time, times it after warm-up steps and reports
+samples/s, step time, peak device memory, MFU (analytic model FLOPs over the chip's dense bf16
+peak) and the compiled cost. `benchmark_torch` times the torch reference of the same size and
+batch: Adam(betas 0.95/0.999, weight_decay 5e-7) under fp16 autocast with a GradScaler on CUDA
+(bf16 autocast on CPU when the config computes in bf16).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import sys
 import time
+import types
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
+from jax.sharding import Mesh
 
 from cav_mae_jax import tasks
 from cav_mae_jax.train import array_input
@@ -27,66 +38,141 @@ from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
 
 
-def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
-                         warmup: int) -> dict[str, float]:
-  """Times the sharded jit train step of `config.task` on random in-memory batches."""
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """A task's jit train step over a mesh and the abstract (sharded) arguments it compiles for."""
+  task: tasks.Task
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  batch_size: int
+  train_step: Callable[..., Any]
+  abstract_state: step_lib.TrainState
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  abstract_rng: jax.ShapeDtypeStruct
+
+  def compile(self) -> jax.stages.Compiled:
+    """The step compiled ahead of time for its abstract arguments (nothing is materialized)."""
+    return self.train_step.lower(self.abstract_state, self.abstract_batch,
+                                 self.abstract_rng).compile()
+
+
+def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
+                     devices: Sequence[jax.Device] | None = None) -> StepSetup:
+  """The train step of `config` (its device augmentation included) at `batch_size` over `devices`.
+
+  Sets `config.data.batch_size` and the evaluators' batch sizes to `batch_size` (the step does
+  not read the records, so their directories are not checked).
+  """
+  devices = list(jax.devices() if devices is None else devices)
   with config.unlocked():
     config.data.batch_size = batch_size
     for entry in config.evals.values():
       entry.batch_size = batch_size
-  validation.validate_config(config, jax.device_count(), jax.process_count(), check_data=False)
+  validation.validate_config(config, len(devices), jax.process_count(), check_data=False)
   task = tasks.get_task(config)
-  model_config = task.model_config
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   schedule, tx = optim.for_task(config, task, steps_per_epoch=1000, total_steps=100_000)
-  state, shardings = step_lib.create_train_state(task, tx, mesh, jax.random.PRNGKey(0))
+  abstract_state = step_lib.abstract_train_state(task, tx, mesh)
   train_step = step_lib.make_train_step(
-      task, tx, schedule, mesh, shardings,
+      task, tx, schedule, mesh, step_lib.shardings_of(abstract_state),
       device_augment=device_augment.make_device_augment(config.data))
+  m = task.model_config
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  abstract_batch = {
+      "audio": jax.ShapeDtypeStruct((batch_size, m.audio_length, m.num_mel_bins), jnp.float32,
+                                    sharding=batch_sharding),
+      "image": jax.ShapeDtypeStruct((batch_size, m.image_size, m.image_size, 3), jnp.float32,
+                                    sharding=batch_sharding),
+  }
+  abstract_rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
+  return StepSetup(task=task, mesh=mesh, tx=tx, batch_size=batch_size, train_step=train_step,
+                   abstract_state=abstract_state, abstract_batch=abstract_batch,
+                   abstract_rng=abstract_rng)
+
+
+def step_cost(compiled: jax.stages.Compiled, setup: StepSetup) -> dict[str, float]:
+  """XLA's FLOPs per sample of a compiled step against the task's analytic model FLOPs.
+
+  XLA costs one partition's program; times the devices, replicated work (the optimizer update of
+  unsharded parameters) counts once per device: `compiled_step_cost` compiles for one device.
+  """
+  xla_per_sample = flops.xla_flops(compiled) * setup.mesh.size / setup.batch_size
+  return {"xla_gflop_per_sample_step": xla_per_sample / 1e9,
+          "model_gflop_per_sample_step": setup.task.step_flops / 1e9,
+          "xla_over_model_flops": xla_per_sample / setup.task.step_flops}
+
+
+def compiled_step_cost(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, float]:
+  """XLA's cost analysis of `config`'s train step compiled for one device, against the model FLOPs.
+
+  One device, so that no replicated work (the optimizer update) is counted once per device.
+  """
+  setup = setup_train_step(config, batch_size, jax.devices()[:1])
+  return step_cost(setup.compile(), setup)
+
+
+def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
+                         warmup: int) -> dict[str, float]:
+  """Times the sharded jit train step of `config.task` on random in-memory batches."""
+  setup = setup_train_step(config, batch_size)
+  model_config, mesh = setup.task.model_config, setup.mesh
+  compile_start = time.perf_counter()
+  compiled = setup.compile()
+  compile_s = time.perf_counter() - compile_start
+  state, _ = step_lib.create_train_state(setup.task, setup.tx, mesh, jax.random.PRNGKey(0))
   clips = array_input.random_clips(batch_size, model_config.audio_length,
                                    model_config.num_mel_bins, model_config.image_size)
   batch = mesh_lib.global_batch(clips, mesh)
   rng = jax.device_put(jax.random.PRNGKey(1), mesh_lib.replicated(mesh))
 
-  compile_start = time.perf_counter()
+  warmup_start = time.perf_counter()
   for _ in range(warmup):
-    state, metrics = train_step(state, batch, rng)
-  jax.block_until_ready(metrics)
-  warmup_s = time.perf_counter() - compile_start
+    state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready((state, metrics))
+  warmup_s = time.perf_counter() - warmup_start
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = train_step(state, batch, rng)
+    state, metrics = compiled(state, batch, rng)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - start) / steps
 
   device = jax.devices()[0]
   samples_per_s = batch_size / step_s
   result = {"jax/step_time_s": step_s, "jax/samples_per_s": samples_per_s,
-            "jax/warmup_s": warmup_s, "jax/loss": float(metrics["loss"])}
+            "jax/compile_s": compile_s, "jax/warmup_s": warmup_s,
+            "jax/loss": float(metrics["loss"])}
   memory = device.memory_stats() or {}
   if "peak_bytes_in_use" in memory:
     result["jax/peak_memory_gib"] = memory["peak_bytes_in_use"] / 2**30
-  result["model_gflop_per_sample_step"] = task.step_flops / 1e9
-  mfu = flops.mfu(samples_per_s, task.step_flops, device.device_kind, jax.device_count())
+  result.update(step_cost(compiled, setup))
+  mfu = flops.mfu(samples_per_s, setup.task.step_flops, device.device_kind, mesh.size)
   if mfu is not None:
     result["jax/mfu"] = mfu
-  print(f"device: {jax.device_count()} x {device.device_kind}; batch {batch_size}; "
+  print(f"device: {mesh.size} x {device.device_kind}; batch {batch_size}; "
         f"dtype {model_config.dtype}; mesh {dict(mesh.shape)}")
   return result
 
 
-def load_torch_reference():
-  """The PyTorch reference of the original model (tests/torch_reference.py of a source checkout).
+def load_test_module(name: str) -> types.ModuleType:
+  """A module of the repository's tests/ folder (e.g. the PyTorch reference), loaded by path.
 
-  It is test code, written from the original's description to check parity, so it is not part
-  of the installed package; comparisons with torch need the repository checkout.
+  The torch reference and the parity machinery are test code, written from the original's
+  description to check parity, so they are not part of the installed package; comparisons with
+  torch need the repository checkout. Loading by path (with tests/ on sys.path for their own
+  imports) avoids any other `tests` package installed on the machine.
   """
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__)))), "tests", "torch_reference.py")
+  tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__)))), "tests")
+  path = os.path.join(tests_dir, f"{name}.py")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: the torch reference comes with the repository checkout")
-  spec = importlib.util.spec_from_file_location("torch_reference", path)
+    raise FileNotFoundError(f"{path}: the tests come with the repository checkout")
+  if tests_dir not in sys.path:
+    sys.path.insert(0, tests_dir)
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 
@@ -94,7 +180,7 @@ def load_torch_reference():
 def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[str, float]:
   """Times the torch reference trained as the original (Adam, autocast, GradScaler)."""
   import torch  # pylint: disable=g-import-not-at-top
-  reference = load_torch_reference()
+  reference = load_test_module("torch_reference")
   m = config.model
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   model = reference.CAVMAE(

@@ -1,0 +1,339 @@
+"""The one prepared accelerator check of issue 11: parity on the device, then the train-step table.
+
+`tools/gpu_check.sh` runs it. In order, within a time budget:
+  1. the environment (backend, device, versions);
+  2. base parity on the device: the float32 JAX model against the float32 PyTorch reference on
+     the same device (max abs diff of every output within 1e-4), and the bfloat16 JAX losses
+     within 1e-2 relative of the reference (`tests/test_parity.py`'s `compare_base`);
+  3. the base pretraining train step in bfloat16 at the paper's batches 48, 120 and 256 with
+     their contrast groups 12, 30 and 64: samples/s, step time, MFU, peak memory and XLA's FLOPs
+     per sample; the PyTorch reference (fp16 autocast + GradScaler, as the original trains) at
+     the same batches and the JAX/torch ratio; cuDNN attention (`config.model.attention_impl`)
+     and rematerialization (`config.model.remat`) against the default, at the largest batch
+     first, then cuDNN at the other batches.
+Results print as a markdown table and, with `--out` (the shell passes $OUT when set), are also
+written to gpu_check.md and gpu_check.json there. `--tiny` runs the same sequence with the tiny
+model on short inputs, on any backend, in about a minute: the test suite runs it so that the GPU
+run cannot fail on a missing file or import.
+
+Each measurement runs in its own subprocess (`python -m cav_mae_jax.train.gpu_check row SPEC`):
+its peak device memory is then its own (JAX cannot reset its peak counter), JAX's and torch's
+allocators never share the GPU, a failure (an attention the GPU rejects, an out-of-memory) costs
+one row rather than the run, and the budget can stop a row that runs long. This orchestrating
+process therefore imports neither JAX nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+RESULT_PREFIX = "GPU_CHECK_RESULT "
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FLOAT32_TOLERANCE = 1e-4  # max abs diff against the reference on the same GPU (issue 11)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What one check measures: model preset, batches with their contrast groups, step counts."""
+  preset: str
+  batches: tuple[int, ...]
+  groups: tuple[int, ...]
+  steps: int
+  warmup: int
+  budget_s: float
+  row_timeout_s: float
+
+
+# The paper's recipes: base (48), scale+ (120), scale++ (256), contrast groups = batch / 4.
+FULL = Plan(preset="base", batches=(48, 120, 256), groups=(12, 30, 64), steps=10, warmup=2,
+            budget_s=420.0, row_timeout_s=150.0)
+# Tiny model on short inputs, one batch: every kind of row once, in about a minute on a CPU.
+TINY = Plan(preset="tiny", batches=(8,), groups=(2,), steps=2, warmup=1, budget_s=600.0,
+            row_timeout_s=300.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One measurement: a framework's train step at one batch, with the JAX model options."""
+  framework: str  # 'jax' or 'torch'
+  batch: int
+  group: int
+  attention: str = "xla"
+  remat: bool = False
+
+  @property
+  def name(self) -> str:
+    if self.framework == "torch":
+      return "torch autocast"
+    return f"jax bf16 {self.attention}" + (" remat" if self.remat else "")
+
+
+def planned_rows(plan: Plan) -> list[Row]:
+  """The rows in the order they run: the main comparison first, then the model options."""
+  pairs = list(zip(plan.batches, plan.groups))
+  largest = pairs[-1]
+  rows = [Row("jax", b, g) for b, g in pairs] + [Row("torch", b, g) for b, g in pairs]
+  rows += [Row("jax", *largest, attention="cudnn"), Row("jax", *largest, remat=True)]
+  rows += [Row("jax", b, g, attention="cudnn") for b, g in pairs[:-1]]
+  rows.append(Row("jax", *largest, attention="cudnn", remat=True))
+  return rows
+
+
+# ------------------------------------------------------------------------- subprocess side
+
+
+def _model_config(preset: str, row: Row) -> Any:
+  """The pretraining config of a row: the base recipe, or the tiny model on short inputs."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("base" if preset == "base" else "tiny")
+  config.model.contrast_group_size = row.group
+  config.model.attention_impl = row.attention
+  config.model.remat = row.remat
+  if preset == "tiny":  # the accelerator recipes' numerics and augmentation, at toy sizes
+    config.model.audio_length, config.model.image_size = 256, 64
+    config.model.dtype = "bfloat16"
+    config.data.noise_on_device = True
+  return config
+
+
+def run_row(preset: str, row: Row, steps: int, warmup: int) -> dict[str, Any]:
+  """Times one row in this process (`benchmark_train_step` or `benchmark_torch`)."""
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  config = _model_config(preset, row)
+  if row.framework == "jax":
+    return benchmark.benchmark_train_step(config, row.batch, steps, warmup)
+  return benchmark.benchmark_torch(config, row.batch, steps, warmup)
+
+
+def run_environment() -> dict[str, Any]:
+  """Backend, device and library versions of this machine."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  env = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+         "device_count": jax.device_count(), "jax": jax.__version__, "flax": flax.__version__}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    env["torch"] = torch.__version__
+    env["torch_cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+  except ImportError:
+    env["torch"] = None
+  return env
+
+
+def run_parity(preset: str) -> dict[str, Any]:
+  """`compare_base` with the torch reference on this machine's accelerator, and its verdict."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  parity = benchmark.load_test_module("test_parity")
+  parity.exact_float32()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  results = parity.compare_base(device=device, preset=preset)
+  failures = parity.base_failures(results, FLOAT32_TOLERANCE)
+  float32 = {k: d for k, (d, _) in results.items() if not k.startswith(parity.BF16_PREFIX)}
+  bf16 = {k: d / max(s, 1e-12) for k, (d, s) in results.items()
+          if k.startswith(parity.BF16_PREFIX)}
+  return {"torch_device": device, "max_abs_diff_float32": max(float32.values()),
+          "worst_float32": max(float32, key=float32.get),
+          "max_relative_diff_bf16_losses": max(bf16.values()), "bf16_relative": bf16,
+          "float32_tolerance": FLOAT32_TOLERANCE,
+          "bf16_relative_tolerance": parity.BF16_RELATIVE_TOLERANCE,
+          "passed": not failures, "failures": failures, "results": results}
+
+
+def subprocess_main(argv: Sequence[str]) -> int:
+  """`env`, `parity PRESET` or `row PRESET SPEC STEPS WARMUP`: prints one result line."""
+  kind = argv[0]
+  if kind == "env":
+    result = run_environment()
+  elif kind == "parity":
+    result = run_parity(argv[1])
+  elif kind == "row":
+    result = run_row(argv[1], Row(**json.loads(argv[2])), int(argv[3]), int(argv[4]))
+  else:
+    raise ValueError(f"unknown gpu_check subcommand {kind!r}")
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+  return 0
+
+
+# ------------------------------------------------------------------------- orchestration
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What one subprocess gave: its result, or why there is none ('error', 'timeout', 'skipped')."""
+  status: str
+  result: dict[str, Any] = dataclasses.field(default_factory=dict)
+  detail: str = ""
+  seconds: float = 0.0
+
+
+def run_subprocess(args: Sequence[str], timeout_s: float, env: dict[str, str]) -> Outcome:
+  """Runs `python -m cav_mae_jax.train.gpu_check ARGS`; parses its result line."""
+  start = time.monotonic()
+  command = [sys.executable, "-m", "cav_mae_jax.train.gpu_check", *args]
+  try:
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired as e:
+    output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+    return Outcome("timeout", detail=f"over {timeout_s:.0f}s; {output[-600:]}",
+                   seconds=time.monotonic() - start)
+  seconds = time.monotonic() - start
+  lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  if done.returncode or not lines:
+    tail = (done.stdout + done.stderr).strip().splitlines()[-30:]
+    return Outcome("error", detail="\n".join(tail), seconds=seconds)
+  return Outcome("ok", json.loads(lines[-1][len(RESULT_PREFIX):]), seconds=seconds)
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+  """This environment with the repository first on PYTHONPATH (configs/, cav_mae_jax/)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env.update(extra or {})
+  return env
+
+
+def _fmt(value: Any, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def row_cells(row: Row, outcome: Outcome, torch_rates: dict[int, float], on_gpu: bool) -> list[str]:
+  """One table row: measured figures, or the reason there are none."""
+  r = outcome.result
+  prefix = f"{row.framework}/"
+  rate = r.get(prefix + "samples_per_s")
+  step_s = r.get(prefix + "step_time_s")
+  mfu = r.get("jax/mfu")
+  ratio = rate / torch_rates[row.batch] if row.framework == "jax" and rate and torch_rates.get(
+      row.batch) else None
+  note = outcome.status if outcome.status != "ok" else ""
+  if outcome.status == "ok" and row.framework == "jax":
+    note = f"compile {r['jax/compile_s']:.0f}s"
+  elif outcome.status == "ok":  # benchmark_torch: fp16 + GradScaler on CUDA, else bf16
+    note = "fp16 + GradScaler" if on_gpu else "bf16 (no CUDA)"
+  if outcome.status in ("error", "timeout"):
+    last_line = outcome.detail.splitlines()[-1][:120] if outcome.detail else ""
+    note = f"{outcome.status}: {last_line.replace('|', '/')}"
+  elif outcome.status == "skipped":
+    note = f"skipped: {outcome.detail}"
+  return [row.name, str(row.batch), str(row.group), _fmt(rate, ".1f"),
+          _fmt(step_s * 1e3 if step_s else None, ".1f"), _fmt(mfu * 100 if mfu else None, ".1f"),
+          _fmt(r.get(prefix + "peak_memory_gib"), ".1f"),
+          _fmt(r.get("xla_gflop_per_sample_step"), ".4g"), _fmt(ratio, ".2f"), note]
+
+
+TABLE_HEADER = ["run", "batch", "group", "samples/s", "step ms", "MFU %", "peak GiB",
+                "XLA GFLOP/sample", "JAX/torch", "note"]
+
+
+def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
+                    rows: list[tuple[Row, Outcome]], elapsed_s: float) -> str:
+  """The markdown summary: environment, parity verdict and the train-step table."""
+  e = env.result
+  lines = [f"# gpu_check ({plan.preset}) {datetime.date.today().isoformat()}", "",
+           f"device: {e.get('device', '?')} x{e.get('device_count', '?')} "
+           f"(backend {e.get('backend', '?')}); jax {e.get('jax', '?')}, flax {e.get('flax', '?')}, "
+           f"torch {e.get('torch', '?')}; {elapsed_s:.0f}s in all", ""]
+  if parity.status == "ok":
+    p = parity.result
+    lines.append(
+        f"parity (torch on {p['torch_device']}): float32 max abs diff "
+        f"{p['max_abs_diff_float32']:.2e} ({p['worst_float32']}; tolerance "
+        f"{p['float32_tolerance']:g}), bf16 losses max relative diff "
+        f"{p['max_relative_diff_bf16_losses']:.2e} (tolerance {p['bf16_relative_tolerance']:g}): "
+        f"{'PASSED' if p['passed'] else 'FAILED ' + json.dumps(p['failures'])}")
+  else:
+    lines.append(f"parity: {parity.status}: {parity.detail}")
+  lines += ["", "| " + " | ".join(TABLE_HEADER) + " |",
+            "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
+  torch_rates = {row.batch: o.result["torch/samples_per_s"] for row, o in rows
+                 if row.framework == "torch" and o.status == "ok"}
+  for row, outcome in rows:
+    on_gpu = e.get("backend") == "gpu"
+    lines.append("| " + " | ".join(row_cells(row, outcome, torch_rates, on_gpu)) + " |")
+  lines.append("")
+  lines.append("MFU: analytic model FLOPs (train/flops.py) over the chip's dense bf16 peak; "
+               "peak GiB: the process's peak device memory; XLA GFLOP/sample: XLA's cost analysis "
+               "of the compiled step (custom calls such as cuDNN attention count nothing); "
+               "JAX/torch: samples/s ratio at the same batch.")
+  return "\n".join(lines)
+
+
+def run_check(plan: Plan, out_dir: str | None) -> int:
+  """Runs the whole check; prints and writes the report; 0 if parity passed and no row failed."""
+  start = time.monotonic()
+  remaining = lambda: plan.budget_s - (time.monotonic() - start)
+  # torch and JAX in one process (parity) must not let JAX take most of the GPU up front.
+  shared_env = subprocess_env({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+  env = run_subprocess(["env"], 120.0, shared_env)
+  print(f"environment: {env.status} {json.dumps(env.result) if env.status == 'ok' else env.detail}",
+        flush=True)
+  parity = run_subprocess(["parity", plan.preset], min(plan.row_timeout_s * 2, remaining()),
+                          shared_env)
+  print(f"parity: {parity.status} ({parity.seconds:.0f}s) "
+        f"{'' if parity.status == 'ok' else parity.detail}", flush=True)
+  on_gpu = env.result.get("backend") == "gpu"
+  rows: list[tuple[Row, Outcome]] = []
+  for row in planned_rows(plan):
+    if row.attention == "cudnn" and not on_gpu:
+      outcome = Outcome("skipped", detail="cuDNN attention needs a GPU")
+    elif remaining() < 20:
+      outcome = Outcome("skipped", detail="time budget spent")
+    else:
+      spec = json.dumps(dataclasses.asdict(row))
+      row_env = subprocess_env() if row.framework == "jax" else shared_env
+      outcome = run_subprocess(["row", plan.preset, spec, str(plan.steps), str(plan.warmup)],
+                               min(plan.row_timeout_s, remaining()), row_env)
+    rows.append((row, outcome))
+    rate = outcome.result.get(f"{row.framework}/samples_per_s")
+    print(f"{row.name} batch {row.batch}: {outcome.status} ({outcome.seconds:.0f}s)"
+          + (f" {rate:.1f} samples/s" if rate else f" {outcome.detail}"), flush=True)
+
+  elapsed = time.monotonic() - start
+  report = markdown_report(plan, env, parity, rows, elapsed)
+  print(report, flush=True)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_check.md"), "w") as f:
+      f.write(report + "\n")
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+      json.dump({"plan": dataclasses.asdict(plan), "environment": dataclasses.asdict(env),
+                 "parity": dataclasses.asdict(parity),
+                 "rows": [{"row": dataclasses.asdict(r), "name": r.name,
+                           "outcome": dataclasses.asdict(o)} for r, o in rows],
+                 "elapsed_s": elapsed}, f, indent=1)
+  failed = [r.name for r, o in rows if o.status in ("error", "timeout")]
+  passed = parity.status == "ok" and parity.result["passed"] and env.status == "ok"
+  print(f"gpu_check: parity {'passed' if passed else 'FAILED'}; "
+        f"{len(failed)} row(s) failed{': ' + ', '.join(failed) if failed else ''}", flush=True)
+  return 0 if passed and not failed else 1
+
+
+def main(argv: Sequence[str]) -> int:
+  """Command line: the check (`[--tiny] [--out DIR] [--budget-s S]`) or one subprocess step."""
+  if argv and argv[0] in ("env", "parity", "row"):
+    return subprocess_main(argv)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tiny", action="store_true", help="tiny model, short inputs, any backend")
+  parser.add_argument("--out", default=None, help="write gpu_check.md and gpu_check.json here")
+  parser.add_argument("--budget-s", type=float, default=None,
+                      help="stop starting rows after this many seconds (default: the plan's)")
+  args = parser.parse_args(argv)
+  plan = TINY if args.tiny else FULL
+  if args.budget_s is not None:
+    plan = dataclasses.replace(plan, budget_s=args.budget_s)
+  return run_check(plan, args.out)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

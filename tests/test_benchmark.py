@@ -1,0 +1,42 @@
+"""train/benchmark.py: XLA's count of the compiled train step stays near the model FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cav_mae_jax.train import benchmark
+from cav_mae_jax.train import flops
+from configs import pretrain
+
+# XLA counts the elementwise work too (LayerNorm, GELU, softmax, noise, Adam): about 7% above the
+# model FLOPs for the tiny model on short inputs, 2% for base. An extra forward, dense work on
+# masked tokens or a recomputation (remat) goes beyond the band.
+FLOPS_BAND = (1.0, 1.12)
+
+
+def _tiny_config(**model):
+  config = pretrain.get_config("tiny")
+  config.model.audio_length, config.model.image_size = 256, 64
+  config.data.noise_on_device = True  # the accelerator recipes' step
+  for key, value in model.items():
+    config.model[key] = value
+  return config
+
+
+def test_xla_flops_counts_a_matmul():
+  compiled = jax.jit(jnp.matmul).lower(jax.ShapeDtypeStruct((8, 16), jnp.float32),
+                                       jax.ShapeDtypeStruct((16, 4), jnp.float32)).compile()
+  assert flops.xla_flops(compiled) == 2 * 8 * 16 * 4
+
+
+def test_compiled_step_flops_stay_near_the_model_flops():
+  cost = benchmark.compiled_step_cost(_tiny_config(), batch_size=8)
+  assert cost["model_gflop_per_sample_step"] == pytest.approx(
+      flops.pretrain_step_flops(_tiny_config().model) / 1e9)
+  assert FLOPS_BAND[0] <= cost["xla_over_model_flops"] <= FLOPS_BAND[1], cost
+
+
+def test_recomputed_work_leaves_the_band():
+  """remat recomputes most of the forward in the backward pass: the band catches such work."""
+  cost = benchmark.compiled_step_cost(_tiny_config(remat=True), batch_size=8)
+  assert cost["xla_over_model_flops"] > FLOPS_BAND[1], cost

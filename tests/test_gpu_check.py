@@ -1,0 +1,79 @@
+"""tools/gpu_check.sh: the prepared GPU check runs end to end (`--tiny`, CPU, no TensorFlow), and
+its report keeps every row and fails the check when a row fails."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cav_mae_jax.train import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
+  blocked = tmp_path / "blocked" / "tensorflow"  # the GPU machine has no TensorFlow
+  blocked.mkdir(parents=True)
+  (blocked / "__init__.py").write_text("raise ImportError('no TensorFlow on the GPU machine')\n")
+  out = tmp_path / "out"
+  env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(tmp_path / "blocked"),
+             XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device: faster compiles
+  done = subprocess.run(["bash", "tools/gpu_check.sh", "--tiny"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+  assert "| " + " | ".join(gpu_check.TABLE_HEADER) + " |" in done.stdout
+  assert "| " + " | ".join(gpu_check.TABLE_HEADER) + " |" in (out / "gpu_check.md").read_text()
+
+  report = json.loads((out / "gpu_check.json").read_text())
+  assert report["parity"]["result"]["passed"]
+  assert report["parity"]["result"]["max_abs_diff_float32"] < 1e-4
+  outcomes = {(r["name"], r["row"]["batch"]): r["outcome"] for r in report["rows"]}
+  assert len(outcomes) == len(gpu_check.planned_rows(gpu_check.TINY))
+  for name in ("jax bf16 xla", "torch autocast", "jax bf16 xla remat"):
+    assert outcomes[(name, 8)]["status"] == "ok", outcomes[(name, 8)]
+  jax_row = outcomes[("jax bf16 xla", 8)]["result"]
+  assert jax_row["jax/samples_per_s"] > 0 and 1.0 < jax_row["xla_over_model_flops"] < 1.12
+  assert outcomes[("jax bf16 xla remat", 8)]["result"]["xla_over_model_flops"] > 1.12
+  assert outcomes[("torch autocast", 8)]["result"]["torch/samples_per_s"] > 0
+  assert outcomes[("jax bf16 cudnn", 8)]["status"] == "skipped"  # needs a GPU
+
+
+def test_full_plan_measures_the_paper_batches_first():
+  rows = gpu_check.planned_rows(gpu_check.FULL)
+  first = [(r.framework, r.batch, r.group, r.attention, r.remat) for r in rows[:6]]
+  assert first == [("jax", 48, 12, "xla", False), ("jax", 120, 30, "xla", False),
+                   ("jax", 256, 64, "xla", False), ("torch", 48, 12, "xla", False),
+                   ("torch", 120, 30, "xla", False), ("torch", 256, 64, "xla", False)]
+  variants = {(r.attention, r.remat, r.batch) for r in rows[6:]}
+  assert {("cudnn", False, 256), ("xla", True, 256), ("cudnn", False, 48),
+          ("cudnn", True, 256)} <= variants
+
+
+def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypatch, capsys):
+  def fake_subprocess(args, timeout_s, env):
+    del timeout_s, env
+    if args[0] == "env":
+      return gpu_check.Outcome("ok", {"backend": "gpu", "device": "NVIDIA H200"})
+    if args[0] == "parity":
+      return gpu_check.Outcome("ok", {"torch_device": "cuda", "max_abs_diff_float32": 2e-5,
+                                      "worst_float32": "pretrain/latent",
+                                      "max_relative_diff_bf16_losses": 3e-3,
+                                      "float32_tolerance": 1e-4, "bf16_relative_tolerance": 1e-2,
+                                      "passed": True, "failures": {}})
+    row = json.loads(args[2])
+    if row["attention"] == "cudnn":
+      return gpu_check.Outcome("error", detail="Traceback ...\nRuntimeError: cuDNN rejected it")
+    key = f"{row['framework']}/samples_per_s"
+    result = {key: 100.0 if row["framework"] == "jax" else 40.0, f"{row['framework']}/step_time_s": 0.5}
+    if row["framework"] == "jax":
+      result.update({"jax/compile_s": 30.0, "jax/mfu": 0.4, "xla_gflop_per_sample_step": 238.7})
+    return gpu_check.Outcome("ok", result)
+
+  monkeypatch.setattr(gpu_check, "run_subprocess", fake_subprocess)
+  assert gpu_check.run_check(gpu_check.TINY, str(tmp_path)) == 1
+  report = (tmp_path / "gpu_check.md").read_text()
+  assert "error: RuntimeError: cuDNN rejected it" in report
+  assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | 238.7 | 2.50 |" in report
+  assert "2 row(s) failed: jax bf16 cudnn, jax bf16 cudnn remat" in capsys.readouterr().out
