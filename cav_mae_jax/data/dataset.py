@@ -240,6 +240,13 @@ def total_sampling_weight(label_counts: Any) -> float:
   return float(np.sum(counts * class_sampling_weights(counts)))
 
 
+def balanced_sampling_rates(label_counts: Any, num_examples: int) -> tuple[np.ndarray, float, int]:
+  """(per-class weights, sum of every clip's weight, clips per epoch) of a split's label counts:
+  in each epoch a clip is emitted Poisson(clips * its weight / sum) times."""
+  return (class_sampling_weights(label_counts), total_sampling_weight(label_counts),
+          int(num_examples))
+
+
 def example_preprocess_spec(config: DataConfig, training: bool, num_classes: int) -> str:
   """The per-clip op string: frame choice, JPEG decode, resize + crop, multi-hot labels."""
   if training:
@@ -330,12 +337,32 @@ def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tenso
       rate = tf.cast(weight * num_examples / total_weight, tf.float32)
       count = tf.random.stateless_poisson(
           [], _salted(base_seed, "balanced", epoch, read_position), rate, dtype=tf.int64)
-      return tf.data.Dataset.from_tensors(serialized).repeat(count)
+      return tf.repeat(serialized[tf.newaxis], count)
 
-    dataset = dataset.enumerate().flat_map(copies)
+    dataset = dataset.enumerate().map(copies).unbatch()
   shuffle_seed = tf.random.stateless_uniform(
       [], _salted(base_seed, "shuffle", epoch), minval=None, maxval=None, dtype=tf.int64)
   return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+
+
+def _base_seed(seed: int) -> tf.Tensor:
+  return tf.constant([0, seed], tf.int64)
+
+
+def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
+                     balanced: tuple[np.ndarray, float, int] | None, *, start_epoch: int = 0,
+                     start_position: int = 0) -> tf.data.Dataset:
+  """Endless (epoch, position, raw record) of this host's training `files`, epoch after epoch,
+  from record `start_position` of epoch `start_epoch`; `balanced` from `balanced_sampling_rates`
+  (None: every record once per epoch)."""
+  base_seed = _base_seed(seed)
+
+  def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
+    skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
+    return _epoch_records(files, epoch, base_seed, config, balanced).enumerate().skip(
+        skip).map(lambda position, serialized: (epoch, position, serialized))
+
+  return tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream)
 
 
 def _batch_fn(batch_pp, base_seed: tf.Tensor, zero_padding: bool):
@@ -406,7 +433,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   mean, std = fbank_statistics(data_config, index)
   parse = _parse_fn(data_config, training, index.num_classes, with_waveform)
   batch_pp = augment.get_preprocess_fn(batch_preprocess_spec(data_config, training, mean, std))
-  base_seed = tf.constant([0, seed], tf.int64)
+  base_seed = _base_seed(seed)
 
   if training:
     if min(split_files.host_examples) == 0:
@@ -415,14 +442,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
                        f"({len(index.shards)} shard files); write more shards")
     balanced = None
     if data_config.balanced_sampling:
-      balanced = (class_sampling_weights(index.label_counts),
-                  total_sampling_weight(index.label_counts), index.num_examples)
-    files = split_files.files
-
-    def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
-      skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
-      return _epoch_records(files, epoch, base_seed, data_config, balanced).enumerate().skip(
-          skip).map(lambda position, serialized: (epoch, position, serialized))
+      balanced = balanced_sampling_rates(index.label_counts, index.num_examples)
 
     def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
                    serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -430,8 +450,10 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
       clip[EPOCH_KEY], clip[POSITION_KEY] = epoch, position
       return clip
 
-    clips = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream).map(
-        parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    clips = training_records(
+        split_files.files, seed, data_config, balanced, start_epoch=start_epoch,
+        start_position=start_position).map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE,
+                                           deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
     # A process may hold no shard at all (more processes than files): it yields padding only.
