@@ -104,7 +104,6 @@ def report(records: list[dict], seconds: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
-<<<<<<< HEAD
 def finetune(options: DemoOptions, train_dir: str, eval_dir: str, pretrained: str | None,
              workdir: str) -> dict[str, float]:
   """Fine-tunes the tiny model (from `pretrained`'s workdir, or random init); held-out metrics.
@@ -146,16 +145,8 @@ def finetune_report(results: dict[str, dict[str, float]], clips: int) -> list[st
   return lines
 
 
-def run_demo(options: DemoOptions) -> str:
-  """Runs the whole demo in `options.workdir`; returns the report (also printed as it goes)."""
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
-  seconds = {}
-  start = time.time()
-  print(f"[1/4] synthetic clips and records in {options.workdir} ...", flush=True)
-=======
 def prepare_demo_records(options: DemoOptions) -> tuple[str, str]:
   """The demo's train and held-out records directories, generated unless already there."""
->>>>>>> perf
   train_dir = make_records(options, "train", options.train_clips, seed=0)
   eval_dir = make_records(options, "eval", options.eval_clips, seed=1)
   return train_dir, eval_dir
@@ -179,7 +170,7 @@ def run_demo(options: DemoOptions) -> str:
   """Runs the whole demo in `options.workdir`; returns the report (also printed as it goes)."""
   seconds = {}
   start = time.time()
-  print(f"[1/3] synthetic clips and records in {options.workdir} ...", flush=True)
+  print(f"[1/4] synthetic clips and records in {options.workdir} ...", flush=True)
   train_dir, eval_dir = prepare_demo_records(options)
   seconds["data"] = time.time() - start
 

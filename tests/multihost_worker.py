@@ -5,16 +5,75 @@
 Each process sees 4 CPU devices (XLA_FLAGS set by the caller) and joins the others through
 `jax.distributed.initialize`; the global mesh (data=4, fsdp=2) spans all 8 devices. It prints
 `LOSS <value>` and `PARAM_SUM <value>` (process 0) for the caller to compare with one device.
+The launch helpers (free_port, process_env, run_processes, initialize_distributed) serve every
+multi-process test.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 8
+
+
+def free_port() -> int:
+  """A free TCP port on localhost for the jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def process_env(devices_per_process: int, **extra: str) -> dict[str, str]:
+  """Environment of a worker process: CPU only, `devices_per_process` devices, this checkout."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1", **extra)
+
+
+def run_processes(script: str, args: list[list[str]], env: dict[str, str], timeout: float = 400,
+                  grace: float = 60) -> list[subprocess.CompletedProcess]:
+  """Runs `python script *args[i]` for every i at once and waits for all.
+
+  Once a process fails, the others get `grace` seconds before they are killed: the peers of a
+  failed process would otherwise wait in a collective until `timeout`.
+  """
+  outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in args]
+  procs = [subprocess.Popen([sys.executable, script, *map(str, a)], env=env, stdout=out,
+                            stderr=err, text=True) for a, (out, err) in zip(args, outputs)]
+  deadline = time.monotonic() + timeout
+  try:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      if any(p.returncode not in (None, 0) for p in procs):
+        deadline = min(deadline, time.monotonic() + grace)
+      time.sleep(0.2)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  results = []
+  for proc, (out, err) in zip(procs, outputs):
+    out.seek(0), err.seek(0)
+    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+    out.close(), err.close()
+  return results
+
+
+def initialize_distributed(process_id: int, num_processes: int, port: int) -> None:
+  """Joins the other processes through jax.distributed (CPU collectives over gloo)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:
+    pass  # older/newer JAX: gloo is the default
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=num_processes, process_id=process_id)
 
 
 def tiny_config():
@@ -57,12 +116,7 @@ def one_step(mesh_config, devices=None) -> tuple[float, float]:
 def main(process_id: int, num_processes: int, port: int) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except AttributeError:
-    pass  # older/newer JAX: gloo is the default
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
-                             num_processes=num_processes, process_id=process_id)
+  initialize_distributed(process_id, num_processes, port)
   assert jax.process_count() == num_processes and jax.device_count() == 8, jax.devices()
   loss, param_sum = one_step(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
   print(f"LOSS {loss!r}\nPARAM_SUM {param_sum!r}", flush=True)

@@ -227,6 +227,58 @@ def test_balanced_sampling_oversamples_the_rare_class(record_dirs):
   assert plain.count(19) == 2
 
 
+def _label_only_records(directory, labels: list[list[int]], num_shards: int) -> tuple[str, ...]:
+  """Records holding only their labels: all that balanced sampling reads of a record."""
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for shard in range(num_shards):
+    paths.append(os.path.join(directory, f"labels-{shard}.tfrecord"))
+    with tf.io.TFRecordWriter(paths[-1]) as writer:
+      for clip_labels in labels[shard::num_shards]:
+        feature = {records.LABELS: tf.train.Feature(
+            int64_list=tf.train.Int64List(value=clip_labels))}
+        writer.write(tf.train.Example(
+            features=tf.train.Features(feature=feature)).SerializeToString())
+  return tuple(paths)
+
+
+def test_balanced_sampling_class_frequencies_follow_the_weights(tmp_path):
+  # Skewed (label counts 320, 84, 10), with multi-label clips whose weights add up.
+  labels = [[0]] * 300 + [[1]] * 60 + [[2]] * 6 + [[0, 1]] * 20 + [[1, 2]] * 4
+  classes = 3
+  counts = np.bincount(sum(labels, []), minlength=classes)
+  # The original: a clip's weight is the sum over its labels of 1000 / (label count + 0.01), and
+  # clips are drawn with probability proportional to it.
+  clip_weights = np.array([sum(1000 / (counts[k] + 0.01) for k in clip) for clip in labels])
+  multi_hot = np.zeros((len(labels), classes))
+  for i, clip in enumerate(labels):
+    multi_hot[i, clip] = 1
+  expected = clip_weights @ multi_hot / clip_weights.sum()  # P(a draw carries class k)
+  plain = multi_hot.sum(0) / len(labels)
+  assert np.max(np.abs(plain / expected - 1)) > 0.5  # without balancing this test fails
+
+  files = _label_only_records(str(tmp_path), labels, num_shards=3)
+  config = dataset.DataConfig(batch_size=4, shuffle_buffer=16, balanced_sampling=True)
+  rates = dataset.balanced_sampling_rates(counts, len(labels))
+  # 100,000 draws: each class count has a relative spread 1 / sqrt(draws * p) <= 0.55%.
+  draws = 100_000
+  spec = {records.LABELS: records.feature_spec()[records.LABELS]}
+
+  def count(state, batch):  # (last epoch seen, draws carrying each class)
+    epochs, _, serialized = batch
+    carried = tf.sparse.to_indicator(tf.io.parse_example(serialized, spec)[records.LABELS], classes)
+    return (tf.maximum(state[0], tf.reduce_max(epochs)),
+            state[1] + tf.reduce_sum(tf.cast(carried, tf.int64), axis=0))
+
+  stream = dataset.training_records(files, 0, config, rates).take(draws).batch(10_000)
+  epochs, totals = stream.reduce((tf.constant(-1, tf.int64), tf.zeros([classes], tf.int64)), count)
+  observed = totals.numpy() / draws
+  # About as many draws per epoch as clips (the original's num_samples = len(dataset)).
+  assert int(epochs) + 1 == pytest.approx(draws / len(labels), rel=0.02)
+  np.testing.assert_allclose(observed, expected, rtol=0.02)
+  print("relative error of the class frequencies:", np.round(observed / expected - 1, 4))
+
+
 def test_balanced_weights_follow_the_original():
   weights = dataset.class_sampling_weights([10, 0, 3])
   np.testing.assert_allclose(weights, [1000 / 10.01, 1000 / 0.01, 1000 / 3.01])

@@ -2,8 +2,6 @@
 CPU devices, and on 2 processes x 4 devices joined by jax.distributed (f32, tiny model)."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -38,31 +36,14 @@ def test_eight_devices_data4_fsdp2_match_one_device(one_device):
   assert param_sum == pytest.approx(one_device[1], rel=1e-5)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_device(one_device):
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   worker = os.path.join(ROOT, "tests", "multihost_worker.py")
-  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      out, err = proc.communicate(timeout=400)
-      assert proc.returncode == 0, err[-3000:]
-      outputs.append(out)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for out in outputs:
-    values = dict(line.split() for line in out.strip().splitlines() if line[:4] in ("LOSS", "PARA"))
+  port = multihost_worker.free_port()
+  results = multihost_worker.run_processes(worker, [[i, 2, port] for i in range(2)],
+                                           multihost_worker.process_env(4))
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(line.split() for line in result.stdout.strip().splitlines()
+                  if line[:4] in ("LOSS", "PARA"))
     assert float(values["LOSS"]) == pytest.approx(one_device[0], abs=1e-5)
     assert float(values["PARAM_SUM"]) == pytest.approx(one_device[1], rel=1e-5)

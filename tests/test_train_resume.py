@@ -200,6 +200,32 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):
   checkpointer.close()
 
 
+def test_checkpoints_keep_every_process_input_state_and_old_ones_restore(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  options = ml_collections.ConfigDict(dict(every_steps=1, keep=3, async_save=False,
+                                           every_epoch=False))
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), options)
+  checkpointer.save(1, {"w": np.ones(3, np.float32)}, {"position": 4})
+  checkpointer.wait()
+  # A checkpoint written before the list (process 0's state alone) restores as it was saved.
+  checkpointer.manager.save(2, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"w": np.ones(3, np.float32)}),
+      input=ocp.args.JsonSave({"position": 7})))
+  checkpointer.wait()
+  assert checkpointer.restore(1, abstract)[1] == {"position": 4}
+  assert checkpointer.restore(2, abstract)[1] == {"position": 7}
+  checkpointer.close()
+  saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(str(tmp_path / "1" / "input"))
+  assert saved == {checkpoint.INPUT_STATES_KEY: [{"position": 4}]}
+  # Saved by 2 processes, restored by 1: process 0's state (the input decides if it fits).
+  two = {checkpoint.INPUT_STATES_KEY: [{"position": 1}, {"position": 2}]}
+  assert checkpoint.own_input_state(two) == {"position": 1}
+
+
 SAVE_ELEMENTS = 32 * 2**20  # 128 MB: the background write is still running when the kill lands
 
 

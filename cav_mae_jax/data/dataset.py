@@ -73,7 +73,7 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -332,6 +332,13 @@ def total_sampling_weight(label_counts: Any) -> float:
   return float(np.sum(counts * class_sampling_weights(counts)))
 
 
+def balanced_sampling_rates(label_counts: Any, num_examples: int) -> tuple[np.ndarray, float, int]:
+  """(per-class weights, sum of every clip's weight, clips per epoch) of a split's label counts:
+  in each epoch a clip is emitted Poisson(clips * its weight / sum) times."""
+  return (class_sampling_weights(label_counts), total_sampling_weight(label_counts),
+          int(num_examples))
+
+
 def example_preprocess_spec(config: DataConfig, training: bool, num_classes: int) -> str:
   """The per-clip op string: frame choice, JPEG decode, resize + crop, multi-hot labels."""
   if training:
@@ -400,7 +407,7 @@ def _parse_fn(config: DataConfig, training: bool, source: splits.Split, with_wav
 
 
 def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tensor,
-                   config: DataConfig, source: splits.Split,
+                   config: DataConfig, parse_labels: Callable[[tf.Tensor], tf.Tensor],
                    balanced: tuple[np.ndarray, float, int] | None) -> tf.data.Dataset:
   """One epoch of this host's raw records, in the epoch's deterministic shuffled order."""
   order = tf.random.experimental.stateless_shuffle(
@@ -413,16 +420,39 @@ def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tenso
     class_weights = tf.constant(class_weights, tf.float64)
 
     def copies(read_position: tf.Tensor, serialized: tf.Tensor) -> tf.data.Dataset:
-      weight = tf.reduce_sum(tf.gather(class_weights, source.parse_labels(serialized)))
+      weight = tf.reduce_sum(tf.gather(class_weights, parse_labels(serialized)))
       rate = tf.cast(weight * num_examples / total_weight, tf.float32)
       count = tf.random.stateless_poisson(
           [], _salted(base_seed, "balanced", epoch, read_position), rate, dtype=tf.int64)
-      return tf.data.Dataset.from_tensors(serialized).repeat(count)
+      return tf.repeat(serialized[tf.newaxis], count)
 
-    dataset = dataset.enumerate().flat_map(copies)
+    dataset = dataset.enumerate().map(copies).unbatch()
   shuffle_seed = tf.random.stateless_uniform(
       [], _salted(base_seed, "shuffle", epoch), minval=None, maxval=None, dtype=tf.int64)
   return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+
+
+def _base_seed(seed: int) -> tf.Tensor:
+  return tf.constant([0, seed], tf.int64)
+
+
+def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
+                     balanced: tuple[np.ndarray, float, int] | None, *, start_epoch: int = 0,
+                     start_position: int = 0,
+                     parse_labels: Callable[[tf.Tensor], tf.Tensor] = records.parse_labels
+                     ) -> tf.data.Dataset:
+  """Endless (epoch, position, raw record) of this host's training `files`, epoch after epoch,
+  from record `start_position` of epoch `start_epoch`; `balanced` from `balanced_sampling_rates`
+  (None: every record once per epoch); `parse_labels` reads a raw record's classes (the split's
+  own: records or TFDS)."""
+  base_seed = _base_seed(seed)
+
+  def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
+    skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
+    return _epoch_records(files, epoch, base_seed, config, parse_labels, balanced).enumerate(
+        ).skip(skip).map(lambda position, serialized: (epoch, position, serialized))
+
+  return tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream)
 
 
 def _batch_fn(batch_pp, base_seed: tf.Tensor, zero_padding: bool):
@@ -494,7 +524,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   parse = _parse_fn(data_config, training, source, with_waveform)
   batch_pp = augment.get_preprocess_fn(
       batch_preprocess_spec(data_config, training, normalization.mean, normalization.std))
-  base_seed = tf.constant([0, seed], tf.int64)
+  base_seed = _base_seed(seed)
 
   if training:
     if min(split_files.host_examples) == 0:
@@ -503,15 +533,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
                        f"({len(index.shards)} shard files); write more shards")
     balanced = None
     if data_config.balanced_sampling:
-      balanced = (class_sampling_weights(index.label_counts),
-                  total_sampling_weight(index.label_counts), index.num_examples)
-    files = split_files.files
-
-    def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
-      skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
-      epoch_records = _epoch_records(files, epoch, base_seed, data_config, source, balanced)
-      return epoch_records.enumerate().skip(skip).map(
-          lambda position, serialized: (epoch, position, serialized))
+      balanced = balanced_sampling_rates(index.label_counts, index.num_examples)
 
     def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
                    serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -519,8 +541,10 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
       clip[EPOCH_KEY], clip[POSITION_KEY] = epoch, position
       return clip
 
-    clips = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream).map(
-        parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    clips = training_records(
+        split_files.files, seed, data_config, balanced, start_epoch=start_epoch,
+        start_position=start_position, parse_labels=source.parse_labels).map(
+            parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
     # A process may hold no shard at all (more processes than files): it yields padding only.

@@ -6,7 +6,8 @@ graph, the config fields and the augmentations are described in `dataset.py`). I
 has handed out: `get_state()` is a small JSON dict and `set_state()` rebuilds the stream at that
 point (it skips the already-seen records of the current epoch before parsing, so resuming costs
 reading at most one epoch of this host's raw records). With balanced sampling epoch lengths
-vary, so each process must restore its own `get_state()`.
+vary, so each process must restore its own `get_state()`: checkpoints hold every process's
+(`cav_mae_jax.train.checkpoint`).
 
 A split is read from a records directory or from a TFDS dataset (`dataset.open_split`; the
 same batch dict from both). The pipeline's `fbank_normalization` says which mean and std it

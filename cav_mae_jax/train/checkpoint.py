@@ -1,15 +1,23 @@
 """Orbax checkpoints of the train state and the input iterator, with preemption handling.
 
 A checkpoint holds two items: `state` (params, optimizer state, step, RNG; restored sharded into
-the shardings of an abstract state) and `input` (the input iterator's state as JSON, so a resumed
+the shardings of an abstract state) and `input` (the input iterators' states as JSON, so a resumed
 run sees the same remaining batch order). Saves are asynchronous and atomic: orbax writes to a
 temporary directory and renames it when complete, so a process killed mid-save leaves the previous
 checkpoint as the latest restorable one.
+
+Every process has its own input iterator, and under balanced sampling their positions differ
+(each host's epochs have their own lengths). orbax writes a JSON item from the primary process
+only, so the `input` item holds the list of every process's state, gathered at save time
+(`{"process_input_states": [state of process 0, state of process 1, ...]}`), and each process
+restores its own entry. Checkpoints written before held process 0's state alone; they still
+restore (every process gets that state, as then).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -21,8 +29,34 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
+INPUT_STATES_KEY = "process_input_states"  # the `input` item: one input state per process
+
+
+def gather_input_states(input_state: dict[str, Any]) -> list[dict[str, Any]]:
+  """Every process's input state, in process order (collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return [input_state]
+  encoded = np.frombuffer(json.dumps(input_state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(encoded.size))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(row[:length].tobytes()) for row, length in zip(gathered, lengths)]
+
+
+def own_input_state(saved: dict[str, Any]) -> dict[str, Any]:
+  """This process's entry of a saved `input` item (the whole item if it predates the list).
+
+  When the process count changed, every process gets process 0's state, and the input iterator
+  decides whether it can continue from it (the tf.data pipeline refuses).
+  """
+  if INPUT_STATES_KEY not in saved:
+    return saved
+  states = saved[INPUT_STATES_KEY]
+  return states[jax.process_index()] if len(states) == jax.process_count() else states[0]
 
 
 class Checkpointer:
@@ -54,20 +88,22 @@ class Checkpointer:
             (self.epoch_steps > 0 and step % self.epoch_steps == 0))
 
   def save(self, step: int, state: Any, input_state: dict[str, Any]) -> None:
-    """Starts an (asynchronous) save of `state` and the input iterator state at `step`."""
+    """Starts an (asynchronous) save of `state` and of every process's input state at `step`."""
+    input_states = {INPUT_STATES_KEY: gather_input_states(input_state)}
     self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                input=ocp.args.JsonSave(input_state)),
+                                input=ocp.args.JsonSave(input_states)),
         force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores (state, input_state) at `step`; arrays take `abstract_state`'s shardings."""
+    """Restores (state, this process's input state) at `step`; arrays take `abstract_state`'s
+    shardings."""
     restored = self.manager.restore(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                 input=ocp.args.JsonRestore()))
-    return restored["state"], restored["input"]
+    return restored["state"], own_input_state(restored["input"])
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the cluster's preemption notice (multi-host sync point) was reached."""

@@ -4,11 +4,8 @@ Per transformer block on n tokens of width d: 24*n*d^2 (qkv, projection, 4x MLP)
 (scores and weighted sum). A pretraining forward masks each modality, runs the modality-specific
 blocks on the kept tokens, the joint blocks on three streams (audio+video, audio, video), then the
 decoder on all tokens of both modalities. Base at mask ratio 0.75: about 78.1 GFLOP per sample.
-<<<<<<< HEAD
 A training step is 3x the forward (backward = 2x forward). Fine-tuning runs the unmasked encoder:
 about 132 GFLOP forward, 397 GFLOP per training step per sample for base.
-=======
-A training step is 3x the forward (backward = 2x forward).
 
 XLA's own count of a compiled step (`xla_flops`) checks these figures against what really runs:
 it also counts the elementwise work (LayerNorm, GELU, softmax, the optimizer), so it sits a few
@@ -16,7 +13,6 @@ percent above the model FLOPs; much more means wasted work. The base pretraining
 bfloat16 counts about 239 GFLOP per sample against the model's 234 (`tools/benchmark.py
 --cost-analysis`); with `config.model.remat` about 295 (the backward recomputes most of the
 forward).
->>>>>>> perf
 """
 
 from __future__ import annotations
@@ -75,7 +71,6 @@ def pretrain_step_flops(model: ml_collections.ConfigDict) -> float:
   return 3.0 * pretrain_forward_flops(model)
 
 
-<<<<<<< HEAD
 def finetune_forward_flops(model: ml_collections.ConfigDict, mode: str | None = None) -> float:
   """FLOPs of one fine-tuning forward pass (no masking) for one sample in `mode`."""
   d, p, r = model.embed_dim, model.patch_size, model.mlp_ratio
@@ -102,7 +97,8 @@ def finetune_step_flops(model: ml_collections.ConfigDict, probe: bool = False) -
   """FLOPs of one fine-tuning step per sample (a probe runs the frozen encoder forward only)."""
   forward = finetune_forward_flops(model)
   return forward + 4.0 * model.embed_dim * model.num_classes if probe else 3.0 * forward
-=======
+
+
 def xla_flops(compiled: Any) -> float:
   """FLOPs of one call of a compiled JAX executable, from XLA's cost analysis (per partition)."""
   analysis = compiled.cost_analysis()
@@ -111,7 +107,6 @@ def xla_flops(compiled: Any) -> float:
   if not analysis or "flops" not in analysis:
     raise ValueError("XLA's cost analysis of this executable reports no FLOPs")
   return float(analysis["flops"])
->>>>>>> perf
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -40,12 +40,22 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict,
                      steps_per_epoch: int | None = None) -> None:
-  """Records `config` (and the run's steps per epoch) in the workdir; the main process writes."""
-  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """Records `config` (and the run's steps per epoch) in the workdir; the main process writes.
+
+  Each file is replaced atomically: when a multi-process run resumes, the other processes read
+  the previous config.json while the main process writes the new one.
+  """
+  _replace_file(os.path.join(workdir, RUN_CONFIG_FILE),
+                config.to_json_best_effort(indent=2, sort_keys=True))
   if steps_per_epoch is not None:
-    with open(os.path.join(workdir, PLAN_FILE), "w") as f:
-      json.dump({"steps_per_epoch": steps_per_epoch}, f)
+    _replace_file(os.path.join(workdir, PLAN_FILE), json.dumps({"steps_per_epoch": steps_per_epoch}))
+
+
+def _replace_file(path: str, text: str) -> None:
+  staged = f"{path}.tmp-{os.getpid()}"
+  with open(staged, "w") as f:
+    f.write(text)
+  os.replace(staged, path)
 
 
 def read_steps_per_epoch(workdir: str) -> int:
