@@ -189,8 +189,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   process, processes = jax.process_index(), jax.process_count()
   split = dataset_lib.load_split(data_config, "eval", process, processes)
   host_batch = dataset_lib.host_batch_size(batch_size, processes, field="batch_size")
-  mean, std = dataset_lib.fbank_statistics(data_config, split.index)
-  preprocess = eval_preprocess_fn(data_config, mean, std)
+  normalization = dataset_lib.fbank_normalization(data_config)
+  preprocess = eval_preprocess_fn(data_config, normalization.mean, normalization.std)
   files = tf.constant(split.files, tf.string, shape=[len(split.files)])
   id_spec = {records.VIDEO_ID: records.feature_spec()[records.VIDEO_ID]}
   count = split.host_examples[process]
@@ -205,7 +205,7 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     missing = [x for x in wanted if x not in found]
     if missing:
       raise ValueError(f"{len(missing)} of the {len(wanted)} subset clips are not in the records "
-                       f"{split.directory}: {', '.join(missing[:20])}"
+                       f"{split.source.description}: {', '.join(missing[:20])}"
                        f"{' ...' if len(missing) > 20 else ''}")
     wanted_set = set(wanted)
     count = sum(x in wanted_set for x in local_ids)
@@ -216,7 +216,7 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
         lambda s: table.lookup(tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]) > 0)
 
   def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    parsed = records.parse_example(serialized)
+    parsed = split.source.parse(serialized)
     clip = preprocess({"audio": parsed[records.FBANK], "frames": parsed[records.FRAMES]})
     return {**clip, "video_id": parsed[records.VIDEO_ID], "valid": tf.constant(True)}
 
@@ -232,7 +232,7 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   except tf.errors.OpError as e:
     damaged = input_lib.find_damaged_shard(split.files, split.file_examples)
     where = f"shard {damaged[0]} is damaged: {damaged[1]}" if damaged else e.message
-    raise input_lib.RecordReadError(f"records {split.directory}: {where}") from e
+    raise input_lib.RecordReadError(f"{split.source.description}: {where}") from e
   empty = {"audio": np.zeros((0, data_config.audio_length, data_config.num_mel_bins), np.float32),
            "image": np.zeros((0, data_config.image_size, data_config.image_size, 3), np.float32),
            "valid": np.zeros(0, bool), "video_id": np.zeros(0, object)}
