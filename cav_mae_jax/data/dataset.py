@@ -6,7 +6,7 @@ of the TFDS dataset `config.data.tfds_name` (the `cav_mae_clips` builder's outpu
 source, or one of each, works; `open_split` resolves this and `splits.py` reads both kinds the
 same way. Each process reads a disjoint, deterministic subset of the split's shard files
 (`files[process_index::process_count]`) and `make_dataset` builds its batches of
-`batch_size // process_count` clips, as the DESIGN.md batch dict:
+`batch_size // process_count` clips, as the batch dict of docs/design.md:
 
   audio [B, T, 128] f32 (normalized fbank), image [B, H, W, 3] f32 (ImageNet-normalized; eval
   with all frames: [B, 10, H, W, 3]), label [B, C] f32, valid [B] bool, frame_index [B] int32

@@ -1,7 +1,7 @@
 """The checkpointable input iterator: `InputPipeline`, host-local batches with a resumable position.
 
 `InputPipeline(config, split, seed=..., batch_size=...)` iterates over the batches that
-`dataset.make_dataset` builds for this process (the DESIGN.md batch dict, numpy arrays; the
+`dataset.make_dataset` builds for this process (the batch dict of docs/design.md, numpy arrays; the
 graph, the config fields and the augmentations are described in `dataset.py`). It counts what it
 has handed out: `get_state()` is a small JSON dict and `set_state()` rebuilds the stream at that
 point (it skips the already-seen records of the current epoch before parsing, so resuming costs
