@@ -28,12 +28,7 @@ NUM_CLIPS = 7
 RECORD_ORDER = ["clip0", "clip3", "clip6", "clip1", "clip4", "clip2", "clip5"]  # shard by shard
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # conftest.py
 
 
 def tiny_config(eval_dir: str = "") -> ml_collections.ConfigDict:

@@ -27,12 +27,7 @@ from configs import pretrain
 CLASSES, CLIPS, BATCH = 5, 16, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # conftest.py
 
 
 def _shrink(config):

@@ -19,12 +19,7 @@ from cav_mae_jax.data import fbank
 WINDOW = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # conftest.py
 
 
 @pytest.fixture(scope="module", name="checkpoint")

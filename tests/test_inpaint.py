@@ -13,12 +13,7 @@ from test_features import (  # pylint: disable=unused-import
     RECORD_ORDER, fixture_records_dir, tiny_config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # conftest.py
 
 
 def small_config(norm_pix_loss):

@@ -33,12 +33,7 @@ DIMS = Dims(embed_dim=32, num_heads=2, modality_specific_depth=1, encoder_depth=
             decoder_embed_dim=16, decoder_depth=1, audio_length=32, image_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # conftest.py
 
 
 def tiny_config(**init):

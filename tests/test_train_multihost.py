@@ -14,13 +14,7 @@ import multihost_worker  # pylint: disable=wrong-import-position
 ROOT = multihost_worker.ROOT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  """Cheap XLA compilation for this module only (the numbers compared are all built so)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # conftest.py
 
 
 @pytest.fixture(scope="module", name="one_device")
