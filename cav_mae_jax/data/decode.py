@@ -90,6 +90,10 @@ FRAME_WINDOW_SECONDS = 10  # The original spreads its frames over the first 10 s
 ORIGINAL_AUDIO_SECONDS = (1023 * 160 + 400) / 16000  # Audio in the original's 1024 fbank frames.
 MIN_AUDIO_SAMPLES = 400  # One 25 ms fbank window at 16 kHz.
 _RESAMPLE_MARGIN_S = 0.05  # Extra source audio decoded past max_seconds (filter reach).
+# numpy dtypes of FFmpeg's sample formats (packed and planar).
+_SAMPLE_DTYPES = {'u8': np.uint8, 's16': np.int16, 's32': np.int32, 's64': np.int64,
+                  'flt': np.float32, 'dbl': np.float64}
+_SAMPLE_DTYPES.update({name + 'p': dtype for name, dtype in list(_SAMPLE_DTYPES.items())})
 _REORDER_WINDOW = 32  # Packets held back to rank timestamps (H.264 reorders at most 16).
 _AV_TIME_BASE = 1_000_000
 
@@ -132,18 +136,27 @@ def frame_indices(frame_count: int, fps: float, num_frames: int = 10) -> np.ndar
 
 
 def resize_and_crop(frame: np.ndarray, image_size: int = 224) -> np.ndarray:
-  """Resizes an RGB frame (PIL bilinear) so its shorter side is image_size, then center-crops."""
+  """Resizes an RGB frame (PIL bilinear) so its shorter side is image_size, then center-crops.
+
+  Equal, pixel for pixel, to one `Image.resize` to the full size followed by the crop (what
+  torchvision's `Resize` + `CenterCrop` do), but cheaper: PIL resizes in two separable passes,
+  horizontal then vertical, through a uint8 image, so we run the horizontal pass, drop the
+  columns the crop would drop, and run the vertical pass on the kept columns only.
+  """
   height, width = frame.shape[:2]
   short, long = min(height, width), max(height, width)
   new_long = int(image_size * long / short)
   new_width, new_height = (image_size, new_long) if width <= height else (new_long, image_size)
-  image = Image.fromarray(frame)
-  if (new_width, new_height) != (width, height):
-    image = image.resize((new_width, new_height), Image.BILINEAR)
   # torchvision's CenterCrop rounds half offsets with Python's round (to even).
   top = int(round((new_height - image_size) / 2.0))
   left = int(round((new_width - image_size) / 2.0))
-  return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+  image = Image.fromarray(frame)
+  if new_width != width:
+    image = image.resize((new_width, height), Image.BILINEAR)
+  image = image.crop((left, 0, left + image_size, height))
+  if new_height != height:
+    image = image.resize((image_size, new_height), Image.BILINEAR)
+  return np.asarray(image.crop((0, top, image_size, top + image_size)))
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 75) -> bytes:
@@ -293,11 +306,18 @@ class _AudioSink:
       raise DecodeError(self.path, 'audio_decode_error',
                         f'audio format changes mid-stream: {self._source_format} -> '
                         f'{source_format}')
-    samples = frame.to_ndarray()
+    # Channel 0 straight from the first plane: no copy of the other channels (what
+    # AudioFrame.to_ndarray costs), same samples.
+    dtype = _SAMPLE_DTYPES.get(frame.format.name)
+    if dtype is None:
+      raise DecodeError(self.path, 'audio_decode_error',
+                        f'unsupported sample format {frame.format.name}')
     if frame.format.is_planar:
-      first = samples[0]
+      first = np.frombuffer(frame.planes[0], dtype, count=frame.samples).copy()
     else:
-      first = samples[0, ::len(frame.layout.channels)]
+      channels = len(frame.layout.channels)
+      first = np.frombuffer(frame.planes[0], dtype, count=frame.samples * channels)[::channels]
+      first = first.copy()
     self._chunks.append(first)
     self._source_samples += first.shape[0]
     if (self._source_samples_needed is not None and
