@@ -430,3 +430,22 @@ def test_lists_and_videos_on_ram_filesystem_give_the_local_records(media, tmp_pa
   assert quarantined["ram"] == quarantined["local"] == {
       ("text", "unreadable_container"), ("zero_byte", "empty_file"),
       ("truncated", "unreadable_container"), ("missing", "missing_file")}
+
+
+_WORKER_ENV_SCRIPT = """
+import multiprocessing, os, sys
+from cav_mae_jax.data import shards
+with shards._worker_environment():
+  with multiprocessing.get_context('forkserver').Pool(1) as pool:
+    seen = pool.apply(os.getenv, ('OPENBLAS_NUM_THREADS',))
+print(seen, os.getenv('OPENBLAS_NUM_THREADS'))
+"""
+
+
+def test_workers_run_native_thread_pools_single_threaded():
+  # The fork server (and so every worker) starts with OPENBLAS_NUM_THREADS=1 when the user did not
+  # set it; the parent's own environment is left as it was.
+  env = {k: v for k, v in os.environ.items() if k != 'OPENBLAS_NUM_THREADS'}
+  out = subprocess.run([sys.executable, '-c', _WORKER_ENV_SCRIPT], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out == ['1', 'None']

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -181,6 +182,24 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
 
 _WORKER_PRELOAD = ["cav_mae_jax.data.shards", "cav_mae_jax.data.decode",
                    "cav_mae_jax.data.fbank", "tensorflow"]
+# Each worker is one core's worth of work, so native thread pools (OpenBLAS runs the fbank's
+# mel matmul; OpenMP) get one thread each unless the user chose otherwise: with the default (a
+# thread per core in every worker) they oversubscribe the machine. Applied to the fork server's
+# environment when it starts; measured about 5% more clips per second with 2 workers on 2 cores.
+_WORKER_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                      "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _worker_environment():
+  """Sets the unset `_WORKER_THREAD_ENV` variables for the block, then restores them."""
+  added = [name for name in _WORKER_THREAD_ENV if name not in os.environ]
+  os.environ.update({name: _WORKER_THREAD_ENV[name] for name in added})
+  try:
+    yield
+  finally:
+    for name in added:
+      os.environ.pop(name, None)
 
 
 @dataclasses.dataclass
@@ -202,7 +221,8 @@ class _WorkerPool:
     self._context = multiprocessing.get_context("forkserver")
     self._context.set_forkserver_preload(_WORKER_PRELOAD)
     self._worker_args = worker_args
-    self.workers = [self._start() for _ in range(num_workers)]
+    with _worker_environment():  # The fork server starts with the first worker.
+      self.workers = [self._start() for _ in range(num_workers)]
 
   def _start(self) -> _Worker:
     parent, child = self._context.Pipe()
