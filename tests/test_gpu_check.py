@@ -36,6 +36,7 @@ def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
   jax_row = outcomes[("jax bf16 xla", 8)]["result"]
   assert jax_row["jax/samples_per_s"] > 0 and 1.0 < jax_row["xla_over_model_flops"] < 1.12
   assert outcomes[("jax bf16 xla remat", 8)]["result"]["xla_over_model_flops"] > 1.12
+  assert outcomes[("jax bf16 xla remat dots_with_no_batch_dims_saveable", 8)]["status"] == "ok"
   assert outcomes[("torch autocast", 8)]["result"]["torch/samples_per_s"] > 0
   assert outcomes[("jax bf16 cudnn", 8)]["status"] == "skipped"  # needs a GPU
 
@@ -49,6 +50,7 @@ def test_full_plan_measures_the_paper_batches_first():
   variants = {(r.attention, r.remat, r.batch) for r in rows[6:]}
   assert {("cudnn", False, 256), ("xla", True, 256), ("cudnn", False, 48),
           ("cudnn", True, 256)} <= variants
+  assert rows[-1].name == "jax bf16 xla remat dots_with_no_batch_dims_saveable"
 
 
 def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypatch, capsys):

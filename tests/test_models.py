@@ -140,9 +140,10 @@ def test_bfloat16_compute_keeps_float32_params_and_losses(tiny_params):
   assert float(out16["loss"]) != float(out32["loss"])  # bf16 really changed the compute
 
 
-def test_remat_gives_the_same_parameters_losses_and_gradients(tiny_params):
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_gives_the_same_parameters_losses_and_gradients(tiny_params, policy):
   """config.model.remat only recomputes activations: same tree, same losses and gradients."""
-  cfg, remat_cfg = _cfg(), _cfg(remat=True)
+  cfg, remat_cfg = _cfg(), _cfg(remat=True, remat_policy=policy)
   audio, image = _inputs(cfg)
   remat_params = models.param_shapes(remat_cfg)
   assert jax.tree.structure(remat_params) == jax.tree.structure(tiny_params)
@@ -261,6 +262,7 @@ def test_inpaint_returns_reconstructions_and_masks():
     (dict(num_heads=5), "num_heads"),
     (dict(modality_specific_depth=3), "modality_specific_depth"),
     (dict(dtype="float16"), "dtype"),
+    (dict(remat=True, remat_policy="save_everything"), "remat_policy"),
     (dict(lambda_c=0.0, lambda_mae=0.0), "lambda_c"),
     (dict(modalities="audio"), "lambda_c"),
     (dict(contrast_group_size=-2), "contrast_group_size"),

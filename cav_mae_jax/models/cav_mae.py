@@ -74,10 +74,14 @@ def _fixed_table(table: Any):
 def _block_class(config: ModelConfig) -> type[nn.Module]:
   """Block, or Block under `nn.remat` when `config.remat`: recomputed in the backward pass.
 
-  The block's `modality` is a static argument of the remat (it picks LayerNorms, not values), so
+  `config.remat_policy` says what the forward keeps (a `jax.checkpoint_policies` name). The
+  block's `modality` is a static argument of the remat (it picks LayerNorms, not values), so
   every call passes it positionally, `blk(x, None)` included: remat counts positional arguments.
   """
-  return nn.remat(Block, static_argnums=(2,)) if config.remat else Block
+  if not config.remat:
+    return Block
+  policy = getattr(jax.checkpoint_policies, config.remat_policy)
+  return nn.remat(Block, static_argnums=(2,), policy=policy)
 
 
 class _Encoder(nn.Module):

@@ -16,6 +16,10 @@ FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missing
 MODALITIES = ("audiovisual", "audio", "visual")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# What a rematerialized block keeps from its forward pass (names in jax.checkpoint_policies):
+# nothing (recompute the whole block), every matmul output, or the matmul outputs without batch
+# dimensions (the projections and MLP, not the attention scores).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,7 @@ class ModelConfig:
   trainable_pos_embed: bool = False
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   attention_impl: str = "xla"
   # Fine-tuning.
   num_classes: int = 527
@@ -126,6 +131,8 @@ class ModelConfig:
       fail("contrast_group_size", "must be >= 0 (0 = the whole batch is one group)")
     if self.dtype not in DTYPES:
       fail("dtype", f"must be one of {DTYPES}")
+    if self.remat_policy not in REMAT_POLICIES:
+      fail("remat_policy", f"must be one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
     if self.ft_mode not in FT_MODES:
