@@ -386,6 +386,31 @@ def test_first_channel_resampled_to_16k(media, name, source_rate):
   assert (amplitude**2 / 2) / np.mean(signal**2) > 0.98  # Nearly all energy is the 440 Hz tone.
 
 
+@pytest.mark.parametrize('codec, sample_format', [('pcm_s16le', 's16'), ('pcm_f32le', 'flt')])
+def test_packed_samples_give_channel_zero_exactly(tmp_path, codec, sample_format):
+  # Packed (interleaved) sample formats: channel 0 is every third sample of the plane. At 16 kHz
+  # nothing is resampled, so the waveform is channel 0's samples exactly.
+  rng = np.random.default_rng(0)
+  samples = rng.integers(-20000, 20000, (3, 16000), dtype=np.int16)
+  path = str(tmp_path / f'{codec}.mov')
+  with av.open(path, 'w') as container:
+    stream = container.add_stream(codec, rate=16000, layout='3.0')
+    interleaved = samples.T.reshape(1, -1)
+    if sample_format == 'flt':
+      interleaved = interleaved.astype(np.float32) / 32768
+    frame = av.AudioFrame.from_ndarray(interleaved, format=sample_format, layout='3.0')
+    frame.sample_rate = 16000
+    for packet in stream.encode(frame):
+      container.mux(packet)
+    for packet in stream.encode(None):
+      container.mux(packet)
+  with av.open(path) as container:
+    assert container.streams.audio[0].codec_context.format.name == sample_format
+  waveform, rate = decode.decode_audio(path)
+  assert rate == 16000
+  np.testing.assert_array_equal(waveform, samples[0])
+
+
 def test_silent_track_is_valid_audio(media):
   clip = decode.decode_clip(media['silent.mp4'])
   assert clip.waveform.shape == (160000,)
