@@ -580,3 +580,21 @@ def test_benchmark_preprocess_tool_missing_source_prints_one_error_line(tmp_path
   missing = str(tmp_path / 'missing.mp4')
   result = run_tool('benchmark_preprocess', '--source', missing)
   assert_one_error_line(result.returncode, result.stderr, '--source', missing, 'no such file')
+
+
+def test_benchmark_preprocess_tool_times_our_path_and_its_stages():
+  # Without --original-python only our side runs; --stages adds the per-stage profile.
+  from test_prepare import run_tool  # pylint: disable=g-import-not-at-top
+  result = run_tool('benchmark_preprocess', '--clips', '1', '--stages')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert 'original: not measured' in lines[0]
+  ours = next(line for line in lines if line.startswith('ours'))
+  assert float(ours.split()[1]) > 0  # clips per CPU-second
+  stages = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1])
+            for line in lines[lines.index('our stages on one clip, best of 5, CPU ms:') + 1:]}
+  assert set(stages) == {'decode_clip (all of decoding)', 'video: decode_frames',
+                         'the video decoder alone', 'audio: decode_audio', 'fbank + pad',
+                         '10 x JPEG'}
+  assert all(ms > 0 for ms in stages.values())
+  assert stages['the video decoder alone'] <= stages['video: decode_frames'] * 1.5

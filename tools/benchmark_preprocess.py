@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Clips per second per core: our decode + fbank + JPEG against the original's preprocessing.
 
-  python tools/benchmark_preprocess.py [--source VIDEO] [--clips 8] [--cpu 0] \
+  python tools/benchmark_preprocess.py [--source VIDEO] [--clips 8] [--cpu 0] [--stages] \
       [--original-python /path/to/python-with-cv2-torchaudio-torchvision]
 
 Both sides process the same 10-s 360p clips on one pinned CPU core:
@@ -104,6 +104,38 @@ def run_ours(paths: list[str]) -> dict:
           'wall_s': time.perf_counter() - wall}
 
 
+def stage_times(path: str, repeats: int = 5) -> dict[str, float]:
+  """Best-of-`repeats` CPU milliseconds of each stage of our path on one clip (the profile)."""
+  import av
+  from cav_mae_jax.data import decode
+  from cav_mae_jax.data import fbank
+  clip = decode.decode_clip(path)
+
+  def h264_only():  # The decoder alone, non-reference frames skipped, to the last wanted frame.
+    with av.open(path) as container:
+      stream = container.streams.video[0]
+      stream.codec_context.skip_frame = 'NONREF'
+      for frame in container.decode(stream):
+        if frame.pts is not None and frame.time >= clip.frame_indices[-1] / clip.fps:
+          break
+
+  stages = {'decode_clip (all of decoding)': lambda: decode.decode_clip(path),
+            '  video: decode_frames': lambda: decode.decode_frames(path),
+            '    the video decoder alone': h264_only,
+            '  audio: decode_audio': lambda: decode.decode_audio(path),
+            'fbank + pad': lambda: fbank.pad_or_trim(fbank.clip_fbank(clip.waveform)),
+            '10 x JPEG': lambda: [decode.encode_jpeg(f) for f in clip.frames]}
+  result = {}
+  for name, stage in stages.items():
+    times = []
+    for _ in range(repeats):
+      start = _cpu_seconds()
+      stage()
+      times.append(_cpu_seconds() - start)
+    result[name] = 1000 * min(times)
+  return result
+
+
 def run_original(paths: list[str], work_dir: str) -> dict:
   """Times the original's preprocessing steps (run under a Python with cv2 and torchaudio)."""
   import cv2
@@ -166,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--cpu', type=int, default=0, help='the CPU core both sides run on')
   parser.add_argument('--original-python',
                       help='python with cv2, torch, torchaudio, torchvision, soundfile')
+  parser.add_argument('--stages', action='store_true',
+                      help='also print the CPU ms of each of our stages on the first clip')
   parser.add_argument('--run-original', metavar='CLIP_DIR', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.source and not os.path.isfile(args.source):
@@ -192,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.move(path, clip_dir)
       paths = sorted(os.path.join(clip_dir, os.path.basename(p)) for p in paths)
     results = {'ours': run_ours(paths)}
+    stages = stage_times(paths[0]) if args.stages else {}
     missing = [tool for tool in ('ffmpeg', 'sox') if shutil.which(tool) is None]
     if not args.original_python:
       print('original: not measured (no --original-python with cv2/torchaudio/torchvision)')
@@ -214,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     speedup = (results['ours']['clips'] / results['ours']['cpu_s']) / (
         results['original']['clips'] / results['original']['cpu_s'])
     print(f'speedup per core (CPU time): {speedup:.2f}x')
+  if stages:
+    print('our stages on one clip, best of 5, CPU ms:')
+    for name, milliseconds in stages.items():
+      print(f'  {name:34s} {milliseconds:7.1f}')
   return 0
 
 
