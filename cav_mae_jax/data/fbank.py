@@ -113,16 +113,11 @@ def kaldi_fbank(waveform: np.ndarray,
         f'waveform has {waveform.shape[0]} samples, fewer than one {window_length}-sample '
         f'frame at {sample_rate} Hz')
   # float64 inside: closer to the exact Kaldi values than float32, and the result is float32.
-  # The steps write into one zero-padded FFT buffer (same values as padding at the end).
-  strided = _frames(np.ascontiguousarray(waveform, np.float64), window_length, window_shift)
-  padded = np.zeros((strided.shape[0], fft_length))
-  frames = padded[:, :window_length]
-  np.subtract(strided, strided.mean(axis=1, keepdims=True), out=frames)
-  # Pre-emphasis x[j] - 0.97 x[j - 1], with x[-1] = x[0]; the right side is evaluated first.
-  frames[:, 1:] -= PREEMPHASIS * frames[:, :-1]
-  frames[:, 0] -= PREEMPHASIS * frames[:, 0]
-  frames *= povey_window(window_length).astype(np.float64)
-  spectrum = np.fft.rfft(padded, axis=1)
+  frames = _frames(np.ascontiguousarray(waveform, np.float64), window_length, window_shift)
+  frames = frames - frames.mean(axis=1, keepdims=True)
+  previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+  frames = (frames - PREEMPHASIS * previous) * povey_window(window_length).astype(np.float64)
+  spectrum = np.fft.rfft(frames, n=fft_length, axis=1)
   power = spectrum.real**2 + spectrum.imag**2
   filters = mel_filterbank(num_mel_bins, fft_length, sample_rate).astype(np.float64)
   mel_energies = power @ filters.T
