@@ -13,6 +13,7 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -21,6 +22,10 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+
+# Flags this module defines for a tool (define_model_flags) belong to that tool, as if the tool
+# had defined them itself: absl lists them under the tool's own --helpshort.
+flags.disclaim_key_flags()
 
 # Errors that mean "bad input", not "bug": ValueError covers config checks, parse and shape
 # errors (ours subclass it); OSError covers missing, unreadable and existing paths.
@@ -55,6 +60,34 @@ def _resolve(value: str) -> str:
     if os.path.exists(candidate):
       return candidate + sep + arg
   return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+  """The flags that say which model a tool loads: --config, and --workdir [--step] or --params."""
+  config: flags.FlagHolder
+  workdir: flags.FlagHolder
+  step: flags.FlagHolder
+  params: flags.FlagHolder
+
+
+def define_model_flags(workdir_help: str = "Training workdir (its checkpoint --step)."
+                       ) -> ModelFlags:
+  """Defines the calling tool's --config (required), --workdir, --step and --params.
+
+  Exactly one of --workdir and --params must be given; the tool passes the values on to
+  `eval.features.load` or `train.evaluate.evaluate`, which resolve the checkpoint.
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  model_flags = ModelFlags(
+      config=config_flags.DEFINE_config_file("config", None, "Config file and arg.",
+                                             lock_config=True),
+      workdir=flags.DEFINE_string("workdir", None, workdir_help),
+      step=flags.DEFINE_integer("step", 0, "Checkpoint step of --workdir (0: the latest)."),
+      params=flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output)."))
+  flags.mark_flags_as_required(["config"])
+  flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
+  return model_flags
 
 
 def fail(message: str) -> None:

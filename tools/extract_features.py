@@ -22,15 +22,10 @@ message; default <out>.quarantine.jsonl) and left out; --strict stops at the fir
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
 
 from cav_mae_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its checkpoint --step).")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step of --workdir (0: the latest).")
-_PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output).")
+_MODEL = cli.define_model_flags()
 _VIDEOS = flags.DEFINE_string("videos", None, "Video directory, list file or JSON datafile.")
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _SUBSET = flags.DEFINE_string("subset", None, "With records: file of clip ids to keep.")
@@ -40,8 +35,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.dat
 _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
                                   "(default <out>.quarantine.jsonl).")
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be read.")
-flags.mark_flags_as_required(["config", "out"])
-flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
+flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["videos", "records"])
 
 
@@ -49,7 +43,7 @@ def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
+  config = _MODEL.config.value
   quarantine = None
   if _VIDEOS.value:
     quarantine = clips.Quarantine(_QUARANTINE.value or _OUT.value + ".quarantine.jsonl",
@@ -58,8 +52,8 @@ def main(argv: list[str]) -> None:
   batch_size = _BATCH_SIZE.value or config.data.batch_size
   batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",
                                   subset=subset, videos=_VIDEOS.value or "", on_error=quarantine)
-  loaded = features.load(config, workdir=_WORKDIR.value, step=_STEP.value,
-                         params_path=_PARAMS.value)
+  loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
+                         params_path=_MODEL.params.value)
   features.check_batch_size(batch_size, loaded.mesh)
   ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
   if jax.process_index() == 0:

@@ -14,15 +14,10 @@ mean and variance, and the picture says so.
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
 
 from cav_mae_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its checkpoint --step).")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step of --workdir (0: the latest).")
-_PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output).")
+_MODEL = cli.define_model_flags()
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _INDEX = flags.DEFINE_integer("index", None, "Position of the clip in the records (default 0).")
 _CLIP_ID = flags.DEFINE_string("clip_id", None, "Id of the clip in the records.")
@@ -30,21 +25,20 @@ _MASK_RATIO_A = flags.DEFINE_float("mask_ratio_a", 0.75, "Fraction of audio patc
 _MASK_RATIO_V = flags.DEFINE_float("mask_ratio_v", 0.75, "Fraction of image patches removed.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masks.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG file.")
-flags.mark_flags_as_required(["config", "out"])
-flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
+flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
 
 
 def main(argv: list[str]) -> None:
   del argv
   from cav_mae_jax.eval import features, inpaint  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
+  config = _MODEL.config.value
   for flag in (_MASK_RATIO_A, _MASK_RATIO_V):
     if not 0.0 <= flag.value < 1.0:
       raise ValueError(f"--{flag.name}={flag.value}: must be in [0, 1)")
   records = features.records_directory(config, _RECORDS.value or "")
-  loaded = features.load(config, workdir=_WORKDIR.value, step=_STEP.value,
-                         params_path=_PARAMS.value)
+  loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
+                         params_path=_MODEL.params.value)
   if loaded.task.finetune:
     raise ValueError(f"task {loaded.task.name!r}: inpainting needs the pretraining model's decoder")
   index = 0 if _INDEX.value is None and _CLIP_ID.value is None else _INDEX.value

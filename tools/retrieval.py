@@ -14,30 +14,23 @@ e.g. the paper's 5-per-class subsets; an id missing from the records is an error
 from __future__ import annotations
 
 from absl import flags
-from ml_collections import config_flags
 
 from cav_mae_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its checkpoint --step).")
-_STEP = flags.DEFINE_integer("step", 0, "Checkpoint step of --workdir (0: the latest).")
-_PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output).")
+_MODEL = cli.define_model_flags()
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _SUBSET = flags.DEFINE_string("subset", None, "File of clip ids to keep (text or JSON).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
-flags.mark_flags_as_required(["config"])
-flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
 
 
 def main(argv: list[str]) -> None:
   del argv
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
+  config = _MODEL.config.value
   records = features.records_directory(config, _RECORDS.value or "")
   subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
-  loaded = features.load(config, workdir=_WORKDIR.value, step=_STEP.value,
-                         params_path=_PARAMS.value)
+  loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
+                         params_path=_MODEL.params.value)
   batch_size = features.check_batch_size(_BATCH_SIZE.value or config.data.batch_size,
                                          loaded.mesh)
   result = features.retrieval(loaded, clips.record_batches(config, batch_size, directory=records,
