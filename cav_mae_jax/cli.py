@@ -90,10 +90,15 @@ def define_model_flags(workdir_help: str = "Training workdir (its checkpoint --s
   return model_flags
 
 
+def error_line(message: object) -> int:
+  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  return 2
+
+
 def fail(message: str) -> None:
   """Prints `error: <message>` as one line to stderr and exits 2."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(2)
+  sys.exit(error_line(message))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -31,7 +31,11 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _error(message: object) -> int:
-  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
+  """Prints `error: <message>` as one line to stderr; returns the exit status 2.
+
+  `cli.error_line`'s format; not imported from there because this file also runs under the
+  original's Python (`--run-original`), which has no absl.
+  """
   print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
   return 2
 

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from cav_mae_jax import cli
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
 from cav_mae_jax.data import splits
@@ -171,12 +172,6 @@ def format_report(report: dict[str, Any], class_names: list[str] | None, top: in
   return "\n".join(lines)
 
 
-def _error(message: object) -> int:
-  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  return 2
-
-
 def open_source(args: argparse.Namespace) -> tuple[splits.Split, str]:
   """The split the flags name and the default PNG folder for it."""
   if args.records:
@@ -190,7 +185,7 @@ def open_source(args: argparse.Namespace) -> tuple[splits.Split, str]:
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status (2 on bad input, with one line on stderr)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.error = lambda message: sys.exit(_error(message))
+  parser.error = lambda message: sys.exit(cli.error_line(message))
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--records", help="a records directory (tools/preprocess.py output)")
   source.add_argument("--tfds", help="a TFDS dataset built by the cav_mae_clips builder, "
@@ -209,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     split, default_png_dir = open_source(args)
     report = inspect(split, args.png_dir or default_png_dir, args.num_images, names)
   except OSError as e:
-    return _error(f"{e.filename}: {e.strerror or e}")
+    return cli.error_line(f"{e.filename}: {e.strerror or e}")
   except ValueError as e:  # not a records dir or TFDS split, sources.SourceError, wrong counts
-    return _error(e)
+    return cli.error_line(e)
   except tf.errors.OpError as e:  # A shard that cannot be read or parsed.
-    return _error(f"{args.records or args.tfds}: damaged records: {e.message}")
+    return cli.error_line(f"{args.records or args.tfds}: damaged records: {e.message}")
   print(format_report(report, names, args.top))
   return 0
 

@@ -16,19 +16,14 @@ import os
 import sys
 import time
 
+from cav_mae_jax import cli
 from cav_mae_jax.data import synthetic
-
-
-def _error(message: object) -> int:
-  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
-  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
-  return 2
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.error = lambda message: sys.exit(_error(message))
+  parser.error = lambda message: sys.exit(cli.error_line(message))
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--train', type=int, default=256, help='number of training clips')
   parser.add_argument('--eval', type=int, default=64, help='number of evaluation clips (0: none)')
@@ -42,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   for flag, value, minimum in (('--eval', args.eval, 0), ('--workers', args.workers, 1)):
     if value < minimum:
-      return _error(f'{flag} {value}: must be >= {minimum}')
+      return cli.error_line(f'{flag} {value}: must be >= {minimum}')
   splits = [('train', args.train)] + ([('eval', args.eval)] if args.eval > 0 else [])
   for split_name, num_clips in splits:
     start = time.time()
@@ -52,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
           duration_s=args.duration, fps=args.fps, width=args.width, height=args.height,
           split_name=split_name, num_workers=args.workers)
     except ValueError as e:
-      return _error(e)
+      return cli.error_line(e)
     except OSError as e:
-      return _error(f'--out {e.filename or args.out}: {e.strerror or e}')
+      return cli.error_line(f'--out {e.filename or args.out}: {e.strerror or e}')
     print(f'{split_name}: {num_clips} clips in {time.time() - start:.1f} s -> '
           f'{result["datafile"]}')
   print(f'labels: {os.path.join(args.out, "class_labels_indices.csv")}')

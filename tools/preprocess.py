@@ -28,20 +28,15 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from cav_mae_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cav_mae_jax.data import clips  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cav_mae_jax.data import prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _error(message: object) -> int:
-  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  return 2
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.error = lambda message: sys.exit(_error(message))
+  parser.error = lambda message: sys.exit(cli.error_line(message))
   parser.add_argument("--datafile", help="JSON datafile {'data': [{video_id, wav, "
                       "video_path, labels}]}")
   parser.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name)")
@@ -77,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except OSError as e:
-    return _error(f"{e.filename or args.out}: {e.strerror or e}")
+    return cli.error_line(f"{e.filename or args.out}: {e.strerror or e}")
   except ValueError as e:
-    return _error(e)
+    return cli.error_line(e)
   print(prepare.format_summary(summary))
   return 0
 
