@@ -91,3 +91,52 @@ def test_masking_is_jittable_and_vectorized():
   assert fn(jax.random.key(0)).shape == (32, L)
   with pytest.raises(ValueError, match="mask mode"):
     masking.mask_noise(jax.random.key(0), 2, GRID, 0.75, "checkerboard")
+
+
+def _plain_masking_and_restore(x, noise, keep, mask_token):
+  """The same masking and restore with autodiff's own gradient (a scatter-add)."""
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  kept = jnp.take_along_axis(x, ids_shuffle[:, :keep, None], axis=1)
+  filler = jnp.broadcast_to(mask_token.astype(x.dtype), (x.shape[0], x.shape[1] - keep, x.shape[2]))
+  full = jnp.concatenate([kept * 3.0, filler], axis=1)
+  return kept, jnp.take_along_axis(full, ids_restore[:, :, None], axis=1)
+
+
+def _ours(x, noise, keep, mask_token):
+  kept, _, ids_restore = masking.random_masking(x, noise, keep)
+  return kept, masking.restore_with_mask_tokens(kept * 3.0, mask_token, ids_restore)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("ratio", [0.0, 0.75, 0.9])
+def test_token_gradients_equal_autodiff_of_the_gathers_bit_for_bit(dtype, ratio):
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(keys[0], (3, L, 5)).astype(dtype)
+  token = jax.random.normal(keys[1], (1, 1, 5))
+  noise = masking.mask_noise(keys[2], 3, GRID, ratio, "unstructured")
+  keep = masking.num_kept(L, ratio)
+  weights = jax.random.normal(keys[3], (3, L, 5))
+
+  def loss(fn, x, token):
+    kept, full = fn(x, noise, keep, token)
+    return (jnp.sum(kept.astype(jnp.float32) * weights[:, :keep])
+            + jnp.sum(full.astype(jnp.float32) * weights))
+
+  ours = jax.jit(jax.grad(lambda x, t: loss(_ours, x, t), argnums=(0, 1)))(x, token)
+  plain = jax.jit(jax.grad(lambda x, t: loss(_plain_masking_and_restore, x, t),
+                           argnums=(0, 1)))(x, token)
+  for a, b in zip(ours, plain):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for a, b in zip(_ours(x, noise, keep, token), _plain_masking_and_restore(x, noise, keep, token)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_token_gradients_compile_without_scatter():
+  noise = masking.mask_noise(jax.random.key(4), 2, GRID, 0.75, "unstructured")
+  x = jnp.ones((2, L, 4))
+  grad = jax.jit(jax.grad(lambda x, t: jnp.sum(_ours(x, noise, 128, t)[1] ** 2), argnums=(0, 1)))
+  hlo = grad.lower(x, jnp.ones((1, 1, 4))).compile().as_text()
+  assert " gather(" in hlo
+  assert " scatter(" not in hlo
