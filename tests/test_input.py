@@ -353,6 +353,24 @@ def test_index_stats_are_the_training_index_for_every_split(record_dirs, caplog)
   assert (fixed.fbank_normalization.mean, fixed.fbank_normalization.std) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_an_evaluator_reading_another_directory_keeps_the_runs_normalization(record_dirs, split):
+  from cav_mae_jax.eval import common  # pylint: disable=g-import-not-at-top
+  config = make_config(record_dirs, fbank_stats="index", fbank_mean=None, fbank_std=None)
+  config.seed = 0
+  train = records.open_records_dir(record_dirs["train"])
+  other = records.open_records_dir(record_dirs["rare"])  # clips 0..19: mean 9.5
+  assert other.fbank_mean != train.fbank_mean
+  pipeline = common.records_batch_source(config)(split, record_dirs["rare"], 4)
+  normalization = pipeline.fbank_normalization
+  assert (normalization.mean, normalization.std) == (train.fbank_mean, train.fbank_std)
+  assert record_dirs["train"] in normalization.origin
+  # Rare clips in file order (shards 0,2,4.. | 1,3,..): each fbank is its constant clip id.
+  audio = next(pipeline)["audio"]
+  np.testing.assert_allclose(audio[:, 0, 0], (np.array([0, 2, 4, 6]) - train.fbank_mean) /
+                             train.fbank_std, rtol=1e-6)
+
+
 def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   with caplog.at_level("WARNING", logger=dataset.logger.name):
     dataset.check_data_sources(make_config(record_dirs))

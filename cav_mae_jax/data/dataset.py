@@ -501,14 +501,16 @@ def num_eval_batches(split_files: SplitFiles, host_batch: int) -> int:
 def make_dataset(config: Any, split: str, *, process_index: int, process_count: int,
                  seed: int = 0, training: bool | None = None, start_epoch: int = 0,
                  start_position: int = 0, start_batch: int = 0, batch_size: int | None = None,
-                 threads: int | None = None) -> tf.data.Dataset:
+                 threads: int | None = None,
+                 normalization: FbankNormalization | None = None) -> tf.data.Dataset:
   """This process's batches of `split` as a tf.data.Dataset of dicts (see the module doc).
 
   `training` defaults to `split == "train"`; `batch_size` (global) overrides
   config.data.batch_size, e.g. with config.eval.batch_size for evaluation. Training batches
   also carry `EPOCH_KEY` and `POSITION_KEY` [B] (where each clip sits in the stream, for
   `InputPipeline`'s state); the stream starts at clip `start_position` of epoch `start_epoch`,
-  numbering batches from `start_batch`.
+  numbering batches from `start_batch`. `normalization` (default: `fbank_normalization` of the
+  config) is the fbank mean and std, given by a caller that reads another directory as `split`.
   """
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training
@@ -520,7 +522,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
     raise ValueError(f"config.data.mixup_on='waveform' needs records with waveforms, but "
                      f"{source.description} was written without them (use 'fbank' or "
                      f"rewrite the records with waveforms)")
-  normalization = fbank_normalization(data_config)
+  normalization = normalization or fbank_normalization(data_config)
   parse = _parse_fn(data_config, training, source, with_waveform)
   batch_pp = augment.get_preprocess_fn(
       batch_preprocess_spec(data_config, training, normalization.mean, normalization.std))

@@ -74,7 +74,8 @@ class InputPipeline:
 
   def __init__(self, config: Any, split: str = "train", *, training: bool | None = None,
                process_index: int | None = None, process_count: int | None = None,
-               seed: int = 0, batch_size: int | None = None, threads: int | None = None):
+               seed: int = 0, batch_size: int | None = None, threads: int | None = None,
+               normalization: dataset.FbankNormalization | None = None):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       process_index = jax.process_index() if process_index is None else process_index
@@ -86,7 +87,7 @@ class InputPipeline:
     self.seed = seed
     self.threads = threads
     self.split_files = dataset.load_split(self.config, split, process_index, process_count)
-    self.fbank_normalization = dataset.fbank_normalization(self.config)
+    self.fbank_normalization = normalization or dataset.fbank_normalization(self.config)
     message = f"split {split!r}: {self.fbank_normalization.describe()}"
     if process_index == 0 and message not in _logged:
       _logged.add(message)
@@ -115,7 +116,7 @@ class InputPipeline:
         self.config, self.split, process_index=self.process_index,
         process_count=self.process_count, seed=self.seed, training=self.training,
         start_epoch=self._epoch, start_position=self._position, start_batch=self._batches,
-        batch_size=self.batch_size, threads=self.threads)
+        batch_size=self.batch_size, threads=self.threads, normalization=self.fbank_normalization)
     return batches.as_numpy_iterator()
 
   def __iter__(self) -> InputPipeline:

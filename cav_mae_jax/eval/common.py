@@ -9,7 +9,9 @@ Fields of an entry (each type adds its own, listed in its `FIELDS`):
   type: str          the evaluator type (a module of this package)
   split: str         'train' or 'eval': the split's clips (config.data.<split>_dir, else its
                      TFDS split, see cav_mae_jax/data/dataset.py)
-  dir: str           records directory to read instead of the split's ('' = the split's)
+  dir: str           records directory to read instead of the split's ('' = the split's); its
+                     fbanks are normalized as the run's are (with fbank_stats='index', by the
+                     training split's statistics, not by the directory's own)
   every_steps: int   run every that many training steps (0 = off; every evaluator also runs
                      at the end of training)
   every_epochs: float  run every that many epochs (0 = off), e.g. 1.0 at every epoch end
@@ -108,14 +110,16 @@ def records_batch_source(config: ml_collections.ConfigDict) -> BatchSource:
   def batches(split: str, directory: str, batch_size: int,
               **data_overrides: Any) -> Iterable[HostBatch]:
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-    data_config = config
+    from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+    data_config, normalization = config, None
     if directory or data_overrides:
       data_config = config.copy_and_resolve_references()
       data_config.data.update(data_overrides)
-      if directory:
+      if directory:  # the clips are another directory's; the normalization stays the run's
+        normalization = dataset.fbank_normalization(data_config)
         data_config.data[f"{split}_dir"] = directory
     return input_lib.InputPipeline(data_config, split, training=False, seed=config.seed,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, normalization=normalization)
 
   return batches
 
