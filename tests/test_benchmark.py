@@ -49,3 +49,14 @@ def test_recomputed_work_leaves_the_band():
   assert full["xla_over_model_flops"] > FLOPS_BAND[1], full
   assert plain["xla_over_model_flops"] < dots["xla_over_model_flops"] < full[
       "xla_over_model_flops"], (plain, dots, full)
+
+
+def test_compiled_step_donates_the_state_and_moves_tokens_without_scatter():
+  """Every state buffer is donated (updated in place), and the masking's token gathers have
+  gathers as their gradient: the one scatter left is the contrast diagonal's ([G, g, g])."""
+  setup = benchmark.setup_train_step(_tiny_config(), 8, jax.devices()[:1])
+  hlo = setup.compile().as_text()
+  header = hlo.splitlines()[0]
+  assert header.count("-alias)") == len(jax.tree.leaves(setup.abstract_state)) > 100
+  scatters = [line for line in hlo.splitlines() if " scatter(" in line]
+  assert len(scatters) <= 1 and all("diagonal" in line for line in scatters), scatters
