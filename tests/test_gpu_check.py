@@ -39,6 +39,13 @@ def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
   assert outcomes[("jax bf16 xla remat dots_with_no_batch_dims_saveable", 8)]["status"] == "ok"
   assert outcomes[("torch autocast", 8)]["result"]["torch/samples_per_s"] > 0
   assert outcomes[("jax bf16 cudnn", 8)]["status"] == "skipped"  # needs a GPU
+  # The default step at the largest batch also says where its time went.
+  profiled = jax_row["jax/profile"]
+  assert profiled["busy_ms_per_step"] > 0 and profiled["categories"]["matmul"] > 0
+  assert {"forward", "backward"} <= set(profiled["phases"])
+  assert "## Where the time goes: jax bf16 xla, batch 8" in (out / "gpu_check.md").read_text()
+  assert not any("jax/profile" in o["result"] for (name, _), o in outcomes.items()
+                 if name != "jax bf16 xla")
 
 
 def test_full_plan_measures_the_paper_batches_first():

@@ -1,4 +1,4 @@
 """CAV-MAE pretraining: mesh and shardings (`mesh`), optimizer and schedules (`optim`), train
 state and jit steps (`step`), checkpoints and preemption (`checkpoint`), metric writers and
-progress (`metrics`), FLOP counts (`flops`), config checks (`validation`), in-memory input
+progress (`metrics`), FLOP counts (`flops`), device-time profiles (`profile`), config checks (`validation`), in-memory input
 (`array_input`) and the sectioned loop (`trainer.train_and_evaluate`)."""

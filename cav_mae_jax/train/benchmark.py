@@ -34,8 +34,12 @@ from cav_mae_jax.train import device_augment
 from cav_mae_jax.train import flops
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
+from cav_mae_jax.train import profile
 from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
+
+
+PROFILE_STEPS = 3  # steps traced by benchmark_train_step(profile_dir=...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +116,12 @@ def compiled_step_cost(config: ml_collections.ConfigDict, batch_size: int) -> di
 
 
 def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
-                         warmup: int) -> dict[str, float]:
-  """Times the sharded jit train step of `config.task` on random in-memory batches."""
+                         warmup: int, profile_dir: str | None = None) -> dict[str, Any]:
+  """Times the sharded jit train step of `config.task` on random in-memory batches.
+
+  With `profile_dir`, then traces `PROFILE_STEPS` more steps there and adds where their device
+  time went (`train/profile.py`) as `jax/profile`.
+  """
   setup = setup_train_step(config, batch_size)
   model_config, mesh = setup.task.model_config, setup.mesh
   compile_start = time.perf_counter()
@@ -148,6 +156,13 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   mfu = flops.mfu(samples_per_s, setup.task.step_flops, device.device_kind, mesh.size)
   if mfu is not None:
     result["jax/mfu"] = mfu
+  if profile_dir is not None:
+    def run() -> None:
+      nonlocal state, metrics
+      state, metrics = compiled(state, batch, rng)
+      jax.block_until_ready((state, metrics))
+    trace, wall_s = profile.trace_steps(run, PROFILE_STEPS, profile_dir)
+    result["jax/profile"] = profile.summarize(trace, compiled.as_text(), PROFILE_STEPS, wall_s)
   print(f"device: {mesh.size} x {device.device_kind}; batch {batch_size}; "
         f"dtype {model_config.dtype}; mesh {dict(mesh.shape)}")
   return result

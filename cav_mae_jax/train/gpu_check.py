@@ -11,7 +11,9 @@
      the same batches and the JAX/torch ratio; cuDNN attention (`config.model.attention_impl`)
      and rematerialization (`config.model.remat`) against the default, at the largest batch
      first, then cuDNN at the other batches, then remat keeping the matmul outputs without
-     batch dimensions (`config.model.remat_policy`).
+     batch dimensions (`config.model.remat_policy`). The default step at the largest batch also
+     traces a few steps with the profiler: where its device time goes, by op category, phase
+     and model scope (`train/profile.py`), printed under the table.
 Results print as a markdown table and, with `--out` (the shell passes $OUT when set), are also
 written to gpu_check.md and gpu_check.json there. `--tiny` runs the same sequence with the tiny
 model on short inputs, on any backend, in about a minute: the test suite runs it so that the GPU
@@ -33,8 +35,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
+
+from cav_mae_jax.train import profile
 
 RESULT_PREFIX = "GPU_CHECK_RESULT "
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,6 +75,7 @@ class Row:
   attention: str = "xla"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  profile: bool = False  # also trace a few steps: where the device time goes
 
   @property
   def name(self) -> str:
@@ -83,7 +89,8 @@ def planned_rows(plan: Plan) -> list[Row]:
   """The rows in the order they run: the main comparison first, then the model options."""
   pairs = list(zip(plan.batches, plan.groups))
   largest = pairs[-1]
-  rows = [Row("jax", b, g) for b, g in pairs] + [Row("torch", b, g) for b, g in pairs]
+  rows = [Row("jax", b, g, profile=(b, g) == largest) for b, g in pairs]
+  rows += [Row("torch", b, g) for b, g in pairs]
   rows += [Row("jax", *largest, attention="cudnn"), Row("jax", *largest, remat=True)]
   rows += [Row("jax", b, g, attention="cudnn") for b, g in pairs[:-1]]
   rows.append(Row("jax", *largest, attention="cudnn", remat=True))
@@ -115,7 +122,9 @@ def run_row(preset: str, row: Row, steps: int, warmup: int) -> dict[str, Any]:
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   config = _model_config(preset, row)
   if row.framework == "jax":
-    return benchmark.benchmark_train_step(config, row.batch, steps, warmup)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_trace_") as trace_dir:
+      return benchmark.benchmark_train_step(config, row.batch, steps, warmup,
+                                            profile_dir=trace_dir if row.profile else None)
   return benchmark.benchmark_torch(config, row.batch, steps, warmup)
 
 
@@ -272,6 +281,10 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
                "peak GiB: the process's peak device memory; XLA GFLOP/sample: XLA's cost analysis "
                "of the compiled step (custom calls such as cuDNN attention count nothing); "
                "JAX/torch: samples/s ratio at the same batch.")
+  for row, outcome in rows:
+    if "jax/profile" in outcome.result:
+      lines += ["", f"## Where the time goes: {row.name}, batch {row.batch}", "",
+                profile.markdown(outcome.result["jax/profile"])]
   return "\n".join(lines)
 
 

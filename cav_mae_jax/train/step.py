@@ -90,15 +90,19 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   """
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    # The named scopes only label the compiled ops (profiles: train/profile.py).
     rng = jax.random.fold_in(rng, state.step)
     if device_augment is not None:
-      batch, rng = device_augment(batch, rng)
+      with jax.named_scope("device_augment"):
+        batch, rng = device_augment(batch, rng)
     grads, metrics = jax.grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
-    metrics["grad_norm"] = optim.trainable_global_norm(grads, task.trainable)
-    metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    with jax.named_scope("metrics"):
+      metrics["grad_norm"] = optim.trainable_global_norm(grads, task.trainable)
+      metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated = mesh_lib.replicated(mesh)
