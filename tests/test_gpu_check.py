@@ -29,6 +29,7 @@ def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
   report = json.loads((out / "gpu_check.json").read_text())
   assert report["parity"]["result"]["passed"]
   assert report["parity"]["result"]["max_abs_diff_float32"] < 1e-4
+  assert "cuDNN attention parity: skipped: needs a GPU" in (out / "gpu_check.md").read_text()
   outcomes = {(r["name"], r["row"]["batch"]): r["outcome"] for r in report["rows"]}
   assert len(outcomes) == len(gpu_check.planned_rows(gpu_check.TINY))
   for name in ("jax bf16 xla", "torch autocast", "jax bf16 xla remat"):

@@ -484,18 +484,8 @@ def exact_float32() -> None:
   torch.backends.cudnn.allow_tf32 = False
 
 
-def compare_base(batch: int = 2, seed: int = 0, constant_tail: bool = True, device: str = "cpu",
-                 preset: str = "base") -> dict[str, tuple[float, float]]:
-  """{output: (max abs diff, max abs reference value)} for the base configs (original init).
-
-  The torch reference runs on `device`, JAX on its default device. Entries under `BF16_PREFIX`
-  compare the JAX bfloat16 model's losses with the float32 reference. `preset='tiny'` runs the
-  tiny model with short inputs instead (seconds, to check the machinery).
-  """
-  def diffs_and_scales(flax_out, torch_out, prefix):
-    diffs = max_abs_diffs(flax_out, torch_out)
-    return {f"{prefix}/{k}": (d, float(torch_out[k].abs().max())) for k, d in diffs.items()}
-
+def _pretrain_case(batch: int, seed: int, constant_tail: bool, device: str, preset: str):
+  """(config, flax params, inputs, noise, reference outputs) of the pretraining comparison."""
   if preset == "tiny":
     cfg = tiny_config()
   else:
@@ -506,16 +496,39 @@ def compare_base(batch: int = 2, seed: int = 0, constant_tail: bool = True, devi
   reference.to(device)
   audio, image = make_inputs(cfg, batch, seed, constant_tail)
   noise = make_noise(cfg, batch, seed)
-  flax_out = flax_pretrain_fn(cfg)(params, audio, image, *noise)
   torch_out = torch_pretrain_outputs(reference, cfg, audio, image, *noise)
-  results = diffs_and_scales(flax_out, torch_out, "pretrain")
-  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  return cfg, params, (audio, image, *noise), torch_out
+
+
+def _diffs_and_scales(flax_out, torch_out, prefix):
+  diffs = max_abs_diffs(flax_out, torch_out)
+  return {f"{prefix}/{k}": (d, float(torch_out[k].abs().max())) for k, d in diffs.items()}
+
+
+def _bf16_losses(cfg, params, inputs, torch_out, attention_impl: str, prefix: str):
+  """The JAX bfloat16 model's losses (with `attention_impl`) against the float32 reference's."""
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16", attention_impl=attention_impl)
   bf16_fn = jax.jit(lambda p, a, v, na, nv: models.CAVMAE(bf16).apply(
       {"params": p}, a, v, noise_a=na, noise_v=nv))
-  bf16_out = jax.device_get(bf16_fn(params, audio, image, *noise))
-  results.update(diffs_and_scales({k: bf16_out[k] for k in BF16_LOSSES},
-                                  {k: torch_out[k] for k in BF16_LOSSES}, BF16_PREFIX.rstrip("/")))
-  del reference, params, flax_out, torch_out
+  bf16_out = jax.device_get(bf16_fn(params, *inputs))
+  return _diffs_and_scales({k: bf16_out[k] for k in BF16_LOSSES},
+                           {k: torch_out[k] for k in BF16_LOSSES}, prefix.rstrip("/"))
+
+
+def compare_base(batch: int = 2, seed: int = 0, constant_tail: bool = True, device: str = "cpu",
+                 preset: str = "base") -> dict[str, tuple[float, float]]:
+  """{output: (max abs diff, max abs reference value)} for the base configs (original init).
+
+  The torch reference runs on `device`, JAX on its default device. Entries under `BF16_PREFIX`
+  compare the JAX bfloat16 model's losses with the float32 reference. `preset='tiny'` runs the
+  tiny model with short inputs instead (seconds, to check the machinery).
+  """
+  cfg, params, inputs, torch_out = _pretrain_case(batch, seed, constant_tail, device, preset)
+  flax_out = flax_pretrain_fn(cfg)(params, *inputs)
+  results = _diffs_and_scales(flax_out, torch_out, "pretrain")
+  results.update(_bf16_losses(cfg, params, inputs, torch_out, "xla", BF16_PREFIX))
+  audio, image = inputs[:2]
+  del params, flax_out, torch_out
 
   ft_cfg = dataclasses.replace(cfg, trainable_pos_embed=True)
   torch.manual_seed(seed + 1)
@@ -523,21 +536,45 @@ def compare_base(batch: int = 2, seed: int = 0, constant_tail: bool = True, devi
   params = flax_params(reference, ft_cfg, finetune=True)
   reference.to(device)
   flax_out = flax_finetune_fn(ft_cfg)(params, audio, image)
-  results.update(diffs_and_scales(flax_out, torch_finetune_outputs(reference, audio, image), "finetune"))
+  results.update(_diffs_and_scales(flax_out, torch_finetune_outputs(reference, audio, image),
+                                   "finetune"))
   return results
+
+
+def compare_bf16_attention(attention_impl: str, batch: int = 2, seed: int = 0,
+                           constant_tail: bool = True, device: str = "cpu",
+                           preset: str = "base") -> dict[str, tuple[float, float]]:
+  """compare_base's bfloat16 loss entries with another attention (e.g. 'cudnn', on a GPU).
+
+  Keys start with `pretrain-bf16-<impl>/`; `base_failures` holds them to
+  the bfloat16 relative tolerance.
+  """
+  cfg, params, inputs, torch_out = _pretrain_case(batch, seed, constant_tail, device, preset)
+  return _bf16_losses(cfg, params, inputs, torch_out, attention_impl,
+                      f"{BF16_PREFIX.rstrip('/')}-{attention_impl}/")
 
 
 def base_failures(results: dict[str, tuple[float, float]], tolerance: float = TOLERANCE) -> dict[str, float]:
   """compare_base's outputs out of tolerance: float32 by max abs diff, bfloat16 losses by relative diff."""
   failures = {}
   for name, (diff, scale) in results.items():
-    if name.startswith(BF16_PREFIX):
+    if name.startswith(BF16_PREFIX.rstrip("/")):  # pretrain-bf16/ and pretrain-bf16-<impl>/
       relative = diff / max(scale, 1e-12)
       if not relative <= BF16_RELATIVE_TOLERANCE:
         failures[name] = relative
     elif not diff <= tolerance:
       failures[name] = diff
   return failures
+
+
+def test_bf16_comparison_of_another_attention_uses_the_same_case():
+  """The machinery gpu_check runs with cuDNN attention on a GPU, here with XLA's on the CPU."""
+  base = compare_base(preset="tiny")
+  other = compare_bf16_attention("xla", preset="tiny")
+  assert {k.replace("pretrain-bf16-xla/", BF16_PREFIX): v for k, v in other.items()} == {
+      k: v for k, v in base.items() if k.startswith(BF16_PREFIX)}
+  assert not base_failures(other)
+  assert base_failures({"pretrain-bf16-cudnn/loss": (0.5, 1.0)}) == {"pretrain-bf16-cudnn/loss": 0.5}
 
 
 def main(argv: list[str]) -> int:

@@ -4,7 +4,9 @@
   1. the environment (backend, device, versions);
   2. base parity on the device: the float32 JAX model against the float32 PyTorch reference on
      the same device (max abs diff of every output within 1e-4), and the bfloat16 JAX losses
-     within 1e-2 relative of the reference (`tests/test_parity.py`'s `compare_base`);
+     within 1e-2 relative of the reference (`tests/test_parity.py`'s `compare_base`), with XLA's
+     attention and, on a GPU, with cuDNN's (`compare_bf16_attention`; an attention the GPU
+     rejects is reported, not fatal);
   3. the base pretraining train step in bfloat16 at the paper's batches 48, 120 and 256 with
      their contrast groups 12, 30 and 64: samples/s, step time, MFU, peak memory and XLA's FLOPs
      per sample; the PyTorch reference (fp16 autocast + GradScaler, as the original trains) at
@@ -151,14 +153,24 @@ def run_parity(preset: str) -> dict[str, Any]:
   parity.exact_float32()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   results = parity.compare_base(device=device, preset=preset)
+  cudnn: dict[str, Any] = {"status": "skipped: needs a GPU"}
+  if device == "cuda":  # cuDNN attention computes in bfloat16: its losses against the reference
+    try:
+      cudnn_results = parity.compare_bf16_attention("cudnn", device=device, preset=preset)
+      results.update(cudnn_results)
+      cudnn = {"status": "ok", "max_relative_diff_bf16_losses": max(
+          d / max(s, 1e-12) for d, s in cudnn_results.values())}
+    except Exception as e:  # pylint: disable=broad-except
+      cudnn = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   failures = parity.base_failures(results, FLOAT32_TOLERANCE)
-  float32 = {k: d for k, (d, _) in results.items() if not k.startswith(parity.BF16_PREFIX)}
+  float32 = {k: d for k, (d, _) in results.items() if not k.startswith(parity.BF16_PREFIX)
+             and not k.startswith("pretrain-bf16-")}
   bf16 = {k: d / max(s, 1e-12) for k, (d, s) in results.items()
           if k.startswith(parity.BF16_PREFIX)}
   return {"torch_device": device, "max_abs_diff_float32": max(float32.values()),
           "worst_float32": max(float32, key=float32.get),
           "max_relative_diff_bf16_losses": max(bf16.values()), "bf16_relative": bf16,
-          "float32_tolerance": FLOAT32_TOLERANCE,
+          "cudnn_attention": cudnn, "float32_tolerance": FLOAT32_TOLERANCE,
           "bf16_relative_tolerance": parity.BF16_RELATIVE_TOLERANCE,
           "passed": not failures, "failures": failures, "results": results}
 
@@ -267,6 +279,12 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
         f"{p['float32_tolerance']:g}), bf16 losses max relative diff "
         f"{p['max_relative_diff_bf16_losses']:.2e} (tolerance {p['bf16_relative_tolerance']:g}): "
         f"{'PASSED' if p['passed'] else 'FAILED ' + json.dumps(p['failures'])}")
+    cudnn = p.get("cudnn_attention", {})
+    if cudnn.get("status") == "ok":
+      lines.append(f"cuDNN attention, bf16 losses max relative diff "
+                   f"{cudnn['max_relative_diff_bf16_losses']:.2e} (same tolerance)")
+    elif cudnn:
+      lines.append(f"cuDNN attention parity: {cudnn['status']}")
   else:
     lines.append(f"parity: {parity.status}: {parity.detail}")
   lines += ["", "| " + " | ".join(TABLE_HEADER) + " |",
