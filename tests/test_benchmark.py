@@ -60,3 +60,21 @@ def test_compiled_step_donates_the_state_and_moves_tokens_without_scatter():
   assert header.count("-alias)") == len(jax.tree.leaves(setup.abstract_state)) > 100
   scatters = [line for line in hlo.splitlines() if " scatter(" in line]
   assert len(scatters) <= 1 and all("diagonal" in line for line in scatters), scatters
+
+
+def test_benchmark_tool_profiles_the_step(tmp_path):
+  """`tools/benchmark.py --profile DIR`: the trace lands in DIR and the tables are printed."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, os.path.join(root, "tools", "benchmark.py"),
+       "--config=configs/pretrain.py:tiny", "--batch_size=8", "--steps=1", "--warmup=1",
+       "--config.model.audio_length=256", "--config.model.image_size=64",
+       f"--profile={tmp_path / 'trace'}"],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "| category | ms/step | share |" in done.stdout and "| backward |" in done.stdout
+  assert list((tmp_path / "trace").glob("**/perfetto_trace.json.gz"))

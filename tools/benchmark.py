@@ -3,13 +3,17 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
   python tools/benchmark.py --config configs/pretrain.py:base            # JAX train step
   python tools/benchmark.py --config configs/pretrain.py:base --compare-torch
   python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 12
+  python tools/benchmark.py --config configs/pretrain.py:base --profile /tmp/trace
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
       --config.data.train_dir=/data/records/train [--samples 2000]
 
 The train-step benchmark reports samples/s, step time, peak device memory and MFU after warm-up
 steps (`cav_mae_jax/train/benchmark.py`); `--compare-torch` also times the PyTorch reference of
 the original trained as the original (fp16 autocast + GradScaler on CUDA) and prints the ratio.
-`--cost-analysis` only compiles the step for one device (no parameters are materialized; a CPU
+`--profile DIR` then traces a few more steps into DIR (a Perfetto trace, which ui.perfetto.dev
+opens) and prints where their device time went: by op category (matmul, attention, elementwise,
+gather, ...), by phase (forward, backward, optimizer and the rest) and by model scope
+(`cav_mae_jax/train/profile.py`). `--cost-analysis` only compiles the step for one device (no parameters are materialized; a CPU
 is enough) and prints XLA's FLOPs per sample against the analytic model FLOPs.
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
@@ -40,6 +44,8 @@ _COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Also time the torch 
 _COST_ANALYSIS = flags.DEFINE_bool("cost-analysis", False,
                                    "Print XLA's FLOPs of the compiled step vs the model FLOPs.")
 _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipeline.")
+_PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into this folder and "
+                               "print where their device time went.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -85,13 +91,19 @@ def main(argv: list[str]) -> None:
           f"(x{results['xla_over_model_flops']:.3f})")
     return
   steps = _STEPS.value or 20
-  results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value)
+  results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value,
+                                           profile_dir=_PROFILE.value)
+  summary = results.pop("jax/profile", None)
   if _COMPARE_TORCH.value:
     results.update(benchmark.benchmark_torch(config, batch_size, steps, _WARMUP.value))
     results["jax_over_torch_samples_per_s"] = (results["jax/samples_per_s"] /
                                                results["torch/samples_per_s"])
   for key, value in results.items():
     print(f"{key:34s} {value:.4g}")
+  if summary is not None:
+    from cav_mae_jax.train import profile  # pylint: disable=g-import-not-at-top
+    print(f"\nwhere the device time of {summary['steps']} traced steps went (trace in "
+          f"{_PROFILE.value}):\n{profile.markdown(summary)}")
 
 
 if __name__ == "__main__":
