@@ -79,11 +79,14 @@ def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypa
     result = {key: 100.0 if row["framework"] == "jax" else 40.0, f"{row['framework']}/step_time_s": 0.5}
     if row["framework"] == "jax":
       result.update({"jax/compile_s": 30.0, "jax/mfu": 0.4, "xla_gflop_per_sample_step": 238.7})
+      if row["profile"]:  # the profiler failed; the row's timing stands
+        result["jax/profile_error"] = "RuntimeError: no CUPTI"
     return gpu_check.Outcome("ok", result)
 
   monkeypatch.setattr(gpu_check, "run_subprocess", fake_subprocess)
   assert gpu_check.run_check(gpu_check.TINY, str(tmp_path)) == 1
   report = (tmp_path / "gpu_check.md").read_text()
   assert "error: RuntimeError: cuDNN rejected it" in report
+  assert "profile of jax bf16 xla, batch 8: RuntimeError: no CUPTI" in report
   assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | 238.7 | 2.50 |" in report
   assert "2 row(s) failed: jax bf16 cudnn, jax bf16 cudnn remat" in capsys.readouterr().out

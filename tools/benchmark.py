@@ -94,6 +94,7 @@ def main(argv: list[str]) -> None:
   results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value,
                                            profile_dir=_PROFILE.value)
   summary = results.pop("jax/profile", None)
+  profile_error = results.pop("jax/profile_error", None)
   if _COMPARE_TORCH.value:
     results.update(benchmark.benchmark_torch(config, batch_size, steps, _WARMUP.value))
     results["jax_over_torch_samples_per_s"] = (results["jax/samples_per_s"] /
@@ -104,6 +105,8 @@ def main(argv: list[str]) -> None:
     from cav_mae_jax.train import profile  # pylint: disable=g-import-not-at-top
     print(f"\nwhere the device time of {summary['steps']} traced steps went (trace in "
           f"{_PROFILE.value}):\n{profile.markdown(summary)}")
+  if profile_error is not None:
+    cli.fail(f"--profile={_PROFILE.value}: no profile ({profile_error})")
 
 
 if __name__ == "__main__":

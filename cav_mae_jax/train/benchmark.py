@@ -120,7 +120,7 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   """Times the sharded jit train step of `config.task` on random in-memory batches.
 
   With `profile_dir`, then traces `PROFILE_STEPS` more steps there and adds where their device
-  time went (`train/profile.py`) as `jax/profile`.
+  time went (`train/profile.py`) as `jax/profile`, or why not as `jax/profile_error`.
   """
   setup = setup_train_step(config, batch_size)
   model_config, mesh = setup.task.model_config, setup.mesh
@@ -161,8 +161,11 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
       nonlocal state, metrics
       state, metrics = compiled(state, batch, rng)
       jax.block_until_ready((state, metrics))
-    trace, wall_s = profile.trace_steps(run, PROFILE_STEPS, profile_dir)
-    result["jax/profile"] = profile.summarize(trace, compiled.as_text(), PROFILE_STEPS, wall_s)
+    try:  # the timing above stands even where the profiler fails
+      trace, wall_s = profile.trace_steps(run, PROFILE_STEPS, profile_dir)
+      result["jax/profile"] = profile.summarize(trace, compiled.as_text(), PROFILE_STEPS, wall_s)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+      result["jax/profile_error"] = f"{type(e).__name__}: {e}"
   print(f"device: {mesh.size} x {device.device_kind}; batch {batch_size}; "
         f"dtype {model_config.dtype}; mesh {dict(mesh.shape)}")
   return result

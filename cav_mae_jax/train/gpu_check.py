@@ -303,6 +303,9 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
     if "jax/profile" in outcome.result:
       lines += ["", f"## Where the time goes: {row.name}, batch {row.batch}", "",
                 profile.markdown(outcome.result["jax/profile"])]
+    elif "jax/profile_error" in outcome.result:
+      lines += ["", f"profile of {row.name}, batch {row.batch}: "
+                f"{outcome.result['jax/profile_error']}"]
   return "\n".join(lines)
 
 
