@@ -496,6 +496,72 @@ def test_single_stream_files_still_decode_their_stream(media):
   assert _numbers(frames) == indices.tolist()
 
 
+def _add_cover_art(source, path):
+  """Copies an MP4's streams into `path` and adds a PNG cover picture (attached_pic)."""
+  cover = io.BytesIO()
+  Image.new('RGB', (64, 48), (200, 30, 30)).save(cover, format='PNG')
+  with av.open(source) as reader, av.open(path, 'w', format='mp4') as writer:
+    copies = {stream.index: writer.add_stream_from_template(stream) for stream in reader.streams}
+    picture = writer.add_stream('png')
+    picture.width, picture.height, picture.pix_fmt = 64, 48, 'rgb24'
+    picture.disposition = av.stream.Disposition.attached_pic
+    packet = av.Packet(cover.getvalue())
+    packet.stream, packet.pts, packet.dts = picture, 0, 0
+    writer.mux(packet)
+    for packet in reader.demux():
+      if packet.dts is not None:
+        packet.stream = copies[packet.stream.index]
+        writer.mux(packet)
+
+
+def test_cover_art_is_not_the_clips_video(media, tmp_path):
+  # An .m4a/.mp3 with artwork has a one-picture 'video' stream marked attached_pic: that is not
+  # a video (it used to be taken as one, at 90000 fps, and fail as too_few_frames).
+  music = str(tmp_path / 'music_with_cover.mp4')
+  _add_cover_art(media['audio_only.mp4'], music)
+  with av.open(music) as container:
+    assert [s.type for s in container.streams] == ['audio', 'video']
+    assert container.streams.video[0].disposition & av.stream.Disposition.attached_pic
+  for function in ('decode_clip', 'decode_frames'):
+    with pytest.raises(decode.DecodeError) as info:
+      getattr(decode, function)(music)
+    assert info.value.reason == 'no_video_stream', str(info.value)
+    assert 'cover picture' in info.value.detail
+  waveform, _ = decode.decode_audio(music)  # The audio is still there.
+  assert abs(waveform.shape[0] - 32000) <= 1100
+  # A video with an embedded thumbnail (yt-dlp --embed-thumbnail) gives the video's frames.
+  video = str(tmp_path / 'video_with_cover.mp4')
+  _add_cover_art(media['one_second.mp4'], video)
+  frames, indices, fps, frame_count = decode.decode_frames(video)
+  assert (fps, frame_count) == (10.0, 10) and _numbers(frames) == indices.tolist()
+
+
+def test_an_mp4_whose_index_is_cut_midway_is_unreadable(media, tmp_path):
+  # Cut inside the moov atom, FFmpeg opens the file with no streams or an unidentified 'data'
+  # one: a damaged file, not a clip without audio (it used to be no_audio_stream).
+  data = open(media['numbered_12.5fps.mp4'], 'rb').read()
+  moov = data.rfind(b'moov')
+  for cut in (8, 200):
+    path = str(tmp_path / f'moov_cut_{cut}.mp4')
+    with open(path, 'wb') as f:
+      f.write(data[:moov + cut])
+    with av.open(path) as container:
+      assert not container.streams.audio and not container.streams.video
+    for function in ('decode_clip', 'decode_audio', 'decode_frames'):
+      with pytest.raises(decode.DecodeError) as info:
+        getattr(decode, function)(path)
+      assert info.value.reason == 'unreadable_container', (cut, str(info.value))
+      assert 'no audio or video stream' in info.value.detail
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+  folder = tmp_path / 'clip.mp4'
+  folder.mkdir()
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_clip(folder)
+  assert (info.value.reason, info.value.detail) == ('missing_file', 'a directory, not a file')
+
+
 def test_audio_shorter_than_one_fbank_window_is_an_error(tmp_path):
   short = str(tmp_path / 'short.mp4')
   synthetic.write_mp4(short, synthetic.numbered_frames(3), 10, _stereo(0.01))

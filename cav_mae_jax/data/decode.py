@@ -1,16 +1,22 @@
 """Decodes a video file into what CAV-MAE stores for a clip: 16 kHz audio and 10 frames.
 
 Audio (as the original's `ffmpeg -i F -vn -ar 16000 out.wav` then `sox out.wav ... remix 1`):
-the first audio stream is decoded with PyAV and its FIRST channel (not a downmix) is resampled
-by libswresample to signed 16-bit at 16 kHz. libswresample treats channels independently, so
+the audio stream FFmpeg ranks best (`av_find_best_stream`: the one marked default, when a file
+has several; the ffmpeg command line prefers it too, but among several streams none of which is
+default it takes the one with the most channels, which may be another) is decoded with PyAV
+and its FIRST channel (not a downmix) is resampled by libswresample to signed 16-bit at 16 kHz. libswresample treats channels independently, so
 this is bit-identical to channel 0 of ffmpeg's multi-channel output (the ffmpeg CLI build may
-decode AAC ~1e-7 differently, which flips an occasional sample by 1 LSB). Audio longer than
+decode AAC ~1e-7 differently, which flips an occasional sample by 1 LSB; for audio that decodes
+to 16-bit integers (PCM, A-law, fixed-point MP2) an ffmpeg 5.1 command line resamples through
+16-bit integers and differs by up to 4 LSB). Audio longer than
 `max_seconds` is cut; shorter audio is returned as it is (padding happens in fbank space). An
 all-zero (silent) track is valid audio. The original keeps the whole track and cuts the fbank
 to 1024 frames, which see the first `ORIGINAL_AUDIO_SECONDS` (10.255 s); pass that as
 `max_seconds` to reproduce its fbank exactly for clips longer than 10 s.
 
-Frames (as the original's `extract_video_frame.py`): with `fps` and `frame_count` as OpenCV
+Frames (as the original's `extract_video_frame.py`), from the video stream FFmpeg ranks best
+(the default one; OpenCV takes the first, the same stream in ordinary files), never a cover
+picture (attached_pic): with `fps` and `frame_count` as OpenCV
 reports them (the stream's average frame rate; the container's frame count, else
 round(duration * fps)), `total = min(frame_count, int(fps * 10))` and frame i of 10 is
 `int(i * (total / 10))`. The original seeks OpenCV to that index minus one, so the frame it
@@ -43,13 +49,15 @@ midway is `unreadable_container`. TensorFlow is imported only for such paths.
 Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Reason codes
 (stable; the preprocessing quarantine counts clips by them):
 
-  missing_file          the path does not exist or is not a regular file
+  missing_file          the path does not exist or is not a regular file (a directory)
   empty_file            the file has zero bytes
   unreadable_container  no demuxer can open the file, or demuxing fails (text file named
-                        .mp4, an MP4 truncated before its index, random bytes), or reading a
-                        remote file fails
+                        .mp4, an MP4 truncated before its index, random bytes), or it holds
+                        no audio or video stream at all (an MP4 whose index is cut midway),
+                        or reading a remote file fails
   no_audio_stream       the container has no audio stream (asked for audio)
-  no_video_stream       the container has no video stream (asked for frames)
+  no_video_stream       the container has no video stream (asked for frames); a cover
+                        picture (attached_pic, as in .m4a/.mp3 files) is not a video stream
   audio_decode_error    the audio decoder fails, or decodes much less audio than the
                         stream declares (truncated data)
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
@@ -169,6 +177,8 @@ def encode_jpeg(frame: np.ndarray, quality: int = 75) -> bytes:
 
 
 def _check_file(path: str) -> None:
+  if os.path.isdir(path):
+    raise DecodeError(path, 'missing_file', 'a directory, not a file')
   if not os.path.isfile(path):
     raise DecodeError(path, 'missing_file')
   if os.path.getsize(path) == 0:
@@ -567,8 +577,22 @@ def _drain(path: str, container: av.container.InputContainer,
       sink.feed(None)
 
 
+def _check_media_streams(path: str, container: av.container.InputContainer) -> None:
+  """Raises unreadable_container for a container without any audio or video stream.
+
+  An MP4 whose index (moov) is cut midway opens with no streams or only an unidentified
+  'data' one; that is a damaged file, not a clip missing one modality.
+  """
+  if not container.streams.audio and not container.streams.video:
+    kinds = ', '.join(stream.type for stream in container.streams) or 'none'
+    raise DecodeError(path, 'unreadable_container',
+                      f'no audio or video stream (streams: {kinds}); the container index may '
+                      'be truncated or damaged')
+
+
 def _audio_sink(path: str, container: av.container.InputContainer, target_sample_rate: int,
                 max_seconds: float | None) -> _AudioSink:
+  _check_media_streams(path, container)
   if not container.streams.audio:
     raise DecodeError(path, 'no_audio_stream')
   stream = container.streams.best('audio')
@@ -578,9 +602,18 @@ def _audio_sink(path: str, container: av.container.InputContainer, target_sample
 
 def _frame_sink(path: str, container: av.container.InputContainer, num_frames: int,
                 image_size: int) -> _FrameSink:
-  if not container.streams.video:
-    raise DecodeError(path, 'no_video_stream')
+  _check_media_streams(path, container)
+  # A cover picture (attached_pic: the artwork of an .m4a/.mp3, a thumbnail embedded in an
+  # MP4) is one still image, not the clip's video.
+  videos = [stream for stream in container.streams.video
+            if not stream.disposition & av.stream.Disposition.attached_pic]
+  if not videos:
+    raise DecodeError(path, 'no_video_stream',
+                      'only a cover picture (attached_pic), no video' if container.streams.video
+                      else '')
   stream = container.streams.best('video')
+  if stream.index not in {video.index for video in videos}:
+    stream = videos[0]
   return _FrameSink(path, container, stream, num_frames, image_size)
 
 
