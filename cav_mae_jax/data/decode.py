@@ -3,32 +3,31 @@
 Audio (as the original's `ffmpeg -i F -vn -ar 16000 out.wav` then `sox out.wav ... remix 1`):
 the audio stream FFmpeg ranks best (`av_find_best_stream`: the one marked default, when a file
 has several; the ffmpeg command line prefers it too, but among several streams none of which is
-default it takes the one with the most channels, which may be another) is decoded with PyAV
-and its FIRST channel (not a downmix) is resampled by libswresample to signed 16-bit at 16 kHz. libswresample treats channels independently, so
-this is bit-identical to channel 0 of ffmpeg's multi-channel output (the ffmpeg CLI build may
-decode AAC ~1e-7 differently, which flips an occasional sample by 1 LSB; for audio that decodes
-to 16-bit integers (PCM, A-law, fixed-point MP2) an ffmpeg 5.1 command line resamples through
-16-bit integers and differs by up to 4 LSB). Audio longer than
-`max_seconds` is cut; shorter audio is returned as it is (padding happens in fbank space). An
-all-zero (silent) track is valid audio. The original keeps the whole track and cuts the fbank
-to 1024 frames, which see the first `ORIGINAL_AUDIO_SECONDS` (10.255 s); pass that as
-`max_seconds` to reproduce its fbank exactly for clips longer than 10 s.
+default it takes the one with the most channels, which may be another) is decoded with PyAV and
+its FIRST channel (not a downmix) is resampled by libswresample to signed 16-bit at 16 kHz.
+libswresample treats channels independently, so this is bit-identical to channel 0 of ffmpeg's
+multi-channel output (the ffmpeg CLI build may decode AAC ~1e-7 differently, which flips an
+occasional sample by 1 LSB; for audio that decodes to 16-bit integers (PCM, A-law, fixed-point
+MP2) an ffmpeg 5.1 command line resamples through 16-bit integers and differs by up to 4 LSB).
+Audio longer than `max_seconds` is cut; shorter audio is returned as it is (padding happens in
+fbank space). An all-zero (silent) track is valid audio. The original keeps the whole track and
+cuts the fbank to 1024 frames, which see the first `ORIGINAL_AUDIO_SECONDS` (10.255 s); pass
+that as `max_seconds` to reproduce its fbank exactly for clips longer than 10 s.
 
 Frames (as the original's `extract_video_frame.py`), from the video stream FFmpeg ranks best
 (the default one; OpenCV takes the first, the same stream in ordinary files), never a cover
-picture (attached_pic): with `fps` and `frame_count` as OpenCV
-reports them (the stream's average frame rate; the container's frame count, else
-round(duration * fps)), `total = min(frame_count, int(fps * 10))` and frame i of 10 is
-`int(i * (total / 10))`. The original seeks OpenCV to that index minus one, so the frame it
-really stores, and the one we return, is the decoded frame number
-`max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order). Each frame is converted
-to RGB, turned upright by the video stream's display matrix (below), resized with PIL
-bilinear so its shorter side is 224, and center-cropped to 224 x 224 (torchvision's
-`Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
+picture (attached_pic): with `fps` and `frame_count` as OpenCV reports them (the stream's
+average frame rate; the container's frame count, else round(duration * fps)), `total =
+min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The original
+seeks OpenCV to that index minus one, so the frame it really stores, and the one we return, is
+the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order).
+Each frame is converted to RGB, turned upright by the video stream's display matrix (below),
+resized with PIL bilinear so its shorter side is 224, and center-cropped to 224 x 224
+(torchvision's `Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
 stops at the last needed frame and after `max_seconds` of audio, and unwanted non-reference
 (e.g. B-) frames are skipped, which leaves the other frames bit-identical. The original saves
-these frames as JPEG at PIL's default quality 75: `encode_jpeg` does that, so every writer
-uses one encoder.
+these frames as JPEG at PIL's default quality 75: `encode_jpeg` does that, so every writer uses
+one encoder.
 
 Rotation: phone footage stores the picture sideways and a display matrix saying how to turn it.
 The original's OpenCV reader (auto-rotation is on by default) and the ffmpeg command line both
