@@ -91,3 +91,30 @@ def test_a_trace_without_the_module_is_an_error(tmp_path):
     json.dump({"traceEvents": [_event("fusion.1", 0, 1, module="jit_other")]}, f)
   with pytest.raises(ValueError, match="no op of module 'jit_step'"):
     profile.summarize(str(path), "HloModule jit_step, entry_computation_layout={}\n", 1)
+
+
+def test_custom_calls_count_as_what_they_compute():
+  hlo = "\n".join([
+      "HloModule jit_step, entry_computation_layout={}",
+      "",
+      "%fused_attention (p0: bf16[2,8,64]) -> bf16[2,8,64] {",
+      '  ROOT %cc.1 = bf16[2,8,64]{2,1,0} custom-call(%p0), custom_call_target="__cudnn$fmhaSoftmax"',
+      "}",
+      "",
+      "%fused_gemm (p1: bf16[16,64]) -> bf16[16,64] {",
+      '  ROOT %cc.2 = bf16[16,64]{1,0} custom-call(%p1), custom_call_target="__cublas$lt$matmul"',
+      "}",
+      "",
+      "ENTRY %main (a: bf16[2,8,64]) -> bf16[2,8,64] {",
+      '  %fusion.3 = bf16[16,64]{1,0} fusion(%a), kind=kCustom, calls=%fused_gemm, '
+      'metadata={op_name="jit(step)/optimizer/mul"}',
+      '  %gemm = (bf16[64,64]{1,0}, s8[1024]{0}) custom-call(%a), custom_call_target="__cublas$gemm", '
+      'metadata={op_name="jit(step)/jvp(M)/M.encode/blocks_1/mlp/fc1/dot_general"}',
+      '  ROOT %fusion.7 = bf16[2,8,64]{2,1,0} fusion(%a), kind=kCustom, calls=%fused_attention, '
+      'metadata={op_name="jit(step)/transpose(jvp(M))/M.encode/blocks_1/attn/dot_product_attention"}',
+      "}",
+  ])
+  ops = profile.hlo_ops(hlo)
+  assert ops["gemm"] == profile.OpInfo("matmul", "forward", "encode/blocks_*/mlp")
+  assert ops["fusion.7"] == profile.OpInfo("attention", "backward", "encode/blocks_*/attn")
+  assert ops["fusion.3"] == profile.OpInfo("matmul", "update/other", "optimizer")

@@ -29,8 +29,6 @@ import re
 import time
 from typing import Any, Callable, Iterable
 
-CATEGORIES = ("matmul", "attention", "elementwise", "reduction", "gather", "scatter", "sort",
-              "data movement", "collective", "other")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
 _OPCODE = re.compile(r"(?:^|\s)(?P<opcode>[a-z][\w\-]*)\(")
@@ -105,7 +103,8 @@ def _category(opcode: str, rest: str, called: set[str]) -> str:
   if opcode == "reduce":
     return "reduction"
   if opcode == "fusion":
-    for ops, category in ((("dot", "convolution"), "matmul"), (("custom-call",), "attention"),
+    for ops, category in ((("custom-call:attention",), "attention"),
+                          (("dot", "convolution", "custom-call:matmul"), "matmul"),
                           (("scatter",), "scatter"), (("gather",), "gather"), (("sort",), "sort"),
                           (("reduce", "reduce-window"), "reduction")):
       if called & set(ops):
@@ -139,7 +138,9 @@ def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
       if callee in seen:
         continue
       for _, opcode, inner in computations.get(callee, ()):
-        opcodes.add(opcode)
+        # A custom call inside a fusion (a cuDNN kernel) counts as what it computes.
+        opcodes.add(opcode if opcode != "custom-call" else
+                    "custom-call:" + _category(opcode, inner, set()))
         if opcode in ("fusion", "call"):
           opcodes |= called_opcodes(inner, seen | {callee})
     return opcodes
