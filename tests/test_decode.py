@@ -664,3 +664,28 @@ def test_benchmark_preprocess_tool_times_our_path_and_its_stages():
                          '10 x JPEG'}
   assert all(ms > 0 for ms in stages.values())
   assert stages['the video decoder alone'] <= stages['video: decode_frames'] * 1.5
+
+
+def test_of_several_audio_streams_the_ffmpeg_command_lines_is_decoded(tmp_path):
+  """None default: the one with the most channels, as `ffmpeg -i F -vn -ar 16000` takes it
+  (FFmpeg's best-stream ranking would take the first, mono one here)."""
+  path = str(tmp_path / "two_audio.mkv")
+  rate, seconds = 16000, 2
+  t = np.arange(rate * seconds) / rate
+  with av.open(path, "w", format="matroska") as container:
+    streams = [container.add_stream("aac", rate=rate, layout=layout)
+               for layout in ("mono", "stereo")]
+    for stream, freq in zip(streams, (440, 1000)):
+      stream.disposition = 0
+      wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+      frame = av.AudioFrame.from_ndarray(np.tile(wave, (stream.layout.nb_channels, 1)),
+                                         format="fltp", layout=stream.layout.name)
+      frame.sample_rate = rate
+      for packet in [*stream.encode(frame), *stream.encode(None)]:
+        container.mux(packet)
+  with av.open(path) as container:
+    assert [int(s.disposition) for s in container.streams.audio] == [0, 0]
+    assert container.streams.best("audio").index == 0
+  audio = decode.decode_audio(path)[0].astype(np.float32)
+  spectrum = np.abs(np.fft.rfft(audio[rate // 4:rate // 4 + rate]))
+  assert abs(int(np.argmax(spectrum)) - 1000) <= 2  # 1 Hz bins: the stereo stream's tone

@@ -1,9 +1,8 @@
 """Decodes a video file into what CAV-MAE stores for a clip: 16 kHz audio and 10 frames.
 
 Audio (as the original's `ffmpeg -i F -vn -ar 16000 out.wav` then `sox out.wav ... remix 1`):
-the audio stream FFmpeg ranks best (`av_find_best_stream`: the one marked default, when a file
-has several; the ffmpeg command line prefers it too, but among several streams none of which is
-default it takes the one with the most channels, which may be another) is decoded with PyAV and
+the audio stream the ffmpeg command line takes (when a file has several: the one marked
+default, else the one with the most channels, else the first) is decoded with PyAV and
 its FIRST channel (not a downmix) is resampled by libswresample to signed 16-bit at 16 kHz.
 libswresample treats channels independently, so this is bit-identical to channel 0 of ffmpeg's
 multi-channel output (the ffmpeg CLI build may decode AAC ~1e-7 differently, which flips an
@@ -589,12 +588,25 @@ def _check_media_streams(path: str, container: av.container.InputContainer) -> N
                       'be truncated or damaged')
 
 
+def _cli_audio_stream(container: av.container.InputContainer) -> av.audio.AudioStream:
+  """The audio stream the ffmpeg command line (the original's audio path) takes by default.
+
+  ffmpeg ranks audio streams by the default disposition, then by channel count, and takes the
+  lowest index among equals. FFmpeg's `av_find_best_stream` (PyAV's `streams.best`) agrees on
+  the default stream but, among several none of which is default, ranks by what it probed and
+  may take another (e.g. a mono stream before a stereo one).
+  """
+  default = av.stream.Disposition.default
+  return max(container.streams.audio,
+             key=lambda s: (bool(s.disposition & default), s.codec_context.channels, -s.index))
+
+
 def _audio_sink(path: str, container: av.container.InputContainer, target_sample_rate: int,
                 max_seconds: float | None) -> _AudioSink:
   _check_media_streams(path, container)
   if not container.streams.audio:
     raise DecodeError(path, 'no_audio_stream')
-  stream = container.streams.best('audio')
+  stream = _cli_audio_stream(container)
   max_samples = None if max_seconds is None else int(round(max_seconds * target_sample_rate))
   return _AudioSink(path, stream, target_sample_rate, max_samples)
 
