@@ -29,20 +29,27 @@ def test_xla_flops_counts_a_matmul():
   assert flops.xla_flops(compiled) == 2 * 8 * 16 * 4
 
 
-def test_compiled_step_flops_stay_near_the_model_flops():
-  cost = benchmark.compiled_step_cost(_tiny_config(), batch_size=8)
+@pytest.fixture(scope="module")
+def plain_step():
+  """The tiny train step compiled for one device, and its setup (compiled once per module)."""
+  setup = benchmark.setup_train_step(_tiny_config(), 8, jax.devices()[:1])
+  return setup, setup.compile()
+
+
+def test_compiled_step_flops_stay_near_the_model_flops(plain_step):
+  cost = benchmark.step_cost(plain_step[1], plain_step[0])
   assert cost["model_gflop_per_sample_step"] == pytest.approx(
       flops.pretrain_step_flops(_tiny_config().model) / 1e9)
   assert FLOPS_BAND[0] <= cost["xla_over_model_flops"] <= FLOPS_BAND[1], cost
 
 
-def test_recomputed_work_leaves_the_band():
+def test_recomputed_work_leaves_the_band(plain_step):
   """remat recomputes most of the forward in the backward pass: the band catches such work.
 
   Keeping the matmul outputs (remat_policy='dots_saveable') recomputes only the elementwise
   work, so it costs fewer FLOPs than full remat.
   """
-  plain = benchmark.compiled_step_cost(_tiny_config(), batch_size=8)
+  plain = benchmark.step_cost(plain_step[1], plain_step[0])
   full = benchmark.compiled_step_cost(_tiny_config(remat=True), batch_size=8)
   dots = benchmark.compiled_step_cost(
       _tiny_config(remat=True, remat_policy="dots_saveable"), batch_size=8)
@@ -51,11 +58,11 @@ def test_recomputed_work_leaves_the_band():
       "xla_over_model_flops"], (plain, dots, full)
 
 
-def test_compiled_step_donates_the_state_and_moves_tokens_without_scatter():
+def test_compiled_step_donates_the_state_and_moves_tokens_without_scatter(plain_step):
   """Every state buffer is donated (updated in place), and the masking's token gathers have
   gathers as their gradient: the one scatter left is the contrast diagonal's ([G, g, g])."""
-  setup = benchmark.setup_train_step(_tiny_config(), 8, jax.devices()[:1])
-  hlo = setup.compile().as_text()
+  setup, compiled = plain_step
+  hlo = compiled.as_text()
   header = hlo.splitlines()[0]
   assert header.count("-alias)") == len(jax.tree.leaves(setup.abstract_state)) > 100
   scatters = [line for line in hlo.splitlines() if " scatter(" in line]
