@@ -13,8 +13,9 @@ the original trained as the original (fp16 autocast + GradScaler on CUDA) and pr
 `--profile DIR` then traces a few more steps into DIR (a Perfetto trace, which ui.perfetto.dev
 opens) and prints where their device time went: by op category (matmul, attention, elementwise,
 gather, ...), by phase (forward, backward, optimizer and the rest) and by model scope
-(`cav_mae_jax/train/profile.py`). `--cost-analysis` only compiles the step for one device (no parameters are materialized; a CPU
-is enough) and prints XLA's FLOPs per sample against the analytic model FLOPs.
+(`cav_mae_jax/train/profile.py`). `--cost-analysis` only compiles the step for one device (no
+parameters are materialized; a CPU is enough) and prints XLA's FLOPs per sample against the
+analytic model FLOPs.
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
 batched, in one process, with no model and no device transfer; at least `--samples` clips

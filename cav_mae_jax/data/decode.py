@@ -623,7 +623,7 @@ def _frame_sink(path: str, container: av.container.InputContainer, num_frames: i
                       'only a cover picture (attached_pic), no video' if container.streams.video
                       else '')
   stream = container.streams.best('video')
-  if stream.index not in {video.index for video in videos}:
+  if stream.disposition & av.stream.Disposition.attached_pic:
     stream = videos[0]
   return _FrameSink(path, container, stream, num_frames, image_size)
 

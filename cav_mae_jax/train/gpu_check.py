@@ -163,8 +163,7 @@ def run_parity(preset: str) -> dict[str, Any]:
     except Exception as e:  # pylint: disable=broad-except
       cudnn = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   failures = parity.base_failures(results, FLOAT32_TOLERANCE)
-  float32 = {k: d for k, (d, _) in results.items() if not k.startswith(parity.BF16_PREFIX)
-             and not k.startswith("pretrain-bf16-")}
+  float32 = {k: d for k, (d, _) in results.items() if not parity.is_bf16_entry(k)}
   bf16 = {k: d / max(s, 1e-12) for k, (d, s) in results.items()
           if k.startswith(parity.BF16_PREFIX)}
   return {"torch_device": device, "max_abs_diff_float32": max(float32.values()),
