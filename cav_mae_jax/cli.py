@@ -8,7 +8,8 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
   not exist where the tool runs is taken from this package's `configs/` directory.
 - TensorFlow's C++ start-up lines are silenced: TF_CPP_MIN_LOG_LEVEL=3 unless set, and TF
   (when installed) is imported once with the process's stderr closed, because TF 2.16+ prints
-  its start-up lines before that variable is read.
+  its start-up lines before that variable is read. That import comes after the flags are
+  parsed, so a bad flag or config value is answered in about a second.
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ def import_tensorflow_quietly() -> None:
     os.close(devnull)
 
 
+def _raise_config_file_errors() -> None:
+  """Raises a --config file's load error (config_flags keeps it until the config is first read)."""
+  # pylint: disable-next=g-import-not-at-top  (the package does not re-export it)
+  from ml_collections.config_flags.config_flags import is_config_flag
+  for name in flags.FLAGS:
+    if is_config_flag(flags.FLAGS[name]):
+      getattr(flags.FLAGS[name].value, "lock", None)  # a config that failed to load raises OSError
+
+
 def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True) -> None:
   """app.run(main) with the conventions of the module docstring.
 
@@ -137,8 +147,6 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True) -> N
   runs where it is not installed).
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
-    import_tensorflow_quietly()
   sys.argv[:] = resolve_config_args(sys.argv)  # in place: config_flags keeps a reference
 
   def wrapped(argv: list[str]) -> None:
@@ -147,6 +155,10 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True) -> N
       import logging  # pylint: disable=g-import-not-at-top
       logging.getLogger().setLevel(logging.WARNING)
     try:
+      # After the flags and config files: a bad one is answered without TensorFlow's ~5 s import.
+      _raise_config_file_errors()
+      if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
+        import_tensorflow_quietly()
       main(argv)
     except app.UsageError as e:
       fail(str(e))

@@ -49,3 +49,23 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
   assert named in lines[0], lines[0]
   assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config=configs/nope.py", "--workdir=w"], "configs/nope.py"),
+    ([TINY, "--workdir=w", "--config.data.freqm=abc"], "freqm"),
+    ([TINY, "--workdir=w", "--workers=2"], "workers"),
+])
+def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(args, named, tmp_path):
+  """TensorFlow's import takes seconds; a typo in a flag or a config value need not wait for it."""
+  tripwire = tmp_path / "tripwire" / "tensorflow"
+  tripwire.mkdir(parents=True)
+  (tripwire / "__init__.py").write_text("raise SystemExit('tensorflow was imported')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tripwire.parent), ROOT]))
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it: the tool imports TensorFlow itself
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and named in line, line
