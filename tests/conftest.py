@@ -3,9 +3,17 @@
 - 8 fake CPU devices, so multi-device logic is tested on any machine.
 - LLVM backend optimization level 0: halves XLA's CPU compile time for the tiny test models
   (numerics are unchanged: XLA's CPU backend does not enable fast-math at any level).
+- One persistent XLA compilation cache for the session, in a temporary folder removed at exit
+  (or JAX_COMPILATION_CACHE_DIR where the caller set it): the pytest-xdist workers and the tools
+  and trainers that tests start as subprocesses compile each program once. The same program gives
+  the same executable, so no number changes; the suite took 10m49s against 13m31s without it
+  (2 cores, 2026-12-02). Tests that pass their own cache folder keep it.
 Subprocesses started by tests inherit these variables.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,6 +23,11 @@ os.environ["XLA_FLAGS"] = " ".join([_existing] + [f for f in _FLAGS if f.split("
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set before pytest-xdist starts its workers
+  _CACHE_DIR = tempfile.mkdtemp(prefix="cav_mae_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
