@@ -33,6 +33,8 @@ CASES = {
     "model_summary_missing_config": ("model_summary.py", ["--config=/no/config.py"],
                                      "/no/config.py"),
     "demo_bad_flag_value": ("demo.py", ["--steps=many"], "steps"),
+    "benchmark_torch_for_finetuning": ("benchmark.py", ["--config=configs/finetune.py:tiny",
+                                                        "--compare-torch"], "config.task"),
 }
 
 

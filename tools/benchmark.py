@@ -4,11 +4,13 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
   python tools/benchmark.py --config configs/pretrain.py:base --compare-torch
   python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 12
   python tools/benchmark.py --config configs/pretrain.py:base --profile /tmp/trace
+  python tools/benchmark.py --config configs/finetune.py:as2m          # fine-tuning step
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
       --config.data.train_dir=/data/records/train [--samples 2000]
 
 The train-step benchmark reports samples/s, step time, peak device memory and MFU after warm-up
-steps (`cav_mae_jax/train/benchmark.py`); `--compare-torch` also times the PyTorch reference of
+steps (`cav_mae_jax/train/benchmark.py`), for any task: fine-tuning and probing configs get
+random one-hot labels; `--compare-torch` (pretraining only) also times the PyTorch reference of
 the original trained as the original (fp16 autocast + GradScaler on CUDA) and prints the ratio.
 `--profile DIR` then traces a few more steps into DIR (a Perfetto trace, which ui.perfetto.dev
 opens) and prints where their device time went: by op category (matmul, attention, elementwise,
@@ -84,6 +86,8 @@ def main(argv: list[str]) -> None:
     return
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   batch_size = _BATCH.value or config.data.batch_size
+  if _COMPARE_TORCH.value:
+    benchmark.check_torch_comparable(config)  # before the JAX timing, not after it
   if _COST_ANALYSIS.value:
     results = benchmark.compiled_step_cost(config, batch_size)
     print(f"compiled train step, batch {batch_size}, {config.model.dtype}: "

@@ -67,10 +67,15 @@ class ArrayInput:
 
 
 def random_clips(num_examples: int, audio_length: int, num_mel_bins: int, image_size: int,
-                 seed: int = 0) -> dict[str, np.ndarray]:
-  """Standard-normal `audio` [N, T, F] and `image` [N, H, W, 3] float32 arrays."""
+                 seed: int = 0, num_classes: int | None = None) -> dict[str, np.ndarray]:
+  """Standard-normal `audio` [N, T, F] and `image` [N, H, W, 3] float32 arrays; with
+  `num_classes`, also one-hot `label` [N, num_classes] float32 of uniformly drawn classes."""
   rng = np.random.default_rng(seed)
-  return {
+  clips = {
       "audio": rng.standard_normal((num_examples, audio_length, num_mel_bins), np.float32),
       "image": rng.standard_normal((num_examples, image_size, image_size, 3), np.float32),
   }
+  if num_classes is not None:
+    clips["label"] = np.eye(num_classes, dtype=np.float32)[rng.integers(num_classes,
+                                                                         size=num_examples)]
+  return clips

@@ -88,6 +88,9 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
       "image": jax.ShapeDtypeStruct((batch_size, m.image_size, m.image_size, 3), jnp.float32,
                                     sharding=batch_sharding),
   }
+  if task.finetune:  # fine-tuning and probing also read the targets
+    abstract_batch["label"] = jax.ShapeDtypeStruct((batch_size, m.num_classes), jnp.float32,
+                                                   sharding=batch_sharding)
   abstract_rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
   return StepSetup(task=task, mesh=mesh, tx=tx, batch_size=batch_size, train_step=train_step,
                    abstract_state=abstract_state, abstract_batch=abstract_batch,
@@ -128,8 +131,9 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   compiled = setup.compile()
   compile_s = time.perf_counter() - compile_start
   state, _ = step_lib.create_train_state(setup.task, setup.tx, mesh, jax.random.PRNGKey(0))
-  clips = array_input.random_clips(batch_size, model_config.audio_length,
-                                   model_config.num_mel_bins, model_config.image_size)
+  clips = array_input.random_clips(
+      batch_size, model_config.audio_length, model_config.num_mel_bins, model_config.image_size,
+      num_classes=model_config.num_classes if setup.task.finetune else None)
   batch = mesh_lib.global_batch(clips, mesh)
   rng = jax.device_put(jax.random.PRNGKey(1), mesh_lib.replicated(mesh))
 
@@ -195,8 +199,16 @@ def load_test_module(name: str) -> types.ModuleType:
   return module
 
 
+def check_torch_comparable(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError unless `config` trains what the torch reference implements (pretraining)."""
+  if config.task != "pretrain":
+    raise ValueError(f"config.task={config.task!r}: the torch comparison times the pretraining "
+                     "model only (configs/pretrain.py).")
+
+
 def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[str, float]:
   """Times the torch reference trained as the original (Adam, autocast, GradScaler)."""
+  check_torch_comparable(config)
   import torch  # pylint: disable=g-import-not-at-top
   reference = load_test_module("torch_reference")
   m = config.model
