@@ -38,14 +38,18 @@ CASES = {
 }
 
 
+def _run_tool(tool, args, cwd, extra_path=()):
+  """Runs tools/<tool> as a user would: from `cwd`, with this checkout (after `extra_path`)."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, extra_path), ROOT]))
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the tools quiet TensorFlow themselves
+  return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args], cwd=cwd,
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
   tool, args, named = CASES[case]
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the tools quiet TensorFlow themselves
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+  result = _run_tool(tool, args, tmp_path)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
@@ -63,11 +67,7 @@ def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(args, name
   tripwire = tmp_path / "tripwire" / "tensorflow"
   tripwire.mkdir(parents=True)
   (tripwire / "__init__.py").write_text("raise SystemExit('tensorflow was imported')\n")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tripwire.parent), ROOT]))
-  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it: the tool imports TensorFlow itself
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+  result = _run_tool("train.py", args, tmp_path, extra_path=[tripwire.parent])
   assert result.returncode == 2, result.stderr[-2000:]
   line, = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and named in line, line
