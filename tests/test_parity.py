@@ -483,6 +483,11 @@ def is_bf16_entry(name: str) -> bool:
   return name.startswith(BF16_PREFIX.rstrip("/"))
 
 
+def relative_diff(diff: float, scale: float) -> float:
+  """A bfloat16 entry's (max abs diff, reference magnitude) as the relative difference checked."""
+  return diff / max(scale, 1e-12)
+
+
 def exact_float32() -> None:
   """Full float32 matmuls and convolutions in JAX and torch (no TF32 on GPUs)."""
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -565,7 +570,7 @@ def base_failures(results: dict[str, tuple[float, float]], tolerance: float = TO
   failures = {}
   for name, (diff, scale) in results.items():
     if is_bf16_entry(name):
-      relative = diff / max(scale, 1e-12)
+      relative = relative_diff(diff, scale)
       if not relative <= BF16_RELATIVE_TOLERANCE:
         failures[name] = relative
     elif not diff <= tolerance:

@@ -159,12 +159,12 @@ def run_parity(preset: str) -> dict[str, Any]:
       cudnn_results = parity.compare_bf16_attention("cudnn", device=device, preset=preset)
       results.update(cudnn_results)
       cudnn = {"status": "ok", "max_relative_diff_bf16_losses": max(
-          d / max(s, 1e-12) for d, s in cudnn_results.values())}
+          parity.relative_diff(*entry) for entry in cudnn_results.values())}
     except Exception as e:  # pylint: disable=broad-except
       cudnn = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   failures = parity.base_failures(results, FLOAT32_TOLERANCE)
   float32 = {k: d for k, (d, _) in results.items() if not parity.is_bf16_entry(k)}
-  bf16 = {k: d / max(s, 1e-12) for k, (d, s) in results.items()
+  bf16 = {k: parity.relative_diff(*entry) for k, entry in results.items()
           if k.startswith(parity.BF16_PREFIX)}
   return {"torch_device": device, "max_abs_diff_float32": max(float32.values()),
           "worst_float32": max(float32, key=float32.get),
