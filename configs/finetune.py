@@ -1,12 +1,13 @@
 r"""Fine-tuning and linear-probe configs: `--config configs/finetune.py:<recipe>[,option...]`.
 
 Recipes (the original's fine-tuning scripts):
-  as20k   AudioSet-20K: lr 5e-5, head x100, batch 36, 15 epochs, x0.5 every epoch from 5,
-          no balanced sampling, BCE + mAP, weight average of epochs 3-15.
-  as2m    AudioSet-2M: lr 1e-5, head x50, batch 48, 10 epochs, x0.5 every epoch from 2,
-          balanced sampling, BCE + mAP, average of epochs 1-10.
-  vgg     VGGSound (309 classes): lr 1e-4, head x10, batch 48, 10 epochs, x0.5 every epoch from
-          2, balanced sampling, cross-entropy on soft targets + accuracy, average of epochs 3-10.
+  as20k   AudioSet-20K: lr 5e-5, head x100, batch 36, 15 epochs, x0.5 after epoch 5 and each
+          later one, no balanced sampling, BCE + mAP, weight average of epochs 3-15.
+  as2m    AudioSet-2M: lr 1e-5, head x50, batch 48, 10 epochs, x0.5 after epoch 2 and each
+          later one, balanced sampling, BCE + mAP, average of epochs 1-10.
+  vgg     VGGSound (309 classes): lr 1e-4, head x10, batch 48, 10 epochs, x0.5 after epoch 2 and
+          each later one, balanced sampling, cross-entropy on soft targets + accuracy, average
+          of epochs 3-10.
   tiny    the tiny model on a CPU (the demo's synthetic classes): lr 1e-3, head x10, batch 16,
           cross-entropy, mixup on fbanks; seconds per epoch.
 All real recipes: noise + time roll, SpecAugment (freq 48, time 192), mixup 0.5 with

@@ -22,7 +22,7 @@ Ablation options (the paper's Tables 1-2 and its ablation study):
   vanilla_avmae       one shared encoder (modality_specific_depth=0), no contrastive loss
   avmae               AV-MAE: 11+1 encoder, no contrastive loss (lambda_c=0)
   cav                 CAV: contrastive only, no decoder (lambda_mae=0)
-  audio_mae / visual_mae   single-modality MAE
+  audio_mae / visual_mae   single-modality MAE (one shared encoder; no retrieval evaluator)
   cosine              warmup + cosine schedule instead of the original MultiStep
 e.g. `configs/pretrain.py:base,mask_mode=time` or `configs/pretrain.py:scale++,cav`.
 
@@ -87,10 +87,10 @@ def model_overrides(options: dict[str, str], flags: set[str]) -> dict[str, objec
     overrides["lambda_c"] = 0.0
   if "cav" in flags:
     overrides["lambda_mae"] = 0.0
-  if "audio_mae" in flags:
-    overrides.update(modalities="audio", lambda_c=0.0)
+  if "audio_mae" in flags:  # the vanilla architecture on one modality: 12 shared blocks
+    overrides.update(modalities="audio", modality_specific_depth=0, lambda_c=0.0)
   if "visual_mae" in flags:
-    overrides.update(modalities="visual", lambda_c=0.0)
+    overrides.update(modalities="visual", modality_specific_depth=0, lambda_c=0.0)
   return overrides
 
 
@@ -127,14 +127,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = common.mesh_config()
   config.checkpoint = common.checkpoint_config(every_steps=100 if tiny else 2000)
 
-  # Held-out losses on fixed masks and audio<->visual retrieval (the paper's AudioSet subset
-  # size), both on config.data.eval_dir.
+  # Held-out losses on fixed masks and audio<->visual retrieval of the first 1,725 clips (the
+  # size of the paper's AudioSet subset; the subset itself: tools/retrieval.py --subset), both
+  # on config.data.eval_dir.
   every = 100 if tiny else 5000
   config.evals = ml_collections.ConfigDict()
   config.evals.val = common.evaluator("losses", every_steps=every, batch_size=batch_size,
                                       at_start=True, mask_seed=1234)
-  config.evals.retrieval = common.evaluator("retrieval", every_steps=every,
-                                            batch_size=batch_size, at_start=True,
-                                            max_clips=1725)
+  if config.model.modalities == "audiovisual":  # a single-modality MAE has nothing to retrieve
+    config.evals.retrieval = common.evaluator("retrieval", every_steps=every,
+                                              batch_size=batch_size, at_start=True,
+                                              max_clips=1725)
   config.lock()
   return config

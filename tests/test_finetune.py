@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cav_mae_jax import eval as eval_lib
 from cav_mae_jax import tasks
 from cav_mae_jax.convert import init_source
 from cav_mae_jax.convert import state_dict as sd
@@ -66,52 +67,98 @@ def init_params(config):
   return jax.tree.map(np.asarray, jax.jit(tasks.get_task(config).init_params)(init_rng))
 
 
+def _batch_source(data, frames, seen):
+  """Evaluation batches of 11 (9 + 7 valid clips, the rest padding), as the data pipeline gives
+  them: every frame with `eval_all_frames`, else the middle one."""
+  pad = lambda x: np.concatenate([x, np.zeros((11 - len(x),) + x.shape[1:], x.dtype)])
+
+  def batch_source(split, directory, batch_size, **overrides):
+    del directory
+    seen.append((split, batch_size, overrides))
+    image = frames if overrides.get("eval_all_frames") else frames[:, 1]
+    return iter([{"audio": pad(data["audio"][i:i + 9]), "image": pad(image[i:i + 9]),
+                  "label": pad(data["label"][i:i + 9]),
+                  "valid": pad(np.ones(min(9, 16 - i), bool))} for i in (0, 9)])
+
+  return batch_source
+
+
+def _evaluator(task, mode, all_frames, batch_source, **kwargs):
+  mesh = mesh_lib.make_mesh(common.mesh_config(), jax.devices()[:1])
+  entry = common.evaluator("classification", every_steps=1, batch_size=11, mode=mode,
+                           all_frames=all_frames)
+  return classification.ClassificationEvaluator("val", entry, task.predict_fns, mesh,
+                                                batch_source, **kwargs)
+
+
+def _assert_stats(result, scores, labels):
+  expected = stats.classification_stats(np.asarray(scores), labels)
+  for key, value in expected.items():
+    assert result[f"val/{key}"] == pytest.approx(value, abs=1e-6), key
+
+
 def test_classification_evaluator_scores_every_clip_once():
-  config = ft_config()
+  config = ft_config()  # cross-entropy
   task = tasks.get_task(config)
   params = init_params(config)
   data = clips(seed=1)
   frames = np.stack([data["image"], data["image"][::-1], -data["image"]], axis=1)  # 3 frames
-  pad = lambda x: np.concatenate([x, np.zeros((11 - len(x),) + x.shape[1:], x.dtype)])
-  batches = [{"audio": pad(data["audio"][i:i + 9]), "image": pad(frames[i:i + 9]),
-              "label": pad(data["label"][i:i + 9]), "valid": pad(np.ones(min(9, 16 - i), bool))}
-             for i in (0, 9)]  # 16 clips in batches of 11: 9 + 7 valid, the rest padding
+  logits = lambda f, mode=None: task.predict_fns["logits"](
+      params, {"audio": data["audio"], "image": frames[:, f]}, mode)
   seen = []
+  batch_source = _batch_source(data, frames, seen)
 
-  def batch_source(split, directory, batch_size, **overrides):
-    seen.append((split, batch_size, overrides))
-    return iter(batches)
-
-  mesh = mesh_lib.make_mesh(common.mesh_config(), jax.devices()[:1])
-  entry = common.evaluator("classification", every_steps=1, batch_size=11, mode="",
-                           all_frames=True)
-  evaluator = classification.ClassificationEvaluator("val", entry, task.predict_fns, mesh,
-                                                     batch_source)
-  result = dict(evaluator.run(params))
-  assert seen == [("eval", 11, {"eval_all_frames": True})]
+  # All frames: the mean of every frame's softmax, as the original's multi-frame ensemble.
+  result = dict(_evaluator(task, "", True, batch_source).run(params))
+  assert seen.pop() == ("eval", 11, {"eval_all_frames": True})
   assert result["val/num_clips"] == CLIPS
-  # Expected: per-frame softmax of every clip, averaged over frames, scored once.
-  scores = np.mean([jax.nn.softmax(task.predict_fns["logits"](
-      params, {"audio": data["audio"], "image": frames[:, f]}), -1) for f in range(3)], axis=0)
-  expected = stats.classification_stats(np.asarray(scores), data["label"])
-  for key, value in expected.items():
-    assert result[f"val/{key}"] == pytest.approx(value, abs=1e-6), key
+  _assert_stats(result, np.mean([jax.nn.softmax(logits(f), -1) for f in range(3)], 0),
+                data["label"])
 
-  # A missing-modality mode needs no frame loop: audio only, one pass.
-  entry.mode = "missingaudioonly"
-  audio_only = classification.ClassificationEvaluator("val", entry, task.predict_fns, mesh,
-                                                      batch_source)
-  logits = task.predict_fns["logits"](params, {"audio": data["audio"], "image": None},
-                                      "missingaudioonly")
-  expected = stats.classification_stats(np.asarray(jax.nn.softmax(logits, -1)), data["label"])
-  assert dict(audio_only.run(params))["val/accuracy"] == pytest.approx(expected["accuracy"])
+  # One frame: the logits, as the original's per-epoch validation. Softmax would rank the clips
+  # of a class differently here, which moves mAP.
+  result = dict(_evaluator(task, "", False, batch_source).run(params))
+  assert seen.pop() == ("eval", 11, {"eval_all_frames": False})
+  _assert_stats(result, logits(1), data["label"])
+  softmax_map = stats.classification_stats(np.asarray(jax.nn.softmax(logits(1), -1)),
+                                           data["label"])["mAP"]
+  assert result["val/mAP"] != pytest.approx(softmax_map, abs=1e-6)
+
+  # An audio-only mode needs no frame loop: one pass on logits, without loading every frame.
+  result = dict(_evaluator(task, "missingaudioonly", True, batch_source).run(params))
+  assert seen.pop() == ("eval", 11, {"eval_all_frames": False})
+  _assert_stats(result, logits(1, "missingaudioonly"), data["label"])
 
   # An empty split is an error naming the evaluator.
-  empty = [{**batches[1], "valid": np.zeros(11, bool)}]
-  evaluator = classification.ClassificationEvaluator(
-      "val", entry, task.predict_fns, mesh, lambda *a, **k: iter(empty))
+  empty = lambda *a, **k: iter([{**next(batch_source("eval", "", 11)), "valid": np.zeros(11, bool)}])
   with pytest.raises(ValueError, match="evaluator 'val'.*no clips"):
-    dict(evaluator.run(params))
+    dict(_evaluator(task, "", True, empty).run(params))
+
+
+def test_an_audio_only_model_is_scored_in_one_pass():
+  """The model's own ft_mode counts for mode='': an audio-only model is not run 10 times."""
+  config = ft_config("tiny,mode=audioonly")
+  task = tasks.get_task(config)
+  params = init_params(config)
+  data = clips(seed=2)
+  frames = np.stack([data["image"]] * 3, axis=1)
+  seen = []
+  evaluator, = eval_lib.build_evaluators(
+      _with_val(config, all_frames=True), task.predict_fns,
+      mesh_lib.make_mesh(common.mesh_config(), jax.devices()[:1]),
+      _batch_source(data, frames, seen))
+  result = dict(evaluator.run(params))
+  assert seen == [("eval", 11, {"eval_all_frames": False})]
+  _assert_stats(result, task.predict_fns["logits"](params, {"audio": data["audio"]}),
+                data["label"])
+
+
+def _with_val(config, **fields):
+  with config.unlocked():
+    config.evals.val = common.evaluator("classification", every_steps=1, batch_size=11,
+                                        mode="", all_frames=False)
+  config.evals.val.update(fields)
+  return config
 
 
 def test_probe_leaves_the_encoder_bit_identical(tmp_path):

@@ -19,11 +19,11 @@ import ml_collections
 
 from cav_mae_jax.eval import common
 
-# type -> (module, class, predict function it needs)
+# type -> (module, class, predict functions it needs)
 EVALUATOR_TYPES = {
-    "losses": ("losses", "LossesEvaluator", "losses"),
-    "retrieval": ("retrieval", "RetrievalEvaluator", "features"),
-    "classification": ("classification", "ClassificationEvaluator", "probabilities"),
+    "losses": ("losses", "LossesEvaluator", ("losses",)),
+    "retrieval": ("retrieval", "RetrievalEvaluator", ("features",)),
+    "classification": ("classification", "ClassificationEvaluator", ("logits", "probabilities")),
 }
 
 
@@ -42,9 +42,10 @@ def validate_evals(config: ml_collections.ConfigDict, predict_fns: Mapping[str, 
       raise ValueError(f"config.evals.{name}.type={type_name!r}: unknown evaluator type; "
                        f"choose one of {sorted(EVALUATOR_TYPES)}.")
     needs = EVALUATOR_TYPES[type_name][2]
-    if predict_fns is not None and needs not in predict_fns:
+    missing = [] if predict_fns is None else [f for f in needs if f not in predict_fns]
+    if missing:
       raise ValueError(f"config.evals.{name}.type={type_name!r}: task {config.task!r} has no "
-                       f"'{needs}' function (it has {sorted(predict_fns)}).")
+                       f"'{missing[0]}' function (it has {sorted(predict_fns)}).")
     cls = evaluator_class(type_name)
     common.validate_entry(name, entry, cls.FIELDS, num_devices, num_processes)
     cls.check_entry(name, entry)
@@ -59,5 +60,6 @@ def build_evaluators(config: ml_collections.ConfigDict, predict_fns: Mapping[str
   for name, entry in config.evals.items():
     if names is None or name in names:
       cls = evaluator_class(entry.type)
-      evaluators.append(cls(name, entry, predict_fns, mesh, batch_source))
+      evaluators.append(cls(name, entry, predict_fns, mesh, batch_source,
+                            **cls.run_options(config)))
   return evaluators

@@ -1,12 +1,18 @@
 """Classification of a held-out split: mAP, AUC, d-prime and top-1 accuracy of every clip.
 
-As the original's evaluation: the task's scores (sigmoid for BCE-trained models, softmax for
-cross-entropy) of frame `config.data.eval_frame` (5), or, with `all_frames`, the mean of the
-scores of the 10 frames run one by one (models that do not look at the picture use one pass).
-`mode` evaluates a multimodal model with a modality missing ('missingaudioonly' keeps only the
-audio, 'missingvideoonly' only the video; '' = the model's own `ft_mode`). Unlike the
-original's per-epoch loop (drop_last), every clip of the split is scored exactly once: padding
-clips are marked by `valid` and dropped. Statistics: `eval/stats.py`.
+As the original's evaluation: the logits of frame `config.data.eval_frame` (5), as its
+per-epoch `validate` scores them, or, with `all_frames`, the mean over the 10 frames, run one by
+one, of the task's probabilities (sigmoid for BCE-trained models, softmax for cross-entropy), as
+its final multi-frame evaluation (`run_cavmae_ft.py`). A model that does not look at the picture
+(an audio-only `mode`, its own `ft_mode` when `mode` is '', or an audio-only model) makes one
+pass on logits, as the original's `skip_frame_agg`. Logits and sigmoid rank the clips of a class
+alike; softmax does not (it renormalizes each clip), so for cross-entropy models mAP, AUC and
+d-prime of one frame and of the frame average are of different scores, as in the original
+(accuracy is not affected). `mode` evaluates a multimodal model with a modality missing
+('missingaudioonly' keeps only the audio, 'missingvideoonly' only the video; '' = the model's
+own `ft_mode`). Unlike the original's per-epoch loop (drop_last), every clip of the split is
+scored exactly once: padding clips are marked by `valid` and dropped. Statistics:
+`eval/stats.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ AUDIO_ONLY_MODES = ("audioonly", "missingaudioonly")
 
 
 class ClassificationEvaluator(common.Evaluator):
-  """Scores of the task's 'probabilities' predict function against the split's labels."""
+  """Scores of the task's 'logits' (one frame) or 'probabilities' (frames averaged)."""
 
   FIELDS = {"mode": str, "all_frames": bool}
 
@@ -35,24 +41,36 @@ class ClassificationEvaluator(common.Evaluator):
       raise ValueError(f"config.evals.{name}.mode={config.mode!r}: unknown mode; must be '' "
                        f"(the model's) or one of {FT_MODES}.")
 
-  def __init__(self, name, config, predict_fns, mesh, batch_source):
+  @classmethod
+  def run_options(cls, run_config):
+    model = run_config.model
+    return {"model_mode": model.get("ft_mode", ""),
+            "model_sees_video": model.get("modalities", "audiovisual") != "audio"}
+
+  def __init__(self, name, config, predict_fns, mesh, batch_source, model_mode="",
+               model_sees_video=True):
+    """`model_mode`: the model's own `ft_mode` (for `mode=''`); `model_sees_video`: False for an
+    audio-only model (`config.model.modalities='audio'`), which is scored in one pass too."""
     super().__init__(name, config, predict_fns, mesh, batch_source)
     self._mode = config.mode or None
-    self._scores = self.jit(functools.partial(predict_fns["probabilities"], mode=self._mode))
+    self._all_frames = (config.all_frames and model_sees_video and
+                        (config.mode or model_mode) not in AUDIO_ONLY_MODES)
+    self._logits = self.jit(functools.partial(predict_fns["logits"], mode=self._mode))
+    self._probabilities = self.jit(functools.partial(predict_fns["probabilities"],
+                                                     mode=self._mode))
 
   def data_overrides(self) -> dict[str, Any]:
-    return {"eval_all_frames": self.config.all_frames}
+    return {"eval_all_frames": self._all_frames}
 
   def _batch_scores(self, params: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
     image = batch["image"]
     if image.ndim == 4:  # one frame per clip
-      return np.asarray(self._scores(params, self.global_batch(batch)))
-    frames = [0] if self._mode in AUDIO_ONLY_MODES else range(image.shape[1])
+      return np.asarray(self._logits(params, self.global_batch(batch)), np.float32)
     total = 0.0
-    for frame in frames:
+    for frame in range(image.shape[1]):
       inputs = self.global_batch({"audio": batch["audio"], "image": image[:, frame]})
-      total = total + np.asarray(self._scores(params, inputs), np.float64)
-    return total / len(frames)
+      total = total + np.asarray(self._probabilities(params, inputs), np.float64)
+    return total / image.shape[1]
 
   def predictions(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
     """(scores [clips, classes], labels [clips, classes]) of every valid clip, in data order."""

@@ -56,6 +56,12 @@ class Evaluator:
   def check_entry(cls, name: str, config: ml_collections.ConfigDict) -> None:
     """Checks the type's own fields (types and common fields are checked already)."""
 
+  @classmethod
+  def run_options(cls, run_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of the constructor that come from the run's config, not the entry."""
+    del run_config
+    return {}
+
   def due(self, step: int, total_steps: int, steps_per_epoch: int) -> bool:
     """Whether to run after training step `step` (0: the fresh run's initial parameters)."""
     if step == 0:

@@ -21,7 +21,9 @@ class RetrievalEvaluator(common.Evaluator):
   """Audio <-> visual retrieval over a split, from the task's 'features' predict function.
 
   The features are the mean-pooled audio-only and video-only streams of every valid clip, in
-  data order, up to `max_clips` (the paper's subsets: 1,725 AudioSet and 1,545 VGGSound clips).
+  data order, up to `max_clips`: the first clips of the split, a progress signal sized like the
+  paper's subsets (1,725 AudioSet and 1,545 VGGSound clips) but not those class-balanced
+  subsets; `tools/retrieval.py --subset` runs the paper's protocol.
   """
 
   FIELDS = {"max_clips": int}

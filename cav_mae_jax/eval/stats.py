@@ -121,8 +121,9 @@ def classification_stats(output: np.ndarray, target: np.ndarray) -> dict[str, fl
   Keys: `mAP` (mean AP over all classes, a class without positives scoring 0.0),
   `mAP_classes_with_positives`, `mAUC` (mean over classes with both positives and negatives),
   `d_prime` (of `mAUC`), `accuracy`, `classes_without_positives`, `classes_without_negatives`.
-  Scores may be logits or probabilities: everything but accuracy depends only on their order
-  within a class, and accuracy only on the order within a clip.
+  Everything but accuracy depends only on the scores' order within a class, and accuracy only
+  on their order within a clip: logits and their sigmoid give the same statistics, their
+  softmax the same accuracy but other mAP, AUC and d-prime.
   """
   output, target = _check(output, target)
   ap, auc = _per_class(output, target)

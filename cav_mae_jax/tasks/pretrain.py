@@ -41,7 +41,10 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     return audio.mean(axis=1), video.mean(axis=1)
 
   trainable = models.trainable_mask(models.param_shapes(model_config), model_config)
+  predict_fns = {"losses": losses}
+  if model_config.modalities == "audiovisual":  # a single-modality MAE has no norm_a / norm_v
+    predict_fns["features"] = features
   return Task(name="pretrain", model_config=model_config, init_params=init_params,
               loss_fn=loss_fn, trainable=trainable, lr_multipliers=None,
-              predict_fns={"losses": losses, "features": features},
+              predict_fns=predict_fns,
               step_flops=flops.pretrain_step_flops(config.model))
