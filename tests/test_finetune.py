@@ -161,10 +161,15 @@ def _with_val(config, **fields):
   return config
 
 
-def test_probe_leaves_the_encoder_bit_identical(tmp_path):
+def test_probe_leaves_the_encoder_bit_identical(tmp_path, capsys):
   config = ft_config("tiny,probe")
   config.total_epochs, config.optim.learning_rate = 1.0, 1e-2
   train(config, tmp_path)
+  # No init source: said once, as the original's fine-tuning script does.
+  notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note:")]
+  assert notes == ["note: probe starts from random weights (config.init.source is ''); the "
+                   "paper's start is a pretrained model: --config.init.source=workdir|params|"
+                   "cavmae --config.init.path=..."]
   before = sd.flatten_params(init_params(config))
   after = sd.flatten_params(checkpoint.read_workdir_params(str(tmp_path))[0])
   for path, value in before.items():
@@ -180,7 +185,7 @@ def test_probe_leaves_the_encoder_bit_identical(tmp_path):
   assert head * 2 <= moments <= head * 2 + 16  # mu and nu of the head (+ step counters)
 
 
-def test_finetune_from_pretraining_then_average_epochs(tmp_path):
+def test_finetune_from_pretraining_then_average_epochs(tmp_path, capsys):
   pretrained = tmp_path / "pretrain"
   config = _shrink(pretrain.get_config("tiny"))
   config.model.contrast_group_size, config.total_steps = 0, 1
@@ -189,7 +194,9 @@ def test_finetune_from_pretraining_then_average_epochs(tmp_path):
 
   config = ft_config(source="workdir", path=str(pretrained))
   config.checkpoint.every_epoch = True
+  capsys.readouterr()
   train(config, tmp_path / "ft")
+  assert "note:" not in capsys.readouterr().out  # a pretrained start needs no note
   report = (tmp_path / "ft" / init_source.REPORT_FILE).read_text()
   assert "new classification head" in report and "decoder, not part of the target" in report
   assert checkpoint.saved_steps(str(tmp_path / "ft")) == [2, 4]  # both epoch ends kept

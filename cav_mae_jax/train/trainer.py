@@ -133,6 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     params = None
     if config.init.source:
       params = _load_init_params(config, task, init_rng, shardings.params, workdir, is_main)
+    elif task.finetune and is_main:  # as the original's run_cavmae_ft.py, which warns too
+      print(f"note: {task.name} starts from random weights (config.init.source is ''); the "
+            "paper's start is a pretrained model: --config.init.source=workdir|params|cavmae "
+            "--config.init.path=...")
     state, _ = step_lib.create_train_state(task, tx, mesh, init_rng, params)
     writer.write_hparams(config.to_dict())
 
