@@ -104,6 +104,26 @@ def test_short_audio_is_padded_as_the_original(videos):
   np.testing.assert_allclose(short, audio[:96], atol=1e-5)
 
 
+def test_the_originals_extracted_layout_gives_the_videos_inputs(videos, tmp_path):
+  """A datafile of the original's extracted layout (audio file + frame folders) -> the inputs
+  the video gives."""
+  data, _ = videos
+  video = clips.list_videos(data["video_dir"])[0]
+  audio, frames_dir = synthetic.write_extracted_layout(video.path, str(tmp_path), "clip")
+  datafile = tmp_path / "extracted.json"
+  datafile.write_text(json.dumps({"data": [{"video_id": "clip", "wav": audio,
+                                            "video_path": frames_dir, "labels": ""}]}))
+  extracted, = clips.list_videos(str(datafile))
+  assert (extracted.path, extracted.frames_dir) == (audio, frames_dir)
+  data_config = clips.eval_data_config(tiny_config())
+  preprocess = clips.eval_preprocess_fn(data_config, -5.081, 4.4849)
+  ours = clips.video_inputs(extracted.path, data_config, preprocess, extracted.frames_dir,
+                            extracted.video_id)
+  theirs = clips.video_inputs(video.path, data_config, preprocess)
+  for key in ("audio", "image"):
+    np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
 def test_bad_videos_are_quarantined_or_fatal(videos, tmp_path):
   data, _ = videos
   good = clips.list_videos(data["video_dir"])[0]

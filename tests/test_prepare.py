@@ -18,6 +18,7 @@ from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
 from cav_mae_jax.data import shards
 from cav_mae_jax.data import splits
+from cav_mae_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS_CSV = 'index,mid,display_name\n0,/m/a,"Alpha"\n1,/m/b,"Beta, b"\n2,/m/c,"Gamma"\n'
@@ -449,3 +450,49 @@ def test_workers_run_native_thread_pools_single_threaded():
   out = subprocess.run([sys.executable, '-c', _WORKER_ENV_SCRIPT], env=env, check=True,
                        capture_output=True, text=True).stdout.split()
   assert out == ['1', 'None']
+
+
+def test_the_originals_extracted_layout_gives_the_videos_records(media, tmp_path):
+  """Audio file + frame folders (the original's datafiles) -> the same fbank and frames as the
+  video; missing or malformed frames are quarantined naming the frame file, never replaced."""
+  audio, frames_dir = synthetic.write_extracted_layout(media["good_a"], str(tmp_path), "clip")
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  broken, bad_size = tmp_path / "missing_frame_7", tmp_path / "frame_3_100x100"
+  for i in range(10):
+    data = open(os.path.join(frames_dir, f"frame_{i}", "clip.jpg"), "rb").read()
+    for folder in (broken, bad_size):
+      (folder / f"frame_{i}").mkdir(parents=True)
+      if folder is broken and i == 7:
+        continue
+      if folder is bad_size and i == 3:
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).resize((100, 100)).save(buffer, format="JPEG")
+        data = buffer.getvalue()
+      (folder / f"frame_{i}" / "clip.jpg").write_bytes(data)
+  data = [{"video_id": "video", "wav": media["good_a"], "video_path": media["good_a"],
+           "labels": "/m/a"},
+          {"video_id": "clip", "wav": audio, "video_path": frames_dir, "labels": "/m/a"},
+          {"video_id": "clip", "wav": audio, "video_path": str(broken), "labels": "/m/b"},
+          {"video_id": "clip", "wav": audio, "video_path": str(bad_size), "labels": "/m/c"}]
+  datafile = write_file(str(tmp_path / "data.json"), json.dumps({"data": data}).encode())
+  out = str(tmp_path / "out")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
+                                    examples_per_shard=4, store_waveform=True, progress=False)
+  written = {e["video_id"]: e for e in records.iter_examples(out)}
+  assert sorted(written) == ["clip", "video"]
+  video, extracted = written["video"], written["clip"]
+  np.testing.assert_array_equal(extracted["waveform"], video["waveform"])
+  np.testing.assert_array_equal(extracted["fbank"], video["fbank"])
+  assert extracted["frames"] == video["frames"]  # the stored JPEG bytes, kept as they are
+  assert list(extracted["frame_indices"]) == [clips.EXTRACTED_FRAME_INDEX] * 10
+  assert extracted["frame_count"] == 0 and extracted["fps"] == 0.0
+  assert extracted["duration_s"] == pytest.approx(10.0, abs=0.05)
+
+  with open(os.path.join(out, "quarantine.jsonl")) as f:
+    quarantined = [json.loads(line) for line in f]
+  assert summary.quarantined_by_reason == {"missing_frame": 1, "bad_frame": 1}
+  by_reason = {q["reason"]: q["message"] for q in quarantined}
+  assert by_reason.keys() == {"missing_frame", "bad_frame"}
+  assert os.path.join(str(broken), "frame_7", "clip.jpg") in by_reason["missing_frame"]
+  assert "100x100" in by_reason["bad_frame"] and "frame_3" in by_reason["bad_frame"]

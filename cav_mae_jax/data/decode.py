@@ -63,6 +63,16 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   too_few_frames        the stream has no frames, or ends before a frame the rule needs
   unsupported_rotation  the display matrix mirrors the picture or turns it by an angle that
                         is not a multiple of 90 degrees
+  missing_frame         (the original's extracted layout) a frame_{i}/{video_id}.jpg is missing
+  bad_frame             (the original's extracted layout) a frame is not an RGB JPEG of the
+                        image size
+
+The original's extracted layout (`read_extracted_clip`): its preprocessing leaves a 16 kHz audio
+file and a folder of `frame_{i}/{video_id}.jpg` (i = 0..9), each frame already resized, cropped
+and saved as JPEG at quality 75, which is what records hold. The audio file is decoded as above
+and the frames' JPEG bytes are kept as they are, so the records hold exactly the pictures the
+original's loader reads. A missing frame is an error: the original's loader silently takes an
+earlier frame instead.
 """
 
 from __future__ import annotations
@@ -91,6 +101,8 @@ REASONS = (
     'video_decode_error',
     'too_few_frames',
     'unsupported_rotation',
+    'missing_frame',
+    'bad_frame',
 )
 FRAME_WINDOW_SECONDS = 10  # The original spreads its frames over the first 10 s.
 ORIGINAL_AUDIO_SECONDS = (1023 * 160 + 400) / 16000  # Audio in the original's 1024 fbank frames.
@@ -648,6 +660,68 @@ def decode_frames(path: str | os.PathLike,
     sink = _frame_sink(path, container, num_frames, image_size)
     _drain(path, container, [sink])
     return sink.frames(), sink.indices, sink.fps, sink.frame_count
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractedClip:
+  """A clip in the original's extracted layout: its audio, decoded, and its frames as stored."""
+
+  waveform: np.ndarray  # int16 [num_samples], 16 kHz, first channel, at most max_seconds.
+  jpeg_frames: tuple[bytes, ...]  # frame_0 .. frame_{n-1}, the files' bytes.
+  duration_s: float  # Duration of the audio file.
+  source_sample_rate: int  # Sample rate of the audio file before resampling.
+
+
+def extracted_frame_path(frames_dir: str, video_id: str, index: int) -> str:
+  """Where the original's extract_video_frame.py writes frame `index` of a clip."""
+  return f'{frames_dir.rstrip("/")}/frame_{index}/{video_id}.jpg'
+
+
+def read_extracted_frame(path: str, image_size: int = 224) -> bytes:
+  """One extracted frame's JPEG bytes, checked to be an RGB JPEG of image_size x image_size."""
+  if is_local_path(path):
+    try:
+      with open(path, 'rb') as f:
+        data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+      raise DecodeError(path, 'missing_frame', f'no file {path}') from None
+    except OSError as e:
+      raise DecodeError(path, 'bad_frame', f'{path} cannot be read: {e.strerror}') from None
+  else:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote paths)
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        data = f.read()
+    except tf.errors.NotFoundError:
+      raise DecodeError(path, 'missing_frame', f'no file {path}') from None
+    except tf.errors.OpError as e:
+      raise DecodeError(path, 'bad_frame', f'{path} cannot be read: {e.message}') from None
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      kind, mode, size = image.format, image.mode, image.size
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
+    raise DecodeError(path, 'bad_frame', f'{path} is not a readable image ({e})') from None
+  if kind != 'JPEG' or mode != 'RGB' or size != (image_size, image_size):
+    raise DecodeError(path, 'bad_frame', f'{path} is {kind} {mode} {size[0]}x{size[1]}, '
+                      f'expected an RGB JPEG of {image_size}x{image_size}')
+  return data
+
+
+def read_extracted_clip(audio_path: str | os.PathLike, frames_dir: str, video_id: str, *,
+                        num_frames: int = 10, image_size: int = 224,
+                        target_sample_rate: int = 16000,
+                        max_seconds: float | None = 10.0) -> ExtractedClip:
+  """A clip of the original's extracted layout: an audio file and its frame folders."""
+  audio_path = os.fspath(audio_path)
+  frames = tuple(read_extracted_frame(extracted_frame_path(frames_dir, video_id, i), image_size)
+                 for i in range(num_frames))
+  with _open(audio_path) as container:
+    sink = _audio_sink(audio_path, container, target_sample_rate, max_seconds)
+    _drain(audio_path, container, [sink])
+    return ExtractedClip(waveform=sink.waveform(), jpeg_frames=frames,
+                         duration_s=_container_duration_s(container),
+                         source_sample_rate=sink.source_sample_rate)
 
 
 def decode_clip(path: str | os.PathLike,

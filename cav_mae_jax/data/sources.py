@@ -31,11 +31,16 @@ class SourceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ClipEntry:
-  """One clip to process: its id, media file and label ids (e.g. AudioSet mids)."""
+  """One clip to process: its id, media file and label ids (e.g. AudioSet mids).
+
+  With `frames_dir` (the original's extracted layout) `path` is the clip's audio file and the
+  frames are `{frames_dir}/frame_{i}/{video_id}.jpg`; without, `path` is a video with both.
+  """
 
   video_id: str
   path: str
   label_ids: tuple[str, ...]
+  frames_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +117,12 @@ def _media_path(base: str, media: str) -> str:
 def read_datafile(path: str) -> list[ClipEntry]:
   """Reads the original's JSON datafile `{"data": [{"video_id", "wav", "video_path", "labels"}]}`.
 
-  The media file of an entry is `video_path` when it names a file (a video with both streams);
-  the original's layout, where `video_path` is a folder of extracted frames, is not usable
-  here, so then `wav` must name the video. Relative paths are taken from the datafile's folder
-  (which may itself be remote); media paths may be URIs of any file system TensorFlow reads.
+  Either layout: `video_path` names a video with both streams, or, as the original's
+  preprocessing leaves them, `video_path` is the folder of extracted frames
+  (`frame_{i}/{video_id}.jpg`) and `wav` the extracted audio (`ClipEntry.frames_dir`). When
+  `video_path` is empty or a folder name that does not exist, `wav` must name a video. Relative
+  paths are taken from the datafile's folder (which may itself be remote); media paths may be
+  URIs of any file system TensorFlow reads.
   """
   what = "datafile"
   try:
@@ -132,14 +139,16 @@ def read_datafile(path: str) -> list[ClipEntry]:
     for key in ("video_id", "labels"):
       if key not in item:
         raise SourceError(what, path, f"data[{position}] has no {key!r}")
-    media = item.get("video_path") or ""
-    if not media or media.endswith("/") or tf.io.gfile.isdir(_media_path(base, media)):
+    media, frames_dir = item.get("video_path") or "", ""
+    if media and tf.io.gfile.isdir(_media_path(base, media)):  # the original's extracted layout
+      media, frames_dir = item.get("wav") or "", _media_path(base, media)
+    elif not media or media.endswith("/"):
       media = item.get("wav") or ""
     if not media:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")
     entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
-                             _split_labels(item["labels"])))
+                             _split_labels(item["labels"]), frames_dir))
   return entries
 
 

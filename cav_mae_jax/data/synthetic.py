@@ -18,7 +18,8 @@ comes with the original CAV-MAE JSON datafile (`{"data": [{"video_id", "wav", "v
 deterministic for a seed.
 
 `write_mp4` and the frame-number pattern helpers are also used by the tests to build media
-with specific properties (VFR, 6 channels, audio-only, ...).
+with specific properties (VFR, 6 channels, audio-only, ...); `write_extracted_layout` turns a
+video into what the original's preprocessing leaves (a 16 kHz WAV and frame folders).
 """
 
 from __future__ import annotations
@@ -377,3 +378,28 @@ def generate_dataset(out_dir: str | os.PathLike,
   write_class_labels(labels_csv, num_classes)
   return {'datafile': datafile, 'labels_csv': labels_csv, 'video_dir': video_dir,
           'num_clips': num_clips, 'num_classes': num_classes}
+
+
+def write_extracted_layout(video: str, out_dir: str, video_id: str) -> tuple[str, str]:
+  """Writes a video as the original's preprocessing leaves it: (audio path, frames folder).
+
+  The audio is `{out_dir}/{video_id}.wav`, 16 kHz mono 16-bit (its `ffmpeg -ar 16000` and
+  `sox ... remix 1`), and the frames `{out_dir}/frames/frame_{i}/{video_id}.jpg` (its
+  extract_video_frame.py: the 10 frames resized, center-cropped and saved as JPEG 75), both
+  made with this package's decoder, so records of either form must be equal.
+  """
+  import wave  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
+  waveform, _ = decode.decode_audio(video, 16000, max_seconds=None)
+  audio = os.path.join(out_dir, f"{video_id}.wav")
+  with wave.open(audio, "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(16000)
+    f.writeframes(waveform.astype("<i2").tobytes())
+  frames_dir = os.path.join(out_dir, "frames")
+  for i, frame in enumerate(decode.decode_clip(video).frames):
+    os.makedirs(os.path.join(frames_dir, f"frame_{i}"), exist_ok=True)
+    with open(decode.extracted_frame_path(frames_dir, video_id, i), "wb") as f:
+      f.write(decode.encode_jpeg(frame))
+  return audio, frames_dir

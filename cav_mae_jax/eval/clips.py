@@ -246,10 +246,12 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
 
 @dataclasses.dataclass(frozen=True)
 class VideoClip:
-  """A video file to read and the id its features are stored under."""
+  """A video file to read and the id its features are stored under; with `frames_dir`, `path`
+  is the audio file of the original's extracted layout (`sources.ClipEntry`)."""
 
   video_id: str
   path: str
+  frames_dir: str = ""
 
 
 def list_videos(source: str) -> list[VideoClip]:
@@ -265,7 +267,7 @@ def list_videos(source: str) -> list[VideoClip]:
     raise FileNotFoundError(f"{source}: no such video directory or list file")
   elif source.endswith(".json"):
     from cav_mae_jax.data import sources  # pylint: disable=g-import-not-at-top
-    clips = [VideoClip(e.video_id, e.path) for e in sources.read_datafile(source)]
+    clips = [VideoClip(e.video_id, e.path, e.frames_dir) for e in sources.read_datafile(source)]
   else:
     base = os.path.dirname(os.path.abspath(source))
     with open(source) as f:
@@ -290,8 +292,10 @@ def audio_window_seconds(audio_length: int, sample_rate: int = 16000) -> float:
   return ((audio_length - 1) * shift + window) / sample_rate
 
 
-def video_inputs(path: str, data_config: Any, preprocess: Callable[[dict], dict]) -> HostBatch:
-  """One video file -> {'audio' [T, F], 'image' [H, W, 3]} as its record would give them.
+def video_inputs(path: str, data_config: Any, preprocess: Callable[[dict], dict],
+                 frames_dir: str = "", video_id: str = "") -> HostBatch:
+  """One video file (or, with `frames_dir`, an audio file and the original's extracted frames
+  of `video_id`) -> {'audio' [T, F], 'image' [H, W, 3]} as its record would give them.
 
   Raises `decode.DecodeError` (with a reason code) when the file cannot be decoded.
   """
@@ -299,14 +303,18 @@ def video_inputs(path: str, data_config: Any, preprocess: Callable[[dict], dict]
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import fbank  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
-  clip = decode.decode_clip(path, num_frames=records.NUM_VIDEO_FRAMES,
-                            image_size=records.IMAGE_SIZE,
-                            target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
-                            max_seconds=audio_window_seconds(data_config.audio_length))
-  features = fbank.clip_fbank(clip.waveform, records.WAVEFORM_SAMPLE_RATE,
-                              data_config.num_mel_bins)
+  options = dict(num_frames=records.NUM_VIDEO_FRAMES, image_size=records.IMAGE_SIZE,
+                 target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
+                 max_seconds=audio_window_seconds(data_config.audio_length))
+  if frames_dir:
+    clip = decode.read_extracted_clip(path, frames_dir, video_id, **options)
+    waveform, jpegs = clip.waveform, list(clip.jpeg_frames)
+  else:
+    clip = decode.decode_clip(path, **options)
+    waveform, jpegs = clip.waveform, [decode.encode_jpeg(frame) for frame in clip.frames]
+  features = fbank.clip_fbank(waveform, records.WAVEFORM_SAMPLE_RATE, data_config.num_mel_bins)
   raw = fbank.pad_or_trim(features, data_config.audio_length)
-  jpegs = tf.constant([decode.encode_jpeg(frame) for frame in clip.frames])
+  jpegs = tf.constant(jpegs)
   out = preprocess({"audio": tf.constant(raw), "frames": jpegs})
   return {"audio": np.asarray(out["audio"]), "image": np.asarray(out["image"])}
 
@@ -340,7 +348,7 @@ def video_batches(clips: Sequence[VideoClip], config: Any, batch_size: int, *,
     for row, clip in enumerate(mine):
       batch["video_id"][row] = clip.video_id
       try:
-        inputs = video_inputs(clip.path, data_config, preprocess)
+        inputs = video_inputs(clip.path, data_config, preprocess, clip.frames_dir, clip.video_id)
       except decode.DecodeError as e:
         on_error(clip, e)
         continue
