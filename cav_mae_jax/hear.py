@@ -66,18 +66,21 @@ class HearModel:
     return self.model_config.embed_dim
 
 
-def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0) -> HearModel:
+def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0,
+               dtype: str = "") -> HearModel:
   """A params checkpoint (tools/convert.py, with model_config.json) or a training workdir.
 
   `step`: the workdir's checkpoint (0: the latest). `batch_size`: windows per device batch
-  (default 8 per device).
+  (default 8 per device). `dtype`: the compute dtype ('float32', 'bfloat16'; '' = the model
+  config's, bfloat16 for the base recipes).
   """
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
   path = os.fspath(model_file_path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no params checkpoint or training workdir")
-  model_config = models.ModelConfig.from_config(init_source.read_model_config(path))
+  stored = init_source.read_model_config(path)
+  model_config = models.ModelConfig.from_config({**stored, **({"dtype": dtype} if dtype else {})})
   if not model_config.uses_audio:
     raise ValueError(f"{path}: model has no audio branch (modalities="
                      f"{model_config.modalities!r})")

@@ -52,10 +52,14 @@ def _direct_tokens(clip, config, params):
   return np.asarray(tokens["audio"]).reshape(len(windows), *config.audio_grid, -1)
 
 
-def test_model_attributes(model):
+def test_model_attributes(checkpoint, model):
   assert hear.sample_rate == model.sample_rate == 16000
   assert model.scene_embedding_size == model.timestamp_embedding_size == 32
   assert (model.fbank_mean, model.fbank_std) == (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD)
+  assert model.model_config.dtype == "float32"  # the stored config's
+  assert hear.load_model(checkpoint[0], dtype="bfloat16").model_config.dtype == "bfloat16"
+  with pytest.raises(ValueError, match="dtype"):
+    hear.load_model(checkpoint[0], dtype="float8")
 
 
 def test_short_audio_is_one_padded_window(checkpoint, model):
