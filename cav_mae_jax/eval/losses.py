@@ -1,6 +1,8 @@
 """The task's own losses on held-out clips, with masks drawn from a fixed seed.
 
-Fixed masks make evaluations at different steps comparable. The losses are batch means over the
+Fixed masks make evaluations at different steps comparable: batch `b` of a pass draws its masks
+from `fold_in(key(mask_seed), b)`, so every batch (not only every evaluation) has its own masks,
+as the original draws new ones at every forward pass. The losses are batch means over the
 model's contrastive groups, so only batches without padding enter them (`full_batches` says how
 many); evaluators that score clips (retrieval, classification) use every valid clip instead.
 """
@@ -23,16 +25,18 @@ class LossesEvaluator(common.Evaluator):
 
   def __init__(self, name, config, predict_fns, mesh, batch_source):
     super().__init__(name, config, predict_fns, mesh, batch_source)
-    self._losses = self.jit(predict_fns["losses"])
+    losses = predict_fns["losses"]
+    self._losses = self.jit(lambda params, batch, rng, index: losses(
+        params, batch, jax.random.fold_in(rng, index)))
     self._rng = jax.device_put(jax.random.PRNGKey(config.mask_seed), mesh_lib.replicated(mesh))
 
   def run(self, params: Any) -> Iterator[tuple[str, float]]:
     totals: dict[str, float] = {}
     full_batches = 0
-    for batch in self.batches():
+    for index, batch in enumerate(self.batches()):
       if not np.all(batch["valid"]):
         continue
-      out = jax.device_get(self._losses(params, self.global_batch(batch), self._rng))
+      out = jax.device_get(self._losses(params, self.global_batch(batch), self._rng, index))
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)
       full_batches += 1
