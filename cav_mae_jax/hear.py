@@ -80,7 +80,9 @@ def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0,
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no params checkpoint or training workdir")
   stored = init_source.read_model_config(path)
-  model_config = models.ModelConfig.from_config({**stored, **({"dtype": dtype} if dtype else {})})
+  if dtype:
+    stored["dtype"] = dtype
+  model_config = models.ModelConfig.from_config(stored)
   if not model_config.uses_audio:
     raise ValueError(f"{path}: model has no audio branch (modalities="
                      f"{model_config.modalities!r})")

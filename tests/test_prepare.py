@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from cav_mae_jax.data import clips
+from cav_mae_jax.data import decode
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
 from cav_mae_jax.data import shards
@@ -485,7 +486,7 @@ def test_the_originals_extracted_layout_gives_the_videos_records(media, tmp_path
   np.testing.assert_array_equal(extracted["waveform"], video["waveform"])
   np.testing.assert_array_equal(extracted["fbank"], video["fbank"])
   assert extracted["frames"] == video["frames"]  # the stored JPEG bytes, kept as they are
-  assert list(extracted["frame_indices"]) == [clips.EXTRACTED_FRAME_INDEX] * 10
+  assert list(extracted["frame_indices"]) == [decode.EXTRACTED_FRAME_INDEX] * 10
   assert extracted["frame_count"] == 0 and extracted["fps"] == 0.0
   assert extracted["duration_s"] == pytest.approx(10.0, abs=0.05)
 

@@ -18,9 +18,6 @@ from cav_mae_jax.data import sources
 
 UNKNOWN_LABEL = "unknown_label"
 AUDIO_TOO_SHORT = "audio_too_short"
-# `frame_indices` of frames read from the original's extracted layout: their source frame
-# numbers are not known (with fps 0.0 and frame_count 0).
-EXTRACTED_FRAME_INDEX = -1
 
 
 class ClipError(Exception):
@@ -66,37 +63,31 @@ def clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
       raise ClipError(entry.path, UNKNOWN_LABEL,
                       f"label {label_id!r} is not in {labels.source}")
     indices.append(index)
-  options = dict(num_frames=records.NUM_VIDEO_FRAMES, image_size=records.IMAGE_SIZE,
-                 target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
-                 # Exactly the audio the original's 1024 fbank frames see (10.255 s).
-                 max_seconds=decode.ORIGINAL_AUDIO_SECONDS)
-  if entry.frames_dir:  # the original's extracted layout: frames as stored, no video facts
-    extracted = decode.read_extracted_clip(entry.path, entry.frames_dir, entry.video_id,
-                                           **options)
-    waveform, jpeg_frames = extracted.waveform, extracted.jpeg_frames
-    video_facts = dict(frame_indices=[EXTRACTED_FRAME_INDEX] * records.NUM_VIDEO_FRAMES,
-                       duration_s=extracted.duration_s,
-                       source_sample_rate=extracted.source_sample_rate, fps=0.0,
-                       frame_count=0, rotation=0)
-  else:
-    clip = decode.decode_clip(entry.path, **options)
-    waveform, jpeg_frames = clip.waveform, [decode.encode_jpeg(f) for f in clip.frames]
-    video_facts = dict(frame_indices=clip.frame_indices, duration_s=clip.duration_s,
-                       source_sample_rate=clip.source_sample_rate, fps=clip.fps,
-                       frame_count=clip.frame_count, rotation=clip.rotation)
-  features = fbank.clip_fbank(waveform, records.WAVEFORM_SAMPLE_RATE, records.NUM_MEL_BINS)
+  media = decode.read_clip_media(entry.path, entry.frames_dir, entry.video_id,
+                                 num_frames=records.NUM_VIDEO_FRAMES,
+                                 image_size=records.IMAGE_SIZE,
+                                 target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
+                                 # Exactly the audio the original's 1024 fbank frames see.
+                                 max_seconds=decode.ORIGINAL_AUDIO_SECONDS)
+  features = fbank.clip_fbank(media.waveform, records.WAVEFORM_SAMPLE_RATE,
+                              records.NUM_MEL_BINS)
   if features.shape[0] == 0:
     raise ClipError(entry.path, AUDIO_TOO_SHORT,
-                    f"{waveform.size} samples at 16 kHz is shorter than one 25-ms window")
+                    f"{media.waveform.size} samples at 16 kHz is shorter than one 25-ms window")
   return records.make_example_values(
       video_id=entry.video_id,
       labels=indices,
       label_ids=[labels.mids[i] for i in indices],
       fbank=fbank.pad_or_trim(features, records.TARGET_FBANK_FRAMES),
       fbank_num_frames=features.shape[0],
-      jpeg_frames=jpeg_frames,
-      waveform=waveform if store_waveform else None,
-      **video_facts,
+      jpeg_frames=media.jpeg_frames,
+      frame_indices=media.frame_indices,
+      duration_s=media.duration_s,
+      source_sample_rate=media.source_sample_rate,
+      fps=media.fps,
+      frame_count=media.frame_count,
+      waveform=media.waveform if store_waveform else None,
+      rotation=media.rotation,
   )
 
 

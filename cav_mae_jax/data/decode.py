@@ -67,7 +67,7 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   bad_frame             (the original's extracted layout) a frame is not an RGB JPEG of the
                         image size
 
-The original's extracted layout (`read_extracted_clip`): its preprocessing leaves a 16 kHz audio
+The original's extracted layout (`read_clip_media` with `frames_dir`): its preprocessing leaves a 16 kHz audio
 file and a folder of `frame_{i}/{video_id}.jpg` (i = 0..9), each frame already resized, cropped
 and saved as JPEG at quality 75, which is what records hold. The audio file is decoded as above
 and the frames' JPEG bytes are kept as they are, so the records hold exactly the pictures the
@@ -662,14 +662,23 @@ def decode_frames(path: str | os.PathLike,
     return sink.frames(), sink.indices, sink.fps, sink.frame_count
 
 
+# `frame_indices` of frames read from the original's extracted layout: their source frame numbers
+# are not known (nor its fps or frame count, stored as 0).
+EXTRACTED_FRAME_INDEX = -1
+
+
 @dataclasses.dataclass(frozen=True)
-class ExtractedClip:
-  """A clip in the original's extracted layout: its audio, decoded, and its frames as stored."""
+class ClipMedia:
+  """What a record keeps of a clip's media: its audio, its frames as JPEG, and source facts."""
 
   waveform: np.ndarray  # int16 [num_samples], 16 kHz, first channel, at most max_seconds.
-  jpeg_frames: tuple[bytes, ...]  # frame_0 .. frame_{n-1}, the files' bytes.
-  duration_s: float  # Duration of the audio file.
-  source_sample_rate: int  # Sample rate of the audio file before resampling.
+  jpeg_frames: list[bytes]  # [num_frames] JPEG (quality 75) of the frames DecodedClip holds.
+  frame_indices: np.ndarray  # int [num_frames]; EXTRACTED_FRAME_INDEX for the extracted layout.
+  duration_s: float  # Container duration in seconds (of the audio file, extracted layout).
+  source_sample_rate: int  # Sample rate of the audio stream before resampling.
+  fps: float  # As DecodedClip; 0.0 for the extracted layout.
+  frame_count: int  # As DecodedClip; 0 for the extracted layout.
+  rotation: int = 0  # As DecodedClip.
 
 
 def extracted_frame_path(frames_dir: str, video_id: str, index: int) -> str:
@@ -708,20 +717,27 @@ def read_extracted_frame(path: str, image_size: int = 224) -> bytes:
   return data
 
 
-def read_extracted_clip(audio_path: str | os.PathLike, frames_dir: str, video_id: str, *,
-                        num_frames: int = 10, image_size: int = 224,
-                        target_sample_rate: int = 16000,
-                        max_seconds: float | None = 10.0) -> ExtractedClip:
-  """A clip of the original's extracted layout: an audio file and its frame folders."""
-  audio_path = os.fspath(audio_path)
-  frames = tuple(read_extracted_frame(extracted_frame_path(frames_dir, video_id, i), image_size)
-                 for i in range(num_frames))
-  with _open(audio_path) as container:
-    sink = _audio_sink(audio_path, container, target_sample_rate, max_seconds)
-    _drain(audio_path, container, [sink])
-    return ExtractedClip(waveform=sink.waveform(), jpeg_frames=frames,
-                         duration_s=_container_duration_s(container),
-                         source_sample_rate=sink.source_sample_rate)
+def read_clip_media(path: str | os.PathLike, frames_dir: str = '', video_id: str = '', *,
+                    num_frames: int = 10, image_size: int = 224,
+                    target_sample_rate: int = 16000,
+                    max_seconds: float | None = 10.0) -> ClipMedia:
+  """A video's audio and JPEG-encoded frames (`decode_clip`), or, with `frames_dir`, the
+  original's extracted layout: `path` is the audio file and the frames are read as stored."""
+  path = os.fspath(path)
+  if not frames_dir:
+    clip = decode_clip(path, num_frames=num_frames, image_size=image_size,
+                       target_sample_rate=target_sample_rate, max_seconds=max_seconds)
+    return ClipMedia(clip.waveform, [encode_jpeg(frame) for frame in clip.frames],
+                     clip.frame_indices, clip.duration_s, clip.source_sample_rate, clip.fps,
+                     clip.frame_count, clip.rotation)
+  frames = [read_extracted_frame(extracted_frame_path(frames_dir, video_id, i), image_size)
+            for i in range(num_frames)]
+  with _open(path) as container:
+    sink = _audio_sink(path, container, target_sample_rate, max_seconds)
+    _drain(path, container, [sink])
+    return ClipMedia(sink.waveform(), frames, np.full(num_frames, EXTRACTED_FRAME_INDEX),
+                     _container_duration_s(container), sink.source_sample_rate, fps=0.0,
+                     frame_count=0)
 
 
 def decode_clip(path: str | os.PathLike,

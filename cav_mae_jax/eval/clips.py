@@ -303,18 +303,15 @@ def video_inputs(path: str, data_config: Any, preprocess: Callable[[dict], dict]
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import fbank  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
-  options = dict(num_frames=records.NUM_VIDEO_FRAMES, image_size=records.IMAGE_SIZE,
-                 target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
-                 max_seconds=audio_window_seconds(data_config.audio_length))
-  if frames_dir:
-    clip = decode.read_extracted_clip(path, frames_dir, video_id, **options)
-    waveform, jpegs = clip.waveform, list(clip.jpeg_frames)
-  else:
-    clip = decode.decode_clip(path, **options)
-    waveform, jpegs = clip.waveform, [decode.encode_jpeg(frame) for frame in clip.frames]
-  features = fbank.clip_fbank(waveform, records.WAVEFORM_SAMPLE_RATE, data_config.num_mel_bins)
+  media = decode.read_clip_media(path, frames_dir, video_id,
+                                 num_frames=records.NUM_VIDEO_FRAMES,
+                                 image_size=records.IMAGE_SIZE,
+                                 target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
+                                 max_seconds=audio_window_seconds(data_config.audio_length))
+  features = fbank.clip_fbank(media.waveform, records.WAVEFORM_SAMPLE_RATE,
+                              data_config.num_mel_bins)
   raw = fbank.pad_or_trim(features, data_config.audio_length)
-  jpegs = tf.constant(jpegs)
+  jpegs = tf.constant(media.jpeg_frames)
   out = preprocess({"audio": tf.constant(raw), "frames": jpegs})
   return {"audio": np.asarray(out["audio"]), "image": np.asarray(out["image"])}
 
