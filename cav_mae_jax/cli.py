@@ -15,6 +15,7 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
 import sys
@@ -103,13 +104,60 @@ def fail(message: str) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  argv = resolve_config_args(argv)
   try:
-    return flags.FLAGS(resolve_config_args(argv))
+    return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e))
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config raised)
-    fail(f"{type(e).__name__}: {e}")
+    # ml_collections answers an override of a field the config lacks with AttributeError("'x'").
+    fail(_unknown_config_field(argv) or f"{type(e).__name__}: {e}")
   return []
+
+
+def _config_flag_names() -> list[str]:
+  # pylint: disable-next=g-import-not-at-top  (the package does not re-export it)
+  from ml_collections.config_flags.config_flags import is_config_flag
+  return [name for name in flags.FLAGS if is_config_flag(flags.FLAGS[name])]
+
+
+def _unknown_config_field(argv: Sequence[str]) -> str | None:
+  """`--config.a.b: ...` for the first override in argv naming a field the config lacks."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  for name in _config_flag_names():
+    file_arg = None
+    for i, arg in enumerate(argv):
+      if arg.startswith(f"--{name}="):
+        file_arg = arg
+      elif arg == f"--{name}" and i + 1 < len(argv):
+        file_arg = f"--{name}={argv[i + 1]}"
+    if file_arg is None:
+      continue
+    loader = flags.FlagValues()  # The config file alone, without the overrides.
+    config_flags.DEFINE_config_file(name, None, "", flag_values=loader,
+                                    sys_argv=["prog", file_arg])
+    try:
+      loader(["prog", file_arg])
+      config = loader[name].value
+    except Exception:  # pylint: disable=broad-except  (reported as it is by the caller)
+      return None
+    for arg in argv:
+      if not arg.startswith(f"--{name}."):
+        continue
+      path = arg[len(name) + 3:].partition("=")[0]
+      node, parents = config, [name]
+      for part in path.split("."):
+        if not hasattr(node, "keys"):
+          break
+        if part not in node:
+          fields = sorted(node.keys())
+          close = difflib.get_close_matches(part, fields, n=1)
+          hint = f"did you mean {close[0]}? " if close else ""
+          listed = ", ".join(fields[:16]) + (", ..." if len(fields) > 16 else "")
+          return (f"--{name}.{path}: {'.'.join(parents)} has no field {part!r} "
+                  f"({hint}its fields: {listed})")
+        node, parents = node[part], [*parents, part]
+  return None
 
 
 def _verbose() -> bool:
@@ -133,11 +181,8 @@ def import_tensorflow_quietly() -> None:
 
 def _raise_config_file_errors() -> None:
   """Raises a --config file's load error (config_flags keeps it until the config is first read)."""
-  # pylint: disable-next=g-import-not-at-top  (the package does not re-export it)
-  from ml_collections.config_flags.config_flags import is_config_flag
-  for name in flags.FLAGS:
-    if is_config_flag(flags.FLAGS[name]):
-      getattr(flags.FLAGS[name].value, "lock", None)  # a config that failed to load raises OSError
+  for name in _config_flag_names():
+    getattr(flags.FLAGS[name].value, "lock", None)  # a config that failed to load raises OSError
 
 
 def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True) -> None:

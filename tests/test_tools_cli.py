@@ -20,6 +20,10 @@ CASES = {
                                   "configs/nope.py"),
     "train_bad_field_value": ("train.py", [TINY, "--workdir=w", "--config.data.freqm=abc"],
                               "freqm"),
+    "train_unknown_config_field": ("train.py", [TINY, "--workdir=w",
+                                                "--config.optim.learning_rat=1"],
+                                   "--config.optim.learning_rat: config.optim has no field "
+                                   "'learning_rat' (did you mean learning_rate?"),
     "train_missing_init": ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
                                         "--config.init.path=/no/model.pth"], "config.init.path"),
     "evaluate_missing_workdir": ("evaluate.py", [TINY, "--workdir=/no/workdir",
@@ -57,17 +61,22 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
   assert "Traceback" not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--config=configs/nope.py", "--workdir=w"], "configs/nope.py"),
-    ([TINY, "--workdir=w", "--config.data.freqm=abc"], "freqm"),
-    ([TINY, "--workdir=w", "--workers=2"], "workers"),
+@pytest.mark.parametrize("tool, args, named", [
+    ("train.py", ["--config=configs/nope.py", "--workdir=w"], "configs/nope.py"),
+    ("train.py", [TINY, "--workdir=w", "--config.data.freqm=abc"], "freqm"),
+    ("train.py", [TINY, "--workdir=w", "--config.data.fremq=48"], "freqm?"),
+    ("train.py", [TINY, "--workdir=w", "--workers=2"], "workers"),
+    ("preprocess.py", ["--out=o", "--workers=two"], "--workers"),
+    ("preprocess.py", ["--out=o"], "--datafile and --labels are required"),
+    ("inspect_records.py", ["--records=r", "--top=ten"], "--top"),
 ])
-def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(args, named, tmp_path):
+def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args, named,
+                                                                      tmp_path):
   """TensorFlow's import takes seconds; a typo in a flag or a config value need not wait for it."""
   tripwire = tmp_path / "tripwire" / "tensorflow"
   tripwire.mkdir(parents=True)
   (tripwire / "__init__.py").write_text("raise SystemExit('tensorflow was imported')\n")
-  result = _run_tool("train.py", args, tmp_path, extra_path=[tripwire.parent])
+  result = _run_tool(tool, args, tmp_path, extra_path=[tripwire.parent])
   assert result.returncode == 2, result.stderr[-2000:]
   line, = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and named in line, line

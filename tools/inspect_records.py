@@ -27,12 +27,34 @@ import os
 import sys
 from typing import Any
 
+from cav_mae_jax import cli
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.error = lambda message: sys.exit(cli.error_line(message))
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--records", help="a records directory (tools/preprocess.py output)")
+  source.add_argument("--tfds", help="a TFDS dataset built by the cav_mae_clips builder, "
+                      "e.g. cav_mae_clips/datafile")
+  parser.add_argument("--tfds-data-dir", default="", help="its TFDS data directory "
+                      "(default: TFDS's)")
+  parser.add_argument("--split", default="train", help="the TFDS split (with --tfds)")
+  parser.add_argument("--labels", help="class_labels_indices.csv, for class names")
+  parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect, or "
+                      "inspect_<dataset>_<split> here for --tfds)")
+  parser.add_argument("--num-images", type=int, default=4)
+  parser.add_argument("--top", type=int, default=20)
+  return parser
+
+
 if __name__ == "__main__":
   # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
   # this tool does no TensorFlow arithmetic (it only parses records with it), so oneDNN's
   # kernels are not needed.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  _parser().parse_args()  # A bad flag is answered now, not after TensorFlow's import.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,7 +63,6 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from cav_mae_jax import cli
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
 from cav_mae_jax.data import splits
@@ -184,21 +205,7 @@ def open_source(args: argparse.Namespace) -> tuple[splits.Split, str]:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status (2 on bad input, with one line on stderr)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.error = lambda message: sys.exit(cli.error_line(message))
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--records", help="a records directory (tools/preprocess.py output)")
-  source.add_argument("--tfds", help="a TFDS dataset built by the cav_mae_clips builder, "
-                      "e.g. cav_mae_clips/datafile")
-  parser.add_argument("--tfds-data-dir", default="", help="its TFDS data directory "
-                      "(default: TFDS's)")
-  parser.add_argument("--split", default="train", help="the TFDS split (with --tfds)")
-  parser.add_argument("--labels", help="class_labels_indices.csv, for class names")
-  parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect, or "
-                      "inspect_<dataset>_<split> here for --tfds)")
-  parser.add_argument("--num-images", type=int, default=4)
-  parser.add_argument("--top", type=int, default=20)
-  args = parser.parse_args(argv)
+  args = _parser().parse_args(argv)
   try:
     names = list(sources.read_class_labels(args.labels).display_names) if args.labels else None
     split, default_png_dir = open_source(args)

@@ -21,20 +21,10 @@ import argparse
 import os
 import sys
 
-if __name__ == "__main__":
-  # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
-  # this tool does no TensorFlow arithmetic (it only reads and writes files with it), so
-  # oneDNN's kernels are not needed.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from cav_mae_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cav_mae_jax.data import clips  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cav_mae_jax.data import prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cav_mae_jax import cli
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Runs the tool; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.error = lambda message: sys.exit(cli.error_line(message))
   parser.add_argument("--datafile", help="JSON datafile {'data': [{video_id, wav, "
@@ -53,9 +43,34 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--merge-index", action="store_true",
                       help="only merge finished shards' sidecars into index.json")
   parser.add_argument("--no-progress", action="store_true")
+  return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+  parser = _parser()
   args = parser.parse_args(argv)
   if not args.merge_index and (not args.datafile or not args.labels):
     parser.error("--datafile and --labels are required (unless --merge-index)")
+  return args
+
+
+if __name__ == "__main__":
+  # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
+  # this tool does no TensorFlow arithmetic (it only reads and writes files with it), so
+  # oneDNN's kernels are not needed.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  _parse(None)  # A bad flag is answered now, not after TensorFlow's import (seconds).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from cav_mae_jax.data import clips
+from cav_mae_jax.data import prepare
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the tool; returns the exit status."""
+  args = _parse(argv)
   try:
     if args.merge_index:
       summary = prepare.finalize(args.out)
