@@ -69,6 +69,15 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
     ("preprocess.py", ["--out=o", "--workers=two"], "--workers"),
     ("preprocess.py", ["--out=o"], "--datafile and --labels are required"),
     ("inspect_records.py", ["--records=r", "--top=ten"], "--top"),
+    # A mistyped input path, too (tools that load a model check them before importing).
+    ("train.py", [TINY, "--workdir=w", "--config.data.train_dir=/no/records"],
+     "config.data.train_dir: /no/records"),
+    ("evaluate.py", [TINY, "--workdir=/no/workdir"], "--workdir: /no/workdir"),
+    ("retrieval.py", [TINY, "--params=p", "--records=/no/records"], "--records: /no/records"),
+    ("extract_features.py", [TINY, "--params=p", "--videos=/no/videos", "--out=f.npz"],
+     "--videos: /no/videos"),
+    ("inpaint.py", [TINY, "--params=p", "--mask_ratio_a=1.5", "--out=x.png"],
+     "--mask_ratio_a=1.5"),
 ])
 def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args, named,
                                                                       tmp_path):

@@ -29,5 +29,10 @@ def main(argv: list[str]) -> None:
     print(f"{name:32s} {value:.6g}")
 
 
+def _input_paths() -> list[tuple[str, str | None]]:
+  return [("config.data.eval_dir", _MODEL.config.value.data.eval_dir),
+          *cli.model_input_paths(_MODEL)]
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, input_paths=_input_paths)

@@ -64,5 +64,15 @@ def main(argv: list[str]) -> None:
     print(f"quarantined {quarantine.count} videos: see {quarantine.path}")
 
 
+def _input_paths() -> list[tuple[str, str | None]]:
+  if _VIDEOS.value:
+    source = ("--videos", _VIDEOS.value)
+  elif _RECORDS.value:
+    source = ("--records", _RECORDS.value)
+  else:
+    source = ("config.data.eval_dir", _MODEL.config.value.data.eval_dir)
+  return [source, ("--subset", _SUBSET.value), *cli.model_input_paths(_MODEL)]
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, input_paths=_input_paths)

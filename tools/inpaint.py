@@ -27,15 +27,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masks.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG file.")
 flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
+for _flag in (_MASK_RATIO_A, _MASK_RATIO_V):
+  flags.register_validator(_flag.name, lambda ratio: 0.0 <= ratio < 1.0,
+                           message="must be in [0, 1)")
 
 
 def main(argv: list[str]) -> None:
   del argv
   from cav_mae_jax.eval import features, inpaint  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
-  for flag in (_MASK_RATIO_A, _MASK_RATIO_V):
-    if not 0.0 <= flag.value < 1.0:
-      raise ValueError(f"--{flag.name}={flag.value}: must be in [0, 1)")
   records = features.records_directory(config, _RECORDS.value or "")
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
                          params_path=_MODEL.params.value)
@@ -53,5 +53,11 @@ def main(argv: list[str]) -> None:
         f"audio {result.loss_a:.4f}, video {result.loss_v:.4f}")
 
 
+def _input_paths() -> list[tuple[str, str | None]]:
+  records = ("--records", _RECORDS.value) if _RECORDS.value else (
+      "config.data.eval_dir", _MODEL.config.value.data.eval_dir)
+  return [records, *cli.model_input_paths(_MODEL)]
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, input_paths=_input_paths)

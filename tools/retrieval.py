@@ -44,5 +44,11 @@ def main(argv: list[str]) -> None:
           f"{m['median_rank']:12.1f}")
 
 
+def _input_paths() -> list[tuple[str, str | None]]:
+  records = ("--records", _RECORDS.value) if _RECORDS.value else (
+      "config.data.eval_dir", _MODEL.config.value.data.eval_dir)
+  return [records, ("--subset", _SUBSET.value), *cli.model_input_paths(_MODEL)]
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, input_paths=_input_paths)

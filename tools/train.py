@@ -40,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, input_paths=lambda: [("config.data.train_dir", _CONFIG.value.data.train_dir)])
