@@ -197,6 +197,12 @@ def check_input_paths(paths: Sequence[tuple[str, str | None]]) -> None:
       raise FileNotFoundError(f"{what}: {path}: no such file or directory")
 
 
+def records_input_path(records: str, config) -> tuple[str, str | None]:
+  """The records directory a model tool reads (`records`, else config.data.eval_dir: the rule of
+  `eval.features.records_directory`), for check_input_paths."""
+  return ("--records", records) if records else ("config.data.eval_dir", config.data.eval_dir)
+
+
 def model_input_paths(model_flags: ModelFlags) -> list[tuple[str, str | None]]:
   """The checkpoint paths of `define_model_flags` (--workdir or --params), for check_input_paths."""
   return [("--workdir", model_flags.workdir.value), ("--params", model_flags.params.value)]

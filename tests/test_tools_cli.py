@@ -78,6 +78,8 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
      "--videos: /no/videos"),
     ("inpaint.py", [TINY, "--params=p", "--mask_ratio_a=1.5", "--out=x.png"],
      "--mask_ratio_a=1.5"),
+    ("inpaint.py", [TINY, "--params=p", "--config.data.eval_dir=/no/eval", "--out=x.png"],
+     "config.data.eval_dir: /no/eval"),
 ])
 def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args, named,
                                                                       tmp_path):

@@ -65,12 +65,8 @@ def main(argv: list[str]) -> None:
 
 
 def _input_paths() -> list[tuple[str, str | None]]:
-  if _VIDEOS.value:
-    source = ("--videos", _VIDEOS.value)
-  elif _RECORDS.value:
-    source = ("--records", _RECORDS.value)
-  else:
-    source = ("config.data.eval_dir", _MODEL.config.value.data.eval_dir)
+  source = (("--videos", _VIDEOS.value) if _VIDEOS.value
+            else cli.records_input_path(_RECORDS.value, _MODEL.config.value))
   return [source, ("--subset", _SUBSET.value), *cli.model_input_paths(_MODEL)]
 
 

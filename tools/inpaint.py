@@ -54,8 +54,7 @@ def main(argv: list[str]) -> None:
 
 
 def _input_paths() -> list[tuple[str, str | None]]:
-  records = ("--records", _RECORDS.value) if _RECORDS.value else (
-      "config.data.eval_dir", _MODEL.config.value.data.eval_dir)
+  records = cli.records_input_path(_RECORDS.value, _MODEL.config.value)
   return [records, *cli.model_input_paths(_MODEL)]
 
 
