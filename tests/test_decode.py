@@ -2,7 +2,6 @@
 
 import dataclasses
 import fractions
-import importlib.util
 import io
 import math
 import os
@@ -20,18 +19,9 @@ from cav_mae_jax.data import decode
 from cav_mae_jax.data import fbank
 from cav_mae_jax.data import synthetic
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), 'data')
+from expected_data import DATA_DIR
+from expected_data import make_expected
 
-
-def _load_make_expected():
-  spec = importlib.util.spec_from_file_location(
-      'make_expected', os.path.join(DATA_DIR, 'make_expected.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-make_expected = _load_make_expected()
 SMALL_SAMPLE = os.path.join(DATA_DIR, '00W1lcxW-WU_40.000.mp4')
 SAMPLE_RATE = 44100
 

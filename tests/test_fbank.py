@@ -8,20 +8,11 @@ import pytest
 
 from cav_mae_jax.data import fbank
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), 'data')
+from expected_data import DATA_DIR
+from expected_data import make_expected
+
 TOLERANCE = 1e-3  # Max abs difference of log-mel values, before normalization.
 SILENCE_LOG = -15.942385  # log(float32 eps)
-
-
-def _load_make_expected():
-  spec = importlib.util.spec_from_file_location(
-      'make_expected', os.path.join(DATA_DIR, 'make_expected.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-make_expected = _load_make_expected()
 CASES = make_expected.fbank_cases()
 SAMPLE_AUDIO = dict(np.load(os.path.join(DATA_DIR, 'sample_audio.npz')))
 STORED = dict(np.load(os.path.join(DATA_DIR, 'fbank_expected.npz')))
