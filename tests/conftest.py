@@ -1,8 +1,7 @@
 """Shared pytest set-up, applied before jax is imported anywhere in the test process.
 
 - 8 fake CPU devices, so multi-device logic is tested on any machine.
-- LLVM backend optimization level 0: halves XLA's CPU compile time for the tiny test models
-  (numerics are unchanged: XLA's CPU backend does not enable fast-math at any level).
+- Cheaper XLA compilation (tests/xla_flags.py: LLVM -O0 and XLA's elemental fusion emitter).
 - One persistent XLA compilation cache for the session, in a temporary folder removed at exit
   (or JAX_COMPILATION_CACHE_DIR where the caller set it): the pytest-xdist workers and the tools
   and trainers that tests start as subprocesses compile each program once. The same program gives
@@ -18,7 +17,9 @@ import tempfile
 
 import pytest
 
-_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+import xla_flags
+
+_FLAGS = (f"{xla_flags.DEVICE_COUNT}=8", *xla_flags.fast_flags())
 _existing = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_existing] + [f for f in _FLAGS if f.split("=")[0] not in _existing]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 8
@@ -32,7 +33,7 @@ def free_port() -> int:
 
 def process_env(devices_per_process: int, **extra: str) -> dict[str, str]:
   """Environment of a worker process: CPU only, `devices_per_process` devices, this checkout."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+  return dict(os.environ, XLA_FLAGS=xla_flags.xla_flags(devices_per_process),
               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1", **extra)
 
 

@@ -7,6 +7,7 @@ import pytest
 from cav_mae_jax.train import benchmark
 from cav_mae_jax.train import flops
 from configs import pretrain
+import xla_flags
 
 # XLA counts the elementwise work too (LayerNorm, GELU, softmax, noise, Adam): about 7% above the
 # model FLOPs for the tiny model on short inputs, 2% for base. An extra forward, dense work on
@@ -31,9 +32,10 @@ def test_xla_flops_counts_a_matmul():
 
 @pytest.fixture(scope="module")
 def plain_step():
-  """The tiny train step compiled for one device, and its setup (compiled once per module)."""
+  """The tiny train step compiled for one device as users' programs compile (XLA's default
+  emitters, not the suite's cheaper ones), and its setup (compiled once per module)."""
   setup = benchmark.setup_train_step(_tiny_config(), 8, jax.devices()[:1])
-  return setup, setup.compile()
+  return setup, setup.compile(xla_flags.native_compile_options())
 
 
 def test_compiled_step_flops_stay_near_the_model_flops(plain_step):

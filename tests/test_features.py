@@ -23,6 +23,7 @@ from cav_mae_jax.eval import ranking
 from cav_mae_jax.train import mesh as mesh_lib
 from configs import pretrain
 from test_input import write_records
+import xla_flags
 
 NUM_CLIPS = 7
 RECORD_ORDER = ["clip0", "clip3", "clip6", "clip1", "clip4", "clip2", "clip5"]  # shard by shard
@@ -115,7 +116,7 @@ def test_two_processes_count_every_clip_once(records_dir):
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags.xla_flags(device_count=4),
              JAX_PLATFORMS="cpu", PYTHONPATH=root)
   worker = os.path.join(root, "tests", "features_multihost_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), records_dir],

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from cav_mae_jax.train import gpu_check
 
+import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,7 @@ def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
   out = tmp_path / "out"
   env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(tmp_path / "blocked"),
-             XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device: faster compiles
+             XLA_FLAGS=xla_flags.xla_flags())  # one CPU device: faster compiles
   done = subprocess.run(["bash", "tools/gpu_check.sh", "--tiny"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -9,6 +9,8 @@ import pytest
 
 from cav_mae_jax.train import profile
 
+import xla_flags
+
 
 def _loss(w, x, ids):
   """A matmul, a gather (whose gradient is a scatter), a sort and a reduction."""
@@ -24,7 +26,7 @@ def _args():
 
 
 def test_hlo_ops_attribute_category_phase_and_scope():
-  compiled = jax.jit(jax.grad(_loss)).lower(*_args()).compile()
+  compiled = jax.jit(jax.grad(_loss)).lower(*_args()).compile(xla_flags.native_compile_options())
   ops = profile.hlo_ops(compiled.as_text())
   categories = {info.category for info in ops.values()}
   assert {"matmul", "scatter", "sort"} <= categories, categories

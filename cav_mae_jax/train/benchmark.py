@@ -54,10 +54,11 @@ class StepSetup:
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
   abstract_rng: jax.ShapeDtypeStruct
 
-  def compile(self) -> jax.stages.Compiled:
-    """The step compiled ahead of time for its abstract arguments (nothing is materialized)."""
+  def compile(self, compiler_options: dict[str, Any] | None = None) -> jax.stages.Compiled:
+    """The step compiled ahead of time for its abstract arguments (nothing is materialized);
+    `compiler_options`: XLA options by name, as `jax.stages.Lowered.compile` takes them."""
     return self.train_step.lower(self.abstract_state, self.abstract_batch,
-                                 self.abstract_rng).compile()
+                                 self.abstract_rng).compile(compiler_options)
 
 
 def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
