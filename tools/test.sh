@@ -12,5 +12,7 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -e ".[torch,test]"
 # pytest exit code 5 ("no tests collected") is a failure, like any other non-zero code.
 # Two pytest workers (TEST_WORKERS=N for more, 0 for none), each taking whole files so that
-# module fixtures are built once: 11m47s on 2 cores against 16m45s in one process (2026-12-01).
+# module fixtures are built once: 11m47s on 2 cores against 16m45s in one process (2026-12-01);
+# 14m47s on a slower 2-core machine with tests/xla_flags.py's compile flags, 20m13s without
+# (2026-12-02).
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
