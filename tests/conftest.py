@@ -19,7 +19,7 @@ import pytest
 
 import xla_flags
 
-_FLAGS = (f"{xla_flags.DEVICE_COUNT}=8", *xla_flags.fast_flags())
+_FLAGS = xla_flags.xla_flags(device_count=8).split()
 _existing = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_existing] + [f for f in _FLAGS if f.split("=")[0] not in _existing]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

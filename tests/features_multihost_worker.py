@@ -3,7 +3,7 @@
   python tests/features_multihost_worker.py PROCESS_ID NUM_PROCESSES COORDINATOR_PORT RECORDS_DIR
 
 Each process sees 4 CPU devices (XLA_FLAGS set by the caller) and joins the other through
-`jax.distributed.initialize`. It prints one JSON line: the ids and outputs of an in-memory pass
+`jax.distributed` (multihost_worker's launch helpers). It prints one JSON line: the ids and outputs of an in-memory pass
 (13 rows, global batch 8) and of a records pass with a subset list (each process reads its own
 shards), and every process's strings gathered.
 """
@@ -21,12 +21,8 @@ def main(process_id: int, num_processes: int, port: int, records_dir: str) -> No
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except AttributeError:
-    pass
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
-                             num_processes=num_processes, process_id=process_id)
+  from multihost_worker import initialize_distributed  # pylint: disable=import-outside-toplevel
+  initialize_distributed(process_id, num_processes, port)
   from cav_mae_jax.eval import clips, features  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from test_features import tiny_config  # pylint: disable=import-outside-toplevel

@@ -6,9 +6,6 @@ tiny float32 CAV-MAE; 8 fake CPU devices (conftest) against one.
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -22,8 +19,8 @@ from cav_mae_jax.eval import features
 from cav_mae_jax.eval import ranking
 from cav_mae_jax.train import mesh as mesh_lib
 from configs import pretrain
+import multihost_worker
 from test_input import write_records
-import xla_flags
 
 NUM_CLIPS = 7
 RECORD_ORDER = ["clip0", "clip3", "clip6", "clip1", "clip4", "clip2", "clip5"]  # shard by shard
@@ -112,26 +109,15 @@ def test_npz_holds_ids_and_arrays(tmp_path):
 
 def test_two_processes_count_every_clip_once(records_dir):
   """2 processes x 4 devices: ids of all processes' rows, in global order, padding dropped."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS=xla_flags.xla_flags(device_count=4),
-             JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  worker = os.path.join(root, "tests", "features_multihost_worker.py")
-  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), records_dir],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  worker = os.path.join(multihost_worker.ROOT, "tests", "features_multihost_worker.py")
+  port = multihost_worker.free_port()
+  results = multihost_worker.run_processes(
+      worker, [[i, 2, port, records_dir] for i in range(2)], multihost_worker.process_env(4),
+      timeout=300)
   outputs = []
-  try:
-    for proc in procs:
-      out, err = proc.communicate(timeout=300)
-      assert proc.returncode == 0, err[-3000:]
-      outputs.append(json.loads(out.strip().splitlines()[-1]))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
   assert outputs[0] == outputs[1]
   result = outputs[0]
   assert result["array_ids"] == [str(i) for i in range(13)]
