@@ -109,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = config_dict.placeholder(int)
     config.total_epochs = float(epochs)
   config.log_every_steps = 10 if tiny else 100
+  config.tensorboard = True  # TensorBoard summaries beside metrics.jsonl (imports TensorFlow)
   config.init = common.init_config()
 
   config.model = model_config(

@@ -73,6 +73,7 @@ BAD_CASES = [
     ("data.mixup_on", "audio", "config.data.mixup_on", {}),
     ("schedule.kind", "linear", "config.schedule.kind", {}),
     ("total_steps", 0, "config.total_steps", {}),
+    ("tensorboard", None, "config.tensorboard", {}),
     ("data.batch_size", 8, "config.data.batch_size", {"num_processes": 16, "num_devices": 8}),
 ]
 

@@ -1,7 +1,9 @@
 """Exact resume after SIGKILL, atomic async saves, and the non-finite-loss guard.
 
 Training runs in subprocesses (this file is also their entry point: `python THIS MODE WORKDIR`)
-so they can be killed like a preempted job; a shared compilation cache keeps them fast.
+so they can be killed like a preempted job; a shared compilation cache keeps them fast. They
+write no TensorBoard summaries (so they never import TensorFlow) except the straight run of the
+SIGKILL test, which checks both writers.
 """
 
 import hashlib
@@ -36,6 +38,7 @@ def tiny_config():
   with config.unlocked():
     config.evals = ml_collections.ConfigDict()  # no records here: no evaluators
   config.log_every_steps = 1
+  config.tensorboard = False  # metrics.jsonl only: TensorFlow is never imported
   return config
 
 
@@ -73,7 +76,8 @@ class RecordingInput:
 
 
 def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overrides=()):
-  """Trains the tiny config in `workdir` on in-memory clips (resuming if checkpoints exist)."""
+  """Trains the tiny config in `workdir` on in-memory clips (resuming if checkpoints exist);
+  says at the end whether TensorFlow was imported."""
   from cav_mae_jax.train import array_input, run_config, trainer  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   for field, value in overrides:
@@ -88,7 +92,8 @@ def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overr
       poison_call=poison_call, sigterm_on_call=sigterm_call)
   os.makedirs(workdir, exist_ok=True)
   try:
-    return trainer.train_and_evaluate(config, workdir, trainer.Inputs(wrapped, None, 24))
+    trainer.train_and_evaluate(config, workdir, trainer.Inputs(wrapped, None, 24))
+    print(f"tensorflow imported: {'tensorflow' in sys.modules}")
   except trainer.NonFiniteLossError as error:
     print(f"NonFiniteLossError: {error}")
     raise SystemExit(3) from error
@@ -130,10 +135,11 @@ def _restore_state(workdir, step):
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  straight_proc = _start("train", straight, cache)  # both at once: 2 cores
+  straight_proc = _start("train_tensorboard", straight, cache)  # both at once: 2 cores
   killed = _finish(_start("train_then_kill", resumed, cache))
   result = _finish(straight_proc)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "tensorflow imported: True" in result.stdout  # clu's TensorBoard writer
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   batches_before = (resumed / "batches.txt").read_text().split()
   assert len(batches_before) == KILL_AFTER_STEP
@@ -143,6 +149,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert logged == list(range(1, KILL_AFTER_STEP + 1))
   result = _subprocess("train", resumed, cache)
   assert result.returncode == 0, result.stderr[-3000:]
+  # Without TensorBoard summaries, training on in-memory data never imports TensorFlow.
+  assert "tensorflow imported: False" in result.stdout, result.stdout[-2000:]
+  assert not (resumed / "tensorboard").exists()
 
   # Identical batch order: 3 before the kill + 3 after resuming == 6 straight.
   assert (resumed / "batches.txt").read_text().split() == \
@@ -155,7 +164,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(a["state"]["step"]) == TOTAL_STEPS
-  # Metrics: one JSONL record per logged step with the documented keys, and TensorBoard events.
+  # Metrics: one JSONL record per logged step with the documented keys, and TensorBoard events
+  # (the straight run writes both).
   records = metrics.read_jsonl(str(straight / metrics.METRICS_FILE))
   assert [r["step"] for r in records] == list(range(1, TOTAL_STEPS + 1))
   for key in ("loss", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc", "grad_norm", "lr",
@@ -269,6 +279,8 @@ if __name__ == "__main__":
   MODE, WORKDIR = sys.argv[1], sys.argv[2]
   if MODE == "train":
     run_training(WORKDIR)
+  elif MODE == "train_tensorboard":
+    run_training(WORKDIR, overrides=[("tensorboard", True)])
   elif MODE == "train_then_kill":
     run_training(WORKDIR, kill=True)
   elif MODE == "sigterm_at_step_2":

@@ -58,7 +58,7 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, s
   for evaluator in eval_lib.build_evaluators(config, task.predict_fns, mesh, batch_source, names):
     results.update(evaluator.run(params))
   if workdir:
-    writer = metrics_lib.make_writer(workdir, jax.process_index() == 0)
+    writer = metrics_lib.make_writer(workdir, jax.process_index() == 0, config.tensorboard)
     writer.write_scalars(step, results)
     writer.close()
   return step, results

@@ -1,46 +1,32 @@
-"""Metric writers (TensorBoard + JSONL through clu) and a console progress bar with ETA."""
+"""Metric writers (JSONL, and TensorBoard through clu) and a console progress bar with ETA.
+
+The writers follow the part of clu's `MetricWriter` interface that the trainer uses. Importing
+clu's `metric_writers` package imports TensorFlow (~7 s; its TensorBoard writer is built on
+`tf.summary`), so it is imported only when TensorBoard summaries are written
+(`config.tensorboard`): a run without them, on in-memory data or on a machine without
+TensorFlow, never imports TensorFlow.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Any, Mapping
-
-from clu import metric_writers
-from clu.metric_writers import interface
+from typing import Any, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"
 
 
-class JsonlWriter(interface.MetricWriter):
+class JsonlWriter:
   """Appends one JSON line per `write_scalars` call: {"step": s, name: value, ...}."""
 
   def __init__(self, path: str):
     self.path = path
     self._file = open(path, "a")  # pylint: disable=consider-using-with
 
-  def write_summaries(self, step, values, metadata=None):
-    self.write_scalars(step, {k: v for k, v in values.items() if getattr(v, "ndim", 0) == 0})
-
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(record) + "\n")
-
-  def write_images(self, step, images):
-    pass  # JSONL holds scalars only; images go to TensorBoard.
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     self._file.write(json.dumps({"hparams": _jsonable(hparams)}) + "\n")
@@ -60,15 +46,41 @@ def _jsonable(value: Any) -> Any:
   return str(value)
 
 
-def make_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWriter:
-  """TensorBoard (workdir/tensorboard) + JSONL (workdir/metrics.jsonl) on the main process."""
+class Writers:
+  """Hands every write to each of `writers`, like clu's MultiWriter (which would import
+  TensorFlow): the part of clu's `MetricWriter` interface the trainer and evaluator use."""
+
+  def __init__(self, writers: Sequence[Any]):
+    self.writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for writer in self.writers:
+      writer.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    for writer in self.writers:
+      writer.write_hparams(hparams)
+
+  def flush(self):
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self):
+    for writer in self.writers:
+      writer.close()
+
+
+def make_writer(workdir: str, is_main_process: bool, tensorboard: bool = True) -> Writers:
+  """JSONL (workdir/metrics.jsonl), and TensorBoard (workdir/tensorboard) when `tensorboard`,
+  on the main process; nothing on the others."""
   if not is_main_process:
-    return metric_writers.MultiWriter([])
-  from clu.metric_writers.summary_writer import SummaryWriter  # pylint: disable=g-import-not-at-top
-  return metric_writers.MultiWriter([
-      SummaryWriter(os.path.join(workdir, "tensorboard")),
-      JsonlWriter(os.path.join(workdir, METRICS_FILE)),
-  ])
+    return Writers([])
+  writers: list[Any] = [JsonlWriter(os.path.join(workdir, METRICS_FILE))]
+  if tensorboard:
+    # pylint: disable-next=g-import-not-at-top
+    from clu.metric_writers.summary_writer import SummaryWriter  # imports TensorFlow
+    writers.insert(0, SummaryWriter(os.path.join(workdir, "tensorboard")))
+  return Writers(writers)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

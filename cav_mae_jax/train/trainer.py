@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return metrics_lib.last_scalars(workdir)
   if is_main:
     run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch)
-  writer = metrics_lib.make_writer(workdir, is_main)
+  writer = metrics_lib.make_writer(workdir, is_main, config.tensorboard)
 
   # ---------------------------------------------------------------- task and optimizer
   schedule, tx = optim.for_task(config, task, steps_per_epoch, total_steps)

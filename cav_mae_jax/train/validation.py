@@ -62,6 +62,8 @@ def _validate_duration(config: ml_collections.ConfigDict) -> None:
     _fail("total_epochs", epochs, "must be positive.")
   if config.log_every_steps <= 0:
     _fail("log_every_steps", config.log_every_steps, "must be positive.")
+  if not isinstance(config.tensorboard, bool):
+    _fail("tensorboard", config.tensorboard, "must be True or False.")
 
 
 def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_devices: int,
