@@ -15,4 +15,5 @@ PYTHON="${PYTHON:-python3}"
 # module fixtures are built once: 11m47s on 2 cores against 16m45s in one process (2026-12-01);
 # 14m47s on a slower 2-core machine with tests/xla_flags.py's compile flags, 20m13s without
 # (2026-12-02).
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile \
+  --no-loadscope-reorder "$@"
