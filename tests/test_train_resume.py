@@ -17,9 +17,8 @@ import time
 import numpy as np
 import pytest
 
-import xla_flags
+import multihost_worker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
 KILL_AFTER_STEP = 3
 
@@ -110,10 +109,8 @@ def fixture_cache(tmp_path_factory):
 
 def _start(mode, workdir, cache_dir):
   # Cheap XLA compilation (the same for every run, so results stay bit-comparable).
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=ROOT,
-             XLA_FLAGS=xla_flags.xla_flags(device_count=2), JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = multihost_worker.process_env(2, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen([sys.executable, __file__, mode, str(workdir)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
