@@ -275,23 +275,27 @@ def test_bad_config_names_the_field(overrides, field):
 
 
 def test_bad_inputs_name_the_field():
+  """The checks run when the model is traced: abstract evaluation is enough to reach them."""
   cfg = _cfg(contrast_group_size=3)
   model = CAVMAE(cfg)
   audio, image = _inputs(cfg, batch=6)
   rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}
   with pytest.raises(ValueError, match="audio_length"):
-    model.init(rngs, audio[:, :48], image)
+    jax.eval_shape(model.init, rngs, audio[:, :48], image)
   with pytest.raises(ValueError, match="num_mel_bins"):
-    model.init(rngs, audio[:, :, :64], image)
+    jax.eval_shape(model.init, rngs, audio[:, :, :64], image)
   with pytest.raises(ValueError, match="image_size"):
-    model.init(rngs, audio, image[:, :16, :16])
-  params = model.init(rngs, audio[:1], image[:1])  # init: any batch (params do not depend on it)
+    jax.eval_shape(model.init, rngs, audio, image[:, :16, :16])
+  # init: any batch (params do not depend on it)
+  params = jax.eval_shape(model.init, rngs, audio[:1], image[:1])
   with pytest.raises(ValueError, match="contrast_group_size"):
-    model.apply(params, audio[:4], image[:4], rngs={"mask": jax.random.key(1)})
+    jax.eval_shape(lambda p: model.apply(p, audio[:4], image[:4],
+                                         rngs={"mask": jax.random.key(1)}), params)
   with pytest.raises(ValueError, match="fine-tuning mode"):
-    CAVMAEFT(_cfg()).init(jax.random.key(0), audio, image, mode="stereo")
+    jax.eval_shape(lambda: CAVMAEFT(_cfg()).init(jax.random.key(0), audio, image, mode="stereo"))
   with pytest.raises(ValueError, match="image is required"):
-    CAVMAEFT(_cfg()).init(jax.random.key(0), audio, None, mode="videoonly")
+    jax.eval_shape(lambda: CAVMAEFT(_cfg()).init(jax.random.key(0), audio, None,
+                                                 mode="videoonly"))
 
 
 # ---- The optimizer mask: exactly the parameters the objective reaches (torch: grad is not None). ----
