@@ -14,6 +14,8 @@ PYTHON="${PYTHON:-python3}"
 # Two pytest workers (TEST_WORKERS=N for more, 0 for none), each taking whole files so that
 # module fixtures are built once: 11m47s on 2 cores against 16m45s in one process (2026-12-01);
 # 14m47s on a slower 2-core machine with tests/xla_flags.py's compile flags, 20m13s without
-# (2026-12-02).
+# (2026-12-02). The longest files are handed out first (tests/conftest.py, and
+# --no-loadscope-reorder so xdist keeps that order); with that and trainer subprocesses that skip
+# TensorFlow, 16m01s -> 13m17s on another slow 2-core machine (2026-12-02).
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile \
   --no-loadscope-reorder "$@"
