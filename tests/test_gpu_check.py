@@ -36,10 +36,16 @@ def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
   assert len(outcomes) == len(gpu_check.planned_rows(gpu_check.TINY))
   for name in ("jax bf16 xla", "torch autocast", "jax bf16 xla remat"):
     assert outcomes[(name, 8)]["status"] == "ok", outcomes[(name, 8)]
+  # XLA's count over the model FLOPs: 1.116 for the plain step (the elementwise work of this
+  # tiny bf16 step with the noise on the device), 1.22 keeping the projections (recomputed
+  # attention), 1.35 for full remat (jax 0.10.2). The bound leaves XLA's elementwise accounting
+  # room to move between versions; any recomputation stays above it, and the order holds.
   jax_row = outcomes[("jax bf16 xla", 8)]["result"]
-  assert jax_row["jax/samples_per_s"] > 0 and 1.0 < jax_row["xla_over_model_flops"] < 1.12
-  assert outcomes[("jax bf16 xla remat", 8)]["result"]["xla_over_model_flops"] > 1.12
-  assert outcomes[("jax bf16 xla remat dots_with_no_batch_dims_saveable", 8)]["status"] == "ok"
+  assert jax_row["jax/samples_per_s"] > 0 and 1.0 < jax_row["xla_over_model_flops"] < 1.16
+  full_remat = outcomes[("jax bf16 xla remat", 8)]["result"]["xla_over_model_flops"]
+  dots_remat = outcomes[("jax bf16 xla remat dots_with_no_batch_dims_saveable", 8)]
+  assert dots_remat["status"] == "ok"
+  assert 1.16 < dots_remat["result"]["xla_over_model_flops"] < full_remat
   assert outcomes[("torch autocast", 8)]["result"]["torch/samples_per_s"] > 0
   assert outcomes[("jax bf16 cudnn", 8)]["status"] == "skipped"  # needs a GPU
   # The default step at the largest batch also says where its time went.
