@@ -43,8 +43,8 @@ def fast_compilation():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
-# The longest test files (seconds in a 2-worker run of the whole suite on 2 cores, 2026-12-02),
-# run first. tools/test.sh hands whole files to its pytest-xdist workers in collection order
+# The longest test files (seconds in a 2-worker run of the whole suite on 2 cores, 2026-12-02,
+# before this ordering and before test_train_resume's runs left TensorFlow out), run first. tools/test.sh hands whole files to its pytest-xdist workers in collection order
 # (--dist loadfile --no-loadscope-reorder); xdist's default order, by the number of tests in a
 # file, put these few-test, many-subprocess files last, where one worker ran them alone while the
 # other sat idle: 924 s against 879 s for this order in a replay of that run's test times.
