@@ -544,6 +544,42 @@ def test_an_mp4_whose_index_is_cut_midway_is_unreadable(media, tmp_path):
       assert 'no audio or video stream' in info.value.detail
 
 
+def _remux_with_unknown_codec(source, path, codec_id, unknown_id):
+  """Copies an MP4 into Matroska and renames one track's codec ID to one FFmpeg does not know."""
+  with av.open(source) as reader, av.open(path, 'w', format='matroska') as writer:
+    copies = {stream.index: writer.add_stream_from_template(stream) for stream in reader.streams}
+    for packet in reader.demux():
+      if packet.dts is not None:
+        packet.stream = copies[packet.stream.index]
+        writer.mux(packet)
+  data = open(path, 'rb').read()
+  assert data.count(codec_id) == 1 and len(codec_id) == len(unknown_id)
+  with open(path, 'wb') as f:
+    f.write(data.replace(codec_id, unknown_id))
+
+
+@pytest.mark.parametrize('kind, codec_id, reason, function', [
+    ('audio', b'A_AAC', 'audio_decode_error', 'decode_audio'),
+    ('audio', b'A_AAC', 'audio_decode_error', 'decode_clip'),
+    ('video', b'V_MPEG4/ISO/AVC', 'video_decode_error', 'decode_frames'),
+    ('video', b'V_MPEG4/ISO/AVC', 'video_decode_error', 'decode_clip'),
+])
+def test_a_stream_without_a_decoder_is_a_decode_error(media, tmp_path, kind, codec_id, reason,
+                                                      function):
+  # A codec this FFmpeg build does not know (or a damaged header naming none) leaves PyAV's
+  # stream without a codec context; that used to escape as an AttributeError, which failed the
+  # whole shard in tools/preprocess.py instead of quarantining the clip (found by fuzzing).
+  path = str(tmp_path / f'unknown_{kind}_codec.mkv')
+  _remux_with_unknown_codec(media['numbered_12.5fps.mp4'], path, codec_id,
+                            codec_id[:2] + b'Z' * (len(codec_id) - 2))
+  with av.open(path) as container:
+    assert getattr(container.streams, kind)[0].codec_context is None
+  with pytest.raises(decode.DecodeError) as info:
+    getattr(decode, function)(path)
+  assert info.value.reason == reason, str(info.value)
+  assert f'no decoder for {kind} stream' in info.value.detail
+
+
 def test_a_directory_is_named_as_one(tmp_path):
   folder = tmp_path / 'clip.mp4'
   folder.mkdir()

@@ -317,6 +317,28 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
   assert not any(".tmp-" in name for name in os.listdir(out))  # The dead worker's temp file.
 
 
+def _fail_on_marked_clip(entry, labels, store_waveform):
+  """A clip function with a bug that only the clip with id 'bug' reaches."""
+  if entry.video_id == "bug":
+    raise AttributeError("'NoneType' object has no attribute 'channels'")
+  return clips.clip_example(entry, labels, store_waveform)
+
+
+def test_a_failing_shard_names_the_clip_it_failed_on(media, tmp_path):
+  ids = ["a0", "b0", "bug", "b1"]  # shard 0: a0, bug; shard 1: b0, b1
+  rows = [(v, media["good_a" if v == "bug" else "one_second"], "/m/b") for v in ids]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  out = str(tmp_path / "out")
+  with pytest.raises(RuntimeError) as info:
+    prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=1,
+                            examples_per_shard=2, clip_fn=_fail_on_marked_clip, progress=False)
+  (line,) = str(info.value).splitlines()[1:]
+  assert line == (f"{shards.shard_file_name(0, 2)}: AttributeError: 'NoneType' object has no "
+                  f"attribute 'channels' (at clip 1 of the shard, {media['good_a']})")
+  finished = sorted(name for name in os.listdir(out) if name.endswith(".tfrecord"))
+  assert finished == [shards.shard_file_name(1, 2)]  # The other shard is kept.
+
+
 def _inspect_tool():
   spec = importlib.util.spec_from_file_location(
       "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))

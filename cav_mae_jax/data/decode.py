@@ -59,9 +59,11 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   no_video_stream       the container has no video stream (asked for frames); a cover
                         picture (attached_pic, as in .m4a/.mp3 files) is not a video stream
   audio_decode_error    the audio decoder fails, or decodes much less audio than the
-                        stream declares (truncated data)
+                        stream declares (truncated data), or this FFmpeg build has no
+                        decoder for the stream's codec
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
-  video_decode_error    the video decoder or the RGB conversion fails
+  video_decode_error    the video decoder or the RGB conversion fails, or there is no
+                        decoder for the stream's codec
   too_few_frames        the stream has no frames, or ends before a frame the rule needs
   unsupported_rotation  the display matrix mirrors the picture or turns it by an angle that
                         is not a multiple of 90 degrees
@@ -633,7 +635,23 @@ def _cli_audio_stream(container: av.container.InputContainer) -> av.audio.AudioS
   """
   default = av.stream.Disposition.default
   return max(container.streams.audio,
-             key=lambda s: (bool(s.disposition & default), s.codec_context.channels, -s.index))
+             key=lambda s: (bool(s.disposition & default), _channels(s), -s.index))
+
+
+def _channels(stream: av.audio.AudioStream) -> int:
+  """The stream's channel count; 0 for a stream this FFmpeg build has no decoder for."""
+  return stream.codec_context.channels if stream.codec_context is not None else 0
+
+
+def _check_decoder(path: str, stream: av.stream.Stream, reason: str) -> None:
+  """Raises `reason` when FFmpeg has no decoder for the chosen stream's codec.
+
+  PyAV then gives the stream no codec context: the codec is unknown to this FFmpeg build (an
+  unsupported format, or a damaged header naming no real codec).
+  """
+  if stream.codec_context is None:
+    raise DecodeError(path, reason, f'no decoder for {stream.type} stream {stream.index}: its '
+                      'codec is unknown to this FFmpeg build (unsupported or damaged header)')
 
 
 def _audio_sink(path: str, container: av.container.InputContainer, target_sample_rate: int,
@@ -642,6 +660,7 @@ def _audio_sink(path: str, container: av.container.InputContainer, target_sample
   if not container.streams.audio:
     raise DecodeError(path, 'no_audio_stream')
   stream = _cli_audio_stream(container)
+  _check_decoder(path, stream, 'audio_decode_error')
   max_samples = None if max_seconds is None else int(round(max_seconds * target_sample_rate))
   return _AudioSink(path, stream, target_sample_rate, max_samples)
 
@@ -660,6 +679,7 @@ def _frame_sink(path: str, container: av.container.InputContainer, num_frames: i
   stream = container.streams.best('video')
   if stream.disposition & av.stream.Disposition.attached_pic:
     stream = videos[0]
+  _check_decoder(path, stream, 'video_decode_error')
   return _FrameSink(path, container, stream, num_frames, image_size)
 
 

@@ -290,8 +290,11 @@ def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, 
                 on_clip()
               elif kind == "strict":
                 raise clips.StrictModeError(payload[0])
-              elif kind == "error":
-                errors.append(f"{worker.plan.file_name}: {payload[0]}")
+              elif kind == "error":  # A bug or an I/O failure, not a bad clip: say where.
+                where = ("" if worker.position is None else
+                         f" (at clip {worker.position} of the shard, "
+                         f"{worker.plan.entries[worker.position].path})")
+                errors.append(f"{worker.plan.file_name}: {payload[0]}{where}")
                 worker.plan = None
               elif kind == "done":
                 worker.plan = None
