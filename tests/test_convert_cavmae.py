@@ -61,6 +61,16 @@ def test_finetuned_checkpoint_where_pretraining_is_expected_names_what_is_missin
     cavmae_checkpoint.cavmae_to_params(_released(TINY_FT), _init(TINY))
 
 
+def test_a_state_dict_of_another_model_is_named_as_such():
+  # It used to be blamed on a missing decoder (the first hint that matched).
+  other = {"encoder.layer.0.weight": np.zeros(3, np.float32), "head.bias": np.zeros(2, np.float32)}
+  with pytest.raises(sd.ParamsMismatchError) as info:
+    cavmae_checkpoint.cavmae_to_params(other, _init(TINY))
+  message = str(info.value)
+  assert "not a CAV-MAE checkpoint; its keys: encoder.layer.0.weight, head.bias)" in message
+  assert "decoder" not in message.split(":")[0]
+
+
 def test_other_class_count_needs_a_new_head():
   released = _released(TINY_FT)
   other = _init(dataclasses.replace(TINY_FT, num_classes=7))
