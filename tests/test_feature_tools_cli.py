@@ -56,6 +56,8 @@ CASES = {
     "extract_strict_missing_video": ("extract_features.py",
                                      ["--params={params}", "--videos=list.txt", "--out=f.npz",
                                       "--strict"], "missing.mp4: missing_file"),
+    "retrieval_damaged_shard": ("retrieval.py", ["--params={params}", "--records={damaged}"],
+                                "is damaged: corrupted record at"),
     "inpaint_missing_records": ("inpaint.py", ["--params=p", "--records=/no/records",
                                                "--out=x.png"], "/no/records"),
     "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",
@@ -63,11 +65,26 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module", name="damaged_dir")
+def fixture_damaged_dir(records_dir, tmp_path_factory):
+  """records_dir with one byte flipped inside its first shard's records (a checksum error)."""
+  damaged = tmp_path_factory.mktemp("damaged")
+  names = sorted(os.listdir(records_dir))
+  first_shard = next(name for name in names if name.endswith(".tfrecord"))
+  for name in names:
+    data = bytearray(open(os.path.join(records_dir, name), "rb").read())
+    if name == first_shard:
+      data[len(data) // 2] ^= 0xFF
+    (damaged / name).write_bytes(bytes(data))
+  return str(damaged)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_dir, tmp_path):
+def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_dir, damaged_dir,
+                                                     tmp_path):
   tool, args, named = CASES[case]
   (tmp_path / "list.txt").write_text("missing.mp4\n")
-  args = [a.format(records=records_dir, params=params_dir) for a in args]
+  args = [a.format(records=records_dir, params=params_dir, damaged=damaged_dir) for a in args]
   result = run_tool(tool, TINY + args, tmp_path)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]

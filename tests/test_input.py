@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -405,8 +406,13 @@ def test_a_damaged_shard_fails_naming_the_file(record_dirs, tmp_path):
         data = damage(data)
       (damaged / name).write_bytes(data)
     config = make_config(record_dirs, eval_dir=str(damaged))
-    with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):
+    with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord") as info:
       list(input_lib.InputPipeline(config, "eval", process_index=0, process_count=1))
+    # Bad input, which the tools print as one `error:` line (an OSError), in TF's own words only.
+    assert isinstance(info.value, OSError)
+    if damage is corrupt:
+      assert re.search(r"clips-00001-of-00003\.tfrecord is damaged: corrupted record at \d+$",
+                       str(info.value)), str(info.value)
   # Training notices the short epoch (6 of 7 clips) at its end.
   config = make_config(record_dirs, train_dir=str(tmp_path / "truncate"))
   with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):

@@ -122,6 +122,14 @@ def _safe_name(video_id: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
 
 
+def _read_or_fail(path: str):
+  """A shard's serialized examples; a shard that cannot be read raises ValueError naming it."""
+  try:
+    yield from tf.data.TFRecordDataset(path)
+  except tf.errors.OpError as e:
+    raise ValueError(f"shard {path} is damaged: {records.op_error_text(e)}") from None
+
+
 def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
             class_names: list[str] | None = None) -> dict[str, Any]:
   """Reads every example of a split; returns counts, shapes and histograms, writes PNGs."""
@@ -132,7 +140,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
   shard_counts, shapes, fbank_frames, images = {}, {}, [], []
   for shard, path in zip(index.shards, split.files):
     count = 0
-    for serialized in tf.data.TFRecordDataset(path):
+    for serialized in _read_or_fail(path):
       parsed = split.parse(serialized, with_waveform=index.store_waveform)
       if not shapes:
         shapes = {k: (v.dtype.name, tuple(v.shape)) for k, v in sorted(parsed.items())}
@@ -214,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     return cli.error_line(f"{e.filename}: {e.strerror or e}")
   except ValueError as e:  # not a records dir or TFDS split, sources.SourceError, wrong counts
     return cli.error_line(e)
-  except tf.errors.OpError as e:  # A shard that cannot be read or parsed.
-    return cli.error_line(f"{args.records or args.tfds}: damaged records: {e.message}")
+  except tf.errors.OpError as e:  # An example that cannot be parsed.
+    return cli.error_line(f"{args.records or args.tfds}: damaged records: "
+                          f"{records.op_error_text(e)}")
   print(format_report(report, names, args.top))
   return 0
 

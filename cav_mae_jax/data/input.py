@@ -42,8 +42,11 @@ check_data_sources = dataset.check_data_sources
 _logged: set[str] = set()  # log lines already written by this process
 
 
-class RecordReadError(RuntimeError):
-  """Reading or decoding the records failed; the message names the split and, if found, the file."""
+class RecordReadError(OSError):
+  """Reading or decoding the records failed; the message names the split and, if found, the file.
+
+  An OSError: damaged data on disk is bad input, which the command-line tools report in one
+  `error:` line (cav_mae_jax.cli)."""
 
 
 def find_damaged_shard(files: Any, expected_counts: Any,
@@ -57,7 +60,7 @@ def find_damaged_shard(files: Any, expected_counts: Any,
         parse(serialized)
         count += 1
     except tf.errors.OpError as e:
-      return path, e.message.strip()
+      return path, records.op_error_text(e)
     if count != expected:
       return path, f"holds {count} records, the index lists {expected} (truncated file?)"
   return None
@@ -128,7 +131,7 @@ class InputPipeline:
     try:
       batch = next(self._iterator)
     except tf.errors.OpError as e:
-      raise RecordReadError(self._describe_failure(e.message)) from e
+      raise RecordReadError(self._describe_failure(records.op_error_text(e))) from e
     except StopIteration:
       if not self.training and self._batches != self.num_batches:
         raise RecordReadError(self._describe_failure(

@@ -53,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -412,6 +413,15 @@ def read_index(path: str) -> RecordIndex:
 # Records directories.
 
 
+def op_error_text(error: tf.errors.OpError) -> str:
+  """A TensorFlow read or parse error's own words, for a one-line message: without the graph
+  function's name (`{{function_node ...}}`) and the op's (`[Op:IteratorGetNext] name: ...`)."""
+  text = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message or "")
+  text = re.sub(r"\[Op:[^\]]*\]( name: \S*)?", "", text)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
 class RecordsDirError(ValueError):
   """A path that is not a usable records directory; the message is one line naming it."""
 
@@ -441,7 +451,7 @@ def open_records_dir(directory: str) -> RecordIndex:
   try:
     index = read_index(path)
   except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError) as e:
-    why = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    why = op_error_text(e) if isinstance(e, tf.errors.OpError) else str(e)
     why = why.replace(f"{path}: ", "").splitlines()[0] if why else type(e).__name__
     raise RecordsDirError(directory, f"unreadable {INDEX_FILE}: {why}") from None
   present = set(tf.io.gfile.listdir(directory))

@@ -231,7 +231,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
       yielded += 1
   except tf.errors.OpError as e:
     damaged = input_lib.find_damaged_shard(split.files, split.file_examples)
-    where = f"shard {damaged[0]} is damaged: {damaged[1]}" if damaged else e.message
+    where = (f"shard {damaged[0]} is damaged: {damaged[1]}" if damaged else
+             records.op_error_text(e))
     raise input_lib.RecordReadError(f"{split.source.description}: {where}") from e
   empty = {"audio": np.zeros((0, data_config.audio_length, data_config.num_mel_bins), np.float32),
            "image": np.zeros((0, data_config.image_size, data_config.image_size, 3), np.float32),
