@@ -9,6 +9,7 @@ import pytest
 
 from cav_mae_jax.convert import formats
 from cav_mae_jax.convert import io
+from cav_mae_jax.train import checkpoint
 
 
 def _state_dict():
@@ -120,6 +121,20 @@ def test_params_checkpoint_round_trip_with_config(tmp_path):
   assert [p for p in os.listdir(tmp_path) if p != "ckpt"] == []  # no temp left behind
   with pytest.raises(FileExistsError):
     io.save_params(path, params)
+
+
+@pytest.mark.parametrize("damage", ["metadata", "manifest"])
+def test_a_damaged_params_checkpoint_is_an_error_naming_it(tmp_path, damage):
+  # orbax's own errors name an internal file or none at all (a garbled metadata file came out
+  # as AttributeError: 'NoneType' object has no attribute 'tree' in the tools).
+  path = tmp_path / "ckpt"
+  io.save_params(path, {"a": {"kernel": np.ones((2, 3), np.float32)}})
+  name = {"metadata": "_METADATA", "manifest": "manifest.ocdbt"}[damage]
+  (path / name).write_bytes(b"garbage")
+  with pytest.raises(checkpoint.CheckpointReadError) as info:
+    io.load_params(path)
+  assert isinstance(info.value, OSError)  # bad input: the tools print one error line
+  assert str(info.value).startswith(f"{path}: the checkpoint cannot be read")
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path):

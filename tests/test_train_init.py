@@ -7,6 +7,8 @@ Sources: (a) a training workdir, (b) params written by tools/convert.py, (c) an 
 """
 
 import os
+import re
+import shutil
 
 import jax
 import ml_collections
@@ -90,6 +92,17 @@ def run_init_params(config):
   """The random init the run would use for what the source lacks (config.seed's init key)."""
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
   return jax.tree.map(np.asarray, jax.jit(tasks.get_task(config).init_params)(init_rng))
+
+
+def test_a_workdir_with_a_damaged_checkpoint_is_an_error_naming_it(source, tmp_path):
+  workdir, _ = source
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  state = damaged / checkpoint.CHECKPOINT_DIR / "2" / "state"
+  (state / "_METADATA").write_text("garbage")
+  with pytest.raises(checkpoint.CheckpointReadError,
+                     match=f"^{re.escape(str(state))}: the checkpoint cannot be read"):
+    checkpoint.read_workdir_params(str(damaged))
 
 
 def test_random_init_step_keeps_params(tmp_path):

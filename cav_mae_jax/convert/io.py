@@ -74,9 +74,11 @@ def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no params checkpoint (expected an orbax checkpoint directory)")
+  from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
   try:
-    restored = checkpointer.restore(path, None if target is None else {"params": target})
+    with checkpoint.reading(path):
+      restored = checkpointer.restore(path, None if target is None else {"params": target})
   finally:
     checkpointer.close()
   if "params" not in restored:

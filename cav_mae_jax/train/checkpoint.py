@@ -12,6 +12,10 @@ only, so the `input` item holds the list of every process's state, gathered at s
 (`{"process_input_states": [state of process 0, state of process 1, ...]}`), and each process
 restores its own entry. Checkpoints written before held process 0's state alone; they still
 restore (every process gets that state, as then).
+
+A checkpoint that is there but cannot be read (a damaged or missing file inside it) raises
+`CheckpointReadError`, an OSError naming the checkpoint, which the tools print as one line.
+orbax keeps no checksums of the array data, so a flipped bit inside an array is not detected.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -33,6 +38,28 @@ from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 INPUT_STATES_KEY = "process_input_states"  # the `input` item: one input state per process
+
+
+class CheckpointReadError(OSError):
+  """A checkpoint that exists but cannot be read: damaged or missing files inside it."""
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+  """Reports a failure of orbax (or TensorStore below it) to read `path` as CheckpointReadError.
+
+  Their errors name an internal file or none (a damaged metadata file surfaces as an
+  AttributeError), so the message names the checkpoint and keeps the cause's first line.
+  """
+  try:
+    yield
+  except (CheckpointReadError, FileNotFoundError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    lines = str(e).strip().splitlines()
+    raise CheckpointReadError(
+        f"{path}: the checkpoint cannot be read; a file inside it may be damaged or missing "
+        f"({type(e).__name__}: {lines[0][:300] if lines else 'no message'})") from e
 
 
 def gather_input_states(input_state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,6 +103,7 @@ class Checkpointer:
     )
     if "://" not in directory:  # orbax needs absolute local paths (gs://... stays as is)
       directory = os.path.abspath(directory)
+    self.directory = directory
     self.manager = ocp.CheckpointManager(directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -99,10 +127,11 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores (state, this process's input state) at `step`; arrays take `abstract_state`'s
     shardings."""
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                input=ocp.args.JsonRestore()))
+    with reading(os.path.join(self.directory, str(step))):
+      restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  input=ocp.args.JsonRestore()))
     return restored["state"], own_input_state(restored["input"])
 
   def reached_preemption(self, step: int) -> bool:
@@ -154,7 +183,7 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
   if step not in steps:
     raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)})")
   path = os.path.join(directory, str(step), "state")  # the item holding {"state", "rng"}
-  with _quiet_absl(), ocp.PyTreeCheckpointer() as checkpointer:
+  with _quiet_absl(), ocp.PyTreeCheckpointer() as checkpointer, reading(path):
     tree = checkpointer.metadata(path).item_metadata.tree
     params_metadata = tree["state"]["params"]
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
