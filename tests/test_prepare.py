@@ -393,8 +393,22 @@ def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys)
   datafile = write_datafile(str(tmp_path / "data.json"), [("a", media["good_a"], "/m/a")])
   not_json = tmp_path / "not_json.json"
   not_json.write_text("{'data': []}")
+  # Wrong types in an entry (an int where the labels go raised a TypeError with a traceback).
+  int_labels = tmp_path / "int_labels.json"
+  int_labels.write_text(json.dumps({"data": [{"video_id": "a", "wav": media["good_a"],
+                                              "labels": 3}]}))
+  int_path = tmp_path / "int_path.json"
+  int_path.write_text(json.dumps({"data": [{"video_id": "a", "video_path": 7, "labels": ""}]}))
+  no_classes = tmp_path / "no_classes.csv"
+  no_classes.write_text("index,mid,display_name\n")
   tool = _preprocess_tool()
   for args, fragments in [
+      (["--datafile", str(int_labels), "--labels", media["labels_csv"]],
+       ["int_labels.json", "data[0] (a): 'labels' is 3, expected a string"]),
+      (["--datafile", str(int_path), "--labels", media["labels_csv"]],
+       ["int_path.json", "data[0] (a): 'video_path' is 7, expected a path"]),
+      (["--datafile", datafile, "--labels", str(no_classes)],
+       ["no_classes.csv", "has no classes"]),
       (["--datafile", datafile, "--labels", str(tmp_path / "none.csv")],
        ["labels CSV", "none.csv", "no such file"]),
       (["--datafile", str(not_json), "--labels", media["labels_csv"]],

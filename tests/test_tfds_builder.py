@@ -178,6 +178,13 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
   bad.write_text("a,1,2\n")
   with pytest.raises(ValueError, match="bad.csv: line 1 has 3 fields"):
     sources.read_vggsound_csv(str(bad), "/v", "{ytid}.mp4", "train")
+  # A row that is not a number where the time goes names the file and the row.
+  bad.write_text("KlsG1EnBEjc,361,dog barking,train\nytid,start,label,split\n")
+  with pytest.raises(ValueError, match="bad.csv: line 2: start_seconds 'start' is not a whole"):
+    sources.vggsound_splits(str(bad))
+  audioset.write_text('00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\nYTID, start, end, labels\n')
+  with pytest.raises(ValueError, match="train.csv: data row 2: start_seconds 'start'"):
+    sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
 
 
 def test_unknown_source_is_rejected():

@@ -16,6 +16,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -86,9 +87,12 @@ def read_text(what: str, path: str) -> str:
 def read_class_labels(path: str) -> ClassLabels:
   """Reads class_labels_indices.csv; indices must be 0..C-1 in order."""
   what = "labels CSV"
-  rows = list(csv.DictReader(io.StringIO(read_text(what, path))))
-  if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+  reader = csv.DictReader(io.StringIO(read_text(what, path)))
+  rows = list(reader)
+  if not {"index", "mid", "display_name"} <= set(reader.fieldnames or ()):
     raise SourceError(what, path, "expected a CSV with columns index,mid,display_name")
+  if not rows:
+    raise SourceError(what, path, "has no classes (a header and no rows)")
   for position, row in enumerate(rows):
     try:
       index = int(row["index"])
@@ -139,6 +143,16 @@ def read_datafile(path: str) -> list[ClipEntry]:
     for key in ("video_id", "labels"):
       if key not in item:
         raise SourceError(what, path, f"data[{position}] has no {key!r}")
+    labels = item["labels"]
+    if not (isinstance(labels, str) or
+            (isinstance(labels, list) and all(isinstance(x, str) for x in labels))):
+      raise SourceError(what, path, f"data[{position}] ({item['video_id']}): 'labels' is "
+                        f"{labels!r}, expected a string of comma-separated mids or a list of "
+                        "them")
+    for key in ("video_path", "wav"):
+      if not isinstance(item.get(key) or "", str):
+        raise SourceError(what, path, f"data[{position}] ({item['video_id']}): {key!r} is "
+                          f"{item[key]!r}, expected a path")
     media, frames_dir = item.get("video_path") or "", ""
     if media and tf.io.gfile.isdir(_media_path(base, media)):  # the original's extracted layout
       media, frames_dir = item.get("wav") or "", _media_path(base, media)
@@ -148,7 +162,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")
     entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
-                             _split_labels(item["labels"]), frames_dir))
+                             _split_labels(labels), frames_dir))
   return entries
 
 
@@ -164,13 +178,18 @@ def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list
       raise SourceError(what, path, f"data row {line_number} has {len(row)} fields, expected "
                         "4 (YTID, start_seconds, end_seconds, positive_labels)")
     ytid, start, end, labels = row
-    name = video_name_format.format(ytid=ytid, start=float(start), end=float(end))
+    try:
+      start, end = float(start), float(end)
+    except ValueError:
+      raise SourceError(what, path, f"data row {line_number}: start_seconds {start!r} and "
+                        f"end_seconds {end!r} must be numbers") from None
+    name = video_name_format.format(ytid=ytid, start=start, end=end)
     entries.append(ClipEntry(ytid, os.path.join(video_dir, name), _split_labels(labels)))
   return entries
 
 
-def _vggsound_rows(path: str) -> list[list[str]]:
-  """The rows of vggsound.csv (ytid, start_seconds, label, split), stripped and checked."""
+def _vggsound_rows(path: str) -> list[list[Any]]:
+  """The rows of vggsound.csv (ytid, start_seconds as int, label, split), stripped and checked."""
   rows = []
   for line_number, row in enumerate(csv.reader(io.StringIO(read_text("vggsound CSV", path))), 1):
     if not row:
@@ -178,7 +197,13 @@ def _vggsound_rows(path: str) -> list[list[str]]:
     if len(row) != 4:
       raise SourceError("vggsound CSV", path, f"line {line_number} has {len(row)} fields, "
                         "expected 4 (ytid, start_seconds, label, split)")
-    rows.append([x.strip() for x in row])
+    row = [x.strip() for x in row]
+    try:
+      row[1] = int(row[1])
+    except ValueError:
+      raise SourceError("vggsound CSV", path, f"line {line_number}: start_seconds {row[1]!r} "
+                        "is not a whole number") from None
+    rows.append(row)
   return rows
 
 
@@ -188,7 +213,7 @@ def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
   entries = []
   for ytid, start, label, row_split in _vggsound_rows(path):
     if row_split == split:
-      name = video_name_format.format(ytid=ytid, start=int(start))
+      name = video_name_format.format(ytid=ytid, start=start)
       entries.append(ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
                                (label,)))
   return entries
