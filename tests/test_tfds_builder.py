@@ -187,6 +187,26 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
     sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
 
 
+def test_a_datafile_asks_the_file_system_once_per_frames_folder(tmp_path, monkeypatch):
+  # A stat per clip is a remote call per clip on a bucket (a day for AudioSet-2M): video file
+  # names need none, and the original's extracted layout shares one frames folder.
+  (tmp_path / "frames").mkdir()
+  rows = [{"video_id": f"v{i}", "wav": f"v{i}.wav", "video_path": f"videos/v{i}.MP4",
+           "labels": "/m/a"} for i in range(50)]
+  rows += [{"video_id": f"x{i}", "wav": f"x{i}.wav", "video_path": "frames", "labels": "/m/a"}
+           for i in range(50)]
+  datafile = tmp_path / "data.json"
+  datafile.write_text(json.dumps({"data": rows}))
+  looked_up = []
+  isdir = sources.tf.io.gfile.isdir
+  monkeypatch.setattr(sources.tf.io.gfile, "isdir", lambda p: looked_up.append(p) or isdir(p))
+  entries = sources.read_datafile(str(datafile))
+  assert [p for p in looked_up if p != str(datafile)] == [str(tmp_path / "frames")]
+  assert entries[0] == sources.ClipEntry("v0", str(tmp_path / "videos/v0.MP4"), ("/m/a",), "")
+  assert entries[50] == sources.ClipEntry("x0", str(tmp_path / "x0.wav"), ("/m/a",),
+                                          str(tmp_path / "frames"))
+
+
 def test_unknown_source_is_rejected():
   with pytest.raises(ValueError, match="source"):
     tfds_builder.ClipsConfig(name="x", source="youtube")

@@ -118,13 +118,23 @@ def _media_path(base: str, media: str) -> str:
   return media if "://" in media else os.path.join(base, media)
 
 
+# Names of video files: a datafile's `video_path` ending in one is a video, not the folder of the
+# original's extracted frames, without asking the file system (one remote call per clip, a day
+# for AudioSet-2M on a bucket); other names are looked up once per distinct folder.
+VIDEO_FILE_EXTENSIONS = frozenset({
+    ".3gp", ".avi", ".flv", ".m2ts", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".mts",
+    ".mxf", ".ogv", ".ts", ".webm", ".wmv"})
+
+
 def read_datafile(path: str) -> list[ClipEntry]:
   """Reads the original's JSON datafile `{"data": [{"video_id", "wav", "video_path", "labels"}]}`.
 
   Either layout: `video_path` names a video with both streams, or, as the original's
   preprocessing leaves them, `video_path` is the folder of extracted frames
   (`frame_{i}/{video_id}.jpg`) and `wav` the extracted audio (`ClipEntry.frames_dir`). When
-  `video_path` is empty or a folder name that does not exist, `wav` must name a video. Relative
+  `video_path` is empty or a folder name that does not exist, `wav` must name a video. A
+  `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`) is a video without a
+  file-system lookup; other names are looked up once per distinct path. Relative
   paths are taken from the datafile's folder (which may itself be remote); media paths may be
   URIs of any file system TensorFlow reads.
   """
@@ -136,6 +146,15 @@ def read_datafile(path: str) -> list[ClipEntry]:
   if not isinstance(data, dict) or not isinstance(data.get("data"), list):
     raise SourceError(what, path, "expected a JSON object with a 'data' list")
   base = os.path.dirname(path if "://" in path else os.path.abspath(path))
+  folders: dict[str, bool] = {}
+
+  def is_frames_folder(media_path: str) -> bool:
+    if os.path.splitext(media_path)[1].lower() in VIDEO_FILE_EXTENSIONS:
+      return False
+    if media_path not in folders:
+      folders[media_path] = tf.io.gfile.isdir(media_path)
+    return folders[media_path]
+
   entries = []
   for position, item in enumerate(data["data"]):
     if not isinstance(item, dict):
@@ -154,7 +173,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
         raise SourceError(what, path, f"data[{position}] ({item['video_id']}): {key!r} is "
                           f"{item[key]!r}, expected a path")
     media, frames_dir = item.get("video_path") or "", ""
-    if media and tf.io.gfile.isdir(_media_path(base, media)):  # the original's extracted layout
+    if media and is_frames_folder(_media_path(base, media)):  # the original's extracted layout
       media, frames_dir = item.get("wav") or "", _media_path(base, media)
     elif not media or media.endswith("/"):
       media = item.get("wav") or ""
