@@ -235,9 +235,10 @@ def test_corpus_index_stats(corpus_run):
   assert index.fbank_std == pytest.approx(valid.std(), abs=1e-6)
 
 
-def _preprocess_tool():
+def load_tool(name):
+  """tools/<name>.py as a module (its main() runs in this process)."""
   spec = importlib.util.spec_from_file_location(
-      "preprocess_tool", os.path.join(REPO, "tools", "preprocess.py"))
+      f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -249,7 +250,7 @@ def test_strict_cli_names_first_bad_file(media, tmp_path, capsys):
       ("zero_byte", media["zero_byte"], "/m/a"),
       ("text", media["text"], "/m/a")])
   out = str(tmp_path / "out")
-  exit_code = _preprocess_tool().main([
+  exit_code = load_tool("preprocess").main([
       "--datafile", datafile, "--labels", media["labels_csv"], "--out", out, "--workers", "0",
       "--examples-per-shard", "1", "--strict", "--no-progress"])
   stderr = capsys.readouterr().err
@@ -339,17 +340,9 @@ def test_a_failing_shard_names_the_clip_it_failed_on(media, tmp_path):
   assert finished == [shards.shard_file_name(1, 2)]  # The other shard is kept.
 
 
-def _inspect_tool():
-  spec = importlib.util.spec_from_file_location(
-      "inspect_tool", os.path.join(REPO, "tools", "inspect_records.py"))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  return tool
-
-
 def test_inspect_records_tool(corpus_run, tmp_path, capsys):
   out, _, examples = corpus_run
-  tool = _inspect_tool()
+  tool = load_tool("inspect_records")
   report = tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"),
                         num_images=2)
   assert report["num_examples"] == len(WRITTEN)
@@ -366,7 +359,7 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
 
 
 def test_inspect_figures_have_titles_axes_and_frame_numbers(corpus_run):
-  tool = _inspect_tool()
+  tool = load_tool("inspect_records")
   values = next(v for v in corpus_run[2].values() if v["rotation"] == 90)
   figure = tool.fbank_figure(values, ["Alpha", "Beta", "Gamma"])
   axes, colorbar = figure.axes
@@ -401,7 +394,7 @@ def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys)
   int_path.write_text(json.dumps({"data": [{"video_id": "a", "video_path": 7, "labels": ""}]}))
   no_classes = tmp_path / "no_classes.csv"
   no_classes.write_text("index,mid,display_name\n")
-  tool = _preprocess_tool()
+  tool = load_tool("preprocess")
   for args, fragments in [
       (["--datafile", str(int_labels), "--labels", media["labels_csv"]],
        ["int_labels.json", "data[0] (a): 'labels' is 3, expected a string"]),
@@ -424,7 +417,7 @@ def test_inspect_records_tool_rejects_other_folders(corpus_run, tmp_path, capsys
   result = run_tool("inspect_records", "--records", str(tmp_path / "missing"))
   assert_one_error_line(result.returncode, result.stderr, str(tmp_path / "missing"),
                         "directory does not exist")
-  tool = _inspect_tool()
+  tool = load_tool("inspect_records")
   status = tool.main(["--records", str(tmp_path)])
   assert_one_error_line(status, capsys.readouterr().err, "no index.json",
                         "not a records directory")
@@ -448,7 +441,7 @@ def test_lists_and_videos_on_ram_filesystem_give_the_local_records(media, tmp_pa
     remote_labels = write_file(f"{root}/labels.csv", f.read())
   runs = {"local": (write_datafile(str(tmp_path / "data.json"), local_rows), media["labels_csv"]),
           "ram": (write_datafile(f"{root}/data.json", remote_rows), remote_labels)}
-  tool = _preprocess_tool()
+  tool = load_tool("preprocess")
   for kind, (datafile, labels) in runs.items():
     assert tool.main(["--datafile", datafile, "--labels", labels, "--out", str(tmp_path / kind),
                       "--workers", "0", "--examples-per-shard", "2", "--no-progress"]) == 0

@@ -9,7 +9,6 @@ same batches from either (training with a fixed seed, plain and balanced, and an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from cav_mae_jax.data import splits
 from cav_mae_jax.data import synthetic
 from cav_mae_jax.data import tfds_builder
 from configs import pretrain
+import test_prepare
 
 TFDS_NAME = "cav_mae_clips/datafile"
 NUM_TRAIN, NUM_EVAL, NUM_CLASSES = 16, 10, 4
@@ -201,11 +201,7 @@ def test_pretraining_steps_from_tfds(sources, tmp_path):
 
 
 def test_inspect_tool_reads_tfds_as_records(sources, tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location(
-      "inspect_tool", os.path.join(os.path.dirname(__file__), "..", "tools",
-                                   "inspect_records.py"))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  tool = test_prepare.load_tool("inspect_records")
   reports = [tool.inspect(split, str(tmp_path / str(i)), num_images=1) for i, split in enumerate(
       (splits.open_records_split(sources["train"], "records"),
        splits.open_tfds_split(TFDS_NAME, "train", sources["tfds_data_dir"])))]
