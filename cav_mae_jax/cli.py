@@ -109,11 +109,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e))
+    fail(_without_traceback(str(e)))
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config raised)
     # ml_collections answers an override of a field the config lacks with AttributeError("'x'").
     fail(_unknown_config_field(argv) or f"{type(e).__name__}: {e}")
   return []
+
+
+def _without_traceback(message: str) -> str:
+  """A flag error with the traceback that ml_collections puts in it (a config file's
+  get_config raised) replaced by its last line, the exception itself."""
+  head, marker, trace = message.partition("Traceback (most recent call last):")
+  if not marker:
+    return message
+  lines = [line.strip() for line in trace.splitlines() if line.strip()]
+  return f"{head.rstrip()} {lines[-1]}" if lines else head.rstrip()
 
 
 def _config_flag_names() -> list[str]:

@@ -58,6 +58,11 @@ CASES = {
                                       "--strict"], "missing.mp4: missing_file"),
     "retrieval_damaged_shard": ("retrieval.py", ["--params={params}", "--records={damaged}"],
                                 "is damaged: corrupted record at"),
+    "evaluate_params_of_another_size": ("evaluate.py", ["--params={params}",
+                                                        "--config.model.embed_dim=64",
+                                                        "--config.data.eval_dir={records}"],
+                                        "the checkpoint's model config has embed_dim=32 where "
+                                        "the config has 64; shape mismatch for"),
     "inpaint_missing_records": ("inpaint.py", ["--params=p", "--records=/no/records",
                                                "--out=x.png"], "/no/records"),
     "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",

@@ -18,6 +18,9 @@ CASES = {
                               "config.data.train_dir"),
     "train_missing_config_file": ("train.py", ["--config=configs/nope.py", "--workdir=w"],
                                   "configs/nope.py"),
+    "train_unknown_recipe": ("train.py", ["--config=configs/pretrain.py:bogus", "--workdir=w"],
+                             "Error whilst parsing config file: ValueError: config name "
+                             "'bogus': unknown recipe"),
     "train_bad_field_value": ("train.py", [TINY, "--workdir=w", "--config.data.freqm=abc"],
                               "freqm"),
     "train_unknown_config_field": ("train.py", [TINY, "--workdir=w",

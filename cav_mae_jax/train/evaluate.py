@@ -2,17 +2,22 @@
 
 The parameters come from a training workdir (checkpoint `step`, 0 = the latest) or from a
 params checkpoint written by tools/convert.py; they must fit the config's task exactly (a
-mismatch names the parameters). Results go to the workdir's metric writers when there is one.
+mismatch names the parameters, and says why where it can: a pretraining model for a
+classifier's task or the reverse, or the fields of the checkpoint's stored model config that
+give other shapes than the config's). Results go to the workdir's metric writers when there is
+one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import ml_collections
 
 from cav_mae_jax import eval as eval_lib
+from cav_mae_jax import models
 from cav_mae_jax import tasks
 from cav_mae_jax.train import checkpoint as checkpoint_lib
 from cav_mae_jax.train import mesh as mesh_lib
@@ -31,12 +36,46 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
   else:
     host_params, step, source = io.load_params(params_path), 0, params_path
   abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-  params, report = sd.match_to_target(host_params, abstract)
+  try:
+    params, report = sd.match_to_target(host_params, abstract)
+  except sd.ParamsMismatchError as e:
+    why = _why_shapes_differ(workdir or params_path, task, host_params)
+    raise sd.ParamsMismatchError(f"{source}: {why + '; ' if why else ''}{e}") from None
   if report.unexpected:
     raise sd.ParamsMismatchError(f"{source}: parameters the {task.name} model does not have: "
                                  f"{', '.join(report.unexpected[:10])}")
   shardings = mesh_lib.tree_shardings(mesh, abstract)
   return mesh_lib.host_to_global(params, shardings), step
+
+
+def _why_shapes_differ(path: str, task: tasks.Task, host_params: Any) -> str:
+  """Why a checkpoint does not fit `task`, from what it holds and the model config stored with
+  it: a pretraining model where a classifier is expected (or the reverse), or the stored
+  config's fields that alone give other parameter shapes; '' when none is found."""
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  has_head = any(name.startswith("mlp_head") for name in host_params)
+  finetune = task.name != "pretrain"
+  if has_head != finetune:
+    return (f"the checkpoint is a {'fine-tuned' if has_head else 'pretraining'} model, the "
+            f"config's task is {task.name!r}")
+  try:
+    stored = init_source.read_model_config(path)
+  except (OSError, ValueError):
+    return ""
+  ours = dataclasses.asdict(task.model_config)
+  baseline = models.param_shapes(task.model_config, finetune=finetune)
+  culprits = []
+  for field, value in sorted(stored.items()):
+    if field not in ours or ours[field] == value:
+      continue
+    try:
+      shapes = models.param_shapes(dataclasses.replace(task.model_config, **{field: value}),
+                                   finetune=finetune)
+    except (ValueError, TypeError):
+      shapes = None  # not valid alone: it goes with another difference
+    if shapes != baseline:
+      culprits.append(f"{field}={value!r} where the config has {ours[field]!r}")
+  return f"the checkpoint's model config has {', '.join(culprits)}" if culprits else ""
 
 
 def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
