@@ -63,6 +63,9 @@ CASES = {
                                                         "--config.data.eval_dir={records}"],
                                         "the checkpoint's model config has embed_dim=32 where "
                                         "the config has 64; shape mismatch for"),
+    "extract_existing_out": ("extract_features.py", ["--params={params}", "--records={records}",
+                                                     "--out=exists.npz"],
+                             "exists.npz: output already exists (--overwrite"),
     "inpaint_missing_records": ("inpaint.py", ["--params=p", "--records=/no/records",
                                                "--out=x.png"], "/no/records"),
     "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",
@@ -89,6 +92,7 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_d
                                                      tmp_path):
   tool, args, named = CASES[case]
   (tmp_path / "list.txt").write_text("missing.mp4\n")
+  (tmp_path / "exists.npz").write_bytes(b"features of an earlier run")
   args = [a.format(records=records_dir, params=params_dir, damaged=damaged_dir) for a in args]
   result = run_tool(tool, TINY + args, tmp_path)
   lines = result.stderr.strip().splitlines()

@@ -105,6 +105,12 @@ def test_npz_holds_ids_and_arrays(tmp_path):
   features.write_npz(path, np.array(["a", "bb"], object), {"audio": np.ones((2, 3), np.float32)})
   with np.load(path) as data:
     assert list(data["ids"]) == ["a", "bb"] and data["audio"].shape == (2, 3)
+  with pytest.raises(FileExistsError, match="features.npz: output already exists"):
+    features.write_npz(path, np.array(["c"], object), {"audio": np.ones((1, 3), np.float32)})
+  features.write_npz(path, np.array(["c"], object), {"audio": np.ones((1, 3), np.float32)},
+                     overwrite=True)
+  with np.load(path) as data:
+    assert list(data["ids"]) == ["c"]
 
 
 def test_two_processes_count_every_clip_once(records_dir):

@@ -29,7 +29,8 @@ _MODEL = cli.define_model_flags()
 _VIDEOS = flags.DEFINE_string("videos", None, "Video directory, list file or JSON datafile.")
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _SUBSET = flags.DEFINE_string("subset", None, "With records: file of clip ids to keep.")
-_OUT = flags.DEFINE_string("out", None, "Output .npz file.")
+_OUT = flags.DEFINE_string("out", None, "Output .npz file (must not exist unless --overwrite).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 _PATCHES = flags.DEFINE_bool("patches", False, "Also write the per-patch tokens.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
 _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
@@ -44,6 +45,8 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
+  # Before any work: an existing --out is refused now, not after the extraction.
+  features.check_output(_OUT.value, overwrite=_OVERWRITE.value)
   quarantine = None
   if _VIDEOS.value:
     quarantine = clips.Quarantine(_QUARANTINE.value or _OUT.value + ".quarantine.jsonl",
@@ -57,7 +60,7 @@ def main(argv: list[str]) -> None:
   features.check_batch_size(batch_size, loaded.mesh)
   ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
   if jax.process_index() == 0:
-    features.write_npz(_OUT.value, ids, arrays)
+    features.write_npz(_OUT.value, ids, arrays, overwrite=_OVERWRITE.value)
   shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
   print(f"wrote {_OUT.value}: {len(ids)} clips ({shapes})")
   if quarantine is not None and quarantine.count:

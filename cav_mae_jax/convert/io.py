@@ -19,7 +19,8 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> st
   """Returns the absolute output path (its parent created); raises if it exists, unless overwrite."""
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path) and not overwrite:
-    raise FileExistsError(f"{path}: output already exists (pass overwrite=True to replace it)")
+    raise FileExistsError(f"{path}: output already exists (--overwrite, or overwrite=True, "
+                          "replaces it)")
   parent = os.path.dirname(path)
   if os.path.exists(parent) and not os.path.isdir(parent):
     raise NotADirectoryError(f"{path}: {parent} is not a directory")

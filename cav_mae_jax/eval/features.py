@@ -112,10 +112,18 @@ def embedding_fn(model_config: models.ModelConfig, *, finetune: bool = False,
   return embed
 
 
-def write_npz(path: str, ids: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
-  """Writes `ids` (unicode [N]) and the arrays [N, ...] to `path` (all or nothing)."""
+def check_output(path: str, *, overwrite: bool = False) -> None:
+  """Raises FileExistsError if `path` exists (unless overwrite); creates its parent folders."""
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
-  with io.atomic_output(path, overwrite=True) as staged:
+  io.check_output_path(path, overwrite=overwrite)
+
+
+def write_npz(path: str, ids: np.ndarray, arrays: Mapping[str, np.ndarray], *,
+              overwrite: bool = False) -> None:
+  """Writes `ids` (unicode [N]) and the arrays [N, ...] to `path` (all or nothing; an existing
+  `path` only with overwrite)."""
+  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
+  with io.atomic_output(path, overwrite=overwrite) as staged:
     with open(staged, "wb") as f:
       np.savez(f, ids=np.asarray(ids, dtype=str), **arrays)
 
