@@ -1,7 +1,9 @@
 """Reading/writing state-dict files and orbax params checkpoints; errors on bad files."""
 
+import json
 import os
 import pickle
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -135,6 +137,31 @@ def test_a_damaged_params_checkpoint_is_an_error_naming_it(tmp_path, damage):
     io.load_params(path)
   assert isinstance(info.value, OSError)  # bad input: the tools print one error line
   assert str(info.value).startswith(f"{path}: the checkpoint cannot be read")
+
+
+def test_damaged_parameter_data_in_a_params_checkpoint_is_refused(tmp_path):
+  params = {"a": {"kernel": np.arange(4096, dtype=np.float32).reshape(64, 64)},
+            "b": np.linspace(-1, 1, 1000).astype(ml_dtypes.bfloat16)}
+  path = tmp_path / "ckpt"
+  io.save_params(path, params)
+  assert json.loads((path / io.DIGEST_FILE).read_text()) == checkpoint.tree_digest(params)
+  caught = 0
+  data_files = sorted(p for p in path.rglob("*") if p.is_file() and p.parent.name == "d")
+  for i, name in enumerate(data_files):
+    damaged = tmp_path / f"damaged_{i}"
+    shutil.copytree(path, damaged)
+    target = damaged / name.relative_to(path)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+    try:
+      restored = io.load_params(damaged)
+    except checkpoint.CheckpointReadError as e:
+      caught += "differ from what was saved" in str(e)
+      continue
+    np.testing.assert_array_equal(restored["a"]["kernel"], params["a"]["kernel"])
+    np.testing.assert_array_equal(restored["b"], params["b"])
+  assert caught, data_files
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path):

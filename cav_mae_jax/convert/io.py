@@ -13,6 +13,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 MODEL_CONFIG_FILE = "model_config.json"
+DIGEST_FILE = "params_digest.json"  # checksum of every parameter array (train.checkpoint)
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
@@ -55,12 +56,16 @@ def _remove(path: str) -> None:
 
 def save_params(path: str | os.PathLike, params: Mapping[str, Any], *,
                 model_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
-  """Writes {'params': params} as an orbax checkpoint directory, with the model config beside it."""
+  """Writes {'params': params} as an orbax checkpoint directory, with the model config and the
+  params' checksums (`DIGEST_FILE`, checked by load_params) beside it."""
+  from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   with atomic_output(path, overwrite=overwrite) as staged:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(staged, {"params": params})
     checkpointer.wait_until_finished()
     checkpointer.close()
+    with open(os.path.join(staged, DIGEST_FILE), "w") as f:
+      json.dump(checkpoint.tree_digest(params), f, indent=1, sort_keys=True)
     if model_config is not None:
       with open(os.path.join(staged, MODEL_CONFIG_FILE), "w") as f:
         json.dump(dict(model_config), f, indent=2, sort_keys=True)
@@ -70,7 +75,9 @@ def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None
   """Returns the params tree of a checkpoint written by save_params.
 
   `target` (e.g. jax.eval_shape of the model's params, with shardings) restores straight into
-  that structure, shapes, dtypes and placement; without it, arrays come back as saved.
+  that structure, shapes, dtypes and placement; without it, arrays come back as saved and are
+  checked against the checksums saved with them (CheckpointReadError if a data file was
+  damaged; checkpoints written without checksums are not checked).
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
@@ -84,6 +91,10 @@ def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None
     checkpointer.close()
   if "params" not in restored:
     raise ValueError(f"{path}: checkpoint has no 'params' entry (top level: {sorted(restored)})")
+  digest_path = os.path.join(path, DIGEST_FILE)
+  if target is None and os.path.isfile(digest_path):
+    with open(digest_path) as f:
+      checkpoint.verify_digest(path, restored["params"], json.load(f))
   return restored["params"]
 
 

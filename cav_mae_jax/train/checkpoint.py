@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state and the input iterator, with preemption handling.
 
-A checkpoint holds two items: `state` (params, optimizer state, step, RNG; restored sharded into
-the shardings of an abstract state) and `input` (the input iterators' states as JSON, so a resumed
-run sees the same remaining batch order). Saves are asynchronous and atomic: orbax writes to a
+A checkpoint holds three items: `state` (params, optimizer state, step, RNG; restored sharded
+into the shardings of an abstract state), `input` (the input iterators' states as JSON, so a
+resumed run sees the same remaining batch order) and `digest` (below). Saves are asynchronous and atomic: orbax writes to a
 temporary directory and renames it when complete, so a process killed mid-save leaves the previous
 checkpoint as the latest restorable one.
 
@@ -15,7 +15,11 @@ restore (every process gets that state, as then).
 
 A checkpoint that is there but cannot be read (a damaged or missing file inside it) raises
 `CheckpointReadError`, an OSError naming the checkpoint, which the tools print as one line.
-orbax keeps no checksums of the array data, so a flipped bit inside an array is not detected.
+orbax keeps no checksums of the array data, so a third item, `digest`, holds a checksum of every
+array of the state (`tree_digest`: a position-weighted sum of its bits, computed on the device
+over any sharding); restoring recomputes it and refuses arrays that differ from what was saved
+(a flipped bit in a data file) instead of training or evaluating with them. Checkpoints written
+before the item existed restore unchecked.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
@@ -40,8 +46,59 @@ CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 INPUT_STATES_KEY = "process_input_states"  # the `input` item: one input state per process
 
 
+DIGEST_ITEM = "digest"  # {"state/state/params/blocks_a_0/attn/qkv/kernel": checksum, ...}
+
+
 class CheckpointReadError(OSError):
   """A checkpoint that exists but cannot be read: damaged or missing files inside it."""
+
+
+def _checksum(x: Any) -> jax.Array:
+  """uint32 sum of an array's bits, each word weighted by an odd function of its position:
+  any single flipped bit changes it, and it is the same for any sharding (integer sums wrap
+  exactly, in any order)."""
+  x = jnp.asarray(x)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}.get(x.dtype.itemsize)
+  if bits is None:
+    raise ValueError(f"no checksum for {x.dtype} arrays")
+  words = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+  weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+  return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def tree_digest(tree: Any) -> dict[str, int]:
+  """{"state/params/a/kernel": checksum, ...} of every array of a pytree (jax arrays, sharded
+  over any number of processes or not, or NumPy); every process must call it (one jit)."""
+  sums = jax.jit(lambda t: jax.tree.map(_checksum, t))(tree)
+  return {"/".join(_key_name(k) for k in path): int(np.asarray(
+              value.addressable_data(0) if isinstance(value, jax.Array) else value))
+          for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def verify_digest(path: str, tree: Any, saved: dict[str, int] | None) -> None:
+  """Raises CheckpointReadError when arrays of `tree` differ from the `saved` digest of the tree
+  they were restored from (arrays not in `tree`, e.g. after a partial restore, are not checked;
+  None: a checkpoint without a digest, unchecked)."""
+  if saved is None:
+    return
+  digest = tree_digest(tree)
+  differ = sorted(name for name, value in digest.items() if saved.get(name, value) != value)
+  if differ:
+    raise CheckpointReadError(
+        f"{path}: {len(differ)} array(s) differ from what was saved (by their checksums: "
+        f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}); a data file inside the "
+        "checkpoint is damaged")
 
 
 @contextlib.contextmanager
@@ -118,20 +175,25 @@ class Checkpointer:
   def save(self, step: int, state: Any, input_state: dict[str, Any]) -> None:
     """Starts an (asynchronous) save of `state` and of every process's input state at `step`."""
     input_states = {INPUT_STATES_KEY: gather_input_states(input_state)}
+    digest = tree_digest({"state": state})
     self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                input=ocp.args.JsonSave(input_states)),
+                                input=ocp.args.JsonSave(input_states),
+                                **{DIGEST_ITEM: ocp.args.JsonSave(digest)}),
         force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores (state, this process's input state) at `step`; arrays take `abstract_state`'s
     shardings."""
-    with reading(os.path.join(self.directory, str(step))):
+    path = os.path.join(self.directory, str(step))
+    with reading(path):
       restored = self.manager.restore(
           step,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   input=ocp.args.JsonRestore()))
+      saved = read_digest(path)
+    verify_digest(path, {"state": restored["state"]}, saved)
     return restored["state"], own_input_state(restored["input"])
 
   def reached_preemption(self, step: int) -> bool:
@@ -145,6 +207,14 @@ class Checkpointer:
   def close(self) -> None:
     """Finishes pending saves and releases resources."""
     self.manager.close()
+
+
+def read_digest(step_path: str) -> dict[str, int] | None:
+  """The digest saved in checkpoint folder `step_path`; None if it has none (older ones)."""
+  item = epath.Path(step_path) / DIGEST_ITEM
+  if not item.exists():
+    return None
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
 
 
 def workdir_checkpoints(workdir: str) -> str:
@@ -191,6 +261,8 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item={"state": {"params": params_metadata}},
         restore_args={"state": {"params": restore_args}}, partial_restore=True))
+    saved = read_digest(os.path.dirname(path))
+  verify_digest(os.path.dirname(path), {"state": restored}, saved)
   return restored["state"]["params"], step
 
 
