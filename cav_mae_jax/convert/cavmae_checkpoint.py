@@ -72,14 +72,14 @@ def cavmae_to_params(
     hint = ""
     if not any(p in source for p in target):
       hint = (" (it holds none of the model's parameters, so it is not a CAV-MAE checkpoint; its "
-              f"keys: {', '.join(_abbreviate(sorted(state_dict), 8)) or 'none'})")
+              f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
     elif any(p[0] in HEAD_MODULES for p in missing):
       hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
     elif any(_is_decoder(p[0]) for p in missing):
       hint = " (a fine-tuned checkpoint has no decoder: it cannot initialize a pretraining model)"
     raise sd.ParamsMismatchError(
         f"{len(missing)} target parameters missing from the checkpoint{hint}: "
-        f"{', '.join(_abbreviate(['/'.join(p) for p in missing]))}")
+        f"{', '.join(sd.abbreviate(['/'.join(p) for p in missing], 24))}")
   filled_target = {p: leaf for p, leaf in target.items() if p not in kept_at_init}
   matched, match_report = sd.match_to_target(sd.unflatten_params(source),
                                              sd.unflatten_params(filled_target))
@@ -120,8 +120,3 @@ def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
   report.notes.append(f"{name}: {method} {freq_patches} x {value.shape[1] // freq_patches} -> "
                       f"{freq_patches} x {time_patches} audio grid")
   return resized
-
-
-def _abbreviate(names: list[str], limit: int = 24) -> list[str]:
-  return names if len(names) <= limit else [*names[:limit], f"... ({len(names) - limit} more)"]
-

@@ -184,7 +184,7 @@ class ParamsMismatchError(ValueError):
   """A source tree does not fit the target tree (missing key or wrong shape)."""
 
 
-def _first(names: list[str], limit: int = 12) -> list[str]:
+def abbreviate(names: list[str], limit: int = 12) -> list[str]:
   """The first `limit` names and how many more (a line, not a screenful, of a large model's)."""
   return names if len(names) <= limit else [*names[:limit], f"... ({len(names) - limit} more)"]
 
@@ -200,12 +200,12 @@ def match_to_target(converted: Mapping[str, Any], target_shapes: Mapping[str, An
   target = flatten_params(target_shapes)
   missing = [p for p in target if p not in source]
   if missing:
-    names = ", ".join(_first(["/".join(p) for p in missing]))
+    names = ", ".join(abbreviate(["/".join(p) for p in missing]))
     raise ParamsMismatchError(f"{len(missing)} target parameters missing from the source: {names}")
   wrong = [(p, np.shape(source[p]), tuple(target[p].shape)) for p in target
            if tuple(np.shape(source[p])) != tuple(target[p].shape)]
   if wrong:
-    names = "; ".join(_first([f"{'/'.join(p)}: source {s} vs target {t}" for p, s, t in wrong]))
+    names = "; ".join(abbreviate([f"{'/'.join(p)}: source {s} vs target {t}" for p, s, t in wrong]))
     raise ParamsMismatchError(f"shape mismatch for {len(wrong)} parameters: {names}")
   out, cast = {}, []
   for path, spec in target.items():

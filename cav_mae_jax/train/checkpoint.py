@@ -2,9 +2,9 @@
 
 A checkpoint holds three items: `state` (params, optimizer state, step, RNG; restored sharded
 into the shardings of an abstract state), `input` (the input iterators' states as JSON, so a
-resumed run sees the same remaining batch order) and `digest` (below). Saves are asynchronous and atomic: orbax writes to a
-temporary directory and renames it when complete, so a process killed mid-save leaves the previous
-checkpoint as the latest restorable one.
+resumed run sees the same remaining batch order) and `digest` (below). Saves are asynchronous
+and atomic: orbax writes to a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoint as the latest restorable one.
 
 Every process has its own input iterator, and under balanced sampling their positions differ
 (each host's epochs have their own lengths). orbax writes a JSON item from the primary process
@@ -15,7 +15,7 @@ restore (every process gets that state, as then).
 
 A checkpoint that is there but cannot be read (a damaged or missing file inside it) raises
 `CheckpointReadError`, an OSError naming the checkpoint, which the tools print as one line.
-orbax keeps no checksums of the array data, so a third item, `digest`, holds a checksum of every
+orbax keeps no checksums of the array data, so the `digest` item holds a checksum of every
 array of the state (`tree_digest`: a position-weighted sum of its bits, computed on the device
 over any sharding); restoring recomputes it and refuses arrays that differ from what was saved
 (a flipped bit in a data file) instead of training or evaluating with them. Checkpoints written
