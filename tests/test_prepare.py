@@ -294,6 +294,37 @@ def test_split_runs_merge_and_resume(media, tmp_path):
     prepare.prepare_records(datafile, media["labels_csv"], out, store_waveform=True, **kwargs)
 
 
+def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, tmp_path):
+  # An id is an example's key: the tool wrote both (the TFDS build failed on them, after all the
+  # decoding). Now the first is written and each repeat is quarantined before any decoding.
+  rows = [("a", media["good_a"], "/m/a"), ("b", media["good_b"], "/m/b"),
+          ("a", media["good_b"], "/m/c"), ("a", media["good_a"], "/m/a")]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  decoded = []
+
+  def clip_fn(entry, labels, store_waveform):
+    decoded.append(entry.path)
+    return clips.clip_example(entry, labels, store_waveform)
+
+  out = str(tmp_path / "out")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
+                                    examples_per_shard=2, clip_fn=clip_fn, progress=False)
+  assert decoded == [media["good_a"], media["good_b"]]
+  assert (summary.written, summary.quarantined_by_reason) == (2, {clips.DUPLICATE_ID: 2})
+  with open(os.path.join(out, prepare.QUARANTINE)) as f:
+    repeats = sorted((q["video_id"], q["path"], q["message"]) for q in map(json.loads, f))
+  assert repeats == [
+      ("a", media["good_a"], "video id 'a' is also entry 0 of the list, which is the one "
+       "written (an id is an example's key)"),
+      ("a", media["good_b"], "video id 'a' is also entry 0 of the list, which is the one "
+       "written (an id is an example's key)")]
+  index = records.read_index(records.index_path(out))
+  assert (index.num_examples, index.label_counts) == (2, (1, 1, 0))  # the first 'a': /m/a
+  with pytest.raises(clips.StrictModeError, match="duplicate_id: video id 'a' is also entry 0"):
+    prepare.prepare_records(datafile, media["labels_csv"], str(tmp_path / "strict"),
+                            num_workers=0, strict=True, progress=False)
+
+
 def _crash_on_marked_clip(entry, labels, store_waveform):
   """A clip function whose process dies on the clip with id 'crash' (like a decoder segfault)."""
   if entry.video_id == "crash":
@@ -407,6 +438,8 @@ def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys)
       (["--datafile", str(not_json), "--labels", media["labels_csv"]],
        ["datafile", "not_json.json", "not valid JSON"]),
       (["--datafile", datafile, "--labels", datafile], ["labels CSV", "expected a CSV"]),
+      (["--datafile", write_datafile(str(tmp_path / "empty.json"), []), "--labels",
+        media["labels_csv"]], ["datafile", "empty.json", "lists no clips"]),
       (["--merge-index"], [out, "not an output directory"]),
   ]:
     status = tool.main(args + ["--out", out, "--workers", "0", "--no-progress"])
@@ -499,12 +532,13 @@ def test_the_originals_extracted_layout_gives_the_videos_records(media, tmp_path
         buffer = io.BytesIO()
         Image.open(io.BytesIO(data)).resize((100, 100)).save(buffer, format="JPEG")
         data = buffer.getvalue()
-      (folder / f"frame_{i}" / "clip.jpg").write_bytes(data)
+      (folder / f"frame_{i}" / f"{folder.name}.jpg").write_bytes(data)
   data = [{"video_id": "video", "wav": media["good_a"], "video_path": media["good_a"],
            "labels": "/m/a"},
           {"video_id": "clip", "wav": audio, "video_path": frames_dir, "labels": "/m/a"},
-          {"video_id": "clip", "wav": audio, "video_path": str(broken), "labels": "/m/b"},
-          {"video_id": "clip", "wav": audio, "video_path": str(bad_size), "labels": "/m/c"}]
+          {"video_id": broken.name, "wav": audio, "video_path": str(broken), "labels": "/m/b"},
+          {"video_id": bad_size.name, "wav": audio, "video_path": str(bad_size),
+           "labels": "/m/c"}]
   datafile = write_file(str(tmp_path / "data.json"), json.dumps({"data": data}).encode())
   out = str(tmp_path / "out")
   summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
@@ -524,5 +558,5 @@ def test_the_originals_extracted_layout_gives_the_videos_records(media, tmp_path
   assert summary.quarantined_by_reason == {"missing_frame": 1, "bad_frame": 1}
   by_reason = {q["reason"]: q["message"] for q in quarantined}
   assert by_reason.keys() == {"missing_frame", "bad_frame"}
-  assert os.path.join(str(broken), "frame_7", "clip.jpg") in by_reason["missing_frame"]
+  assert os.path.join(str(broken), "frame_7", f"{broken.name}.jpg") in by_reason["missing_frame"]
   assert "100x100" in by_reason["bad_frame"] and "frame_3" in by_reason["bad_frame"]

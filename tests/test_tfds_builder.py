@@ -20,7 +20,7 @@ from test_prepare import LABELS_CSV, write_clip, write_datafile, write_file
 
 @pytest.fixture(scope="module")
 def manual_dir(tmp_path_factory) -> str:
-  """A manual dir for the `datafile` config: train.json (good and bad clips), test.json
+  """A manual dir for the `datafile` config: train.json (good, bad and repeated clips), test.json
   (one good clip, one missing) + labels."""
   root = tmp_path_factory.mktemp("manual")
   good_a = write_clip(str(root / "good_a.mp4"), seconds=3, seed=1)
@@ -32,7 +32,8 @@ def manual_dir(tmp_path_factory) -> str:
       ("b", good_b, "/m/b,/m/c"),
       ("empty", empty, "/m/a"),
       ("unknown", good_a, "/m/unknown"),
-      ("c", good_a, "/m/c")])
+      ("c", good_a, "/m/c"),
+      ("a", good_a, "/m/b")])  # a repeated id: quarantined, the first is written
   write_datafile(str(root / "test.json"), [("d", good_b, "/m/b"),
                                            ("gone", str(root / "gone.mp4"), "/m/a")])
   (root / tfds_builder.LABELS_CSV).write_text(LABELS_CSV)
@@ -87,7 +88,8 @@ def test_beam_build_equals_preprocess_tool(manual_dir, tool_records, tmp_path):
   from_tool, tool_quarantine, tool_index = tool_records
   builder, from_tfds = _beam_build(manual_dir, str(tmp_path / "tfds"))
   assert builder.beam_counters == {
-      "train": {"written": 3, "quarantined_empty_file": 1, "quarantined_unknown_label": 1},
+      "train": {"written": 3, "quarantined_empty_file": 1, "quarantined_unknown_label": 1,
+                "quarantined_duplicate_id": 1},
       "test": {"written": 1, "quarantined_missing_file": 1}}
   assert sorted(from_tool) == ["a", "b", "c"]
   assert from_tool["b"]["labels"].tolist() == [1, 2]
@@ -95,7 +97,8 @@ def test_beam_build_equals_preprocess_tool(manual_dir, tool_records, tmp_path):
   tfds_quarantine = {(q["video_id"], q["reason"])
                      for q in tfds_builder.read_quarantine(builder.data_dir, "train")}
   assert tfds_quarantine == tool_quarantine == {("empty", "empty_file"),
-                                                ("unknown", "unknown_label")}
+                                                ("unknown", "unknown_label"),
+                                                ("a", "duplicate_id")}
   # The statistics index.json holds, from the Beam combine, read back by a fresh builder
   # (TFDS's read-only builder for this custom config) through the input's split reader.
   split = splits.open_tfds_split("cav_mae_clips/datafile_waveform", "train",
@@ -185,6 +188,17 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
   audioset.write_text('00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\nYTID, start, end, labels\n')
   with pytest.raises(ValueError, match="train.csv: data row 2: start_seconds 'start'"):
     sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
+  # A list without clips is refused (it made an empty records directory); a repeated id is
+  # marked as a repeat of its first entry.
+  audioset.write_text("# YTID, start_seconds, end_seconds, positive_labels\n")
+  with pytest.raises(ValueError, match="train.csv: lists no clips"):
+    sources.read_audioset_csv(str(audioset), "/videos", "{ytid}.mp4")
+  with pytest.raises(ValueError, match="vggsound.csv: lists no clips of split 'val'"):
+    sources.read_vggsound_csv(str(vgg), "/v", "{ytid}.mp4", "val")
+  audioset.write_text('x, 0, 10, "/m/a"\ny, 0, 10, "/m/a"\nx, 30, 40, "/m/b"\n')
+  entries = sources.read_audioset_csv(str(audioset), "/v", "{ytid}_{start:.0f}.mp4")
+  assert [(e.path, e.duplicate_of) for e in entries] == [
+      ("/v/x_0.mp4", None), ("/v/y_0.mp4", None), ("/v/x_30.mp4", 0)]
 
 
 def test_a_datafile_asks_the_file_system_once_per_frames_folder(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from cav_mae_jax.data import sources
 
 UNKNOWN_LABEL = "unknown_label"
 AUDIO_TOO_SHORT = "audio_too_short"
+DUPLICATE_ID = "duplicate_id"
 
 
 class ClipError(Exception):
@@ -100,6 +101,10 @@ def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
   """Returns the clip's record values, or why it is quarantined (bad input, not a bug)."""
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
 
+  if entry.duplicate_of is not None:
+    return Quarantined(entry.path, entry.video_id, DUPLICATE_ID,
+                       f"video id {entry.video_id!r} is also entry {entry.duplicate_of} of the "
+                       "list, which is the one written (an id is an example's key)")
   try:
     return clip_fn(entry, labels, store_waveform)
   except ClipError as e:

@@ -36,12 +36,15 @@ class ClipEntry:
 
   With `frames_dir` (the original's extracted layout) `path` is the clip's audio file and the
   frames are `{frames_dir}/frame_{i}/{video_id}.jpg`; without, `path` is a video with both.
+  `duplicate_of` is the position in its list of an earlier entry with the same `video_id`
+  (`mark_duplicates`); such an entry is quarantined, not written a second time.
   """
 
   video_id: str
   path: str
   label_ids: tuple[str, ...]
   frames_dir: str = ""
+  duplicate_of: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +129,26 @@ VIDEO_FILE_EXTENSIONS = frozenset({
     ".mxf", ".ogv", ".ts", ".webm", ".wmv"})
 
 
+def mark_duplicates(entries: Sequence[ClipEntry]) -> list[ClipEntry]:
+  """The entries, each later one with an already-seen video_id marked `duplicate_of` the first.
+
+  A video id is an example's key (TFDS refuses repeated keys; retrieval and features are
+  reported by id), so a list that names a clip twice gets it once, and the repeat is reported.
+  """
+  first: dict[str, int] = {}
+  marked = []
+  for position, entry in enumerate(entries):
+    seen = first.setdefault(entry.video_id, position)
+    marked.append(entry if seen == position else dataclasses.replace(entry, duplicate_of=seen))
+  return marked
+
+
+def _nonempty(what: str, path: str, entries: list[ClipEntry], which: str = "") -> list[ClipEntry]:
+  if not entries:
+    raise SourceError(what, path, f"lists no clips{which}")
+  return mark_duplicates(entries)
+
+
 def read_datafile(path: str) -> list[ClipEntry]:
   """Reads the original's JSON datafile `{"data": [{"video_id", "wav", "video_path", "labels"}]}`.
 
@@ -182,7 +205,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
                         "file in 'video_path' or 'wav'")
     entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
                              _split_labels(labels), frames_dir))
-  return entries
+  return _nonempty(what, path, entries)
 
 
 def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list[ClipEntry]:
@@ -204,7 +227,7 @@ def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list
                         f"end_seconds {end!r} must be numbers") from None
     name = video_name_format.format(ytid=ytid, start=start, end=end)
     entries.append(ClipEntry(ytid, os.path.join(video_dir, name), _split_labels(labels)))
-  return entries
+  return _nonempty(what, path, entries)
 
 
 def _vggsound_rows(path: str) -> list[list[Any]]:
@@ -235,7 +258,7 @@ def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
       name = video_name_format.format(ytid=ytid, start=start)
       entries.append(ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
                                (label,)))
-  return entries
+  return _nonempty("vggsound CSV", path, entries, f" of split {split!r}")
 
 
 def vggsound_splits(path: str) -> list[str]:
