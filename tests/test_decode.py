@@ -766,3 +766,32 @@ def test_of_several_audio_streams_the_ffmpeg_command_lines_is_decoded(tmp_path):
   audio = decode.decode_audio(path)[0].astype(np.float32)
   spectrum = np.abs(np.fft.rfft(audio[rate // 4:rate // 4 + rate]))
   assert abs(int(np.argmax(spectrum)) - 1000) <= 2  # 1 Hz bins: the stereo stream's tone
+
+
+def test_an_extracted_frame_is_checked_with_the_input_pipelines_jpeg_decoder(tmp_path):
+  # PIL reads past some damage that TensorFlow's decoder (the one training uses) refuses; the
+  # record of such a frame stopped training later, naming no file. Damaged copies (20 flipped
+  # bits each) of a quality-75 frame: each is refused as a bad_frame or TensorFlow decodes it.
+  tf = pytest.importorskip('tensorflow')
+  rng = np.random.default_rng(0)
+  picture = (np.indices((224, 224)).sum(0)[..., None] * np.array([1, 2, 3]) % 256
+             + rng.integers(0, 40, (224, 224, 3))).clip(0, 255).astype(np.uint8)
+  good = decode.encode_jpeg(picture)
+  path = tmp_path / 'frame.jpg'
+  by_tensorflow = []
+  for _ in range(300):
+    damaged = bytearray(good)
+    for position in rng.integers(0, len(good), 20):
+      damaged[position] ^= 1 << int(rng.integers(0, 8))
+    path.write_bytes(bytes(damaged))
+    try:
+      kept = decode.read_extracted_frame(str(path))
+    except decode.DecodeError as e:
+      assert e.reason == 'bad_frame' and str(path) in e.detail, e
+      if "JPEG decoder (TensorFlow) rejects it" in e.detail:
+        by_tensorflow.append(e.detail)
+      continue
+    assert kept == bytes(damaged)  # stored as it is, and the input pipeline can decode it
+    assert tf.io.decode_jpeg(kept, channels=3, dct_method='INTEGER_ACCURATE').shape == (224, 224, 3)
+  assert by_tensorflow, 'no damaged copy that only TensorFlow refuses: the test checks nothing'
+  assert 'Invalid JPEG data' in by_tensorflow[0]

@@ -153,7 +153,9 @@ def all_frames() -> PreprocessOp:
   return op
 
 
-def _decode_one(jpeg: tf.Tensor) -> tf.Tensor:
+def decode_one_jpeg(jpeg: tf.Tensor) -> tf.Tensor:
+  """One JPEG -> uint8 [H, W, 3], as the input pipeline decodes frames (records' writers check
+  stored frames with it)."""
   # INTEGER_ACCURATE is libjpeg's ISLOW DCT, the one PIL uses: same pixels as the original.
   return tf.io.decode_jpeg(jpeg, channels=3, dct_method="INTEGER_ACCURATE")
 
@@ -165,9 +167,9 @@ def decode_jpeg() -> PreprocessOp:
   def op(data: Data) -> Data:
     jpeg = data["frame_jpeg"]
     if jpeg.shape.rank == 0:
-      data["image"] = _decode_one(jpeg)
+      data["image"] = decode_one_jpeg(jpeg)
     else:
-      data["image"] = tf.map_fn(_decode_one, jpeg,
+      data["image"] = tf.map_fn(decode_one_jpeg, jpeg,
                                 fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
     return data
 

@@ -69,7 +69,8 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
                         is not a multiple of 90 degrees
   missing_frame         (the original's extracted layout) a frame_{i}/{video_id}.jpg is missing
   bad_frame             (the original's extracted layout) a frame is not an RGB JPEG of the
-                        image size
+                        image size, or TensorFlow's JPEG decoder (the input pipeline's)
+                        rejects it
 
 The original's extracted layout (`read_clip_media` with `frames_dir`): its preprocessing leaves a 16 kHz audio
 file and a folder of `frame_{i}/{video_id}.jpg` (i = 0..9), each frame already resized, cropped
@@ -757,6 +758,16 @@ def read_extracted_frame(path: str, image_size: int = 224) -> bytes:
   if kind != 'JPEG' or mode != 'RGB' or size != (image_size, image_size):
     raise DecodeError(path, 'bad_frame', f'{path} is {kind} {mode} {size[0]}x{size[1]}, '
                       f'expected an RGB JPEG of {image_size}x{image_size}')
+  # PIL reads past some damage that libjpeg as TensorFlow calls it refuses (about 1 in 100
+  # copies of a frame with 20 flipped bits): such a record would stop training later.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (writers of records have it)
+  from cav_mae_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
+  try:
+    augment.decode_one_jpeg(data)
+  except tf.errors.OpError as e:
+    raise DecodeError(path, 'bad_frame', f'{path} is damaged: the input pipeline\'s JPEG decoder '
+                      f'(TensorFlow) rejects it: {records.op_error_text(e)}') from None
   return data
 
 
