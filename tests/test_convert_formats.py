@@ -5,6 +5,8 @@ import os
 import pickle
 import shutil
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -154,14 +156,25 @@ def test_damaged_parameter_data_in_a_params_checkpoint_is_refused(tmp_path):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x10
     target.write_bytes(bytes(data))
-    try:
-      restored = io.load_params(damaged)
-    except checkpoint.CheckpointReadError as e:
-      caught += "differ from what was saved" in str(e)
-      continue
-    np.testing.assert_array_equal(restored["a"]["kernel"], params["a"]["kernel"])
-    np.testing.assert_array_equal(restored["b"], params["b"])
-  assert caught, data_files
+    # Into a target too (other dtypes: the checksums are of the arrays as saved); it failed
+    # to check before.
+    target = {"a": {"kernel": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)},
+              "b": jax.ShapeDtypeStruct((1000,), jnp.float32)}
+    outcomes = []
+    for load in (lambda: io.load_params(damaged), lambda: io.load_params(damaged, target)):
+      try:
+        restored = load()
+      except checkpoint.CheckpointReadError as e:
+        outcomes.append("refused")
+        caught += "differ from what was saved" in str(e)
+        continue
+      outcomes.append("read")
+      np.testing.assert_array_equal(np.asarray(restored["a"]["kernel"], np.float32),
+                                    params["a"]["kernel"].astype(restored["a"]["kernel"].dtype))
+      np.testing.assert_array_equal(np.asarray(restored["b"], np.float32),
+                                    params["b"].astype(np.float32))
+    assert outcomes[0] == outcomes[1], (name, outcomes)
+  assert caught >= 2, data_files
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
@@ -186,3 +199,15 @@ def test_load_params_into_an_abstract_sharded_target(tmp_path):
   assert isinstance(restored["norm"]["scale"], jax.Array)
   assert restored["norm"]["scale"].sharding == replicated
   np.testing.assert_array_equal(restored["norm"]["scale"], params["norm"]["scale"])
+  # Another dtype: restored as saved (checksums), then cast, placement kept.
+  target["norm"]["scale"] = jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=replicated)
+  restored = io.load_params(tmp_path / "ckpt", target)
+  assert restored["norm"]["scale"].dtype == jnp.bfloat16
+  assert restored["norm"]["scale"].sharding == replicated
+  np.testing.assert_array_equal(restored["norm"]["scale"], params["norm"]["scale"])
+  with pytest.raises(ValueError, match=r"the target's parameters are not the checkpoint's "
+                     r"\(not in the target: modality_a\)"):
+    io.load_params(tmp_path / "ckpt", {"norm": target["norm"]})
+  target["modality_a"] = jax.ShapeDtypeStruct((1, 1, 4), jnp.float32, sharding=replicated)
+  with pytest.raises(ValueError, match=r"not the checkpoint's \(of other shapes: modality_a\)"):
+    io.load_params(tmp_path / "ckpt", target)

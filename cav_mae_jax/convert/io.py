@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -75,9 +76,10 @@ def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None
   """Returns the params tree of a checkpoint written by save_params.
 
   `target` (e.g. jax.eval_shape of the model's params, with shardings) restores straight into
-  that structure, shapes, dtypes and placement; without it, arrays come back as saved and are
-  checked against the checksums saved with them (CheckpointReadError if a data file was
-  damaged; checkpoints written without checksums are not checked).
+  that structure, shapes, dtypes and placement (an array whose target dtype differs is read as
+  saved, then cast); without it, arrays come back as saved. Either way they are checked
+  against the checksums saved with them (CheckpointReadError if a data file was damaged;
+  checkpoints written without checksums are not checked).
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
@@ -85,17 +87,63 @@ def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
   try:
+    as_saved = None
+    if target is not None:
+      with checkpoint.reading(path):
+        saved = _saved_params_metadata(checkpointer, path)
+      as_saved = {"params": _with_saved_dtypes(path, target, saved)}
     with checkpoint.reading(path):
-      restored = checkpointer.restore(path, None if target is None else {"params": target})
+      restored = checkpointer.restore(path, as_saved)
   finally:
     checkpointer.close()
   if "params" not in restored:
     raise ValueError(f"{path}: checkpoint has no 'params' entry (top level: {sorted(restored)})")
+  params = restored["params"]
   digest_path = os.path.join(path, DIGEST_FILE)
-  if target is None and os.path.isfile(digest_path):
+  if os.path.isfile(digest_path):
     with open(digest_path) as f:
-      checkpoint.verify_digest(path, restored["params"], json.load(f))
-  return restored["params"]
+      checkpoint.verify_digest(path, params, json.load(f))
+  if target is not None:
+    params = jax.tree_util.tree_map(
+        lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), params, dict(target))
+  return params
+
+
+def _saved_params_metadata(checkpointer: ocp.StandardCheckpointer, path: str) -> Mapping[str, Any]:
+  """The params tree of the checkpoint's array metadata (shape and dtype of each array)."""
+  from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11: StepMetadata
+  tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, Mapping):  # orbax logs why and returns None
+    raise checkpoint.CheckpointReadError(
+        f"{path}: the checkpoint cannot be read (the metadata of its arrays cannot be read: a "
+        "file inside is damaged or missing)")
+  saved = tree.get("params")
+  if saved is None:
+    raise ValueError(f"{path}: checkpoint has no 'params' entry (top level: {sorted(tree)})")
+  return saved
+
+
+def _with_saved_dtypes(path: str, target: Mapping[str, Any],
+                       saved: Mapping[str, Any]) -> dict[str, Any]:
+  """`target` (abstract arrays) with each leaf's dtype as the checkpoint stores it."""
+  from cav_mae_jax.convert import state_dict  # pylint: disable=g-import-not-at-top
+  wanted, stored = state_dict.flatten_params(target), state_dict.flatten_params(saved)
+  problems = []
+  for what, names in (("not in the checkpoint", wanted.keys() - stored.keys()),
+                      ("not in the target", stored.keys() - wanted.keys()),
+                      ("of other shapes", {n for n in wanted.keys() & stored.keys()
+                                           if tuple(wanted[n].shape) != tuple(stored[n].shape)})):
+    if names:
+      problems.append(f"{what}: " + ", ".join(
+          state_dict.abbreviate(sorted("/".join(n) for n in names))))
+  if problems:
+    raise ValueError(f"{path}: the target's parameters are not the checkpoint's ("
+                     + "; ".join(problems) + ")")
+  return jax.tree_util.tree_map(
+      lambda t, m: jax.ShapeDtypeStruct(t.shape, m.dtype, sharding=getattr(t, "sharding", None)),
+      dict(target), dict(saved))
 
 
 def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
