@@ -112,6 +112,11 @@ def _windows(audio: Any, model: HearModel) -> tuple[np.ndarray, int]:
   audio = np.asarray(audio, np.float32)
   if audio.ndim != 2 or audio.shape[0] == 0:
     raise ValueError(f"audio must be [n, samples] with n >= 1, got shape {audio.shape}")
+  finite = np.isfinite(audio).all(axis=1)
+  if not finite.all():  # they would come back as NaN embeddings
+    bad = np.flatnonzero(~finite)
+    raise ValueError(f"audio has NaN or infinite samples in clip(s) {', '.join(map(str, bad[:10]))}"
+                     f"{', ...' if bad.size > 10 else ''} of {audio.shape[0]}")
   window, _, _ = fbank.frame_geometry(sample_rate)
   if audio.shape[1] < window:
     raise ValueError(f"audio has {audio.shape[1]} samples: at least {window} (one 25-ms fbank "

@@ -104,6 +104,10 @@ def test_bad_audio_and_paths(model, tmp_path):
     hear.get_scene_embeddings(np.zeros((1, 399), np.float32), model)
   with pytest.raises(ValueError, match=r"\[n, samples\]"):
     hear.get_scene_embeddings(np.zeros(16000, np.float32), model)
+  audio = _audio(3, 8000)
+  audio[1, 100] = np.nan
+  with pytest.raises(ValueError, match=r"NaN or infinite samples in clip\(s\) 1 of 3"):
+    hear.get_timestamp_embeddings(audio, model)  # were NaN embeddings
   with pytest.raises(FileNotFoundError, match="no params checkpoint"):
     hear.load_model(str(tmp_path / "nothing"))
 
