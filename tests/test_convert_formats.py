@@ -147,34 +147,37 @@ def test_damaged_parameter_data_in_a_params_checkpoint_is_refused(tmp_path):
   path = tmp_path / "ckpt"
   io.save_params(path, params)
   assert json.loads((path / io.DIGEST_FILE).read_text()) == checkpoint.tree_digest(params)
-  caught = 0
   data_files = sorted(p for p in path.rglob("*") if p.is_file() and p.parent.name == "d")
-  for i, name in enumerate(data_files):
-    damaged = tmp_path / f"damaged_{i}"
-    shutil.copytree(path, damaged)
-    target = damaged / name.relative_to(path)
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    target.write_bytes(bytes(data))
-    # Into a target too (other dtypes: the checksums are of the arrays as saved); it failed
-    # to check before.
-    target = {"a": {"kernel": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)},
-              "b": jax.ShapeDtypeStruct((1000,), jnp.float32)}
-    outcomes = []
-    for load in (lambda: io.load_params(damaged), lambda: io.load_params(damaged, target)):
-      try:
-        restored = load()
-      except checkpoint.CheckpointReadError as e:
-        outcomes.append("refused")
-        caught += "differ from what was saved" in str(e)
-        continue
-      outcomes.append("read")
-      np.testing.assert_array_equal(np.asarray(restored["a"]["kernel"], np.float32),
-                                    params["a"]["kernel"].astype(restored["a"]["kernel"].dtype))
-      np.testing.assert_array_equal(np.asarray(restored["b"], np.float32),
-                                    params["b"].astype(np.float32))
-    assert outcomes[0] == outcomes[1], (name, outcomes)
-  assert caught >= 2, data_files
+  # Into a target too (other dtypes: the checksums are of the arrays as saved); it was not
+  # checked before.
+  target = {"a": {"kernel": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)},
+            "b": jax.ShapeDtypeStruct((1000,), jnp.float32)}
+  caught = 0
+  for fraction in (0.5, 0.25, 0.75):  # the data are compressed: a flip may hit a checksum
+    for i, name in enumerate(data_files):
+      damaged = tmp_path / f"damaged_{fraction}_{i}"
+      shutil.copytree(path, damaged)
+      damaged_file = damaged / name.relative_to(path)
+      data = bytearray(damaged_file.read_bytes())
+      data[int(len(data) * fraction)] ^= 0x10
+      damaged_file.write_bytes(bytes(data))
+      outcomes = []
+      for load in (lambda: io.load_params(damaged), lambda: io.load_params(damaged, target)):
+        try:
+          restored = load()
+        except checkpoint.CheckpointReadError as e:
+          outcomes.append("refused")
+          caught += "differ from what was saved" in str(e)
+          continue
+        outcomes.append("read")
+        np.testing.assert_array_equal(np.asarray(restored["a"]["kernel"], np.float32),
+                                      params["a"]["kernel"].astype(restored["a"]["kernel"].dtype))
+        np.testing.assert_array_equal(np.asarray(restored["b"], np.float32),
+                                      params["b"].astype(np.float32))
+      assert outcomes[0] == outcomes[1], (name, fraction, outcomes)
+    if caught:
+      break
+  assert caught >= 2, data_files  # by both loads
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
