@@ -20,7 +20,7 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -104,8 +104,70 @@ def fail(message: str) -> None:
   sys.exit(error_line(message))
 
 
+# `--config.<field>=None` overrides taken out of argv before absl parses it (ml_collections
+# parses a field's value with the field's type, so None cannot be given), applied after.
+_none_overrides: list[tuple[str, str]] = []
+
+
+def split_none_overrides(argv: Sequence[str], flag_names: Sequence[str]
+                         ) -> tuple[list[str], list[tuple[str, str]]]:
+  """(argv without them, [(flag name, field path)]) for the `--<flag>.<path>=None` (or
+  `--<flag>.<path> None`) arguments of config flags `flag_names`; a later override of the same
+  field wins, as for any flag."""
+  rest: list[str] = []
+  overrides: dict[tuple[str, str], bool] = {}  # (flag, path) -> whether its last value is None
+  i = 0
+  while i < len(argv):
+    arg, key, is_none = argv[i], None, False
+    for name in flag_names:
+      if arg.startswith(f"--{name}."):
+        path, sep, value = arg[len(name) + 3:].partition("=")
+        if not sep and i + 1 < len(argv):
+          value = argv[i + 1]
+        key, is_none = (name, path), value == "None"
+    if key is not None:
+      overrides.pop(key, None)
+      overrides[key] = is_none
+    if is_none:
+      i += 1 if "=" in arg else 2
+      continue
+    rest.append(arg)
+    i += 1
+  return rest, [key for key, is_none in overrides.items() if is_none]
+
+
+def apply_none_overrides(configs: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> None:
+  """Sets each (flag name, field path) of `overrides` to None in `configs[flag name]`; raises
+  ValueError naming the flag for a field the config lacks or a group of fields."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  for name, path in overrides:
+    parent, node, parents = None, configs[name], [name]
+    for part in path.split("."):
+      if not isinstance(node, config_dict.ConfigDict) or part not in node:
+        raise ValueError(missing_field_message(name, path, node, parents, part))
+      parent, node, parents = node, node[part], [*parents, part]
+    if isinstance(node, config_dict.ConfigDict):
+      raise ValueError(f"--{name}.{path}=None: {'.'.join(parents)} is a group of fields, not "
+                       "a value")
+    parent[parents[-1]] = None
+
+
+def missing_field_message(name: str, path: str, node: Any, parents: Sequence[str],
+                          part: str) -> str:
+  """`--config.a.b: config.a has no field 'b' (did you mean ...? its fields: ...)`."""
+  if not hasattr(node, "keys"):
+    return f"--{name}.{path}: {'.'.join(parents)} is a value, it has no field {part!r}"
+  fields = sorted(node.keys())
+  close = difflib.get_close_matches(part, fields, n=1)
+  hint = f"did you mean {close[0]}? " if close else ""
+  listed = ", ".join(fields[:16]) + (", ..." if len(fields) > 16 else "")
+  return (f"--{name}.{path}: {'.'.join(parents)} has no field {part!r} "
+          f"({hint}its fields: {listed})")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   argv = resolve_config_args(argv)
+  argv, _none_overrides[:] = split_none_overrides(argv, _config_flag_names())
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -161,12 +223,7 @@ def _unknown_config_field(argv: Sequence[str]) -> str | None:
         if not hasattr(node, "keys"):
           break
         if part not in node:
-          fields = sorted(node.keys())
-          close = difflib.get_close_matches(part, fields, n=1)
-          hint = f"did you mean {close[0]}? " if close else ""
-          listed = ", ".join(fields[:16]) + (", ..." if len(fields) > 16 else "")
-          return (f"--{name}.{path}: {'.'.join(parents)} has no field {part!r} "
-                  f"({hint}its fields: {listed})")
+          return missing_field_message(name, path, node, parents, part)
         node, parents = node[part], [*parents, part]
   return None
 
@@ -238,6 +295,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
     try:
       # After the flags and config files: a bad one is answered without TensorFlow's ~5 s import.
       _raise_config_file_errors()
+      apply_none_overrides({name: flags.FLAGS[name].value for name, _ in _none_overrides},
+                           _none_overrides)
       if input_paths is not None:
         check_input_paths(input_paths())
       if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":

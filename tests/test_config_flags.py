@@ -5,6 +5,7 @@ use it), all at once, and each field must come back with its new value.
 """
 
 import os
+import re
 
 import pytest
 from absl import flags
@@ -12,6 +13,7 @@ from ml_collections import config_flags
 
 from cav_mae_jax import cli
 from cav_mae_jax.train import run_config
+from cav_mae_jax.train import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fields whose default is None: a value of the placeholder's type.
@@ -60,3 +62,26 @@ def test_config_file_resolves_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = _parse(["--config=configs/pretrain.py:base", "--config.data.freqm=48"])
   assert config.data.freqm == 48 and config.model.embed_dim == 768
+
+
+def test_a_field_is_unset_with_none_on_the_command_line():
+  # ml_collections parses a value with the field's type, so `--config.total_epochs=None` was
+  # an error, and an epoch recipe could not be run for a number of steps from the command line.
+  recipe = f"--config={os.path.join(ROOT, 'configs/finetune.py:as20k')}"
+  argv, overrides = cli.split_none_overrides(
+      [recipe, "--config.total_epochs=None", "--config.total_steps=5", "--config.init.path",
+       "None", "--config.data.freqm=None", "--config.data.freqm=12"], ["config"])
+  assert argv == [recipe, "--config.total_steps=5", "--config.data.freqm=12"]
+  assert overrides == [("config", "total_epochs"), ("config", "init.path")]
+  config = _parse(argv)
+  cli.apply_none_overrides({"config": config}, overrides)
+  assert (config.total_epochs, config.total_steps, config.init.path, config.data.freqm) == (
+      None, 5, None, 12)
+  validation._validate_duration(config)  # exactly one of them is set
+  for path, message in [("model", "config.model is a group of fields, not a value"),
+                        ("optim.learning_rat", "config.optim has no field 'learning_rat' (did "
+                                               "you mean learning_rate?"),
+                        ("total_steps.x", "config.total_steps is a value, it has no field 'x'")]:
+    with pytest.raises(ValueError, match=re.escape(f"--config.{path}")) as info:
+      cli.apply_none_overrides({"config": config}, [("config", path)])
+    assert message in str(info.value)

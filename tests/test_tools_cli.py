@@ -27,6 +27,14 @@ CASES = {
                                                 "--config.optim.learning_rat=1"],
                                    "--config.optim.learning_rat: config.optim has no field "
                                    "'learning_rat' (did you mean learning_rate?"),
+    "train_none_for_a_group": ("train.py", [TINY, "--workdir=w", "--config.model=None"],
+                               "--config.model=None: config.model is a group of fields"),
+    # An epoch recipe run for a number of steps: the None reached the config (else the error
+    # would be "set exactly one of total_steps / total_epochs").
+    "train_epochs_unset_with_none": ("train.py", ["--config=configs/finetune.py:tiny", "--workdir=w",
+                                                  "--config.total_epochs=None",
+                                                  "--config.total_steps=0"],
+                                     "config.total_steps=0: must be positive"),
     "train_missing_init": ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
                                         "--config.init.path=/no/model.pth"], "config.init.path"),
     "evaluate_missing_workdir": ("evaluate.py", [TINY, "--workdir=/no/workdir",

@@ -55,7 +55,8 @@ def _validate_duration(config: ml_collections.ConfigDict) -> None:
   steps, epochs = config.total_steps, config.total_epochs
   if (steps is None) == (epochs is None):
     _fail("total_steps", steps, f"set exactly one of total_steps / total_epochs "
-          f"(total_epochs={epochs!r}).")
+          f"(total_epochs={epochs!r}; on the command line --config.total_epochs=None or "
+          "--config.total_steps=None unsets one).")
   if steps is not None and steps <= 0:
     _fail("total_steps", steps, "must be positive.")
   if epochs is not None and epochs <= 0:
