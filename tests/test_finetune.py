@@ -243,3 +243,10 @@ def test_bad_finetune_fields_name_the_field():
                                         mode="stereo", all_frames=False)
   with pytest.raises(ValueError, match=r"config\.evals\.val\.mode"):
     validation.validate_config(config, 8, check_data=False)
+
+
+def test_the_tasks_that_read_labels_get_their_class_count_checked():
+  from cav_mae_jax import tasks  # pylint: disable=import-outside-toplevel
+  assert [tasks.uses_labels(get_config(arg)) for get_config, arg in [
+      (finetune.get_config, "tiny"), (finetune.get_config, "tiny,probe"),
+      (pretrain.get_config, "tiny")]] == [True, True, False]

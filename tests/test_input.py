@@ -381,6 +381,16 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   assert "the eval split is the training clips" in caplog.records[0].getMessage()
 
 
+def test_a_class_count_other_than_the_models_is_named(record_dirs):
+  # A fine-tuning head of 5 classes on clips of 8 was a shape error with a traceback, at trace
+  # time of the loss (`mul got incompatible shapes for broadcasting: (16, 8), (16, 5)`).
+  dataset.check_data_sources(make_config(record_dirs), num_classes=NUM_CLASSES)
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.model.num_classes={NUM_CLASSES + 1}: the clips of records directory "
+      f"{record_dirs['train']} have {NUM_CLASSES} classes")):
+    dataset.check_data_sources(make_config(record_dirs), num_classes=NUM_CLASSES + 1)
+
+
 def test_measure_input_counts_samples_per_wall_and_cpu_second(record_dirs):
   result = input_lib.measure_input(make_config(record_dirs, noise=True), num_batches=3)
   assert result["samples"] == 12

@@ -221,12 +221,14 @@ def open_split(config: Any, split: str) -> splits.Split:
   return source
 
 
-def check_data_sources(config: Any, training: bool = True) -> None:
+def check_data_sources(config: Any, training: bool = True,
+                       num_classes: int | None = None) -> None:
   """Opens every split a run reads and checks it against the model; ValueError naming the field.
 
   The run reads the training split (when `training`, or for fbank_stats='index'), the split
   (or records directory `dir`) of each `config.evals` entry, and checks `eval_dir` when set.
-  Logs one warning when the training clips are also read as the "eval" split.
+  With `num_classes` (a task that reads labels), every split's clips must have that many
+  classes. Logs one warning when the training clips are also read as the "eval" split.
   """
   data_config = DataConfig.from_config(config)
   train = None
@@ -242,6 +244,11 @@ def check_data_sources(config: Any, training: bool = True) -> None:
       source = open_split(data_config, entry["split"])
     if entry["split"] == "eval":
       eval_sources.append(source)
+  for source in ([train] if train is not None else []) + eval_sources:
+    if num_classes is not None and source.index.num_classes != num_classes:
+      raise ValueError(f"config.model.num_classes={num_classes}: the clips of "
+                       f"{source.description} have {source.index.num_classes} classes (the "
+                       "labels CSV they were made with)")
   if train is not None and any(splits.same_clips(train, s) for s in eval_sources):
     logger.warning("config.data: the eval split is the training clips (%s): evaluation "
                    "measures the training data.", train.description)

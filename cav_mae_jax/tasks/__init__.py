@@ -15,7 +15,9 @@ A task gives the loop everything model-specific (DESIGN: "Tasks and evaluators")
   finetune       whether the parameters are the fine-tuning model's (conversion targets)
 
 A new task is one module here with a `make_task(config) -> Task` function (and, for fields of
-its own config section, a `validate_config(config)`), registered below.
+its own config section, a `validate_config(config)`; `USES_LABELS = True` when its loss reads
+the clips' labels, so that the data's class count is checked against the model's), registered
+below.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   module = _module(config)
   if hasattr(module, "validate_config"):
     module.validate_config(config)
+
+
+def uses_labels(config: ml_collections.ConfigDict) -> bool:
+  """Whether the task of `config` trains or evaluates on the clips' labels."""
+  return getattr(_module(config), "USES_LABELS", False)
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:

@@ -26,6 +26,7 @@ from cav_mae_jax import models
 from cav_mae_jax.tasks import Batch, Task
 from cav_mae_jax.train import flops
 
+USES_LABELS = True  # the loss reads the clips' labels (tasks/__init__.py)
 HEAD_MODULES = ("mlp_head_0", "mlp_head_1")
 LOSSES = ("bce", "ce")
 

@@ -4,7 +4,8 @@ The encoder's parameters get no gradient and no optimizer state (tasks/finetune.
 configs are `configs/finetune.py:<recipe>,probe`.
 """
 
+from cav_mae_jax.tasks.finetune import USES_LABELS
 from cav_mae_jax.tasks.finetune import make_probe_task as make_task
 from cav_mae_jax.tasks.finetune import validate_config
 
-__all__ = ["make_task", "validate_config"]
+__all__ = ["USES_LABELS", "make_task", "validate_config"]

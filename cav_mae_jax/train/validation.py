@@ -47,7 +47,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   eval_lib.validate_evals(config, None, num_devices, num_processes)
   if check_data:
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-    input_lib.check_data_sources(config, training)
+    input_lib.check_data_sources(
+        config, training, num_classes=model.num_classes if tasks.uses_labels(config) else None)
   return model
 
 
