@@ -425,6 +425,8 @@ def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys)
   int_path.write_text(json.dumps({"data": [{"video_id": "a", "video_path": 7, "labels": ""}]}))
   no_classes = tmp_path / "no_classes.csv"
   no_classes.write_text("index,mid,display_name\n")
+  other_labels = tmp_path / "other.csv"
+  other_labels.write_text('index,mid,display_name\n0,/m/x,"X"\n')
   tool = load_tool("preprocess")
   for args, fragments in [
       (["--datafile", str(int_labels), "--labels", media["labels_csv"]],
@@ -440,9 +442,18 @@ def test_preprocess_tool_bad_lists_print_one_error_line(media, tmp_path, capsys)
       (["--datafile", datafile, "--labels", datafile], ["labels CSV", "expected a CSV"]),
       (["--datafile", write_datafile(str(tmp_path / "empty.json"), []), "--labels",
         media["labels_csv"]], ["datafile", "empty.json", "lists no clips"]),
+      # Labels CSV of another list: refused before any decoding (every clip was quarantined).
+      (["--datafile", datafile, "--labels", str(other_labels)],
+       ["labels CSV", "other.csv", "has none of the 1 label id(s) of", "'/m/a'", "'/m/x'"]),
+      # Nothing written (every clip quarantined) is an error, after the summary.
+      (["--datafile", write_datafile(str(tmp_path / "gone.json"),
+                                     [("g", str(tmp_path / "gone.mp4"), "/m/a")]),
+        "--labels", media["labels_csv"], "--out", str(tmp_path / "gone_out")],
+       ["gone_out: no clip was written: all 1 were quarantined (missing_file: 1"]),
       (["--merge-index"], [out, "not an output directory"]),
   ]:
-    status = tool.main(args + ["--out", out, "--workers", "0", "--no-progress"])
+    status = tool.main(args + (["--out", out] if "--out" not in args else []) +
+                       ["--workers", "0", "--no-progress"])
     assert_one_error_line(status, capsys.readouterr().err, *fragments)
 
 

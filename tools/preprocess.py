@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     return cli.error_line(e)
   print(prepare.format_summary(summary))
+  if summary.shards_finished == summary.num_shards and not summary.written:
+    reasons = ", ".join(f"{r}: {n}" for r, n in summary.quarantined_by_reason.items())
+    return cli.error_line(f"{args.out}: no clip was written: all {summary.quarantined} were "
+                          f"quarantined ({reasons}; see {prepare.QUARANTINE})")
   return 0
 
 

@@ -87,6 +87,7 @@ def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers
   start = time.time()
   entries = sources.read_datafile(datafile)
   labels = sources.read_class_labels(labels_csv)
+  sources.check_labels_known(entries, labels, datafile)
   num_shards = shards.num_shards_for(len(entries), examples_per_shard)
   os.makedirs(out_dir, exist_ok=True)
   _check_manifest(out_dir, {

@@ -110,6 +110,17 @@ def read_class_labels(path: str) -> ClassLabels:
   return ClassLabels(mids, tuple((row["display_name"] or "").strip() for row in rows), path)
 
 
+def check_labels_known(entries: Sequence[ClipEntry], labels: ClassLabels, source: str) -> None:
+  """Raises SourceError when no label id of `entries` is in `labels`: a labels CSV other than
+  the list's (one unknown label only quarantines its clip, `clips.UNKNOWN_LABEL`)."""
+  ids = sorted({label_id for entry in entries for label_id in entry.label_ids})
+  if ids and all(labels.index_of(label_id) is None for label_id in ids):
+    raise SourceError("labels CSV", labels.source,
+                      f"has none of the {len(ids)} label id(s) of {source} (e.g. "
+                      f"{', '.join(map(repr, ids[:3]))}; its own: "
+                      f"{', '.join(map(repr, labels.mids[:3]))}): not the list's labels CSV")
+
+
 def _split_labels(labels: str | Sequence[str]) -> tuple[str, ...]:
   if isinstance(labels, str):
     return tuple(x.strip() for x in labels.split(",") if x.strip())
