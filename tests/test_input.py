@@ -381,6 +381,17 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   assert "the eval split is the training clips" in caplog.records[0].getMessage()
 
 
+def test_index_statistics_without_spread_are_refused(record_dirs, tmp_path):
+  # One clip of a constant fbank: std 0, and every clip would normalize to inf / NaN.
+  flat = write_records(str(tmp_path / "flat"), [[0]], 1)
+  config = make_config({**record_dirs, "train": flat}, fbank_stats="index", fbank_mean=None,
+                       fbank_std=None)
+  for check in (dataset.fbank_normalization, dataset.check_data_sources):
+    with pytest.raises(ValueError, match=r"config.data.fbank_stats='index': the fbank "
+                       r"statistics of records directory .*flat are mean 0.0, std 0.0"):
+      check(config)
+
+
 def test_a_class_count_other_than_the_models_is_named(record_dirs):
   # A fine-tuning head of 5 classes on clips of 8 was a shape error with a traceback, at trace
   # time of the loss (`mul got incompatible shapes for broadcasting: (16, 8), (16, 5)`).

@@ -234,6 +234,8 @@ def check_data_sources(config: Any, training: bool = True,
   train = None
   if training or data_config.fbank_stats == "index":
     train = open_split(data_config, "train")
+  if data_config.fbank_stats == "index":
+    fbank_normalization(data_config)
   eval_sources = [open_split(data_config, "eval")] if data_config.eval_dir else []
   evals = config["evals"] if isinstance(config, Mapping) else getattr(config, "evals", None)
   for name, entry in (evals or {}).items():
@@ -274,6 +276,12 @@ def fbank_normalization(config: Any) -> FbankNormalization:
     return FbankNormalization(float(config.fbank_mean), float(config.fbank_std),
                               "config.data.fbank_mean/fbank_std, fbank_stats='fixed'")
   train = open_split(config, "train")
+  if not (math.isfinite(train.index.fbank_mean) and train.index.fbank_std > 0):
+    # Every clip would normalize to inf or NaN.
+    raise ValueError(f"config.data.fbank_stats='index': the fbank statistics of "
+                     f"{train.description} are mean {train.index.fbank_mean}, std "
+                     f"{train.index.fbank_std}; normalizing needs a positive std (use "
+                     "fbank_stats='fixed' with fbank_mean / fbank_std)")
   return FbankNormalization(float(train.index.fbank_mean), float(train.index.fbank_std),
                             f"statistics of the training split, {train.description}, "
                             "fbank_stats='index'")
