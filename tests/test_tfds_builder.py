@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -143,6 +144,19 @@ def test_strict_local_build_names_bad_clip(manual_dir, tmp_path):
   with pytest.raises(clips.StrictModeError, match="empty.mp4: empty_file"):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def test_a_labels_csv_of_another_list_is_refused(manual_dir, tmp_path):
+  # As tools/preprocess.py: every clip would be quarantined unknown_label.
+  other = tmp_path / "manual"
+  shutil.copytree(manual_dir, other)
+  (other / tfds_builder.LABELS_CSV).write_text('index,mid,display_name\n0,/m/x,"X"\n')
+  config = tfds_builder.ClipsConfig(name="datafile_labels", source="datafile")
+  builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match=r"labels CSV .*: has none of the 4 label id\(s\) of "
+                     r".*train.json"):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(other)))
 
 
 def test_synthetic_config_local_build(tmp_path):

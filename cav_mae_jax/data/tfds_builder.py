@@ -120,6 +120,15 @@ def _example_or_quarantine(entry: sources.ClipEntry, labels: sources.ClassLabels
   return entry.video_id, tfds_example(result)
 
 
+def _read_known_labels(read_entries: EntryReader, labels: sources.ClassLabels
+                       ) -> list[sources.ClipEntry]:
+  """The entries of a split, refused (as tools/preprocess.py refuses them) when the labels CSV
+  knows none of their label ids."""
+  entries = read_entries()
+  sources.check_labels_known(entries, labels, getattr(read_entries, "args", ["its list"])[0])
+  return entries
+
+
 def _stats_path(data_dir: str, split: str) -> str:
   """Where a split's statistics wait until the build folds them into the metadata."""
   return os.path.join(data_dir, f"stats-{split}.json")
@@ -298,6 +307,8 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
         raise ValueError(f"{manual_dir}: no split files found for config {config.name!r}; "
                          f"see MANUAL_DOWNLOAD_INSTRUCTIONS")
     labels = sources.read_class_labels(labels_csv)
+    readers = {split: functools.partial(_read_known_labels, read_entries, labels)
+               for split, read_entries in readers.items()}
     return {split: self._generate_examples(read_entries, labels, split)
             for split, read_entries in readers.items()}
 
