@@ -3,7 +3,8 @@
 The HEAR API (hearbenchmark.com): `load_model(path)`, `get_scene_embeddings(audio, model)` ->
 [n, D] and `get_timestamp_embeddings(audio, model)` -> ([n, T, D], timestamps [n, T] in ms),
 with `sample_rate` (16 kHz) and the embedding sizes as model (and module) attributes. `audio`
-is float [n, samples] at 16 kHz (NumPy, JAX or torch; torch in gives torch out).
+is float in [-1, 1] (or int16 samples, scaled by 1 / 32768 as a 16-bit WAV is) [n, samples] at
+16 kHz (NumPy, JAX or torch; torch in gives torch out); NaN or infinite samples are refused.
 
 Only the audio branch runs: the audio-only stream after the joint block with `norm_a`, as the
 original's audio feature script (`forward_feat`) takes it. A clip becomes a Kaldi fbank exactly
@@ -109,7 +110,9 @@ def fbank_normalization(path: str) -> tuple[float, float]:
 
 def _windows(audio: Any, model: HearModel) -> tuple[np.ndarray, int]:
   """Normalized fbank windows [n * W, audio_length, F] of audio [n, samples], and frames."""
-  audio = np.asarray(audio, np.float32)
+  audio = np.asarray(audio)
+  if audio.dtype != np.int16 and not np.issubdtype(audio.dtype, np.floating):
+    raise ValueError(f"audio must be floating point (in [-1, 1]) or int16, got {audio.dtype}")
   if audio.ndim != 2 or audio.shape[0] == 0:
     raise ValueError(f"audio must be [n, samples] with n >= 1, got shape {audio.shape}")
   finite = np.isfinite(audio).all(axis=1)

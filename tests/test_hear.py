@@ -99,11 +99,22 @@ def test_torch_in_torch_out(model):
   np.testing.assert_allclose(scene.numpy(), hear.get_scene_embeddings(audio, model))
 
 
+def test_int16_audio_is_scaled_as_the_records_are(model):
+  # int16 samples were taken as floats 32768 times too loud (np.asarray(audio, np.float32));
+  # they are scaled by 1 / 32768 as records' waveforms and torchaudio's WAV loading are.
+  samples = np.round(_audio(2, 8000) * 32767).astype(np.int16)
+  np.testing.assert_allclose(hear.get_scene_embeddings(samples, model),
+                             hear.get_scene_embeddings(samples / np.float32(32768), model),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_bad_audio_and_paths(model, tmp_path):
   with pytest.raises(ValueError, match="at least 400"):
     hear.get_scene_embeddings(np.zeros((1, 399), np.float32), model)
   with pytest.raises(ValueError, match=r"\[n, samples\]"):
     hear.get_scene_embeddings(np.zeros(16000, np.float32), model)
+  with pytest.raises(ValueError, match="floating point .* or int16, got int32"):
+    hear.get_scene_embeddings(np.zeros((1, 16000), np.int32), model)
   audio = _audio(3, 8000)
   audio[1, 100] = np.nan
   with pytest.raises(ValueError, match=r"NaN or infinite samples in clip\(s\) 1 of 3"):
