@@ -137,8 +137,9 @@ def split_none_overrides(argv: Sequence[str], flag_names: Sequence[str]
 
 
 def apply_none_overrides(configs: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> None:
-  """Sets each (flag name, field path) of `overrides` to None in `configs[flag name]`; raises
-  ValueError naming the flag for a field the config lacks or a group of fields."""
+  """Sets each (flag name, field path) of `overrides` to None in `configs[flag name]`, or, for
+  an entry of `evals`, removes that evaluator; raises ValueError naming the flag for a field
+  the config lacks or another group of fields."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   for name, path in overrides:
     parent, node, parents = None, configs[name], [name]
@@ -146,10 +147,14 @@ def apply_none_overrides(configs: dict[str, Any], overrides: Sequence[tuple[str,
       if not isinstance(node, config_dict.ConfigDict) or part not in node:
         raise ValueError(missing_field_message(name, path, node, parents, part))
       parent, node, parents = node, node[part], [*parents, part]
-    if isinstance(node, config_dict.ConfigDict):
+    if isinstance(node, config_dict.ConfigDict) and parents[-2:-1] == ["evals"]:
+      with parent.unlocked():
+        del parent[parents[-1]]  # an evaluator the run does without
+    elif isinstance(node, config_dict.ConfigDict):
       raise ValueError(f"--{name}.{path}=None: {'.'.join(parents)} is a group of fields, not "
                        "a value")
-    parent[parents[-1]] = None
+    else:
+      parent[parents[-1]] = None
 
 
 def missing_field_message(name: str, path: str, node: Any, parents: Sequence[str],

@@ -85,3 +85,15 @@ def test_a_field_is_unset_with_none_on_the_command_line():
     with pytest.raises(ValueError, match=re.escape(f"--config.{path}")) as info:
       cli.apply_none_overrides({"config": config}, [("config", path)])
     assert message in str(info.value)
+
+
+def test_an_evaluator_is_removed_with_none():
+  # A pretraining recipe's evaluators need held-out clips; a run without them had no way out.
+  argv, overrides = cli.split_none_overrides(
+      [f"--config={os.path.join(ROOT, 'configs/pretrain.py:base')}",
+       "--config.evals.retrieval=None", "--config.evals.val=None"], ["config"])
+  config = _parse(argv)
+  assert set(config.evals) == {"val", "retrieval"}
+  cli.apply_none_overrides({"config": config}, overrides)
+  assert not config.evals and config.is_locked  # removed, the config stays locked
+  validation.validate_config(config, num_devices=4, check_data=False)

@@ -381,6 +381,16 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   assert "the eval split is the training clips" in caplog.records[0].getMessage()
 
 
+def test_a_missing_split_names_the_evaluator_that_reads_it(record_dirs):
+  config = make_config(record_dirs, eval_dir="")
+  config.evals = ml_collections.ConfigDict({"val": {"type": "losses", "split": "eval", "dir": ""}})
+  with pytest.raises(ValueError, match=re.escape(
+      "config.data.eval_dir='': no records directory given (or set config.data.tfds_name to "
+      "read split config.data.tfds_eval_split of a TFDS dataset) (read by evaluator "
+      "config.evals.val; --config.evals.val=None removes it)")):
+    dataset.check_data_sources(config)
+
+
 def test_index_statistics_without_spread_are_refused(record_dirs, tmp_path):
   # One clip of a constant fbank: std 0, and every clip would normalize to inf / NaN.
   flat = write_records(str(tmp_path / "flat"), [[0]], 1)

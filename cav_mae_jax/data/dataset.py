@@ -243,7 +243,11 @@ def check_data_sources(config: Any, training: bool = True,
       source = splits.open_records_split(entry["dir"], f"config.evals.{name}.dir")
       splits.check_fbank_shape(source, data_config.audio_length, data_config.num_mel_bins)
     else:
-      source = open_split(data_config, entry["split"])
+      try:
+        source = open_split(data_config, entry["split"])
+      except ValueError as e:
+        raise ValueError(f"{e} (read by evaluator config.evals.{name}; "
+                         f"--config.evals.{name}=None removes it)") from None
     if entry["split"] == "eval":
       eval_sources.append(source)
   for source in ([train] if train is not None else []) + eval_sources:
