@@ -96,6 +96,21 @@ def test_finetuned_checkpoint_given_for_pretraining_names_what_is_missing(tmp_pa
   _assert_nothing_written(tmp_path, out)
 
 
+def test_an_audio_only_finetuning_checkpoint_is_named_as_such(tmp_path):
+  # The original's CAVMAEFTAudio keeps no visual branch (none of its scripts use it; the
+  # released audio-only models are CAVMAEFT checkpoints): say so, not only list 46 names.
+  dims = dataclasses.replace(DIMS, num_classes=5)
+  state_dict = {k: v for k, v in random_state_dict(dims, seed=0).items()
+                if not k.startswith(("patch_embed_v", "pos_embed_v", "modality_v", "blocks_v",
+                                     "norm_v."))}
+  src, out = tmp_path / "ftaudio.safetensors", tmp_path / "ckpt"
+  formats.write_state_dict(src, state_dict)
+  with pytest.raises(sd.ParamsMismatchError, match=r"no visual branch: a checkpoint of the "
+                     r"original's audio-only CAVMAEFTAudio.*: blocks_v_0/attn"):
+    pipelines.cavmae_to_checkpoint(src, out, FINETUNE, finetune=True)
+  _assert_nothing_written(tmp_path, out)
+
+
 def test_bad_files_write_nothing(tmp_path):
   src, _ = _released(tmp_path)
   truncated = tmp_path / "cut.safetensors"

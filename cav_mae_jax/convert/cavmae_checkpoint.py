@@ -23,6 +23,12 @@ NOT_IN_ORIGINAL = ("log_temperature",)
 AUDIO_POS_EMBEDS = ("pos_embed_a", "decoder_pos_embed_a")
 
 
+def _is_visual(module: str) -> bool:
+  """Whether a top-level module is the visual branch's own (the audio-only model lacks them)."""
+  return module in ("patch_embed_v", "pos_embed_v", "modality_v", "norm_v") or (
+      module.startswith("blocks_v_"))
+
+
 def _is_decoder(name: str) -> bool:
   return name.startswith("decoder_") or name == "mask_token"
 
@@ -77,6 +83,10 @@ def cavmae_to_params(
       hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
     elif any(_is_decoder(p[0]) for p in missing):
       hint = " (a fine-tuned checkpoint has no decoder: it cannot initialize a pretraining model)"
+    elif all(_is_visual(p[0]) for p in missing):
+      hint = (" (it has no visual branch: a checkpoint of the original's audio-only CAVMAEFTAudio, "
+              "which this model cannot hold; the released audio-only models are CAVMAEFT "
+              "checkpoints and convert)")
     raise sd.ParamsMismatchError(
         f"{len(missing)} target parameters missing from the checkpoint{hint}: "
         f"{', '.join(sd.abbreviate(['/'.join(p) for p in missing], 24))}")
