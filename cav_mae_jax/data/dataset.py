@@ -235,7 +235,7 @@ def check_data_sources(config: Any, training: bool = True,
   if training or data_config.fbank_stats == "index":
     train = open_split(data_config, "train")
   if data_config.fbank_stats == "index":
-    fbank_normalization(data_config)
+    _index_normalization(train)
   eval_sources = [open_split(data_config, "eval")] if data_config.eval_dir else []
   evals = config["evals"] if isinstance(config, Mapping) else getattr(config, "evals", None)
   for name, entry in (evals or {}).items():
@@ -279,7 +279,11 @@ def fbank_normalization(config: Any) -> FbankNormalization:
   if config.fbank_stats == "fixed":
     return FbankNormalization(float(config.fbank_mean), float(config.fbank_std),
                               "config.data.fbank_mean/fbank_std, fbank_stats='fixed'")
-  train = open_split(config, "train")
+  return _index_normalization(open_split(config, "train"))
+
+
+def _index_normalization(train: splits.Split) -> FbankNormalization:
+  """The training split's own fbank statistics; ValueError if they cannot normalize."""
   if not (math.isfinite(train.index.fbank_mean) and train.index.fbank_std > 0):
     # Every clip would normalize to inf or NaN.
     raise ValueError(f"config.data.fbank_stats='index': the fbank statistics of "

@@ -154,7 +154,8 @@ def mark_duplicates(entries: Sequence[ClipEntry]) -> list[ClipEntry]:
   return marked
 
 
-def _nonempty(what: str, path: str, entries: list[ClipEntry], which: str = "") -> list[ClipEntry]:
+def _listed(what: str, path: str, entries: list[ClipEntry], which: str = "") -> list[ClipEntry]:
+  """A reader's entries: refused when there are none, repeats marked (`mark_duplicates`)."""
   if not entries:
     raise SourceError(what, path, f"lists no clips{which}")
   return mark_duplicates(entries)
@@ -216,7 +217,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
                         "file in 'video_path' or 'wav'")
     entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
                              _split_labels(labels), frames_dir))
-  return _nonempty(what, path, entries)
+  return _listed(what, path, entries)
 
 
 def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list[ClipEntry]:
@@ -238,7 +239,7 @@ def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list
                         f"end_seconds {end!r} must be numbers") from None
     name = video_name_format.format(ytid=ytid, start=start, end=end)
     entries.append(ClipEntry(ytid, os.path.join(video_dir, name), _split_labels(labels)))
-  return _nonempty(what, path, entries)
+  return _listed(what, path, entries)
 
 
 def _vggsound_rows(path: str) -> list[list[Any]]:
@@ -269,7 +270,7 @@ def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
       name = video_name_format.format(ytid=ytid, start=start)
       entries.append(ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
                                (label,)))
-  return _nonempty("vggsound CSV", path, entries, f" of split {split!r}")
+  return _listed("vggsound CSV", path, entries, f" of split {split!r}")
 
 
 def vggsound_splits(path: str) -> list[str]:
