@@ -6,7 +6,9 @@ one, read, BGR -> RGB) and audio with the ffmpeg command line. Datasets hold mor
 clip here is written in one such format, with textured frames that show their own number and a
 440 Hz tone on the first audio channel (the other channels carry other pitches). Every clip must
 give the frames the original's rule names and the first channel's audio; where OpenCV is
-installed (the `test` extra), the stored frames must equal OpenCV's pixel for pixel.
+installed (the `test` extra), the stored frames must equal OpenCV's pixel for pixel. These clips
+carry no colour tags: for tagged ones OpenCV >= 4.13 honours the tags where the original's
+OpenCV (<= 4.12) used BT.601, which we keep (`test_yuv_is_converted_as_the_originals_...`).
 """
 
 import fractions
@@ -166,3 +168,69 @@ def _original_reads(cv2, path, frame_count, fps):
     ok, bgr = capture.read()
     assert ok, i
     yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# (video codec, pixel format, the matrix and range the pixels are encoded with, the stream's
+# tags (colorspace, color_range: FFmpeg's AVCOL_* numbers), full range as OpenCV <= 4.12 reads it)
+COLOUR_CASES = {
+    'bt709_tagged_h264': ('libx264', 'yuv420p', 'ITU709', 'MPEG', (1, 1), False),
+    'bt709_full_range_vp9': ('libvpx-vp9', 'yuv420p', 'ITU709', 'JPEG', (1, 2), False),
+    'untagged_h264': ('libx264', 'yuv420p', 'ITU601', 'MPEG', None, False),
+    'jpeg_range_h264': ('libx264', 'yuvj420p', 'ITU601', 'JPEG', None, True),
+}
+
+
+def _bt601_rgb(y, u, v, full_range):
+  """YUV -> RGB with the BT.601 matrix (what OpenCV's swscale set-up assumes)."""
+  if not full_range:
+    y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
+  else:
+    u, v = u - 128, v - 128
+  rgb = (y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u)
+  return np.clip(rgb, 0, 255)
+
+
+def _plane_median(plane):
+  """The median value of an 8-bit plane of a decoded frame (its rows are padded)."""
+  rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+  return float(np.median(rows[:, :plane.width]))
+
+
+def _bt709_rgb(y, u, v):
+  y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
+  return np.clip((y + 1.5748 * v, y - 0.187324 * u - 0.468124 * v, y + 1.8556 * u), 0, 255)
+
+
+@pytest.mark.parametrize('case', sorted(COLOUR_CASES))
+def test_yuv_is_converted_as_the_originals_opencv_did_whatever_the_tags(tmp_path, case):
+  # The original (2022-2023, OpenCV <= 4.12) converts every YUV frame with the BT.601 matrix,
+  # full range only for yuvj formats: measured with opencv-python-headless 4.7.0.72 on these
+  # clips and on its VGGSound sample (BT.709-tagged), where it stored pure red as 232 where a
+  # BT.709 conversion (OpenCV >= 4.13, PyAV's default) gives 254.
+  codec, pix_fmt, matrix, encoded_range, tags, full_range = COLOUR_CASES[case]
+  if codec not in av.codecs_available:
+    pytest.skip(f'this PyAV build cannot encode {codec}')
+  path = str(tmp_path / f'{case}.mkv')
+  with av.open(path, 'w', format='matroska') as container:
+    stream = container.add_stream(codec, rate=10)
+    stream.width, stream.height, stream.pix_fmt = 96, 64, pix_fmt
+    if tags:
+      stream.codec_context.colorspace, stream.codec_context.color_range = tags
+    for i in range(2):
+      rgb = np.zeros((64, 96, 3), np.uint8)
+      rgb[...] = (230, 30, 20)
+      frame = av.VideoFrame.from_ndarray(rgb, format='rgb24').reformat(
+          format=pix_fmt, dst_colorspace=matrix, dst_color_range=encoded_range)
+      frame.pts = i
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+  with av.open(path) as container:
+    frame = next(container.decode(video=0))
+    if tags:
+      assert (int(frame.colorspace), int(frame.color_range)) == tags
+    y, u, v = (_plane_median(plane) for plane in frame.planes)
+  frames, _, _, _ = decode.decode_frames(path)
+  ours = frames.reshape(-1, 3).mean(axis=0)
+  np.testing.assert_allclose(ours, _bt601_rgb(y, u, v, full_range), atol=2.0)
+  if matrix == 'ITU709' and not full_range:  # The tags' conversion is far from it.
+    assert np.abs(_bt709_rgb(y, u, v) - _bt601_rgb(y, u, v, False)).max() > 10

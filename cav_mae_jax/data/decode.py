@@ -22,7 +22,10 @@ seeks OpenCV to that index minus one, so the frame it really stores, and the one
 the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order).
 Each frame is converted to RGB as OpenCV converts it (libswscale to BGR24 under bicubic
 interpolation, then the channels swapped: pixel for pixel OpenCV's in every pixel format
-tested), turned upright by the video stream's display matrix (below),
+tested), with the colour matrix the original's OpenCV (<= 4.12) used whatever the stream's
+colour tags say (BT.601; full range only for yuvj and gray formats: a BT.709-tagged clip is
+converted as BT.601, see `_opencv_colour`), turned upright by the video stream's display
+matrix (below),
 resized with PIL bilinear so its shorter side is 224, and center-cropped to 224 x 224
 (torchvision's `Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
 stops at the last needed frame and after `max_seconds` of audio, and unwanted non-reference
@@ -427,6 +430,26 @@ def frame_rotation(frame: av.VideoFrame) -> int:
   return rotation_from_display_matrix(np.frombuffer(bytes(side_data), np.int32))
 
 
+# How the original's OpenCV turns YUV into RGB. OpenCV up to 4.12 (the original's preprocessing is
+# from 2022-2023; opencv-python 4.7 then) sets up libswscale without colour details, so every
+# YUV frame is converted with the BT.601 matrix and, as libswscale assumes from the pixel format
+# alone, full range only for the JPEG (`yuvj*`) and gray formats: a BT.709-tagged stream (the
+# original's VGGSound sample KlsG1EnBEjc_000361.mp4 is one) or a `yuv420p` frame flagged full
+# range is converted as BT.601 limited range. OpenCV from 4.13 honours the tags, and so does
+# PyAV unless told otherwise; the original's frames of a BT.709 clip differ from those by up to
+# 22 levels (pure red: 232 instead of 254). RGB and palette frames have no matrix.
+_OPENCV_MATRIX = 'ITU601'
+_OPENCV_FULL_RANGE_PREFIXES = ('yuvj', 'gray', 'ya')
+
+
+def _opencv_colour(pixel_format: av.VideoFormat) -> dict[str, str]:
+  """`to_ndarray` arguments giving OpenCV's (<= 4.12) YUV -> RGB matrix and range."""
+  if pixel_format.is_rgb or pixel_format.has_palette:
+    return {}
+  full = pixel_format.name.startswith(_OPENCV_FULL_RANGE_PREFIXES)
+  return {'src_colorspace': _OPENCV_MATRIX, 'src_color_range': 'JPEG' if full else 'MPEG'}
+
+
 # PIL's transposes that turn a picture clockwise by 90, 180 and 270 degrees.
 _CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180,
               270: Image.Transpose.ROTATE_90}
@@ -441,8 +464,12 @@ def upright_image(frame: av.VideoFrame, rotation: int) -> Image.Image:
   swscale's unscaled converter ignores the interpolation, so this equals a plain RGB24
   conversion; for 10-bit and 4:2:2 sources the chroma upsampling follows the flag, and an RGB24
   bilinear conversion differed from OpenCV's pixels by up to 12 levels.
+
+  The colour matrix and range are the ones the original's OpenCV used (`_opencv_colour`), not
+  the stream's tags: BT.601 always, full range only for the `yuvj*` and gray formats.
   """
-  bgr = np.ascontiguousarray(frame.to_ndarray(format='bgr24', interpolation='BICUBIC'))
+  bgr = np.ascontiguousarray(frame.to_ndarray(format='bgr24', interpolation='BICUBIC',
+                                              **_opencv_colour(frame.format)))
   image = Image.frombuffer('RGB', (bgr.shape[1], bgr.shape[0]), bgr, 'raw', 'BGR', 0, 1)
   return image.transpose(_CLOCKWISE[rotation]) if rotation else image
 
