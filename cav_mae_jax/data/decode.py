@@ -19,7 +19,9 @@ picture (attached_pic): with `fps` and `frame_count` as OpenCV reports them (the
 average frame rate; the container's frame count, else round(duration * fps)), `total =
 min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The original
 seeks OpenCV to that index minus one, so the frame it really stores, and the one we return, is
-the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order).
+the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order;
+OpenCV's seek numbers frames by timestamp from a keyframe, so in a variable-frame-rate stream or
+one with dropped frames the original's can be a few frames off these: docs/original.md).
 Each frame is converted to RGB as OpenCV converts it (libswscale to BGR24 under bicubic
 interpolation, then the channels swapped: pixel for pixel OpenCV's in every pixel format
 tested), with the colour matrix the original's OpenCV (<= 4.12) used whatever the stream's
