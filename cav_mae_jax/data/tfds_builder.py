@@ -214,11 +214,13 @@ def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
 class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
       "1.0.0": "First release: records format version 1.",
       "1.1.0": "Frames are made upright by the display matrix; `rotation` says by how much.",
       "1.2.0": "Per-split label counts and fbank statistics in the metadata (as index.json).",
+      "1.3.0": "Frames of BT.709-tagged (and full-range yuv420p) videos are converted as the "
+               "original's OpenCV (<= 4.12) converted them: BT.601, limited range.",
   }
   BUILDER_CONFIGS = [
       ClipsConfig(name="datafile", source="datafile",
