@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from cav_mae_jax.data import dataset
 from cav_mae_jax.data import decode
 from cav_mae_jax.data import fbank
 from cav_mae_jax.data import input as input_lib
@@ -84,6 +85,24 @@ def test_video_files_give_what_their_records_give(videos):
   np.testing.assert_allclose(from_videos[0]["audio"][:3], from_records[0]["audio"][order],
                              atol=2**-7 / fbank.AUDIOSET_STD)
   assert list(from_videos[0]["valid"]) == [True, True, True, False]
+
+
+def test_video_files_are_normalized_as_records_with_index_statistics(videos):
+  # With fbank_stats='index' every split is normalized by the training split's statistics:
+  # video files too (they were normalized by fbank_mean / fbank_std, AudioSet's, instead).
+  data, records_dir = videos
+  config = tiny_config(records_dir)
+  config.data.train_dir = records_dir
+  config.data.fbank_stats = "index"
+  listed = clips.list_videos(data["video_dir"])
+  from_videos = list(clips.video_batches(listed, config, 4, on_error=pytest.fail))[0]
+  from_records = list(clips.record_batches(config, 4))[0]
+  by_id = {v: i for i, v in enumerate(from_records["video_id"])}
+  order = [by_id[v] for v in from_videos["video_id"][:3]]
+  std = dataset.fbank_normalization(config).std
+  assert abs(std - fbank.AUDIOSET_STD) > 0.1  # the test tells the two normalizations apart
+  np.testing.assert_allclose(from_videos["audio"][:3], from_records["audio"][order],
+                             atol=2**-7 / std)
 
 
 def test_short_audio_is_padded_as_the_original(videos):

@@ -131,3 +131,25 @@ def test_workdir_normalization_is_the_runs(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"data": {"fbank_mean": None,
                                                              "fbank_std": None}}))
   assert hear.fbank_normalization(str(tmp_path)) == (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD)
+
+
+def test_workdir_normalization_with_index_statistics_is_the_training_splits(tmp_path):
+  # A run with fbank_stats='index' normalized by its training split's statistics; its
+  # fbank_mean / fbank_std (AudioSet's by default) were unused and must not be taken.
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  from test_input import write_records  # pylint: disable=g-import-not-at-top
+  train_dir = write_records(str(tmp_path / "train"), [[0], [1], [2]], num_shards=1)
+  config = pretrain.get_config("tiny")
+  config.data.train_dir = train_dir
+  config.data.fbank_stats = "index"
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints")
+  (workdir / "config.json").write_text(config.to_json())
+  expected = dataset.fbank_normalization(config)
+  assert abs(expected.mean - fbank.AUDIOSET_MEAN) > 1.0
+  assert hear.fbank_normalization(str(workdir)) == (expected.mean, expected.std)
+  config.data.train_dir = str(tmp_path / "gone")  # training split no longer there
+  (workdir / "config.json").write_text(config.to_json())
+  with pytest.raises(ValueError, match="fbank_stats='index'"):
+    hear.fbank_normalization(str(workdir))

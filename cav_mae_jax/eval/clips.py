@@ -324,16 +324,14 @@ def video_batches(clips: Sequence[VideoClip], config: Any, batch_size: int, *,
 
   A clip that cannot be decoded goes to `on_error(clip, decode.DecodeError)` and stays a
   padding row.
-  Normalization uses config.data.fbank_mean / fbank_std (which must be set: a video file has
-  no records statistics).
+  Normalization is the run's, as for records (`dataset.fbank_normalization`): fbank_mean /
+  fbank_std with fbank_stats='fixed', the training split's statistics with 'index'.
   """
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   data_config = eval_data_config(config, frame)
-  if data_config.fbank_mean is None:
-    raise ValueError("config.data.fbank_mean / fbank_std are None (the records' statistics): "
-                     "video files need them set, e.g. AudioSet's -5.081 / 4.4849")
-  preprocess = eval_preprocess_fn(data_config, data_config.fbank_mean, data_config.fbank_std)
+  normalization = dataset_lib.fbank_normalization(data_config)
+  preprocess = eval_preprocess_fn(data_config, normalization.mean, normalization.std)
   host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
   first_row = jax.process_index() * host_batch
   size = data_config.image_size
