@@ -4,7 +4,8 @@ r"""CAV-MAE pretraining configs: `--config configs/pretrain.py:<arg>`.
 
 Recipes (docs/original.md, Optimization):
   tiny     tiny model, float32, a few hundred steps: seconds to minutes on a CPU.
-  base     the paper's base recipe: lr 5e-5, batch 48, 25 epochs.
+  base     the original's base script: lr 5e-5, batch 48, 25 epochs (the paper says its base
+           models and ablations ran 12: add --config.total_epochs=12; docs/original.md).
   scale+   lr 1e-4, batch 120 (the Scale+ script; the README table says 108).
   scale++  lr 2e-4, batch 256 (the recommended released model).
   vgg      VGGSound pretraining: lr 1e-4, batch 120.
