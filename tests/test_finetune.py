@@ -250,3 +250,28 @@ def test_the_tasks_that_read_labels_get_their_class_count_checked():
   assert [tasks.uses_labels(get_config(arg)) for get_config, arg in [
       (finetune.get_config, "tiny"), (finetune.get_config, "tiny,probe"),
       (pretrain.get_config, "tiny")]] == [True, True, False]
+
+
+def test_evaluating_a_checkpoint_in_another_ft_mode_is_refused(tmp_path):
+  """Every ft_mode has the same parameters: an audio-only model scored as multimodal would run
+  its untrained joint-stream norms and give silently wrong numbers."""
+  from cav_mae_jax.convert import io  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  audio_only = ft_config("tiny,mode=audioonly")
+  path = str(tmp_path / "params")
+  io.save_params(path, init_params(audio_only), model_config=audio_only.model.to_dict())
+  data = clips(seed=3)
+  source = lambda *args, **kwargs: iter(
+      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
+       for i in range(0, CLIPS, BATCH)])
+  with pytest.raises(ValueError, match="fine-tuned with config.model.ft_mode='audioonly', the "
+                                       "config has 'multimodal'"):
+    evaluate.evaluate(_with_val(ft_config(), batch_size=BATCH), params_path=path,
+                      batch_source=source)
+  _, results = evaluate.evaluate(_with_val(audio_only, batch_size=BATCH), params_path=path,
+                                 batch_source=source)
+  assert results["val/num_clips"] == CLIPS
+  # Another mode on purpose: the evaluator's own mode.
+  _, results = evaluate.evaluate(_with_val(audio_only, batch_size=BATCH, mode="multimodal"),
+                                 params_path=path, batch_source=source)
+  assert results["val/num_clips"] == CLIPS

@@ -78,6 +78,29 @@ def _why_shapes_differ(path: str, task: tasks.Task, host_params: Any) -> str:
   return f"the checkpoint's model config has {', '.join(culprits)}" if culprits else ""
 
 
+def check_ft_mode(model_config: models.ModelConfig, path: str) -> None:
+  """Refuses to score a fine-tuned checkpoint through another `ft_mode` than it was trained in.
+
+  Every mode has the same parameters, so nothing else would notice: an audio-only model read
+  as multimodal runs its untrained joint-stream norms and scores silently worse. The checkpoint's
+  stored model config (a workdir's config.json, a params checkpoint's model_config.json) says
+  the mode; a checkpoint without one is not checked. Scoring in another mode on purpose (e.g. a
+  multimodal model with the audio missing) is what `config.evals.<name>.mode` is for.
+  """
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  try:
+    stored = init_source.read_model_config(path)
+  except (OSError, ValueError):
+    return
+  mode = stored.get("ft_mode")
+  if mode is not None and mode != model_config.ft_mode:
+    raise ValueError(
+        f"{path}: the model was fine-tuned with config.model.ft_mode={mode!r}, the config has "
+        f"{model_config.ft_mode!r}; evaluate it with --config.model.ft_mode={mode} (e.g. "
+        f"configs/finetune.py:<recipe>,mode={mode}), or set config.evals.<name>.mode to score "
+        "it in another mode on purpose.")
+
+
 def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
              params_path: str | None = None, names: list[str] | None = None,
              batch_source: eval_lib.common.BatchSource | None = None) -> tuple[int, dict[str, float]]:
@@ -93,6 +116,8 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, s
     raise ValueError("give a training workdir or a params checkpoint to evaluate")
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = load_params(task, mesh, workdir=workdir, step=step, params_path=params_path)
+  if task.finetune:
+    check_ft_mode(task.model_config, workdir or params_path)
   results: dict[str, float] = {}
   for evaluator in eval_lib.build_evaluators(config, task.predict_fns, mesh, batch_source, names):
     results.update(evaluator.run(params))
