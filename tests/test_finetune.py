@@ -275,3 +275,34 @@ def test_evaluating_a_checkpoint_in_another_ft_mode_is_refused(tmp_path):
   _, results = evaluate.evaluate(_with_val(audio_only, batch_size=BATCH, mode="multimodal"),
                                  params_path=path, batch_source=source)
   assert results["val/num_clips"] == CLIPS
+
+
+def test_evaluating_a_workdir_with_another_fbank_normalization_is_refused(tmp_path):
+  """A run's fbanks were normalized one way; a config that normalizes otherwise (e.g. a
+  recipe's AudioSet numbers for a fbank_stats='index' run) would shift its inputs silently."""
+  from cav_mae_jax.eval import features  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  config = ft_config()
+  config.total_epochs = 0.5
+  config.data.fbank_stats = "index"
+  train(config, tmp_path)
+  data = clips(seed=4)
+  source = lambda *args, **kwargs: iter(
+      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
+       for i in range(0, CLIPS, BATCH)])
+  other = _with_val(ft_config(), batch_size=BATCH)  # fbank_stats='fixed', AudioSet's numbers
+  with pytest.raises(ValueError, match="the run normalized fbanks with fbank_stats='index', "
+                                       "the config with fbank_stats='fixed'.*"
+                                       "--config.data.fbank_stats=index"):
+    evaluate.evaluate(other, workdir=str(tmp_path), batch_source=source)
+  with pytest.raises(ValueError, match="fbank_stats='index'"):
+    features.load(other, workdir=str(tmp_path))
+  other.data.fbank_stats = "index"
+  _, results = evaluate.evaluate(other, workdir=str(tmp_path), batch_source=source)
+  assert results["val/num_clips"] == CLIPS
+  # Other fixed numbers than the run's are refused too, naming them.
+  config.data.fbank_stats, other.data.fbank_stats = "fixed", "fixed"
+  train(config, tmp_path / "fixed")
+  other.data.fbank_mean = -4.0
+  with pytest.raises(ValueError, match="fbank_mean=-5.081, fbank_std=4.4849"):
+    evaluate.evaluate(other, workdir=str(tmp_path / "fixed"), batch_source=source)

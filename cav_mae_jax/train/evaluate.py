@@ -101,6 +101,38 @@ def check_ft_mode(model_config: models.ModelConfig, path: str) -> None:
         "it in another mode on purpose.")
 
 
+def _normalization_of(data: Any) -> tuple[Any, ...]:
+  """What fixes a run's fbank normalization: the fixed numbers, or 'index' (the training
+  split's own statistics; which split is not compared, its directory may have moved)."""
+  if data.get("fbank_stats", "fixed") == "index":
+    return ("index",)
+  mean, std = data.get("fbank_mean"), data.get("fbank_std")
+  return ("fixed", None if mean is None else float(mean), None if std is None else float(std))
+
+
+def check_fbank_normalization(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to feed a workdir's model fbanks normalized otherwise than its run's were.
+
+  The evaluating config's `data` section decides the normalization; a run trained with
+  fbank_stats='index' (or other fixed numbers) and scored with a recipe's defaults would see
+  inputs shifted and scaled against its training, silently. A workdir without a recorded
+  config is not checked.
+  """
+  from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
+  recorded = run_config.read_run_config(workdir)
+  if recorded is None or "data" not in recorded:
+    return
+  run, ours = _normalization_of(recorded.data), _normalization_of(config.data)
+  if run != ours:
+    show = lambda n: ("fbank_stats='index'" if n[0] == "index" else
+                      f"fbank_stats='fixed', fbank_mean={n[1]}, fbank_std={n[2]}")
+    flags = ("--config.data.fbank_stats=index" if run[0] == "index" else
+             f"--config.data.fbank_stats=fixed --config.data.fbank_mean={run[1]} "
+             f"--config.data.fbank_std={run[2]}")
+    raise ValueError(f"{workdir}: the run normalized fbanks with {show(run)}, the config with "
+                     f"{show(ours)}; evaluate with the run's normalization: {flags}")
+
+
 def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
              params_path: str | None = None, names: list[str] | None = None,
              batch_source: eval_lib.common.BatchSource | None = None) -> tuple[int, dict[str, float]]:
@@ -118,6 +150,8 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, s
   params, step = load_params(task, mesh, workdir=workdir, step=step, params_path=params_path)
   if task.finetune:
     check_ft_mode(task.model_config, workdir or params_path)
+  if workdir:
+    check_fbank_normalization(config, workdir)
   results: dict[str, float] = {}
   for evaluator in eval_lib.build_evaluators(config, task.predict_fns, mesh, batch_source, names):
     results.update(evaluator.run(params))
