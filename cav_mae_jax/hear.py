@@ -10,8 +10,9 @@ Only the audio branch runs: the audio-only stream after the joint block with `no
 original's audio feature script (`forward_feat`) takes it. A clip becomes a Kaldi fbank exactly
 as the input pipeline computes one (mean removed, 128 bins, 10 ms frames), normalized with the
 run's normalization when the model is a training workdir (`config.data.fbank_mean` /
-`fbank_std`, or with `fbank_stats='index'` its training split's statistics), else AudioSet's
--5.081 / 4.4849 (every released recipe uses those).
+`fbank_std`, or with `fbank_stats='index'` its training split's statistics) or a params
+checkpoint that records it (`fbank_normalization.json`, from tools/average.py or the eval
+export), else AudioSet's -5.081 / 4.4849 (every released recipe uses those).
 
 Lengths. The model sees `audio_length` frames (1024 = 10.24 s) at a time. Shorter audio is
 padded with zero log-mel frames before normalization, as the original pads. Longer audio is cut
@@ -99,27 +100,22 @@ def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0,
 
 
 def fbank_normalization(path: str) -> tuple[float, float]:
-  """(mean, std) of fbank normalization: the workdir's run's, else AudioSet's.
+  """(mean, std) of fbank normalization: the run's (a workdir's, or what a params checkpoint
+  records), else AudioSet's.
 
   A run with `config.data.fbank_stats='index'` normalized with its training split's own
-  statistics (its fbank_mean / fbank_std were unused): those are read from that split, and a
-  split that cannot be opened any more is an error (not AudioSet's numbers in its place).
+  statistics (its fbank_mean / fbank_std were unused): a workdir's are read from that split, a
+  params checkpoint's from its record; where they cannot be had it is an error (not AudioSet's
+  numbers in their place).
   """
-  from cav_mae_jax.train import checkpoint, run_config  # pylint: disable=g-import-not-at-top
-  if checkpoint.is_workdir(path):
-    config = run_config.read_run_config(path)
-    data = config.get("data") if config is not None else None
-    if data is not None and data.get("fbank_stats", "fixed") == "index":
-      from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
-      try:
-        normalization = dataset.fbank_normalization(config)
-      except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: the run normalized fbanks with its training split's "
-                         f"statistics (config.data.fbank_stats='index'), which cannot be "
-                         f"read: {e}") from e
-      return normalization.mean, normalization.std
-    if data is not None and data.get("fbank_mean") is not None:
-      return float(data.fbank_mean), float(data.fbank_std)
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  record = init_source.normalization_record(path, require_statistics=True)
+  if record is None:
+    return fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD
+  if record["fbank_stats"] == "index":
+    return float(record["mean"]), float(record["std"])
+  if record["fbank_mean"] is not None:
+    return float(record["fbank_mean"]), float(record["fbank_std"])
   return fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD
 
 

@@ -306,3 +306,38 @@ def test_evaluating_a_workdir_with_another_fbank_normalization_is_refused(tmp_pa
   other.data.fbank_mean = -4.0
   with pytest.raises(ValueError, match="fbank_mean=-5.081, fbank_std=4.4849"):
     evaluate.evaluate(other, workdir=str(tmp_path / "fixed"), batch_source=source)
+
+
+def test_params_checkpoints_record_and_check_the_runs_fbank_normalization(tmp_path):
+  """tools/average.py and the eval export record how the run normalized its fbanks, so that
+  a params checkpoint scored under another normalization is refused as a workdir is (it was
+  scored with whatever the evaluating config said, silently)."""
+  from cav_mae_jax.convert import io  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.convert import pipelines  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  from test_tools_cli import _run_tool  # pylint: disable=import-outside-toplevel
+  config = ft_config()
+  config.total_epochs = 1.0
+  config.checkpoint.every_epoch = True
+  config.data.fbank_mean, config.data.fbank_std = -4.0, 3.0
+  train(config, tmp_path / "run")
+  pipelines.checkpoint_to_eval_export(tmp_path / "run", tmp_path / "export", dtype="float32")
+  result = _run_tool("average.py", ["--workdir", str(tmp_path / "run"), "--out",
+                                    str(tmp_path / "avg"), "--first_epoch=1", "--last_epoch=1"],
+                     tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  data = clips(seed=4)
+  source = lambda *args, **kwargs: iter(
+      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
+       for i in range(0, CLIPS, BATCH)])
+  for name in ("export", "avg"):
+    path = str(tmp_path / name)
+    assert io.load_fbank_normalization(path) == {"fbank_stats": "fixed", "fbank_mean": -4.0,
+                                                 "fbank_std": 3.0}
+    other = _with_val(ft_config(), batch_size=BATCH)  # AudioSet's numbers
+    with pytest.raises(ValueError, match="fbank_mean=-4.0, fbank_std=3.0.*"
+                                         "fbank_mean=-5.081, fbank_std=4.4849"):
+      evaluate.evaluate(other, params_path=path, batch_source=source)
+    other.data.fbank_mean, other.data.fbank_std = -4.0, 3.0
+    _, results = evaluate.evaluate(other, params_path=path, batch_source=source)
+    assert results["val/num_clips"] == CLIPS

@@ -153,3 +153,25 @@ def test_workdir_normalization_with_index_statistics_is_the_training_splits(tmp_
   (workdir / "config.json").write_text(config.to_json())
   with pytest.raises(ValueError, match="fbank_stats='index'"):
     hear.fbank_normalization(str(workdir))
+
+
+def test_params_checkpoint_normalization_is_what_it_records(tmp_path, checkpoint):
+  # A params checkpoint of a run (tools/average.py, the eval export) records how the run
+  # normalized; one that records nothing (converted from PyTorch) is read with AudioSet's.
+  path, config, params = checkpoint
+  assert hear.fbank_normalization(path) == (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD)
+  records = {"fixed": {"fbank_stats": "fixed", "fbank_mean": -4.0, "fbank_std": 3.0},
+             "index": {"fbank_stats": "index", "fbank_mean": -5.081, "fbank_std": 4.4849,
+                       "mean": -2.5, "std": 1.5},
+             "index_unread": {"fbank_stats": "index", "fbank_mean": -5.081, "fbank_std": 4.4849}}
+  for name, record in records.items():
+    io.save_params(str(tmp_path / name), params, model_config=dataclasses.asdict(config),
+                   fbank_normalization=record)
+  assert hear.fbank_normalization(str(tmp_path / "fixed")) == (-4.0, 3.0)
+  assert hear.load_model(str(tmp_path / "fixed")).fbank_mean == -4.0
+  assert hear.fbank_normalization(str(tmp_path / "index")) == (-2.5, 1.5)
+  with pytest.raises(ValueError, match="fbank_stats='index'.*does not record"):
+    hear.fbank_normalization(str(tmp_path / "index_unread"))
+  (tmp_path / "fixed" / io.NORMALIZATION_FILE).write_text('{"fbank_mean": 1}')
+  with pytest.raises(ValueError, match="not a record of an fbank normalization"):
+    hear.fbank_normalization(str(tmp_path / "fixed"))

@@ -5,8 +5,9 @@ r"""Weight averaging: the mean of a fine-tuning run's epoch-end checkpoints, as 
 
 The epochs default to the run's `config.finetune.average_first_epoch` / `average_last_epoch`
 (the original's recipes: AS-20K 3-15, AS-2M 1-10, VGGSound 3-10). The result is a params
-checkpoint (with model_config.json) for tools/evaluate.py --params, tools/convert.py to-torch
-or another run's config.init.
+checkpoint for tools/evaluate.py --params, tools/convert.py to-torch or another run's
+config.init, with model_config.json and fbank_normalization.json (how the run normalized its
+fbanks: tools/evaluate.py checks its config against it, the HEAR API normalizes with it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv: list[str]) -> None:
   del argv
-  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.convert import init_source, io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import averaging, run_config  # pylint: disable=g-import-not-at-top
   io.check_output_path(_OUT.value, overwrite=_OVERWRITE.value)
   config = run_config.read_run_config(_WORKDIR.value)
@@ -37,9 +38,15 @@ def main(argv: list[str]) -> None:
   first = _FIRST.value or config.finetune.average_first_epoch
   last = _LAST.value or config.finetune.average_last_epoch
   params, steps = averaging.average_workdir(_WORKDIR.value, first, last)
+  normalization = init_source.normalization_record(_WORKDIR.value)
   io.save_params(_OUT.value, params, model_config=config.model.to_dict(),
-                 overwrite=_OVERWRITE.value)
+                 fbank_normalization=normalization, overwrite=_OVERWRITE.value)
   print(f"averaged epochs {first}-{last} (steps {steps}) -> {_OUT.value}")
+  if normalization and normalization["fbank_stats"] == "index" and "mean" not in normalization:
+    print("note: the run's fbank statistics (fbank_stats='index') could not be read from its "
+          "training split, so the checkpoint records only that they were the split's; "
+          "tools/evaluate.py needs --config.data.fbank_stats=index with that split, and the "
+          "HEAR API refuses it")
 
 
 if __name__ == "__main__":

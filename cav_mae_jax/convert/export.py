@@ -51,6 +51,10 @@ def cast_params(params: Mapping[str, Any], dtype: str) -> dict[str, Any]:
 
 
 def export_for_eval(params: Mapping[str, Any], model_config: Mapping[str, Any],
-                    path: str | os.PathLike, *, dtype: str = "float32", overwrite: bool = False) -> None:
-  """Writes params only, cast to `dtype`, with the model config JSON beside them."""
-  io.save_params(path, cast_params(params, dtype), model_config=model_config, overwrite=overwrite)
+                    path: str | os.PathLike, *, dtype: str = "float32",
+                    fbank_normalization: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> None:
+  """Writes params only, cast to `dtype`, with the model config JSON (and the run's fbank
+  normalization, when known) beside them."""
+  io.save_params(path, cast_params(params, dtype), model_config=model_config,
+                 fbank_normalization=fbank_normalization, overwrite=overwrite)

@@ -49,6 +49,58 @@ def read_model_config(path: str) -> dict[str, Any]:
   return io.load_model_config(path)
 
 
+def normalization_settings(data: Any) -> dict[str, Any]:
+  """The fields of a run's `config.data` that fix its fbank normalization, as plain JSON."""
+  mean, std = data.get("fbank_mean"), data.get("fbank_std")
+  return {"fbank_stats": data.get("fbank_stats", "fixed"),
+          "fbank_mean": None if mean is None else float(mean),
+          "fbank_std": None if std is None else float(std)}
+
+
+def read_fbank_normalization(path: str) -> dict[str, Any] | None:
+  """How the run behind a training workdir or params checkpoint normalized its fbanks.
+
+  `normalization_settings` of the workdir's config.json, or what a params checkpoint records
+  (tools/average.py and the eval export write it; with fbank_stats='index' also the statistics
+  themselves, `mean` and `std`, when they could be read); None where nothing says.
+  """
+  from cav_mae_jax.train import checkpoint, run_config  # pylint: disable=g-import-not-at-top
+  if checkpoint.is_workdir(path):
+    config = run_config.read_run_config(path)
+    if config is None or "data" not in config:
+      return None
+    return normalization_settings(config.data)
+  return io.load_fbank_normalization(path)
+
+
+def normalization_record(path: str, *, require_statistics: bool = False) -> dict[str, Any] | None:
+  """`read_fbank_normalization(path)`, with fbank_stats='index' also the statistics (`mean`,
+  `std`): read from the run's training split for a workdir (TensorFlow is imported then).
+
+  A split that cannot be read any more, or a params checkpoint that does not record them,
+  leaves them out, or with `require_statistics` is a ValueError saying why (never AudioSet's
+  numbers in their place).
+  """
+  from cav_mae_jax.train import checkpoint, run_config  # pylint: disable=g-import-not-at-top
+  record = read_fbank_normalization(path)
+  if record is None or record["fbank_stats"] != "index" or "mean" in record:
+    return record
+  why = (f"{path}: the run normalized fbanks with its training split's statistics "
+         "(config.data.fbank_stats='index')")
+  if not checkpoint.is_workdir(path):
+    if require_statistics:
+      raise ValueError(f"{why}, which this params checkpoint does not record")
+    return record
+  from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  try:
+    normalization = dataset.fbank_normalization(run_config.read_run_config(path))
+  except (OSError, ValueError) as e:
+    if require_statistics:
+      raise ValueError(f"{why}, which cannot be read: {e}") from e
+    return record
+  return {**record, "mean": normalization.mean, "std": normalization.std}
+
+
 def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, finetune: bool,
                      init_params: dict[str, Any]) -> tuple[dict[str, Any],
                                                            report_lib.ConversionReport]:

@@ -15,6 +15,9 @@ import orbax.checkpoint as ocp
 
 MODEL_CONFIG_FILE = "model_config.json"
 DIGEST_FILE = "params_digest.json"  # checksum of every parameter array (train.checkpoint)
+# How the run that made the params normalized its fbanks (init_source.normalization_settings);
+# absent where that is not known (e.g. a converted PyTorch checkpoint).
+NORMALIZATION_FILE = "fbank_normalization.json"
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
@@ -56,9 +59,12 @@ def _remove(path: str) -> None:
 
 
 def save_params(path: str | os.PathLike, params: Mapping[str, Any], *,
-                model_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
-  """Writes {'params': params} as an orbax checkpoint directory, with the model config and the
-  params' checksums (`DIGEST_FILE`, checked by load_params) beside it."""
+                model_config: Mapping[str, Any] | None = None,
+                fbank_normalization: Mapping[str, Any] | None = None,
+                overwrite: bool = False) -> None:
+  """Writes {'params': params} as an orbax checkpoint directory, with the model config, the
+  params' checksums (`DIGEST_FILE`, checked by load_params) and, when known, the run's fbank
+  normalization (`NORMALIZATION_FILE`) beside it."""
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   with atomic_output(path, overwrite=overwrite) as staged:
     checkpointer = ocp.StandardCheckpointer()
@@ -70,6 +76,9 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any], *,
     if model_config is not None:
       with open(os.path.join(staged, MODEL_CONFIG_FILE), "w") as f:
         json.dump(dict(model_config), f, indent=2, sort_keys=True)
+    if fbank_normalization is not None:
+      with open(os.path.join(staged, NORMALIZATION_FILE), "w") as f:
+        json.dump(dict(fbank_normalization), f, indent=2, sort_keys=True)
 
 
 def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -153,3 +162,19 @@ def load_model_config(path: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"{config_path}: no model config beside the params checkpoint")
   with open(config_path) as f:
     return json.load(f)
+
+
+def load_fbank_normalization(path: str | os.PathLike) -> dict[str, Any] | None:
+  """The run's fbank normalization saved beside a params checkpoint; None if none was saved."""
+  file_path = os.path.join(os.fspath(path), NORMALIZATION_FILE)
+  if not os.path.isfile(file_path):
+    return None
+  try:
+    with open(file_path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{file_path}: cannot be read: {e}") from e
+  if not isinstance(recorded, dict) or recorded.get("fbank_stats") not in ("fixed", "index"):
+    raise ValueError(f"{file_path}: not a record of an fbank normalization (expected an object "
+                     "with fbank_stats 'fixed' or 'index')")
+  return recorded

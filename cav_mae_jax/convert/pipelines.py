@@ -88,4 +88,6 @@ def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *,
   if fit.unexpected:
     raise sd.ParamsMismatchError(f"{os.fspath(src)}: params not in the model config: "
                                  f"{', '.join(fit.unexpected)}")
-  export.export_for_eval(params, config, out, dtype=dtype, overwrite=overwrite)
+  export.export_for_eval(params, config, out, dtype=dtype,
+                         fbank_normalization=init_source.normalization_record(os.fspath(src)),
+                         overwrite=overwrite)

@@ -151,8 +151,7 @@ def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step:
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = evaluate.load_params(task, mesh, workdir=workdir, step=step,
                                       params_path=params_path)
-  if workdir:
-    evaluate.check_fbank_normalization(config, workdir)
+  evaluate.check_fbank_normalization(config, workdir or params_path)
   return Loaded(task, mesh, params, step)
 
 

@@ -110,26 +110,27 @@ def _normalization_of(data: Any) -> tuple[Any, ...]:
   return ("fixed", None if mean is None else float(mean), None if std is None else float(std))
 
 
-def check_fbank_normalization(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to feed a workdir's model fbanks normalized otherwise than its run's were.
+def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> None:
+  """Refuses to feed a model fbanks normalized otherwise than its run's were.
 
   The evaluating config's `data` section decides the normalization; a run trained with
   fbank_stats='index' (or other fixed numbers) and scored with a recipe's defaults would see
-  inputs shifted and scaled against its training, silently. A workdir without a recorded
-  config is not checked.
+  inputs shifted and scaled against its training, silently. `path` is a training workdir (its
+  config.json) or a params checkpoint (what tools/average.py or the eval export recorded); one
+  that says nothing (e.g. converted from PyTorch) is not checked.
   """
-  from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
-  recorded = run_config.read_run_config(workdir)
-  if recorded is None or "data" not in recorded:
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  recorded = init_source.read_fbank_normalization(path)
+  if recorded is None:
     return
-  run, ours = _normalization_of(recorded.data), _normalization_of(config.data)
+  run, ours = _normalization_of(recorded), _normalization_of(config.data)
   if run != ours:
     show = lambda n: ("fbank_stats='index'" if n[0] == "index" else
                       f"fbank_stats='fixed', fbank_mean={n[1]}, fbank_std={n[2]}")
     flags = ("--config.data.fbank_stats=index" if run[0] == "index" else
              f"--config.data.fbank_stats=fixed --config.data.fbank_mean={run[1]} "
              f"--config.data.fbank_std={run[2]}")
-    raise ValueError(f"{workdir}: the run normalized fbanks with {show(run)}, the config with "
+    raise ValueError(f"{path}: the run normalized fbanks with {show(run)}, the config with "
                      f"{show(ours)}; evaluate with the run's normalization: {flags}")
 
 
@@ -150,8 +151,7 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, s
   params, step = load_params(task, mesh, workdir=workdir, step=step, params_path=params_path)
   if task.finetune:
     check_ft_mode(task.model_config, workdir or params_path)
-  if workdir:
-    check_fbank_normalization(config, workdir)
+  check_fbank_normalization(config, workdir or params_path)
   results: dict[str, float] = {}
   for evaluator in eval_lib.build_evaluators(config, task.predict_fns, mesh, batch_source, names):
     results.update(evaluator.run(params))
