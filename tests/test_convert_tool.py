@@ -152,3 +152,18 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   assert bad.returncode == 2 and "truncated safetensors file" in bad.stderr
   assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error:"), bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+def test_command_line_converts_a_finetuned_checkpoint_for_a_probe_config(tmp_path):
+  # configs/finetune.py:<recipe>,probe trains the fine-tuning model (task 'probe'); its
+  # conversion target is that model, not the pretraining model with a decoder.
+  src, state_dict = _released(tmp_path, dataclasses.replace(DIMS, num_classes=5), "ft.safetensors")
+  out = tmp_path / "probe"
+  done = _cli("cavmae", f"--src={src}", f"--out={out}",
+              f"--config={ROOT}/configs/finetune.py:tiny,classes=5,probe",
+              "--config.model.audio_length=64", "--config.model.image_size=32")
+  assert done.returncode == 0, done.stderr
+  params = io.load_params(out)
+  assert "decoder_embed" not in params
+  np.testing.assert_array_equal(params["mlp_head_1"]["kernel"],
+                                state_dict["module.mlp_head.1.weight"].T)

@@ -63,7 +63,9 @@ def _model_config(required: bool):
     if required:
       raise app.UsageError("--config is required for this direction")
     return None, False
-  return config.model, config.task == "finetune"
+  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  # The task says which model its parameters are: a probe's is the fine-tuning model too.
+  return config.model, tasks.get_task(config).finetune
 
 
 def run(direction: str) -> None:
