@@ -199,6 +199,15 @@ def test_resume_from_state_gives_the_same_remaining_batches(record_dirs):
     resumed.set_state({**state, "process_index": 1})
 
 
+def test_a_state_of_another_process_count_says_why_it_cannot_resume(record_dirs):
+  config = make_config(record_dirs)
+  two = input_lib.InputPipeline(config, "train", process_index=0, process_count=2, seed=1)
+  one = input_lib.InputPipeline(config, "train", process_index=0, process_count=1, seed=1)
+  with pytest.raises(ValueError, match=r"saved by a run of 2 process\(es\), this run has 1: "
+                     r"each process reads its own shard files.*init\.source=workdir"):
+    one.set_state(two.get_state())
+
+
 def test_train_hosts_read_disjoint_clips_and_share_resume_state(record_dirs):
   config = make_config(record_dirs)
   pipelines = [input_lib.InputPipeline(config, "train", process_index=p, process_count=2,

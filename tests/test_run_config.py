@@ -35,6 +35,15 @@ def test_changed_batch_size_is_refused(tmp_path):
     run_config.check_resume(_saved(tmp_path), config, step_lib.abstract_state_of)
 
 
+def test_changed_seed_is_refused(tmp_path):
+  # The checkpoint's input position is a position in the saved seed's order: it was allowed
+  # (and printed as a change), then the input pipeline refused the saved state.
+  config = pretrain.get_config("tiny")
+  config.seed = 1
+  with pytest.raises(run_config.ResumeConfigError, match=r"config\.seed changed \(0 -> 1\)"):
+    run_config.check_resume(_saved(tmp_path), config, step_lib.abstract_state_of)
+
+
 def test_shape_changes_name_only_the_responsible_fields(tmp_path):
   config = pretrain.get_config("tiny")
   config.model.embed_dim, config.total_steps = 128, 400

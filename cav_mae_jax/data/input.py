@@ -177,9 +177,14 @@ class InputPipeline:
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from a state returned by `get_state` (of a pipeline with the same config)."""
-    for key in ("version", "split", "seed", "process_count"):
-      expected = {"version": STATE_VERSION, "split": self.split, "seed": self.seed,
-                  "process_count": self.process_count}[key]
+    if state.get("process_count") != self.process_count:
+      raise ValueError(
+          f"the input position was saved by a run of {state.get('process_count')} process(es), "
+          f"this run has {self.process_count}: each process reads its own shard files, so a "
+          "run resumes on the process count it started with (or a new workdir starts from "
+          "this one's parameters: --config.init.source=workdir --config.init.path=<workdir>)")
+    for key in ("version", "split", "seed"):
+      expected = {"version": STATE_VERSION, "split": self.split, "seed": self.seed}[key]
       if state.get(key) != expected:
         raise ValueError(f"input state has {key}={state.get(key)!r}, this pipeline has "
                          f"{expected!r}")

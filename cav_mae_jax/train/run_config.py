@@ -3,8 +3,8 @@
 The workdir records its config (`config.json`, written at the start of every run). Resuming with
 a change that alters the shapes of the parameters or the optimizer state is refused with one
 line naming the fields that cause it; so is a changed batch size (it re-plans epochs, learning
-rate milestones and the input position silently). Other changes (durations, logging, eval
-cadence, data paths) are allowed and reported.
+rate milestones and the input position silently) and a changed seed (the input order). Other
+changes (durations, logging, eval cadence, data paths, the mesh) are allowed and reported.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ import ml_collections
 
 RUN_CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
-# Changes refused on resume even though no shape depends on them.
-REPLANNING_FIELDS = ("data.batch_size",)
+# Changes refused on resume even though no shape depends on them, and why.
+REFUSED_FIELDS = {
+    "data.batch_size": "it re-plans epochs, the schedule and the input position",
+    "seed": "the input order comes from it, and the checkpoint holds a position in the saved "
+            "seed's order (and the training RNG, which stays the saved one)",
+}
 
 
 class ResumeConfigError(ValueError):
@@ -98,12 +102,12 @@ def check_resume(saved: ml_collections.ConfigDict | None, config: ml_collections
   changes = changed_fields(saved, config)
   if not changes:
     return {}
-  replanning = [f for f in REPLANNING_FIELDS if f in changes]
-  if replanning:
+  refused = [f for f in REFUSED_FIELDS if f in changes]
+  if refused:
     raise ResumeConfigError(
-        f"config.{replanning[0]} changed ({_arrow(changes[replanning[0]])}) on resume: it "
-        "re-plans epochs, the schedule and the input position; keep it, or start a new "
-        "workdir with config.init.source='workdir' pointing at this one")
+        f"config.{refused[0]} changed ({_arrow(changes[refused[0]])}) on resume: "
+        f"{REFUSED_FIELDS[refused[0]]}; keep it, or start a new workdir with "
+        "config.init.source='workdir' pointing at this one")
   baseline = _signature(abstract_state(saved))
   if _signature(abstract_state(config)) == baseline:
     return changes
