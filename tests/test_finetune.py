@@ -341,3 +341,29 @@ def test_params_checkpoints_record_and_check_the_runs_fbank_normalization(tmp_pa
     other.data.fbank_mean, other.data.fbank_std = -4.0, 3.0
     _, results = evaluate.evaluate(other, params_path=path, batch_source=source)
     assert results["val/num_clips"] == CLIPS
+
+
+def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
+  """tools/evaluate.py on a workdir under other evaluator settings (here the README's
+  missing-modality evaluation) appended its numbers under the run's own names at the run's
+  last step, so the run's final val/mAP became the audio-only one (and a finished run reported
+  it as its result)."""
+  from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  config = _with_val(ft_config(), batch_size=BATCH, every_steps=0)
+  config.total_epochs = 0.5
+  data = clips(seed=4)
+  source = lambda *args, **kwargs: iter(
+      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
+       for i in range(0, CLIPS, BATCH)])
+  inputs = trainer.Inputs(array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS)
+  trainer.train_and_evaluate(config, str(tmp_path), inputs)
+  runs = metrics_lib.last_scalars(str(tmp_path))
+  config.evals.val.mode = "missingaudioonly"
+  step, results = evaluate.evaluate(config, workdir=str(tmp_path), batch_source=source)
+  assert results["val/mAP"] != runs["val/mAP"]
+  after = metrics_lib.last_scalars(str(tmp_path))
+  assert after["val/mAP"] == runs["val/mAP"]
+  assert after["evaluate/val/mAP"] == results["val/mAP"]
+  assert trainer.train_and_evaluate(config, str(tmp_path), inputs)["val/mAP"] == runs["val/mAP"]
+  assert step == 1

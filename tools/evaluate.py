@@ -5,7 +5,8 @@ r"""Runs configured evaluators on a checkpoint, without training.
   python tools/evaluate.py --config configs/pretrain.py:base --params ckpt/scale_pp ...
 
 --workdir: a training workdir (checkpoint --step, default the latest; results are also appended
-to its metrics.jsonl). --params: a params checkpoint written by tools/convert.py.
+to its metrics.jsonl, named evaluate/<evaluator>/<metric> so that they never continue the run's
+own series). --params: a params checkpoint written by tools/convert.py or tools/average.py.
 """
 
 from __future__ import annotations

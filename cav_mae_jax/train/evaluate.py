@@ -134,10 +134,20 @@ def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> N
                      f"{show(ours)}; evaluate with the run's normalization: {flags}")
 
 
+# Where a workdir's metrics.jsonl (and TensorBoard) records results of `evaluate`: apart from the
+# run's own series, which an evaluation with other settings under an evaluator's name (another
+# mode, split or frame) would otherwise continue as if the run had measured it.
+RECORD_PREFIX = "evaluate/"
+
+
 def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
              params_path: str | None = None, names: list[str] | None = None,
              batch_source: eval_lib.common.BatchSource | None = None) -> tuple[int, dict[str, float]]:
-  """Runs the evaluators of `config.evals` (or `names`); returns (step, metrics)."""
+  """Runs the evaluators of `config.evals` (or `names`); returns (step, metrics).
+
+  With a `workdir`, the metrics are also appended to its metrics.jsonl at the checkpoint's step,
+  named `RECORD_PREFIX` + name (e.g. `evaluate/val/mAP`).
+  """
   validation.validate_config(config, jax.device_count(), jax.process_count(),
                              check_data=batch_source is None, training=False)
   task = tasks.get_task(config)
@@ -157,6 +167,6 @@ def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, s
     results.update(evaluator.run(params))
   if workdir:
     writer = metrics_lib.make_writer(workdir, jax.process_index() == 0, config.tensorboard)
-    writer.write_scalars(step, results)
+    writer.write_scalars(step, {RECORD_PREFIX + name: value for name, value in results.items()})
     writer.close()
   return step, results
