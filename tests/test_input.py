@@ -400,6 +400,22 @@ def test_a_missing_split_names_the_evaluator_that_reads_it(record_dirs):
     dataset.check_data_sources(config)
 
 
+def test_a_losses_evaluator_without_one_full_batch_is_refused(record_dirs):
+  # Its losses are means over full batches: on 7 clips at batch 8 it reported only
+  # `val/full_batches 0`, no loss and no word why.
+  config = make_config(record_dirs)
+  config.evals = ml_collections.ConfigDict({"val": {"type": "losses", "split": "eval", "dir": "",
+                                                    "batch_size": 8}})
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.val.batch_size=8: the losses evaluator scores full batches only, and "
+      f"records directory {record_dirs['eval']} has 7 clips")):
+    dataset.check_data_sources(config)
+  config.evals.val.batch_size = 7
+  dataset.check_data_sources(config)
+  config.evals.val.update(type="retrieval", batch_size=8)  # scores every clip: fine
+  dataset.check_data_sources(config)
+
+
 def test_index_statistics_without_spread_are_refused(record_dirs, tmp_path):
   # One clip of a constant fbank: std 0, and every clip would normalize to inf / NaN.
   flat = write_records(str(tmp_path / "flat"), [[0]], 1)

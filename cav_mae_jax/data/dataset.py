@@ -227,6 +227,7 @@ def check_data_sources(config: Any, training: bool = True,
 
   The run reads the training split (when `training`, or for fbank_stats='index'), the split
   (or records directory `dir`) of each `config.evals` entry, and checks `eval_dir` when set.
+  A `losses` evaluator needs at least one full batch of its split.
   With `num_classes` (a task that reads labels), every split's clips must have that many
   classes. Logs one warning when the training clips are also read as the "eval" split.
   """
@@ -250,6 +251,12 @@ def check_data_sources(config: Any, training: bool = True,
                          f"--config.evals.{name}=None removes it)") from None
     if entry["split"] == "eval":
       eval_sources.append(source)
+    if entry.get("type") == "losses" and source.index.num_examples < entry.get("batch_size", 0):
+      # Its losses are means over full batches only: it would report none, and say nothing.
+      raise ValueError(f"config.evals.{name}.batch_size={entry['batch_size']}: the losses "
+                       f"evaluator scores full batches only, and {source.description} has "
+                       f"{source.index.num_examples} clips; lower the batch size (a multiple "
+                       "of the contrast group size)")
   for source in ([train] if train is not None else []) + eval_sources:
     if num_classes is not None and source.index.num_classes != num_classes:
       raise ValueError(f"config.model.num_classes={num_classes}: the clips of "
