@@ -89,6 +89,7 @@ def make_config(sources: dict[str, str], tfds: bool, **data) -> ml_collections.C
   config.data.batch_size = 8
   config.data.shuffle_buffer = 8
   config.data.prefetch = 1
+  config.evals.val.batch_size = 8  # the losses evaluator needs a full batch of the 10 test clips
   if tfds:
     config.data.tfds_name = TFDS_NAME
     config.data.tfds_data_dir = sources["tfds_data_dir"]
