@@ -800,6 +800,13 @@ def read_extracted_frame(path: str, image_size: int = 224) -> bytes:
   return data
 
 
+def _is_dir(path: str) -> bool:
+  if is_local_path(path):
+    return os.path.isdir(path)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only for remote paths)
+  return tf.io.gfile.isdir(path)
+
+
 def read_clip_media(path: str | os.PathLike, frames_dir: str = '', video_id: str = '', *,
                     num_frames: int = 10, image_size: int = 224,
                     target_sample_rate: int = 16000,
@@ -813,8 +820,14 @@ def read_clip_media(path: str | os.PathLike, frames_dir: str = '', video_id: str
     return ClipMedia(clip.waveform, [encode_jpeg(frame) for frame in clip.frames],
                      clip.frame_indices, clip.duration_s, clip.source_sample_rate, clip.fps,
                      clip.frame_count, clip.rotation)
-  frames = [read_extracted_frame(extracted_frame_path(frames_dir, video_id, i), image_size)
-            for i in range(num_frames)]
+  try:
+    frames = [read_extracted_frame(extracted_frame_path(frames_dir, video_id, i), image_size)
+              for i in range(num_frames)]
+  except DecodeError as e:
+    if e.reason == 'missing_frame' and not _is_dir(frames_dir):
+      raise DecodeError(e.path, 'missing_frame', f'{e.detail}: the frames folder {frames_dir} '
+                        '(the entry\'s video_path) does not exist') from None
+    raise
   with _open(path) as container:
     sink = _audio_sink(path, container, target_sample_rate, max_seconds)
     _drain(path, container, [sink])

@@ -139,6 +139,18 @@ VIDEO_FILE_EXTENSIONS = frozenset({
     ".3gp", ".avi", ".flv", ".m2ts", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".mts",
     ".mxf", ".ogv", ".ts", ".webm", ".wmv"})
 
+# Names of audio-only files: a datafile entry whose `wav` is one of these and whose `video_path`
+# is neither a video nor an audio file name is the original's extracted layout even when that
+# folder is not there (its clips are quarantined `missing_frame` naming the folder, not decoded as
+# a video they are not).
+AUDIO_FILE_EXTENSIONS = frozenset({
+    ".aac", ".aif", ".aiff", ".au", ".flac", ".m4a", ".mp3", ".oga", ".ogg", ".opus", ".wav",
+    ".wma"})
+
+
+def _extension(path: str) -> str:
+  return os.path.splitext(path)[1].lower()
+
 
 def mark_duplicates(entries: Sequence[ClipEntry]) -> list[ClipEntry]:
   """The entries, each later one with an already-seen video_id marked `duplicate_of` the first.
@@ -166,10 +178,12 @@ def read_datafile(path: str) -> list[ClipEntry]:
 
   Either layout: `video_path` names a video with both streams, or, as the original's
   preprocessing leaves them, `video_path` is the folder of extracted frames
-  (`frame_{i}/{video_id}.jpg`) and `wav` the extracted audio (`ClipEntry.frames_dir`). When
-  `video_path` is empty or a folder name that does not exist, `wav` must name a video. A
-  `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`) is a video without a
-  file-system lookup; other names are looked up once per distinct path. Relative
+  (`frame_{i}/{video_id}.jpg`) and `wav` the extracted audio (`ClipEntry.frames_dir`); that
+  is also so when `video_path` is not a folder that exists but `wav` is an audio file
+  (`AUDIO_FILE_EXTENSIONS`), so the clip's missing frames are reported. When `video_path` is
+  empty, or a folder name that does not exist and `wav` is no audio file, `wav` must name a
+  video. A `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`) is a video
+  without a file-system lookup; other names are looked up once per distinct path. Relative
   paths are taken from the datafile's folder (which may itself be remote); media paths may be
   URIs of any file system TensorFlow reads.
   """
@@ -184,7 +198,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
   folders: dict[str, bool] = {}
 
   def is_frames_folder(media_path: str) -> bool:
-    if os.path.splitext(media_path)[1].lower() in VIDEO_FILE_EXTENSIONS:
+    if _extension(media_path) in VIDEO_FILE_EXTENSIONS:
       return False
     if media_path not in folders:
       folders[media_path] = tf.io.gfile.isdir(media_path)
@@ -207,11 +221,13 @@ def read_datafile(path: str) -> list[ClipEntry]:
       if not isinstance(item.get(key) or "", str):
         raise SourceError(what, path, f"data[{position}] ({item['video_id']}): {key!r} is "
                           f"{item[key]!r}, expected a path")
-    media, frames_dir = item.get("video_path") or "", ""
-    if media and is_frames_folder(_media_path(base, media)):  # the original's extracted layout
-      media, frames_dir = item.get("wav") or "", _media_path(base, media)
+    media, frames_dir, wav = item.get("video_path") or "", "", item.get("wav") or ""
+    if media and (is_frames_folder(_media_path(base, media)) or (  # the extracted layout
+        _extension(wav) in AUDIO_FILE_EXTENSIONS and
+        _extension(media) not in VIDEO_FILE_EXTENSIONS | AUDIO_FILE_EXTENSIONS)):
+      media, frames_dir = wav, _media_path(base, media)
     elif not media or media.endswith("/"):
-      media = item.get("wav") or ""
+      media = wav
     if not media:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")

@@ -1,0 +1,52 @@
+"""The original's own data files as a user migrating from it feeds them to the data tools.
+
+Its preprocessing (src/preprocess/extract_{audio,video_frame}.py) writes `{target}/{id}.wav` and
+`{target}/frame_{i}/{id}.jpg`; its datafiles name the audio in `wav` and that folder, often with
+a trailing slash, in `video_path`.
+"""
+
+import json
+import wave
+
+from cav_mae_jax.data import clips
+from cav_mae_jax.data import sources
+
+LABELS = sources.ClassLabels(("/m/09x0r", "/m/05zppz"),
+                             ("Speech", "Male speech, man speaking"), "labels.csv")
+
+
+def _write_wav(path, seconds=0.5):
+  with wave.open(str(path), "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(16000)
+    f.writeframes(b"\0\0" * int(16000 * seconds))
+
+
+def test_a_frames_folder_that_is_not_there_is_named_not_decoded_as_a_video(tmp_path):
+  """video_path names the extracted frames folder, which does not exist (a typo, another
+  machine's path as in the original's shared datafiles): the clip is quarantined as missing its
+  frames, naming the folder, not as an audio file without a video stream."""
+  (tmp_path / "audio").mkdir()
+  _write_wav(tmp_path / "audio" / "clip.wav")
+  datafile = tmp_path / "data.json"
+  for video_path in (str(tmp_path / "frames_typo") + "/", str(tmp_path / "frames_typo")):
+    datafile.write_text(json.dumps({"data": [{
+        "video_id": "clip", "wav": str(tmp_path / "audio" / "clip.wav"),
+        "video_path": video_path, "labels": "/m/09x0r,/m/05zppz"}]}))
+    entry, = sources.read_datafile(str(datafile))
+    assert (entry.path, entry.frames_dir) == (str(tmp_path / "audio" / "clip.wav"), video_path)
+    result = clips.try_clip_example(entry, LABELS)
+    assert isinstance(result, clips.Quarantined), result
+    assert result.reason == "missing_frame", result
+    assert "frame_0/clip.jpg" in result.message, result.message
+    assert f"frames folder {video_path} " in result.message, result.message
+    assert "does not exist" in result.message, result.message
+
+  # An audio file named in both fields is not a frames folder: it has no video stream.
+  datafile.write_text(json.dumps({"data": [{
+      "video_id": "clip", "wav": "audio/clip.wav", "video_path": "audio/clip.wav",
+      "labels": "/m/09x0r"}]}))
+  entry, = sources.read_datafile(str(datafile))
+  assert (entry.path, entry.frames_dir) == (str(tmp_path / "audio" / "clip.wav"), "")
+  assert clips.try_clip_example(entry, LABELS).reason == "no_video_stream"
