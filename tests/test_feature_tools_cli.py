@@ -56,6 +56,10 @@ CASES = {
     "extract_strict_missing_video": ("extract_features.py",
                                      ["--params={params}", "--videos=list.txt", "--out=f.npz",
                                       "--strict"], "missing.mp4: missing_file"),
+    "extract_every_video_quarantined": ("extract_features.py",
+                                        ["--params={params}", "--videos=list.txt", "--out=f.npz"],
+                                        "all 1 were quarantined (missing_file: 1); see "
+                                        "f.npz.quarantine.jsonl"),
     "retrieval_damaged_shard": ("retrieval.py", ["--params={params}", "--records={damaged}"],
                                 "is damaged: corrupted record at"),
     "evaluate_params_of_another_size": ("evaluate.py", ["--params={params}",

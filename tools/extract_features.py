@@ -59,7 +59,15 @@ def main(argv: list[str]) -> None:
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
                          params_path=_MODEL.params.value)
   features.check_batch_size(batch_size, loaded.mesh)
-  ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
+  try:
+    ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
+  except features.NoClipsError:
+    if quarantine is None or not quarantine.count:
+      raise
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(quarantine.by_reason.items()))
+    raise features.NoClipsError(f"no clip of --videos {_VIDEOS.value} could be read: all "
+                                f"{quarantine.count} were quarantined ({reasons}); see "
+                                f"{quarantine.path}") from None
   if jax.process_index() == 0:
     features.write_npz(_OUT.value, ids, arrays, overwrite=_OVERWRITE.value)
   shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())

@@ -27,6 +27,7 @@ codes (`decode.DecodeError` reasons).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -365,6 +366,7 @@ class Quarantine:
     self.path = path
     self.strict = strict
     self.count = 0
+    self.by_reason: collections.Counter[str] = collections.Counter()
     if not strict:
       with open(path, "w"):
         pass
@@ -376,6 +378,7 @@ class Quarantine:
       raise ValueError(f"{clip.path}: {error.reason} ({message}); --strict stops at the first "
                        "clip that cannot be read")
     self.count += 1
+    self.by_reason[error.reason] += 1
     entry = data_clips.Quarantined(clip.path, clip.video_id, error.reason, message)
     with open(self.path, "a") as f:
       f.write(json.dumps(entry.to_json()) + "\n")

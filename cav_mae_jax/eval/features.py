@@ -41,6 +41,10 @@ STREAMS = ("audio", "video", "joint")
 PATCHES_SUFFIX = "_patches"
 
 
+class NoClipsError(ValueError):
+  """No clip was left to compute features of (every one failed to load, or none was given)."""
+
+
 def run_on_mesh(fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]],
                 params: Any, batches: Iterable[clips_lib.HostBatch], mesh: jax.sharding.Mesh,
                 input_keys: Sequence[str] = ("audio", "image")
@@ -69,7 +73,7 @@ def run_on_mesh(fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Ar
   if pending is not None:
     collect(*pending)
   if not valid_rows or not np.concatenate(valid_rows).any():
-    raise ValueError("no clips to compute features of (every clip was padding or failed)")
+    raise NoClipsError("no clips to compute features of (every clip was padding or failed)")
   ids = clips_lib.global_ids(local_ids)[np.concatenate(valid_rows)]
   return ids, {name: np.concatenate(values) for name, values in outputs.items()}
 
