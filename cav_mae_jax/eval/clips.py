@@ -205,7 +205,7 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     found = {x for ids in allgather_strings(sorted(set(local_ids) & set(wanted))) for x in ids}
     missing = [x for x in wanted if x not in found]
     if missing:
-      raise ValueError(f"{len(missing)} of the {len(wanted)} subset clips are not in the records "
+      raise ValueError(f"{len(missing)} of the {len(wanted)} subset clips are not in "
                        f"{split.source.description}: {', '.join(missing[:20])}"
                        f"{' ...' if len(missing) > 20 else ''}")
     wanted_set = set(wanted)
