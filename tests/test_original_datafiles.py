@@ -5,8 +5,11 @@ Its preprocessing (src/preprocess/extract_{audio,video_frame}.py) writes `{targe
 a trailing slash, in `video_path`.
 """
 
+import dataclasses
 import json
 import wave
+
+import pytest
 
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import sources
@@ -50,3 +53,26 @@ def test_a_frames_folder_that_is_not_there_is_named_not_decoded_as_a_video(tmp_p
   entry, = sources.read_datafile(str(datafile))
   assert (entry.path, entry.frames_dir) == (str(tmp_path / "audio" / "clip.wav"), "")
   assert clips.try_clip_example(entry, LABELS).reason == "no_video_stream"
+
+
+def test_a_display_name_with_a_comma_is_named_not_called_another_lists_label(tmp_path):
+  """Labels are split at commas (the original's rule), so a display name with a comma, as
+  VGGSound's 'bird chirping, tweeting' or AudioSet's 'Male speech, man speaking', arrives in
+  pieces: the messages say so and name the mid, rather than calling the CSV another list's."""
+  datafile = tmp_path / "data.json"
+  datafile.write_text(json.dumps({"data": [{
+      "video_id": "clip", "wav": "clip.wav", "video_path": "frames/",
+      "labels": "Male speech, man speaking"}]}))
+  entries = sources.read_datafile(str(datafile))
+  assert entries[0].label_ids == ("Male speech", "man speaking")
+  with pytest.raises(sources.SourceError) as info:
+    sources.check_labels_known(entries, LABELS, str(datafile))
+  assert "not the list's labels CSV" not in str(info.value)
+  assert ("'Male speech' is a piece of the display name 'Male speech, man speaking': name "
+          "that class by its mid '/m/05zppz'") in str(info.value)
+  entries = [dataclasses.replace(entries[0], label_ids=("Speech", "Male speech", "man speaking"))]
+  sources.check_labels_known(entries, LABELS, str(datafile))  # 'Speech' is known
+  result = clips.try_clip_example(entries[0], LABELS)
+  assert result.reason == clips.UNKNOWN_LABEL
+  assert "'Male speech' is not in labels.csv (labels are split at commas" in result.message
+  assert "its mid '/m/05zppz'" in result.message

@@ -61,8 +61,10 @@ def clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
   for label_id in entry.label_ids:
     index = labels.index_of(label_id)
     if index is None:
+      hint = labels.comma_split_hint(label_id)
       raise ClipError(entry.path, UNKNOWN_LABEL,
-                      f"label {label_id!r} is not in {labels.source}")
+                      f"label {label_id!r} is not in {labels.source}"
+                      f"{' (' + hint + ')' if hint else ''}")
     indices.append(index)
   media = decode.read_clip_media(entry.path, entry.frames_dir, entry.video_id,
                                  num_frames=records.NUM_VIDEO_FRAMES,

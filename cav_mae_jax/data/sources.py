@@ -67,6 +67,16 @@ class ClassLabels:
       return self.display_names.index(label_id)
     return None
 
+  def comma_split_hint(self, label_id: str) -> str:
+    """For an unknown label id that is one piece of a display name with a comma (a list's
+    labels are split at commas, so 'Male speech, man speaking' arrives as two pieces): a
+    sentence that says so and names the class's mid; else ''."""
+    for mid, name in zip(self.mids, self.display_names):
+      if "," in name and label_id in (piece.strip() for piece in name.split(",")):
+        return (f"labels are split at commas, and {label_id!r} is a piece of the display name "
+                f"{name!r}: name that class by its mid {mid!r}")
+    return ""
+
 
 def read_text(what: str, path: str) -> str:
   """The whole text of a list file on any file system TensorFlow reads; SourceError if not."""
@@ -115,6 +125,10 @@ def check_labels_known(entries: Sequence[ClipEntry], labels: ClassLabels, source
   the list's (one unknown label only quarantines its clip, `clips.UNKNOWN_LABEL`)."""
   ids = sorted({label_id for entry in entries for label_id in entry.label_ids})
   if ids and all(labels.index_of(label_id) is None for label_id in ids):
+    hint = next(filter(None, map(labels.comma_split_hint, ids)), "")
+    if hint:
+      raise SourceError("labels CSV", labels.source,
+                        f"has none of the {len(ids)} label id(s) of {source}: {hint}")
     raise SourceError("labels CSV", labels.source,
                       f"has none of the {len(ids)} label id(s) of {source} (e.g. "
                       f"{', '.join(map(repr, ids[:3]))}; its own: "
