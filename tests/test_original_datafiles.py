@@ -76,3 +76,31 @@ def test_a_display_name_with_a_comma_is_named_not_called_another_lists_label(tmp
   assert result.reason == clips.UNKNOWN_LABEL
   assert "'Male speech' is not in labels.csv (labels are split at commas" in result.message
   assert "its mid '/m/05zppz'" in result.message
+
+
+def test_inspect_titles_extracted_frames_by_their_folder_not_as_frame_minus_1():
+  """Records of the original's extracted layout store frame_indices -1 (not known): the figure
+  names each frame by the frame_{i} folder it came from, not 'frame -1' under 'source frame
+  numbers'."""
+  import io  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.data import decode  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "inspect_records.py")
+  spec = importlib.util.spec_from_file_location("inspect_records", path)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  buffer = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+  values = {"video_id": "clip", "labels": [1], "label_ids": ["/m/05zppz"], "rotation": 0,
+            "frames": [buffer.getvalue()] * 10,
+            "frame_indices": [decode.EXTRACTED_FRAME_INDEX] * 10}
+  figure = tool.frames_figure(values)
+  assert [a.get_title() for a in figure.axes] == [f"frame_{i}" for i in range(10)]
+  title = figure.texts[0].get_text()
+  assert "source frame numbers not known" in title and "0-based" not in title, title
+  # Two labels, one of them a name with a comma, stay two labels to read.
+  values["labels"], values["label_ids"] = [0, 1], ["/m/09x0r", "/m/05zppz"]
+  title = tool.frames_figure(values, list(LABELS.display_names)).texts[0].get_text()
+  assert title.startswith("clip: Speech; Male speech, man speaking\n"), title

@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from cav_mae_jax.data import decode
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
 from cav_mae_jax.data import splits
@@ -70,13 +71,14 @@ from cav_mae_jax.data import splits
 
 
 def label_text(values: records.ExampleValues, class_names: list[str] | None) -> str:
-  """The clip's labels: class names when known, else the stored label ids."""
+  """The clip's labels: class names when known, else the stored label ids; joined by '; ' (class
+  names have commas: 'Speech; Male speech, man speaking' is two labels)."""
   if class_names:
     names = [class_names[i] if i < len(class_names) else f"class {i}"
              for i in values[records.LABELS]]
   else:
     names = list(values[records.LABEL_IDS])
-  return ", ".join(names) if names else "no labels"
+  return "; ".join(names) if names else "no labels"
 
 
 def fbank_figure(values: records.ExampleValues, class_names: list[str] | None = None) -> Figure:
@@ -99,21 +101,26 @@ def fbank_figure(values: records.ExampleValues, class_names: list[str] | None = 
 
 def frames_figure(values: records.ExampleValues, class_names: list[str] | None = None,
                   columns: int = 5) -> Figure:
-  """The JPEG frames in rows of `columns`, each titled with its source frame number."""
+  """The JPEG frames in rows of `columns`, each titled with its source frame number (frames
+  of the original's extracted layout, whose numbers are not known, with their frame_{i} folder)."""
   images = [np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
             for jpeg in values[records.FRAMES]]
+  indices = [int(index) for index in values[records.FRAME_INDICES]]
+  extracted = all(index == decode.EXTRACTED_FRAME_INDEX for index in indices)
   rows = -(-len(images) // columns)
   figure = Figure(figsize=(3 * columns, 3.2 * rows + 0.6), dpi=100)
   FigureCanvasAgg(figure)
-  for i, (image, index) in enumerate(zip(images, values[records.FRAME_INDICES])):
+  for i, (image, index) in enumerate(zip(images, indices)):
     axes = figure.add_subplot(rows, columns, i + 1)
     axes.imshow(image)
-    axes.set_title(f"frame {int(index)}")
+    axes.set_title(f"frame_{i}" if extracted else f"frame {index}")
     axes.axis("off")
   rotation = int(values[records.ROTATION])
   turned = f"turned {rotation} degrees clockwise to be upright" if rotation else "not rotated"
+  numbers = ("the original's extracted frame_{i} files, source frame numbers not known"
+             if extracted else "source frame numbers, 0-based")
   figure.suptitle(f"{values[records.VIDEO_ID]}: {label_text(values, class_names)}\n"
-                  f"rotation {rotation} ({turned}); source frame numbers, 0-based")
+                  f"rotation {rotation} ({turned}); {numbers}")
   figure.tight_layout()
   return figure
 
