@@ -7,6 +7,7 @@ a trailing slash, in `video_path`.
 
 import dataclasses
 import json
+import os
 import wave
 
 import pytest
@@ -84,7 +85,6 @@ def test_inspect_titles_extracted_frames_by_their_folder_not_as_frame_minus_1():
   numbers'."""
   import io  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.data import decode  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "inspect_records.py")
@@ -104,3 +104,25 @@ def test_inspect_titles_extracted_frames_by_their_folder_not_as_frame_minus_1():
   values["labels"], values["label_ids"] = [0, 1], ["/m/09x0r", "/m/05zppz"]
   title = tool.frames_figure(values, list(LABELS.display_names)).texts[0].get_text()
   assert title.startswith("clip: Speech; Male speech, man speaking\n"), title
+
+
+def test_a_subset_list_saved_with_a_byte_order_mark_reads_its_first_id(tmp_path):
+  """A clip-id list saved by an editor that writes a UTF-8 byte-order mark: the mark is not part
+  of the first id (it was, and that id was then 'not in the records')."""
+  from cav_mae_jax.eval import clips as eval_clips  # pylint: disable=import-outside-toplevel
+  text_list, datafile, latin = (tmp_path / "ids.txt", tmp_path / "subset.json",
+                                tmp_path / "latin.txt")
+  text_list.write_bytes("--4gqARaEJE\n-0nqfRcnAYE\n".encode("utf-8-sig"))
+  datafile.write_bytes(json.dumps({"data": [{"video_id": "--4gqARaEJE", "labels": "/m/068hy"}]}
+                                  ).encode("utf-8-sig"))
+  assert eval_clips.read_id_list(str(text_list)) == ["--4gqARaEJE", "-0nqfRcnAYE"]
+  assert eval_clips.read_id_list(str(datafile)) == ["--4gqARaEJE"]
+  # The same for a list of video paths (as the original's sample_video_extract_list.csv).
+  video_list = tmp_path / "videos.csv"
+  video_list.write_bytes("./sample_video/00W1lcxW-WU_40.000.mp4\n".encode("utf-8-sig"))
+  clip, = eval_clips.list_videos(str(video_list))
+  assert (clip.video_id, clip.path) == (
+      "00W1lcxW-WU_40.000", os.path.join(str(tmp_path), "./sample_video/00W1lcxW-WU_40.000.mp4"))
+  latin.write_bytes("caf\xe9\n".encode("latin-1"))
+  with pytest.raises(ValueError, match="latin.txt: not UTF-8 text"):
+    eval_clips.read_id_list(str(latin))

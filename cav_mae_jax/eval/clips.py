@@ -49,8 +49,11 @@ def read_id_list(path: str) -> list[str]:
   """Clip ids of a subset file: JSON (a list of ids, or the original's datafile) or text lines."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such subset file")
-  with open(path) as f:
-    text = f.read()
+  try:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first id
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
   if path.endswith(".json"):
     try:
       data = json.loads(text)
@@ -272,8 +275,11 @@ def list_videos(source: str) -> list[VideoClip]:
     clips = [VideoClip(e.video_id, e.path, e.frames_dir) for e in sources.read_datafile(source)]
   else:
     base = os.path.dirname(os.path.abspath(source))
-    with open(source) as f:
-      paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    try:
+      with open(source, encoding="utf-8-sig") as f:
+        paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{source}: not UTF-8 text (byte {e.start})") from None
     clips = [VideoClip(os.path.splitext(os.path.basename(p))[0], os.path.join(base, p))
              for p in paths]
   if not clips:
