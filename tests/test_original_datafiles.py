@@ -126,3 +126,13 @@ def test_a_subset_list_saved_with_a_byte_order_mark_reads_its_first_id(tmp_path)
   latin.write_bytes("caf\xe9\n".encode("latin-1"))
   with pytest.raises(ValueError, match="latin.txt: not UTF-8 text"):
     eval_clips.read_id_list(str(latin))
+
+
+def test_a_videos_directory_lists_every_container_the_datafile_reader_knows(tmp_path):
+  """A --videos directory of MPEG-TS or MPEG-PS clips (which decode reads, and which a datafile
+  names as videos) was 'lists no video files'."""
+  from cav_mae_jax.eval import clips as eval_clips  # pylint: disable=import-outside-toplevel
+  assert set(eval_clips.VIDEO_EXTENSIONS) == sources.VIDEO_FILE_EXTENSIONS
+  for name in ("a.ts", "b.MPG", "notes.txt"):
+    (tmp_path / name).write_bytes(b"")
+  assert [c.video_id for c in eval_clips.list_videos(str(tmp_path))] == ["a", "b"]

@@ -38,7 +38,10 @@ import jax
 import numpy as np
 
 HostBatch = dict[str, np.ndarray]
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
+# The video file names a --videos directory lists: those of `data.sources.VIDEO_FILE_EXTENSIONS`
+# (spelled out here so that importing this module does not import TensorFlow).
+VIDEO_EXTENSIONS = (".3gp", ".avi", ".flv", ".m2ts", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg",
+                    ".mpg", ".mts", ".mxf", ".ogv", ".ts", ".webm", ".wmv")
 
 
 # ----------------------------------------------------------------------------------------
