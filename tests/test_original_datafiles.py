@@ -47,6 +47,13 @@ def test_a_frames_folder_that_is_not_there_is_named_not_decoded_as_a_video(tmp_p
     assert f"frames folder {video_path} " in result.message, result.message
     assert "does not exist" in result.message, result.message
 
+  # A video_path that is a file (a video named without an extension) is a video.
+  (tmp_path / "video_without_extension").write_bytes(b"")
+  datafile.write_text(json.dumps({"data": [{
+      "video_id": "clip", "wav": "audio/clip.wav", "video_path": "video_without_extension",
+      "labels": "/m/09x0r"}]}))
+  entry, = sources.read_datafile(str(datafile))
+  assert (entry.path, entry.frames_dir) == (str(tmp_path / "video_without_extension"), "")
   # An audio file named in both fields is not a frames folder: it has no video stream.
   datafile.write_text(json.dumps({"data": [{
       "video_id": "clip", "wav": "audio/clip.wav", "video_path": "audio/clip.wav",

@@ -193,10 +193,10 @@ def read_datafile(path: str) -> list[ClipEntry]:
   Either layout: `video_path` names a video with both streams, or, as the original's
   preprocessing leaves them, `video_path` is the folder of extracted frames
   (`frame_{i}/{video_id}.jpg`) and `wav` the extracted audio (`ClipEntry.frames_dir`); that
-  is also so when `video_path` is not a folder that exists but `wav` is an audio file
-  (`AUDIO_FILE_EXTENSIONS`), so the clip's missing frames are reported. When `video_path` is
-  empty, or a folder name that does not exist and `wav` is no audio file, `wav` must name a
-  video. A `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`) is a video
+  is also so when `video_path` does not exist (and has no video or audio file extension) but
+  `wav` is an audio file (`AUDIO_FILE_EXTENSIONS`), so the clip's missing frames are reported.
+  When `video_path` is empty, or a folder name that does not exist and `wav` is no audio file,
+  `wav` must name a video. A `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`) is a video
   without a file-system lookup; other names are looked up once per distinct path. Relative
   paths are taken from the datafile's folder (which may itself be remote); media paths may be
   URIs of any file system TensorFlow reads.
@@ -218,6 +218,13 @@ def read_datafile(path: str) -> list[ClipEntry]:
       folders[media_path] = tf.io.gfile.isdir(media_path)
     return folders[media_path]
 
+  existing: dict[str, bool] = {}
+
+  def exists(media_path: str) -> bool:
+    if media_path not in existing:
+      existing[media_path] = tf.io.gfile.exists(media_path)
+    return existing[media_path]
+
   entries = []
   for position, item in enumerate(data["data"]):
     if not isinstance(item, dict):
@@ -238,7 +245,8 @@ def read_datafile(path: str) -> list[ClipEntry]:
     media, frames_dir, wav = item.get("video_path") or "", "", item.get("wav") or ""
     if media and (is_frames_folder(_media_path(base, media)) or (  # the extracted layout
         _extension(wav) in AUDIO_FILE_EXTENSIONS and
-        _extension(media) not in VIDEO_FILE_EXTENSIONS | AUDIO_FILE_EXTENSIONS)):
+        _extension(media) not in VIDEO_FILE_EXTENSIONS | AUDIO_FILE_EXTENSIONS and
+        not exists(_media_path(base, media)))):  # (else a video without an extension)
       media, frames_dir = wav, _media_path(base, media)
     elif not media or media.endswith("/"):
       media = wav
