@@ -196,10 +196,10 @@ def read_datafile(path: str) -> list[ClipEntry]:
   is also so when `video_path` does not exist (and has no video or audio file extension) but
   `wav` is an audio file (`AUDIO_FILE_EXTENSIONS`), so the clip's missing frames are reported.
   When `video_path` is empty, or a folder name that does not exist and `wav` is no audio file,
-  `wav` must name a video. A `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`) is a video
-  without a file-system lookup; other names are looked up once per distinct path. Relative
-  paths are taken from the datafile's folder (which may itself be remote); media paths may be
-  URIs of any file system TensorFlow reads.
+  `wav` must name a video. A `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`)
+  is a video without a file-system lookup; other names are looked up once per distinct path.
+  Relative paths are taken from the datafile's folder (which may itself be remote); media paths
+  may be URIs of any file system TensorFlow reads.
   """
   what = "datafile"
   try:
