@@ -143,3 +143,19 @@ def test_a_videos_directory_lists_every_container_the_datafile_reader_knows(tmp_
   for name in ("a.ts", "b.MPG", "notes.txt"):
     (tmp_path / name).write_bytes(b"")
   assert [c.video_id for c in eval_clips.list_videos(str(tmp_path))] == ["a", "b"]
+
+
+def test_a_labels_csv_in_another_row_order_is_read_by_its_indices(tmp_path):
+  # The original looks each mid's index up (make_index_dict), so any row order works there; a
+  # shuffled CSV was refused here ("row 2 has index '1', expected 0").
+  path = tmp_path / "labels.csv"
+  path.write_text('index,mid,display_name\n1,/m/05zppz,"Male speech, man speaking"\n'
+                  '0,/m/09x0r,"Speech"\n')
+  labels = sources.read_class_labels(str(path))
+  assert labels.mids == LABELS.mids and labels.display_names == LABELS.display_names
+  for rows, why in (('0,/m/a,A\n0,/m/b,B\n', "row 3 has index '0', which is listed twice"),
+                    ('0,/m/a,A\n2,/m/b,B\n', r"row 3 has index '2', which is outside 0\.\.1"),
+                    ('0,/m/a,A\nx,/m/b,B\n', "row 3 has index 'x', which is not an integer")):
+    path.write_text("index,mid,display_name\n" + rows)
+    with pytest.raises(sources.SourceError, match=why):
+      sources.read_class_labels(str(path))

@@ -98,7 +98,8 @@ def read_text(what: str, path: str) -> str:
 
 
 def read_class_labels(path: str) -> ClassLabels:
-  """Reads class_labels_indices.csv; indices must be 0..C-1 in order."""
+  """Reads class_labels_indices.csv: its indices are 0..C-1, each once, in any row order (the
+  original looks each mid's index up, so it takes rows in any order too)."""
   what = "labels CSV"
   reader = csv.DictReader(io.StringIO(read_text(what, path)))
   rows = list(reader)
@@ -106,14 +107,19 @@ def read_class_labels(path: str) -> ClassLabels:
     raise SourceError(what, path, "expected a CSV with columns index,mid,display_name")
   if not rows:
     raise SourceError(what, path, "has no classes (a header and no rows)")
+  by_index: dict[int, dict[str, str]] = {}
   for position, row in enumerate(rows):
     try:
       index = int(row["index"])
     except (TypeError, ValueError):
       index = None
-    if index != position:
-      raise SourceError(what, path, f"row {position + 2} has index {row['index']!r}, "
-                        f"expected {position}")
+    if index is None or not 0 <= index < len(rows) or index in by_index:
+      why = ("is not an integer" if index is None else "is listed twice" if index in by_index
+             else f"is outside 0..{len(rows) - 1} ({len(rows)} classes)")
+      raise SourceError(what, path, f"row {position + 2} has index {row['index']!r}, which "
+                        f"{why}: the indices must be 0..{len(rows) - 1}, each once")
+    by_index[index] = row
+  rows = [by_index[index] for index in range(len(rows))]
   mids = tuple((row["mid"] or "").strip() for row in rows)
   if len(set(mids)) != len(mids):
     raise SourceError(what, path, "duplicate mids")
