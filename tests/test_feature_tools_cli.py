@@ -68,7 +68,8 @@ CASES = {
                                 "is damaged: corrupted record at"),
     "evaluate_params_of_another_size": ("evaluate.py", ["--params={params}",
                                                         "--config.model.embed_dim=64",
-                                                        "--config.data.eval_dir={records}"],
+                                                        "--config.data.eval_dir={records}",
+                                                        "--config.evals.val=None"],
                                         "the checkpoint's model config has embed_dim=32 where "
                                         "the config has 64; shape mismatch for"),
     "extract_existing_out": ("extract_features.py", ["--params={params}", "--records={records}",
