@@ -4,7 +4,13 @@ The HEAR API (hearbenchmark.com): `load_model(path)`, `get_scene_embeddings(audi
 [n, D] and `get_timestamp_embeddings(audio, model)` -> ([n, T, D], timestamps [n, T] in ms),
 with `sample_rate` (16 kHz) and the embedding sizes as model (and module) attributes. `audio`
 is float in [-1, 1] (or int16 samples, scaled by 1 / 32768 as a 16-bit WAV is) [n, samples] at
-16 kHz (NumPy, JAX or torch; torch in gives torch out); NaN or infinite samples are refused.
+16 kHz (NumPy, JAX or torch on any device; torch in gives torch out, on the input's device);
+NaN or infinite samples are refused.
+
+"HEAR-style": the functions and attributes are HEAR's, but the model object is a plain Python
+object holding JAX parameters, not a `torch.nn.Module` or `tf.Module`, so HEAR's own harness
+(hear-eval-kit) and `hear-validator`, which check that type, refuse it; running them needs a
+thin module wrapper around these functions.
 
 Only the audio branch runs: the audio-only stream after the joint block with `norm_a`, as the
 original's audio feature script (`forward_feat`) takes it. A clip becomes a Kaldi fbank exactly
@@ -19,9 +25,12 @@ padded with zero log-mel frames before normalization, as the original pads. Long
 into consecutive windows of `audio_length` frames (no overlap; the last one padded), each
 encoded on its own.
 - Timestamp embeddings: the tokens of one time column of the patch grid (16 frames, 160 ms),
-  averaged over its frequency rows; one embedding per column that holds any real audio, so
-  T = ceil(frames / 16). A column's timestamp is the centre of the audio its frames see:
-  160 * t + 87.5 ms (frame f covers [10 f, 10 f + 25) ms).
+  averaged over its frequency rows. A column's timestamp is the centre of the span its frames
+  cover: 160 * t + 87.5 ms (frame f covers [10 f, 10 f + 25) ms). One embedding per column
+  whose timestamp lies within the audio (at most ceil(frames / 16)): a last, partly padded
+  column whose centre would fall past the end (it holds under 87.5 ms of audio) is left out, as
+  HEAR requires timestamps within the audio (its validator refuses one past the end). Audio
+  shorter than 87.5 ms still gets its one column (timestamp 87.5 ms).
 - Scene embeddings: the mean of all tokens of a window (padding columns included, as the
   original pools a padded clip); for several windows, their mean weighted by the real frames in
   each. For audio up to the model's length this is exactly the original's pooled feature.
@@ -119,9 +128,20 @@ def fbank_normalization(path: str) -> tuple[float, float]:
   return fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD
 
 
+def _as_numpy(audio: Any) -> np.ndarray:
+  """`audio` as a NumPy array; a torch tensor may be on any device or require grad."""
+  if _is_torch(audio):
+    return audio.detach().cpu().numpy()
+  return np.asarray(audio)
+
+
+def _is_torch(audio: Any) -> bool:
+  return type(audio).__module__.split(".")[0] == "torch"
+
+
 def _windows(audio: Any, model: HearModel) -> tuple[np.ndarray, int]:
   """Normalized fbank windows [n * W, audio_length, F] of audio [n, samples], and frames."""
-  audio = np.asarray(audio)
+  audio = _as_numpy(audio)
   if audio.dtype != np.int16 and not np.issubdtype(audio.dtype, np.floating):
     raise ValueError(f"audio must be floating point (in [-1, 1]) or int16, got {audio.dtype}")
   if audio.ndim != 2 or audio.shape[0] == 0:
@@ -162,10 +182,10 @@ def _encode(audio: Any, model: HearModel) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _like(array: np.ndarray, audio: Any) -> Any:
-  """`array` as a torch tensor when `audio` is one (HEAR's harness passes torch)."""
-  if type(audio).__module__.split(".")[0] == "torch":
+  """`array` as a torch tensor on `audio`'s device when `audio` is one (HEAR passes torch)."""
+  if _is_torch(audio):
     import torch  # pylint: disable=g-import-not-at-top
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.ascontiguousarray(array)).to(audio.device)
   return array
 
 
@@ -181,8 +201,10 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
   """([n, T, D] float32 embeddings, [n, T] float32 centre times in ms), one per 160 ms column."""
   _, column_tokens, frames = _encode(audio, model)
   patch = model.model_config.patch_size
-  count = math.ceil(frames / patch)
-  centres = ((patch * np.arange(count) + (patch - 1) / 2) * fbank.FRAME_SHIFT_MS
-             + fbank.FRAME_LENGTH_MS / 2)
+  centres = ((patch * np.arange(math.ceil(frames / patch)) + (patch - 1) / 2)
+             * fbank.FRAME_SHIFT_MS + fbank.FRAME_LENGTH_MS / 2)
+  duration_ms = 1000.0 * np.shape(audio)[1] / sample_rate
+  count = max(1, int(np.count_nonzero(centres <= duration_ms)))  # centres ascend
+  centres = centres[:count]
   timestamps = np.broadcast_to(centres, (column_tokens.shape[0], count)).astype(np.float32)
   return _like(column_tokens[:, :count], audio), _like(timestamps, audio)

@@ -80,15 +80,33 @@ def test_long_audio_spans_windows(checkpoint, model):
   audio = _audio(2, 24000, seed=1)  # 1.5 s: 148 frames = windows of 64, 64 and 20 real frames
   scene = hear.get_scene_embeddings(audio, model)
   embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
-  assert embeddings.shape == (2, 10, 32)  # ceil(148 / 16) columns of 160 ms
-  np.testing.assert_allclose(timestamps[0], 160 * np.arange(10) + 87.5)
+  # ceil(148 / 16) = 10 columns of 160 ms; the 10th holds 60 ms of audio, its centre (1527.5 ms)
+  # would be past the end (1500 ms), so it is left out.
+  assert embeddings.shape == (2, 9, 32)
+  np.testing.assert_allclose(timestamps[0], 160 * np.arange(9) + 87.5)
   for i, clip in enumerate(audio):
     tokens = _direct_tokens(clip, config, params)
     columns = np.concatenate(list(tokens.mean(axis=1)))  # [3 windows * 4 columns, D]
-    np.testing.assert_allclose(embeddings[i], columns[:10], atol=2e-5)
+    np.testing.assert_allclose(embeddings[i], columns[:9], atol=2e-5)
     weights = np.array([64, 64, 20]) / 148
     expected = np.einsum("w,wd->d", weights, tokens.mean(axis=(1, 2)))
     np.testing.assert_allclose(scene[i], expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("seconds", [1.07, 1.98, 4.0, 0.1, 0.03])
+def test_timestamps_lie_within_the_audio(model, seconds):
+  # hear-validator's lengths (1.07, 1.98, 4.0 s) and two short clips. 1.98 s is 196 frames: its
+  # 13th column (4 real frames) was given the timestamp 2007.5 ms, past the audio's end, which
+  # the validator refuses ("Your timestamps end at ..., but the audio is 1980.0 ms").
+  samples = int(seconds * 16000)
+  embeddings, timestamps = hear.get_timestamp_embeddings(_audio(2, samples), model)
+  duration = 1000 * samples / 16000
+  count = max(1, int((duration - 87.5) // 160) + 1)
+  np.testing.assert_array_equal(timestamps, np.tile(160 * np.arange(count) + 87.5, (2, 1)))
+  assert embeddings.shape == (2, count, 32)
+  if duration >= 87.5:
+    assert timestamps.max() <= duration
+    assert timestamps.max() > duration - 2 * 160  # the validator's "no embeddings at the end"
 
 
 def test_torch_in_torch_out(model):
@@ -97,6 +115,14 @@ def test_torch_in_torch_out(model):
   scene = hear.get_scene_embeddings(torch.from_numpy(audio), model)
   assert isinstance(scene, torch.Tensor)
   np.testing.assert_allclose(scene.numpy(), hear.get_scene_embeddings(audio, model))
+  # A tensor that requires grad (e.g. from a differentiable front end) was refused by NumPy
+  # ("Can't call numpy() on Tensor that requires grad").
+  tracked = torch.from_numpy(audio).requires_grad_(True)
+  embeddings, timestamps = hear.get_timestamp_embeddings(tracked, model)
+  assert isinstance(embeddings, torch.Tensor) and isinstance(timestamps, torch.Tensor)
+  assert embeddings.device == timestamps.device == tracked.device
+  np.testing.assert_allclose(embeddings.numpy(),
+                             hear.get_timestamp_embeddings(audio, model)[0])
 
 
 def test_int16_audio_is_scaled_as_the_records_are(model):
