@@ -79,6 +79,12 @@ CASES = {
                                                "--out=x.png"], "/no/records"),
     "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",
                                               "--out=x.png"], "--mask_ratio_a=1.5"),
+    # Same parameters either way: a raw-pixel model (the original's cav-mae-base-nonorm) read
+    # with the default norm_pix_loss=True was pictured through the wrong un-normalization.
+    "inpaint_norm_pix_loss_not_the_models": ("inpaint.py", [
+        "--params={params}", "--records={records}", "--config.model.norm_pix_loss=False",
+        "--out=x.png"], "trained with norm_pix_loss=True, the config has False; inpaint it "
+                        "with --config.model.norm_pix_loss=True"),
 }
 
 

@@ -1,14 +1,15 @@
 r"""Inpainting picture of one clip: original, masked and reconstructed spectrogram and frame (PNG).
 
-  python tools/inpaint.py --config configs/pretrain.py:base --params ckpt/nonorm \
-      --records /data/vggsound_test --clip_id 0a1b2c3d --out inpaint.png
+  python tools/inpaint.py --config configs/pretrain.py:base --config.model.norm_pix_loss=False \
+      --params ckpt/nonorm --records /data/vggsound_test --clip_id 0a1b2c3d --out inpaint.png
   python tools/inpaint.py --config configs/pretrain.py:tiny --workdir /runs/tiny --index 3 \
       --mask_ratio_a 0.5 --mask_ratio_v 0.75 --seed 1 --out inpaint.png
 
 The clip is --clip_id, or the --index-th clip of the records (default config.data.eval_dir) in
 data order (default: the first). Masks are drawn from --seed. Models trained with
 norm_pix_loss predict normalized patches; they are un-normalized with the target patches'
-mean and variance, and the picture says so.
+mean and variance, and the picture says so. The config's model.norm_pix_loss must be the one the
+model was trained with (checked against the checkpoint's stored model config).
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ for _flag in (_MASK_RATIO_A, _MASK_RATIO_V):
 
 def main(argv: list[str]) -> None:
   del argv
+  from cav_mae_jax import models  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import features, inpaint  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
   records = features.records_directory(config, _RECORDS.value or "")
+  inpaint.check_norm_pix_loss(models.ModelConfig.from_config(config.model),
+                              _MODEL.workdir.value or _MODEL.params.value)
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
                          params_path=_MODEL.params.value)
   if loaded.task.finetune:

@@ -164,6 +164,29 @@ def save_figure(result: Inpainting, path: str) -> None:
   figure(result).savefig(path, dpi=100)
 
 
+def check_norm_pix_loss(model_config: models.ModelConfig, path: str) -> None:
+  """Refuses to picture a model through another `norm_pix_loss` than it was trained with.
+
+  The parameters are the same either way, so nothing else would notice: a model trained on raw
+  patches (the original's cav-mae-base-nonorm) read with norm_pix_loss=True has its predictions
+  scaled by the target patches' spread and shifted to their means, a plausible-looking picture
+  that is not the model's; the reverse shows normalized patches as pixels. The checkpoint's
+  stored model config (a workdir's config.json, a params checkpoint's model_config.json) says
+  how it was trained; a checkpoint without one is not checked.
+  """
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  try:
+    stored = init_source.read_model_config(path)
+  except (OSError, ValueError):
+    return
+  trained = stored.get("norm_pix_loss")
+  if trained is not None and bool(trained) != model_config.norm_pix_loss:
+    raise ValueError(
+        f"{path}: the model was trained with norm_pix_loss={bool(trained)}, the config has "
+        f"{model_config.norm_pix_loss}; inpaint it with "
+        f"--config.model.norm_pix_loss={bool(trained)}")
+
+
 def record_clip(config: Any, *, directory: str = "", index: int | None = None,
                 video_id: str | None = None) -> tuple[str, np.ndarray, np.ndarray]:
   """(id, audio, image) of a records clip by id or by position in data order (shard by shard)."""
