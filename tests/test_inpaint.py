@@ -95,6 +95,17 @@ def test_picture_says_what_it_shows(inpainted, tmp_path):
   assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_picture_says_what_was_removed(clip):
+  # The titles gave the ratio asked for; int(L * (1 - ratio)) patches are kept, so 0.8 of the
+  # tiny image's 4 patches removes all 4 (the title said 80%). A structured audio mask says so.
+  config = dataclasses.replace(small_config(False), mask_mode_a="time")
+  result = inpaint.inpaint(config, _params(config), *clip, mask_ratio_a=0.5, mask_ratio_v=0.8)
+  assert result.image_mask.all()
+  titles = [axes.get_title() for axes in inpaint.figure(result).axes if axes.get_title()]
+  assert titles[1] == "spectrogram: masked (50% of patches removed, time masking)"
+  assert titles[4] == "frame: masked (100% of patches removed)"
+
+
 def test_record_clip_by_index_or_id(records_dir):
   config = tiny_config(records_dir)
   by_index = inpaint.record_clip(config, index=3)

@@ -2,8 +2,11 @@
 
 The original released an inpainting script but not a working figure path (it needs a model
 trained without `norm_pix_loss`). Here any pretraining model with a decoder works: the masked
-patches come from the model's `inpaint` (masks drawn from `seed`, ratios as asked), visible
-patches are pasted from the input, as the original's script and MAE's visualization do.
+patches come from the model's `inpaint` (masks drawn from `seed`, ratios as asked, the audio
+mask in the model config's `mask_mode_a`: unstructured by default, which is all the original's
+script draws), visible patches are pasted from the input, as the original's script and MAE's
+visualization do. Titles give the share of patches actually removed: int(L * (1 - ratio)) are
+kept, which on a small grid can differ from the ratio asked for.
 
 With `norm_pix_loss` the decoder predicts each patch normalized by its own mean and unbiased
 variance (+1e-6). Such a prediction is mapped back with the statistics of the target patch it
@@ -50,6 +53,7 @@ class Inpainting:
   mask_ratio_v: float
   seed: int
   norm_pix_loss: bool
+  mask_mode_a: str = "unstructured"
 
 
 def reconstruct(target: np.ndarray, pred: np.ndarray, mask: np.ndarray,
@@ -108,7 +112,7 @@ def inpaint(model_config: models.ModelConfig, params: Any, audio: np.ndarray, im
       image_mask=masks["v"], audio_reconstruction=pictures["a"][..., 0].T,
       image_reconstruction=pictures["v"], loss_a=out["loss_mae_a"], loss_v=out["loss_mae_v"],
       mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v, seed=seed,
-      norm_pix_loss=config.norm_pix_loss)
+      norm_pix_loss=config.norm_pix_loss, mask_mode_a=config.mask_mode_a)
 
 
 def _show_image(axes: Any, image: np.ndarray, mask: np.ndarray | None, title: str) -> None:
@@ -143,13 +147,17 @@ def figure(result: Inpainting) -> Any:
   if result.norm_pix_loss:
     rebuilt += "\nnorm_pix_loss: predictions un-normalized with the target patches' mean/var"
   limits = (float(np.min(result.audio)), float(np.max(result.audio)))
-  titles = ("original", f"masked ({result.mask_ratio_a:.0%} of patches removed)", rebuilt)
+  # What was removed, from the masks: int(L * (1 - ratio)) patches are kept, which on a small
+  # grid can be far from the ratio asked for (0.8 of 4 patches keeps none).
+  mode = "" if result.mask_mode_a == "unstructured" else f", {result.mask_mode_a} masking"
+  titles = ("original", f"masked ({result.audio_mask.mean():.0%} of patches removed{mode})",
+            rebuilt)
   for column, (fbank, mask) in enumerate(((result.audio, None), (result.audio, result.audio_mask),
                                           (result.audio_reconstruction, None))):
     shown = _show_spectrogram(fig.add_subplot(grid[0, column]), fbank, mask,
                               f"spectrogram: {titles[column]}", limits)
   fig.colorbar(shown, ax=fig.axes, shrink=0.6, label="normalized log-mel")
-  titles = ("original", f"masked ({result.mask_ratio_v:.0%} of patches removed)", rebuilt)
+  titles = ("original", f"masked ({result.image_mask.mean():.0%} of patches removed)", rebuilt)
   for column, (image, mask) in enumerate(((result.image, None), (result.image, result.image_mask),
                                           (result.image_reconstruction, None))):
     _show_image(fig.add_subplot(grid[1, column]), image, mask, f"frame: {titles[column]}")
