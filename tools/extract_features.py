@@ -5,9 +5,15 @@ r"""Per-clip audio, visual and joint embeddings of video files or records, to on
   python tools/extract_features.py --config configs/pretrain.py:base --workdir /runs/base \
       --records /data/vggsound_test [--subset ids.txt] --out vgg_test.npz
 
-The .npz holds `ids` [N] and `audio`, `video`, `joint` [N, D]: the mean-pooled audio-only
-(norm_a), video-only (norm_v) and audio+video (norm) streams after the joint block; --patches
-adds the tokens `audio_patches` [N, La, D], `video_patches` [N, Lv, D], `joint_patches`.
+The .npz holds `ids` [N] (unicode; row i of every array is clip ids[i]: records in data order,
+shard by shard; --videos in list order, unreadable files left out) and `audio`, `video`, `joint`
+[N, D] float32: the mean-pooled audio-only (norm_a), video-only (norm_v) and audio+video (norm)
+streams after the joint block, not L2-normalized (the original's retrieval normalizes them
+before its cosine similarity). --patches adds the float32 tokens they are the means of:
+`audio_patches` [N, La, D] (La = 8 mel rows * audio_length/16 time columns, frequency-major:
+token r * audio_length/16 + c is mel bins 16r..16r+15, from the lowest, of frames
+16c..16c+15), `video_patches` [N, Lv, D] (Lv = (image_size / 16)^2, row-major from the top
+left) and `joint_patches` [N, La + Lv, D] (audio tokens first, then video).
 
 --videos: a directory of video files (ids: file names without extension), a text file of paths
 (one a line) or the original's JSON datafile (ids: video_id). Each file is decoded and
