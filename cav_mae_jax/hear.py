@@ -2,10 +2,10 @@
 
 The HEAR API (hearbenchmark.com): `load_model(path)`, `get_scene_embeddings(audio, model)` ->
 [n, D] and `get_timestamp_embeddings(audio, model)` -> ([n, T, D], timestamps [n, T] in ms),
-with `sample_rate` (16 kHz) and the embedding sizes as model (and module) attributes. `audio`
-is float in [-1, 1] (or int16 samples, scaled by 1 / 32768 as a 16-bit WAV is) [n, samples] at
-16 kHz (NumPy, JAX or torch on any device; torch in gives torch out, on the input's device);
-NaN or infinite samples are refused.
+with `sample_rate` (16 kHz; also a module attribute) and the embedding sizes as model
+attributes. `audio` is float in [-1, 1] (or int16 samples, scaled by 1 / 32768 as a 16-bit WAV
+is) [n, samples] at 16 kHz (NumPy, JAX or torch on any device; torch in gives float32 torch out
+on the input's device, else NumPy); NaN or infinite samples are refused.
 
 "HEAR-style": the functions and attributes are HEAR's, but the model object is a plain Python
 object holding JAX parameters, not a `torch.nn.Module` or `tf.Module`, so HEAR's own harness
