@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -170,6 +171,30 @@ def missing_field_message(name: str, path: str, node: Any, parents: Sequence[str
           f"({hint}its fields: {listed})")
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a scheduler's preemption or `kill`), raised like Ctrl-C's KeyboardInterrupt so that
+  the same cleanup runs (`finally` blocks, temporary outputs removed, worker processes ended)."""
+
+
+def _raise_terminated(signum, frame) -> None:  # pylint: disable=unused-argument
+  raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+  """Makes SIGTERM raise `Terminated` in the main thread (the default ends the process at once,
+  without cleanup). The trainer's preemption handler replaces it while the train loop runs."""
+  signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:
+  """Prints `error: interrupted by SIGINT (Ctrl-C)|stopped by SIGTERM[; note]` as one line to
+  stderr; returns the shell's status for that signal (130 or 143)."""
+  terminated = isinstance(error, Terminated)
+  what = "stopped by SIGTERM" if terminated else "interrupted by SIGINT (Ctrl-C)"
+  print(f"error: {what}" + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
+  return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   argv = resolve_config_args(argv)
   argv, _none_overrides[:] = split_none_overrides(argv, _config_flag_names())
@@ -281,13 +306,17 @@ def model_input_paths(model_flags: ModelFlags) -> list[tuple[str, str | None]]:
 
 
 def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
-        input_paths: Callable[[], Sequence[tuple[str, str | None]]] | None = None) -> None:
+        input_paths: Callable[[], Sequence[tuple[str, str | None]]] | None = None,
+        interrupt_note: str = "") -> None:
   """app.run(main) with the conventions of the module docstring.
 
   `uses_tensorflow=False` for tools that must not import TensorFlow (the train-step benchmark
   runs where it is not installed). `input_paths` returns the tool's input paths from its parsed
   flags (see `check_input_paths`): a mistyped local path is then answered before TensorFlow's
   import, in about a second rather than the ten or more that importing and loading take.
+  Ctrl-C (SIGINT) and SIGTERM end the tool with one line (`interrupted_line`, then
+  `interrupt_note`: what was kept) and the shell's status for the signal (130, 143), after the
+  tool's cleanup has run; `--verbosity=1` shows the traceback.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   sys.argv[:] = resolve_config_args(sys.argv)  # in place: config_flags keeps a reference
@@ -297,6 +326,7 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       absl_logging.set_verbosity(absl_logging.WARNING)
       import logging  # pylint: disable=g-import-not-at-top
       logging.getLogger().setLevel(logging.WARNING)
+    stop_on_sigterm()
     try:
       # After the flags and config files: a bad one is answered without TensorFlow's ~5 s import.
       _raise_config_file_errors()
@@ -313,5 +343,9 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       if _verbose():
         raise
       fail(str(e))
+    except KeyboardInterrupt as e:
+      if _verbose():
+        raise
+      sys.exit(interrupted_line(e, interrupt_note))
 
   app.run(wrapped, flags_parser=_parse_flags)

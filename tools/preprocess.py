@@ -71,6 +71,7 @@ from cav_mae_jax.data import prepare
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   args = _parse(argv)
+  cli.stop_on_sigterm()
   try:
     if args.merge_index:
       summary = prepare.finalize(args.out)
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     return cli.error_line(f"{e.filename or args.out}: {e.strerror or e}")
   except ValueError as e:
     return cli.error_line(e)
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the workers are ended, temp files removed
+    return cli.interrupted_line(e, "finished shards are kept; the same command resumes")
   print(prepare.format_summary(summary))
   if summary.shards_finished == summary.num_shards and not summary.written:
     reasons = ", ".join(f"{r}: {n}" for r, n in summary.quarantined_by_reason.items())

@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -160,24 +161,49 @@ def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, A
 def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
                  labels: sources.ClassLabels, store_waveform: bool, strict: bool,
                  clip_fn: clips.ClipFn) -> None:
-  """Child process loop: receives (plan, known_quarantined), sends progress and results."""
+  """Child process loop: receives (plan, known_quarantined), sends progress and results.
+
+  Ctrl-C reaches the whole process group; the parent alone handles it (it ends the workers and
+  removes their temporary files), so a worker ignores SIGINT, and it exits quietly when the
+  parent is gone (its end of the pipe closed), at its next message: the shard it was writing
+  is left unfinished (its temporary file removed).
+  """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   while True:
-    message = conn.recv()
+    try:
+      message = conn.recv()
+    except (EOFError, OSError):
+      return
     if message is None:
       return
     plan, known = message
     try:
-      sidecar = write_shard(
-          plan, out_dir, labels, store_waveform=store_waveform, strict=strict,
-          clip_fn=clip_fn, known_quarantined=known,
-          on_start=lambda position: conn.send(("start", position)),
-          on_clip=lambda position, bad: conn.send(("clip", position, bad)))
-    except clips.StrictModeError as e:
-      conn.send(("strict", e.quarantined))
-    except Exception as e:  # pylint: disable=broad-except
-      conn.send(("error", f"{type(e).__name__}: {e}"))
-    else:
-      conn.send(("done", sidecar))
+      _write_shard_in_worker(conn, plan, known, out_dir, labels, store_waveform, strict,
+                             clip_fn)
+    except (BrokenPipeError, ConnectionResetError):
+      return
+
+
+def _write_shard_in_worker(conn: multiprocessing.connection.Connection, plan: ShardPlan,
+                           known: dict[int, clips.Quarantined], out_dir: str,
+                           labels: sources.ClassLabels, store_waveform: bool, strict: bool,
+                           clip_fn: clips.ClipFn) -> None:
+  """Writes one shard, sending progress and the result (raises BrokenPipeError when the parent
+  is gone)."""
+  try:
+    sidecar = write_shard(
+        plan, out_dir, labels, store_waveform=store_waveform, strict=strict,
+        clip_fn=clip_fn, known_quarantined=known,
+        on_start=lambda position: conn.send(("start", position)),
+        on_clip=lambda position, bad: conn.send(("clip", position, bad)))
+  except clips.StrictModeError as e:
+    conn.send(("strict", e.quarantined))
+  except (BrokenPipeError, ConnectionResetError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    conn.send(("error", f"{type(e).__name__}: {e}"))
+  else:
+    conn.send(("done", sidecar))
 
 
 _WORKER_PRELOAD = ["cav_mae_jax.data.shards", "cav_mae_jax.data.decode",

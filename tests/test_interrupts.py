@@ -1,0 +1,95 @@
+"""Tools under adverse runtime conditions: Ctrl-C and SIGTERM, two runs on one output, outputs
+that cannot be written. Each ends with one `error:` line and leaves nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if "PYTHONPATH" in env
+                                                else []))
+  return env
+
+
+def _start(args, **kwargs) -> subprocess.Popen:
+  """Starts a process in its own process group with Ctrl-C's default action (a background
+  job inherits SIGINT ignored), so that a signal can reach it and its children as a terminal's."""
+  return subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                          **kwargs)
+
+
+def _wait_for(predicate, proc, seconds=120.0):
+  deadline = time.time() + seconds
+  while not predicate():
+    assert proc.poll() is None, proc.communicate()
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.05)
+
+
+_LONG_TOOL = textwrap.dedent("""
+    import os, sys, time
+    from cav_mae_jax import cli
+    def main(argv):
+      out = sys.argv[1]
+      try:
+        open(out + ".started", "w").close()
+        time.sleep(60)
+      finally:
+        os.rename(out + ".started", out + ".cleaned")  # the tool's cleanup ran
+    cli.run(main, uses_tensorflow=False, interrupt_note="nothing was written")
+""")
+
+
+@pytest.mark.parametrize("signum,status,what", [
+    (signal.SIGINT, 130, "interrupted by SIGINT (Ctrl-C)"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_signal_ends_a_tool_with_one_line_after_its_cleanup(tmp_path, signum, status, what):
+  out = str(tmp_path / "out")
+  proc = _start([sys.executable, "-c", _LONG_TOOL, out])
+  _wait_for(lambda: os.path.exists(out + ".started"), proc)
+  os.killpg(proc.pid, signum)
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == status, stderr
+  assert stderr.splitlines() == [f"error: {what}; nothing was written"], stderr
+  assert os.path.exists(out + ".cleaned")  # SIGTERM's default would end it without cleanup
+
+
+def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_path):
+  import test_prepare  # pylint: disable=import-outside-toplevel
+  clip = test_prepare.write_clip(str(tmp_path / "clip.mp4"), seconds=1)
+  with open(tmp_path / "labels.csv", "w") as f:
+    f.write(test_prepare.LABELS_CSV)
+  datafile = test_prepare.write_datafile(str(tmp_path / "data.json"),
+                                         [(f"v{i}", clip, "/m/a") for i in range(40)])
+  out = tmp_path / "out"
+  proc = _start([sys.executable, os.path.join(REPO, "tools", "preprocess.py"),
+                 "--datafile", datafile, "--labels", str(tmp_path / "labels.csv"),
+                 "--out", str(out), "--workers", "2", "--examples-per-shard", "1",
+                 "--no-progress"])
+  _wait_for(lambda: out.is_dir() and any(n.endswith(".tfrecord.json") for n in os.listdir(out)),
+            proc)
+  os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the workers get it too
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 130, stderr
+  assert stderr.splitlines() == ["error: interrupted by SIGINT (Ctrl-C); finished shards are "
+                                 "kept; the same command resumes"], stderr
+  names = os.listdir(out)
+  assert not any(".tmp-" in name for name in names), names
+  for name in names:  # every shard is finished (its sidecar written), none half-written
+    if name.endswith(".tfrecord"):
+      assert name + ".json" in names
+  assert "index.json" not in names  # 40 shards, not all finished
