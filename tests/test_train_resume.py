@@ -20,7 +20,8 @@ import pytest
 import multihost_worker
 
 TOTAL_STEPS = 6
-KILL_AFTER_STEP = 3
+KILL_AFTER_STEP = 3  # the last checkpoint before the kill
+LOGGED_AFTER_CHECKPOINT = 2  # steps 4 and 5 are logged, then the kill: they are run again
 
 
 def tiny_config():
@@ -86,7 +87,7 @@ def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overr
   source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
   wrapped = RecordingInput(
       source, os.path.join(workdir, "batches.txt"),
-      kill_on_call=KILL_AFTER_STEP + 1 if kill else None,
+      kill_on_call=KILL_AFTER_STEP + LOGGED_AFTER_CHECKPOINT + 1 if kill else None,
       wait_for_dir=os.path.join(workdir, "checkpoints", str(KILL_AFTER_STEP)),
       poison_call=poison_call, sigterm_on_call=sigterm_call)
   os.makedirs(workdir, exist_ok=True)
@@ -139,20 +140,29 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   assert "tensorflow imported: True" in result.stdout  # clu's TensorBoard writer
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   batches_before = (resumed / "batches.txt").read_text().split()
-  assert len(batches_before) == KILL_AFTER_STEP
-  # Every step logged up to the committed checkpoint reached metrics.jsonl before the SIGKILL.
+  killed_at = KILL_AFTER_STEP + LOGGED_AFTER_CHECKPOINT
+  assert len(batches_before) == killed_at
+  # Every logged step reached metrics.jsonl before the SIGKILL, the checkpoint's and later ones.
   from cav_mae_jax.train import metrics  # pylint: disable=import-outside-toplevel
   logged = [r["step"] for r in metrics.read_jsonl(str(resumed / metrics.METRICS_FILE))]
-  assert logged == list(range(1, KILL_AFTER_STEP + 1))
+  assert logged == list(range(1, killed_at + 1))
   result = _subprocess("train", resumed, cache)
   assert result.returncode == 0, result.stderr[-3000:]
   # Without TensorBoard summaries, training on in-memory data never imports TensorFlow.
   assert "tensorflow imported: False" in result.stdout, result.stdout[-2000:]
   assert not (resumed / "tensorboard").exists()
 
-  # Identical batch order: 3 before the kill + 3 after resuming == 6 straight.
-  assert (resumed / "batches.txt").read_text().split() == \
+  # Identical batch order: 3 up to the checkpoint + 3 after resuming == 6 straight (steps 4 and
+  # 5, run before the kill, are run again on the same batches).
+  batches = (resumed / "batches.txt").read_text().split()
+  assert batches[:KILL_AFTER_STEP] + batches[killed_at:] == \
       (straight / "batches.txt").read_text().split()
+  assert batches[KILL_AFTER_STEP:killed_at] == \
+      batches[killed_at:killed_at + LOGGED_AFTER_CHECKPOINT]
+  # The resumed run's metrics.jsonl has each step once, in order: the records of steps 4 and 5
+  # that the killed run logged after its checkpoint were dropped at the resume.
+  logged = [r["step"] for r in metrics.read_jsonl(str(resumed / metrics.METRICS_FILE))]
+  assert logged == list(range(1, TOTAL_STEPS + 1))
   # Bit-identical params, optimizer state, step and RNG.
   import jax  # pylint: disable=import-outside-toplevel
   a, b = _restore_state(straight, TOTAL_STEPS), _restore_state(resumed, TOTAL_STEPS)
@@ -170,7 +180,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
     assert all(np.isfinite(r[f"train/{key}"]) for r in records), key
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(straight / "tensorboard"))
   # The resumed run really restored (it did not retrain from scratch): 3 steps were run after.
-  assert len((resumed / "batches.txt").read_text().split()) == TOTAL_STEPS
+  assert len((resumed / "batches.txt").read_text().split()) == TOTAL_STEPS + 2
   # hparams are written once, at the run's start, not at the resume.
   with open(straight / metrics.METRICS_FILE) as f:
     assert sum('"hparams"' in line for line in f) == 1
@@ -185,11 +195,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache):
   result = _subprocess("train_8_steps", resumed, cache)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "changed fields: total_steps 6 -> 8" in result.stdout
-  assert len((resumed / "batches.txt").read_text().split()) == 8
+  assert len((resumed / "batches.txt").read_text().split()) == 8 + 2
   # Running a finished run again says so and trains nothing.
   result = _subprocess("train_8_steps", resumed, cache)
   assert result.returncode == 0 and "finished: step 8 of 8" in result.stdout, result.stdout
-  assert len((resumed / "batches.txt").read_text().split()) == 8
+  assert len((resumed / "batches.txt").read_text().split()) == 8 + 2
 
 
 def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):

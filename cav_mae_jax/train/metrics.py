@@ -89,6 +89,34 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, f) if "step" in r]
 
 
+def drop_records_after(workdir: str, step: int) -> int:
+  """Rewrites a workdir's metrics.jsonl (atomically) without the lines that the run starting
+  at checkpoint `step` writes again: for a resume, the records of later steps (logged by an
+  interrupted run after its last checkpoint) and a torn last line; for a start from scratch
+  (step 0), every line. Returns how many lines were dropped."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines if step > 0 else []:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # a line cut short by the interruption
+    if not line.endswith("\n") or record.get("step", 0) > step:
+      continue
+    kept.append(line)
+  if len(kept) == len(lines):
+    return 0
+  staged = f"{path}.tmp-{os.getpid()}"
+  with open(staged, "w") as f:
+    f.writelines(kept)
+  os.replace(staged, path)
+  return len(lines) - len(kept)
+
+
 def last_scalars(workdir: str) -> dict[str, float]:
   """The latest value of every metric logged in a workdir's metrics.jsonl (train/ prefix dropped)."""
   path = os.path.join(workdir, METRICS_FILE)
