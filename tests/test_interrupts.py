@@ -93,3 +93,48 @@ def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_
     if name.endswith(".tfrecord"):
       assert name + ".json" in names
   assert "index.json" not in names  # 40 shards, not all finished
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from cav_mae_jax.train import workdir_lock
+    workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_and_a_dead_holder_taken_over(tmp_path):
+  from cav_mae_jax.train import workdir_lock  # pylint: disable=import-outside-toplevel
+  holder = _start([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)])
+  assert holder.stdout.readline() == "locked\n"
+  try:
+    with pytest.raises(workdir_lock.WorkdirInUseError,
+                       match=rf"in use by another training run \(pid {holder.pid} on host "):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.kill()  # SIGKILL: no cleanup, the lock file stays with the dead holder's pid
+    holder.wait()
+  lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert lock.previous_holder["pid"] == holder.pid
+  assert f"pid {holder.pid}" in workdir_lock.describe_previous(lock.previous_holder)
+  with open(lock.path) as f:
+    assert json.load(f)["pid"] == os.getpid()
+  lock.release()
+  assert workdir_lock.WorkdirLock(str(tmp_path)).acquire().previous_holder is None
+
+
+def test_the_trainer_refuses_a_workdir_another_run_holds(tmp_path):
+  import test_train_resume  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, trainer, workdir_lock  # pylint: disable=import-outside-toplevel
+  holder = _start([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)])
+  assert holder.stdout.readline() == "locked\n"
+  try:
+    source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=f"pid {holder.pid}"):
+      trainer.train_and_evaluate(test_train_resume.tiny_config(), str(tmp_path),
+                                 trainer.Inputs(source, None, 24))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()

@@ -31,6 +31,7 @@ from cav_mae_jax.train import optim
 from cav_mae_jax.train import run_config
 from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
+from cav_mae_jax.train import workdir_lock
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  if not is_main:
+    return _train(config, workdir, inputs, task, is_main)
+  with workdir_lock.WorkdirLock(workdir) as lock:  # one run per workdir (the main process's)
+    note = workdir_lock.describe_previous(lock.previous_holder)
+    if note:
+      print(note)
+    return _train(config, workdir, inputs, task, is_main)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | None,
+           task: tasks.Task, is_main: bool) -> dict[str, float]:
+  """train_and_evaluate after the config checks, with the workdir made (and locked)."""
   mesh = mesh_lib.make_mesh(config.mesh)
   logger.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
               jax.process_count())

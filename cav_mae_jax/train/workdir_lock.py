@@ -1,0 +1,103 @@
+"""One training run per workdir at a time: a lock file that names its holder.
+
+Two runs on one workdir (a job submitted again while the first still runs) would both write
+checkpoints of the same steps and interleave their metrics.jsonl, silently. The main process
+of a run holds `workdir/lock` with an fcntl (POSIX) lock for the whole run: the kernel (or the
+NFS lock service) drops it when the process ends in any way, SIGKILL included, so a lock is
+never stale while its file stays behind. The file holds the holder's host, pid and start time
+for the message a second run gets (`WorkdirInUseError`, one line). When the previous holder is
+gone, the next run takes the lock over and says whose it was. A file system without locks
+(some FUSE mounts) is run unguarded, with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+LOCK_FILE = "lock"
+
+logger = logging.getLogger(__name__)
+
+
+class WorkdirInUseError(OSError):
+  """Another live run holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """The lock of `workdir` (a context manager); `acquire` raises WorkdirInUseError if held."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd: int | None = None
+    self.previous_holder: dict[str, Any] | None = None
+
+  def acquire(self) -> "WorkdirLock":
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EACCES, errno.EAGAIN):
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise WorkdirInUseError(
+            f"{os.path.dirname(self.path)}: in use by another training run "
+            f"({_describe(holder)}); two runs on one workdir would overwrite each other's "
+            f"checkpoints and metrics; wait for it to end, or stop it (its lock, "
+            f"{self.path}, is released when its process ends)") from None
+      os.close(fd)
+      if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+        logger.warning("%s: this file system has no file locks (%s); a second run on this "
+                       "workdir would not be detected", self.path, e.strerror)
+        return self
+      raise
+    self.previous_holder = _read_holder(fd)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    """Ends the lock (the file stays: removing it would race with a run taking it)."""
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # closing the descriptor drops the fcntl lock
+      self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+  try:
+    data = os.pread(fd, 4096, 0)
+    holder = json.loads(data) if data.strip() else None
+  except (OSError, ValueError):
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+  if not holder:
+    return "its holder did not record itself"
+  return (f"pid {holder.get('pid')} on host {holder.get('host')}, started "
+          f"{holder.get('started')}")
+
+
+def describe_previous(holder: dict[str, Any] | None) -> str | None:
+  """A note about a lock taken over from a run that ended without releasing it, or None."""
+  if not holder:
+    return None
+  return (f"note: taking over the workdir lock of a run that is no longer running "
+          f"({_describe(holder)})")
