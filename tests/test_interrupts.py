@@ -138,3 +138,13 @@ def test_the_trainer_refuses_a_workdir_another_run_holds(tmp_path):
     holder.kill()
     holder.wait()
   assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_named(tmp_path):
+  from cav_mae_jax.convert import io  # pylint: disable=import-outside-toplevel
+  # /proc refuses new files even to root (chmod does not stop root).
+  with pytest.raises(OSError, match=r"^/proc/params\.npz: cannot write in /proc \("):
+    with io.atomic_output("/proc/params.npz"):
+      pass
+  with pytest.raises(OSError, match=r"^/proc/new/params: cannot make its directory /proc/new"):
+    io.check_output_path("/proc/new/params")

@@ -29,7 +29,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> st
   parent = os.path.dirname(path)
   if os.path.exists(parent) and not os.path.isdir(parent):
     raise NotADirectoryError(f"{path}: {parent} is not a directory")
-  os.makedirs(parent, exist_ok=True)
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"{path}: cannot make its directory {parent} "
+                  f"({e.strerror or e})") from e
   return path
 
 
@@ -38,7 +42,10 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
   """Yields a temporary sibling path; renames it to `path` only if the block succeeds."""
   path = check_output_path(path, overwrite=overwrite)
   parent = os.path.dirname(path)
-  scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+  try:
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+  except OSError as e:  # it names the temporary, not the output
+    raise OSError(f"{path}: cannot write in {parent} ({e.strerror or e})") from e
   staged = os.path.join(scratch, os.path.basename(path))
   try:
     yield staged
