@@ -50,4 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, uses_tensorflow=False)
+  cli.run(main, uses_tensorflow=False, interrupt_note="--out was not written")

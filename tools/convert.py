@@ -105,4 +105,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, interrupt_note="--out was not written")

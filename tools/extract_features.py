@@ -89,4 +89,4 @@ def _input_paths() -> list[tuple[str, str | None]]:
 
 
 if __name__ == "__main__":
-  cli.run(main, input_paths=_input_paths)
+  cli.run(main, input_paths=_input_paths, interrupt_note="--out was not written")

@@ -40,4 +40,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, input_paths=lambda: [("config.data.train_dir", _CONFIG.value.data.train_dir)])
+  cli.run(main, input_paths=lambda: [("config.data.train_dir", _CONFIG.value.data.train_dir)],
+          interrupt_note="the last complete checkpoint is kept; the same command resumes from it")
