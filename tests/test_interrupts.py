@@ -23,13 +23,18 @@ def _env() -> dict[str, str]:
   return env
 
 
-def _start(args, **kwargs) -> subprocess.Popen:
-  """Starts a process in its own process group with Ctrl-C's default action (a background
-  job inherits SIGINT ignored), so that a signal can reach it and its children as a terminal's."""
-  return subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                          **kwargs)
+# Puts back Ctrl-C's default action (a background job inherits SIGINT ignored, and the
+# disposition stays across exec), then runs the command.
+_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def _start(args) -> subprocess.Popen:
+  """Starts a Python command in its own process group, with Ctrl-C's default action, so that a
+  signal reaches it and its children as a terminal's does."""
+  return subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, *args], env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
 
 
 def _wait_for(predicate, proc, seconds=120.0):
@@ -97,47 +102,79 @@ def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from cav_mae_jax.train import workdir_lock
-    workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+    from cav_mae_jax import dir_lock
+    dir_lock.DirLock(*sys.argv[1:]).acquire()
     print("locked", flush=True)
     time.sleep(120)
 """)
 
 
 def test_a_second_run_on_a_workdir_in_use_is_refused_and_a_dead_holder_taken_over(tmp_path):
-  from cav_mae_jax.train import workdir_lock  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import dir_lock  # pylint: disable=import-outside-toplevel
   holder = _start([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)])
   assert holder.stdout.readline() == "locked\n"
   try:
-    with pytest.raises(workdir_lock.WorkdirInUseError,
+    with pytest.raises(dir_lock.DirectoryInUseError,
                        match=rf"in use by another training run \(pid {holder.pid} on host "):
-      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+      dir_lock.DirLock(str(tmp_path)).acquire()
   finally:
     holder.kill()  # SIGKILL: no cleanup, the lock file stays with the dead holder's pid
     holder.wait()
-  lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  lock = dir_lock.DirLock(str(tmp_path)).acquire()
   assert lock.previous_holder["pid"] == holder.pid
-  assert f"pid {holder.pid}" in workdir_lock.describe_previous(lock.previous_holder)
+  assert f"pid {holder.pid}" in dir_lock.describe_previous(lock.previous_holder)
   with open(lock.path) as f:
     assert json.load(f)["pid"] == os.getpid()
   lock.release()
-  assert workdir_lock.WorkdirLock(str(tmp_path)).acquire().previous_holder is None
+  assert dir_lock.DirLock(str(tmp_path)).acquire().previous_holder is None
 
 
 def test_the_trainer_refuses_a_workdir_another_run_holds(tmp_path):
   import test_train_resume  # pylint: disable=import-outside-toplevel
-  from cav_mae_jax.train import array_input, trainer, workdir_lock  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import dir_lock  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
   holder = _start([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)])
   assert holder.stdout.readline() == "locked\n"
   try:
     source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
-    with pytest.raises(workdir_lock.WorkdirInUseError, match=f"pid {holder.pid}"):
+    with pytest.raises(dir_lock.DirectoryInUseError, match=f"pid {holder.pid}"):
       trainer.train_and_evaluate(test_train_resume.tiny_config(), str(tmp_path),
                                  trainer.Inputs(source, None, 24))
   finally:
     holder.kill()
     holder.wait()
   assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_second_preprocessing_run_of_a_task_is_refused(tmp_path):
+  import test_prepare  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import dir_lock  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  with open(tmp_path / "labels.csv", "w") as f:
+    f.write(test_prepare.LABELS_CSV)
+  datafile = test_prepare.write_datafile(str(tmp_path / "data.json"),
+                                         [(f"v{i}", str(tmp_path / "none.mp4"), "/m/a")
+                                          for i in range(4)])
+  out = tmp_path / "out"
+  out.mkdir()
+  holder = _start([sys.executable, "-c", _HOLD_LOCK, str(out), ".lock-task-1-of-2"])
+  assert holder.stdout.readline() == "locked\n"
+  try:
+    with pytest.raises(dir_lock.DirectoryInUseError,
+                       match=rf"in use by another preprocessing run of task 1 of 2 \(pid "
+                             rf"{holder.pid} on host "):
+      prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), str(out),
+                              num_workers=0, task_index=1, num_tasks=2, examples_per_shard=1,
+                              progress=False)
+    assert os.listdir(out) == [".lock-task-1-of-2"]  # nothing was started
+    # Another task of the split run may write into the same directory meanwhile.
+    summary = prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), str(out),
+                                      num_workers=0, task_index=0, num_tasks=2,
+                                      examples_per_shard=1, progress=False)
+    assert summary.shards_finished == 2 and summary.quarantined == 2  # (missing files)
+  finally:
+    holder.kill()
+    holder.wait()
 
 
 def test_an_output_in_a_folder_that_cannot_be_written_is_named(tmp_path):

@@ -26,6 +26,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from cav_mae_jax import dir_lock
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
 from cav_mae_jax.data import shards
@@ -90,6 +91,26 @@ def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers
   sources.check_labels_known(entries, labels, datafile)
   num_shards = shards.num_shards_for(len(entries), examples_per_shard)
   os.makedirs(out_dir, exist_ok=True)
+  # One run per task: the tasks of a split run may share the directory, a second run of the
+  # same task (or a second unsplit run) would write the same shards.
+  with dir_lock.DirLock(out_dir, f".lock-task-{task_index}-of-{num_tasks}",
+                        what=f"preprocessing run of task {task_index} of {num_tasks}") as lock:
+    note = dir_lock.describe_previous(lock.previous_holder)
+    if note and progress:
+      print(note)
+    return _prepare_locked(entries, labels, datafile, labels_csv, out_dir, start,
+                           num_shards=num_shards, num_workers=num_workers,
+                           task_index=task_index, num_tasks=num_tasks,
+                           store_waveform=store_waveform, strict=strict, clip_fn=clip_fn,
+                           progress=progress)
+
+
+def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabels,
+                    datafile: str, labels_csv: str, out_dir: str, start: float, *,
+                    num_shards: int, num_workers: int, task_index: int, num_tasks: int,
+                    store_waveform: bool, strict: bool, clip_fn: clips.ClipFn,
+                    progress: bool) -> Summary:
+  """prepare_records with the directory made and this task's lock held."""
   _check_manifest(out_dir, {
       "format_version": records.FORMAT_VERSION,
       "datafile_sha256": _sha256(datafile),

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cav_mae_jax import dir_lock
 from cav_mae_jax import eval as eval_lib
 from cav_mae_jax import tasks
 from cav_mae_jax.train import checkpoint as checkpoint_lib
@@ -31,7 +32,6 @@ from cav_mae_jax.train import optim
 from cav_mae_jax.train import run_config
 from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
-from cav_mae_jax.train import workdir_lock
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   if not is_main:
     return _train(config, workdir, inputs, task, is_main)
-  with workdir_lock.WorkdirLock(workdir) as lock:  # one run per workdir (the main process's)
-    note = workdir_lock.describe_previous(lock.previous_holder)
+  with dir_lock.DirLock(workdir) as lock:  # one run per workdir (the main process's)
+    note = dir_lock.describe_previous(lock.previous_holder)
     if note:
       print(note)
     return _train(config, workdir, inputs, task, is_main)

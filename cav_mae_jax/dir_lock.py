@@ -1,13 +1,15 @@
-"""One training run per workdir at a time: a lock file that names its holder.
+"""One run per output directory at a time: a lock file that names its holder.
 
-Two runs on one workdir (a job submitted again while the first still runs) would both write
-checkpoints of the same steps and interleave their metrics.jsonl, silently. The main process
-of a run holds `workdir/lock` with an fcntl (POSIX) lock for the whole run: the kernel (or the
-NFS lock service) drops it when the process ends in any way, SIGKILL included, so a lock is
-never stale while its file stays behind. The file holds the holder's host, pid and start time
-for the message a second run gets (`WorkdirInUseError`, one line). When the previous holder is
-gone, the next run takes the lock over and says whose it was. A file system without locks
-(some FUSE mounts) is run unguarded, with a warning.
+Two training runs on one workdir (a job submitted again while the first still runs) would both
+write checkpoints of the same steps and interleave their metrics.jsonl, silently; two
+preprocessing runs of one task into one directory would write the same shards and remove each
+other's temporary files. The main process of a run holds a lock file in the directory (`lock`
+for a workdir) with an fcntl (POSIX) lock for the whole run: the kernel (or the NFS lock
+service) drops it when the process ends in any way, SIGKILL included, so a lock is never stale
+while its file stays behind. The file holds the holder's host, pid and start time for the
+message a second run gets (`DirectoryInUseError`, one line). When the previous holder is gone,
+the next run takes the lock over and says whose it was. A file system without locks (some FUSE
+mounts) is run unguarded, with a warning.
 """
 
 from __future__ import annotations
@@ -26,19 +28,21 @@ LOCK_FILE = "lock"
 logger = logging.getLogger(__name__)
 
 
-class WorkdirInUseError(OSError):
-  """Another live run holds the workdir's lock."""
+class DirectoryInUseError(OSError):
+  """Another live run holds the directory's lock."""
 
 
-class WorkdirLock:
-  """The lock of `workdir` (a context manager); `acquire` raises WorkdirInUseError if held."""
+class DirLock:
+  """Lock `name` of `directory` (a context manager) for a run of kind `what` ("training run");
+  `acquire` raises DirectoryInUseError while another process holds it."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, directory: str, name: str = LOCK_FILE, what: str = "training run"):
+    self.path = os.path.join(directory, name)
+    self.what = what
     self._fd: int | None = None
     self.previous_holder: dict[str, Any] | None = None
 
-  def acquire(self) -> "WorkdirLock":
+  def acquire(self) -> "DirLock":
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,15 +50,15 @@ class WorkdirLock:
       if e.errno in (errno.EACCES, errno.EAGAIN):
         holder = _read_holder(fd)
         os.close(fd)
-        raise WorkdirInUseError(
-            f"{os.path.dirname(self.path)}: in use by another training run "
-            f"({_describe(holder)}); two runs on one workdir would overwrite each other's "
-            f"checkpoints and metrics; wait for it to end, or stop it (its lock, "
-            f"{self.path}, is released when its process ends)") from None
+        raise DirectoryInUseError(
+            f"{os.path.dirname(self.path)}: in use by another {self.what} "
+            f"({_describe(holder)}); two at once would overwrite each other's outputs; wait "
+            f"for it to end, or stop it (its lock, {self.path}, is released when its process "
+            "ends)") from None
       os.close(fd)
       if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-        logger.warning("%s: this file system has no file locks (%s); a second run on this "
-                       "workdir would not be detected", self.path, e.strerror)
+        logger.warning("%s: this file system has no file locks (%s); a second %s here "
+                       "would not be detected", self.path, e.strerror, self.what)
         return self
       raise
     self.previous_holder = _read_holder(fd)
@@ -72,7 +76,7 @@ class WorkdirLock:
       os.close(self._fd)  # closing the descriptor drops the fcntl lock
       self._fd = None
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> "DirLock":
     return self.acquire()
 
   def __exit__(self, *exc_info) -> None:
@@ -99,5 +103,5 @@ def describe_previous(holder: dict[str, Any] | None) -> str | None:
   """A note about a lock taken over from a run that ended without releasing it, or None."""
   if not holder:
     return None
-  return (f"note: taking over the workdir lock of a run that is no longer running "
+  return (f"note: taking over the lock of a run that is no longer running "
           f"({_describe(holder)})")
