@@ -64,6 +64,7 @@ if __name__ == "__main__":
   _parse(None)  # A bad flag is answered now, not after TensorFlow's import (seconds).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from cav_mae_jax import dir_lock
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import prepare
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
   except RuntimeError as e:  # Shards failed or a worker crashed: finished shards are kept.
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except dir_lock.DirectoryInUseError as e:  # its message names the directory
+    return cli.error_line(e)
   except OSError as e:
     return cli.error_line(f"{e.filename or args.out}: {e.strerror or e}")
   except ValueError as e:
