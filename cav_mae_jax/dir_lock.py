@@ -28,6 +28,19 @@ LOCK_FILE = "lock"
 logger = logging.getLogger(__name__)
 
 
+def make_output_dir(path: str, what: str) -> None:
+  """Makes output directory `path` (and its parents) or raises OSError naming it and why: a
+  file in its place, or a folder that cannot be written (os.makedirs names the first folder it
+  could not make, which under a read-only or special folder such as /proc reads "No such file
+  or directory")."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"{what} {path}: exists and is not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"{what} {path}: cannot make this directory ({e.strerror or e})") from e
+
+
 class DirectoryInUseError(OSError):
   """Another live run holds the directory's lock."""
 

@@ -185,3 +185,18 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_named(tmp_path):
       pass
   with pytest.raises(OSError, match=r"^/proc/new/params: cannot make its directory /proc/new"):
     io.check_output_path("/proc/new/params")
+
+
+@pytest.mark.parametrize("workdir,message", [
+    ("/proc/run", r"^workdir /proc/run: cannot make this directory \("),
+    ("FILE", r"^workdir .*/file: exists and is not a directory$"),
+    ("FILE/run", r"^workdir .*/file/run: cannot make this directory \(Not a directory\)$")])
+def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(tmp_path, workdir, message):
+  import test_train_resume  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
+  (tmp_path / "file").write_text("")
+  workdir = workdir.replace("FILE", str(tmp_path / "file"))
+  source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
+  with pytest.raises(OSError, match=message):
+    trainer.train_and_evaluate(test_train_resume.tiny_config(), workdir,
+                               trainer.Inputs(source, None, 24))

@@ -84,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   task = tasks.get_task(config)
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  dir_lock.make_output_dir(workdir, "workdir")
   if not is_main:
     return _train(config, workdir, inputs, task, is_main)
   with dir_lock.DirLock(workdir) as lock:  # one run per workdir (the main process's)
