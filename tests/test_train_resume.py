@@ -75,7 +75,8 @@ class RecordingInput:
     self.inner.set_state(state)
 
 
-def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overrides=()):
+def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overrides=(),
+                 raise_on_preemption=False):
   """Trains the tiny config in `workdir` on in-memory clips (resuming if checkpoints exist);
   says at the end whether TensorFlow was imported."""
   from cav_mae_jax.train import array_input, run_config, trainer  # pylint: disable=import-outside-toplevel
@@ -92,8 +93,12 @@ def run_training(workdir, kill=False, poison_call=None, sigterm_call=None, overr
       poison_call=poison_call, sigterm_on_call=sigterm_call)
   os.makedirs(workdir, exist_ok=True)
   try:
-    trainer.train_and_evaluate(config, workdir, trainer.Inputs(wrapped, None, 24))
+    trainer.train_and_evaluate(config, workdir, trainer.Inputs(wrapped, None, 24),
+                               raise_on_preemption=raise_on_preemption)
     print(f"tensorflow imported: {'tensorflow' in sys.modules}")
+  except trainer.Preempted as error:
+    print(f"Preempted: {error}")
+    raise SystemExit(143) from error
   except trainer.NonFiniteLossError as error:
     print(f"NonFiniteLossError: {error}")
     raise SystemExit(3) from error
@@ -276,7 +281,9 @@ def test_nan_batch_stops_run_and_keeps_last_good_checkpoint(tmp_path, cache):
 
 def test_sigterm_saves_and_stops(tmp_path, cache):
   result = _subprocess("sigterm_at_step_2", tmp_path, cache)
-  assert result.returncode == 0, result.stderr[-3000:]
+  # Not as a finished run (tools/train.py then exits with 143, so `train && average` stops).
+  assert result.returncode == 143, result.stderr[-3000:]
+  assert "Preempted: preempted: step 2 is saved" in result.stdout
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # saved at once, not at 3
   assert len((tmp_path / "batches.txt").read_text().split()) == 2
   assert int(_restore_state(str(tmp_path), 2)["state"]["step"]) == 2
@@ -291,7 +298,7 @@ if __name__ == "__main__":
   elif MODE == "train_then_kill":
     run_training(WORKDIR, kill=True)
   elif MODE == "sigterm_at_step_2":
-    run_training(WORKDIR, sigterm_call=2)
+    run_training(WORKDIR, sigterm_call=2, raise_on_preemption=True)
   elif MODE == "nan_at_step_4":
     run_training(WORKDIR, poison_call=4)
   elif MODE == "train_decoder_depth_2":

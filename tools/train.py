@@ -12,6 +12,8 @@ flags below, or detected from the cluster environment: TPU pods, SLURM, Open MPI
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -34,7 +36,11 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, raise_on_preemption=True)
+  except trainer.Preempted as e:  # not a finished run: a job script must not go on (status 143)
+    sys.exit(cli.interrupted_line(cli.Terminated(), f"step {e.step} is saved; the same command "
+                                  "resumes from it"))
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.5g}" for k, v in sorted(summary.items())))
 

@@ -40,6 +40,15 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+class Preempted(Exception):
+  """The run stopped early at a preemption notice (SIGTERM) after saving `step`
+  (`train_and_evaluate(..., raise_on_preemption=True)`)."""
+
+  def __init__(self, step: int, summary: dict[str, float]):
+    super().__init__(f"preempted: step {step} is saved")
+    self.step, self.summary = step, summary
+
+
 class TrainInput(Protocol):
   """Host-local batches plus a JSON-serializable position (the tf.data pipeline's interface)."""
 
@@ -76,8 +85,14 @@ def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       inputs: Inputs | None = None) -> dict[str, float]:
-  """Trains `config.task` (resuming from the latest checkpoint in workdir); returns the last metrics."""
+                       inputs: Inputs | None = None, *,
+                       raise_on_preemption: bool = False) -> dict[str, float]:
+  """Trains `config.task` (resuming from the latest checkpoint in workdir); returns the last metrics.
+
+  A preemption notice (SIGTERM) saves a checkpoint and stops the run early: it returns as a
+  finished run does, or, with `raise_on_preemption`, raises `Preempted` (so that a job script
+  can tell a run cut short from a finished one).
+  """
   # ---------------------------------------------------------------- setup
   validation.validate_config(config, jax.device_count(), jax.process_count(),
                              check_data=inputs is None)
@@ -86,16 +101,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   dir_lock.make_output_dir(workdir, "workdir")
   if not is_main:
-    return _train(config, workdir, inputs, task, is_main)
+    return _train(config, workdir, inputs, task, is_main, raise_on_preemption)
   with dir_lock.DirLock(workdir) as lock:  # one run per workdir (the main process's)
     note = dir_lock.describe_previous(lock.previous_holder)
     if note:
       print(note)
-    return _train(config, workdir, inputs, task, is_main)
+    return _train(config, workdir, inputs, task, is_main, raise_on_preemption)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | None,
-           task: tasks.Task, is_main: bool) -> dict[str, float]:
+           task: tasks.Task, is_main: bool, raise_on_preemption: bool) -> dict[str, float]:
   """train_and_evaluate after the config checks, with the workdir made (and locked)."""
   mesh = mesh_lib.make_mesh(config.mesh)
   logger.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
@@ -179,6 +194,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # dispatched, not yet checked on host
   logged: list[dict[str, float]] = []
   summary: dict[str, float] = {}
+  preempted = False
   if start_step == 0:  # the initialization's baseline
     evaluate(0, state.params)
   last_log_time, last_log_step = time.monotonic(), start_step
@@ -239,6 +255,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     checkpointer.close()
     writer.flush()
     writer.close()
+  if preempted and raise_on_preemption:
+    raise Preempted(step, summary)
   return summary
 
 
