@@ -200,3 +200,14 @@ def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(tmp_path, workdi
   with pytest.raises(OSError, match=message):
     trainer.train_and_evaluate(test_train_resume.tiny_config(), workdir,
                                trainer.Inputs(source, None, 24))
+
+
+def test_an_interrupted_shard_leaves_no_temporary_of_its_sidecar(tmp_path):
+  from cav_mae_jax.data import shards  # pylint: disable=import-outside-toplevel
+  name = shards.shard_file_name(2, 40)
+  # A worker ended (by Ctrl-C's cleanup) after renaming its shard, while it wrote the sidecar.
+  for leftover in (f"{name}.tmp-host-1", f"{name}{shards.SIDECAR_SUFFIX}.tmp-host-1", name):
+    (tmp_path / leftover).write_text("")
+  shards.remove_stale_temporaries(str(tmp_path), name)
+  assert os.listdir(tmp_path) == [name]  # not finished (no sidecar): written again on resume
+  assert shards.read_sidecar(str(tmp_path), 2, 40) is None

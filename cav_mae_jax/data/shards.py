@@ -81,9 +81,11 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
-  """Removes temporary files of `file_name` left by killed runs or dead workers."""
-  for stale in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(file_name) + ".tmp-*")):
-    os.remove(stale)
+  """Removes temporary files of shard `file_name` and of its sidecar left by killed runs or
+  dead workers (a worker ended while it wrote the sidecar leaves the latter's)."""
+  for name in (file_name, file_name + SIDECAR_SUFFIX):
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(name) + ".tmp-*")):
+      os.remove(stale)
 
 
 def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
