@@ -104,10 +104,11 @@ def check_ft_mode(model_config: models.ModelConfig, path: str) -> None:
 def _normalization_of(data: Any) -> tuple[Any, ...]:
   """What fixes a run's fbank normalization: the fixed numbers, or 'index' (the training
   split's own statistics; which split is not compared, its directory may have moved)."""
-  if data.get("fbank_stats", "fixed") == "index":
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  settings = init_source.normalization_settings(data)
+  if settings["fbank_stats"] == "index":
     return ("index",)
-  mean, std = data.get("fbank_mean"), data.get("fbank_std")
-  return ("fixed", None if mean is None else float(mean), None if std is None else float(std))
+  return ("fixed", settings["fbank_mean"], settings["fbank_std"])
 
 
 def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> None:
