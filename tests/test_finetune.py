@@ -153,6 +153,13 @@ def test_an_audio_only_model_is_scored_in_one_pass():
                 data["label"])
 
 
+def _full_batches(data):
+  """A batch source of `data` in full batches of BATCH valid clips (any split, any size)."""
+  return lambda *args, **kwargs: iter(
+      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
+       for i in range(0, CLIPS, BATCH)])
+
+
 def _with_val(config, **fields):
   with config.unlocked():
     config.evals.val = common.evaluator("classification", every_steps=1, batch_size=11,
@@ -261,9 +268,7 @@ def test_evaluating_a_checkpoint_in_another_ft_mode_is_refused(tmp_path):
   path = str(tmp_path / "params")
   io.save_params(path, init_params(audio_only), model_config=audio_only.model.to_dict())
   data = clips(seed=3)
-  source = lambda *args, **kwargs: iter(
-      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
-       for i in range(0, CLIPS, BATCH)])
+  source = _full_batches(data)
   with pytest.raises(ValueError, match="fine-tuned with config.model.ft_mode='audioonly', the "
                                        "config has 'multimodal'"):
     evaluate.evaluate(_with_val(ft_config(), batch_size=BATCH), params_path=path,
@@ -287,9 +292,7 @@ def test_evaluating_a_workdir_with_another_fbank_normalization_is_refused(tmp_pa
   config.data.fbank_stats = "index"
   train(config, tmp_path)
   data = clips(seed=4)
-  source = lambda *args, **kwargs: iter(
-      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
-       for i in range(0, CLIPS, BATCH)])
+  source = _full_batches(data)
   other = _with_val(ft_config(), batch_size=BATCH)  # fbank_stats='fixed', AudioSet's numbers
   with pytest.raises(ValueError, match="the run normalized fbanks with fbank_stats='index', "
                                        "the config with fbank_stats='fixed'.*"
@@ -327,9 +330,7 @@ def test_params_checkpoints_record_and_check_the_runs_fbank_normalization(tmp_pa
                      tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   data = clips(seed=4)
-  source = lambda *args, **kwargs: iter(
-      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
-       for i in range(0, CLIPS, BATCH)])
+  source = _full_batches(data)
   for name in ("export", "avg"):
     path = str(tmp_path / name)
     assert io.load_fbank_normalization(path) == {"fbank_stats": "fixed", "fbank_mean": -4.0,
@@ -353,9 +354,7 @@ def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
   config = _with_val(ft_config(), batch_size=BATCH, every_steps=0)
   config.total_epochs = 0.5
   data = clips(seed=4)
-  source = lambda *args, **kwargs: iter(
-      [{**{k: v[i:i + BATCH] for k, v in data.items()}, "valid": np.ones(BATCH, bool)}
-       for i in range(0, CLIPS, BATCH)])
+  source = _full_batches(data)
   inputs = trainer.Inputs(array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS)
   trainer.train_and_evaluate(config, str(tmp_path), inputs)
   runs = metrics_lib.last_scalars(str(tmp_path))
