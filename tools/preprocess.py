@@ -10,8 +10,9 @@
 output shards s with s % n == i. When all of them are in DIR (e.g. copied from the machines),
 `--merge-index` writes index.json, quarantine.jsonl and summary.json. Rerunning the same
 command resumes: finished shards are skipped; while one run of a task writes into DIR, a second
-of the same task is refused (DIR/.lock-task-i-of-n names the first's host and pid). The datafile, the labels CSV and the videos may
-be on any file system TensorFlow reads (gs://, ram://, ...); DIR is local. Exit status: 0 on
+of the same task is refused (DIR/.lock-task-i-of-n names the first's host and pid). The
+datafile, the labels CSV and the videos may be on any file system TensorFlow reads (gs://,
+ram://, ...); DIR is local. Exit status: 0 on
 success, 1 when a clip stops a `--strict` run or shards fail, 2 on bad input (one line
 `error: ...` on stderr: missing or unreadable lists, bad flags, a DIR started with other inputs).
 """
