@@ -48,15 +48,21 @@ VIDEO_EXTENSIONS = (".3gp", ".avi", ".flv", ".m2ts", ".m4v", ".mkv", ".mov", ".m
 # Clip id lists and cross-process gathering.
 
 
+def _read_text_file(path: str) -> str:
+  """A local list file's text; a byte-order mark is not part of its first line, and text that
+  is not UTF-8 is a ValueError naming the file."""
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def read_id_list(path: str) -> list[str]:
   """Clip ids of a subset file: JSON (a list of ids, or the original's datafile) or text lines."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such subset file")
-  try:
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first id
-      text = f.read()
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+  text = _read_text_file(path)
   if path.endswith(".json"):
     try:
       data = json.loads(text)
@@ -278,11 +284,8 @@ def list_videos(source: str) -> list[VideoClip]:
     clips = [VideoClip(e.video_id, e.path, e.frames_dir) for e in sources.read_datafile(source)]
   else:
     base = os.path.dirname(os.path.abspath(source))
-    try:
-      with open(source, encoding="utf-8-sig") as f:
-        paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{source}: not UTF-8 text (byte {e.start})") from None
+    paths = [line.strip() for line in _read_text_file(source).split("\n")
+             if line.strip() and not line.startswith("#")]
     clips = [VideoClip(os.path.splitext(os.path.basename(p))[0], os.path.join(base, p))
              for p in paths]
   if not clips:
