@@ -49,6 +49,16 @@ def read_model_config(path: str) -> dict[str, Any]:
   return io.load_model_config(path)
 
 
+def stored_model_field(path: str, name: str) -> Any:
+  """Field `name` of the model config stored with a workdir or params checkpoint, or None when
+  none is stored (or it cannot be read, or lacks the field): for settings the parameters'
+  shapes cannot tell apart (`ft_mode`, `norm_pix_loss`), checked against a config's."""
+  try:
+    return read_model_config(path).get(name)
+  except (OSError, ValueError):
+    return None
+
+
 def normalization_settings(data: Any) -> dict[str, Any]:
   """The fields of a run's `config.data` that fix its fbank normalization, as plain JSON."""
   mean, std = data.get("fbank_mean"), data.get("fbank_std")

@@ -183,11 +183,7 @@ def check_norm_pix_loss(model_config: models.ModelConfig, path: str) -> None:
   how it was trained; a checkpoint without one is not checked.
   """
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
-  try:
-    stored = init_source.read_model_config(path)
-  except (OSError, ValueError):
-    return
-  trained = stored.get("norm_pix_loss")
+  trained = init_source.stored_model_field(path, "norm_pix_loss")
   if trained is not None and bool(trained) != model_config.norm_pix_loss:
     raise ValueError(
         f"{path}: the model was trained with norm_pix_loss={bool(trained)}, the config has "

@@ -88,11 +88,7 @@ def check_ft_mode(model_config: models.ModelConfig, path: str) -> None:
   multimodal model with the audio missing) is what `config.evals.<name>.mode` is for.
   """
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
-  try:
-    stored = init_source.read_model_config(path)
-  except (OSError, ValueError):
-    return
-  mode = stored.get("ft_mode")
+  mode = init_source.stored_model_field(path, "ft_mode")
   if mode is not None and mode != model_config.ft_mode:
     raise ValueError(
         f"{path}: the model was fine-tuned with config.model.ft_mode={mode!r}, the config has "
