@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 import av
 import numpy as np
@@ -292,6 +293,53 @@ def test_split_runs_merge_and_resume(media, tmp_path):
   assert prepare.finalize(out).index_written  # --merge-index
   with pytest.raises(ValueError, match="store_waveform"):
     prepare.prepare_records(datafile, media["labels_csv"], out, store_waveform=True, **kwargs)
+
+
+def _every_other_clip(entry, labels, store_waveform):
+  """A clip function without media: clips with an odd number are missing, the others written."""
+  if int(entry.video_id[4:]) % 2:
+    raise clips.ClipError(entry.path, "missing_file", "not there")
+  return records.make_example_values(
+      video_id=entry.video_id, labels=[labels.index_of("/m/c")], label_ids=["/m/c"],
+      fbank=np.full((1024, 128), float(entry.video_id[4:])), fbank_num_frames=1024,
+      jpeg_frames=[b"jpeg"] * 10, frame_indices=range(10), duration_s=10.0,
+      source_sample_rate=16000, fps=25.0, frame_count=250)
+
+
+class _Sidecar(dict):
+  """A sidecar dict that can be watched with a weak reference."""
+
+
+def test_merging_reads_one_sidecar_at_a_time(tmp_path, monkeypatch):
+  # A list of 2M missing files leaves 2M quarantined clips in the sidecars: finalize held every
+  # sidecar at once (1 GB more for AudioSet-2M); it reads them one by one now, and writes the
+  # same quarantine.jsonl, index and summary.
+  (tmp_path / "labels.csv").write_text(LABELS_CSV)
+  datafile = write_datafile(str(tmp_path / "data.json"),
+                            [(f"clip{i}", f"clip{i}.mp4", "/m/c") for i in range(8)])
+  out = str(tmp_path / "out")
+  summary = prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), out,
+                                    examples_per_shard=2, num_workers=0, progress=False,
+                                    clip_fn=_every_other_clip)
+  assert (summary.written, summary.quarantined, summary.index_written) == (4, 4, True)
+  read_sidecar, alive, most_alive = shards.read_sidecar, [], []
+
+  def watched(*args):
+    most_alive.append(sum(ref() is not None for ref in alive))
+    sidecar = read_sidecar(*args)
+    alive.append(weakref.ref(sidecar := _Sidecar(sidecar)))
+    return sidecar
+
+  monkeypatch.setattr(shards, "read_sidecar", watched)
+  files = {name: open(os.path.join(out, name)).read()
+           for name in (prepare.QUARANTINE, prepare.SUMMARY, records.INDEX_FILE)}
+  for name in files:
+    os.remove(os.path.join(out, name))
+  assert prepare.finalize(out, seconds=summary.seconds) == summary
+  assert files == {name: open(os.path.join(out, name)).read() for name in files}
+  assert [json.loads(line)["video_id"] for line in files[prepare.QUARANTINE].splitlines()] == [
+      "clip1", "clip5", "clip3", "clip7"]  # shard by shard (clips go round-robin)
+  assert len(most_alive) == 4 and max(most_alive) <= 1
 
 
 def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, tmp_path):

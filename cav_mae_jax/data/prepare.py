@@ -147,55 +147,61 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
   return summary
 
 
-def _sidecars(out_dir: str) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+def _manifest(out_dir: str) -> dict[str, Any]:
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.isfile(path):
     raise ValueError(f"{out_dir}: no {MANIFEST}: not an output directory of "
                      "tools/preprocess.py")
   with open(path) as f:
-    manifest = json.load(f)
-  num_shards = manifest["num_shards"]
-  sidecars = [shards.read_sidecar(out_dir, s, num_shards) for s in range(num_shards)]
-  return num_shards, [s for s in sidecars if s is not None], manifest
+    return json.load(f)
 
 
 def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
   """Writes quarantine.jsonl, summary.json and (once every shard is finished) the index.
 
   The index (`records.write_index`) is written only when every shard's sidecar is there; this
-  is also the merge step of a split run (`--merge-index`).
+  is also the merge step of a split run (`--merge-index`). Sidecars are read one at a time
+  (a list of 2M missing files has 2M quarantined clips in them, a GB held at once).
   """
-  num_shards, sidecars, manifest = _sidecars(out_dir)
+  manifest = _manifest(out_dir)
+  num_shards = manifest["num_shards"]
   by_reason: dict[str, int] = {}
+  merged: records.ShardStats | None = None  # the finished shards' statistics, in shard order
+  infos: list[records.ShardInfo] = []
+  shard_seconds = 0  # summed as sum() did (an int 0 when no shard is finished)
   quarantine_path = os.path.join(out_dir, QUARANTINE)
   tmp = f"{quarantine_path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  with open(tmp, "w") as f:
-    for sidecar in sidecars:
-      for item in sidecar["quarantined"]:
-        by_reason[item["reason"]] = by_reason.get(item["reason"], 0) + 1
-        line = {k: item[k] for k in ("path", "video_id", "reason", "message")}
-        f.write(json.dumps({**line, "shard": sidecar["file"]}) + "\n")
+  try:
+    with open(tmp, "w") as f:
+      for shard_index in range(num_shards):
+        sidecar = shards.read_sidecar(out_dir, shard_index, num_shards)
+        if sidecar is None:
+          continue
+        for item in sidecar["quarantined"]:
+          by_reason[item["reason"]] = by_reason.get(item["reason"], 0) + 1
+          line = {k: item[k] for k in ("path", "video_id", "reason", "message")}
+          f.write(json.dumps({**line, "shard": sidecar["file"]}) + "\n")
+        stats = records.ShardStats.from_json(sidecar["stats"])
+        merged = stats if merged is None else merged.merge(stats)
+        infos.append(records.ShardInfo(sidecar["file"], sidecar["stats"]["num_examples"]))
+        shard_seconds += sidecar["seconds"]
+  except BaseException:
+    os.remove(tmp)  # e.g. a sidecar without its shard: nothing half-written is left
+    raise
   os.replace(tmp, quarantine_path)
-  stats = [records.ShardStats.from_json(s["stats"]) for s in sidecars]
-  complete = len(sidecars) == num_shards
   index_written = False
-  if complete:
-    merged = stats[0]
-    for other in stats[1:]:
-      merged = merged.merge(other)
-    if merged.num_examples > 0:
-      infos = [records.ShardInfo(s["file"], s["stats"]["num_examples"]) for s in sidecars]
-      records.write_index(records.index_path(out_dir),
-                          records.index_from_stats(infos, merged, manifest["store_waveform"]))
-      index_written = True
+  if len(infos) == num_shards and merged.num_examples > 0:
+    records.write_index(records.index_path(out_dir),
+                        records.index_from_stats(infos, merged, manifest["store_waveform"]))
+    index_written = True
   summary = Summary(
       num_shards=num_shards,
-      shards_finished=len(sidecars),
-      written=sum(s.num_examples for s in stats),
+      shards_finished=len(infos),
+      written=merged.num_examples if merged is not None else 0,
       quarantined=sum(by_reason.values()),
       quarantined_by_reason=dict(sorted(by_reason.items())),
       seconds=seconds,
-      shard_seconds=sum(s["seconds"] for s in sidecars),
+      shard_seconds=shard_seconds,
       index_written=index_written,
   )
   shards.write_json_atomic(os.path.join(out_dir, SUMMARY), dataclasses.asdict(summary))
