@@ -23,6 +23,7 @@ run costs what reading the clips and the encoder's forward pass cost.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -75,7 +76,23 @@ def run_on_mesh(fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Ar
   if not valid_rows or not np.concatenate(valid_rows).any():
     raise NoClipsError("no clips to compute features of (every clip was padding or failed)")
   ids = clips_lib.global_ids(local_ids)[np.concatenate(valid_rows)]
-  return ids, {name: np.concatenate(values) for name, values in outputs.items()}
+  return ids, {name: _concatenate_releasing(values) for name, values in outputs.items()}
+
+
+def _concatenate_releasing(chunks: list[np.ndarray]) -> np.ndarray:
+  """`np.concatenate(chunks)` that lets go of each chunk once it is copied (it empties the list):
+  the memory it needs is the result and one chunk, not the result twice (the tokens of 20k
+  clips with `patches` are 87 GB for the base model)."""
+  dtype = functools.reduce(np.promote_types, (chunk.dtype for chunk in chunks))
+  result = np.empty((sum(len(chunk) for chunk in chunks),) + chunks[0].shape[1:], dtype)
+  start = 0
+  chunks.reverse()
+  while chunks:
+    chunk = chunks.pop()
+    result[start:start + len(chunk)] = chunk
+    start += len(chunk)
+    del chunk
+  return result
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
