@@ -19,6 +19,7 @@ from cav_mae_jax.data import decode
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
 from cav_mae_jax.data import shards
+from cav_mae_jax.data import sources
 from cav_mae_jax.data import splits
 from cav_mae_jax.data import synthetic
 
@@ -435,6 +436,27 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
   assert f"{len(WRITTEN)} examples in 4 shards" in printed
   assert ("frames turned upright by (clockwise degrees: clips): "
           f"0: {len(WRITTEN) - 1}, 90: 1") in printed
+
+
+def test_inspect_names_the_shard_of_a_record_that_cannot_be_parsed(tmp_path):
+  # Of thousands of shards (AudioSet-2M has 2,000), the one with a record that reads but does not
+  # parse (an fbank of another length) is named, as a shard that cannot be read is.
+  (tmp_path / "labels.csv").write_text(LABELS_CSV)
+  datafile = write_datafile(str(tmp_path / "data.json"),
+                            [(f"clip{i}", f"clip{i}.mp4", "/m/c") for i in range(4)])
+  out = str(tmp_path / "out")
+  prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), out, examples_per_shard=1,
+                          num_workers=0, progress=False, clip_fn=_every_other_clip)
+  values = _every_other_clip(sources.ClipEntry("clip2", "clip2.mp4", ("/m/c",)),
+                             sources.read_class_labels(str(tmp_path / "labels.csv")), False)
+  example = tf.train.Example.FromString(records.serialize_example(values))
+  example.features.feature[records.FBANK].bytes_list.value[0] = b"\0\0" * 1000
+  damaged = os.path.join(out, shards.shard_file_name(2, 4))
+  with tf.io.TFRecordWriter(damaged) as writer:
+    writer.write(example.SerializeToString())
+  tool = load_tool("inspect_records")
+  with pytest.raises(ValueError, match=f"shard {damaged} is damaged: .*1000"):
+    tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 0)
 
 
 def test_inspect_figures_have_titles_axes_and_frame_numbers(corpus_run):

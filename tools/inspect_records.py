@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import io
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from cav_mae_jax import cli
@@ -129,10 +131,13 @@ def _safe_name(video_id: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
 
 
-def _read_or_fail(path: str):
-  """A shard's serialized examples; a shard that cannot be read raises ValueError naming it."""
+def _parsed_or_fail(path: str, parse: Callable[[tf.Tensor], dict[str, tf.Tensor]]):
+  """A shard's parsed examples, in order; a shard that cannot be read or parsed raises
+  ValueError naming it. Parsed in a tf.data graph on parallel threads: an eager parse per
+  example made the tool 6x slower than reading (1.8 h for AudioSet-2M's 2M clips)."""
   try:
-    yield from tf.data.TFRecordDataset(path)
+    yield from tf.data.TFRecordDataset(path).map(
+        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   except tf.errors.OpError as e:
     raise ValueError(f"shard {path} is damaged: {records.op_error_text(e)}") from None
 
@@ -145,17 +150,19 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
   label_counts: collections.Counter[int] = collections.Counter()
   rotations: collections.Counter[int] = collections.Counter()
   shard_counts, shapes, fbank_frames, images = {}, {}, [], []
+  parse = functools.partial(split.parse, with_waveform=index.store_waveform)
   for shard, path in zip(index.shards, split.files):
     count = 0
-    for serialized in _read_or_fail(path):
-      parsed = split.parse(serialized, with_waveform=index.store_waveform)
+    for parsed in _parsed_or_fail(path, parse):
       if not shapes:
         shapes = {k: (v.dtype.name, tuple(v.shape)) for k, v in sorted(parsed.items())}
-      values = records.parsed_to_values(parsed)
-      label_counts.update(int(x) for x in values[records.LABELS])
-      fbank_frames.append(values[records.FBANK_NUM_FRAMES])
-      rotations[values[records.ROTATION]] += 1
+      # What is counted is read from the tensors; the whole clip (parsed_to_values, as slow
+      # again as the parse) only for the clips drawn.
+      label_counts.update(int(x) for x in parsed[records.LABELS].numpy())
+      fbank_frames.append(int(parsed[records.FBANK_NUM_FRAMES]))
+      rotations[int(parsed[records.ROTATION]) if records.ROTATION in parsed else 0] += 1
       if len(images) < 2 * num_images:  # Two PNGs per clip.
+        values = records.parsed_to_values(parsed)
         name = _safe_name(values[records.VIDEO_ID])
         for kind, draw in (("fbank", fbank_figure), ("frames", frames_figure)):
           png = os.path.join(png_dir, f"{kind}_{name}.png")
