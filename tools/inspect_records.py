@@ -134,7 +134,8 @@ def _safe_name(video_id: str) -> str:
 def _parsed_or_fail(path: str, parse: Callable[[tf.Tensor], dict[str, tf.Tensor]]):
   """A shard's parsed examples, in order; a shard that cannot be read or parsed raises
   ValueError naming it. Parsed in a tf.data graph on parallel threads: an eager parse per
-  example made the tool 6x slower than reading (1.8 h for AudioSet-2M's 2M clips)."""
+  example made the tool 4x slower than reading the shards (70 min for AudioSet-2M's 2M clips
+  read from memory)."""
   try:
     yield from tf.data.TFRecordDataset(path).map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

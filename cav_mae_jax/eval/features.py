@@ -91,7 +91,6 @@ def _concatenate_releasing(chunks: list[np.ndarray]) -> np.ndarray:
     chunk = chunks.pop()
     result[start:start + len(chunk)] = chunk
     start += len(chunk)
-    del chunk
   return result
 
 
