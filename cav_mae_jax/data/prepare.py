@@ -16,6 +16,7 @@ with a pool of worker processes, then `finalize`s the directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -186,7 +187,8 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
         infos.append(records.ShardInfo(sidecar["file"], sidecar["stats"]["num_examples"]))
         shard_seconds += sidecar["seconds"]
   except BaseException:
-    os.remove(tmp)  # e.g. a sidecar without its shard: nothing half-written is left
+    with contextlib.suppress(FileNotFoundError):  # (not made, where the open failed)
+      os.remove(tmp)  # e.g. a sidecar without its shard: nothing half-written is left
     raise
   os.replace(tmp, quarantine_path)
   index_written = False
