@@ -103,3 +103,32 @@ def test_finetuning_and_probe_steps_run_on_random_labels(arg):
   result = benchmark.benchmark_train_step(config, batch_size=8, steps=1, warmup=1)
   assert result["jax/samples_per_s"] > 0 and result["jax/loss"] > 0
   assert 1.0 <= result["xla_over_model_flops"] <= 1.2, result
+
+
+def _attention_scores_per_sample(model) -> int:
+  """Elements of every [H, N, N] attention score array of one sample's pretraining forward."""
+  p = model.patch_size
+  audio = (model.num_mel_bins // p) * (model.audio_length // p)
+  video = (model.image_size // p) ** 2
+  kept_a, kept_v = int(audio * (1 - model.mask_ratio_a)), int(video * (1 - model.mask_ratio_v))
+  specific = model.modality_specific_depth
+  joint = model.encoder_depth - specific
+  encoder = specific * (kept_a**2 + kept_v**2) + joint * (
+      (kept_a + kept_v)**2 + kept_a**2 + kept_v**2)  # the joint blocks see three streams
+  return (model.num_heads * encoder +
+          model.decoder_num_heads * model.decoder_depth * (audio + video)**2)
+
+
+def test_attention_only_remat_keeps_everything_but_the_attention_scores():
+  """remat_policy='attention_only' drops, per sample, exactly the float32 softmax output and
+  the bfloat16 probabilities of every attention (plus the softmax's small per-row statistics);
+  full remat keeps far less. What the backward keeps grows linearly with the batch."""
+  plain = benchmark.saved_activations(_tiny_config(dtype="bfloat16"))
+  attention_only = benchmark.saved_activations(
+      _tiny_config(dtype="bfloat16", remat=True, remat_policy="attention_only"))
+  full = benchmark.saved_activations(_tiny_config(dtype="bfloat16", remat=True))
+  scores = _attention_scores_per_sample(_tiny_config().model) * (4 + 2)
+  dropped = (plain["saved_gib_per_sample"] - attention_only["saved_gib_per_sample"]) * 2**30
+  assert scores <= dropped <= 1.02 * scores, (dropped, scores)
+  assert attention_only["saved_fixed_gib"] == plain["saved_fixed_gib"]
+  assert 0 < full["saved_gib_per_sample"] < attention_only["saved_gib_per_sample"] / 2

@@ -46,6 +46,12 @@ def test_tiny_check_runs_end_to_end_without_tensorflow(tmp_path):
   dots_remat = outcomes[("jax bf16 xla remat dots_with_no_batch_dims_saveable", 8)]
   assert dots_remat["status"] == "ok"
   assert 1.16 < dots_remat["result"]["xla_over_model_flops"] < full_remat
+  attention_remat = outcomes[("jax bf16 xla remat attention_only", 8)]
+  assert attention_remat["status"] == "ok"
+  assert (jax_row["xla_over_model_flops"] < attention_remat["result"]["xla_over_model_flops"]
+          < dots_remat["result"]["xla_over_model_flops"])
+  assert all(o["result"]["xla_memory_gib"] > 0 for (name, _), o in outcomes.items()
+             if name.startswith("jax") and o["status"] == "ok")
   assert outcomes[("torch autocast", 8)]["result"]["torch/samples_per_s"] > 0
   assert outcomes[("jax bf16 cudnn", 8)]["status"] == "skipped"  # needs a GPU
   # The default step at the largest batch also says where its time went.
@@ -67,6 +73,7 @@ def test_full_plan_measures_the_paper_batches_first():
   assert {("cudnn", False, 256), ("xla", True, 256), ("cudnn", False, 48),
           ("cudnn", True, 256)} <= variants
   assert rows[-1].name == "jax bf16 xla remat dots_with_no_batch_dims_saveable"
+  assert rows[-2].name == "jax bf16 xla remat attention_only" and rows[-2].batch == 256
 
 
 def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypatch, capsys):
@@ -96,5 +103,51 @@ def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypa
   report = (tmp_path / "gpu_check.md").read_text()
   assert "error: RuntimeError: cuDNN rejected it" in report
   assert "profile of jax bf16 xla, batch 8: RuntimeError: no CUPTI" in report
-  assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | 238.7 | 2.50 |" in report
+  assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | - | 238.7 | 2.50 |" in report
   assert "2 row(s) failed: jax bf16 cudnn, jax bf16 cudnn remat" in capsys.readouterr().out
+
+
+def test_a_step_too_big_for_the_device_is_reported_and_the_largest_that_ran_is_profiled(
+    tmp_path, monkeypatch, capsys):
+  """Base at batch 256 keeps 175 GiB of activations without remat: more than one GPU has. That
+  row says so (not a failure), and the default step at the largest batch that ran is profiled."""
+  runs = []
+
+  def fake_subprocess(args, timeout_s, env):
+    del timeout_s
+    if args[0] == "env":
+      return gpu_check.Outcome("ok", {"backend": "gpu", "device": "NVIDIA H100"})
+    if args[0] == "parity":
+      return gpu_check.Outcome("ok", {"torch_device": "cuda", "max_abs_diff_float32": 2e-5,
+                                      "worst_float32": "pretrain/latent",
+                                      "max_relative_diff_bf16_losses": 3e-3,
+                                      "float32_tolerance": 1e-4, "bf16_relative_tolerance": 1e-2,
+                                      "passed": True, "failures": {}})
+    row = gpu_check.Row(**json.loads(args[2]))
+    runs.append(row)
+    if row.framework == "jax":
+      assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.92"
+    if row.batch == 256 and not row.remat and row.attention == "xla":
+      result = {f"{row.framework}/does_not_fit": "XLA plans 176.2 GiB per device; the device "
+                "offers 73.2 GiB", "xla_memory_gib": 176.2}
+    else:
+      result = {f"{row.framework}/samples_per_s": 100.0, f"{row.framework}/step_time_s": 0.5,
+                "jax/compile_s": 30.0}
+      if row.profile:
+        result["jax/profile_error"] = "RuntimeError: no CUPTI"
+    return gpu_check.outcome_of(result, 1.0)
+
+  monkeypatch.setattr(gpu_check, "run_subprocess", fake_subprocess)
+  assert gpu_check.run_check(gpu_check.FULL, str(tmp_path)) == 0
+  report = (tmp_path / "gpu_check.md").read_text()
+  assert ("| jax bf16 xla | 256 | 64 | - | - | - | - | 176.2 | - | - | does not fit: XLA plans "
+          "176.2 GiB per device; the device offers 73.2 GiB |") in report
+  assert runs[-1] == gpu_check.Row("jax", 120, 30, profile=True)
+  assert "profile of jax bf16 xla, batch 120: RuntimeError: no CUPTI" in report
+  assert "0 row(s) failed" in capsys.readouterr().out
+
+
+def test_does_not_fit_results_are_their_own_outcome():
+  assert gpu_check.outcome_of({"jax/samples_per_s": 3.0}, 1.0).status == "ok"
+  outcome = gpu_check.outcome_of({"torch/does_not_fit": "out of device memory: CUDA"}, 1.0)
+  assert (outcome.status, outcome.detail) == (gpu_check.TOO_BIG, "out of device memory: CUDA")

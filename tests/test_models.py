@@ -140,7 +140,7 @@ def test_bfloat16_compute_keeps_float32_params_and_losses(tiny_params):
   assert float(out16["loss"]) != float(out32["loss"])  # bf16 really changed the compute
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "attention_only"])
 def test_remat_gives_the_same_parameters_losses_and_gradients(tiny_params, policy):
   """config.model.remat only recomputes activations: same tree, same losses and gradients."""
   cfg, remat_cfg = _cfg(), _cfg(remat=True, remat_policy=policy)
@@ -263,6 +263,7 @@ def test_inpaint_returns_reconstructions_and_masks():
     (dict(modality_specific_depth=3), "modality_specific_depth"),
     (dict(dtype="float16"), "dtype"),
     (dict(remat=True, remat_policy="save_everything"), "remat_policy"),
+    (dict(remat=True, remat_policy="attention_only", attention_impl="cudnn"), "remat_policy"),
     (dict(lambda_c=0.0, lambda_mae=0.0), "lambda_c"),
     (dict(modalities="audio"), "lambda_c"),
     (dict(contrast_group_size=-2), "contrast_group_size"),

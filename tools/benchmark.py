@@ -3,6 +3,8 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
   python tools/benchmark.py --config configs/pretrain.py:base            # JAX train step
   python tools/benchmark.py --config configs/pretrain.py:base --compare-torch
   python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 12
+  python tools/benchmark.py --config configs/pretrain.py:base --memory-analysis --batch_size 256 \
+      [--config.model.remat=True] [--config.mesh.fsdp=8]
   python tools/benchmark.py --config configs/pretrain.py:base --profile /tmp/trace
   python tools/benchmark.py --config configs/finetune.py:as2m          # fine-tuning step
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
@@ -17,7 +19,15 @@ opens) and prints where their device time went: by op category (matmul, attentio
 gather, ...), by phase (forward, backward, optimizer and the rest) and by model scope
 (`cav_mae_jax/train/profile.py`). `--cost-analysis` only compiles the step for one device (no
 parameters are materialized; a CPU is enough) and prints XLA's FLOPs per sample against the
-analytic model FLOPs.
+analytic model FLOPs. `--memory-analysis` prints what the backward pass keeps from the forward
+(autodiff's residuals, per sample and fixed: the same on every backend, and what
+`config.model.remat`/`remat_policy` change), then compiles the step over the config's mesh of
+all devices and prints XLA's plan of one device's memory: arguments (parameters, optimizer
+state, batch), temporaries (activations, workspace) and outputs not written in place. XLA's CPU
+plan does not show what remat saves (a 12-layer MLP plans 384 MiB of temporaries with and
+without `jax.checkpoint`), so on a CPU host read the first line; on a GPU or TPU the plan is the
+compiler's own. `XLA_FLAGS=--xla_force_host_platform_device_count=8` gives a CPU host 8 devices
+to plan a mesh of 8 (`--config.mesh.fsdp=8` splits the parameters and optimizer state).
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
 batched, in one process, with no model and no device transfer; at least `--samples` clips
@@ -46,6 +56,9 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default config.
 _COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Also time the torch reference.")
 _COST_ANALYSIS = flags.DEFINE_bool("cost-analysis", False,
                                    "Print XLA's FLOPs of the compiled step vs the model FLOPs.")
+_MEMORY_ANALYSIS = flags.DEFINE_bool(
+    "memory-analysis", False, "Only compile the step over the mesh and print XLA's memory plan "
+    "per device.")
 _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipeline.")
 _PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into this folder and "
                                "print where their device time went.")
@@ -95,13 +108,33 @@ def main(argv: list[str]) -> None:
           f"{results['model_gflop_per_sample_step']:.1f} "
           f"(x{results['xla_over_model_flops']:.3f})")
     return
+  if _MEMORY_ANALYSIS.value:
+    remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
+    saved = benchmark.saved_activations(config)
+    print(f"what the backward keeps ({config.model.dtype}, {remat}): "
+          f"{saved['saved_gib_per_sample'] * 1024:.1f} MiB per sample + "
+          f"{saved['saved_fixed_gib'] * 1024:.1f} MiB fixed = "
+          f"{saved['saved_gib_per_sample'] * batch_size + saved['saved_fixed_gib']:.2f} GiB at "
+          f"batch {batch_size}")
+    memory = benchmark.compiled_step_memory(config, batch_size)
+    print(f"XLA's plan of the compiled step on {memory['backend']} over mesh {memory['mesh']}: "
+          f"{memory['xla_memory_gib']:.2f} GiB per device = arguments "
+          f"{memory['xla_argument_gib']:.2f} + temporaries {memory['xla_temp_gib']:.2f} + outputs "
+          f"not in place {memory['xla_unaliased_output_gib']:.2f}")
+    return
   steps = _STEPS.value or 20
   results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value,
                                            profile_dir=_PROFILE.value)
   summary = results.pop("jax/profile", None)
   profile_error = results.pop("jax/profile_error", None)
+  if "jax/does_not_fit" in results:
+    cli.fail(f"--batch_size {batch_size}: the train step does not fit on this device "
+             f"({results['jax/does_not_fit']})")
   if _COMPARE_TORCH.value:
     results.update(benchmark.benchmark_torch(config, batch_size, steps, _WARMUP.value))
+    if "torch/does_not_fit" in results:
+      cli.fail(f"--batch_size {batch_size}: the torch reference's step does not fit on this "
+               f"device ({results['torch/does_not_fit']})")
     results["jax_over_torch_samples_per_s"] = (results["jax/samples_per_s"] /
                                                results["torch/samples_per_s"])
   for key, value in results.items():

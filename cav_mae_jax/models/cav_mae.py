@@ -19,14 +19,15 @@ joint block), and for vanilla AV-MAE the contrastive streams are unused (lambda_
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cav_mae_jax.models import losses, masking
-from cav_mae_jax.models.config import FT_MODES, ModelConfig
+from cav_mae_jax.models.config import ATTENTION_ONLY, FT_MODES, ModelConfig
 from cav_mae_jax.models.pos_embed import sincos_2d
 from cav_mae_jax.models.vit import Block, PatchEmbed, dense, layer_norm
 
@@ -71,15 +72,19 @@ def _fixed_table(table: Any):
   return init
 
 
-def _block_class(config: ModelConfig) -> type[nn.Module]:
+def _block_class(config: ModelConfig) -> Callable[..., nn.Module]:
   """Block, or Block under `nn.remat` when `config.remat`: recomputed in the backward pass.
 
-  `config.remat_policy` says what the forward keeps (a `jax.checkpoint_policies` name). The
-  block's `modality` is a static argument of the remat (it picks LayerNorms, not values), so
-  every call passes it positionally, `blk(x, None)` included: remat counts positional arguments.
+  `config.remat_policy` says what the forward keeps (a `jax.checkpoint_policies` name), or
+  'attention_only': the blocks keep everything but the attention scores, whose core is
+  recomputed (`vit.Attention.recompute`). The block's `modality` is a static argument of the
+  remat (it picks LayerNorms, not values), so every call passes it positionally, `blk(x, None)`
+  included: remat counts positional arguments.
   """
   if not config.remat:
     return Block
+  if config.remat_policy == ATTENTION_ONLY:
+    return functools.partial(Block, recompute_attention=True)
   policy = getattr(jax.checkpoint_policies, config.remat_policy)
   return nn.remat(Block, static_argnums=(2,), policy=policy)
 

@@ -18,8 +18,11 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn")
 # What a rematerialized block keeps from its forward pass (names in jax.checkpoint_policies):
 # nothing (recompute the whole block), every matmul output, or the matmul outputs without batch
-# dimensions (the projections and MLP, not the attention scores).
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# dimensions (the projections and MLP, not the attention scores); or everything but XLA
+# attention's [B, H, N, N] scores and probabilities, whose core alone is recomputed.
+ATTENTION_ONLY = "attention_only"
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  ATTENTION_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,9 @@ class ModelConfig:
       fail("remat_policy", f"must be one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+    if self.remat and self.remat_policy == ATTENTION_ONLY and self.attention_impl == "cudnn":
+      fail("remat_policy", f"{ATTENTION_ONLY!r} recomputes XLA attention's scores; cuDNN's "
+           "attention (attention_impl='cudnn') keeps none, so there is nothing to recompute")
     if self.ft_mode not in FT_MODES:
       fail("ft_mode", f"unknown fine-tuning mode; must be one of {FT_MODES}")
 

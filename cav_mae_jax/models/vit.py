@@ -50,13 +50,32 @@ class PatchEmbed(nn.Module):
     return x.reshape(x.shape[0], -1, self.embed_dim)
 
 
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Dtype) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v on [B, N, H, hd] inputs; logits and softmax in float32."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits * q.shape[-1]**-0.5, axis=-1).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+# The core recomputed in the backward pass from its inputs: the same operations run again, so
+# the gradients are those of the plain core; only q, k and v are kept, not the [B, H, N, N]
+# scores (float32) and probabilities (`config.model.remat_policy='attention_only'`).
+_recomputed_attention_core = jax.checkpoint(_attention_core, static_argnums=(3,),
+                                            policy=jax.checkpoint_policies.nothing_saveable)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (timm layout)."""
+  """Multi-head self-attention with a fused qkv projection (timm layout).
+
+  `recompute`: the XLA attention core keeps nothing for the backward pass but its inputs
+  (`_recomputed_attention_core`); cuDNN's attention keeps no scores in any case.
+  """
 
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   impl: str = "xla"
+  recompute: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -67,10 +86,10 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
     if self.impl == "cudnn":
       out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation="cudnn")
+    elif self.recompute:
+      out = _recomputed_attention_core(q, k, v, self.dtype)
     else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-      probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      out = _attention_core(q, k, v, self.dtype)
     out = out.reshape(batch, length, self.dim)
     return dense(self.dim, "proj", self.dtype)(out)
 
@@ -103,6 +122,7 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  recompute_attention: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, modality: Optional[str] = None) -> jax.Array:
@@ -113,7 +133,8 @@ class Block(nn.Module):
     if self.is_initializing():
       for m in _SUFFIX:  # Create all six LayerNorms' parameters, as the original has them.
         norms1[m](x), norms2[m](x)
-    attn = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl, name="attn")
+    attn = Attention(self.dim, self.num_heads, self.dtype, self.attention_impl,
+                     self.recompute_attention, name="attn")
     mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.dtype, name="mlp")
     x = x + attn(norms1[modality](x))
     return x + mlp(norms2[modality](x))

@@ -5,6 +5,9 @@ throughput of the PyTorch reference of the original trained the original's way, 
 is compiled for, so the step can be compiled and costed without materializing any parameter.
 `compiled_step_cost` is XLA's FLOP count of that compiled step against the analytic model FLOPs
 (`flops`): a large excess means wasted work (an extra forward, dense work on masked tokens).
+`compiled_step_memory` is XLA's memory analysis of the step compiled over the config's mesh: the
+bytes one device holds for the step's arguments (parameters, optimizer state, batch),
+temporaries (activations kept for the backward pass, workspace) and outputs not written in place.
 `benchmark_train_step` compiles the step ahead of time, times it after warm-up steps and reports
 samples/s, step time, peak device memory, MFU (analytic model FLOPs over the chip's dense bf16
 peak) and the compiled cost. `benchmark_torch` times the torch reference of the same size and
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -25,6 +29,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.extend import core as jax_core
 import optax
 from jax.sharding import Mesh
 
@@ -81,21 +86,63 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
   train_step = step_lib.make_train_step(
       task, tx, schedule, mesh, step_lib.shardings_of(abstract_state),
       device_augment=device_augment.make_device_augment(config.data))
-  m = task.model_config
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  abstract_batch = {
-      "audio": jax.ShapeDtypeStruct((batch_size, m.audio_length, m.num_mel_bins), jnp.float32,
-                                    sharding=batch_sharding),
-      "image": jax.ShapeDtypeStruct((batch_size, m.image_size, m.image_size, 3), jnp.float32,
-                                    sharding=batch_sharding),
-  }
-  if task.finetune:  # fine-tuning and probing also read the targets
-    abstract_batch["label"] = jax.ShapeDtypeStruct((batch_size, m.num_classes), jnp.float32,
-                                                   sharding=batch_sharding)
   abstract_rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
   return StepSetup(task=task, mesh=mesh, tx=tx, batch_size=batch_size, train_step=train_step,
-                   abstract_state=abstract_state, abstract_batch=abstract_batch,
+                   abstract_state=abstract_state,
+                   abstract_batch=abstract_batch(task, batch_size,
+                                                 mesh_lib.batch_sharding(mesh)),
                    abstract_rng=abstract_rng)
+
+
+def abstract_batch(task: tasks.Task, batch_size: int,
+                   sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of a training batch of `task` (the step's input)."""
+  m = task.model_config
+  batch = {
+      "audio": jax.ShapeDtypeStruct((batch_size, m.audio_length, m.num_mel_bins), jnp.float32,
+                                    sharding=sharding),
+      "image": jax.ShapeDtypeStruct((batch_size, m.image_size, m.image_size, 3), jnp.float32,
+                                    sharding=sharding),
+  }
+  if task.finetune:  # fine-tuning and probing also read the targets
+    batch["label"] = jax.ShapeDtypeStruct((batch_size, m.num_classes), jnp.float32,
+                                          sharding=sharding)
+  return batch
+
+
+def saved_activations(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """GiB the backward pass keeps from the forward (autodiff's residuals): per sample and fixed.
+
+  The residuals of `jax.vjp` of the task's loss, traced abstractly (nothing is compiled or
+  materialized) at two batch sizes: their growth per sample is the activation memory a batch
+  costs before any workspace, and the rest (`fixed`: bfloat16 copies of the weights and the
+  like) does not grow with the batch. The same on every backend: it is what the program keeps,
+  whatever XLA's scheduling; `config.model.remat` and `remat_policy` change it, and the backward
+  needs at least this much on top of the parameters and optimizer state.
+  """
+  group = config.model.get("contrast_group_size", 0) if config.task == "pretrain" else 0
+  small = group or 4
+  totals = []
+  for batch_size in (small, 2 * small):
+    run_config = config.copy_and_resolve_references()
+    with run_config.unlocked():
+      run_config.data.batch_size = batch_size
+      for entry in run_config.evals.values():
+        entry.batch_size = batch_size
+    validation.validate_config(run_config, 1, 1, check_data=False)
+    task = tasks.get_task(run_config)
+    params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    rng = jax.random.PRNGKey(0)
+    backward = lambda p, b, task=task, rng=rng: jax.vjp(lambda q: task.loss_fn(q, b, rng)[0], p)[1]
+    jaxpr = jax.make_jaxpr(backward)(params, abstract_batch(task, batch_size)).jaxpr
+    # Each residual once (the backward may use one array twice), the inputs not counted (the
+    # parameters and the batch are kept anyway), constants neither.
+    arguments = set(jaxpr.invars)
+    residuals = {v for v in jaxpr.outvars if isinstance(v, jax_core.Var) and v not in arguments}
+    totals.append(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in residuals))
+  per_sample = (totals[1] - totals[0]) / small
+  return {"saved_gib_per_sample": per_sample / 2**30,
+          "saved_fixed_gib": (totals[0] - per_sample * small) / 2**30}
 
 
 def step_cost(compiled: jax.stages.Compiled, setup: StepSetup) -> dict[str, float]:
@@ -119,18 +166,76 @@ def compiled_step_cost(config: ml_collections.ConfigDict, batch_size: int) -> di
   return step_cost(setup.compile(), setup)
 
 
+def step_memory(compiled: jax.stages.Compiled) -> dict[str, float]:
+  """XLA's memory analysis of a compiled step: GiB one device holds while it runs.
+
+  `xla_memory_gib` = arguments + temporaries + outputs that do not alias (are not written into)
+  a donated argument. It is the compiler's plan for this backend: a GPU's allocator adds
+  fragmentation and its own workspace, and another backend fuses and schedules differently, so
+  the figure is an estimate of a device's need, checked against the measured peak where a step
+  runs (`benchmark_train_step`).
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    raise ValueError("XLA's memory analysis of this executable is not available on this backend")
+  gib = 2.0**30
+  arguments = analysis.argument_size_in_bytes
+  temporaries = analysis.temp_size_in_bytes
+  outputs = analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+  return {"xla_argument_gib": arguments / gib, "xla_temp_gib": temporaries / gib,
+          "xla_unaliased_output_gib": outputs / gib,
+          "xla_memory_gib": (arguments + temporaries + outputs) / gib}
+
+
+def compiled_step_memory(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, Any]:
+  """XLA's memory analysis of `config`'s train step compiled over its mesh of all devices.
+
+  Per device: with `config.mesh.fsdp` > 1 the parameters and optimizer state are split over the
+  fsdp axis, and the batch over both axes.
+  """
+  setup = setup_train_step(config, batch_size)
+  result: dict[str, Any] = step_memory(setup.compile())
+  result["mesh"] = dict(setup.mesh.shape)
+  result["backend"] = jax.default_backend()
+  return result
+
+
 def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
                          warmup: int, profile_dir: str | None = None) -> dict[str, Any]:
   """Times the sharded jit train step of `config.task` on random in-memory batches.
 
   With `profile_dir`, then traces `PROFILE_STEPS` more steps there and adds where their device
   time went (`train/profile.py`) as `jax/profile`, or why not as `jax/profile_error`.
+  A step that does not fit in the device's memory (XLA's plan of the compiled step over the
+  memory the device offers, or an allocation that fails) is not run: `jax/does_not_fit` says
+  why, next to the compile time and the compiled cost and memory plan.
   """
   setup = setup_train_step(config, batch_size)
-  model_config, mesh = setup.task.model_config, setup.mesh
   compile_start = time.perf_counter()
   compiled = setup.compile()
   compile_s = time.perf_counter() - compile_start
+  compiled_figures = {"jax/compile_s": compile_s, **step_cost(compiled, setup),
+                      **step_memory(compiled)}
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  if limit and compiled_figures["xla_memory_gib"] * 2**30 > limit:
+    return {"jax/does_not_fit": f"XLA plans {compiled_figures['xla_memory_gib']:.1f} GiB per "
+                                f"device; the device offers {limit / 2**30:.1f} GiB",
+            **compiled_figures}
+  try:
+    result = _time_compiled_step(setup, compiled, steps, warmup, profile_dir)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"jax/does_not_fit": "out of device memory: " + str(e).splitlines()[0][:200],
+            **compiled_figures}
+  result.update(compiled_figures)
+  return result
+
+
+def _time_compiled_step(setup: StepSetup, compiled: jax.stages.Compiled, steps: int,
+                        warmup: int, profile_dir: str | None) -> dict[str, Any]:
+  """`benchmark_train_step`'s timing, memory, MFU and profile of a compiled step."""
+  model_config, mesh, batch_size = setup.task.model_config, setup.mesh, setup.batch_size
   state, _ = step_lib.create_train_state(setup.task, setup.tx, mesh, jax.random.PRNGKey(0))
   clips = array_input.random_clips(
       batch_size, model_config.audio_length, model_config.num_mel_bins, model_config.image_size,
@@ -152,12 +257,10 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   device = jax.devices()[0]
   samples_per_s = batch_size / step_s
   result = {"jax/step_time_s": step_s, "jax/samples_per_s": samples_per_s,
-            "jax/compile_s": compile_s, "jax/warmup_s": warmup_s,
-            "jax/loss": float(metrics["loss"])}
+            "jax/warmup_s": warmup_s, "jax/loss": float(metrics["loss"])}
   memory = device.memory_stats() or {}
   if "peak_bytes_in_use" in memory:
     result["jax/peak_memory_gib"] = memory["peak_bytes_in_use"] / 2**30
-  result.update(step_cost(compiled, setup))
   mfu = flops.mfu(samples_per_s, setup.task.step_flops, device.device_kind, mesh.size)
   if mfu is not None:
     result["jax/mfu"] = mfu
@@ -207,8 +310,11 @@ def check_torch_comparable(config: ml_collections.ConfigDict) -> None:
                      "model only (configs/pretrain.py).")
 
 
-def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[str, float]:
-  """Times the torch reference trained as the original (Adam, autocast, GradScaler)."""
+def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
+  """Times the torch reference trained as the original (Adam, autocast, GradScaler).
+
+  A batch that runs out of GPU memory gives `torch/does_not_fit` instead of timings.
+  """
   check_torch_comparable(config)
   import torch  # pylint: disable=g-import-not-at-top
   reference = load_test_module("torch_reference")
@@ -254,15 +360,18 @@ def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[st
     if device.type == "cuda":
       torch.cuda.synchronize()
 
-  for _ in range(warmup):
-    step()
-  sync()
-  if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  start = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
-  sync()
+  try:
+    for _ in range(warmup):
+      step()
+    sync()
+    if device.type == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+      loss = step()
+    sync()
+  except torch.cuda.OutOfMemoryError as e:
+    return {"torch/does_not_fit": "out of device memory: " + str(e).splitlines()[0][:200]}
   step_s = (time.perf_counter() - start) / steps
   result = {"torch/step_time_s": step_s, "torch/samples_per_s": batch_size / step_s,
             "torch/loss": float(loss.detach())}

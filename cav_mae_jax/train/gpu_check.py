@@ -8,14 +8,18 @@
      attention and, on a GPU, with cuDNN's (`compare_bf16_attention`; an attention the GPU
      rejects is reported, not fatal);
   3. the base pretraining train step in bfloat16 at the paper's batches 48, 120 and 256 with
-     their contrast groups 12, 30 and 64: samples/s, step time, MFU, peak memory and XLA's FLOPs
-     per sample; the PyTorch reference (fp16 autocast + GradScaler, as the original trains) at
-     the same batches and the JAX/torch ratio; cuDNN attention (`config.model.attention_impl`)
-     and rematerialization (`config.model.remat`) against the default, at the largest batch
-     first, then cuDNN at the other batches, then remat keeping the matmul outputs without
-     batch dimensions (`config.model.remat_policy`). The default step at the largest batch also
-     traces a few steps with the profiler: where its device time goes, by op category, phase
-     and model scope (`train/profile.py`), printed under the table.
+     their contrast groups 12, 30 and 64: samples/s, step time, MFU, peak memory, XLA's FLOPs
+     per sample and XLA's memory plan of the step; the PyTorch reference (fp16 autocast +
+     GradScaler, as the original trains) at the same batches and the JAX/torch ratio; cuDNN
+     attention (`config.model.attention_impl`) and rematerialization (`config.model.remat`)
+     against the default, at the largest batch first, then cuDNN at the other batches, then
+     remat keeping everything but XLA attention's scores (`config.model.remat_policy=
+     'attention_only'`) and keeping the matmul outputs without batch dimensions. A step larger
+     than the device's memory (XLA's plan of the compiled step, or a failed allocation) is
+     reported as not fitting, not as a failure. The default step at the largest batch also
+     traces a few steps with the profiler (or, if it does not fit, the largest default step
+     that ran): where its device time goes, by op category, phase and model scope
+     (`train/profile.py`), printed under the table.
 Results print as a markdown table and, with `--out` (the shell passes $OUT when set), are also
 written to gpu_check.md and gpu_check.json there. `--tiny` runs the same sequence with the tiny
 model on short inputs, on any backend, in about a minute: the test suite runs it so that the GPU
@@ -96,9 +100,22 @@ def planned_rows(plan: Plan) -> list[Row]:
   rows += [Row("jax", *largest, attention="cudnn"), Row("jax", *largest, remat=True)]
   rows += [Row("jax", b, g, attention="cudnn") for b, g in pairs[:-1]]
   rows.append(Row("jax", *largest, attention="cudnn", remat=True))
-  # Keeps the projections' and MLPs' outputs, recomputes attention: +6% FLOPs for base, not +26%.
+  # Keeps everything but XLA attention's scores: base keeps 313 MiB per sample instead of 698
+  # (256 x 698 MiB = 175 GiB does not fit on one GPU) for +2% FLOPs. Keeping the projections'
+  # and MLPs' outputs keeps 90 MiB for +5%; full remat 19 MiB for +24% (`--memory-analysis`).
+  rows.append(Row("jax", *largest, remat=True, remat_policy="attention_only"))
   rows.append(Row("jax", *largest, remat=True, remat_policy="dots_with_no_batch_dims_saveable"))
   return rows
+
+
+def profile_fallback(rows: Sequence[tuple[Row, "Outcome"]]) -> Row | None:
+  """The row to profile when the planned profile row did not run (too big for the device, an
+  error): the default JAX step at the largest batch that ran; None if profiled or none ran."""
+  if any(row.profile and outcome.status == "ok" for row, outcome in rows):
+    return None
+  ran = [row for row, outcome in rows if outcome.status == "ok" and row.framework == "jax"
+         and row == Row("jax", row.batch, row.group)]
+  return dataclasses.replace(max(ran, key=lambda row: row.batch), profile=True) if ran else None
 
 
 # ------------------------------------------------------------------------- subprocess side
@@ -192,9 +209,13 @@ def subprocess_main(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------------- orchestration
 
 
+TOO_BIG = "does not fit"  # the Outcome status of a step larger than the device's memory
+
+
 @dataclasses.dataclass
 class Outcome:
-  """What one subprocess gave: its result, or why there is none ('error', 'timeout', 'skipped')."""
+  """What one subprocess gave: its result, or why there is none ('error', 'timeout', 'skipped',
+  TOO_BIG)."""
   status: str
   result: dict[str, Any] = dataclasses.field(default_factory=dict)
   detail: str = ""
@@ -217,7 +238,16 @@ def run_subprocess(args: Sequence[str], timeout_s: float, env: dict[str, str]) -
   if done.returncode or not lines:
     tail = (done.stdout + done.stderr).strip().splitlines()[-30:]
     return Outcome("error", detail="\n".join(tail), seconds=seconds)
-  return Outcome("ok", json.loads(lines[-1][len(RESULT_PREFIX):]), seconds=seconds)
+  return outcome_of(json.loads(lines[-1][len(RESULT_PREFIX):]), seconds)
+
+
+def outcome_of(result: dict[str, Any], seconds: float) -> Outcome:
+  """A subprocess's result: 'ok', or TOO_BIG where the step did not fit in device memory (a
+  measurement too, not a failure: the step needs more memory than the device has)."""
+  too_big = [v for k, v in result.items() if k.endswith("/does_not_fit")]
+  if too_big:
+    return Outcome(TOO_BIG, result, detail=too_big[0], seconds=seconds)
+  return Outcome("ok", result, seconds=seconds)
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -252,14 +282,16 @@ def row_cells(row: Row, outcome: Outcome, torch_rates: dict[int, float], on_gpu:
     note = f"{outcome.status}: {last_line.replace('|', '/')}"
   elif outcome.status == "skipped":
     note = f"skipped: {outcome.detail}"
+  elif outcome.status == TOO_BIG:
+    note = f"{TOO_BIG}: {outcome.detail.replace('|', '/')}"
   return [row.name, str(row.batch), str(row.group), _fmt(rate, ".1f"),
           _fmt(step_s * 1e3 if step_s else None, ".1f"), _fmt(mfu * 100 if mfu else None, ".1f"),
-          _fmt(r.get(prefix + "peak_memory_gib"), ".1f"),
+          _fmt(r.get(prefix + "peak_memory_gib"), ".1f"), _fmt(r.get("xla_memory_gib"), ".1f"),
           _fmt(r.get("xla_gflop_per_sample_step"), ".4g"), _fmt(ratio, ".2f"), note]
 
 
 TABLE_HEADER = ["run", "batch", "group", "samples/s", "step ms", "MFU %", "peak GiB",
-                "XLA GFLOP/sample", "JAX/torch", "note"]
+                "XLA GiB", "XLA GFLOP/sample", "JAX/torch", "note"]
 
 
 def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
@@ -295,8 +327,10 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
     lines.append("| " + " | ".join(row_cells(row, outcome, torch_rates, on_gpu)) + " |")
   lines.append("")
   lines.append("MFU: analytic model FLOPs (train/flops.py) over the chip's dense bf16 peak; "
-               "peak GiB: the process's peak device memory; XLA GFLOP/sample: XLA's cost analysis "
-               "of the compiled step (custom calls such as cuDNN attention count nothing); "
+               "peak GiB: the process's peak device memory; XLA GiB: XLA's memory plan of the "
+               "compiled step (arguments + temporaries + outputs not in place); XLA GFLOP/sample: "
+               "XLA's cost analysis of the compiled step (custom calls such as cuDNN attention "
+               "count nothing); "
                "JAX/torch: samples/s ratio at the same batch.")
   for row, outcome in rows:
     if "jax/profile" in outcome.result:
@@ -306,6 +340,25 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
       lines += ["", f"profile of {row.name}, batch {row.batch}: "
                 f"{outcome.result['jax/profile_error']}"]
   return "\n".join(lines)
+
+
+# A JAX row has the GPU to itself: its allocator may take 92% of the memory (JAX's default,
+# 75%, would leave a quarter of an H200 unused by the largest batches).
+JAX_ROW_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"}
+
+
+def run_row_subprocess(plan: Plan, row: Row, remaining_s: float,
+                       shared_env: dict[str, str]) -> Outcome:
+  """Runs one row in its own process within the time left; prints its outcome."""
+  spec = json.dumps(dataclasses.asdict(row))
+  env = subprocess_env(JAX_ROW_ENV) if row.framework == "jax" else shared_env
+  outcome = run_subprocess(["row", plan.preset, spec, str(plan.steps), str(plan.warmup)],
+                           min(plan.row_timeout_s, remaining_s), env)
+  rate = outcome.result.get(f"{row.framework}/samples_per_s")
+  print(f"{row.name} batch {row.batch}{' (profiled)' if row.profile else ''}: {outcome.status} "
+        f"({outcome.seconds:.0f}s)" + (f" {rate:.1f} samples/s" if rate else f" {outcome.detail}"),
+        flush=True)
+  return outcome
 
 
 def run_check(plan: Plan, out_dir: str | None) -> int:
@@ -329,14 +382,11 @@ def run_check(plan: Plan, out_dir: str | None) -> int:
     elif remaining() < 20:
       outcome = Outcome("skipped", detail="time budget spent")
     else:
-      spec = json.dumps(dataclasses.asdict(row))
-      row_env = subprocess_env() if row.framework == "jax" else shared_env
-      outcome = run_subprocess(["row", plan.preset, spec, str(plan.steps), str(plan.warmup)],
-                               min(plan.row_timeout_s, remaining()), row_env)
+      outcome = run_row_subprocess(plan, row, remaining(), shared_env)
     rows.append((row, outcome))
-    rate = outcome.result.get(f"{row.framework}/samples_per_s")
-    print(f"{row.name} batch {row.batch}: {outcome.status} ({outcome.seconds:.0f}s)"
-          + (f" {rate:.1f} samples/s" if rate else f" {outcome.detail}"), flush=True)
+  fallback = profile_fallback(rows)
+  if fallback is not None and remaining() >= 20:
+    rows.append((fallback, run_row_subprocess(plan, fallback, remaining(), shared_env)))
 
   elapsed = time.monotonic() - start
   report = markdown_report(plan, env, parity, rows, elapsed)
