@@ -459,6 +459,28 @@ def test_inspect_names_the_shard_of_a_record_that_cannot_be_parsed(tmp_path):
     tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 0)
 
 
+def test_inspect_names_the_clip_and_shard_of_a_frame_that_cannot_be_decoded(tmp_path):
+  (tmp_path / "labels.csv").write_text(LABELS_CSV)
+  datafile = write_datafile(str(tmp_path / "data.json"),
+                            [(f"clip{i}", f"clip{i}.mp4", "/m/c") for i in range(2)])
+  out = str(tmp_path / "out")
+  prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), out, examples_per_shard=1,
+                          num_workers=0, progress=False, clip_fn=_every_other_clip)
+  values = _every_other_clip(sources.ClipEntry("clip0", "clip0.mp4", ("/m/c",)),
+                             sources.read_class_labels(str(tmp_path / "labels.csv")), False)
+  example = tf.train.Example.FromString(records.serialize_example(values))
+  frames = example.features.feature[records.FRAMES].bytes_list.value
+  for i in range(len(frames)):
+    frames[i] = b"not a jpeg" if i == 3 else decode.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+  damaged = os.path.join(out, shards.shard_file_name(0, 2))
+  with tf.io.TFRecordWriter(damaged) as writer:
+    writer.write(example.SerializeToString())
+  tool = load_tool("inspect_records")
+  with pytest.raises(ValueError, match=f"shard {damaged}: clip clip0: stored frame 3 is not a "
+                     "decodable image"):
+    tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 1)
+
+
 def test_inspect_figures_have_titles_axes_and_frame_numbers(corpus_run):
   tool = load_tool("inspect_records")
   values = next(v for v in corpus_run[2].values() if v["rotation"] == 90)

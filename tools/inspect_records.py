@@ -105,8 +105,13 @@ def frames_figure(values: records.ExampleValues, class_names: list[str] | None =
                   columns: int = 5) -> Figure:
   """The JPEG frames in rows of `columns`, each titled with its source frame number (frames
   of the original's extracted layout, whose numbers are not known, with their frame_{i} folder)."""
-  images = [np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-            for jpeg in values[records.FRAMES]]
+  images = []
+  for i, jpeg in enumerate(values[records.FRAMES]):
+    try:
+      images.append(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+    except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+      raise ValueError(f"clip {values[records.VIDEO_ID]}: stored frame {i} is not a decodable "
+                       f"image ({e.__class__.__name__}: {str(e).split(' <')[0]})") from None
   indices = [int(index) for index in values[records.FRAME_INDICES]]
   extracted = all(index == decode.EXTRACTED_FRAME_INDEX for index in indices)
   rows = -(-len(images) // columns)
@@ -167,7 +172,11 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
         name = _safe_name(values[records.VIDEO_ID])
         for kind, draw in (("fbank", fbank_figure), ("frames", frames_figure)):
           png = os.path.join(png_dir, f"{kind}_{name}.png")
-          draw(values, class_names).savefig(png)
+          try:
+            figure = draw(values, class_names)
+          except ValueError as e:
+            raise ValueError(f"shard {path}: {e}") from None
+          figure.savefig(png)
           images.append(png)
       count += 1
     if count != shard.num_examples:
