@@ -89,6 +89,27 @@ def test_benchmark_tool_profiles_the_step(tmp_path):
   assert list((tmp_path / "trace").glob("**/perfetto_trace.json.gz"))
 
 
+def test_benchmark_tool_prints_what_the_backward_keeps_and_xlas_plan(tmp_path):
+  """`tools/benchmark.py --memory-analysis`: residuals per sample, for the batch and per device
+  (the test session's 8 CPU devices), then XLA's plan over the config's mesh."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, os.path.join(root, "tools", "benchmark.py"),
+       "--config=configs/pretrain.py:tiny", "--batch_size=8", "--memory-analysis",
+       "--config.model.audio_length=256", "--config.model.image_size=64",
+       "--config.model.remat=True", "--config.model.remat_policy=attention_only"],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  keeps, plan = done.stdout.strip().splitlines()[-2:]
+  assert keeps.startswith("what the backward keeps (float32, remat attention_only): ")
+  assert "GiB for the batch of 8, " in keeps and keeps.endswith(" GiB per device over 8 devices")
+  assert plan.startswith("XLA's plan of the compiled step on cpu over mesh {'data': 8, 'fsdp': 1}")
+
+
 @pytest.mark.parametrize("arg", ["tiny", "tiny,probe"])
 def test_finetuning_and_probe_steps_run_on_random_labels(arg):
   """The benchmark times any task: fine-tuning and probing get one-hot labels with the clips.

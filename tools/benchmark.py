@@ -111,12 +111,14 @@ def main(argv: list[str]) -> None:
   if _MEMORY_ANALYSIS.value:
     remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
     saved = benchmark.saved_activations(config)
-    print(f"what the backward keeps ({config.model.dtype}, {remat}): "
-          f"{saved['saved_gib_per_sample'] * 1024:.1f} MiB per sample + "
-          f"{saved['saved_fixed_gib'] * 1024:.1f} MiB fixed = "
-          f"{saved['saved_gib_per_sample'] * batch_size + saved['saved_fixed_gib']:.2f} GiB at "
-          f"batch {batch_size}")
     memory = benchmark.compiled_step_memory(config, batch_size)
+    devices = math.prod(memory["mesh"].values())  # the batch is split over every device
+    per_sample, fixed = saved["saved_gib_per_sample"], saved["saved_fixed_gib"]
+    print(f"what the backward keeps ({config.model.dtype}, {remat}): {per_sample * 1024:.1f} MiB "
+          f"per sample + {fixed * 1024:.1f} MiB fixed = {per_sample * batch_size + fixed:.2f} GiB "
+          f"for the batch of {batch_size}" + (
+              f", {per_sample * batch_size / devices + fixed:.2f} GiB per device over {devices} "
+              "devices" if devices > 1 else ""))
     print(f"XLA's plan of the compiled step on {memory['backend']} over mesh {memory['mesh']}: "
           f"{memory['xla_memory_gib']:.2f} GiB per device = arguments "
           f"{memory['xla_argument_gib']:.2f} + temporaries {memory['xla_temp_gib']:.2f} + outputs "

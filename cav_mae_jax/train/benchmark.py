@@ -125,10 +125,11 @@ def saved_activations(config: ml_collections.ConfigDict) -> dict[str, float]:
   totals = []
   for batch_size in (small, 2 * small):
     run_config = config.copy_and_resolve_references()
-    with run_config.unlocked():
+    with run_config.unlocked():  # traced for one device: the mesh does not change residuals
       run_config.data.batch_size = batch_size
       for entry in run_config.evals.values():
         entry.batch_size = batch_size
+      run_config.mesh.data, run_config.mesh.fsdp = 1, 1
     validation.validate_config(run_config, 1, 1, check_data=False)
     task = tasks.get_task(run_config)
     params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
