@@ -76,17 +76,22 @@ def test_full_plan_measures_the_paper_batches_first():
   assert rows[-2].name == "jax bf16 xla remat attention_only" and rows[-2].batch == 256
 
 
+def _passing_env_or_parity(args, device):
+  """A stand-in for the `env` and `parity` subprocesses on a GPU where parity passed."""
+  if args[0] == "env":
+    return gpu_check.Outcome("ok", {"backend": "gpu", "device": device})
+  return gpu_check.Outcome("ok", {"torch_device": "cuda", "max_abs_diff_float32": 2e-5,
+                                  "worst_float32": "pretrain/latent",
+                                  "max_relative_diff_bf16_losses": 3e-3,
+                                  "float32_tolerance": 1e-4, "bf16_relative_tolerance": 1e-2,
+                                  "passed": True, "failures": {}})
+
+
 def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypatch, capsys):
   def fake_subprocess(args, timeout_s, env):
     del timeout_s, env
-    if args[0] == "env":
-      return gpu_check.Outcome("ok", {"backend": "gpu", "device": "NVIDIA H200"})
-    if args[0] == "parity":
-      return gpu_check.Outcome("ok", {"torch_device": "cuda", "max_abs_diff_float32": 2e-5,
-                                      "worst_float32": "pretrain/latent",
-                                      "max_relative_diff_bf16_losses": 3e-3,
-                                      "float32_tolerance": 1e-4, "bf16_relative_tolerance": 1e-2,
-                                      "passed": True, "failures": {}})
+    if args[0] != "row":
+      return _passing_env_or_parity(args, "NVIDIA H200")
     row = json.loads(args[2])
     if row["attention"] == "cudnn":
       return gpu_check.Outcome("error", detail="Traceback ...\nRuntimeError: cuDNN rejected it")
@@ -115,14 +120,8 @@ def test_a_step_too_big_for_the_device_is_reported_and_the_largest_that_ran_is_p
 
   def fake_subprocess(args, timeout_s, env):
     del timeout_s
-    if args[0] == "env":
-      return gpu_check.Outcome("ok", {"backend": "gpu", "device": "NVIDIA H100"})
-    if args[0] == "parity":
-      return gpu_check.Outcome("ok", {"torch_device": "cuda", "max_abs_diff_float32": 2e-5,
-                                      "worst_float32": "pretrain/latent",
-                                      "max_relative_diff_bf16_losses": 3e-3,
-                                      "float32_tolerance": 1e-4, "bf16_relative_tolerance": 1e-2,
-                                      "passed": True, "failures": {}})
+    if args[0] != "row":
+      return _passing_env_or_parity(args, "NVIDIA H100")
     row = gpu_check.Row(**json.loads(args[2]))
     runs.append(row)
     if row.framework == "jax":

@@ -438,43 +438,44 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
           f"0: {len(WRITTEN) - 1}, 90: 1") in printed
 
 
-def test_inspect_names_the_shard_of_a_record_that_cannot_be_parsed(tmp_path):
-  # Of thousands of shards (AudioSet-2M has 2,000), the one with a record that reads but does not
-  # parse (an fbank of another length) is named, as a shard that cannot be read is.
+def _records_with_one_example_rewritten(tmp_path, count, shard, edit):
+  """Records of `count` clips (the odd ones missing), one example per shard; then shard `shard`
+  holds its clip's example as `edit` changed it. Returns (records dir, that shard's path)."""
   (tmp_path / "labels.csv").write_text(LABELS_CSV)
   datafile = write_datafile(str(tmp_path / "data.json"),
-                            [(f"clip{i}", f"clip{i}.mp4", "/m/c") for i in range(4)])
+                            [(f"clip{i}", f"clip{i}.mp4", "/m/c") for i in range(count)])
   out = str(tmp_path / "out")
   prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), out, examples_per_shard=1,
                           num_workers=0, progress=False, clip_fn=_every_other_clip)
-  values = _every_other_clip(sources.ClipEntry("clip2", "clip2.mp4", ("/m/c",)),
+  values = _every_other_clip(sources.ClipEntry(f"clip{shard}", f"clip{shard}.mp4", ("/m/c",)),
                              sources.read_class_labels(str(tmp_path / "labels.csv")), False)
   example = tf.train.Example.FromString(records.serialize_example(values))
-  example.features.feature[records.FBANK].bytes_list.value[0] = b"\0\0" * 1000
-  damaged = os.path.join(out, shards.shard_file_name(2, 4))
-  with tf.io.TFRecordWriter(damaged) as writer:
+  edit(example)
+  path = os.path.join(out, shards.shard_file_name(shard, count))
+  with tf.io.TFRecordWriter(path) as writer:
     writer.write(example.SerializeToString())
+  return out, path
+
+
+def test_inspect_names_the_shard_of_a_record_that_cannot_be_parsed(tmp_path):
+  # Of thousands of shards (AudioSet-2M has 2,000), the one with a record that reads but does not
+  # parse (an fbank of another length) is named, as a shard that cannot be read is.
+  def shorter_fbank(example):
+    example.features.feature[records.FBANK].bytes_list.value[0] = b"\0\0" * 1000
+
+  out, damaged = _records_with_one_example_rewritten(tmp_path, 4, 2, shorter_fbank)
   tool = load_tool("inspect_records")
   with pytest.raises(ValueError, match=f"shard {damaged} is damaged: .*1000"):
     tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 0)
 
 
 def test_inspect_names_the_clip_and_shard_of_a_frame_that_cannot_be_decoded(tmp_path):
-  (tmp_path / "labels.csv").write_text(LABELS_CSV)
-  datafile = write_datafile(str(tmp_path / "data.json"),
-                            [(f"clip{i}", f"clip{i}.mp4", "/m/c") for i in range(2)])
-  out = str(tmp_path / "out")
-  prepare.prepare_records(datafile, str(tmp_path / "labels.csv"), out, examples_per_shard=1,
-                          num_workers=0, progress=False, clip_fn=_every_other_clip)
-  values = _every_other_clip(sources.ClipEntry("clip0", "clip0.mp4", ("/m/c",)),
-                             sources.read_class_labels(str(tmp_path / "labels.csv")), False)
-  example = tf.train.Example.FromString(records.serialize_example(values))
-  frames = example.features.feature[records.FRAMES].bytes_list.value
-  for i in range(len(frames)):
-    frames[i] = b"not a jpeg" if i == 3 else decode.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-  damaged = os.path.join(out, shards.shard_file_name(0, 2))
-  with tf.io.TFRecordWriter(damaged) as writer:
-    writer.write(example.SerializeToString())
+  def frame_3_not_an_image(example):
+    frames = example.features.feature[records.FRAMES].bytes_list.value
+    for i in range(len(frames)):
+      frames[i] = b"not a jpeg" if i == 3 else decode.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+
+  out, damaged = _records_with_one_example_rewritten(tmp_path, 2, 0, frame_3_not_an_image)
   tool = load_tool("inspect_records")
   with pytest.raises(ValueError, match=f"shard {damaged}: clip clip0: stored frame 3 is not a "
                      "decodable image"):
