@@ -12,7 +12,7 @@ it also counts the elementwise work (LayerNorm, GELU, softmax, the optimizer), s
 percent above the model FLOPs; much more means wasted work. The base pretraining step compiled in
 bfloat16 counts about 239 GFLOP per sample against the model's 234 (`tools/benchmark.py
 --cost-analysis`); with `config.model.remat` about 295 (the backward recomputes most of the
-forward).
+forward), 243 with `remat_policy='attention_only'` (only attention's core is recomputed).
 """
 
 from __future__ import annotations
