@@ -57,8 +57,8 @@ _COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Also time the torch 
 _COST_ANALYSIS = flags.DEFINE_bool("cost-analysis", False,
                                    "Print XLA's FLOPs of the compiled step vs the model FLOPs.")
 _MEMORY_ANALYSIS = flags.DEFINE_bool(
-    "memory-analysis", False, "Only compile the step over the mesh and print XLA's memory plan "
-    "per device.")
+    "memory-analysis", False, "Print what the step's backward keeps per sample, then compile the "
+    "step over the mesh and print XLA's memory plan per device; nothing runs.")
 _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipeline.")
 _PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into this folder and "
                                "print where their device time went.")

@@ -166,7 +166,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
       # again as the parse) only for the clips drawn.
       label_counts.update(int(x) for x in parsed[records.LABELS].numpy())
       fbank_frames.append(int(parsed[records.FBANK_NUM_FRAMES]))
-      rotations[int(parsed[records.ROTATION]) if records.ROTATION in parsed else 0] += 1
+      rotations[records.parsed_rotation(parsed)] += 1
       if len(images) < 2 * num_images:  # Two PNGs per clip.
         values = records.parsed_to_values(parsed)
         name = _safe_name(values[records.VIDEO_ID])

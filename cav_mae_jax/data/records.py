@@ -220,6 +220,15 @@ def parse_labels(serialized: tf.Tensor) -> tf.Tensor:
   return tf.sparse.to_dense(tf.io.parse_single_example(serialized, spec)[LABELS])
 
 
+def parsed_rotation(parsed: Mapping[str, Any]) -> int:
+  """The clockwise degrees that made a parsed clip's frames upright (0 for records written
+  before the field existed)."""
+  if ROTATION not in parsed:
+    return 0
+  rotation = parsed[ROTATION]
+  return int(np.asarray(rotation.numpy() if hasattr(rotation, "numpy") else rotation))
+
+
 def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
   """Converts eagerly parsed tensors (or TFDS numpy examples) to `make_example_values` form."""
 
@@ -242,7 +251,7 @@ def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
       SOURCE_SAMPLE_RATE: int(array(parsed[SOURCE_SAMPLE_RATE])),
       FPS: float(array(parsed[FPS])),
       FRAME_COUNT: int(array(parsed[FRAME_COUNT])),
-      ROTATION: int(array(parsed[ROTATION])) if ROTATION in parsed else 0,
+      ROTATION: parsed_rotation(parsed),
   }
   if WAVEFORM in parsed:
     values[WAVEFORM] = array(parsed[WAVEFORM]).astype(np.int16).reshape(-1)

@@ -74,12 +74,7 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
   not read the records, so their directories are not checked).
   """
   devices = list(jax.devices() if devices is None else devices)
-  with config.unlocked():
-    config.data.batch_size = batch_size
-    for entry in config.evals.values():
-      entry.batch_size = batch_size
-  validation.validate_config(config, len(devices), jax.process_count(), check_data=False)
-  task = tasks.get_task(config)
+  task = _task_at_batch_size(config, batch_size, len(devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   schedule, tx = optim.for_task(config, task, steps_per_epoch=1000, total_steps=100_000)
   abstract_state = step_lib.abstract_train_state(task, tx, mesh)
@@ -92,6 +87,19 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
                    abstract_batch=abstract_batch(task, batch_size,
                                                  mesh_lib.batch_sharding(mesh)),
                    abstract_rng=abstract_rng)
+
+
+def _task_at_batch_size(config: ml_collections.ConfigDict, batch_size: int,
+                        num_devices: int) -> tasks.Task:
+  """Sets `config`'s data and evaluator batch sizes to `batch_size`, validates it for
+  `num_devices` (the records are not read, so their directories are not checked), and returns
+  its task."""
+  with config.unlocked():
+    config.data.batch_size = batch_size
+    for entry in config.evals.values():
+      entry.batch_size = batch_size
+  validation.validate_config(config, num_devices, jax.process_count(), check_data=False)
+  return tasks.get_task(config)
 
 
 def abstract_batch(task: tasks.Task, batch_size: int,
@@ -126,12 +134,8 @@ def saved_activations(config: ml_collections.ConfigDict) -> dict[str, float]:
   for batch_size in (small, 2 * small):
     run_config = config.copy_and_resolve_references()
     with run_config.unlocked():  # traced for one device: the mesh does not change residuals
-      run_config.data.batch_size = batch_size
-      for entry in run_config.evals.values():
-        entry.batch_size = batch_size
       run_config.mesh.data, run_config.mesh.fsdp = 1, 1
-    validation.validate_config(run_config, 1, 1, check_data=False)
-    task = tasks.get_task(run_config)
+    task = _task_at_batch_size(run_config, batch_size, 1)
     params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
     rng = jax.random.PRNGKey(0)
     backward = lambda p, b, task=task, rng=rng: jax.vjp(lambda q: task.loss_fn(q, b, rng)[0], p)[1]
@@ -177,8 +181,8 @@ def step_memory(compiled: jax.stages.Compiled) -> dict[str, float]:
   runs (`benchmark_train_step`).
   """
   analysis = compiled.memory_analysis()
-  if analysis is None:
-    raise ValueError("XLA's memory analysis of this executable is not available on this backend")
+  if analysis is None:  # a backend without one: no figures (compiled_step_memory refuses)
+    return {}
   gib = 2.0**30
   arguments = analysis.argument_size_in_bytes
   temporaries = analysis.temp_size_in_bytes
@@ -196,6 +200,9 @@ def compiled_step_memory(config: ml_collections.ConfigDict, batch_size: int) -> 
   """
   setup = setup_train_step(config, batch_size)
   result: dict[str, Any] = step_memory(setup.compile())
+  if not result:
+    raise ValueError("XLA's memory analysis of the compiled step is not available on "
+                     f"{jax.default_backend()}")
   result["mesh"] = dict(setup.mesh.shape)
   result["backend"] = jax.default_backend()
   return result
@@ -218,7 +225,7 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   compiled_figures = {"jax/compile_s": compile_s, **step_cost(compiled, setup),
                       **step_memory(compiled)}
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  if limit and compiled_figures["xla_memory_gib"] * 2**30 > limit:
+  if limit and compiled_figures.get("xla_memory_gib", 0.0) * 2**30 > limit:
     return {"jax/does_not_fit": f"XLA plans {compiled_figures['xla_memory_gib']:.1f} GiB per "
                                 f"device; the device offers {limit / 2**30:.1f} GiB",
             **compiled_figures}

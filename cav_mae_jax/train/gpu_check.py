@@ -342,6 +342,8 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
   return "\n".join(lines)
 
 
+MIN_ROW_S = 20.0  # no row starts with less of the time budget left than this
+
 # A JAX row has the GPU to itself: its allocator may take 92% of the memory (JAX's default,
 # 75%, would leave a quarter of an H200 unused by the largest batches).
 JAX_ROW_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"}
@@ -379,13 +381,13 @@ def run_check(plan: Plan, out_dir: str | None) -> int:
   for row in planned_rows(plan):
     if row.attention == "cudnn" and not on_gpu:
       outcome = Outcome("skipped", detail="cuDNN attention needs a GPU")
-    elif remaining() < 20:
+    elif remaining() < MIN_ROW_S:
       outcome = Outcome("skipped", detail="time budget spent")
     else:
       outcome = run_row_subprocess(plan, row, remaining(), shared_env)
     rows.append((row, outcome))
   fallback = profile_fallback(rows)
-  if fallback is not None and remaining() >= 20:
+  if fallback is not None and remaining() >= MIN_ROW_S:
     rows.append((fallback, run_row_subprocess(plan, fallback, remaining(), shared_env)))
 
   elapsed = time.monotonic() - start
