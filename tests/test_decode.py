@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import fractions
+import gc
 import io
 import math
 import os
@@ -450,6 +451,60 @@ def test_decode_clip_is_decode_audio_plus_decode_frames(media):
   assert clip.frame_indices.dtype == np.int32
   assert (clip.source_sample_rate, clip.fps, clip.frame_count) == (source_rate, fps, frame_count)
   assert clip.duration_s == pytest.approx(10.0, abs=0.05)
+
+
+def _native_threads():
+  return len(os.listdir('/proc/self/task'))
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='counts threads in /proc')
+def test_decoding_leaves_no_threads_behind():
+  # Each frame's colour conversion started a swscale pool of a thread per core that lived
+  # until the garbage collector ran (20 threads per clip on 2 cores).
+  decode.decode_clip(SMALL_SAMPLE)  # Codec and library set-up outside the count.
+  gc_was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    before = _native_threads()
+    for _ in range(2):
+      decode.decode_clip(SMALL_SAMPLE)
+    after = _native_threads()
+  finally:
+    if gc_was_enabled:
+      gc.enable()
+  assert after <= before
+
+
+@pytest.mark.parametrize('name', ['b_frames.mp4', 'numbered_12.5fps.mp4'])
+def test_one_decoder_thread_gives_the_same_clip(media, monkeypatch, name):
+  default = decode.decode_frames(media[name])
+  seen = []
+  convert = decode._FrameSink._convert
+
+  def spy(self, frame):
+    seen.append(self.stream.codec_context.thread_count)
+    return convert(self, frame)
+
+  monkeypatch.setattr(decode._FrameSink, '_convert', spy)
+  single = decode.decode_frames(media[name], decoder_threads=1)
+  assert seen and set(seen) == {1}
+  for ours, theirs in zip(single, default):
+    np.testing.assert_array_equal(ours, theirs)
+  with pytest.raises(ValueError, match='decoder_threads must be >= 0'):
+    decode.decode_frames(media[name], decoder_threads=-1)
+
+
+def test_records_are_decoded_with_one_decoder_thread(media, monkeypatch):
+  # The preprocessing and TFDS workers run a process per core: FFmpeg's threads only cost CPU.
+  from cav_mae_jax.data import clips, sources  # pylint: disable=g-import-not-at-top
+
+  threads = []
+  set_threads = decode._set_decoder_threads
+  monkeypatch.setattr(decode, '_set_decoder_threads',
+                      lambda stream, n: (threads.append(n), set_threads(stream, n)))
+  labels = sources.ClassLabels(('/m/a',), ('A',), 'labels.csv')
+  clips.clip_example(sources.ClipEntry('v', media['numbered_12.5fps.mp4'], ('/m/a',)), labels)
+  assert threads == [clips.DECODER_THREADS] == [1]
 
 
 # ----------------------------------------------------------------------------------------

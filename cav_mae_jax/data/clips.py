@@ -19,6 +19,10 @@ from cav_mae_jax.data import sources
 UNKNOWN_LABEL = "unknown_label"
 AUDIO_TOO_SHORT = "audio_too_short"
 DUPLICATE_ID = "duplicate_id"
+# Every caller of `clip_example` (tools/preprocess.py's workers, the TFDS builder's Beam
+# workers) runs one process per core, so the video decoder gets one thread: FFmpeg's default
+# (a thread per core in every process) only adds CPU time there (`decode.decode_clip`).
+DECODER_THREADS = 1
 
 
 class ClipError(Exception):
@@ -71,7 +75,8 @@ def clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
                                  image_size=records.IMAGE_SIZE,
                                  target_sample_rate=records.WAVEFORM_SAMPLE_RATE,
                                  # Exactly the audio the original's 1024 fbank frames see.
-                                 max_seconds=decode.ORIGINAL_AUDIO_SECONDS)
+                                 max_seconds=decode.ORIGINAL_AUDIO_SECONDS,
+                                 decoder_threads=DECODER_THREADS)
   features = fbank.clip_fbank(media.waveform, records.WAVEFORM_SAMPLE_RATE,
                               records.NUM_MEL_BINS)
   if features.shape[0] == 0:

@@ -84,12 +84,14 @@ def prepare_clips(source: str | None, count: int, directory: str) -> list[str]:
 
 def run_ours(paths: list[str]) -> dict:
   """Times our path on every clip; returns clip count, CPU and wall seconds."""
+  from cav_mae_jax.data import clips
   from cav_mae_jax.data import decode
   from cav_mae_jax.data import fbank
-  decode.decode_clip(paths[0])  # Warm-up: imports, codec initialization.
+  threads = clips.DECODER_THREADS  # As the preprocessing workers decode.
+  decode.decode_clip(paths[0], decoder_threads=threads)  # Warm-up: imports, codec setup.
   cpu, wall = cpu_seconds(), time.perf_counter()
   for path in paths:
-    clip = decode.decode_clip(path)
+    clip = decode.decode_clip(path, decoder_threads=threads)
     features = fbank.pad_or_trim(fbank.clip_fbank(clip.waveform))
     jpegs = [decode.encode_jpeg(frame) for frame in clip.frames]
     assert features.shape == (1024, 128) and len(jpegs) == 10
