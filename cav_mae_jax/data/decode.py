@@ -871,7 +871,7 @@ def decode_clip(path: str | os.PathLike,
   `decoder_threads`: the video decoder's threads. 0 lets FFmpeg choose (a thread per core:
   lower latency for one clip); 1 where each process is one core's worth of work, as the
   preprocessing and TFDS workers are, since FFmpeg's threads there only cost CPU time (a 360p
-  camera clip, unpinned on 2 cores: median 244 ms of CPU with them, 192 without). The frames are
+  camera clip, unpinned on 2 cores: median 233 ms of CPU with them, 192 without). The frames are
   the same either way.
   """
   path = os.fspath(path)
