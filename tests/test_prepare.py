@@ -398,6 +398,24 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
   assert not any(".tmp-" in name for name in os.listdir(out))  # The dead worker's temp file.
 
 
+def test_workers_are_replaced_after_a_number_of_shards(media, tmp_path, monkeypatch):
+  # Each worker's resident memory grows with the clips it decodes: a fresh fork of the fork
+  # server takes over after shards.SHARDS_PER_WORKER shards, and the records are the same.
+  ids = [f"c{i}" for i in range(5)]  # 5 shards of one clip, one worker
+  datafile = write_datafile(str(tmp_path / "data.json"),
+                            [(v, media["one_second"], "/m/b") for v in ids])
+  starts = []
+  start = shards._WorkerPool._start
+  monkeypatch.setattr(shards._WorkerPool, "_start",
+                      lambda self: (starts.append(1), start(self))[1])
+  monkeypatch.setattr(shards, "SHARDS_PER_WORKER", 2)
+  out = str(tmp_path / "out")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=1,
+                                    examples_per_shard=1, progress=False)
+  assert summary.written == 5 and len(starts) == 3  # after shards 2 and 4; none after the last
+  assert sorted(e["video_id"] for e in records.iter_examples(out)) == ids
+
+
 def _fail_on_marked_clip(entry, labels, store_waveform):
   """A clip function with a bug that only the clip with id 'bug' reaches."""
   if entry.video_id == "bug":

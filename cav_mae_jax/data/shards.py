@@ -230,6 +230,16 @@ def _worker_environment():
       os.environ.pop(name, None)
 
 
+# A worker is replaced by a fresh fork of the fork server after this many shards: a worker's
+# resident memory grows about 20 KB per clip (2 workers, 2,000 clips: 400 -> 420 MiB each; the
+# same in one process over 4,000 clips, not Python objects, only with TensorFlow imported, cause
+# not found), which over an AudioSet-2M run's ~21k clips per worker on 96 workers would be
+# ~40 GB. 8 shards of the default 1,024 clips bound it to ~170 MB per worker. Measured on those
+# 2,000 clips in shards of 100: workers replaced after 800 clips each, 161 s against 173 s
+# without (noise), records byte-identical.
+SHARDS_PER_WORKER = 8
+
+
 @dataclasses.dataclass
 class _Worker:
   process: multiprocessing.process.BaseProcess
@@ -237,6 +247,7 @@ class _Worker:
   plan: ShardPlan | None = None
   known: dict[int, clips.Quarantined] = dataclasses.field(default_factory=dict)
   position: int | None = None
+  shards_done: int = 0
 
 
 class _WorkerPool:
@@ -261,6 +272,7 @@ class _WorkerPool:
     return _Worker(process, parent)
 
   def replace(self, worker: _Worker) -> _Worker:
+    """Starts a new worker in `worker`'s place; `worker` exits when its pipe closes."""
     worker.conn.close()
     worker.process.join()
     new = self._start()
@@ -326,6 +338,9 @@ def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, 
                 worker.plan = None
               elif kind == "done":
                 worker.plan = None
+                worker.shards_done += 1
+                if worker.shards_done >= SHARDS_PER_WORKER and pending:
+                  pool.replace(worker)
           except (EOFError, ConnectionResetError):
             pass  # The process died; handled below through its sentinel.
         if worker.plan is not None and not worker.process.is_alive():
