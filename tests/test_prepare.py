@@ -399,8 +399,8 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
 
 
 def test_workers_are_replaced_after_a_number_of_shards(media, tmp_path, monkeypatch):
-  # Each worker's resident memory grows with the clips it decodes: a fresh fork of the fork
-  # server takes over after shards.SHARDS_PER_WORKER shards, and the records are the same.
+  # A fresh fork of the fork server takes over after shards.SHARDS_PER_WORKER shards (a bound on
+  # what a long-lived worker accumulates), and the records are the same.
   ids = [f"c{i}" for i in range(5)]  # 5 shards of one clip, one worker
   datafile = write_datafile(str(tmp_path / "data.json"),
                             [(v, media["one_second"], "/m/b") for v in ids])

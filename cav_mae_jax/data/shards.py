@@ -230,13 +230,13 @@ def _worker_environment():
       os.environ.pop(name, None)
 
 
-# A worker is replaced by a fresh fork of the fork server after this many shards: a worker's
-# resident memory grows about 20 KB per clip (2 workers, 2,000 clips: 400 -> 420 MiB each; the
-# same in one process over 4,000 clips, not Python objects, only with TensorFlow imported, cause
-# not found), which over an AudioSet-2M run's ~21k clips per worker on 96 workers would be
-# ~40 GB. 8 shards of the default 1,024 clips bound it to ~170 MB per worker. Measured on those
-# 2,000 clips in shards of 100: workers replaced after 800 clips each, 161 s against 173 s
-# without (noise), records byte-identical.
+# A worker is replaced by a fresh fork of the fork server after this many shards, which bounds
+# whatever a long-lived worker accumulates over hundreds of thousands of clips of arbitrary media
+# (native state of decoders and libraries; a fork costs milliseconds). It was added for a growth of
+# tens of KB per clip that turned out to be decoded frames held in reference cycles until a full
+# garbage collection (fixed in `decode.frame_rotation`; workers now stay flat, ~350 MiB over 400
+# clips each). Measured before that fix on 2,000 clips in shards of 100: workers replaced after 800
+# clips each, 161 s against 173 s without (noise), records byte-identical.
 SHARDS_PER_WORKER = 8
 
 
