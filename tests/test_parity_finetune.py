@@ -4,7 +4,7 @@ Training: the task's `loss_fn` with `optim.for_task` (configs/finetune.py `as20k
 x100, Adam betas (0.95, 0.999), coupled decay 5e-7; base lr 1e-4, the VGGSound recipe's, so that
 a base step is 10x the tolerance and a head step 1000x) against the original's `traintest_ft.py`: `nn.BCEWithLogitsLoss()` on the
 reference `CAVMAEFT` in multimodal mode, `torch.optim.Adam` with two parameter groups (`mlp_head`
-at lr * 100, the rest at lr). Same weights (tests/test_parity.py), same batches, smoothed labels,
+at lr * 100, the rest at lr). Same weights (tests/parity.py), same batches, smoothed labels,
 no mixup (mixup happens in the input pipeline, before the loss). The comparisons and their one
 exception (near-zero-gradient Adam elements) are those of tests/test_parity_optim.py; parameters
 are compared after one and after two steps.
@@ -44,10 +44,10 @@ from configs import common  # noqa: E402
 from configs import finetune  # noqa: E402
 
 try:  # pytest puts tests/ on sys.path; `python -m` from the repo root has `tests` instead.
-  import test_parity as parity  # noqa: E402
+  import parity  # noqa: E402
   import test_parity_optim as parity_optim  # noqa: E402
 except ModuleNotFoundError:
-  from tests import test_parity as parity  # noqa: E402
+  from tests import parity  # noqa: E402
   from tests import test_parity_optim as parity_optim  # noqa: E402
 
 CLASSES = 6

@@ -3,7 +3,7 @@
 torch: `torch.optim.Adam(trainable, lr, betas=(0.95, 0.999), weight_decay=5e-7)`, the original's
 optimizer (coupled L2). Flax: the project's `cav_mae_jax.train.optim.make_optimizer` with the
 tiny pretraining recipe's `config.optim` (configs/pretrain.py, lr 1e-3) and
-`cav_mae_jax.models.trainable_mask`. Same weights and mask noise as tests/test_parity.py.
+`cav_mae_jax.models.trainable_mask`. Same weights and mask noise as tests/parity.py.
 
 Three checks, from the same start:
 - gradients of the loss agree (relative to each tensor's largest gradient);
@@ -38,9 +38,9 @@ from cav_mae_jax.convert import state_dict as sd  # noqa: E402
 from cav_mae_jax.train import optim  # noqa: E402
 
 try:  # pytest puts tests/ on sys.path; `python -m` from the repo root has `tests` instead.
-  import test_parity as parity  # noqa: E402
+  import parity  # noqa: E402
 except ModuleNotFoundError:
-  from tests import test_parity as parity  # noqa: E402
+  from tests import parity  # noqa: E402
 
 STEPS = 2
 

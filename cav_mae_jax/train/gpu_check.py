@@ -4,7 +4,7 @@
   1. the environment (backend, device, versions);
   2. base parity on the device: the float32 JAX model against the float32 PyTorch reference on
      the same device (max abs diff of every output within 1e-4), and the bfloat16 JAX losses
-     within 1e-2 relative of the reference (`tests/test_parity.py`'s `compare_base`), with XLA's
+     within 1e-2 relative of the reference (`tests/parity.py`'s `compare_base`), with XLA's
      attention and, on a GPU, with cuDNN's (`compare_bf16_attention`; an attention the GPU
      rejects is reported, not fatal);
   3. the base pretraining train step in bfloat16 at the paper's batches 48, 120 and 256 with
@@ -166,7 +166,7 @@ def run_parity(preset: str) -> dict[str, Any]:
   """`compare_base` with the torch reference on this machine's accelerator, and its verdict."""
   import torch  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
-  parity = benchmark.load_test_module("test_parity")
+  parity = benchmark.load_test_module("parity")
   parity.exact_float32()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   results = parity.compare_base(device=device, preset=preset)
