@@ -1,5 +1,5 @@
-"""tools/gpu_check.sh: the prepared GPU check runs end to end (`--tiny`, CPU, none of the packages the
-GPU machine lacks), and its report keeps every row and fails the check when a row fails."""
+"""tools/gpu_check.sh: the prepared GPU check runs end to end (`--tiny`, CPU, without the packages it
+does not need), and its report keeps every row and fails the check when a row fails."""
 
 import json
 import os
@@ -14,19 +14,20 @@ import xla_flags
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# What the GPU machine does not have (it has jax, flax, optax, orbax, chex and torch;
-# ml_collections travels as a wheel): the check must not import any of these. The parity step once
-# imported pytest through tests/test_parity.py, which a Python 3.12 environment without pytest
-# showed (2026-12-03).
-NOT_ON_THE_GPU_MACHINE = ("tensorflow", "tensorflow_datasets", "clu", "pytest", "av", "librosa",
-                          "PIL")
+# Packages the check must run without: what the GPU machine's image lacks (TensorFlow, TFDS, clu,
+# PyAV, librosa; ml_collections travels as a wheel) and what the image happens to hold but the
+# check has no business needing (pytest, PIL). The parity step once imported pytest through
+# tests/test_parity.py, which a Python 3.12 environment without pytest showed (2026-12-03).
+NOT_NEEDED_BY_THE_CHECK = ("tensorflow", "tensorflow_datasets", "clu", "av", "librosa", "pytest",
+                           "PIL")
 
 
-def test_tiny_check_runs_end_to_end_with_only_what_the_gpu_machine_has(tmp_path):
-  for name in NOT_ON_THE_GPU_MACHINE:
+def test_tiny_check_runs_end_to_end_without_packages_it_does_not_need(tmp_path):
+  for name in NOT_NEEDED_BY_THE_CHECK:
     blocked = tmp_path / "blocked" / name
     blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text(f"raise ImportError('no {name} on the GPU machine')\n")
+    (blocked / "__init__.py").write_text(f"raise ImportError('{name} is blocked: the GPU check "
+                                         "must not need it')\n")
   out = tmp_path / "out"
   env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(tmp_path / "blocked"),
