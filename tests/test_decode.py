@@ -1,6 +1,7 @@
 """PyAV clip decoding: the original's frame choice and audio path, and every failure mode."""
 
 import collections
+import contextlib
 import dataclasses
 import fractions
 import gc
@@ -457,40 +458,45 @@ def _native_threads():
   return len(os.listdir('/proc/self/task'))
 
 
+@contextlib.contextmanager
+def _collector_off():
+  """Python's cyclic garbage collector off for the block (what it would free stays alive)."""
+  was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was_enabled:
+      gc.enable()
+
+
 @pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='counts threads in /proc')
 def test_decoding_leaves_no_threads_behind():
   # Each frame's colour conversion started a swscale pool of a thread per core that lived
   # until the garbage collector ran (20 threads per clip on 2 cores).
   decode.decode_clip(SMALL_SAMPLE)  # Codec and library set-up outside the count.
-  gc_was_enabled = gc.isenabled()
-  gc.disable()
-  try:
+  with _collector_off():
     before = _native_threads()
     for _ in range(2):
       decode.decode_clip(SMALL_SAMPLE)
     after = _native_threads()
-  finally:
-    if gc_was_enabled:
-      gc.enable()
   assert after <= before
 
 
 def _av_objects_in_cyclic_garbage(function) -> list[str]:
   """Types of the PyAV objects that only the cyclic garbage collector would free after `function`."""
   function()  # Codec and library set-up outside the count.
-  gc_was_enabled, debug_flags = gc.isenabled(), gc.get_debug()
-  gc.disable()
-  gc.collect()
-  gc.set_debug(gc.DEBUG_SAVEALL)
-  try:
-    function()
+  with _collector_off():
     gc.collect()
-    return [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith('av.')]
-  finally:
-    gc.set_debug(debug_flags)
-    gc.garbage.clear()
-    if gc_was_enabled:
-      gc.enable()
+    debug_flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+      function()
+      gc.collect()
+      return [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith('av.')]
+    finally:
+      gc.set_debug(debug_flags)
+      gc.garbage.clear()
 
 
 def test_decoded_frames_are_freed_without_the_garbage_collector(rotated_clips):
