@@ -160,3 +160,17 @@ def test_does_not_fit_results_are_their_own_outcome():
   assert gpu_check.outcome_of({"jax/samples_per_s": 3.0}, 1.0).status == "ok"
   outcome = gpu_check.outcome_of({"torch/does_not_fit": "out of device memory: CUDA"}, 1.0)
   assert (outcome.status, outcome.detail) == (gpu_check.TOO_BIG, "out of device memory: CUDA")
+
+
+def test_bad_flags_and_an_out_that_cannot_be_made_are_one_error_line(tmp_path):
+  # Answered before any row runs (a check on the GPU machine is minutes of its device time).
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  for args, expected in ((["--bogus"], "error: unrecognized arguments: --bogus"),
+                         (["--budget-s", "abc"], "error: argument --budget-s: invalid float value"),
+                         (["--out", str(blocker / "out")], f"error: --out {blocker / 'out'}: cannot "
+                          "make this directory")):
+    done = subprocess.run([sys.executable, "-m", "cav_mae_jax.train.gpu_check", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and done.stdout == "", (args, done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(expected), (args, done.stderr)

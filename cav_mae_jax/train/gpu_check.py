@@ -45,6 +45,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from cav_mae_jax import cli
 from cav_mae_jax.train import profile
 
 RESULT_PREFIX = "GPU_CHECK_RESULT "
@@ -415,11 +416,17 @@ def main(argv: Sequence[str]) -> int:
   if argv and argv[0] in ("env", "parity", "row"):
     return subprocess_main(argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.error = lambda message: sys.exit(cli.error_line(message))
   parser.add_argument("--tiny", action="store_true", help="tiny model, short inputs, any backend")
   parser.add_argument("--out", default=None, help="write gpu_check.md and gpu_check.json here")
   parser.add_argument("--budget-s", type=float, default=None,
                       help="stop starting rows after this many seconds (default: the plan's)")
   args = parser.parse_args(argv)
+  if args.out:  # Made now: an --out that cannot be made is answered before any row runs.
+    try:
+      os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+      return cli.error_line(f"--out {args.out}: cannot make this directory ({e.strerror or e})")
   plan = TINY if args.tiny else FULL
   if args.budget_s is not None:
     plan = dataclasses.replace(plan, budget_s=args.budget_s)
