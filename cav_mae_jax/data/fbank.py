@@ -81,8 +81,9 @@ def mel_filterbank(num_mel_bins: int, fft_length: int, sample_rate: int) -> np.n
   return weights
 
 
-def povey_window(window_length: int) -> np.ndarray:
-  """Returns the symmetric Hann window Kaldi calls 'hanning' (float32)."""
+def hanning_window(window_length: int) -> np.ndarray:
+  """Returns the symmetric Hann window Kaldi calls 'hanning' (float32; Kaldi's default
+  'povey' window is this raised to 0.85, which the original does not use)."""
   n = np.arange(window_length, dtype=np.float64)
   window = 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (window_length - 1))
   return window.astype(np.float32)
@@ -116,7 +117,7 @@ def kaldi_fbank(waveform: np.ndarray,
   frames = _frames(np.ascontiguousarray(waveform, np.float64), window_length, window_shift)
   frames = frames - frames.mean(axis=1, keepdims=True)
   previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
-  frames = (frames - PREEMPHASIS * previous) * povey_window(window_length).astype(np.float64)
+  frames = (frames - PREEMPHASIS * previous) * hanning_window(window_length).astype(np.float64)
   spectrum = np.fft.rfft(frames, n=fft_length, axis=1)
   power = spectrum.real**2 + spectrum.imag**2
   filters = mel_filterbank(num_mel_bins, fft_length, sample_rate).astype(np.float64)

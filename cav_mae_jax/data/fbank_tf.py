@@ -28,7 +28,7 @@ def kaldi_fbank_tf(waveform: tf.Tensor,
   frames = tf.signal.frame(waveform, window_length, window_shift, pad_end=False)
   frames = frames - tf.reduce_mean(frames, axis=1, keepdims=True)
   previous = tf.concat([frames[:, :1], frames[:, :-1]], axis=1)
-  window = tf.constant(fbank_np.povey_window(window_length))
+  window = tf.constant(fbank_np.hanning_window(window_length))
   frames = (frames - fbank_np.PREEMPHASIS * previous) * window
   spectrum = tf.signal.rfft(frames, fft_length=[fft_length])
   power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
