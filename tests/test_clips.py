@@ -101,8 +101,8 @@ def test_video_files_are_normalized_as_records_with_index_statistics(videos):
   order = [by_id[v] for v in from_videos["video_id"][:3]]
   std = dataset.fbank_normalization(config).std
   assert abs(std - fbank.AUDIOSET_STD) > 0.1  # the test tells the two normalizations apart
-  np.testing.assert_allclose(from_videos["audio"][:3], from_records["audio"][order],
-                             atol=2**-7 / std)
+  # The same values: the video path rounds the fbank to the record's float16 as well.
+  np.testing.assert_allclose(from_videos["audio"][:3], from_records["audio"][order], atol=1e-6)
 
 
 def test_short_audio_is_padded_as_the_original(videos):

@@ -518,7 +518,9 @@ class _FrameSink:
     self.image_size = image_size
     self.decoder_threads = decoder_threads
     _set_decoder_threads(stream, decoder_threads)
-    # OpenCV's order (cap_ffmpeg_impl get_fps): average rate, then the codec time base.
+    # The average rate, as OpenCV's get_fps (cap_ffmpeg_impl) reads it. Where a stream has none
+    # (raw elementary streams), OpenCV falls back to 1 / the codec's time base; we take FFmpeg's
+    # guessed rate first, a frame rate, then 1 / the stream's time base.
     rate = stream.average_rate or stream.guessed_rate or (
         1 / stream.time_base if stream.time_base else None)
     self.fps = float(rate) if rate else 0.0

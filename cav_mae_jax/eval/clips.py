@@ -324,6 +324,8 @@ def video_inputs(path: str, data_config: Any, preprocess: Callable[[dict], dict]
                                  max_seconds=audio_window_seconds(data_config.audio_length))
   features = fbank.clip_fbank(media.waveform, records.WAVEFORM_SAMPLE_RATE,
                               data_config.num_mel_bins)
+  # The values a record stores (float16: records.make_example_values) and its reader gives back.
+  features = features.astype(np.float16).astype(np.float32)
   raw = fbank.pad_or_trim(features, data_config.audio_length)
   jpegs = tf.constant(media.jpeg_frames)
   out = preprocess({"audio": tf.constant(raw), "frames": jpegs})
