@@ -29,7 +29,7 @@ def init_config() -> ml_collections.ConfigDict:
   init.path = ""
   init.step = 0
   init.new_head = False          # a new classification head (another class count, or none)
-  init.audio_pos_resize = ""     # '', 'trim' or 'interpolate': another audio length
+  init.audio_pos_resize = ""     # '', 'trim', 'interpolate' or 'sincos': another audio length
   init.allow_unexpected = False  # ignore source arrays the target model has no place for
   return init
 

@@ -8,6 +8,7 @@ import pytest
 from cav_mae_jax.convert import cavmae_checkpoint
 from cav_mae_jax.convert import export
 from cav_mae_jax.convert import state_dict as sd
+from cav_mae_jax.models import pos_embed as sincos
 from test_convert_layout import Dims, original_shapes, random_state_dict
 
 TINY = Dims()
@@ -106,6 +107,25 @@ def test_audio_length_change_resizes_both_audio_grids(method):
       np.testing.assert_allclose(params[name].reshape(8, 32, dim),
                                  (source[:, 0::2] + source[:, 1::2]) / 2, rtol=1e-5, atol=1e-6)
   assert any(method in note and "8 x 64 -> 8 x 32" in note for note in report.notes)
+
+
+def test_sincos_recomputes_fixed_audio_grids_for_a_longer_input_and_refuses_trained_ones():
+  source_dims = dataclasses.replace(TINY, audio_length=1024)  # 8 x 64 audio grid
+  target_dims = dataclasses.replace(TINY, audio_length=2048)  # 8 x 128
+  released = _released(source_dims)
+  for name, dim in (("pos_embed_a", 16), ("decoder_pos_embed_a", 8)):  # pretraining: fixed
+    released[f"module.{name}"] = sincos.sincos_2d(dim, 8, 64)[None]
+  params, report = cavmae_checkpoint.cavmae_to_params(released, _init(target_dims),
+                                                      audio_pos_resize="sincos")
+  for name, dim in (("pos_embed_a", 16), ("decoder_pos_embed_a", 8)):
+    np.testing.assert_array_equal(params[name], sincos.sincos_2d(dim, 8, 128)[None])
+    # The first 64 time columns keep their codes; 'interpolate' would stretch them instead.
+    np.testing.assert_array_equal(params[name].reshape(8, 128, dim)[:, :64],
+                                  released[f"module.{name}"].reshape(8, 64, dim))
+  assert any("sincos" in note and "8 x 64 -> 8 x 128" in note for note in report.notes)
+  released["module.pos_embed_a"] = released["module.pos_embed_a"] + 1e-3  # trained in fine-tuning
+  with pytest.raises(ValueError, match="not the fixed sin-cos.*use method='interpolate'"):
+    cavmae_checkpoint.cavmae_to_params(released, _init(target_dims), audio_pos_resize="sincos")
 
 
 def test_unexpected_source_keys_are_errors_unless_allowed():

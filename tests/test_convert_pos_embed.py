@@ -33,6 +33,13 @@ def test_trim_of_sincos_equals_sincos_of_the_smaller_grid():
   np.testing.assert_array_equal(trimmed, _sincos_2d(16, 8, 32))
 
 
+@pytest.mark.parametrize("time_patches", [32, 64, 100])
+def test_sincos_gives_the_sincos_table_of_the_new_grid(time_patches):
+  resized = resize_audio_pos_embed(_sincos_2d(16, 8, 64), freq_patches=8,
+                                   time_patches=time_patches, method="sincos")
+  np.testing.assert_array_equal(resized, _sincos_2d(16, 8, time_patches))
+
+
 def test_interpolate_matches_torch_bilinear_along_time():
   torch = pytest.importorskip("torch", reason="compares against torch.nn.functional.interpolate")
   source = np.random.default_rng(1).standard_normal((1, 8 * 64, 4)).astype(np.float32)
@@ -56,10 +63,11 @@ def test_same_length_interpolation_is_identity():
     (dict(time_patches=128, method="trim"), "cannot trim 64 time patches to 128"),
     (dict(time_patches=32, method="nearest"), "unknown resize method"),
     (dict(time_patches=0, method="trim"), "must be positive"),
+    (dict(time_patches=128, method="sincos"), "not the fixed sin-cos embedding of its 8 x 64"),
 ])
 def test_bad_requests_are_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    resize_audio_pos_embed(np.zeros((1, 512, 2), np.float32), freq_patches=8, **kwargs)
+    resize_audio_pos_embed(np.zeros((1, 512, 4), np.float32), freq_patches=8, **kwargs)
 
 
 def test_grid_that_is_not_eight_rows_is_an_error():

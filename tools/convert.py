@@ -8,8 +8,9 @@ Directions:
   cavmae        released CAV-MAE checkpoint (pretrained or fine-tuned) -> params checkpoint for
                 --config (configs/pretrain.py:... or configs/finetune.py:...). Options:
                 --new_head (new classifier, e.g. from a pretrained model or another class
-                count), --audio_pos_resize=trim|interpolate (other audio length, e.g.
-                --config.model.audio_length=512).
+                count), --audio_pos_resize=trim|interpolate|sincos (other audio length,
+                e.g. --config.model.audio_length=512; sincos recomputes a pretrained model's
+                fixed table, interpolate resamples a fine-tuned model's trained one).
   to-torch      params checkpoint or training workdir (its latest checkpoint, or --step) ->
                 .pth / .safetensors / .npz in the original's layout (loads with strict=True
                 into the original CAVMAE / CAVMAEFT).
@@ -43,7 +44,7 @@ _SRC = flags.DEFINE_string("src", None, "Input file or params checkpoint directo
 _OUT = flags.DEFINE_string("out", None, "Output path (must not exist unless --overwrite).")
 _NEW_HEAD = flags.DEFINE_bool("new_head", False, "cavmae: start a new classification head.")
 _AUDIO_POS_RESIZE = flags.DEFINE_enum(
-    "audio_pos_resize", None, ["trim", "interpolate"],
+    "audio_pos_resize", None, ["trim", "interpolate", "sincos"],
     "cavmae: how to fit the audio position grid to another audio length.")
 _ALLOW_UNEXPECTED = flags.DEFINE_bool(
     "allow_unexpected", False, "Ignore source arrays that have no place in the target (listed).")

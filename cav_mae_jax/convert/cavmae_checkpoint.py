@@ -2,7 +2,8 @@
 
 Handles what the original does when it loads a pretrained model for fine-tuning (the decoder
 is dropped, a new head is initialized) and the options users change: a new classification
-head, and a different audio length (the 8 x T/16 audio position grid trimmed or interpolated).
+head, and a different audio length (the 8 x T/16 audio position grid trimmed, interpolated or
+recomputed).
 Every other target parameter must come from the checkpoint with the same shape.
 """
 
@@ -44,7 +45,8 @@ def cavmae_to_params(
   its init value (no new head, no parameter absent from the original).
 
   new_head: the classification head keeps its init values (any head in the source is dropped).
-  audio_pos_resize: 'trim' or 'interpolate' when the source's audio length differs.
+  audio_pos_resize: 'trim', 'interpolate' or 'sincos' when the source's audio length differs
+    (`pos_embed.resize_audio_pos_embed`).
   A decoder in the source is dropped when the target has none (fine-tuning model).
   """
   report = report_lib.ConversionReport()
@@ -119,7 +121,7 @@ def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
   if method is None:
     raise sd.ParamsMismatchError(
         f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "
-        "(a different audio length: choose audio_pos_resize='trim' or 'interpolate')")
+        "(a different audio length: choose audio_pos_resize='trim', 'interpolate' or 'sincos')")
   if len(target_shape) != 3 or target_shape[2] != value.shape[2] or target_shape[1] % freq_patches:
     raise sd.ParamsMismatchError(
         f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "

@@ -7,7 +7,7 @@
   imagenet_mae  ImageNet-MAE weights (facebookresearch/mae), mapped as the original's init
 Our own params go through the original's layout first, so that every source is mapped by the
 same strict rules (`cavmae_checkpoint`): a decoder dropped for a fine-tuning model, a new head
-where asked, audio position grids trimmed or interpolated where asked, and every target
+where asked, audio position grids trimmed, interpolated or recomputed where asked, and every target
 parameter accounted for in the report.
 """
 

@@ -10,7 +10,11 @@ from typing import Literal
 
 import numpy as np
 
-ResizeMethod = Literal["trim", "interpolate"]
+from cav_mae_jax.models import pos_embed as sincos
+
+ResizeMethod = Literal["trim", "interpolate", "sincos"]
+# How far a float32 table may be from the float64-computed sin-cos table and still be it.
+SINCOS_ATOL = 1e-6
 
 
 def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_patches: int,
@@ -20,7 +24,11 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
   'trim' keeps the first `time_patches` columns of every frequency row (only shortens; for
   the fixed sin-cos embedding it equals recomputing it on the smaller grid). 'interpolate'
   resamples each row linearly along time (half-pixel centres, as torch bilinear with
-  align_corners=False), computed in float64.
+  align_corners=False), computed in float64: for a trained table (a fine-tuned checkpoint).
+  'sincos' recomputes the fixed sin-cos table on the new grid, shorter or longer (every time
+  patch keeps its position code; a longer grid gets new columns, where 'interpolate' would
+  stretch the old ones): only for a source that is that fixed table (every pretraining
+  checkpoint of the paper's recipes, which keep it fixed), refused otherwise.
   """
   if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
     raise ValueError(f"audio pos embed must be [1, patches, dim], got {pos_embed.shape}")
@@ -38,8 +46,18 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
     resized = grid[:, :time_patches]
   elif method == "interpolate":
     resized = _interpolate_time(grid.astype(np.float64), time_patches).astype(pos_embed.dtype)
+  elif method == "sincos":
+    fixed = sincos.sincos_2d(dim, freq_patches, source_time).reshape(grid.shape)
+    distance = float(np.max(np.abs(grid.astype(np.float64) - fixed)))
+    if distance > SINCOS_ATOL:
+      raise ValueError(
+          f"the source table is not the fixed sin-cos embedding of its {freq_patches} x "
+          f"{source_time} grid (max difference {distance:.3g}; a trained table, as a fine-tuned "
+          "checkpoint's): use method='interpolate'")
+    resized = sincos.sincos_2d(dim, freq_patches, time_patches).astype(pos_embed.dtype)
   else:
-    raise ValueError(f"unknown resize method {method!r} (use 'trim' or 'interpolate')")
+    raise ValueError(f"unknown resize method {method!r} (use 'trim', 'interpolate' or "
+                     "'sincos')")
   return np.ascontiguousarray(resized.reshape(1, freq_patches * time_patches, dim))
 
 

@@ -125,7 +125,7 @@ def _validate_checkpoint(config: ml_collections.ConfigDict) -> None:
 
 
 INIT_SOURCES = ("", "workdir", "params", "cavmae", "imagenet_mae")
-AUDIO_POS_RESIZE = ("", "trim", "interpolate")
+AUDIO_POS_RESIZE = ("", "trim", "interpolate", "sincos")
 
 
 def _validate_init(config: ml_collections.ConfigDict) -> None:
