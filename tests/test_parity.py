@@ -195,6 +195,31 @@ def test_reference_base_counts_match_the_original():
     assert sizes == flax_sizes
 
 
+@pytest.mark.parametrize("finetune", [False, True], ids=["pretraining", "finetuning"])
+def test_initialization_draws_every_parameter_as_the_original(finetune):
+  """A random start: each parameter is the reference's constant (zeros, ones, the sin-cos
+  tables) where the original sets one, else a draw of the same spread (std within 25%; the
+  tiny model's draws, seeds fixed, are within 10%). The original keeps torch's default uniform
+  bias of the patch convs; a zero there (as ours was) fails."""
+  cfg = tiny_config()
+  torch.manual_seed(0)
+  reference = (tr.CAVMAEFT(cfg.num_classes, **reference_kwargs(cfg, True)) if finetune
+               else tr.CAVMAE(**reference_kwargs(cfg)))
+  theirs = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  ours = sd.flax_to_torch(jax.device_get(models.init_params(cfg, jax.random.key(0),
+                                                            finetune=finetune)))
+  assert set(ours) == set(theirs)
+  for key, expected in theirs.items():
+    mine = ours[key]
+    assert mine.shape == expected.shape, key
+    if np.all(expected == expected.flat[0]) or np.all(mine == mine.flat[0]):
+      np.testing.assert_array_equal(mine, expected, err_msg=key)
+    elif key.startswith(("pos_embed", "decoder_pos_embed")):
+      np.testing.assert_allclose(mine, expected, atol=1e-7, err_msg=key)
+    else:
+      assert 0.75 < mine.std() / expected.std() < 1.33, (key, mine.std(), expected.std())
+
+
 def test_position_embedding_tables_match():
   for dim, rows, cols in ((64, 8, 16), (32, 4, 4), (768, 8, 64), (512, 14, 14)):
     mine = flax_pos_embed.sincos_2d(dim, rows, cols)

@@ -1,7 +1,8 @@
 """ViT building blocks with the original CAV-MAE's parameter names and numerics.
 
 Numerics follow the original (torch defaults): LayerNorm eps 1e-5 with two-pass variance, exact
-erf GELU, xavier-uniform Linear weights with zero bias, attention softmax in float32.
+erf GELU, xavier-uniform Linear weights with zero bias, attention softmax in float32; the
+patch-embedding convs keep torch's default bias init.
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ dense_init = nn.initializers.xavier_uniform()
 # fan_in = p * p * C, fan_out = D (not the conv default that multiplies fan_out by p * p).
 patch_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
                                                      out_axis=-1)
+
+
+def patch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """torch's default Conv2d bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = p * p * C.
+
+  The original re-initializes only the patch convs' kernels (and every Linear and LayerNorm), so
+  their biases keep this draw: +-1/16 for audio (C = 1), +-1/sqrt(768) for video (C = 3).
+  """
+  bound = fan_in**-0.5
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -45,8 +60,8 @@ class PatchEmbed(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.patch_size
     x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
-                kernel_init=patch_kernel_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                param_dtype=jnp.float32, name="proj")(x)
+                kernel_init=patch_kernel_init, bias_init=patch_bias_init(p * p * x.shape[-1]),
+                dtype=self.dtype, param_dtype=jnp.float32, name="proj")(x)
     return x.reshape(x.shape[0], -1, self.embed_dim)
 
 
