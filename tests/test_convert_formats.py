@@ -1,5 +1,6 @@
 """Reading/writing state-dict files and orbax params checkpoints; errors on bad files."""
 
+import argparse
 import json
 import os
 import pickle
@@ -49,6 +50,17 @@ def test_pth_nested_under_model_is_unwrapped(tmp_path):
   torch.save({"model": {"norm.weight": torch.ones(3)}}, path)
   got = formats.read_state_dict(path)
   assert list(got) == ["norm.weight"] and got["norm.weight"].dtype == np.float32
+
+
+def test_pth_of_a_training_state_with_its_arguments_is_read(tmp_path):
+  """MAE's training checkpoints keep the command line (an argparse.Namespace) beside 'model'."""
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  path = tmp_path / "checkpoint-799.pth"
+  torch.save({"model": {"norm.weight": torch.ones(3)}, "optimizer": {"state": {}},
+              "epoch": 799, "scaler": {"scale": 65536.0},
+              "args": argparse.Namespace(model="mae_vit_base_patch16", lr=None)}, path)
+  got = formats.read_state_dict(path)
+  assert list(got) == ["norm.weight"]
 
 
 def test_pth_with_pickled_objects_is_refused(tmp_path):

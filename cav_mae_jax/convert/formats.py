@@ -6,6 +6,8 @@ NumPy arrays with their stored dtype (bfloat16 via ml_dtypes, bit-exact).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -86,7 +88,8 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
         path, "reading .pth needs PyTorch (pip install 'cav-mae-jax[torch]'), "
         "or convert it once elsewhere to .safetensors/.npz") from e
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with _allowed_globals(torch):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointFileError(
         path, "holds objects other than tensors and containers; refusing to unpickle "
@@ -95,6 +98,14 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
     raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({str(e).splitlines()[0]})") from e
   tensors = _unwrap(path, obj)
   return {key: _tensor_to_numpy(path, key, value) for key, value in tensors.items()}
+
+
+def _allowed_globals(torch) -> contextlib.AbstractContextManager:
+  """Lets `weights_only` loading build an argparse.Namespace, a plain attribute holder: the
+  training checkpoints of MAE-family scripts store their command line as one beside 'model'
+  (torch < 2.5 has no scoped allow-list; such files are refused there)."""
+  safe_globals = getattr(torch.serialization, "safe_globals", None)
+  return safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
 
 
 def _unwrap(path: str | os.PathLike, obj: object) -> Mapping[str, object]:
