@@ -15,6 +15,7 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import importlib.util
@@ -92,6 +93,23 @@ def define_model_flags(workdir_help: str = "Training workdir (its checkpoint --s
   flags.mark_flags_as_required(["config"])
   flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
   return model_flags
+
+
+def number_type(kind: Callable[[str], Any], minimum: float, *,
+                inclusive: bool = True) -> Callable[[str], Any]:
+  """An argparse `type`: `kind(text)`, refused below `minimum` (and at it unless inclusive), so
+  that argparse answers with the flag's name: `error: argument --top: -1: must be >= 0`."""
+
+  def parse(text: str) -> Any:
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if value < minimum or (value == minimum and not inclusive):
+      raise argparse.ArgumentTypeError(f"{text}: must be {'>=' if inclusive else '>'} {minimum:g}")
+    return value
+
+  return parse
 
 
 def error_line(message: object) -> int:
@@ -198,14 +216,34 @@ def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:
 def _parse_flags(argv: list[str]) -> list[str]:
   argv = resolve_config_args(argv)
   argv, _none_overrides[:] = split_none_overrides(argv, _config_flag_names())
+  config_files = _config_file_args(argv)
+  for flag, value in config_files:  # ml_collections' own messages name its internal module
+    path = value.partition(":")[0]
+    if path and not os.path.isfile(path):
+      fail(f"{flag}={value}: " + ("a directory, not a config file" if os.path.isdir(path)
+                                  else "no such file"))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(_without_traceback(str(e)))
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config raised)
+    if isinstance(e, AttributeError) and "get_config" in str(e) and config_files:
+      fail(f"{'='.join(config_files[0])}: the file defines no get_config()")
     # ml_collections answers an override of a field the config lacks with AttributeError("'x'").
     fail(_unknown_config_field(argv) or f"{type(e).__name__}: {e}")
   return []
+
+
+def _config_file_args(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """('--config', 'FILE[:ARG]') of each config-file flag given in argv."""
+  found = []
+  for name in _config_flag_names():
+    for i, arg in enumerate(argv):
+      if arg.startswith(f"--{name}="):
+        found.append((f"--{name}", arg.split("=", 1)[1]))
+      elif arg == f"--{name}" and i + 1 < len(argv):
+        found.append((f"--{name}", argv[i + 1]))
+  return found
 
 
 def _without_traceback(message: str) -> str:

@@ -75,10 +75,21 @@ CASES = {
     "extract_existing_out": ("extract_features.py", ["--params={params}", "--records={records}",
                                                      "--out=exists.npz"],
                              "exists.npz: output already exists (--overwrite"),
+    "extract_subset_with_videos": ("extract_features.py", ["--params={params}",
+                                                           "--videos=list.txt",
+                                                           "--subset=list.txt", "--out=f.npz"],
+                                   "--subset selects clips of records; with --videos"),
     "inpaint_missing_records": ("inpaint.py", ["--params=p", "--records=/no/records",
                                                "--out=x.png"], "/no/records"),
     "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",
                                               "--out=x.png"], "--mask_ratio_a=1.5"),
+    # --out is checked before the model loads: not a .png (matplotlib wrote 'x.png' for '--out=x'
+    # and the tool said 'wrote x'), or an existing file (it was overwritten).
+    "inpaint_out_not_png": ("inpaint.py", ["--params={params}", "--records={records}",
+                                           "--out=picture"], "flag --out=picture: must name a .png file"),
+    "inpaint_existing_out": ("inpaint.py", ["--params={params}", "--records={records}",
+                                            "--out=exists.png"],
+                             "exists.png: output already exists (--overwrite"),
     # Same parameters either way: a raw-pixel model (the original's cav-mae-base-nonorm) read
     # with the default norm_pix_loss=True was pictured through the wrong un-normalization.
     "inpaint_norm_pix_loss_not_the_models": ("inpaint.py", [
@@ -108,6 +119,7 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_d
   tool, args, named = CASES[case]
   (tmp_path / "list.txt").write_text("missing.mp4\n")
   (tmp_path / "exists.npz").write_bytes(b"features of an earlier run")
+  (tmp_path / "exists.png").write_bytes(b"a picture of an earlier run")
   args = [a.format(records=records_dir, params=params_dir, damaged=damaged_dir) for a in args]
   result = run_tool(tool, TINY + args, tmp_path)
   lines = result.stderr.strip().splitlines()

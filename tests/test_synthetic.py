@@ -164,7 +164,7 @@ def test_make_synthetic_tool_bad_values_print_one_error_line(tmp_path):
   from test_prepare import assert_one_error_line, run_tool  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'out')
   result = run_tool('make_synthetic', '--out', out, '--train', '0')
-  assert_one_error_line(result.returncode, result.stderr, 'num_clips', 'must be positive')
+  assert_one_error_line(result.returncode, result.stderr, 'argument --train: 0', 'must be >= 1')
   result = run_tool('make_synthetic', '--out', out, '--eval', '-1')
-  assert_one_error_line(result.returncode, result.stderr, '--eval -1', 'must be >= 0')
+  assert_one_error_line(result.returncode, result.stderr, 'argument --eval: -1', 'must be >= 0')
   assert not os.path.exists(out)

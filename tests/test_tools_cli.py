@@ -18,6 +18,11 @@ CASES = {
                               "config.data.train_dir"),
     "train_missing_config_file": ("train.py", ["--config=configs/nope.py", "--workdir=w"],
                                   "configs/nope.py"),
+    "train_config_is_a_directory": ("train.py", ["--config=configs", "--workdir=w"],
+                                    "configs: a directory, not a config file"),
+    "train_config_without_get_config": ("train.py", ["--config=cav_mae_jax/__init__.py",
+                                                     "--workdir=w"],
+                                        "__init__.py: the file defines no get_config()"),
     "train_unknown_recipe": ("train.py", ["--config=configs/pretrain.py:bogus", "--workdir=w"],
                              "Error whilst parsing config file: ValueError: config name "
                              "'bogus': unknown recipe"),
@@ -50,6 +55,23 @@ CASES = {
     "demo_bad_flag_value": ("demo.py", ["--steps=many"], "steps"),
     "benchmark_torch_for_finetuning": ("benchmark.py", ["--config=configs/finetune.py:tiny",
                                                         "--compare-torch"], "config.task"),
+    # A job script that forgot --distributed started N runs that each trained alone.
+    "train_process_flags_without_distributed": ("train.py", [TINY, "--workdir=w",
+                                                             "--num_processes=2",
+                                                             "--process_id=1"],
+                                                "need --distributed"),
+    # 0 was taken as "not given": on a fine-tuning run the config's epoch replaced it.
+    "average_epoch_zero": ("average.py", ["--workdir=w", "--out=o", "--first_epoch=0",
+                                          "--last_epoch=2"],
+                           "flag --first_epoch=0: epochs count from 1"),
+    "inspect_records_negative_top": ("inspect_records.py", ["--records=r", "--top=-1"],
+                                     "argument --top: -1: must be >= 0"),
+    "preprocess_shard_index_past_num_shards": ("preprocess.py", [
+        "--out=o", "--datafile=d.json", "--labels=l.csv", "--shard-index=3", "--num-shards=2"],
+        "--shard-index 3: must be < --num-shards 2"),
+    "preprocess_negative_workers": ("preprocess.py", ["--out=o", "--datafile=d.json",
+                                                      "--labels=l.csv", "--workers=-1"],
+                                    "argument --workers: -1: must be >= 0"),
 }
 
 

@@ -22,6 +22,9 @@ _FIRST = flags.DEFINE_integer("first_epoch", None, "First averaged epoch (1-base
 _LAST = flags.DEFINE_integer("last_epoch", None, "Last averaged epoch (inclusive).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.mark_flags_as_required(["workdir", "out"])
+for _flag in (_FIRST, _LAST):
+  flags.register_validator(_flag.name, lambda epoch: epoch is None or epoch >= 1,
+                           message="epochs count from 1")
 
 
 def main(argv: list[str]) -> None:
@@ -32,11 +35,11 @@ def main(argv: list[str]) -> None:
   config = run_config.read_run_config(_WORKDIR.value)
   if config is None:
     raise FileNotFoundError(f"{_WORKDIR.value}: not a training workdir (no config.json)")
-  if "finetune" not in config and not (_FIRST.value and _LAST.value):
+  if "finetune" not in config and (_FIRST.value is None or _LAST.value is None):
     raise ValueError(f"{_WORKDIR.value} is not a fine-tuning run: give --first_epoch and "
                      "--last_epoch")
-  first = _FIRST.value or config.finetune.average_first_epoch
-  last = _LAST.value or config.finetune.average_last_epoch
+  first = config.finetune.average_first_epoch if _FIRST.value is None else _FIRST.value
+  last = config.finetune.average_last_epoch if _LAST.value is None else _LAST.value
   params, steps = averaging.average_workdir(_WORKDIR.value, first, last)
   normalization = init_source.normalization_record(_WORKDIR.value)
   io.save_params(_OUT.value, params, model_config=config.model.to_dict(),

@@ -45,6 +45,9 @@ _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable video
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be read.")
 flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["videos", "records"])
+flags.register_multi_flags_validator(
+    ["videos", "subset"], lambda values: not (values["videos"] and values["subset"]),
+    message="--subset selects clips of records; with --videos, list the video files instead")
 
 
 def main(argv: list[str]) -> None:

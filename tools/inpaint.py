@@ -25,8 +25,11 @@ _CLIP_ID = flags.DEFINE_string("clip_id", None, "Id of the clip in the records."
 _MASK_RATIO_A = flags.DEFINE_float("mask_ratio_a", 0.75, "Fraction of audio patches removed.")
 _MASK_RATIO_V = flags.DEFINE_float("mask_ratio_v", 0.75, "Fraction of image patches removed.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masks.")
-_OUT = flags.DEFINE_string("out", None, "Output PNG file.")
+_OUT = flags.DEFINE_string("out", None, "Output PNG file (must not exist unless --overwrite).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.mark_flags_as_required(["out"])
+flags.register_validator(_OUT.name, lambda path: path is None or path.lower().endswith(".png"),
+                         message="must name a .png file")
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
 for _flag in (_MASK_RATIO_A, _MASK_RATIO_V):
   flags.register_validator(_flag.name, lambda ratio: 0.0 <= ratio < 1.0,
@@ -38,6 +41,8 @@ def main(argv: list[str]) -> None:
   from cav_mae_jax import models  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import features, inpaint  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
+  # Before any work: an existing --out is refused now, not after the model ran.
+  features.check_output(_OUT.value, overwrite=_OVERWRITE.value)
   records = features.records_directory(config, _RECORDS.value or "")
   inpaint.check_norm_pix_loss(models.ModelConfig.from_config(config.model),
                               _MODEL.workdir.value or _MODEL.params.value)

@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--labels", help="class_labels_indices.csv, for class names")
   parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect, or "
                       "inspect_<dataset>_<split> here for --tfds)")
-  parser.add_argument("--num-images", type=int, default=4)
-  parser.add_argument("--top", type=int, default=20)
+  parser.add_argument("--num-images", type=cli.number_type(int, 0), default=4)
+  parser.add_argument("--top", type=cli.number_type(int, 0), default=20)
   return parser
 
 

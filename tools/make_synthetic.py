@@ -25,19 +25,20 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.error = lambda message: sys.exit(cli.error_line(message))
   parser.add_argument('--out', required=True, help='output directory')
-  parser.add_argument('--train', type=int, default=256, help='number of training clips')
-  parser.add_argument('--eval', type=int, default=64, help='number of evaluation clips (0: none)')
-  parser.add_argument('--classes', type=int, default=8, help='number of classes')
+  parser.add_argument('--train', type=cli.number_type(int, 1), default=256,
+                      help='number of training clips')
+  parser.add_argument('--eval', type=cli.number_type(int, 0), default=64,
+                      help='number of evaluation clips (0: none)')
+  parser.add_argument('--classes', type=cli.number_type(int, 1), default=8,
+                      help='number of classes')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--duration', type=float, default=10.0, help='clip length in seconds')
-  parser.add_argument('--fps', type=int, default=10)
+  parser.add_argument('--duration', type=cli.number_type(float, 0, inclusive=False), default=10.0,
+                      help='clip length in seconds')
+  parser.add_argument('--fps', type=cli.number_type(int, 1), default=10)
   parser.add_argument('--width', type=int, default=160)
   parser.add_argument('--height', type=int, default=120)
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
+  parser.add_argument('--workers', type=cli.number_type(int, 1), default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
-  for flag, value, minimum in (('--eval', args.eval, 0), ('--workers', args.workers, 1)):
-    if value < minimum:
-      return cli.error_line(f'{flag} {value}: must be >= {minimum}')
   splits = [('train', args.train)] + ([('eval', args.eval)] if args.eval > 0 else [])
   for split_name, num_clips in splits:
     start = time.time()

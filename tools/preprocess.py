@@ -33,11 +33,13 @@ def _parser() -> argparse.ArgumentParser:
                       "video_path, labels}]}")
   parser.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name)")
   parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+  parser.add_argument("--workers", type=cli.number_type(int, 0), default=os.cpu_count() or 1,
                       help="worker processes (0: in this process)")
-  parser.add_argument("--shard-index", type=int, default=0, help="this machine's index")
-  parser.add_argument("--num-shards", type=int, default=1, help="number of machines")
-  parser.add_argument("--examples-per-shard", type=int, default=1024)
+  parser.add_argument("--shard-index", type=cli.number_type(int, 0), default=0,
+                      help="this machine's index")
+  parser.add_argument("--num-shards", type=cli.number_type(int, 1), default=1,
+                      help="number of machines")
+  parser.add_argument("--examples-per-shard", type=cli.number_type(int, 1), default=1024)
   parser.add_argument("--store-waveform", action="store_true",
                       help="also store the 16 kHz int16 waveform (for waveform mixup)")
   parser.add_argument("--strict", action="store_true",
@@ -53,6 +55,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if not args.merge_index and (not args.datafile or not args.labels):
     parser.error("--datafile and --labels are required (unless --merge-index)")
+  if args.shard_index >= args.num_shards:
+    parser.error(f"--shard-index {args.shard_index}: must be < --num-shards {args.num_shards}")
   return args
 
 

@@ -29,6 +29,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@flags.multi_flags_validator(["distributed", "coordinator_address", "num_processes", "process_id"],
+                             message="--coordinator_address, --num_processes and --process_id "
+                             "need --distributed (without it every process would train alone)")
+def _distributed_flags_need_distributed(values: dict) -> bool:
+  return values["distributed"] or all(values[name] is None for name in
+                                      ("coordinator_address", "num_processes", "process_id"))
+
+
 def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
