@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import fractions
 import gc
+import importlib.util
 import io
 import math
 import os
@@ -812,11 +813,81 @@ def test_benchmark_preprocess_tool_missing_source_prints_one_error_line(tmp_path
   assert_one_error_line(result.returncode, result.stderr, '--source', missing, 'no such file')
 
 
+def _run_benchmark_preprocess_before_tensorflow(tmp_path, *args):
+  """tools/benchmark_preprocess.py with a `tensorflow` on PYTHONPATH that ends the process:
+  the timed path imports TensorFlow first, so a one-line error proves the input was refused
+  before anything was measured."""
+  from test_prepare import REPO  # pylint: disable=g-import-not-at-top
+  tripwire = tmp_path / 'tripwire' / 'tensorflow'
+  tripwire.mkdir(parents=True)
+  (tripwire / '__init__.py').write_text("raise SystemExit('tensorflow was imported')\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS')}
+  env['PYTHONPATH'] = os.pathsep.join([str(tripwire.parent), REPO])
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tools', 'benchmark_preprocess.py'), '--clips', '1',
+       *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def test_benchmark_preprocess_tool_refuses_a_source_it_cannot_decode(tmp_path):
+  """One line with the file and decode's reason code, as preprocessing quarantines it."""
+  from test_prepare import assert_one_error_line  # pylint: disable=g-import-not-at-top
+  text = tmp_path / 'text.mp4'
+  text.write_text('hello\n')
+  result = _run_benchmark_preprocess_before_tensorflow(tmp_path, '--source', str(text))
+  assert_one_error_line(result.returncode, result.stderr, f'--source {text}: cannot be decoded: '
+                        'unreadable_container (')
+  assert not result.stdout
+
+
+@pytest.mark.parametrize('interpreter, why', [
+    ('missing', 'no such file'),
+    ('not_executable', 'not executable'),
+    ('no_site', "cannot import cv2, numpy, soundfile, torch, torchaudio, torchvision, PIL (the "
+                "original's steps need"),
+    ('not_python', 'is not a Python interpreter that runs (exit status 3: boom)'),
+])
+def test_benchmark_preprocess_tool_checks_the_original_python_first(tmp_path, interpreter, why):
+  """A missing, non-executable or unfit --original-python is one line before any measurement."""
+  from test_prepare import assert_one_error_line  # pylint: disable=g-import-not-at-top
+  path = tmp_path / interpreter
+  if interpreter == 'not_executable':
+    path.write_text('')
+  elif interpreter == 'no_site':  # this Python without its site-packages: none of the modules
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    path.chmod(0o755)
+  elif interpreter == 'not_python':
+    path.write_text('#!/bin/sh\necho boom >&2; exit 3\n')
+    path.chmod(0o755)
+  result = _run_benchmark_preprocess_before_tensorflow(tmp_path, '--original-python', str(path))
+  assert_one_error_line(result.returncode, result.stderr, f'--original-python {path}: {why}')
+  assert not result.stdout
+
+
+def test_benchmark_preprocess_tool_reports_a_failing_original_run_in_one_line(tmp_path):
+  """The original's steps failing in their interpreter: one line with its last stderr line."""
+  from test_prepare import REPO  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'benchmark_preprocess', os.path.join(REPO, 'tools', 'benchmark_preprocess.py'))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  python = tmp_path / 'python'
+  python.write_text('#!/bin/sh\necho Traceback >&2; echo "ModuleNotFoundError: no cv2" >&2; '
+                    'exit 1\n')
+  python.chmod(0o755)
+  with pytest.raises(RuntimeError) as info:
+    tool.measure_original(str(python), 0, str(tmp_path))
+  assert str(info.value) == (f"--original-python {python}: the original's steps failed (exit "
+                             "status 1): ModuleNotFoundError: no cv2")
+
+
 def test_benchmark_preprocess_tool_times_our_path_and_its_stages():
-  # Without --original-python only our side runs; --stages adds the per-stage profile.
+  # Without --original-python only our side runs; --stages adds the per-stage profile. Quietly:
+  # no TensorFlow start-up lines on stderr (run_tool leaves TensorFlow's logging at its default).
   from test_prepare import run_tool  # pylint: disable=g-import-not-at-top
   result = run_tool('benchmark_preprocess', '--clips', '1', '--stages')
   assert result.returncode == 0, result.stderr[-2000:]
+  assert not result.stderr, result.stderr
   lines = result.stdout.splitlines()
   assert 'original: not measured' in lines[0]
   ours = next(line for line in lines if line.startswith('ours'))

@@ -13,6 +13,12 @@ adds the CPU milliseconds of each of our stages on the first clip (best of 5): t
 Clips: `--source` (e.g. the original repo's sample video KlsG1EnBEjc_000361.mp4) is
 transcoded to 640x360 H.264 + AAC stereo 44.1 kHz, 10 s, and copied `--clips` times; without
 it, synthetic 360p clips are generated (flat graphics decode faster than camera video).
+
+Bad input is answered with one line `error: ...` and exit status 2 before anything is measured:
+a `--source` our decoder cannot read (with its `decode.DecodeError` reason code, as
+tools/preprocess.py quarantines clips), an `--original-python` that does not run or cannot
+import the original's modules, ffmpeg or sox missing from PATH. A failure of the original's
+steps in that interpreter is one such line too.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ import tempfile
 from cav_mae_jax.data import preprocess_benchmark
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What `preprocess_benchmark.run_original` imports, and the programs its steps run.
+ORIGINAL_MODULES = ('cv2', 'numpy', 'soundfile', 'torch', 'torchaudio', 'torchvision', 'PIL')
+ORIGINAL_PROGRAMS = ('ffmpeg', 'sox')
+# Prints the modules of argv that the interpreter cannot find, without importing them (fast).
+_FIND_MODULES = ('import importlib.util, sys; '
+                 'print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))')
 
 
 def _error(message: object) -> int:
@@ -38,6 +50,71 @@ def _error(message: object) -> int:
   """
   print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
   return 2
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else 'no output'
+
+
+def _original_env() -> dict[str, str]:
+  """The environment of the original's interpreter: it imports this checkout's package
+  (standard library only at the top of preprocess_benchmark)."""
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(
+      filter(None, [_REPO_ROOT, os.environ.get('PYTHONPATH')])))
+
+
+def check_original_python(python: str) -> str:
+  """The path of `python` if it can run the original's steps; raises ValueError otherwise.
+
+  Checked before anything is measured: the interpreter exists and is executable, it runs, it
+  finds every module of `ORIGINAL_MODULES` (looked up, not imported: fast), and ffmpeg and sox
+  are on PATH.
+  """
+  flag = f'--original-python {python}'
+  path = shutil.which(python)
+  if path is None:
+    if os.path.isdir(python):
+      raise ValueError(f'{flag}: is a directory, not an interpreter')
+    if os.path.exists(python):
+      raise ValueError(f'{flag}: not executable')
+    raise ValueError(f'{flag}: no such file' + ('' if os.sep in python else ' on PATH'))
+  try:
+    found = subprocess.run([path, '-c', _FIND_MODULES, *ORIGINAL_MODULES], capture_output=True,
+                           text=True, env=_original_env(), timeout=120, check=False)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    raise ValueError(f'{flag}: does not run ({e})') from None
+  if found.returncode != 0:
+    raise ValueError(f'{flag}: is not a Python interpreter that runs (exit status '
+                     f'{found.returncode}: {_last_line(found.stderr)})')
+  missing = found.stdout.split()
+  if missing:
+    raise ValueError(f'{flag}: cannot import {", ".join(missing)} (the original\'s steps need '
+                     f'{", ".join(ORIGINAL_MODULES)})')
+  programs = [name for name in ORIGINAL_PROGRAMS if shutil.which(name) is None]
+  if programs:
+    raise ValueError(f'{flag}: the original\'s steps need {" and ".join(ORIGINAL_PROGRAMS)} on '
+                     f'PATH; not found: {", ".join(programs)}')
+  return path
+
+
+def measure_original(python: str, cpu: int, clip_dir: str) -> dict:
+  """Runs the original's steps on the clips of `clip_dir` under `python` (this file's worker
+  mode); returns their timing. Raises RuntimeError with one line when the run fails."""
+  try:
+    completed = subprocess.run(
+        [python, os.path.abspath(__file__), '--cpu', str(cpu), '--run-original', clip_dir],
+        capture_output=True, text=True, env=_original_env(), check=False)
+  except OSError as e:
+    raise RuntimeError(f'--original-python {python}: does not run ({e})') from None
+  if completed.returncode != 0:
+    raise RuntimeError(f'--original-python {python}: the original\'s steps failed (exit status '
+                       f'{completed.returncode}): {_last_line(completed.stderr)}')
+  try:
+    return json.loads(_last_line(completed.stdout))
+  except ValueError:
+    raise RuntimeError(f'--original-python {python}: the original\'s steps printed no timing '
+                       f'(last line: {_last_line(completed.stdout)})') from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,25 +145,37 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(preprocess_benchmark.run_original(paths, work_dir)))
     return 0
 
+  # Every input is checked before anything is measured (the measurement takes a while).
+  try:
+    original_python = (check_original_python(args.original_python) if args.original_python
+                       else None)
+  except ValueError as e:
+    return _error(e)
+  if args.source:
+    from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
+    try:
+      decode.decode_clip(args.source)  # the reason code of a clip our path cannot read
+    except decode.DecodeError as e:
+      return _error(f'--source {e.path}: cannot be decoded: {e.reason}' +
+                    (f' ({e.detail})' if e.detail else ''))
+  # The timed path imports TensorFlow (records); its start-up lines would bury the table.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  from cav_mae_jax import cli  # pylint: disable=g-import-not-at-top  (absl: not in worker mode)
+  cli.import_tensorflow_quietly()
+
   with tempfile.TemporaryDirectory() as directory:
     clip_dir = os.path.join(directory, 'clips')
     os.makedirs(clip_dir)
     paths = preprocess_benchmark.prepare_clips(args.source, args.clips, clip_dir)
     results = {'ours': preprocess_benchmark.run_ours(paths)}
     stages = preprocess_benchmark.stage_times(paths[0]) if args.stages else {}
-    missing = [tool for tool in ('ffmpeg', 'sox') if shutil.which(tool) is None]
-    if not args.original_python:
+    if original_python is None:
       print('original: not measured (no --original-python with cv2/torchaudio/torchvision)')
-    elif missing:
-      print(f'original: not measured ({", ".join(missing)} not on PATH)')
     else:
-      # The other Python imports this checkout's package (standard library only at the top).
-      env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-          filter(None, [_REPO_ROOT, os.environ.get('PYTHONPATH')])))
-      completed = subprocess.run(
-          [args.original_python, os.path.abspath(__file__), '--cpu', str(args.cpu),
-           '--run-original', clip_dir], check=True, capture_output=True, text=True, env=env)
-      results['original'] = json.loads(completed.stdout.strip().splitlines()[-1])
+      try:
+        results['original'] = measure_original(original_python, args.cpu, clip_dir)
+      except RuntimeError as e:
+        return _error(e)
 
   print(f'{args.clips} clips, 10 s, 640x360, source: {args.source or "synthetic"}, '
         f'one core (cpu {args.cpu})')
