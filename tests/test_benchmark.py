@@ -110,6 +110,55 @@ def test_benchmark_tool_prints_what_the_backward_keeps_and_xlas_plan(tmp_path):
   assert plan.startswith("XLA's plan of the compiled step on cpu over mesh {'data': 8, 'fsdp': 1}")
 
 
+_BAD_FLAGS = [
+    # (arguments, the one error line's text): a range, a combination whose flag would be ignored
+    (["--steps=-1", "--warmup=0"], "flag --steps=-1: -1 is not a positive integer"),
+    (["--steps=0"], "flag --steps=0: 0 is not a positive integer"),  # was: 20 steps
+    (["--batch_size=0"], "flag --batch_size=0: 0 is not a positive integer"),  # was: the config's
+    (["--warmup=-1"], "flag --warmup=-1: -1 is not a non-negative integer"),
+    (["--input-only", "--cost-analysis"], "--input-only, --cost-analysis: give at most one of "
+     "--input-only, --cost-analysis, --memory-analysis"),
+    (["--cost-analysis", "--profile=trace"], "--profile applies to the timed train step (no mode "
+     "flag), not to --cost-analysis"),
+    (["--samples=100"], "--samples applies to --input-only, not to the timed train step"),
+    (["--memory-analysis", "--steps=5"], "--steps applies to the timed train step (no mode flag) "
+     "and --input-only, not to --memory-analysis"),
+]
+
+
+@pytest.mark.parametrize("args, line", _BAD_FLAGS, ids=[" ".join(a) for a, _ in _BAD_FLAGS])
+def test_benchmark_tool_refuses_bad_flags_before_building_the_step(tmp_path, args, line):
+  """One line `error: ...` naming the flag, exit 2, before the step is built: an `optax` on
+  PYTHONPATH that ends the process stands for the train step's imports (and the input
+  pipeline's TensorFlow comes later still)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tripwire = tmp_path / "tripwire" / "optax"
+  tripwire.mkdir(parents=True)
+  (tripwire / "__init__.py").write_text("raise SystemExit('optax was imported')\n")
+  done = subprocess.run(
+      [sys.executable, os.path.join(root, "tools", "benchmark.py"),
+       "--config=configs/pretrain.py:tiny", "--config.model.audio_length=256",
+       "--config.model.image_size=64", *args],
+      cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tripwire.parent), root]),
+                             JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=120, check=False)
+  lines = done.stderr.splitlines()
+  assert done.returncode == 2 and len(lines) == 1, (done.returncode, done.stderr[-3000:])
+  assert lines[0].startswith(f"error: {line}"), lines[0]
+  assert not done.stdout
+
+
+def test_benchmark_refuses_no_timed_step_before_compiling():
+  """steps=0 would divide by zero (and a negative count printed negative rates)."""
+  with pytest.raises(ValueError, match=r"steps=0: must be >= 1"):
+    benchmark.benchmark_train_step(_tiny_config(), batch_size=8, steps=0, warmup=1)
+  with pytest.raises(ValueError, match=r"warmup=-1: must be >= 0"):
+    benchmark.benchmark_torch(_tiny_config(), batch_size=8, steps=1, warmup=-1)
+
+
 @pytest.mark.parametrize("arg", ["tiny", "tiny,probe"])
 def test_finetuning_and_probe_steps_run_on_random_labels(arg):
   """The benchmark times any task: fine-tuning and probing get one-hot labels with the clips.
@@ -121,7 +170,8 @@ def test_finetuning_and_probe_steps_run_on_random_labels(arg):
   from configs import finetune  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   config = finetune.get_config(arg)
   config.model.audio_length, config.model.image_size = 256, 64
-  result = benchmark.benchmark_train_step(config, batch_size=8, steps=1, warmup=1)
+  # No warm-up step (warmup=0 once ended in an UnboundLocalError): the step is compiled first.
+  result = benchmark.benchmark_train_step(config, batch_size=8, steps=1, warmup=0)
   assert result["jax/samples_per_s"] > 0 and result["jax/loss"] > 0
   assert 1.0 <= result["xla_over_model_flops"] <= 1.2, result
 

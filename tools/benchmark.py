@@ -34,6 +34,12 @@ batched, in one process, with no model and no device transfer; at least `--sampl
 (default 2000; steps = samples / batch size, rounded up) after `--warmup` batches. It prints
 samples per wall second and per CPU-second of this process (user + system time: the
 throughput of one fully used core, which holds on a shared machine too).
+
+`--input-only`, `--cost-analysis` and `--memory-analysis` exclude each other, and a flag the
+chosen mode does not read (`--profile` or `--compare-torch` with any of them, `--samples`
+without `--input-only`, `--steps` or `--warmup` with an analysis, which runs no step) is
+refused with one line, as is `--steps` < 1, `--warmup` < 0, `--batch_size` or `--samples` < 1:
+all before anything is compiled or read.
 """
 
 from __future__ import annotations
@@ -49,10 +55,13 @@ from cav_mae_jax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default: 20 train steps; input: "
-                              "enough batches for --samples).")
-_SAMPLES = flags.DEFINE_integer("samples", 2000, "--input-only: time at least this many clips.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default config.data.batch_size).")
+                              "enough batches for --samples).", lower_bound=1)
+_SAMPLES = flags.DEFINE_integer("samples", 2000, "--input-only: time at least this many clips.",
+                                lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps (--input-only: batches) first; the "
+                               "train step is compiled before them.", lower_bound=0)
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default config.data.batch_size).",
+                              lower_bound=1)
 _COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Also time the torch reference.")
 _COST_ANALYSIS = flags.DEFINE_bool("cost-analysis", False,
                                    "Print XLA's FLOPs of the compiled step vs the model FLOPs.")
@@ -64,17 +73,50 @@ _PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into thi
                                "print where their device time went.")
 flags.mark_flags_as_required(["config"])
 
+# What the tool does: one of these modes, or (none given) the timed train step.
+_MODES = (_INPUT_ONLY, _COST_ANALYSIS, _MEMORY_ANALYSIS)
+# The flags (besides --config and --batch_size) that each mode reads; None: the timed train step.
+_MODE_FLAGS = {None: ("steps", "warmup", "compare-torch", "profile"),
+               "input-only": ("steps", "samples", "warmup"),
+               "cost-analysis": (), "memory-analysis": ()}
+
+
+def _mode_name(mode: str | None) -> str:
+  return "the timed train step (no mode flag)" if mode is None else f"--{mode}"
+
+
+def check_flags() -> str | None:
+  """The mode the flags ask for (None: the timed train step), before any work.
+
+  Raises ValueError naming the flags when two modes are given, or a flag the mode does not
+  read (it would be ignored silently: --profile or --compare-torch with an analysis, --samples
+  without --input-only, --steps or --warmup where nothing runs). The flags' ranges (--steps >=
+  1, --warmup >= 0, --batch_size >= 1, --samples >= 1) are checked as they are parsed.
+  """
+  modes = [holder.name for holder in _MODES if holder.value]
+  if len(modes) > 1:
+    raise ValueError(f"{', '.join('--' + m for m in modes)}: give at most one of "
+                     f"{', '.join('--' + h.name for h in _MODES)}")
+  mode = modes[0] if modes else None
+  for name in sorted({n for names in _MODE_FLAGS.values() for n in names}):
+    flag = flags.FLAGS[name]
+    given = flag.value if isinstance(flag.value, bool) else flag.present
+    if given and name not in _MODE_FLAGS[mode]:
+      readers = " and ".join(_mode_name(m) for m, names in _MODE_FLAGS.items() if name in names)
+      raise ValueError(f"--{name} applies to {readers}, not to {_mode_name(mode)}")
+  return mode
+
 
 def input_only(config) -> None:
   """Times the input pipeline alone and prints what was measured and the figures."""
   cli.import_tensorflow_quietly()
   from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
-  if _BATCH.value:
+  if _BATCH.value is not None:
     config = config.copy_and_resolve_references()
     config.data.batch_size = _BATCH.value
   batch = config.data.batch_size
-  steps = _STEPS.value or math.ceil(_SAMPLES.value / batch)
+  steps = _STEPS.value if _STEPS.value is not None else math.ceil(_SAMPLES.value / batch)
   data_config = dataset.DataConfig.from_config(config)
   source = dataset.open_split(data_config, "train")
   normalization = dataset.fbank_normalization(data_config)
@@ -93,22 +135,23 @@ def input_only(config) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  mode = check_flags()
   config = _CONFIG.value
-  if _INPUT_ONLY.value:
+  if mode == "input-only":
     input_only(config)
     return
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
-  batch_size = _BATCH.value or config.data.batch_size
+  batch_size = _BATCH.value if _BATCH.value is not None else config.data.batch_size
   if _COMPARE_TORCH.value:
     benchmark.check_torch_comparable(config)  # before the JAX timing, not after it
-  if _COST_ANALYSIS.value:
+  if mode == "cost-analysis":
     results = benchmark.compiled_step_cost(config, batch_size)
     print(f"compiled train step, batch {batch_size}, {config.model.dtype}: "
           f"XLA {results['xla_gflop_per_sample_step']:.1f} GFLOP/sample vs model "
           f"{results['model_gflop_per_sample_step']:.1f} "
           f"(x{results['xla_over_model_flops']:.3f})")
     return
-  if _MEMORY_ANALYSIS.value:
+  if mode == "memory-analysis":
     remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
     saved = benchmark.saved_activations(config)
     memory = benchmark.compiled_step_memory(config, batch_size)
@@ -124,7 +167,7 @@ def main(argv: list[str]) -> None:
           f"{memory['xla_argument_gib']:.2f} + temporaries {memory['xla_temp_gib']:.2f} + outputs "
           f"not in place {memory['xla_unaliased_output_gib']:.2f}")
     return
-  steps = _STEPS.value or 20
+  steps = _STEPS.value if _STEPS.value is not None else 20
   results = benchmark.benchmark_train_step(config, batch_size, steps, _WARMUP.value,
                                            profile_dir=_PROFILE.value)
   summary = results.pop("jax/profile", None)

@@ -216,8 +216,10 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   time went (`train/profile.py`) as `jax/profile`, or why not as `jax/profile_error`.
   A step that does not fit in the device's memory (XLA's plan of the compiled step over the
   memory the device offers, or an allocation that fails) is not run: `jax/does_not_fit` says
-  why, next to the compile time and the compiled cost and memory plan.
+  why, next to the compile time and the compiled cost and memory plan. Raises ValueError for
+  `steps` < 1 or `warmup` < 0, before anything is compiled.
   """
+  check_steps(steps, warmup)
   setup = setup_train_step(config, batch_size)
   compile_start = time.perf_counter()
   compiled = setup.compile()
@@ -240,6 +242,14 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   return result
 
 
+def check_steps(steps: int, warmup: int) -> None:
+  """Raises ValueError unless `steps` >= 1 (a rate needs a timed step) and `warmup` >= 0."""
+  if steps < 1:
+    raise ValueError(f"steps={steps}: must be >= 1 (the timed steps)")
+  if warmup < 0:
+    raise ValueError(f"warmup={warmup}: must be >= 0 (the untimed steps first)")
+
+
 def _time_compiled_step(setup: StepSetup, compiled: jax.stages.Compiled, steps: int,
                         warmup: int, profile_dir: str | None) -> dict[str, Any]:
   """`benchmark_train_step`'s timing, memory, MFU and profile of a compiled step."""
@@ -252,6 +262,7 @@ def _time_compiled_step(setup: StepSetup, compiled: jax.stages.Compiled, steps: 
   rng = jax.device_put(jax.random.PRNGKey(1), mesh_lib.replicated(mesh))
 
   warmup_start = time.perf_counter()
+  metrics = None  # no warm-up step: nothing to wait for but the state
   for _ in range(warmup):
     state, metrics = compiled(state, batch, rng)
   jax.block_until_ready((state, metrics))
@@ -321,9 +332,11 @@ def check_torch_comparable(config: ml_collections.ConfigDict) -> None:
 def benchmark_torch(config, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
   """Times the torch reference trained as the original (Adam, autocast, GradScaler).
 
-  A batch that runs out of GPU memory gives `torch/does_not_fit` instead of timings.
+  A batch that runs out of GPU memory gives `torch/does_not_fit` instead of timings. Raises
+  ValueError for `steps` < 1 or `warmup` < 0, before the model is built.
   """
   check_torch_comparable(config)
+  check_steps(steps, warmup)
   import torch  # pylint: disable=g-import-not-at-top
   reference = load_test_module("torch_reference")
   m = config.model
