@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
+import re
 import shutil
 import time
 
@@ -39,10 +41,15 @@ class DemoOptions:
   finetune_steps: int = 64
 
 
+def records_dir(options: DemoOptions, split: str) -> str:
+  """Where the demo's records of `split` ('train' or 'eval') are."""
+  return os.path.join(options.workdir, "records", split)
+
+
 def make_records(options: DemoOptions, split: str, num_clips: int, seed: int) -> str:
   """Generates `num_clips` synthetic clips of `split` and preprocesses them; returns the dir."""
   from cav_mae_jax.data import prepare, records, synthetic  # pylint: disable=g-import-not-at-top
-  out_dir = os.path.join(options.workdir, "records", split)
+  out_dir = records_dir(options, split)
   if os.path.isfile(records.index_path(out_dir)):
     return out_dir  # already prepared by an earlier run
   info = synthetic.generate_dataset(
@@ -104,13 +111,11 @@ def report(records: list[dict], seconds: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
-def finetune(options: DemoOptions, train_dir: str, eval_dir: str, pretrained: str | None,
-             workdir: str) -> dict[str, float]:
-  """Fine-tunes the tiny model (from `pretrained`'s workdir, or random init); held-out metrics.
-
-  Evaluators: all modalities, and (with a pretrained start) the video or the audio missing.
+def finetune_config(options: DemoOptions, train_dir: str, eval_dir: str,
+                    pretrained: str | None) -> ml_collections.ConfigDict:
+  """The fine-tuning config: the tiny model on the synthetic classes for `finetune_steps` steps,
+  from `pretrained`'s workdir (also evaluated with the video or the audio missing) or random init.
   """
-  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
   from configs import common, finetune as finetune_configs  # pylint: disable=g-import-not-at-top
   config = finetune_configs.get_config(f"tiny,classes={options.classes}")
   config.data.train_dir, config.data.eval_dir = train_dir, eval_dir
@@ -125,6 +130,17 @@ def finetune(options: DemoOptions, train_dir: str, eval_dir: str, pretrained: st
     config.evals = ml_collections.ConfigDict({
         name: common.evaluator("classification", every_steps=0, batch_size=16, mode=mode,
                                all_frames=False) for name, mode in modes.items()})
+  return config
+
+
+def finetune(options: DemoOptions, train_dir: str, eval_dir: str, pretrained: str | None,
+             workdir: str) -> dict[str, float]:
+  """Fine-tunes the tiny model (from `pretrained`'s workdir, or random init); held-out metrics.
+
+  Evaluators: all modalities, and (with a pretrained start) the video or the audio missing.
+  """
+  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = finetune_config(options, train_dir, eval_dir, pretrained)
   if os.path.isdir(workdir):
     shutil.rmtree(workdir)
   with contextlib.redirect_stdout(io.StringIO()):  # the init report is in the workdir
@@ -166,8 +182,91 @@ def demo_config(options: DemoOptions, train_dir: str, eval_dir: str) -> ml_colle
   return config
 
 
+# The config fields that demo flags set (demo_config, finetune_config), as regular expressions:
+# a value that validation rejects there is reported under the flag the user typed.
+_FLAG_FIELDS = {
+    "pretraining": {r"total_steps": "steps", r"checkpoint\.every_steps": "steps",
+                    r"evals\.\w+\.every_steps": "steps", r"optim\.learning_rate": "learning_rate"},
+    "fine-tuning": {r"total_steps": "finetune_steps", r"model\.num_classes": "classes"},
+}
+
+
+def check_options(options: DemoOptions, finetuning: bool = True) -> None:
+  """Raises ValueError naming the flag of an option the demo cannot run with; builds nothing.
+
+  Checks the options that are not config fields, then builds the configs the demo will run (the
+  pretraining config, and with `finetuning` both fine-tuning configs) and validates them as the
+  trainer does (`validation.validate_config`), against the records when an earlier run left
+  them, else checking the clip counts against the batch sizes. So a bad value is refused before
+  any clip, record or run is made, and before an earlier run is deleted.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import fbank, records  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import validation  # pylint: disable=g-import-not-at-top
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  for name in ("train_clips", "eval_clips", "classes", "workers"):
+    if getattr(options, name) < 1:
+      raise ValueError(f"--{name}={getattr(options, name)}: must be positive")
+  min_seconds = fbank.FRAME_LENGTH_MS / 1000  # shorter clips have no fbank frame
+  if not (math.isfinite(options.clip_seconds) and options.clip_seconds >= min_seconds):
+    raise ValueError(f"--clip_seconds={options.clip_seconds}: must be at least {min_seconds:g} "
+                     f"(one {fbank.FRAME_LENGTH_MS:g} ms fbank frame)")
+  train_dir, eval_dir = records_dir(options, "train"), records_dir(options, "eval")
+  try:
+    recipe = pretrain.parse_arg(options.config)[0]
+    configs = {"pretraining": [demo_config(options, train_dir, eval_dir)]}
+  except ValueError as e:
+    raise ValueError(f"--config={options.config!r}: {e}") from None
+  if recipe != "tiny":
+    raise ValueError(f"--config={options.config!r}: the demo pretrains the tiny model (it "
+                     "fine-tunes configs/finetune.py:tiny from it); give the tiny recipe with "
+                     "options, e.g. tiny,lambda_c=1.0,cosine")
+  if finetuning:
+    configs["fine-tuning"] = [finetune_config(options, train_dir, eval_dir, pretrained)
+                              for pretrained in (os.path.join(options.workdir, "run"), None)]
+    configs["fine-tuning"][0].init.source = ""  # its init, the pretraining's run, is not made yet
+  built = {split: not os.path.isfile(records.index_path(directory))
+           for split, directory in (("train", train_dir), ("eval", eval_dir))}
+  reused = (f"; the demo reuses the records an earlier run made in "
+            f"{os.path.join(options.workdir, 'records')}: remove them to make new ones")
+  for what, config in ((what, c) for what, group in configs.items() for c in group):
+    # The config alone, then (records of an earlier run) the config against the records.
+    for check_data in (False,) if any(built.values()) else (False, True):
+      try:
+        validation.validate_config(config, jax.device_count(), jax.process_count(),
+                                   check_data=check_data)
+      except ValueError as e:
+        raise ValueError(_named_flag(options, what, e) + (reused if check_data else "")) from None
+    if built["train"] and options.train_clips < config.data.batch_size:
+      raise ValueError(f"--train_clips={options.train_clips}: fewer than the {what} batch of "
+                       f"{config.data.batch_size} clips (config.data.batch_size)")
+    for name, entry in config.evals.items():
+      if (built["eval"] and entry.type == "losses" and entry.split == "eval" and not entry.dir
+          and options.eval_clips < entry.batch_size):
+        raise ValueError(f"--eval_clips={options.eval_clips}: the {what} evaluator "
+                         f"config.evals.{name} scores full batches of {entry.batch_size} clips "
+                         "only; give at least that many")
+
+
+def _named_flag(options: DemoOptions, what: str, error: ValueError) -> str:
+  """`error` of the `what` config, prefixed with the demo flag that set the field it names."""
+  match = re.match(r"config\.([\w.]+)", str(error))
+  field = match.group(1).rstrip(".") if match else ""
+  for pattern, flag in _FLAG_FIELDS[what].items():
+    if re.fullmatch(pattern, field):
+      return f"--{flag}={getattr(options, flag)}: {error}"
+  if what == "pretraining":  # the rest of it is the recipe and options of --config
+    return f"--config={options.config!r}: {error}"
+  return f"the demo's {what} config: {error}"
+
+
 def run_demo(options: DemoOptions) -> str:
-  """Runs the whole demo in `options.workdir`; returns the report (also printed as it goes)."""
+  """Runs the whole demo in `options.workdir`; returns the report (also printed as it goes).
+
+  Every option is checked first (`check_options`): a bad one raises ValueError before anything
+  is built or deleted.
+  """
+  check_options(options)
   seconds = {}
   start = time.time()
   print(f"[1/4] synthetic clips and records in {options.workdir} ...", flush=True)

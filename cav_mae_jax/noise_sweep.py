@@ -53,6 +53,7 @@ def run_sweep(options: demo.DemoOptions, seeds: Sequence[int],
   unknown = sorted(set(placements) - set(PLACEMENTS))
   if unknown:
     raise ValueError(f"noise placements {unknown}: unknown; choose from {sorted(PLACEMENTS)}")
+  demo.check_options(options, finetuning=False)  # a bad option is refused before the records
   train_dir, eval_dir = demo.prepare_demo_records(options)
   results = []
   for seed in seeds:

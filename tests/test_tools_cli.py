@@ -124,3 +124,35 @@ def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args
   assert result.returncode == 2, result.stderr[-2000:]
   line, = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and named in line, line
+
+
+# Small enough that the demo would build its data in seconds if a bad value got past the check.
+_SMALL_DEMO = ["--train_clips=16", "--eval_clips=16", "--clip_seconds=0.1", "--workers=1"]
+
+
+@pytest.mark.parametrize("tool, args, named", [
+    ("demo.py", [*_SMALL_DEMO, "--steps=-1"], "--steps=-1: config.total_steps=-1: must be "),
+    ("demo.py", [*_SMALL_DEMO, "--learning_rate=-1"],
+     "--learning_rate=-1.0: config.optim.learning_rate=-1.0: must be positive"),
+    ("demo.py", [*_SMALL_DEMO, "--finetune_steps=-1"],
+     "--finetune_steps=-1: config.total_steps=-1: must be positive"),
+    ("demo.py", [*_SMALL_DEMO, "--eval_clips=4"], "--eval_clips=4: the pretraining evaluator"),
+    ("noise_sweep.py", ["--steps=-1"], "--steps=-1: config.total_steps=-1: must be positive"),
+    ("noise_sweep.py", ["--seeds=a,b"], "--seeds"),
+    ("noise_sweep.py", ["--placements=gpu"], "--placements"),
+])
+def test_demo_bad_option_is_refused_before_anything_is_built_or_deleted(tool, args, named,
+                                                                         tmp_path):
+  """One line, exit 2, and the workdir as it was: no clips or records made, no earlier run gone."""
+  workdir = tmp_path / "demo"
+  earlier = ["run", "finetune", "finetune_random_init", "noise_sweep"]  # a finished demo's runs
+  for name in earlier:
+    (workdir / name).mkdir(parents=True)
+    (workdir / name / "metrics.jsonl").write_text("{}\n")
+  result = _run_tool(tool, [f"--workdir={workdir}", *args], tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and named in line, line
+  assert not result.stdout  # not even "[1/4] synthetic clips and records ..."
+  assert sorted(os.listdir(workdir)) == sorted(earlier)  # no synthetic/ or records/
+  assert all((workdir / name / "metrics.jsonl").read_text() == "{}\n" for name in earlier)

@@ -15,6 +15,7 @@ import os
 from absl import flags
 
 from cav_mae_jax import cli
+from cav_mae_jax import noise_sweep  # no JAX: main sets JAX_PLATFORMS before JAX is imported
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cav_mae_demo", "The demo's workdir (records).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "config.seed of each run.")
@@ -23,10 +24,26 @@ _PLACEMENTS = flags.DEFINE_list("placements", ["tfdata", "device"],
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps per run (the demo's).")
 
 
+def _are_integers(values: list[str]) -> bool:
+  """Whether `values` (a list flag's strings) are one or more integers."""
+  try:
+    return bool([int(v) for v in values])
+  except ValueError:
+    return False
+
+
+flags.register_validator(_SEEDS.name, _are_integers,
+                         message="must be one or more integers, comma-separated (e.g. 0,1,2)")
+flags.register_validator(_PLACEMENTS.name,
+                         lambda names: bool(names) and set(names) <= set(noise_sweep.PLACEMENTS),
+                         message=f"must be one or more of {sorted(noise_sweep.PLACEMENTS)}, "
+                         "comma-separated")
+
+
 def main(argv: list[str]) -> None:
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from cav_mae_jax import demo, noise_sweep  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax import demo  # pylint: disable=g-import-not-at-top
   options = demo.DemoOptions(workdir=_WORKDIR.value, steps=_STEPS.value)
   results = noise_sweep.run_sweep(options, [int(s) for s in _SEEDS.value], _PLACEMENTS.value)
   print(noise_sweep.summarize(results))
