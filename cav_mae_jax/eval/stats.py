@@ -18,8 +18,10 @@ Classes the eval set does not cover are where the original's numbers are version
   mAP NaN. Here such a class scores 0.0 and counts in `mAP`, matching the original's
   "mean over all classes" with current scikit-learn; `mAP_classes_with_positives` leaves it
   out, and `classes_without_positives` says how many there were.
-- ROC AUC needs both positives and negatives. The original caught the error and stored -1,
-  which then entered the mean AUC and dragged it down. Here such a class has AUC NaN and is
+- ROC AUC needs both positives and negatives. The original caught the error that the
+  scikit-learn of its day raised and stored -1, which then entered the mean AUC and dragged it
+  down (current scikit-learn returns NaN instead, which makes the original's mean AUC NaN).
+  Here such a class has AUC NaN and is
   left out of `mAUC` (and so of `d_prime`); `classes_without_negatives` counts the other
   undefined case. A class whose clips are all positive has AP 1.0.
 """
