@@ -31,11 +31,23 @@ def main(process_id: int, num_processes: int, port: int, records_dir: str) -> No
   array_ids, array_out = features.run_on_mesh(
       lambda p, b: {"x": b["audio"] * p}, 2.0, clips.array_batches(arrays, 8), mesh,
       input_keys=("audio",))
+  # The same pass on a mesh asked for with the processes' devices interleaved (as TPU's
+  # topology-aware order can give): make_mesh makes it process-major again.
+  interleaved = sorted(jax.devices(), key=lambda d: (d.id % jax.local_device_count(),
+                                                     d.process_index))
+  interleaved_mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
+                                        interleaved)
+  interleaved_ids, interleaved_out = features.run_on_mesh(
+      lambda p, b: {"x": b["audio"] * p}, 2.0, clips.array_batches(arrays, 8), interleaved_mesh,
+      input_keys=("audio",))
   subset = ["clip0", "clip1", "clip2", "clip4", "clip6"]
   record_ids, record_out = features.run_on_mesh(
       lambda p, b: {"mean": b["audio"].mean(axis=(1, 2)) + p}, 0.0,
       clips.record_batches(tiny_config(records_dir), 8, video_ids=subset), mesh)
   print(json.dumps({"array_ids": list(array_ids), "array_x": array_out["x"].tolist(),
+                    "interleaved_requested": [d.process_index for d in interleaved],
+                    "interleaved_ids": list(interleaved_ids),
+                    "interleaved_x": interleaved_out["x"].tolist(),
                     "record_ids": list(record_ids), "record_mean": record_out["mean"].tolist(),
                     "gathered": clips.allgather_strings([f"p{process_id}"] * (process_id + 1))}),
         flush=True)

@@ -143,6 +143,10 @@ def test_two_processes_count_every_clip_once(records_dir):
   result = outputs[0]
   assert result["array_ids"] == [str(i) for i in range(13)]
   np.testing.assert_array_equal(result["array_x"], np.arange(26).reshape(13, 2) * 2.0)
+  # Asked for a mesh that interleaves the processes' devices: the same ids and rows.
+  assert result["interleaved_requested"] == [0, 1] * 4
+  assert result["interleaved_ids"] == result["array_ids"]
+  assert result["interleaved_x"] == result["array_x"]
   # Process 0 reads shards 0 and 2 (clips 0, 3, 6, 2, 5), process 1 shard 1 (clips 1, 4).
   assert sorted(result["record_ids"]) == ["clip0", "clip1", "clip2", "clip4", "clip6"]
   clip_numbers = np.array([int(x[4:]) for x in result["record_ids"]])

@@ -1,5 +1,7 @@
 """Tests of the optimizer, schedules, mesh shapes/shardings and FLOP counts."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,6 +85,24 @@ def test_mesh_shape(data, fsdp, expected):
 def test_mesh_shape_errors_name_the_field(data, fsdp, field):
   with pytest.raises(ValueError, match=field):
     mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)), 8)
+
+
+def test_process_major_groups_each_process_s_devices_in_order():
+  """Hosts of a TPU torus interleaved along the batch (data=4 x fsdp=2 over 4 hosts of 2)."""
+  fake = collections.namedtuple("FakeDevice", "id process_index")
+
+  def grid_of(devices):
+    grid = np.empty(len(devices), dtype=object)
+    grid[:] = devices
+    return grid.reshape(4, 2)
+
+  grid = mesh_lib.process_major(grid_of([fake(i, p) for i, p in
+                                         enumerate([0, 1, 0, 1, 2, 3, 2, 3])]))
+  assert grid.shape == (4, 2)
+  assert [(d.process_index, d.id) for d in grid.reshape(-1)] == [
+      (0, 0), (0, 2), (1, 1), (1, 3), (2, 4), (2, 6), (3, 5), (3, 7)]
+  ordered = grid_of([fake(i, i // 2) for i in range(8)])
+  assert mesh_lib.process_major(ordered) is ordered
 
 
 def test_param_shardings_split_over_fsdp():

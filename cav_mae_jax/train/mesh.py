@@ -3,6 +3,8 @@
 Parameters are sharded over `fsdp` (each array along its largest dimension that the `fsdp` size
 divides; small or indivisible arrays are replicated) and replicated over `data`. Batches are
 split along their leading axis over both axes, so the global batch is spread over every device.
+The mesh is process-major along the batch (`process_major`): process p's rows of the global
+batch are one contiguous block, after those of processes 0..p-1.
 """
 
 from __future__ import annotations
@@ -53,7 +55,27 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, MESH_AXES)
+  return Mesh(process_major(grid), MESH_AXES)
+
+
+def process_major(grid: np.ndarray) -> np.ndarray:
+  """`grid` with its devices reordered, where needed, so that its flattened (data, fsdp) order
+  lists each process's devices together, processes in order (within a process, the order kept).
+
+  `jax.make_array_from_process_local_data` puts a process's rows on that process's slices of the
+  batch axis, wherever they lie; the host-side code that gathers labels, `valid` masks and clip
+  ids per process (`eval.common.global_array`, `eval.clips.global_ids`) lists the gathered rows
+  in process order. The two orders agree only on a process-major mesh. The devices' default order
+  is process-major on CPU and GPU hosts, but TPU's topology-aware `create_device_mesh` can
+  interleave hosts along the batch (hosts of 2x2 chips on a torus), which scored clips against
+  other clips' labels and wrote features under other clips' ids.
+  """
+  flat = grid.reshape(-1)
+  owners = [device.process_index for device in flat]
+  if owners == sorted(owners):
+    return grid
+  order = sorted(range(len(flat)), key=lambda i: (owners[i], i))
+  return flat[order].reshape(grid.shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
