@@ -224,6 +224,20 @@ def test_train_hosts_read_disjoint_clips_and_share_resume_state(record_dirs):
     np.testing.assert_array_equal(want["image"], got["image"])
 
 
+def test_each_process_draws_its_own_augmentations(record_dirs):
+  """Hosts read different clips, and each draws its own noise (and frames, masks, mixup): with
+  the seed alone every host drew the same, row for row (B / processes draws per step)."""
+  config = make_config(record_dirs, noise=True, noise_on_device=False)
+  noise = []
+  for process in range(2):
+    batch = next(input_lib.InputPipeline(config, "train", process_index=process,
+                                         process_count=2, seed=0))
+    audio = batch["audio"]  # clip k's fbank is the constant k; the noise is in [0, 0.1)
+    noise.append(audio - np.floor(audio.min(axis=(1, 2), keepdims=True)))
+  assert np.all((noise[0] >= 0) & (noise[0] < 0.1))
+  assert np.abs(noise[0] - noise[1]).max(axis=(1, 2)).min() > 0.01  # every row
+
+
 def test_balanced_sampling_oversamples_the_rare_class(record_dirs):
   config = make_config(record_dirs, train_dir=record_dirs["rare"], balanced_sampling=True)
   ids = sum((clip_ids(b) for b in take(

@@ -20,9 +20,11 @@ frames, no augmentation and no label smoothing (as the original's eval loader); 
 kept: the last batches are padded with zero clips marked `valid=False`, and every process yields
 the same number of batches (`num_eval_batches`).
 
-Every random choice is a stateless function of (seed, epoch, position in the epoch) or (seed,
-batch number), so the stream is fixed by the seed and can start anywhere: `make_dataset` takes
-the epoch, position and batch number to start from, which is how `input.InputPipeline` resumes.
+Every random choice is a stateless function of (seed, process index, epoch, position in the
+epoch) or (seed, process index, batch number), so the stream is fixed by the seed and can start
+anywhere, and each process draws its own augmentations (process 0 those of a one-process run):
+`make_dataset` takes the epoch, position and batch number to start from, which is how
+`input.InputPipeline` resumes.
 
 Fields of `config.data` (`DataConfig`; the model's input shapes come from `config.model`:
 `audio_length`, `num_mel_bins`, `image_size`):
@@ -462,20 +464,21 @@ def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tenso
   return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed)
 
 
-def _base_seed(seed: int) -> tf.Tensor:
-  return tf.constant([0, seed], tf.int64)
+def _base_seed(seed: int, process_index: int = 0) -> tf.Tensor:
+  """Each process draws its own augmentations (process 0's are those of a one-process run)."""
+  return tf.constant([process_index, seed], tf.int64)
 
 
 def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
                      balanced: tuple[np.ndarray, float, int] | None, *, start_epoch: int = 0,
                      start_position: int = 0,
-                     parse_labels: Callable[[tf.Tensor], tf.Tensor] = records.parse_labels
-                     ) -> tf.data.Dataset:
+                     parse_labels: Callable[[tf.Tensor], tf.Tensor] = records.parse_labels,
+                     process_index: int = 0) -> tf.data.Dataset:
   """Endless (epoch, position, raw record) of this host's training `files`, epoch after epoch,
   from record `start_position` of epoch `start_epoch`; `balanced` from `balanced_sampling_rates`
   (None: every record once per epoch); `parse_labels` reads a raw record's classes (the split's
   own: records or TFDS)."""
-  base_seed = _base_seed(seed)
+  base_seed = _base_seed(seed, process_index)
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
@@ -556,7 +559,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   parse = _parse_fn(data_config, training, source, with_waveform)
   batch_pp = augment.get_preprocess_fn(
       batch_preprocess_spec(data_config, training, normalization.mean, normalization.std))
-  base_seed = _base_seed(seed)
+  base_seed = _base_seed(seed, process_index)
 
   if training:
     if min(split_files.host_examples) == 0:
@@ -575,7 +578,8 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
 
     clips = training_records(
         split_files.files, seed, data_config, balanced, start_epoch=start_epoch,
-        start_position=start_position, parse_labels=source.parse_labels).map(
+        start_position=start_position, parse_labels=source.parse_labels,
+        process_index=process_index).map(
             parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
