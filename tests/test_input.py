@@ -404,6 +404,20 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   assert "the eval split is the training clips" in caplog.records[0].getMessage()
 
 
+def test_uneven_training_shares_of_the_processes_warn(record_dirs, caplog):
+  """10 clips in 3 shards (4, 3, 3): processes read shards 0 and 2 (7 clips) and 1 (3), and add
+  as many clips to every batch, so process 1's clips are drawn 7/3 times as often."""
+  with caplog.at_level("WARNING", logger=dataset.logger.name):
+    dataset.check_data_sources(make_config(record_dirs), process_count=1)
+    dataset.check_data_sources(make_config(record_dirs, train_dir=record_dirs["rare"]),
+                               process_count=2)  # 20 clips in 2 shards: even
+    assert not caplog.records
+    dataset.check_data_sources(make_config(record_dirs), process_count=2)
+  assert len(caplog.records) == 1
+  assert ("give the 2 processes 3 to 7 training clips, so a clip of a process with fewer is "
+          "drawn up to 2.33x as often; write a multiple of 2 shards") in caplog.records[0].getMessage()
+
+
 def test_a_missing_split_names_the_evaluator_that_reads_it(record_dirs):
   config = make_config(record_dirs, eval_dir="")
   config.evals = ml_collections.ConfigDict({"val": {"type": "losses", "split": "eval", "dir": ""}})

@@ -224,14 +224,15 @@ def open_split(config: Any, split: str) -> splits.Split:
 
 
 def check_data_sources(config: Any, training: bool = True,
-                       num_classes: int | None = None) -> None:
+                       num_classes: int | None = None, process_count: int = 1) -> None:
   """Opens every split a run reads and checks it against the model; ValueError naming the field.
 
   The run reads the training split (when `training`, or for fbank_stats='index'), the split
   (or records directory `dir`) of each `config.evals` entry, and checks `eval_dir` when set.
   A `losses` evaluator needs at least one full batch of its split.
   With `num_classes` (a task that reads labels), every split's clips must have that many
-  classes. Logs one warning when the training clips are also read as the "eval" split.
+  classes. Logs one warning when the training clips are also read as the "eval" split, and one
+  when the training shards give `process_count` processes uneven shares (`uneven_hosts`).
   """
   data_config = DataConfig.from_config(config)
   train = None
@@ -267,6 +268,30 @@ def check_data_sources(config: Any, training: bool = True,
   if train is not None and any(splits.same_clips(train, s) for s in eval_sources):
     logger.warning("config.data: the eval split is the training clips (%s): evaluation "
                    "measures the training data.", train.description)
+  if train is not None and training:
+    uneven = uneven_hosts(train, process_count)
+    if uneven:
+      logger.warning("config.data: %s", uneven)
+
+
+# Hosts' training shares may differ by this factor before a run is warned.
+UNEVEN_HOSTS_RATIO = 1.1
+
+
+def uneven_hosts(source: splits.Split, process_count: int) -> str:
+  """Why `source`'s shard files give `process_count` processes uneven training shares ('' if
+  they do not). Every process adds the same number of clips to each global batch from its own
+  files, so the clips of a process with fewer are drawn more often, by the ratio of the shares."""
+  counts = [sum(source.index.shards[i].num_examples
+                for i in host_file_indices(len(source.files), p, process_count))
+            for p in range(process_count)]
+  if process_count == 1 or min(counts) == 0 or max(counts) <= UNEVEN_HOSTS_RATIO * min(counts):
+    return ""
+  return (f"the {len(source.files)} shard files of {source.description} give the "
+          f"{process_count} processes {min(counts)} to {max(counts)} training clips, so a clip "
+          f"of a process with fewer is drawn up to {max(counts) / min(counts):.2f}x as often; "
+          f"write a multiple of {process_count} shards of equal size "
+          "(tools/preprocess.py --examples-per-shard)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if check_data:
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
     input_lib.check_data_sources(
-        config, training, num_classes=model.num_classes if tasks.uses_labels(config) else None)
+        config, training, num_classes=model.num_classes if tasks.uses_labels(config) else None,
+        process_count=num_processes)
   return model
 
 
