@@ -440,6 +440,17 @@ def test_a_losses_evaluator_without_one_full_batch_is_refused(record_dirs):
     dataset.check_data_sources(config)
   config.evals.val.batch_size = 7
   dataset.check_data_sources(config)
+  # On 2 processes the shards (3, 2, 2 clips) give 5 and 2 clips: at batch 6 (3 a process) the
+  # second process's part is never full, so no global batch is.
+  config.evals.val.batch_size = 6
+  dataset.check_data_sources(config)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.val.batch_size=6: the losses evaluator scores full batches only (every "
+      "process's 3 clips), and the shard files of records directory "
+      f"{record_dirs['eval']} give the 2 processes 2 clips at the least")):
+    dataset.check_data_sources(config, process_count=2)
+  config.evals.val.batch_size = 4
+  dataset.check_data_sources(config, process_count=2)
   config.evals.val.update(type="retrieval", batch_size=8)  # scores every clip: fine
   dataset.check_data_sources(config)
 

@@ -254,12 +254,9 @@ def check_data_sources(config: Any, training: bool = True,
                          f"--config.evals.{name}=None removes it)") from None
     if entry["split"] == "eval":
       eval_sources.append(source)
-    if entry.get("type") == "losses" and source.index.num_examples < entry.get("batch_size", 0):
-      # Its losses are means over full batches only: it would report none, and say nothing.
-      raise ValueError(f"config.evals.{name}.batch_size={entry['batch_size']}: the losses "
-                       f"evaluator scores full batches only, and {source.description} has "
-                       f"{source.index.num_examples} clips; lower the batch size (a multiple "
-                       "of the contrast group size)")
+    if entry.get("type") == "losses":
+      _check_full_batches(source, f"config.evals.{name}.batch_size", entry.get("batch_size", 0),
+                          process_count)
   for source in ([train] if train is not None else []) + eval_sources:
     if num_classes is not None and source.index.num_classes != num_classes:
       raise ValueError(f"config.model.num_classes={num_classes}: the clips of "
@@ -274,6 +271,34 @@ def check_data_sources(config: Any, training: bool = True,
       logger.warning("config.data: %s", uneven)
 
 
+def _check_full_batches(source: splits.Split, field: str, batch_size: int,
+                        process_count: int) -> None:
+  """A `losses` evaluator's split must give at least one full global batch: its losses are
+  means over full batches only (a global batch is full when every process's part is), so it
+  would report none, and say nothing."""
+  if not batch_size:
+    return
+  host_batch = max(batch_size // process_count, 1)
+  if min(n // host_batch for n in host_shares(source, process_count)) > 0:
+    return
+  if process_count == 1:
+    raise ValueError(f"{field}={batch_size}: the losses evaluator scores full batches only, and "
+                     f"{source.description} has {source.index.num_examples} clips; lower the "
+                     "batch size (a multiple of the contrast group size)")
+  raise ValueError(f"{field}={batch_size}: the losses evaluator scores full batches only (every "
+                   f"process's {host_batch} clips), and the shard files of {source.description} "
+                   f"give the {process_count} processes {min(host_shares(source, process_count))} "
+                   f"clips at the least; lower the batch size or write a multiple of "
+                   f"{process_count} shards")
+
+
+def host_shares(source: splits.Split, process_count: int) -> list[int]:
+  """The clips each process reads of `source` (its every process_count-th shard file)."""
+  return [sum(source.index.shards[i].num_examples
+              for i in host_file_indices(len(source.files), p, process_count))
+          for p in range(process_count)]
+
+
 # Hosts' training shares may differ by this factor before a run is warned.
 UNEVEN_HOSTS_RATIO = 1.1
 
@@ -282,9 +307,7 @@ def uneven_hosts(source: splits.Split, process_count: int) -> str:
   """Why `source`'s shard files give `process_count` processes uneven training shares ('' if
   they do not). Every process adds the same number of clips to each global batch from its own
   files, so the clips of a process with fewer are drawn more often, by the ratio of the shares."""
-  counts = [sum(source.index.shards[i].num_examples
-                for i in host_file_indices(len(source.files), p, process_count))
-            for p in range(process_count)]
+  counts = host_shares(source, process_count)
   if process_count == 1 or min(counts) == 0 or max(counts) <= UNEVEN_HOSTS_RATIO * min(counts):
     return ""
   return (f"the {len(source.files)} shard files of {source.description} give the "
