@@ -4,6 +4,8 @@ run started from a pretraining workdir, epoch-end checkpoints and their average,
 Tiny shapes, in-memory clips (no records), cheap XLA compilation.
 """
 
+import json
+
 import jax
 import ml_collections
 import numpy as np
@@ -366,3 +368,28 @@ def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
   assert after["evaluate/val/mAP"] == results["val/mAP"]
   assert trainer.train_and_evaluate(config, str(tmp_path), inputs)["val/mAP"] == runs["val/mAP"]
   assert step == 1
+
+
+def test_an_evaluation_the_interrupted_run_did_not_log_runs_when_it_resumes(tmp_path):
+  """A run saves a step's checkpoint, then evaluates: killed in between, the resumed run went on
+  without that evaluation, and a finished run's final one was never written ('finished:
+  nothing to do')."""
+  from cav_mae_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  config = _with_val(ft_config(), batch_size=BATCH, every_steps=0)  # at the last step only
+  config.total_epochs = 0.5
+  source = _full_batches(clips(seed=4))
+  inputs = trainer.Inputs(array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS)
+  first = trainer.train_and_evaluate(config, str(tmp_path), inputs)
+  path = tmp_path / metrics_lib.METRICS_FILE
+  lines = path.read_text().splitlines(keepends=True)
+  final = [line for line in lines if '"val/mAP"' in line]
+  assert len(final) == 1
+  path.write_text("".join(line for line in lines if line not in final))  # killed while evaluating
+  assert not metrics_lib.evaluation_logged(str(tmp_path), int(json.loads(final[0])["step"]))
+  again = trainer.train_and_evaluate(config, str(tmp_path), inputs)
+  assert again["val/mAP"] == first["val/mAP"]
+  assert [line for line in path.read_text().splitlines(keepends=True)
+          if '"val/mAP"' in line] == final
+  # Logged now: the next call has nothing to do and evaluates nothing.
+  assert trainer.train_and_evaluate(config, str(tmp_path), inputs)["val/mAP"] == first["val/mAP"]
+  assert path.read_text().count('"val/mAP"') == 1

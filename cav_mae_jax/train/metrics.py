@@ -117,6 +117,17 @@ def drop_records_after(workdir: str, step: int) -> int:
   return len(lines) - len(kept)
 
 
+def evaluation_logged(workdir: str, step: int) -> bool:
+  """Whether a workdir's metrics.jsonl holds evaluator results (names without `train/`) at
+  `step`: the trainer writes all evaluators due at a step in one record, after they ran."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return False
+  return any(record["step"] == step and any(k != "step" and not k.startswith("train/")
+                                            for k in record)
+             for record in read_jsonl(path))
+
+
 def last_scalars(workdir: str) -> dict[str, float]:
   """The latest value of every metric logged in a workdir's metrics.jsonl (train/ prefix dropped)."""
   path = os.path.join(workdir, METRICS_FILE)

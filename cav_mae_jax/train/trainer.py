@@ -131,7 +131,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
                                       step_lib.abstract_state_of)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
-  if start_step >= total_steps:
+  # The evaluations due at the checkpointed step run again if the interrupted run did not log
+  # them (it saves a step's checkpoint, then evaluates): a finished run's final ones included.
+  evaluation_missing = bool(start_step) and bool(config.evals) and not _on_every_process(
+      metrics_lib.evaluation_logged(workdir, start_step) if is_main else False)
+  if start_step > total_steps or (start_step == total_steps and not evaluation_missing):
     checkpointer.close()
     if is_main:
       print(f"{workdir}: finished: step {start_step} of {total_steps} is checkpointed; "
@@ -197,6 +201,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   preempted = False
   if start_step == 0:  # the initialization's baseline
     evaluate(0, state.params)
+  elif evaluation_missing:
+    if is_main:
+      print(f"evaluating step {start_step}: the interrupted run saved it but did not log its "
+            "evaluation")
+    evaluate(start_step, state.params)
   last_log_time, last_log_step = time.monotonic(), start_step
 
   def check(upto_step: int) -> None:
@@ -257,6 +266,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     writer.close()
   if preempted and raise_on_preemption:
     raise Preempted(step, summary)
+  if start_step == total_steps:  # a finished run's missing final evaluation, now logged
+    return metrics_lib.last_scalars(workdir)
   return summary
 
 
@@ -270,6 +281,14 @@ def _load_init_params(config: ml_collections.ConfigDict, task: tasks.Task, init_
   if is_main:
     print(init_source.write_report(workdir, config.init, report), end="")
   return mesh_lib.host_to_global(params, param_shardings)
+
+
+def _on_every_process(value: bool) -> bool:
+  """The main process's `value` on every process (evaluations are collective)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _abstract_like(x: jax.Array) -> jax.ShapeDtypeStruct:
