@@ -279,7 +279,8 @@ def _check_full_batches(source: splits.Split, field: str, batch_size: int,
   if not batch_size:
     return
   host_batch = max(batch_size // process_count, 1)
-  if min(n // host_batch for n in host_shares(source, process_count)) > 0:
+  smallest = min(host_shares(source, process_count))
+  if smallest // host_batch > 0:
     return
   if process_count == 1:
     raise ValueError(f"{field}={batch_size}: the losses evaluator scores full batches only, and "
@@ -287,7 +288,7 @@ def _check_full_batches(source: splits.Split, field: str, batch_size: int,
                      "batch size (a multiple of the contrast group size)")
   raise ValueError(f"{field}={batch_size}: the losses evaluator scores full batches only (every "
                    f"process's {host_batch} clips), and the shard files of {source.description} "
-                   f"give the {process_count} processes {min(host_shares(source, process_count))} "
+                   f"give the {process_count} processes {smallest} "
                    f"clips at the least; lower the batch size or write a multiple of "
                    f"{process_count} shards")
 
@@ -382,9 +383,7 @@ def load_split(config: DataConfig, split: str, process_index: int,
   """Opens and checks the split's clips (`open_split`) and picks this process's shard files."""
   source = open_split(config, split)
   index, paths = source.index, source.files
-  host_examples = tuple(
-      sum(index.shards[i].num_examples for i in host_file_indices(len(paths), p, process_count))
-      for p in range(process_count))
+  host_examples = tuple(host_shares(source, process_count))
   mine = host_file_indices(len(paths), process_index, process_count)
   return SplitFiles(source=source, files=tuple(paths[i] for i in mine),
                     file_examples=tuple(index.shards[i].num_examples for i in mine),
