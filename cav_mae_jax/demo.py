@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -41,22 +42,69 @@ class DemoOptions:
   finetune_steps: int = 64
 
 
+# The demo's two splits: the option giving each one's clip count, and its generation seed.
+_SPLITS = {"train": ("train_clips", 0), "eval": ("eval_clips", 1)}
+
+
 def records_dir(options: DemoOptions, split: str) -> str:
   """Where the demo's records of `split` ('train' or 'eval') are."""
   return os.path.join(options.workdir, "records", split)
 
 
-def make_records(options: DemoOptions, split: str, num_clips: int, seed: int) -> str:
-  """Generates `num_clips` synthetic clips of `split` and preprocesses them; returns the dir."""
-  from cav_mae_jax.data import prepare, records, synthetic  # pylint: disable=g-import-not-at-top
+def _manifest_path(options: DemoOptions, split: str) -> str:
+  return os.path.join(options.workdir, "records", f"{split}_made_with.json")
+
+
+def _made_with(options: DemoOptions, split: str) -> dict[str, float]:
+  """The options the records of `split` are made from (written beside them)."""
+  count_option, seed = _SPLITS[split]
+  return {count_option: getattr(options, count_option), "classes": options.classes,
+          "clip_seconds": options.clip_seconds, "seed": seed}
+
+
+def stale_records(options: DemoOptions, split: str) -> str | None:
+  """Why the records of `split` an earlier run left do not fit `options` (e.g. its clip count);
+  '' when they do, None when there are none (or only a partial set)."""
+  from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(records.index_path(records_dir(options, split))):
+    return None
+  try:
+    with open(_manifest_path(options, split)) as f:
+      made_with = json.load(f)
+  except (OSError, ValueError):
+    return "made by an earlier version of the demo, with unknown options"
+  wanted = _made_with(options, split)
+  changed = [f"--{k}={made_with.get(k)}" for k in wanted
+             if k != "seed" and made_with.get(k) != wanted[k]]
+  return f"made with {', '.join(changed)}" if changed else ""
+
+
+def make_records(options: DemoOptions, split: str) -> str:
+  """Generates the synthetic clips of `split` and preprocesses them; returns the records dir.
+
+  Records an earlier run made with the same options are reused; records made with other
+  options (clip count, classes, clip length) are replaced, and the demo says so.
+  """
+  from cav_mae_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
   out_dir = records_dir(options, split)
-  if os.path.isfile(records.index_path(out_dir)):
-    return out_dir  # already prepared by an earlier run
+  stale = stale_records(options, split)
+  if stale == "":
+    return out_dir  # made by an earlier run with these options
+  if stale:
+    print(f"      the {split} records in {out_dir} were {stale}: making new ones", flush=True)
+  synthetic_dir = os.path.join(options.workdir, "synthetic")
+  for directory in (out_dir, os.path.join(synthetic_dir, "video", split)):
+    if os.path.isdir(directory):
+      shutil.rmtree(directory)
+  made_with = _made_with(options, split)
+  count_option, seed = _SPLITS[split]
   info = synthetic.generate_dataset(
-      os.path.join(options.workdir, "synthetic"), num_clips, num_classes=options.classes,
-      seed=seed, duration_s=options.clip_seconds, split_name=split, num_workers=options.workers)
+      synthetic_dir, made_with[count_option], num_classes=options.classes, seed=seed,
+      duration_s=options.clip_seconds, split_name=split, num_workers=options.workers)
   prepare.prepare_records(info["datafile"], info["labels_csv"], out_dir, num_workers=0,
                           progress=False, strict=True)
+  with open(_manifest_path(options, split), "w") as f:
+    json.dump(made_with, f)
   return out_dir
 
 
@@ -162,10 +210,9 @@ def finetune_report(results: dict[str, dict[str, float]], clips: int) -> list[st
 
 
 def prepare_demo_records(options: DemoOptions) -> tuple[str, str]:
-  """The demo's train and held-out records directories, generated unless already there."""
-  train_dir = make_records(options, "train", options.train_clips, seed=0)
-  eval_dir = make_records(options, "eval", options.eval_clips, seed=1)
-  return train_dir, eval_dir
+  """The demo's train and held-out records directories, made unless an earlier run made them
+  with the same options."""
+  return make_records(options, "train"), make_records(options, "eval")
 
 
 def demo_config(options: DemoOptions, train_dir: str, eval_dir: str) -> ml_collections.ConfigDict:
@@ -196,13 +243,14 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
 
   Checks the options that are not config fields, then builds the configs the demo will run (the
   pretraining config, and with `finetuning` both fine-tuning configs) and validates them as the
-  trainer does (`validation.validate_config`), against the records when an earlier run left
-  them, else checking the clip counts against the batch sizes. So a bad value is refused before
+  trainer does (`validation.validate_config`), against the records when an earlier run made
+  them with these options, else checking the clip counts of the records to make as the trainer
+  and the losses evaluator check them. So a bad value is refused before
   any clip, record or run is made, and before an earlier run is deleted.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.data import fbank, records  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.train import validation  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.data import dataset, fbank  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import trainer, validation  # pylint: disable=g-import-not-at-top
   from configs import pretrain  # pylint: disable=g-import-not-at-top
   for name in ("train_clips", "eval_clips", "classes", "workers"):
     if getattr(options, name) < 1:
@@ -225,27 +273,29 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
     configs["fine-tuning"] = [finetune_config(options, train_dir, eval_dir, pretrained)
                               for pretrained in (os.path.join(options.workdir, "run"), None)]
     configs["fine-tuning"][0].init.source = ""  # its init, the pretraining's run, is not made yet
-  built = {split: not os.path.isfile(records.index_path(directory))
-           for split, directory in (("train", train_dir), ("eval", eval_dir))}
-  reused = (f"; the demo reuses the records an earlier run made in "
+  made = {split: stale_records(options, split) == "" for split in _SPLITS}
+  reused = (f"; the demo reuses the records an earlier run made with these options in "
             f"{os.path.join(options.workdir, 'records')}: remove them to make new ones")
   for what, config in ((what, c) for what, group in configs.items() for c in group):
     # The config alone, then (records of an earlier run) the config against the records.
-    for check_data in (False,) if any(built.values()) else (False, True):
+    for check_data in (False, True) if all(made.values()) else (False,):
       try:
         validation.validate_config(config, jax.device_count(), jax.process_count(),
                                    check_data=check_data)
       except ValueError as e:
         raise ValueError(_named_flag(options, what, e) + (reused if check_data else "")) from None
-    if built["train"] and options.train_clips < config.data.batch_size:
-      raise ValueError(f"--train_clips={options.train_clips}: fewer than the {what} batch of "
-                       f"{config.data.batch_size} clips (config.data.batch_size)")
-    for name, entry in config.evals.items():
-      if (built["eval"] and entry.type == "losses" and entry.split == "eval" and not entry.dir
-          and options.eval_clips < entry.batch_size):
-        raise ValueError(f"--eval_clips={options.eval_clips}: the {what} evaluator "
-                         f"config.evals.{name} scores full batches of {entry.batch_size} clips "
-                         "only; give at least that many")
+    # Records still to make: the checks of their clip counts that need the data.
+    try:
+      if not made["train"]:
+        trainer.resolve_total_steps(config, options.train_clips)
+      for name, entry in config.evals.items():
+        if (not made["eval"] and entry.type == "losses" and entry.split == "eval"
+            and not entry.dir):
+          dataset.check_full_batches([options.eval_clips], f"config.evals.{name}.batch_size",
+                                     entry.batch_size, "the demo's held-out split")
+    except ValueError as e:
+      flag = "eval_clips" if "config.evals." in str(e) else "train_clips"
+      raise ValueError(f"--{flag}={getattr(options, flag)} ({what}): {e}") from None
 
 
 def _named_flag(options: DemoOptions, what: str, error: ValueError) -> str:

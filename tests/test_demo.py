@@ -1,6 +1,8 @@
 """demo.check_options: every option the demo cannot run with is refused, naming its flag."""
 
+import dataclasses
 import math
+import os
 
 import pytest
 
@@ -27,9 +29,10 @@ def test_the_demo_defaults_pass(tmp_path):
     ("steps", 0, "--steps=0: config.total_steps=0: must be positive"),
     ("learning_rate", math.nan, "--learning_rate=nan: config.optim.learning_rate=nan"),
     ("finetune_steps", 0, "--finetune_steps=0: config.total_steps=0: must be positive"),
-    ("train_clips", 8, "--train_clips=8: fewer than the pretraining batch of 16 clips"),
-    ("eval_clips", 8, "--eval_clips=8: the pretraining evaluator config.evals.val scores full "
-     "batches of 16 clips"),
+    ("train_clips", 8, "--train_clips=8 (pretraining): config.data.batch_size=16 exceeds the 8 "
+     "training examples"),
+    ("eval_clips", 8, "--eval_clips=8 (pretraining): config.evals.val.batch_size=16: the losses "
+     "evaluator scores full batches only, and the demo's held-out split has 8 clips"),
 ])
 def test_a_bad_option_names_its_flag(option, value, named, tmp_path):
   with pytest.raises(ValueError) as error:
@@ -51,3 +54,31 @@ def test_finetune_configs(tmp_path):
   assert sorted(pretrained.evals) == ["audio_only", "val", "video_only"]
   random_init = demo.finetune_config(demo.DemoOptions(workdir="/w"), "/t", "/e", None)
   assert random_init.init.source == "" and sorted(random_init.evals) == ["val"]
+
+
+def _num_records(directory):
+  from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
+  return records.open_records_dir(directory).num_examples
+
+
+def test_records_of_other_options_are_made_again_and_the_demo_says_so(tmp_path, capsys):
+  """An earlier run's records are reused only when made with the same clip count, classes and
+  clip length (else --eval_clips etc. would be ignored, and the report's chance level wrong)."""
+  small = demo.DemoOptions(workdir=str(tmp_path), eval_clips=2, classes=2, clip_seconds=0.1,
+                           workers=1)
+  directory = demo.make_records(small, "eval")
+  assert _num_records(directory) == 2 and demo.stale_records(small, "eval") == ""
+  assert demo.stale_records(small, "train") is None  # not made
+  assert demo.make_records(small, "eval") == directory and not capsys.readouterr().out  # reused
+
+  larger = dataclasses.replace(small, eval_clips=3)
+  assert demo.stale_records(larger, "eval") == "made with --eval_clips=2"
+  with pytest.raises(ValueError, match="--eval_clips=3 .* held-out split has 3 clips"):
+    demo.check_options(larger, finetuning=False)  # checked as the records to make, not the old
+  assert demo.make_records(larger, "eval") == directory and _num_records(directory) == 3
+  assert "were made with --eval_clips=2: making new ones" in capsys.readouterr().out
+  assert demo.stale_records(larger, "eval") == ""
+  assert demo.stale_records(dataclasses.replace(larger, classes=3, clip_seconds=0.2),
+                            "eval") == "made with --classes=2, --clip_seconds=0.1"
+  os.remove(tmp_path / "records" / "eval_made_with.json")  # records of an earlier version
+  assert "unknown options" in demo.stale_records(larger, "eval")

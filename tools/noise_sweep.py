@@ -2,9 +2,10 @@ r"""Seed sweep of the demo with the noise augmentation in tf.data vs in the trai
 
   python tools/noise_sweep.py --workdir /tmp/cav_mae_demo --seeds 0,1,2,3,4
 
-Reuses (or first builds) the demo's records in --workdir, trains the demo recipe once per seed
-and placement under --workdir/noise_sweep/ (finished runs are read back), then prints mean and
-spread of held-out R@1 and the final losses per placement (`cav_mae_jax/noise_sweep.py`).
+Reuses the demo's records in --workdir (when made with the demo's default clip options; else
+makes them), trains the demo recipe once per seed and placement under --workdir/noise_sweep/
+(finished runs are read back), then prints mean and spread of held-out R@1 and the final losses
+per placement (`cav_mae_jax/noise_sweep.py`).
 About 10 minutes per run on 2 CPU cores.
 """
 

@@ -74,7 +74,7 @@ import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -273,21 +273,28 @@ def check_data_sources(config: Any, training: bool = True,
 
 def _check_full_batches(source: splits.Split, field: str, batch_size: int,
                         process_count: int) -> None:
+  check_full_batches(host_shares(source, process_count), field, batch_size, source.description)
+
+
+def check_full_batches(shares: Sequence[int], field: str, batch_size: int,
+                       description: str) -> None:
   """A `losses` evaluator's split must give at least one full global batch: its losses are
   means over full batches only (a global batch is full when every process's part is), so it
-  would report none, and say nothing."""
+  would report none, and say nothing. `shares`: the clips each process reads of the split
+  (`host_shares`); `field` names `batch_size` in the error."""
   if not batch_size:
     return
+  process_count = len(shares)
   host_batch = max(batch_size // process_count, 1)
-  smallest = min(host_shares(source, process_count))
+  smallest = min(shares)
   if smallest // host_batch > 0:
     return
   if process_count == 1:
     raise ValueError(f"{field}={batch_size}: the losses evaluator scores full batches only, and "
-                     f"{source.description} has {source.index.num_examples} clips; lower the "
+                     f"{description} has {smallest} clips; lower the "
                      "batch size (a multiple of the contrast group size)")
   raise ValueError(f"{field}={batch_size}: the losses evaluator scores full batches only (every "
-                   f"process's {host_batch} clips), and the shard files of {source.description} "
+                   f"process's {host_batch} clips), and the shard files of {description} "
                    f"give the {process_count} processes {smallest} "
                    f"clips at the least; lower the batch size or write a multiple of "
                    f"{process_count} shards")
