@@ -238,6 +238,11 @@ _FLAG_FIELDS = {
 }
 
 
+# The model fields that make the encoder a fine-tuning run loads from the pretraining run.
+_ENCODER_FIELDS = ("modalities", "modality_specific_depth", "encoder_depth", "embed_dim",
+                   "num_heads", "mlp_ratio", "patch_size", "num_mel_bins")
+
+
 def check_options(options: DemoOptions, finetuning: bool = True) -> None:
   """Raises ValueError naming the flag of an option the demo cannot run with; builds nothing.
 
@@ -269,10 +274,21 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
     raise ValueError(f"--config={options.config!r}: the demo pretrains the tiny model (it "
                      "fine-tunes configs/finetune.py:tiny from it); give the tiny recipe with "
                      "options, e.g. tiny,lambda_c=1.0,cosine")
+  if "retrieval" not in configs["pretraining"][0].evals:
+    raise ValueError(f"--config={options.config!r}: the demo reports held-out audio<->visual "
+                     "retrieval, and this variant has no retrieval evaluator (one modality); "
+                     "train it with tools/train.py")
   if finetuning:
     configs["fine-tuning"] = [finetune_config(options, train_dir, eval_dir, pretrained)
                               for pretrained in (os.path.join(options.workdir, "run"), None)]
     configs["fine-tuning"][0].init.source = ""  # its init, the pretraining's run, is not made yet
+    pretrained, finetuned = configs["pretraining"][0].model, configs["fine-tuning"][0].model
+    differ = [f"config.model.{name}={pretrained[name]!r} (fine-tuning: {finetuned[name]!r})"
+              for name in _ENCODER_FIELDS if pretrained[name] != finetuned[name]]
+    if differ:
+      raise ValueError(f"--config={options.config!r}: the demo fine-tunes configs/finetune.py:"
+                       f"tiny from the pretrained encoder, and this one differs: "
+                       f"{', '.join(differ)}; train this variant with tools/train.py")
   made = {split: stale_records(options, split) == "" for split in _SPLITS}
   reused = (f"; the demo reuses the records an earlier run made with these options in "
             f"{os.path.join(options.workdir, 'records')}: remove them to make new ones")

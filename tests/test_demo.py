@@ -26,6 +26,11 @@ def test_the_demo_defaults_pass(tmp_path):
     ("config", "tiny,mask_ratio=x", "--config='tiny,mask_ratio=x': could not convert"),
     ("config", "base", "--config='base': the demo pretrains the tiny model"),
     ("config", "tiny,mask_ratio=1.5", "--config='tiny,mask_ratio=1.5': config.model.mask_ratio"),
+    ("config", "tiny,audio_mae", "--config='tiny,audio_mae': the demo reports held-out "
+     "audio<->visual retrieval, and this variant has no retrieval evaluator"),
+    ("config", "tiny,vanilla_avmae", "--config='tiny,vanilla_avmae': the demo fine-tunes "
+     "configs/finetune.py:tiny from the pretrained encoder, and this one differs: "
+     "config.model.modality_specific_depth=0 (fine-tuning: 2)"),
     ("steps", 0, "--steps=0: config.total_steps=0: must be positive"),
     ("learning_rate", math.nan, "--learning_rate=nan: config.optim.learning_rate=nan"),
     ("finetune_steps", 0, "--finetune_steps=0: config.total_steps=0: must be positive"),
