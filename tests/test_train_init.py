@@ -6,6 +6,7 @@ Sources: (a) a training workdir, (b) params written by tools/convert.py, (c) an 
 (d) ImageNet-MAE weights. Tiny shapes, in-memory clips.
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cav_mae_jax import models
 from cav_mae_jax import tasks
 from cav_mae_jax.convert import export
 from cav_mae_jax.convert import formats
@@ -195,3 +197,29 @@ def test_wrong_architecture_names_the_parameters(source, tmp_path):
   with pytest.raises(sd.ParamsMismatchError, match="blocks_"):
     train(config, tmp_path / "run")
   assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+
+
+def test_another_head_count_is_refused_naming_the_field(source, tmp_path):
+  """qkv is embed x 3*embed for any head count: the parameters would load and silently compute
+  another model."""
+  workdir, _ = source
+  config = tiny_config(source="workdir", path=str(workdir))
+  config.model.num_heads = DIMS.num_heads // 2
+  with pytest.raises(ValueError, match=rf"config.model.num_heads={DIMS.num_heads // 2}: "
+                     rf"config.init.path={workdir} was trained with num_heads={DIMS.num_heads}"):
+    train(config, tmp_path / "run")
+  config = tiny_config(source="workdir", path=str(workdir))
+  config.model.decoder_num_heads = 1  # the decoder is loaded too (a pretraining target)
+  with pytest.raises(ValueError, match="config.model.decoder_num_heads=1: .* decoder_num_heads=2"):
+    train(config, tmp_path / "run2")
+
+
+def test_an_original_checkpoint_has_the_originals_head_counts():
+  model = models.ModelConfig.from_config(models.model_config("base"))
+  init = ml_collections.ConfigDict({"source": "cavmae", "path": "audio_model.pth"})
+  init_source.check_head_counts(init, model, finetune=False)  # 12 and 16: the original's
+  with pytest.raises(ValueError, match="config.model.num_heads=8: .* num_heads=12 .*--config"
+                     ".model.num_heads=12"):
+    init_source.check_head_counts(init, dataclasses.replace(model, num_heads=8), finetune=True)
+  init_source.check_head_counts(  # the decoder is not loaded into a fine-tuning model
+      init, dataclasses.replace(model, decoder_num_heads=8), finetune=True)
