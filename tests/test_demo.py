@@ -28,9 +28,6 @@ def test_the_demo_defaults_pass(tmp_path):
     ("config", "tiny,mask_ratio=1.5", "--config='tiny,mask_ratio=1.5': config.model.mask_ratio"),
     ("config", "tiny,audio_mae", "--config='tiny,audio_mae': the demo reports held-out "
      "audio<->visual retrieval, and this variant has no retrieval evaluator"),
-    ("config", "tiny,vanilla_avmae", "--config='tiny,vanilla_avmae': the demo fine-tunes "
-     "configs/finetune.py:tiny from the pretrained encoder, and this one differs: "
-     "config.model.modality_specific_depth=0 (fine-tuning: 2)"),
     ("steps", 0, "--steps=0: config.total_steps=0: must be positive"),
     ("learning_rate", math.nan, "--learning_rate=nan: config.optim.learning_rate=nan"),
     ("finetune_steps", 0, "--finetune_steps=0: config.total_steps=0: must be positive"),
@@ -59,6 +56,18 @@ def test_finetune_configs(tmp_path):
   assert sorted(pretrained.evals) == ["audio_only", "val", "video_only"]
   random_init = demo.finetune_config(demo.DemoOptions(workdir="/w"), "/t", "/e", None)
   assert random_init.init.source == "" and sorted(random_init.evals) == ["val"]
+  assert pretrained.model.modality_specific_depth == random_init.model.modality_specific_depth == 2
+
+
+def test_finetuning_takes_the_pretrained_encoder(tmp_path):
+  """vanilla_avmae pretrains every block shared; both fine-tuned models are built the same (the
+  random-init one too, for a fair comparison)."""
+  options = demo.DemoOptions(workdir=str(tmp_path), config="tiny,vanilla_avmae")
+  demo.check_options(options)
+  for pretrained in (str(tmp_path / "run"), None):
+    config = demo.finetune_config(options, "/t", "/e", pretrained)
+    assert config.model.modality_specific_depth == 0
+    assert config.model.encoder_depth == demo.demo_config(options, "/t", "/e").model.encoder_depth
 
 
 def _num_records(directory):
