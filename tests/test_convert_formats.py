@@ -75,6 +75,36 @@ class _Namespace:
   pass
 
 
+def test_pth_with_pickled_objects_names_the_class(tmp_path):
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  path = tmp_path / "train_state.pth"
+  torch.save({"model": {"w": torch.ones(1)}, "args": _Namespace()}, path)
+  with pytest.raises(formats.CheckpointFileError, match=r"\(the class [\w.]*_Namespace\)"):
+    formats.read_state_dict(path)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 200, 2000, 3000])
+def test_legacy_pth_cut_short_is_an_error_naming_the_file(tmp_path, cut):
+  """torch < 1.6's format (not a zip): cut short, torch.load raises EOFError() without a message,
+  IndexError or struct.error depending on where; each was a traceback."""
+  torch = pytest.importorskip("torch", reason="writing a .pth needs torch")
+  path = tmp_path / "legacy.pth"
+  torch.save({f"layer{i}.weight": torch.ones(64, 64) for i in range(20)}, path,
+             _use_new_zipfile_serialization=False)
+  path.write_bytes(path.read_bytes()[:cut])
+  with pytest.raises(formats.CheckpointFileError, match=f"{path}: truncated or corrupt"):
+    formats.read_state_dict(path)
+
+
+def test_npz_refuses_bfloat16_rather_than_writing_void_arrays(tmp_path):
+  arrays = {"w": np.ones(3, ml_dtypes.bfloat16), "b": np.ones(3, np.float32)}
+  with pytest.raises(ValueError, match=r"\.npz cannot hold bfloat16 arrays \('w' and 0 more\)"):
+    formats.write_state_dict(tmp_path / "x.npz", arrays)
+  assert not (tmp_path / "x.npz").exists()
+  formats.write_state_dict(tmp_path / "x.safetensors", arrays)  # keeps bfloat16
+  assert formats.read_state_dict(tmp_path / "x.safetensors")["w"].dtype == ml_dtypes.bfloat16
+
+
 def _bad_files(tmp_path):
   """(path, expected message) for every kind of bad input."""
   good = tmp_path / "good.safetensors"

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -91,13 +92,24 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
     with _allowed_globals(torch):
       obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
+    # torch's first lines are generic advice; the class it refused is in the last ones.
+    refused = re.search(r"Unsupported global: GLOBAL (\S+) was not", str(e))
+    detail = f"the class {refused.group(1)}" if refused else _first_line(e)
     raise CheckpointFileError(
-        path, "holds objects other than tensors and containers; refusing to unpickle "
-        f"arbitrary code (torch.load weights_only=True: {str(e).splitlines()[0]})") from e
-  except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-    raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({str(e).splitlines()[0]})") from e
+        path, f"holds objects other than tensors and containers ({detail}), or is damaged; "
+        "refusing to unpickle arbitrary code (torch.load weights_only=True)") from e
+  except (RuntimeError, EOFError, IndexError, struct.error, zipfile.BadZipFile, OSError) as e:
+    # A legacy (non-zip) file cut short raises EOFError() without a message, IndexError or
+    # struct.error, depending on where it is cut.
+    raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({_first_line(e)})") from e
   tensors = _unwrap(path, obj)
   return {key: _tensor_to_numpy(path, key, value) for key, value in tensors.items()}
+
+
+def _first_line(error: BaseException) -> str:
+  """The first non-blank line of an exception's message, or its type's name if it has none."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
 
 
 def _allowed_globals(torch) -> contextlib.AbstractContextManager:
@@ -184,6 +196,11 @@ def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file(arrays, os.fspath(path))
   else:
+    bfloat16 = [key for key, value in arrays.items() if value.dtype == ml_dtypes.bfloat16]
+    if bfloat16:  # np.savez would store raw 2-byte voids that read back as no number type
+      raise ValueError(f"{os.fspath(path)}: .npz cannot hold bfloat16 arrays ({bfloat16[0]!r} "
+                       f"and {len(bfloat16) - 1} more); write .safetensors or .pth, which keep "
+                       "bfloat16, or export float32")
     with open(path, "wb") as f:
       np.savez(f, **arrays)
 
