@@ -43,7 +43,8 @@ def test_released_pretrained_to_checkpoint_and_back_is_exact(tmp_path):
   assert io.load_model_config(tmp_path / "ckpt")["embed_dim"] == 64
   notes = pipelines.checkpoint_to_torch(tmp_path / "ckpt", tmp_path / "back.safetensors",
                                         module_prefix=True)
-  assert notes == [f"exported {len(state_dict)} arrays"]
+  assert notes == [f"exported {len(state_dict)} arrays (keys prefixed 'module.', as DataParallel "
+                   "saves them)"]
   back = formats.read_state_dict(tmp_path / "back.safetensors")
   assert set(back) == set(state_dict)
   for key, value in state_dict.items():
@@ -146,6 +147,12 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   ok = _cli("cavmae", f"--src={src}", f"--out={tmp_path / 'ckpt'}", *config)
   assert ok.returncode == 0, ok.stderr
   assert "mapped: " in ok.stdout and f"wrote {tmp_path / 'ckpt'}" in ok.stdout
+  # Back to the original's layout: by default with DataParallel's prefix, as the released files
+  # (the original's loaders wrap the model first; strict=False would load nothing without it).
+  back = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back.safetensors'}")
+  assert back.returncode == 0 and "keys prefixed 'module.'" in back.stdout, back.stderr
+  assert set(formats.read_state_dict(tmp_path / "back.safetensors")) == set(
+      formats.read_state_dict(src))
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(src.read_bytes()[:1000])
   bad = _cli("cavmae", f"--src={cut}", f"--out={tmp_path / 'bad'}", *config)

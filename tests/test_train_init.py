@@ -206,7 +206,7 @@ def test_another_head_count_is_refused_naming_the_field(source, tmp_path):
   config = tiny_config(source="workdir", path=str(workdir))
   config.model.num_heads = DIMS.num_heads // 2
   with pytest.raises(ValueError, match=rf"config.model.num_heads={DIMS.num_heads // 2}: "
-                     rf"config.init.path={workdir} was trained with num_heads={DIMS.num_heads}"):
+                     rf"{workdir} was trained with num_heads={DIMS.num_heads}"):
     train(config, tmp_path / "run")
   config = tiny_config(source="workdir", path=str(workdir))
   config.model.decoder_num_heads = 1  # the decoder is loaded too (a pretraining target)
@@ -214,12 +214,38 @@ def test_another_head_count_is_refused_naming_the_field(source, tmp_path):
     train(config, tmp_path / "run2")
 
 
+def test_evaluating_with_another_head_count_is_refused(source):
+  """tools/evaluate.py, retrieval.py and extract_features.py read checkpoints by shape only."""
+  from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  workdir, _ = source
+  config = tiny_config()
+  mesh = mesh_lib.make_mesh(config.mesh)
+  evaluate.load_params(tasks.get_task(config), mesh, workdir=str(workdir))  # the same heads
+  config.model.num_heads = DIMS.num_heads // 2
+  with pytest.raises(ValueError, match=f"{workdir} was trained with num_heads={DIMS.num_heads}"):
+    evaluate.load_params(tasks.get_task(config), mesh, workdir=str(workdir))
+
+
+def test_converting_an_original_checkpoint_checks_its_head_counts(tmp_path, monkeypatch):
+  from cav_mae_jax.convert import pipelines  # pylint: disable=import-outside-toplevel
+  config = tiny_config().model
+  monkeypatch.setitem(init_source.ORIGINAL_HEADS, "num_heads", (config.embed_dim, 1))
+  state_dict, _ = export.to_original_state_dict(run_init_params(tiny_config()), module_prefix=True)
+  formats.write_state_dict(tmp_path / "original.safetensors", state_dict)
+  with pytest.raises(ValueError, match=f"config.model.num_heads={config.num_heads}: .*"
+                     "original's architecture"):
+    pipelines.cavmae_to_checkpoint(tmp_path / "original.safetensors", tmp_path / "out", config,
+                                   finetune=False)
+  assert not (tmp_path / "out").exists()
+
+
 def test_an_original_checkpoint_has_the_originals_head_counts():
   model = models.ModelConfig.from_config(models.model_config("base"))
-  init = ml_collections.ConfigDict({"source": "cavmae", "path": "audio_model.pth"})
-  init_source.check_head_counts(init, model, finetune=False)  # 12 and 16: the original's
+  init = ("cavmae", "audio_model.pth")
+  init_source.check_head_counts(*init, model, finetune=False)  # 12 and 16: the original's
   with pytest.raises(ValueError, match="config.model.num_heads=8: .* num_heads=12 .*--config"
                      ".model.num_heads=12"):
-    init_source.check_head_counts(init, dataclasses.replace(model, num_heads=8), finetune=True)
+    init_source.check_head_counts(*init, dataclasses.replace(model, num_heads=8), finetune=True)
   init_source.check_head_counts(  # the decoder is not loaded into a fine-tuning model
-      init, dataclasses.replace(model, decoder_num_heads=8), finetune=True)
+      *init, dataclasses.replace(model, decoder_num_heads=8), finetune=True)

@@ -12,8 +12,9 @@ Directions:
                 e.g. --config.model.audio_length=512; sincos recomputes a pretrained model's
                 fixed table, interpolate resamples a fine-tuned model's trained one).
   to-torch      params checkpoint or training workdir (its latest checkpoint, or --step) ->
-                .pth / .safetensors / .npz in the original's layout (loads with strict=True
-                into the original CAVMAE / CAVMAEFT).
+                .pth / .safetensors / .npz in the original's layout, keys prefixed with
+                'module.' as the released files (--nomodule_prefix: without); loads with
+                strict=True into the original CAVMAE / CAVMAEFT (in DataParallel).
   export-eval   params checkpoint or training workdir -> params-only checkpoint in --dtype,
                 with model_config.json.
 
@@ -22,7 +23,7 @@ Examples:
       --config=configs/pretrain.py:base
   python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/vgg_init \
       --config=configs/finetune.py:vgg --new_head
-  python tools/convert.py to-torch --src=ckpt/scale_pp --out=scale_pp.pth --module_prefix
+  python tools/convert.py to-torch --src=ckpt/scale_pp --out=scale_pp.pth
 
 Prints what was mapped, kept at init and dropped. On any error it prints one line `error: ...`
 and exits with status 2, and nothing is written at --out (missing parent folders of --out are
@@ -49,7 +50,9 @@ _AUDIO_POS_RESIZE = flags.DEFINE_enum(
 _ALLOW_UNEXPECTED = flags.DEFINE_bool(
     "allow_unexpected", False, "Ignore source arrays that have no place in the target (listed).")
 _MODULE_PREFIX = flags.DEFINE_bool(
-    "module_prefix", False, "to-torch: prefix keys with 'module.' like the released files.")
+    "module_prefix", True, "to-torch: prefix keys with 'module.' like the released files: the "
+    "original's loaders wrap the model in DataParallel first, and three load with strict=False, "
+    "which would load no key of a file without it. --nomodule_prefix for a bare nn.Module.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "export-eval: dtype of the exported params.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init values for parameters not in the source.")

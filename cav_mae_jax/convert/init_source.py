@@ -126,7 +126,7 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
                        "pretrain first, then fine-tune from that workdir.")
     return imagenet_mae.imagenet_mae_to_params(
         formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
-  check_head_counts(init, config, finetune=finetune)
+  check_head_counts(init.source, init.path, config, finetune=finetune)
   notes = []
   if init.source == "cavmae":
     state_dict = formats.read_state_dict(init.path)
@@ -151,33 +151,34 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
 ORIGINAL_HEADS = {"num_heads": (768, 12), "decoder_num_heads": (512, 16)}
 
 
-def check_head_counts(init: ml_collections.ConfigDict, model: models.ModelConfig, *,
+def check_head_counts(source: str, path: str, model: models.ModelConfig, *,
                       finetune: bool) -> None:
   """Raises ValueError naming the field when the target splits attention into other heads than
   the source was trained with. Head counts are the one architecture setting the parameters'
   names and shapes do not show (qkv is embed x 3*embed for any count), so loading would succeed
-  and compute another model. Checked against the config stored with our workdirs and params
-  checkpoints, and for an original .pth against the original's base architecture; the decoder's
-  only when it is loaded (a pretraining target)."""
+  and compute another model. `source` is the kind of `path` (`config.init.source`'s names).
+  Checked against the config stored with our workdirs and params checkpoints, and for an original
+  .pth ('cavmae') against the original's base architecture; the decoder's only when it is loaded
+  (a pretraining target)."""
   fields = ("num_heads",) if finetune else ("num_heads", "decoder_num_heads")
   width = {"num_heads": "embed_dim", "decoder_num_heads": "decoder_embed_dim"}
   for name in fields:
     ours = getattr(model, name)
-    if init.source in ("workdir", "params"):
-      theirs = stored_model_field(init.path, name)
-      stored = stored_model_field(init.path, width[name])
+    if source in ("workdir", "params"):
+      theirs = stored_model_field(path, name)
+      stored = stored_model_field(path, width[name])
       if theirs is None or stored != getattr(model, width[name]):
         continue  # nothing stored, or another width (the parameters' shapes tell that apart)
       where = "its stored config"
-    elif init.source == "cavmae" and getattr(model, width[name]) == ORIGINAL_HEADS[name][0]:
+    elif source == "cavmae" and getattr(model, width[name]) == ORIGINAL_HEADS[name][0]:
       theirs = ORIGINAL_HEADS[name][1]
       where = f"the original's architecture at {width[name]}={ORIGINAL_HEADS[name][0]}"
     else:
       continue
     if theirs != ours:
-      raise ValueError(f"config.model.{name}={ours}: config.init.path={init.path} was trained "
-                       f"with {name}={theirs} ({where}); the parameters would load and compute "
-                       f"another model. Set --config.model.{name}={theirs}")
+      raise ValueError(f"config.model.{name}={ours}: {path} was trained with {name}={theirs} "
+                       f"({where}); its parameters would load and compute another model. Set "
+                       f"--config.model.{name}={theirs}")
 
 
 def write_report(workdir: str, init: ml_collections.ConfigDict,

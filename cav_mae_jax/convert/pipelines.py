@@ -50,6 +50,7 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
   io.check_output_path(out, overwrite=overwrite)  # fail before any work
   state_dict = formats.read_state_dict(src)
   config = models.ModelConfig.from_config(model_config)
+  init_source.check_head_counts("cavmae", os.fspath(src), config, finetune=finetune)
   needs_init = new_head or config.learnable_temperature
   init = (target.init_params(config, finetune=finetune, seed=seed) if needs_init
           else target.param_shapes(config, finetune=finetune))
@@ -69,7 +70,9 @@ def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, modul
   state_dict, notes = export.to_original_state_dict(params, module_prefix=module_prefix)
   with io.atomic_output(out, overwrite=overwrite) as staged:
     formats.write_state_dict(staged, state_dict)
-  notes.insert(0, f"exported {len(state_dict)} arrays")
+  notes.insert(0, f"exported {len(state_dict)} arrays" + (
+      " (keys prefixed 'module.', as DataParallel saves them)" if module_prefix else
+      " (keys without DataParallel's 'module.' prefix)"))
   return notes
 
 
