@@ -96,6 +96,20 @@ def test_legacy_pth_cut_short_is_an_error_naming_the_file(tmp_path, cut):
     formats.read_state_dict(path)
 
 
+def test_pth_damaged_in_place_is_refused_not_loaded(tmp_path):
+  """torch.load does not check the zip members' CRC-32s: 64 zeroed bytes loaded as other weights."""
+  torch = pytest.importorskip("torch", reason="writing a .pth needs torch")
+  path = tmp_path / "model.pth"
+  torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+  data = bytearray(path.read_bytes())
+  start = data.index(np.arange(4096, dtype=np.float32).tobytes()[:64]) + 8192
+  data[start:start + 64] = bytes(64)
+  path.write_bytes(bytes(data))
+  with pytest.raises(formats.CheckpointFileError, match=rf"{path}: damaged: its member "
+                     r"'model/data/0' fails its CRC-32 check"):
+    formats.read_state_dict(path)
+
+
 def test_npz_refuses_bfloat16_rather_than_writing_void_arrays(tmp_path):
   arrays = {"w": np.ones(3, ml_dtypes.bfloat16), "b": np.ones(3, np.float32)}
   with pytest.raises(ValueError, match=r"\.npz cannot hold bfloat16 arrays \('w' and 0 more\)"):

@@ -194,7 +194,7 @@ def test_wrong_architecture_names_the_parameters(source, tmp_path):
   workdir, _ = source
   config = tiny_config(source="workdir", path=str(workdir))
   config.model.encoder_depth, config.model.modality_specific_depth = 3, 2
-  with pytest.raises(sd.ParamsMismatchError, match="blocks_"):
+  with pytest.raises(sd.ParamsMismatchError, match=rf"config.init.path={workdir}: .*blocks_"):
     train(config, tmp_path / "run")
   assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
 

@@ -88,6 +88,7 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
     raise CheckpointFileError(
         path, "reading .pth needs PyTorch (pip install 'cav-mae-jax[torch]'), "
         "or convert it once elsewhere to .safetensors/.npz") from e
+  _check_zip_crcs(path)
   try:
     with _allowed_globals(torch):
       obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -104,6 +105,20 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
     raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({_first_line(e)})") from e
   tensors = _unwrap(path, obj)
   return {key: _tensor_to_numpy(path, key, value) for key, value in tensors.items()}
+
+
+def _check_zip_crcs(path: str | os.PathLike) -> None:
+  """A .pth of torch >= 1.6 is a zip; torch.load does not check its members' CRC-32s, so bytes
+  damaged in place (same length) would load as other weights. One extra read of the file."""
+  if not zipfile.is_zipfile(path):
+    return  # the legacy format: torch.load finds what it can
+  try:
+    with zipfile.ZipFile(path) as archive:
+      damaged = archive.testzip()
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({_first_line(e)})") from e
+  if damaged is not None:
+    raise CheckpointFileError(path, f"damaged: its member {damaged!r} fails its CRC-32 check")
 
 
 def _first_line(error: BaseException) -> str:

@@ -138,10 +138,13 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
   # another class count needs init.new_head, so that replacing a head is never silent.
   has_head = any(k.removeprefix(sd.MODULE_PREFIX).startswith("mlp_head") for k in state_dict)
   new_head = init.new_head or (finetune and not has_head)
-  params, report = cavmae_checkpoint.cavmae_to_params(
-      state_dict, init_params, new_head=new_head,
-      audio_pos_resize=init.audio_pos_resize or None, freq_patches=config.audio_grid[0],
-      allow_unexpected=init.allow_unexpected)
+  try:
+    params, report = cavmae_checkpoint.cavmae_to_params(
+        state_dict, init_params, new_head=new_head,
+        audio_pos_resize=init.audio_pos_resize or None, freq_patches=config.audio_grid[0],
+        allow_unexpected=init.allow_unexpected)
+  except sd.ParamsMismatchError as e:  # name the file: the rules' messages name only keys
+    raise sd.ParamsMismatchError(f"config.init.path={init.path}: {e}") from None
   report.notes.extend(notes)
   return params, report
 
