@@ -56,6 +56,15 @@ def test_pretraining_checkpoint_without_new_head_names_the_head():
     cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(TINY_FT))
 
 
+def test_an_incomplete_checkpoint_is_not_told_to_use_new_head():
+  """The new_head hint only where the head alone is missing: following it would still fail."""
+  released = _released(TINY)
+  incomplete = {k: v for k, v in released.items() if "blocks_a.0." not in k}
+  with pytest.raises(sd.ParamsMismatchError, match="blocks_a_0") as error:
+    cavmae_checkpoint.cavmae_to_params(incomplete, _init(TINY_FT))
+  assert "new_head" not in str(error.value)
+
+
 def test_finetuned_checkpoint_where_pretraining_is_expected_names_what_is_missing():
   with pytest.raises(sd.ParamsMismatchError,
                      match=r"fine-tuned checkpoint has no decoder.*decoder_embed/kernel.*mask_token"):

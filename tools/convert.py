@@ -14,7 +14,9 @@ Directions:
   to-torch      params checkpoint or training workdir (its latest checkpoint, or --step) ->
                 .pth / .safetensors / .npz in the original's layout, keys prefixed with
                 'module.' as the released files (--nomodule_prefix: without); loads with
-                strict=True into the original CAVMAE / CAVMAEFT (in DataParallel).
+                strict=True into the original CAVMAE / CAVMAEFT (in DataParallel), except
+                models the original has no class for: the CAV variant (lambda_mae=0, no
+                decoder) loads into CAVMAE with strict=False, one modality not at all.
   export-eval   params checkpoint or training workdir -> params-only checkpoint in --dtype,
                 with model_config.json.
 

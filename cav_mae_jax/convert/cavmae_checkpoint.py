@@ -81,7 +81,7 @@ def cavmae_to_params(
     if not any(p in source for p in target):
       hint = (" (it holds none of the model's parameters, so it is not a CAV-MAE checkpoint; its "
               f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
-    elif any(p[0] in HEAD_MODULES for p in missing):
+    elif all(p[0] in HEAD_MODULES for p in missing):
       hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
     elif any(_is_decoder(p[0]) for p in missing):
       hint = " (a fine-tuned checkpoint has no decoder: it cannot initialize a pretraining model)"
