@@ -150,7 +150,7 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
 
 
 # The original's one architecture (ViT-B encoder, 512-wide decoder): the head counts of an
-# original checkpoint, which it does not store (REFERENCE.md).
+# original checkpoint, which it does not store (docs/original.md).
 ORIGINAL_HEADS = {"num_heads": (768, 12), "decoder_num_heads": (512, 16)}
 
 
