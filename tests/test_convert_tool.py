@@ -151,6 +151,11 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   # (the original's loaders wrap the model first; strict=False would load nothing without it).
   back = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back.safetensors'}")
   assert back.returncode == 0 and "keys prefixed 'module.'" in back.stdout, back.stderr
+  pipelines.checkpoint_to_eval_export(tmp_path / "ckpt", tmp_path / "bf16", dtype="bfloat16")
+  npz = _cli("to-torch", f"--src={tmp_path / 'bf16'}", f"--out={tmp_path / 'bf16.npz'}")
+  assert npz.returncode == 2 and npz.stderr.startswith(  # the path given, not a staged one
+      f"error: {tmp_path / 'bf16.npz'}: .npz cannot hold bfloat16 arrays"), npz.stderr
+  assert not list(tmp_path.glob("*bf16.npz*"))
   assert set(formats.read_state_dict(tmp_path / "back.safetensors")) == set(
       formats.read_state_dict(src))
   cut = tmp_path / "cut.safetensors"

@@ -203,7 +203,7 @@ def _safetensors_array(path: str | os.PathLike, key: str, info: Mapping[str, obj
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
   """Writes a flat state dict; the format follows the suffix (.pth/.pt, .safetensors, .npz)."""
-  kind = output_format(path)
+  kind = check_output(path, state_dict)
   arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
   if kind == "pth":
     _write_pth(path, arrays)
@@ -211,13 +211,21 @@ def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file(arrays, os.fspath(path))
   else:
-    bfloat16 = [key for key, value in arrays.items() if value.dtype == ml_dtypes.bfloat16]
-    if bfloat16:  # np.savez would store raw 2-byte voids that read back as no number type
-      raise ValueError(f"{os.fspath(path)}: .npz cannot hold bfloat16 arrays ({bfloat16[0]!r} "
-                       f"and {len(bfloat16) - 1} more); write .safetensors or .pth, which keep "
-                       "bfloat16, or export float32")
     with open(path, "wb") as f:
       np.savez(f, **arrays)
+
+
+def check_output(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> str:
+  """The format `path`'s suffix names ('pth', 'safetensors' or 'npz'); ValueError naming the
+  path when it is none of them or cannot hold `state_dict`'s arrays (before anything is written)."""
+  kind = output_format(path)
+  bfloat16 = [key for key, value in state_dict.items()
+              if np.asarray(value).dtype == ml_dtypes.bfloat16]
+  if kind == "npz" and bfloat16:  # np.savez stores raw 2-byte voids that read back as no number
+    raise ValueError(f"{os.fspath(path)}: .npz cannot hold bfloat16 arrays ({bfloat16[0]!r} "
+                     f"and {len(bfloat16) - 1} more); write .safetensors or .pth, which keep "
+                     "bfloat16, or export float32")
+  return kind
 
 
 def output_format(path: str | os.PathLike) -> str:

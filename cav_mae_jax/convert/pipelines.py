@@ -68,6 +68,7 @@ def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, modul
   formats.output_format(out)
   params = init_source.read_params(os.fspath(src), step)
   state_dict, notes = export.to_original_state_dict(params, module_prefix=module_prefix)
+  formats.check_output(out, state_dict)  # named as given, not as the staged file
   with io.atomic_output(out, overwrite=overwrite) as staged:
     formats.write_state_dict(staged, state_dict)
   notes.insert(0, f"exported {len(state_dict)} arrays" + (
