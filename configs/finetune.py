@@ -16,8 +16,12 @@ Beta(10, 10) on the mean-removed waveforms (records written with --store-wavefor
 position embeddings, a checkpoint at every epoch end (kept, for weight averaging).
 
 Options: `classes=N` (default: the recipe's), `mode=<ft mode>` (multimodal, audioonly, videoonly,
-missingaudioonly, missingvideoonly), `probe` (linear probe: encoder frozen, task 'probe').
-e.g. `configs/finetune.py:vgg,mode=audioonly` or `configs/finetune.py:as20k,probe`.
+missingaudioonly, missingvideoonly), `probe` (linear probe: encoder frozen, task 'probe'),
+`encoder=<variant>`: the encoder of a pretraining variant other than CAV-MAE's (vanilla_avmae:
+one shared encoder; audio_mae / visual_mae: a single-modality MAE, whose one stream the default
+mode=multimodal pools, through the LayerNorms it trained).
+e.g. `configs/finetune.py:vgg,mode=audioonly`, `configs/finetune.py:as20k,probe` or
+`configs/finetune.py:as20k,encoder=audio_mae`.
 
 Start from pretrained weights with `--config.init.source=workdir|params|cavmae
 --config.init.path=...` (a source without a head gets a new one; a head of another class count
@@ -32,6 +36,10 @@ from ml_collections import config_dict
 from cav_mae_jax.models.config import FT_MODES
 from cav_mae_jax.models.config import model_config
 from configs import common
+from configs import pretrain
+
+# Pretraining variants whose encoder differs from CAV-MAE's (configs/pretrain.py).
+ENCODERS = ("vanilla_avmae", "audio_mae", "visual_mae")
 
 RECIPES = {
     # name: (size, classes, lr, head x, batch, epochs, first decay epoch, balanced, loss,
@@ -53,12 +61,15 @@ def parse_arg(arg: str) -> tuple[str, dict[str, str], bool]:
     key, sep, value = part.partition("=")
     if not sep and key == "probe":
       probe = True
-    elif sep and key in ("classes", "mode"):
+    elif sep and key in ("classes", "mode", "encoder"):
       options[key] = value
     else:
-      raise ValueError(f"config option {part!r}: unknown; options are classes=N, mode=M, probe.")
+      raise ValueError(f"config option {part!r}: unknown; options are classes=N, mode=M, "
+                       "encoder=E, probe.")
   if options.get("mode", FT_MODES[0]) not in FT_MODES:
     raise ValueError(f"config option mode={options['mode']!r}: must be one of {FT_MODES}.")
+  if options.get("encoder", ENCODERS[0]) not in ENCODERS:
+    raise ValueError(f"config option encoder={options['encoder']!r}: must be one of {ENCODERS}.")
   return recipe, options, probe
 
 
@@ -80,7 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = model_config(
       size, num_classes=int(options.get("classes", classes)),
       ft_mode=options.get("mode", FT_MODES[0]), trainable_pos_embed=True,
-      dtype="float32" if tiny else "bfloat16")
+      dtype="float32" if tiny else "bfloat16",
+      **(pretrain.model_overrides({}, {options["encoder"]}) if "encoder" in options else {}))
 
   config.finetune = ml_collections.ConfigDict()
   config.finetune.loss = loss

@@ -23,7 +23,8 @@ Ablation options (the paper's Tables 1-2 and its ablation study):
   vanilla_avmae       one shared encoder (modality_specific_depth=0), no contrastive loss
   avmae               AV-MAE: 11+1 encoder, no contrastive loss (lambda_c=0)
   cav                 CAV: contrastive only, no decoder (lambda_mae=0)
-  audio_mae / visual_mae   single-modality MAE (one shared encoder; no retrieval evaluator)
+  audio_mae / visual_mae   single-modality MAE (one shared encoder; no retrieval evaluator;
+                      fine-tune with configs/finetune.py:<recipe>,encoder=audio_mae)
   cosine              warmup + cosine schedule instead of the original MultiStep
 e.g. `configs/pretrain.py:base,mask_mode=time` or `configs/pretrain.py:scale++,cav`.
 

@@ -234,6 +234,65 @@ def test_streams_are_the_unmasked_encoder_streams():
   assert streams["joint"].shape == (2, cfg.num_audio_patches + cfg.num_image_patches, cfg.embed_dim)
 
 
+@pytest.mark.parametrize("modalities", ["audio", "visual"])
+def test_single_modality_mae_stream_and_finetuning(modalities):
+  """A single-modality MAE trains only the joint LayerNorms, and has no norm_a / norm_v: its one
+  stream (features, HEAR) is the pretraining encoder's, and fine-tuning it pools that stream in
+  ft_mode 'multimodal'. Its stream used to need norm_a/norm_v (a Flax error), and an
+  audio-only model could not fine-tune in the modes it could be configured with."""
+  from cav_mae_jax.convert import cavmae_checkpoint, export, state_dict  # pylint: disable=import-outside-toplevel
+  single = dict(modalities=modalities, lambda_c=0.0, modality_specific_depth=0)
+  cfg = _cfg(mask_ratio_a=0.0, mask_ratio_v=0.0, **single)
+  audio, image = _inputs(cfg, batch=2)
+  audio, image = (audio, None) if modalities == "audio" else (None, image)
+  stream, letter = ("audio", "a") if modalities == "audio" else ("video", "v")
+  model = CAVMAE(cfg)
+  params = _init(model, audio, image)["params"]
+  assert "norm" in params and f"norm_{letter}" not in params
+  keep_order = jnp.tile(jnp.arange(cfg.num_audio_patches if audio is not None else
+                                   cfg.num_image_patches, dtype=jnp.float32), (2, 1))
+  noise = {"noise_a": keep_order} if audio is not None else {"noise_v": keep_order}
+  encoded = model.apply({"params": params}, audio, image, method="encode", **noise)
+  streams = model.apply({"params": params}, audio, image, method="streams")
+  assert set(streams) == {stream}
+  np.testing.assert_allclose(streams[stream], encoded["x"], atol=1e-5)
+
+  host_params = jax.tree.map(np.asarray, params)
+  for ft_mode in ("multimodal", f"{stream}only", f"missing{stream}only"):
+    ft_cfg = _cfg(num_classes=5, ft_mode=ft_mode, **single)
+    ft_model = CAVMAEFT(ft_cfg)
+    ft_init = jax.tree.map(np.asarray, _init(ft_model, audio, image)["params"])
+    if ft_mode != "multimodal":  # their pooling runs norm_a / norm_v, which the MAE never trained
+      with pytest.raises(state_dict.ParamsMismatchError, match="ft_mode='multimodal'"):
+        cavmae_checkpoint.cavmae_to_params(export.to_original_state_dict(host_params)[0],
+                                           ft_init, new_head=True)
+      logits = ft_model.apply({"params": ft_init}, audio, image)
+      assert logits.shape == (2, 5)
+      if not ft_mode.startswith("missing"):  # it has no joint final norm
+        with pytest.raises(ValueError, match="does not have"):
+          ft_model.apply({"params": ft_init}, audio, image, mode="multimodal")
+      continue
+    assert "norm" in ft_init and f"norm_{letter}" not in ft_init
+    ft_params, _ = cavmae_checkpoint.cavmae_to_params(
+        export.to_original_state_dict(host_params)[0], ft_init, new_head=True)
+    ft_streams = ft_model.apply({"params": ft_params}, audio, image, method="streams")
+    np.testing.assert_allclose(ft_streams[stream], streams[stream], atol=1e-5)
+    np.testing.assert_allclose(ft_model.apply({"params": ft_params}, audio, image),
+                               ft_model.apply({"params": ft_params}, audio, image,
+                                              mode=f"{stream}only"), rtol=1e-6)
+
+
+def test_single_modality_finetuning_config():
+  from configs import finetune  # pylint: disable=import-outside-toplevel
+  config = finetune.get_config("tiny,encoder=audio_mae")
+  assert (config.model.modalities, config.model.modality_specific_depth) == ("audio", 0)
+  assert finetune.get_config("tiny,encoder=vanilla_avmae").model.modality_specific_depth == 0
+  with pytest.raises(ValueError, match="ft_mode='videoonly': needs the video"):
+    finetune.get_config("tiny,encoder=audio_mae,mode=videoonly")
+  with pytest.raises(ValueError, match="encoder='cav'"):
+    finetune.get_config("tiny,encoder=cav")
+
+
 def test_unpatchify_inverts_patchify():
   from cav_mae_jax.models import losses  # pylint: disable=import-outside-toplevel
   images = np.random.default_rng(0).standard_normal((2, 32, 48, 3)).astype(np.float32)

@@ -85,6 +85,10 @@ def cavmae_to_params(
       hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
     elif any(_is_decoder(p[0]) for p in missing):
       hint = " (a fine-tuned checkpoint has no decoder: it cannot initialize a pretraining model)"
+    elif {p[0] for p in missing} <= {"norm_a", "norm_v"} and any(p[0] == "norm" for p in source):
+      hint = (" (it has no modality-specific final norm: a single-modality MAE, whose one stream "
+              "ran the joint LayerNorms; fine-tune it with ft_mode='multimodal', which pools "
+              "that stream)")
     elif all(_is_visual(p[0]) for p in missing):
       hint = (" (it has no visual branch: a checkpoint of the original's audio-only CAVMAEFTAudio, "
               "which this model cannot hold; the released audio-only models are CAVMAEFT "

@@ -8,6 +8,7 @@ Embeddings (`embedding_fn`) are the encoder's unmasked token streams after the j
 (`CAVMAE.streams`), mean-pooled over tokens:
   audio  [N, D]  audio-only stream (`norm_a`): the original's audio features and retrieval side
   video  [N, D]  video-only stream (`norm_v`): the other retrieval side
+  (a single-modality MAE's one stream runs the joint LayerNorms, `norm`, which it trained)
   joint  [N, D]  audio+video stream (`norm`): what multimodal fine-tuning pools
 and with `patches`, the unpooled tokens `audio_patches` [N, La, D] (row-major over the 8 x T/16
 frequency x time grid), `video_patches` [N, Lv, D] and `joint_patches` [N, La + Lv, D]. A

@@ -151,6 +151,11 @@ class _Encoder(nn.Module):
     final = {None: self.norm, "a": getattr(self, "norm_a", None), "v": getattr(self, "norm_v", None)}
     return final[modality](x)
 
+  def alone_norms(self, modality: str) -> Optional[str]:
+    """`joint`'s `modality` for modality 'a' or 'v' run alone: its own LayerNorms (`norm1_a`, ...,
+    `norm_a`), as the original's `forward_feat` and its audio-only fine-tuning model."""
+    return modality
+
   def features(self, audio: Optional[jax.Array], image: Optional[jax.Array]) -> tuple[Any, Any]:
     """Unmasked audio-only and video-only stream tokens [B, L, D] (float32), used for retrieval."""
     streams = self.streams(audio, image, joint=False)
@@ -163,6 +168,7 @@ class _Encoder(nn.Module):
     'audio' [B, La, D] (audio-only stream, `norm_a`; the original's `forward_feat` audio output),
     'video' [B, Lv, D] (video-only stream, `norm_v`) and, with both inputs and `joint`,
     'joint' [B, La + Lv, D] (the audio+video stream, `norm`, as multimodal fine-tuning pools it).
+    A single-modality model's one stream runs the LayerNorms of `alone_norms`.
     """
     cfg = self.config
     check_inputs(cfg, audio, image, need_audio=cfg.uses_audio and audio is not None,
@@ -171,10 +177,10 @@ class _Encoder(nn.Module):
     out = {}
     if cfg.uses_audio and audio is not None:
       a = self.audio_blocks(self.embed_audio(audio))
-      out["audio"] = self.joint(a, "a").astype(jnp.float32)
+      out["audio"] = self.joint(a, self.alone_norms("a")).astype(jnp.float32)
     if cfg.uses_video and image is not None:
       v = self.video_blocks(self.embed_video(image))
-      out["video"] = self.joint(v, "v").astype(jnp.float32)
+      out["video"] = self.joint(v, self.alone_norms("v")).astype(jnp.float32)
     if joint and a is not None and v is not None:
       out["joint"] = self.joint(jnp.concatenate([a, v], axis=1)).astype(jnp.float32)
     return out
@@ -211,6 +217,11 @@ class CAVMAE(_Encoder):
     self.decoder_blocks = [block(dim, cfg.decoder_num_heads, cfg.mlp_ratio, self.dtype,
                                  cfg.attention_impl) for _ in range(cfg.decoder_depth)]
     self.decoder_norm = layer_norm("decoder_norm", self.dtype)
+
+  def alone_norms(self, modality: str) -> Optional[str]:
+    """A single-modality MAE (the paper's audio-only and visual-only MAE) trains only the joint
+    LayerNorms (`norm1`, `norm2`, `norm`), so its one stream runs those."""
+    return modality if self.config.modalities == "audiovisual" else None
 
   def _mask_noise(self, batch: int, grid: tuple[int, int], ratio: float, mode: str,
                   noise: Optional[jax.Array]) -> jax.Array:
@@ -353,6 +364,22 @@ class CAVMAEFT(_Encoder):
                                bias_init=nn.initializers.zeros, dtype=jnp.float32,
                                param_dtype=jnp.float32, name="mlp_head_1")
 
+  def alone_norms(self, modality: str) -> Optional[str]:
+    """A single-modality model fine-tuned in 'multimodal' mode pools its one stream through the
+    joint LayerNorms, as a single-modality MAE trained them; in its own modality's mode through
+    that modality's (the original's audio-only fine-tuning of an audio-visual model)."""
+    single = self.config.modalities != "audiovisual"
+    return None if single and self.config.ft_mode == "multimodal" else modality
+
+  def _final_norms(self, mode: str) -> set[str]:
+    """The final LayerNorms a single-modality model's `mode` pools through (its parameters are
+    those of its `ft_mode` and of its stream alone)."""
+    letter = "a" if self.config.uses_audio else "v"
+    own = {"norm" if self.alone_norms(letter) is None else f"norm_{letter}"}
+    if mode == "multimodal":
+      return {"norm"}
+    return own | {"norm"} if mode.startswith("missing") else own
+
   def _head(self, pooled: jax.Array) -> jax.Array:
     return self.mlp_head_1(self.mlp_head_0(pooled.astype(jnp.float32)))
 
@@ -371,11 +398,17 @@ class CAVMAEFT(_Encoder):
       raise ValueError(f"mode {mode!r} needs a modality that config.model.modalities="
                        f"{cfg.modalities!r} does not have")
     check_inputs(cfg, audio, image, need_audio=need_audio, need_image=need_image)
+    if cfg.modalities != "audiovisual" and not self.is_initializing():
+      missing = self._final_norms(mode) - self._final_norms(cfg.ft_mode)
+      if missing:
+        raise ValueError(f"mode {mode!r} pools through LayerNorms ({', '.join(sorted(missing))}) "
+                         f"that a modalities={cfg.modalities!r} model fine-tuned with "
+                         f"ft_mode={cfg.ft_mode!r} does not have")
     if self.is_initializing():
-      # Create every parameter: the multimodal stream and both single-modality streams.
+      # Create every parameter: the multimodal stream and both single-modality streams, or a
+      # single-modality model's for its own mode.
       self.features(audio if need_audio else None, image if need_image else None)
-      mode = "multimodal" if cfg.modalities == "audiovisual" else (
-          "audioonly" if cfg.uses_audio else "videoonly")
+      mode = "multimodal" if cfg.modalities == "audiovisual" else cfg.ft_mode
     a = self.audio_blocks(self.embed_audio(audio)) if need_audio else None
     v = self.video_blocks(self.embed_video(image)) if need_image else None
     f32 = lambda t: t.astype(jnp.float32)
@@ -383,7 +416,7 @@ class CAVMAEFT(_Encoder):
       pooled = f32(self.joint(jnp.concatenate([t for t in (a, v) if t is not None], axis=1))).mean(1)
     elif mode in ("audioonly", "videoonly"):
       tokens, name = (a, "a") if mode == "audioonly" else (v, "v")
-      pooled = f32(self.joint(tokens, name)).mean(1)
+      pooled = f32(self.joint(tokens, self.alone_norms(name))).mean(1)
     else:
       tokens, name = (a, "a") if mode == "missingaudioonly" else (v, "v")
       pooled = (f32(self.joint(tokens)).mean(1) + f32(self.joint(tokens, name)).mean(1)) / 2

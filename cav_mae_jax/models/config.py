@@ -143,6 +143,10 @@ class ModelConfig:
            "attention (attention_impl='cudnn') keeps none, so there is nothing to recompute")
     if self.ft_mode not in FT_MODES:
       fail("ft_mode", f"unknown fine-tuning mode; must be one of {FT_MODES}")
+    absent = {"audio": "video", "visual": "audio"}.get(self.modalities)
+    if absent and absent in self.ft_mode:
+      fail("ft_mode", f"needs the {absent}, which a modalities={self.modalities!r} model does "
+           "not have")
 
   # Derived quantities.
   @property
