@@ -1,7 +1,7 @@
 """Inpainting pictures: original, masked and reconstructed spectrogram and frame of one clip.
 
-The original released an inpainting script but not a working figure path (it needs a model
-trained without `norm_pix_loss`). Here any pretraining model with a decoder works: the masked
+The original's inpainting script pictures its released model trained without `norm_pix_loss`
+(Base-NoNorm). Here any pretraining model with a decoder works: the masked
 patches come from the model's `inpaint` (masks drawn from `seed`, ratios as asked, the audio
 mask in the model config's `mask_mode_a`: unstructured by default, which is all the original's
 script draws), visible patches are pasted from the input, as the original's script and MAE's
