@@ -14,6 +14,8 @@ CPU or with the torch reference on another device (JAX then runs on its default 
   python -m tests.parity --base [--device cuda --tolerance 1e-4]
 It also runs the JAX model in bfloat16 on the same weights and masks and compares its losses
 with the float32 reference (relative tolerance 1e-2). `tools/gpu_check.sh` runs it on a GPU.
+With `--original DIR` (a checkout of github.com/YuanGongND/cav-mae, timm 0.4.x installed) it
+compares the Flax models with the original's own model code instead (`compare_original`).
 """
 
 from __future__ import annotations
@@ -353,26 +355,170 @@ def base_failures(results: dict[str, tuple[float, float]], tolerance: float = TO
   return failures
 
 
+# ----------------------------------------------------------------------------- the original (manual)
+
+
+class OriginalImportError(Exception):
+  """The original's model code could not be imported from the path given."""
+
+
+def load_original(path: str) -> Any:
+  """The original's `src/models` package (CAVMAE, CAVMAEFT) from a checkout of
+  github.com/YuanGongND/cav-mae (`path`: the checkout or its `src/`), imported under another name.
+
+  It needs what the original needs: torch and timm 0.4.x (which imports torchvision). Its
+  position-embedding code uses `np.float`, gone from NumPy >= 1.24, so this sets that alias to
+  `float` (what it meant) when it is missing.
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  candidates = [os.path.join(path, "src", "models"), os.path.join(path, "models")]
+  package_dir = next((c for c in candidates if os.path.isfile(os.path.join(c, "cav_mae.py"))), None)
+  if package_dir is None:
+    raise OriginalImportError(f"{path}: no src/models/cav_mae.py or models/cav_mae.py (a checkout "
+                              "of github.com/YuanGongND/cav-mae)")
+  if not hasattr(np, "float"):
+    np.float = float  # the original's pos_embed.py: np.arange(..., dtype=np.float)
+  name = "cav_mae_original_models"
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except ImportError as e:
+    del sys.modules[name]
+    raise OriginalImportError(f"{path}: the original's model code needs {e.name or e} "
+                              "(pip install timm==0.4.5 torchvision)") from None
+  return module
+
+
+class _FixedRand:
+  """Within the block, `torch.rand` returns the given arrays in order (the original draws its mask
+  noise with `torch.rand(N, L)`, audio first, and takes no noise argument)."""
+
+  def __init__(self, *arrays: Any):
+    self.arrays = [torch.from_numpy(np.array(a, np.float32)) for a in arrays]
+
+  def __enter__(self) -> None:
+    self.real = torch.rand
+
+    def fixed(*shape, **unused_kwargs):
+      noise = self.arrays.pop(0)
+      assert noise.numel() == int(np.prod(shape)), f"noise {tuple(noise.shape)} for rand{shape}"
+      return noise.reshape(shape).clone()
+
+    torch.rand = fixed
+
+  def __exit__(self, *exc: Any) -> None:
+    torch.rand = self.real
+    assert exc[0] is not None or not self.arrays, "the original drew fewer noise arrays"
+
+
+ORIGINAL_PRETRAIN_OUTPUTS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "mask_a",
+                             "mask_v", "c_acc")
+
+
+def compare_original(original: Any, modality_specific_depth: int = 11, batch: int = 4,
+                     seed: int = 0, norm_pix_losses: tuple[bool, ...] = (False, True)
+                     ) -> dict[str, tuple[float, float]]:
+  """{output: (max abs diff, max abs original value)}: the original's own CAVMAE and CAVMAEFT
+  (`load_original`) against the Flax models, on the parity weights (`perturb_for_parity`) mapped
+  through the converter that loads released checkpoints (`cavmae_checkpoint.cavmae_to_params`).
+
+  A small model in the original's fixed layout (12 encoder blocks, 128 mel bins): pretraining
+  losses, masks, contrastive accuracy, inpainting and retrieval features with and without
+  norm_pix_loss, and the logits of the five fine-tuning modes. The original chains the joint
+  blocks for its contrastive streams only when there is one (`modality_specific_depth=11`, its
+  only setting); with more, loss_c and c_acc differ by design (README, differences).
+  """
+  from cav_mae_jax.convert import cavmae_checkpoint  # pylint: disable=import-outside-toplevel
+  sizes = dict(img_size=64, audio_length=64, patch_size=16, embed_dim=64, num_heads=4,
+               modality_specific_depth=modality_specific_depth)
+  decoder = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
+  results = {}
+
+  def converted(module, cfg, finetune):
+    init = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(seed), finetune=finetune))
+    state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    return cavmae_checkpoint.cavmae_to_params(state, init)[0]
+
+  def config(**overrides):
+    return models.ModelConfig.from_config(models.model_config(
+        "tiny", encoder_depth=12, num_mel_bins=128, image_size=64, audio_length=64, embed_dim=64,
+        num_heads=4, modality_specific_depth=modality_specific_depth, contrast_group_size=0,
+        **decoder, **overrides))
+
+  for norm_pix in norm_pix_losses:
+    cfg = config(norm_pix_loss=norm_pix)
+    torch.manual_seed(seed)
+    original_model = original.CAVMAE(**sizes, **decoder, norm_pix_loss=norm_pix).eval()
+    perturb_for_parity(original_model, seed)
+    params = converted(original_model, cfg, False)
+    audio, image = make_inputs(cfg, batch, seed)
+    noise = make_noise(cfg, batch, seed)
+    ours = flax_pretrain_fn(cfg)(params, audio, image, *noise)
+    a, v = to_torch(audio), nchw(image)
+    theirs = {}
+    with torch.no_grad():
+      with _FixedRand(*noise):
+        out = original_model(a, v, cfg.mask_ratio_a, cfg.mask_ratio_v, mae_loss_weight=cfg.lambda_mae,
+                             contrast_loss_weight=cfg.lambda_c)
+      theirs.update(zip(ORIGINAL_PRETRAIN_OUTPUTS, out))
+      with _FixedRand(*noise):
+        out = original_model.forward_inpaint(a, v, cfg.mask_ratio_a, cfg.mask_ratio_v)
+      theirs.update({f"inpaint/{k}": t for k, t in zip(INPAINT_OUTPUTS, out)})
+      theirs["features/a"], theirs["features/v"] = original_model.forward_feat(a, v)
+    results.update(_diffs_and_scales(ours, theirs, f"pretrain-norm_pix={norm_pix}"))
+
+  cfg = config(num_classes=7, trainable_pos_embed=True)
+  torch.manual_seed(seed + 1)
+  original_model = original.CAVMAEFT(7, **sizes).eval()
+  perturb_for_parity(original_model, seed + 1)
+  params = converted(original_model, cfg, True)
+  audio, image = make_inputs(cfg, batch, seed + 1)
+  results.update(_diffs_and_scales(flax_finetune_fn(cfg)(params, audio, image),
+                                   torch_finetune_outputs(original_model, audio, image), "finetune"))
+  return results
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--base", action="store_true", help="compare the base configs once and print max abs diffs")
+  parser.add_argument("--original", metavar="DIR",
+                      help="compare with the original's own model code instead of the reference: "
+                           "a checkout of github.com/YuanGongND/cav-mae (needs timm 0.4.x)")
+  parser.add_argument("--modality-specific-depth", type=int, default=11,
+                      help="with --original: blocks per modality before the joint ones (11)")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--no-constant-tail", action="store_true",
                       help="fully random fbank (no zero-padding-like constant patches)")
   parser.add_argument("--device", default="cpu", help="torch device of the reference (e.g. cuda)")
   parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="float32 max abs diff allowed")
   args = parser.parse_args(argv)
-  if not args.base:
-    parser.error("nothing to do: pass --base (the tiny-config tests are tests/test_parity.py)")
+  if not (args.base or args.original):
+    parser.error("nothing to do: pass --base or --original DIR (the tiny-config tests are "
+                 "tests/test_parity.py)")
   exact_float32()
-  print(f"devices: {jax.devices()}; torch reference on {args.device}")
-  results = compare_base(args.batch, constant_tail=not args.no_constant_tail, device=args.device)
-  print(f"{'output':36s} {'max_abs_diff':>12s} {'max_abs_value':>13s}")
+  if args.original:
+    try:
+      original = load_original(args.original)
+    except OriginalImportError as e:
+      print(f"error: --original {e}", file=sys.stderr)
+      return 2
+    print(f"devices: {jax.devices()}; the original's model code from {args.original} on the CPU")
+    results = compare_original(original, args.modality_specific_depth)
+  else:
+    print(f"devices: {jax.devices()}; torch reference on {args.device}")
+    results = compare_base(args.batch, constant_tail=not args.no_constant_tail, device=args.device)
+  width = max(36, *map(len, results))
+  print(f"{'output':{width}s} {'max_abs_diff':>12s} {'max_abs_value':>13s}")
   for name, (diff, scale) in results.items():
-    print(f"{name:36s} {diff:12.3e} {scale:13.3e}")
+    print(f"{name:{width}s} {diff:12.3e} {scale:13.3e}")
   failures = base_failures(results, args.tolerance)
-  print(f"float32 within {args.tolerance}, bfloat16 losses within {BF16_RELATIVE_TOLERANCE} relative: "
-        f"{'yes' if not failures else f'no: {failures}'}")
+  bf16 = (f", bfloat16 losses within {BF16_RELATIVE_TOLERANCE} relative"
+          if any(map(is_bf16_entry, results)) else "")
+  print(f"float32 within {args.tolerance}{bf16}: {'yes' if not failures else f'no: {failures}'}")
   return 1 if failures else 0
 
 

@@ -30,6 +30,7 @@ from cav_mae_jax.models import pos_embed as flax_pos_embed  # noqa: E402
 import torch_reference as tr  # noqa: E402  (pytest puts tests/ on sys.path)
 from parity import (BATCH, BF16_LOSSES, GROUP, INPAINT_GROUP_DEPENDENT, TOLERANCE,  # noqa: E402
                     assert_parity, base_failures, build_reference, compare_bf16_attention,
+                    compare_original, load_original,
                     copy_weights, flax_finetune_fn, flax_params, flax_pretrain_fn, make_inputs,
                     make_noise, max_abs_diffs, nchw, reference_forward_kwargs, reference_kwargs,
                     tiny_config, to_torch, torch_finetune_outputs, torch_pretrain_outputs)
@@ -287,3 +288,36 @@ def test_bf16_comparison_of_another_attention():
   assert all(diff > 0 for diff, _ in other.values())  # bfloat16 against float32: not identical
   assert not base_failures(other)
   assert base_failures({"pretrain-bf16-cudnn/loss": (0.5, 1.0)}) == {"pretrain-bf16-cudnn/loss": 0.5}
+
+
+# ----------------------------------------------------------------------------- --original
+
+
+def test_compare_original_machinery(tmp_path):
+  """`python -m tests.parity --original DIR` runs the original's own model code, which CI does not
+  have; here a stand-in with the original's package layout and API (the torch reference: it draws
+  its mask noise with torch.rand when given none, as the original does) checks the machinery: the
+  package import, the noise handed to torch.rand, the converter and every comparison."""
+  package = tmp_path / "src" / "models"
+  package.mkdir(parents=True)
+  (package / "__init__.py").write_text("from .cav_mae import CAVMAE, CAVMAEFT\n")
+  (package / "cav_mae.py").write_text("from torch_reference import CAVMAE, CAVMAEFT\n")
+  results = compare_original(load_original(str(tmp_path)), norm_pix_losses=(True,))
+  assert {name.split("/")[0] for name in results} == {"pretrain-norm_pix=True", "finetune"}
+  assert len(results) == 16 + 7
+  assert not base_failures(results), results
+
+
+def test_compare_original_errors(tmp_path, capsys):
+  import parity  # pylint: disable=import-outside-toplevel
+  assert parity.main(["--original", str(tmp_path)]) == 2
+  (tmp_path / "models").mkdir()
+  (tmp_path / "models" / "__init__.py").write_text("import timm_that_is_missing\n")
+  (tmp_path / "models" / "cav_mae.py").write_text("")
+  assert parity.main(["--original", str(tmp_path)]) == 2
+  errors = capsys.readouterr().err.splitlines()
+  assert errors == [
+      f"error: --original {tmp_path}: no src/models/cav_mae.py or models/cav_mae.py (a checkout "
+      "of github.com/YuanGongND/cav-mae)",
+      f"error: --original {tmp_path}: the original's model code needs timm_that_is_missing (pip "
+      "install timm==0.4.5 torchvision)"]
