@@ -300,6 +300,31 @@ def _verbose() -> bool:
   return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
 
 
+def _is_closed_loop_leftover(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def quiet_async_leftovers() -> None:
+  """Keeps the leftovers of an aborted checkpoint read off stderr.
+
+  When orbax's restore fails (a damaged checkpoint), its event loop closes while TensorStore's
+  other reads are still in flight; each then reports "Event loop is closed" as an unraisable
+  exception, and asyncio logs every unretrieved task's error: dozens of tracebacks after the
+  tool's one error line, at random. They say nothing the error line does not, so `cli.run`
+  drops exactly those (that unraisable RuntimeError; asyncio's log below CRITICAL) unless
+  `--verbosity` asks for library logs.
+  """
+  import logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    if not _is_closed_loop_leftover(unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def import_tensorflow_quietly() -> None:
   """Imports TensorFlow (if installed) with file descriptor 2 pointed at /dev/null meanwhile."""
   if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
@@ -364,6 +389,7 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       absl_logging.set_verbosity(absl_logging.WARNING)
       import logging  # pylint: disable=g-import-not-at-top
       logging.getLogger().setLevel(logging.WARNING)
+      quiet_async_leftovers()
     stop_on_sigterm()
     try:
       # After the flags and config files: a bad one is answered without TensorFlow's ~5 s import.
