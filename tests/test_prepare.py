@@ -374,6 +374,64 @@ def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, t
                             num_workers=0, strict=True, progress=False)
 
 
+def test_entries_without_labels_are_quarantined_unless_allowed_and_then_counted(
+    media, tmp_path, capsys):
+  # '"labels": ""', '[]' and '","' give no labels: the original stops on them (a KeyError on the
+  # empty label); the tool wrote them silently, as clips of no class. Now they are quarantined
+  # before any decoding, or, with allow_unlabeled (pretraining lists), written and counted.
+  rows = [("a", media["good_a"], "/m/a"), ("empty", media["good_b"], ""),
+          ("list", media["good_b"], []), ("comma", media["good_a"], ",")]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  decoded = []
+
+  def clip_fn(entry, labels, store_waveform):
+    decoded.append(entry.video_id)
+    return clips.clip_example(entry, labels, store_waveform)
+
+  out = str(tmp_path / "out")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
+                                    examples_per_shard=2, clip_fn=clip_fn, progress=False)
+  assert decoded == ["a"]
+  assert (summary.written, summary.unlabeled) == (1, 0)
+  assert summary.quarantined_by_reason == {clips.NO_LABELS: 3}
+  with open(os.path.join(out, prepare.QUARANTINE)) as f:
+    lines = [json.loads(line) for line in f]
+  assert sorted(q["video_id"] for q in lines) == ["comma", "empty", "list"]
+  assert "no labels" in lines[0]["message"] and "--allow-unlabeled" in lines[0]["message"]
+  with pytest.raises(clips.StrictModeError, match="no_labels: the list gives video id 'empty' no labels"):
+    prepare.prepare_records(datafile, media["labels_csv"], str(tmp_path / "strict"),
+                            num_workers=0, strict=True, progress=False)
+  with pytest.raises(ValueError, match="allow_unlabeled was False"):  # not mixed in one dir
+    prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
+                            examples_per_shard=2, allow_unlabeled=True, progress=False)
+
+  allowed = str(tmp_path / "allowed")
+  summary = prepare.prepare_records(datafile, media["labels_csv"], allowed, num_workers=0,
+                                    examples_per_shard=2, allow_unlabeled=True,
+                                    progress=False)
+  assert (summary.written, summary.unlabeled, summary.quarantined) == (4, 3, 0)
+  assert "written 4 clips (3 of them with no labels" in prepare.format_summary(summary)
+  with open(os.path.join(allowed, prepare.SUMMARY)) as f:
+    assert json.load(f)["unlabeled"] == 3
+  index = records.read_index(records.index_path(allowed))
+  assert (index.num_examples, index.num_unlabeled, index.label_counts) == (4, 3, (1, 0, 0))
+  tool = load_tool("inspect_records")
+  assert tool.main(["--records", allowed, "--png-dir", str(tmp_path / "png")]) == 0
+  assert "clips with no labels: 3 (" in capsys.readouterr().out
+
+  # Directories, sidecars and TFDS statistics written before the count read it as 0.
+  path = records.index_path(allowed)
+  with open(path) as f:
+    data = json.load(f)
+  del data["num_unlabeled"]
+  with open(path, "w") as f:
+    json.dump(data, f)
+  assert records.read_index(path).num_unlabeled == 0
+  stats = records.ShardStats(3, num_unlabeled=2).to_json()
+  del stats["num_unlabeled"]
+  assert records.ShardStats.from_json(stats).num_unlabeled == 0
+
+
 def _crash_on_marked_clip(entry, labels, store_waveform):
   """A clip function whose process dies on the clip with id 'crash' (like a decoder segfault)."""
   if entry.video_id == "crash":

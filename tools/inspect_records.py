@@ -156,6 +156,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
   label_counts: collections.Counter[int] = collections.Counter()
   rotations: collections.Counter[int] = collections.Counter()
   shard_counts, shapes, fbank_frames, images = {}, {}, [], []
+  unlabeled = 0
   parse = functools.partial(split.parse, with_waveform=index.store_waveform)
   for shard, path in zip(index.shards, split.files):
     count = 0
@@ -164,7 +165,9 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
         shapes = {k: (v.dtype.name, tuple(v.shape)) for k, v in sorted(parsed.items())}
       # What is counted is read from the tensors; the whole clip (parsed_to_values, as slow
       # again as the parse) only for the clips drawn.
-      label_counts.update(int(x) for x in parsed[records.LABELS].numpy())
+      clip_labels = parsed[records.LABELS].numpy()
+      label_counts.update(int(x) for x in clip_labels)
+      unlabeled += clip_labels.size == 0
       fbank_frames.append(int(parsed[records.FBANK_NUM_FRAMES]))
       rotations[records.parsed_rotation(parsed)] += 1
       if len(images) < 2 * num_images:  # Two PNGs per clip.
@@ -192,6 +195,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
       "shards": shard_counts,
       "shapes": shapes,
       "label_counts": counted,
+      "unlabeled": unlabeled,
       "fbank_num_frames": {"min": int(np.min(fbank_frames)), "max": int(np.max(fbank_frames)),
                            "mean": float(np.mean(fbank_frames))},
       "rotation": dict(sorted(rotations.items())),
@@ -216,6 +220,9 @@ def format_report(report: dict[str, Any], class_names: list[str] | None, top: in
       f"{degrees}: {count}" for degrees, count in report["rotation"].items()))
   order = sorted(range(len(report["label_counts"])), key=lambda i: -report["label_counts"][i])
   most = max(report["label_counts"]) or 1
+  lines.append(f"clips with no labels: {report['unlabeled']}"
+               + (" (written with tools/preprocess.py --allow-unlabeled: fine-tuning takes "
+                  "them as clips of no class)" if report["unlabeled"] else ""))
   lines.append(f"label histogram (top {top} of {len(order)} classes):")
   for i in order[:top]:
     count = report["label_counts"][i]

@@ -3,7 +3,7 @@
 
   python tools/preprocess.py --datafile train.json --labels class_labels_indices.csv \
       --out DIR [--workers N] [--shard-index i --num-shards n] [--examples-per-shard K] \
-      [--store-waveform] [--strict]
+      [--store-waveform] [--strict] [--allow-unlabeled]
   python tools/preprocess.py --merge-index --out DIR
 
 `--shard-index i --num-shards n` splits the work across n machines: machine i writes the
@@ -12,7 +12,18 @@ output shards s with s % n == i. When all of them are in DIR (e.g. copied from t
 command resumes: finished shards are skipped; while one run of a task writes into DIR, a second
 of the same task is refused (DIR/.lock-task-i-of-n names the first's host and pid). The
 datafile, the labels CSV and the videos may be on any file system TensorFlow reads (gs://,
-ram://, ...); DIR is local. Exit status: 0 on
+ram://, ...); DIR is local.
+
+A clip that cannot be made into a correct record is quarantined (DIR/quarantine.jsonl: path,
+video_id, reason code, message) and counted in DIR/summary.json; the run goes on (`--strict`
+stops at the first). Reason codes: missing_file, empty_file, unreadable_container,
+no_audio_stream, no_video_stream, audio_decode_error, audio_too_short, video_decode_error,
+too_few_frames, unsupported_rotation, missing_frame, bad_frame (the media), unknown_label (a
+label not in the labels CSV), no_labels (an entry with no label: "labels": "" or []; the
+original stops on it; `--allow-unlabeled` writes such clips for a pretraining-only list and
+counts them), duplicate_id (a video id already listed: the first is written), worker_crashed.
+
+Exit status: 0 on
 success, 1 when a clip stops a `--strict` run or shards fail, 2 on bad input (one line
 `error: ...` on stderr: missing or unreadable lists, bad flags, a DIR started with other inputs).
 """
@@ -44,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="also store the 16 kHz int16 waveform (for waveform mixup)")
   parser.add_argument("--strict", action="store_true",
                       help="stop at the first clip that cannot be written")
+  parser.add_argument("--allow-unlabeled", action="store_true",
+                      help="write list entries with no labels (a list for pretraining only) "
+                      "and count them, instead of quarantining them as no_labels")
   parser.add_argument("--merge-index", action="store_true",
                       help="only merge finished shards' sidecars into index.json")
   parser.add_argument("--no-progress", action="store_true")
@@ -87,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
           args.datafile, args.labels, args.out, num_workers=args.workers,
           task_index=args.shard_index, num_tasks=args.num_shards,
           examples_per_shard=args.examples_per_shard, store_waveform=args.store_waveform,
-          strict=args.strict, progress=not args.no_progress)
+          strict=args.strict, progress=not args.no_progress,
+          allow_unlabeled=args.allow_unlabeled)
   except clips.StrictModeError as e:
     print(f"error: --strict: {e}", file=sys.stderr)
     return 1

@@ -19,6 +19,12 @@ from cav_mae_jax.data import sources
 UNKNOWN_LABEL = "unknown_label"
 AUDIO_TOO_SHORT = "audio_too_short"
 DUPLICATE_ID = "duplicate_id"
+# A list entry with no label ('"labels": ""', '[]', '","'). The original stops on such an entry
+# (its loader looks the empty label up in the class list: a KeyError); a fine-tuning run would
+# take it as a clip of no class. It is quarantined unless the caller allows unlabeled clips
+# (`allow_unlabeled`: a pretraining-only list), and then written and counted
+# (`records.ShardStats.num_unlabeled`).
+NO_LABELS = "no_labels"
 # Every caller of `clip_example` (tools/preprocess.py's workers, the TFDS builder's Beam
 # workers) runs one process per core, so the video decoder gets one thread: FFmpeg's default
 # (a thread per core in every process) only adds CPU time there (`decode.decode_clip`).
@@ -104,14 +110,25 @@ ClipFn = Callable[[sources.ClipEntry, sources.ClassLabels, bool], records.Exampl
 
 def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
                      store_waveform: bool = False,
-                     clip_fn: ClipFn = clip_example) -> records.ExampleValues | Quarantined:
-  """Returns the clip's record values, or why it is quarantined (bad input, not a bug)."""
+                     clip_fn: ClipFn = clip_example, *,
+                     allow_unlabeled: bool = False) -> records.ExampleValues | Quarantined:
+  """Returns the clip's record values, or why it is quarantined (bad input, not a bug).
+
+  A repeated id (`DUPLICATE_ID`) and, unless `allow_unlabeled`, an entry without labels
+  (`NO_LABELS`) are quarantined before any decoding.
+  """
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
 
   if entry.duplicate_of is not None:
     return Quarantined(entry.path, entry.video_id, DUPLICATE_ID,
                        f"video id {entry.video_id!r} is also entry {entry.duplicate_of} of the "
                        "list, which is the one written (an id is an example's key)")
+  if not entry.label_ids and not allow_unlabeled:
+    return Quarantined(entry.path, entry.video_id, NO_LABELS,
+                       f"the list gives video id {entry.video_id!r} no labels (fine-tuning "
+                       "would take it as a clip of no class; the original stops on it); a "
+                       "list for pretraining only may allow unlabeled clips "
+                       "(tools/preprocess.py --allow-unlabeled)")
   try:
     return clip_fn(entry, labels, store_waveform)
   except ClipError as e:

@@ -8,8 +8,9 @@ with a pool of worker processes, then `finalize`s the directory:
 - a shard whose sidecar exists is finished and skipped on the next run (resume);
   `manifest.json` pins the inputs and settings, so a rerun with others is refused;
 - a clip that cannot be made into a correct record is quarantined with a reason code
-  (`decode.DecodeError` reasons, `unknown_label`, `audio_too_short`, `worker_crashed`), or,
-  with `strict`, the run stops naming it;
+  (`decode.DecodeError` reasons, `unknown_label`, `no_labels`, `duplicate_id`,
+  `audio_too_short`, `worker_crashed`), or, with `strict`, the run stops naming it; clips
+  without labels are written and counted instead with `allow_unlabeled` (pretraining lists);
 - `finalize` makes the index (`records.write_index`), `quarantine.jsonl` and `summary.json`
   from the sidecars, so the shards of a split run can be copied into one directory and merged.
 """
@@ -47,6 +48,7 @@ class Summary:
   written: int
   quarantined: int
   quarantined_by_reason: dict[str, int]
+  unlabeled: int  # of the clips written, those with no labels (`allow_unlabeled`)
   seconds: float
   shard_seconds: float
   index_written: bool
@@ -60,13 +62,17 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+# Manifest keys added later, as a directory started before them has them.
+_MANIFEST_DEFAULTS = {"allow_unlabeled": False}
+
+
 def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.exists(path):
     shards.write_json_atomic(path, manifest)
     return
   with open(path) as f:
-    existing = json.load(f)
+    existing = {**_MANIFEST_DEFAULTS, **json.load(f)}
   for key, value in manifest.items():
     if existing.get(key) != value:
       raise ValueError(f"{path}: {key} was {existing.get(key)!r} when this directory was "
@@ -76,8 +82,12 @@ def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
 def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers: int = 1,
                     task_index: int = 0, num_tasks: int = 1, examples_per_shard: int = 1024,
                     store_waveform: bool = False, strict: bool = False,
-                    clip_fn: clips.ClipFn = clips.clip_example, progress: bool = True) -> Summary:
+                    clip_fn: clips.ClipFn = clips.clip_example, progress: bool = True,
+                    allow_unlabeled: bool = False) -> Summary:
   """Writes this task's unfinished shards, then `finalize`s the directory.
+
+  A list entry without labels is quarantined (`clips.NO_LABELS`) unless `allow_unlabeled`
+  (a list for pretraining only); then it is written and counted (`Summary.unlabeled`).
 
   `num_workers=0` runs in this process (no crash isolation). Raises clips.StrictModeError with
   `strict`, and RuntimeError naming the shards that failed for other reasons.
@@ -103,14 +113,14 @@ def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers
                            num_shards=num_shards, num_workers=num_workers,
                            task_index=task_index, num_tasks=num_tasks,
                            store_waveform=store_waveform, strict=strict, clip_fn=clip_fn,
-                           progress=progress)
+                           progress=progress, allow_unlabeled=allow_unlabeled)
 
 
 def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabels,
                     datafile: str, labels_csv: str, out_dir: str, start: float, *,
                     num_shards: int, num_workers: int, task_index: int, num_tasks: int,
                     store_waveform: bool, strict: bool, clip_fn: clips.ClipFn,
-                    progress: bool) -> Summary:
+                    progress: bool, allow_unlabeled: bool) -> Summary:
   """prepare_records with the directory made and this task's lock held."""
   _check_manifest(out_dir, {
       "format_version": records.FORMAT_VERSION,
@@ -119,6 +129,7 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
       "num_entries": len(entries),
       "num_shards": num_shards,
       "store_waveform": store_waveform,
+      "allow_unlabeled": allow_unlabeled,
   })
   todo = [p for p in shards.plan_shards(entries, num_shards)
           if p.shard_index % num_tasks == task_index
@@ -131,11 +142,12 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
     if num_workers == 0:
       for plan in todo:
         shards.write_shard(plan, out_dir, labels, store_waveform=store_waveform,
-                           strict=strict, clip_fn=clip_fn, on_clip=lambda *_: bar.update())
+                           strict=strict, clip_fn=clip_fn, on_clip=lambda *_: bar.update(),
+                           allow_unlabeled=allow_unlabeled)
     elif todo:
       errors = shards.run_pool(todo, out_dir, labels, num_workers=num_workers,
                                store_waveform=store_waveform, strict=strict, clip_fn=clip_fn,
-                               on_clip=bar.update)
+                               on_clip=bar.update, allow_unlabeled=allow_unlabeled)
   except (clips.StrictModeError, shards.WorkerCrashError):
     bar.close()
     finalize(out_dir, seconds=time.time() - start)  # What finished is kept and counted.
@@ -202,6 +214,7 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
       written=merged.num_examples if merged is not None else 0,
       quarantined=sum(by_reason.values()),
       quarantined_by_reason=dict(sorted(by_reason.items())),
+      unlabeled=merged.num_unlabeled if merged is not None else 0,
       seconds=seconds,
       shard_seconds=shard_seconds,
       index_written=index_written,
@@ -212,7 +225,9 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
 
 def format_summary(summary: Summary) -> str:
   """A few human-readable lines about a run."""
-  lines = [f"written {summary.written} clips, quarantined {summary.quarantined} "
+  unlabeled = (f" ({summary.unlabeled} of them with no labels, --allow-unlabeled)"
+               if summary.unlabeled else "")
+  lines = [f"written {summary.written} clips{unlabeled}, quarantined {summary.quarantined} "
            f"({summary.shards_finished}/{summary.num_shards} shards finished) "
            f"in {summary.seconds:.1f} s"]
   for reason, count in summary.quarantined_by_reason.items():

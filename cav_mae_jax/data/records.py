@@ -262,9 +262,17 @@ def parsed_to_values(parsed: Mapping[str, Any]) -> ExampleValues:
 # Statistics and the index JSON.
 
 
+# Fields added after the first records were written; a sidecar, index.json or TFDS metadata
+# without them reads them as their default (0: such a directory did not count them).
+OPTIONAL_STATS_FIELDS = frozenset({"num_unlabeled"})
+
+
 @dataclasses.dataclass
 class ShardStats:
-  """Mergeable per-shard statistics: example and label counts, fbank sums (float64)."""
+  """Mergeable per-shard statistics: example and label counts, fbank sums (float64).
+
+  `num_unlabeled` counts the examples with no label at all (written only when the list's
+  unlabeled clips were allowed, `clips.NO_LABELS`)."""
 
   num_classes: int
   num_examples: int = 0
@@ -272,6 +280,7 @@ class ShardStats:
   fbank_count: int = 0
   fbank_sum: float = 0.0
   fbank_sum_squares: float = 0.0
+  num_unlabeled: int = 0
 
   def __post_init__(self):
     if not self.label_counts:
@@ -283,6 +292,8 @@ class ShardStats:
   def add(self, values: ExampleValues) -> None:
     """Counts one example: its labels and its valid fbank frames."""
     self.num_examples += 1
+    if len(values[LABELS]) == 0:
+      self.num_unlabeled += 1
     for label in values[LABELS]:
       if not 0 <= label < self.num_classes:
         raise ValueError(f"{values[VIDEO_ID]}: label {label} outside [0, {self.num_classes})")
@@ -305,6 +316,7 @@ class ShardStats:
         fbank_count=self.fbank_count + other.fbank_count,
         fbank_sum=self.fbank_sum + other.fbank_sum,
         fbank_sum_squares=self.fbank_sum_squares + other.fbank_sum_squares,
+        num_unlabeled=self.num_unlabeled + other.num_unlabeled,
     )
 
   def fbank_mean_std(self) -> tuple[float, float]:
@@ -320,7 +332,8 @@ class ShardStats:
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> ShardStats:
-    return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)
+                  if f.name in data or f.name not in OPTIONAL_STATS_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +357,7 @@ class RecordIndex:
   fbank_stats_count: int
   store_waveform: bool
   fbank_shape: tuple[int, int] = (TARGET_FBANK_FRAMES, NUM_MEL_BINS)
+  num_unlabeled: int = 0  # examples with no label (`ShardStats.num_unlabeled`)
   num_video_frames: int = NUM_VIDEO_FRAMES
   image_size: int = IMAGE_SIZE
   waveform_sample_rate: int = WAVEFORM_SAMPLE_RATE
@@ -372,6 +386,7 @@ def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
       fbank_std=std,
       fbank_stats_count=stats.fbank_count,
       store_waveform=store_waveform,
+      num_unlabeled=stats.num_unlabeled,
   )
 
 
@@ -400,7 +415,7 @@ def read_index(path: str) -> RecordIndex:
   if version != FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
   fields = {f.name for f in dataclasses.fields(RecordIndex)}
-  missing = fields - set(data)
+  missing = fields - set(data) - OPTIONAL_STATS_FIELDS
   if missing:
     raise ValueError(f"{path}: index is missing fields {sorted(missing)}")
   unknown = set(data) - fields

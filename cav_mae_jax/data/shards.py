@@ -93,12 +93,14 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
                 clip_fn: clips.ClipFn = clips.clip_example,
                 known_quarantined: dict[int, clips.Quarantined] | None = None,
                 on_clip: Callable[[int, clips.Quarantined | None], None] | None = None,
-                on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+                on_start: Callable[[int], None] | None = None,
+                allow_unlabeled: bool = False) -> dict[str, Any]:
   """Writes one shard (temp name, then rename) and its sidecar; returns the sidecar dict.
 
   `known_quarantined` maps positions in the shard to clips already known to be bad (a clip a
   worker died on); they are not tried again. With `strict`, the first bad clip raises
-  clips.StrictModeError and nothing of the shard is left on disk.
+  clips.StrictModeError and nothing of the shard is left on disk. Entries without labels are
+  quarantined (`clips.NO_LABELS`) unless `allow_unlabeled`.
   """
   known_quarantined = known_quarantined or {}
   start = time.time()
@@ -114,7 +116,8 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
           on_start(position)
         result = known_quarantined.get(position)
         if result is None:
-          result = clips.try_clip_example(entry, labels, store_waveform, clip_fn)
+          result = clips.try_clip_example(entry, labels, store_waveform, clip_fn,
+                                          allow_unlabeled=allow_unlabeled)
         if isinstance(result, clips.Quarantined):
           if strict:
             raise clips.StrictModeError(result)
@@ -162,7 +165,7 @@ def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, A
 
 def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
                  labels: sources.ClassLabels, store_waveform: bool, strict: bool,
-                 clip_fn: clips.ClipFn) -> None:
+                 clip_fn: clips.ClipFn, allow_unlabeled: bool = False) -> None:
   """Child process loop: receives (plan, known_quarantined), sends progress and results.
 
   Ctrl-C reaches the whole process group; the parent alone handles it (it ends the workers and
@@ -181,7 +184,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
     plan, known = message
     try:
       _write_shard_in_worker(conn, plan, known, out_dir, labels, store_waveform, strict,
-                             clip_fn)
+                             clip_fn, allow_unlabeled)
     except (BrokenPipeError, ConnectionResetError):
       return
 
@@ -189,13 +192,13 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
 def _write_shard_in_worker(conn: multiprocessing.connection.Connection, plan: ShardPlan,
                            known: dict[int, clips.Quarantined], out_dir: str,
                            labels: sources.ClassLabels, store_waveform: bool, strict: bool,
-                           clip_fn: clips.ClipFn) -> None:
+                           clip_fn: clips.ClipFn, allow_unlabeled: bool = False) -> None:
   """Writes one shard, sending progress and the result (raises BrokenPipeError when the parent
   is gone)."""
   try:
     sidecar = write_shard(
         plan, out_dir, labels, store_waveform=store_waveform, strict=strict,
-        clip_fn=clip_fn, known_quarantined=known,
+        clip_fn=clip_fn, known_quarantined=known, allow_unlabeled=allow_unlabeled,
         on_start=lambda position: conn.send(("start", position)),
         on_clip=lambda position, bad: conn.send(("clip", position, bad)))
   except clips.StrictModeError as e:
@@ -301,12 +304,12 @@ class _WorkerPool:
 
 def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, *,
               num_workers: int, store_waveform: bool, strict: bool, clip_fn: clips.ClipFn,
-              on_clip: Callable[[], None]) -> list[str]:
+              on_clip: Callable[[], None], allow_unlabeled: bool = False) -> list[str]:
   """Runs shards on worker processes; returns errors of shards that failed (not crashed)."""
   pending: list[tuple[ShardPlan, dict[int, clips.Quarantined]]] = [(p, {}) for p in plans]
   errors: list[str] = []
   pool = _WorkerPool(min(num_workers, len(plans)),
-                     (out_dir, labels, store_waveform, strict, clip_fn))
+                     (out_dir, labels, store_waveform, strict, clip_fn, allow_unlabeled))
   try:
     while True:
       for worker in pool.workers:

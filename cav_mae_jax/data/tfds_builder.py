@@ -23,7 +23,9 @@ may be on any file system TensorFlow reads (gs://...), and so may the videos: `d
 non-local paths through tf.io.gfile, so the workers need no mounted bucket. Clips that cannot
 be made into examples are never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
 directory (path, video_id, reason, message) and counted in Beam counters
-`quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it.
+`quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it. An
+entry with no labels is quarantined (`no_labels`) unless `allow_unlabeled=True` (a list for
+pretraining only), which writes it and counts it (`ShardStats.num_unlabeled`).
 
 Every split also gets the statistics a records directory's index.json holds (example and
 per-class label counts, fbank sums over the valid frames: `records.ShardStats`, the code the
@@ -68,6 +70,7 @@ class ClipsConfig(tfds.core.BuilderConfig):
   source: str = "datafile"
   store_waveform: bool = False
   strict: bool = False
+  allow_unlabeled: bool = False  # write entries with no labels (else quarantined no_labels)
   video_name_format: str = ""
   synthetic_clips_per_split: tuple[tuple[str, int], ...] = (("train", 64), ("test", 16))
   synthetic_num_classes: int = 8
@@ -109,10 +112,11 @@ def _features(store_waveform: bool) -> tfds.features.FeaturesDict:
 
 
 def _example_or_quarantine(entry: sources.ClipEntry, labels: sources.ClassLabels,
-                           store_waveform: bool, strict: bool
+                           store_waveform: bool, strict: bool, allow_unlabeled: bool = False
                            ) -> tuple[str, dict[str, Any]] | clips.Quarantined:
   """The (key, example) of a clip, or its quarantine record (raises with `strict`)."""
-  result = clips.try_clip_example(entry, labels, store_waveform)
+  result = clips.try_clip_example(entry, labels, store_waveform,
+                                  allow_unlabeled=allow_unlabeled)
   if isinstance(result, clips.Quarantined):
     if strict:
       raise clips.StrictModeError(result)
@@ -153,7 +157,7 @@ def _one_example_stats(keyed_example: tuple[str, dict[str, Any]],
 
 def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
                         store_waveform: bool, strict: bool, quarantine_prefix: str,
-                        split: str, stats_path: str):
+                        split: str, stats_path: str, allow_unlabeled: bool = False):
   """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files.
 
   The clip list is read inside the pipeline (not embedded in the job graph), then spread
@@ -164,7 +168,7 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
   beam = tfds.core.lazy_imports.apache_beam
 
   def process(entry):
-    result = _example_or_quarantine(entry, labels, store_waveform, strict)
+    result = _example_or_quarantine(entry, labels, store_waveform, strict, allow_unlabeled)
     if isinstance(result, clips.Quarantined):
       beam.metrics.Metrics.counter(COUNTER_NAMESPACE,
                                    f"{split}/quarantined_{result.reason}").inc()
@@ -321,7 +325,7 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
     stats_path = _stats_path(self.data_dir, split)
     if getattr(self, "_use_beam", False):
       return _beam_clip_examples(read_entries, labels, config.store_waveform, config.strict,
-                                 quarantine_prefix, split, stats_path)
+                                 quarantine_prefix, split, stats_path, config.allow_unlabeled)
     return self._local_examples(read_entries(), labels, quarantine_prefix, stats_path)
 
   def _local_examples(self, entries: Sequence[sources.ClipEntry], labels: sources.ClassLabels,
@@ -332,7 +336,8 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
     try:
       with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
         for entry in entries:
-          result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict)
+          result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict,
+                                          config.allow_unlabeled)
           if isinstance(result, clips.Quarantined):
             quarantine.write(json.dumps(result.to_json()) + "\n")
           else:
