@@ -568,6 +568,48 @@ def test_bad_input_raises_decode_error_with_reason(media, name, reason, function
   assert media[name] in str(info.value) and reason in str(info.value)
 
 
+def _zero_one_packet(source, path, kind, number):
+  """Copies `source` with the bytes of its `number`-th `kind` packet zeroed; returns that
+  packet's time in seconds."""
+  with av.open(source) as container:
+    packet = [p for p in container.demux(getattr(container.streams, kind)[0]) if p.size][number]
+    position, size, seconds = packet.pos, packet.size, float(packet.pts * packet.time_base)
+  data = bytearray(open(source, 'rb').read())
+  data[position:position + size] = bytes(size)
+  with open(path, 'wb') as f:
+    f.write(data)
+  return seconds
+
+
+@pytest.mark.parametrize('kind, number, function', [('audio', 20, 'decode_audio'),
+                                                    ('audio', 20, 'decode_clip'),
+                                                    ('video', 5, 'decode_frames'),
+                                                    ('video', 5, 'decode_clip')])
+def test_a_damaged_packet_refuses_the_clip_saying_which_and_when(media, tmp_path, kind, number,
+                                                                 function):
+  # The rule is strict on purpose (README: the original's ffmpeg and OpenCV skip the packet),
+  # but the message was FFmpeg's: "[Errno 1094995529] Invalid data found when processing input:
+  # 'avcodec_send_packet()'". It now names the stream and the packet's time.
+  path = str(tmp_path / f'bad_{kind}.mp4')
+  seconds = _zero_one_packet(media['numbered_12.5fps.mp4'], path, kind, number)
+  with pytest.raises(decode.DecodeError) as info:
+    getattr(decode, function)(path)
+  assert info.value.reason == f'{kind}_decode_error'
+  assert info.value.detail == (
+      f'the {kind} packet at {seconds:.2f} s does not decode: Invalid data found when '
+      "processing input; a clip with such a packet is not kept, where the original's ffmpeg "
+      'and OpenCV skip the packet')
+
+
+@pytest.mark.parametrize('name', ['text.mp4', 'truncated.mp4'])
+def test_unreadable_container_says_why_without_errno_or_the_path_again(media, name):
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_clip(media[name])
+  assert str(info.value) == (
+      f'{media[name]}: unreadable_container (Invalid data found when processing input: not a '
+      'media file FFmpeg can open, or one cut before its index)')
+
+
 def test_single_stream_files_still_decode_their_stream(media):
   waveform, _ = decode.decode_audio(media['audio_only.mp4'])
   assert abs(waveform.shape[0] - 32000) <= 1100

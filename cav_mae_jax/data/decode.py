@@ -63,12 +63,13 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   no_audio_stream       the container has no audio stream (asked for audio)
   no_video_stream       the container has no video stream (asked for frames); a cover
                         picture (attached_pic, as in .m4a/.mp3 files) is not a video stream
-  audio_decode_error    the audio decoder fails, or decodes much less audio than the
-                        stream declares (truncated data), or this FFmpeg build has no
-                        decoder for the stream's codec
+  audio_decode_error    the audio decoder fails (on any one packet: the message gives its
+                        time; the original's ffmpeg would skip it), or decodes much less
+                        audio than the stream declares (truncated data), or this FFmpeg
+                        build has no decoder for the stream's codec
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
-  video_decode_error    the video decoder or the RGB conversion fails, or there is no
-                        decoder for the stream's codec
+  video_decode_error    the video decoder (on any one packet, as for audio) or the RGB
+                        conversion fails, or there is no decoder for the stream's codec
   too_few_frames        the stream has no frames, or ends before a frame the rule needs
   unsupported_rotation  the display matrix mirrors the picture or turns it by an angle that
                         is not a multiple of 90 degrees
@@ -265,11 +266,38 @@ class _RemoteFile:
     self._file.close()
 
 
+def ffmpeg_text(error: Exception) -> str:
+  """An FFmpeg error's own words, for a one-line message: its text without PyAV's
+  `[Errno N]` and the file or function name it repeats (the message names the file already)."""
+  if isinstance(error, av.error.FFmpegError):
+    return error.strerror or type(error).__name__
+  return str(error) or type(error).__name__
+
+
+def _packet_decode_error(path: str, kind: str, packet: av.Packet | None,
+                         error: Exception) -> DecodeError:
+  """A decoder failure on one packet: the whole clip is refused (strict on purpose), and the
+  message says which stream failed and where."""
+  if packet is None:
+    what = f'the {kind} decoder fails at the end of the stream'
+  else:
+    stamp = packet.pts if packet.pts is not None else packet.dts
+    when = (f'at {float(stamp * packet.time_base):.2f} s' if stamp is not None and
+            packet.time_base else 'at an unknown time')
+    what = f'the {kind} packet {when} does not decode'
+  return DecodeError(path, f'{kind}_decode_error',
+                     f'{what}: {ffmpeg_text(error)}; a clip with such a packet is not kept, '
+                     "where the original's ffmpeg and OpenCV skip the packet")
+
+
 def _open_container(path: str, source: str | _RemoteFile) -> av.container.InputContainer:
   try:
     return av.open(source, mode='r')
   except (av.error.FFmpegError, UnicodeDecodeError) as e:
-    raise DecodeError(path, 'unreadable_container', str(e)) from e
+    detail = ffmpeg_text(e)
+    if isinstance(e, av.error.InvalidDataError):
+      detail += ': not a media file FFmpeg can open, or one cut before its index'
+    raise DecodeError(path, 'unreadable_container', detail) from e
 
 
 @contextlib.contextmanager
@@ -365,7 +393,7 @@ class _AudioSink:
         if self.done:
           return
     except (av.error.FFmpegError, ValueError) as e:
-      raise DecodeError(self.path, 'audio_decode_error', str(e)) from e
+      raise _packet_decode_error(self.path, 'audio', packet, e) from e
     if packet is None:
       self.done = True
 
@@ -382,7 +410,8 @@ class _AudioSink:
     try:
       frames = resampler.resample(frame) + resampler.resample(None)
     except (av.error.FFmpegError, ValueError) as e:
-      raise DecodeError(self.path, 'audio_decode_error', f'resampling failed: {e}') from e
+      raise DecodeError(self.path, 'audio_decode_error',
+                        f'resampling failed: {ffmpeg_text(e)}') from e
     return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
 
   def waveform(self) -> np.ndarray:
@@ -593,7 +622,7 @@ class _FrameSink:
           self._frames[index] = self._convert(frame)
           self._frame_pts[index] = frame.pts
     except (av.error.FFmpegError, ValueError) as e:
-      raise DecodeError(self.path, 'video_decode_error', str(e)) from e
+      raise _packet_decode_error(self.path, 'video', packet, e) from e
     if len(self._frames) == len(self._wanted):
       self.done = True
 
@@ -616,7 +645,8 @@ class _FrameSink:
               self._frames[count] = self._convert(frame)
             count += 1
         except (av.error.FFmpegError, ValueError) as e:
-          raise DecodeError(self.path, 'video_decode_error', str(e)) from e
+          raise _packet_decode_error(self.path, 'video', packet if packet.size else None,
+                                     e) from e
         if count > max(self._wanted):
           break
     self._decoded_count = count
@@ -645,7 +675,8 @@ def _packets(path: str, container: av.container.InputContainer,
     except StopIteration:
       return
     except av.error.FFmpegError as e:
-      raise DecodeError(path, 'unreadable_container', f'demuxing failed: {e}') from e
+      raise DecodeError(path, 'unreadable_container',
+                        f'demuxing failed: {ffmpeg_text(e)}') from e
     yield packet
 
 
