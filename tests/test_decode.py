@@ -10,6 +10,7 @@ import io
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -608,6 +609,37 @@ def test_unreadable_container_says_why_without_errno_or_the_path_again(media, na
   assert str(info.value) == (
       f'{media[name]}: unreadable_container (Invalid data found when processing input: not a '
       'media file FFmpeg can open, or one cut before its index)')
+
+
+def test_too_few_frames_says_when_the_frame_count_is_an_estimate(media, tmp_path):
+  # Matroska stores no frame count: it is estimated (as OpenCV does) from the container's
+  # duration, here that of the longer audio track. The message said "container declares 31
+  # frames", a number the file does not hold.
+  path = str(tmp_path / 'audio_longer.mkv')
+  with av.open(path, 'w', format='matroska') as out:
+    video = out.add_stream('libx264', rate=10)
+    video.width, video.height, video.pix_fmt = 96, 64, 'yuv420p'
+    audio = out.add_stream('aac', rate=SAMPLE_RATE, layout='stereo')
+    for frame in synthetic.numbered_frames(5):
+      out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    out.mux(video.encode())
+    samples = _stereo(3.0).astype(np.float32)
+    for start in range(0, samples.shape[1], 1024):
+      chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + 1024]),
+                                         format='fltp', layout='stereo')
+      chunk.sample_rate, chunk.pts = SAMPLE_RATE, start
+      out.mux(audio.encode(chunk))
+    out.mux(audio.encode())
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_frames(path)
+  assert info.value.reason == 'too_few_frames'
+  assert re.fullmatch(
+      r"decoded 5 frames, needed frame 5 \(frame count 3\d estimated from the container "
+      r"duration 3\.\d\d s x 10\.000 fps, as the original's OpenCV does: the file stores no "
+      r"frame count\)", info.value.detail), info.value.detail
+  with pytest.raises(decode.DecodeError) as info:  # an MP4 declares its count
+    decode.decode_frames(media['truncated_av_data.mp4'])
+  assert 'container declares 100 frames at 10.000 fps' in info.value.detail, info.value.detail
 
 
 def test_single_stream_files_still_decode_their_stream(media):

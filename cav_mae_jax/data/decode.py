@@ -554,9 +554,18 @@ class _FrameSink:
         1 / stream.time_base if stream.time_base else None)
     self.fps = float(rate) if rate else 0.0
     frame_count = int(stream.frames or 0)
+    # Where the frame count comes from, for messages: the file's own count, or (a container
+    # such as Matroska stores none) OpenCV's estimate from a duration.
+    self._count_source = f'container declares {frame_count} frames at {self.fps:.3f} fps'
     if frame_count == 0:
-      duration_s = _container_duration_s(container) or _stream_duration_s(stream) or 0.0
+      duration_s = _container_duration_s(container)
+      of = 'container'
+      if not duration_s:
+        duration_s, of = _stream_duration_s(stream) or 0.0, 'stream'
       frame_count = int(np.floor(duration_s * self.fps + 0.5))
+      self._count_source = (
+          f'frame count {frame_count} estimated from the {of} duration {duration_s:.2f} s x '
+          f"{self.fps:.3f} fps, as the original's OpenCV does: the file stores no frame count")
     self.frame_count = frame_count
     self.indices = frame_indices(frame_count, self.fps, num_frames)
     if frame_count <= 0 or self.fps <= 0:
@@ -660,8 +669,8 @@ class _FrameSink:
       if missing:
         raise DecodeError(
             self.path, 'too_few_frames',
-            f'decoded {self._decoded_count} frames, needed frame {missing[0]} (container '
-            f'declares {self.frame_count} frames at {self.fps:.3f} fps)')
+            f'decoded {self._decoded_count} frames, needed frame {missing[0]} '
+            f'({self._count_source})')
     return np.stack([self._frames[i] for i in self.indices.tolist()])
 
 
