@@ -362,14 +362,17 @@ def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, t
   assert (summary.written, summary.quarantined_by_reason) == (2, {clips.DUPLICATE_ID: 2})
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
     repeats = sorted((q["video_id"], q["path"], q["message"]) for q in map(json.loads, f))
+  # The first entry is named as the datafile's errors name entries (it said "entry 0").
+  first = f"data[0] ({media['good_a']})"
   assert repeats == [
-      ("a", media["good_a"], "video id 'a' is also entry 0 of the list, which is the one "
-       "written (an id is an example's key)"),
-      ("a", media["good_b"], "video id 'a' is also entry 0 of the list, which is the one "
-       "written (an id is an example's key)")]
+      ("a", media["good_a"], f"video id 'a' repeats that of {first}, the entry written (an id is "
+       "an example's key)"),
+      ("a", media["good_b"], f"video id 'a' repeats that of {first}, the entry written (an id is "
+       "an example's key)")]
   index = records.read_index(records.index_path(out))
   assert (index.num_examples, index.label_counts) == (2, (1, 1, 0))  # the first 'a': /m/a
-  with pytest.raises(clips.StrictModeError, match="duplicate_id: video id 'a' is also entry 0"):
+  with pytest.raises(clips.StrictModeError,
+                     match=r"duplicate_id: video id 'a' repeats that of data\[0\] \("):
     prepare.prepare_records(datafile, media["labels_csv"], str(tmp_path / "strict"),
                             num_workers=0, strict=True, progress=False)
 

@@ -212,7 +212,11 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
   audioset.write_text('x, 0, 10, "/m/a"\ny, 0, 10, "/m/a"\nx, 30, 40, "/m/b"\n')
   entries = sources.read_audioset_csv(str(audioset), "/v", "{ytid}_{start:.0f}.mp4")
   assert [(e.path, e.duplicate_of) for e in entries] == [
-      ("/v/x_0.mp4", None), ("/v/y_0.mp4", None), ("/v/x_30.mp4", 0)]
+      ("/v/x_0.mp4", None), ("/v/y_0.mp4", None), ("/v/x_30.mp4", "data row 1 (/v/x_0.mp4)")]
+  # vggsound.csv: its line, counted over every split's rows.
+  vgg.write_text("a,1,dog,test\nb,2,dog,train\nc,3,dog,test\nb,4,dog,train\n")
+  assert [e.duplicate_of for e in sources.read_vggsound_csv(
+      str(vgg), "/v", "{ytid}.mp4", "train")] == [None, "line 2 (/v/b.mp4)"]
 
 
 def test_a_datafile_asks_the_file_system_once_per_frames_folder(tmp_path, monkeypatch):

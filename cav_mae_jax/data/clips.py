@@ -121,8 +121,8 @@ def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
 
   if entry.duplicate_of is not None:
     return Quarantined(entry.path, entry.video_id, DUPLICATE_ID,
-                       f"video id {entry.video_id!r} is also entry {entry.duplicate_of} of the "
-                       "list, which is the one written (an id is an example's key)")
+                       f"video id {entry.video_id!r} repeats that of {entry.duplicate_of}, the "
+                       "entry written (an id is an example's key)")
   if not entry.label_ids and not allow_unlabeled:
     return Quarantined(entry.path, entry.video_id, NO_LABELS,
                        f"the list gives video id {entry.video_id!r} no labels (fine-tuning "

@@ -37,15 +37,18 @@ class ClipEntry:
 
   With `frames_dir` (the original's extracted layout) `path` is the clip's audio file and the
   frames are `{frames_dir}/frame_{i}/{video_id}.jpg`; without, `path` is a video with both.
-  `duplicate_of` is the position in its list of an earlier entry with the same `video_id`
-  (`mark_duplicates`); such an entry is quarantined, not written a second time.
+  `where` locates the entry in its list in the list's own terms, as the readers' errors do
+  (`data[3]` of a JSON datafile, `data row 4` of an AudioSet CSV, `line 5` of vggsound.csv).
+  `duplicate_of` names an earlier entry with the same `video_id` (its `where` and path,
+  `mark_duplicates`); such an entry is quarantined, not written a second time.
   """
 
   video_id: str
   path: str
   label_ids: tuple[str, ...]
   frames_dir: str = ""
-  duplicate_of: int | None = None
+  duplicate_of: str | None = None
+  where: str = dataclasses.field(default="", compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +195,14 @@ def mark_duplicates(entries: Sequence[ClipEntry]) -> list[ClipEntry]:
   A video id is an example's key (TFDS refuses repeated keys; retrieval and features are
   reported by id), so a list that names a clip twice gets it once, and the repeat is reported.
   """
-  first: dict[str, int] = {}
+  first: dict[str, ClipEntry] = {}
   marked = []
-  for position, entry in enumerate(entries):
-    seen = first.setdefault(entry.video_id, position)
-    marked.append(entry if seen == position else dataclasses.replace(entry, duplicate_of=seen))
+  for entry in entries:
+    seen = first.setdefault(entry.video_id, entry)
+    if seen is not entry:
+      entry = dataclasses.replace(
+          entry, duplicate_of=f"{seen.where or 'an earlier entry'} ({seen.path})")
+    marked.append(entry)
   return marked
 
 
@@ -274,7 +280,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")
     entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
-                             _split_labels(labels), frames_dir))
+                             _split_labels(labels), frames_dir, where=f"data[{position}]"))
   return _listed(what, path, entries)
 
 
@@ -296,12 +302,14 @@ def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list
       raise SourceError(what, path, f"data row {line_number}: start_seconds {start!r} and "
                         f"end_seconds {end!r} must be numbers") from None
     name = video_name_format.format(ytid=ytid, start=start, end=end)
-    entries.append(ClipEntry(ytid, os.path.join(video_dir, name), _split_labels(labels)))
+    entries.append(ClipEntry(ytid, os.path.join(video_dir, name), _split_labels(labels),
+                             where=f"data row {line_number}"))
   return _listed(what, path, entries)
 
 
 def _vggsound_rows(path: str) -> list[list[Any]]:
-  """The rows of vggsound.csv (ytid, start_seconds as int, label, split), stripped and checked."""
+  """The rows of vggsound.csv (ytid, start_seconds as int, label, split, line number), stripped
+  and checked."""
   rows = []
   for line_number, row in enumerate(csv.reader(io.StringIO(read_text("vggsound CSV", path))), 1):
     if not row:
@@ -315,7 +323,7 @@ def _vggsound_rows(path: str) -> list[list[Any]]:
     except ValueError:
       raise SourceError("vggsound CSV", path, f"line {line_number}: start_seconds {row[1]!r} "
                         "is not a whole number") from None
-    rows.append(row)
+    rows.append(row + [line_number])
   return rows
 
 
@@ -323,11 +331,11 @@ def read_vggsound_csv(path: str, video_dir: str, video_name_format: str,
                       split: str) -> list[ClipEntry]:
   """Reads the rows of one split of vggsound.csv (ytid, start_seconds, label, split)."""
   entries = []
-  for ytid, start, label, row_split in _vggsound_rows(path):
+  for ytid, start, label, row_split, line_number in _vggsound_rows(path):
     if row_split == split:
       name = video_name_format.format(ytid=ytid, start=start)
       entries.append(ClipEntry(os.path.splitext(name)[0], os.path.join(video_dir, name),
-                               (label,)))
+                               (label,), where=f"line {line_number}"))
   return _listed("vggsound CSV", path, entries, f" of split {split!r}")
 
 
