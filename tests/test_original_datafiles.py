@@ -187,3 +187,23 @@ def test_a_label_is_found_by_its_mid_else_its_display_name_without_scanning_the_
     _CountedLabel.comparisons = 0
     assert labels.index_of(_CountedLabel(label)) == int(label.split()[-1].split("/")[-1])
     assert _CountedLabel.comparisons <= 2
+
+
+@pytest.mark.parametrize("video_id", [None, "", "  ", {"x": 1}, ["a"], 1.5, True])
+def test_a_video_id_that_is_not_a_string_or_an_integer_is_refused_naming_its_entry(
+    tmp_path, video_id):
+  # null became the id 'None' (two of them: a "duplicate of 'None'"), an object "{'x': 1}",
+  # and "" was taken; the other fields already got a SourceError naming data[i].
+  rows = [{"video_id": "ok", "video_path": "a.mp4", "labels": "/m/09x0r"},
+          {"video_id": video_id, "video_path": "b.mp4", "labels": "/m/09x0r"}]
+  (tmp_path / "data.json").write_text(json.dumps({"data": rows}))
+  with pytest.raises(sources.SourceError) as info:
+    sources.read_datafile(str(tmp_path / "data.json"))
+  assert str(info.value) == (f"datafile {tmp_path / 'data.json'}: data[1]: 'video_id' is "
+                             f"{video_id!r}, expected a non-empty string (or an integer)")
+
+
+def test_an_integer_video_id_is_read_as_its_digits(tmp_path):
+  rows = [{"video_id": 7, "video_path": "a.mp4", "labels": "/m/09x0r"}]
+  (tmp_path / "data.json").write_text(json.dumps({"data": rows}))
+  assert sources.read_datafile(str(tmp_path / "data.json"))[0].video_id == "7"

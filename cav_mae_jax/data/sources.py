@@ -258,6 +258,13 @@ def read_datafile(path: str) -> list[ClipEntry]:
     for key in ("video_id", "labels"):
       if key not in item:
         raise SourceError(what, path, f"data[{position}] has no {key!r}")
+    video_id = item["video_id"]
+    # An id is an example's key and names the clip's frames in the extracted layout: `null`
+    # or an object would become the id 'None' or "{'x': 1}".
+    if isinstance(video_id, bool) or not (isinstance(video_id, int) or
+                                          (isinstance(video_id, str) and video_id.strip())):
+      raise SourceError(what, path, f"data[{position}]: 'video_id' is {video_id!r}, expected "
+                        "a non-empty string (or an integer)")
     labels = item["labels"]
     if not (isinstance(labels, str) or
             (isinstance(labels, list) and all(isinstance(x, str) for x in labels))):
@@ -279,7 +286,7 @@ def read_datafile(path: str) -> list[ClipEntry]:
     if not media:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")
-    entries.append(ClipEntry(str(item["video_id"]), _media_path(base, media),
+    entries.append(ClipEntry(str(video_id), _media_path(base, media),
                              _split_labels(labels), frames_dir, where=f"data[{position}]"))
   return _listed(what, path, entries)
 
