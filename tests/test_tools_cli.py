@@ -126,6 +126,18 @@ def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args
   assert line.startswith("error: ") and named in line, line
 
 
+def test_preprocess_help_lists_the_reason_codes_and_which_audio_a_datafile_gives(tmp_path):
+  # `no_labels` and --allow-unlabeled are new; that a video's own audio is used and `wav` not
+  # read was said nowhere (the original always reads `wav`).
+  result = _run_tool("preprocess.py", ["--help"], tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  text = " ".join(result.stdout.split())
+  for fragment in ("Reason codes: missing_file,", "no_labels (an entry with no label",
+                   "--allow-unlabeled", "duplicate_id", "worker_crashed",
+                   "when video_path names a video, its own audio is used and wav is not read"):
+    assert fragment in text, fragment
+
+
 # Small enough that the demo would build its data in seconds if a bad value got past the check.
 _SMALL_DEMO = ["--train_clips=16", "--eval_clips=16", "--clip_seconds=0.1", "--workers=1"]
 

@@ -224,6 +224,10 @@ def read_datafile(path: str) -> list[ClipEntry]:
   When `video_path` is empty, or a folder name that does not exist and `wav` is no audio file,
   `wav` must name a video. A `video_path` with a video file extension (`VIDEO_FILE_EXTENSIONS`)
   is a video without a file-system lookup; other names are looked up once per distinct path.
+  When `video_path` names a video, its audio is the clip's audio and `wav` is not read, even
+  when it names another existing file: a record's audio and frames come from one file (the
+  original's `wav` is what its preprocessing extracted from that video, `ffmpeg -vn -ar 16000`
+  and its first channel, which is what decoding the video's audio gives).
   Relative paths are taken from the datafile's folder (which may itself be remote); media paths
   may be URIs of any file system TensorFlow reads.
   """
