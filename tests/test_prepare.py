@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import weakref
 
 import av
@@ -559,6 +560,34 @@ def test_inspect_names_the_clip_and_shard_of_a_frame_that_cannot_be_decoded(tmp_
   with pytest.raises(ValueError, match=f"shard {damaged}: clip clip0: stored frame 3 is not a "
                      "decodable image"):
     tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 1)
+
+
+def test_inspect_pictures_of_ids_with_one_safe_name_are_all_kept(tmp_path):
+  """Ids 'x/1' and 'x_1' both became fbank_x_1.png: the second overwrote the first while the
+  report listed both. An id in a script the font lacks draws boxes, without a warning per glyph."""
+  ids = {0: "x/1", 2: "x_1", 4: "日本語"}
+
+  def rename(shard):
+    def edit(example):
+      example.features.feature[records.VIDEO_ID].bytes_list.value[0] = ids[shard].encode()
+      frames = example.features.feature[records.FRAMES].bytes_list.value
+      for i in range(len(frames)):
+        frames[i] = decode.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    return edit
+
+  out, _ = _records_with_one_example_rewritten(tmp_path, 6, 0, rename(0))
+  for shard in (2, 4):
+    path = os.path.join(out, shards.shard_file_name(shard, 6))
+    example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(path))).numpy())
+    rename(shard)(example)
+    with tf.io.TFRecordWriter(path) as writer:
+      writer.write(example.SerializeToString())
+  tool = load_tool("inspect_records")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    report = tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 3)
+  assert len(set(report["pngs"])) == 6
+  assert all(os.path.isfile(png) for png in report["pngs"])
 
 
 def test_inspect_figures_have_titles_axes_and_frame_numbers(corpus_run):

@@ -26,6 +26,7 @@ import functools
 import io
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -136,6 +137,18 @@ def _safe_name(video_id: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
 
 
+def _unique_name(video_id: str, taken: set[str]) -> str:
+  """`_safe_name(video_id)`, with `_2`, `_3`, ... when another clip's id gave the same name
+  (ids 'a/b' and 'a_b': the second picture overwrote the first)."""
+  name = base = _safe_name(video_id)
+  copy = 1
+  while name in taken:
+    copy += 1
+    name = f"{base}_{copy}"
+  taken.add(name)
+  return name
+
+
 def _parsed_or_fail(path: str, parse: Callable[[tf.Tensor], dict[str, tf.Tensor]]):
   """A shard's parsed examples, in order; a shard that cannot be read or parsed raises
   ValueError naming it. Parsed in a tf.data graph on parallel threads: an eager parse per
@@ -157,6 +170,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
   rotations: collections.Counter[int] = collections.Counter()
   shard_counts, shapes, fbank_frames, images = {}, {}, [], []
   unlabeled = 0
+  names_taken: set[str] = set()
   parse = functools.partial(split.parse, with_waveform=index.store_waveform)
   for shard, path in zip(index.shards, split.files):
     count = 0
@@ -172,14 +186,16 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
       rotations[records.parsed_rotation(parsed)] += 1
       if len(images) < 2 * num_images:  # Two PNGs per clip.
         values = records.parsed_to_values(parsed)
-        name = _safe_name(values[records.VIDEO_ID])
+        name = _unique_name(values[records.VIDEO_ID], names_taken)
         for kind, draw in (("fbank", fbank_figure), ("frames", frames_figure)):
           png = os.path.join(png_dir, f"{kind}_{name}.png")
-          try:
-            figure = draw(values, class_names)
-          except ValueError as e:
-            raise ValueError(f"shard {path}: {e}") from None
-          figure.savefig(png)
+          with warnings.catch_warnings():  # an id in a script the font lacks (CJK): boxes
+            warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+            try:
+              figure = draw(values, class_names)
+            except ValueError as e:
+              raise ValueError(f"shard {path}: {e}") from None
+            figure.savefig(png)
           images.append(png)
       count += 1
     if count != shard.num_examples:
