@@ -202,6 +202,13 @@ def test_audioset_and_vggsound_csv_readers(tmp_path):
   audioset.write_text('00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\nYTID, start, end, labels\n')
   with pytest.raises(ValueError, match="train.csv: data row 2: start_seconds 'start'"):
     sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
+  # An empty id (the clip's key and its video's name) is refused as the JSON datafile's is.
+  audioset.write_text('00W1lcxW-WU, 40.000, 50.000, "/m/04rlf"\n , 0, 10, "/m/04rlf"\n')
+  with pytest.raises(ValueError, match="train.csv: data row 2 has an empty YTID"):
+    sources.read_audioset_csv(str(audioset), "/videos", "{ytid}_{start:.3f}.mp4")
+  bad.write_text("KlsG1EnBEjc,361,dog barking,train\n,1,dog barking,train\n")
+  with pytest.raises(ValueError, match="bad.csv: line 2 has an empty ytid"):
+    sources.vggsound_splits(str(bad))
   # A list without clips is refused (it made an empty records directory); a repeated id is
   # marked as a repeat of its first entry.
   audioset.write_text("# YTID, start_seconds, end_seconds, positive_labels\n")

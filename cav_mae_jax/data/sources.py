@@ -307,6 +307,8 @@ def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list
       raise SourceError(what, path, f"data row {line_number} has {len(row)} fields, expected "
                         "4 (YTID, start_seconds, end_seconds, positive_labels)")
     ytid, start, end, labels = row
+    if not ytid.strip():  # it names the clip and its video file
+      raise SourceError(what, path, f"data row {line_number} has an empty YTID")
     try:
       start, end = float(start), float(end)
     except ValueError:
@@ -329,6 +331,8 @@ def _vggsound_rows(path: str) -> list[list[Any]]:
       raise SourceError("vggsound CSV", path, f"line {line_number} has {len(row)} fields, "
                         "expected 4 (ytid, start_seconds, label, split)")
     row = [x.strip() for x in row]
+    if not row[0]:
+      raise SourceError("vggsound CSV", path, f"line {line_number} has an empty ytid")
     try:
       row[1] = int(row[1])
     except ValueError:
