@@ -344,21 +344,28 @@ def test_merging_reads_one_sidecar_at_a_time(tmp_path, monkeypatch):
   assert len(most_alive) == 4 and max(most_alive) <= 1
 
 
-def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, tmp_path):
-  # An id is an example's key: the tool wrote both (the TFDS build failed on them, after all the
-  # decoding). Now the first is written and each repeat is quarantined before any decoding.
-  rows = [("a", media["good_a"], "/m/a"), ("b", media["good_b"], "/m/b"),
-          ("a", media["good_b"], "/m/c"), ("a", media["good_a"], "/m/a")]
+def _prepare_listing(rows, media, tmp_path, field: str):
+  """Records of a datafile of `rows` in tmp_path/out, 2 clips a shard: (datafile, out, summary,
+  the `field` of every entry decoded, in order)."""
   datafile = write_datafile(str(tmp_path / "data.json"), rows)
   decoded = []
 
   def clip_fn(entry, labels, store_waveform):
-    decoded.append(entry.path)
+    decoded.append(getattr(entry, field))
     return clips.clip_example(entry, labels, store_waveform)
 
   out = str(tmp_path / "out")
   summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
                                     examples_per_shard=2, clip_fn=clip_fn, progress=False)
+  return datafile, out, summary, decoded
+
+
+def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, tmp_path):
+  # An id is an example's key: the tool wrote both (the TFDS build failed on them, after all the
+  # decoding). Now the first is written and each repeat is quarantined before any decoding.
+  rows = [("a", media["good_a"], "/m/a"), ("b", media["good_b"], "/m/b"),
+          ("a", media["good_b"], "/m/c"), ("a", media["good_a"], "/m/a")]
+  datafile, out, summary, decoded = _prepare_listing(rows, media, tmp_path, "path")
   assert decoded == [media["good_a"], media["good_b"]]
   assert (summary.written, summary.quarantined_by_reason) == (2, {clips.DUPLICATE_ID: 2})
   with open(os.path.join(out, prepare.QUARANTINE)) as f:
@@ -385,16 +392,7 @@ def test_entries_without_labels_are_quarantined_unless_allowed_and_then_counted(
   # before any decoding, or, with allow_unlabeled (pretraining lists), written and counted.
   rows = [("a", media["good_a"], "/m/a"), ("empty", media["good_b"], ""),
           ("list", media["good_b"], []), ("comma", media["good_a"], ",")]
-  datafile = write_datafile(str(tmp_path / "data.json"), rows)
-  decoded = []
-
-  def clip_fn(entry, labels, store_waveform):
-    decoded.append(entry.video_id)
-    return clips.clip_example(entry, labels, store_waveform)
-
-  out = str(tmp_path / "out")
-  summary = prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
-                                    examples_per_shard=2, clip_fn=clip_fn, progress=False)
+  datafile, out, summary, decoded = _prepare_listing(rows, media, tmp_path, "video_id")
   assert decoded == ["a"]
   assert (summary.written, summary.unlabeled) == (1, 0)
   assert summary.quarantined_by_reason == {clips.NO_LABELS: 3}
