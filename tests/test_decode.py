@@ -602,6 +602,22 @@ def test_a_damaged_packet_refuses_the_clip_saying_which_and_when(media, tmp_path
       'and OpenCV skip the packet')
 
 
+def test_a_frame_that_cannot_be_converted_is_not_called_a_packet_that_does_not_decode(
+    media, monkeypatch):
+  # A ValueError of the RGB conversion reached the packet message ("does not decode", "the
+  # original's ffmpeg would skip it"), which is the decoder's; PyAV's decoder errors are
+  # ValueErrors too, so they are told apart by FFmpegError.
+  def fail(self, frame):
+    raise ValueError('no conversion to rgb24')
+
+  monkeypatch.setattr(decode._FrameSink, '_convert', fail)  # pylint: disable=protected-access
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_frames(media['numbered_12.5fps.mp4'])
+  assert info.value.reason == 'video_decode_error'
+  assert re.fullmatch(r'the video packet at \d+\.\d\d s: its frame cannot be converted: no '
+                      'conversion to rgb24', info.value.detail), info.value.detail
+
+
 @pytest.mark.parametrize('name', ['text.mp4', 'truncated.mp4'])
 def test_unreadable_container_says_why_without_errno_or_the_path_again(media, name):
   with pytest.raises(decode.DecodeError) as info:

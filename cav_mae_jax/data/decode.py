@@ -285,6 +285,10 @@ def _packet_decode_error(path: str, kind: str, packet: av.Packet | None,
     when = (f'at {float(stamp * packet.time_base):.2f} s' if stamp is not None and
             packet.time_base else 'at an unknown time')
     what = f'the {kind} packet {when} does not decode'
+  if not isinstance(error, av.error.FFmpegError):  # not the decoder: the frame's conversion
+    return DecodeError(path, f'{kind}_decode_error',
+                       f"{what.replace(' does not decode', '')}: its frame cannot be converted: "
+                       f'{error}')
   return DecodeError(path, f'{kind}_decode_error',
                      f'{what}: {ffmpeg_text(error)}; a clip with such a packet is not kept, '
                      "where the original's ffmpeg and OpenCV skip the packet")
