@@ -438,10 +438,9 @@ def compare_original(original: Any, modality_specific_depth: int = 11, batch: in
   decoder = dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
   results = {}
 
-  def converted(module, cfg, finetune):
-    init = jax.tree.map(np.asarray, models.init_params(cfg, jax.random.key(seed), finetune=finetune))
+  def converted(module, cfg, finetune):  # shapes suffice: the original has every parameter
     state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-    return cavmae_checkpoint.cavmae_to_params(state, init)[0]
+    return cavmae_checkpoint.cavmae_to_params(state, models.param_shapes(cfg, finetune))[0]
 
   def config(**overrides):
     return models.ModelConfig.from_config(models.model_config(

@@ -136,6 +136,12 @@ def test_preprocess_help_lists_the_reason_codes_and_which_audio_a_datafile_gives
                    "--allow-unlabeled", "duplicate_id", "worker_crashed",
                    "when video_path names a video, its own audio is used and wav is not read"):
     assert fragment in text, fragment
+  # The list is written by hand (the help does not import the decoder): every code the code
+  # can write is in it.
+  from cav_mae_jax.data import clips, decode, shards  # pylint: disable=import-outside-toplevel
+  codes = (*decode.REASONS, clips.UNKNOWN_LABEL, clips.AUDIO_TOO_SHORT, clips.DUPLICATE_ID,
+           clips.NO_LABELS, shards.WORKER_CRASHED)
+  assert [code for code in codes if code not in text] == []
 
 
 # Small enough that the demo would build its data in seconds if a bad value got past the check.
