@@ -5,7 +5,9 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
   line `error: <what> <why>` to stderr and exits 2, never a traceback. Unexpected errors still
   raise; `--verbosity=1` (or absl's `-v 1`) shows the traceback of any error and the library logs.
 - `--config` files resolve from any working directory: a relative `configs/<file>.py` that does
-  not exist where the tool runs is taken from this package's `configs/` directory.
+  not exist where the tool runs is taken from this package's `configs/` directory. The tools
+  that load a checkpoint (`define_model_flags`) default it, given --workdir, to the config the
+  workdir's run recorded (`configs/workdir.py:<workdir>`).
 - TensorFlow's C++ start-up lines are silenced: TF_CPP_MIN_LOG_LEVEL=3 unless set, and TF
   (when installed) is imported once with the process's stderr closed, because TF 2.16+ prints
   its start-up lines before that variable is read. That import comes after the flags are
@@ -67,6 +69,40 @@ def _resolve(value: str) -> str:
   return value
 
 
+# Whether the tool defined the model flags (`define_model_flags`), whose --config has a default.
+_model_flags_defined = False
+WORKDIR_CONFIG = os.path.join("configs", "workdir.py")
+
+
+def workdir_config_args(argv: Sequence[str]) -> list[str]:
+  """argv plus `--config=configs/workdir.py:<workdir>` when a tool with the model flags is given
+  --workdir and no --config (any `--config.<path>` overrides then apply to that config)."""
+  argv = list(argv)
+  if not _model_flags_defined or any(a == "--config" or a.startswith("--config=") for a in argv):
+    return argv
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg == "--workdir" and i + 1 < len(argv):
+      workdir = argv[i + 1]
+    else:
+      continue
+    if workdir:
+      _check_run_config(workdir)
+      return [argv[0], f"--config={WORKDIR_CONFIG}:{workdir}", *argv[1:]]
+  return argv
+
+
+def _check_run_config(workdir: str) -> None:
+  """Fails naming --workdir when it holds no recorded config for --config to default to."""
+  from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    fail(f"--workdir {workdir}: no such directory")
+  if not os.path.isfile(os.path.join(workdir, run_config.RUN_CONFIG_FILE)):
+    fail(f"--workdir {workdir}: no {run_config.RUN_CONFIG_FILE} (not a training workdir, or one "
+         "from before runs recorded their config); give --config")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFlags:
   """The flags that say which model a tool loads: --config, and --workdir [--step] or --params."""
@@ -78,15 +114,20 @@ class ModelFlags:
 
 def define_model_flags(workdir_help: str = "Training workdir (its checkpoint --step)."
                        ) -> ModelFlags:
-  """Defines the calling tool's --config (required), --workdir, --step and --params.
+  """Defines the calling tool's --config, --workdir, --step and --params.
 
   Exactly one of --workdir and --params must be given; the tool passes the values on to
-  `eval.features.load` or `train.evaluate.evaluate`, which resolve the checkpoint.
+  `eval.features.load` or `train.evaluate.evaluate`, which resolve the checkpoint. --config is
+  required, except with --workdir: then it defaults to the config the workdir's run recorded
+  (`configs/workdir.py:<workdir>`, see `workdir_config_args`).
   """
+  global _model_flags_defined
+  _model_flags_defined = True
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   model_flags = ModelFlags(
-      config=config_flags.DEFINE_config_file("config", None, "Config file and arg.",
-                                             lock_config=True),
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Config file and arg (default with --workdir: the config its run "
+          "recorded, configs/workdir.py:<workdir>).", lock_config=True),
       workdir=flags.DEFINE_string("workdir", None, workdir_help),
       step=flags.DEFINE_integer("step", 0, "Checkpoint step of --workdir (0: the latest)."),
       params=flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output)."))
@@ -382,7 +423,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   tool's cleanup has run; `--verbosity=1` shows the traceback.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  sys.argv[:] = resolve_config_args(sys.argv)  # in place: config_flags keeps a reference
+  # In place: config_flags keeps a reference.
+  sys.argv[:] = resolve_config_args(workdir_config_args(sys.argv))
 
   def wrapped(argv: list[str]) -> None:
     if not _verbose():

@@ -11,11 +11,16 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from cav_mae_jax import tasks
 from cav_mae_jax.convert import io
+from cav_mae_jax.eval import features
+from cav_mae_jax.train import array_input
+from cav_mae_jax.train import trainer
+from configs import workdir as workdir_config
 from test_features import (  # pylint: disable=unused-import
     NUM_CLIPS, RECORD_ORDER, fixture_records_dir, tiny_config)
 
@@ -150,6 +155,56 @@ def test_extract_features_writes_npz(records_dir, params_dir, tmp_path):
     assert list(data["ids"]) == RECORD_ORDER
     assert {k: data[k].shape for k in ("audio", "video", "joint")} == {
         k: (NUM_CLIPS, 32) for k in ("audio", "video", "joint")}
+
+
+@pytest.fixture(scope="module", name="trained_workdir")
+def fixture_trained_workdir(records_dir, tmp_path_factory):
+  """A tiny pretraining workdir (2 steps on random clips) whose config names records_dir as its
+  eval_dir, and the config it ran."""
+  config = tiny_config(eval_dir=records_dir)
+  config.total_steps, config.log_every_steps = 2, 2
+  config.evals = ml_collections.ConfigDict()
+  m = config.model
+  clips = array_input.random_clips(8, m.audio_length, m.num_mel_bins, m.image_size, seed=0)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  trainer.train_and_evaluate(config, workdir, trainer.Inputs(array_input.ArrayInput(clips, 8),
+                                                             None, 8))
+  return workdir, config
+
+
+def test_a_workdir_is_read_with_the_config_its_run_recorded(trained_workdir, tmp_path):
+  """--workdir without --config reads the run's config.json (configs/workdir.py), so that the
+  model, data and normalization settings are the run's (the tools needed --config repeated)."""
+  workdir, config = trained_workdir
+  result = run_tool("extract_features.py", [f"--workdir={workdir}", "--out=f.npz"], tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  loaded = features.load(config, workdir=workdir)
+  expected_ids, expected = features.extract_embeddings(
+      loaded, features.clip_batches(config, 8, records_dir=config.data.eval_dir))
+  with np.load(tmp_path / "f.npz") as data:
+    assert list(data["ids"]) == list(expected_ids) == RECORD_ORDER
+    for name in ("audio", "video", "joint"):
+      np.testing.assert_array_equal(data[name], expected[name], err_msg=name)
+  # The recorded config is the run's, overridable as any config file, a field the run left
+  # unset (None in config.json) included.
+  recorded = workdir_config.get_config(workdir)
+  assert recorded.to_dict() == config.to_dict()
+  assert recorded.get_type("total_epochs") is float
+  recorded.total_epochs = 2.0  # a None field with its placeholder's type
+  with pytest.raises(TypeError):
+    recorded.total_epochs = "two"
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda tmp: str(tmp / "none"), "--workdir {}: no such directory"),
+    (lambda tmp: str(tmp), "--workdir {}: no config.json (not a training workdir"),
+])
+def test_a_workdir_without_a_recorded_config_needs_config(make, named, tmp_path):
+  workdir = make(tmp_path)
+  result = run_tool("extract_features.py", [f"--workdir={workdir}", "--out=f.npz"], tmp_path)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert lines[0].startswith("error: " + named.format(workdir)), lines[0]
 
 
 def test_inpaint_writes_png(records_dir, params_dir, tmp_path):

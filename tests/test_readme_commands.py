@@ -71,6 +71,9 @@ def test_documented_command_uses_real_flags_and_fields(doc, tool, args, comment)
   config = next((a.split("=", 1)[1] if "=" in a else args[i + 1]
                  for i, a in enumerate(args) if a.split("=")[0] == "--config"), None)
   fields = _config_fields(config) if config and config.startswith("configs/") else set()
+  if config is None and any(a.split("=")[0] == "--workdir" for a in args) and tool != "train":
+    # The run's recorded config (configs/workdir.py): the fields of some task's config.
+    fields = _config_fields("configs/pretrain.py:tiny") | _config_fields("configs/finetune.py:tiny")
   for arg in args:
     if not arg.startswith("--"):
       continue

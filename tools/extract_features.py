@@ -2,8 +2,10 @@ r"""Per-clip audio, visual and joint embeddings of video files or records, to on
 
   python tools/extract_features.py --config configs/pretrain.py:base --params ckpt/scale_pp \
       --videos /data/clips --out features.npz [--patches] [--quarantine bad.jsonl] [--strict]
-  python tools/extract_features.py --config configs/pretrain.py:base --workdir /runs/base \
-      --records /data/vggsound_test [--subset ids.txt] --out vgg_test.npz
+  python tools/extract_features.py --workdir /runs/base --records /data/vggsound_test \
+      [--subset ids.txt] --out vgg_test.npz
+
+With --workdir, --config defaults to the config the run recorded (configs/workdir.py:<workdir>).
 
 The .npz holds `ids` [N] (unicode; row i of every array is clip ids[i]: records in data order,
 shard by shard; --videos in list order, unreadable files left out) and `audio`, `video`, `joint`

@@ -2,8 +2,8 @@ r"""Inpainting picture of one clip: original, masked and reconstructed spectrogr
 
   python tools/inpaint.py --config configs/pretrain.py:base --config.model.norm_pix_loss=False \
       --params ckpt/nonorm --records /data/vggsound_test --clip_id 0a1b2c3d --out inpaint.png
-  python tools/inpaint.py --config configs/pretrain.py:tiny --workdir /runs/tiny --index 3 \
-      --mask_ratio_a 0.5 --mask_ratio_v 0.75 --seed 1 --out inpaint.png
+  python tools/inpaint.py --workdir /runs/tiny --index 3 --mask_ratio_a 0.5 --mask_ratio_v 0.75 \
+      --seed 1 --out inpaint.png   # --config: the run's recorded one (configs/workdir.py)
 
 The clip is --clip_id, or the --index-th clip of the records (default config.data.eval_dir) in
 data order (default: the first). Masks are drawn from --seed. Models trained with

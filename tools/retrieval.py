@@ -2,7 +2,7 @@ r"""Audio <-> visual retrieval of a records split or a subset of it: R@1/5/10 an
 
   python tools/retrieval.py --config configs/pretrain.py:base --params ckpt/scale_pp \
       --records /data/audioset_eval [--subset as_retrieval_subset.json] [--batch_size 96]
-  python tools/retrieval.py --config configs/pretrain.py:tiny --workdir /runs/tiny
+  python tools/retrieval.py --workdir /runs/tiny   # --config: the run's (configs/workdir.py)
 
 Features are the task's retrieval features (mean-pooled audio-only and video-only streams, frame
 config.data.eval_frame) of every clip once; the cosine-similarity ranks are computed on the
