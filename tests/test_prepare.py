@@ -429,6 +429,15 @@ def test_entries_without_labels_are_quarantined_unless_allowed_and_then_counted(
   with open(path, "w") as f:
     json.dump(data, f)
   assert records.read_index(path).num_unlabeled == 0
+  assert tool.main(["--records", allowed, "--png-dir", str(tmp_path / "png")]) == 0
+  assert "clips with no labels: 3 (the index does not count them" in capsys.readouterr().out
+  # An index that counts them must count them right (as its label counts).
+  data["num_unlabeled"] = 2
+  with open(path, "w") as f:
+    json.dump(data, f)
+  assert tool.main(["--records", allowed, "--png-dir", str(tmp_path / "png")]) == 2
+  assert ("the index counts 2 clips with no labels, the examples have 3"
+          in capsys.readouterr().err)
   stats = records.ShardStats(3, num_unlabeled=2).to_json()
   del stats["num_unlabeled"]
   assert records.ShardStats.from_json(stats).num_unlabeled == 0

@@ -8,7 +8,7 @@
 
 Reads every example of a records directory (tools/preprocess.py output) or of a split of a
 TFDS dataset built by the cav_mae_clips builder (the same reader as the input pipeline,
-`cav_mae_jax.data.splits`), checks the counts and label counts against the index (for TFDS,
+`cav_mae_jax.data.splits`), checks the counts, label counts and unlabeled count against the index (for TFDS,
 the dataset info and the builder's statistics), prints a report, and for the first
 `--num-images` clips writes `fbank_<video_id>.png` (the raw fbank's valid frames: time frame
 across, mel bin up, a colorbar in raw log-mel units; titled with the clip id and its labels)
@@ -205,6 +205,11 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
   if counted != list(index.label_counts):
     raise ValueError(f"{split.description}: the index's label_counts differ from the "
                      "examples' labels")
+  # An index that counts unlabeled clips must count them right; 0 is also what an index written
+  # before they were counted reads as, so a count there is reported, not refused.
+  if index.num_unlabeled and index.num_unlabeled != unlabeled:
+    raise ValueError(f"{split.description}: the index counts {index.num_unlabeled} clips with no "
+                     f"labels, the examples have {unlabeled}")
   return {
       "source": split.description,
       "num_examples": sum(shard_counts.values()),
@@ -212,6 +217,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
       "shapes": shapes,
       "label_counts": counted,
       "unlabeled": unlabeled,
+      "index_unlabeled": index.num_unlabeled,
       "fbank_num_frames": {"min": int(np.min(fbank_frames)), "max": int(np.max(fbank_frames)),
                            "mean": float(np.mean(fbank_frames))},
       "rotation": dict(sorted(rotations.items())),
@@ -236,9 +242,14 @@ def format_report(report: dict[str, Any], class_names: list[str] | None, top: in
       f"{degrees}: {count}" for degrees, count in report["rotation"].items()))
   order = sorted(range(len(report["label_counts"])), key=lambda i: -report["label_counts"][i])
   most = max(report["label_counts"]) or 1
-  lines.append(f"clips with no labels: {report['unlabeled']}"
-               + (" (written with tools/preprocess.py --allow-unlabeled: fine-tuning takes "
-                  "them as clips of no class)" if report["unlabeled"] else ""))
+  note = ""
+  if report["unlabeled"] and report["index_unlabeled"]:
+    note = (" (written with tools/preprocess.py --allow-unlabeled: fine-tuning takes them as "
+            "clips of no class)")
+  elif report["unlabeled"]:
+    note = (" (the index does not count them: written before index.json counted clips with no "
+            "labels; fine-tuning takes them as clips of no class)")
+  lines.append(f"clips with no labels: {report['unlabeled']}{note}")
   lines.append(f"label histogram (top {top} of {len(order)} classes):")
   for i in order[:top]:
     count = report["label_counts"][i]
