@@ -8,8 +8,8 @@
 
 Reads every example of a records directory (tools/preprocess.py output) or of a split of a
 TFDS dataset built by the cav_mae_clips builder (the same reader as the input pipeline,
-`cav_mae_jax.data.splits`), checks the counts, label counts and unlabeled count against the index (for TFDS,
-the dataset info and the builder's statistics), prints a report, and for the first
+`cav_mae_jax.data.splits`), checks the counts, label counts and unlabeled count against the
+index (for TFDS, the dataset info and the builder's statistics), prints a report, and for the first
 `--num-images` clips writes `fbank_<video_id>.png` (the raw fbank's valid frames: time frame
 across, mel bin up, a colorbar in raw log-mel units; titled with the clip id and its labels)
 and `frames_<video_id>.png` (the 10 stored JPEG frames in a 2 x 5 grid, each with its source
