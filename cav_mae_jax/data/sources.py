@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ class SourceError(ValueError):
     self.reason = reason
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ClipEntry:
   """One clip to process: its id, media file and label ids (e.g. AudioSet mids).
 
@@ -159,9 +160,10 @@ def check_labels_known(entries: Sequence[ClipEntry], labels: ClassLabels, source
 
 
 def _split_labels(labels: str | Sequence[str]) -> tuple[str, ...]:
+  """A list entry's label ids, interned: a list of millions of clips names a few hundred labels."""
   if isinstance(labels, str):
-    return tuple(x.strip() for x in labels.split(",") if x.strip())
-  return tuple(str(x).strip() for x in labels)
+    return tuple(sys.intern(x.strip()) for x in labels.split(",") if x.strip())
+  return tuple(sys.intern(str(x).strip()) for x in labels)
 
 
 def _media_path(base: str, media: str) -> str:
@@ -256,7 +258,9 @@ def read_datafile(path: str) -> list[ClipEntry]:
     return existing[media_path]
 
   entries = []
-  for position, item in enumerate(data["data"]):
+  items = data.pop("data")
+  for position, item in enumerate(items):
+    items[position] = None  # each parsed entry is freed as its ClipEntry is made (peak memory)
     if not isinstance(item, dict):
       raise SourceError(what, path, f"data[{position}] is not an object")
     for key in ("video_id", "labels"):
