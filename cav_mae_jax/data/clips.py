@@ -6,6 +6,8 @@ unknown label, audio shorter than one fbank window) into a `Quarantined` record 
 code instead of an exception. `tools/preprocess.py` (through `shards.write_shard`) and the
 TFDS builder both call `try_clip_example`, so they write the same examples and quarantine the
 same clips. A clip that cannot be made into a correct record is never replaced by zeros.
+`WriteOptions` holds a run's settings of writing clips, one object from the entry point
+(`prepare.prepare_records`, the builder's `ClipsConfig`) down to every clip.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ DUPLICATE_ID = "duplicate_id"
 # A list entry with no label ('"labels": ""', '[]', '","'). The original stops on such an entry
 # (its loader looks the empty label up in the class list: a KeyError); a fine-tuning run would
 # take it as a clip of no class. It is quarantined unless the caller allows unlabeled clips
-# (`allow_unlabeled`: a pretraining-only list), and then written and counted
+# (`WriteOptions.allow_unlabeled`: a pretraining-only list), and then written and counted
 # (`records.ShardStats.num_unlabeled`).
 NO_LABELS = "no_labels"
 # Every caller of `clip_example` (tools/preprocess.py's workers, the TFDS builder's Beam
@@ -52,6 +54,31 @@ class Quarantined:
 
   def to_json(self) -> dict[str, str]:
     return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOptions:
+  """A run's settings of writing clip records, the same for every clip of the run.
+
+  One object instead of three flags passed through every layer (entry point, shard writer,
+  worker processes, Beam workers): frozen and made of plain values, so it pickles to a worker
+  process or a Beam worker as it is.
+
+  Attributes:
+    store_waveform: records also carry the clip's 16 kHz int16 waveform (`records.WAVEFORM`),
+      for waveform mixup; the writer's output says so (sidecar, manifest, index, TFDS features).
+    strict: the first clip that is not written (quarantined, or a worker that died on it)
+      raises `StrictModeError` naming it, instead of being quarantined and skipped. Applied by
+      the writers (`shards.write_shard`, the TFDS builder), not by `try_clip_example`, which
+      always returns the `Quarantined` record.
+    allow_unlabeled: a list entry with no labels is written (and counted,
+      `records.ShardStats.num_unlabeled`) instead of quarantined as `NO_LABELS`: for a list
+      used only for pretraining.
+  """
+
+  store_waveform: bool = False
+  strict: bool = False
+  allow_unlabeled: bool = False
 
 
 class StrictModeError(RuntimeError):
@@ -108,14 +135,15 @@ def clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
 ClipFn = Callable[[sources.ClipEntry, sources.ClassLabels, bool], records.ExampleValues]
 
 
-def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
-                     store_waveform: bool = False,
-                     clip_fn: ClipFn = clip_example, *,
-                     allow_unlabeled: bool = False) -> records.ExampleValues | Quarantined:
+def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels, *,
+                     options: WriteOptions = WriteOptions(),
+                     clip_fn: ClipFn = clip_example) -> records.ExampleValues | Quarantined:
   """Returns the clip's record values, or why it is quarantined (bad input, not a bug).
 
-  A repeated id (`DUPLICATE_ID`) and, unless `allow_unlabeled`, an entry without labels
-  (`NO_LABELS`) are quarantined before any decoding.
+  A repeated id (`DUPLICATE_ID`) and, unless `options.allow_unlabeled`, an entry without
+  labels (`NO_LABELS`) are quarantined before any decoding. `clip_fn` makes the values
+  (`clip_example`, or a stand-in in tests) and is given `options.store_waveform`;
+  `options.strict` is left to the caller (a quarantined clip is returned either way).
   """
   from cav_mae_jax.data import decode  # pylint: disable=g-import-not-at-top
 
@@ -123,14 +151,14 @@ def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels,
     return Quarantined(entry.path, entry.video_id, DUPLICATE_ID,
                        f"video id {entry.video_id!r} repeats that of {entry.duplicate_of}, the "
                        "entry written (an id is an example's key)")
-  if not entry.label_ids and not allow_unlabeled:
+  if not entry.label_ids and not options.allow_unlabeled:
     return Quarantined(entry.path, entry.video_id, NO_LABELS,
                        f"the list gives video id {entry.video_id!r} no labels (fine-tuning "
                        "would take it as a clip of no class; the original stops on it); a "
                        "list for pretraining only may allow unlabeled clips "
                        "(tools/preprocess.py --allow-unlabeled)")
   try:
-    return clip_fn(entry, labels, store_waveform)
+    return clip_fn(entry, labels, options.store_waveform)
   except ClipError as e:
     return Quarantined(entry.path, entry.video_id, e.reason, e.message)
   except decode.DecodeError as e:

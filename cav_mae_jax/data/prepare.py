@@ -91,12 +91,16 @@ def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers
 
   `num_workers=0` runs in this process (no crash isolation). Raises clips.StrictModeError with
   `strict`, and RuntimeError naming the shards that failed for other reasons.
+  `store_waveform`, `strict` and `allow_unlabeled` are those of `clips.WriteOptions`; they
+  travel on as one.
   """
   if not 0 <= task_index < num_tasks:
     raise ValueError(f"task_index must be in [0, num_tasks={num_tasks}), got {task_index}")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
   start = time.time()
+  options = clips.WriteOptions(store_waveform=store_waveform, strict=strict,
+                               allow_unlabeled=allow_unlabeled)
   entries = sources.read_datafile(datafile)
   labels = sources.read_class_labels(labels_csv)
   sources.check_labels_known(entries, labels, datafile)
@@ -111,16 +115,15 @@ def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers
       print(note)
     return _prepare_locked(entries, labels, datafile, labels_csv, out_dir, start,
                            num_shards=num_shards, num_workers=num_workers,
-                           task_index=task_index, num_tasks=num_tasks,
-                           store_waveform=store_waveform, strict=strict, clip_fn=clip_fn,
-                           progress=progress, allow_unlabeled=allow_unlabeled)
+                           task_index=task_index, num_tasks=num_tasks, options=options,
+                           clip_fn=clip_fn, progress=progress)
 
 
 def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabels,
                     datafile: str, labels_csv: str, out_dir: str, start: float, *,
                     num_shards: int, num_workers: int, task_index: int, num_tasks: int,
-                    store_waveform: bool, strict: bool, clip_fn: clips.ClipFn,
-                    progress: bool, allow_unlabeled: bool) -> Summary:
+                    options: clips.WriteOptions, clip_fn: clips.ClipFn,
+                    progress: bool) -> Summary:
   """prepare_records with the directory made and this task's lock held."""
   _check_manifest(out_dir, {
       "format_version": records.FORMAT_VERSION,
@@ -128,8 +131,8 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
       "labels_sha256": _sha256(labels_csv),
       "num_entries": len(entries),
       "num_shards": num_shards,
-      "store_waveform": store_waveform,
-      "allow_unlabeled": allow_unlabeled,
+      "store_waveform": options.store_waveform,
+      "allow_unlabeled": options.allow_unlabeled,
   })
   todo = [p for p in shards.plan_shards(entries, num_shards)
           if p.shard_index % num_tasks == task_index
@@ -141,13 +144,11 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
   try:
     if num_workers == 0:
       for plan in todo:
-        shards.write_shard(plan, out_dir, labels, store_waveform=store_waveform,
-                           strict=strict, clip_fn=clip_fn, on_clip=lambda *_: bar.update(),
-                           allow_unlabeled=allow_unlabeled)
+        shards.write_shard(plan, out_dir, labels, options=options, clip_fn=clip_fn,
+                           on_clip=lambda *_: bar.update())
     elif todo:
       errors = shards.run_pool(todo, out_dir, labels, num_workers=num_workers,
-                               store_waveform=store_waveform, strict=strict, clip_fn=clip_fn,
-                               on_clip=bar.update, allow_unlabeled=allow_unlabeled)
+                               options=options, clip_fn=clip_fn, on_clip=bar.update)
   except (clips.StrictModeError, shards.WorkerCrashError):
     bar.close()
     finalize(out_dir, seconds=time.time() - start)  # What finished is kept and counted.

@@ -8,8 +8,9 @@
 - `run_pool` runs shards on long-lived worker processes from a fork server. A worker that dies
   (e.g. a decoder crash) loses only its current shard, which is redone without the clip it
   died on (quarantined as `worker_crashed`); the other workers go on.
-- With `strict`, the first clip that is not written raises `clips.StrictModeError` and nothing
-  of its shard is left on disk.
+- The run's settings (`clips.WriteOptions`: waveform, strict, unlabeled entries) go to the
+  workers as one object. With `strict`, the first clip that is not written raises
+  `clips.StrictModeError` and nothing of its shard is left on disk.
 """
 
 from __future__ import annotations
@@ -89,18 +90,17 @@ def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
 
 
 def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
-                store_waveform: bool = False, strict: bool = False,
+                options: clips.WriteOptions = clips.WriteOptions(),
                 clip_fn: clips.ClipFn = clips.clip_example,
                 known_quarantined: dict[int, clips.Quarantined] | None = None,
                 on_clip: Callable[[int, clips.Quarantined | None], None] | None = None,
-                on_start: Callable[[int], None] | None = None,
-                allow_unlabeled: bool = False) -> dict[str, Any]:
+                on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Writes one shard (temp name, then rename) and its sidecar; returns the sidecar dict.
 
   `known_quarantined` maps positions in the shard to clips already known to be bad (a clip a
-  worker died on); they are not tried again. With `strict`, the first bad clip raises
+  worker died on); they are not tried again. With `options.strict`, the first bad clip raises
   clips.StrictModeError and nothing of the shard is left on disk. Entries without labels are
-  quarantined (`clips.NO_LABELS`) unless `allow_unlabeled`.
+  quarantined (`clips.NO_LABELS`) unless `options.allow_unlabeled`.
   """
   known_quarantined = known_quarantined or {}
   start = time.time()
@@ -116,10 +116,9 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
           on_start(position)
         result = known_quarantined.get(position)
         if result is None:
-          result = clips.try_clip_example(entry, labels, store_waveform, clip_fn,
-                                          allow_unlabeled=allow_unlabeled)
+          result = clips.try_clip_example(entry, labels, options=options, clip_fn=clip_fn)
         if isinstance(result, clips.Quarantined):
-          if strict:
+          if options.strict:
             raise clips.StrictModeError(result)
           quarantined.append({"position": position, **result.to_json()})
         else:
@@ -137,7 +136,7 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
       "shard_index": plan.shard_index,
       "num_shards": plan.num_shards,
       "num_entries": len(plan.entries),
-      "store_waveform": store_waveform,
+      "store_waveform": options.store_waveform,
       "stats": stats.to_json(),
       "quarantined": quarantined,
       "seconds": time.time() - start,
@@ -164,8 +163,8 @@ def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, A
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
-                 labels: sources.ClassLabels, store_waveform: bool, strict: bool,
-                 clip_fn: clips.ClipFn, allow_unlabeled: bool = False) -> None:
+                 labels: sources.ClassLabels, options: clips.WriteOptions,
+                 clip_fn: clips.ClipFn) -> None:
   """Child process loop: receives (plan, known_quarantined), sends progress and results.
 
   Ctrl-C reaches the whole process group; the parent alone handles it (it ends the workers and
@@ -183,22 +182,20 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
       return
     plan, known = message
     try:
-      _write_shard_in_worker(conn, plan, known, out_dir, labels, store_waveform, strict,
-                             clip_fn, allow_unlabeled)
+      _write_shard_in_worker(conn, plan, known, out_dir, labels, options, clip_fn)
     except (BrokenPipeError, ConnectionResetError):
       return
 
 
 def _write_shard_in_worker(conn: multiprocessing.connection.Connection, plan: ShardPlan,
                            known: dict[int, clips.Quarantined], out_dir: str,
-                           labels: sources.ClassLabels, store_waveform: bool, strict: bool,
-                           clip_fn: clips.ClipFn, allow_unlabeled: bool = False) -> None:
+                           labels: sources.ClassLabels, options: clips.WriteOptions,
+                           clip_fn: clips.ClipFn) -> None:
   """Writes one shard, sending progress and the result (raises BrokenPipeError when the parent
   is gone)."""
   try:
     sidecar = write_shard(
-        plan, out_dir, labels, store_waveform=store_waveform, strict=strict,
-        clip_fn=clip_fn, known_quarantined=known, allow_unlabeled=allow_unlabeled,
+        plan, out_dir, labels, options=options, clip_fn=clip_fn, known_quarantined=known,
         on_start=lambda position: conn.send(("start", position)),
         on_clip=lambda position, bad: conn.send(("clip", position, bad)))
   except clips.StrictModeError as e:
@@ -303,13 +300,12 @@ class _WorkerPool:
 
 
 def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, *,
-              num_workers: int, store_waveform: bool, strict: bool, clip_fn: clips.ClipFn,
-              on_clip: Callable[[], None], allow_unlabeled: bool = False) -> list[str]:
+              num_workers: int, options: clips.WriteOptions, clip_fn: clips.ClipFn,
+              on_clip: Callable[[], None]) -> list[str]:
   """Runs shards on worker processes; returns errors of shards that failed (not crashed)."""
   pending: list[tuple[ShardPlan, dict[int, clips.Quarantined]]] = [(p, {}) for p in plans]
   errors: list[str] = []
-  pool = _WorkerPool(min(num_workers, len(plans)),
-                     (out_dir, labels, store_waveform, strict, clip_fn, allow_unlabeled))
+  pool = _WorkerPool(min(num_workers, len(plans)), (out_dir, labels, options, clip_fn))
   try:
     while True:
       for worker in pool.workers:
@@ -347,7 +343,7 @@ def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, 
           except (EOFError, ConnectionResetError):
             pass  # The process died; handled below through its sentinel.
         if worker.plan is not None and not worker.process.is_alive():
-          _handle_crash(pool, worker, pending, strict)
+          _handle_crash(pool, worker, pending, options)
   except BaseException:
     pool.terminate()
     for worker in pool.workers:  # Shards cut short leave no temp files behind.
@@ -360,8 +356,9 @@ def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, 
 
 def _handle_crash(pool: _WorkerPool, worker: _Worker,
                   pending: list[tuple[ShardPlan, dict[int, clips.Quarantined]]],
-                  strict: bool) -> None:
-  """Quarantines the clip a worker died on and puts its shard back in the queue."""
+                  options: clips.WriteOptions) -> None:
+  """Quarantines the clip a worker died on and puts its shard back in the queue (raises
+  clips.StrictModeError instead with `options.strict`)."""
   plan, exitcode, position = worker.plan, worker.process.exitcode, worker.position
   if position is None:
     raise WorkerCrashError(f"worker (exit code {exitcode}) died before starting a clip of "
@@ -369,7 +366,7 @@ def _handle_crash(pool: _WorkerPool, worker: _Worker,
   entry = plan.entries[position]
   bad = clips.Quarantined(entry.path, entry.video_id, WORKER_CRASHED,
                     f"the worker process died (exit code {exitcode}) on this clip")
-  if strict:
+  if options.strict:
     raise clips.StrictModeError(bad)
   known = dict(worker.known)
   known[position] = bad

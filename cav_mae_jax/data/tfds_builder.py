@@ -80,6 +80,13 @@ class ClipsConfig(tfds.core.BuilderConfig):
     if self.source not in SOURCES:
       raise ValueError(f"ClipsConfig.source must be one of {SOURCES}, got {self.source!r}")
 
+  @property
+  def write_options(self) -> clips.WriteOptions:
+    """`store_waveform`, `strict` and `allow_unlabeled` as the object the writers take (the
+    fields stay, as `tools/preprocess.py`'s flags do: a config is written out by name)."""
+    return clips.WriteOptions(store_waveform=self.store_waveform, strict=self.strict,
+                              allow_unlabeled=self.allow_unlabeled)
+
 
 def tfds_example(values: records.ExampleValues) -> dict[str, Any]:
   """Record values -> the TFDS features' input form (same keys)."""
@@ -112,13 +119,12 @@ def _features(store_waveform: bool) -> tfds.features.FeaturesDict:
 
 
 def _example_or_quarantine(entry: sources.ClipEntry, labels: sources.ClassLabels,
-                           store_waveform: bool, strict: bool, allow_unlabeled: bool = False
+                           options: clips.WriteOptions
                            ) -> tuple[str, dict[str, Any]] | clips.Quarantined:
-  """The (key, example) of a clip, or its quarantine record (raises with `strict`)."""
-  result = clips.try_clip_example(entry, labels, store_waveform,
-                                  allow_unlabeled=allow_unlabeled)
+  """The (key, example) of a clip, or its quarantine record (raises with `options.strict`)."""
+  result = clips.try_clip_example(entry, labels, options=options)
   if isinstance(result, clips.Quarantined):
-    if strict:
+    if options.strict:
       raise clips.StrictModeError(result)
     return result
   return entry.video_id, tfds_example(result)
@@ -156,19 +162,19 @@ def _one_example_stats(keyed_example: tuple[str, dict[str, Any]],
 
 
 def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
-                        store_waveform: bool, strict: bool, quarantine_prefix: str,
-                        split: str, stats_path: str, allow_unlabeled: bool = False):
+                        options: clips.WriteOptions, quarantine_prefix: str, split: str,
+                        stats_path: str):
   """The Beam transform: clips -> (key, example), quarantined clips -> JSONL files.
 
   The clip list is read inside the pipeline (not embedded in the job graph), then spread
-  over the workers, so millions of clips make a small job description. The examples'
-  statistics are combined into one `ShardStats` written to `stats_path`; counters are named
-  `{split}/written` and `{split}/quarantined_{reason}`.
+  over the workers, so millions of clips make a small job description; `options` is pickled
+  with the transform. The examples' statistics are combined into one `ShardStats` written to
+  `stats_path`; counters are named `{split}/written` and `{split}/quarantined_{reason}`.
   """
   beam = tfds.core.lazy_imports.apache_beam
 
   def process(entry):
-    result = _example_or_quarantine(entry, labels, store_waveform, strict, allow_unlabeled)
+    result = _example_or_quarantine(entry, labels, options)
     if isinstance(result, clips.Quarantined):
       beam.metrics.Metrics.counter(COUNTER_NAMESPACE,
                                    f"{split}/quarantined_{result.reason}").inc()
@@ -324,20 +330,19 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
     quarantine_prefix = os.path.join(self.data_dir, f"quarantine-{split}")
     stats_path = _stats_path(self.data_dir, split)
     if getattr(self, "_use_beam", False):
-      return _beam_clip_examples(read_entries, labels, config.store_waveform, config.strict,
-                                 quarantine_prefix, split, stats_path, config.allow_unlabeled)
+      return _beam_clip_examples(read_entries, labels, config.write_options, quarantine_prefix,
+                                 split, stats_path)
     return self._local_examples(read_entries(), labels, quarantine_prefix, stats_path)
 
   def _local_examples(self, entries: Sequence[sources.ClipEntry], labels: sources.ClassLabels,
                       quarantine_prefix: str, stats_path: str
                       ) -> Iterator[tuple[str, dict[str, Any]]]:
-    config = self.builder_config
+    options = self.builder_config.write_options
     stats = records.ShardStats(labels.num_classes)
     try:
       with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
         for entry in entries:
-          result = _example_or_quarantine(entry, labels, config.store_waveform, config.strict,
-                                          config.allow_unlabeled)
+          result = _example_or_quarantine(entry, labels, options)
           if isinstance(result, clips.Quarantined):
             quarantine.write(json.dumps(result.to_json()) + "\n")
           else:
