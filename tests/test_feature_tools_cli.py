@@ -159,10 +159,10 @@ def test_extract_features_writes_npz(records_dir, params_dir, tmp_path):
 
 @pytest.fixture(scope="module", name="trained_workdir")
 def fixture_trained_workdir(records_dir, tmp_path_factory):
-  """A tiny pretraining workdir (2 steps on random clips) whose config names records_dir as its
+  """A tiny pretraining workdir (1 step on random clips) whose config names records_dir as its
   eval_dir, and the config it ran."""
   config = tiny_config(eval_dir=records_dir)
-  config.total_steps, config.log_every_steps = 2, 2
+  config.total_steps, config.log_every_steps, config.tensorboard = 1, 1, False
   config.evals = ml_collections.ConfigDict()
   m = config.model
   clips = array_input.random_clips(8, m.audio_length, m.num_mel_bins, m.image_size, seed=0)
