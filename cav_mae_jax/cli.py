@@ -96,11 +96,9 @@ def workdir_config_args(argv: Sequence[str]) -> list[str]:
 def _check_run_config(workdir: str) -> None:
   """Fails naming --workdir when it holds no recorded config for --config to default to."""
   from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(workdir):
-    fail(f"--workdir {workdir}: no such directory")
-  if not os.path.isfile(os.path.join(workdir, run_config.RUN_CONFIG_FILE)):
-    fail(f"--workdir {workdir}: no {run_config.RUN_CONFIG_FILE} (not a training workdir, or one "
-         "from before runs recorded their config); give --config")
+  why = run_config.missing_run_config(workdir)
+  if why:
+    fail(f"--workdir {workdir}: {why}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,6 @@ takes its type from the task's tiny recipe, so it can still be overridden.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 from ml_collections import config_dict
 
@@ -29,12 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg:
     raise ValueError("configs/workdir.py needs a training workdir: "
                      "--config configs/workdir.py:/path/to/workdir")
-  if not os.path.isdir(arg):
-    raise ValueError(f"configs/workdir.py:{arg}: no such directory")
+  why = run_config.missing_run_config(arg)
+  if why:
+    raise ValueError(f"configs/workdir.py:{arg}: {why}")
   config = run_config.read_run_config(arg)
-  if config is None:
-    raise ValueError(f"{arg}: no {run_config.RUN_CONFIG_FILE} (not a training workdir, or one from "
-                     "before runs recorded their config); give --config")
   template = (pretrain.get_config("tiny") if config.get("task") == "pretrain"
               else finetune.get_config("tiny"))
   _type_unset_fields(config, template)

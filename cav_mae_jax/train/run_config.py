@@ -71,6 +71,17 @@ def read_steps_per_epoch(workdir: str) -> int:
     return int(json.load(f)["steps_per_epoch"])
 
 
+def missing_run_config(workdir: str) -> str | None:
+  """Why `workdir` holds no recorded config ('no such directory', 'no config.json (...)'), or
+  None when it holds one."""
+  if not os.path.isdir(workdir):
+    return "no such directory"
+  if not os.path.isfile(os.path.join(workdir, RUN_CONFIG_FILE)):
+    return (f"no {RUN_CONFIG_FILE} (not a training workdir, or one from before runs recorded "
+            "their config); give --config")
+  return None
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config recorded in the workdir, or None (a workdir from before this file existed)."""
   path = os.path.join(workdir, RUN_CONFIG_FILE)
