@@ -414,3 +414,47 @@ def test_trainable_mask_is_what_each_finetuning_mode_reaches():
     mode_cfg = ModelConfig.from_config(model_config("tiny", **{**SMALL, "ft_mode": mode,
                                                                "trainable_pos_embed": True}))
     _assert_mask_matches_gradients(models.trainable_mask(params, mode_cfg, finetune=True), g)
+
+
+@pytest.mark.parametrize("length", [49, 50, 177])
+def test_fused_attention_pads_odd_lengths_exactly(length):
+  """The cuDNN path's call (here through XLA's implementation of the same jax.nn call, on a CPU):
+  an odd token count gets one masked padding token; outputs and gradients are plain attention's."""
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  q, k, v, w = jax.random.normal(jax.random.key(0), (4, 2, length, 3, 8))
+  fused = lambda q, k, v: vit.fused_attention(q, k, v, implementation="xla")
+  plain = lambda q, k, v: vit._attention_core(q, k, v, jnp.float32)  # pylint: disable=protected-access
+  np.testing.assert_allclose(fused(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * w), argnums=(0, 1, 2))(q, k, v)
+           for f in (fused, plain)]
+  for g_fused, g_plain in zip(*grads):
+    np.testing.assert_allclose(g_fused, g_plain, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_gives_cudnn_only_lengths_it_trains():
+  """JAX's cuDNN attention refuses an odd token count under autodiff; fused_attention calls it
+  with even ones only (JAX's own check, run on what it receives; a CPU needs no cuDNN for it)."""
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # pylint: disable=g-import-not-at-top
+    check = cudnn_attention.check_is_flash_attention
+    layout = cudnn_attention.AttentionLayout.BTNH.value
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"JAX's cuDNN shape check moved ({e})")
+
+  def trains(q):  # as JAX checks a training call (its bias flag is set even without a bias)
+    check(q, q, q, layout, 90000, True, True)
+
+  q = jnp.zeros((2, 49, 3, 8))
+  with pytest.raises(NotImplementedError, match="sequence length"):
+    trains(q)
+  received = []
+
+  def record(q, k, v, **kwargs):
+    received.append(q.shape)
+    return q
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax.nn, "dot_product_attention", record)
+    assert vit.fused_attention(q, q, q).shape == q.shape
+  assert received == [(2, 50, 3, 8)]
+  trains(jnp.zeros(received[0]))

@@ -72,6 +72,28 @@ def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Dtype) -> j
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    implementation: str = "cudnn") -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v on [B, N, H, hd] by `jax.nn.dot_product_attention`.
+
+  JAX's cuDNN attention refuses an odd N under autodiff ("Unsupported sequence length"), and
+  CAV-MAE's masked streams have odd lengths (base at mask ratio 0.75 keeps 49 video tokens; the
+  joint stream is 128 + 49). An odd N is padded with one token that no query attends to (cuDNN's
+  padding mask from `query_seq_lengths`/`key_value_seq_lengths`), and the padded row is dropped:
+  the same attention, whose gradients reach only the real tokens.
+  """
+  batch, length = q.shape[:2]
+  scale = q.shape[-1]**-0.5
+  if length % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  lengths = jnp.full((batch,), length, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :length]
+
+
 # The core recomputed in the backward pass from its inputs: the same operations run again, so
 # the gradients are those of the plain core; only q, k and v are kept, not the [B, H, N, N]
 # scores (float32) and probabilities (`config.model.remat_policy='attention_only'`).
@@ -100,7 +122,7 @@ class Attention(nn.Module):
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
     if self.impl == "cudnn":
-      out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation="cudnn")
+      out = fused_attention(q, k, v)
     elif self.recompute:
       out = _recomputed_attention_core(q, k, v, self.dtype)
     else:
