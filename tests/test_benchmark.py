@@ -1,5 +1,7 @@
 """train/benchmark.py: XLA's count of the compiled train step stays near the model FLOPs."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -123,6 +125,12 @@ _BAD_FLAGS = [
     (["--samples=100"], "--samples applies to --input-only, not to the timed train step"),
     (["--memory-analysis", "--steps=5"], "--steps applies to the timed train step (no mode flag) "
      "and --input-only, not to --memory-analysis"),
+    (["--gpu-target=h200"], "--gpu-target applies to --memory-analysis, not to the timed train "
+     "step (no mode flag)"),
+    (["--cost-analysis", "--gpu-target=h100"], "--gpu-target applies to --memory-analysis, not "
+     "to --cost-analysis"),
+    (["--memory-analysis", "--gpu-target=a100"], "flag --gpu-target=a100: value should be one of "
+     "<h100|h200>"),
 ]
 
 
@@ -131,6 +139,19 @@ def test_benchmark_tool_refuses_bad_flags_before_building_the_step(tmp_path, arg
   """One line `error: ...` naming the flag, exit 2, before the step is built: an `optax` on
   PYTHONPATH that ends the process stands for the train step's imports (and the input
   pipeline's TensorFlow comes later still)."""
+  _check_refused_before_the_step(tmp_path, args, line)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
+                    reason="JAX's CUDA plugin is installed here")
+def test_gpu_target_without_the_cuda_plugin_is_one_error_line(tmp_path):
+  _check_refused_before_the_step(
+      tmp_path, ["--memory-analysis", "--gpu-target=h200"],
+      "--gpu-target needs JAX's CUDA plugin (pip install -e \".[cuda]\"; no GPU is needed), "
+      "which is not installed here")
+
+
+def _check_refused_before_the_step(tmp_path, args, line):
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -203,3 +224,32 @@ def test_attention_only_remat_keeps_everything_but_the_attention_scores():
   assert scores <= dropped <= 1.02 * scores, (dropped, scores)
   assert attention_only["saved_fixed_gib"] == plain["saved_fixed_gib"]
   assert 0 < full["saved_gib_per_sample"] < attention_only["saved_gib_per_sample"] / 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
+def test_benchmark_tool_plans_the_step_on_a_gpu_it_does_not_have(tmp_path):
+  """`--memory-analysis --gpu-target=h200` compiles the step for an H200 on this host and prints
+  the GPU compiler's plan; cuDNN attention compiles for it on odd-length streams (a video stream
+  of 5 kept tokens, a joint stream of 37), which JAX's cuDNN path refuses untreated."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  plans = {}
+  for attention in ("xla", "cudnn"):
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "benchmark.py"),
+         "--config=configs/pretrain.py:tiny", "--batch_size=8", "--memory-analysis",
+         "--gpu-target=h200", "--config.model.audio_length=256", "--config.model.image_size=80",
+         "--config.model.mask_ratio_v=0.8", "--config.model.dtype=bfloat16",
+         f"--config.model.attention_impl={attention}"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plans[attention] = done.stdout.strip().splitlines()[-1]
+  for attention, plan in plans.items():
+    assert plan.startswith("XLA's plan of the step compiled for NVIDIA H200 (140.4 GiB; no GPU "
+                           "here) over mesh {'data': 1, 'fsdp': 1}, batch 8, bfloat16, no remat, "
+                           f"attention {attention}: "), plan
+    assert plan.endswith(": fits"), plan

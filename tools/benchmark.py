@@ -5,6 +5,8 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
   python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 12
   python tools/benchmark.py --config configs/pretrain.py:base --memory-analysis --batch_size 256 \
       [--config.model.remat=True] [--config.mesh.fsdp=8]
+  python tools/benchmark.py --config configs/pretrain.py:base --memory-analysis --batch_size 256 \
+      --gpu-target=h200 [--config.model.attention_impl=cudnn]    # no GPU needed
   python tools/benchmark.py --config configs/pretrain.py:base --profile /tmp/trace
   python tools/benchmark.py --config configs/finetune.py:as2m          # fine-tuning step
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
@@ -28,6 +30,11 @@ plan does not show what remat saves (a 12-layer MLP plans 384 MiB of temporaries
 without `jax.checkpoint`), so on a CPU host read the first line; on a GPU or TPU the plan is the
 compiler's own. `XLA_FLAGS=--xla_force_host_platform_device_count=8` gives a CPU host 8 devices
 to plan a mesh of 8 (`--config.mesh.fsdp=8` splits the parameters and optimizer state).
+With `--gpu-target=h100|h200` (and JAX's CUDA plugin installed: `pip install -e ".[cuda]"`) the
+step is compiled for that GPU on this host, without one, and the GPU compiler's own plan is
+printed, with whether it fits the device's memory and what the step needs where XLA had to
+rematerialize to fit (`cav_mae_jax/train/gpu_target.py`); a mesh of several GPUs is planned
+from `config.mesh` (give both sizes, e.g. `--config.mesh.data=1 --config.mesh.fsdp=8`).
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
 batched, in one process, with no model and no device transfer; at least `--samples` clips
@@ -71,6 +78,9 @@ _MEMORY_ANALYSIS = flags.DEFINE_bool(
 _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipeline.")
 _PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into this folder and "
                                "print where their device time went.")
+_GPU_TARGET = flags.DEFINE_enum(
+    "gpu-target", None, ["h100", "h200"], "--memory-analysis: compile for this GPU without one "
+    "(needs JAX's CUDA plugin) and print the GPU compiler's memory plan.")
 flags.mark_flags_as_required(["config"])
 
 # What the tool does: one of these modes, or (none given) the timed train step.
@@ -78,7 +88,7 @@ _MODES = (_INPUT_ONLY, _COST_ANALYSIS, _MEMORY_ANALYSIS)
 # The flags (besides --config and --batch_size) that each mode reads; None: the timed train step.
 _MODE_FLAGS = {None: ("steps", "warmup", "compare-torch", "profile"),
                "input-only": ("steps", "samples", "warmup"),
-               "cost-analysis": (), "memory-analysis": ()}
+               "cost-analysis": (), "memory-analysis": ("gpu-target",)}
 
 
 def _mode_name(mode: str | None) -> str:
@@ -133,10 +143,41 @@ def input_only(config) -> None:
         "of this process = one fully used core)")
 
 
+def _fits(plan: dict) -> str:
+  if plan["fits_default_fraction"]:
+    return "fits"
+  if plan["fits"]:
+    return ("fits the device, not JAX's default 75% of it (set XLA_PYTHON_CLIENT_MEM_FRACTION, "
+            "e.g. 0.92)")
+  return "does not fit"
+
+
+def plan_on_gpu_target(config, batch_size: int) -> None:
+  """--memory-analysis --gpu-target: XLA's plan of the step compiled for that GPU, here."""
+  from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
+  target = gpu_target.get_target(_GPU_TARGET.value)
+  plan = gpu_target.plan_on_target(config, batch_size, target)
+  remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
+  print(f"XLA's plan of the step compiled for {target.device_kind} ({target.memory_gib:.1f} GiB; "
+        f"no GPU here) over mesh {plan['mesh']}, batch {batch_size}, {config.model.dtype}, "
+        f"{remat}, attention {config.model.attention_impl}: {plan['xla_memory_gib']:.2f} GiB per "
+        f"device = arguments {plan['xla_argument_gib']:.2f} + temporaries "
+        f"{plan['xla_temp_gib']:.2f} + outputs not in place "
+        f"{plan['xla_unaliased_output_gib']:.2f}: " + _fits(plan))
+  if "unlimited_memory_gib" in plan:
+    print(f"  untouched the step needs {plan['unlimited_memory_gib']:.2f} GiB (temporaries "
+          f"{plan['unlimited_temp_gib']:.2f}): XLA's compile recomputes part of it to stay "
+          "within its own memory limit (about three quarters of the device's), at a cost in "
+          "compute; config.model.remat or attention_impl='cudnn' choose what is kept instead")
+
+
 def main(argv: list[str]) -> None:
   del argv
   mode = check_flags()
   config = _CONFIG.value
+  if _GPU_TARGET.value is not None:
+    from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
+    gpu_target.prepare()  # before anything initializes JAX's backends
   if mode == "input-only":
     input_only(config)
     return
@@ -150,6 +191,9 @@ def main(argv: list[str]) -> None:
           f"XLA {results['xla_gflop_per_sample_step']:.1f} GFLOP/sample vs model "
           f"{results['model_gflop_per_sample_step']:.1f} "
           f"(x{results['xla_over_model_flops']:.3f})")
+    return
+  if mode == "memory-analysis" and _GPU_TARGET.value is not None:
+    plan_on_gpu_target(config, batch_size)
     return
   if mode == "memory-analysis":
     remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"

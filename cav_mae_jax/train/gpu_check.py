@@ -102,8 +102,9 @@ def planned_rows(plan: Plan) -> list[Row]:
   rows += [Row("jax", b, g, attention="cudnn") for b, g in pairs[:-1]]
   rows.append(Row("jax", *largest, attention="cudnn", remat=True))
   # Keeps everything but XLA attention's scores: base keeps 313 MiB per sample instead of 698
-  # (256 x 698 MiB = 175 GiB does not fit on one GPU) for +2% FLOPs. Keeping the projections'
-  # and MLPs' outputs keeps 90 MiB for +5%; full remat 19 MiB for +24% (`--memory-analysis`).
+  # for +2% FLOPs. Keeping the projections' and MLPs' outputs keeps 90 MiB for +5%; full remat
+  # 19 MiB for +24% (`--memory-analysis`). Without remat, 256 needs 149 GiB: compiled for an
+  # H200, XLA recomputes part of the forward on its own to plan 103 GiB (`--gpu-target=h200`).
   rows.append(Row("jax", *largest, remat=True, remat_policy="attention_only"))
   rows.append(Row("jax", *largest, remat=True, remat_policy="dots_with_no_batch_dims_saveable"))
   return rows
