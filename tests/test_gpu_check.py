@@ -94,6 +94,10 @@ def _passing_env_or_parity(args, device):
                                   "worst_float32": "pretrain/latent",
                                   "max_relative_diff_bf16_losses": 3e-3,
                                   "float32_tolerance": 1e-4, "bf16_relative_tolerance": 1e-2,
+                                  "cudnn_attention": {"status": "ok",
+                                                      "max_relative_diff_bf16_losses": 4e-3,
+                                                      "grads_relative_l2": 1.2e-2,
+                                                      "grads_relative_tolerance": 5e-2},
                                   "passed": True, "failures": {}})
 
 
@@ -117,6 +121,8 @@ def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypa
   assert gpu_check.run_check(gpu_check.TINY, str(tmp_path)) == 1
   report = (tmp_path / "gpu_check.md").read_text()
   assert "error: RuntimeError: cuDNN rejected it" in report
+  assert ("cuDNN attention, bf16 losses max relative diff 4.00e-03 (same tolerance); parameter "
+          "gradients 1.20e-02 from XLA attention's (relative L2, tolerance 0.05)") in report
   assert "profile of jax bf16 xla, batch 8: RuntimeError: no CUPTI" in report
   assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | - | 238.7 | 2.50 |" in report
   assert "2 row(s) failed: jax bf16 cudnn, jax bf16 cudnn remat" in capsys.readouterr().out

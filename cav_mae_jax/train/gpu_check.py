@@ -179,9 +179,15 @@ def run_parity(preset: str) -> dict[str, Any]:
       results.update(cudnn_results)
       cudnn = {"status": "ok", "max_relative_diff_bf16_losses": max(
           parity.relative_diff(*entry) for entry in cudnn_results.values())}
+      # The backward pass too (the losses would not show a wrong one), against XLA attention's.
+      cudnn["grads_relative_l2"] = parity.compare_bf16_attention_grads(
+          "cudnn", device=device, preset=preset)
+      cudnn["grads_relative_tolerance"] = parity.BF16_GRAD_RELATIVE_TOLERANCE
     except Exception as e:  # pylint: disable=broad-except
       cudnn = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   failures = parity.base_failures(results, FLOAT32_TOLERANCE)
+  if cudnn.get("grads_relative_l2", 0.0) > parity.BF16_GRAD_RELATIVE_TOLERANCE:
+    failures["pretrain-bf16-cudnn/grads_relative_l2"] = cudnn["grads_relative_l2"]
   float32 = {k: d for k, (d, _) in results.items() if not parity.is_bf16_entry(k)}
   bf16 = {k: parity.relative_diff(*entry) for k, entry in results.items()
           if k.startswith(parity.BF16_PREFIX)}
@@ -315,7 +321,9 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
     cudnn = p.get("cudnn_attention", {})
     if cudnn.get("status") == "ok":
       lines.append(f"cuDNN attention, bf16 losses max relative diff "
-                   f"{cudnn['max_relative_diff_bf16_losses']:.2e} (same tolerance)")
+                   f"{cudnn['max_relative_diff_bf16_losses']:.2e} (same tolerance); parameter "
+                   f"gradients {cudnn['grads_relative_l2']:.2e} from XLA attention's (relative "
+                   f"L2, tolerance {cudnn['grads_relative_tolerance']:g})")
     elif cudnn:
       lines.append(f"cuDNN attention parity: {cudnn['status']}")
   else:
