@@ -64,9 +64,13 @@ def get_target(name: str) -> GpuTarget:
 
 
 def _installed_versions() -> tuple[tuple[int, int], tuple[int, int]]:
-  """(cuDNN, CUDA runtime) (major, minor) of the installed CUDA plugin's libraries."""
-  from jax_cuda12_plugin import _versions  # pylint: disable=g-import-not-at-top
-  cudnn, runtime = _versions.cudnn_get_version(), _versions.cuda_runtime_get_version()
+  """(cuDNN, CUDA runtime) (major, minor) of the installed CUDA plugin's libraries; cuDNN 9.0 and
+  CUDA 12.0 where the plugin does not say (what JAX's CUDA 12 wheels require at least)."""
+  try:
+    from jax_cuda12_plugin import _versions  # pylint: disable=g-import-not-at-top
+    cudnn, runtime = _versions.cudnn_get_version(), _versions.cuda_runtime_get_version()
+  except (ImportError, AttributeError, RuntimeError):
+    return (9, 0), (12, 0)
   return (cudnn // 10000, cudnn // 100 % 100), (runtime // 1000, runtime // 10 % 100)
 
 
@@ -113,7 +117,7 @@ def prepare() -> None:
     raise ValueError("--gpu-target needs JAX's CUDA plugin (pip install -e \".[cuda]\"; no GPU "
                      "is needed), which is not installed here")
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
+  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
     if "cuda" not in xla_bridge.backends():
       raise ValueError("--gpu-target: JAX's backends were initialized before the CUDA plugin "
                        "could be registered; pass it on a fresh process")
