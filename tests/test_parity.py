@@ -29,7 +29,8 @@ from cav_mae_jax.models import pos_embed as flax_pos_embed  # noqa: E402
 
 import torch_reference as tr  # noqa: E402  (pytest puts tests/ on sys.path)
 from parity import (BATCH, BF16_LOSSES, GROUP, INPAINT_GROUP_DEPENDENT, TOLERANCE,  # noqa: E402
-                    BF16_GRAD_RELATIVE_TOLERANCE, assert_parity, base_failures, build_reference,
+                    BF16_GRAD_RELATIVE_TOLERANCE, GRAD_CHECK_DEPTHS, assert_parity, base_failures,
+                    build_reference,
                     compare_bf16_attention, compare_bf16_attention_grads,
                     compare_original, load_original,
                     copy_weights, flax_finetune_fn, flax_params, flax_pretrain_fn, make_inputs,
@@ -295,12 +296,11 @@ def test_bf16_gradients_of_another_attention(monkeypatch):
   """gpu_check's gradient comparison of cuDNN attention, here on the CPU with JAX's call routed
   to its XLA implementation: the padded odd-length streams' gradients lie within the tolerance
   of plain attention's, and a backward pass that drops the keys' gradient does not."""
-  import parity  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
-  # 5 x 5 image patches, 11 kept: video, joint (32 + 11) and decoder (128 + 25) streams are odd.
-  monkeypatch.setattr(parity, "tiny_config",
-                      lambda: tiny_config(image_size=80, mask_ratio_v=0.55))
-  assert compare_bf16_attention_grads("xla", preset="tiny") == 0.0
+  # 5 x 5 image patches, 11 kept: video, joint (32 + 11) and decoder (128 + 25) streams are odd;
+  # in gpu_check's depths.
+  odd = dict(image_size=80, mask_ratio_v=0.55, **GRAD_CHECK_DEPTHS)
+  assert compare_bf16_attention_grads("xla", preset="tiny", **odd) == 0.0
   jax_attention = jax.nn.dot_product_attention
   seen = []
 
@@ -308,7 +308,7 @@ def test_bf16_gradients_of_another_attention(monkeypatch):
     seen.append((q.shape[1], kwargs.get("query_seq_lengths") is not None))
     return jax_attention(q, k, v, **{**kwargs, "implementation": "xla"})
   monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
-  padded = compare_bf16_attention_grads("cudnn", preset="tiny")
+  padded = compare_bf16_attention_grads("cudnn", preset="tiny", **odd)
   assert 0 < padded < BF16_GRAD_RELATIVE_TOLERANCE
   assert set(seen) == {(12, True), (44, True), (154, True), (32, False)}  # odd ones padded
 
@@ -316,7 +316,8 @@ def test_bf16_gradients_of_another_attention(monkeypatch):
     return jax.nn.dot_product_attention(q, jax.lax.stop_gradient(k), v, scale=q.shape[-1]**-0.5,
                                         implementation=implementation)
   monkeypatch.setattr(vit, "fused_attention", wrong_backward)
-  assert compare_bf16_attention_grads("cudnn", preset="tiny") > BF16_GRAD_RELATIVE_TOLERANCE
+  wrong = compare_bf16_attention_grads("cudnn", preset="tiny", **odd)
+  assert wrong > BF16_GRAD_RELATIVE_TOLERANCE
 
 
 # ----------------------------------------------------------------------------- --original

@@ -181,7 +181,7 @@ def run_parity(preset: str) -> dict[str, Any]:
           parity.relative_diff(*entry) for entry in cudnn_results.values())}
       # The backward pass too (the losses would not show a wrong one), against XLA attention's.
       cudnn["grads_relative_l2"] = parity.compare_bf16_attention_grads(
-          "cudnn", device=device, preset=preset)
+          "cudnn", device=device, preset=preset, **parity.GRAD_CHECK_DEPTHS)
       cudnn["grads_relative_tolerance"] = parity.BF16_GRAD_RELATIVE_TOLERANCE
     except Exception as e:  # pylint: disable=broad-except
       cudnn = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
