@@ -230,8 +230,9 @@ def test_attention_only_remat_keeps_everything_but_the_attention_scores():
                     reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
 def test_benchmark_tool_plans_the_step_on_a_gpu_it_does_not_have(tmp_path):
   """`--memory-analysis --gpu-target=h200` compiles the step for an H200 on this host and prints
-  the GPU compiler's plan; cuDNN attention compiles for it on odd-length streams (a video stream
-  of 5 kept tokens, a joint stream of 37), which JAX's cuDNN path refuses untreated."""
+  the GPU compiler's plan; cuDNN attention compiles for it on odd-length streams (5 x 5 image
+  patches, 11 kept: video 11, joint 32 + 11 and decoder 128 + 25 tokens), which JAX's cuDNN path
+  refuses untreated."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -242,7 +243,7 @@ def test_benchmark_tool_plans_the_step_on_a_gpu_it_does_not_have(tmp_path):
         [sys.executable, os.path.join(root, "tools", "benchmark.py"),
          "--config=configs/pretrain.py:tiny", "--batch_size=8", "--memory-analysis",
          "--gpu-target=h200", "--config.model.audio_length=256", "--config.model.image_size=80",
-         "--config.model.mask_ratio_v=0.8", "--config.model.dtype=bfloat16",
+         "--config.model.mask_ratio_v=0.55", "--config.model.dtype=bfloat16",
          f"--config.model.attention_impl={attention}"],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
         capture_output=True, text=True, timeout=600, check=False)

@@ -144,18 +144,19 @@ def input_only(config) -> None:
 
 
 def _fits(plan: dict) -> str:
+  from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
   if plan["fits_default_fraction"]:
     return "fits"
   if plan["fits"]:
-    return ("fits the device, not JAX's default 75% of it (set XLA_PYTHON_CLIENT_MEM_FRACTION, "
-            "e.g. 0.92)")
+    return (f"fits the device, not JAX's default {gpu_target.JAX_DEFAULT_MEMORY_FRACTION:.0%} of "
+            "it (set XLA_PYTHON_CLIENT_MEM_FRACTION, e.g. 0.92)")
   return "does not fit"
 
 
 def plan_on_gpu_target(config, batch_size: int) -> None:
   """--memory-analysis --gpu-target: XLA's plan of the step compiled for that GPU, here."""
   from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
-  target = gpu_target.get_target(_GPU_TARGET.value)
+  target = gpu_target.TARGETS[_GPU_TARGET.value]  # one of them: the flag is an enum
   plan = gpu_target.plan_on_target(config, batch_size, target)
   remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
   print(f"XLA's plan of the step compiled for {target.device_kind} ({target.memory_gib:.1f} GiB; "

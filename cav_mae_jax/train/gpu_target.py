@@ -56,13 +56,6 @@ TARGETS = {
 }
 
 
-def get_target(name: str) -> GpuTarget:
-  """The target called `name` (TARGETS); ValueError naming the choices otherwise."""
-  if name not in TARGETS:
-    raise ValueError(f"--gpu-target={name}: must be one of {', '.join(sorted(TARGETS))}")
-  return TARGETS[name]
-
-
 def _installed_versions() -> tuple[tuple[int, int], tuple[int, int]]:
   """(cuDNN, CUDA runtime) (major, minor) of the installed CUDA plugin's libraries; cuDNN 9.0 and
   CUDA 12.0 where the plugin does not say (what JAX's CUDA 12 wheels require at least)."""
