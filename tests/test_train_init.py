@@ -170,6 +170,33 @@ def test_from_converted_params(source, tmp_path):
                            tmp_path / "run"), params)
 
 
+def test_a_learned_temperature_goes_on_from_our_checkpoint(source, tmp_path):
+  # The original has no temperature parameter, so the mapping through its layout keeps the
+  # target's at init; from our own checkpoint the learned value is taken instead.
+  _, params = source
+  learned = {**params, "log_temperature": np.asarray(np.log(0.09), np.float32)}
+  io.save_params(tmp_path / "params", learned)
+  config = tiny_config(source="params", path=str(tmp_path / "params"))
+  config.model.learnable_temperature = True
+  assert_trees_equal(train(config, tmp_path / "run"), learned)
+  report = (tmp_path / "run" / init_source.REPORT_FILE).read_text()
+  assert "log_temperature" not in report.split("kept at init")[-1]
+
+  # A source without one (a fixed temperature) leaves the target's at its init value, and says so.
+  io.save_params(tmp_path / "fixed", params)
+  loaded, report = init_source.load_init_params(
+      tiny_config(source="params", path=str(tmp_path / "fixed")).init, config.model,
+      finetune=False, init_params={**params, "log_temperature": np.float32(np.log(0.05))})
+  assert float(loaded["log_temperature"]) == np.float32(np.log(0.05))
+  assert report.kept_init == {"log_temperature": "not in the original model"}
+
+  # A target without one drops the source's, in the report's notes.
+  _, report = init_source.load_init_params(
+      tiny_config(source="params", path=str(tmp_path / "params")).init,
+      tiny_config().model, finetune=False, init_params=params)
+  assert any(note.startswith("log_temperature") and "left out" in note for note in report.notes)
+
+
 def test_from_original_pth(source, tmp_path):
   pytest.importorskip("torch", reason="writing a .pth needs torch")
   _, params = source

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from cav_mae_jax import models
 from cav_mae_jax.convert import cavmae_checkpoint
@@ -117,7 +118,9 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
   """(params, report): `init.path` mapped onto the target model's `init_params` (NumPy).
 
   `init_params` gives the values of parameters the source does not have (a new head, a learned
-  temperature, ImageNet-MAE's missing decoder) and the shapes of all others.
+  temperature, ImageNet-MAE's missing decoder) and the shapes of all others. Our own sources
+  are mapped through the original's layout; what it has no place for (a learned temperature)
+  is taken from them directly where the target has it too.
   """
   config = models.ModelConfig.from_config(model_config)
   if init.source == "imagenet_mae":
@@ -127,11 +130,16 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
     return imagenet_mae.imagenet_mae_to_params(
         formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
   check_head_counts(init.source, init.path, config, finetune=finetune)
-  notes = []
+  notes, ours_only = [], {}
   if init.source == "cavmae":
     state_dict = formats.read_state_dict(init.path)
   elif init.source in ("workdir", "params"):
-    state_dict, notes = export.to_original_state_dict(read_params(init.path, init.step))
+    source_params = read_params(init.path, init.step)
+    # Ours alone (a learned temperature) goes on from the checkpoint when the target has it too.
+    ours_only = {name: np.asarray(source_params[name]) for name in cavmae_checkpoint.NOT_IN_ORIGINAL
+                 if name in source_params and name in init_params}
+    state_dict, notes = export.to_original_state_dict(
+        {name: value for name, value in source_params.items() if name not in ours_only})
   else:
     raise ValueError(f"config.init.source={init.source!r}: nothing to load.")
   # A source without a classification head (a pretrained model) gets a new one; a head of
@@ -146,7 +154,20 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
   except sd.ParamsMismatchError as e:  # name the file: the rules' messages name only keys
     raise sd.ParamsMismatchError(f"config.init.path={init.path}: {e}") from None
   report.notes.extend(notes)
+  if ours_only:
+    params = _carry_over(params, ours_only, report, init.path)
   return params, report
+
+
+def _carry_over(params: dict[str, Any], values: dict[str, np.ndarray],
+                report: report_lib.ConversionReport, path: str) -> dict[str, Any]:
+  """`params` with the top-level parameters `values` (ours, absent from the original's layout,
+  so the mapping kept them at init) taken from the source checkpoint at `path`."""
+  params = report_lib.overlay(params, {(name,): value for name, value in values.items()}, report,
+                              {(name,): f"{path} {name}" for name in values})
+  for name in values:
+    report.kept_init.pop(name, None)
+  return params
 
 
 # The original's one architecture (ViT-B encoder, 512-wide decoder): the head counts of an
