@@ -217,6 +217,37 @@ def test_from_imagenet_mae(tmp_path):
   assert_trees_equal(train(config, tmp_path / "run"), expected)
 
 
+def test_a_source_that_does_not_fit_fails_before_the_input_pipeline(source, tmp_path,
+                                                                    monkeypatch):
+  from test_config_validation import _write_index  # pylint: disable=import-outside-toplevel
+  workdir, _ = source
+  config = tiny_config(source="workdir", path=str(workdir))
+  config.model.encoder_depth, config.model.modality_specific_depth = 3, 2
+  config.data.train_dir = _write_index(str(tmp_path / "records"), (DIMS.audio_length, 128))
+
+  def built(_):
+    raise AssertionError("the input pipeline was built before the starting weights were read")
+
+  monkeypatch.setattr(trainer, "records_inputs", built)
+  with pytest.raises(sd.ParamsMismatchError, match=rf"config.init.path={workdir}: .*blocks_"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_resumed_run_does_not_read_its_starting_weights_again(source, tmp_path, monkeypatch):
+  workdir, _ = source
+  config = tiny_config(source="workdir", path=str(workdir))
+  assert checkpoint.latest_saved_step(str(tmp_path / "run")) is None
+  train(config, tmp_path / "run")
+  assert checkpoint.latest_saved_step(str(tmp_path / "run")) == 1
+
+  def read(*args, **kwargs):
+    raise AssertionError("a resumed run read its starting weights")
+
+  monkeypatch.setattr(init_source, "load_init_params", read)
+  config.total_steps = 2
+  train(config, tmp_path / "run")
+
+
 def test_wrong_architecture_names_the_parameters(source, tmp_path):
   workdir, _ = source
   config = tiny_config(source="workdir", path=str(workdir))

@@ -244,6 +244,19 @@ def saved_steps(workdir: str) -> list[int]:
     manager.close()
 
 
+def latest_saved_step(workdir: str) -> int | None:
+  """Step of the newest complete checkpoint in a run's workdir (local or e.g. gs://), None when
+  it has none or does not exist yet (nothing is created)."""
+  directory = workdir_checkpoints(workdir)
+  if "://" not in directory:
+    directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], int]:
   """(params as NumPy, step) of a workdir's checkpoint `step` (0: the latest); nothing else is read.
 

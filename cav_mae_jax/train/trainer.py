@@ -116,6 +116,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   logger.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
               jax.process_count())
 
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  # ---------------------------------------------------------------- starting weights
+  # Read and mapped before the input pipeline is built (which imports TensorFlow and opens the
+  # records), so that a source that does not fit the model fails fast, naming what differs.
+  host_init_params = None
+  if config.init.source and checkpoint_lib.latest_saved_step(workdir) is None:
+    host_init_params = _read_init_params(config, task, init_rng, workdir, is_main)
+
   # ---------------------------------------------------------------- data
   inputs = inputs or records_inputs(config)
   steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
@@ -151,8 +160,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   schedule, tx = optim.for_task(config, task, steps_per_epoch, total_steps)
 
   # ---------------------------------------------------------------- init or restore
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
   train_rng = jax.device_put(train_rng, mesh_lib.replicated(mesh))
   abstract_state = step_lib.abstract_train_state(task, tx, mesh)
   shardings = step_lib.shardings_of(abstract_state)
@@ -166,7 +173,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   else:
     params = None
     if config.init.source:
-      params = _load_init_params(config, task, init_rng, shardings.params, workdir, is_main)
+      if host_init_params is None:  # a checkpoint seen at first was gone when resuming
+        host_init_params = _read_init_params(config, task, init_rng, workdir, is_main)
+      params = mesh_lib.host_to_global(host_init_params, shardings.params)
+      del host_init_params
     elif task.finetune and is_main:  # as the original's run_cavmae_ft.py, which warns too
       print(f"note: {task.name} starts from random weights (config.init.source is ''); the "
             "paper's start is a pretrained model: --config.init.source=workdir|params|cavmae "
@@ -271,16 +281,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   return summary
 
 
-def _load_init_params(config: ml_collections.ConfigDict, task: tasks.Task, init_rng: jax.Array,
-                      param_shardings: Any, workdir: str, is_main: bool) -> Any:
-  """`config.init`'s parameters, mapped onto the task's model and placed in their shardings."""
+def _read_init_params(config: ml_collections.ConfigDict, task: tasks.Task, init_rng: jax.Array,
+                      workdir: str, is_main: bool) -> Any:
+  """`config.init`'s parameters mapped onto the task's model, on the host (NumPy); the report
+  goes to the workdir."""
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   init_params = jax.tree.map(np.asarray, jax.jit(task.init_params)(init_rng))
   params, report = init_source.load_init_params(config.init, task.model_config,
                                                 finetune=task.finetune, init_params=init_params)
   if is_main:
     print(init_source.write_report(workdir, config.init, report), end="")
-  return mesh_lib.host_to_global(params, param_shardings)
+  return params
 
 
 def _on_every_process(value: bool) -> bool:
