@@ -75,6 +75,10 @@ BAD_CASES = [
     ("total_steps", 0, "config.total_steps", {}),
     ("tensorboard", None, "config.tensorboard", {}),
     ("data.batch_size", 8, "config.data.batch_size", {"num_processes": 16, "num_devices": 8}),
+    # cuDNN's attention: in bfloat16 only, and on GPUs only (JAX's own errors came at tracing).
+    ("model.attention_impl", "cudnn", "config.model.attention_impl", {}),  # tiny is float32
+    ("model.attention_impl", "cudnn", "config.model.attention_impl='cudnn': cuDNN's attention "
+     "runs on NVIDIA GPUs, and this run's devices are cpu", {"model.dtype": "bfloat16"}),
 ]
 
 
@@ -87,6 +91,13 @@ def test_bad_config_names_the_field(config, path, value, field, kwargs):
   _set(config, path, value)
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     validation.validate_config(config, **kwargs)
+
+
+def test_cudnn_attention_passes_for_gpus(config):
+  config.model.attention_impl, config.model.dtype = "cudnn", "bfloat16"
+  validation.validate_config(config, num_devices=8, platforms={"gpu"})
+  with pytest.raises(ValueError, match="devices are cpu, gpu"):
+    validation.validate_config(config, num_devices=8, platforms={"gpu", "cpu"})
 
 
 def test_records_fbank_shape_must_match_model(config, tmp_path):

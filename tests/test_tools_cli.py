@@ -26,6 +26,11 @@ CASES = {
     "train_unknown_recipe": ("train.py", ["--config=configs/pretrain.py:bogus", "--workdir=w"],
                              "Error whilst parsing config file: ValueError: config name "
                              "'bogus': unknown recipe"),
+    "train_cudnn_attention_without_a_gpu": (
+        "train.py", [TINY, "--workdir=w", "--config.model.attention_impl=cudnn",
+                     "--config.model.dtype=bfloat16"],
+        "config.model.attention_impl='cudnn': cuDNN's attention runs on NVIDIA GPUs, and this "
+        "run's devices are cpu; use 'xla'"),
     "train_bad_field_value": ("train.py", [TINY, "--workdir=w", "--config.data.freqm=abc"],
                               "freqm"),
     "train_unknown_config_field": ("train.py", [TINY, "--workdir=w",

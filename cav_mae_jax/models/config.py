@@ -141,6 +141,9 @@ class ModelConfig:
     if self.remat and self.remat_policy == ATTENTION_ONLY and self.attention_impl == "cudnn":
       fail("remat_policy", f"{ATTENTION_ONLY!r} recomputes XLA attention's scores; cuDNN's "
            "attention (attention_impl='cudnn') keeps none, so there is nothing to recompute")
+    if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+      fail("attention_impl", f"cuDNN's attention computes in bfloat16 (or float16), so it needs "
+           f"dtype='bfloat16', not {self.dtype!r}; use 'xla' in float32")
     if self.ft_mode not in FT_MODES:
       fail("ft_mode", f"unknown fine-tuning mode; must be one of {FT_MODES}")
     absent = {"audio": "video", "visual": "audio"}.get(self.modalities)

@@ -74,7 +74,7 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
   not read the records, so their directories are not checked).
   """
   devices = list(jax.devices() if devices is None else devices)
-  task = _task_at_batch_size(config, batch_size, len(devices))
+  task = _task_at_batch_size(config, batch_size, devices)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   schedule, tx = optim.for_task(config, task, steps_per_epoch=1000, total_steps=100_000)
   abstract_state = step_lib.abstract_train_state(task, tx, mesh)
@@ -90,15 +90,16 @@ def setup_train_step(config: ml_collections.ConfigDict, batch_size: int,
 
 
 def _task_at_batch_size(config: ml_collections.ConfigDict, batch_size: int,
-                        num_devices: int) -> tasks.Task:
+                        devices: Sequence[jax.Device]) -> tasks.Task:
   """Sets `config`'s data and evaluator batch sizes to `batch_size`, validates it for
-  `num_devices` (the records are not read, so their directories are not checked), and returns
+  `devices` (the records are not read, so their directories are not checked), and returns
   its task."""
   with config.unlocked():
     config.data.batch_size = batch_size
     for entry in config.evals.values():
       entry.batch_size = batch_size
-  validation.validate_config(config, num_devices, jax.process_count(), check_data=False)
+  validation.validate_config(config, len(devices), jax.process_count(), check_data=False,
+                             platforms={device.platform for device in devices})
   return tasks.get_task(config)
 
 
@@ -135,7 +136,7 @@ def saved_activations(config: ml_collections.ConfigDict) -> dict[str, float]:
     run_config = config.copy_and_resolve_references()
     with run_config.unlocked():  # traced for one device: the mesh does not change residuals
       run_config.mesh.data, run_config.mesh.fsdp = 1, 1
-    task = _task_at_batch_size(run_config, batch_size, 1)
+    task = _task_at_batch_size(run_config, batch_size, jax.devices()[:1])
     params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
     rng = jax.random.PRNGKey(0)
     backward = lambda p, b, task=task, rng=rng: jax.vjp(lambda q: task.loss_fn(q, b, rng)[0], p)[1]

@@ -10,6 +10,7 @@ batch, data sources vs model: `cav_mae_jax.data.dataset.check_data_sources`).
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import Any
 
 import ml_collections
@@ -26,18 +27,21 @@ def _fail(field: str, value: Any, why: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     num_processes: int = 1, check_data: bool = True,
-                    training: bool = True) -> ModelConfig:
+                    training: bool = True, platforms: Collection[str] | None = None
+                    ) -> ModelConfig:
   """Validates `config` for a run on `num_devices` devices; returns the checked ModelConfig.
 
   `check_data=False` skips what needs the data (and TensorFlow): every split the run reads
   (records directories or TFDS splits), their shapes against the model, and the input
   pipeline's own field checks. `training=False` (evaluation only) does not need the training
-  split.
+  split. `platforms`: those of the devices the run computes on (default: JAX's devices here;
+  a compile for another machine's devices gives theirs).
   """
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   tasks.validate_config(config)
   model = ModelConfig.from_config(config.model)
+  _validate_platforms(model, platforms)
   _validate_duration(config)
   _validate_batch(config, model, num_devices, num_processes)
   mesh_lib.mesh_shape(config.mesh, num_devices)
@@ -51,6 +55,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
         config, training, num_classes=model.num_classes if tasks.uses_labels(config) else None,
         process_count=num_processes)
   return model
+
+
+def _validate_platforms(model: ModelConfig, platforms: Collection[str] | None) -> None:
+  if model.attention_impl != "cudnn":
+    return
+  if platforms is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    platforms = {device.platform for device in jax.devices()}
+  if set(platforms) != {"gpu"}:
+    _fail("model.attention_impl", model.attention_impl,
+          f"cuDNN's attention runs on NVIDIA GPUs, and this run's devices are "
+          f"{', '.join(sorted(platforms))}; use 'xla'")
 
 
 def _validate_duration(config: ml_collections.ConfigDict) -> None:
