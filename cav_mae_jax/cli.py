@@ -37,6 +37,9 @@ flags.disclaim_key_flags()
 # Errors that mean "bad input", not "bug": ValueError covers config checks, parse and shape
 # errors (ours subclass it); OSError covers missing, unreadable and existing paths.
 USER_ERRORS = (ValueError, OSError)
+# Failures of a run that started: one line too, with exit status 1 (a loss that became NaN or
+# infinite: trainer.NonFiniteLossError).
+RUN_FAILURES = (FloatingPointError,)
 
 
 def config_search_dirs() -> list[str]:
@@ -151,10 +154,10 @@ def number_type(kind: Callable[[str], Any], minimum: float, *,
   return parse
 
 
-def error_line(message: object) -> int:
-  """Prints `error: <message>` as one line to stderr; returns the exit status 2."""
+def error_line(message: object, status: int = 2) -> int:
+  """Prints `error: <message>` as one line to stderr; returns the exit status (2: bad input)."""
   print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  return 2
+  return status
 
 
 def fail(message: str) -> None:
@@ -447,6 +450,10 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       if _verbose():
         raise
       fail(str(e))
+    except RUN_FAILURES as e:
+      if _verbose():
+        raise
+      sys.exit(error_line(str(e), status=1))
     except KeyboardInterrupt as e:
       if _verbose():
         raise

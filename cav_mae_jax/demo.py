@@ -286,7 +286,8 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
   if finetuning:
     configs["fine-tuning"] = [finetune_config(options, train_dir, eval_dir, pretrained)
                               for pretrained in (os.path.join(options.workdir, "run"), None)]
-    configs["fine-tuning"][0].init.source = ""  # its init, the pretraining's run, is not made yet
+    # Its init, the pretraining's run, is not made yet: checked as a run from random init.
+    configs["fine-tuning"][0].init.source = configs["fine-tuning"][0].init.path = ""
   made = {split: stale_records(options, split) == "" for split in _SPLITS}
   reused = (f"; the demo reuses the records an earlier run made with these options in "
             f"{os.path.join(options.workdir, 'records')}: remove them to make new ones")

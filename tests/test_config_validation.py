@@ -11,6 +11,7 @@ from cav_mae_jax.data import records
 from cav_mae_jax.train import array_input
 from cav_mae_jax.train import trainer
 from cav_mae_jax.train import validation
+from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
 
@@ -75,6 +76,28 @@ BAD_CASES = [
     ("total_steps", 0, "config.total_steps", {}),
     ("tensorboard", None, "config.tensorboard", {}),
     ("data.batch_size", 8, "config.data.batch_size", {"num_processes": 16, "num_devices": 8}),
+    # `--config.<field>=None` on a field that needs a value stopped with a TypeError traceback
+    # where the field was first used (seed: a message that did not name it).
+    ("optim.learning_rate", None, "config.optim.learning_rate=None: needs a value", {}),
+    ("seed", None, "config.seed=None: needs a value", {}),
+    ("data.shuffle_buffer", None, "config.data.shuffle_buffer=None", {}),
+    ("task", "finetune", "config.task='finetune' needs the config.finetune section", {}),
+    # NaN passed `x <= 0` checks: it compiled and stopped at a NaN loss, or meant 'off'.
+    ("model.temperature", float("nan"), "config.model.temperature", {}),
+    ("optim.weight_decay", float("nan"), "config.optim.weight_decay", {}),
+    ("optim.grad_clip_norm", float("inf"), "config.optim.grad_clip_norm", {}),
+    ("schedule.first_decay_epoch", -1, "config.schedule.first_decay_epoch", {}),
+    ("data.fbank_mean", float("nan"), "config.data.fbank_mean", {}),
+    # Masks that leave the encoder nothing, or the reconstruction loss nothing (0 / 0).
+    ("model.mask_ratio_a", 0.999, "config.model.mask_ratio_a=0.999: keeps int", {}),
+    ("model.mask_ratio_v", 0.0, "config.model.mask_ratio_v=0.0: removes none", {}),
+    # SpecAugment wider than the fbank; a data field the evaluators set themselves.
+    ("data.freqm", 1000, "config.data.freqm", {}),
+    ("data.timem", 5000, "config.data.timem", {}),
+    ("data.eval_all_frames", True, "config.data.eval_all_frames", {}),
+    # Where to load weights from, with no source: silently a random init.
+    ("init.path", "/tmp", "config.init.path='/tmp': applies only", {}),
+    ("init.new_head", True, "config.init.new_head", {}),
     # cuDNN's attention: in bfloat16 only, and on GPUs only (JAX's own errors came at tracing).
     ("model.attention_impl", "cudnn", "config.model.attention_impl", {}),  # tiny is float32
     ("model.attention_impl", "cudnn", "config.model.attention_impl='cudnn': cuDNN's attention "
@@ -91,6 +114,22 @@ def test_bad_config_names_the_field(config, path, value, field, kwargs):
   _set(config, path, value)
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     validation.validate_config(config, **kwargs)
+
+
+def test_unset_duration_is_allowed_and_nan_epochs_named(config):
+  config.total_steps, config.total_epochs = None, 2.0
+  validation.validate_config(config, num_devices=8)
+  config.total_epochs = float("nan")  # was "cannot convert float NaN to integer"
+  with pytest.raises(ValueError, match=r"config\.total_epochs=nan: must be positive and finite"):
+    validation.validate_config(config, num_devices=8)
+
+
+def test_cav_keeps_every_token_and_finetuning_has_no_contrast_groups(config):
+  config.model.lambda_mae, config.model.mask_ratio_a, config.model.mask_ratio_v = 0.0, 0.0, 0.0
+  validation.validate_config(config, num_devices=8)  # contrastive only: nothing to reconstruct
+  finetuning = finetune_config.get_config("tiny")
+  finetuning.model.contrast_group_size = 5  # fine-tuning has no contrastive loss to group
+  validation.validate_config(finetuning, num_devices=8, check_data=False)
 
 
 def test_cudnn_attention_passes_for_gpus(config):

@@ -5,6 +5,7 @@ missing file, folder or a bad flag value; no traceback, no library log lines.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -97,6 +98,24 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
   assert named in lines[0], lines[0]
   assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
+  # Normalized by a near-zero std the fbanks overflow: the NaN guard stops the run. It printed a
+  # traceback ending in "The last good checkpoint is step None".
+  from test_input import write_records  # pylint: disable=import-outside-toplevel
+  train, held_out = (write_records(str(tmp_path / split), [[0]] * 16, num_shards=1)
+                     for split in ("train", "eval"))
+  result = _run_tool("train.py", [
+      TINY, f"--workdir={tmp_path / 'run'}", "--config.total_steps=2",
+      "--config.tensorboard=False", "--config.data.fbank_std=1e-30",
+      f"--config.data.train_dir={train}", f"--config.data.eval_dir={held_out}"], tmp_path)
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr[-3000:]
+  line = lines[0]
+  assert re.fullmatch(r"error: Non-finite loss nan at step \d; stopping\. No checkpoint was "
+                      r"saved before it\.", line), line
 
 
 @pytest.mark.parametrize("tool, args, named", [

@@ -165,10 +165,10 @@ class DataConfig:
       fail("shuffle_buffer", "must be >= 1 (1 = no shuffling)")
     if not 0 <= self.eval_frame < records.NUM_VIDEO_FRAMES:
       fail("eval_frame", f"must be in [0, {records.NUM_VIDEO_FRAMES})")
-    if self.freqm < 0:
-      fail("freqm", "must be >= 0")
-    if self.timem < 0:
-      fail("timem", "must be >= 0")
+    if not 0 <= self.freqm <= self.num_mel_bins:
+      fail("freqm", f"must be in [0, {self.num_mel_bins}] (the model's mel bins)")
+    if not 0 <= self.timem <= self.audio_length:
+      fail("timem", f"must be in [0, {self.audio_length}] (the model's fbank frames)")
     if not 0.0 <= self.mixup <= 1.0:
       fail("mixup", "is a probability: must be in [0, 1]")
     if self.mixup_on not in MIXUP_TARGETS:
@@ -180,9 +180,10 @@ class DataConfig:
            "statistics)")
     if self.fbank_stats == "fixed":
       for field in ("fbank_mean", "fbank_std"):
-        if not isinstance(getattr(self, field), (int, float)):
-          fail(field, "must be a number with fbank_stats='fixed' (or use fbank_stats='index' "
-               "for the training split's statistics)")
+        value = getattr(self, field)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+          fail(field, "must be a finite number with fbank_stats='fixed' (or use "
+               "fbank_stats='index' for the training split's statistics)")
       if not self.fbank_std > 0:
         fail("fbank_std", "must be positive")
     if self.prefetch < 0:

@@ -14,7 +14,8 @@ Fields of an entry (each type adds its own, listed in its `FIELDS`):
                      training split's statistics, not by the directory's own)
   every_steps: int   run every that many training steps (0 = off; every evaluator also runs
                      at the end of training)
-  every_epochs: float  run every that many epochs (0 = off), e.g. 1.0 at every epoch end
+  every_epochs: float  run every that many epochs (0 = off), e.g. 1.0 at every epoch end; rounded
+                     to whole steps, at least one
   at_start: bool     also run on the initial parameters of a fresh run (step 0)
   batch_size: int    global batch size
 """
@@ -67,7 +68,9 @@ class Evaluator:
     if step == 0:
       return self.config.at_start
     every = self.config.every_steps
-    every_epoch_steps = int(round(self.config.every_epochs * steps_per_epoch))
+    every_epoch_steps = 0  # off; a fraction of an epoch shorter than a step: every step
+    if self.config.every_epochs > 0:
+      every_epoch_steps = max(1, int(round(self.config.every_epochs * steps_per_epoch)))
     return (step == total_steps or (every > 0 and step % every == 0) or
             (every_epoch_steps > 0 and step % every_epoch_steps == 0))
 

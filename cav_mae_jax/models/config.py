@@ -7,6 +7,7 @@ value raises `ValueError` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import ml_collections
@@ -128,8 +129,8 @@ class ModelConfig:
       fail("lambda_c", f"must be 0 for a single-modality model (modalities={self.modalities!r})")
     if self.modalities != "audiovisual" and self.lambda_mae == 0:
       fail("lambda_mae", "must be > 0 for a single-modality model")
-    if self.temperature <= 0:
-      fail("temperature", "must be positive")
+    if not 0 < self.temperature < math.inf:
+      fail("temperature", "must be positive and finite")
     if self.contrast_group_size < 0:
       fail("contrast_group_size", "must be >= 0 (0 = the whole batch is one group)")
     if self.dtype not in DTYPES:

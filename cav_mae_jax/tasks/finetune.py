@@ -33,6 +33,10 @@ LOSSES = ("bce", "ce")
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks `config.finetune`; raises ValueError naming the field."""
+  if "finetune" not in config:
+    raise ValueError(f"config.task={config.task!r} needs the config.finetune section, which this "
+                     "config lacks (a pretraining config?): use configs/finetune.py "
+                     f"(',probe' for the linear probe)")
   section = config.finetune
   if section.loss not in LOSSES:
     raise ValueError(f"config.finetune.loss={section.loss!r}: must be one of {LOSSES} "

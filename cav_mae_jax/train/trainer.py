@@ -225,9 +225,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       if not math.isfinite(host["loss"]):
         checkpointer.wait()
+        last = checkpointer.latest_step()
         raise NonFiniteLossError(
-            f"Non-finite loss {host['loss']} at step {step}; stopping. The last good "
-            f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.manager.directory}.")
+            f"Non-finite loss {host['loss']} at step {step}; stopping. " + (
+                f"The last good checkpoint is step {last} in {checkpointer.manager.directory}."
+                if last is not None else "No checkpoint was saved before it."))
       logged.append(host)
 
   try:

@@ -9,12 +9,14 @@ batch, data sources vs model: `cav_mae_jax.data.dataset.check_data_sources`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection
 from typing import Any
 
 import ml_collections
 
+from cav_mae_jax.models import masking
 from cav_mae_jax.models.config import ModelConfig
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
@@ -39,9 +41,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   """
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  _validate_set(config)
   tasks.validate_config(config)
   model = ModelConfig.from_config(config.model)
   _validate_platforms(model, platforms)
+  _validate_masking(config, model)
+  if config.data.get("eval_all_frames"):
+    _fail("data.eval_all_frames", config.data.eval_all_frames,
+          "is set by each classification evaluator for its own passes "
+          "(config.evals.<name>.all_frames=True scores all 10 frames); the losses and retrieval "
+          "evaluators take one frame (config.data.eval_frame).")
   _validate_duration(config)
   _validate_batch(config, model, num_devices, num_processes)
   mesh_lib.mesh_shape(config.mesh, num_devices)
@@ -55,6 +64,44 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
         config, training, num_classes=model.num_classes if tasks.uses_labels(config) else None,
         process_count=num_processes)
   return model
+
+
+# The fields a run may leave unset (None): exactly one of the two durations.
+UNSETTABLE = ("total_steps", "total_epochs")
+
+
+def _validate_set(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Every field but `UNSETTABLE` has a value: `--config.<field>=None` (meant for those, and to
+  remove an evaluator) on any other field stops here, naming it, not at its first use."""
+  for key in config.keys():
+    value, path = config[key], prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      _validate_set(value, path + ".")
+    elif value is None and path not in UNSETTABLE:
+      _fail(path, None, f"needs a value: only {' and '.join(UNSETTABLE)} can be unset (None), "
+            "and an evaluator removed with --config.evals.<name>=None.")
+
+
+def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+  """Pretraining keeps at least one token of each stream, and with the reconstruction loss
+  removes at least one (its mean over removed patches is 0 / 0 otherwise)."""
+  if config.task != "pretrain":
+    return
+  streams = [("a", model.num_audio_patches, model.uses_audio),
+             ("v", model.num_image_patches, model.uses_video)]
+  for suffix, tokens, used in streams:
+    if not used:
+      continue
+    field = f"model.mask_ratio_{suffix}"
+    ratio = getattr(model, f"mask_ratio_{suffix}")
+    kept = masking.num_kept(tokens, ratio)
+    if kept < 1:
+      _fail(field, ratio, f"keeps int({tokens} x (1 - {ratio})) = 0 of the {tokens} patches; "
+            "the encoder needs at least one.")
+    if model.lambda_mae > 0 and kept == tokens:
+      _fail(field, ratio, f"removes none of the {tokens} patches, so the reconstruction loss "
+            f"(lambda_mae={model.lambda_mae}) has nothing to reconstruct (0 / 0); mask some, or "
+            "train the contrastive loss alone (lambda_mae=0).")
 
 
 def _validate_platforms(model: ModelConfig, platforms: Collection[str] | None) -> None:
@@ -75,11 +122,11 @@ def _validate_duration(config: ml_collections.ConfigDict) -> None:
     _fail("total_steps", steps, f"set exactly one of total_steps / total_epochs "
           f"(total_epochs={epochs!r}; on the command line --config.total_epochs=None or "
           "--config.total_steps=None unsets one).")
-  if steps is not None and steps <= 0:
+  if steps is not None and not steps > 0:
     _fail("total_steps", steps, "must be positive.")
-  if epochs is not None and epochs <= 0:
-    _fail("total_epochs", epochs, "must be positive.")
-  if config.log_every_steps <= 0:
+  if epochs is not None and not 0 < epochs < math.inf:
+    _fail("total_epochs", epochs, "must be positive and finite.")
+  if not config.log_every_steps > 0:
     _fail("log_every_steps", config.log_every_steps, "must be positive.")
   if not isinstance(config.tensorboard, bool):
     _fail("tensorboard", config.tensorboard, "must be True or False.")
@@ -96,7 +143,7 @@ def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_d
     _fail("data.batch_size", batch,
           f"must be divisible by the number of processes ({num_processes}).")
   group = model.contrast_group_size
-  if model.has_contrast and group:
+  if config.task == "pretrain" and model.has_contrast and group:
     batches = {"data.batch_size": batch}
     batches.update({f"evals.{name}.batch_size": entry.batch_size
                     for name, entry in config.evals.items() if entry.type == "losses"})
@@ -107,29 +154,30 @@ def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_d
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
   opt = config.optim
-  if not opt.learning_rate > 0:
-    _fail("optim.learning_rate", opt.learning_rate, "must be positive.")
+  if not 0 < opt.learning_rate < math.inf:
+    _fail("optim.learning_rate", opt.learning_rate, "must be positive and finite.")
   for field in ("b1", "b2"):
     if not 0 <= opt[field] < 1:
       _fail(f"optim.{field}", opt[field], "must be in [0, 1).")
-  if not opt.eps > 0:
-    _fail("optim.eps", opt.eps, "must be positive.")
+  if not 0 < opt.eps < math.inf:
+    _fail("optim.eps", opt.eps, "must be positive and finite.")
   for field in ("weight_decay", "grad_clip_norm"):
-    if opt[field] < 0:
-      _fail(f"optim.{field}", opt[field], "must be >= 0 (0 = off).")
+    if not 0 <= opt[field] < math.inf:
+      _fail(f"optim.{field}", opt[field], "must be >= 0 and finite (0 = off).")
   sched = config.schedule
   if sched.kind not in optim.SCHEDULE_KINDS:
     _fail("schedule.kind", sched.kind, f"must be one of {optim.SCHEDULE_KINDS}.")
   if sched.kind == "multistep":
-    if sched.first_decay_epoch < 0:
-      _fail("schedule.first_decay_epoch", sched.first_decay_epoch, "must be >= 0.")
-    if sched.decay_every_epochs <= 0:
-      _fail("schedule.decay_every_epochs", sched.decay_every_epochs, "must be positive.")
+    if not 0 <= sched.first_decay_epoch < math.inf:
+      _fail("schedule.first_decay_epoch", sched.first_decay_epoch, "must be >= 0 and finite.")
+    if not 0 < sched.decay_every_epochs < math.inf:
+      _fail("schedule.decay_every_epochs", sched.decay_every_epochs,
+            "must be positive and finite.")
     if not 0 < sched.decay_factor <= 1:
       _fail("schedule.decay_factor", sched.decay_factor, "must be in (0, 1].")
   else:
-    if sched.warmup_epochs < 0:
-      _fail("schedule.warmup_epochs", sched.warmup_epochs, "must be >= 0.")
+    if not 0 <= sched.warmup_epochs < math.inf:
+      _fail("schedule.warmup_epochs", sched.warmup_epochs, "must be >= 0 and finite.")
     if not 0 <= sched.final_lr_fraction <= 1:
       _fail("schedule.final_lr_fraction", sched.final_lr_fraction, "must be in [0, 1].")
 
@@ -151,6 +199,13 @@ def _validate_init(config: ml_collections.ConfigDict) -> None:
     _fail("init.source", init.source, f"must be one of {INIT_SOURCES} ('' = random init).")
   if init.source and not init.path:
     _fail("init.path", init.path, f"init.source={init.source!r} needs a path.")
+  if not init.source:  # random init: what would say where and how to load weights is unused
+    for field, unused in (("path", ""), ("step", 0), ("new_head", False),
+                          ("audio_pos_resize", "")):
+      if init[field] != unused:
+        _fail(f"init.{field}", init[field], "applies only to a run that starts from weights, "
+              "and config.init.source is '' (random init): set it to workdir, params, cavmae "
+              "or imagenet_mae.")
   if init.source and not _exists(init.path):
     _fail("init.path", init.path, "does not exist.")
   if init.step < 0:
