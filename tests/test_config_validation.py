@@ -1,6 +1,7 @@
 """Bad pretraining configs fail before any tracing or compilation, naming the field."""
 
 import os
+import re
 
 import jax
 import pytest
@@ -209,6 +210,26 @@ def test_every_variant_can_feed_its_evaluators(variant):
       extra = (jax.random.PRNGKey(1),) if needed == "losses" else ()
       jax.eval_shape(task.predict_fns[needed], params, batch, *extra)
   assert ("retrieval" in config.evals) == (m.modalities == "audiovisual")
+
+
+@pytest.mark.parametrize("modalities", ["audio", "visual"])
+def test_retrieval_of_a_single_modality_model_is_refused_saying_why(modalities):
+  """--config.model.modalities alone (not the preset) keeps the recipe's retrieval evaluator; the
+  error said the task had no 'features' function, not why nor what to do."""
+  config = pretrain_config.get_config("tiny")
+  config.model.modalities, config.model.lambda_c = modalities, 0.0
+  task = tasks.get_task(config)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.retrieval.type='retrieval': a single-modality model "
+      f"(config.model.modalities={modalities!r}) has no audio-visual retrieval; leave it out "
+      "with --config.evals.retrieval=None")):
+    eval_lib.validate_evals(config, task.predict_fns, num_devices=1, num_processes=1)
+  # tools/retrieval.py on such a model: the same reason, before anything is run.
+  from cav_mae_jax.eval import features  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="^" + re.escape(
+      f"a single-modality model (config.model.modalities={modalities!r}) has no audio-visual "
+      "retrieval")):
+    features.retrieval(features.Loaded(task, mesh=None, params=None, step=0), batches=[])
 
 
 def test_scale_plus_recipe():

@@ -56,6 +56,10 @@ CASES = {
                                                   "--subset=/no/subset.txt"], "/no/subset.txt"),
     "retrieval_missing_params": ("retrieval.py", ["--params=/no/params", "--records={records}"],
                                  "/no/params"),
+    # orbax's words were "Metadata file (named _METADATA) does not exist at ...".
+    "retrieval_params_is_records": ("retrieval.py", ["--params={records}", "--records={records}"],
+                                    "--params: {records}: neither a training workdir (no "
+                                    "checkpoints/ inside) nor a params checkpoint"),
     "extract_missing_videos": ("extract_features.py", ["--params=p", "--videos=/no/videos",
                                                        "--out=f.npz"], "/no/videos"),
     "extract_strict_missing_video": ("extract_features.py",
@@ -125,7 +129,8 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_d
   (tmp_path / "list.txt").write_text("missing.mp4\n")
   (tmp_path / "exists.npz").write_bytes(b"features of an earlier run")
   (tmp_path / "exists.png").write_bytes(b"a picture of an earlier run")
-  args = [a.format(records=records_dir, params=params_dir, damaged=damaged_dir) for a in args]
+  paths = dict(records=records_dir, params=params_dir, damaged=damaged_dir)
+  args, named = [a.format(**paths) for a in args], named.format(**paths)
   result = run_tool(tool, TINY + args, tmp_path)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]

@@ -137,6 +137,19 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
      "--mask_ratio_a=1.5"),
     ("inpaint.py", [TINY, "--params=p", "--config.data.eval_dir=/no/eval", "--out=x.png"],
      "config.data.eval_dir: /no/eval"),
+    # Nonsense that was accepted (an empty --evals ran nothing; --step meant nothing with
+    # --params) or was answered only after the import (--index), or without the flag's name.
+    ("evaluate.py", [TINY, "--params=p", "--evals="], "flag --evals=[]: name evaluators of "
+     "config.evals"),
+    ("evaluate.py", [TINY, "--params=p", "--step=3"], "--step picks one of the checkpoints of "
+     "--workdir; --params names a single one"),
+    ("retrieval.py", [TINY, "--params=p", "--batch_size=-4"], "flag --batch_size=-4: must be >= 0"),
+    ("inpaint.py", [TINY, "--params=p", "--index=-1", "--out=x.png"],
+     "flag --index=-1: must be >= 0"),
+    ("inspect_records.py", ["--records=r", "--split=test", "--tfds-data-dir=/x"],
+     "--split and --tfds-data-dir: apply to --tfds only, not to --records"),
+    ("inspect_records.py", ["--records=r", f"--png-dir={os.path.join(ROOT, 'README.md')}"],
+     "README.md: a file, not a folder for the PNGs"),
 ])
 def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args, named,
                                                                       tmp_path):

@@ -248,6 +248,40 @@ def test_a_resumed_run_does_not_read_its_starting_weights_again(source, tmp_path
   train(config, tmp_path / "run")
 
 
+def test_a_path_of_another_kind_is_named_with_its_field_or_flag(source, tmp_path):
+  """orbax's words for a directory that is no params checkpoint (a records directory, a workdir
+  given as --params) were "Metadata file (named _METADATA) does not exist at <path>"."""
+  from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  workdir, params = source
+  other = tmp_path / "records"
+  other.mkdir()
+  neither = (f"{other}: neither a training workdir (no checkpoints/ inside) nor a params "
+             "checkpoint (no orbax _METADATA file inside)")
+  for kind in ("workdir", "params"):
+    config = tiny_config(source=kind, path=str(other))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"config.init.path={neither}")):
+      init_source.load_init_params(config.init, config.model, finetune=False,
+                                   init_params=params)
+  io.save_params(tmp_path / "params", params)
+  config = tiny_config()
+  task, mesh = tasks.get_task(config), mesh_lib.make_mesh(config.mesh)
+  for where, message in [
+      (dict(params_path=str(other)), f"--params: {neither}"),
+      (dict(params_path=str(workdir)), f"--params: {workdir} is a training workdir, not a "
+       f"params checkpoint; give it as --workdir={workdir}"),
+      (dict(workdir=str(tmp_path / "params")), f"--workdir: {tmp_path / 'params'} is a params "
+       f"checkpoint, not a training workdir; give it as --params={tmp_path / 'params'}"),
+      (dict(workdir=str(other)), f"--workdir: {other}: not a training workdir"),
+  ]:
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(message)):
+      evaluate.load_params(task, mesh, **where)
+  with pytest.raises(ValueError, match=r"^--step=2: picks one of the checkpoints of --workdir"):
+    evaluate.load_params(task, mesh, step=2, params_path=str(tmp_path / "params"))
+  evaluate.load_params(task, mesh, params_path=str(tmp_path / "params"))  # the right kinds
+  evaluate.load_params(task, mesh, workdir=str(workdir), step=2)
+
+
 def test_wrong_architecture_names_the_parameters(source, tmp_path):
   workdir, _ = source
   config = tiny_config(source="workdir", path=str(workdir))

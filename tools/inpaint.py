@@ -31,6 +31,8 @@ flags.mark_flags_as_required(["out"])
 flags.register_validator(_OUT.name, lambda path: path is None or path.lower().endswith(".png"),
                          message="must name a .png file")
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
+flags.register_validator(_INDEX.name, lambda index: index is None or index >= 0,
+                         message="must be >= 0 (a position in the records)")
 for _flag in (_MASK_RATIO_A, _MASK_RATIO_V):
   flags.register_validator(_flag.name, lambda ratio: 0.0 <= ratio < 1.0,
                            message="must be in [0, 1)")

@@ -40,9 +40,8 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--records", help="a records directory (tools/preprocess.py output)")
   source.add_argument("--tfds", help="a TFDS dataset built by the cav_mae_clips builder, "
                       "e.g. cav_mae_clips/datafile")
-  parser.add_argument("--tfds-data-dir", default="", help="its TFDS data directory "
-                      "(default: TFDS's)")
-  parser.add_argument("--split", default="train", help="the TFDS split (with --tfds)")
+  parser.add_argument("--tfds-data-dir", help="its TFDS data directory (default: TFDS's)")
+  parser.add_argument("--split", help="the TFDS split (with --tfds; default train)")
   parser.add_argument("--labels", help="class_labels_indices.csv, for class names")
   parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect, or "
                       "inspect_<dataset>_<split> here for --tfds)")
@@ -51,13 +50,34 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The flags, with TFDS's defaults filled in; what they cannot mean is refused (one line,
+  exit 2): --split or --tfds-data-dir with --records (both were silently ignored), a --png-dir
+  that is a file (the folder could not be made, and the error did not name the flag)."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.records:
+    given = [flag for flag, value in (("--split", args.split),
+                                      ("--tfds-data-dir", args.tfds_data_dir))
+             if value is not None]
+    if given:
+      verb = "applies" if len(given) == 1 else "apply"
+      parser.error(f"{' and '.join(given)}: {verb} to --tfds only, not to --records")
+  else:
+    args.split = "train" if args.split is None else args.split
+    args.tfds_data_dir = args.tfds_data_dir or ""
+  if args.png_dir and os.path.exists(args.png_dir) and not os.path.isdir(args.png_dir):
+    parser.error(f"--png-dir {args.png_dir}: a file, not a folder for the PNGs")
+  return args
+
+
 if __name__ == "__main__":
   # TensorFlow's start-up notices would bury the one-line errors (set before it is imported);
   # this tool does no TensorFlow arithmetic (it only parses records with it), so oneDNN's
   # kernels are not needed.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  _parser().parse_args()  # A bad flag is answered now, not after TensorFlow's import.
+  parse_args()  # A bad flag is answered now, not after TensorFlow's import.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -271,7 +291,7 @@ def open_source(args: argparse.Namespace) -> tuple[splits.Split, str]:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status (2 on bad input, with one line on stderr)."""
-  args = _parser().parse_args(argv)
+  args = parse_args(argv)
   try:
     names = list(sources.read_class_labels(args.labels).display_names) if args.labels else None
     split, default_png_dir = open_source(args)

@@ -31,9 +31,32 @@ from cav_mae_jax.convert import state_dict as sd
 REPORT_FILE = "init_report.txt"
 
 
+# The file orbax writes into every params checkpoint and reads first: a directory without it
+# holds none, and orbax's own words for that ("Metadata file ... does not exist") do not say
+# what was expected there instead.
+ORBAX_METADATA_FILE = "_METADATA"
+
+
+def is_params_checkpoint(path: str) -> bool:
+  """Whether `path` looks like a params checkpoint (tools/convert.py, tools/average.py)."""
+  return os.path.isfile(os.path.join(path, ORBAX_METADATA_FILE))
+
+
+def check_params_source(path: str) -> None:
+  """Raises FileNotFoundError when `path` is neither a training workdir nor a params checkpoint
+  (e.g. a records directory given by mistake), saying what each would hold."""
+  from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  if checkpoint.is_workdir(path) or is_params_checkpoint(path):
+    return
+  raise FileNotFoundError(
+      f"{path}: neither a training workdir (no {checkpoint.CHECKPOINT_DIR}/ inside) nor a params "
+      f"checkpoint (no orbax {ORBAX_METADATA_FILE} file inside)")
+
+
 def read_params(path: str, step: int = 0) -> dict[str, Any]:
   """Our params (NumPy) from a training workdir (checkpoint `step`, 0 = latest) or params dir."""
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  check_params_source(path)
   if checkpoint.is_workdir(path):
     return checkpoint.read_workdir_params(path, step)[0]
   return io.load_params(path)
@@ -129,6 +152,11 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
                        "pretrain first, then fine-tune from that workdir.")
     return imagenet_mae.imagenet_mae_to_params(
         formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
+  if init.source in ("workdir", "params"):  # either kind of ours, whichever `source` says
+    try:
+      check_params_source(init.path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.init.path={e}") from None
   check_head_counts(init.source, init.path, config, finetune=finetune)
   notes, ours_only = [], {}
   if init.source == "cavmae":

@@ -44,11 +44,22 @@ def validate_evals(config: ml_collections.ConfigDict, predict_fns: Mapping[str, 
     needs = EVALUATOR_TYPES[type_name][2]
     missing = [] if predict_fns is None else [f for f in needs if f not in predict_fns]
     if missing:
+      modalities = config.model.get("modalities", "audiovisual")
+      if missing[0] == "features" and modalities != "audiovisual":
+        raise ValueError(f"config.evals.{name}.type={type_name!r}: {single_modality(modalities)}; "
+                         f"leave it out with --config.evals.{name}=None")
       raise ValueError(f"config.evals.{name}.type={type_name!r}: task {config.task!r} has no "
                        f"'{missing[0]}' function (it has {sorted(predict_fns)}).")
     cls = evaluator_class(type_name)
     common.validate_entry(name, entry, cls.FIELDS, num_devices, num_processes)
     cls.check_entry(name, entry)
+
+
+def single_modality(modalities: str) -> str:
+  """Why a model of `modalities` (not 'audiovisual') has no audio-visual retrieval: a pretraining
+  MAE of one modality has no features of the other to rank against."""
+  return (f"a single-modality model (config.model.modalities={modalities!r}) has no "
+          "audio-visual retrieval")
 
 
 def build_evaluators(config: ml_collections.ConfigDict, predict_fns: Mapping[str, Callable],

@@ -95,11 +95,12 @@ def _concatenate_releasing(chunks: list[np.ndarray]) -> np.ndarray:
   return result
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
-  """`batch_size` if the devices and processes divide it; raises ValueError naming it."""
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str = "batch_size") -> int:
+  """`batch_size` if the devices and processes divide it; raises ValueError naming it as `what`
+  (the flag or config field it came from)."""
   devices, processes = mesh.devices.size, jax.process_count()
   if batch_size <= 0 or batch_size % devices or batch_size % processes:
-    raise ValueError(f"batch_size={batch_size}: must be positive and divisible by the number "
+    raise ValueError(f"{what}={batch_size}: must be positive and divisible by the number "
                      f"of devices ({devices}) and processes ({processes}).")
   return batch_size
 
@@ -224,6 +225,10 @@ class RetrievalResult:
 def retrieval(loaded: Loaded, batches: Iterable[clips_lib.HostBatch]) -> RetrievalResult:
   """Audio <-> visual recall@1/5/10 and median rank of the clips, from the task's 'features'."""
   if "features" not in loaded.task.predict_fns:
+    modalities = loaded.task.model_config.modalities
+    if modalities != "audiovisual":
+      from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+      raise ValueError(eval_lib.single_modality(modalities))
     raise ValueError(f"task {loaded.task.name!r} has no 'features' function for retrieval")
   features = loaded.task.predict_fns["features"]
   start = time.perf_counter()

@@ -30,6 +30,10 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
   """(params placed over the mesh, step) from a workdir or a params checkpoint."""
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.convert import state_dict as sd  # pylint: disable=g-import-not-at-top
+  if params_path and step:  # the tools that do not refuse it with their flags
+    raise ValueError(f"--step={step}: picks one of the checkpoints of --workdir; --params names "
+                     "a single one")
+  check_checkpoint_kind(workdir=workdir, params_path=params_path)
   if workdir:
     host_params, step = checkpoint_lib.read_workdir_params(workdir, step)
     source = f"{workdir} step {step}"
@@ -49,6 +53,27 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
                                  f"{', '.join(report.unexpected[:10])}")
   shardings = mesh_lib.tree_shardings(mesh, abstract)
   return mesh_lib.host_to_global(params, shardings), step
+
+
+def check_checkpoint_kind(*, workdir: str | None = None, params_path: str | None = None) -> None:
+  """Raises FileNotFoundError naming --workdir or --params when the path is not of that kind:
+  the other kind is named with the flag that reads it, anything else (a records directory)
+  is said to be neither; orbax's own words name only a file it missed."""
+  from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  if workdir and not checkpoint_lib.is_workdir(workdir):
+    if init_source.is_params_checkpoint(workdir):
+      raise FileNotFoundError(f"--workdir: {workdir} is a params checkpoint, not a training "
+                              f"workdir; give it as --params={workdir}")
+    raise FileNotFoundError(f"--workdir: {workdir}: not a training workdir (no "
+                            f"{checkpoint_lib.CHECKPOINT_DIR}/ inside)")
+  if params_path and not init_source.is_params_checkpoint(params_path):
+    if checkpoint_lib.is_workdir(params_path):
+      raise FileNotFoundError(f"--params: {params_path} is a training workdir, not a params "
+                              f"checkpoint; give it as --workdir={params_path}")
+    try:
+      init_source.check_params_source(params_path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"--params: {e}") from None
 
 
 def _why_shapes_differ(path: str, task: tasks.Task, host_params: Any) -> str:
