@@ -46,6 +46,8 @@ def check_params_source(path: str) -> None:
   """Raises FileNotFoundError when `path` is neither a training workdir nor a params checkpoint
   (e.g. a records directory given by mistake), saying what each would hold."""
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  if "://" in path:  # a remote file system (gs://...): orbax reads it and says what is missing
+    return
   if checkpoint.is_workdir(path) or is_params_checkpoint(path):
     return
   raise FileNotFoundError(

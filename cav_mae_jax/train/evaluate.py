@@ -60,6 +60,7 @@ def check_checkpoint_kind(*, workdir: str | None = None, params_path: str | None
   the other kind is named with the flag that reads it, anything else (a records directory)
   is said to be neither; orbax's own words name only a file it missed."""
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  workdir, params_path = ([p if p and "://" not in p else None for p in (workdir, params_path)])
   if workdir and not checkpoint_lib.is_workdir(workdir):
     if init_source.is_params_checkpoint(workdir):
       raise FileNotFoundError(f"--workdir: {workdir} is a params checkpoint, not a training "
