@@ -410,6 +410,14 @@ def model_input_paths(model_flags: ModelFlags) -> list[tuple[str, str | None]]:
   return [("--workdir", model_flags.workdir.value), ("--params", model_flags.params.value)]
 
 
+def config_input_paths() -> list[tuple[str, str | None]]:
+  """(flag, config file) of each config-file flag the tool was given: inputs too, which an
+  output must not replace (`io.check_output_path`'s `inputs`)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  return [(f"--{name}", config_flags.get_config_filename(flags.FLAGS[name]))
+          for name in _config_flag_names() if flags.FLAGS[name].value is not None]
+
+
 def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
         input_paths: Callable[[], Sequence[tuple[str, str | None]]] | None = None,
         interrupt_note: str = "") -> None:

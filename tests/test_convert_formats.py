@@ -270,3 +270,83 @@ def test_load_params_into_an_abstract_sharded_target(tmp_path):
   target["modality_a"] = jax.ShapeDtypeStruct((1, 1, 4), jnp.float32, sharding=replicated)
   with pytest.raises(ValueError, match=r"not the checkpoint's \(of other shapes: modality_a\)"):
     io.load_params(tmp_path / "ckpt", target)
+
+
+def _snapshot(path):
+  """{relative path: bytes (None for a folder)} of everything under `path`."""
+  return {str(p.relative_to(path)): None if p.is_dir() else p.read_bytes()
+          for p in sorted(path.rglob("*"))}
+
+
+def test_overwrite_never_replaces_a_directory_by_a_file_or_a_file_by_one(tmp_path):
+  # `--out /tmp --overwrite` deleted /tmp and wrote the .npz in its place.
+  folder = tmp_path / "folder"
+  (folder / "sub").mkdir(parents=True)
+  (folder / "keep.txt").write_text("someone's data")
+  before = _snapshot(folder)
+  with pytest.raises(io.OutputPathError, match=r"^--out .*folder: a directory, not a file; "
+                                               r"--overwrite replaces only a file"):
+    with io.atomic_output(folder, overwrite=True) as staged:
+      with open(staged, "wb") as f:
+        f.write(b"features")
+  assert _snapshot(folder) == before
+  weights = tmp_path / "w.npz"
+  weights.write_bytes(b"weights")
+  with pytest.raises(io.OutputPathError, match="a file, not a params checkpoint directory"):
+    io.save_params(weights, {"a": np.ones(2, np.float32)}, overwrite=True)
+  assert weights.read_bytes() == b"weights"
+  assert sorted(os.listdir(tmp_path)) == ["folder", "w.npz"]  # no temp left behind
+  # A file by a file: replaced.
+  with io.atomic_output(weights, overwrite=True) as staged:
+    with open(staged, "wb") as f:
+      f.write(b"new weights")
+  assert weights.read_bytes() == b"new weights"
+
+
+def test_overwrite_replaces_a_directory_only_if_it_is_a_params_checkpoint(tmp_path):
+  params = {"a": {"kernel": np.ones((2, 3), np.float32)}}
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "100").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  records = tmp_path / "records"
+  records.mkdir()
+  (records / "train-00000-of-00001.tfrecord").write_bytes(b"clips")
+  noted = tmp_path / "noted"
+  io.save_params(noted, params, model_config={"embed_dim": 3})
+  (noted / "notes.txt").write_text("where these came from")
+  for folder, why in ((workdir, "a training workdir"),
+                      (workdir / "checkpoints" / "100", "not a params checkpoint"),
+                      (records, "not a params checkpoint"),
+                      (noted, r"also holds other files \(notes.txt\)")):
+    before = _snapshot(folder)
+    with pytest.raises(io.OutputPathError, match=f"{folder}: .*{why}.*--overwrite replaces only "
+                                                 "a params checkpoint directory"):
+      io.save_params(folder, params, overwrite=True)
+    assert _snapshot(folder) == before, folder
+  # A params checkpoint by a params checkpoint: replaced, its extra files with it.
+  ckpt = tmp_path / "ckpt"
+  io.save_params(ckpt, params, model_config={"embed_dim": 3}, fbank_normalization={
+      "fbank_stats": "fixed", "fbank_mean": -4.0, "fbank_std": 3.0})
+  assert io.is_params_checkpoint(ckpt) and not io.is_params_checkpoint(noted)
+  io.save_params(ckpt, {"a": {"kernel": np.zeros((2, 3), np.float32)}}, overwrite=True)
+  np.testing.assert_array_equal(io.load_params(ckpt)["a"]["kernel"], np.zeros((2, 3)))
+  assert io.load_fbank_normalization(ckpt) is None
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "noted", "records", "run"]
+
+
+def test_an_output_that_is_an_input_or_inside_or_around_one_is_refused(tmp_path):
+  src = tmp_path / "run"
+  (src / "checkpoints").mkdir(parents=True)
+  link = tmp_path / "link"
+  link.symlink_to(src)
+  for out, relation in ((src, "is"), (link, "is"), (src / "checkpoints" / "new", "lies inside"),
+                        (tmp_path, "contains")):
+    for overwrite in (False, True):
+      with pytest.raises(io.OutputPathError, match=f"^--out {out}: {relation} --workdir {src}, "
+                                                   "which this command reads"):
+        io.check_output_path(out, overwrite=overwrite, kind="params",
+                             inputs=[("--workdir", str(src)), ("--params", None)])
+  assert sorted(os.listdir(src)) == ["checkpoints"] and not os.listdir(src / "checkpoints")
+  # A sibling whose name starts with the input's is not inside it; a remote input is skipped.
+  assert io.check_output_path(tmp_path / "run_avg", inputs=[("--workdir", str(src)),
+                                                            ("--src", "gs://b/run")])

@@ -179,3 +179,81 @@ def test_command_line_converts_a_finetuned_checkpoint_for_a_probe_config(tmp_pat
   assert "decoder_embed" not in params
   np.testing.assert_array_equal(params["mlp_head_1"]["kernel"],
                                 state_dict["module.mlp_head.1.weight"].T)
+
+
+def _files(path):
+  """{relative path: bytes} of every file under `path`."""
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_an_output_of_its_kind_and_never_an_input(tmp_path):
+  src, _ = _released(tmp_path)
+  ckpt = tmp_path / "ckpt"
+  pipelines.cavmae_to_checkpoint(src, ckpt, PRETRAIN, finetune=False)
+  saved = _files(ckpt)
+  # The output is the input: it was read, then deleted and replaced by the export.
+  for out in (ckpt, ckpt / "inner"):
+    with pytest.raises(io.OutputPathError, match=f"--out {out}: (is|lies inside) --src {ckpt}"):
+      pipelines.checkpoint_to_eval_export(ckpt, out, dtype="bfloat16", overwrite=True)
+  with pytest.raises(io.OutputPathError, match=f"--out {src}: is --src {src}"):
+    pipelines.cavmae_to_checkpoint(src, src, PRETRAIN, finetune=False, overwrite=True)
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  (folder / "keep.txt").write_text("someone's data")
+  with pytest.raises(io.OutputPathError, match="a directory that is not a params checkpoint"):
+    pipelines.cavmae_to_checkpoint(src, folder, PRETRAIN, finetune=False, overwrite=True)
+  with pytest.raises(io.OutputPathError, match="a directory, not a file"):
+    pipelines.checkpoint_to_torch(ckpt, folder, overwrite=True)
+  assert _files(ckpt) == saved and _files(folder) == {"keep.txt": b"someone's data"}
+  # Of the same kind: replaced.
+  pipelines.checkpoint_to_eval_export(ckpt, tmp_path / "eval", dtype="float32")
+  pipelines.checkpoint_to_eval_export(ckpt, tmp_path / "eval", dtype="bfloat16", overwrite=True)
+  exported = io.load_params(tmp_path / "eval")
+  assert str(exported["blocks_u_0"]["attn"]["qkv"]["kernel"].dtype) == "bfloat16"
+  (tmp_path / "back.npz").write_bytes(b"an earlier export")
+  pipelines.checkpoint_to_torch(ckpt, tmp_path / "back.npz", module_prefix=True, overwrite=True)
+  assert set(formats.read_state_dict(tmp_path / "back.npz")) == set(formats.read_state_dict(src))
+
+
+def test_command_line_refuses_an_out_that_is_an_input_or_another_kind(tmp_path):
+  src, _ = _released(tmp_path)
+  ckpt = tmp_path / "ckpt"
+  pipelines.cavmae_to_checkpoint(src, ckpt, PRETRAIN, finetune=False)
+  saved = _files(ckpt)
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "folder" / "keep.txt").write_text("someone's data")
+  for args, named in (
+      (["export-eval", f"--src={ckpt}", f"--out={ckpt}"], f"--out {ckpt}: is --src {ckpt}"),
+      (["to-torch", f"--src={ckpt}", f"--out={tmp_path / 'folder'}"], "a directory, not a file"),
+      (["to-torch", f"--src={ckpt}", "--out=configs/pretrain.py", "--config=configs/pretrain.py"],
+       "--out configs/pretrain.py: is --config configs/pretrain.py")):
+    result = _cli(*args, "--overwrite")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: ") and named in lines[0], lines[0]
+  assert _files(ckpt) == saved
+  assert _files(tmp_path / "folder") == {"keep.txt": b"someone's data"}
+
+
+def test_eval_export_refuses_a_config_of_another_task(tmp_path):
+  # A pretraining checkpoint exported with a fine-tuning config was written with a
+  # model_config.json claiming its num_classes and trainable_pos_embed (exit 0): the target
+  # was the pretraining model whatever the config's task.
+  src, _ = _released(tmp_path)
+  ckpt = tmp_path / "ckpt"
+  pipelines.cavmae_to_checkpoint(src, ckpt, PRETRAIN, finetune=False)
+  result = _cli("export-eval", f"--src={ckpt}", f"--out={tmp_path / 'eval'}",
+                f"--config={ROOT}/configs/finetune.py:tiny", "--config.model.audio_length=64",
+                "--config.model.image_size=32")
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+  assert lines[0] == (f"error: {ckpt}: the params are a pretraining model's (no classification "
+                      "head), the config's task is fine-tuning; give a config of the "
+                      "checkpoint's task, or none (the checkpoint's own model config)")
+  assert not (tmp_path / "eval").exists()
+  with pytest.raises(sd.ParamsMismatchError, match="the params are a pretraining model's"):
+    pipelines.checkpoint_to_eval_export(ckpt, tmp_path / "eval", dtype="float32",
+                                        model_config=FINETUNE.to_dict(), finetune=True)
+  pipelines.checkpoint_to_eval_export(ckpt, tmp_path / "eval", dtype="float32",
+                                      model_config=PRETRAIN.to_dict(), finetune=False)
+  assert io.load_model_config(tmp_path / "eval")["num_classes"] == PRETRAIN.num_classes

@@ -218,3 +218,42 @@ def test_inpaint_writes_png(records_dir, params_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "clip clip4" in result.stdout and "normalized-patch space" in result.stdout
   assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _files(path):
+  """{relative path: bytes} of every file under `path`."""
+  return {os.path.relpath(os.path.join(root, name), path):
+          open(os.path.join(root, name), "rb").read()
+          for root, _, names in os.walk(path) for name in names}
+
+
+def test_overwrite_never_deletes_a_directory_or_an_input(records_dir, params_dir, tmp_path):
+  """--overwrite replaced whatever --out named: a folder (`--out /tmp` deleted /tmp and wrote
+  the .npz in its place) or the records being read; --quarantine emptied the --videos list."""
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "folder" / "keep.txt").write_text("someone's data")
+  (tmp_path / "folder.png").mkdir()
+  (tmp_path / "list.txt").write_text("missing.mp4\n")
+  kept = {path: _files(path) for path in (records_dir, params_dir, str(tmp_path))}
+  model = TINY + [f"--params={params_dir}", f"--records={records_dir}", "--overwrite"]
+  for tool, args, named in (
+      ("extract_features.py", model + ["--out=folder"], "--out folder: a directory, not a file"),
+      ("extract_features.py", model + [f"--out={records_dir}/f.npz"],
+       f"--out {records_dir}/f.npz: lies inside --records {records_dir}"),
+      ("extract_features.py", model + [f"--out={params_dir}"],
+       f"--out {params_dir}: is --params {params_dir}"),
+      ("inpaint.py", model + ["--out=folder.png"], "--out folder.png: a directory, not a file"),
+      ("extract_features.py", TINY + [f"--params={params_dir}", "--videos=list.txt",
+                                      "--quarantine=list.txt", "--out=f.npz"],
+       "--quarantine list.txt: is --videos list.txt")):
+    result = run_tool(tool, args, tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: ") and named in lines[0], lines[0]
+  assert {path: _files(path) for path in kept} == kept
+  # A file by a file: replaced.
+  (tmp_path / "f.npz").write_bytes(b"features of an earlier run")
+  result = run_tool("extract_features.py", model + ["--out=f.npz"], tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with np.load(tmp_path / "f.npz") as data:
+    assert list(data["ids"]) == RECORD_ORDER

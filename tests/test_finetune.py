@@ -331,6 +331,20 @@ def test_params_checkpoints_record_and_check_the_runs_fbank_normalization(tmp_pa
                                     str(tmp_path / "avg"), "--first_epoch=1", "--last_epoch=1"],
                      tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
+  # --overwrite replaces the average (a params checkpoint), never what it reads: with --out the
+  # workdir, the run's checkpoints, metrics and config were replaced by the averaged params.
+  run_files = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+  run = str(tmp_path / "run")
+  result = _run_tool("average.py", ["--workdir", run, "--out", run, "--overwrite",
+                                    "--first_epoch=1", "--last_epoch=1"], tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip() == (f"error: --out {run}: is --workdir {run}, which this command "
+                                   "reads; write the output elsewhere")
+  result = _run_tool("average.py", ["--workdir", run, "--out", str(tmp_path / "avg"),
+                                    "--overwrite", "--first_epoch=1", "--last_epoch=1"], tmp_path)
+  assert result.returncode == 0 and result.stdout.startswith("averaged epochs 1-1"), result.stderr
+  assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*"))
+          if p.is_file()} == run_files
   data = clips(seed=4)
   source = _full_batches(data)
   for name in ("export", "avg"):

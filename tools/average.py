@@ -31,7 +31,8 @@ def main(argv: list[str]) -> None:
   del argv
   from cav_mae_jax.convert import init_source, io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import averaging, run_config  # pylint: disable=g-import-not-at-top
-  io.check_output_path(_OUT.value, overwrite=_OVERWRITE.value)
+  io.check_output_path(_OUT.value, overwrite=_OVERWRITE.value, kind="params",
+                       inputs=(("--workdir", _WORKDIR.value),))
   config = run_config.read_run_config(_WORKDIR.value)
   if config is None:
     raise FileNotFoundError(f"{_WORKDIR.value}: not a training workdir (no config.json)")

@@ -18,7 +18,8 @@ Directions:
                 models the original has no class for: the CAV variant (lambda_mae=0, no
                 decoder) loads into CAVMAE with strict=False, one modality not at all.
   export-eval   params checkpoint or training workdir -> params-only checkpoint in --dtype,
-                with model_config.json.
+                with model_config.json (--config's model, whose task must be the checkpoint's:
+                fine-tuning or pretraining; default: the checkpoint's own model config).
 
 Examples:
   python tools/convert.py cavmae --src=audio_model.21.pth --out=ckpt/scale_pp \
@@ -29,7 +30,9 @@ Examples:
 
 Prints what was mapped, kept at init and dropped. On any error it prints one line `error: ...`
 and exits with status 2, and nothing is written at --out (missing parent folders of --out are
-created).
+created). An existing --out is replaced only with --overwrite, and only by an output of its kind:
+a file by a file, a params checkpoint directory by a params checkpoint (never another folder);
+an --out that is --src or --config, or inside or around one, is refused.
 """
 
 from absl import app
@@ -37,6 +40,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cav_mae_jax import cli
+from cav_mae_jax.convert import io
 from cav_mae_jax.convert import pipelines
 
 DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
@@ -58,7 +62,8 @@ _MODULE_PREFIX = flags.DEFINE_bool(
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "export-eval: dtype of the exported params.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init values for parameters not in the source.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out of the same kind "
+                                "(a file by a file, a params checkpoint by a params checkpoint).")
 _STEP = flags.DEFINE_integer("step", 0, "to-torch / export-eval from a workdir: its checkpoint "
                              "step (0: the latest).")
 
@@ -77,6 +82,9 @@ def _model_config(required: bool):
 def run(direction: str) -> None:
   """Runs one conversion and prints its account."""
   src, out = _SRC.value, _OUT.value
+  # The pipelines refuse an --out that is --src (or inside or around it); the config file is an
+  # input too.
+  io.check_not_an_input(out, cli.config_input_paths())
   if direction == "imagenet-mae":
     model_config, finetune = _model_config(required=True)
     if finetune:
@@ -96,8 +104,9 @@ def run(direction: str) -> None:
     print("\n".join(pipelines.checkpoint_to_torch(src, out, module_prefix=_MODULE_PREFIX.value,
                                                   overwrite=_OVERWRITE.value, step=_STEP.value)))
   else:
-    model_config, _ = _model_config(required=False)
+    model_config, finetune = _model_config(required=False)
     pipelines.checkpoint_to_eval_export(src, out, dtype=_DTYPE.value, model_config=model_config,
+                                        finetune=finetune if model_config is not None else None,
                                         overwrite=_OVERWRITE.value, step=_STEP.value)
   print(f"wrote {out}")
 

@@ -39,7 +39,8 @@ _VIDEOS = flags.DEFINE_string("videos", None, "Video directory, list file or JSO
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _SUBSET = flags.DEFINE_string("subset", None, "With records: file of clip ids to keep.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz file (must not exist unless --overwrite).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (never a "
+                                "directory).")
 _PATCHES = flags.DEFINE_bool("patches", False, "Also write the per-patch tokens.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
 _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
@@ -55,14 +56,18 @@ flags.register_multi_flags_validator(
 def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
   # Before any work: an existing --out is refused now, not after the extraction.
-  features.check_output(_OUT.value, overwrite=_OVERWRITE.value)
+  # Nor is an --out (or a --quarantine list, which is started empty) that would replace an input.
+  inputs = [*_input_paths(), *cli.config_input_paths()]
+  features.check_output(_OUT.value, overwrite=_OVERWRITE.value, inputs=inputs)
   quarantine = None
   if _VIDEOS.value:
-    quarantine = clips.Quarantine(_QUARANTINE.value or _OUT.value + ".quarantine.jsonl",
-                                  strict=_STRICT.value)
+    quarantine_path = _QUARANTINE.value or _OUT.value + ".quarantine.jsonl"
+    io.check_not_an_input(quarantine_path, [*inputs, ("--out", _OUT.value)], flag="--quarantine")
+    quarantine = clips.Quarantine(quarantine_path, strict=_STRICT.value)
   subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
   batch_size = _BATCH_SIZE.value or config.data.batch_size
   batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",

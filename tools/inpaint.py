@@ -26,7 +26,8 @@ _MASK_RATIO_A = flags.DEFINE_float("mask_ratio_a", 0.75, "Fraction of audio patc
 _MASK_RATIO_V = flags.DEFINE_float("mask_ratio_v", 0.75, "Fraction of image patches removed.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masks.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG file (must not exist unless --overwrite).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (never a "
+                                "directory).")
 flags.mark_flags_as_required(["out"])
 flags.register_validator(_OUT.name, lambda path: path is None or path.lower().endswith(".png"),
                          message="must name a .png file")
@@ -43,8 +44,10 @@ def main(argv: list[str]) -> None:
   from cav_mae_jax import models  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import features, inpaint  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
-  # Before any work: an existing --out is refused now, not after the model ran.
-  features.check_output(_OUT.value, overwrite=_OVERWRITE.value)
+  # Before any work: an existing --out (or one that is an input) is refused now, not after
+  # the model ran.
+  features.check_output(_OUT.value, overwrite=_OVERWRITE.value,
+                        inputs=[*_input_paths(), *cli.config_input_paths()])
   records = features.records_directory(config, _RECORDS.value or "")
   inpaint.check_norm_pix_loss(models.ModelConfig.from_config(config.model),
                               _MODEL.workdir.value or _MODEL.params.value)

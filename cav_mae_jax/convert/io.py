@@ -7,8 +7,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,12 +20,44 @@ DIGEST_FILE = "params_digest.json"  # checksum of every parameter array (train.c
 NORMALIZATION_FILE = "fbank_normalization.json"
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> str:
-  """Returns the absolute output path (its parent created); raises if it exists, unless overwrite."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.lexists(path) and not overwrite:
-    raise FileExistsError(f"{path}: output already exists (--overwrite, or overwrite=True, "
-                          "replaces it)")
+# What an output path holds: a single file (.pth, .npz, .png, ...) or a params checkpoint
+# directory (save_params).
+OutputKind = Literal["file", "params"]
+# Top-level names in a params checkpoint directory besides ours: orbax's metadata files (they
+# start with '_'), its OCDBT data ('d', 'manifest.ocdbt', 'ocdbt.process_<i>'), its commit
+# marker and array metadata, and the single 'checkpoint' file of its older msgpack format.
+_ORBAX_ENTRIES = ("d", "manifest.ocdbt", "commit_success.txt", "array_metadatas", "descriptor",
+                  "checkpoint")
+_PARAMS_FILES = (MODEL_CONFIG_FILE, DIGEST_FILE, NORMALIZATION_FILE)
+
+
+class OutputPathError(ValueError):
+  """An output path that must not be written: one of the command's inputs (or inside or around
+  one), or an existing path of another kind than the output (--overwrite replaces only a file
+  by a file and a params checkpoint by a params checkpoint)."""
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
+                      kind: OutputKind = "file",
+                      inputs: Sequence[tuple[str, str | os.PathLike | None]] = (),
+                      flag: str = "--out") -> str:
+  """Returns the absolute output path (its parent created); raises if it exists, unless overwrite.
+
+  An output that is, lies inside or contains one of `inputs` ((flag, path) of what the command
+  reads) is refused whatever `overwrite` says: replacing it would destroy what is being read.
+  `overwrite` replaces only an existing output of the same `kind` (`replaceable`): a directory
+  is never replaced by a file, a file never by a directory, and a directory only if it is a
+  params checkpoint, so that a mistyped --out cannot delete a training workdir, a records
+  directory or /tmp.
+  """
+  given = os.fspath(path)
+  path = os.path.abspath(given)
+  check_not_an_input(given, inputs, flag=flag)
+  if os.path.lexists(path):
+    if not overwrite:
+      raise FileExistsError(f"{path}: output already exists (--overwrite, or overwrite=True, "
+                            "replaces it)")
+    _check_replaceable(path, kind, flag, shown=given)
   parent = os.path.dirname(path)
   if os.path.exists(parent) and not os.path.isdir(parent):
     raise NotADirectoryError(f"{path}: {parent} is not a directory")
@@ -37,10 +69,90 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> st
   return path
 
 
+def check_not_an_input(path: str | os.PathLike,
+                       inputs: Sequence[tuple[str, str | os.PathLike | None]], *,
+                       flag: str = "--out") -> None:
+  """Raises OutputPathError if output `path` is, lies inside or contains one of `inputs`
+  ((flag, path); empty paths and remote ones, gs://..., are skipped). Paths are compared
+  resolved (symbolic links followed), so a link to an input is that input."""
+  given = os.fspath(path)
+  out = os.path.realpath(given)
+  for input_flag, input_path in inputs:
+    if not input_path or "://" in os.fspath(input_path):
+      continue
+    source = os.path.realpath(os.fspath(input_path))
+    if out == source:
+      relation = "is"
+    elif out.startswith(os.path.join(source, "")):
+      relation = "lies inside"
+    elif source.startswith(os.path.join(out, "")):
+      relation = "contains"
+    else:
+      continue
+    raise OutputPathError(f"{flag} {given}: {relation} {input_flag} {os.fspath(input_path)}, "
+                          "which this command reads; write the output elsewhere")
+
+
+def replaceable(path: str | os.PathLike, kind: OutputKind) -> str | None:
+  """None if --overwrite may replace the existing `path` by an output of `kind`; else why not."""
+  path = os.fspath(path)
+  if kind == "file":
+    return "a directory, not a file" if os.path.isdir(path) else None
+  if kind != "params":
+    raise ValueError(f"unknown output kind {kind!r} (choose from 'file', 'params')")
+  if not os.path.isdir(path):
+    return "a file, not a params checkpoint directory"
+  return _not_params_checkpoint(path)
+
+
+def is_params_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether `path` is a directory as save_params writes it (and nothing else besides)."""
+  return os.path.isdir(path) and _not_params_checkpoint(os.fspath(path)) is None
+
+
+def _not_params_checkpoint(path: str) -> str | None:
+  """Why directory `path` is not a params checkpoint of save_params; None if it is one.
+
+  It is one if it holds orbax's _METADATA and our model config or checksums, and only what
+  save_params writes: a training workdir, a records directory or any other folder holding
+  other files is not, and neither is one of a workdir's step checkpoints (orbax's items in
+  sub-folders, no params_digest.json).
+  """
+  try:
+    names = sorted(os.listdir(path))
+  except OSError as e:
+    return f"a directory that cannot be listed ({e.strerror or e})"
+  if "config.json" in names or "checkpoints" in names:
+    return "a training workdir, not a params checkpoint"
+  if "_METADATA" not in names or not {MODEL_CONFIG_FILE, DIGEST_FILE} & set(names):
+    return (f"a directory that is not a params checkpoint (no _METADATA with {DIGEST_FILE} or "
+            f"{MODEL_CONFIG_FILE})")
+  others = [n for n in names if not (n in _PARAMS_FILES or n in _ORBAX_ENTRIES
+                                     or n.startswith("_") or n.startswith("ocdbt.process_"))]
+  if others:
+    listed = ", ".join(others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")
+    return f"a params checkpoint that also holds other files ({listed})"
+  return None
+
+
+def _check_replaceable(path: str, kind: OutputKind, flag: str, shown: str | None = None) -> None:
+  """Raises OutputPathError naming `flag` and `shown` (default: `path`) unless replaceable."""
+  why = replaceable(path, kind)
+  if why is not None:
+    what = "a file" if kind == "file" else "a params checkpoint directory"
+    raise OutputPathError(f"{flag} {shown or path}: {why}; --overwrite replaces only {what} "
+                          "(remove it yourself, or choose another path)")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling path; renames it to `path` only if the block succeeds."""
-  path = check_output_path(path, overwrite=overwrite)
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
+                  kind: OutputKind = "file") -> Iterator[str]:
+  """Yields a temporary sibling path; renames it to `path` only if the block succeeds.
+
+  What is at `path` is checked again before it is replaced (check_output_path's rules): it
+  may have appeared, or changed, while the output was being computed.
+  """
+  path = check_output_path(path, overwrite=overwrite, kind=kind)
   parent = os.path.dirname(path)
   try:
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
@@ -51,7 +163,14 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     yield staged
     if not os.path.lexists(staged):
       raise RuntimeError(f"nothing was written for {path}")
+    if os.path.isdir(staged) != (kind == "params"):
+      raise RuntimeError(f"{path}: a {kind} output was staged as a "
+                         f"{'directory' if os.path.isdir(staged) else 'file'}")
     if os.path.lexists(path):
+      if not overwrite:
+        raise FileExistsError(f"{path}: output appeared while it was being written (--overwrite, "
+                              "or overwrite=True, replaces it)")
+      _check_replaceable(path, kind, "--out")
       _remove(path)
     os.replace(staged, path)
   finally:
@@ -59,6 +178,7 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
 
 
 def _remove(path: str) -> None:
+  """Removes an output that _check_replaceable allowed to be replaced (a link: the link only)."""
   if os.path.isdir(path) and not os.path.islink(path):
     shutil.rmtree(path)
   else:
@@ -73,7 +193,7 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any], *,
   params' checksums (`DIGEST_FILE`, checked by load_params) and, when known, the run's fbank
   normalization (`NORMALIZATION_FILE`) beside it."""
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  with atomic_output(path, overwrite=overwrite) as staged:
+  with atomic_output(path, overwrite=overwrite, kind="params") as staged:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(staged, {"params": params})
     checkpointer.wait_until_finished()

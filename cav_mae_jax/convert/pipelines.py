@@ -33,7 +33,8 @@ def imagenet_mae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, m
                                seed: int = 0, allow_unexpected: bool = False,
                                overwrite: bool = False) -> report_lib.ConversionReport:
   """ImageNet MAE file -> CAV-MAE pretraining params checkpoint (init values where MAE has none)."""
-  io.check_output_path(out, overwrite=overwrite)  # fail before any work
+  io.check_output_path(out, overwrite=overwrite, kind="params",  # before any work
+                       inputs=(("--src", src),))
   state_dict = formats.read_state_dict(src)
   init = target.init_params(model_config, finetune=False, seed=seed)
   params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init, allow_unexpected=allow_unexpected)
@@ -47,7 +48,8 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
                          seed: int = 0, allow_unexpected: bool = False,
                          overwrite: bool = False) -> report_lib.ConversionReport:
   """Released CAV-MAE file (pretrained or fine-tuned) -> our params checkpoint."""
-  io.check_output_path(out, overwrite=overwrite)  # fail before any work
+  io.check_output_path(out, overwrite=overwrite, kind="params",  # before any work
+                       inputs=(("--src", src),))
   state_dict = formats.read_state_dict(src)
   config = models.ModelConfig.from_config(model_config)
   init_source.check_head_counts("cavmae", os.fspath(src), config, finetune=finetune)
@@ -64,7 +66,8 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
 def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, module_prefix: bool = False,
                         overwrite: bool = False, step: int = 0) -> list[str]:
   """Our params checkpoint or training workdir -> a state dict in the original's layout."""
-  io.check_output_path(out, overwrite=overwrite)  # fail before any work
+  io.check_output_path(out, overwrite=overwrite, kind="file",  # before any work
+                       inputs=(("--src", src),))
   formats.output_format(out)
   params = init_source.read_params(os.fspath(src), step)
   state_dict, notes = export.to_original_state_dict(params, module_prefix=module_prefix)
@@ -79,16 +82,31 @@ def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, modul
 
 def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str,
                               model_config: Mapping[str, Any] | None = None,
+                              finetune: bool | None = None,
                               overwrite: bool = False, step: int = 0) -> None:
-  """Params checkpoint or workdir -> params-only export in `dtype` with its model config JSON."""
-  io.check_output_path(out, overwrite=overwrite)  # fail before any work
+  """Params checkpoint or workdir -> params-only export in `dtype` with its model config JSON.
+
+  `finetune` says which model `model_config` is for (the config's task: the fine-tuning model
+  with its head, or the pretraining model with its decoder); the params must be that model's.
+  Taken from the params when None: with a fine-tuning config it was, so a pretraining
+  checkpoint was exported with a model_config.json claiming a head it does not have.
+  """
+  io.check_output_path(out, overwrite=overwrite, kind="params",  # before any work
+                       inputs=(("--src", src),))
   if dtype not in export.EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r} not supported (choose from {sorted(export.EXPORT_DTYPES)})")
   config = _config_dict(model_config if model_config is not None
                         else init_source.read_model_config(os.fspath(src)))
   params = init_source.read_params(os.fspath(src), step)
-  finetune = "mlp_head_1" in params
-  _, fit = sd.match_to_target(params, target.param_shapes(config, finetune=finetune))
+  has_head = "mlp_head_1" in params
+  if finetune is not None and finetune != has_head:
+    params_kind = ("a pretraining model's (no classification head)",
+                   "a fine-tuning model's (with a classification head)")[has_head]
+    config_kind = ("pretraining", "fine-tuning")[finetune]
+    raise sd.ParamsMismatchError(
+        f"{os.fspath(src)}: the params are {params_kind}, the config's task is {config_kind}; "
+        "give a config of the checkpoint's task, or none (the checkpoint's own model config)")
+  _, fit = sd.match_to_target(params, target.param_shapes(config, finetune=has_head))
   if fit.unexpected:
     raise sd.ParamsMismatchError(f"{os.fspath(src)}: params not in the model config: "
                                  f"{', '.join(fit.unexpected)}")

@@ -134,10 +134,13 @@ def embedding_fn(model_config: models.ModelConfig, *, finetune: bool = False,
   return embed
 
 
-def check_output(path: str, *, overwrite: bool = False) -> None:
-  """Raises FileExistsError if `path` exists (unless overwrite); creates its parent folders."""
+def check_output(path: str, *, overwrite: bool = False,
+                 inputs: Sequence[tuple[str, str | None]] = ()) -> None:
+  """Raises FileExistsError if `path` exists (unless overwrite), OutputPathError if it is a
+  directory or one of `inputs` ((flag, path)) or inside or around one; creates its parent
+  folders (`io.check_output_path`, for a single output file)."""
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
-  io.check_output_path(path, overwrite=overwrite)
+  io.check_output_path(path, overwrite=overwrite, kind="file", inputs=inputs)
 
 
 def write_npz(path: str, ids: np.ndarray, arrays: Mapping[str, np.ndarray], *,
