@@ -31,28 +31,17 @@ from cav_mae_jax.convert import state_dict as sd
 REPORT_FILE = "init_report.txt"
 
 
-# The file orbax writes into every params checkpoint and reads first: a directory without it
-# holds none, and orbax's own words for that ("Metadata file ... does not exist") do not say
-# what was expected there instead.
-ORBAX_METADATA_FILE = "_METADATA"
-
-
-def is_params_checkpoint(path: str) -> bool:
-  """Whether `path` looks like a params checkpoint (tools/convert.py, tools/average.py)."""
-  return os.path.isfile(os.path.join(path, ORBAX_METADATA_FILE))
-
-
 def check_params_source(path: str) -> None:
   """Raises FileNotFoundError when `path` is neither a training workdir nor a params checkpoint
   (e.g. a records directory given by mistake), saying what each would hold."""
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   if "://" in path:  # a remote file system (gs://...): orbax reads it and says what is missing
     return
-  if checkpoint.is_workdir(path) or is_params_checkpoint(path):
+  if checkpoint.is_workdir(path) or io.holds_params(path):
     return
   raise FileNotFoundError(
       f"{path}: neither a training workdir (no {checkpoint.CHECKPOINT_DIR}/ inside) nor a params "
-      f"checkpoint (no orbax {ORBAX_METADATA_FILE} file inside)")
+      f"checkpoint (no orbax {io.ORBAX_METADATA_FILE} file inside)")
 
 
 def read_params(path: str, step: int = 0) -> dict[str, Any]:

@@ -105,6 +105,18 @@ def replaceable(path: str | os.PathLike, kind: OutputKind) -> str | None:
   return _not_params_checkpoint(path)
 
 
+# The file orbax writes into every params checkpoint and reads first: a directory without it
+# holds none, and orbax's own words for that ("Metadata file ... does not exist") do not say
+# what was expected there instead.
+ORBAX_METADATA_FILE = "_METADATA"
+
+
+def holds_params(path: str | os.PathLike) -> bool:
+  """Whether `path` can be read as a params checkpoint (orbax's metadata file is there); other
+  files beside it do not matter for reading (`is_params_checkpoint` is the stricter test)."""
+  return os.path.isfile(os.path.join(os.fspath(path), ORBAX_METADATA_FILE))
+
+
 def is_params_checkpoint(path: str | os.PathLike) -> bool:
   """Whether `path` is a directory as save_params writes it (and nothing else besides)."""
   return os.path.isdir(path) and _not_params_checkpoint(os.fspath(path)) is None
@@ -124,7 +136,7 @@ def _not_params_checkpoint(path: str) -> str | None:
     return f"a directory that cannot be listed ({e.strerror or e})"
   if "config.json" in names or "checkpoints" in names:
     return "a training workdir, not a params checkpoint"
-  if "_METADATA" not in names or not {MODEL_CONFIG_FILE, DIGEST_FILE} & set(names):
+  if ORBAX_METADATA_FILE not in names or not {MODEL_CONFIG_FILE, DIGEST_FILE} & set(names):
     return (f"a directory that is not a params checkpoint (no _METADATA with {DIGEST_FILE} or "
             f"{MODEL_CONFIG_FILE})")
   others = [n for n in names if not (n in _PARAMS_FILES or n in _ORBAX_ENTRIES

@@ -60,14 +60,15 @@ def check_checkpoint_kind(*, workdir: str | None = None, params_path: str | None
   the other kind is named with the flag that reads it, anything else (a records directory)
   is said to be neither; orbax's own words name only a file it missed."""
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   workdir, params_path = ([p if p and "://" not in p else None for p in (workdir, params_path)])
   if workdir and not checkpoint_lib.is_workdir(workdir):
-    if init_source.is_params_checkpoint(workdir):
+    if io.holds_params(workdir):
       raise FileNotFoundError(f"--workdir: {workdir} is a params checkpoint, not a training "
                               f"workdir; give it as --params={workdir}")
     raise FileNotFoundError(f"--workdir: {workdir}: not a training workdir (no "
                             f"{checkpoint_lib.CHECKPOINT_DIR}/ inside)")
-  if params_path and not init_source.is_params_checkpoint(params_path):
+  if params_path and not io.holds_params(params_path):
     if checkpoint_lib.is_workdir(params_path):
       raise FileNotFoundError(f"--params: {params_path} is a training workdir, not a params "
                               f"checkpoint; give it as --workdir={params_path}")
