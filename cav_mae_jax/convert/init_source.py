@@ -39,6 +39,8 @@ def check_params_source(path: str) -> None:
     return
   if checkpoint.is_workdir(path) or io.holds_params(path):
     return
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: does not exist (no params checkpoint or training workdir)")
   raise FileNotFoundError(
       f"{path}: neither a training workdir (no {checkpoint.CHECKPOINT_DIR}/ inside) nor a params "
       f"checkpoint (no orbax {io.ORBAX_METADATA_FILE} file inside)")
