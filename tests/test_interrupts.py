@@ -211,3 +211,22 @@ def test_an_interrupted_shard_leaves_no_temporary_of_its_sidecar(tmp_path):
   shards.remove_stale_temporaries(str(tmp_path), name)
   assert os.listdir(tmp_path) == [name]  # not finished (no sidecar): written again on resume
   assert shards.read_sidecar(str(tmp_path), 2, 40) is None
+
+
+def test_a_ctrl_c_between_a_shards_two_renames_waits_for_its_sidecar(tmp_path, monkeypatch):
+  # The shard is renamed into place, then its sidecar: a Ctrl-C between the two left a complete
+  # shard without its sidecar (resuming wrote it again; the test above failed on it at random).
+  from cav_mae_jax.data import shards, sources  # pylint: disable=import-outside-toplevel
+  write_json = shards.write_json_atomic
+
+  def interrupted(path, data):
+    os.kill(os.getpid(), signal.SIGINT)  # arrives after the shard's rename
+    time.sleep(0.1)
+    write_json(path, data)
+
+  monkeypatch.setattr(shards, "write_json_atomic", interrupted)
+  plan = shards.ShardPlan(shard_index=0, num_shards=1, entries=())
+  labels = sources.ClassLabels(mids=("/m/a",), display_names=("a",), source="test")
+  with pytest.raises(KeyboardInterrupt):
+    shards.write_shard(plan, str(tmp_path), labels)
+  assert sorted(os.listdir(tmp_path)) == [plan.file_name, plan.file_name + ".json"]

@@ -3,8 +3,9 @@
 - Clips are assigned to shards round-robin over the source list (`plan_shards`), so every
   machine of a split run agrees on which clip goes where.
 - A shard is written to a temporary name and renamed when complete, then its sidecar JSON
-  (counts, label counts, fbank sums, quarantined clips) is renamed into place: a shard whose
-  sidecar exists is finished (`read_sidecar`), which is what resuming relies on.
+  (counts, label counts, fbank sums, quarantined clips) is renamed into place (a Ctrl-C or
+  SIGTERM waits for both): a shard whose sidecar exists is finished (`read_sidecar`), which is
+  what resuming relies on.
 - `run_pool` runs shards on long-lived worker processes from a fork server. A worker that dies
   (e.g. a decoder crash) loses only its current shard, which is redone without the clip it
   died on (quarantined as `worker_crashed`); the other workers go on.
@@ -24,8 +25,9 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -126,7 +128,6 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
           stats.add(result)
         if on_clip is not None:
           on_clip(position, result if isinstance(result, clips.Quarantined) else None)
-    os.replace(tmp, final)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -141,8 +142,38 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
       "quarantined": quarantined,
       "seconds": time.time() - start,
   }
-  write_json_atomic(final + SIDECAR_SUFFIX, sidecar)
+  # The shard and its sidecar appear together: a Ctrl-C or SIGTERM that comes between the two
+  # renames waits for both (it left a complete shard that resuming had to write again). A
+  # SIGKILL still can come between; resuming redoes such a shard.
+  with _signals_held():
+    try:
+      os.replace(tmp, final)
+    except BaseException:
+      os.remove(tmp)
+      raise
+    write_json_atomic(final + SIDECAR_SUFFIX, sidecar)
   return sidecar
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+  """Holds SIGINT and SIGTERM until the block ends, then raises them again for their own
+  handlers. (Masking them would not do: the process's other threads, TensorFlow's, would take
+  them, and Python runs its handlers in the main thread all the same.)"""
+  if threading.current_thread() is not threading.main_thread():
+    yield  # signal handlers can be set in the main thread only; it gets the signals anyway
+    return
+  caught: list[int] = []
+  held = (signal.SIGINT, signal.SIGTERM)
+  previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+              for signum in held}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    for signum in caught:
+      signal.raise_signal(signum)
 
 
 def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, Any] | None:
