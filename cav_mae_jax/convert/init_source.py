@@ -145,17 +145,15 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
                        "pretrain first, then fine-tune from that workdir.")
     return imagenet_mae.imagenet_mae_to_params(
         formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
-  if init.source in ("workdir", "params"):  # either kind of ours, whichever `source` says
-    try:
-      check_params_source(init.path)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.init.path={e}") from None
   check_head_counts(init.source, init.path, config, finetune=finetune)
   notes, ours_only = [], {}
   if init.source == "cavmae":
     state_dict = formats.read_state_dict(init.path)
   elif init.source in ("workdir", "params"):
-    source_params = read_params(init.path, init.step)
+    try:  # either kind of ours, whichever `source` says; another path is named as such
+      source_params = read_params(init.path, init.step)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.init.path={e}") from None
     # Ours alone (a learned temperature) goes on from the checkpoint when the target has it too.
     ours_only = {name: np.asarray(source_params[name]) for name in cavmae_checkpoint.NOT_IN_ORIGINAL
                  if name in source_params and name in init_params}

@@ -18,6 +18,10 @@ DIGEST_FILE = "params_digest.json"  # checksum of every parameter array (train.c
 # How the run that made the params normalized its fbanks (init_source.normalization_settings);
 # absent where that is not known (e.g. a converted PyTorch checkpoint).
 NORMALIZATION_FILE = "fbank_normalization.json"
+# The file orbax writes into every params checkpoint and reads first: a directory without it
+# holds none, and orbax's own words for that ("Metadata file ... does not exist") do not say
+# what was expected there instead.
+ORBAX_METADATA_FILE = "_METADATA"
 
 
 # What an output path holds: a single file (.pth, .npz, .png, ...) or a params checkpoint
@@ -105,12 +109,6 @@ def replaceable(path: str | os.PathLike, kind: OutputKind) -> str | None:
   return _not_params_checkpoint(path)
 
 
-# The file orbax writes into every params checkpoint and reads first: a directory without it
-# holds none, and orbax's own words for that ("Metadata file ... does not exist") do not say
-# what was expected there instead.
-ORBAX_METADATA_FILE = "_METADATA"
-
-
 def holds_params(path: str | os.PathLike) -> bool:
   """Whether `path` can be read as a params checkpoint (orbax's metadata file is there); other
   files beside it do not matter for reading (`is_params_checkpoint` is the stricter test)."""
@@ -137,8 +135,8 @@ def _not_params_checkpoint(path: str) -> str | None:
   if "config.json" in names or "checkpoints" in names:
     return "a training workdir, not a params checkpoint"
   if ORBAX_METADATA_FILE not in names or not {MODEL_CONFIG_FILE, DIGEST_FILE} & set(names):
-    return (f"a directory that is not a params checkpoint (no _METADATA with {DIGEST_FILE} or "
-            f"{MODEL_CONFIG_FILE})")
+    return (f"a directory that is not a params checkpoint (no {ORBAX_METADATA_FILE} with "
+            f"{DIGEST_FILE} or {MODEL_CONFIG_FILE})")
   others = [n for n in names if not (n in _PARAMS_FILES or n in _ORBAX_ENTRIES
                                      or n.startswith("_") or n.startswith("ocdbt.process_"))]
   if others:

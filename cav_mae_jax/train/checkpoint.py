@@ -163,10 +163,8 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
     )
-    if "://" not in directory:  # orbax needs absolute local paths (gs://... stays as is)
-      directory = os.path.abspath(directory)
-    self.directory = directory
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    self.directory = _orbax_directory(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     """Step of the newest complete checkpoint, or None."""
@@ -232,29 +230,34 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(workdir_checkpoints(path))
 
 
-def saved_steps(workdir: str) -> list[int]:
-  """Steps of the complete checkpoints in a training workdir."""
-  directory = os.path.abspath(workdir_checkpoints(workdir))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
-  manager = ocp.CheckpointManager(directory)
+def _orbax_directory(directory: str) -> str:
+  """`directory` as orbax needs it: absolute when local (gs://... stays as is)."""
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _complete_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints under a workdir's checkpoint directory (none when it does
+  not exist; nothing is created)."""
+  manager = ocp.CheckpointManager(_orbax_directory(workdir_checkpoints(workdir)),
+                                  options=ocp.CheckpointManagerOptions(create=False))
   try:
     return sorted(manager.all_steps())
   finally:
     manager.close()
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in a training workdir."""
+  if not os.path.isdir(workdir_checkpoints(workdir)):
+    raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
+  return _complete_steps(workdir)
+
+
 def latest_saved_step(workdir: str) -> int | None:
   """Step of the newest complete checkpoint in a run's workdir (local or e.g. gs://), None when
   it has none or does not exist yet (nothing is created)."""
-  directory = workdir_checkpoints(workdir)
-  if "://" not in directory:
-    directory = os.path.abspath(directory)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  steps = _complete_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], int]:
