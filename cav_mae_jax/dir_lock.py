@@ -28,17 +28,19 @@ LOCK_FILE = "lock"
 logger = logging.getLogger(__name__)
 
 
-def make_output_dir(path: str, what: str) -> None:
+def make_output_dir(path: str, what: str) -> bool:
   """Makes output directory `path` (and its parents) or raises OSError naming it and why: a
   file in its place, or a folder that cannot be written (os.makedirs names the first folder it
   could not make, which under a read-only or special folder such as /proc reads "No such file
-  or directory")."""
+  or directory"). Returns whether `path` was made here (False: it was there)."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise NotADirectoryError(f"{what} {path}: exists and is not a directory")
+  existed = os.path.isdir(path)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
     raise OSError(f"{what} {path}: cannot make this directory ({e.strerror or e})") from e
+  return not existed
 
 
 class DirectoryInUseError(OSError):
@@ -88,6 +90,23 @@ class DirLock:
       os.ftruncate(self._fd, 0)
       os.close(self._fd)  # closing the descriptor drops the fcntl lock
       self._fd = None
+
+  def remove_unused_directory(self) -> bool:
+    """Removes the lock's directory if it holds nothing but the lock file, while the lock is
+    held; returns whether it did. For a run that made its directory and failed before writing
+    anything there (a starting-weights source that does not fit, a compile error): the next
+    attempt then finds no empty directory left behind. A run that takes the lock file over
+    meanwhile made a new one (the directory is then not empty and stays) or, after the removal,
+    finds no directory: it fails as it would have without one."""
+    directory = os.path.dirname(self.path)
+    if self._fd is None or os.listdir(directory) != [os.path.basename(self.path)]:
+      return False
+    os.unlink(self.path)
+    try:
+      os.rmdir(directory)
+    except OSError:  # another run's lock file appeared in between: its directory now
+      return False
+    return True
 
   def __enter__(self) -> "DirLock":
     return self.acquire()

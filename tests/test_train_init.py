@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cav_mae_jax import dir_lock
 from cav_mae_jax import models
 from cav_mae_jax import tasks
 from cav_mae_jax.convert import export
@@ -288,7 +289,17 @@ def test_wrong_architecture_names_the_parameters(source, tmp_path):
   config.model.encoder_depth, config.model.modality_specific_depth = 3, 2
   with pytest.raises(sd.ParamsMismatchError, match=rf"config.init.path={workdir}: .*blocks_"):
     train(config, tmp_path / "run")
-  assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+  # The run made its workdir and failed before writing anything: no empty workdir is left.
+  assert not os.path.exists(tmp_path / "run")
+  # A workdir that was there before stays, as do one's files.
+  for existing in ([], ["notes.txt"]):
+    (tmp_path / "mine").mkdir()
+    for name in existing:
+      (tmp_path / "mine" / name).write_text("kept")
+    with pytest.raises(sd.ParamsMismatchError):
+      train(config, tmp_path / "mine")
+    assert sorted(os.listdir(tmp_path / "mine")) == sorted(existing + [dir_lock.LOCK_FILE])
+    shutil.rmtree(tmp_path / "mine")
 
 
 def test_another_head_count_is_refused_naming_the_field(source, tmp_path):

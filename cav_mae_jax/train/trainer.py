@@ -99,14 +99,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   task = tasks.get_task(config)
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
-  dir_lock.make_output_dir(workdir, "workdir")
+  made = dir_lock.make_output_dir(workdir, "workdir")
   if not is_main:
     return _train(config, workdir, inputs, task, is_main, raise_on_preemption)
   with dir_lock.DirLock(workdir) as lock:  # one run per workdir (the main process's)
     note = dir_lock.describe_previous(lock.previous_holder)
     if note:
       print(note)
-    return _train(config, workdir, inputs, task, is_main, raise_on_preemption)
+    try:
+      return _train(config, workdir, inputs, task, is_main, raise_on_preemption)
+    except BaseException:
+      if made:  # failed before writing anything: leave no empty workdir behind
+        lock.remove_unused_directory()
+      raise
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | None,
