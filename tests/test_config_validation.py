@@ -103,6 +103,14 @@ BAD_CASES = [
     ("model.attention_impl", "cudnn", "config.model.attention_impl", {}),  # tiny is float32
     ("model.attention_impl", "cudnn", "config.model.attention_impl='cudnn': cuDNN's attention "
      "runs on NVIDIA GPUs, and this run's devices are cpu", {"model.dtype": "bfloat16"}),
+    # Settings the run would ignore: the user who sets them expects an effect.
+    ("model.remat_policy", "attention_only", "config.model.remat_policy='attention_only': "
+     "chooses what rematerialization keeps, and config.model.remat is False", {}),
+    ("model.ft_mode", "audioonly", "config.model.ft_mode='audioonly': chooses the streams a "
+     "fine-tuned classifier uses", {}),
+    ("model.learnable_temperature", True, "config.model.learnable_temperature=True: learns the "
+     "contrastive loss's temperature, and this model has no contrastive loss",
+     {"model.lambda_c": 0.0}),
 ]
 
 
@@ -131,6 +139,18 @@ def test_cav_keeps_every_token_and_finetuning_has_no_contrast_groups(config):
   finetuning = finetune_config.get_config("tiny")
   finetuning.model.contrast_group_size = 5  # fine-tuning has no contrastive loss to group
   validation.validate_config(finetuning, num_devices=8, check_data=False)
+
+
+def test_settings_with_an_effect_pass_and_finetuning_learns_no_temperature(config):
+  config.model.remat, config.model.remat_policy = True, "attention_only"
+  config.model.learnable_temperature = True  # with the contrastive loss of the tiny recipe
+  validation.validate_config(config, num_devices=8)
+  finetuning = finetune_config.get_config("tiny,mode=audioonly")
+  validation.validate_config(finetuning, num_devices=8, check_data=False)
+  finetuning.model.learnable_temperature = True
+  with pytest.raises(ValueError, match=r"^config\.model\.learnable_temperature=True: learns "
+                     r"the contrastive loss's temperature, which only pretraining has"):
+    validation.validate_config(finetuning, num_devices=8, check_data=False)
 
 
 def test_cudnn_attention_passes_for_gpus(config):

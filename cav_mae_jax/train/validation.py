@@ -46,6 +46,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   model = ModelConfig.from_config(config.model)
   _validate_platforms(model, platforms)
   _validate_masking(config, model)
+  _validate_unused(config, model)
   if config.data.get("eval_all_frames"):
     _fail("data.eval_all_frames", config.data.eval_all_frames,
           "is set by each classification evaluator for its own passes "
@@ -102,6 +103,26 @@ def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> 
       _fail(field, ratio, f"removes none of the {tokens} patches, so the reconstruction loss "
             f"(lambda_mae={model.lambda_mae}) has nothing to reconstruct (0 / 0); mask some, or "
             "train the contrastive loss alone (lambda_mae=0).")
+
+
+def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+  """A model setting the run would ignore is refused when it asks for something: a user who sets
+  it expects an effect. (Settings the recipes carry for every variant, such as the contrast
+  group size of a model without the contrastive loss, are not checked: refusing them would
+  refuse the recipes.)"""
+  default = ModelConfig()
+  if model.remat_policy != default.remat_policy and not model.remat:
+    _fail("model.remat_policy", model.remat_policy, "chooses what rematerialization keeps, and "
+          "config.model.remat is False, so nothing is rematerialized: set it True too.")
+  if config.task != "pretrain" and model.learnable_temperature:
+    _fail("model.learnable_temperature", True, f"learns the contrastive loss's temperature, "
+          f"which only pretraining has (config.task={config.task!r}).")
+  if config.task == "pretrain" and model.learnable_temperature and not model.has_contrast:
+    _fail("model.learnable_temperature", True, "learns the contrastive loss's temperature, and "
+          "this model has no contrastive loss (model.lambda_c=0).")
+  if config.task == "pretrain" and model.ft_mode != default.ft_mode:
+    _fail("model.ft_mode", model.ft_mode, "chooses the streams a fine-tuned classifier uses; "
+          "pretraining trains every stream the model has (model.modalities chooses them).")
 
 
 def _validate_platforms(model: ModelConfig, platforms: Collection[str] | None) -> None:
