@@ -94,10 +94,10 @@ class DirLock:
   def remove_unused_directory(self) -> bool:
     """Removes the lock's directory if it holds nothing but the lock file, while the lock is
     held; returns whether it did. For a run that made its directory and failed before writing
-    anything there (a starting-weights source that does not fit, a compile error): the next
-    attempt then finds no empty directory left behind. A run that takes the lock file over
-    meanwhile made a new one (the directory is then not empty and stays) or, after the removal,
-    finds no directory: it fails as it would have without one."""
+    anything there (a starting-weights source that does not fit, records that cannot be opened):
+    the next attempt then finds no empty directory left behind. A run that takes the lock file
+    over meanwhile made a new one (the directory is then not empty and stays) or, after the
+    removal, finds no directory: it fails as it would have without one."""
     directory = os.path.dirname(self.path)
     if self._fd is None or os.listdir(directory) != [os.path.basename(self.path)]:
       return False
