@@ -134,6 +134,12 @@ def define_model_flags(workdir_help: str = "Training workdir (its checkpoint --s
       params=flags.DEFINE_string("params", None, "Params checkpoint (tools/convert.py output)."))
   flags.mark_flags_as_required(["config"])
   flags.mark_flags_as_mutual_exclusive(["workdir", "params"], required=True)
+  # --step picks one of a workdir's checkpoints; with --params it meant nothing. Refused as the
+  # flags are parsed (train.evaluate.load_params refuses it too, but only after TensorFlow's
+  # import and the config's checks).
+  flags.register_multi_flags_validator(
+      ["params", "step"], lambda values: not (values["params"] and values["step"]),
+      message="--step picks one of the checkpoints of --workdir; --params names a single one")
   return model_flags
 
 

@@ -143,6 +143,13 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
      "config.evals"),
     ("evaluate.py", [TINY, "--params=p", "--step=3"], "--step picks one of the checkpoints of "
      "--workdir; --params names a single one"),
+    # ... and so in every tool with the model flags (these refused it after TensorFlow's import).
+    ("retrieval.py", [TINY, "--params=p", "--step=3"], "--step picks one of the checkpoints of "
+     "--workdir; --params names a single one"),
+    ("inpaint.py", [TINY, "--params=p", "--step=3", "--out=x.png"], "--step picks one of the "
+     "checkpoints of --workdir; --params names a single one"),
+    ("extract_features.py", [TINY, "--params=p", "--step=3", "--out=f.npz"], "--step picks one "
+     "of the checkpoints of --workdir; --params names a single one"),
     ("retrieval.py", [TINY, "--params=p", "--batch_size=-4"], "flag --batch_size=-4: must be >= 0"),
     ("inpaint.py", [TINY, "--params=p", "--index=-1", "--out=x.png"],
      "flag --index=-1: must be >= 0"),

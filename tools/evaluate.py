@@ -23,10 +23,6 @@ _EVALS = flags.DEFINE_list("evals", None, "Names in config.evals to run (default
 flags.register_validator(_EVALS.name, lambda names: names is None or (names and all(names)),
                          message="name evaluators of config.evals, comma-separated (leave "
                          "--evals out to run them all)")
-# --step picks one of a workdir's checkpoints; with --params it was accepted and meant nothing.
-flags.register_multi_flags_validator(
-    [_MODEL.params.name, _MODEL.step.name], lambda v: not (v["params"] and v["step"]),
-    message="--step picks one of the checkpoints of --workdir; --params names a single one")
 
 
 def main(argv: list[str]) -> None:

@@ -30,7 +30,7 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
   """(params placed over the mesh, step) from a workdir or a params checkpoint."""
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.convert import state_dict as sd  # pylint: disable=g-import-not-at-top
-  if params_path and step:  # the tools that do not refuse it with their flags
+  if params_path and step:  # for callers other than the tools (cli.define_model_flags refuses it)
     raise ValueError(f"--step={step}: picks one of the checkpoints of --workdir; --params names "
                      "a single one")
   check_checkpoint_kind(workdir=workdir, params_path=params_path)
