@@ -143,6 +143,29 @@ def define_model_flags(workdir_help: str = "Training workdir (its checkpoint --s
   return model_flags
 
 
+def define_batch_size_flag() -> flags.FlagHolder:
+  """Defines the calling tool's --batch_size: the global batch of the clips it reads through a
+  model, 0 (the default) for config.data.batch_size.
+
+  A negative value is refused as the flags are parsed, naming the flag
+  (`flag --batch_size=-4: must be >= 0 ...`); whether the devices divide it is known only with the
+  model's mesh (`eval.features.check_batch_size`, given the name from `batch_size_source`).
+  """
+  holder = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
+  flags.register_validator(holder.name, lambda size: size >= 0,
+                           message="must be >= 0 (0: config.data.batch_size)")
+  return holder
+
+
+def batch_size_source(batch_size: flags.FlagHolder, config: Any) -> tuple[int, str]:
+  """(global batch, where it came from): `define_batch_size_flag`'s value and '--batch_size', or
+  config.data.batch_size and 'config.data.batch_size' when the flag is 0; an error about the
+  batch names the one the user set."""
+  if batch_size.value:
+    return batch_size.value, f"--{batch_size.name}"
+  return config.data.batch_size, "config.data.batch_size"
+
+
 def number_type(kind: Callable[[str], Any], minimum: float, *,
                 inclusive: bool = True) -> Callable[[str], Any]:
   """An argparse `type`: `kind(text)`, refused below `minimum` (and at it unless inclusive), so

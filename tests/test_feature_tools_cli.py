@@ -84,6 +84,12 @@ CASES = {
     "extract_existing_out": ("extract_features.py", ["--params={params}", "--records={records}",
                                                      "--out=exists.npz"],
                              "exists.npz: output already exists (--overwrite"),
+    # Named as retrieval names it: the flag the user set (it said `batch_size=4`).
+    "extract_batch_size_not_divisible": ("extract_features.py", ["--params={params}",
+                                                                "--records={records}",
+                                                                "--batch_size=4", "--out=f.npz"],
+                                         "error: --batch_size=4: must be positive and divisible "
+                                         "by the number of devices (8)"),
     "extract_subset_with_videos": ("extract_features.py", ["--params={params}",
                                                            "--videos=list.txt",
                                                            "--subset=list.txt", "--out=f.npz"],

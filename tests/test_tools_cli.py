@@ -151,6 +151,9 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
     ("extract_features.py", [TINY, "--params=p", "--step=3", "--out=f.npz"], "--step picks one "
      "of the checkpoints of --workdir; --params names a single one"),
     ("retrieval.py", [TINY, "--params=p", "--batch_size=-4"], "flag --batch_size=-4: must be >= 0"),
+    # It was named `batch_size=-4`, not as the flag, after TensorFlow's import.
+    ("extract_features.py", [TINY, "--params=p", "--batch_size=-4", "--out=f.npz"],
+     "flag --batch_size=-4: must be >= 0 (0: config.data.batch_size)"),
     ("inpaint.py", [TINY, "--params=p", "--index=-1", "--out=x.png"],
      "flag --index=-1: must be >= 0"),
     ("inspect_records.py", ["--records=r", "--split=test", "--tfds-data-dir=/x"],

@@ -42,7 +42,7 @@ _OUT = flags.DEFINE_string("out", None, "Output .npz file (must not exist unless
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (never a "
                                 "directory).")
 _PATCHES = flags.DEFINE_bool("patches", False, "Also write the per-patch tokens.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
+_BATCH_SIZE = cli.define_batch_size_flag()
 _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
                                   "(default <out>.quarantine.jsonl).")
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be read.")
@@ -69,12 +69,12 @@ def main(argv: list[str]) -> None:
     io.check_not_an_input(quarantine_path, [*inputs, ("--out", _OUT.value)], flag="--quarantine")
     quarantine = clips.Quarantine(quarantine_path, strict=_STRICT.value)
   subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
-  batch_size = _BATCH_SIZE.value or config.data.batch_size
+  batch_size, batch_size_what = cli.batch_size_source(_BATCH_SIZE, config)
   batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",
                                   subset=subset, videos=_VIDEOS.value or "", on_error=quarantine)
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
                          params_path=_MODEL.params.value)
-  features.check_batch_size(batch_size, loaded.mesh)
+  features.check_batch_size(batch_size, loaded.mesh, what=batch_size_what)
   try:
     ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
   except features.NoClipsError:

@@ -20,9 +20,7 @@ from cav_mae_jax import cli
 _MODEL = cli.define_model_flags()
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _SUBSET = flags.DEFINE_string("subset", None, "File of clip ids to keep (text or JSON).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config.data.batch_size).")
-flags.register_validator(_BATCH_SIZE.name, lambda size: size >= 0,
-                         message="must be >= 0 (0: config.data.batch_size)")
+_BATCH_SIZE = cli.define_batch_size_flag()
 
 
 def main(argv: list[str]) -> None:
@@ -33,9 +31,8 @@ def main(argv: list[str]) -> None:
   subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
                          params_path=_MODEL.params.value)
-  batch_size = features.check_batch_size(
-      _BATCH_SIZE.value or config.data.batch_size, loaded.mesh,
-      what="--batch_size" if _BATCH_SIZE.value else "config.data.batch_size")
+  batch_size, what = cli.batch_size_source(_BATCH_SIZE, config)
+  features.check_batch_size(batch_size, loaded.mesh, what=what)
   result = features.retrieval(loaded, clips.record_batches(config, batch_size, directory=records,
                                                            video_ids=subset))
   print(f"step {loaded.step}: {len(result.ids)} clips of {records} (features "
