@@ -11,8 +11,10 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
 - TensorFlow's C++ start-up lines are silenced: TF_CPP_MIN_LOG_LEVEL=3 unless set, and TF
   (when installed) is imported once with the process's stderr closed, because TF 2.16+ prints
   its start-up lines before that variable is read. That import comes after the flags are
-  parsed, and after a check that the tool's local input paths exist, so a bad flag, config
-  value or mistyped path is answered in about a second.
+  parsed, after the tool's own argument checks (`run`'s check_args) and after a check that the
+  tool's local input paths exist, so a bad flag, config value or mistyped path is answered in
+  about a second.
+- A flag that the tool's chosen mode does not read is refused, not ignored (`check_mode_flags`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import importlib.util
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -164,6 +166,30 @@ def batch_size_source(batch_size: flags.FlagHolder, config: Any) -> tuple[int, s
   if batch_size.value:
     return batch_size.value, f"--{batch_size.name}"
   return config.data.batch_size, "config.data.batch_size"
+
+
+def flag_given(name: str) -> bool:
+  """Whether the command line set flag `name`: it is present, and a boolean one is set away from
+  its default (`--nonew_head`, where new_head is off anyway, says nothing)."""
+  flag = flags.FLAGS[name]
+  return bool(flag.present) and (not isinstance(flag.default, bool) or flag.value != flag.default)
+
+
+def check_mode_flags(mode: Any, mode_flags: Mapping[Any, Sequence[str]],
+                     mode_name: Callable[[Any], str]) -> None:
+  """Raises ValueError naming a flag the command line set (`flag_given`) that `mode` does not read.
+
+  `mode_flags`: for each mode of the tool, the names of the flags it reads among those that only
+  some modes read; a flag in none of the lists is not checked. Without this such a flag was
+  ignored silently (`convert.py to-torch --dtype=bfloat16` kept the params' own dtype).
+  `mode_name(mode)` is how the message names a mode: `--dtype applies to export-eval, not to
+  to-torch`.
+  """
+  for name in sorted({n for names in mode_flags.values() for n in names}):
+    if flag_given(name) and name not in mode_flags[mode]:
+      readers = [mode_name(m) for m, names in mode_flags.items() if name in names]
+      listed = (", ".join(readers[:-1]) + " and " if len(readers) > 1 else "") + readers[-1]
+      raise ValueError(f"--{name} applies to {listed}, not to {mode_name(mode)}")
 
 
 def number_type(kind: Callable[[str], Any], minimum: float, *,
@@ -449,6 +475,7 @@ def config_input_paths() -> list[tuple[str, str | None]]:
 
 def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
         input_paths: Callable[[], Sequence[tuple[str, str | None]]] | None = None,
+        check_args: Callable[[list[str]], Any] | None = None,
         interrupt_note: str = "") -> None:
   """app.run(main) with the conventions of the module docstring.
 
@@ -456,6 +483,9 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   runs where it is not installed). `input_paths` returns the tool's input paths from its parsed
   flags (see `check_input_paths`): a mistyped local path is then answered before TensorFlow's
   import, in about a second rather than the ten or more that importing and loading take.
+  `check_args(argv)` checks what absl's validators cannot see (a tool's positional arguments,
+  and the flags that apply to the mode they name) at the same time, before the paths; it raises
+  ValueError or app.UsageError.
   Ctrl-C (SIGINT) and SIGTERM end the tool with one line (`interrupted_line`, then
   `interrupt_note`: what was kept) and the shell's status for the signal (130, 143), after the
   tool's cleanup has run; `--verbosity=1` shows the traceback.
@@ -476,6 +506,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       _raise_config_file_errors()
       apply_none_overrides({name: flags.FLAGS[name].value for name, _ in _none_overrides},
                            _none_overrides)
+      if check_args is not None:
+        check_args(argv)
       if input_paths is not None:
         check_input_paths(input_paths())
       if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":

@@ -140,6 +140,56 @@ def _cli(*args):
                         text=True, cwd=ROOT, check=False)
 
 
+_TINY = "--config=configs/pretrain.py:tiny"
+# (arguments, the error line): a flag that the direction does not read was ignored silently
+# (`to-torch --dtype=bfloat16` kept the params' dtype, `to-torch --new_head` the model's head).
+_OTHER_DIRECTIONS_FLAGS = [
+    (["to-torch", "--new_head"], "--new_head applies to cavmae, not to to-torch"),
+    (["to-torch", "--audio_pos_resize=trim"],
+     "--audio_pos_resize applies to cavmae, not to to-torch"),
+    (["to-torch", "--dtype=bfloat16"], "--dtype applies to export-eval, not to to-torch"),
+    (["to-torch", "--seed=1"], "--seed applies to imagenet-mae and cavmae, not to to-torch"),
+    (["to-torch", _TINY], "--config applies to imagenet-mae, cavmae and export-eval, not to "
+     "to-torch"),
+    (["export-eval", "--nomodule_prefix"], "--module_prefix applies to to-torch, not to "
+     "export-eval"),
+    (["export-eval", "--allow_unexpected"], "--allow_unexpected applies to imagenet-mae and "
+     "cavmae, not to export-eval"),
+    (["cavmae", _TINY, "--step=2"], "--step applies to to-torch and export-eval, not to cavmae"),
+    (["cavmae", _TINY, "--dtype=float16"], "--dtype applies to export-eval, not to cavmae"),
+    (["imagenet-mae", _TINY, "--new_head"], "--new_head applies to cavmae, not to imagenet-mae"),
+]
+
+
+@pytest.mark.parametrize("args, line", _OTHER_DIRECTIONS_FLAGS,
+                         ids=[" ".join(a) for a, _ in _OTHER_DIRECTIONS_FLAGS])
+def test_a_flag_of_another_direction_is_refused(tmp_path, args, line):
+  # --src does not exist: the flags are refused before it is looked at.
+  out = tmp_path / "out.pth"
+  result = _cli(*args, f"--src={tmp_path / 'src'}", f"--out={out}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip() == f"error: {line}"
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["imagenet-mae", _TINY, "--seed=1", "--allow_unexpected", "--overwrite"],
+    ["cavmae", _TINY, "--new_head", "--audio_pos_resize=sincos", "--seed=1",
+     "--allow_unexpected", "--overwrite"],
+    ["to-torch", "--nomodule_prefix", "--step=2", "--overwrite"],
+    ["export-eval", _TINY, "--dtype=bfloat16", "--step=2", "--overwrite"],
+    # A boolean flag at its default says nothing: accepted by any direction.
+    ["to-torch", "--nonew_head", "--noallow_unexpected"],
+], ids=" ".join)
+def test_each_direction_takes_the_flags_it_reads(tmp_path, args):
+  # Past the flag checks, the missing --src is the error.
+  src = tmp_path / "src"
+  result = _cli(*args, f"--src={src}", f"--out={tmp_path / 'out.pth'}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith(f"error: {src}: "), line
+
+
 def test_command_line_converts_and_reports_errors(tmp_path):
   src, _ = _released(tmp_path)
   config = [f"--config={ROOT}/configs/pretrain.py:tiny", "--config.model.audio_length=64",
@@ -225,7 +275,9 @@ def test_command_line_refuses_an_out_that_is_an_input_or_another_kind(tmp_path):
   for args, named in (
       (["export-eval", f"--src={ckpt}", f"--out={ckpt}"], f"--out {ckpt}: is --src {ckpt}"),
       (["to-torch", f"--src={ckpt}", f"--out={tmp_path / 'folder'}"], "a directory, not a file"),
-      (["to-torch", f"--src={ckpt}", "--out=configs/pretrain.py", "--config=configs/pretrain.py"],
+      # export-eval reads --config (to-torch refuses it as a flag of other directions).
+      (["export-eval", f"--src={ckpt}", "--out=configs/pretrain.py",
+        "--config=configs/pretrain.py"],
        "--out configs/pretrain.py: is --config configs/pretrain.py")):
     result = _cli(*args, "--overwrite")
     lines = result.stderr.strip().splitlines()

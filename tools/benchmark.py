@@ -108,12 +108,7 @@ def check_flags() -> str | None:
     raise ValueError(f"{', '.join('--' + m for m in modes)}: give at most one of "
                      f"{', '.join('--' + h.name for h in _MODES)}")
   mode = modes[0] if modes else None
-  for name in sorted({n for names in _MODE_FLAGS.values() for n in names}):
-    flag = flags.FLAGS[name]
-    given = flag.value if isinstance(flag.value, bool) else flag.present
-    if given and name not in _MODE_FLAGS[mode]:
-      readers = " and ".join(_mode_name(m) for m, names in _MODE_FLAGS.items() if name in names)
-      raise ValueError(f"--{name} applies to {readers}, not to {_mode_name(mode)}")
+  cli.check_mode_flags(mode, _MODE_FLAGS, _mode_name)
   return mode
 
 

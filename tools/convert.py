@@ -30,9 +30,10 @@ Examples:
 
 Prints what was mapped, kept at init and dropped. On any error it prints one line `error: ...`
 and exits with status 2, and nothing is written at --out (missing parent folders of --out are
-created). An existing --out is replaced only with --overwrite, and only by an output of its kind:
-a file by a file, a params checkpoint directory by a params checkpoint (never another folder);
-an --out that is --src or --config, or inside or around one, is refused.
+created); a flag of another direction is such an error (`to-torch --dtype=bfloat16`: --dtype
+applies to export-eval only). An existing --out is replaced only with --overwrite, and only by an
+output of its kind: a file by a file, a params checkpoint directory by a params checkpoint (never
+another folder); an --out that is --src or --config, or inside or around one, is refused.
 """
 
 from absl import app
@@ -46,7 +47,8 @@ from cav_mae_jax.convert import pipelines
 DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Target config, e.g. configs/pretrain.py:base or configs/finetune.py:vgg.")
+    "config", None, "imagenet-mae / cavmae / export-eval: target config, e.g. "
+    "configs/pretrain.py:base or configs/finetune.py:vgg.")
 _SRC = flags.DEFINE_string("src", None, "Input file or params checkpoint directory.")
 _OUT = flags.DEFINE_string("out", None, "Output path (must not exist unless --overwrite).")
 _NEW_HEAD = flags.DEFINE_bool("new_head", False, "cavmae: start a new classification head.")
@@ -54,18 +56,28 @@ _AUDIO_POS_RESIZE = flags.DEFINE_enum(
     "audio_pos_resize", None, ["trim", "interpolate", "sincos"],
     "cavmae: how to fit the audio position grid to another audio length.")
 _ALLOW_UNEXPECTED = flags.DEFINE_bool(
-    "allow_unexpected", False, "Ignore source arrays that have no place in the target (listed).")
+    "allow_unexpected", False, "imagenet-mae / cavmae: ignore source arrays that have no place "
+    "in the target (listed).")
 _MODULE_PREFIX = flags.DEFINE_bool(
     "module_prefix", True, "to-torch: prefix keys with 'module.' like the released files: the "
     "original's loaders wrap the model in DataParallel first, and three load with strict=False, "
     "which would load no key of a file without it. --nomodule_prefix for a bare nn.Module.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "export-eval: dtype of the exported params.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the init values for parameters not in the source.")
+_SEED = flags.DEFINE_integer("seed", 0, "imagenet-mae / cavmae: seed of the init values for "
+                             "parameters not in the source.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out of the same kind "
                                 "(a file by a file, a params checkpoint by a params checkpoint).")
 _STEP = flags.DEFINE_integer("step", 0, "to-torch / export-eval from a workdir: its checkpoint "
                              "step (0: the latest).")
+# The flags (besides --src, --out and --overwrite) that each direction reads; one given to another
+# direction is refused (it was ignored: `to-torch --dtype=bfloat16` kept the params' dtype).
+_DIRECTION_FLAGS = {
+    "imagenet-mae": ("config", "seed", "allow_unexpected"),
+    "cavmae": ("config", "new_head", "audio_pos_resize", "seed", "allow_unexpected"),
+    "to-torch": ("module_prefix", "step"),
+    "export-eval": ("config", "dtype", "step"),
+}
 
 
 def _model_config(required: bool):
@@ -111,13 +123,23 @@ def run(direction: str) -> None:
   print(f"wrote {out}")
 
 
-def main(argv) -> None:
+def check_args(argv: list[str]) -> str:
+  """The direction argv names, with --src and --out given and no flag of another direction.
+
+  `cli.run` calls it before TensorFlow's import: a mistyped direction or a flag that would be
+  ignored is answered in about a second.
+  """
   if len(argv) != 2 or argv[1] not in DIRECTIONS:
     raise app.UsageError(f"give one direction: {' | '.join(DIRECTIONS)}")
   if not _SRC.value or not _OUT.value:
     raise app.UsageError("--src and --out are required")
-  run(argv[1])
+  cli.check_mode_flags(argv[1], _DIRECTION_FLAGS, mode_name=str)
+  return argv[1]
+
+
+def main(argv: list[str]) -> None:
+  run(check_args(argv))
 
 
 if __name__ == "__main__":
-  cli.run(main, interrupt_note="--out was not written")
+  cli.run(main, check_args=check_args, interrupt_note="--out was not written")
