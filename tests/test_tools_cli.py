@@ -164,13 +164,34 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
 def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args, named,
                                                                       tmp_path):
   """TensorFlow's import takes seconds; a typo in a flag or a config value need not wait for it."""
-  tripwire = tmp_path / "tripwire" / "tensorflow"
+  line = _error_line_without_tensorflow(tool, args, tmp_path)
+  assert line.startswith("error: ") and named in line, line
+
+
+def _error_line_without_tensorflow(tool, args, cwd):
+  """The one error line of tools/<tool> run with a `tensorflow` that ends the process when
+  imported (it would exit 1 with 'tensorflow was imported')."""
+  tripwire = cwd / "tripwire" / "tensorflow"
   tripwire.mkdir(parents=True)
   (tripwire / "__init__.py").write_text("raise SystemExit('tensorflow was imported')\n")
-  result = _run_tool(tool, args, tmp_path, extra_path=[tripwire.parent])
+  result = _run_tool(tool, args, cwd, extra_path=[tripwire.parent])
   assert result.returncode == 2, result.stderr[-2000:]
   line, = result.stderr.strip().splitlines()
-  assert line.startswith("error: ") and named in line, line
+  return line
+
+
+@pytest.mark.parametrize("args, default", [
+    (["--records=r"], os.path.join("r", "inspect")),
+    (["--tfds=cav_mae_clips/datafile"], "inspect_cav_mae_clips_datafile_train"),
+])
+def test_inspect_records_default_png_folder_that_is_a_file_is_named(args, default, tmp_path):
+  """The OS's '[Errno 17] File exists: ...' came after TensorFlow's import and the split's index,
+  and did not say that it was the PNG folder."""
+  (tmp_path / "r").mkdir()
+  (tmp_path / default).write_text("not a folder")
+  line = _error_line_without_tensorflow("inspect_records.py", args, tmp_path)
+  assert line == (f"error: {default} (the default --png-dir): a file, not a folder for the PNGs; "
+                  "give --png-dir another folder")
 
 
 def test_preprocess_help_lists_the_reason_codes_and_which_audio_a_datafile_gives(tmp_path):

@@ -50,10 +50,24 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _safe_name(video_id: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
+
+
+def default_png_dir(args: argparse.Namespace) -> str:
+  """Where the PNGs go without --png-dir: RECORDS/inspect, or inspect_<dataset>_<split> in the
+  working directory for --tfds (`args` with TFDS's defaults filled in)."""
+  if args.records:
+    return os.path.join(args.records, "inspect")
+  return f"inspect_{_safe_name(args.tfds.replace('/', '_'))}_{args.split}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """The flags, with TFDS's defaults filled in; what they cannot mean is refused (one line,
   exit 2): --split or --tfds-data-dir with --records (both were silently ignored), a --png-dir
-  that is a file (the folder could not be made, and the error did not name the flag)."""
+  that is a file (the folder could not be made, and the error did not name the flag), and so is
+  a default PNG folder that is one (the error was the OS's '[Errno 17] File exists', after
+  TensorFlow's import and the split's index)."""
   parser = _parser()
   args = parser.parse_args(argv)
   if args.records:
@@ -66,8 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   else:
     args.split = "train" if args.split is None else args.split
     args.tfds_data_dir = args.tfds_data_dir or ""
-  if args.png_dir and os.path.exists(args.png_dir) and not os.path.isdir(args.png_dir):
-    parser.error(f"--png-dir {args.png_dir}: a file, not a folder for the PNGs")
+  png_dir = args.png_dir or default_png_dir(args)
+  if os.path.exists(png_dir) and not os.path.isdir(png_dir):
+    parser.error(f"--png-dir {png_dir}: a file, not a folder for the PNGs" if args.png_dir else
+                 f"{png_dir} (the default --png-dir): a file, not a folder for the PNGs; give "
+                 "--png-dir another folder")
   return args
 
 
@@ -151,10 +168,6 @@ def frames_figure(values: records.ExampleValues, class_names: list[str] | None =
                   f"rotation {rotation} ({turned}); {numbers}")
   figure.tight_layout()
   return figure
-
-
-def _safe_name(video_id: str) -> str:
-  return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
 
 
 def _unique_name(video_id: str, taken: set[str]) -> str:
@@ -282,11 +295,11 @@ def format_report(report: dict[str, Any], class_names: list[str] | None, top: in
 def open_source(args: argparse.Namespace) -> tuple[splits.Split, str]:
   """The split the flags name and the default PNG folder for it."""
   if args.records:
-    return (splits.open_records_split(args.records, "--records"),
-            os.path.join(args.records, "inspect"))
-  split = splits.open_tfds_split(args.tfds, args.split, args.tfds_data_dir, name_field="--tfds",
-                                 split_field="--split")
-  return split, f"inspect_{_safe_name(args.tfds.replace('/', '_'))}_{args.split}"
+    split = splits.open_records_split(args.records, "--records")
+  else:
+    split = splits.open_tfds_split(args.tfds, args.split, args.tfds_data_dir, name_field="--tfds",
+                                   split_field="--split")
+  return split, default_png_dir(args)
 
 
 def main(argv: list[str] | None = None) -> int:
