@@ -142,4 +142,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, check_args=check_args, interrupt_note="--out was not written")
+  cli.run(main, check_args=check_args, input_paths=lambda: [("--src", _SRC.value)],
+          interrupt_note="--out was not written")
