@@ -45,7 +45,8 @@ RUN_FAILURES = (FloatingPointError,)
 
 
 def config_search_dirs() -> list[str]:
-  """Where a relative `configs/...` path is looked for: the working directory, then the package's."""
+  """Where a relative `configs/...` path is looked for: the working directory, then the
+  package's."""
   import configs  # pylint: disable=g-import-not-at-top
   return [os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(configs.__file__)))]
 

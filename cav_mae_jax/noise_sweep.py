@@ -92,8 +92,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(results: Sequence[dict[str, Any]]) -> str:
   """Per placement: mean +- std [min, max] of each metric; per seed: device minus tf.data."""
   placements = [p for p in PLACEMENTS if any(r["placement"] == p for r in results)]
-  lines = [f"{'metric':22s}" + "".join(f"{p + ' (n=' + str(sum(r['placement'] == p for r in results)) + ')':>34s}"
-                                       for p in placements)]
+  lines = [f"{'metric':22s}" + "".join(
+      f"{p + ' (n=' + str(sum(r['placement'] == p for r in results)) + ')':>34s}"
+      for p in placements)]
   for key in REPORTED:
     cells = []
     for placement in placements:

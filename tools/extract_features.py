@@ -10,11 +10,11 @@ With --workdir, --config defaults to the config the run recorded (configs/workdi
 The .npz holds `ids` [N] (unicode; row i of every array is clip ids[i]: records in data order,
 shard by shard; --videos in list order, unreadable files left out) and `audio`, `video`, `joint`
 [N, D] float32: the mean-pooled audio-only (norm_a), video-only (norm_v) and audio+video (norm)
-streams after the joint block (a single-modality MAE: its one stream, norm), not L2-normalized (the original's retrieval normalizes them
-before its cosine similarity). --patches adds the float32 tokens they are the means of:
-`audio_patches` [N, La, D] (La = 8 mel rows * audio_length/16 time columns, frequency-major:
-token r * audio_length/16 + c is mel bins 16r..16r+15, from the lowest, of frames
-16c..16c+15), `video_patches` [N, Lv, D] (Lv = (image_size / 16)^2, row-major from the top
+streams after the joint block (a single-modality MAE: its one stream, norm), not L2-normalized
+(the original's retrieval normalizes them before its cosine similarity). --patches adds the float32
+tokens they are the means of: `audio_patches` [N, La, D] (La = 8 mel rows * audio_length/16 time
+columns, frequency-major: token r * audio_length/16 + c is mel bins 16r..16r+15, from the lowest, of
+frames 16c..16c+15), `video_patches` [N, Lv, D] (Lv = (image_size / 16)^2, row-major from the top
 left) and `joint_patches` [N, La + Lv, D] (audio tokens first, then video).
 
 --videos: a directory of video files (ids: file names without extension), a text file of paths

@@ -13,7 +13,8 @@ from ml_collections import config_flags
 from cav_mae_jax import cli
 from cav_mae_jax.models import summary
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:base.",
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Config file, e.g. configs/pretrain.py:base.",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
 

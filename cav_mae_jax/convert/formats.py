@@ -197,7 +197,8 @@ def _safetensors_array(path: str | os.PathLike, key: str, info: Mapping[str, obj
         f"file has {len(data)}")
   if end - begin != count * np.dtype(dtype).itemsize:
     raise CheckpointFileError(path, f"tensor {key!r}: byte range does not match shape {shape}")
-  raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=start + begin)
+  raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count,
+                      offset=start + begin)
   return raw.reshape(shape).astype(dtype, copy=True)
 
 

@@ -33,7 +33,8 @@ BLOCK_KEYS = (
 ENCODER_KEYS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight",
                 "norm.bias")
 DECODER_KEYS = ("mask_token", "decoder_embed.weight", "decoder_embed.bias", "decoder_pos_embed",
-                "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias")
+                "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight",
+                "decoder_pred.bias")
 _BLOCK = re.compile(r"^(decoder_blocks|blocks)\.(\d+)\.(.+)$")
 
 
@@ -60,9 +61,11 @@ def required_mae_keys(encoder_depth: int, decoder_depth: int | None) -> list[str
   return keys
 
 
-def mae_rules(state_dict: Mapping[str, np.ndarray], *, modality_specific_depth: int,
-              patch_size: int) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, str], list[str]]:
-  """Applies the rules: ({cav-mae torch key: (array, source)}, {dropped source: why}, unexpected)."""
+def mae_rules(
+    state_dict: Mapping[str, np.ndarray], *, modality_specific_depth: int, patch_size: int
+) -> tuple[dict[str, tuple[np.ndarray, str]], dict[str, str], list[str]]:
+  """Applies the rules: ({cav-mae torch key: (array, source)}, {dropped source: why},
+  unexpected)."""
   mapped: dict[str, tuple[np.ndarray, str]] = {}
   dropped: dict[str, str] = {}
   unexpected: list[str] = []
@@ -99,7 +102,8 @@ def mae_rules(state_dict: Mapping[str, np.ndarray], *, modality_specific_depth: 
     elif key.startswith("decoder_pred."):
       leaf = key.split(".")[1]
       mapped[f"decoder_pred_v.{leaf}"] = (value, key)
-      mapped[f"decoder_pred_a.{leaf}"] = (value[:patch_size**2], f"{key} first {patch_size**2} rows")
+      mapped[f"decoder_pred_a.{leaf}"] = (value[:patch_size**2],
+                                          f"{key} first {patch_size**2} rows")
     elif key in ("mask_token", "decoder_embed.weight", "decoder_embed.bias",
                  "decoder_norm.weight", "decoder_norm.bias"):
       mapped[key] = (value, key)
@@ -110,8 +114,10 @@ def mae_rules(state_dict: Mapping[str, np.ndarray], *, modality_specific_depth: 
   return mapped, dropped, unexpected
 
 
-def imagenet_mae_to_params(mae_state_dict: Mapping[str, np.ndarray], init_params: Mapping[str, Any], *,
-                           allow_unexpected: bool = False) -> tuple[dict[str, Any], report_lib.ConversionReport]:
+def imagenet_mae_to_params(
+    mae_state_dict: Mapping[str, np.ndarray], init_params: Mapping[str, Any], *,
+    allow_unexpected: bool = False,
+) -> tuple[dict[str, Any], report_lib.ConversionReport]:
   """Initializes CAV-MAE pretraining params from an ImageNet MAE state dict, on top of init_params.
 
   Depths and patch size are read from `init_params` (the target model's initial params). A
@@ -133,7 +139,8 @@ def imagenet_mae_to_params(mae_state_dict: Mapping[str, np.ndarray], init_params
     raise sd.ParamsMismatchError(
         f"not an ImageNet MAE checkpoint for a {encoder_depth}-block encoder"
         f"{f' and {decoder_depth}-block decoder' if source_decoder else ''}: "
-        f"{len(missing)} keys missing: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        f"{len(missing)} keys missing: {', '.join(missing[:20])}"
+        f"{' ...' if len(missing) > 20 else ''}")
 
   report = report_lib.ConversionReport()
   mapped, report.dropped, report.unexpected = mae_rules(

@@ -229,7 +229,8 @@ def load_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no params checkpoint (expected an orbax checkpoint directory)")
+    raise FileNotFoundError(
+        f"{path}: no params checkpoint (expected an orbax checkpoint directory)")
   from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
   try:

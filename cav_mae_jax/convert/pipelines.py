@@ -37,7 +37,8 @@ def imagenet_mae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, m
                        inputs=(("--src", src),))
   state_dict = formats.read_state_dict(src)
   init = target.init_params(model_config, finetune=False, seed=seed)
-  params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init, allow_unexpected=allow_unexpected)
+  params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init,
+                                                       allow_unexpected=allow_unexpected)
   io.save_params(out, params, model_config=_config_dict(model_config), overwrite=overwrite)
   return report
 
@@ -63,8 +64,9 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
   return report
 
 
-def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *, module_prefix: bool = False,
-                        overwrite: bool = False, step: int = 0) -> list[str]:
+def checkpoint_to_torch(src: str | os.PathLike, out: str | os.PathLike, *,
+                        module_prefix: bool = False, overwrite: bool = False,
+                        step: int = 0) -> list[str]:
   """Our params checkpoint or training workdir -> a state dict in the original's layout."""
   io.check_output_path(out, overwrite=overwrite, kind="file",  # before any work
                        inputs=(("--src", src),))
@@ -94,7 +96,8 @@ def checkpoint_to_eval_export(src: str | os.PathLike, out: str | os.PathLike, *,
   io.check_output_path(out, overwrite=overwrite, kind="params",  # before any work
                        inputs=(("--src", src),))
   if dtype not in export.EXPORT_DTYPES:
-    raise ValueError(f"export dtype {dtype!r} not supported (choose from {sorted(export.EXPORT_DTYPES)})")
+    raise ValueError(f"export dtype {dtype!r} not supported "
+                     f"(choose from {sorted(export.EXPORT_DTYPES)})")
   config = _config_dict(model_config if model_config is not None
                         else init_source.read_model_config(os.fspath(src)))
   params = init_source.read_params(os.fspath(src), step)

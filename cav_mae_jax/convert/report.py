@@ -26,7 +26,8 @@ class ConversionReport:
   def summary(self) -> str:
     """Human-readable account: counts, and every kept, dropped or unexpected key by name."""
     lines = [f"mapped: {len(self.mapped)} target arrays from the source"]
-    for title, entries in (("kept at init", self.kept_init), ("dropped from the source", self.dropped)):
+    for title, entries in (("kept at init", self.kept_init),
+                           ("dropped from the source", self.dropped)):
       if entries:
         lines.append(f"{title}: {len(entries)}")
         lines.extend(f"  {name}  ({why})" for name, why in _grouped_by_module(entries))
@@ -40,7 +41,8 @@ class ConversionReport:
 
 
 def _grouped_by_module(entries: Mapping[str, str]) -> list[tuple[str, str]]:
-  """[(name, reason)]: arrays of one module family with one reason become 'blocks_a_*/* (n arrays)'."""
+  """[(name, reason)]: arrays of one module family with one reason become
+  'blocks_a_*/* (n arrays)'."""
   groups: dict[tuple[str, str], list[str]] = {}
   for key, why in sorted(entries.items()):
     family = re.sub(r"_\d+$", "_*", key.split("/")[0])
@@ -65,7 +67,8 @@ def overlay(init_params: Mapping[str, Any], updates: Mapping[tuple[str, ...], np
   for path, value in updates.items():
     name = "/".join(path)
     if path not in flat:
-      raise sd.ParamsMismatchError(f"{name} (from {sources[path]}) is not a parameter of the target model")
+      raise sd.ParamsMismatchError(
+          f"{name} (from {sources[path]}) is not a parameter of the target model")
     target_shape, target_dtype = flat[path].shape, flat[path].dtype
     if tuple(value.shape) != target_shape:
       raise sd.ParamsMismatchError(

@@ -101,7 +101,8 @@ def _to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
   return np.asarray(array)
 
 
-def flatten_params(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_params(params: Mapping[str, Any],
+                   prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
   """Flattens a nested dict of leaves into {path tuple: leaf}."""
   flat: dict[tuple[str, ...], Any] = {}
   for name, value in params.items():
@@ -137,7 +138,8 @@ def torch_array_to_flax(key: str, array: np.ndarray) -> tuple[tuple[str, ...], n
   return path, _to_flax_layout(array, kind)
 
 
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], *, strip_module_prefix: bool = True) -> Params:
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], *,
+                  strip_module_prefix: bool = True) -> Params:
   """Converts a state dict in the original's layout into a nested Flax params dict."""
   source = remove_module_prefix(state_dict) if strip_module_prefix else dict(state_dict)
   flat = {}
@@ -189,7 +191,8 @@ def abbreviate(names: list[str], limit: int = 12) -> list[str]:
   return names if len(names) <= limit else [*names[:limit], f"... ({len(names) - limit} more)"]
 
 
-def match_to_target(converted: Mapping[str, Any], target_shapes: Mapping[str, Any]) -> tuple[Params, MatchReport]:
+def match_to_target(converted: Mapping[str, Any],
+                    target_shapes: Mapping[str, Any]) -> tuple[Params, MatchReport]:
   """Fits converted params to a target tree of shapes (e.g. jax.eval_shape of model.init).
 
   Every target leaf must be present with the same shape (else ParamsMismatchError naming

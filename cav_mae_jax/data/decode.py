@@ -78,12 +78,12 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
                         image size, or TensorFlow's JPEG decoder (the input pipeline's)
                         rejects it
 
-The original's extracted layout (`read_clip_media` with `frames_dir`): its preprocessing leaves a 16 kHz audio
-file and a folder of `frame_{i}/{video_id}.jpg` (i = 0..9), each frame already resized, cropped
-and saved as JPEG at quality 75, which is what records hold. The audio file is decoded as above
-and the frames' JPEG bytes are kept as they are, so the records hold exactly the pictures the
-original's loader reads. A missing frame is an error: the original's loader silently takes an
-earlier frame instead.
+The original's extracted layout (`read_clip_media` with `frames_dir`): its preprocessing leaves a
+16 kHz audio file and a folder of `frame_{i}/{video_id}.jpg` (i = 0..9), each frame already
+resized, cropped and saved as JPEG at quality 75, which is what records hold. The audio file is
+decoded as above and the frames' JPEG bytes are kept as they are, so the records hold exactly the
+pictures the original's loader reads. A missing frame is an error: the original's loader silently
+takes an earlier frame instead.
 """
 
 from __future__ import annotations

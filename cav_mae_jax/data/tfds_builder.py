@@ -21,11 +21,12 @@ with `beam_runner`/`beam_options`), `_generate_examples` returns a Beam transfor
 a Python generator. Under Beam the clip list is read inside the pipeline, so the manual dir
 may be on any file system TensorFlow reads (gs://...), and so may the videos: `decode.py` reads
 non-local paths through tf.io.gfile, so the workers need no mounted bucket. Clips that cannot
-be made into examples are never replaced by zeros: they are written to `quarantine-{split}-*.jsonl` in the dataset
-directory (path, video_id, reason, message) and counted in Beam counters
-`quarantined_{reason}`; with `strict=True` the build fails at the first one, naming it. An
-entry with no labels is quarantined (`no_labels`) unless `allow_unlabeled=True` (a list for
-pretraining only), which writes it and counts it (`ShardStats.num_unlabeled`).
+be made into examples are never replaced by zeros: they are written to
+`quarantine-{split}-*.jsonl` in the dataset directory (path, video_id, reason, message) and
+counted in Beam counters `quarantined_{reason}`; with `strict=True` the build fails at the first
+one, naming it. An entry with no labels is quarantined (`no_labels`) unless
+`allow_unlabeled=True` (a list for pretraining only), which writes it and counts it
+(`ShardStats.num_unlabeled`).
 
 Every split also gets the statistics a records directory's index.json holds (example and
 per-class label counts, fbank sums over the valid frames: `records.ShardStats`, the code the

@@ -99,7 +99,8 @@ class Evaluator:
 
 
 def global_valid(valid: np.ndarray) -> np.ndarray:
-  """The global batch's `valid` mask from every process's local part (the one place it is gathered)."""
+  """The global batch's `valid` mask from every process's local part (the one place it is
+  gathered)."""
   return global_array(np.asarray(valid, bool)).reshape(-1)
 
 

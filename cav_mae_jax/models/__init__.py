@@ -21,7 +21,8 @@ __all__ = [
 
 
 def requires_grad_mask(params: Any, config: Any) -> Any:
-  """Pytree of bools: what the original marks `requires_grad` (all but fixed position embeddings)."""
+  """Pytree of bools: what the original marks `requires_grad` (all but fixed position
+  embeddings)."""
   trainable_pos = ModelConfig.from_config(config).trainable_pos_embed
 
   def requires_grad(path: tuple[Any, ...], _: Any) -> bool:
@@ -114,7 +115,8 @@ def count_params(params: Any, mask: Any = None) -> int:
   return int(sum(np.prod(x.shape) for x, m in zip(leaves, jax.tree_util.tree_leaves(mask)) if m))
 
 
-def dummy_inputs(config: Any, batch_size: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+def dummy_inputs(config: Any,
+                 batch_size: int = 1) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
   """Abstract (audio, image) inputs of the configured shapes, for init / eval_shape.
 
   Parameters do not depend on the batch: the models skip the contrast-group check while

@@ -42,7 +42,8 @@ def check_inputs(config: ModelConfig, audio: Optional[jax.Array], image: Optiona
       raise ValueError("audio is required by this model/mode but was None")
     expected = (config.audio_length, config.num_mel_bins)
     if audio.ndim != 3 or tuple(audio.shape[1:]) != expected:
-      raise ValueError(f"audio has shape {tuple(audio.shape)}, expected [B, {expected[0]}, {expected[1]}] "
+      raise ValueError(f"audio has shape {tuple(audio.shape)}, "
+                       f"expected [B, {expected[0]}, {expected[1]}] "
                        f"(config.model.audio_length={config.audio_length}, "
                        f"config.model.num_mel_bins={config.num_mel_bins})")
   if need_image:
@@ -148,7 +149,8 @@ class _Encoder(nn.Module):
     """Joint blocks with the stream's LayerNorms, then its final norm (norm / norm_a / norm_v)."""
     for blk in self.blocks_u:
       x = blk(x, modality)
-    final = {None: self.norm, "a": getattr(self, "norm_a", None), "v": getattr(self, "norm_v", None)}
+    final = {None: self.norm, "a": getattr(self, "norm_a", None),
+             "v": getattr(self, "norm_v", None)}
     return final[modality](x)
 
   def alone_norms(self, modality: str) -> Optional[str]:
@@ -187,7 +189,8 @@ class _Encoder(nn.Module):
 
 
 class CAVMAE(_Encoder):
-  """CAV-MAE pretraining model: masked encoder, joint decoder, reconstruction + contrastive losses."""
+  """CAV-MAE pretraining model: masked encoder, joint decoder, reconstruction + contrastive
+  losses."""
 
   def setup(self) -> None:
     super().setup()
@@ -230,7 +233,8 @@ class CAVMAE(_Encoder):
     return masking.mask_noise(self.make_rng("mask"), batch, grid, ratio, mode)
 
   def encode(self, audio: Optional[jax.Array], image: Optional[jax.Array],
-             noise_a: Optional[jax.Array] = None, noise_v: Optional[jax.Array] = None) -> dict[str, Any]:
+             noise_a: Optional[jax.Array] = None,
+             noise_v: Optional[jax.Array] = None) -> dict[str, Any]:
     """Masks and encodes. Returns the joint stream `x`, contrastive streams and mask bookkeeping."""
     cfg = self.config
     out: dict[str, Any] = {}
@@ -258,8 +262,10 @@ class CAVMAE(_Encoder):
       out["latent_c_v"] = self.joint(v, "v")
     return out
 
-  def decode(self, x: jax.Array, enc: dict[str, Any]) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
-    """Joint decoder: mask tokens, position/modality embeddings, blocks, per-modality predictions."""
+  def decode(self, x: jax.Array,
+             enc: dict[str, Any]) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+    """Joint decoder: mask tokens, position/modality embeddings, blocks, per-modality
+    predictions."""
     cfg = self.config
     x = self.decoder_embed(x)
     pieces = []
@@ -269,7 +275,8 @@ class CAVMAE(_Encoder):
         continue
       ids_restore = enc[f"ids_restore_{name}"]
       keep = masking.num_kept(ids_restore.shape[1], getattr(cfg, f"mask_ratio_{name}"))
-      tokens = masking.restore_with_mask_tokens(x[:, start:start + keep], self.mask_token, ids_restore)
+      tokens = masking.restore_with_mask_tokens(x[:, start:start + keep], self.mask_token,
+                                                ids_restore)
       pos = self._pos(getattr(self, f"decoder_pos_embed_{name}"))
       tokens = tokens + (pos + getattr(self, f"decoder_modality_{name}")).astype(tokens.dtype)
       pieces.append((name, tokens))
@@ -287,7 +294,8 @@ class CAVMAE(_Encoder):
       offset += length
     return preds["a"], preds["v"]
 
-  def _targets(self, audio: Optional[jax.Array], image: Optional[jax.Array]) -> dict[str, jax.Array]:
+  def _targets(self, audio: Optional[jax.Array],
+               image: Optional[jax.Array]) -> dict[str, jax.Array]:
     p = self.config.patch_size
     targets = {}
     if audio is not None:
@@ -340,7 +348,8 @@ class CAVMAE(_Encoder):
 
   def inpaint(self, audio: jax.Array, image: jax.Array, *, noise_a: Optional[jax.Array] = None,
               noise_v: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-    """Reconstructions, masks and per-modality reconstruction losses (the original's forward_inpaint).
+    """Reconstructions, masks and per-modality reconstruction losses (the original's
+    forward_inpaint).
 
     Losses are means over the whole batch: the original calls forward_inpaint outside
     DataParallel, so contrast groups do not apply here.
@@ -360,7 +369,8 @@ class CAVMAEFT(_Encoder):
   def setup(self) -> None:
     super().setup()
     self.mlp_head_0 = layer_norm("mlp_head_0", jnp.float32)
-    self.mlp_head_1 = nn.Dense(self.config.num_classes, kernel_init=nn.initializers.xavier_uniform(),
+    self.mlp_head_1 = nn.Dense(self.config.num_classes,
+                               kernel_init=nn.initializers.xavier_uniform(),
                                bias_init=nn.initializers.zeros, dtype=jnp.float32,
                                param_dtype=jnp.float32, name="mlp_head_1")
 
@@ -413,7 +423,8 @@ class CAVMAEFT(_Encoder):
     v = self.video_blocks(self.embed_video(image)) if need_image else None
     f32 = lambda t: t.astype(jnp.float32)
     if mode == "multimodal":
-      pooled = f32(self.joint(jnp.concatenate([t for t in (a, v) if t is not None], axis=1))).mean(1)
+      pooled = f32(self.joint(jnp.concatenate([t for t in (a, v) if t is not None],
+                                              axis=1))).mean(1)
     elif mode in ("audioonly", "videoonly"):
       tokens, name = (a, "a") if mode == "audioonly" else (v, "v")
       pooled = f32(self.joint(tokens, self.alone_norms(name))).mean(1)

@@ -68,15 +68,18 @@ class ModelConfig:
   ft_mode: str = "multimodal"
 
   @classmethod
-  def from_config(cls, config: ModelConfig | Mapping[str, Any] | ml_collections.ConfigDict) -> ModelConfig:
-    """Builds a validated ModelConfig; unknown keys and bad values raise ValueError naming the field."""
+  def from_config(
+      cls, config: ModelConfig | Mapping[str, Any] | ml_collections.ConfigDict) -> ModelConfig:
+    """Builds a validated ModelConfig; unknown keys and bad values raise ValueError naming the
+    field."""
     if isinstance(config, ModelConfig):
       return config
     values = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"config.model: unknown field(s) {unknown}; known fields are {sorted(known)}")
+      raise ValueError(
+          f"config.model: unknown field(s) {unknown}; known fields are {sorted(known)}")
     for f in dataclasses.fields(cls):
       if f.name in values:
         values[f.name] = _coerce(f.name, values[f.name], type(getattr(cls, f.name)))

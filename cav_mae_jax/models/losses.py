@@ -1,4 +1,5 @@
-"""CAV-MAE losses, always computed in float32: masked reconstruction (MAE) and contrastive (InfoNCE)."""
+"""CAV-MAE losses, always computed in float32: masked reconstruction (MAE) and contrastive
+(InfoNCE)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def _nce_columns(sim: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def contrastive_loss(audio_rep: jax.Array, video_rep: jax.Array, temperature: jax.Array | float, *,
-                     bidirectional: bool = False, group_size: int = 0) -> tuple[jax.Array, jax.Array]:
+                     bidirectional: bool = False,
+                     group_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """InfoNCE between pooled audio [B, D] and video [B, D] representations.
 
   Negatives are the other samples of the same group (G = 0: the whole batch). Per-group losses

@@ -85,7 +85,8 @@ def _take_tokens_bwd(residuals, grad):
 take_tokens.defvjp(_take_tokens_fwd, _take_tokens_bwd)
 
 
-def random_masking(x: jax.Array, noise: jax.Array, keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def random_masking(x: jax.Array, noise: jax.Array,
+                   keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Keeps the `keep` lowest-noise tokens of x [B, L, D].
 
   Returns (kept tokens [B, keep, D], mask [B, L] float32 with 1 = removed, ids_restore [B, L]).
@@ -99,7 +100,8 @@ def random_masking(x: jax.Array, noise: jax.Array, keep: int) -> tuple[jax.Array
   return kept, mask, ids_restore
 
 
-def restore_with_mask_tokens(x: jax.Array, mask_token: jax.Array, ids_restore: jax.Array) -> jax.Array:
+def restore_with_mask_tokens(x: jax.Array, mask_token: jax.Array,
+                             ids_restore: jax.Array) -> jax.Array:
   """Appends mask tokens to kept tokens x [B, keep, D] and unshuffles to [B, L, D]."""
   batch, keep, dim = x.shape
   length = ids_restore.shape[1]

@@ -103,8 +103,9 @@ def _task_at_batch_size(config: ml_collections.ConfigDict, batch_size: int,
   return tasks.get_task(config)
 
 
-def abstract_batch(task: tasks.Task, batch_size: int,
-                   sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    task: tasks.Task, batch_size: int,
+    sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of a training batch of `task` (the step's input)."""
   m = task.model_config
   batch = {

@@ -28,8 +28,8 @@ def noise_and_roll(audio: jax.Array, rng: jax.Array) -> jax.Array:
   return jnp.take_along_axis(audio, source[:, :, None], axis=1)
 
 
-def make_device_augment(data_config: Any) -> Callable[[dict[str, jax.Array], jax.Array],
-                                                      tuple[dict[str, jax.Array], jax.Array]] | None:
+def make_device_augment(data_config: Any) -> Callable[
+    [dict[str, jax.Array], jax.Array], tuple[dict[str, jax.Array], jax.Array]] | None:
   """The train step's on-device augmentation for `config.data`, or None when there is none.
 
   Returns `(batch, rng) -> (batch, rng)`: the noise takes the second half of a split of the

@@ -167,9 +167,10 @@ def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> N
 RECORD_PREFIX = "evaluate/"
 
 
-def evaluate(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
-             params_path: str | None = None, names: list[str] | None = None,
-             batch_source: eval_lib.common.BatchSource | None = None) -> tuple[int, dict[str, float]]:
+def evaluate(
+    config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
+    params_path: str | None = None, names: list[str] | None = None,
+    batch_source: eval_lib.common.BatchSource | None = None) -> tuple[int, dict[str, float]]:
   """Runs the evaluators of `config.evals` (or `names`); returns (step, metrics).
 
   With a `workdir`, the metrics are also appended to its metrics.jsonl at the checkpoint's step,

@@ -117,7 +117,8 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
-def mfu(samples_per_s: float, step_flops: float, device_kind: str, num_devices: int) -> float | None:
+def mfu(samples_per_s: float, step_flops: float, device_kind: str,
+        num_devices: int) -> float | None:
   """Model FLOPs utilization: model FLOP/s over the devices' dense bf16 peak (None if unknown)."""
   peak = peak_flops(device_kind)
   if not peak:

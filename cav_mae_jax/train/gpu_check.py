@@ -308,8 +308,9 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
   e = env.result
   lines = [f"# gpu_check ({plan.preset}) {datetime.date.today().isoformat()}", "",
            f"device: {e.get('device', '?')} x{e.get('device_count', '?')} "
-           f"(backend {e.get('backend', '?')}); jax {e.get('jax', '?')}, flax {e.get('flax', '?')}, "
-           f"torch {e.get('torch', '?')}; {elapsed_s:.0f}s in all", ""]
+           f"(backend {e.get('backend', '?')}); jax {e.get('jax', '?')}, "
+           f"flax {e.get('flax', '?')}, torch {e.get('torch', '?')}; {elapsed_s:.0f}s in all",
+           ""]
   if parity.status == "ok":
     p = parity.result
     lines.append(

@@ -129,7 +129,8 @@ def evaluation_logged(workdir: str, step: int) -> bool:
 
 
 def last_scalars(workdir: str) -> dict[str, float]:
-  """The latest value of every metric logged in a workdir's metrics.jsonl (train/ prefix dropped)."""
+  """The latest value of every metric logged in a workdir's metrics.jsonl (train/ prefix
+  dropped)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return {}

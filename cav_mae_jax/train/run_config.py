@@ -52,7 +52,8 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict,
   _replace_file(os.path.join(workdir, RUN_CONFIG_FILE),
                 config.to_json_best_effort(indent=2, sort_keys=True))
   if steps_per_epoch is not None:
-    _replace_file(os.path.join(workdir, PLAN_FILE), json.dumps({"steps_per_epoch": steps_per_epoch}))
+    _replace_file(os.path.join(workdir, PLAN_FILE),
+                  json.dumps({"steps_per_epoch": steps_per_epoch}))
 
 
 def _replace_file(path: str, text: str) -> None:

@@ -59,7 +59,8 @@ class TrainInput(Protocol):
 
 @dataclasses.dataclass
 class Inputs:
-  """What the loop consumes: train batches, evaluation passes (None: the records) and the epoch size."""
+  """What the loop consumes: train batches, evaluation passes (None: the records) and the epoch
+  size."""
   train: TrainInput
   eval_batches: eval_lib.common.BatchSource | None
   train_examples: int
@@ -87,7 +88,8 @@ def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        inputs: Inputs | None = None, *,
                        raise_on_preemption: bool = False) -> dict[str, float]:
-  """Trains `config.task` (resuming from the latest checkpoint in workdir); returns the last metrics.
+  """Trains `config.task` (resuming from the latest checkpoint in workdir); returns the last
+  metrics.
 
   A preemption notice (SIGTERM) saves a checkpoint and stops the run early: it returns as a
   finished run does, or, with `raise_on_preemption`, raises `Preempted` (so that a job script
