@@ -103,6 +103,11 @@ BAD_CASES = [
     ("model.attention_impl", "cudnn", "config.model.attention_impl", {}),  # tiny is float32
     ("model.attention_impl", "cudnn", "config.model.attention_impl='cudnn': cuDNN's attention "
      "runs on NVIDIA GPUs, and this run's devices are cpu", {"model.dtype": "bfloat16"}),
+    # What training needs of its records, checked before the workdir is written (they came
+    # from the input pipeline, after config.json and the logs were).
+    ("data.mixup_on", "waveform", "config.data.mixup_on='waveform' needs records with "
+     "waveforms", {"data.mixup": 0.5}),
+    ("data.batch_size", 16, "process 1 of 2 gets no training examples", {"num_processes": 2}),
     # Settings the run would ignore: the user who sets them expects an effect.
     ("model.remat_policy", "attention_only", "config.model.remat_policy='attention_only': "
      "chooses what rematerialization keeps, and config.model.remat is False", {}),

@@ -239,6 +239,8 @@ def check_data_sources(config: Any, training: bool = True,
   train = None
   if training or data_config.fbank_stats == "index":
     train = open_split(data_config, "train")
+    if training:
+      check_training_split(data_config, train, host_shares(train, process_count))
   if data_config.fbank_stats == "index":
     _index_normalization(train)
   eval_sources = [open_split(data_config, "eval")] if data_config.eval_dir else []
@@ -270,6 +272,21 @@ def check_data_sources(config: Any, training: bool = True,
     uneven = uneven_hosts(train, process_count)
     if uneven:
       logger.warning("config.data: %s", uneven)
+
+
+def check_training_split(data_config: DataConfig, source: splits.Split,
+                         shares: Sequence[int]) -> None:
+  """What training needs of its split beyond the model's shapes: waveforms for mixup on the
+  waveform, and clips for every process (`shares`: `host_shares`). Checked with the run's
+  config (`check_data_sources`), before a workdir is written, and again by `batches`."""
+  if _uses_waveform(data_config, True) and not source.index.store_waveform:
+    raise ValueError(f"config.data.mixup_on='waveform' needs records with waveforms, but "
+                     f"{source.description} was written without them (use 'fbank' or "
+                     f"rewrite the records with waveforms)")
+  if min(shares) == 0:
+    raise ValueError(f"{source.description}: process {list(shares).index(0)} of {len(shares)} "
+                     f"gets no training examples ({len(source.index.shards)} shard files); "
+                     "write more shards")
 
 
 def _check_full_batches(source: splits.Split, field: str, batch_size: int,
@@ -606,10 +623,8 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   source, index = split_files.source, split_files.index
   host_batch = resolve_host_batch(data_config, batch_size, process_count)
   with_waveform = _uses_waveform(data_config, training)
-  if with_waveform and not index.store_waveform:
-    raise ValueError(f"config.data.mixup_on='waveform' needs records with waveforms, but "
-                     f"{source.description} was written without them (use 'fbank' or "
-                     f"rewrite the records with waveforms)")
+  if training:
+    check_training_split(data_config, source, split_files.host_examples)
   normalization = normalization or fbank_normalization(data_config)
   parse = _parse_fn(data_config, training, source, with_waveform)
   batch_pp = augment.get_preprocess_fn(
@@ -617,10 +632,6 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   base_seed = _base_seed(seed, process_index)
 
   if training:
-    if min(split_files.host_examples) == 0:
-      raise ValueError(f"{source.description}: process {split_files.host_examples.index(0)} "
-                       f"of {process_count} gets no training examples "
-                       f"({len(index.shards)} shard files); write more shards")
     balanced = None
     if data_config.balanced_sampling:
       balanced = balanced_sampling_rates(index.label_counts, index.num_examples)
