@@ -658,6 +658,25 @@ def test_too_few_frames_says_when_the_frame_count_is_an_estimate(media, tmp_path
   assert 'container declares 100 frames at 10.000 fps' in info.value.detail, info.value.detail
 
 
+def test_a_live_recording_without_a_duration_says_so_and_how_to_repair_it(tmp_path):
+  # A WebM written live (a browser's MediaRecorder; the muxer's `live` option here) stores
+  # neither a frame count nor a duration. The message said only "frame count 0 at 10.000 fps".
+  path = str(tmp_path / 'live.webm')
+  with av.open(path, 'w', format='webm', options={'live': '1'}) as out:
+    video = out.add_stream('libvpx', rate=10)
+    video.width, video.height, video.pix_fmt = 96, 64, 'yuv420p'
+    for frame in synthetic.numbered_frames(20):
+      out.mux(video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    out.mux(video.encode())
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_frames(path)
+  assert info.value.reason == 'too_few_frames'
+  assert info.value.detail == (
+      'frame count 0 at 10.000 fps: the file stores neither a frame count nor a duration (as a '
+      'live recording, e.g. a WebM from a browser, leaves it); remuxing it (ffmpeg -i IN -c copy '
+      'OUT) writes its duration')
+
+
 def test_single_stream_files_still_decode_their_stream(media):
   waveform, _ = decode.decode_audio(media['audio_only.mp4'])
   assert abs(waveform.shape[0] - 32000) <= 1100

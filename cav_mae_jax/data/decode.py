@@ -558,6 +558,7 @@ class _FrameSink:
         1 / stream.time_base if stream.time_base else None)
     self.fps = float(rate) if rate else 0.0
     frame_count = int(stream.frames or 0)
+    duration_s = None  # the duration a missing frame count is estimated from
     # Where the frame count comes from, for messages: the file's own count, or (a container
     # such as Matroska stores none) OpenCV's estimate from a duration.
     self._count_source = f'container declares {frame_count} frames at {self.fps:.3f} fps'
@@ -573,8 +574,16 @@ class _FrameSink:
     self.frame_count = frame_count
     self.indices = frame_indices(frame_count, self.fps, num_frames)
     if frame_count <= 0 or self.fps <= 0:
+      # A live recording (a browser's MediaRecorder WebM, a stream dump) stores neither a count
+      # nor a duration: the original's OpenCV then has no frame count to spread its 10 frames
+      # over. Say so, and how such a file is repaired, rather than only "frame count 0".
+      unknown_length = ''
+      if duration_s == 0:  # (estimated above from no duration at all)
+        unknown_length = (': the file stores neither a frame count nor a duration (as a live '
+                          'recording, e.g. a WebM from a browser, leaves it); remuxing it '
+                          '(ffmpeg -i IN -c copy OUT) writes its duration')
       raise DecodeError(path, 'too_few_frames',
-                        f'frame count {frame_count} at {self.fps:.3f} fps')
+                        f'frame count {frame_count} at {self.fps:.3f} fps{unknown_length}')
     self._wanted = set(self.indices.tolist())
     self._frames: dict[int, np.ndarray] = {}
     self._frame_pts: dict[int, int] = {}
