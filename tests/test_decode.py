@@ -836,6 +836,28 @@ def test_a_directory_is_named_as_one(tmp_path):
   assert (info.value.reason, info.value.detail) == ('missing_file', 'a directory, not a file')
 
 
+def test_a_path_that_is_no_regular_file_is_named_for_what_it_is(tmp_path):
+  # A named pipe, a device, a broken or looping link: each was "missing file" (os.path.isfile
+  # is False), a misleading message for a path that is there.
+  os.mkfifo(tmp_path / 'pipe.mp4')
+  os.symlink(tmp_path / 'gone.mp4', tmp_path / 'broken.mp4')
+  os.symlink(tmp_path / 'loop_b.mp4', tmp_path / 'loop_a.mp4')
+  os.symlink(tmp_path / 'loop_a.mp4', tmp_path / 'loop_b.mp4')
+  details = {}
+  for path in [tmp_path / name for name in ('pipe.mp4', 'broken.mp4', 'loop_a.mp4',
+                                            'absent.mp4')] + ['/dev/null']:
+    with pytest.raises(decode.DecodeError) as info:
+      decode.decode_clip(path)
+    assert info.value.reason == 'missing_file'
+    details[os.path.basename(path)] = info.value.detail
+  assert details == {
+      'pipe.mp4': 'a named pipe (FIFO), not a regular file',
+      'broken.mp4': f"a broken symbolic link (to {tmp_path / 'gone.mp4'})",
+      'loop_a.mp4': 'Too many levels of symbolic links',
+      'absent.mp4': '',
+      'null': 'a character device, not a regular file'}
+
+
 def test_audio_shorter_than_one_fbank_window_is_an_error(tmp_path):
   short = str(tmp_path / 'short.mp4')
   synthetic.write_mp4(short, synthetic.numbered_frames(3), 10, _stereo(0.01))

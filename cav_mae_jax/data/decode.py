@@ -54,7 +54,9 @@ midway is `unreadable_container`. TensorFlow is imported only for such paths.
 Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Reason codes
 (stable; the preprocessing quarantine counts clips by them):
 
-  missing_file          the path does not exist or is not a regular file (a directory)
+  missing_file          the path does not exist, or is not a regular file (a directory, a
+                        device, a named pipe), or is a broken or looping symbolic link (the
+                        message says which)
   empty_file            the file has zero bytes
   unreadable_container  no demuxer can open the file, or demuxing fails (text file named
                         .mp4, an MP4 truncated before its index, random bytes), or it holds
@@ -95,6 +97,7 @@ import dataclasses
 import io
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 
 import av
@@ -200,11 +203,29 @@ def encode_jpeg(frame: np.ndarray, quality: int = 75) -> bytes:
   return buffer.getvalue()
 
 
+# What a path that exists but is not a regular file is, for messages (FFmpeg would block on a
+# FIFO and read /dev/zero forever).
+_FILE_KINDS = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
+
+
 def _check_file(path: str) -> None:
-  if os.path.isdir(path):
+  """Raises missing_file or empty_file, naming what the path is when it exists (a broken or
+  looping link, a device, a pipe) rather than calling it missing."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    if os.path.islink(path):
+      raise DecodeError(path, 'missing_file',
+                        f'a broken symbolic link (to {os.readlink(path)})') from None
+    raise DecodeError(path, 'missing_file') from None
+  except OSError as e:  # a link loop, a file where a folder should be, a folder not searchable
+    raise DecodeError(path, 'missing_file', e.strerror or str(e)) from None
+  if stat.S_ISDIR(mode):
     raise DecodeError(path, 'missing_file', 'a directory, not a file')
-  if not os.path.isfile(path):
-    raise DecodeError(path, 'missing_file')
+  if not stat.S_ISREG(mode):
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), 'a special file')
+    raise DecodeError(path, 'missing_file', f'{kind}, not a regular file')
   if os.path.getsize(path) == 0:
     raise DecodeError(path, 'empty_file')
 
@@ -227,14 +248,14 @@ class _RemoteFile:
 
     self._errors = tf.errors.OpError
     try:
-      stat = tf.io.gfile.stat(path)
+      file_stat = tf.io.gfile.stat(path)
     except tf.errors.NotFoundError:
       raise DecodeError(path, 'missing_file') from None
     except tf.errors.OpError as e:
       raise DecodeError(path, 'unreadable_container', e.message) from None
-    if stat.is_directory:
+    if file_stat.is_directory:
       raise DecodeError(path, 'missing_file', 'a directory, not a file')
-    if stat.length == 0:
+    if file_stat.length == 0:
       raise DecodeError(path, 'empty_file')
     self._file = tf.io.gfile.GFile(path, 'rb')
     self.error: str | None = None
