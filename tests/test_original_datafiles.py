@@ -161,6 +161,23 @@ def test_a_labels_csv_in_another_row_order_is_read_by_its_indices(tmp_path):
       sources.read_class_labels(str(path))
 
 
+def test_a_labels_csv_without_its_header_names_the_first_row_it_has(tmp_path):
+  # A header with spaces after the commas, a semicolon-separated export or a CSV without its
+  # header row were all told "expected a CSV with columns index,mid,display_name" only.
+  path = tmp_path / "labels.csv"
+  for text, found in (("index, mid, display_name\n0, /m/a, A\n",
+                       "its first row is 'index, mid, display_name'"),
+                      ("index;mid;display_name\n0;/m/a;A\n",
+                       "its first row is 'index;mid;display_name'"),
+                      ("0,/m/a,A\n", "its first row is '0,/m/a,A'"),
+                      ("", "it is empty")):
+    path.write_text(text)
+    with pytest.raises(sources.SourceError) as info:
+      sources.read_class_labels(str(path))
+    assert str(info.value) == (f"labels CSV {path}: expected a CSV with columns "
+                               f"index,mid,display_name; {found}")
+
+
 class _CountedLabel(str):
   """A label id that counts the comparisons a lookup makes with it."""
 

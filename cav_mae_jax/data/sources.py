@@ -122,7 +122,11 @@ def read_class_labels(path: str) -> ClassLabels:
   reader = csv.DictReader(io.StringIO(read_text(what, path)))
   rows = list(reader)
   if not {"index", "mid", "display_name"} <= set(reader.fieldnames or ()):
-    raise SourceError(what, path, "expected a CSV with columns index,mid,display_name")
+    # What the first row holds: spaces after the commas, semicolons (a spreadsheet's export in
+    # some locales) or no header row at all are told apart at a glance.
+    found = (f"its first row is {','.join(reader.fieldnames)!r}" if reader.fieldnames
+             else "it is empty")
+    raise SourceError(what, path, f"expected a CSV with columns index,mid,display_name; {found}")
   if not rows:
     raise SourceError(what, path, "has no classes (a header and no rows)")
   by_index: dict[int, dict[str, str]] = {}
