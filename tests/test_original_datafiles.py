@@ -220,6 +220,20 @@ def test_a_video_id_that_is_not_a_string_or_an_integer_is_refused_naming_its_ent
                              f"{video_id!r}, expected a non-empty string (or an integer)")
 
 
+def test_blank_labels_in_a_list_are_dropped_as_in_a_comma_separated_string(tmp_path):
+  # "labels": ["/m/09x0r", ""] was quarantined unknown_label ("label '' is not in ...") where
+  # "/m/09x0r," is written, and [""] was unknown_label where "" is no_labels.
+  rows = [{"video_id": "list", "video_path": "a.mp4", "labels": ["/m/09x0r", " ", ""]},
+          {"video_id": "string", "video_path": "a.mp4", "labels": "/m/09x0r, ,"},
+          {"video_id": "blank_list", "video_path": "a.mp4", "labels": [""]},
+          {"video_id": "blank_string", "video_path": "a.mp4", "labels": ""}]
+  (tmp_path / "data.json").write_text(json.dumps({"data": rows}))
+  entries = sources.read_datafile(str(tmp_path / "data.json"))
+  assert [entry.label_ids for entry in entries] == [("/m/09x0r",), ("/m/09x0r",), (), ()]
+  quarantined = clips.try_clip_example(entries[2], LABELS, clip_fn=None)
+  assert quarantined.reason == clips.NO_LABELS
+
+
 def test_an_integer_video_id_is_read_as_its_digits(tmp_path):
   rows = [{"video_id": 7, "video_path": "a.mp4", "labels": "/m/09x0r"}]
   (tmp_path / "data.json").write_text(json.dumps({"data": rows}))

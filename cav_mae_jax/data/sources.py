@@ -164,10 +164,12 @@ def check_labels_known(entries: Sequence[ClipEntry], labels: ClassLabels, source
 
 
 def _split_labels(labels: str | Sequence[str]) -> tuple[str, ...]:
-  """A list entry's label ids, interned: a list of millions of clips names a few hundred labels."""
-  if isinstance(labels, str):
-    return tuple(sys.intern(x.strip()) for x in labels.split(",") if x.strip())
-  return tuple(sys.intern(str(x).strip()) for x in labels)
+  """A list entry's label ids, interned: a list of millions of clips names a few hundred labels.
+
+  Blank ids are dropped in both forms, so `["/m/a", ""]` is `"/m/a,"` and `[""]` is `""` (no
+  labels, `clips.NO_LABELS`), not a label `''` that no labels CSV has."""
+  pieces = labels.split(",") if isinstance(labels, str) else labels
+  return tuple(sys.intern(x.strip()) for x in pieces if x.strip())
 
 
 def _media_path(base: str, media: str) -> str:
