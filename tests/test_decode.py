@@ -1084,3 +1084,24 @@ def test_an_extracted_frame_is_checked_with_the_input_pipelines_jpeg_decoder(tmp
     assert tf.io.decode_jpeg(kept, channels=3, dct_method='INTEGER_ACCURATE').shape == (224, 224, 3)
   assert by_tensorflow, 'no damaged copy that only TensorFlow refuses: the test checks nothing'
   assert 'Invalid JPEG data' in by_tensorflow[0]
+
+
+def test_an_extracted_frame_that_is_a_named_pipe_is_refused_not_waited_for(tmp_path):
+  # open() + read() of a FIFO blocks until a writer comes: a frame folder holding one (or
+  # /dev/zero linked in) hung the preprocessing worker.
+  os.mkfifo(tmp_path / 'frame_5.jpg')
+  for path, kind in ((tmp_path / 'frame_5.jpg', 'a named pipe (FIFO)'),
+                     ('/dev/zero', 'a character device')):
+    with pytest.raises(decode.DecodeError) as info:
+      decode.read_extracted_frame(str(path))
+    assert info.value.reason == 'bad_frame'
+    assert info.value.detail == f'{path} is {kind}, not a file'
+
+
+def test_an_audio_file_says_it_has_no_video_for_the_records_frames(media):
+  # An audio-only list (.wav, .m4a) given to preprocessing: "no video stream" alone did not say
+  # that every record holds frames, whatever model reads it.
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_clip(media['audio_only.mp4'])
+  assert info.value.reason == 'no_video_stream'
+  assert info.value.detail.startswith("an audio-only file: a record holds frames of the clip's")

@@ -209,6 +209,11 @@ _FILE_KINDS = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISCHR, 'a charact
                (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
 
 
+def _special_kind(mode: int) -> str:
+  """What a path of `os.stat` mode `mode` that is neither a file nor a folder is."""
+  return next((name for test, name in _FILE_KINDS if test(mode)), 'a special file')
+
+
 def _check_file(path: str) -> None:
   """Raises missing_file or empty_file, naming what the path is when it exists (a broken or
   looping link, a device, a pipe) rather than calling it missing."""
@@ -224,8 +229,7 @@ def _check_file(path: str) -> None:
   if stat.S_ISDIR(mode):
     raise DecodeError(path, 'missing_file', 'a directory, not a file')
   if not stat.S_ISREG(mode):
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), 'a special file')
-    raise DecodeError(path, 'missing_file', f'{kind}, not a regular file')
+    raise DecodeError(path, 'missing_file', f'{_special_kind(mode)}, not a regular file')
   if os.path.getsize(path) == 0:
     raise DecodeError(path, 'empty_file')
 
@@ -802,6 +806,8 @@ def _frame_sink(path: str, container: av.container.InputContainer, num_frames: i
   if not videos:
     raise DecodeError(path, 'no_video_stream',
                       'only a cover picture (attached_pic), no video' if container.streams.video
+                      else 'an audio-only file: a record holds frames of the clip\'s video too '
+                      '(audio-only models train on the same records)' if container.streams.audio
                       else '')
   stream = container.streams.best('video')
   if stream.disposition & av.stream.Disposition.attached_pic:
@@ -865,6 +871,9 @@ def read_extracted_frame(path: str, image_size: int = 224) -> bytes:
   """One extracted frame's JPEG bytes, checked to be an RGB JPEG of image_size x image_size."""
   if is_local_path(path):
     try:
+      mode = os.stat(path).st_mode
+      if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # reading a FIFO would block
+        raise DecodeError(path, 'bad_frame', f'{path} is {_special_kind(mode)}, not a file')
       with open(path, 'rb') as f:
         data = f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
