@@ -178,6 +178,22 @@ def test_a_labels_csv_without_its_header_names_the_first_row_it_has(tmp_path):
                                f"index,mid,display_name; {found}")
 
 
+def test_a_labels_csv_row_without_a_mid_is_refused_and_duplicates_are_named(tmp_path):
+  # A row whose mid is empty (a short row: 'index' alone, or ',,') was a class no label could
+  # name, accepted silently; duplicate mids were refused without saying which.
+  path = tmp_path / "labels.csv"
+  for text, why in (("index,mid,display_name\n0,/m/a,A\n1\n", "row 3 (index 1) has no mid"),
+                    ("index,mid,display_name\n0, ,A\n", "row 2 (index 0) has no mid"),
+                    ("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/a,C\n",
+                     "duplicate mids: /m/a")):
+    path.write_text(text)
+    with pytest.raises(sources.SourceError) as info:
+      sources.read_class_labels(str(path))
+    assert str(info.value) == f"labels CSV {path}: {why}"
+  path.write_text("index,mid,display_name\n0,/m/a\n")  # a display name only names the class
+  assert sources.read_class_labels(str(path)).display_names == ("",)
+
+
 class _CountedLabel(str):
   """A label id that counts the comparisons a lookup makes with it."""
 

@@ -140,11 +140,14 @@ def read_class_labels(path: str) -> ClassLabels:
              else f"is outside 0..{len(rows) - 1} ({len(rows)} classes)")
       raise SourceError(what, path, f"row {position + 2} has index {row['index']!r}, which "
                         f"{why}: the indices must be 0..{len(rows) - 1}, each once")
+    if not (row["mid"] or "").strip():  # no datafile label could name the class
+      raise SourceError(what, path, f"row {position + 2} (index {index}) has no mid")
     by_index[index] = row
   rows = [by_index[index] for index in range(len(rows))]
-  mids = tuple((row["mid"] or "").strip() for row in rows)
+  mids = tuple(row["mid"].strip() for row in rows)
   if len(set(mids)) != len(mids):
-    raise SourceError(what, path, "duplicate mids")
+    twice = sorted({mid for mid in mids if mids.count(mid) > 1})
+    raise SourceError(what, path, f"duplicate mids: {', '.join(twice[:5])}")
   return ClassLabels(mids, tuple((row["display_name"] or "").strip() for row in rows), path)
 
 
