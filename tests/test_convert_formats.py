@@ -110,6 +110,30 @@ def test_pth_damaged_in_place_is_refused_not_loaded(tmp_path):
     formats.read_state_dict(path)
 
 
+def _unreadable_entries(torch):
+  """(entry, the error naming it): each made a traceback (TypeError, RuntimeError,
+  NotImplementedError or, for a non-string key, AttributeError in the converters)."""
+  return [
+      (torch.zeros(2, dtype=torch.float8_e4m3fn), r"'x' has dtype torch.float8_e4m3fn"),
+      (torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.qint8),
+       r"'x' is a quantized tensor \(torch.qint8\)"),
+      (torch.zeros(2, 2).to_sparse(), r"'x' is a torch.sparse_coo tensor, not a dense one"),
+      (torch.empty(2, device="meta"), r"'x' is a meta tensor: it holds no values"),
+  ]
+
+
+def test_pth_entries_numpy_cannot_hold_are_named(tmp_path):
+  torch = pytest.importorskip("torch", reason="writing a .pth needs torch")
+  for value, message in _unreadable_entries(torch):
+    path = tmp_path / "model.pth"
+    torch.save({"w": torch.ones(2), "x": value}, path)
+    with pytest.raises(formats.CheckpointFileError, match=rf"{path}: entry {message}"):
+      formats.read_state_dict(path)
+  torch.save({"w": torch.ones(2), 0: torch.ones(2)}, path)  # keyed like an optimizer's state
+  with pytest.raises(formats.CheckpointFileError,
+                     match=r"key 0 \(int\) is not a string: not a model"):
+    formats.read_state_dict(path)
+
 def test_npz_refuses_bfloat16_rather_than_writing_void_arrays(tmp_path):
   arrays = {"w": np.ones(3, ml_dtypes.bfloat16), "b": np.ones(3, np.float32)}
   with pytest.raises(ValueError, match=r"\.npz cannot hold bfloat16 arrays \('w' and 0 more\)"):

@@ -104,6 +104,10 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
     # struct.error, depending on where it is cut.
     raise CheckpointFileError(path, f"truncated or corrupt PyTorch file ({_first_line(e)})") from e
   tensors = _unwrap(path, obj)
+  for key in tensors:
+    if not isinstance(key, str):  # an optimizer's state is keyed by parameter index
+      raise CheckpointFileError(path, f"key {key!r} ({type(key).__name__}) is not a string: "
+                                "not a model's state dict")
   return {key: _tensor_to_numpy(path, key, value) for key, value in tensors.items()}
 
 
@@ -153,10 +157,23 @@ def _tensor_to_numpy(path: str | os.PathLike, key: str, value: object) -> np.nda
   import torch  # pylint: disable=import-outside-toplevel
   if not isinstance(value, torch.Tensor):
     raise CheckpointFileError(path, f"entry {key!r} is a {type(value).__name__}, not a tensor")
+  # Each of these made .numpy() or .cpu() raise TypeError, RuntimeError or NotImplementedError:
+  # a traceback, not a line naming the entry.
+  if value.is_meta:
+    raise CheckpointFileError(path, f"entry {key!r} is a meta tensor: it holds no values")
+  if value.layout != torch.strided:
+    raise CheckpointFileError(path, f"entry {key!r} is a {value.layout} tensor, not a dense one")
+  if value.is_quantized:
+    raise CheckpointFileError(path, f"entry {key!r} is a quantized tensor ({value.dtype}); "
+                              "save the float weights")
   value = value.detach().cpu().contiguous()
   if value.dtype == torch.bfloat16:
     return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return value.numpy()
+  try:
+    return value.numpy()
+  except TypeError as e:  # float8 and other dtypes NumPy has no type for
+    raise CheckpointFileError(path, f"entry {key!r} has dtype {value.dtype}, which this reader "
+                              "does not convert (use float32, float16 or bfloat16)") from e
 
 
 def _read_npz(path: str | os.PathLike) -> StateDict:
