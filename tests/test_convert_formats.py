@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,20 @@ def _bad_files(tmp_path):
   formats.write_state_dict(npz, {"w": np.ones((64, 64), np.float32)})
   add("cut.npz", npz.read_bytes()[:300], "truncated or corrupt")
   add("pickle.pth", pickle.dumps([1, 2, 3], protocol=2), "corrupt PyTorch file|needs PyTorch")
+  # Malformed safetensors headers: each was a traceback (AttributeError, KeyError, TypeError),
+  # a ValueError not naming the file, or (a negative offset) the header's bytes read as weights.
+  for name, entry, message in (
+      ("entry_text", "F32", "the entry of tensor 'w' is a str, not an object"),
+      ("no_offsets", {"dtype": "F32", "shape": [2]}, r"'w' has data_offsets None"),
+      ("negative_offset", {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]},
+       r"'w' has data_offsets \[-8, 0\]"),
+      ("one_offset", {"dtype": "F32", "shape": [2], "data_offsets": [0]},
+       r"'w' has data_offsets \[0\]"),
+      ("shape_text", {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+       r"'w' has shape '2' \(expected a list of non-negative integers\)")):
+    header = json.dumps({"w": entry}).encode()
+    add(f"{name}.safetensors", struct.pack("<Q", len(header)) + header + bytes(64),
+        f"corrupt safetensors header: (tensor )?{message}")
   return cases
 
 

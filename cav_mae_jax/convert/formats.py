@@ -202,11 +202,25 @@ def _read_safetensors(path: str | os.PathLike) -> StateDict:
 
 def _safetensors_array(path: str | os.PathLike, key: str, info: Mapping[str, object],
                        data: mmap.mmap, start: int) -> np.ndarray:
+  # The header is the file's to say: each entry is checked before it is used (a missing or
+  # malformed field was a KeyError or TypeError, and a negative offset read the header's bytes
+  # as the tensor's).
+  if not isinstance(info, Mapping):
+    raise CheckpointFileError(path, f"corrupt safetensors header: the entry of tensor {key!r} is "
+                              f"a {type(info).__name__}, not an object")
   dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
   if dtype is None:
     raise CheckpointFileError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-  begin, end = info["data_offsets"]
-  shape = tuple(info["shape"])
+  shape, offsets = info.get("shape"), info.get("data_offsets")
+  if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+    raise CheckpointFileError(path, f"corrupt safetensors header: tensor {key!r} has shape "
+                              f"{shape!r} (expected a list of non-negative integers)")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+          and offsets[0] <= offsets[1]):
+    raise CheckpointFileError(path, f"corrupt safetensors header: tensor {key!r} has data_offsets "
+                              f"{offsets!r} (expected [begin, end], 0 <= begin <= end)")
+  begin, end = offsets
+  shape = tuple(shape)
   count = int(np.prod(shape))
   if start + end > len(data):
     raise CheckpointFileError(
@@ -217,6 +231,11 @@ def _safetensors_array(path: str | os.PathLike, key: str, info: Mapping[str, obj
   raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count,
                       offset=start + begin)
   return raw.reshape(shape).astype(dtype, copy=True)
+
+
+def _is_count(value: object) -> bool:
+  """Whether a JSON value is a non-negative integer (JSON's true and false are not)."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
