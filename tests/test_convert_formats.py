@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import struct
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,41 @@ def test_pth_entries_numpy_cannot_hold_are_named(tmp_path):
   torch.save({"w": torch.ones(2), 0: torch.ones(2)}, path)  # keyed like an optimizer's state
   with pytest.raises(formats.CheckpointFileError,
                      match=r"key 0 \(int\) is not a string: not a model"):
+    formats.read_state_dict(path)
+
+def _zip(path, members):
+  with zipfile.ZipFile(path, "w") as archive:
+    for name, data in members.items():
+      archive.writestr(name, data)
+  return path
+
+
+def test_zip_archives_that_are_not_checkpoints_are_named(tmp_path):
+  """A zip torch.save did not write was refused as a "truncated or corrupt PyTorch file" (or an
+  empty one as holding objects to unpickle), a TorchScript archive as "truncated or corrupt"."""
+  np.save(tmp_path / "w.npy", np.ones(2))
+  cases = [
+      (_zip(tmp_path / "docs.pth", {"readme.txt": "hello"}), r"a zip archive that is neither a "
+       r"PyTorch checkpoint \(no data.pkl\) nor an .npz \(not only .npy members\): it holds "
+       r"'readme.txt'"),
+      (_zip(tmp_path / "empty.pth", {}), "a zip archive that is neither .*: it is empty"),
+      (_zip(tmp_path / "mixed.npz", {"w.npy": (tmp_path / "w.npy").read_bytes(),
+                                     "notes.txt": "hi"}),
+       "a zip archive .*: it holds 'w.npy', 'notes.txt'"),
+      (_zip(tmp_path / "scripted.pt", {"m/data.pkl": b"", "m/constants.pkl": b"",
+                                       "m/code/__torch__.py": "", "m/version": "3"}),
+       r"a TorchScript archive \(torch.jit.save\): a compiled program, not a state dict"),
+  ]
+  for path, message in cases:
+    with pytest.raises(formats.CheckpointFileError, match=f"{path}: {message}"):
+      formats.read_state_dict(path)
+
+
+def test_a_torchscript_file_is_named_as_such(tmp_path):
+  torch = pytest.importorskip("torch", reason="writing TorchScript needs torch")
+  path = tmp_path / "model.pt"
+  torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+  with pytest.raises(formats.CheckpointFileError, match=f"{path}: a TorchScript archive"):
     formats.read_state_dict(path)
 
 def test_npz_refuses_bfloat16_rather_than_writing_void_arrays(tmp_path):

@@ -49,7 +49,7 @@ def detect_format(path: str | os.PathLike) -> str:
   if not head:
     raise CheckpointFileError(path, "empty file")
   if head.startswith(b"PK"):  # zip: torch.save (since 1.6) and np.savez both write zip archives
-    return "npz" if _zip_holds_npy(path) else "pth"
+    return _zip_format(path)
   if head[:1] == b"\x80":  # a bare pickle: torch.save with the legacy serialization
     return "pth"
   if len(head) >= 9 and head[8:9] == b"{":
@@ -62,13 +62,32 @@ def detect_format(path: str | os.PathLike) -> str:
       f"(first bytes {head[:8]!r})")
 
 
-def _zip_holds_npy(path: str | os.PathLike) -> bool:
+def _zip_format(path: str | os.PathLike) -> str:
+  """'npz' or 'pth' for a zip archive, from its members' names.
+
+  np.savez writes only `.npy` members; torch.save writes `<name>/data.pkl` beside the tensors'
+  data. Any other zip (an empty one, a folder of files zipped) was handed to torch.load, and
+  refused as a "truncated or corrupt PyTorch file" or as holding objects to unpickle; a
+  TorchScript archive (torch.jit.save: code, no state dict) as "truncated or corrupt" too.
+  """
   try:
     with zipfile.ZipFile(path) as archive:
       names = archive.namelist()
   except zipfile.BadZipFile as e:
     raise CheckpointFileError(path, f"truncated or corrupt zip archive ({e})") from e
-  return bool(names) and all(n.endswith(".npy") for n in names)
+  if names and all(n.endswith(".npy") for n in names):
+    return "npz"
+  if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+    raise CheckpointFileError(
+        path, "a TorchScript archive (torch.jit.save): a compiled program, not a state dict; "
+        "save the model's weights with torch.save(model.state_dict(), ...)")
+  if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+    return "pth"
+  shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more"
+                                                   if len(names) > 3 else "")
+  raise CheckpointFileError(
+      path, "a zip archive that is neither a PyTorch checkpoint (no data.pkl) nor an .npz (not "
+      f"only .npy members): {f'it holds {shown}' if names else 'it is empty'}")
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
