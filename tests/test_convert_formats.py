@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import zipfile
@@ -83,6 +84,31 @@ def test_pth_with_pickled_objects_names_the_class(tmp_path):
   torch.save({"model": {"w": torch.ones(1)}, "args": _Namespace()}, path)
   with pytest.raises(formats.CheckpointFileError, match=r"\(the class [\w.]*_Namespace\)"):
     formats.read_state_dict(path)
+
+
+class _CallsAFunction:
+  """Unpickles as a call of os.getpid (harmless: the reader must refuse it, not run it)."""
+
+  def __reduce__(self):
+    return (os.getpid, ())
+
+
+def test_pth_that_would_call_a_function_names_it_not_torchs_advice(tmp_path):
+  """The message was torch's first line: that loading with weights_only=False "will likely
+  succeed", which the tool never does; what was refused was not named."""
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  for path in (tmp_path / "saved.pth", tmp_path / "pickled.pth"):
+    if path.name == "saved.pth":
+      torch.save({"w": torch.ones(1), "x": _CallsAFunction()}, path)
+      refused = r"the class posix.getpid|posix.getpid, of the blocked module posix"
+    else:  # a plain pickle, not torch.save's format
+      path.write_bytes(pickle.dumps({"x": _CallsAFunction()}, protocol=4))
+      refused = r"Unsupported operand \d+"
+    with pytest.raises(formats.CheckpointFileError) as info:
+      formats.read_state_dict(path)
+    assert re.search(rf"{path}: holds objects other than tensors and containers \(({refused})\), "
+                     r"or is damaged; refusing to unpickle", str(info.value)), str(info.value)
+    assert "will likely succeed" not in str(info.value)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 200, 2000, 3000])

@@ -112,9 +112,7 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
     with _allowed_globals(torch):
       obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    # torch's first lines are generic advice; the class it refused is in the last ones.
-    refused = re.search(r"Unsupported global: GLOBAL (\S+) was not", str(e))
-    detail = f"the class {refused.group(1)}" if refused else _first_line(e)
+    detail = _unpickling_detail(e)
     raise CheckpointFileError(
         path, f"holds objects other than tensors and containers ({detail}), or is damaged; "
         "refusing to unpickle arbitrary code (torch.load weights_only=True)") from e
@@ -128,6 +126,22 @@ def _read_pth(path: str | os.PathLike) -> StateDict:
       raise CheckpointFileError(path, f"key {key!r} ({type(key).__name__}) is not a string: "
                                 "not a model's state dict")
   return {key: _tensor_to_numpy(path, key, value) for key, value in tensors.items()}
+
+
+def _unpickling_detail(error: pickle.UnpicklingError) -> str:
+  """What torch.load(weights_only=True) refused. Its first line is generic advice (that
+  loading with weights_only=False "will likely succeed", which this reader never does); what it
+  refused is in its last lines: a class not allowed, a function of a blocked module (os.system),
+  or a pickle opcode it does not read."""
+  text = str(error)
+  refused = re.search(r"Unsupported global: GLOBAL (\S+) was not", text)
+  if refused:
+    return f"the class {refused.group(1)}"
+  blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
+  if blocked:
+    return f"{blocked.group(1)}, of the blocked module {blocked.group(2)}"
+  unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)|(Unsupported operand \d+)", text)
+  return (unpickler.group(1) or unpickler.group(2)).strip() if unpickler else _first_line(error)
 
 
 def _check_zip_crcs(path: str | os.PathLike) -> None:
