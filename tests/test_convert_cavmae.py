@@ -9,6 +9,7 @@ from cav_mae_jax.convert import cavmae_checkpoint
 from cav_mae_jax.convert import export
 from cav_mae_jax.convert import state_dict as sd
 from cav_mae_jax.models import pos_embed as sincos
+from test_convert_imagenet_mae import mae_shapes
 from test_convert_layout import Dims, original_shapes, random_state_dict
 
 TINY = Dims()
@@ -80,6 +81,19 @@ def test_a_state_dict_of_another_model_is_named_as_such():
   assert "not a CAV-MAE checkpoint; its keys: encoder.layer.0.weight, head.bias)" in message
   assert "decoder" not in message.split(":")[0]
 
+
+
+@pytest.mark.parametrize("decoder", [True, False], ids=["with_decoder", "encoder_only"])
+def test_an_imagenet_mae_checkpoint_is_named_as_such(decoder):
+  # With its decoder (whose names are ours) it was said to be a fine-tuned checkpoint without one.
+  mae = {k: np.zeros(s, np.float32) for k, s in mae_shapes(TINY, decoder=decoder).items()}
+  for target in (_init(TINY), _init(TINY_FT)):
+    with pytest.raises(sd.ParamsMismatchError) as info:
+      cavmae_checkpoint.cavmae_to_params({"module." + k: v for k, v in mae.items()}, target)
+    hint = str(info.value).split(": ")[0]
+    assert hint.endswith("(it is in ImageNet MAE's layout, with cls_token, patch_embed and "
+                         "blocks.N"), hint
+    assert "fine-tuned" not in hint and "not a CAV-MAE" not in hint
 
 def test_other_class_count_needs_a_new_head():
   released = _released(TINY_FT)

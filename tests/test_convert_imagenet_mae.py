@@ -166,6 +166,16 @@ def test_finetuned_mae_is_rejected_naming_what_is_missing():
     imagenet_mae.imagenet_mae_to_params(mae, init)
 
 
+
+def test_a_cavmae_checkpoint_is_named_as_such():
+  # It was told only which of ImageNet MAE's keys it lacks.
+  released = {"module." + k: v for k, v in random_state_dict(TINY, seed=6).items()}
+  init = sd.torch_to_flax(random_state_dict(TINY, seed=6))
+  with pytest.raises(sd.ParamsMismatchError, match=r"decoder \(it is a CAV-MAE checkpoint, with "
+                     r"blocks_a, blocks_v and blocks_u: map it with tools/convert.py cavmae or "
+                     r"config.init.source='cavmae'\): \d+ keys missing: patch_embed.proj.weight"):
+    imagenet_mae.imagenet_mae_to_params(released, init)
+
 def test_unknown_keys_and_wrong_widths_are_errors():
   init = sd.torch_to_flax(random_state_dict(TINY, seed=7))
   mae = _random(mae_shapes(TINY), seed=8)

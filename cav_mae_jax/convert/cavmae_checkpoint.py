@@ -9,6 +9,7 @@ Every other target parameter must come from the checkpoint with the same shape.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,11 @@ def _is_visual(module: str) -> bool:
   """Whether a top-level module is the visual branch's own (the audio-only model lacks them)."""
   return module in ("patch_embed_v", "pos_embed_v", "modality_v", "norm_v") or (
       module.startswith("blocks_v_"))
+
+
+def _is_imagenet_mae(module: str) -> bool:
+  """Whether a top-level module is one of ImageNet MAE's single-stream ViT (CAV-MAE has none)."""
+  return module in ("cls_token", "patch_embed") or re.fullmatch(r"blocks_\d+", module) is not None
 
 
 def _is_decoder(name: str) -> bool:
@@ -78,7 +84,12 @@ def cavmae_to_params(
   missing = [p for p in target if p not in source and p not in kept_at_init]
   if missing:
     hint = ""
-    if not any(p in source for p in target):
+    if any(_is_imagenet_mae(p[0]) for p in source):
+      # Its decoder's names are ours (decoder_embed, mask_token): it was said to be a fine-tuned
+      # checkpoint without a decoder.
+      hint = (" (it is in ImageNet MAE's layout, with cls_token, patch_embed and blocks.N: map it "
+              "with tools/convert.py imagenet-mae or config.init.source='imagenet_mae')")
+    elif not any(p in source for p in target):
       hint = (" (it holds none of the model's parameters, so it is not a CAV-MAE checkpoint; its "
               f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
     elif all(p[0] in HEAD_MODULES for p in missing):

@@ -36,6 +36,11 @@ DECODER_KEYS = ("mask_token", "decoder_embed.weight", "decoder_embed.bias", "dec
                 "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight",
                 "decoder_pred.bias")
 _BLOCK = re.compile(r"^(decoder_blocks|blocks)\.(\d+)\.(.+)$")
+# Modules of CAV-MAE's two-stream model that ImageNet MAE lacks: a file holding them is a CAV-MAE
+# checkpoint, which was told only which ImageNet MAE keys it lacks.
+_CAVMAE_ONLY = ("blocks_a", "blocks_v", "blocks_u", "patch_embed_a", "pos_embed_a", "modality_a")
+_CAVMAE_HINT = (" (it is a CAV-MAE checkpoint, with blocks_a, blocks_v and blocks_u: map it with "
+                "tools/convert.py cavmae or config.init.source='cavmae')")
 
 
 def _count_indexed(params: Mapping[str, Any], prefix: str) -> int:
@@ -136,9 +141,11 @@ def imagenet_mae_to_params(
   missing = [k for k in required_mae_keys(encoder_depth, decoder_depth if source_decoder else None)
              if k not in state_dict]
   if missing:
+    cavmae = any(_family(k.split(".")[0]) in _CAVMAE_ONLY for k in state_dict)
     raise sd.ParamsMismatchError(
         f"not an ImageNet MAE checkpoint for a {encoder_depth}-block encoder"
-        f"{f' and {decoder_depth}-block decoder' if source_decoder else ''}: "
+        f"{f' and {decoder_depth}-block decoder' if source_decoder else ''}"
+        f"{_CAVMAE_HINT if cavmae else ''}: "
         f"{len(missing)} keys missing: {', '.join(missing[:20])}"
         f"{' ...' if len(missing) > 20 else ''}")
 
