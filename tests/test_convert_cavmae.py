@@ -2,11 +2,14 @@
 
 import dataclasses
 
+import ml_collections
 import numpy as np
 import pytest
 
+from cav_mae_jax import models
 from cav_mae_jax.convert import cavmae_checkpoint
 from cav_mae_jax.convert import export
+from cav_mae_jax.convert import init_source
 from cav_mae_jax.convert import state_dict as sd
 from cav_mae_jax.models import pos_embed as sincos
 from test_convert_imagenet_mae import mae_shapes
@@ -94,6 +97,24 @@ def test_an_imagenet_mae_checkpoint_is_named_as_such(decoder):
     assert hint.endswith("(it is in ImageNet MAE's layout, with cls_token, patch_embed and "
                          "blocks.N"), hint
     assert "fine-tuned" not in hint and "not a CAV-MAE" not in hint
+
+
+def test_a_fine_tuned_checkpoint_of_a_compiled_model_keeps_its_head_as_an_init_source(
+    monkeypatch):
+  """torch.compile prefixes every key with '_orig_mod.': the head was not seen, so a fine-tuning
+  run replaced it with a new one (listed as dropped) instead of starting from it."""
+  released = random_state_dict(TINY_FT, seed=0)
+  init = ml_collections.ConfigDict({"source": "cavmae", "path": "compiled.npz", "new_head": False,
+                                    "audio_pos_resize": "", "allow_unexpected": False})
+  config = models.model_config("tiny", embed_dim=16, num_heads=2, modality_specific_depth=2,
+                               encoder_depth=3, decoder_embed_dim=8, decoder_num_heads=2,
+                               decoder_depth=1, audio_length=64, image_size=32, num_classes=5)
+  monkeypatch.setattr(init_source.formats, "read_state_dict",
+                      lambda path: {"_orig_mod." + k: v for k, v in released.items()})
+  params, report = init_source.load_init_params(init, config, finetune=True,
+                                                init_params=_init(TINY_FT))
+  assert not report.dropped and not report.kept_init
+  np.testing.assert_array_equal(params["mlp_head_1"]["kernel"], released["mlp_head.1.weight"].T)
 
 def test_other_class_count_needs_a_new_head():
   released = _released(TINY_FT)

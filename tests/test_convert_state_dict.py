@@ -85,6 +85,17 @@ def test_mixed_module_prefix_is_an_error():
     sd.torch_to_flax({"module.norm.weight": np.ones(3), "norm.bias": np.zeros(3)})
 
 
+
+@pytest.mark.parametrize("prefix", ["module.module.", "_orig_mod.", "module._orig_mod."])
+def test_every_wrappers_prefix_is_stripped(prefix):
+  # Nested DataParallel / DistributedDataParallel, and torch.compile: the state dict held none of
+  # the model's keys ("not a CAV-MAE checkpoint").
+  torch_sd = _original_layout(np.random.default_rng(3))
+  wrapped = sd.torch_to_flax({prefix + k: v for k, v in torch_sd.items()})
+  assert sd.flatten_params(wrapped).keys() == sd.flatten_params(sd.torch_to_flax(torch_sd)).keys()
+  with pytest.raises(ValueError, match="mixes keys with and without the '_orig_mod.' prefix"):
+    sd.remove_module_prefix({"module._orig_mod.norm.weight": 1, "module.norm.bias": 2})
+
 @pytest.mark.parametrize("key,shape,message", [
     ("blocks.0.conv1d.weight", (4, 2, 3), "rank-3 weight"),
     ("0.weight", (3,), "starts with an index"),

@@ -163,7 +163,7 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
     raise ValueError(f"config.init.source={init.source!r}: nothing to load.")
   # A source without a classification head (a pretrained model) gets a new one; a head of
   # another class count needs init.new_head, so that replacing a head is never silent.
-  has_head = any(k.removeprefix(sd.MODULE_PREFIX).startswith("mlp_head") for k in state_dict)
+  has_head = any(k.startswith("mlp_head") for k in sd.remove_module_prefix(state_dict))
   new_head = init.new_head or (finetune and not has_head)
   try:
     params, report = cavmae_checkpoint.cavmae_to_params(

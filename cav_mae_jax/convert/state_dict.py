@@ -7,7 +7,8 @@ Rule (see docs/design.md), applied to every key of the original's layout:
   * `<module>.weight` of rank 4 (Conv2d, [D, C, p, p]) -> `kernel` [p, p, C, D];
   * `<module>.weight` of rank 1 (LayerNorm) -> `scale`; `<module>.bias` -> `bias`;
   * any other key is an nn.Parameter and keeps its name and shape (`modality_a`, `pos_embed_a`).
-Released checkpoints come from DataParallel and prefix every key with `module.`.
+Released checkpoints come from DataParallel and prefix every key with `module.` (removed, as
+are the other prefixes of `WRAPPER_PREFIXES`).
 """
 
 from __future__ import annotations
@@ -20,21 +21,33 @@ from typing import Any
 import numpy as np
 
 MODULE_PREFIX = "module."
+# What wrappers put before every key of the module they wrap: DataParallel and
+# DistributedDataParallel (twice when wrapped twice) and torch.compile ('_orig_mod.'). A state dict
+# saved through one held none of the model's keys: "not a CAV-MAE checkpoint".
+WRAPPER_PREFIXES = (MODULE_PREFIX, "_orig_mod.")
 _INDEXED_NAME = re.compile(r"^(.*\D)_(\d+)$")
 
 Params = dict[str, Any]
 
 
 def remove_module_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Removes DataParallel's `module.` prefix; all keys or none must carry it."""
-  prefixed = [k.startswith(MODULE_PREFIX) for k in state_dict]
-  if not any(prefixed):
-    return dict(state_dict)
-  if not all(prefixed):
-    bare = [k for k in state_dict if not k.startswith(MODULE_PREFIX)]
-    raise ValueError(
-        f"state dict mixes keys with and without the '{MODULE_PREFIX}' prefix, e.g. {bare[:3]}")
-  return {k[len(MODULE_PREFIX):]: v for k, v in state_dict.items()}
+  """Removes the prefixes wrappers put before every key (`WRAPPER_PREFIXES`: DataParallel's
+  `module.`, once or more, and torch.compile's `_orig_mod.`, in any order); all keys or none
+  must carry each."""
+  stripped = dict(state_dict)
+  while stripped:
+    for prefix in WRAPPER_PREFIXES:
+      prefixed = [k.startswith(prefix) for k in stripped]
+      if all(prefixed):
+        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+        break
+      if any(prefixed):
+        bare = [k for k in stripped if not k.startswith(prefix)]
+        raise ValueError(
+            f"state dict mixes keys with and without the '{prefix}' prefix, e.g. {bare[:3]}")
+    else:
+      break
+  return stripped
 
 
 def torch_key_to_path(key: str, ndim: int) -> tuple[tuple[str, ...], str]:
