@@ -55,6 +55,23 @@ def test_pth_nested_under_model_is_unwrapped(tmp_path):
   assert list(got) == ["norm.weight"] and got["norm.weight"].dtype == np.float32
 
 
+
+def test_pth_nested_as_in_the_pytorch_tutorial_is_unwrapped_and_two_state_dicts_are_refused(
+    tmp_path):
+  """{'model_state_dict': ..., 'optimizer_state_dict': ..., 'epoch': ...} (PyTorch's recipe for a
+  checkpoint to resume) was "no state dict found"; of 'model' and 'state_dict' both, the first was
+  taken without a word."""
+  torch = pytest.importorskip("torch", reason="reading .pth needs torch")
+  path = tmp_path / "resume.pth"
+  torch.save({"epoch": 3, "model_state_dict": {"norm.weight": torch.ones(3)},
+              "optimizer_state_dict": {"state": {}, "param_groups": []}, "loss": 0.5}, path)
+  assert list(formats.read_state_dict(path)) == ["norm.weight"]
+  torch.save({"model": {"norm.weight": torch.ones(3)}, "state_dict": {"norm.bias": torch.ones(3)}},
+             path)
+  with pytest.raises(formats.CheckpointFileError, match=r"holds a dict under each of \['model', "
+                     r"'state_dict'\]: which is the model's state dict is ambiguous"):
+    formats.read_state_dict(path)
+
 def test_pth_of_a_training_state_with_its_arguments_is_read(tmp_path):
   """MAE's training checkpoints keep the command line (an argparse.Namespace) beside 'model'."""
   torch = pytest.importorskip("torch", reason="reading .pth needs torch")

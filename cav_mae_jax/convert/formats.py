@@ -22,8 +22,9 @@ import numpy as np
 
 StateDict = dict[str, np.ndarray]
 
-# Top-level keys under which training scripts nest the state dict (facebookresearch/mae: 'model').
-_WRAPPER_KEYS = ("model", "state_dict")
+# Top-level keys under which training scripts nest the state dict (facebookresearch/mae: 'model';
+# PyTorch's tutorial on saving a checkpoint to resume: 'model_state_dict').
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -173,14 +174,18 @@ def _allowed_globals(torch) -> contextlib.AbstractContextManager:
 
 
 def _unwrap(path: str | os.PathLike, obj: object) -> Mapping[str, object]:
-  """Returns the state dict inside a loaded object (as is, or under 'model'/'state_dict')."""
+  """Returns the state dict inside a loaded object (as is, or under one of _WRAPPER_KEYS)."""
   if not isinstance(obj, Mapping):
     raise CheckpointFileError(path, f"holds a {type(obj).__name__}, not a state dict")
   if obj and all(not isinstance(v, Mapping) for v in obj.values()):
     return obj
-  for wrapper in _WRAPPER_KEYS:
-    if isinstance(obj.get(wrapper), Mapping):
-      return obj[wrapper]
+  wrappers = [key for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)]
+  if len(wrappers) > 1:  # the first was taken, the others left unsaid
+    raise CheckpointFileError(
+        path, f"holds a dict under each of {wrappers}: which is the model's state dict is "
+        "ambiguous; save the one to convert on its own")
+  if wrappers:
+    return obj[wrappers[0]]
   raise CheckpointFileError(
       path, f"no state dict found: top-level keys {sorted(map(str, obj))[:10]} "
       f"(expected tensors, or a dict under one of {_WRAPPER_KEYS})")
