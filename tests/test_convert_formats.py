@@ -207,6 +207,15 @@ def test_zip_archives_that_are_not_checkpoints_are_named(tmp_path):
       formats.read_state_dict(path)
 
 
+
+def test_npz_of_objects_is_refused_as_such_not_as_corrupt(tmp_path):
+  path = tmp_path / "objects.npz"
+  np.savez(path, w=np.ones(2), meta=np.array([{"epoch": 3}], dtype=object))
+  with pytest.raises(formats.CheckpointFileError) as info:
+    formats.read_state_dict(path)
+  assert str(info.value) == (f"{path}: entry 'meta' is an object array (pickled Python objects), "
+                             "not numbers; refusing to unpickle it")
+
 def test_a_torchscript_file_is_named_as_such(tmp_path):
   torch = pytest.importorskip("torch", reason="writing TorchScript needs torch")
   path = tmp_path / "model.pt"

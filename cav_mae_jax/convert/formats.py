@@ -217,7 +217,19 @@ def _tensor_to_numpy(path: str | os.PathLike, key: str, value: object) -> np.nda
 def _read_npz(path: str | os.PathLike) -> StateDict:
   try:
     with np.load(path, allow_pickle=False) as archive:
-      return {key: archive[key] for key in archive.files}
+      state_dict = {}
+      for key in archive.files:
+        try:
+          state_dict[key] = archive[key]
+        except ValueError as e:
+          if "allow_pickle" not in str(e):
+            raise
+          # An intact file (np.savez of a dict or a ragged list): not "truncated or corrupt".
+          raise CheckpointFileError(path, f"entry {key!r} is an object array (pickled Python "
+                                    "objects), not numbers; refusing to unpickle it") from e
+      return state_dict
+  except CheckpointFileError:
+    raise
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise CheckpointFileError(path, f"truncated or corrupt .npz file ({e})") from e
 
