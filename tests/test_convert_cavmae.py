@@ -153,6 +153,16 @@ def test_audio_length_change_resizes_both_audio_grids(method):
   assert any(method in note and "8 x 64 -> 8 x 32" in note for note in report.notes)
 
 
+
+def test_a_resize_that_has_nothing_to_do_says_so():
+  # --audio_pos_resize with a checkpoint of the target's audio length did nothing, without a word.
+  _, report = cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(TINY),
+                                                 audio_pos_resize="interpolate")
+  assert report.notes == ["audio_pos_resize=interpolate: nothing resized (the checkpoint's audio "
+                          "position grids already fit the target's audio length)"]
+  _, report = cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(TINY))
+  assert report.notes == []
+
 def test_sincos_recomputes_fixed_audio_grids_for_a_longer_input_and_refuses_trained_ones():
   source_dims = dataclasses.replace(TINY, audio_length=1024)  # 8 x 64 audio grid
   target_dims = dataclasses.replace(TINY, audio_length=2048)  # 8 x 128

@@ -75,11 +75,16 @@ def cavmae_to_params(
       report.dropped[name] = "decoder, not part of the target (fine-tuning) model"
       del source[path]
 
+  resized = False
   for name in AUDIO_POS_EMBEDS:
     path = (name,)
     if path in source and path in target and source[path].shape != np.shape(target[path]):
       source[path] = _resize(name, source[path], np.shape(target[path]), audio_pos_resize,
                              freq_patches, report)
+      resized = True
+  if audio_pos_resize and not resized:  # asked for, and nothing done: said, not silent
+    report.notes.append(f"audio_pos_resize={audio_pos_resize}: nothing resized (the checkpoint's "
+                        "audio position grids already fit the target's audio length)")
 
   missing = [p for p in target if p not in source and p not in kept_at_init]
   if missing:
