@@ -164,6 +164,8 @@ def _unreadable_entries(torch):
        r"'x' is a quantized tensor \(torch.qint8\)"),
       (torch.zeros(2, 2).to_sparse(), r"'x' is a torch.sparse_coo tensor, not a dense one"),
       (torch.empty(2, device="meta"), r"'x' is a meta tensor: it holds no values"),
+      # Read, then cast to float32 with only NumPy's warning: the imaginary part was dropped.
+      (torch.zeros(2, dtype=torch.complex64), r"'x' is complex \(torch.complex64\)"),
   ]
 
 
@@ -289,6 +291,16 @@ def test_truncated_pth_is_reported(tmp_path):
 def test_missing_file_is_reported(tmp_path):
   with pytest.raises(formats.CheckpointFileError, match="cannot open"):
     formats.read_state_dict(tmp_path / "nope.pth")
+
+
+def test_a_directory_is_named_with_where_ours_go(tmp_path):
+  # open() said only "cannot open (Is a directory)", for our params checkpoints too.
+  with pytest.raises(formats.CheckpointFileError) as info:
+    formats.read_state_dict(tmp_path)
+  assert str(info.value) == (
+      f"{tmp_path}: a directory, not a .pth, .safetensors or .npz file (this library's params "
+      "checkpoints and training workdirs are directories: start from one with "
+      "config.init.source=params or workdir, or export one with tools/convert.py to-torch)")
 
 
 def test_unknown_output_suffix_is_an_error(tmp_path):

@@ -162,7 +162,9 @@ def test_finetuned_mae_is_rejected_naming_what_is_missing():
   mae = _random(mae_shapes(TINY, decoder=False), seed=5)
   mae["fc_norm.weight"], mae["fc_norm.bias"] = mae.pop("norm.weight"), mae.pop("norm.bias")
   init = sd.torch_to_flax(random_state_dict(TINY, seed=6))
-  with pytest.raises(sd.ParamsMismatchError, match=r"missing: norm\.weight, norm\.bias"):
+  with pytest.raises(sd.ParamsMismatchError, match=r"\(it is a fine-tuned ViT: fc_norm and a "
+                     r"classification head instead of the pretrained MAE's norm; .*\): 2 keys "
+                     r"missing: norm\.weight, norm\.bias"):
     imagenet_mae.imagenet_mae_to_params(mae, init)
 
 

@@ -41,6 +41,11 @@ class CheckpointFileError(ValueError):
 
 def detect_format(path: str | os.PathLike) -> str:
   """Returns 'pth', 'safetensors' or 'npz' from the file's first bytes (not its name)."""
+  if os.path.isdir(path):  # open() says only "Is a directory"
+    raise CheckpointFileError(
+        path, "a directory, not a .pth, .safetensors or .npz file (this library's params "
+        "checkpoints and training workdirs are directories: start from one with "
+        "config.init.source=params or workdir, or export one with tools/convert.py to-torch)")
   try:
     with open(path, "rb") as f:
       head = f.read(16)
@@ -201,6 +206,9 @@ def _tensor_to_numpy(path: str | os.PathLike, key: str, value: object) -> np.nda
     raise CheckpointFileError(path, f"entry {key!r} is a meta tensor: it holds no values")
   if value.layout != torch.strided:
     raise CheckpointFileError(path, f"entry {key!r} is a {value.layout} tensor, not a dense one")
+  if value.is_complex():  # the cast to the model's float dtype would drop the imaginary part
+    raise CheckpointFileError(path, f"entry {key!r} is complex ({value.dtype}): no model "
+                              "parameter is")
   if value.is_quantized:
     raise CheckpointFileError(path, f"entry {key!r} is a quantized tensor ({value.dtype}); "
                               "save the float weights")

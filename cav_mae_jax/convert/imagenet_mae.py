@@ -39,6 +39,9 @@ _BLOCK = re.compile(r"^(decoder_blocks|blocks)\.(\d+)\.(.+)$")
 # Modules of CAV-MAE's two-stream model that ImageNet MAE lacks: a file holding them is a CAV-MAE
 # checkpoint, which was told only which ImageNet MAE keys it lacks.
 _CAVMAE_ONLY = ("blocks_a", "blocks_v", "blocks_u", "patch_embed_a", "pos_embed_a", "modality_a")
+_FINETUNED_VIT_HINT = (" (it is a fine-tuned ViT: fc_norm and a classification head instead of "
+                       "the pretrained MAE's norm; start from the MAE's pretraining checkpoint, "
+                       "e.g. mae_pretrain_vit_base_full.pth)")
 _CAVMAE_HINT = (" (it is a CAV-MAE checkpoint, with blocks_a, blocks_v and blocks_u: map it with "
                 "tools/convert.py cavmae or config.init.source='cavmae')")
 
@@ -142,10 +145,13 @@ def imagenet_mae_to_params(
              if k not in state_dict]
   if missing:
     cavmae = any(_family(k.split(".")[0]) in _CAVMAE_ONLY for k in state_dict)
+    # timm's fine-tuned ViT (MAE's fine-tuning recipe) pools into fc_norm and has a head: it is
+    # missing only `norm`, which said nothing of why.
+    finetuned = "fc_norm.weight" in state_dict and "norm.weight" not in state_dict
     raise sd.ParamsMismatchError(
         f"not an ImageNet MAE checkpoint for a {encoder_depth}-block encoder"
         f"{f' and {decoder_depth}-block decoder' if source_decoder else ''}"
-        f"{_CAVMAE_HINT if cavmae else ''}: "
+        f"{_CAVMAE_HINT if cavmae else _FINETUNED_VIT_HINT if finetuned else ''}: "
         f"{len(missing)} keys missing: {', '.join(missing[:20])}"
         f"{' ...' if len(missing) > 20 else ''}")
 
