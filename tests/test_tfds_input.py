@@ -119,6 +119,16 @@ def _pipelines(sources, split, **kwargs):
           for tfds in (False, True)]
 
 
+def test_tfds_labels_are_read_alone(sources):
+  """Balanced sampling reads every training record's labels at start; from TFDS only the labels
+  are deserialized (the whole example's fbank list cost most of that read)."""
+  split = splits.open_tfds_split(TFDS_NAME, "train", sources["tfds_data_dir"])
+  for serialized in tf.data.TFRecordDataset(split.files):
+    np.testing.assert_array_equal(split.parse_labels(serialized),
+                                  split.parse(serialized)[records.LABELS])
+    assert split.parse_labels(serialized).dtype == tf.int64
+
+
 @pytest.mark.parametrize("balanced", [False, True])
 def test_training_batches_are_the_same_from_both_sources(sources, balanced):
   records_input, tfds_input = _pipelines(sources, "train", seed=7, batch_size=4,

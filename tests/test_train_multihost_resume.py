@@ -1,9 +1,8 @@
 """A 2-process fine-tuning run with balanced sampling, killed after a checkpoint and resumed,
 continues with the same batches on both processes as an unbroken run.
 
-Under balanced sampling every host's epochs have their own (Poisson) lengths, so the input
-states of the processes differ; the checkpoint holds each process's (train/checkpoint.py) and
-each restores its own. Two local processes x 2 CPU devices joined by jax.distributed train the
+Each host draws its own clips, at their byte offsets in its shard files; the checkpoint holds
+each process's input state (train/checkpoint.py) and each restores its own. Two local processes x 2 CPU devices joined by jax.distributed train the
 tiny fine-tuning recipe, shrunk, on tiny records with skewed labels (tests/test_input.py's
 writer). This file is also the processes' entry point:
 

@@ -13,7 +13,8 @@ same way. Each process reads a disjoint, deterministic subset of the split's sha
   (-1 when all frames are used).
 
 Training: an endless stream of epochs; each epoch reads this host's files in a seeded random
-order, interleaved, through a seeded shuffle buffer; one random frame per clip; the augmentations
+order, interleaved, through a seeded shuffle buffer (with balanced sampling: the epoch's
+seeded draws, below); one random frame per clip; the augmentations
 configured below (order and semantics of the original, see `augment.py`). Batches are full
 (an epoch's tail joins the next epoch). Evaluation: one pass in file order, a fixed frame or all
 frames, no augmentation and no label smoothing (as the original's eval loader); every clip is
@@ -38,7 +39,8 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
   batch_size: int          global training batch size (all processes together); evaluation
                            passes its own (config.eval.batch_size) to `make_dataset`.
   shuffle_buffer: int      examples in each host's shuffle buffer (training); raw records
-                           (~0.4 MB each) are buffered, so this bounds host memory.
+                           (~0.4 MB each) are buffered, so this bounds host memory (not
+                           used with balanced_sampling: its draws are in random order).
   eval_frame: int          frame used in evaluation (the original uses 5).
   eval_all_frames: bool    evaluation yields all 10 frames per clip instead.
   noise: bool              noise + time-roll augmentation (training).
@@ -62,10 +64,13 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
   fbank_std: float         normalization std with fbank_stats='fixed' (unused with 'index').
   prefetch: int            batches prepared ahead.
 
-Balanced sampling (as the original's WeightedRandomSampler with replacement over an epoch of
-N draws) is done streaming: in each epoch every record is emitted k ~ Poisson(N * w / sum(w))
-times before the shuffle buffer, which gives each clip the same expected count per epoch.
-Epoch lengths then vary (see `input.InputPipeline` for what that means for resuming).
+Balanced sampling is the original's `WeightedRandomSampler(weights, N, replacement=True)` over
+this host's N clips (`BalancedSampler`): each epoch draws N clips independently, each with
+probability proportional to its weight (the sum over its labels of 1000 / (label count +
+0.01), the counts of the whole split), in draw order, no shuffle buffer; every drawn record is
+read at its byte offset in its shard file, so a clip's copies are spread over the epoch as the
+original's are. The offsets and weights come from one pass over the host's records that reads
+their lengths and labels (`BalancedSampler.scan`, once per `input.InputPipeline`).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -430,17 +436,107 @@ def class_sampling_weights(label_counts: Any) -> np.ndarray:
   return BALANCED_WEIGHT_NUMERATOR / (counts + BALANCED_COUNT_OFFSET)
 
 
-def total_sampling_weight(label_counts: Any) -> float:
-  """Sum of all clips' balanced weights, from the label counts alone."""
-  counts = np.asarray(label_counts, np.float64)
-  return float(np.sum(counts * class_sampling_weights(counts)))
+# Bytes a TFRecord adds to each record: its length (8), the length's CRC (4), the data's CRC (4).
+TFRECORD_FRAMING_BYTES = 16
 
 
-def balanced_sampling_rates(label_counts: Any, num_examples: int) -> tuple[np.ndarray, float, int]:
-  """(per-class weights, sum of every clip's weight, clips per epoch) of a split's label counts:
-  in each epoch a clip is emitted Poisson(clips * its weight / sum) times."""
-  return (class_sampling_weights(label_counts), total_sampling_weight(label_counts),
-          int(num_examples))
+@dataclasses.dataclass(frozen=True)
+class BalancedSampler:
+  """The original's balanced sampling over this host's clips, with where each clip's record is.
+
+  `WeightedRandomSampler(weights, N, replacement=True)`: every epoch draws as many clips as the
+  host holds (N), independently, each with probability proportional to its weight, in draw
+  order. `file_index` [N] (which of the host's files holds the clip), `offset` [N] (its
+  record's byte offset there), `cumulative_weight` [N] (running sum of the clips' weights).
+  """
+
+  file_index: np.ndarray
+  offset: np.ndarray
+  cumulative_weight: np.ndarray
+
+  @classmethod
+  def scan(cls, files: Sequence[str], file_examples: Sequence[int], label_counts: Any,
+           parse_labels: Callable[[tf.Tensor], tf.Tensor]) -> BalancedSampler:
+    """Reads the records of `files` once for their lengths and labels; `label_counts` are the
+    whole split's (the weights are the original's, `class_sampling_weights`). A file holding
+    another count than `file_examples` raises tf.errors.DataLossError naming it; a host whose
+    clips all have weight 0 (no labels) raises ValueError."""
+    class_weights = tf.constant(class_sampling_weights(label_counts), tf.float64)
+
+    def lengths_and_weights(file_index: tf.Tensor, path: tf.Tensor) -> tf.data.Dataset:
+      return tf.data.TFRecordDataset(path).map(lambda serialized: (
+          file_index, tf.strings.length(serialized, unit="BYTE"),
+          tf.reduce_sum(tf.gather(class_weights, parse_labels(serialized)))))
+
+    scanned = tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(files), dtype=tf.int64), tf.constant(list(files), tf.string))).interleave(
+            lengths_and_weights, cycle_length=min(len(files), INTERLEAVE_CYCLE),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(65536)
+    columns = [[], [], []]
+    for batch in scanned:
+      for column, values in zip(columns, batch):
+        column.append(values.numpy())
+    file_index, length, weight = (np.concatenate(column + [np.zeros([0], dtype)]).astype(dtype)
+                                  for column, dtype in zip(columns, (np.int64, np.int64,
+                                                                     np.float64)))
+    order = np.argsort(file_index, kind="stable")  # each file's records stay in file order
+    file_index, length, weight = file_index[order], length[order], weight[order]
+    counts = np.bincount(file_index, minlength=len(files))
+    for path, count, expected in zip(files, counts, file_examples):
+      if count != expected:
+        raise tf.errors.DataLossError(
+            None, None, f"{path} holds {count} records, the index lists {expected}")
+    cumulative = np.cumsum(weight)
+    if not len(cumulative) or cumulative[-1] <= 0:
+      raise ValueError("config.data.balanced_sampling=True: the training clips of this "
+                       "process have no labels, so none has a sampling weight")
+    # A record's offset: the sizes of the records before it in its file, with their framing.
+    size = length + TFRECORD_FRAMING_BYTES
+    starts = np.cumsum(size) - size
+    first = np.minimum(np.cumsum(counts) - counts, len(size) - 1)  # a file's first record
+    offset = starts - np.repeat(starts[first], counts)
+    return cls(file_index=file_index, offset=offset, cumulative_weight=cumulative)
+
+  @property
+  def num_clips(self) -> int:
+    return len(self.offset)
+
+  def epoch_records(self, files: Sequence[str], epoch: tf.Tensor, base_seed: tf.Tensor,
+                    skip: tf.Tensor) -> tf.data.Dataset:
+    """(position, raw record) of one epoch's draws from the position `skip` on; `files` are
+    the host's files `scan` read."""
+    cumulative = tf.constant(self.cumulative_weight, tf.float64)
+    uniform = tf.random.stateless_uniform(
+        [self.num_clips], _salted(base_seed, "balanced", epoch), dtype=tf.float64)
+    # A draw u * total falls in clip k's interval [cumulative[k-1], cumulative[k]); clips of
+    # weight 0 have empty intervals. The clamp keeps a draw rounded up to the total in range.
+    last = int(np.flatnonzero(np.diff(self.cumulative_weight, prepend=0.0) > 0)[-1])
+    chosen = tf.minimum(tf.searchsorted(cumulative, uniform * self.cumulative_weight[-1],
+                                        side="right"), last)
+    paths = tf.constant(list(files), tf.string)
+
+    def read(position: tf.Tensor, file_index: tf.Tensor, offset: tf.Tensor) -> tf.data.Dataset:
+      record = tf.data.experimental.from_variant(tf.raw_ops.TFRecordDatasetV2(
+          filenames=tf.reshape(tf.gather(paths, file_index), [1]), compression_type="",
+          buffer_size=tf.constant(0, tf.int64), byte_offsets=tf.reshape(offset, [1])),
+          tf.TensorSpec([], tf.string))
+      return record.take(1).map(lambda serialized: (position, serialized))
+
+    return tf.data.Dataset.from_tensor_slices(
+        (tf.gather(self.file_index, chosen), tf.gather(self.offset, chosen))).enumerate().skip(
+            skip).interleave(lambda position, location: read(position, *location),
+                             cycle_length=INTERLEAVE_CYCLE, num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True)
+
+
+def balanced_sampler(split_files: SplitFiles) -> BalancedSampler:
+  """The `BalancedSampler` of this process's training files (reads them once; logs the time)."""
+  start = time.perf_counter()
+  sampler = BalancedSampler.scan(split_files.files, split_files.file_examples,
+                                 split_files.index.label_counts, split_files.source.parse_labels)
+  logger.info("balanced sampling: read the lengths and labels of %d clips of %s in %.1f s",
+              sampler.num_clips, split_files.source.description, time.perf_counter() - start)
+  return sampler
 
 
 def example_preprocess_spec(config: DataConfig, training: bool, num_classes: int) -> str:
@@ -511,29 +607,17 @@ def _parse_fn(config: DataConfig, training: bool, source: splits.Split, with_wav
 
 
 def _epoch_records(files: tuple[str, ...], epoch: tf.Tensor, base_seed: tf.Tensor,
-                   config: DataConfig, parse_labels: Callable[[tf.Tensor], tf.Tensor],
-                   balanced: tuple[np.ndarray, float, int] | None) -> tf.data.Dataset:
-  """One epoch of this host's raw records, in the epoch's deterministic shuffled order."""
+                   config: DataConfig, skip: tf.Tensor) -> tf.data.Dataset:
+  """(position, raw record) of one epoch of this host's records from position `skip` on, in
+  the epoch's deterministic shuffled order."""
   order = tf.random.experimental.stateless_shuffle(
       tf.constant(files), _salted(base_seed, "files", epoch))
   dataset = tf.data.Dataset.from_tensor_slices(order).interleave(
       tf.data.TFRecordDataset, cycle_length=min(len(files), INTERLEAVE_CYCLE), block_length=1,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if balanced is not None:
-    class_weights, total_weight, num_examples = balanced
-    class_weights = tf.constant(class_weights, tf.float64)
-
-    def copies(read_position: tf.Tensor, serialized: tf.Tensor) -> tf.data.Dataset:
-      weight = tf.reduce_sum(tf.gather(class_weights, parse_labels(serialized)))
-      rate = tf.cast(weight * num_examples / total_weight, tf.float32)
-      count = tf.random.stateless_poisson(
-          [], _salted(base_seed, "balanced", epoch, read_position), rate, dtype=tf.int64)
-      return tf.repeat(serialized[tf.newaxis], count)
-
-    dataset = dataset.enumerate().map(copies).unbatch()
   shuffle_seed = tf.random.stateless_uniform(
       [], _salted(base_seed, "shuffle", epoch), minval=None, maxval=None, dtype=tf.int64)
-  return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed)
+  return dataset.shuffle(config.shuffle_buffer, seed=shuffle_seed).enumerate().skip(skip)
 
 
 def _base_seed(seed: int, process_index: int = 0) -> tf.Tensor:
@@ -542,20 +626,21 @@ def _base_seed(seed: int, process_index: int = 0) -> tf.Tensor:
 
 
 def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
-                     balanced: tuple[np.ndarray, float, int] | None, *, start_epoch: int = 0,
-                     start_position: int = 0,
-                     parse_labels: Callable[[tf.Tensor], tf.Tensor] = records.parse_labels,
-                     process_index: int = 0) -> tf.data.Dataset:
+                     balanced: BalancedSampler | None, *, start_epoch: int = 0,
+                     start_position: int = 0, process_index: int = 0) -> tf.data.Dataset:
   """Endless (epoch, position, raw record) of this host's training `files`, epoch after epoch,
-  from record `start_position` of epoch `start_epoch`; `balanced` from `balanced_sampling_rates`
-  (None: every record once per epoch); `parse_labels` reads a raw record's classes (the split's
-  own: records or TFDS)."""
+  from record `start_position` of epoch `start_epoch`; `balanced`: the `BalancedSampler` of
+  these files (None: every record once per epoch, shuffled). Each epoch has as many records
+  as the files hold."""
   base_seed = _base_seed(seed, process_index)
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
-    return _epoch_records(files, epoch, base_seed, config, parse_labels, balanced).enumerate(
-        ).skip(skip).map(lambda position, serialized: (epoch, position, serialized))
+    if balanced is not None:
+      stream = balanced.epoch_records(files, epoch, base_seed, skip)
+    else:
+      stream = _epoch_records(files, epoch, base_seed, config, skip)
+    return stream.map(lambda position, serialized: (epoch, position, serialized))
 
   return tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_stream)
 
@@ -606,8 +691,8 @@ def num_eval_batches(split_files: SplitFiles, host_batch: int) -> int:
 def make_dataset(config: Any, split: str, *, process_index: int, process_count: int,
                  seed: int = 0, training: bool | None = None, start_epoch: int = 0,
                  start_position: int = 0, start_batch: int = 0, batch_size: int | None = None,
-                 threads: int | None = None,
-                 normalization: FbankNormalization | None = None) -> tf.data.Dataset:
+                 threads: int | None = None, normalization: FbankNormalization | None = None,
+                 balanced: BalancedSampler | None = None) -> tf.data.Dataset:
   """This process's batches of `split` as a tf.data.Dataset of dicts (see the module doc).
 
   `training` defaults to `split == "train"`; `batch_size` (global) overrides
@@ -616,11 +701,13 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   `InputPipeline`'s state); the stream starts at clip `start_position` of epoch `start_epoch`,
   numbering batches from `start_batch`. `normalization` (default: `fbank_normalization` of the
   config) is the fbank mean and std, given by a caller that reads another directory as `split`.
+  `balanced` (training with balanced_sampling; default: `balanced_sampler` of the split) is
+  the host's sampler, given by a caller that builds the stream more than once.
   """
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training
   split_files = load_split(data_config, split, process_index, process_count)
-  source, index = split_files.source, split_files.index
+  source = split_files.source
   host_batch = resolve_host_batch(data_config, batch_size, process_count)
   with_waveform = _uses_waveform(data_config, training)
   if training:
@@ -632,9 +719,10 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   base_seed = _base_seed(seed, process_index)
 
   if training:
-    balanced = None
-    if data_config.balanced_sampling:
-      balanced = balanced_sampling_rates(index.label_counts, index.num_examples)
+    if data_config.balanced_sampling and balanced is None:
+      balanced = balanced_sampler(split_files)
+    elif not data_config.balanced_sampling:
+      balanced = None
 
     def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
                    serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -644,8 +732,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
 
     clips = training_records(
         split_files.files, seed, data_config, balanced, start_epoch=start_epoch,
-        start_position=start_position, parse_labels=source.parse_labels,
-        process_index=process_index).map(
+        start_position=start_position, process_index=process_index).map(
             parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:

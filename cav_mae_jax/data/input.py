@@ -5,9 +5,10 @@
 graph, the config fields and the augmentations are described in `dataset.py`). It counts what it
 has handed out: `get_state()` is a small JSON dict and `set_state()` rebuilds the stream at that
 point (it skips the already-seen records of the current epoch before parsing, so resuming costs
-reading at most one epoch of this host's raw records). With balanced sampling epoch lengths
-vary, so each process must restore its own `get_state()`: checkpoints hold every process's
-(`cav_mae_jax.train.checkpoint`).
+reading at most one epoch of this host's raw records; with balanced sampling, which reads the
+drawn records at their offsets, it skips the draws without reading them). Every epoch has as
+many clips as the host's files, so the state is a count of batches; checkpoints hold every
+process's (`cav_mae_jax.train.checkpoint`).
 
 A split is read from a records directory or from a TFDS dataset (`dataset.open_split`; the
 same batch dict from both). The pipeline's `fbank_normalization` says which mean and std it
@@ -70,9 +71,8 @@ class InputPipeline:
   """Iterator of host-local batches (dicts of numpy arrays) with a checkpointable position.
 
   `get_state()` returns a JSON-serializable dict; `set_state(state)` makes the next batch the
-  one that followed when the state was taken. Without balanced sampling the state depends only
-  on the number of batches handed out, so one process's state restores every process; with
-  balanced sampling each process must restore its own state.
+  one that followed when the state was taken. The state depends only on the number of batches
+  handed out, so one process's state restores every process.
   """
 
   def __init__(self, config: Any, split: str = "train", *, training: bool | None = None,
@@ -101,6 +101,7 @@ class InputPipeline:
     self._epoch = 0
     self._position = 0
     self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+    self._balanced: dataset.BalancedSampler | None = None  # read once, on the first batch
 
   @property
   def num_batches(self) -> int | None:
@@ -109,26 +110,29 @@ class InputPipeline:
                                                                   self.host_batch)
 
   def _locate(self, batches: int) -> tuple[int, int]:
-    """(epoch, position) after `batches` full batches, without balanced sampling."""
+    """(epoch, position) after `batches` full batches."""
     epoch_size = self.split_files.host_examples[self.process_index]
     consumed = batches * self.host_batch
     return consumed // epoch_size, consumed % epoch_size
 
   def _build(self) -> Iterator[dict[str, np.ndarray]]:
+    if self.training and self.config.balanced_sampling and self._balanced is None:
+      self._balanced = dataset.balanced_sampler(self.split_files)
     batches = dataset.make_dataset(
         self.config, self.split, process_index=self.process_index,
         process_count=self.process_count, seed=self.seed, training=self.training,
         start_epoch=self._epoch, start_position=self._position, start_batch=self._batches,
-        batch_size=self.batch_size, threads=self.threads, normalization=self.fbank_normalization)
+        batch_size=self.batch_size, threads=self.threads, normalization=self.fbank_normalization,
+        balanced=self._balanced)
     return batches.as_numpy_iterator()
 
   def __iter__(self) -> InputPipeline:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = self._build()
     try:
+      if self._iterator is None:
+        self._iterator = self._build()
       batch = next(self._iterator)
     except tf.errors.OpError as e:
       raise RecordReadError(self._describe_failure(records.op_error_text(e))) from e
@@ -140,8 +144,7 @@ class InputPipeline:
     self._batches += 1
     if self.training:
       epochs, positions = batch.pop(dataset.EPOCH_KEY), batch.pop(dataset.POSITION_KEY)
-      if not self.config.balanced_sampling:
-        self._check_epoch_ends(epochs, positions)
+      self._check_epoch_ends(epochs, positions)
       self._epoch, self._position = int(epochs[-1]), int(positions[-1]) + 1
     return batch
 
@@ -189,12 +192,7 @@ class InputPipeline:
         raise ValueError(f"input state has {key}={state.get(key)!r}, this pipeline has "
                          f"{expected!r}")
     batches = int(state["batches"])
-    if self.training and self.config.balanced_sampling:
-      if state.get("process_index") != self.process_index:
-        raise ValueError(f"input state of process {state.get('process_index')} cannot resume "
-                         f"process {self.process_index} under balanced sampling")
-      epoch, position = int(state["epoch"]), int(state["position"])
-    elif self.training:
+    if self.training:
       epoch, position = self._locate(batches)
     else:
       epoch, position = 0, 0

@@ -6,9 +6,10 @@ resumed run sees the same remaining batch order) and `digest` (below). Saves are
 and atomic: orbax writes to a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous checkpoint as the latest restorable one.
 
-Every process has its own input iterator, and under balanced sampling their positions differ
-(each host's epochs have their own lengths). orbax writes a JSON item from the primary process
-only, so the `input` item holds the list of every process's state, gathered at save time
+Every process has its own input iterator (their positions differed under the earlier
+balanced sampling, whose epochs had random lengths; today they are batch counts). orbax
+writes a JSON item from the primary process only, so the `input` item holds the list of every
+process's state, gathered at save time
 (`{"process_input_states": [state of process 0, state of process 1, ...]}`), and each process
 restores its own entry. Checkpoints written before held process 0's state alone; they still
 restore (every process gets that state, as then).
