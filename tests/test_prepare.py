@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from cav_mae_jax.data import clips
+from cav_mae_jax.data import dataset
 from cav_mae_jax.data import decode
 from cav_mae_jax.data import prepare
 from cav_mae_jax.data import records
@@ -236,6 +237,38 @@ def test_corpus_index_stats(corpus_run):
                           for e in examples.values()])
   assert index.fbank_mean == pytest.approx(valid.mean(), abs=1e-6)
   assert index.fbank_std == pytest.approx(valid.std(), abs=1e-6)
+
+
+def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
+  """Each shard's sidecar lists its records' sizes and classes, so balanced sampling finds the
+  records without reading them; it finds the same offsets and weights as reading them."""
+  out, _, _ = corpus_run
+  split = splits.open_records_split(out, "records")
+  counts = [shard.num_examples for shard in split.index.shards]
+  for path, count in zip(split.files, counts):
+    sizes, labels = records.read_record_layout(path, count)
+    stored = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+    assert sizes.tolist() == [len(serialized) for serialized in stored]
+    assert labels == [records.parse_labels(serialized).numpy().tolist() for serialized in stored]
+  from_sidecars = dataset.BalancedSampler.scan(split.files, counts, split.index.label_counts,
+                                               split.parse_labels)
+  # The same shards without their sidecars (or with one that does not fit its shard) are read.
+  copies = []
+  for i, path in enumerate(split.files):
+    copies.append(str(tmp_path / os.path.basename(path)))
+    with open(path, "rb") as f, open(copies[-1], "wb") as g:
+      g.write(f.read())
+  with open(split.files[0] + records.SIDECAR_SUFFIX) as f:
+    sidecar = json.load(f)
+  sidecar[records.RECORD_BYTES][0] += 1
+  with open(copies[0] + records.SIDECAR_SUFFIX, "w") as f:
+    json.dump(sidecar, f)
+  assert records.read_record_layout(copies[0], counts[0]) is None
+  read = dataset.BalancedSampler.scan(copies, counts, split.index.label_counts,
+                                      split.parse_labels)
+  for field in ("file_index", "offset", "cumulative_weight"):
+    np.testing.assert_array_equal(getattr(from_sidecars, field), getattr(read, field))
+  assert from_sidecars.cumulative_weight[-1] > 0
 
 
 def load_tool(name):

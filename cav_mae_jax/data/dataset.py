@@ -436,10 +436,6 @@ def class_sampling_weights(label_counts: Any) -> np.ndarray:
   return BALANCED_WEIGHT_NUMERATOR / (counts + BALANCED_COUNT_OFFSET)
 
 
-# Bytes a TFRecord adds to each record: its length (8), the length's CRC (4), the data's CRC (4).
-TFRECORD_FRAMING_BYTES = 16
-
-
 @dataclasses.dataclass(frozen=True)
 class BalancedSampler:
   """The original's balanced sampling over this host's clips, with where each clip's record is.
@@ -457,45 +453,38 @@ class BalancedSampler:
   @classmethod
   def scan(cls, files: Sequence[str], file_examples: Sequence[int], label_counts: Any,
            parse_labels: Callable[[tf.Tensor], tf.Tensor]) -> BalancedSampler:
-    """Reads the records of `files` once for their lengths and labels; `label_counts` are the
-    whole split's (the weights are the original's, `class_sampling_weights`). A file holding
-    another count than `file_examples` raises tf.errors.DataLossError naming it; a host whose
-    clips all have weight 0 (no labels) raises ValueError."""
-    class_weights = tf.constant(class_sampling_weights(label_counts), tf.float64)
-
-    def lengths_and_weights(file_index: tf.Tensor, path: tf.Tensor) -> tf.data.Dataset:
-      return tf.data.TFRecordDataset(path).map(lambda serialized: (
-          file_index, tf.strings.length(serialized, unit="BYTE"),
-          tf.reduce_sum(tf.gather(class_weights, parse_labels(serialized)))))
-
-    scanned = tf.data.Dataset.from_tensor_slices(
-        (tf.range(len(files), dtype=tf.int64), tf.constant(list(files), tf.string))).interleave(
-            lengths_and_weights, cycle_length=min(len(files), INTERLEAVE_CYCLE),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(65536)
-    columns = [[], [], []]
-    for batch in scanned:
-      for column, values in zip(columns, batch):
-        column.append(values.numpy())
-    file_index, length, weight = (np.concatenate(column + [np.zeros([0], dtype)]).astype(dtype)
-                                  for column, dtype in zip(columns, (np.int64, np.int64,
-                                                                     np.float64)))
-    order = np.argsort(file_index, kind="stable")  # each file's records stay in file order
-    file_index, length, weight = file_index[order], length[order], weight[order]
-    counts = np.bincount(file_index, minlength=len(files))
-    for path, count, expected in zip(files, counts, file_examples):
-      if count != expected:
-        raise tf.errors.DataLossError(
-            None, None, f"{path} holds {count} records, the index lists {expected}")
-    cumulative = np.cumsum(weight)
+    """Where the records of `files` are and their weights (`label_counts` are the whole
+    split's; the weights are the original's, `class_sampling_weights`): from each shard's
+    sidecar (`records.read_record_layout`, tools/preprocess.py writes it), else by reading the
+    shard once for its records' lengths and labels. A file holding another count than
+    `file_examples` raises tf.errors.DataLossError naming it; a host whose clips all have
+    weight 0 (no labels) raises ValueError."""
+    class_weights = class_sampling_weights(label_counts)
+    sizes: list[np.ndarray | None] = []
+    weights: list[np.ndarray | None] = []
+    for path, count in zip(files, file_examples):
+      layout = records.read_record_layout(path, count)
+      sizes.append(None if layout is None else layout[0])
+      weights.append(None if layout is None else _clip_weights(layout[1], class_weights))
+    unread = [i for i, size in enumerate(sizes) if size is None]
+    if unread:
+      read = _read_sizes_and_weights([files[i] for i in unread], class_weights, parse_labels)
+      for i, (size, weight) in zip(unread, read):
+        if len(size) != file_examples[i]:
+          raise tf.errors.DataLossError(
+              None, None, f"{files[i]} holds {len(size)} records, the index lists "
+              f"{file_examples[i]}")
+        sizes[i], weights[i] = size, weight
+    cumulative = np.cumsum(np.concatenate(weights + [np.zeros([0])]))
     if not len(cumulative) or cumulative[-1] <= 0:
       raise ValueError("config.data.balanced_sampling=True: the training clips of this "
                        "process have no labels, so none has a sampling weight")
     # A record's offset: the sizes of the records before it in its file, with their framing.
-    size = length + TFRECORD_FRAMING_BYTES
-    starts = np.cumsum(size) - size
-    first = np.minimum(np.cumsum(counts) - counts, len(size) - 1)  # a file's first record
-    offset = starts - np.repeat(starts[first], counts)
-    return cls(file_index=file_index, offset=offset, cumulative_weight=cumulative)
+    offsets = [np.cumsum(size + records.TFRECORD_FRAMING_BYTES) - size
+               - records.TFRECORD_FRAMING_BYTES for size in sizes]
+    return cls(file_index=np.repeat(np.arange(len(files), dtype=np.int64),
+                                    [len(size) for size in sizes]),
+               offset=np.concatenate(offsets).astype(np.int64), cumulative_weight=cumulative)
 
   @property
   def num_clips(self) -> int:
@@ -529,12 +518,46 @@ class BalancedSampler:
                              deterministic=True)
 
 
+def _read_sizes_and_weights(files: Sequence[str], class_weights: np.ndarray,
+                            parse_labels: Callable[[tf.Tensor], tf.Tensor]
+                            ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(record sizes int64, weights float64) of every file, in file order, by reading them."""
+  weights_tensor = tf.constant(class_weights, tf.float64)
+
+  def sizes_and_weights(file_index: tf.Tensor, path: tf.Tensor) -> tf.data.Dataset:
+    return tf.data.TFRecordDataset(path).map(lambda serialized: (
+        file_index, tf.strings.length(serialized, unit="BYTE"),
+        tf.reduce_sum(tf.gather(weights_tensor, parse_labels(serialized)))))
+
+  scanned = tf.data.Dataset.from_tensor_slices(
+      (tf.range(len(files), dtype=tf.int64), tf.constant(list(files), tf.string))).interleave(
+          sizes_and_weights, cycle_length=min(len(files), INTERLEAVE_CYCLE),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(65536)
+  columns: list[list[np.ndarray]] = [[], [], []]
+  for batch in scanned:
+    for column, values in zip(columns, batch):
+      column.append(values.numpy())
+  file_index, size, weight = (np.concatenate(column + [np.zeros([0], dtype)]).astype(dtype)
+                              for column, dtype in zip(columns, (np.int64, np.int64,
+                                                                 np.float64)))
+  order = np.argsort(file_index, kind="stable")  # each file's records stay in file order
+  bounds = np.cumsum(np.bincount(file_index, minlength=len(files)))[:-1]
+  return list(zip(np.split(size[order], bounds), np.split(weight[order], bounds)))
+
+
+def _clip_weights(labels: Sequence[Sequence[int]], class_weights: np.ndarray) -> np.ndarray:
+  """Each clip's balanced-sampling weight: the sum of its classes' weights."""
+  rows = np.repeat(np.arange(len(labels)), [len(clip) for clip in labels])
+  flat = np.fromiter((k for clip in labels for k in clip), np.int64, count=len(rows))
+  return np.bincount(rows, weights=class_weights[flat], minlength=len(labels))
+
+
 def balanced_sampler(split_files: SplitFiles) -> BalancedSampler:
   """The `BalancedSampler` of this process's training files (reads them once; logs the time)."""
   start = time.perf_counter()
   sampler = BalancedSampler.scan(split_files.files, split_files.file_examples,
                                  split_files.index.label_counts, split_files.source.parse_labels)
-  logger.info("balanced sampling: read the lengths and labels of %d clips of %s in %.1f s",
+  logger.info("balanced sampling: found the records and weights of %d clips of %s in %.1f s",
               sampler.num_clips, split_files.source.description, time.perf_counter() - start)
   return sampler
 

@@ -434,6 +434,38 @@ def read_index(path: str) -> RecordIndex:
 
 
 # ----------------------------------------------------------------------------------------
+# Shard sidecars: where each record is.
+
+# tools/preprocess.py writes `<shard file>.json` beside each shard (cav_mae_jax/data/shards.py);
+# besides the shard's counts and statistics it lists every record's size in bytes
+# (RECORD_BYTES) and classes (RECORD_LABELS), in file order, so that balanced sampling can find
+# the records without reading them.
+SIDECAR_SUFFIX = ".json"
+RECORD_BYTES, RECORD_LABELS = "record_bytes", "record_labels"
+# Bytes a TFRecord adds to each record: its length (8), the length's CRC (4), the data's CRC (4).
+TFRECORD_FRAMING_BYTES = 16
+
+
+def read_record_layout(path: str, num_records: int) -> tuple[np.ndarray, list[list[int]]] | None:
+  """(sizes int64 [N], classes of each record) of shard `path` from its sidecar; None when
+  there is no sidecar, it predates the layout, or it does not describe this file (another
+  count, or sizes that do not add up to the file's size): then the shard must be read."""
+  sidecar = path + SIDECAR_SUFFIX
+  try:
+    with tf.io.gfile.GFile(sidecar) as f:
+      data = json.load(f)
+    sizes = np.asarray(data[RECORD_BYTES], np.int64)
+    labels = [[int(k) for k in clip] for clip in data[RECORD_LABELS]]
+    file_size = tf.io.gfile.stat(path).length
+  except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError):
+    return None
+  if (sizes.shape != (num_records,) or len(labels) != num_records
+      or int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) != file_size):
+    return None
+  return sizes, labels
+
+
+# ----------------------------------------------------------------------------------------
 # Records directories.
 
 

@@ -3,7 +3,8 @@
 - Clips are assigned to shards round-robin over the source list (`plan_shards`), so every
   machine of a split run agrees on which clip goes where.
 - A shard is written to a temporary name and renamed when complete, then its sidecar JSON
-  (counts, label counts, fbank sums, quarantined clips) is renamed into place (a Ctrl-C or
+  (counts, label counts, fbank sums, quarantined clips, each record's size and classes) is
+  renamed into place (a Ctrl-C or
   SIGTERM waits for both): a shard whose sidecar exists is finished (`read_sidecar`), which is
   what resuming relies on.
 - `run_pool` runs shards on long-lived worker processes from a fork server. A worker that dies
@@ -36,7 +37,7 @@ from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
 
-SIDECAR_SUFFIX = ".json"
+SIDECAR_SUFFIX = records.SIDECAR_SUFFIX
 WORKER_CRASHED = "worker_crashed"
 
 
@@ -111,6 +112,8 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
   remove_stale_temporaries(out_dir, plan.file_name)
   stats = records.ShardStats(num_classes=labels.num_classes)
   quarantined: list[dict[str, Any]] = []
+  record_bytes: list[int] = []
+  record_labels: list[list[int]] = []
   try:
     with tf.io.TFRecordWriter(tmp) as writer:
       for position, entry in enumerate(plan.entries):
@@ -124,8 +127,11 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
             raise clips.StrictModeError(result)
           quarantined.append({"position": position, **result.to_json()})
         else:
-          writer.write(records.serialize_example(result))
+          serialized = records.serialize_example(result)
+          writer.write(serialized)
           stats.add(result)
+          record_bytes.append(len(serialized))
+          record_labels.append([int(k) for k in result[records.LABELS]])
         if on_clip is not None:
           on_clip(position, result if isinstance(result, clips.Quarantined) else None)
   except BaseException:
@@ -141,6 +147,8 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
       "stats": stats.to_json(),
       "quarantined": quarantined,
       "seconds": time.time() - start,
+      records.RECORD_BYTES: record_bytes,
+      records.RECORD_LABELS: record_labels,
   }
   # The shard and its sidecar appear together: a Ctrl-C or SIGTERM that comes between the two
   # renames waits for both (it left a complete shard that resuming had to write again). A
