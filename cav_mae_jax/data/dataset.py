@@ -98,6 +98,9 @@ FBANK_STATS = ("fixed", "index")
 BALANCED_WEIGHT_NUMERATOR = 1000.0
 BALANCED_COUNT_OFFSET = 0.01
 INTERLEAVE_CYCLE = 16
+# Balanced sampling's record reads in flight: each is one small read at an offset, so on an
+# object store (gs://) its latency, not bandwidth, bounds the rate (reads / latency).
+RANDOM_READS_IN_FLIGHT = 64
 EPOCH_KEY, POSITION_KEY = "_epoch", "_position"  # where a training clip sits
 MODEL_FIELDS = ("audio_length", "num_mel_bins", "image_size")  # read from config.model
 _OUTPUT_KEYS = ("audio", "image", "label", "valid", "frame_index")
@@ -514,7 +517,8 @@ class BalancedSampler:
     return tf.data.Dataset.from_tensor_slices(
         (tf.gather(self.file_index, chosen), tf.gather(self.offset, chosen))).enumerate().skip(
             skip).interleave(lambda position, location: read(position, *location),
-                             cycle_length=INTERLEAVE_CYCLE, num_parallel_calls=tf.data.AUTOTUNE,
+                             cycle_length=RANDOM_READS_IN_FLIGHT,
+                             num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=True)
 
 
