@@ -177,7 +177,9 @@ def test_noise_roll_adds_scaled_uniform_noise_then_rolls_time():
   np.testing.assert_array_equal(out, again)
 
 
-def _mix_batch(batch: int, num_classes: int, probability: float, on: str = "fbank"):
+def _mix_batch(batch: int, num_classes: int, mixed: np.ndarray, on: str = "fbank"):
+  """A batch whose clip b has partner clip (b + 1) % batch (the pipeline draws partners
+  uniformly from the data set; here they are given), mixed where `mixed`."""
   rng = np.random.default_rng(0)
   data = {
       "audio": tf.constant(rng.normal(size=(batch, 6, 4)).astype(np.float32)),
@@ -185,12 +187,16 @@ def _mix_batch(batch: int, num_classes: int, probability: float, on: str = "fban
       "label": tf.constant(np.eye(num_classes, dtype=np.float32)[:batch]),
       "_seed": SEED,
   }
-  return data, augment.get_op(f"mixup({probability}, on={on!r})")(dict(data))
+  partner = (np.arange(batch) + 1) % batch
+  for key in ("audio", "image", "label"):
+    data[augment.MIX_PREFIX + key] = tf.gather(data[key], partner)
+  data[augment.MIXED_KEY] = tf.constant(mixed)
+  return data, augment.get_op(f"mixup(on={on!r})")(dict(data))
 
 
 def test_mixup_on_fbank_mixes_audio_image_and_labels_with_one_lambda():
   batch = 256
-  data, out = _mix_batch(batch, batch, 1.0)
+  data, out = _mix_batch(batch, batch, np.ones(batch, bool))
   lam = np.diag(out["label"].numpy())
   partner = (np.arange(batch) + 1) % batch
   np.testing.assert_allclose(out["label"].numpy()[np.arange(batch), partner], 1 - lam, rtol=1e-6)
@@ -201,11 +207,12 @@ def test_mixup_on_fbank_mixes_audio_image_and_labels_with_one_lambda():
   # Beta(10, 10): mean 0.5, std sqrt(1 / 84).
   assert abs(lam.mean() - 0.5) < 0.03 and abs(lam.std() - (1 / 84) ** 0.5) < 0.03
   assert out["_mixed"].numpy().all()
-  data, half = _mix_batch(batch, batch, 0.5)
-  mixed = half["_mixed"].numpy()
-  assert 0.35 < mixed.mean() < 0.65
-  np.testing.assert_array_equal(half["audio"].numpy()[~mixed], data["audio"].numpy()[~mixed])
-  np.testing.assert_array_equal(half["label"].numpy()[~mixed], data["label"].numpy()[~mixed])
+  mixed = np.arange(batch) % 3 == 0
+  data, some = _mix_batch(batch, batch, mixed)
+  np.testing.assert_array_equal(some["_mixed"].numpy(), mixed)
+  np.testing.assert_array_equal(some["audio"].numpy()[~mixed], data["audio"].numpy()[~mixed])
+  np.testing.assert_array_equal(some["label"].numpy()[~mixed], data["label"].numpy()[~mixed])
+  assert np.all(np.abs(some["audio"].numpy()[mixed] - data["audio"].numpy()[mixed]) > 0)
 
 
 def _original_waveform_mix_fbank(first: np.ndarray, second: np.ndarray, lam: float,
@@ -229,16 +236,25 @@ def test_mixup_on_waveform_matches_the_original_mix_then_fbank():
   for i, wave in enumerate(waves):
     padded[i, :len(wave)] = wave
   stored = np.stack([fbank_np.pad_or_trim(fbank_np.clip_fbank(w), 64) for w in waves])
+  # Partners: clip (i + 1) % 4, padded to another batch length than the first clips'.
+  partner = [(i + 1) % 4 for i in range(4)]
+  partners = np.zeros((4, max(lengths) + 100), np.int16)
+  for i, j in enumerate(partner):
+    partners[i, :lengths[j]] = waves[j]
   data = {"audio": tf.constant(stored), "image": tf.zeros([4, 2, 2, 3]),
           "label": tf.eye(4), "waveform": tf.constant(padded),
-          "waveform_length": tf.constant(lengths), "_seed": SEED}
-  out = augment.get_op("mixup(1.0, on='waveform')")(data)
+          "waveform_length": tf.constant(lengths), "_seed": SEED,
+          "mix_image": tf.zeros([4, 2, 2, 3]), "mix_label": tf.gather(tf.eye(4), partner),
+          "mix_audio": tf.gather(stored, partner), "mix_waveform": tf.constant(partners),
+          "mix_waveform_length": tf.gather(lengths, partner),
+          augment.MIXED_KEY: tf.ones([4], tf.bool)}
+  out = augment.get_op("mixup(on='waveform')")(dict(data))
   lam = np.diag(out["label"].numpy())
   for i in range(4):
-    expected = _original_waveform_mix_fbank(waves[i], waves[(i + 1) % 4], lam[i], 64)
+    expected = _original_waveform_mix_fbank(waves[i], waves[partner[i]], lam[i], 64)
     np.testing.assert_allclose(out["audio"][i], expected, atol=2e-3, err_msg=f"clip {i}")
   # Unmixed clips keep their stored fbank.
-  kept = augment.get_op("mixup(0.0, on='waveform')")(data)
+  kept = augment.get_op("mixup(on='waveform')")({**data, augment.MIXED_KEY: tf.zeros([4], bool)})
   np.testing.assert_array_equal(kept["audio"], stored)
 
 

@@ -250,7 +250,7 @@ def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
     stored = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
     assert sizes.tolist() == [len(serialized) for serialized in stored]
     assert labels == [records.parse_labels(serialized).numpy().tolist() for serialized in stored]
-  from_sidecars = dataset.BalancedSampler.scan(split.files, counts, split.index.label_counts,
+  from_sidecars = dataset.HostRecords.scan(split.files, counts, split.index.label_counts,
                                                split.parse_labels)
   # The same shards without their sidecars (or with one that does not fit its shard) are read.
   copies = []
@@ -264,7 +264,7 @@ def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
   with open(copies[0] + records.SIDECAR_SUFFIX, "w") as f:
     json.dump(sidecar, f)
   assert records.read_record_layout(copies[0], counts[0]) is None
-  read = dataset.BalancedSampler.scan(copies, counts, split.index.label_counts,
+  read = dataset.HostRecords.scan(copies, counts, split.index.label_counts,
                                       split.parse_labels)
   for field in ("file_index", "offset", "cumulative_weight"):
     np.testing.assert_array_equal(getattr(from_sidecars, field), getattr(read, field))

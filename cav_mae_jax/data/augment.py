@@ -40,6 +40,9 @@ MIXUP_BETA = 10.0  # lambda ~ Beta(10, 10), as the original.
 MIXUP_TARGETS = ("waveform", "fbank")
 SEED_KEY = "_seed"
 MIXED_KEY = "_mixed"
+# A clip's mixup partner: `MIX_PREFIX + field` for each of MIX_FIELDS the clip has.
+MIX_PREFIX = "mix_"
+MIX_FIELDS = ("audio", "image", "label", "waveform", "waveform_length")
 
 _REGISTRY: dict[str, Callable[..., PreprocessOp]] = {}
 
@@ -263,24 +266,33 @@ def multi_hot(num_classes: int) -> PreprocessOp:
 # Batch ops: audio, mixup, labels.
 
 
-def mix_waveforms(waveforms: tf.Tensor, lengths: tf.Tensor, partner: tf.Tensor,
-                  lam: tf.Tensor) -> tf.Tensor:
-  """Mixes zero-padded waveforms [B, L] as the original: each clip with clip `partner[b]`.
+def _centered(waveforms: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
+  """Zero-padded waveforms [B, L] as float (int16 scaled as torchaudio reads 16-bit WAV), each
+  mean-removed over its own length and zero beyond it."""
+  if waveforms.shape.rank != 2:
+    raise ValueError(f"waveforms must be [B, L], got shape {waveforms.shape}")
+  if waveforms.dtype == tf.int16:
+    waveforms = tf.cast(waveforms, tf.float32) / 32768.0
+  waveforms = tf.cast(waveforms, tf.float32)
+  lengths = tf.cast(lengths, tf.int32)
+  valid = tf.sequence_mask(lengths, tf.shape(waveforms)[1], dtype=tf.float32)
+  means = tf.reduce_sum(waveforms * valid, axis=1) / tf.cast(tf.maximum(lengths, 1), tf.float32)
+  return (waveforms - means[:, None]) * valid
+
+
+def mix_waveforms(waveforms: tf.Tensor, lengths: tf.Tensor, partners: tf.Tensor,
+                  partner_lengths: tf.Tensor, lam: tf.Tensor) -> tf.Tensor:
+  """Mixes zero-padded waveforms [B, L] with their partners [B, L'] as the original.
 
   Both are mean-removed over their own lengths, the partner is zero-padded or cut to the
   first clip's length, then `lam * first + (1 - lam) * partner`; the result is zero beyond the
   first clip's length. (The fbank step removes the mean of the mix again.)
   """
-  if waveforms.shape.rank != 2:
-    raise ValueError(f"waveforms must be [B, L], got shape {waveforms.shape}")
-  if waveforms.dtype == tf.int16:
-    waveforms = tf.cast(waveforms, tf.float32) / 32768.0  # as torchaudio reads 16-bit WAV
-  waveforms = tf.cast(waveforms, tf.float32)
-  lengths = tf.cast(lengths, tf.int32)
-  valid = tf.sequence_mask(lengths, tf.shape(waveforms)[1], dtype=tf.float32)
-  means = tf.reduce_sum(waveforms * valid, axis=1) / tf.cast(tf.maximum(lengths, 1), tf.float32)
-  centered = (waveforms - means[:, None]) * valid
-  other = tf.gather(centered, partner) * valid  # cut (or zero-pad) to the first clip's length
+  centered = _centered(waveforms, lengths)
+  other = _centered(partners, partner_lengths)
+  size = tf.shape(centered)[1]
+  other = tf.pad(other, [[0, 0], [0, tf.maximum(size - tf.shape(other)[1], 0)]])[:, :size]
+  other *= tf.sequence_mask(tf.cast(lengths, tf.int32), size, dtype=tf.float32)
   lam = tf.cast(lam, tf.float32)[:, None]
   return lam * centered + (1.0 - lam) * other
 
@@ -290,44 +302,48 @@ def _clip_fbank_of_prefix(waveform: tf.Tensor, length: tf.Tensor, target_length:
 
 
 @register("mixup")
-def mixup(probability: float, on: str = "fbank") -> PreprocessOp:
-  """Mixes each clip, with probability p, with the next clip of the batch (lambda ~ Beta(10, 10)).
+def mixup(on: str = "fbank") -> PreprocessOp:
+  """Mixes each clip marked in `_mixed` [B] with its partner, lambda ~ Beta(10, 10).
 
+  The partner's fields are `mix_<field>` (MIX_PREFIX): the input pipeline draws the clips to
+  mix and their partners, each uniformly from the whole (host's) training set and with its own
+  random frame, as the original's loader does (`dataset.HostRecords.with_mixup_partners`).
   Mixes `image` and `label` (before smoothing), and the audio: on "waveform" (as the original)
-  the int16 `waveform` [B, L] (zero-padded, true lengths in `waveform_length`) are mixed and the
-  fbank of the mix replaces `audio` for mixed clips; on "fbank" the raw fbanks are mixed. Marks
-  mixed clips in `_mixed` [B] for `smooth_labels`. The original draws the partner from the
-  whole dataset; here it is the next clip of a shuffled batch (the last takes the first).
+  the int16 `waveform` [B, L] (zero-padded, true lengths in `waveform_length`) are mixed with
+  `mix_waveform` and the fbank of the mix replaces `audio` for mixed clips; on "fbank" the raw
+  fbanks are mixed. `smooth_labels` reads `_mixed`.
   """
-  if not 0.0 <= probability <= 1.0:
-    raise ValueError(f"mixup: probability must be in [0, 1], got {probability}")
   if on not in MIXUP_TARGETS:
     raise ValueError(f"mixup: on must be one of {MIXUP_TARGETS}, got {on!r}")
 
   def op(data: Data) -> Data:
-    batch = tf.shape(data["audio"])[0]
-    coin_seed, gamma1_seed, gamma2_seed = _split_seed(_op_seed(data, "mixup"), 3)
-    mixed = tf.random.stateless_uniform([batch], coin_seed) < probability
+    mixed = tf.cast(data[MIXED_KEY], tf.bool)
+    batch = tf.shape(mixed)[0]
+    gamma1_seed, gamma2_seed = _split_seed(_op_seed(data, "mixup"), 2)
     g1 = tf.random.stateless_gamma([batch], gamma1_seed, alpha=MIXUP_BETA)
     g2 = tf.random.stateless_gamma([batch], gamma2_seed, alpha=MIXUP_BETA)
     lam = tf.where(mixed, g1 / (g1 + g2), 1.0)
-    partner = tf.math.floormod(tf.range(batch) + 1, batch)
 
-    def mix(x: tf.Tensor) -> tf.Tensor:
-      x = tf.cast(x, tf.float32)
+    def mix(key: str) -> tf.Tensor:
+      x = tf.cast(data[key], tf.float32)
+      other = tf.cast(data[MIX_PREFIX + key], tf.float32)
       shape = tf.concat([[batch], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
       weight = tf.reshape(lam, shape)
-      return weight * x + (1.0 - weight) * tf.gather(x, partner)
+      return weight * x + (1.0 - weight) * other
 
-    data["image"] = mix(data["image"])
-    data["label"] = mix(data["label"])
+    data["image"] = mix("image")
+    data["label"] = mix("label")
     if on == "fbank":
-      data["audio"] = mix(data["audio"])
+      data["audio"] = mix("audio")
     else:
-      if "waveform" not in data or "waveform_length" not in data:
-        raise KeyError("mixup(on='waveform') needs 'waveform' and 'waveform_length' in the batch")
+      needed = ["waveform", "waveform_length", MIX_PREFIX + "waveform",
+                MIX_PREFIX + "waveform_length"]
+      if any(key not in data for key in needed):
+        raise KeyError(f"mixup(on='waveform') needs {needed} in the batch")
       target_length = data["audio"].shape[1]
-      mixed_waves = mix_waveforms(data["waveform"], data["waveform_length"], partner, lam)
+      mixed_waves = mix_waveforms(data["waveform"], data["waveform_length"],
+                                  data[MIX_PREFIX + "waveform"],
+                                  data[MIX_PREFIX + "waveform_length"], lam)
       lengths = tf.cast(data["waveform_length"], tf.int32)
 
       def audio_of(i: tf.Tensor) -> tf.Tensor:

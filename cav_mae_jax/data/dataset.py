@@ -49,7 +49,8 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
                            pipeline then yields normalized, un-noised fbanks.
   freqm: int               SpecAugment frequency mask size (0 = off; fine-tuning uses 48).
   timem: int               SpecAugment time mask size (0 = off; fine-tuning uses 192).
-  mixup: float             probability of mixing a clip (0 = off; fine-tuning uses 0.5).
+  mixup: float             probability of mixing a clip with a partner drawn uniformly from the
+                           host's clips (0 = off; fine-tuning uses 0.5).
   mixup_on: str            'waveform' (as the original: mixes mean-removed waveforms and
                            recomputes the fbank; needs records written with waveforms) or
                            'fbank' (mixes raw fbanks; cheaper, not the original's).
@@ -65,12 +66,14 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
   prefetch: int            batches prepared ahead.
 
 Balanced sampling is the original's `WeightedRandomSampler(weights, N, replacement=True)` over
-this host's N clips (`BalancedSampler`): each epoch draws N clips independently, each with
-probability proportional to its weight (the sum over its labels of 1000 / (label count +
-0.01), the counts of the whole split), in draw order, no shuffle buffer; every drawn record is
-read at its byte offset in its shard file, so a clip's copies are spread over the epoch as the
-original's are. The offsets and weights come from one pass over the host's records that reads
-their lengths and labels (`BalancedSampler.scan`, once per `input.InputPipeline`).
+this host's N clips: each epoch draws N clips independently, each with probability
+proportional to its weight (the sum over its labels of 1000 / (label count + 0.01), the counts
+of the whole split), in draw order, no shuffle buffer. Mixup is the original loader's too: a
+clip is mixed with probability `mixup`, with a partner drawn uniformly from the host's clips
+(whatever the sampling), parsed with its own random frame; `augment.mixup` mixes the two.
+Drawn records (balanced draws, partners) are read at their byte offsets in their shard files
+(`HostRecords`: from the shards' sidecars, or one pass that reads the records' lengths and
+labels, once per `input.InputPipeline`).
 """
 
 from __future__ import annotations
@@ -440,28 +443,27 @@ def class_sampling_weights(label_counts: Any) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class BalancedSampler:
-  """The original's balanced sampling over this host's clips, with where each clip's record is.
+class HostRecords:
+  """Where each of this host's training clips is, and its balanced-sampling weight: what
+  balanced sampling and mixup partners need to draw clips and read them at their offsets.
 
-  `WeightedRandomSampler(weights, N, replacement=True)`: every epoch draws as many clips as the
-  host holds (N), independently, each with probability proportional to its weight, in draw
-  order. `file_index` [N] (which of the host's files holds the clip), `offset` [N] (its
-  record's byte offset there), `cumulative_weight` [N] (running sum of the clips' weights).
+  `file_index` [N] (which of the host's `files` holds the clip), `offset` [N] (its record's
+  byte offset there), `cumulative_weight` [N] (running sum of the clips' weights).
   """
 
+  files: tuple[str, ...]
   file_index: np.ndarray
   offset: np.ndarray
   cumulative_weight: np.ndarray
 
   @classmethod
   def scan(cls, files: Sequence[str], file_examples: Sequence[int], label_counts: Any,
-           parse_labels: Callable[[tf.Tensor], tf.Tensor]) -> BalancedSampler:
+           parse_labels: Callable[[tf.Tensor], tf.Tensor]) -> HostRecords:
     """Where the records of `files` are and their weights (`label_counts` are the whole
     split's; the weights are the original's, `class_sampling_weights`): from each shard's
     sidecar (`records.read_record_layout`, tools/preprocess.py writes it), else by reading the
     shard once for its records' lengths and labels. A file holding another count than
-    `file_examples` raises tf.errors.DataLossError naming it; a host whose clips all have
-    weight 0 (no labels) raises ValueError."""
+    `file_examples` raises tf.errors.DataLossError naming it."""
     class_weights = class_sampling_weights(label_counts)
     sizes: list[np.ndarray | None] = []
     weights: list[np.ndarray | None] = []
@@ -478,25 +480,36 @@ class BalancedSampler:
               None, None, f"{files[i]} holds {len(size)} records, the index lists "
               f"{file_examples[i]}")
         sizes[i], weights[i] = size, weight
-    cumulative = np.cumsum(np.concatenate(weights + [np.zeros([0])]))
-    if not len(cumulative) or cumulative[-1] <= 0:
-      raise ValueError("config.data.balanced_sampling=True: the training clips of this "
-                       "process have no labels, so none has a sampling weight")
     # A record's offset: the sizes of the records before it in its file, with their framing.
     offsets = [np.cumsum(size + records.TFRECORD_FRAMING_BYTES) - size
                - records.TFRECORD_FRAMING_BYTES for size in sizes]
-    return cls(file_index=np.repeat(np.arange(len(files), dtype=np.int64),
+    return cls(files=tuple(files),
+               file_index=np.repeat(np.arange(len(files), dtype=np.int64),
                                     [len(size) for size in sizes]),
-               offset=np.concatenate(offsets).astype(np.int64), cumulative_weight=cumulative)
+               offset=np.concatenate(offsets + [np.zeros([0])]).astype(np.int64),
+               cumulative_weight=np.cumsum(np.concatenate(weights + [np.zeros([0])])))
 
   @property
   def num_clips(self) -> int:
     return len(self.offset)
 
-  def epoch_records(self, files: Sequence[str], epoch: tf.Tensor, base_seed: tf.Tensor,
-                    skip: tf.Tensor) -> tf.data.Dataset:
-    """(position, raw record) of one epoch's draws from the position `skip` on; `files` are
-    the host's files `scan` read."""
+  def read(self, clip: tf.Tensor, count: tf.Tensor | int = 1) -> tf.data.Dataset:
+    """The raw record of clip `clip` (int64 scalar), read at its offset; `count` 0: nothing,
+    without opening the file."""
+    record = tf.data.experimental.from_variant(tf.raw_ops.TFRecordDatasetV2(
+        filenames=tf.reshape(tf.gather(tf.constant(self.files, tf.string),
+                                       tf.gather(self.file_index, clip)), [1]),
+        compression_type="", buffer_size=tf.constant(0, tf.int64),
+        byte_offsets=tf.reshape(tf.gather(self.offset, clip), [1])),
+        tf.TensorSpec([], tf.string))
+    return record.take(tf.cast(count, tf.int64))
+
+  def balanced_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor,
+                     skip: tf.Tensor) -> tf.data.Dataset:
+    """(position, raw record) of one epoch of balanced sampling from the position `skip` on:
+    the original's `WeightedRandomSampler(weights, N, replacement=True)`, N independent draws,
+    each clip with probability proportional to its weight, in draw order (`check_weights`
+    first)."""
     cumulative = tf.constant(self.cumulative_weight, tf.float64)
     uniform = tf.random.stateless_uniform(
         [self.num_clips], _salted(base_seed, "balanced", epoch), dtype=tf.float64)
@@ -505,21 +518,38 @@ class BalancedSampler:
     last = int(np.flatnonzero(np.diff(self.cumulative_weight, prepend=0.0) > 0)[-1])
     chosen = tf.minimum(tf.searchsorted(cumulative, uniform * self.cumulative_weight[-1],
                                         side="right"), last)
-    paths = tf.constant(list(files), tf.string)
+    return tf.data.Dataset.from_tensor_slices(chosen).enumerate().skip(skip).interleave(
+        lambda position, clip: self.read(clip).map(lambda serialized: (position, serialized)),
+        cycle_length=RANDOM_READS_IN_FLIGHT, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
 
-    def read(position: tf.Tensor, file_index: tf.Tensor, offset: tf.Tensor) -> tf.data.Dataset:
-      record = tf.data.experimental.from_variant(tf.raw_ops.TFRecordDatasetV2(
-          filenames=tf.reshape(tf.gather(paths, file_index), [1]), compression_type="",
-          buffer_size=tf.constant(0, tf.int64), byte_offsets=tf.reshape(offset, [1])),
-          tf.TensorSpec([], tf.string))
-      return record.take(1).map(lambda serialized: (position, serialized))
+  def check_weights(self) -> None:
+    """ValueError unless some clip has a balanced-sampling weight (some clip has labels)."""
+    if not self.num_clips or self.cumulative_weight[-1] <= 0:
+      raise ValueError("config.data.balanced_sampling=True: the training clips of this "
+                       "process have no labels, so none has a sampling weight")
 
-    return tf.data.Dataset.from_tensor_slices(
-        (tf.gather(self.file_index, chosen), tf.gather(self.offset, chosen))).enumerate().skip(
-            skip).interleave(lambda position, location: read(position, *location),
-                             cycle_length=RANDOM_READS_IN_FLIGHT,
-                             num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=True)
+  def with_mixup_partners(self, clips: tf.data.Dataset, probability: float,
+                          base_seed: tf.Tensor) -> tf.data.Dataset:
+    """Adds (mixed, partner's raw record) to each (epoch, position, raw record) of `clips`: as
+    the original's loader, a clip is mixed with probability `probability`, with a partner
+    drawn uniformly from all the clips (the host's), whatever the sampling; an unmixed clip's
+    partner is b'' (nothing is read)."""
+
+    def add_partner(epoch: tf.Tensor, position: tf.Tensor,
+                    serialized: tf.Tensor) -> tf.data.Dataset:
+      mixed = tf.random.stateless_uniform(
+          [], _salted(base_seed, "mixup", epoch, position)) < probability
+      partner = tf.random.stateless_uniform(
+          [], _salted(base_seed, "partner", epoch, position), maxval=self.num_clips,
+          dtype=tf.int64)
+      record = self.read(partner, tf.cast(mixed, tf.int64)).concatenate(
+          tf.data.Dataset.from_tensors(tf.constant(b""))).take(1)
+      return record.map(lambda partner_record: (epoch, position, serialized, mixed,
+                                                partner_record))
+
+    return clips.interleave(add_partner, cycle_length=RANDOM_READS_IN_FLIGHT,
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _read_sizes_and_weights(files: Sequence[str], class_weights: np.ndarray,
@@ -556,14 +586,20 @@ def _clip_weights(labels: Sequence[Sequence[int]], class_weights: np.ndarray) ->
   return np.bincount(rows, weights=class_weights[flat], minlength=len(labels))
 
 
-def balanced_sampler(split_files: SplitFiles) -> BalancedSampler:
-  """The `BalancedSampler` of this process's training files (reads them once; logs the time)."""
+def host_records(split_files: SplitFiles) -> HostRecords:
+  """The `HostRecords` of this process's training files (from their sidecars, or reading them
+  once; logs the time)."""
   start = time.perf_counter()
-  sampler = BalancedSampler.scan(split_files.files, split_files.file_examples,
-                                 split_files.index.label_counts, split_files.source.parse_labels)
-  logger.info("balanced sampling: found the records and weights of %d clips of %s in %.1f s",
-              sampler.num_clips, split_files.source.description, time.perf_counter() - start)
-  return sampler
+  found = HostRecords.scan(split_files.files, split_files.file_examples,
+                           split_files.index.label_counts, split_files.source.parse_labels)
+  logger.info("found the records and sampling weights of %d clips of %s in %.1f s",
+              found.num_clips, split_files.source.description, time.perf_counter() - start)
+  return found
+
+
+def needs_host_records(config: DataConfig, training: bool) -> bool:
+  """Whether training draws clips to read at their offsets: balanced sampling, mixup partners."""
+  return training and (config.balanced_sampling or config.mixup > 0)
 
 
 def example_preprocess_spec(config: DataConfig, training: bool, num_classes: int) -> str:
@@ -581,7 +617,7 @@ def batch_preprocess_spec(config: DataConfig, training: bool, mean: float, std: 
   """The per-batch op string, in the original's order (evaluation: normalization only)."""
   ops = []
   if training and config.mixup > 0:
-    ops.append(f"mixup({config.mixup!r}, {config.mixup_on!r})")
+    ops.append(f"mixup({config.mixup_on!r})")
   if training and (config.freqm or config.timem):
     ops.append(f"specaugment({config.freqm}, {config.timem})")
   ops.append(f"normalize_fbank({mean!r}, {std!r})")
@@ -653,18 +689,22 @@ def _base_seed(seed: int, process_index: int = 0) -> tf.Tensor:
 
 
 def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
-                     balanced: BalancedSampler | None, *, start_epoch: int = 0,
+                     host: HostRecords | None = None, *, start_epoch: int = 0,
                      start_position: int = 0, process_index: int = 0) -> tf.data.Dataset:
   """Endless (epoch, position, raw record) of this host's training `files`, epoch after epoch,
-  from record `start_position` of epoch `start_epoch`; `balanced`: the `BalancedSampler` of
-  these files (None: every record once per epoch, shuffled). Each epoch has as many records
-  as the files hold."""
+  from record `start_position` of epoch `start_epoch`: every record once per epoch, shuffled,
+  or with `config.balanced_sampling` the balanced draws of `host` (the `HostRecords` of these
+  files). Each epoch has as many records as the files hold."""
   base_seed = _base_seed(seed, process_index)
+  if config.balanced_sampling:
+    if host is None or host.files != tuple(files):
+      raise ValueError("balanced sampling draws from the HostRecords of the files it reads")
+    host.check_weights()
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
-    if balanced is not None:
-      stream = balanced.epoch_records(files, epoch, base_seed, skip)
+    if config.balanced_sampling:
+      stream = host.balanced_epoch(epoch, base_seed, skip)
     else:
       stream = _epoch_records(files, epoch, base_seed, config, skip)
     return stream.map(lambda position, serialized: (epoch, position, serialized))
@@ -719,7 +759,7 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
                  seed: int = 0, training: bool | None = None, start_epoch: int = 0,
                  start_position: int = 0, start_batch: int = 0, batch_size: int | None = None,
                  threads: int | None = None, normalization: FbankNormalization | None = None,
-                 balanced: BalancedSampler | None = None) -> tf.data.Dataset:
+                 host: HostRecords | None = None) -> tf.data.Dataset:
   """This process's batches of `split` as a tf.data.Dataset of dicts (see the module doc).
 
   `training` defaults to `split == "train"`; `batch_size` (global) overrides
@@ -728,8 +768,8 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   `InputPipeline`'s state); the stream starts at clip `start_position` of epoch `start_epoch`,
   numbering batches from `start_batch`. `normalization` (default: `fbank_normalization` of the
   config) is the fbank mean and std, given by a caller that reads another directory as `split`.
-  `balanced` (training with balanced_sampling; default: `balanced_sampler` of the split) is
-  the host's sampler, given by a caller that builds the stream more than once.
+  `host` (training with balanced sampling or mixup; default: `host_records` of the split) is
+  where the host's clips are, given by a caller that builds the stream more than once.
   """
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training
@@ -746,21 +786,30 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   base_seed = _base_seed(seed, process_index)
 
   if training:
-    if data_config.balanced_sampling and balanced is None:
-      balanced = balanced_sampler(split_files)
-    elif not data_config.balanced_sampling:
-      balanced = None
+    if needs_host_records(data_config, training) and host is None:
+      host = host_records(split_files)
 
-    def parse_clip(epoch: tf.Tensor, position: tf.Tensor,
-                   serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    def parse_clip(epoch: tf.Tensor, position: tf.Tensor, serialized: tf.Tensor,
+                   *mixup: tf.Tensor) -> dict[str, tf.Tensor]:
       clip = parse(serialized, _salted(base_seed, "clip", epoch, position))
+      if mixup:  # the partner's fields (zeros when the clip is not mixed), for augment.mixup
+        mixed, partner = mixup
+        other = tf.cond(
+            mixed, lambda: parse(partner, _salted(base_seed, "partner_clip", epoch, position)),
+            lambda: {key: tf.zeros_like(value) for key, value in clip.items()})
+        for key in augment.MIX_FIELDS:
+          if key in other:
+            clip[augment.MIX_PREFIX + key] = other[key]
+        clip[augment.MIXED_KEY] = mixed
       clip[EPOCH_KEY], clip[POSITION_KEY] = epoch, position
       return clip
 
     clips = training_records(
-        split_files.files, seed, data_config, balanced, start_epoch=start_epoch,
-        start_position=start_position, process_index=process_index).map(
-            parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        split_files.files, seed, data_config, host, start_epoch=start_epoch,
+        start_position=start_position, process_index=process_index)
+    if data_config.mixup > 0:
+      clips = host.with_mixup_partners(clips, data_config.mixup, base_seed)
+    clips = clips.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
     # A process may hold no shard at all (more processes than files): it yields padding only.

@@ -101,7 +101,7 @@ class InputPipeline:
     self._epoch = 0
     self._position = 0
     self._iterator: Iterator[dict[str, np.ndarray]] | None = None
-    self._balanced: dataset.BalancedSampler | None = None  # read once, on the first batch
+    self._host: dataset.HostRecords | None = None  # found once, on the first batch
 
   @property
   def num_batches(self) -> int | None:
@@ -116,14 +116,14 @@ class InputPipeline:
     return consumed // epoch_size, consumed % epoch_size
 
   def _build(self) -> Iterator[dict[str, np.ndarray]]:
-    if self.training and self.config.balanced_sampling and self._balanced is None:
-      self._balanced = dataset.balanced_sampler(self.split_files)
+    if dataset.needs_host_records(self.config, self.training) and self._host is None:
+      self._host = dataset.host_records(self.split_files)
     batches = dataset.make_dataset(
         self.config, self.split, process_index=self.process_index,
         process_count=self.process_count, seed=self.seed, training=self.training,
         start_epoch=self._epoch, start_position=self._position, start_batch=self._batches,
         batch_size=self.batch_size, threads=self.threads, normalization=self.fbank_normalization,
-        balanced=self._balanced)
+        host=self._host)
     return batches.as_numpy_iterator()
 
   def __iter__(self) -> InputPipeline:
