@@ -70,6 +70,7 @@ def data_config(batch_size: int, *, noise: bool, noise_on_device: bool,
   data.fbank_mean = AUDIOSET_FBANK_MEAN
   data.fbank_std = AUDIOSET_FBANK_STD
   data.prefetch = 2
+  data.reads_in_flight = 64  # balanced draws and mixup partners read at their offsets
   return data
 
 

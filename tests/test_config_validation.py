@@ -73,6 +73,7 @@ BAD_CASES = [
     ("init.path", "/nonexistent/model.pth", "config.init.path", {"init.source": "cavmae"}),
     ("data.freqm", -1, "config.data.freqm", {}),
     ("data.mixup_on", "audio", "config.data.mixup_on", {}),
+    ("data.reads_in_flight", 0, "config.data.reads_in_flight", {}),
     ("schedule.kind", "linear", "config.schedule.kind", {}),
     ("total_steps", 0, "config.total_steps", {}),
     ("tensorboard", None, "config.tensorboard", {}),

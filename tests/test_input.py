@@ -349,7 +349,7 @@ def test_mixup_partners_are_drawn_uniformly_from_all_clips(tmp_path):
   config = dataset.DataConfig(batch_size=4, balanced_sampling=True, mixup=0.5)
   seed = dataset._base_seed(0)
   stream = host.with_mixup_partners(dataset.training_records(files, 0, config, host),
-                                    0.5, seed).take(8000)
+                                    0.5, seed, reads_in_flight=16).take(8000)
   spec = {records.VIDEO_ID: tf.io.FixedLenFeature([], tf.string)}
   clip_of = lambda serialized: int(tf.io.parse_single_example(serialized, spec)[
       records.VIDEO_ID].numpy())

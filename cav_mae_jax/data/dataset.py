@@ -64,6 +64,11 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
   fbank_mean: float        normalization mean with fbank_stats='fixed' (unused with 'index').
   fbank_std: float         normalization std with fbank_stats='fixed' (unused with 'index').
   prefetch: int            batches prepared ahead.
+  reads_in_flight: int     records read at once at their offsets (balanced draws, mixup
+                           partners): each is one small read, so the rate is this over the
+                           storage's latency; an object store (gs://, ~30 ms) needs about
+                           samples per second x latency (e.g. 512 for 15,000/s), a local disk
+                           far fewer.
 
 Balanced sampling is the original's `WeightedRandomSampler(weights, N, replacement=True)` over
 this host's N clips: each epoch draws N clips independently, each with probability
@@ -101,9 +106,6 @@ FBANK_STATS = ("fixed", "index")
 BALANCED_WEIGHT_NUMERATOR = 1000.0
 BALANCED_COUNT_OFFSET = 0.01
 INTERLEAVE_CYCLE = 16
-# Balanced sampling's record reads in flight: each is one small read at an offset, so on an
-# object store (gs://) its latency, not bandwidth, bounds the rate (reads / latency).
-RANDOM_READS_IN_FLIGHT = 64
 EPOCH_KEY, POSITION_KEY = "_epoch", "_position"  # where a training clip sits
 MODEL_FIELDS = ("audio_length", "num_mel_bins", "image_size")  # read from config.model
 _OUTPUT_KEYS = ("audio", "image", "label", "valid", "frame_index")
@@ -135,6 +137,7 @@ class DataConfig:
   fbank_mean: float | None = None  # required with fbank_stats='fixed'
   fbank_std: float | None = None
   prefetch: int = 2
+  reads_in_flight: int = 64
   # From config.model.
   audio_length: int = records.TARGET_FBANK_FRAMES
   num_mel_bins: int = records.NUM_MEL_BINS
@@ -175,6 +178,8 @@ class DataConfig:
       fail("batch_size", "must be a positive int")
     if self.shuffle_buffer < 1:
       fail("shuffle_buffer", "must be >= 1 (1 = no shuffling)")
+    if not isinstance(self.reads_in_flight, int) or self.reads_in_flight < 1:
+      fail("reads_in_flight", "must be a positive int")
     if not 0 <= self.eval_frame < records.NUM_VIDEO_FRAMES:
       fail("eval_frame", f"must be in [0, {records.NUM_VIDEO_FRAMES})")
     if not 0 <= self.freqm <= self.num_mel_bins:
@@ -504,8 +509,8 @@ class HostRecords:
         tf.TensorSpec([], tf.string))
     return record.take(tf.cast(count, tf.int64))
 
-  def balanced_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor,
-                     skip: tf.Tensor) -> tf.data.Dataset:
+  def balanced_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor, skip: tf.Tensor,
+                     reads_in_flight: int) -> tf.data.Dataset:
     """(position, raw record) of one epoch of balanced sampling from the position `skip` on:
     the original's `WeightedRandomSampler(weights, N, replacement=True)`, N independent draws,
     each clip with probability proportional to its weight, in draw order (`check_weights`
@@ -520,8 +525,7 @@ class HostRecords:
                                         side="right"), last)
     return tf.data.Dataset.from_tensor_slices(chosen).enumerate().skip(skip).interleave(
         lambda position, clip: self.read(clip).map(lambda serialized: (position, serialized)),
-        cycle_length=RANDOM_READS_IN_FLIGHT, num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
+        cycle_length=reads_in_flight, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def check_weights(self) -> None:
     """ValueError unless some clip has a balanced-sampling weight (some clip has labels)."""
@@ -530,7 +534,7 @@ class HostRecords:
                        "process have no labels, so none has a sampling weight")
 
   def with_mixup_partners(self, clips: tf.data.Dataset, probability: float,
-                          base_seed: tf.Tensor) -> tf.data.Dataset:
+                          base_seed: tf.Tensor, reads_in_flight: int) -> tf.data.Dataset:
     """Adds (mixed, partner's raw record) to each (epoch, position, raw record) of `clips`: as
     the original's loader, a clip is mixed with probability `probability`, with a partner
     drawn uniformly from all the clips (the host's), whatever the sampling; an unmixed clip's
@@ -548,7 +552,7 @@ class HostRecords:
       return record.map(lambda partner_record: (epoch, position, serialized, mixed,
                                                 partner_record))
 
-    return clips.interleave(add_partner, cycle_length=RANDOM_READS_IN_FLIGHT,
+    return clips.interleave(add_partner, cycle_length=reads_in_flight,
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -704,7 +708,7 @@ def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
     if config.balanced_sampling:
-      stream = host.balanced_epoch(epoch, base_seed, skip)
+      stream = host.balanced_epoch(epoch, base_seed, skip, config.reads_in_flight)
     else:
       stream = _epoch_records(files, epoch, base_seed, config, skip)
     return stream.map(lambda position, serialized: (epoch, position, serialized))
@@ -808,7 +812,8 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
         split_files.files, seed, data_config, host, start_epoch=start_epoch,
         start_position=start_position, process_index=process_index)
     if data_config.mixup > 0:
-      clips = host.with_mixup_partners(clips, data_config.mixup, base_seed)
+      clips = host.with_mixup_partners(clips, data_config.mixup, base_seed,
+                                       data_config.reads_in_flight)
     clips = clips.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
