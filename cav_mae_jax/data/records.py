@@ -438,8 +438,8 @@ def read_index(path: str) -> RecordIndex:
 
 # tools/preprocess.py writes `<shard file>.json` beside each shard (cav_mae_jax/data/shards.py);
 # besides the shard's counts and statistics it lists every record's size in bytes
-# (RECORD_BYTES) and classes (RECORD_LABELS), in file order, so that balanced sampling can find
-# the records without reading them.
+# (RECORD_BYTES) and classes (RECORD_LABELS), in file order, so that balanced sampling and
+# mixup partners (dataset.HostRecords) find the records without reading them.
 SIDECAR_SUFFIX = ".json"
 RECORD_BYTES, RECORD_LABELS = "record_bytes", "record_labels"
 # Bytes a TFRecord adds to each record: its length (8), the length's CRC (4), the data's CRC (4).

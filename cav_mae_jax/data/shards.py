@@ -4,9 +4,8 @@
   machine of a split run agrees on which clip goes where.
 - A shard is written to a temporary name and renamed when complete, then its sidecar JSON
   (counts, label counts, fbank sums, quarantined clips, each record's size and classes) is
-  renamed into place (a Ctrl-C or
-  SIGTERM waits for both): a shard whose sidecar exists is finished (`read_sidecar`), which is
-  what resuming relies on.
+  renamed into place (a Ctrl-C or SIGTERM waits for both): a shard whose sidecar exists is
+  finished (`read_sidecar`), which is what resuming relies on.
 - `run_pool` runs shards on long-lived worker processes from a fork server. A worker that dies
   (e.g. a decoder crash) loses only its current shard, which is redone without the clip it
   died on (quarantined as `worker_crashed`); the other workers go on.
