@@ -56,6 +56,7 @@ def data_config(batch_size: int, *, noise: bool, noise_on_device: bool,
   data.tfds_eval_split = "test"
   data.batch_size = batch_size
   data.shuffle_buffer = shuffle_buffer
+  data.exact_shuffle = False  # True: a fresh permutation of the clips every epoch
   data.eval_frame = 5
   data.eval_all_frames = False
   data.noise = noise

@@ -337,6 +337,35 @@ def test_balanced_sampling_spreads_a_clip_over_the_epoch(tmp_path):
   assert len(spans) >= 30 and np.mean(spans) > 0.6, spans
 
 
+def test_exact_shuffle_reads_every_clip_once_per_epoch_in_a_fresh_order(record_dirs):
+  config = make_config(record_dirs, exact_shuffle=True)  # 10 clips in 3 shards, batches of 4
+  pipeline = input_lib.InputPipeline(config, "train", process_index=0, process_count=1, seed=3)
+  ids = sum((clip_ids(b) for b in take(pipeline, 10)), [])  # 4 epochs
+  epochs = [ids[i:i + 10] for i in range(0, 40, 10)]
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(10))
+  assert len({tuple(epoch) for epoch in epochs}) == 4
+  # The order is the permutation's, whatever the shuffle buffer: with a buffer of 1 the
+  # streamed shards come in file order, the permutation does not.
+  def first_epoch(**overrides):
+    return sum((clip_ids(b) for b in take(input_lib.InputPipeline(
+        make_config(record_dirs, **overrides), "train", process_index=0, process_count=1,
+        seed=3), 5)), [])[:10]
+  assert first_epoch(exact_shuffle=True, shuffle_buffer=1) == epochs[0]
+  assert first_epoch(shuffle_buffer=1) != epochs[0]
+  state = pipeline.get_state()
+  expected = take(pipeline, 3)
+  resumed = input_lib.InputPipeline(config, "train", process_index=0, process_count=1, seed=3)
+  resumed.set_state(json.loads(json.dumps(state)))
+  for want, got in zip(expected, take(resumed, 3)):
+    np.testing.assert_array_equal(want["audio"], got["audio"])
+    np.testing.assert_array_equal(want["image"], got["image"])
+  with pytest.raises(ValueError, match="config.data.exact_shuffle=True: balanced_sampling"):
+    input_lib.InputPipeline(make_config(record_dirs, exact_shuffle=True,
+                                        balanced_sampling=True), "train",
+                            process_index=0, process_count=1)
+
+
 def test_mixup_partners_are_drawn_uniformly_from_all_clips(tmp_path):
   """As the original's loader: a clip is mixed with probability p, with a partner drawn
   uniformly from the whole training set, also under balanced sampling (whose draws favour the

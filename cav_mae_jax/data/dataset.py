@@ -40,7 +40,11 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
                            passes its own (config.eval.batch_size) to `make_dataset`.
   shuffle_buffer: int      examples in each host's shuffle buffer (training); raw records
                            (~0.4 MB each) are buffered, so this bounds host memory (not
-                           used with balanced_sampling: its draws are in random order).
+                           used with balanced_sampling or exact_shuffle).
+  exact_shuffle: bool      each epoch reads the host's clips in a fresh random permutation, as
+                           the original's shuffling loader, read at their offsets, instead of
+                           streaming the shards through the shuffle buffer (training; not with
+                           balanced_sampling, which draws its own clips).
   eval_frame: int          frame used in evaluation (the original uses 5).
   eval_all_frames: bool    evaluation yields all 10 frames per clip instead.
   noise: bool              noise + time-roll augmentation (training).
@@ -76,9 +80,11 @@ proportional to its weight (the sum over its labels of 1000 / (label count + 0.0
 of the whole split), in draw order, no shuffle buffer. Mixup is the original loader's too: a
 clip is mixed with probability `mixup`, with a partner drawn uniformly from the host's clips
 (whatever the sampling), parsed with its own random frame; `augment.mixup` mixes the two.
-Drawn records (balanced draws, partners) are read at their byte offsets in their shard files
-(`HostRecords`: from the shards' sidecars, or one pass that reads the records' lengths and
-labels, once per `input.InputPipeline`).
+With `exact_shuffle` each epoch is a fresh random permutation of the host's clips, as the
+original's shuffling loader, instead of the shuffle buffer over streamed shards.
+Drawn records (balanced draws, permutations, partners) are read at their byte offsets in their
+shard files (`HostRecords`: from the shards' sidecars, or one pass that reads the records'
+lengths and labels, once per `input.InputPipeline`).
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ class DataConfig:
   tfds_train_split: str = "train"
   tfds_eval_split: str = "test"
   shuffle_buffer: int = 2048
+  exact_shuffle: bool = False
   eval_frame: int = 5
   eval_all_frames: bool = False
   noise: bool = False
@@ -180,6 +187,9 @@ class DataConfig:
       fail("shuffle_buffer", "must be >= 1 (1 = no shuffling)")
     if not isinstance(self.reads_in_flight, int) or self.reads_in_flight < 1:
       fail("reads_in_flight", "must be a positive int")
+    if self.exact_shuffle and self.balanced_sampling:
+      fail("exact_shuffle", "balanced_sampling draws its own clips each epoch (independent "
+           "weighted draws); set one of the two")
     if not 0 <= self.eval_frame < records.NUM_VIDEO_FRAMES:
       fail("eval_frame", f"must be in [0, {records.NUM_VIDEO_FRAMES})")
     if not 0 <= self.freqm <= self.num_mel_bins:
@@ -523,7 +533,20 @@ class HostRecords:
     last = int(np.flatnonzero(np.diff(self.cumulative_weight, prepend=0.0) > 0)[-1])
     chosen = tf.minimum(tf.searchsorted(cumulative, uniform * self.cumulative_weight[-1],
                                         side="right"), last)
-    return tf.data.Dataset.from_tensor_slices(chosen).enumerate().skip(skip).interleave(
+    return self._read_in_order(chosen, skip, reads_in_flight)
+
+  def permuted_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor, skip: tf.Tensor,
+                     reads_in_flight: int) -> tf.data.Dataset:
+    """(position, raw record) of one epoch of every clip once, in a fresh random permutation
+    (the original's shuffling loader), from the position `skip` on."""
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(self.num_clips, dtype=tf.int64), _salted(base_seed, "permutation", epoch))
+    return self._read_in_order(order, skip, reads_in_flight)
+
+  def _read_in_order(self, clips: tf.Tensor, skip: tf.Tensor,
+                     reads_in_flight: int) -> tf.data.Dataset:
+    """(position, raw record) of `clips` [N] (indices), from position `skip` on, in order."""
+    return tf.data.Dataset.from_tensor_slices(clips).enumerate().skip(skip).interleave(
         lambda position, clip: self.read(clip).map(lambda serialized: (position, serialized)),
         cycle_length=reads_in_flight, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -602,8 +625,9 @@ def host_records(split_files: SplitFiles) -> HostRecords:
 
 
 def needs_host_records(config: DataConfig, training: bool) -> bool:
-  """Whether training draws clips to read at their offsets: balanced sampling, mixup partners."""
-  return training and (config.balanced_sampling or config.mixup > 0)
+  """Whether training reads clips at their offsets: balanced sampling, exact shuffling, mixup
+  partners."""
+  return training and (config.balanced_sampling or config.exact_shuffle or config.mixup > 0)
 
 
 def example_preprocess_spec(config: DataConfig, training: bool, num_classes: int) -> str:
@@ -696,19 +720,24 @@ def training_records(files: tuple[str, ...], seed: int, config: DataConfig,
                      host: HostRecords | None = None, *, start_epoch: int = 0,
                      start_position: int = 0, process_index: int = 0) -> tf.data.Dataset:
   """Endless (epoch, position, raw record) of this host's training `files`, epoch after epoch,
-  from record `start_position` of epoch `start_epoch`: every record once per epoch, shuffled,
-  or with `config.balanced_sampling` the balanced draws of `host` (the `HostRecords` of these
-  files). Each epoch has as many records as the files hold."""
+  from record `start_position` of epoch `start_epoch`: every record once per epoch, through the
+  shuffle buffer or (`config.exact_shuffle`) in a random permutation, or with
+  `config.balanced_sampling` the balanced draws; the last two read `host` (the `HostRecords` of
+  these files). Each epoch has as many records as the files hold."""
   base_seed = _base_seed(seed, process_index)
-  if config.balanced_sampling:
+  if config.balanced_sampling or config.exact_shuffle:
     if host is None or host.files != tuple(files):
-      raise ValueError("balanced sampling draws from the HostRecords of the files it reads")
+      raise ValueError("balanced_sampling and exact_shuffle read the clips of the HostRecords "
+                       "of the files")
+  if config.balanced_sampling:
     host.check_weights()
 
   def epoch_stream(epoch: tf.Tensor) -> tf.data.Dataset:
     skip = tf.where(epoch == start_epoch, tf.cast(start_position, tf.int64), 0)
     if config.balanced_sampling:
       stream = host.balanced_epoch(epoch, base_seed, skip, config.reads_in_flight)
+    elif config.exact_shuffle:
+      stream = host.permuted_epoch(epoch, base_seed, skip, config.reads_in_flight)
     else:
       stream = _epoch_records(files, epoch, base_seed, config, skip)
     return stream.map(lambda position, serialized: (epoch, position, serialized))
