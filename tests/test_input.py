@@ -611,7 +611,9 @@ def test_a_damaged_shard_fails_naming_the_file(record_dirs, tmp_path):
     if damage is corrupt:
       assert re.search(r"clips-00001-of-00003\.tfrecord is damaged: corrupted record at \d+$",
                        str(info.value)), str(info.value)
-  # Training notices the short epoch (6 of 7 clips) at its end.
-  config = make_config(record_dirs, train_dir=str(tmp_path / "truncate"))
-  with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):
-    take(input_lib.InputPipeline(config, "train", process_index=0, process_count=1), 3)
+  # Training notices the short epoch (6 of 7 clips) at its end; reading at offsets (balanced
+  # sampling, exact shuffling, mixup partners) notices the short shard when it finds the records.
+  for overrides in ({}, {"balanced_sampling": True}, {"exact_shuffle": True}, {"mixup": 0.5}):
+    config = make_config(record_dirs, train_dir=str(tmp_path / "truncate"), **overrides)
+    with pytest.raises(input_lib.RecordReadError, match="clips-00001-of-00003.tfrecord"):
+      take(input_lib.InputPipeline(config, "train", process_index=0, process_count=1), 3)
