@@ -366,6 +366,54 @@ def test_exact_shuffle_reads_every_clip_once_per_epoch_in_a_fresh_order(record_d
                             process_index=0, process_count=1)
 
 
+def _copy_records(source: str, destination) -> str:
+  destination.mkdir()
+  for name in os.listdir(source):
+    (destination / name).write_bytes(open(os.path.join(source, name), "rb").read())
+  return str(destination)
+
+
+def test_reads_at_offsets_fail_on_a_shard_cut_after_its_records_were_found(record_dirs,
+                                                                          tmp_path):
+  """A shard that loses its last record while a run reads it at offsets: the read finds no
+  record there and the run stops naming the shard (it dropped the clip silently, and the
+  epoch came out one clip short)."""
+  train = _copy_records(record_dirs["train"], tmp_path / "train")
+  pipeline = input_lib.InputPipeline(make_config(record_dirs, train_dir=train,
+                                                 exact_shuffle=True),
+                                     "train", process_index=0, process_count=1)
+  next(pipeline)
+  shard = os.path.join(train, "clips-00001-of-00003.tfrecord")
+  last = list(tf.data.TFRecordDataset(shard).as_numpy_iterator())[-1]
+  data = open(shard, "rb").read()
+  open(shard, "wb").write(data[:len(data) - len(last) - records.TFRECORD_FRAMING_BYTES])
+  with pytest.raises(input_lib.RecordReadError,
+                     match=r"clips-00001-of-00003\.tfrecord is damaged: holds 2 records"):
+    take(pipeline, 10)
+
+
+def test_a_sidecar_that_does_not_describe_its_shard_is_named(record_dirs, tmp_path):
+  train = _copy_records(record_dirs["train"], tmp_path / "train")
+  shard = os.path.join(train, "clips-00001-of-00003.tfrecord")
+  stored = list(tf.data.TFRecordDataset(shard).as_numpy_iterator())
+  sizes = [len(serialized) for serialized in stored]
+  labels = [records.parse_labels(serialized).numpy().tolist() for serialized in stored]
+  config = make_config(record_dirs, train_dir=train, exact_shuffle=True)
+
+  def with_sidecar(record_bytes, record_labels):
+    with open(shard + records.SIDECAR_SUFFIX, "w") as f:
+      json.dump({records.RECORD_BYTES: record_bytes, records.RECORD_LABELS: record_labels}, f)
+    return input_lib.InputPipeline(config, "train", process_index=0, process_count=1)
+
+  # A class the split does not have: the sidecar is not used, the shard is read.
+  take(with_sidecar(sizes, [[99]] + labels[1:]), 5)
+  # Sizes that add up to the file's size but are wrong: the run names the sidecar.
+  wrong = [sizes[0] + 100, sizes[1] - 100] + sizes[2:]
+  with pytest.raises(input_lib.RecordReadError, match=r"clips-00001-of-00003\.tfrecord\.json "
+                     r"does not describe its shard: record 0 is \d+ bytes"):
+    take(with_sidecar(wrong, labels), 5)
+
+
 def test_mixup_partners_are_drawn_uniformly_from_all_clips(tmp_path):
   """As the original's loader: a clip is mixed with probability p, with a partner drawn
   uniformly from the whole training set, also under balanced sampling (whose draws favour the

@@ -246,7 +246,7 @@ def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
   split = splits.open_records_split(out, "records")
   counts = [shard.num_examples for shard in split.index.shards]
   for path, count in zip(split.files, counts):
-    sizes, labels = records.read_record_layout(path, count)
+    sizes, labels = records.read_record_layout(path, count, split.index.num_classes)
     stored = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
     assert sizes.tolist() == [len(serialized) for serialized in stored]
     assert labels == [records.parse_labels(serialized).numpy().tolist() for serialized in stored]
@@ -263,7 +263,7 @@ def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
   sidecar[records.RECORD_BYTES][0] += 1
   with open(copies[0] + records.SIDECAR_SUFFIX, "w") as f:
     json.dump(sidecar, f)
-  assert records.read_record_layout(copies[0], counts[0]) is None
+  assert records.read_record_layout(copies[0], counts[0], split.index.num_classes) is None
   read = dataset.HostRecords.scan(copies, counts, split.index.label_counts,
                                       split.parse_labels)
   for field in ("file_index", "offset", "cumulative_weight"):

@@ -68,8 +68,8 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
   fbank_mean: float        normalization mean with fbank_stats='fixed' (unused with 'index').
   fbank_std: float         normalization std with fbank_stats='fixed' (unused with 'index').
   prefetch: int            batches prepared ahead.
-  reads_in_flight: int     records read at once at their offsets (balanced draws, mixup
-                           partners): each is one small read, so the rate is this over the
+  reads_in_flight: int     records read at once at their offsets (balanced draws, exact
+                           shuffling, mixup partners): each is one small read, so the rate is this over the
                            storage's latency; an object store (gs://, ~30 ms) needs about
                            samples per second x latency (e.g. 512 for 15,000/s), a local disk
                            far fewer.
@@ -483,7 +483,7 @@ class HostRecords:
     sizes: list[np.ndarray | None] = []
     weights: list[np.ndarray | None] = []
     for path, count in zip(files, file_examples):
-      layout = records.read_record_layout(path, count)
+      layout = records.read_record_layout(path, count, len(class_weights))
       sizes.append(None if layout is None else layout[0])
       weights.append(None if layout is None else _clip_weights(layout[1], class_weights))
     unread = [i for i, size in enumerate(sizes) if size is None]
@@ -510,14 +510,22 @@ class HostRecords:
 
   def read(self, clip: tf.Tensor, count: tf.Tensor | int = 1) -> tf.data.Dataset:
     """The raw record of clip `clip` (int64 scalar), read at its offset; `count` 0: nothing,
-    without opening the file."""
+    without opening the file. A read that finds no record there (the file was cut short since
+    `scan`) fails (InvalidArgumentError) instead of dropping the clip."""
     record = tf.data.experimental.from_variant(tf.raw_ops.TFRecordDatasetV2(
         filenames=tf.reshape(tf.gather(tf.constant(self.files, tf.string),
                                        tf.gather(self.file_index, clip)), [1]),
         compression_type="", buffer_size=tf.constant(0, tf.int64),
         byte_offsets=tf.reshape(tf.gather(self.offset, clip), [1])),
         tf.TensorSpec([], tf.string))
-    return record.take(tf.cast(count, tf.int64))
+
+    def found(serialized: tf.Tensor) -> tf.Tensor:
+      with tf.control_dependencies([tf.debugging.assert_positive(
+          tf.strings.length(serialized), message="no record at its offset")]):
+        return tf.identity(serialized)
+
+    return record.concatenate(tf.data.Dataset.from_tensors(tf.constant(b""))).take(1).map(
+        found).take(tf.cast(count, tf.int64))
 
   def balanced_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor, skip: tf.Tensor,
                      reads_in_flight: int) -> tf.data.Dataset:
@@ -801,8 +809,9 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   `InputPipeline`'s state); the stream starts at clip `start_position` of epoch `start_epoch`,
   numbering batches from `start_batch`. `normalization` (default: `fbank_normalization` of the
   config) is the fbank mean and std, given by a caller that reads another directory as `split`.
-  `host` (training with balanced sampling or mixup; default: `host_records` of the split) is
-  where the host's clips are, given by a caller that builds the stream more than once.
+  `host` (training with balanced sampling, exact shuffling or mixup; default: `host_records` of
+  the split) is where the host's clips are, given by a caller that builds the stream more than
+  once.
   """
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training

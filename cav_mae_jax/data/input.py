@@ -5,8 +5,9 @@
 graph, the config fields and the augmentations are described in `dataset.py`). It counts what it
 has handed out: `get_state()` is a small JSON dict and `set_state()` rebuilds the stream at that
 point (it skips the already-seen records of the current epoch before parsing, so resuming costs
-reading at most one epoch of this host's raw records; with balanced sampling, which reads the
-drawn records at their offsets, it skips the draws without reading them). Every epoch has as
+reading at most one epoch of this host's raw records; with balanced sampling or exact
+shuffling, which read the drawn records at their offsets, it skips the draws without reading
+them). Every epoch has as
 many clips as the host's files, so the state is a count of batches; checkpoints hold every
 process's (`cav_mae_jax.train.checkpoint`).
 
@@ -165,6 +166,11 @@ class InputPipeline:
                                  self.split_files.source.parse)
     if damaged is not None:
       return f"{where}: shard {damaged[0]} is damaged: {damaged[1]}"
+    if self._host is not None:  # the records were read where their sidecars put them
+      for path, count in zip(self.split_files.files, self.split_files.file_examples):
+        mismatch = records.layout_mismatch(path, count, self.split_files.index.num_classes)
+        if mismatch:
+          return f"{where}: {mismatch}"
     return f"{where}: {message}"
 
   def reset(self) -> None:

@@ -446,10 +446,13 @@ RECORD_BYTES, RECORD_LABELS = "record_bytes", "record_labels"
 TFRECORD_FRAMING_BYTES = 16
 
 
-def read_record_layout(path: str, num_records: int) -> tuple[np.ndarray, list[list[int]]] | None:
+def read_record_layout(path: str, num_records: int,
+                       num_classes: int) -> tuple[np.ndarray, list[list[int]]] | None:
   """(sizes int64 [N], classes of each record) of shard `path` from its sidecar; None when
   there is no sidecar, it predates the layout, or it does not describe this file (another
-  count, or sizes that do not add up to the file's size): then the shard must be read."""
+  count, sizes that do not add up to the file's size, a class outside [0, num_classes)): then
+  the shard must be read. (`layout_mismatch` compares a sidecar with its shard record by
+  record, to name one that passes these checks and is still wrong.)"""
   sidecar = path + SIDECAR_SUFFIX
   try:
     with tf.io.gfile.GFile(sidecar) as f:
@@ -460,9 +463,27 @@ def read_record_layout(path: str, num_records: int) -> tuple[np.ndarray, list[li
   except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError):
     return None
   if (sizes.shape != (num_records,) or len(labels) != num_records
-      or int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) != file_size):
+      or int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) != file_size
+      or any(not 0 <= k < num_classes for clip in labels for k in clip)):
     return None
   return sizes, labels
+
+
+def layout_mismatch(path: str, num_records: int, num_classes: int) -> str | None:
+  """Where the sidecar layout of shard `path` (`read_record_layout`) disagrees with the records
+  in it, read one by one; None when there is no usable layout or it agrees."""
+  layout = read_record_layout(path, num_records, num_classes)
+  if layout is None:
+    return None
+  sizes, labels = layout
+  for k, serialized in enumerate(tf.data.TFRecordDataset(path)):
+    size, classes = len(serialized.numpy()), parse_labels(serialized).numpy().tolist()
+    if k >= num_records or size != sizes[k] or classes != labels[k]:
+      listed = (f"{sizes[k]} bytes, classes {labels[k]}" if k < num_records else "nothing")
+      return (f"{path + SIDECAR_SUFFIX} does not describe its shard: record {k} is {size} "
+              f"bytes, classes {classes}; the sidecar lists {listed} (remove the sidecar: "
+              "the shard is then read at start)")
+  return None
 
 
 # ----------------------------------------------------------------------------------------
