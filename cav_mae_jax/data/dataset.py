@@ -69,10 +69,10 @@ Fields of `config.data` (`DataConfig`; the model's input shapes come from `confi
   fbank_std: float         normalization std with fbank_stats='fixed' (unused with 'index').
   prefetch: int            batches prepared ahead.
   reads_in_flight: int     records read at once at their offsets (balanced draws, exact
-                           shuffling, mixup partners): each is one small read, so the rate is this over the
-                           storage's latency; an object store (gs://, ~30 ms) needs about
-                           samples per second x latency (e.g. 512 for 15,000/s), a local disk
-                           far fewer.
+                           shuffling, mixup partners): each is one small read, so the rate is
+                           this over the storage's latency; an object store (gs://, ~30 ms)
+                           needs about samples per second x latency (e.g. 512 for 15,000/s), a
+                           local disk far fewer.
 
 Balanced sampling is the original's `WeightedRandomSampler(weights, N, replacement=True)` over
 this host's N clips: each epoch draws N clips independently, each with probability
