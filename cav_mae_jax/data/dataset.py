@@ -13,8 +13,8 @@ same way. Each process reads a disjoint, deterministic subset of the split's sha
   (-1 when all frames are used).
 
 Training: an endless stream of epochs; each epoch reads this host's files in a seeded random
-order, interleaved, through a seeded shuffle buffer (with balanced sampling: the epoch's
-seeded draws, below); one random frame per clip; the augmentations
+order, interleaved, through a seeded shuffle buffer (with balanced sampling or exact_shuffle:
+the epoch's seeded draws or permutation, below); one random frame per clip; the augmentations
 configured below (order and semantics of the original, see `augment.py`). Batches are full
 (an epoch's tail joins the next epoch). Evaluation: one pass in file order, a fixed frame or all
 frames, no augmentation and no label smoothing (as the original's eval loader); every clip is
@@ -460,7 +460,8 @@ def class_sampling_weights(label_counts: Any) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class HostRecords:
   """Where each of this host's training clips is, and its balanced-sampling weight: what
-  balanced sampling and mixup partners need to draw clips and read them at their offsets.
+  balanced sampling, exact shuffling and mixup partners need to draw clips and read them at
+  their offsets.
 
   `file_index` [N] (which of the host's `files` holds the clip), `offset` [N] (its record's
   byte offset there), `cumulative_weight` [N] (running sum of the clips' weights).
