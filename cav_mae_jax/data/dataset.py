@@ -509,10 +509,10 @@ class HostRecords:
   def num_clips(self) -> int:
     return len(self.offset)
 
-  def read(self, clip: tf.Tensor, count: tf.Tensor | int = 1) -> tf.data.Dataset:
-    """The raw record of clip `clip` (int64 scalar), read at its offset; `count` 0: nothing,
-    without opening the file. A read that finds no record there (the file was cut short since
-    `scan`) fails (InvalidArgumentError) instead of dropping the clip."""
+  def read(self, clip: tf.Tensor) -> tf.data.Dataset:
+    """The raw record of clip `clip` (int64 scalar), read at its offset (the file is opened
+    when the record is asked for). A read that finds no record there (the file was cut short
+    since `scan`) fails (InvalidArgumentError) instead of dropping the clip."""
     record = tf.data.experimental.from_variant(tf.raw_ops.TFRecordDatasetV2(
         filenames=tf.reshape(tf.gather(tf.constant(self.files, tf.string),
                                        tf.gather(self.file_index, clip)), [1]),
@@ -526,7 +526,7 @@ class HostRecords:
         return tf.identity(serialized)
 
     return record.concatenate(tf.data.Dataset.from_tensors(tf.constant(b""))).take(1).map(
-        found).take(tf.cast(count, tf.int64))
+        found)
 
   def balanced_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor, skip: tf.Tensor,
                      reads_in_flight: int) -> tf.data.Dataset:
@@ -579,7 +579,7 @@ class HostRecords:
       partner = tf.random.stateless_uniform(
           [], _salted(base_seed, "partner", epoch, position), maxval=self.num_clips,
           dtype=tf.int64)
-      record = self.read(partner, tf.cast(mixed, tf.int64)).concatenate(
+      record = self.read(partner).take(tf.cast(mixed, tf.int64)).concatenate(
           tf.data.Dataset.from_tensors(tf.constant(b""))).take(1)
       return record.map(lambda partner_record: (epoch, position, serialized, mixed,
                                                 partner_record))
