@@ -302,6 +302,42 @@ def stop_on_sigterm() -> None:
   signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def redeliver_swallowed_interrupts() -> None:
+  """Keeps a Ctrl-C or SIGTERM that lands in a finalizer, gc callback or weakref callback.
+
+  Python raises the signal's exception in whatever Python code runs when it arrives; there an
+  exception cannot propagate: Python prints "Exception ignored in ...: KeyboardInterrupt" and
+  drops it, so the tool went on as if the signal had never come (seen with JAX's gc callback,
+  which TensorFlow's import brings into every tool). This hook prints nothing for those and has
+  the signal delivered again to the main thread, where it raises at the next point that can
+  raise (again here, should that be another callback). The delivery comes from a helper thread:
+  the main thread checks for signals right after every call, so a signal set from the hook
+  itself would raise inside the hook. Other unraisable errors go to the previous hook.
+  """
+  if getattr(sys.unraisablehook, "redelivers_interrupts", False):
+    return
+  import queue  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import threading  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+  main_thread = threading.main_thread().ident
+
+  def deliver() -> None:  # a real signal: it also ends a sleep or a wait of the main thread
+    while True:
+      signal.pthread_kill(main_thread, pending.get())
+
+  threading.Thread(target=deliver, name="redeliver-interrupts", daemon=True).start()
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+      previous(unraisable)
+      return
+    pending.put(signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT)
+
+  hook.redelivers_interrupts = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
 def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:
   """Prints `error: interrupted by SIGINT (Ctrl-C)|stopped by SIGTERM[; note]` as one line to
   stderr; returns the shell's status for that signal (130 or 143)."""
@@ -489,7 +525,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   ValueError or app.UsageError.
   Ctrl-C (SIGINT) and SIGTERM end the tool with one line (`interrupted_line`, then
   `interrupt_note`: what was kept) and the shell's status for the signal (130, 143), after the
-  tool's cleanup has run; `--verbosity=1` shows the traceback.
+  tool's cleanup has run; `--verbosity=1` shows the traceback. A signal that lands in a
+  finalizer or gc callback is not lost (`redeliver_swallowed_interrupts`).
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   # In place: config_flags keeps a reference.
@@ -501,6 +538,7 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       import logging  # pylint: disable=g-import-not-at-top
       logging.getLogger().setLevel(logging.WARNING)
       quiet_async_leftovers()
+    redeliver_swallowed_interrupts()
     stop_on_sigterm()
     try:
       # After the flags and config files: a bad one is answered without TensorFlow's ~5 s import.

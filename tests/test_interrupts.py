@@ -73,6 +73,42 @@ def test_a_signal_ends_a_tool_with_one_line_after_its_cleanup(tmp_path, signum, 
   assert os.path.exists(out + ".cleaned")  # SIGTERM's default would end it without cleanup
 
 
+_SIGNAL_IN_A_CALLBACK = textwrap.dedent("""
+    import gc, signal, sys, time
+    from cav_mae_jax import cli
+    signum, where = getattr(signal, sys.argv[1]), sys.argv[2]
+    class Finalized:
+      def __del__(self):
+        signal.raise_signal(signum)  # its exception is raised here, where none can propagate
+    def in_gc_callback(phase, unused_info, fired=[]):
+      if phase == "start" and not fired:
+        fired.append(True)
+        signal.raise_signal(signum)
+    def main(argv):
+      if where == "finalizer":
+        Finalized()
+      else:
+        gc.callbacks.append(in_gc_callback)
+        gc.collect()
+      time.sleep(30)
+      print("went on as if no signal had come", flush=True)
+    cli.run(main, uses_tensorflow=False)
+""")
+
+
+@pytest.mark.parametrize("where", ["finalizer", "gc_callback"])
+@pytest.mark.parametrize("signum,status,what", [
+    (signal.SIGINT, 130, "interrupted by SIGINT (Ctrl-C)"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_signal_landing_in_a_callback_is_not_lost(signum, status, what, where):
+  """A signal whose exception Python raises inside a finalizer or gc callback (JAX's, at random,
+  in CI) printed 'Exception ignored in ...: KeyboardInterrupt' and was dropped; now it is
+  delivered again and ends the tool with its one line."""
+  proc = _start([sys.executable, "-c", _SIGNAL_IN_A_CALLBACK, signum.name, where])
+  stdout, stderr = proc.communicate(timeout=60)
+  assert (proc.returncode, stdout, stderr.splitlines()) == (status, "", [f"error: {what}"])
+
+
 def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_path):
   import test_prepare  # pylint: disable=import-outside-toplevel
   clip = test_prepare.write_clip(str(tmp_path / "clip.mp4"), seconds=1)
