@@ -174,6 +174,10 @@ def test_synthetic_config_local_build(tmp_path):
   assert (stats.num_examples, stats.label_counts) == (2, [1, 1])
   assert stats.fbank_count == sum(v.size for v in valid)
   assert stats.fbank_mean_std()[0] == pytest.approx(np.concatenate(valid).mean(), rel=1e-12)
+  split = builder.info.splits["train"]  # each shard's layout sidecar, written here without Beam
+  layouts = [records.read_record_layout(os.fspath(path), count, 2)
+             for path, count in zip(split.filepaths, split.shard_lengths)]
+  assert sorted(labels for _, layout in layouts for labels in layout) == [[0], [1]]
 
 
 def test_audioset_and_vggsound_csv_readers(tmp_path):

@@ -129,6 +129,28 @@ def test_tfds_labels_are_read_alone(sources):
     assert split.parse_labels(serialized).dtype == tf.int64
 
 
+def test_the_builder_writes_each_shard_layout(sources, monkeypatch):
+  """Each shard of a TFDS build (here under Beam) gets a sidecar listing its records' sizes and
+  classes, so balanced sampling and mixup find a host's records without reading the split at
+  every start (it was read, labels parsed, at every start)."""
+  for tfds_split in ("train", "test"):
+    split = splits.open_tfds_split(TFDS_NAME, tfds_split, sources["tfds_data_dir"])
+    counts = [shard.num_examples for shard in split.index.shards]
+    for path, count in zip(split.files, counts):
+      sizes, labels = records.read_record_layout(path, count, split.index.num_classes)
+      stored = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+      assert sizes.tolist() == [len(serialized) for serialized in stored]
+      assert labels == [split.parse_labels(serialized).numpy().tolist() for serialized in stored]
+      assert records.layout_mismatch(path, count, split.index.num_classes,
+                                     split.parse_labels) is None
+
+  def unread(*unused_args):
+    raise AssertionError("a shard was read for its layout")
+
+  monkeypatch.setattr(dataset, "_read_sizes_and_weights", unread)
+  dataset.HostRecords.scan(split.files, counts, split.index.label_counts, split.parse_labels)
+
+
 @pytest.mark.parametrize("balanced", [False, True])
 def test_training_batches_are_the_same_from_both_sources(sources, balanced):
   records_input, tfds_input = _pipelines(sources, "train", seed=7, batch_size=4,

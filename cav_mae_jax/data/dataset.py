@@ -477,9 +477,9 @@ class HostRecords:
            parse_labels: Callable[[tf.Tensor], tf.Tensor]) -> HostRecords:
     """Where the records of `files` are and their weights (`label_counts` are the whole
     split's; the weights are the original's, `class_sampling_weights`): from each shard's
-    sidecar (`records.read_record_layout`, tools/preprocess.py writes it), else by reading the
-    shard once for its records' lengths and labels. A file holding another count than
-    `file_examples` raises tf.errors.DataLossError naming it."""
+    sidecar (`records.read_record_layout`; tools/preprocess.py and the TFDS builder write
+    it), else by reading the shard once for its records' lengths and labels. A file holding
+    another count than `file_examples` raises tf.errors.DataLossError naming it."""
     class_weights = class_sampling_weights(label_counts)
     sizes: list[np.ndarray | None] = []
     weights: list[np.ndarray | None] = []

@@ -168,7 +168,8 @@ class InputPipeline:
       return f"{where}: shard {damaged[0]} is damaged: {damaged[1]}"
     if self._host is not None:  # the records were read where their sidecars put them
       for path, count in zip(self.split_files.files, self.split_files.file_examples):
-        mismatch = records.layout_mismatch(path, count, self.split_files.index.num_classes)
+        mismatch = records.layout_mismatch(path, count, self.split_files.index.num_classes,
+                                           self.split_files.source.parse_labels)
         if mismatch:
           return f"{where}: {mismatch}"
     return f"{where}: {message}"

@@ -54,7 +54,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -439,7 +439,8 @@ def read_index(path: str) -> RecordIndex:
 # tools/preprocess.py writes `<shard file>.json` beside each shard (cav_mae_jax/data/shards.py);
 # besides the shard's counts and statistics it lists every record's size in bytes
 # (RECORD_BYTES) and classes (RECORD_LABELS), in file order, so that balanced sampling and
-# mixup partners (dataset.HostRecords) find the records without reading them.
+# mixup partners (dataset.HostRecords) find the records without reading them. The TFDS builder
+# writes a sidecar with only these two beside each of its shards (`write_record_layout`).
 SIDECAR_SUFFIX = ".json"
 RECORD_BYTES, RECORD_LABELS = "record_bytes", "record_labels"
 # Bytes a TFRecord adds to each record: its length (8), the length's CRC (4), the data's CRC (4).
@@ -469,15 +470,34 @@ def read_record_layout(path: str, num_records: int,
   return sizes, labels
 
 
-def layout_mismatch(path: str, num_records: int, num_classes: int) -> str | None:
+def write_record_layout(path: str,
+                        labels_of: Callable[[tf.Tensor], tf.Tensor] = parse_labels) -> None:
+  """Reads shard `path` once and writes its sidecar with only the layout (RECORD_BYTES,
+  RECORD_LABELS: `labels_of` gives a serialized record's classes), through a temporary name,
+  on any file system TensorFlow writes (the TFDS builder's shards; tools/preprocess.py records
+  the layout as it writes a shard)."""
+  sizes, labels = [], []
+  for serialized in tf.data.TFRecordDataset(path):
+    sizes.append(len(serialized.numpy()))
+    labels.append([int(k) for k in labels_of(serialized).numpy()])
+  sidecar = path + SIDECAR_SUFFIX
+  tmp = f"{sidecar}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    json.dump({RECORD_BYTES: sizes, RECORD_LABELS: labels}, f)
+  tf.io.gfile.rename(tmp, sidecar, overwrite=True)
+
+
+def layout_mismatch(path: str, num_records: int, num_classes: int,
+                    labels_of: Callable[[tf.Tensor], tf.Tensor] = parse_labels) -> str | None:
   """Where the sidecar layout of shard `path` (`read_record_layout`) disagrees with the records
-  in it, read one by one; None when there is no usable layout or it agrees."""
+  in it, read one by one (`labels_of`: the split's label parser); None when there is no usable
+  layout or it agrees."""
   layout = read_record_layout(path, num_records, num_classes)
   if layout is None:
     return None
   sizes, labels = layout
   for k, serialized in enumerate(tf.data.TFRecordDataset(path)):
-    size, classes = len(serialized.numpy()), parse_labels(serialized).numpy().tolist()
+    size, classes = len(serialized.numpy()), labels_of(serialized).numpy().tolist()
     if k >= num_records or size != sizes[k] or classes != labels[k]:
       listed = (f"{sizes[k]} bytes, classes {labels[k]}" if k < num_records else "nothing")
       return (f"{path + SIDECAR_SUFFIX} does not describe its shard: record {k} is {size} "

@@ -203,6 +203,13 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
   return transform()  # pylint: disable=no-value-for-parameter
 
 
+def _write_layout(path: str) -> None:
+  """The layout sidecar of one of the builder's shards (its labels in TFDS's encoding)."""
+  labels = tfds.features.FeaturesDict({records.LABELS: _features(False)[records.LABELS]})
+  records.write_record_layout(
+      path, lambda serialized: labels.deserialize_example(serialized)[records.LABELS])
+
+
 def read_split_stats(info: tfds.core.DatasetInfo, split: str) -> records.ShardStats:
   """The statistics of one split of a built dataset; ValueError if the build stored none."""
   metadata = info.metadata or {}
@@ -225,13 +232,16 @@ def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
 class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
 
-  VERSION = tfds.core.Version("1.3.0")
+  VERSION = tfds.core.Version("1.4.0")
   RELEASE_NOTES = {
       "1.0.0": "First release: records format version 1.",
       "1.1.0": "Frames are made upright by the display matrix; `rotation` says by how much.",
       "1.2.0": "Per-split label counts and fbank statistics in the metadata (as index.json).",
       "1.3.0": "Frames of BT.709-tagged (and full-range yuv420p) videos are converted as the "
                "original's OpenCV (<= 4.12) converted them: BT.601, limited range.",
+      "1.4.0": "Every shard has a sidecar `<shard>.json` listing its records' sizes and "
+               "classes: balanced sampling and mixup find a host's records without reading "
+               "them at start.",
   }
   BUILDER_CONFIGS = [
       ClipsConfig(name="datafile", source="datafile",
@@ -262,6 +272,23 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
     self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
     super()._download_and_prepare(dl_manager, download_config)
     self._store_split_stats()
+    self._write_record_layouts(download_config)
+
+  def _write_record_layouts(self, download_config) -> None:
+    """Writes every shard's layout sidecar (`records.write_record_layout`: each record's size
+    and classes), so that balanced sampling, mixup partners and exact shuffling find a host's
+    records without reading them at every start. Each shard is read once, by a Beam pipeline
+    on the build's runner under Beam (a shard per task), else here."""
+    paths = [os.fspath(path) for split in self.info.splits.values() for path in split.filepaths]
+    if not self._use_beam:
+      for path in paths:
+        _write_layout(path)
+      return
+    import apache_beam as beam  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    with beam.Pipeline(runner=download_config.beam_runner,
+                       options=download_config.beam_options) as pipeline:
+      _ = (pipeline | "Shards" >> beam.Create(paths) | "Reshuffle" >> beam.Reshuffle()
+           | "WriteLayouts" >> beam.Map(_write_layout))
 
   def _store_split_stats(self) -> None:
     """Moves every split's statistics file into the metadata (written with the info)."""
