@@ -100,6 +100,20 @@ def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
   assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_distributed_without_a_coordinator_or_cluster_names_the_flags(tmp_path, monkeypatch):
+  """JAX's own 'coordinator_address should be defined.' said nothing of the tool's flags."""
+  for name in ("KUBERNETES_SERVICE_HOST", "OMPI_MCA_orte_hnp_uri", "SLURM_JOB_ID"):
+    monkeypatch.delenv(name, raising=False)  # a cluster JAX would detect (and join)
+  result = _run_tool("train.py", [TINY, "--workdir=w", "--distributed"], tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.splitlines()  # JAX's words in the middle: "coordinator_address ..."
+  assert len(lines) == 1 and lines[0].startswith("error: --distributed: "), lines
+  assert lines[0].endswith("; outside a cluster JAX detects (TPU pod, SLURM, Open MPI, "
+                           "Kubernetes) give --coordinator_address, --num_processes and "
+                           "--process_id"), lines
+  assert not (tmp_path / "w").exists()
+
+
 def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
   # Normalized by a near-zero std the fbanks overflow: the NaN guard stops the run. It printed a
   # traceback ending in "The last good checkpoint is step None".

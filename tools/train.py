@@ -41,8 +41,14 @@ def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    except ValueError as e:  # JAX's own line ("coordinator_address should be defined.")
+      hint = ("; outside a cluster JAX detects (TPU pod, SLURM, Open MPI, Kubernetes) give "
+              "--coordinator_address, --num_processes and --process_id"
+              if _COORDINATOR.value is None else "")
+      raise ValueError(f"--distributed: {str(e).rstrip('.')}{hint}") from None
   from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, raise_on_preemption=True)
