@@ -239,17 +239,26 @@ def test_corpus_index_stats(corpus_run):
   assert index.fbank_std == pytest.approx(valid.std(), abs=1e-6)
 
 
-def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
-  """Each shard's sidecar lists its records' sizes and classes, so balanced sampling finds the
-  records without reading them; it finds the same offsets and weights as reading them."""
-  out, _, _ = corpus_run
-  split = splits.open_records_split(out, "records")
+def assert_layouts_match(split: splits.Split) -> list[int]:
+  """Every shard of `split` has a sidecar layout equal to its records' sizes and classes (and
+  `layout_mismatch` agrees); returns the shards' record counts."""
   counts = [shard.num_examples for shard in split.index.shards]
   for path, count in zip(split.files, counts):
     sizes, labels = records.read_record_layout(path, count, split.index.num_classes)
     stored = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
     assert sizes.tolist() == [len(serialized) for serialized in stored]
-    assert labels == [records.parse_labels(serialized).numpy().tolist() for serialized in stored]
+    assert labels == [split.parse_labels(serialized).numpy().tolist() for serialized in stored]
+    assert records.layout_mismatch(path, count, split.index.num_classes,
+                                   split.parse_labels) is None
+  return counts
+
+
+def test_corpus_sidecars_locate_every_record(corpus_run, tmp_path):
+  """Each shard's sidecar lists its records' sizes and classes, so balanced sampling finds the
+  records without reading them; it finds the same offsets and weights as reading them."""
+  out, _, _ = corpus_run
+  split = splits.open_records_split(out, "records")
+  counts = assert_layouts_match(split)
   from_sidecars = dataset.HostRecords.scan(split.files, counts, split.index.label_counts,
                                                split.parse_labels)
   # The same shards without their sidecars (or with one that does not fit its shard) are read.

@@ -135,14 +135,7 @@ def test_the_builder_writes_each_shard_layout(sources, monkeypatch):
   every start (it was read, labels parsed, at every start)."""
   for tfds_split in ("train", "test"):
     split = splits.open_tfds_split(TFDS_NAME, tfds_split, sources["tfds_data_dir"])
-    counts = [shard.num_examples for shard in split.index.shards]
-    for path, count in zip(split.files, counts):
-      sizes, labels = records.read_record_layout(path, count, split.index.num_classes)
-      stored = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
-      assert sizes.tolist() == [len(serialized) for serialized in stored]
-      assert labels == [split.parse_labels(serialized).numpy().tolist() for serialized in stored]
-      assert records.layout_mismatch(path, count, split.index.num_classes,
-                                     split.parse_labels) is None
+    counts = test_prepare.assert_layouts_match(split)
 
   def unread(*unused_args):
     raise AssertionError("a shard was read for its layout")
