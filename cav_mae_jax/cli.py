@@ -24,8 +24,11 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import queue
 import signal
 import sys
+import threading
+import _thread
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
@@ -292,8 +295,23 @@ class Terminated(KeyboardInterrupt):
   the same cleanup runs (`finally` blocks, temporary outputs removed, worker processes ended)."""
 
 
+# Set by this module's SIGINT and SIGTERM handlers each time they run (see
+# `redeliver_swallowed_interrupts`).
+_HANDLED = {signal.SIGINT: threading.Event(), signal.SIGTERM: threading.Event()}
+# A signal with a handler that does nothing: sent to the main thread, it ends a blocking wait
+# (the call fails with EINTR, Python runs the pending handlers, then retries it). SIGURG's
+# default action is to ignore it, and nothing here uses it for sockets' urgent data.
+_WAKE_SIGNAL = signal.SIGURG
+
+
 def _raise_terminated(signum, frame) -> None:  # pylint: disable=unused-argument
+  _HANDLED[signal.SIGTERM].set()
   raise Terminated()
+
+
+def _raise_interrupted(signum, frame) -> None:  # pylint: disable=unused-argument
+  _HANDLED[signal.SIGINT].set()
+  raise KeyboardInterrupt()
 
 
 def stop_on_sigterm() -> None:
@@ -309,21 +327,36 @@ def redeliver_swallowed_interrupts() -> None:
   exception cannot propagate: Python prints "Exception ignored in ...: KeyboardInterrupt" and
   drops it, so the tool went on as if the signal had never come (seen with JAX's gc callback,
   which TensorFlow's import brings into every tool). This hook prints nothing for those and has
-  the signal delivered again to the main thread, where it raises at the next point that can
-  raise (again here, should that be another callback). The delivery comes from a helper thread:
-  the main thread checks for signals right after every call, so a signal set from the hook
-  itself would raise inside the hook. Other unraisable errors go to the previous hook.
+  the signal delivered again, once, to the main thread, where it raises at the next point that
+  can raise (again here, should that be another callback).
+
+  A helper thread delivers it: the main thread checks for signals right after every call, so a
+  signal set from the hook itself would raise inside the hook. It sets the signal's flag as the
+  signal would (`_thread.interrupt_main`: the handler then runs once), and until the handler
+  has run it sends `_WAKE_SIGNAL` every 20 ms (for at most a second), which ends a wait the main
+  thread may have begun just before the flag was set (a real signal ends it too). Other
+  unraisable errors go to the previous hook. Installs this module's SIGINT handler in place of
+  Python's (the same KeyboardInterrupt, and it records that it ran).
   """
   if getattr(sys.unraisablehook, "redelivers_interrupts", False):
     return
-  import queue  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  import threading  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _raise_interrupted)
+  can_wake = signal.getsignal(_WAKE_SIGNAL) == signal.SIG_DFL
+  if can_wake:
+    signal.signal(_WAKE_SIGNAL, lambda signum, frame: None)
   pending: queue.SimpleQueue[int] = queue.SimpleQueue()
   main_thread = threading.main_thread().ident
 
-  def deliver() -> None:  # a real signal: it also ends a sleep or a wait of the main thread
+  def deliver() -> None:
     while True:
-      signal.pthread_kill(main_thread, pending.get())
+      signum = pending.get()
+      _HANDLED[signum].clear()
+      _thread.interrupt_main(signum)
+      for _ in range(50 if can_wake else 0):
+        if _HANDLED[signum].wait(0.02):
+          break
+        signal.pthread_kill(main_thread, _WAKE_SIGNAL)
 
   threading.Thread(target=deliver, name="redeliver-interrupts", daemon=True).start()
   previous = sys.unraisablehook
