@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -178,6 +179,23 @@ def test_synthetic_config_local_build(tmp_path):
   layouts = [records.read_record_layout(os.fspath(path), count, 2)
              for path, count in zip(split.filepaths, split.shard_lengths)]
   assert sorted(labels for _, layout in layouts for labels in layout) == [[0], [1]]
+
+
+def test_an_unbuilt_version_names_the_versions_built(tmp_path):
+  """A dataset built by an older builder version (1.3.0, before the shards' layout sidecars)
+  was only 'not built in .../1.4.0'; the line now says how to read the one that is built."""
+  for version in ("1.2.0", "1.3.0"):
+    built = tmp_path / "cav_mae_clips" / "datafile" / version
+    built.mkdir(parents=True)
+    (built / "dataset_info.json").write_text("{}")
+  (tmp_path / "cav_mae_clips" / "datafile" / "notes").mkdir()
+  current = re.escape(f"datafile/{tfds_builder.CavMaeClips.VERSION} ")
+  with pytest.raises(ValueError, match=rf"not built in .*{current}.*; built here: version "
+                     r"1\.2\.0, 1\.3\.0, read as 'cav_mae_clips/datafile:1\.3\.0'$"):
+    splits.open_tfds_split("cav_mae_clips/datafile", "train", str(tmp_path))
+  with pytest.raises(ValueError, match=rf"not built in .*{current}\(build it with the "
+                     r"cav_mae_clips builder, see cav_mae_jax/data/README.md\)$"):
+    splits.open_tfds_split("cav_mae_clips/datafile", "train", str(tmp_path / "elsewhere"))
 
 
 def test_audioset_and_vggsound_csv_readers(tmp_path):

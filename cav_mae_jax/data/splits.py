@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -62,6 +63,19 @@ def _first_line(error: Exception) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
+def _built_versions(config_dir: str) -> list[str]:
+  """The versions built in a TFDS config folder (`<config_dir>/<version>/dataset_info.json`),
+  oldest first."""
+  try:
+    names = tf.io.gfile.listdir(config_dir)
+  except tf.errors.OpError:
+    return []
+  versions = [name.rstrip("/") for name in names
+              if re.fullmatch(r"\d+\.\d+\.\d+/?", name)
+              and tf.io.gfile.exists(os.path.join(config_dir, name, "dataset_info.json"))]
+  return sorted(versions, key=lambda version: tuple(map(int, version.split("."))))
+
+
 def open_tfds_split(name: str, split: str, data_dir: str = "", *,
                     name_field: str = "tfds_name", split_field: str = "split") -> Split:
   """Split `split` of the built TFDS dataset `name` ('cav_mae_clips/<config>[:version]').
@@ -80,8 +94,11 @@ def open_tfds_split(name: str, split: str, data_dir: str = "", *,
   except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
     raise ValueError(f"{name_field}={name!r}: {_first_line(e)}") from None
   if not builder.is_prepared():
+    versions = _built_versions(os.path.dirname(builder.data_dir))
+    other = (f"; built here: version {', '.join(versions)}, read as "
+             f"'{name.partition(':')[0]}:{versions[-1]}'" if versions else "")
     raise ValueError(f"{name_field}={name!r}: not built in {builder.data_dir} (build it "
-                     "with the cav_mae_clips builder, see cav_mae_jax/data/README.md)")
+                     f"with the cav_mae_clips builder, see cav_mae_jax/data/README.md){other}")
   info = builder.info
   features = info.features
   missing = sorted(set(records.feature_spec()) - set(features.keys()))
