@@ -28,6 +28,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import _thread
 from typing import Any, Callable, Mapping, Sequence
 
@@ -295,23 +296,17 @@ class Terminated(KeyboardInterrupt):
   the same cleanup runs (`finally` blocks, temporary outputs removed, worker processes ended)."""
 
 
-# Set by this module's SIGINT and SIGTERM handlers each time they run (see
-# `redeliver_swallowed_interrupts`).
-_HANDLED = {signal.SIGINT: threading.Event(), signal.SIGTERM: threading.Event()}
 # A signal with a handler that does nothing: sent to the main thread, it ends a blocking wait
 # (the call fails with EINTR, Python runs the pending handlers, then retries it). SIGURG's
 # default action is to ignore it, and nothing here uses it for sockets' urgent data.
 _WAKE_SIGNAL = signal.SIGURG
+# After a swallowed signal's flag is set again: when to send _WAKE_SIGNAL (seconds, each after
+# the one before).
+_WAKE_DELAYS = (0.02, 0.1, 0.5)
 
 
 def _raise_terminated(signum, frame) -> None:  # pylint: disable=unused-argument
-  _HANDLED[signal.SIGTERM].set()
   raise Terminated()
-
-
-def _raise_interrupted(signum, frame) -> None:  # pylint: disable=unused-argument
-  _HANDLED[signal.SIGINT].set()
-  raise KeyboardInterrupt()
 
 
 def stop_on_sigterm() -> None:
@@ -332,16 +327,14 @@ def redeliver_swallowed_interrupts() -> None:
 
   A helper thread delivers it: the main thread checks for signals right after every call, so a
   signal set from the hook itself would raise inside the hook. It sets the signal's flag as the
-  signal would (`_thread.interrupt_main`: the handler then runs once), and until the handler
-  has run it sends `_WAKE_SIGNAL` every 20 ms (for at most a second), which ends a wait the main
-  thread may have begun just before the flag was set (a real signal ends it too). Other
-  unraisable errors go to the previous hook. Installs this module's SIGINT handler in place of
-  Python's (the same KeyboardInterrupt, and it records that it ran).
+  signal would (`_thread.interrupt_main`: the handler runs once), then sends `_WAKE_SIGNAL` a
+  few times (`_WAKE_DELAYS`), which ends a wait the main thread may have begun just before the
+  flag was set; a real signal ends it too. (A kernel SIGINT from the helper would do both, but
+  it arrived just as the main thread released the interpreter to wait, so the wait went on to
+  its end.) Other unraisable errors go to the previous hook.
   """
   if getattr(sys.unraisablehook, "redelivers_interrupts", False):
     return
-  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _raise_interrupted)
   can_wake = signal.getsignal(_WAKE_SIGNAL) == signal.SIG_DFL
   if can_wake:
     signal.signal(_WAKE_SIGNAL, lambda signum, frame: None)
@@ -350,13 +343,13 @@ def redeliver_swallowed_interrupts() -> None:
 
   def deliver() -> None:
     while True:
-      signum = pending.get()
-      _HANDLED[signum].clear()
-      _thread.interrupt_main(signum)
-      for _ in range(50 if can_wake else 0):
-        if _HANDLED[signum].wait(0.02):
-          break
-        signal.pthread_kill(main_thread, _WAKE_SIGNAL)
+      _thread.interrupt_main(pending.get())
+      for delay in _WAKE_DELAYS if can_wake else ():
+        time.sleep(delay)
+        try:
+          signal.pthread_kill(main_thread, _WAKE_SIGNAL)
+        except OSError:  # the main thread has ended
+          return
 
   threading.Thread(target=deliver, name="redeliver-interrupts", daemon=True).start()
   previous = sys.unraisablehook
