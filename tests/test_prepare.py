@@ -5,6 +5,8 @@ import fractions
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -565,6 +567,32 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
   assert f"{len(WRITTEN)} examples in 4 shards" in printed
   assert ("frames turned upright by (clockwise degrees: clips): "
           f"0: {len(WRITTEN) - 1}, 90: 1") in printed
+  assert ("record layouts in shard sidecars: 4 of 4 shards; balanced sampling, mixup and "
+          "exact_shuffle find the records without reading them") in printed
+
+
+def test_inspect_counts_and_checks_the_sidecar_layouts(corpus_run, tmp_path):
+  """Which shards balanced sampling finds without reading them, and a sidecar whose classes are
+  not its records' is named."""
+  out, _, _ = corpus_run
+  copy = tmp_path / "records"
+  shutil.copytree(out, copy)
+  split = splits.open_records_split(str(copy), "--records")
+  os.remove(split.files[0] + records.SIDECAR_SUFFIX)  # written before sidecars had layouts
+  tool = load_tool("inspect_records")
+  report = tool.inspect(split, str(tmp_path / "png"), 0)
+  assert report["shards_with_layout"] == 3
+  assert "3 of 4 shards; balanced sampling, mixup and exact_shuffle read the shards without one" \
+      in tool.format_report(report, None, 3)
+  sidecar = split.files[1] + records.SIDECAR_SUFFIX
+  with open(sidecar) as f:
+    data = json.load(f)
+  data[records.RECORD_LABELS][-1] = [1 - data[records.RECORD_LABELS][-1][0]]
+  with open(sidecar, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(ValueError, match=rf"^{re.escape(sidecar)} does not describe its shard: "
+                     rf"record {len(data[records.RECORD_LABELS]) - 1} has classes"):
+    tool.inspect(split, str(tmp_path / "png"), 0)
 
 
 def _records_with_one_example_rewritten(tmp_path, count, shard, edit):

@@ -205,14 +205,21 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
   unlabeled = 0
   names_taken: set[str] = set()
   parse = functools.partial(split.parse, with_waveform=index.store_waveform)
+  with_layout = 0
   for shard, path in zip(index.shards, split.files):
     count = 0
+    layout = records.read_record_layout(path, shard.num_examples, index.num_classes)
+    with_layout += layout is not None
     for parsed in _parsed_or_fail(path, parse):
       if not shapes:
         shapes = {k: (v.dtype.name, tuple(v.shape)) for k, v in sorted(parsed.items())}
       # What is counted is read from the tensors; the whole clip (parsed_to_values, as slow
       # again as the parse) only for the clips drawn.
       clip_labels = parsed[records.LABELS].numpy()
+      if layout is not None and layout[1][count] != clip_labels.tolist():
+        raise ValueError(f"{path}{records.SIDECAR_SUFFIX} does not describe its shard: record "
+                         f"{count} has classes {clip_labels.tolist()}, the sidecar lists "
+                         f"{layout[1][count]}")
       label_counts.update(int(x) for x in clip_labels)
       unlabeled += clip_labels.size == 0
       fbank_frames.append(int(parsed[records.FBANK_NUM_FRAMES]))
@@ -247,6 +254,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
       "source": split.description,
       "num_examples": sum(shard_counts.values()),
       "shards": shard_counts,
+      "shards_with_layout": with_layout,
       "shapes": shapes,
       "label_counts": counted,
       "unlabeled": unlabeled,
@@ -265,6 +273,13 @@ def format_report(report: dict[str, Any], class_names: list[str] | None, top: in
   lines = [f"{report['source']}: {report['num_examples']} examples in "
            f"{len(report['shards'])} shards"]
   lines += [f"  {name}: {count}" for name, count in report["shards"].items()]
+  num_shards, with_layout = len(report["shards"]), report["shards_with_layout"]
+  lines.append(
+      f"record layouts in shard sidecars: {with_layout} of {num_shards} shards" + (
+          "; balanced sampling, mixup and exact_shuffle find the records without reading them"
+          if with_layout == num_shards else
+          "; balanced sampling, mixup and exact_shuffle read the shards without one at start "
+          "(shards written before 2026-12-04, TFDS builds before 1.4.0)"))
   lines.append("parsed keys (dtype, shape):")
   lines += [f"  {key}: {dtype} {shape}" for key, (dtype, shape) in report["shapes"].items()]
   frames = report["fbank_num_frames"]
