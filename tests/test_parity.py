@@ -309,7 +309,9 @@ def test_bf16_gradients_of_another_attention(monkeypatch):
     return jax_attention(q, k, v, **{**kwargs, "implementation": "xla"})
   monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
   padded = compare_bf16_attention_grads("cudnn", preset="tiny", **odd)
-  assert 0 < padded < BF16_GRAD_RELATIVE_TOLERANCE
+  # The padded path ran (`seen`); its rounding may differ from plain attention's or not, with
+  # the JAX version and XLA flags (under this suite's flags JAX 0.10.2 differs, 0.11.2 does not).
+  assert 0 <= padded < BF16_GRAD_RELATIVE_TOLERANCE
   assert set(seen) == {(12, True), (44, True), (154, True), (32, False)}  # odd ones padded
 
   def wrong_backward(q, k, v, implementation="cudnn"):
