@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch CPU build first, so the torch extra does not pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null \
-  || .venv/bin/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
+# torch's CPU build first, from PyTorch's CPU index, so that the torch extra does not pull
+# PyPI's multi-GB CUDA build, whose triton crashes a process that has imported TensorFlow (a
+# segmentation fault at `import triton`, seen with torch 2.13.0+cu130 on Python 3.12: the suite's
+# workers died); without that index (an offline machine), whatever torch 2.13.0 pip finds.
+.venv/bin/python -m pip install -q --retries 1 --timeout 20 \
+  --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" 2>/dev/null \
+  || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[torch,test]"
 # pytest exit code 5 ("no tests collected") is a failure, like any other non-zero code.
 # Two pytest workers (TEST_WORKERS=N for more, 0 for none), each taking whole files so that
