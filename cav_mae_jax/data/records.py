@@ -470,6 +470,13 @@ def read_record_layout(path: str, num_records: int,
   return sizes, labels
 
 
+def _sizes_and_classes(path: str, labels_of: Callable[[tf.Tensor], tf.Tensor]
+                       ) -> Iterator[tuple[int, list[int]]]:
+  """(size in bytes, classes) of each record of shard `path`, in file order."""
+  for serialized in tf.data.TFRecordDataset(path):
+    yield len(serialized.numpy()), [int(k) for k in labels_of(serialized).numpy()]
+
+
 def write_record_layout(path: str,
                         labels_of: Callable[[tf.Tensor], tf.Tensor] = parse_labels) -> None:
   """Reads shard `path` once and writes its sidecar with only the layout (RECORD_BYTES,
@@ -477,9 +484,9 @@ def write_record_layout(path: str,
   on any file system TensorFlow writes (the TFDS builder's shards; tools/preprocess.py records
   the layout as it writes a shard)."""
   sizes, labels = [], []
-  for serialized in tf.data.TFRecordDataset(path):
-    sizes.append(len(serialized.numpy()))
-    labels.append([int(k) for k in labels_of(serialized).numpy()])
+  for size, classes in _sizes_and_classes(path, labels_of):
+    sizes.append(size)
+    labels.append(classes)
   sidecar = path + SIDECAR_SUFFIX
   tmp = f"{sidecar}.tmp-{os.getpid()}"
   with tf.io.gfile.GFile(tmp, "w") as f:
@@ -496,8 +503,7 @@ def layout_mismatch(path: str, num_records: int, num_classes: int,
   if layout is None:
     return None
   sizes, labels = layout
-  for k, serialized in enumerate(tf.data.TFRecordDataset(path)):
-    size, classes = len(serialized.numpy()), labels_of(serialized).numpy().tolist()
+  for k, (size, classes) in enumerate(_sizes_and_classes(path, labels_of)):
     if k >= num_records or size != sizes[k] or classes != labels[k]:
       listed = (f"{sizes[k]} bytes, classes {labels[k]}" if k < num_records else "nothing")
       return (f"{path + SIDECAR_SUFFIX} does not describe its shard: record {k} is {size} "

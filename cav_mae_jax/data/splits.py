@@ -130,11 +130,9 @@ def open_tfds_split(name: str, split: str, data_dir: str = "", *,
     parsed[records.FBANK] = tf.cast(parsed[records.FBANK], tf.float32)  # float16 in TFDS
     return parsed
 
-  labels_only = tfds.features.FeaturesDict({records.LABELS: features[records.LABELS]})
   return Split(index=index, directory=os.path.dirname(paths[0]),
                description=f"TFDS split {split!r} of {builder.data_dir}", parse=parse,
-               parse_labels=lambda serialized: labels_only.deserialize_example(
-                   serialized)[records.LABELS])
+               parse_labels=tfds_builder.labels_parser(features[records.LABELS]))
 
 
 def check_fbank_shape(split: Split, audio_length: int, num_mel_bins: int) -> None:

@@ -203,11 +203,17 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
   return transform()  # pylint: disable=no-value-for-parameter
 
 
+def labels_parser(labels_feature: tfds.features.FeatureConnector
+                  ) -> Callable[[tf.Tensor], tf.Tensor]:
+  """The classes of a serialized example of the builder, deserializing its labels alone (the
+  whole example's fbank list costs most of a read)."""
+  labels_only = tfds.features.FeaturesDict({records.LABELS: labels_feature})
+  return lambda serialized: labels_only.deserialize_example(serialized)[records.LABELS]
+
+
 def _write_layout(path: str) -> None:
   """The layout sidecar of one of the builder's shards (its labels in TFDS's encoding)."""
-  labels = tfds.features.FeaturesDict({records.LABELS: _features(False)[records.LABELS]})
-  records.write_record_layout(
-      path, lambda serialized: labels.deserialize_example(serialized)[records.LABELS])
+  records.write_record_layout(path, labels_parser(_features(False)[records.LABELS]))
 
 
 def read_split_stats(info: tfds.core.DatasetInfo, split: str) -> records.ShardStats:
