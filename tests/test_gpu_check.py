@@ -112,7 +112,8 @@ def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypa
     key = f"{row['framework']}/samples_per_s"
     result = {key: 100.0 if row["framework"] == "jax" else 40.0, f"{row['framework']}/step_time_s": 0.5}
     if row["framework"] == "jax":
-      result.update({"jax/compile_s": 30.0, "jax/mfu": 0.4, "xla_gflop_per_sample_step": 238.7})
+      result.update({"jax/compile_s": 30.0, "jax/mfu": 0.4, "xla_gflop_per_sample_step": 238.7,
+                     "roofline_ms": 312.5})
       if row["profile"]:  # the profiler failed; the row's timing stands
         result["jax/profile_error"] = "RuntimeError: no CUPTI"
     return gpu_check.Outcome("ok", result)
@@ -124,7 +125,7 @@ def test_a_failed_row_fails_the_check_and_stays_in_the_report(tmp_path, monkeypa
   assert ("cuDNN attention, bf16 losses max relative diff 4.00e-03 (same tolerance); parameter "
           "gradients 1.20e-02 from XLA attention's (relative L2, tolerance 0.05)") in report
   assert "profile of jax bf16 xla, batch 8: RuntimeError: no CUPTI" in report
-  assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | - | 238.7 | 2.50 |" in report
+  assert "| jax bf16 xla | 8 | 2 | 100.0 | 500.0 | 40.0 | - | - | 238.7 | 312.5 | 2.50 |" in report
   assert "2 row(s) failed: jax bf16 cudnn, jax bf16 cudnn remat" in capsys.readouterr().out
 
 
@@ -155,7 +156,7 @@ def test_a_step_too_big_for_the_device_is_reported_and_the_largest_that_ran_is_p
   monkeypatch.setattr(gpu_check, "run_subprocess", fake_subprocess)
   assert gpu_check.run_check(gpu_check.FULL, str(tmp_path)) == 0
   report = (tmp_path / "gpu_check.md").read_text()
-  assert ("| jax bf16 xla | 256 | 64 | - | - | - | - | 176.2 | - | - | does not fit: XLA plans "
+  assert ("| jax bf16 xla | 256 | 64 | - | - | - | - | 176.2 | - | - | - | does not fit: XLA plans "
           "176.2 GiB per device; the device offers 73.2 GiB |") in report
   assert runs[-1] == gpu_check.Row("jax", 120, 30, profile=True)
   assert "profile of jax bf16 xla, batch 120: RuntimeError: no CUPTI" in report

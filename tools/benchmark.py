@@ -7,6 +7,8 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
       [--config.model.remat=True] [--config.mesh.fsdp=8]
   python tools/benchmark.py --config configs/pretrain.py:base --memory-analysis --batch_size 256 \
       --gpu-target=h200 [--config.model.attention_impl=cudnn]    # no GPU needed
+  python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 120 \
+      --gpu-target=h200 [--config.model.attention_impl=cudnn]    # roofline model, no GPU
   python tools/benchmark.py --config configs/pretrain.py:base --profile /tmp/trace
   python tools/benchmark.py --config configs/finetune.py:as2m          # fine-tuning step
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
@@ -35,6 +37,11 @@ step is compiled for that GPU on this host, without one, and the GPU compiler's 
 printed, with whether it fits the device's memory and what the step needs where XLA had to
 rematerialize to fit (`cav_mae_jax/train/gpu_target.py`); a mesh of several GPUs is planned
 from `config.mesh` (give both sizes, e.g. `--config.mesh.data=1 --config.mesh.fsdp=8`).
+`--cost-analysis --gpu-target=h100|h200` compiles the step for one such GPU here and prints the
+roofline model of the compiled program (`cav_mae_jax/train/roofline.py`): FLOPs of its matrix
+products and bytes moved per sample, the step's time if every kernel ran at the GPU's peak
+FLOP/s or memory bandwidth (a ceiling on samples/s and MFU, not a measurement), and that time by
+op category, phase and model scope, as `--profile` prints measured time.
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
 batched, in one process, with no model and no device transfer; at least `--samples` clips
@@ -79,8 +86,9 @@ _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipe
 _PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into this folder and "
                                "print where their device time went.")
 _GPU_TARGET = flags.DEFINE_enum(
-    "gpu-target", None, ["h100", "h200"], "--memory-analysis: compile for this GPU without one "
-    "(needs JAX's CUDA plugin) and print the GPU compiler's memory plan.")
+    "gpu-target", None, ["h100", "h200"], "--memory-analysis or --cost-analysis: compile for this "
+    "GPU without one (needs JAX's CUDA plugin) and print the GPU compiler's memory plan, or the "
+    "roofline model of the compiled step.")
 flags.mark_flags_as_required(["config"])
 
 # What the tool does: one of these modes, or (none given) the timed train step.
@@ -88,7 +96,7 @@ _MODES = (_INPUT_ONLY, _COST_ANALYSIS, _MEMORY_ANALYSIS)
 # The flags (besides --config and --batch_size) that each mode reads; None: the timed train step.
 _MODE_FLAGS = {None: ("steps", "warmup", "compare-torch", "profile"),
                "input-only": ("steps", "samples", "warmup"),
-               "cost-analysis": (), "memory-analysis": ("gpu-target",)}
+               "cost-analysis": ("gpu-target",), "memory-analysis": ("gpu-target",)}
 
 
 def _mode_name(mode: str | None) -> str:
@@ -167,6 +175,26 @@ def plan_on_gpu_target(config, batch_size: int) -> None:
           "compute; config.model.remat or attention_impl='cudnn' choose what is kept instead")
 
 
+def roofline_on_gpu_target(config, batch_size: int) -> None:
+  """--cost-analysis --gpu-target: the roofline model of the step compiled for that GPU, here."""
+  from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import profile  # pylint: disable=g-import-not-at-top
+  target = gpu_target.TARGETS[_GPU_TARGET.value]
+  model = gpu_target.roofline_on_target(config, batch_size, target)
+  remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
+  flops, model_flops = model["flops"] / batch_size / 1e9, model["model_gflop_per_sample_step"]
+  print(f"train step compiled for {target.device_kind} (no GPU here), batch {batch_size}, "
+        f"{config.model.dtype}, {remat}, attention {config.model.attention_impl}: "
+        f"{flops:.1f} GFLOP/sample in matrix products vs model {model_flops:.1f} "
+        f"(x{flops / model_flops:.3f}); "
+        f"{model['bytes'] / batch_size / 1e9:.2f} GB/sample moved by {model['kernels']} kernels")
+  print(f"roofline model (every kernel at the device's peak, {target.memory_bandwidth / 1e12:.2f} "
+        f"TB/s, one after another; not a measurement): {model['busy_ms_per_step']:.1f} ms per "
+        f"step ({model['compute_bound_ms']:.1f} ms of it bound by compute), "
+        f"{model['samples_per_s']:.0f} samples/s, MFU at most {model['mfu_ceiling']:.1%}")
+  print(profile.markdown(model, busy_label="modelled"))
+
+
 def main(argv: list[str]) -> None:
   del argv
   mode = check_flags()
@@ -181,6 +209,9 @@ def main(argv: list[str]) -> None:
   batch_size = _BATCH.value if _BATCH.value is not None else config.data.batch_size
   if _COMPARE_TORCH.value:
     benchmark.check_torch_comparable(config)  # before the JAX timing, not after it
+  if mode == "cost-analysis" and _GPU_TARGET.value is not None:
+    roofline_on_gpu_target(config, batch_size)
+    return
   if mode == "cost-analysis":
     results = benchmark.compiled_step_cost(config, batch_size)
     print(f"compiled train step, batch {batch_size}, {config.model.dtype}: "

@@ -37,9 +37,11 @@ from cav_mae_jax import tasks
 from cav_mae_jax.train import array_input
 from cav_mae_jax.train import device_augment
 from cav_mae_jax.train import flops
+from cav_mae_jax.train import gpu_target
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
 from cav_mae_jax.train import profile
+from cav_mae_jax.train import roofline
 from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
 
@@ -164,6 +166,16 @@ def step_cost(compiled: jax.stages.Compiled, setup: StepSetup) -> dict[str, floa
           "xla_over_model_flops": xla_per_sample / setup.task.step_flops}
 
 
+def step_roofline(compiled: jax.stages.Compiled) -> dict[str, float]:
+  """`roofline_ms`: the roofline model's time of one step of a compiled step on this device
+  (`roofline.estimate`), where its peaks are known (the GPUs of `gpu_target.TARGETS`); else
+  nothing. Measured step time over it says how near the kernels come to their roofline."""
+  peaks = gpu_target.roofline_peaks(jax.devices()[0].device_kind)
+  if peaks is None:
+    return {}
+  return {"roofline_ms": roofline.estimate(compiled.as_text(), peaks)["busy_ms_per_step"]}
+
+
 def compiled_step_cost(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, float]:
   """XLA's cost analysis of `config`'s train step compiled for one device, against the model FLOPs.
 
@@ -227,7 +239,7 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   compiled = setup.compile()
   compile_s = time.perf_counter() - compile_start
   compiled_figures = {"jax/compile_s": compile_s, **step_cost(compiled, setup),
-                      **step_memory(compiled)}
+                      **step_memory(compiled), **step_roofline(compiled)}
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
   if limit and compiled_figures.get("xla_memory_gib", 0.0) * 2**30 > limit:
     return {"jax/does_not_fit": f"XLA plans {compiled_figures['xla_memory_gib']:.1f} GiB per "

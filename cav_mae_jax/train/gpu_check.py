@@ -295,11 +295,12 @@ def row_cells(row: Row, outcome: Outcome, torch_rates: dict[int, float], on_gpu:
   return [row.name, str(row.batch), str(row.group), _fmt(rate, ".1f"),
           _fmt(step_s * 1e3 if step_s else None, ".1f"), _fmt(mfu * 100 if mfu else None, ".1f"),
           _fmt(r.get(prefix + "peak_memory_gib"), ".1f"), _fmt(r.get("xla_memory_gib"), ".1f"),
-          _fmt(r.get("xla_gflop_per_sample_step"), ".4g"), _fmt(ratio, ".2f"), note]
+          _fmt(r.get("xla_gflop_per_sample_step"), ".4g"), _fmt(r.get("roofline_ms"), ".1f"),
+          _fmt(ratio, ".2f"), note]
 
 
 TABLE_HEADER = ["run", "batch", "group", "samples/s", "step ms", "MFU %", "peak GiB",
-                "XLA GiB", "XLA GFLOP/sample", "JAX/torch", "note"]
+                "XLA GiB", "XLA GFLOP/sample", "roofline ms", "JAX/torch", "note"]
 
 
 def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
@@ -341,7 +342,9 @@ def markdown_report(plan: Plan, env: Outcome, parity: Outcome,
                "peak GiB: the process's peak device memory; XLA GiB: XLA's memory plan of the "
                "compiled step (arguments + temporaries + outputs not in place); XLA GFLOP/sample: "
                "XLA's cost analysis of the compiled step (custom calls such as cuDNN attention "
-               "count nothing); "
+               "count nothing); roofline ms: the step's time if every kernel of the compiled "
+               "step ran at the chip's peak FLOP/s or memory bandwidth (train/roofline.py; step "
+               "ms over it: how far the kernels are from their roofline); "
                "JAX/torch: samples/s ratio at the same batch.")
   for row, outcome in rows:
     if "jax/profile" in outcome.result:

@@ -56,6 +56,16 @@ TARGETS = {
 }
 
 
+def roofline_peaks(device_kind: str) -> Any:
+  """The roofline peaks (`roofline.Peaks`) of a GPU of `TARGETS` by its `jax.Device.device_kind`,
+  or None for any other device (a CPU, a GPU whose bandwidth is not listed here)."""
+  from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
+  for target in TARGETS.values():
+    if target.device_kind == device_kind:
+      return roofline.gpu_peaks(device_kind, target.memory_bandwidth)
+  return None
+
+
 def _installed_versions() -> tuple[tuple[int, int], tuple[int, int]]:
   """(cuDNN, CUDA runtime) (major, minor) of the installed CUDA plugin's libraries; cuDNN 9.0 and
   CUDA 12.0 where the plugin does not say (what JAX's CUDA 12 wheels require at least)."""
@@ -160,3 +170,20 @@ def plan_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str,
     result.update({f"unlimited_{k[len('xla_'):]}": v for k, v in unlimited.items()})
   return result
 
+
+
+def roofline_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str, Any]:
+  """The roofline model (`roofline.estimate`) of `config`'s train step compiled for one device of
+  `target`, with the model FLOPs per sample (`model_gflop_per_sample_step`), the modelled
+  `samples_per_s` and `mfu_ceiling`: the MFU the step would reach if every kernel ran at its
+  roofline."""
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
+  setup = benchmark.setup_train_step(config, batch_size, devices(target, 1))
+  peaks = roofline_peaks(target.device_kind)
+  result = roofline.estimate(setup.compile(COMPILER_OPTIONS).as_text(), peaks)
+  seconds = result["busy_ms_per_step"] / 1e3
+  result.update(model_gflop_per_sample_step=setup.task.step_flops / 1e9,
+                samples_per_s=batch_size / seconds,
+                mfu_ceiling=setup.task.step_flops * batch_size / seconds / peaks.flops["bf16"])
+  return result

@@ -30,9 +30,9 @@ import time
 from typing import Any, Callable, Iterable
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
-_OPCODE = re.compile(r"(?:^|\s)(?P<opcode>[a-z][\w\-]*)\(")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
+OPCODE = re.compile(r"(?:^|\s)(?P<opcode>[a-z][\w\-]*)\(")
+COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
 _BLOCK_INDEX = re.compile(r"_\d+$")
 _SUBLAYERS = ("attn", "mlp")
 _CONTROL = ("while", "body", "cond", "closed_call", "pjit", "cond_fun", "body_fun")
@@ -49,7 +49,7 @@ class OpInfo:
   scope: str
 
 
-def _attribute(text: str, key: str) -> str:
+def attribute(text: str, key: str) -> str:
   match = re.search(key + r'="([^"]*)"', text)
   return match.group(1) if match else ""
 
@@ -86,7 +86,7 @@ def scope_of(op_name: str) -> str:
 def _category(opcode: str, rest: str, called: set[str]) -> str:
   """The category of an instruction from its opcode and, for fusions, the ops they call."""
   if opcode == "custom-call":
-    target = _attribute(rest, "custom_call_target").lower()
+    target = attribute(rest, "custom_call_target").lower()
     if "fmha" in target or "attention" in target:
       return "attention"
     if "gemm" in target or "cublas" in target or "matmul" in target or "conv" in target:
@@ -120,15 +120,15 @@ def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
   computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
   current = ""
   for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
+    header = COMPUTATION.match(line)
     if header and "=" not in line.split("(", 1)[0]:
       current = header.group("name")
       continue
-    instruction = _INSTRUCTION.match(line)
+    instruction = INSTRUCTION.match(line)
     if not instruction:
       continue
     rest = instruction.group("rest")
-    opcode = _OPCODE.search(rest)
+    opcode = OPCODE.search(rest)
     if opcode:
       computations[current].append((instruction.group("name"), opcode.group("opcode"), rest))
 
@@ -161,7 +161,7 @@ def _op_names(instructions: list[tuple[str, str, str]], rounds: int = 3) -> dict
   Instructions that XLA created (a broadcast split out of a fusion, a partial reduction) carry
   none; they take the name of their first named user, else of their first named operand.
   """
-  names = {name: _attribute(rest, "op_name") for name, _, rest in instructions}
+  names = {name: attribute(rest, "op_name") for name, _, rest in instructions}
   operands = {name: [o for o in re.findall(r"%([\w.\-]+)", rest.split("calls=")[0])
                      if o in names and o != name] for name, _, rest in instructions}
   users: dict[str, list[str]] = collections.defaultdict(list)
@@ -261,10 +261,10 @@ def summarize(trace_path: str, hlo_text: str, steps: int, wall_s: float | None =
   return summary
 
 
-def markdown(summary: dict[str, Any]) -> str:
-  """The summary as markdown tables (shares of the busy time)."""
+def markdown(summary: dict[str, Any], busy_label: str = "device busy") -> str:
+  """The summary as markdown tables (shares of the busy time, which the first line names)."""
   busy = summary["busy_ms_per_step"]
-  lines = [f"device busy {busy:.2f} ms per step"
+  lines = [f"{busy_label} {busy:.2f} ms per step"
            + (f" of {summary['wall_ms_per_step']:.2f} ms wall (traced, {summary['steps']} steps)"
               if "wall_ms_per_step" in summary else "")]
   for title, key in (("category", "categories"), ("phase", "phases"), ("scope", "scopes")):

@@ -1,0 +1,199 @@
+"""The roofline model of a compiled step: FLOPs and bytes per kernel, modelled time."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cav_mae_jax.train import flops
+from cav_mae_jax.train import profile
+from cav_mae_jax.train import roofline
+
+# 1 TFLOP/s in bf16, 0.5 in f32, 1 GB/s: modelled times are easy to check by hand.
+_PEAKS = roofline.Peaks("test", {"bf16": 1e12, "f32": 0.5e12}, 1e9)
+
+# An optimized GPU module in the form `compiled.as_text()` prints (operands without shapes,
+# backend configs as JSON): a cuBLAS GEMM with its scratch buffer, a while loop of a known trip
+# count around a fusion with a dot, cuDNN attention forward and backward, a cuDNN weight-gradient
+# convolution, and views (bitcast, get-tuple-element) that launch nothing.
+_MODULE = r"""HloModule jit_train_step, entry_computation_layout={()->()}
+
+%fused_dot (p0: f32[4,8], p1: f32[8,16]) -> f32[4,16] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (state: (s32[], f32[4,8], f32[8,16])) -> (s32[], f32[4,8], f32[8,16]) {
+  %state = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element(%state), index=1
+  %w = f32[8,16]{1,0} get-tuple-element(%state), index=2
+  %fusion.7 = f32[4,16]{1,0} fusion(%x, %w), kind=kLoop, calls=%fused_dot, metadata={op_name="jit(train_step)/jvp(M)/M.scan/dense/dot_general"}
+  ROOT %tuple.1 = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) tuple(%state, %x, %w)
+}
+
+%cond (state: (s32[], f32[4,8], f32[8,16])) -> pred[] {
+  %state = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main.9 (a: bf16[128,256], b: bf16[256,512]) -> bf16[128,512] {
+  %a = bf16[128,256]{1,0} parameter(0)
+  %b = bf16[256,512]{1,0} parameter(1)
+  %gemm.1 = (bf16[128,512]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(M)/M.dense/dot_general"}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"},"reification_cost":[]}
+  %out = bf16[128,512]{1,0} get-tuple-element(%gemm.1), index=0
+  %init = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) parameter(2)
+  %while.1 = (s32[], f32[4,8]{1,0}, f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %q = bf16[2,16,4,8]{3,2,1,0} parameter(3)
+  %k = bf16[2,32,4,8]{3,2,1,0} parameter(4)
+  %v = bf16[2,32,4,8]{3,2,1,0} parameter(5)
+  %fwd.1 = (bf16[2,4,16,8]{3,1,2,0}, f32[2,4,16]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(train_step)/jvp(M)/M.attn/dot_product_attention_fwd"}
+  %bwd.1 = (bf16[2,16,4,8]{3,2,1,0}, bf16[2,32,4,8]{3,2,1,0}, bf16[2,32,4,8]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmaxBackward", metadata={op_name="jit(train_step)/transpose(jvp(M))/M.attn/dot_product_attention_bwd"}
+  %images = bf16[3,64,64,2]{3,2,1,0} parameter(6)
+  %grad = bf16[3,4,4,32]{3,2,1,0} parameter(7)
+  %conv.1 = (bf16[32,16,16,2]{3,2,1,0}, u8[0]{0}) custom-call(%images, %grad), window={size=16x16 stride=16x16}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(M))/M.embed/conv_general_dilated"}
+  %view = bf16[65536]{0} bitcast(%out)
+  ROOT %copy.1 = bf16[128,512]{1,0} copy(%out), metadata={op_name="jit(train_step)/optimizer/copy"}
+}
+"""
+
+
+def _kernels(summary):
+  return {op["op"]: op["ms_per_step"] for op in summary["top_ops"]}
+
+
+def test_kernels_flops_bytes_and_modelled_time_of_a_gpu_module():
+  summary = roofline.estimate(_MODULE, _PEAKS, top=20)
+  gemm_flops, dot_flops = 2 * 128 * 512 * 256, 2 * 4 * 16 * 8
+  attention_flops = 4 * 2 * 4 * 16 * 32 * 8  # batch x heads x queries x keys x head dim
+  # The weight gradient's products are the forward's: its output (the gradient operand, b01f:
+  # batch 3, 4 x 4 patches, 32 features) x a 16 x 16 window x 2 input features (the images' f).
+  conv_flops = 2 * (3 * 4 * 4 * 32) * 16 * 16 * 2
+  assert summary["flops"] == gemm_flops + 3 * dot_flops + 3.5 * attention_flops + conv_flops
+  kernels = _kernels(summary)
+  assert set(kernels) == {"gemm.1", "fusion.7", "fwd.1", "bwd.1", "conv.1", "copy.1"}
+  assert summary["kernels"] == 8  # the fusion runs 3 times: the loop's known trip count
+  # The GEMM: operands and output, not its s8 scratch buffer; memory-bound at 1 GB/s.
+  gemm_bytes = 2 * (128 * 256 + 256 * 512 + 128 * 512)
+  assert kernels["gemm.1"] == pytest.approx(gemm_bytes / 1e9 * 1e3)
+  assert kernels["fusion.7"] == pytest.approx(3 * 4 * (4 * 8 + 8 * 16 + 4 * 16) / 1e9 * 1e3)
+  assert kernels["copy.1"] == pytest.approx(2 * 2 * 128 * 512 / 1e9 * 1e3)
+  assert summary["busy_ms_per_step"] == pytest.approx(sum(summary["categories"].values()))
+  assert summary["categories"]["attention"] == pytest.approx(kernels["fwd.1"] + kernels["bwd.1"])
+  assert summary["phases"]["update/other"] == pytest.approx(kernels["copy.1"])
+  assert summary["compute_bound_ms"] == 0.0  # at 1 GB/s every kernel waits on memory
+
+
+def test_a_kernel_bound_by_compute_takes_its_flops_at_the_peak_of_its_input_type():
+  fast_memory = roofline.Peaks("test", {"bf16": 1e12, "f32": 0.5e12}, 1e15)
+  summary = roofline.estimate(_MODULE, fast_memory, top=20)
+  kernels = _kernels(summary)
+  assert kernels["gemm.1"] == pytest.approx(2 * 128 * 512 * 256 / 1e12 * 1e3)  # bf16
+  assert kernels["fusion.7"] == pytest.approx(3 * 2 * 4 * 16 * 8 / 0.5e12 * 1e3)  # f32
+  assert summary["compute_bound_ms"] == pytest.approx(
+      summary["busy_ms_per_step"] - kernels["copy.1"])
+
+
+def test_gpu_peaks_follow_the_mfu_table():
+  peaks = roofline.gpu_peaks("NVIDIA H200", 4.8e12)
+  assert peaks.flops["bf16"] == flops.PEAK_BF16_FLOPS["NVIDIA H200"]
+  assert peaks.matmul_flops("f32") == peaks.flops["bf16"] / 2
+  assert peaks.matmul_flops("s32") == peaks.flops["f32"]
+  with pytest.raises(ValueError, match="no peak FLOP/s known for 'cpu'"):
+    roofline.gpu_peaks("cpu", 1e11)
+
+
+def test_the_benchmarked_gpus_have_roofline_peaks_and_other_devices_none():
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
+  for target in gpu_target.TARGETS.values():
+    peaks = gpu_target.roofline_peaks(target.device_kind)
+    assert peaks.memory_bandwidth == target.memory_bandwidth
+    assert peaks.flops["bf16"] == flops.peak_flops(target.device_kind)
+  assert gpu_target.roofline_peaks("cpu") is None
+  assert gpu_target.roofline_peaks("NVIDIA H100 PCIe") is None  # another memory bandwidth
+  compiled = jax.jit(lambda x: x * 2).lower(jax.ShapeDtypeStruct((4,), jnp.float32)).compile()
+  assert benchmark.step_roofline(compiled) == {}  # on this CPU
+
+
+def test_not_an_optimized_module_is_an_error():
+  with pytest.raises(ValueError, match="no ENTRY computation"):
+    roofline.estimate("HloModule m\n", _PEAKS)
+
+
+def test_a_compiled_matmul_counts_its_flops_and_at_least_its_arrays():
+  compiled = jax.jit(lambda x, w: jnp.tanh(x @ w)).lower(
+      jax.ShapeDtypeStruct((256, 512), jnp.float32),
+      jax.ShapeDtypeStruct((512, 128), jnp.float32)).compile()
+  summary = roofline.estimate(compiled.as_text(), _PEAKS)
+  assert summary["flops"] == 2 * 256 * 128 * 512
+  assert summary["bytes"] >= 4 * (256 * 512 + 512 * 128 + 256 * 128)
+
+
+def test_the_tiny_pretraining_step_counts_the_model_flops():
+  """On the step XLA compiled (here for the CPU), the products counted are the analytic model
+  FLOPs, less the patch embeddings' input gradients (the step computes none: its inputs need no
+  gradient) and plus the contrastive similarities (2 B D per sample and pass, which the model
+  leaves out)."""
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  config = _tiny_config()
+  setup = benchmark.setup_train_step(config, 8, jax.devices()[:1])
+  summary = roofline.estimate(setup.compile().as_text(), _PEAKS)
+  model = config.model
+  patches_a = (model.num_mel_bins // 16) * (model.audio_length // 16)
+  patches_v = (model.image_size // 16) ** 2
+  embeddings = 2 * 16 * 16 * model.embed_dim * (patches_a + 3 * patches_v)
+  similarities = 3 * 2 * 8 * model.embed_dim
+  assert summary["flops"] / 8 == pytest.approx(
+      setup.task.step_flops - embeddings + similarities, rel=1e-9)
+  assert summary["categories"]["matmul"] > 0
+  assert set(summary["phases"]) <= {"forward", "backward", "update/other"}
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location(
+      "pretrain_config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.model.audio_length = 256
+  config.model.image_size = 64
+  return config
+
+
+def test_markdown_names_what_the_busy_time_is():
+  summary = roofline.estimate(_MODULE, _PEAKS)
+  assert profile.markdown(summary, busy_label="modelled").startswith("modelled ")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
+def test_benchmark_tool_models_the_step_on_a_gpu_it_does_not_have(tmp_path):
+  """`--cost-analysis --gpu-target=h200` compiles the step for an H200 here and prints its
+  roofline: cuDNN attention moves fewer bytes than XLA's (no score matrices in memory)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  lines = {}
+  for attention in ("xla", "cudnn"):
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "benchmark.py"),
+         "--config=configs/pretrain.py:tiny", "--batch_size=8", "--cost-analysis",
+         "--gpu-target=h200", "--config.model.audio_length=256", "--config.model.image_size=80",
+         "--config.model.mask_ratio_v=0.55", "--config.model.dtype=bfloat16",
+         f"--config.model.attention_impl={attention}"],
+        cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+            [root] + sys.path[1:])),
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines[attention] = done.stdout.splitlines()
+  for attention, (first, second, third, *_) in lines.items():
+    assert first.startswith("train step compiled for NVIDIA H200 (no GPU here), batch 8, "
+                            f"bfloat16, no remat, attention {attention}: "), first
+    assert second.startswith("roofline model (every kernel at the device's peak, 4.80 TB/s"), second
+    assert third.startswith("modelled "), third
+  moved = {a: float(first.split(" GB/sample moved")[0].rsplit(" ", 1)[1])
+           for a, (first, *_) in lines.items()}
+  assert moved["cudnn"] < moved["xla"]
