@@ -120,6 +120,28 @@ def test_the_benchmarked_gpus_have_roofline_peaks_and_other_devices_none():
   assert benchmark.step_roofline(compiled) == {}  # on this CPU
 
 
+def test_the_benchmark_models_its_step_on_a_known_gpu_and_survives_a_module_it_cannot_read(
+    monkeypatch):
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
+  compiled = jax.jit(lambda x, w: x @ w).lower(
+      jax.ShapeDtypeStruct((64, 32), jnp.float32),
+      jax.ShapeDtypeStruct((32, 16), jnp.float32)).compile()
+  monkeypatch.setattr(gpu_target, "roofline_peaks", lambda kind: _PEAKS)
+  figures = benchmark.step_roofline(compiled)
+  assert figures["roofline_ms"] == pytest.approx(
+      roofline.estimate(compiled.as_text(), _PEAKS)["busy_ms_per_step"])
+  assert figures["roofline_ms"] > 0
+
+  def unreadable(text, peaks):
+    del text, peaks
+    raise ValueError("not an optimized HLO module text (no ENTRY computation)")
+
+  monkeypatch.setattr(roofline, "estimate", unreadable)
+  assert benchmark.step_roofline(compiled) == {
+      "roofline_error": "ValueError: not an optimized HLO module text (no ENTRY computation)"}
+
+
 def test_not_an_optimized_module_is_an_error():
   with pytest.raises(ValueError, match="no ENTRY computation"):
     roofline.estimate("HloModule m\n", _PEAKS)

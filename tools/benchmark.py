@@ -243,6 +243,7 @@ def main(argv: list[str]) -> None:
                                            profile_dir=_PROFILE.value)
   summary = results.pop("jax/profile", None)
   profile_error = results.pop("jax/profile_error", None)
+  roofline_error = results.pop("roofline_error", None)
   if "jax/does_not_fit" in results:
     cli.fail(f"--batch_size {batch_size}: the train step does not fit on this device "
              f"({results['jax/does_not_fit']})")
@@ -255,6 +256,8 @@ def main(argv: list[str]) -> None:
                                                results["torch/samples_per_s"])
   for key, value in results.items():
     print(f"{key:34s} {value:.4g}")
+  if roofline_error is not None:
+    print(f"roofline model of the compiled step: none ({roofline_error})")
   if summary is not None:
     from cav_mae_jax.train import profile  # pylint: disable=g-import-not-at-top
     print(f"\nwhere the device time of {summary['steps']} traced steps went (trace in "

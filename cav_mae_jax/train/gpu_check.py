@@ -283,6 +283,8 @@ def row_cells(row: Row, outcome: Outcome, torch_rates: dict[int, float], on_gpu:
   note = outcome.status if outcome.status != "ok" else ""
   if outcome.status == "ok" and row.framework == "jax":
     note = f"compile {r['jax/compile_s']:.0f}s"
+    if "roofline_error" in r:
+      note += f"; no roofline ({r['roofline_error'][:80].replace('|', '/')})"
   elif outcome.status == "ok":  # benchmark_torch: fp16 + GradScaler on CUDA, else bf16
     note = "fp16 + GradScaler" if on_gpu else "bf16 (no CUDA)"
   if outcome.status in ("error", "timeout"):
