@@ -88,6 +88,47 @@ def test_kernels_flops_bytes_and_modelled_time_of_a_gpu_module():
   assert summary["compute_bound_ms"] == 0.0  # at 1 GB/s every kernel waits on memory
 
 
+# Collectives of a data-parallel step and of an FSDP step over 8 devices, in the three forms
+# XLA writes replica groups: mesh axes, an iota, explicit groups.
+_COLLECTIVES = r"""HloModule jit_train_step, entry_computation_layout={()->()}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+ENTRY %main.3 (g: bf16[1000000], w: f32[1000,125], r: f32[8000,125]) -> bf16[1000000] {
+  %g = bf16[1000000]{0} parameter(0)
+  %all-reduce-start.1 = bf16[1000000]{0} all-reduce-start(%g), channel_id=1, replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, use_global_device_ids=true, to_apply=%add, metadata={op_name="jit(train_step)/transpose(jvp(M))/M.dense/dot_general"}
+  %all-reduce-done.1 = bf16[1000000]{0} all-reduce-done(%all-reduce-start.1)
+  %w = f32[1000,125]{1,0} parameter(1)
+  %all-gather-start.1 = (f32[1000,125]{1,0}, f32[8000,125]{1,0}) all-gather-start(%w), channel_id=2, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
+  %all-gather-done.1 = f32[8000,125]{1,0} all-gather-done(%all-gather-start.1)
+  %r = f32[8000,125]{1,0} parameter(2)
+  %reduce-scatter.1 = f32[1000,125]{1,0} reduce-scatter(%r), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, to_apply=%add
+  %alone = bf16[1000000]{0} all-reduce(%g), channel_id=4, replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}, to_apply=%add
+  ROOT %copy.2 = bf16[1000000]{0} copy(%all-reduce-done.1)
+}
+"""
+
+
+def test_collectives_take_the_bytes_a_ring_sends_over_the_interconnect():
+  summary = roofline.estimate(_COLLECTIVES, _PEAKS, top=20)
+  all_reduce = 2 * 7 / 8 * 2e6  # bf16[1e6], 8 devices
+  full = 4 * 8000 * 125  # the gathered and the scattered array
+  assert summary["collective_bytes"] == pytest.approx(all_reduce + 2 * 7 / 8 * full)
+  kernels = _kernels(summary)
+  assert kernels["all-reduce-start.1"] == pytest.approx(all_reduce / 450e9 * 1e3)
+  assert kernels["all-gather-start.1"] == pytest.approx(7 / 8 * full / 450e9 * 1e3)
+  assert kernels["reduce-scatter.1"] == kernels["all-gather-start.1"]
+  assert kernels["all-reduce-done.1"] == kernels["alone"] == 0.0  # nothing sent
+  assert summary["collective_ms"] == pytest.approx(summary["categories"]["collective"])
+  assert summary["busy_ms_per_step"] == pytest.approx(
+      summary["collective_ms"] + kernels["copy.2"])
+  assert summary["kernels"] == 1  # the copy; collectives are counted apart
+
+
 def test_a_kernel_bound_by_compute_takes_its_flops_at_the_peak_of_its_input_type():
   fast_memory = roofline.Peaks("test", {"bf16": 1e12, "f32": 0.5e12}, 1e15)
   summary = roofline.estimate(_MODULE, fast_memory, top=20)
@@ -212,10 +253,22 @@ def test_benchmark_tool_models_the_step_on_a_gpu_it_does_not_have(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines[attention] = done.stdout.splitlines()
   for attention, (first, second, third, *_) in lines.items():
-    assert first.startswith("train step compiled for NVIDIA H200 (no GPU here), batch 8, "
-                            f"bfloat16, no remat, attention {attention}: "), first
+    assert first.startswith("train step compiled for NVIDIA H200 (no GPU here) over mesh "
+                            "{'data': 1, 'fsdp': 1}, batch 8, bfloat16, no remat, attention "
+                            f"{attention}: "), first
     assert second.startswith("roofline model (every kernel at the device's peak, 4.80 TB/s"), second
     assert third.startswith("modelled "), third
   moved = {a: float(first.split(" GB/sample moved")[0].rsplit(" ", 1)[1])
            for a, (first, *_) in lines.items()}
   assert moved["cudnn"] < moved["xla"]
+  done = subprocess.run(  # over 2 GPUs: the gradients' all-reduce goes over the interconnect
+      [sys.executable, os.path.join(root, "tools", "benchmark.py"),
+       "--config=configs/pretrain.py:tiny", "--batch_size=8", "--cost-analysis",
+       "--gpu-target=h100", "--config.model.audio_length=256", "--config.model.image_size=64",
+       "--config.mesh.data=2", "--config.mesh.fsdp=1"],
+      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+          [root] + sys.path[1:])), capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  first, second = done.stdout.splitlines()[:2]
+  assert " over mesh {'data': 2, 'fsdp': 1}, batch 8, " in first and first.endswith(" per device")
+  assert "; collectives " in second and " GB sent per device at 450 GB/s)" in second, second

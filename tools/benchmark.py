@@ -182,15 +182,19 @@ def roofline_on_gpu_target(config, batch_size: int) -> None:
   target = gpu_target.TARGETS[_GPU_TARGET.value]
   model = gpu_target.roofline_on_target(config, batch_size, target)
   remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
-  flops, model_flops = model["flops"] / batch_size / 1e9, model["model_gflop_per_sample_step"]
-  print(f"train step compiled for {target.device_kind} (no GPU here), batch {batch_size}, "
-        f"{config.model.dtype}, {remat}, attention {config.model.attention_impl}: "
-        f"{flops:.1f} GFLOP/sample in matrix products vs model {model_flops:.1f} "
-        f"(x{flops / model_flops:.3f}); "
-        f"{model['bytes'] / batch_size / 1e9:.2f} GB/sample moved by {model['kernels']} kernels")
+  flops, model_flops = model["gflop_per_sample"], model["model_gflop_per_sample_step"]
+  devices = math.prod(model["mesh"].values())
+  print(f"train step compiled for {target.device_kind} (no GPU here) over mesh {model['mesh']}, "
+        f"batch {batch_size}, {config.model.dtype}, {remat}, attention "
+        f"{config.model.attention_impl}: {flops:.1f} GFLOP/sample in matrix products vs model "
+        f"{model_flops:.1f} (x{flops / model_flops:.3f}); {model['gb_per_sample']:.2f} GB/sample "
+        f"moved by {model['kernels']} kernels" + (" per device" if devices > 1 else ""))
+  links = (f"; collectives {model['collective_ms']:.1f} ms ({model['collective_bytes'] / 1e9:.2f} "
+           f"GB sent per device at {target.interconnect_bandwidth / 1e9:.0f} GB/s)"
+           if devices > 1 else "")
   print(f"roofline model (every kernel at the device's peak, {target.memory_bandwidth / 1e12:.2f} "
         f"TB/s, one after another; not a measurement): {model['busy_ms_per_step']:.1f} ms per "
-        f"step ({model['compute_bound_ms']:.1f} ms of it bound by compute), "
+        f"step ({model['compute_bound_ms']:.1f} ms of it bound by compute{links}), "
         f"{model['samples_per_s']:.0f} samples/s, MFU at most {model['mfu_ceiling']:.1%}")
   print(profile.markdown(model, busy_label="modelled"))
 

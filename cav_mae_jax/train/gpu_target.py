@@ -39,6 +39,7 @@ class GpuTarget:
   device_kind: str
   memory_bytes: int  # as the driver reports it (nvidia-smi's total)
   memory_bandwidth: float  # bytes/s
+  interconnect_bandwidth: float = 450e9  # bytes/s each way: NVLink 4's 18 links
   core_count: int = 132  # SMs
   clock_rate_ghz: float = 1.98
   compute_capability: tuple[int, int] = (9, 0)
@@ -62,7 +63,8 @@ def roofline_peaks(device_kind: str) -> Any:
   from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
   for target in TARGETS.values():
     if target.device_kind == device_kind:
-      return roofline.gpu_peaks(device_kind, target.memory_bandwidth)
+      return roofline.gpu_peaks(device_kind, target.memory_bandwidth,
+                                target.interconnect_bandwidth)
   return None
 
 
@@ -173,17 +175,23 @@ def plan_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str,
 
 
 def roofline_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str, Any]:
-  """The roofline model (`roofline.estimate`) of `config`'s train step compiled for one device of
-  `target`, with the model FLOPs per sample (`model_gflop_per_sample_step`), the modelled
-  `samples_per_s` and `mfu_ceiling`: the MFU the step would reach if every kernel ran at its
-  roofline."""
+  """The roofline model (`roofline.estimate`) of `config`'s train step compiled for
+  `mesh_devices(config.mesh)` devices of `target` (the program of one of them), with the `mesh`,
+  the model FLOPs per sample (`model_gflop_per_sample_step`), FLOPs and bytes per sample over
+  all devices (`gflop_per_sample`, `gb_per_sample`), the modelled `samples_per_s` and
+  `mfu_ceiling`: the MFU the step would reach if every kernel ran at its roofline."""
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
-  setup = benchmark.setup_train_step(config, batch_size, devices(target, 1))
+  count = mesh_devices(config.mesh)
+  setup = benchmark.setup_train_step(config, batch_size, devices(target, count))
   peaks = roofline_peaks(target.device_kind)
   result = roofline.estimate(setup.compile(COMPILER_OPTIONS).as_text(), peaks)
   seconds = result["busy_ms_per_step"] / 1e3
-  result.update(model_gflop_per_sample_step=setup.task.step_flops / 1e9,
+  result.update(mesh=dict(setup.mesh.shape),
+                model_gflop_per_sample_step=setup.task.step_flops / 1e9,
+                gflop_per_sample=result["flops"] * count / batch_size / 1e9,
+                gb_per_sample=result["bytes"] * count / batch_size / 1e9,
                 samples_per_s=batch_size / seconds,
-                mfu_ceiling=setup.task.step_flops * batch_size / seconds / peaks.flops["bf16"])
+                mfu_ceiling=(setup.task.step_flops * batch_size / seconds
+                             / (peaks.flops["bf16"] * count)))
   return result

@@ -12,9 +12,12 @@ copy), counts
   bytes   of its distinct operands plus its outputs (a custom call's scratch buffer excluded):
           what it moves through device memory at least once, counting a whole operand where the
           kernel reads a slice of it;
-and models its time as max(FLOPs / peak FLOP/s of its input type, bytes / memory bandwidth). The
-sum over kernels is the step's time if every kernel ran at its roofline and the kernels ran one
-after another (one stream, no launch gaps): a bound on what these kernels can reach, and the
+and models its time as max(FLOPs / peak FLOP/s of its input type, bytes / memory bandwidth). A
+collective (the gradients' all-reduce of a data-parallel mesh, FSDP's all-gathers and
+reduce-scatters) takes the bytes a device sends in a ring over the interconnect's bandwidth
+(`collective_ms`). The sum is the step's time if every kernel ran at its roofline and all ran one
+after another (no launch gaps, no collective hidden behind compute, as XLA's asynchronous
+collectives can be): a bound on what these kernels can reach, and the
 share of that time each category (matmul, attention, elementwise, ...), phase and model scope
 takes (`profile.hlo_ops`) says where a change can gain. It is a model, not a measurement: real
 GEMMs reach some 60-80% of peak, and caches and fusion can move fewer bytes than counted.
@@ -50,17 +53,19 @@ _ATTENTION_BACKWARD_FACTOR = 2.5
 
 @dataclasses.dataclass(frozen=True)
 class Peaks:
-  """A device's dense peak FLOP/s by the input type of a matrix product, and its memory
-  bandwidth (bytes/s)."""
+  """A device's dense peak FLOP/s by the input type of a matrix product, its memory bandwidth
+  and its interconnect bandwidth to the other devices (bytes/s each way)."""
   name: str
   flops: dict[str, float]
   memory_bandwidth: float
+  interconnect_bandwidth: float = 450e9  # NVLink 4 (H100/H200 SXM): 900 GB/s both ways
 
   def matmul_flops(self, dtype: str) -> float:
     return self.flops.get(dtype, self.flops["f32"])
 
 
-def gpu_peaks(device_kind: str, memory_bandwidth: float) -> Peaks:
+def gpu_peaks(device_kind: str, memory_bandwidth: float,
+              interconnect_bandwidth: float = 450e9) -> Peaks:
   """An NVIDIA GPU's peaks from its dense bf16 Tensor Core peak (`flops.PEAK_BF16_FLOPS`): f16
   the same, fp8 twice it, f32 products half of it (they run as TF32, XLA's default precision on
   NVIDIA GPUs). ValueError for a GPU the table does not know."""
@@ -68,7 +73,7 @@ def gpu_peaks(device_kind: str, memory_bandwidth: float) -> Peaks:
   if not bf16:
     raise ValueError(f"no peak FLOP/s known for {device_kind!r}")
   return Peaks(device_kind, {"f8e4m3fn": 2 * bf16, "f8e5m2": 2 * bf16, "bf16": bf16, "f16": bf16,
-                             "f32": bf16 / 2}, memory_bandwidth)
+                             "f32": bf16 / 2}, memory_bandwidth, interconnect_bandwidth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +201,47 @@ def _attention_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
   return forward * (_ATTENTION_BACKWARD_FACTOR if "backward" in target else 1.0)
 
 
+def _group_size(rest: str) -> int | None:
+  """How many devices take part in each group of a collective, from its `replica_groups`:
+  explicit groups `{{0,1},{2,3}}`, an iota `[2,4]<=[8]`, or mesh axes `mesh['x'=8,'y'=1] {'x'}`;
+  None where the text says nothing readable."""
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+  if mesh:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+    return math.prod(int(sizes.get(axis, 1)) for axis in re.findall(r"'([^']+)'", mesh.group(2)))
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", rest)
+  if iota:
+    return int(iota.group(2))
+  explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
+  if explicit:
+    return len(_dims(explicit.group(1)))
+  return None
+
+
+def collective_bytes(instruction: Instruction, shapes: dict[str, str]) -> float:
+  """Bytes one device sends over its links for a collective, as a ring moves them: an
+  all-reduce of S bytes over n devices 2 (n - 1) / n S, an all-gather or reduce-scatter
+  (n - 1) / n of the full array, anything else its operands; 0 for the `-done` half of an
+  asynchronous collective and for groups of one device."""
+  opcode = instruction.opcode
+  if opcode.endswith("-done"):
+    return 0.0
+  n = _group_size(instruction.rest)
+  if n == 1:
+    return 0.0
+  share = (n - 1) / n if n else 1.0
+  operands = sum(shape_bytes(shapes.get(name, "")) for name in instruction.operands)
+  if opcode.startswith("all-reduce"):
+    return 2 * share * operands
+  if opcode.startswith(("all-gather", "reduce-scatter")):
+    # The full arrays: the gathered outputs or the scattered inputs, whichever side is larger
+    # (an asynchronous start returns its inputs and outputs together; several arrays may go as
+    # one combined collective).
+    outputs = shape_bytes(instruction.shape) - (operands if opcode.endswith("-start") else 0)
+    return share * max(operands, outputs)
+  return operands
+
+
 class _Module:
   """Cost of a parsed module's kernels."""
 
@@ -283,25 +329,32 @@ def estimate(hlo_text: str, peaks: Peaks, top: int = 12) -> dict[str, Any]:
          "scope": collections.Counter(), "op": collections.Counter()}
   totals = collections.Counter()
   for instruction, computation, repeat in module.kernels(module.entry):
-    flops, dtype = module.flops_and_dtype(instruction, computation)
-    nbytes = module.kernel_bytes(instruction, computation)
-    compute_s = flops / peaks.matmul_flops(dtype) if flops else 0.0
-    memory_s = nbytes / peaks.memory_bandwidth
-    ms = max(compute_s, memory_s) * 1e3 * repeat
     info = ops.get(instruction.name, unknown)
+    if info.category == "collective":  # over the links, not through memory
+      sent = collective_bytes(instruction, module.shapes[computation]) * repeat
+      ms = sent / peaks.interconnect_bandwidth * 1e3
+      totals["collective_bytes"] += sent
+      totals["collective_ms"] += ms
+    else:
+      flops, dtype = module.flops_and_dtype(instruction, computation)
+      nbytes = module.kernel_bytes(instruction, computation)
+      compute_s = flops / peaks.matmul_flops(dtype) if flops else 0.0
+      memory_s = nbytes / peaks.memory_bandwidth
+      ms = max(compute_s, memory_s) * 1e3 * repeat
+      totals["flops"] += flops * repeat
+      totals["bytes"] += nbytes * repeat
+      totals["kernels"] += repeat
+      totals["compute_bound_ms"] += ms if compute_s >= memory_s else 0.0
     per["category"][info.category] += ms
     per["phase"][info.phase] += ms
     per["scope"][f"{info.phase}: {info.scope}"] += ms
     per["op"][(instruction.name, info.category, info.phase, info.scope)] += ms
-    totals["flops"] += flops * repeat
-    totals["bytes"] += nbytes * repeat
-    totals["kernels"] += repeat
-    totals["compute_bound_ms"] += ms if compute_s >= memory_s else 0.0
   busy_ms = sum(per["category"].values())
   return {
       "module": profile.module_name(hlo_text), "device": peaks.name, "busy_ms_per_step": busy_ms,
       "flops": totals["flops"], "bytes": totals["bytes"], "kernels": int(totals["kernels"]),
       "compute_bound_ms": totals["compute_bound_ms"],
+      "collective_ms": totals["collective_ms"], "collective_bytes": totals["collective_bytes"],
       "categories": dict(per["category"].most_common()),
       "phases": dict(per["phase"].most_common()),
       "scopes": dict(per["scope"].most_common(top)),
