@@ -9,6 +9,7 @@ import pytest
 from cav_mae_jax.train import benchmark
 from cav_mae_jax.train import flops
 from configs import pretrain
+import gpu_target_runs
 import xla_flags
 
 # XLA counts the elementwise work too (LayerNorm, GELU, softmax, noise, Adam): about 7% above the
@@ -226,30 +227,15 @@ def test_attention_only_remat_keeps_everything_but_the_attention_scores():
   assert 0 < full["saved_gib_per_sample"] < attention_only["saved_gib_per_sample"] / 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
-                    reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
+@gpu_target_runs.needs_cuda_plugin
 def test_benchmark_tool_plans_the_step_on_a_gpu_it_does_not_have(tmp_path):
   """`--memory-analysis --gpu-target=h200` compiles the step for an H200 on this host and prints
-  the GPU compiler's plan; cuDNN attention compiles for it on odd-length streams (5 x 5 image
-  patches, 11 kept: video 11, joint 32 + 11 and decoder 128 + 25 tokens), which JAX's cuDNN path
-  refuses untreated."""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  plans = {}
-  for attention in ("xla", "cudnn"):
-    done = subprocess.run(
-        [sys.executable, os.path.join(root, "tools", "benchmark.py"),
-         "--config=configs/pretrain.py:tiny", "--batch_size=8", "--memory-analysis",
-         "--gpu-target=h200", "--config.model.audio_length=256", "--config.model.image_size=80",
-         "--config.model.mask_ratio_v=0.55", "--config.model.dtype=bfloat16",
-         f"--config.model.attention_impl={attention}"],
-        cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-            [root] + sys.path[1:])),
-        capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    plans[attention] = done.stdout.strip().splitlines()[-1]
+  the GPU compiler's plan; cuDNN attention compiles for it on odd-length streams, which JAX's
+  cuDNN path refuses untreated."""
+  plans = {attention: gpu_target_runs.run_benchmark(
+      tmp_path, gpu_target_runs.TINY_BF16_ODD + [
+          "--memory-analysis", "--gpu-target=h200",
+          f"--config.model.attention_impl={attention}"])[-1] for attention in ("xla", "cudnn")}
   for attention, plan in plans.items():
     assert plan.startswith("XLA's plan of the step compiled for NVIDIA H200 (140.4 GiB; no GPU "
                            "here) over mesh {'data': 1, 'fsdp': 1}, batch 8, bfloat16, no remat, "

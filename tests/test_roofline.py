@@ -1,10 +1,5 @@
 """The roofline model of a compiled step: FLOPs and bytes per kernel, modelled time."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -12,6 +7,9 @@ import pytest
 from cav_mae_jax.train import flops
 from cav_mae_jax.train import profile
 from cav_mae_jax.train import roofline
+from configs import pretrain
+
+import gpu_target_runs
 
 # 1 TFLOP/s in bf16, 0.5 in f32, 1 GB/s: modelled times are easy to check by hand.
 _PEAKS = roofline.Peaks("test", {"bf16": 1e12, "f32": 0.5e12}, 1e9)
@@ -218,11 +216,7 @@ def test_the_tiny_pretraining_step_counts_the_model_flops():
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location(
-      "pretrain_config", os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = pretrain.get_config("tiny")
   config.model.audio_length = 256
   config.model.image_size = 64
   return config
@@ -233,25 +227,14 @@ def test_markdown_names_what_the_busy_time_is():
   assert profile.markdown(summary, busy_label="modelled").startswith("modelled ")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
-                    reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
+@gpu_target_runs.needs_cuda_plugin
 def test_benchmark_tool_models_the_step_on_a_gpu_it_does_not_have(tmp_path):
   """`--cost-analysis --gpu-target=h200` compiles the step for an H200 here and prints its
   roofline: cuDNN attention moves fewer bytes than XLA's (no score matrices in memory)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  lines = {}
-  for attention in ("xla", "cudnn"):
-    done = subprocess.run(
-        [sys.executable, os.path.join(root, "tools", "benchmark.py"),
-         "--config=configs/pretrain.py:tiny", "--batch_size=8", "--cost-analysis",
-         "--gpu-target=h200", "--config.model.audio_length=256", "--config.model.image_size=80",
-         "--config.model.mask_ratio_v=0.55", "--config.model.dtype=bfloat16",
-         f"--config.model.attention_impl={attention}"],
-        cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-            [root] + sys.path[1:])),
-        capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines[attention] = done.stdout.splitlines()
+  lines = {attention: gpu_target_runs.run_benchmark(
+      tmp_path, gpu_target_runs.TINY_BF16_ODD + [
+          "--cost-analysis", "--gpu-target=h200", f"--config.model.attention_impl={attention}"])
+           for attention in ("xla", "cudnn")}
   for attention, (first, second, third, *_) in lines.items():
     assert first.startswith("train step compiled for NVIDIA H200 (no GPU here) over mesh "
                             "{'data': 1, 'fsdp': 1}, batch 8, bfloat16, no remat, attention "
@@ -261,14 +244,11 @@ def test_benchmark_tool_models_the_step_on_a_gpu_it_does_not_have(tmp_path):
   moved = {a: float(first.split(" GB/sample moved")[0].rsplit(" ", 1)[1])
            for a, (first, *_) in lines.items()}
   assert moved["cudnn"] < moved["xla"]
-  done = subprocess.run(  # over 2 GPUs: the gradients' all-reduce goes over the interconnect
-      [sys.executable, os.path.join(root, "tools", "benchmark.py"),
-       "--config=configs/pretrain.py:tiny", "--batch_size=8", "--cost-analysis",
-       "--gpu-target=h100", "--config.model.audio_length=256", "--config.model.image_size=64",
-       "--config.mesh.data=2", "--config.mesh.fsdp=1"],
-      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-          [root] + sys.path[1:])), capture_output=True, text=True, timeout=600, check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  first, second = done.stdout.splitlines()[:2]
+  # Over 2 GPUs: the gradients' all-reduce goes over the interconnect.
+  first, second = gpu_target_runs.run_benchmark(
+      tmp_path, ["--config=configs/pretrain.py:tiny", "--batch_size=8", "--cost-analysis",
+                 "--gpu-target=h100", "--config.model.audio_length=256",
+                 "--config.model.image_size=64", "--config.mesh.data=2",
+                 "--config.mesh.fsdp=1"])[:2]
   assert " over mesh {'data': 2, 'fsdp': 1}, batch 8, " in first and first.endswith(" per device")
   assert "; collectives " in second and " GB sent per device at 450 GB/s)" in second, second
