@@ -10,8 +10,9 @@
   3. the base pretraining train step in bfloat16 at the paper's batches 48, 120 and 256 with
      their contrast groups 12, 30 and 64: samples/s, step time, MFU, peak memory, XLA's FLOPs
      per sample, XLA's memory plan of the step and the roofline model's time of the compiled
-     step (`train/roofline.py`: how near the measured step comes to it); the PyTorch reference (fp16 autocast +
-     GradScaler, as the original trains) at the same batches and the JAX/torch ratio; cuDNN
+     step (`train/roofline.py`: how near the measured step comes to it); the PyTorch
+     reference (fp16 autocast + GradScaler, as the original trains) at the same batches and the
+     JAX/torch ratio; cuDNN
      attention (`config.model.attention_impl`) and rematerialization (`config.model.remat`)
      against the default, at the largest batch first, then cuDNN at the other batches, then
      remat keeping everything but XLA attention's scores (`config.model.remat_policy=
