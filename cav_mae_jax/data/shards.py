@@ -25,7 +25,6 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -165,14 +164,9 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-  """Holds SIGINT and SIGTERM until the block ends, then gives each one that came to its own
-  handler. (Masking them would not do: the process's other threads, TensorFlow's, would take
-  them, and Python runs its handlers in the main thread all the same.)
-
-  A Python handler is called here, in the main thread as the block ends: raising the signal
-  again instead left its handler to run at Python's next check, which may fall in a garbage
-  collector's callback, where its KeyboardInterrupt is printed and dropped (a test caught it at
-  random). The default action (SIG_DFL) is the signal raised again; SIG_IGN does nothing."""
+  """Holds SIGINT and SIGTERM until the block ends, then raises them again for their own
+  handlers. (Masking them would not do: the process's other threads, TensorFlow's, would take
+  them, and Python runs its handlers in the main thread all the same.)"""
   if threading.current_thread() is not threading.main_thread():
     yield  # signal handlers can be set in the main thread only; it gets the signals anyway
     return
@@ -185,12 +179,8 @@ def _signals_held() -> Iterator[None]:
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-    for signum in dict.fromkeys(caught):  # once each, as the kernel delivers a pending signal
-      handler = previous[signum]
-      if callable(handler):
-        handler(signum, sys._getframe())  # pylint: disable=protected-access
-      elif handler != signal.SIG_IGN:  # SIG_DFL, or a handler not set from Python
-        signal.raise_signal(signum)
+    for signum in caught:
+      signal.raise_signal(signum)
 
 
 def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, Any] | None:
