@@ -173,7 +173,6 @@ def plan_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str,
   return result
 
 
-
 def roofline_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str, Any]:
   """The roofline model (`roofline.estimate`) of `config`'s train step compiled for
   `mesh_devices(config.mesh)` devices of `target` (the program of one of them), with the `mesh`,
