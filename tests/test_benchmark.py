@@ -9,7 +9,7 @@ import pytest
 from cav_mae_jax.train import benchmark
 from cav_mae_jax.train import flops
 from configs import pretrain
-import gpu_target_runs
+import target_runs
 import xla_flags
 
 # XLA counts the elementwise work too (LayerNorm, GELU, softmax, noise, Adam): about 7% above the
@@ -132,6 +132,12 @@ _BAD_FLAGS = [
      "--memory-analysis, not to --input-only"),
     (["--memory-analysis", "--gpu-target=a100"], "flag --gpu-target=a100: value should be one of "
      "<h100|h200>"),
+    (["--tpu-target=v5e"], "--tpu-target applies to --cost-analysis and --memory-analysis, not "
+     "to the timed train step (no mode flag)"),
+    (["--memory-analysis", "--tpu-target=v4"], "flag --tpu-target=v4: value should be one of "
+     "<v5e|v5p|v6e>"),
+    (["--memory-analysis", "--gpu-target=h100", "--tpu-target=v5e"], "--gpu-target, "
+     "--tpu-target: give at most one"),
 ]
 
 
@@ -149,6 +155,15 @@ def test_gpu_target_without_the_cuda_plugin_is_one_error_line(tmp_path):
   _check_refused_before_the_step(
       tmp_path, ["--memory-analysis", "--gpu-target=h200"],
       "--gpu-target needs JAX's CUDA plugin (pip install -e \".[cuda]\"; no GPU is needed), "
+      "which is not installed here")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                    reason="JAX's TPU library is installed here")
+def test_tpu_target_without_libtpu_is_one_error_line(tmp_path):
+  _check_refused_before_the_step(
+      tmp_path, ["--cost-analysis", "--tpu-target=v5p"],
+      "--tpu-target needs JAX's TPU library (pip install -e \".[tpu]\"; no TPU is needed), "
       "which is not installed here")
 
 
@@ -227,13 +242,13 @@ def test_attention_only_remat_keeps_everything_but_the_attention_scores():
   assert 0 < full["saved_gib_per_sample"] < attention_only["saved_gib_per_sample"] / 2
 
 
-@gpu_target_runs.needs_cuda_plugin
+@target_runs.needs_cuda_plugin
 def test_benchmark_tool_plans_the_step_on_a_gpu_it_does_not_have(tmp_path):
   """`--memory-analysis --gpu-target=h200` compiles the step for an H200 on this host and prints
   the GPU compiler's plan; cuDNN attention compiles for it on odd-length streams, which JAX's
   cuDNN path refuses untreated."""
-  plans = {attention: gpu_target_runs.run_benchmark(
-      tmp_path, gpu_target_runs.TINY_BF16_ODD + [
+  plans = {attention: target_runs.run_benchmark(
+      tmp_path, target_runs.TINY_BF16_ODD + [
           "--memory-analysis", "--gpu-target=h200",
           f"--config.model.attention_impl={attention}"])[-1] for attention in ("xla", "cudnn")}
   for attention, plan in plans.items():

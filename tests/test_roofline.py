@@ -9,7 +9,7 @@ from cav_mae_jax.train import profile
 from cav_mae_jax.train import roofline
 from configs import pretrain
 
-import gpu_target_runs
+import target_runs
 
 # 1 TFLOP/s in bf16, 0.5 in f32, 1 GB/s: modelled times are easy to check by hand.
 _PEAKS = roofline.Peaks("test", {"bf16": 1e12, "f32": 0.5e12}, 1e9)
@@ -227,12 +227,12 @@ def test_markdown_names_what_the_busy_time_is():
   assert profile.markdown(summary, busy_label="modelled").startswith("modelled ")
 
 
-@gpu_target_runs.needs_cuda_plugin
+@target_runs.needs_cuda_plugin
 def test_benchmark_tool_models_the_step_on_a_gpu_it_does_not_have(tmp_path):
   """`--cost-analysis --gpu-target=h200` compiles the step for an H200 here and prints its
   roofline: cuDNN attention moves fewer bytes than XLA's (no score matrices in memory)."""
-  lines = {attention: gpu_target_runs.run_benchmark(
-      tmp_path, gpu_target_runs.TINY_BF16_ODD + [
+  lines = {attention: target_runs.run_benchmark(
+      tmp_path, target_runs.TINY_BF16_ODD + [
           "--cost-analysis", "--gpu-target=h200", f"--config.model.attention_impl={attention}"])
            for attention in ("xla", "cudnn")}
   for attention, (first, second, third, *_) in lines.items():
@@ -245,7 +245,7 @@ def test_benchmark_tool_models_the_step_on_a_gpu_it_does_not_have(tmp_path):
            for a, (first, *_) in lines.items()}
   assert moved["cudnn"] < moved["xla"]
   # Over 2 GPUs: the gradients' all-reduce goes over the interconnect.
-  first, second = gpu_target_runs.run_benchmark(
+  first, second = target_runs.run_benchmark(
       tmp_path, ["--config=configs/pretrain.py:tiny", "--batch_size=8", "--cost-analysis",
                  "--gpu-target=h100", "--config.model.audio_length=256",
                  "--config.model.image_size=64", "--config.mesh.data=2",

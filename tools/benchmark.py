@@ -9,6 +9,8 @@ r"""Throughput of the train step (in-memory batches, no TensorFlow) and of the i
       --gpu-target=h200 [--config.model.attention_impl=cudnn]    # no GPU needed
   python tools/benchmark.py --config configs/pretrain.py:base --cost-analysis --batch_size 120 \
       --gpu-target=h200 [--config.model.attention_impl=cudnn]    # roofline model, no GPU
+  python tools/benchmark.py --config configs/pretrain.py:base --memory-analysis --batch_size 48 \
+      --tpu-target=v5e [--config.mesh.data=8]    # XLA:TPU's plan per chip, no TPU
   python tools/benchmark.py --config configs/pretrain.py:base --profile /tmp/trace
   python tools/benchmark.py --config configs/finetune.py:as2m          # fine-tuning step
   python tools/benchmark.py --config configs/pretrain.py:tiny --input-only \
@@ -42,6 +44,14 @@ roofline model of the compiled program (`cav_mae_jax/train/roofline.py`): FLOPs 
 products and bytes moved per sample, the step's time if every kernel ran at the GPU's peak
 FLOP/s or memory bandwidth (a ceiling on samples/s and MFU, not a measurement), and that time by
 op category, phase and model scope, as `--profile` prints measured time.
+With `--tpu-target=v5e|v5p|v6e` (and JAX's TPU library installed: `pip install -e ".[tpu]"`; it
+loads on an x86-64 Linux host without a TPU) the step is compiled for the chips of one host of
+that TPU generation (`config.mesh`'s data x fsdp of them: 1, 2, 4 or 8; v5p 1, 2 or 4) and
+`--memory-analysis` prints XLA:TPU's plan per chip, which is what the step takes there (XLA:TPU
+assigns the chip's memory as it compiles), or the compiler's own sentence on what a step that
+does not fit needs; both analyses print XLA:TPU's FLOPs per sample (above the same step's count
+on a chip with room to spare where XLA:TPU recomputed part of the forward to fit)
+(`cav_mae_jax/train/tpu_target.py`). A compile takes a few minutes on a small host.
 `--input-only` times the host input pipeline alone on the training split (records or TFDS, as
 config.data names it): read, parse, JPEG decode + resize/crop and the configured augmentation,
 batched, in one process, with no model and no device transfer; at least `--samples` clips
@@ -52,8 +62,8 @@ throughput of one fully used core, which holds on a shared machine too).
 `--input-only`, `--cost-analysis` and `--memory-analysis` exclude each other, and a flag the
 chosen mode does not read (`--profile` or `--compare-torch` with any of them, `--samples`
 without `--input-only`, `--steps` or `--warmup` with an analysis, which runs no step) is
-refused with one line, as is `--steps` < 1, `--warmup` < 0, `--batch_size` or `--samples` < 1:
-all before anything is compiled or read.
+refused with one line, as are `--gpu-target` with `--tpu-target`, `--steps` < 1, `--warmup` < 0,
+`--batch_size` or `--samples` < 1: all before anything is compiled or read.
 """
 
 from __future__ import annotations
@@ -89,6 +99,10 @@ _GPU_TARGET = flags.DEFINE_enum(
     "gpu-target", None, ["h100", "h200"], "--memory-analysis or --cost-analysis: compile for this "
     "GPU without one (needs JAX's CUDA plugin) and print the GPU compiler's memory plan, or the "
     "roofline model of the compiled step.")
+_TPU_TARGET = flags.DEFINE_enum(
+    "tpu-target", None, ["v5e", "v5p", "v6e"], "--memory-analysis or --cost-analysis: compile "
+    "for the chips of one TPU host of this generation without one (needs JAX's TPU library) and "
+    "print XLA:TPU's memory plan per chip, or its FLOP count.")
 flags.mark_flags_as_required(["config"])
 
 # What the tool does: one of these modes, or (none given) the timed train step.
@@ -96,7 +110,8 @@ _MODES = (_INPUT_ONLY, _COST_ANALYSIS, _MEMORY_ANALYSIS)
 # The flags (besides --config and --batch_size) that each mode reads; None: the timed train step.
 _MODE_FLAGS = {None: ("steps", "warmup", "compare-torch", "profile"),
                "input-only": ("steps", "samples", "warmup"),
-               "cost-analysis": ("gpu-target",), "memory-analysis": ("gpu-target",)}
+               "cost-analysis": ("gpu-target", "tpu-target"),
+               "memory-analysis": ("gpu-target", "tpu-target")}
 
 
 def _mode_name(mode: str | None) -> str:
@@ -117,6 +132,8 @@ def check_flags() -> str | None:
                      f"{', '.join('--' + h.name for h in _MODES)}")
   mode = modes[0] if modes else None
   cli.check_mode_flags(mode, _MODE_FLAGS, _mode_name)
+  if _GPU_TARGET.value is not None and _TPU_TARGET.value is not None:
+    raise ValueError("--gpu-target, --tpu-target: give at most one")
   return mode
 
 
@@ -146,6 +163,12 @@ def input_only(config) -> None:
         "of this process = one fully used core)")
 
 
+def _step_description(config, batch_size: int, mesh: dict) -> str:
+  remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
+  return (f"mesh {mesh}, batch {batch_size}, {config.model.dtype}, {remat}, attention "
+          f"{config.model.attention_impl}")
+
+
 def _fits(plan: dict) -> str:
   from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
   if plan["fits_default_fraction"]:
@@ -161,12 +184,10 @@ def plan_on_gpu_target(config, batch_size: int) -> None:
   from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
   target = gpu_target.TARGETS[_GPU_TARGET.value]  # one of them: the flag is an enum
   plan = gpu_target.plan_on_target(config, batch_size, target)
-  remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
   print(f"XLA's plan of the step compiled for {target.device_kind} ({target.memory_gib:.1f} GiB; "
-        f"no GPU here) over mesh {plan['mesh']}, batch {batch_size}, {config.model.dtype}, "
-        f"{remat}, attention {config.model.attention_impl}: {plan['xla_memory_gib']:.2f} GiB per "
-        f"device = arguments {plan['xla_argument_gib']:.2f} + temporaries "
-        f"{plan['xla_temp_gib']:.2f} + outputs not in place "
+        f"no GPU here) over {_step_description(config, batch_size, plan['mesh'])}: "
+        f"{plan['xla_memory_gib']:.2f} GiB per device = arguments {plan['xla_argument_gib']:.2f} "
+        f"+ temporaries {plan['xla_temp_gib']:.2f} + outputs not in place "
         f"{plan['xla_unaliased_output_gib']:.2f}: " + _fits(plan))
   if "unlimited_memory_gib" in plan:
     print(f"  untouched the step needs {plan['unlimited_memory_gib']:.2f} GiB (temporaries "
@@ -181,14 +202,13 @@ def roofline_on_gpu_target(config, batch_size: int) -> None:
   from cav_mae_jax.train import profile  # pylint: disable=g-import-not-at-top
   target = gpu_target.TARGETS[_GPU_TARGET.value]
   model = gpu_target.roofline_on_target(config, batch_size, target)
-  remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
   flops, model_flops = model["gflop_per_sample"], model["model_gflop_per_sample_step"]
   devices = math.prod(model["mesh"].values())
-  print(f"train step compiled for {target.device_kind} (no GPU here) over mesh {model['mesh']}, "
-        f"batch {batch_size}, {config.model.dtype}, {remat}, attention "
-        f"{config.model.attention_impl}: {flops:.1f} GFLOP/sample in matrix products vs model "
-        f"{model_flops:.1f} (x{flops / model_flops:.3f}); {model['gb_per_sample']:.2f} GB/sample "
-        f"moved by {model['kernels']} kernels" + (" per device" if devices > 1 else ""))
+  print(f"train step compiled for {target.device_kind} (no GPU here) over "
+        f"{_step_description(config, batch_size, model['mesh'])}: {flops:.1f} GFLOP/sample in "
+        f"matrix products vs model {model_flops:.1f} (x{flops / model_flops:.3f}); "
+        f"{model['gb_per_sample']:.2f} GB/sample moved by {model['kernels']} kernels"
+        + (" per device" if devices > 1 else ""))
   links = (f"; collectives {model['collective_ms']:.1f} ms ({model['collective_bytes'] / 1e9:.2f} "
            f"GB sent per device at {target.interconnect_bandwidth / 1e9:.0f} GB/s)"
            if devices > 1 else "")
@@ -199,6 +219,43 @@ def roofline_on_gpu_target(config, batch_size: int) -> None:
   print(profile.markdown(model, busy_label="modelled"))
 
 
+def plan_on_tpu_target(config, batch_size: int) -> None:
+  """--memory-analysis --tpu-target: XLA:TPU's plan of the step compiled for its chips, here."""
+  from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import tpu_target  # pylint: disable=g-import-not-at-top
+  target = tpu_target.TARGETS[_TPU_TARGET.value]
+  try:
+    plan = tpu_target.plan_on_target(config, batch_size, target)
+  except tpu_target.DoesNotFit as e:
+    chips = mesh_lib.planned_devices(config.mesh)
+    print(f"XLA:TPU's compile for {chips} {target.name} chip{'s' if chips > 1 else ''} "
+          f"({target.hbm_gib} GiB of HBM each; no TPU here), batch {batch_size}: does not fit: "
+          f"{e.compiler_message}")
+    return
+  print(f"XLA:TPU's plan of the step compiled for {target.name} ({target.device_kind}, "
+        f"{target.hbm_gib} GiB of HBM; no TPU here) over "
+        f"{_step_description(config, batch_size, plan['mesh'])}: {plan['xla_memory_gib']:.2f} "
+        f"GiB per chip = arguments {plan['xla_argument_gib']:.2f} + temporaries "
+        f"{plan['xla_temp_gib']:.2f} + outputs not in place "
+        f"{plan['xla_unaliased_output_gib']:.2f}: fits (XLA:TPU assigns the chip's memory as it "
+        f"compiles); {_tpu_flops(plan)}")
+
+
+def _tpu_flops(cost: dict) -> str:
+  return (f"XLA:TPU {cost['xla_gflop_per_sample_step']:.1f} GFLOP/sample vs model "
+          f"{cost['model_gflop_per_sample_step']:.1f} (x{cost['xla_over_model_flops']:.3f})")
+
+
+def cost_on_tpu_target(config, batch_size: int) -> None:
+  """--cost-analysis --tpu-target: XLA:TPU's FLOPs of the step compiled for its chips, here."""
+  from cav_mae_jax.train import tpu_target  # pylint: disable=g-import-not-at-top
+  target = tpu_target.TARGETS[_TPU_TARGET.value]
+  cost = tpu_target.cost_on_target(config, batch_size, target)
+  print(f"train step compiled for {target.name} ({target.device_kind}; no TPU here) over "
+        f"{_step_description(config, batch_size, cost['mesh'])}: {_tpu_flops(cost)}; "
+        f"{cost['gb_per_sample']:.2f} GB/sample accessed")
+
+
 def main(argv: list[str]) -> None:
   del argv
   mode = check_flags()
@@ -206,6 +263,9 @@ def main(argv: list[str]) -> None:
   if _GPU_TARGET.value is not None:
     from cav_mae_jax.train import gpu_target  # pylint: disable=g-import-not-at-top
     gpu_target.prepare()  # before anything initializes JAX's backends
+  if _TPU_TARGET.value is not None:
+    from cav_mae_jax.train import tpu_target  # pylint: disable=g-import-not-at-top
+    tpu_target.prepare()  # before anything initializes JAX's backends
   if mode == "input-only":
     input_only(config)
     return
@@ -216,6 +276,9 @@ def main(argv: list[str]) -> None:
   if mode == "cost-analysis" and _GPU_TARGET.value is not None:
     roofline_on_gpu_target(config, batch_size)
     return
+  if mode == "cost-analysis" and _TPU_TARGET.value is not None:
+    cost_on_tpu_target(config, batch_size)
+    return
   if mode == "cost-analysis":
     results = benchmark.compiled_step_cost(config, batch_size)
     print(f"compiled train step, batch {batch_size}, {config.model.dtype}: "
@@ -225,6 +288,9 @@ def main(argv: list[str]) -> None:
     return
   if mode == "memory-analysis" and _GPU_TARGET.value is not None:
     plan_on_gpu_target(config, batch_size)
+    return
+  if mode == "memory-analysis" and _TPU_TARGET.value is not None:
+    plan_on_tpu_target(config, batch_size)
     return
   if mode == "memory-analysis":
     remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"

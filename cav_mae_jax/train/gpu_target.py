@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import jax
 
+from cav_mae_jax.train import mesh as mesh_lib
+
 
 # Options for every deviceless compile: Triton GEMM fusions need autotuning on a device.
 COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
@@ -145,20 +147,14 @@ def devices(target: GpuTarget, count: int, memory_bytes: int | None = None
   return topology.devices
 
 
-def mesh_devices(mesh_config: Any) -> int:
-  """How many devices of the target to compile for: `config.mesh`'s data x fsdp, a size of -1
-  (all remaining devices) counting as 1 (give both sizes to plan a mesh of several GPUs)."""
-  return int(max(int(mesh_config.data), 1) * max(int(mesh_config.fsdp), 1))
-
-
 def plan_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str, Any]:
   """XLA's memory plan of `config`'s train step per device of `target`, compiled for
-  `mesh_devices(config.mesh)` of them: the plan at the device's memory (`xla_*`, as
+  `mesh.planned_devices(config.mesh)` of them: the plan at the device's memory (`xla_*`, as
   `benchmark.step_memory`), and, when XLA rematerialized to fit it, the plan without a limit
   (`unlimited_*`). Also `mesh`, the device's `memory_gib`, and whether the plan `fits` in it and
   in JAX's default share of it (`fits_default_fraction`)."""
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
-  count = mesh_devices(config.mesh)
+  count = mesh_lib.planned_devices(config.mesh)
   setup = benchmark.setup_train_step(config, batch_size, devices(target, count))
   result: dict[str, Any] = benchmark.step_memory(setup.compile(COMPILER_OPTIONS))
   result.update(mesh=dict(setup.mesh.shape), memory_gib=target.memory_gib,
@@ -175,13 +171,13 @@ def plan_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str,
 
 def roofline_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[str, Any]:
   """The roofline model (`roofline.estimate`) of `config`'s train step compiled for
-  `mesh_devices(config.mesh)` devices of `target` (the program of one of them), with the `mesh`,
-  the model FLOPs per sample (`model_gflop_per_sample_step`), FLOPs and bytes per sample over
-  all devices (`gflop_per_sample`, `gb_per_sample`), the modelled `samples_per_s` and
+  `mesh.planned_devices(config.mesh)` devices of `target` (the program of one of them), with the
+  `mesh`, the model FLOPs per sample (`model_gflop_per_sample_step`), FLOPs and bytes per sample
+  over all devices (`gflop_per_sample`, `gb_per_sample`), the modelled `samples_per_s` and
   `mfu_ceiling`: the MFU the step would reach if every kernel ran at its roofline."""
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
-  count = mesh_devices(config.mesh)
+  count = mesh_lib.planned_devices(config.mesh)
   setup = benchmark.setup_train_step(config, batch_size, devices(target, count))
   peaks = roofline_peaks(target.device_kind)
   result = roofline.estimate(setup.compile(COMPILER_OPTIONS).as_text(), peaks)

@@ -45,6 +45,13 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   return sizes["data"], sizes["fsdp"]
 
 
+def planned_devices(mesh_config: ml_collections.ConfigDict) -> int:
+  """How many devices a compile for another machine's devices (`gpu_target`, `tpu_target`)
+  plans `mesh_config` over: data x fsdp, a size of -1 (all remaining devices) counting as 1
+  (give both sizes to plan a mesh of several devices)."""
+  return int(max(int(mesh_config.data), 1) * max(int(mesh_config.fsdp), 1))
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the ('data', 'fsdp') mesh over `devices` (default: all global devices)."""

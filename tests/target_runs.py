@@ -1,4 +1,5 @@
-"""`tools/benchmark.py` for a GPU that is not here: JAX's CUDA plugin compiles for it, no GPU."""
+"""`tools/benchmark.py` for an accelerator that is not here: JAX's CUDA plugin compiles for a GPU,
+libtpu for TPU chips, on this host's CPU."""
 
 import importlib.util
 import os
@@ -10,6 +11,9 @@ import pytest
 needs_cuda_plugin = pytest.mark.skipif(
     importlib.util.find_spec("jax_cuda12_plugin") is None,
     reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="needs JAX's TPU library (pip install -e '.[tpu]'; no TPU is needed)")
 
 # The tiny model in bfloat16 on odd-length streams (5 x 5 image patches, 11 kept: video 11, joint
 # 32 + 11 and decoder 128 + 25 tokens), which JAX's cuDNN attention refuses untreated.
@@ -18,14 +22,14 @@ TINY_BF16_ODD = ["--config=configs/pretrain.py:tiny", "--batch_size=8",
                  "--config.model.mask_ratio_v=0.55", "--config.model.dtype=bfloat16"]
 
 
-def run_benchmark(tmp_path, args: list[str]) -> list[str]:
-  """The lines `tools/benchmark.py ARGS` prints, run from `tmp_path` on this host's CPU; the
-  run must succeed."""
+def run_benchmark(tmp_path, args: list[str], **env: str) -> list[str]:
+  """The lines `tools/benchmark.py ARGS` prints, run from `tmp_path` on this host's CPU with
+  these `env` variables besides; the run must succeed."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(
       [sys.executable, os.path.join(root, "tools", "benchmark.py"), *args], cwd=tmp_path,
       env=dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([root] + sys.path[1:])),
+               PYTHONPATH=os.pathsep.join([root] + sys.path[1:]), **env),
       capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout.strip().splitlines()
