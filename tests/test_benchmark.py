@@ -149,22 +149,23 @@ def test_benchmark_tool_refuses_bad_flags_before_building_the_step(tmp_path, arg
   _check_refused_before_the_step(tmp_path, args, line)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is not None,
-                    reason="JAX's CUDA plugin is installed here")
-def test_gpu_target_without_the_cuda_plugin_is_one_error_line(tmp_path):
-  _check_refused_before_the_step(
-      tmp_path, ["--memory-analysis", "--gpu-target=h200"],
-      "--gpu-target needs JAX's CUDA plugin (pip install -e \".[cuda]\"; no GPU is needed), "
-      "which is not installed here")
+_MISSING_COMPILERS = [
+    # (the module a target needs, arguments, the one error line's text)
+    ("jax_cuda12_plugin", ["--memory-analysis", "--gpu-target=h200"],
+     "--gpu-target needs JAX's CUDA plugin (pip install -e \".[cuda]\"; no GPU is needed), "
+     "which is not installed here"),
+    ("libtpu", ["--cost-analysis", "--tpu-target=v5p"],
+     "--tpu-target needs JAX's TPU library (pip install -e \".[tpu]\"; no TPU is needed), "
+     "which is not installed here"),
+]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
-                    reason="JAX's TPU library is installed here")
-def test_tpu_target_without_libtpu_is_one_error_line(tmp_path):
-  _check_refused_before_the_step(
-      tmp_path, ["--cost-analysis", "--tpu-target=v5p"],
-      "--tpu-target needs JAX's TPU library (pip install -e \".[tpu]\"; no TPU is needed), "
-      "which is not installed here")
+@pytest.mark.parametrize("module, args, line", _MISSING_COMPILERS,
+                         ids=[m for m, _, _ in _MISSING_COMPILERS])
+def test_a_target_without_its_compiler_is_one_error_line(tmp_path, module, args, line):
+  if importlib.util.find_spec(module) is not None:
+    pytest.skip(f"{module} is installed here")
+  _check_refused_before_the_step(tmp_path, args, line)
 
 
 def _check_refused_before_the_step(tmp_path, args, line):
