@@ -57,9 +57,10 @@ TARGETS = {
 }
 
 # What libtpu reads as it loads. Without the first three a host that is not a Cloud TPU VM asks
-# Google's metadata server for its TPU and prints a warning for each answer it lacks; without the
-# last a second process that compiles for a TPU (another tool, a test worker) finds libtpu's
-# lockfile taken, and a killed one leaves it behind.
+# Google's metadata server for its TPU and prints a warning for each answer it lacks (the type
+# names no attached TPU: topologies are described by `devices`); without the last a process
+# that compiles for a TPU while another does (another tool, a test worker) finds libtpu's
+# lockfile taken.
 _LIBTPU_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
                        "TPU_ACCELERATOR_TYPE": "v5litepod-1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
@@ -89,8 +90,7 @@ def devices(target: TpuTarget, count: int) -> Sequence[jax.Device]:
     topology = topologies.get_topology_desc(topology_name=name, platform="tpu",
                                             chips_per_host_bounds=bounds)
   except (ImportError, RuntimeError) as e:  # JaxRuntimeError is a RuntimeError
-    raise ValueError(f"--tpu-target={target.name} needs JAX's TPU library (pip install -e "
-                     f"\".[tpu]\"; no TPU is needed): "
+    raise ValueError(f"--tpu-target={target.name}: libtpu did not describe its topology {name}: "
                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
   if len(topology.devices) != count:  # a chip of two devices (no megacore) is not planned here
     raise ValueError(f"--tpu-target={target.name}: libtpu's topology {name} has "
