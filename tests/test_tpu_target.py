@@ -65,6 +65,8 @@ def test_benchmark_tool_plans_the_step_on_tpu_chips_it_does_not_have(tmp_path):
                          "no remat, attention xla: "), plan
   assert ": fits (XLA:TPU assigns the chip's memory as it compiles); XLA:TPU " in plan, plan
   assert " GFLOP/sample vs model " in plan, plan
+  assert plan.endswith(") (over parameters split by fsdp, XLA:TPU's count has come out below "
+                       "the model's FLOPs: compare it only with a count on the same mesh)"), plan
   refused, = target_runs.run_benchmark(tmp_path, args + ["--batch_size=8192"], **_FAST)[-1:]
   assert refused.startswith("XLA:TPU's compile for 2 v5e chips (16 GiB of HBM each; no TPU "
                             "here), batch 8192: does not fit: "), refused
