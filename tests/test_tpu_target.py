@@ -2,8 +2,8 @@
 
 The compiles need JAX's TPU library (libtpu, `pip install -e '.[tpu]'`) and skip without it; they
 run at XLA's lowest optimization effort (`JAX_EXEC_TIME_OPTIMIZATION_EFFORT=-1`): about 20 s for
-the tiny step against 3 minutes at the default, with the same program (only its schedule and
-fusion differ, so the figures are not compared with the tools' defaults).
+the tiny step against 3 minutes at the default. XLA:TPU then fuses and schedules the same step
+differently, so the figures are not compared with those of the tools' default effort.
 """
 
 import importlib.util

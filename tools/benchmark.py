@@ -163,10 +163,13 @@ def input_only(config) -> None:
         "of this process = one fully used core)")
 
 
+def _remat_description(config) -> str:
+  return f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
+
+
 def _step_description(config, batch_size: int, mesh: dict) -> str:
-  remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
-  return (f"mesh {mesh}, batch {batch_size}, {config.model.dtype}, {remat}, attention "
-          f"{config.model.attention_impl}")
+  return (f"mesh {mesh}, batch {batch_size}, {config.model.dtype}, {_remat_description(config)}, "
+          f"attention {config.model.attention_impl}")
 
 
 def _fits(plan: dict) -> str:
@@ -297,14 +300,13 @@ def main(argv: list[str]) -> None:
     plan_on_tpu_target(config, batch_size)
     return
   if mode == "memory-analysis":
-    remat = f"remat {config.model.remat_policy}" if config.model.remat else "no remat"
     saved = benchmark.saved_activations(config)
     memory = benchmark.compiled_step_memory(config, batch_size)
     devices = math.prod(memory["mesh"].values())  # the batch is split over every device
     per_sample, fixed = saved["saved_gib_per_sample"], saved["saved_fixed_gib"]
-    print(f"what the backward keeps ({config.model.dtype}, {remat}): {per_sample * 1024:.1f} MiB "
-          f"per sample + {fixed * 1024:.1f} MiB fixed = {per_sample * batch_size + fixed:.2f} GiB "
-          f"for the batch of {batch_size}" + (
+    print(f"what the backward keeps ({config.model.dtype}, {_remat_description(config)}): "
+          f"{per_sample * 1024:.1f} MiB per sample + {fixed * 1024:.1f} MiB fixed = "
+          f"{per_sample * batch_size + fixed:.2f} GiB for the batch of {batch_size}" + (
               f", {per_sample * batch_size / devices + fixed:.2f} GiB per device over {devices} "
               "devices" if devices > 1 else ""))
     print(f"XLA's plan of the compiled step on {memory['backend']} over mesh {memory['mesh']}: "
