@@ -100,7 +100,7 @@ def _plain_masking_and_restore(x, noise, keep, mask_token):
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   kept = jnp.take_along_axis(x, ids_shuffle[:, :keep, None], axis=1)
-  filler = jnp.broadcast_to(mask_token.astype(x.dtype), (x.shape[0], x.shape[1] - keep, x.shape[2]))
+  filler = jnp.broadcast_to(mask_token, (x.shape[0], x.shape[1] - keep, x.shape[2])).astype(x.dtype)
   full = jnp.concatenate([kept * 3.0, filler], axis=1)
   return kept, jnp.take_along_axis(full, ids_restore[:, :, None], axis=1)
 

@@ -459,3 +459,80 @@ def test_fused_attention_gives_cudnn_only_lengths_it_trains():
     assert vit.fused_attention(q, q, q).shape == q.shape
   assert received == [(2, 50, 3, 8)]
   trains(jnp.zeros(received[0]))
+
+
+# ---- bfloat16 compute: parameter gradients summed in float32. ----
+
+@pytest.fixture
+def no_half_precision_sums():
+  """JAX's own check: any sum (reduce_sum) of bfloat16 or float16 values raises while tracing."""
+  jax.config.update("jax_allow_f16_reductions", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_allow_f16_reductions", True)
+
+
+@pytest.mark.parametrize("module, arg, overrides", [
+    ("pretrain", "tiny", {}),
+    ("pretrain", "tiny,audio_mae", {}),
+    ("pretrain", "tiny", {"trainable_pos_embed": True, "remat": True,
+                          "remat_policy": "attention_only"}),
+    ("finetune", "tiny", {}),
+    ("finetune", "tiny,mode=missingvideoonly", {}),
+    ("finetune", "tiny,probe", {}),
+], ids=["pretrain", "audio_mae", "trainable_pos_remat", "finetune", "missing_video", "probe"])
+def test_bfloat16_gradients_sum_nothing_in_bfloat16(no_half_precision_sums, module, arg,
+                                                     overrides):
+  """Every sum in every task's bfloat16 gradient runs in float32: XLA accumulates a bfloat16 sum
+  in bfloat16 (a bias's gradient sums its cotangent over every token of the batch), which is
+  what torch's autocast avoids. Traced only (nothing compiled)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{module}").get_config(arg)
+  with config.unlocked():
+    config.model.update(dtype="bfloat16", **overrides)
+  task = tasks.get_task(config)
+  params = jax.eval_shape(task.init_params, jax.random.key(0))
+  batch = benchmark.abstract_batch(task, 4)
+  jax.make_jaxpr(jax.grad(task.loss_fn, has_aux=True))(params, batch, jax.random.key(1))
+
+
+@pytest.mark.parametrize("layer", ["dense", "patch_conv"])
+def test_dense_and_patch_conv_are_flax_layers_whose_bias_gradient_sums_in_float32(layer):
+  """vit.Dense and vit.PatchConv have flax's nn.Dense's and nn.Conv's parameters, initial values
+  and outputs, bit for bit in float32 and bfloat16; under bfloat16 their bias gradient is the
+  float32 sum of the cotangents. flax's is a bfloat16 sum, which on this CPU stops growing once
+  its spacing outgrows the addends: 8,192 for the Dense's 32,768 rows (sum 32,757), 2,048 for the
+  conv's 8,192 patches (sum 8,199)."""
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 128, 128, 3))
+
+  def layers(dtype):
+    if layer == "dense":
+      return vit.dense(16, "proj", dtype), nn.Dense(
+          16, kernel_init=vit.dense_init, bias_init=nn.initializers.zeros, dtype=dtype,
+          param_dtype=jnp.float32, name="proj")
+    return vit.PatchConv(16, 2, dtype, name="proj"), nn.Conv(
+        16, (2, 2), strides=(2, 2), padding="VALID", kernel_init=vit.patch_kernel_init,
+        bias_init=vit.patch_bias_init(12), dtype=dtype, param_dtype=jnp.float32, name="proj")
+
+  for dtype in (jnp.float32, jnp.bfloat16):
+    ours, flax_layer = layers(dtype)
+    params = ours.init(jax.random.key(1), x)
+    flax_params = flax_layer.init(jax.random.key(1), x)
+    assert jax.tree.map(np.asarray, params).keys() == flax_params.keys()
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(flax_params)):
+      np.testing.assert_array_equal(a, b)
+    out = ours.apply(params, x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, flax_layer.apply(params, x))
+
+  cotangent = jax.random.uniform(jax.random.key(2), out.shape, jnp.float32, 0.5, 1.5)
+  grad = jax.grad(lambda p: jnp.sum(ours.apply(p, x).astype(jnp.float32) * cotangent))(params)
+  # The bfloat16 output's cotangent is the bfloat16-rounded `cotangent`; its exact sum per feature:
+  exact = np.asarray(cotangent.astype(jnp.bfloat16), np.float64).reshape(-1, 16).sum(axis=0)
+  assert grad["params"]["bias"].dtype == jnp.float32
+  np.testing.assert_allclose(grad["params"]["bias"], exact, rtol=1e-5)

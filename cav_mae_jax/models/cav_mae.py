@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from cav_mae_jax.models import losses, masking
 from cav_mae_jax.models.config import ATTENTION_ONLY, FT_MODES, ModelConfig
 from cav_mae_jax.models.pos_embed import sincos_2d
-from cav_mae_jax.models.vit import Block, PatchEmbed, dense, layer_norm
+from cav_mae_jax.models.vit import Block, PatchEmbed, add_param, dense, layer_norm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -128,12 +128,12 @@ class _Encoder(nn.Module):
   def embed_audio(self, audio: jax.Array) -> jax.Array:
     """[B, T, F] fbank -> [B, La, D] tokens with position and modality embeddings."""
     x = self.patch_embed_a(losses.audio_as_image(audio).astype(self.dtype))
-    return x + (self._pos(self.pos_embed_a) + self.modality_a).astype(self.dtype)
+    return add_param(x, self._pos(self.pos_embed_a) + self.modality_a)
 
   def embed_video(self, image: jax.Array) -> jax.Array:
     """[B, H, W, 3] image -> [B, Lv, D] tokens with position and modality embeddings."""
     x = self.patch_embed_v(image.astype(self.dtype))
-    return x + (self._pos(self.pos_embed_v) + self.modality_v).astype(self.dtype)
+    return add_param(x, self._pos(self.pos_embed_v) + self.modality_v)
 
   def audio_blocks(self, x: jax.Array) -> jax.Array:
     for blk in self.blocks_a:
@@ -278,7 +278,7 @@ class CAVMAE(_Encoder):
       tokens = masking.restore_with_mask_tokens(x[:, start:start + keep], self.mask_token,
                                                 ids_restore)
       pos = self._pos(getattr(self, f"decoder_pos_embed_{name}"))
-      tokens = tokens + (pos + getattr(self, f"decoder_modality_{name}")).astype(tokens.dtype)
+      tokens = add_param(tokens, pos + getattr(self, f"decoder_modality_{name}"))
       pieces.append((name, tokens))
       start += keep
     lengths = [t.shape[1] for _, t in pieces]

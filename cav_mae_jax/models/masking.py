@@ -105,6 +105,7 @@ def restore_with_mask_tokens(x: jax.Array, mask_token: jax.Array,
   """Appends mask tokens to kept tokens x [B, keep, D] and unshuffles to [B, L, D]."""
   batch, keep, dim = x.shape
   length = ids_restore.shape[1]
-  filler = jnp.broadcast_to(mask_token.astype(x.dtype), (batch, length - keep, dim))
+  # Broadcast, then cast: the mask token's gradient is summed in float32 (vit.add_param).
+  filler = jnp.broadcast_to(mask_token, (batch, length - keep, dim)).astype(x.dtype)
   full = jnp.concatenate([x, filler], axis=1)
   return take_tokens(full, ids_restore, jnp.argsort(ids_restore, axis=1))
