@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 
 from cav_mae_jax.train import mesh as mesh_lib
+from cav_mae_jax.train import roofline
 
 
 # Options for every deviceless compile: Triton GEMM fusions need autotuning on a device.
@@ -41,7 +42,7 @@ class GpuTarget:
   device_kind: str
   memory_bytes: int  # as the driver reports it (nvidia-smi's total)
   memory_bandwidth: float  # bytes/s
-  interconnect_bandwidth: float = 450e9  # bytes/s each way: NVLink 4's 18 links
+  interconnect_bandwidth: float = roofline.NVLINK4_BANDWIDTH
   core_count: int = 132  # SMs
   clock_rate_ghz: float = 1.98
   compute_capability: tuple[int, int] = (9, 0)
@@ -62,7 +63,6 @@ TARGETS = {
 def roofline_peaks(device_kind: str) -> Any:
   """The roofline peaks (`roofline.Peaks`) of a GPU of `TARGETS` by its `jax.Device.device_kind`,
   or None for any other device (a CPU, a GPU whose bandwidth is not listed here)."""
-  from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
   for target in TARGETS.values():
     if target.device_kind == device_kind:
       return roofline.gpu_peaks(device_kind, target.memory_bandwidth,
@@ -176,7 +176,6 @@ def roofline_on_target(config: Any, batch_size: int, target: GpuTarget) -> dict[
   over all devices (`gflop_per_sample`, `gb_per_sample`), the modelled `samples_per_s` and
   `mfu_ceiling`: the MFU the step would reach if every kernel ran at its roofline."""
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.train import roofline  # pylint: disable=g-import-not-at-top
   count = mesh_lib.planned_devices(config.mesh)
   setup = benchmark.setup_train_step(config, batch_size, devices(target, count))
   peaks = roofline_peaks(target.device_kind)

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
@@ -115,14 +115,26 @@ def _category(opcode: str, rest: str, called: set[str]) -> str:
   return "elementwise" if opcode not in ("while", "conditional", "call") else "other"
 
 
-def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
-  """Every instruction of an optimized HLO module (`compiled.as_text()`), by name."""
-  computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
-  current = ""
+class HloLine(NamedTuple):
+  """One instruction line of an HLO module's text: `name = shape opcode(...) ...` (`rest`: all
+  after the `=`)."""
+  name: str
+  opcode: str
+  shape: str
+  rest: str
+
+
+def split_module(hlo_text: str) -> tuple[dict[str, list[HloLine]], str]:
+  """The instructions of every computation of an HLO module's text by computation name, and the
+  entry computation's name ("" when the text has none)."""
+  computations: dict[str, list[HloLine]] = collections.defaultdict(list)
+  current, entry = "", ""
   for line in hlo_text.splitlines():
     header = COMPUTATION.match(line)
     if header and "=" not in line.split("(", 1)[0]:
       current = header.group("name")
+      if line.startswith("ENTRY"):
+        entry = current
       continue
     instruction = INSTRUCTION.match(line)
     if not instruction:
@@ -130,14 +142,25 @@ def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
     rest = instruction.group("rest")
     opcode = OPCODE.search(rest)
     if opcode:
-      computations[current].append((instruction.group("name"), opcode.group("opcode"), rest))
+      computations[current].append(HloLine(instruction.group("name"), opcode.group("opcode"),
+                                           rest[:opcode.start("opcode")].strip(), rest))
+  return computations, entry
+
+
+def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
+  """Every instruction of an optimized HLO module (`compiled.as_text()`), by name."""
+  return ops_of(split_module(hlo_text)[0])
+
+
+def ops_of(computations: dict[str, list[HloLine]]) -> dict[str, OpInfo]:
+  """`hlo_ops` of a module split by `split_module`."""
 
   def called_opcodes(rest: str, seen: frozenset[str] = frozenset()) -> set[str]:
     opcodes = set()
     for callee in re.findall(r"calls=%?([\w.\-]+)", rest):
       if callee in seen:
         continue
-      for _, opcode, inner in computations.get(callee, ()):
+      for _, opcode, _, inner in computations.get(callee, ()):
         # A custom call inside a fusion (a cuDNN kernel) counts as what it computes.
         opcodes.add(opcode if opcode != "custom-call" else
                     "custom-call:" + _category(opcode, inner, set()))
@@ -148,22 +171,22 @@ def hlo_ops(hlo_text: str) -> dict[str, OpInfo]:
   ops = {}
   for instructions in computations.values():
     op_names = _op_names(instructions)
-    for name, opcode, rest in instructions:
+    for name, opcode, _, rest in instructions:
       op_name = op_names[name]
       ops[name] = OpInfo(_category(opcode, rest, called_opcodes(rest)), phase_of(op_name),
                          scope_of(op_name))
   return ops
 
 
-def _op_names(instructions: list[tuple[str, str, str]], rounds: int = 3) -> dict[str, str]:
+def _op_names(instructions: list[HloLine], rounds: int = 3) -> dict[str, str]:
   """The source op name of each instruction of one computation.
 
   Instructions that XLA created (a broadcast split out of a fusion, a partial reduction) carry
   none; they take the name of their first named user, else of their first named operand.
   """
-  names = {name: attribute(rest, "op_name") for name, _, rest in instructions}
-  operands = {name: [o for o in re.findall(r"%([\w.\-]+)", rest.split("calls=")[0])
-                     if o in names and o != name] for name, _, rest in instructions}
+  names = {line.name: attribute(line.rest, "op_name") for line in instructions}
+  operands = {line.name: [o for o in re.findall(r"%([\w.\-]+)", line.rest.split("calls=")[0])
+                          if o in names and o != line.name] for line in instructions}
   users: dict[str, list[str]] = collections.defaultdict(list)
   for name, inputs in operands.items():
     for operand in inputs:

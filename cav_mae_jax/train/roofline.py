@@ -51,6 +51,10 @@ _FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitca
 _ATTENTION_BACKWARD_FACTOR = 2.5
 
 
+# NVLink 4 (H100/H200 SXM), bytes/s each way: 18 links, 900 GB/s both ways.
+NVLINK4_BANDWIDTH = 450e9
+
+
 @dataclasses.dataclass(frozen=True)
 class Peaks:
   """A device's dense peak FLOP/s by the input type of a matrix product, its memory bandwidth
@@ -58,14 +62,14 @@ class Peaks:
   name: str
   flops: dict[str, float]
   memory_bandwidth: float
-  interconnect_bandwidth: float = 450e9  # NVLink 4 (H100/H200 SXM): 900 GB/s both ways
+  interconnect_bandwidth: float = NVLINK4_BANDWIDTH
 
   def matmul_flops(self, dtype: str) -> float:
     return self.flops.get(dtype, self.flops["f32"])
 
 
 def gpu_peaks(device_kind: str, memory_bandwidth: float,
-              interconnect_bandwidth: float = 450e9) -> Peaks:
+              interconnect_bandwidth: float = NVLINK4_BANDWIDTH) -> Peaks:
   """An NVIDIA GPU's peaks from its dense bf16 Tensor Core peak (`flops.PEAK_BF16_FLOPS`): f16
   the same, fp8 twice it, f32 products half of it (they run as TF32, XLA's default precision on
   NVIDIA GPUs). ValueError for a GPU the table does not know."""
@@ -108,31 +112,19 @@ def _operand_text(rest: str, opcode: str) -> str:
   return rest[begin + 1:]
 
 
-def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
-  """The instructions of every computation of an HLO module by computation name, and the name of
-  the entry computation."""
-  computations: dict[str, list[Instruction]] = collections.defaultdict(list)
-  current, entry = "", ""
-  for line in hlo_text.splitlines():
-    header = profile.COMPUTATION.match(line)
-    if header and "=" not in line.split("(", 1)[0]:
-      current = header.group("name")
-      if line.startswith("ENTRY"):
-        entry = current
-      continue
-    match = profile.INSTRUCTION.match(line)
-    if not match:
-      continue
-    rest = match.group("rest")
-    opcode = profile.OPCODE.search(rest)
-    if not opcode:
-      continue
-    operands = tuple(re.findall(r"%([\w.\-]+)", _operand_text(rest, opcode.group("opcode"))))
-    computations[current].append(Instruction(match.group("name"), opcode.group("opcode"),
-                                             rest[:opcode.start("opcode")].strip(), operands,
-                                             rest))
+def _parsed(lines: dict[str, list[profile.HloLine]], entry: str
+            ) -> tuple[dict[str, list[Instruction]], str]:
+  """The instructions of every computation of a module split by `profile.split_module`, with
+  their operands, by computation name, and the name of the entry computation."""
   if not entry:
     raise ValueError("not an optimized HLO module text (no ENTRY computation)")
+  computations = {
+      computation: [Instruction(line.name, line.opcode, line.shape,
+                                tuple(re.findall(r"%([\w.\-]+)",
+                                                 _operand_text(line.rest, line.opcode))),
+                                line.rest)
+                    for line in instructions]
+      for computation, instructions in lines.items()}
   return computations, entry
 
 
@@ -245,8 +237,8 @@ def collective_bytes(instruction: Instruction, shapes: dict[str, str]) -> float:
 class _Module:
   """Cost of a parsed module's kernels."""
 
-  def __init__(self, hlo_text: str):
-    self.computations, self.entry = parse_module(hlo_text)
+  def __init__(self, lines: dict[str, list[profile.HloLine]], entry: str):
+    self.computations, self.entry = _parsed(lines, entry)
     self.shapes = {c: {i.name: i.shape for i in instructions}
                    for c, instructions in self.computations.items()}
 
@@ -322,8 +314,9 @@ def estimate(hlo_text: str, peaks: Peaks, top: int = 12) -> dict[str, Any]:
   """The roofline model of one compiled module: FLOPs, bytes and modelled milliseconds in all and
   by category, phase and scope (the shape of `profile.summarize`'s summary, so
   `profile.markdown` prints it)."""
-  module = _Module(hlo_text)
-  ops = profile.hlo_ops(hlo_text)
+  lines, entry = profile.split_module(hlo_text)
+  module = _Module(lines, entry)
+  ops = profile.ops_of(lines)
   unknown = profile.OpInfo("other", "update/other", "(not attributed)")
   per = {"category": collections.Counter(), "phase": collections.Counter(),
          "scope": collections.Counter(), "op": collections.Counter()}
