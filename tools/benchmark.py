@@ -245,9 +245,10 @@ def plan_on_tpu_target(config, batch_size: int) -> None:
 
 
 def _tpu_flops(cost: dict) -> str:
-  split = (" (over parameters split by fsdp, XLA:TPU's count has come out below the model's "
-           "FLOPs: compare it only with a count on the same mesh)"
-           if cost["mesh"].get("fsdp", 1) > 1 else "")
+  loops = cost.get("collective_matmul_loops", 0)
+  split = (f" ({loops} products run as collective matmuls, loops whose body XLA:TPU's count takes "
+           "once, so the count is below what runs: compare it only with a count on the same "
+           "mesh)" if loops else "")
   return (f"XLA:TPU {cost['xla_gflop_per_sample_step']:.1f} GFLOP/sample vs model "
           f"{cost['model_gflop_per_sample_step']:.1f} (x{cost['xla_over_model_flops']:.3f})"
           + split)
