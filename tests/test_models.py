@@ -536,3 +536,28 @@ def test_dense_and_patch_conv_are_flax_layers_whose_bias_gradient_sums_in_float3
   exact = np.asarray(cotangent.astype(jnp.bfloat16), np.float64).reshape(-1, 16).sum(axis=0)
   assert grad["params"]["bias"].dtype == jnp.float32
   np.testing.assert_allclose(grad["params"]["bias"], exact, rtol=1e-5)
+
+
+def test_gelu_rounds_once_in_bfloat16_and_its_backward_keeps_only_its_input():
+  """vit.gelu on bfloat16: float32 exact GELU rounded once, forward and backward, keeping only
+  the input for the backward; on float32: jax.nn.gelu with autodiff's gradient, bit for bit."""
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  x32 = 2.0 * jax.random.normal(jax.random.key(0), (4096,))
+  cotangent = jax.random.normal(jax.random.key(1), (4096,))
+  exact = lambda v: jax.nn.gelu(v, approximate=False)
+
+  x = x32.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(vit.gelu(x), exact(x.astype(jnp.float32)).astype(jnp.bfloat16))
+  _, vjp = jax.vjp(vit.gelu, x)
+  _, vjp_float32 = jax.vjp(exact, x.astype(jnp.float32))
+  ct = cotangent.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(vjp(ct)[0],
+                                vjp_float32(ct.astype(jnp.float32))[0].astype(jnp.bfloat16))
+  backward = jax.make_jaxpr(lambda v: jax.vjp(vit.gelu, v)[1])(x).jaxpr
+  from jax.extend import core as jax_core  # pylint: disable=g-import-not-at-top
+  kept = [v for v in backward.outvars if isinstance(v, jax_core.Var) and v not in backward.invars]
+  assert not kept, kept  # the backward keeps only x
+
+  np.testing.assert_array_equal(vit.gelu(x32), exact(x32))
+  np.testing.assert_array_equal(jax.vjp(vit.gelu, x32)[1](cotangent)[0],
+                                jax.vjp(exact, x32)[1](cotangent)[0])
