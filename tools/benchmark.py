@@ -245,7 +245,7 @@ def plan_on_tpu_target(config, batch_size: int) -> None:
 
 
 def _tpu_flops(cost: dict) -> str:
-  loops = cost.get("collective_matmul_loops", 0)
+  loops = cost["collective_matmul_loops"]
   split = (f" ({loops} products run as collective matmuls, loops whose body XLA:TPU's count takes "
            "once, so the count is below what runs: compare it only with a count on the same "
            "mesh)" if loops else "")

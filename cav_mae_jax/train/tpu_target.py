@@ -146,6 +146,14 @@ def collective_matmul_loops(hlo_text: str) -> int:
   return len(_COLLECTIVE_MATMUL_LOOP.findall(hlo_text))
 
 
+def _flops(setup: Any, compiled: Any) -> dict[str, Any]:
+  """The compiled step's FLOPs against the model's (`benchmark.step_cost`) and the count of its
+  `collective_matmul_loops`, which says whether those FLOPs are low."""
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  return dict(benchmark.step_cost(compiled, setup),
+              collective_matmul_loops=collective_matmul_loops(compiled.as_text()))
+
+
 def plan_on_target(config: Any, batch_size: int, target: TpuTarget) -> dict[str, Any]:
   """XLA:TPU's memory plan of `config`'s train step per chip of `target`, compiled for
   `mesh.planned_devices(config.mesh)` chips of one host (as `benchmark.step_memory`: `xla_*`),
@@ -157,9 +165,7 @@ def plan_on_target(config: Any, batch_size: int, target: TpuTarget) -> dict[str,
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   setup, compiled = _compile(config, batch_size, target)
   result: dict[str, Any] = benchmark.step_memory(compiled)
-  result.update(benchmark.step_cost(compiled, setup), mesh=dict(setup.mesh.shape),
-                hbm_gib=target.hbm_gib,
-                collective_matmul_loops=collective_matmul_loops(compiled.as_text()))
+  result.update(_flops(setup, compiled), mesh=dict(setup.mesh.shape), hbm_gib=target.hbm_gib)
   return result
 
 
@@ -168,12 +174,10 @@ def cost_on_target(config: Any, batch_size: int, target: TpuTarget) -> dict[str,
   `mesh.planned_devices(config.mesh)` chips of `target`: its FLOPs per sample against the
   model's (as `benchmark.step_cost`), the bytes its program accesses per sample over all chips
   (`gb_per_sample`), the `mesh` and `collective_matmul_loops`; DoesNotFit as `plan_on_target`."""
-  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
   setup, compiled = _compile(config, batch_size, target)
-  result: dict[str, Any] = benchmark.step_cost(compiled, setup)
+  result = _flops(setup, compiled)
   analysis = compiled.cost_analysis() or {}
   result.update(mesh=dict(setup.mesh.shape),
-                collective_matmul_loops=collective_matmul_loops(compiled.as_text()),
                 gb_per_sample=(float(analysis.get("bytes accessed", math.nan)) *
                                setup.mesh.size / batch_size / 1e9))
   return result
