@@ -25,11 +25,18 @@ TINY_BF16_ODD = ["--config=configs/pretrain.py:tiny", "--batch_size=8",
 def run_benchmark(tmp_path, args: list[str], **env: str) -> list[str]:
   """The lines `tools/benchmark.py ARGS` prints, run from `tmp_path` on this host's CPU with
   these `env` variables besides; the run must succeed."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return run_python(tmp_path, [os.path.join(ROOT, "tools", "benchmark.py"), *args], **env)
+
+
+def run_python(tmp_path, args: list[str], **env: str) -> list[str]:
+  """The lines `python ARGS` prints, run as `run_benchmark` runs the tool."""
   done = subprocess.run(
-      [sys.executable, os.path.join(root, "tools", "benchmark.py"), *args], cwd=tmp_path,
+      [sys.executable, *args], cwd=tmp_path,
       env=dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([root] + sys.path[1:]), **env),
+               PYTHONPATH=os.pathsep.join([ROOT] + sys.path[1:]), **env),
       capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout.strip().splitlines()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -561,3 +561,36 @@ def test_gelu_rounds_once_in_bfloat16_and_its_backward_keeps_only_its_input():
   np.testing.assert_array_equal(vit.gelu(x32), exact(x32))
   np.testing.assert_array_equal(jax.vjp(vit.gelu, x32)[1](cotangent)[0],
                                 jax.vjp(exact, x32)[1](cotangent)[0])
+
+
+def test_mean_tokens_is_the_float32_mean_with_a_half_precision_stream_row_major():
+  """models.mean_tokens: x.astype(float32).mean(1) bit for bit with the same gradient; a bfloat16
+  x and its gradient constrained to the row-major layout (which XLA:GPU otherwise turns
+  token-minor for the whole encoder stream), a float32 x left alone (the constraint moves the
+  CPU's fusions, hence float32 bits); the pretraining and fine-tuning losses pool through it."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  plain = lambda v: v.astype(jnp.float32).mean(axis=1)
+  ct = jax.random.normal(jax.random.key(1), (3, 5))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jax.random.normal(jax.random.key(0), (3, 7, 5)).astype(dtype)
+    np.testing.assert_array_equal(jax.jit(models.mean_tokens)(x), plain(x))
+    np.testing.assert_array_equal(jax.vjp(models.mean_tokens, x)[1](ct)[0],
+                                  jax.vjp(plain, x)[1](ct)[0])
+  if vit._ROW_MAJOR is None:  # pylint: disable=protected-access
+    pytest.skip(f"JAX {jax.__version__} has no layout constraint")
+  constraints = lambda f, *args: str(jax.make_jaxpr(f)(*args)).count("layout_constraint")
+  grad = jax.grad(lambda v: models.mean_tokens(v).sum())
+  assert constraints(grad, x.astype(jnp.bfloat16)) == 2 and constraints(grad, x) == 0
+  for module, streams in (("pretrain", 2), ("finetune", 1)):
+    for dtype in ("bfloat16", "float32"):
+      config = importlib.import_module(f"configs.{module}").get_config("tiny")
+      with config.unlocked():
+        config.model.dtype = dtype
+      task = tasks.get_task(config)
+      params = jax.eval_shape(task.init_params, jax.random.key(0))
+      count = constraints(jax.grad(task.loss_fn, has_aux=True), params,
+                          benchmark.abstract_batch(task, 4), jax.random.key(1))
+      assert count == (2 * streams if dtype == "bfloat16" else 0), (module, dtype)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cav_mae_jax.models import losses, masking
+from cav_mae_jax.models import losses, masking, vit
 from cav_mae_jax.models.config import ATTENTION_ONLY, FT_MODES, ModelConfig
 from cav_mae_jax.models.pos_embed import sincos_2d
 from cav_mae_jax.models.vit import Block, PatchEmbed, add_param, dense, layer_norm
@@ -337,8 +337,7 @@ class CAVMAE(_Encoder):
     if "latent_c_a" in enc and (cfg.has_contrast or self.is_initializing()):
       temperature = jnp.exp(self.log_temperature) if cfg.learnable_temperature else cfg.temperature
       nce, out["c_acc"] = losses.contrastive_loss(
-          enc["latent_c_a"].astype(jnp.float32).mean(axis=1),
-          enc["latent_c_v"].astype(jnp.float32).mean(axis=1), temperature,
+          vit.mean_tokens(enc["latent_c_a"]), vit.mean_tokens(enc["latent_c_v"]), temperature,
           bidirectional=cfg.contrast_bidirectional, group_size=group_size)
       out["loss_c"] = cfg.lambda_c * nce
     out["loss"] = out["loss_mae"] + out["loss_c"]
@@ -421,14 +420,13 @@ class CAVMAEFT(_Encoder):
       mode = "multimodal" if cfg.modalities == "audiovisual" else cfg.ft_mode
     a = self.audio_blocks(self.embed_audio(audio)) if need_audio else None
     v = self.video_blocks(self.embed_video(image)) if need_image else None
-    f32 = lambda t: t.astype(jnp.float32)
+    mean = vit.mean_tokens
     if mode == "multimodal":
-      pooled = f32(self.joint(jnp.concatenate([t for t in (a, v) if t is not None],
-                                              axis=1))).mean(1)
+      pooled = mean(self.joint(jnp.concatenate([t for t in (a, v) if t is not None], axis=1)))
     elif mode in ("audioonly", "videoonly"):
       tokens, name = (a, "a") if mode == "audioonly" else (v, "v")
-      pooled = f32(self.joint(tokens, self.alone_norms(name))).mean(1)
+      pooled = mean(self.joint(tokens, self.alone_norms(name)))
     else:
       tokens, name = (a, "a") if mode == "missingaudioonly" else (v, "v")
-      pooled = (f32(self.joint(tokens)).mean(1) + f32(self.joint(tokens, name)).mean(1)) / 2
+      pooled = (mean(self.joint(tokens)) + mean(self.joint(tokens, name))) / 2
     return self._head(pooled)
