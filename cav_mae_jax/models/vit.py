@@ -7,6 +7,7 @@ patch-embedding convs keep torch's default bias init.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -37,10 +38,74 @@ def patch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+class LayerNorm(nn.LayerNorm):
+  """flax's `nn.LayerNorm`: the same parameters, initial values and forward (bit for bit), whose
+  backward on a half-precision output is written out (`_layer_norm_rows`): in float32, keeping
+  only the input and its float32 row mean and 1/std; on float32 it is flax's, with autodiff's
+  gradient.
+
+  Autodiff's backward through flax's LayerNorm recomputes the row mean, which stops XLA fusing
+  the scale gradient's product into its sum over the rows: it writes the product (float32, twice
+  the input's bytes) and reads it back. Compiled for an H200 (base pretraining in bfloat16,
+  batch 120, cuDNN attention) a decoder LayerNorm's backward moved 0.96 GB in four kernels, here
+  0.53 in two (one also adds the residual's gradient), forward and backward 1.22 GB against 0.88;
+  the step's roofline model 49.0 -> 47.1 ms. The input gradient is as close to float32's as
+  autodiff's or closer (x ~ N(1, 9): 0.16% against 0.24%).
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    if jnp.dtype(self.dtype or x.dtype).itemsize >= 4 or mask is not None:
+      return super().__call__(x, mask=mask)
+    features = (x.shape[-1],)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    return _layer_norm_rows(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+
+
+def layer_norm(name: str, dtype: Dtype) -> LayerNorm:
   """A torch-equivalent LayerNorm (eps 1e-5, exact two-pass variance, float32 params)."""
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype,
+                   param_dtype=jnp.float32, name=name)
+
+
+def _row_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x in float32, its last axis's mean and 1 / sqrt(two-pass variance + eps), computed as
+  flax's `nn.LayerNorm(use_fast_variance=False)` computes them."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jax.lax.square(x - mean).mean(-1, keepdims=True)
+  return x, mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm_rows(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+                     dtype: Dtype) -> jax.Array:
+  """LayerNorm over x's last axis with float32 `scale` and `bias`, computed in float32 and cast
+  to `dtype` (flax's order of operations)."""
+  return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+  x32, mean, rstd = _row_stats(x, eps)
+  return ((x32 - mean) * (rstd * scale) + bias).astype(dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, dtype, residuals, g):
+  del eps, dtype
+  # The barrier keeps XLA from reusing the forward's float32 values here (it would keep them
+  # from the forward instead of x, and its kernels came out slower: 48.8 ms against 47.1).
+  x, mean, rstd, scale = jax.lax.optimization_barrier(residuals)
+  g = g.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  rows = tuple(range(x.ndim - 1))
+  d_scale, d_bias = jnp.sum(g * xhat, rows), jnp.sum(g, rows)
+  gs = g * scale
+  dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), d_scale, d_bias
+
+
+_layer_norm_rows.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def add_param(x: jax.Array, param: jax.Array) -> jax.Array:
