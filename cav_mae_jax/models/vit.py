@@ -41,7 +41,8 @@ def patch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 class LayerNorm(nn.LayerNorm):
   """flax's `nn.LayerNorm`: the same parameters, initial values and forward (bit for bit), whose
   backward on a half-precision output is written out (`_layer_norm_rows`): in float32, keeping
-  only the input and its float32 row mean and 1/std; on float32 it is flax's, with autodiff's
+  only the input and its float32 row mean and 1/std; on float32 (or with options other than a
+  two-pass LayerNorm over the last axis with scale and bias) it is flax's, with autodiff's
   gradient.
 
   Autodiff's backward through flax's LayerNorm recomputes the row mean, which stops XLA fusing
@@ -55,7 +56,10 @@ class LayerNorm(nn.LayerNorm):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
-    if jnp.dtype(self.dtype or x.dtype).itemsize >= 4 or mask is not None:
+    plain = (self.reduction_axes in (-1, (-1,)) and self.feature_axes in (-1, (-1,))
+             and self.use_scale and self.use_bias and not self.use_fast_variance
+             and self.axis_name is None and mask is None)
+    if jnp.dtype(self.dtype or x.dtype).itemsize >= 4 or not plain:
       return super().__call__(x, mask=mask)
     features = (x.shape[-1],)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
