@@ -1,5 +1,6 @@
 """Model family: parameter counts, variants, dtypes, and input/config validation."""
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -608,34 +609,45 @@ def test_layer_norm_is_flax_forward_and_its_bfloat16_backward_is_float32_math():
   assert all(a.size <= 4 * 37 for a in kept), kept
 
 
-def test_mean_tokens_is_the_float32_mean_with_a_half_precision_stream_row_major():
-  """models.mean_tokens: x.astype(float32).mean(1) bit for bit with the same gradient; a bfloat16
-  x and its gradient constrained to the row-major layout (which XLA:GPU otherwise turns
-  token-minor for the whole encoder stream), a float32 x left alone (the constraint moves the
-  CPU's fusions, hence float32 bits); the pretraining and fine-tuning losses pool through it."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+def test_mean_tokens_is_the_float32_mean_and_pins_a_split_half_precision_stream_row_major():
+  """models.mean_tokens: x.astype(float32).mean(1) bit for bit with the same gradient. Under
+  `batch_split_over` (as the train step traces) a bfloat16 x and its gradient are constrained to
+  the row-major layout shard by shard (a shard_map over the batch's mesh axes; XLA:GPU otherwise
+  turns the whole encoder stream token-minor); a float32 x, or no split, is left alone."""
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  plain = lambda v: v.astype(jnp.float32).mean(axis=1)
+  ct = jax.random.normal(jax.random.key(1), (8, 5))
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  ops = lambda f, v: str(jax.make_jaxpr(jax.grad(lambda u: f(u).sum()))(v))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jax.random.normal(jax.random.key(0), (8, 7, 5)).astype(dtype)
+    for split in (False, True):
+      with vit.batch_split_over(mesh, ("data", "fsdp")) if split else contextlib.nullcontext():
+        np.testing.assert_array_equal(jax.jit(models.mean_tokens)(x), plain(x))
+        np.testing.assert_array_equal(jax.vjp(models.mean_tokens, x)[1](ct)[0],
+                                      jax.vjp(plain, x)[1](ct)[0])
+        jaxpr = ops(models.mean_tokens, x)
+      pinned = split and dtype == jnp.bfloat16 and vit._ROW_MAJOR is not None  # pylint: disable=protected-access
+      assert jaxpr.count("layout_constraint") == (2 if pinned else 0), (dtype, split)
+      assert ("shard_map" in jaxpr) == pinned
+
+
+def test_the_train_step_pins_the_pooled_stream_without_gathering_it():
+  """The tiny pretraining step in bfloat16 over 8 devices (batch split 8 ways): the pooled streams
+  are pinned row-major (4 layout constraints: two streams, forward and backward) and nothing is
+  gathered across devices (a layout constraint outside shard_map made XLA gather each stream)."""
   from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
-  plain = lambda v: v.astype(jnp.float32).mean(axis=1)
-  ct = jax.random.normal(jax.random.key(1), (3, 5))
-  for dtype in (jnp.bfloat16, jnp.float32):
-    x = jax.random.normal(jax.random.key(0), (3, 7, 5)).astype(dtype)
-    np.testing.assert_array_equal(jax.jit(models.mean_tokens)(x), plain(x))
-    np.testing.assert_array_equal(jax.vjp(models.mean_tokens, x)[1](ct)[0],
-                                  jax.vjp(plain, x)[1](ct)[0])
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
   if vit._ROW_MAJOR is None:  # pylint: disable=protected-access
-    pytest.skip(f"JAX {jax.__version__} has no layout constraint")
-  constraints = lambda f, *args: str(jax.make_jaxpr(f)(*args)).count("layout_constraint")
-  grad = jax.grad(lambda v: models.mean_tokens(v).sum())
-  assert constraints(grad, x.astype(jnp.bfloat16)) == 2 and constraints(grad, x) == 0
-  for module, streams in (("pretrain", 2), ("finetune", 1)):
-    for dtype in ("bfloat16", "float32"):
-      config = importlib.import_module(f"configs.{module}").get_config("tiny")
-      with config.unlocked():
-        config.model.dtype = dtype
-      task = tasks.get_task(config)
-      params = jax.eval_shape(task.init_params, jax.random.key(0))
-      count = constraints(jax.grad(task.loss_fn, has_aux=True), params,
-                          benchmark.abstract_batch(task, 4), jax.random.key(1))
-      assert count == (2 * streams if dtype == "bfloat16" else 0), (module, dtype)
+    pytest.skip(f"JAX {jax.__version__} has no layout constraint or shard_map")
+  config = pretrain.get_config("tiny")
+  with config.unlocked():
+    config.model.update(dtype="bfloat16", contrast_group_size=2)
+    config.mesh.update(data=8, fsdp=1)
+  setup = benchmark.setup_train_step(config, 16, jax.devices()[:8])
+  args = (setup.abstract_state, setup.abstract_batch, setup.abstract_rng)
+  assert str(jax.make_jaxpr(setup.train_step)(*args)).count("layout_constraint") == 4
+  text = setup.compile().as_text()
+  assert "all-reduce" in text and "all-gather" not in text

@@ -126,7 +126,7 @@ def embedding_fn(model_config: models.ModelConfig, *, finetune: bool = False,
     out = {}
     for name in streams:
       if name in tokens:
-        out[name] = models.mean_tokens(tokens[name])
+        out[name] = tokens[name].mean(axis=1)
         if patches:
           out[name + PATCHES_SUFFIX] = tokens[name]
     return out

@@ -10,7 +10,7 @@ import numpy as np
 from cav_mae_jax.models.cav_mae import CAVMAE, CAVMAEFT, check_group_size, check_inputs
 from cav_mae_jax.models.config import FT_MODES, MASK_MODES, ModelConfig, model_config
 from cav_mae_jax.models.masking import mask_noise, num_kept
-from cav_mae_jax.models.vit import mean_tokens
+from cav_mae_jax.models.vit import batch_split_over, mean_tokens
 
 FIXED_POS_EMBEDS = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
 
@@ -18,6 +18,7 @@ __all__ = [
     "CAVMAE", "CAVMAEFT", "ModelConfig", "model_config", "mask_noise", "num_kept", "FT_MODES",
     "MASK_MODES", "check_inputs", "check_group_size", "trainable_mask", "requires_grad_mask",
     "count_params", "dummy_inputs", "init_params", "param_shapes", "mean_tokens",
+    "batch_split_over",
 ]
 
 

@@ -7,12 +7,16 @@ patch-embedding convs keep torch's default bias init.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 Dtype = Any
 LAYER_NORM_EPS = 1e-5
@@ -292,22 +296,38 @@ _gelu_rounded_once.defvjp(_gelu_fwd, _gelu_bwd)
 
 def _row_major_constraint() -> Optional[Callable[[jax.Array], jax.Array]]:
   """`x -> x` constrained to the row-major layout, or None where JAX has no layout constraints
-  (before `jax.experimental.layout.Layout(major_to_minor)`)."""
+  (before `jax.experimental.layout.Layout(major_to_minor)`) or no `jax.shard_map`."""
   try:
     from jax.experimental import layout  # pylint: disable=g-import-not-at-top
     layout.Layout(major_to_minor=(0,))
     constrain = layout.with_layout_constraint
   except (ImportError, AttributeError, TypeError):
     return None
+  if not hasattr(jax, "shard_map"):
+    return None
   return lambda x: constrain(x, layout.Layout(major_to_minor=tuple(range(x.ndim))))
 
 
 _ROW_MAJOR = _row_major_constraint()
+_BATCH_SPLIT: contextvars.ContextVar[Optional[tuple[Mesh, tuple[str, ...]]]] = (
+    contextvars.ContextVar("batch_split", default=None))
+
+
+@contextlib.contextmanager
+def batch_split_over(mesh: Mesh, axes: tuple[str, ...]) -> Iterator[None]:
+  """While tracing under it, the model's activations have their batch (leading) axis split over
+  `axes` of `mesh`, as the train step splits its batch: `mean_tokens` may then pin the layout of
+  the stream it pools, shard by shard."""
+  token = _BATCH_SPLIT.set((mesh, tuple(axes)))
+  try:
+    yield
+  finally:
+    _BATCH_SPLIT.reset(token)
 
 
 def mean_tokens(x: jax.Array) -> jax.Array:
-  """The mean of x [B, N, D] over its tokens (axis 1), in float32; a half-precision x and its
-  gradient in the row-major layout.
+  """The mean of x [B, N, D] over its tokens (axis 1), in float32. Under `batch_split_over`, a
+  half-precision x and its gradient are kept in the row-major layout.
 
   The layout is a compiler hint and changes no value. Without it XLA:GPU lays out a reduction's
   operand with the reduced axis minor-most, and that layout spreads through every elementwise
@@ -315,11 +335,17 @@ def mean_tokens(x: jax.Array) -> jax.Array:
   encoder's whole residual stream kept token-minor ([B, D, N]), with a transpose at each of its
   matrix products and LayerNorms (274 transposes in the base pretraining step in bfloat16
   compiled for an H200, 20 with the constraint; its roofline model at batch 120 with cuDNN
-  attention 51.2 -> 49.0 ms). A float32 x is left as it was: on the CPU the constraint moves
-  fusion boundaries, which changes float32 gradients in their last bits.
+  attention 51.2 -> 49.0 ms). The constraint is applied to each device's shard (`jax.shard_map`
+  over the batch's mesh axes): XLA's partitioner does not see through a layout constraint and
+  would gather the whole batch's stream onto every device. A float32 x is left as it was: on the
+  CPU the constraint moves fusion boundaries, which changes float32 gradients in their last bits.
   """
-  if _ROW_MAJOR is not None and jnp.dtype(x.dtype).itemsize < 4:
-    x = _ROW_MAJOR(x)
+  split = _BATCH_SPLIT.get()
+  if _ROW_MAJOR is not None and split is not None and jnp.dtype(x.dtype).itemsize < 4:
+    mesh, axes = split
+    if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+      spec = jax.sharding.PartitionSpec(axes)
+      x = jax.shard_map(_ROW_MAJOR, mesh=mesh, in_specs=spec, out_specs=spec)(x)
   return x.astype(jnp.float32).mean(axis=1)
 
 

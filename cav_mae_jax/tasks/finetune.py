@@ -92,7 +92,7 @@ def make_task(config: ml_collections.ConfigDict, *, probe: bool = False) -> Task
   def features(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     audio, video = model.apply({"params": params}, batch["audio"], batch["image"],
                                method="features")
-    return models.mean_tokens(audio), models.mean_tokens(video)
+    return audio.mean(axis=1), video.mean(axis=1)
 
   shapes = models.param_shapes(model_config, finetune=True)
   trainable = models.trainable_mask(shapes, model_config, finetune=True)

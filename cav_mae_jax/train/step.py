@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from cav_mae_jax import models
 from cav_mae_jax.tasks import Task
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import optim
@@ -95,7 +96,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     if device_augment is not None:
       with jax.named_scope("device_augment"):
         batch, rng = device_augment(batch, rng)
-    grads, metrics = jax.grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
+    with models.batch_split_over(mesh, mesh_lib.BATCH_AXES):
+      grads, metrics = jax.grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
