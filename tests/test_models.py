@@ -601,6 +601,10 @@ def test_layer_norm_is_flax_forward_and_its_bfloat16_backward_is_float32_math():
   np.testing.assert_allclose(np.asarray(grads[1], np.float32), exact[1], rtol=2**-8, atol=1e-6)
   error = lambda g: np.linalg.norm(np.asarray(g, np.float32) - exact[1])
   assert error(grads[1]) < 0.8 * error(flax_grads[1])  # 0.16% against 0.24%
+  # No dtype: flax's output promotes to float32, and so does ours.
+  x = x32.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(vit.LayerNorm().apply(params, x), nn.LayerNorm().apply(params, x))
+  assert vit.LayerNorm().apply(params, x).dtype == jnp.float32
   for dtype in (jnp.float32, jnp.bfloat16):  # one call each, as flax's (capture_intermediates)
     _, state = vit.layer_norm("norm", dtype).apply(params, x32.astype(dtype), mutable=True,
                                                    capture_intermediates=True)

@@ -63,7 +63,8 @@ class LayerNorm(nn.LayerNorm):
     plain = (self.reduction_axes in (-1, (-1,)) and self.feature_axes in (-1, (-1,))
              and self.use_scale and self.use_bias and not self.use_fast_variance
              and self.axis_name is None and mask is None)
-    if jnp.dtype(self.dtype or x.dtype).itemsize >= 4 or not plain:
+    # A half-precision output only where `dtype` says so (flax's default promotes to float32).
+    if self.dtype is None or jnp.dtype(self.dtype).itemsize >= 4 or not plain:
       return _flax_layer_norm(self, x, mask=mask)
     features = (x.shape[-1],)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
