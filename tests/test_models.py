@@ -623,7 +623,7 @@ def test_mean_tokens_is_the_float32_mean_and_pins_a_split_half_precision_stream_
   the row-major layout shard by shard (a shard_map over the batch's mesh axes; XLA:GPU otherwise
   turns the whole encoder stream token-minor); a float32 x, or no split, is left alone."""
   from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   plain = lambda v: v.astype(jnp.float32).mean(axis=1)
   ct = jax.random.normal(jax.random.key(1), (8, 5))
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
@@ -631,7 +631,8 @@ def test_mean_tokens_is_the_float32_mean_and_pins_a_split_half_precision_stream_
   for dtype in (jnp.bfloat16, jnp.float32):
     x = jax.random.normal(jax.random.key(0), (8, 7, 5)).astype(dtype)
     for split in (False, True):
-      with vit.batch_split_over(mesh, ("data", "fsdp")) if split else contextlib.nullcontext():
+      sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+      with vit.batch_split_over(sharding) if split else contextlib.nullcontext():
         np.testing.assert_array_equal(jax.jit(models.mean_tokens)(x), plain(x))
         np.testing.assert_array_equal(jax.vjp(models.mean_tokens, x)[1](ct)[0],
                                       jax.vjp(plain, x)[1](ct)[0])

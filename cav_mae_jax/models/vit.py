@@ -10,16 +10,23 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 
 Dtype = Any
 LAYER_NORM_EPS = 1e-5
+
+
+def _half_precision(dtype: Dtype) -> bool:
+  """Whether `dtype` is a half-precision float (bfloat16, float16): what `LayerNorm`, `gelu` and
+  `mean_tokens` compute differently from float32."""
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
 
 dense_init = nn.initializers.xavier_uniform()
 # The original initializes the patch-embedding conv like a Linear on the flattened kernel:
@@ -64,7 +71,7 @@ class LayerNorm(nn.LayerNorm):
              and self.use_scale and self.use_bias and not self.use_fast_variance
              and self.axis_name is None and mask is None)
     # A half-precision output only where `dtype` says so (flax's default promotes to float32).
-    if self.dtype is None or jnp.dtype(self.dtype).itemsize >= 4 or not plain:
+    if not (_half_precision(self.dtype) and plain):
       return _flax_layer_norm(self, x, mask=mask)
     features = (x.shape[-1],)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
@@ -262,8 +269,8 @@ class Attention(nn.Module):
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU. On half-precision `x` it is computed in float32 and rounded once to `x`'s
   dtype, forward and backward, as torch computes it for half-precision inputs, and its backward
-  keeps only `x`; on float32 `x` it is `jax.nn.gelu(x, approximate=False)` with autodiff's
-  gradient.
+  keeps only `x`; on float32 (or float64) `x` it is `jax.nn.gelu(x, approximate=False)` with
+  autodiff's gradient.
 
   `jax.nn.gelu` on bfloat16 computes in bfloat16 around its float32 erf: 22% of its outputs are
   not the correctly rounded value, its gradient is 0.86% off on average and 6.6% at the 99th
@@ -274,7 +281,7 @@ def gelu(x: jax.Array) -> jax.Array:
   against 698, and compiled for an H200 at batch 120 with cuDNN attention XLA plans 19.8 GiB
   against 24.4 (its roofline model 51.2 ms against 52.4).
   """
-  if x.dtype == jnp.float32:
+  if not _half_precision(x.dtype):
     return jax.nn.gelu(x, approximate=False)
   return _gelu_rounded_once(x)
 
@@ -315,20 +322,20 @@ def _row_major_constraint() -> Optional[Callable[[jax.Array], jax.Array]]:
 
 
 _ROW_MAJOR = _row_major_constraint()
-_BATCH_SPLIT: contextvars.ContextVar[Optional[tuple[Mesh, tuple[str, ...]]]] = (
-    contextvars.ContextVar("batch_split", default=None))
+_BATCH_SHARDING: contextvars.ContextVar[Optional[NamedSharding]] = contextvars.ContextVar(
+    "batch_sharding", default=None)
 
 
 @contextlib.contextmanager
-def batch_split_over(mesh: Mesh, axes: tuple[str, ...]) -> Iterator[None]:
-  """While tracing under it, the model's activations have their batch (leading) axis split over
-  `axes` of `mesh`, as the train step splits its batch: `mean_tokens` may then pin the layout of
-  the stream it pools, shard by shard."""
-  token = _BATCH_SPLIT.set((mesh, tuple(axes)))
+def batch_split_over(sharding: NamedSharding) -> Iterator[None]:
+  """While tracing under it, the model's activations have their batch (leading) axis split as
+  `sharding` splits the train step's batch (`mesh.batch_sharding`): `mean_tokens` may then pin
+  the layout of the stream it pools, shard by shard."""
+  token = _BATCH_SHARDING.set(sharding)
   try:
     yield
   finally:
-    _BATCH_SPLIT.reset(token)
+    _BATCH_SHARDING.reset(token)
 
 
 def mean_tokens(x: jax.Array) -> jax.Array:
@@ -346,12 +353,13 @@ def mean_tokens(x: jax.Array) -> jax.Array:
   would gather the whole batch's stream onto every device. A float32 x is left as it was: on the
   CPU the constraint moves fusion boundaries, which changes float32 gradients in their last bits.
   """
-  split = _BATCH_SPLIT.get()
-  if _ROW_MAJOR is not None and split is not None and jnp.dtype(x.dtype).itemsize < 4:
-    mesh, axes = split
-    if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])) == 0:
-      spec = jax.sharding.PartitionSpec(axes)
-      x = jax.shard_map(_ROW_MAJOR, mesh=mesh, in_specs=spec, out_specs=spec)(x)
+  sharding = _BATCH_SHARDING.get()
+  if _ROW_MAJOR is not None and sharding is not None and _half_precision(x.dtype):
+    axes = sharding.spec[0] if sharding.spec else None
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in axes) == 0:
+      x = jax.shard_map(_ROW_MAJOR, mesh=sharding.mesh, in_specs=sharding.spec,
+                        out_specs=sharding.spec)(x)
   return x.astype(jnp.float32).mean(axis=1)
 
 

@@ -90,13 +90,15 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   `config.data.noise_on_device`) takes its share first, the task's loss gets the rest.
   """
 
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     # The named scopes only label the compiled ops (profiles: train/profile.py).
     rng = jax.random.fold_in(rng, state.step)
     if device_augment is not None:
       with jax.named_scope("device_augment"):
         batch, rng = device_augment(batch, rng)
-    with models.batch_split_over(mesh, mesh_lib.BATCH_AXES):
+    with models.batch_split_over(batch_sharding):
       grads, metrics = jax.grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,6 +112,6 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(
       train_step,
-      in_shardings=(shardings, mesh_lib.batch_sharding(mesh), replicated),
+      in_shardings=(shardings, batch_sharding, replicated),
       out_shardings=(shardings, replicated),
       donate_argnums=(0,))
