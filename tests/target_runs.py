@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 needs_cuda_plugin = pytest.mark.skipif(
     importlib.util.find_spec("jax_cuda12_plugin") is None,
     reason="needs JAX's CUDA plugin (pip install -e '.[cuda]'; no GPU is needed)")
@@ -37,6 +39,3 @@ def run_python(tmp_path, args: list[str], **env: str) -> list[str]:
       capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout.strip().splitlines()
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
