@@ -617,6 +617,42 @@ def test_layer_norm_is_flax_forward_and_its_bfloat16_backward_is_float32_math():
   assert all(a.size <= 4 * 37 for a in kept), kept
 
 
+def test_split_dense_is_dense_split_and_in_bfloat16_one_product_per_piece():
+  """vit.SplitDense(features, 3): Dense(3 * features)'s parameters, and its output in three
+  pieces: float32 bit for bit, forward and gradients; bfloat16 as three products, one per piece
+  (no [..., 3 * features] output), with Dense's outputs and gradients to bfloat16's rounding."""
+  from cav_mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  x32 = jax.random.normal(jax.random.key(0), (4, 37, 48))
+  cts32 = tuple(jax.random.normal(jax.random.key(i), (4, 37, 16)) for i in (1, 2, 3))
+  params = vit.dense(48, "qkv", jnp.float32).init(jax.random.key(4), x32)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
+
+  for dtype in (jnp.float32, jnp.bfloat16):
+    split, fused = vit.SplitDense(16, 3, dtype, name="qkv"), vit.dense(48, "qkv", dtype)
+    assert jax.tree.map(np.shape, split.init(jax.random.key(4), x32)) == jax.tree.map(
+        np.shape, params)
+    x, cts = x32.astype(dtype), tuple(ct.astype(dtype) for ct in cts32)
+    out, pullback = jax.vjp(split.apply, params, x)
+    ref, ref_pullback = jax.vjp(lambda p, v: tuple(jnp.split(fused.apply(p, v), 3, -1)),
+                                params, x)
+    grads, ref_grads = pullback(list(cts)), ref_pullback(cts)
+    products = [e for e in jax.make_jaxpr(split.apply)(params, x).jaxpr.eqns
+                if e.primitive.name == "dot_general"]
+    if dtype == jnp.float32:
+      for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref, ref_grads))):
+        np.testing.assert_array_equal(a, b)
+      assert [e.outvars[0].aval.shape for e in products] == [(4, 37, 48)]
+      continue
+    assert [e.outvars[0].aval.shape for e in products] == [(4, 37, 16)] * 3
+    for a, b in zip(out, ref):
+      assert a.dtype == dtype
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=2**-7, atol=1e-2)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.linalg.norm(a - b) <= 2**-7 * np.linalg.norm(b)
+
+
 def test_mean_tokens_is_the_float32_mean_and_pins_a_split_half_precision_stream_row_major():
   """models.mean_tokens: x.astype(float32).mean(1) bit for bit with the same gradient. Under
   `batch_split_over` (as the train step traces) a bfloat16 x and its gradient are constrained to

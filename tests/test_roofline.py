@@ -284,3 +284,34 @@ def test_pooling_the_streams_keeps_them_row_major_on_a_gpu(tmp_path):
   count = {how: int(target_runs.run_python(tmp_path, [str(script), how])[-1])
            for how in ("constrained", "unconstrained")}
   assert count["constrained"] < 0.7 * count["unconstrained"], count
+
+
+_GEMMS_OF_QKV = r"""
+import re
+from cav_mae_jax.train import gpu_target
+gpu_target.prepare()
+from cav_mae_jax.train import benchmark
+from configs import pretrain
+config = pretrain.get_config("tiny")
+with config.unlocked():
+  config.model.update(dtype="bfloat16", contrast_group_size=2)
+setup = benchmark.setup_train_step(config, 8, gpu_target.devices(gpu_target.TARGETS["h200"], 1))
+for line in setup.compile(gpu_target.COMPILER_OPTIONS).as_text().splitlines():
+  if "__cublas" in line and "/attn/qkv/" in line and "transpose(jvp" not in line:
+    print(re.search(r"= \(?[a-z0-9]+\[([0-9,]+)\]", line).group(1).split(",")[-1])
+"""
+
+
+@target_runs.needs_cuda_plugin
+def test_attention_projects_q_k_v_apart_on_a_gpu(tmp_path):
+  """Compiled for an H200, the tiny pretraining step in bfloat16: every forward product of an
+  attention's qkv projection writes one piece (the model's width), none all three: XLA's dot
+  merger has not merged them back (nor the joint block's three streams into one product)."""
+  script = tmp_path / "gemms.py"
+  script.write_text(_GEMMS_OF_QKV)
+  widths = [int(w) for w in target_runs.run_python(tmp_path, [str(script)])]
+  m = pretrain.get_config("tiny").model
+  # Attention calls: each modality's own blocks, the joint blocks on three streams, the decoder.
+  encoder_calls = 2 * m.modality_specific_depth + 3 * (m.encoder_depth - m.modality_specific_depth)
+  expected = [m.embed_dim] * 3 * encoder_calls + [m.decoder_embed_dim] * 3 * m.decoder_depth
+  assert sorted(widths, reverse=True) == expected, widths  # 5 x 192 and 1 x 96 when merged
