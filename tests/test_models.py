@@ -653,6 +653,27 @@ def test_split_dense_is_dense_split_and_in_bfloat16_one_product_per_piece():
       assert np.linalg.norm(a - b) <= 2**-7 * np.linalg.norm(b)
 
 
+def test_the_fsdp_step_moves_no_qkv_pieces_between_devices():
+  """The tiny pretraining step in bfloat16 with its parameters split over 8 devices (fsdp=8):
+  `mesh.fsdp_spec` splits a Linear's kernel [in, out] along `in`, so SplitDense's q, k and v
+  slices are each device's own and XLA permutes nothing (split along `out`, the qkv kernel's
+  largest dimension, the slices spanned devices: 119 collective permutes)."""
+  from cav_mae_jax.train import benchmark  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import mesh  # pylint: disable=g-import-not-at-top
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
+  assert mesh.fsdp_spec((64, 192), 8) == PartitionSpec("fsdp", None)
+  assert mesh.fsdp_spec((8, 512, 64), 8) == PartitionSpec(None, "fsdp", None)  # the largest
+  # A conv kernel [h, w, in, out] along `out`: along h XLA's partitioner changed the forward.
+  assert mesh.fsdp_spec((16, 16, 3, 768), 8) == PartitionSpec(None, None, None, "fsdp")
+  config = pretrain.get_config("tiny")
+  with config.unlocked():
+    config.model.update(dtype="bfloat16", contrast_group_size=2)
+    config.mesh.update(data=1, fsdp=8)
+  text = benchmark.setup_train_step(config, 16, jax.devices()[:8]).compile().as_text()
+  assert "all-gather" in text and "collective-permute" not in text
+
+
 def test_mean_tokens_is_the_float32_mean_and_pins_a_split_half_precision_stream_row_major():
   """models.mean_tokens: x.astype(float32).mean(1) bit for bit with the same gradient. Under
   `batch_split_over` (as the train step traces) a bfloat16 x and its gradient are constrained to

@@ -191,8 +191,8 @@ class SplitDense(nn.Module):
                     bias)
       return jnp.split(y, self.parts, axis=-1)
     pieces = [slice(i * self.features, (i + 1) * self.features) for i in range(self.parts)]
-    xs, kernels = _distinct_operands(x.astype(self.dtype),
-                                     tuple(kernel[:, p].astype(self.dtype) for p in pieces))
+    kernel = kernel.astype(self.dtype)
+    xs, kernels = _distinct_operands(x.astype(self.dtype), tuple(kernel[:, p] for p in pieces))
     return [add_param(jax.lax.dot_general(x_i, k_i, dims), bias[p])
             for x_i, k_i, p in zip(xs, kernels, pieces)]
 
