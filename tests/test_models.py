@@ -617,6 +617,17 @@ def test_layer_norm_is_flax_forward_and_its_bfloat16_backward_is_float32_math():
   assert all(a.size <= 4 * 37 for a in kept), kept
 
 
+def _equations(jaxpr):
+  """The equations of `jaxpr` and of every jaxpr inside them (custom_vjp calls, pjit, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
+
+
 def test_split_dense_is_dense_split_and_in_bfloat16_one_product_per_piece():
   """vit.SplitDense(features, 3): Dense(3 * features)'s parameters, and its output in three
   pieces: float32 bit for bit, forward and gradients; bfloat16 as three products, one per piece
@@ -636,7 +647,7 @@ def test_split_dense_is_dense_split_and_in_bfloat16_one_product_per_piece():
     ref, ref_pullback = jax.vjp(lambda p, v: tuple(jnp.split(fused.apply(p, v), 3, -1)),
                                 params, x)
     grads, ref_grads = pullback(list(cts)), ref_pullback(cts)
-    products = [e for e in jax.make_jaxpr(split.apply)(params, x).jaxpr.eqns
+    products = [e for e in _equations(jax.make_jaxpr(split.apply)(params, x).jaxpr)
                 if e.primitive.name == "dot_general"]
     if dtype == jnp.float32:
       for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref, ref_grads))):
@@ -644,6 +655,12 @@ def test_split_dense_is_dense_split_and_in_bfloat16_one_product_per_piece():
       assert [e.outvars[0].aval.shape for e in products] == [(4, 37, 48)]
       continue
     assert [e.outvars[0].aval.shape for e in products] == [(4, 37, 16)] * 3
+    # The backward keeps x once (autodiff through three products would keep it three times).
+    from jax.extend import core as jax_core  # pylint: disable=g-import-not-at-top
+    backward = jax.make_jaxpr(lambda v: jax.vjp(split.apply, params, v)[1])(x).jaxpr
+    kept = [v.aval.shape for v in backward.outvars
+            if isinstance(v, jax_core.Var) and v.aval.size >= x.size]
+    assert kept == [x.shape], kept
     for a, b in zip(out, ref):
       assert a.dtype == dtype
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
