@@ -679,10 +679,7 @@ def test_the_fsdp_step_moves_no_qkv_pieces_between_devices():
   from cav_mae_jax.train import mesh  # pylint: disable=g-import-not-at-top
   from configs import pretrain  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
-  assert mesh.fsdp_spec((64, 192), 8) == PartitionSpec("fsdp", None)
-  assert mesh.fsdp_spec((8, 512, 64), 8) == PartitionSpec(None, "fsdp", None)  # the largest
-  # A conv kernel [h, w, in, out] along `out`: along h XLA's partitioner changed the forward.
-  assert mesh.fsdp_spec((16, 16, 3, 768), 8) == PartitionSpec(None, None, None, "fsdp")
+  assert mesh.fsdp_spec((64, 192), 8) == PartitionSpec("fsdp", None)  # the tiny qkv kernel
   config = pretrain.get_config("tiny")
   with config.unlocked():
     config.model.update(dtype="bfloat16", contrast_group_size=2)

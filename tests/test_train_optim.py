@@ -109,11 +109,15 @@ def test_param_shardings_split_over_fsdp():
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
   tree = {"big": jax.ShapeDtypeStruct((64, 96), jnp.float32),
           "conv": jax.ShapeDtypeStruct((4, 4, 3, 512), jnp.float32),
+          "stream": jax.ShapeDtypeStruct((4, 512, 64), jnp.float32),
           "odd": jax.ShapeDtypeStruct((63, 65), jnp.float32),
           "small": jax.ShapeDtypeStruct((8,), jnp.float32)}
   shardings = mesh_lib.tree_shardings(mesh, tree)
   assert shardings["big"].spec == jax.sharding.PartitionSpec("fsdp", None)  # a kernel's `in`
+  # A conv kernel [h, w, in, out] along `out` (along h XLA's partitioner changed the forward),
+  # any array other than 2-D along its largest dimension.
   assert shardings["conv"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+  assert shardings["stream"].spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   assert shardings["odd"].spec == jax.sharding.PartitionSpec()
   assert shardings["small"].spec == jax.sharding.PartitionSpec()
   batch = mesh_lib.global_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)

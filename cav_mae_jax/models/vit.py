@@ -143,6 +143,11 @@ def add_param(x: jax.Array, param: jax.Array) -> jax.Array:
   return x + jnp.broadcast_to(param, x.shape).astype(x.dtype)
 
 
+def _product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x @ kernel over x's last axis (a Linear's product, in the operands' dtype)."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class Dense(nn.Module):
   """A torch-equivalent Linear (xavier-uniform kernel, zero bias, float32 params), computed in
   `dtype`: flax's `nn.Dense` with the bias added by `add_param` (its bias gradient is summed
@@ -156,9 +161,7 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", dense_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            (((x.ndim - 1,), (0,)), ((), ())))
-    return add_param(y, bias)
+    return add_param(_product(x.astype(self.dtype), kernel.astype(self.dtype)), bias)
 
 
 class SplitDense(nn.Module):
@@ -189,14 +192,11 @@ class SplitDense(nn.Module):
     if not _half_precision(self.dtype):
       y = add_param(_product(x.astype(self.dtype), kernel.astype(self.dtype)), bias)
       return jnp.split(y, self.parts, axis=-1)
+    # Slices, not jnp.split: split's lowering compiled the base step 0.2 ms slower (H200 roofline).
     pieces = [slice(i * self.features, (i + 1) * self.features) for i in range(self.parts)]
     kernel = kernel.astype(self.dtype)
     products = _apart_products(x.astype(self.dtype), tuple(kernel[:, p] for p in pieces))
     return [add_param(y, bias[p]) for y, p in zip(products, pieces)]
-
-
-def _product(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 @jax.custom_vjp
