@@ -87,7 +87,8 @@ def run_ours(paths: list[str]) -> dict:
   from cav_mae_jax.data import clips
   from cav_mae_jax.data import decode
   from cav_mae_jax.data import fbank
-  threads = clips.DECODER_THREADS  # As the preprocessing workers decode.
+  threads = clips.DECODER_THREADS  # As the preprocessing workers decode,
+  clips.keep_freed_memory()  # and keep memory.
   decode.decode_clip(paths[0], decoder_threads=threads)  # Warm-up: imports, codec setup.
   cpu, wall = cpu_seconds(), time.perf_counter()
   for path in paths:
@@ -100,23 +101,33 @@ def run_ours(paths: list[str]) -> dict:
 
 
 def stage_times(path: str, repeats: int = 5) -> dict[str, float]:
-  """Best-of-`repeats` CPU milliseconds of each stage of our path on one clip (the profile)."""
+  """Best-of-`repeats` CPU milliseconds of each stage of our path on one clip (the profile).
+
+  Decoding runs as the preprocessing workers run it (`clips.DECODER_THREADS`)."""
   import av
+  from cav_mae_jax.data import clips
   from cav_mae_jax.data import decode
   from cav_mae_jax.data import fbank
-  clip = decode.decode_clip(path)
+  threads = clips.DECODER_THREADS
+  clip = decode.decode_clip(path, decoder_threads=threads)
 
-  def h264_only():  # The decoder alone, non-reference frames skipped, to the last wanted frame.
+  class DecodeOnly(decode._FrameSink):  # pylint: disable=protected-access
+    """`decode_frames`' decoding (the same pictures decoded, skipped and left out), without
+    converting the wanted ones."""
+
+    def _convert(self, frame):
+      return None
+
+  def video_decoder_alone():
     with av.open(path) as container:
-      stream = container.streams.video[0]
-      stream.codec_context.skip_frame = 'NONREF'
-      for frame in container.decode(stream):
-        if frame.pts is not None and frame.time >= clip.frame_indices[-1] / clip.fps:
-          break
+      sink = DecodeOnly(path, container, container.streams.video[0], len(clip.frame_indices),
+                        clip.frames.shape[1], threads)
+      decode._drain(path, container, [sink])  # pylint: disable=protected-access
 
-  stages = {'decode_clip (all of decoding)': lambda: decode.decode_clip(path),
-            '  video: decode_frames': lambda: decode.decode_frames(path),
-            '    the video decoder alone': h264_only,
+  stages = {'decode_clip (all of decoding)':
+                lambda: decode.decode_clip(path, decoder_threads=threads),
+            '  video: decode_frames': lambda: decode.decode_frames(path, decoder_threads=threads),
+            '    the video decoder alone': video_decoder_alone,
             '  audio: decode_audio': lambda: decode.decode_audio(path),
             'fbank + pad': lambda: fbank.pad_or_trim(fbank.clip_fbank(clip.waveform)),
             '10 x JPEG': lambda: [decode.encode_jpeg(f) for f in clip.frames]}

@@ -208,9 +208,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
   Ctrl-C reaches the whole process group; the parent alone handles it (it ends the workers and
   removes their temporary files), so a worker ignores SIGINT, and it exits quietly when the
   parent is gone (its end of the pipe closed), at its next message: the shard it was writing
-  is left unfinished (its temporary file removed).
+  is left unfinished (its temporary file removed). Its malloc keeps freed memory for the next
+  clip (`clips.keep_freed_memory`).
   """
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  clips.keep_freed_memory()
   while True:
     try:
       message = conn.recv()
