@@ -326,6 +326,94 @@ def test_reordered_frames_are_numbered_by_presentation_order(media, monkeypatch,
   assert _numbers(frames) == indices.tolist() == [0, 24, 49, 74, 99, 124, 149, 174, 199, 224]
 
 
+def _write_gop_clip(path, codec, container_format, open_gop, count=250, fps=25):
+  """Numbered frames with a keyframe every 24 and B-frames, in `codec` (libx264/libx265)."""
+  params = f'keyint=24:min-keyint=24:scenecut=0:bframes=3:open-gop={int(open_gop)}'
+  options = ({'x264-params': params} if codec == 'libx264' else
+             {'x265-params': params + ':log-level=error'})
+  with av.open(str(path), 'w', format=container_format) as container:
+    stream = container.add_stream(codec, rate=fps, options=options)
+    stream.width, stream.height, stream.pix_fmt = 96, 64, 'yuv420p'
+    stream.codec_context.thread_count = 1
+    for i, pixels in enumerate(synthetic.numbered_frames(count)):
+      frame = av.VideoFrame.from_ndarray(pixels, format='rgb24')
+      frame.pts = i
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def _every_frame(path):
+  """Every frame of the video stream, decoded in order and resized and cropped as stored."""
+  with av.open(path) as container:
+    return [decode.resize_and_crop(decode.upright_image(frame, 0))
+            for frame in container.decode(video=0)]
+
+
+def _frame_sink_after_decoding(path):
+  with decode._open(path) as container:  # pylint: disable=protected-access
+    sink = decode._frame_sink(path, container, 10, 224, 1)  # pylint: disable=protected-access
+    decode._drain(path, container, [sink])  # pylint: disable=protected-access
+    return sink.frames(), sink
+
+
+def _skip_without_encoder(codec):
+  try:
+    av.codec.Codec(codec, 'w')
+  except av.error.FFmpegError:  # (UnknownCodecError)
+    pytest.skip(f'this PyAV build has no {codec} encoder')
+
+
+@pytest.mark.parametrize('codec, container_format, open_gop', [
+    ('libx264', 'mp4', False), ('libx264', 'mpegts', False), ('libx264', 'mp4', True),
+    ('libx265', 'matroska', False), ('libx265', 'mp4', True)])
+def test_frames_up_to_an_idr_picture_are_left_out_with_the_same_frames(
+    tmp_path, codec, container_format, open_gop):
+  # Keyframes every 24 frames, wanted frames every 25: after the last wanted frame before an
+  # IDR picture nothing is needed up to it. Open GOPs (x264's open-gop I pictures, HEVC's CRA)
+  # are followed by pictures that refer back: nothing is left out there.
+  _skip_without_encoder(codec)
+  path = str(tmp_path / f'clip.{container_format}')
+  _write_gop_clip(path, codec, container_format, open_gop)
+  frames, sink = _frame_sink_after_decoding(path)
+  reference = _every_frame(path)
+  assert _numbers(frames) == sink.indices.tolist()
+  for frame, index in zip(frames, sink.indices):
+    np.testing.assert_array_equal(frame, reference[index])
+  if open_gop:
+    assert sink.packets_left_out == 0
+  else:  # 9 IDR pictures before the last wanted frame, 5-16 frames left out before each
+    assert sink.packets_left_out > 50
+  assert not sink._count_instead  # pylint: disable=protected-access
+
+
+def test_a_wrong_guess_of_an_idr_picture_decodes_the_stream_again(tmp_path, monkeypatch):
+  # Were a packet taken for an IDR picture that is not one, the decoder's picture there is no
+  # keyframe: the stream is decoded again from the start, frames counted (same frames).
+  path = str(tmp_path / 'clip.mp4')
+  _write_gop_clip(path, 'libx264', 'mp4', open_gop=False)
+  monkeypatch.setattr(decode, '_fresh_start_test', lambda stream: lambda packet: True)
+  frames, sink = _frame_sink_after_decoding(path)
+  assert sink.packets_left_out > 0 and sink._count_instead  # pylint: disable=protected-access
+  assert _numbers(frames) == sink.indices.tolist()
+  reference = _every_frame(path)
+  for frame, index in zip(frames, sink.indices):
+    np.testing.assert_array_equal(frame, reference[index])
+
+
+def test_nal_unit_headers_of_both_layouts():
+  headers = decode._nal_headers  # pylint: disable=protected-access
+  # Length-prefixed (MP4/Matroska), 4- and 2-byte prefixes.
+  assert headers(b'\0\0\0\x02\x65\x88' + b'\0\0\0\x01\x06', 4) == [0x65, 0x06]
+  assert headers(b'\0\x02\x41\x9a\0\x01\x65', 2) == [0x41, 0x65]
+  # Data that does not divide into units claims none: a unit overrunning it, an empty unit,
+  # bytes left over, or start codes where prefixes were expected.
+  for data in (b'\0\x02\x41\x9a\0\x09\x65', b'\0\0\0\0\x65', b'\0\0\0\x01\x65\0\0',
+               b'\0\0\0\x01\x09\xf0\0\0\0\x01\x65\x88\x84'):
+    assert headers(data, 4) == [], data
+  # Start codes (Annex B: MPEG-TS), 3 or 4 bytes.
+  assert headers(b'\0\0\0\x01\x67\x42\0\0\x01\x65\x88', 0) == [0x67, 0x65]
+
+
 def test_image_size_is_configurable(media):
   frames, _, _, _ = decode.decode_frames(media['numbered_12.5fps.mp4'], num_frames=4,
                                          image_size=64)

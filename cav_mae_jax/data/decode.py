@@ -30,8 +30,10 @@ converted as BT.601, see `_opencv_colour`), turned upright by the video stream's
 matrix (below),
 resized with PIL bilinear so its shorter side is 224, and center-cropped to 224 x 224
 (torchvision's `Resize(224)` + `CenterCrop(224)`). Only what is needed is decoded: decoding
-stops at the last needed frame and after `max_seconds` of audio, and unwanted non-reference
-(e.g. B-) frames are skipped, which leaves the other frames bit-identical. The original saves
+stops at the last needed frame and after `max_seconds` of audio, unwanted non-reference
+(e.g. B-) frames are skipped, and in H.264 and HEVC the frames between the last needed frame
+before an IDR picture and that picture are left out (nothing after an IDR picture refers to an
+earlier one), which leaves the other frames bit-identical. The original saves
 these frames as JPEG at PIL's default quality 75: `encode_jpeg` does that, so every writer uses
 one encoder.
 
@@ -98,7 +100,7 @@ import io
 import math
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import av
 from av.sidedata import sidedata as av_sidedata
@@ -128,6 +130,13 @@ _SAMPLE_DTYPES = {'u8': np.uint8, 's16': np.int16, 's32': np.int32, 's64': np.in
                   'flt': np.float32, 'dbl': np.float64}
 _SAMPLE_DTYPES.update({name + 'p': dtype for name, dtype in list(_SAMPLE_DTYPES.items())})
 _REORDER_WINDOW = 32  # Packets held back to rank timestamps (H.264 reorders at most 16).
+# NAL unit types of the pictures after which no picture refers to one before (the decoder starts
+# afresh): H.264's IDR slice; HEVC's IDR_W_RADL and IDR_N_LP, whose leading pictures (RADL) refer
+# only to the IDR picture and one another. Not an open GOP's I picture, nor HEVC's CRA or BLA:
+# pictures after those may refer to earlier ones. By codec: (the type of a unit's first header
+# byte, the types that start afresh, the avcC/hvcC byte holding the length prefix's size - 1).
+_FRESH_START = {'h264': (lambda header: header & 0x1F, frozenset({5}), 4),
+                'hevc': (lambda header: (header >> 1) & 0x3F, frozenset({19, 20}), 21)}
 _AV_TIME_BASE = 1_000_000
 
 
@@ -548,6 +557,57 @@ def upright_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
   return np.asarray(upright_image(frame, rotation))
 
 
+def _nal_headers(data: bytes, length_size: int) -> list[int]:
+  """The first header byte of each NAL unit of an H.264/HEVC access unit.
+
+  `length_size`: the bytes of each unit's length prefix (MP4 and Matroska store units so:
+  avcC/hvcC), or 0 for units after start codes (Annex B: MPEG-TS, raw streams). Length-prefixed
+  data that does not divide exactly into units (a unit overrunning it, an empty unit, bytes left
+  over: not this layout) gives no units.
+  """
+  headers = []
+  if length_size:
+    position = 0
+    while position < len(data):
+      size = int.from_bytes(data[position:position + length_size], 'big')
+      position += length_size
+      if size == 0 or position + size > len(data):
+        return []
+      headers.append(data[position])
+      position += size
+    return headers
+  start = data.find(b'\x00\x00\x01')
+  while 0 <= start < len(data) - 3:
+    headers.append(data[start + 3])
+    start = data.find(b'\x00\x00\x01', start + 3)
+  return headers
+
+
+def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool] | None:
+  """A test of whether a packet holds a picture the decoder starts afresh at (`_FRESH_START`);
+  None for codecs other than H.264 and HEVC, or codec data of a layout not known here."""
+  codec = stream.codec_context.name
+  if codec not in _FRESH_START:
+    return None
+  unit_type, fresh_types, size_byte = _FRESH_START[codec]
+  extradata = stream.codec_context.extradata or b''
+  if extradata[:1] == b'\x01':  # avcC / hvcC (configuration version 1)
+    if len(extradata) <= size_byte or (extradata[size_byte] & 3) == 2:  # 3-byte: invalid
+      return None
+    length_size = (extradata[size_byte] & 3) + 1
+  elif not extradata or extradata.startswith((b'\x00\x00\x01', b'\x00\x00\x00\x01')):
+    length_size = 0  # Annex B
+  else:
+    return None
+
+  def starts_afresh(packet: av.Packet) -> bool:
+    # The container's keyframe flag and the picture's own NAL units must both say so.
+    return packet.is_keyframe and any(
+        unit_type(header) in fresh_types for header in _nal_headers(bytes(packet), length_size))
+
+  return starts_afresh
+
+
 def _set_decoder_threads(stream: av.video.stream.VideoStream, threads: int) -> None:
   """Sets the video decoder's thread count before its first packet; 0 keeps FFmpeg's choice."""
   if threads < 0:
@@ -563,8 +623,11 @@ class _FrameSink:
   stream's packets (what counting decoded frames gives). Packets are held back
   `_REORDER_WINDOW` packets, longer than any H.264/HEVC reordering, so a packet's rank is known
   before it is decoded; the decoder then skips non-reference frames that are not wanted, which
-  leaves every other frame bit-identical. A stream whose timestamps cannot rank its frames
-  (missing or repeated), or whose ranks turn out inconsistent, is decoded again from the start
+  leaves every other frame bit-identical. In H.264 and HEVC the held-back packets also show a
+  coming IDR picture, after which no picture refers to an earlier one: once every wanted frame
+  before it is kept, the packets up to it are left out (`_unneeded`). A stream whose timestamps
+  cannot rank its frames (missing or repeated), or whose ranks turn out inconsistent, or whose
+  picture after packets left out is no keyframe to the decoder, is decoded again from the start
   and its frames counted one by one.
   """
 
@@ -616,6 +679,10 @@ class _FrameSink:
     self._seen_pts: list[int] = []  # Sorted timestamps of the packets demuxed so far.
     self._pending: collections.deque[av.Packet] = collections.deque()
     self._count_instead = False  # Timestamps cannot rank frames: count them in a new pass.
+    self._starts_afresh = _fresh_start_test(stream)
+    self._fresh_pts: set[int] = set()  # Timestamps of the IDR pictures among the held back.
+    self._resume_pts: int | None = None  # The IDR picture decoding resumes at.
+    self.packets_left_out = 0  # Packets not decoded because an IDR picture follows.
     self.rotation: int | None = None  # Clockwise degrees applied; known at the first frame.
     self.done = False
 
@@ -649,12 +716,43 @@ class _FrameSink:
         self._count_instead = self.done = True
         return
       self._seen_pts.insert(position, packet.pts)
+      if self._starts_afresh is not None and self._starts_afresh(packet):
+        self._fresh_pts.add(packet.pts)
     self._pending.append(packet)
     while len(self._pending) > _REORDER_WINDOW and not self.done:
       self._decode(self._pending.popleft())
 
+  def _unneeded(self, packet: av.Packet) -> bool:
+    """Whether `packet`, due to be decoded, can be left out: an IDR picture follows among the
+    held-back packets, it and every packet up to that picture come before the picture in
+    presentation order too, and every wanted frame before the picture is already kept (nothing
+    from the IDR picture on refers to what comes before it)."""
+    if not self._fresh_pts:
+      return False
+    before = [packet]
+    for held in self._pending:
+      if held.pts in self._fresh_pts:
+        fresh_rank = bisect.bisect_left(self._seen_pts, held.pts)
+        break
+      before.append(held)
+    else:
+      return False
+    if any(p.is_discard or p.pts is None or
+           bisect.bisect_left(self._seen_pts, p.pts) >= fresh_rank for p in before):
+      return False
+    if any(index < fresh_rank and index not in self._frames for index in self._wanted):
+      return False
+    self._resume_pts = held.pts
+    return True
+
   def _decode(self, packet: av.Packet | None) -> None:
-    """Decodes one packet, skipping it if it is an unwanted non-reference frame."""
+    """Decodes one packet, skipping it if it is an unwanted non-reference frame, leaving it out
+    if an IDR picture follows and nothing wanted before that picture is left (`_unneeded`)."""
+    if packet is not None:
+      self._fresh_pts.discard(packet.pts)
+      if self._unneeded(packet):
+        self.packets_left_out += 1
+        return
     if packet is not None:
       rank = None
       if not packet.is_discard:
@@ -664,6 +762,11 @@ class _FrameSink:
       self.stream.codec_context.skip_frame = 'DEFAULT' if rank in self._wanted else 'NONREF'
     try:
       for frame in self.stream.decode(packet):
+        if self._resume_pts is not None and frame.pts == self._resume_pts:
+          self._resume_pts = None
+          if not frame.key_frame:  # The decoder did not start afresh: decode it all again.
+            self._count_instead = self.done = True
+            return
         index = self._target_pts.get(frame.pts)
         if index is not None and index not in self._frames:
           self._frames[index] = self._convert(frame)
