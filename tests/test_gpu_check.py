@@ -181,3 +181,36 @@ def test_bad_flags_and_an_out_that_cannot_be_made_are_one_error_line(tmp_path):
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and done.stdout == "", (args, done.stdout, done.stderr)
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(expected), (args, done.stderr)
+
+
+def _fake_wheel(directory: Path, name: str, source: str) -> None:
+  """A pure-Python wheel of package `name` whose __init__ is `source`."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  info = f"{name}-1.1.0.dist-info"
+  directory.mkdir(parents=True)
+  with zipfile.ZipFile(directory / f"{name}-1.1.0-py3-none-any.whl", "w") as wheel:
+    wheel.writestr(f"{name}/__init__.py", source)
+    wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.1.0\n")
+    wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: "
+                   "true\nTag: py3-none-any\n")
+    wheel.writestr(f"{info}/RECORD", "")
+
+
+def test_wheels_that_do_not_import_are_one_error_line(tmp_path):
+  # The device machine has no ml_collections; the check installs it from .whl/. Where what it
+  # imports is missing too (absl-py, on the device machine), one line says so, no traceback.
+  (tmp_path / "tools").mkdir()
+  (tmp_path / "tools" / "gpu_check.sh").write_text((ROOT / "tools" / "gpu_check.sh").read_text())
+  _fake_wheel(tmp_path / ".whl", "ml_collections", "import absl_not_on_this_machine\n")
+  hidden = tmp_path / "hidden" / "ml_collections"  # the environment's own, out of sight
+  hidden.mkdir(parents=True)
+  (hidden / "__init__.py").write_text("raise ImportError('no ml_collections here')\n")
+  env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(tmp_path),
+             PYTHONPATH=str(tmp_path / "hidden"))
+  done = subprocess.run(["bash", "tools/gpu_check.sh", "--tiny"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 2, done.stdout + done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ml_collections from .whl/ does not "
+                                                 "import ("), done.stderr
+  assert "absl_not_on_this_machine" in lines[0] and "Traceback" not in done.stderr

@@ -15,8 +15,14 @@ PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c "import ml_collections" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
     site="${TMPDIR:-/tmp}/gpu_check_site"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
+      .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    if ! why="$("$PYTHON" -c "import ml_collections" 2>&1)"; then
+      echo "error: ml_collections from .whl/ does not import ($(tail -n 1 <<<"$why")): put the" \
+        "wheels of what it needs there too (see $0)" >&2
+      exit 2
+    fi
   else
     echo "error: ml_collections is not installed and .whl/ holds no wheels (see $0)" >&2
     exit 2
