@@ -22,6 +22,7 @@ from PIL import Image
 
 from cav_mae_jax.data import decode
 from cav_mae_jax.data import fbank
+from cav_mae_jax.data import preprocess_benchmark
 from cav_mae_jax.data import synthetic
 
 from expected_data import DATA_DIR
@@ -1118,6 +1119,23 @@ def test_benchmark_preprocess_tool_times_our_path_and_its_stages():
                          '10 x JPEG'}
   assert all(ms > 0 for ms in stages.values())
   assert stages['the video decoder alone'] <= stages['video: decode_frames'] * 1.5
+
+
+def test_benchmark_preprocess_tool_transcodes_with_the_gop_asked_for(tmp_path):
+  from test_prepare import assert_one_error_line, run_tool  # pylint: disable=g-import-not-at-top
+  result = run_tool('benchmark_preprocess', '--source', SMALL_SAMPLE, '--gop', '25',
+                    '--clips', '1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ', an IDR picture every 25 frames, source: ' in result.stdout
+  clip = str(tmp_path / 'clip.mp4')
+  preprocess_benchmark.transcode_360p(SMALL_SAMPLE, clip, gop=25)
+  with av.open(clip) as container:  # 125 frames at 12.5 fps: IDR pictures at 0, 25, ..., 100
+    keyframes = [p.pts for p in container.demux(video=0) if p.size and p.is_keyframe]
+  assert len(keyframes) == 5
+  result = run_tool('benchmark_preprocess', '--gop', '25')
+  assert_one_error_line(result.returncode, result.stderr, '--gop 25', 'needs --source')
+  result = run_tool('benchmark_preprocess', '--source', SMALL_SAMPLE, '--gop', '0')
+  assert_one_error_line(result.returncode, result.stderr, '--gop 0', 'must be >= 1')
 
 
 def test_of_several_audio_streams_the_ffmpeg_command_lines_is_decoded(tmp_path):

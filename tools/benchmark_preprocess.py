@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Clips per second per core: our decode + fbank + JPEG against the original's preprocessing.
 
-  python tools/benchmark_preprocess.py [--source VIDEO] [--clips 8] [--cpu 0] [--stages] \
+  python tools/benchmark_preprocess.py [--source VIDEO [--gop N]] [--clips 8] [--cpu 0] [--stages] \
       [--original-python /path/to/python-with-cv2-torchaudio-torchvision]
 
 Both sides process the same 10-s 360p clips on one pinned CPU core, and throughput is reported
@@ -11,7 +11,8 @@ torchvision, soundfile; ffmpeg and sox on PATH); wall-clock rates are printed to
 adds the CPU milliseconds of each of our stages on the first clip (best of 5): the profile.
 
 Clips: `--source` (e.g. the original repo's sample video KlsG1EnBEjc_000361.mp4) is
-transcoded to 640x360 H.264 + AAC stereo 44.1 kHz, 10 s, and copied `--clips` times; without
+transcoded to 640x360 H.264 + AAC stereo 44.1 kHz, 10 s (with `--gop N`, an IDR picture every N
+frames, as phones and streaming encoders write video), and copied `--clips` times; without
 it, synthetic 360p clips are generated (flat graphics decode faster than camera video).
 
 Bad input is answered with one line `error: ...` and exit status 2 before anything is measured:
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.error = lambda message: sys.exit(_error(message))
   parser.add_argument('--source', help='a real video to transcode to the 360p test clips')
   parser.add_argument('--clips', type=int, default=8)
+  parser.add_argument('--gop', type=int,
+                      help='with --source: an IDR picture every GOP frames in the transcoded '
+                      'clips, none at scene cuts (phone and streaming encoders\' kind); '
+                      'default: x264\'s own (every 250 frames, and at scene cuts)')
   parser.add_argument('--cpu', type=int, default=0, help='the CPU core both sides run on')
   parser.add_argument('--original-python',
                       help='python with cv2, torch, torchaudio, torchvision, soundfile')
@@ -134,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     return _error(f'--source {args.source}: no such file')
   if args.clips < 1:
     return _error(f'--clips {args.clips}: must be >= 1')
+  if args.gop is not None and (args.gop < 1 or not args.source):
+    return _error(f'--gop {args.gop}: ' + ('must be >= 1' if args.gop < 1 else
+                                           'needs --source (synthetic clips are not transcoded)'))
   try:
     os.sched_setaffinity(0, {args.cpu})
   except OSError as e:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
   with tempfile.TemporaryDirectory() as directory:
     clip_dir = os.path.join(directory, 'clips')
     os.makedirs(clip_dir)
-    paths = preprocess_benchmark.prepare_clips(args.source, args.clips, clip_dir)
+    paths = preprocess_benchmark.prepare_clips(args.source, args.clips, clip_dir, args.gop)
     results = {'ours': preprocess_benchmark.run_ours(paths)}
     stages = preprocess_benchmark.stage_times(paths[0]) if args.stages else {}
     if original_python is None:
@@ -177,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
       except RuntimeError as e:
         return _error(e)
 
-  print(f'{args.clips} clips, 10 s, 640x360, source: {args.source or "synthetic"}, '
+  gop = f', an IDR picture every {args.gop} frames' if args.gop else ''
+  print(f'{args.clips} clips, 10 s, 640x360{gop}, source: {args.source or "synthetic"}, '
         f'one core (cpu {args.cpu})')
   print(f'{"path":10s} {"clips/CPU-s":>12s} {"clips/wall-s":>13s} {"CPU ms/clip":>12s}')
   for name, result in results.items():

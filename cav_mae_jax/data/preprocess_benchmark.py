@@ -32,13 +32,20 @@ def cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def transcode_360p(source: str, destination: str, seconds: float = 10.0) -> None:
-  """Re-encodes the first `seconds` of a video at 640x360 (H.264 + AAC stereo 44.1 kHz)."""
+def transcode_360p(source: str, destination: str, seconds: float = 10.0,
+                   gop: int | None = None) -> None:
+  """Re-encodes the first `seconds` of a video at 640x360 (H.264 + AAC stereo 44.1 kHz).
+
+  `gop`: an IDR picture every `gop` frames and none at scene cuts, as phones and streaming
+  encoders write video; None leaves x264 its defaults (every 250 frames, and at scene cuts)."""
   import av
+  options = {'preset': 'medium', 'crf': '23'}
+  if gop is not None:
+    options['x264-params'] = f'keyint={gop}:min-keyint={gop}:scenecut=0'
   with av.open(source) as inp, av.open(destination, 'w') as out:
     video_in, audio_in = inp.streams.video[0], inp.streams.audio[0]
     rate = video_in.average_rate or fractions.Fraction(25)
-    video_out = out.add_stream('libx264', rate=rate, options={'preset': 'medium', 'crf': '23'})
+    video_out = out.add_stream('libx264', rate=rate, options=options)
     video_out.width, video_out.height, video_out.pix_fmt = 640, 360, 'yuv420p'
     audio_out = out.add_stream('aac', rate=44100, layout='stereo')
     resampler = av.AudioResampler(format='fltp', layout='stereo', rate=44100)
@@ -60,11 +67,13 @@ def transcode_360p(source: str, destination: str, seconds: float = 10.0) -> None
     out.mux(audio_out.encode(None))
 
 
-def prepare_clips(source: str | None, count: int, directory: str) -> list[str]:
-  """Writes `count` 10-s 360p clips into `directory` and returns their paths."""
+def prepare_clips(source: str | None, count: int, directory: str,
+                  gop: int | None = None) -> list[str]:
+  """Writes `count` 10-s 360p clips into `directory` and returns their paths (`gop`: that of
+  the transcoded `source`, `transcode_360p`)."""
   if source:
     first = os.path.join(directory, 'clip_000.mp4')
-    transcode_360p(source, first)
+    transcode_360p(source, first, gop=gop)
     paths = [first]
     for i in range(1, count):
       paths.append(os.path.join(directory, f'clip_{i:03d}.mp4'))
