@@ -183,9 +183,13 @@ def resize_and_crop(frame: np.ndarray | Image.Image, image_size: int = 224) -> n
   `frame` is uint8 [H, W, 3] or an RGB PIL image; the result is uint8 [image_size, image_size, 3].
 
   Equal, pixel for pixel, to one `Image.resize` to the full size followed by the crop (what
-  torchvision's `Resize` + `CenterCrop` do), but cheaper: PIL resizes in two separable passes,
-  horizontal then vertical, through a uint8 image, so we run the horizontal pass, drop the
-  columns the crop would drop, and run the vertical pass on the kept columns only.
+  torchvision's `Resize` + `CenterCrop` do) as Pillow up to 12 resizes, but cheaper: PIL resizes
+  in two separable passes, horizontal then vertical, through a uint8 image, so we run the
+  horizontal pass, drop the columns the crop would drop, and run the vertical pass on the kept
+  columns only. Pillow 13 runs the vertical pass first for a downscaled image more than twice as
+  tall as wide (a 9:19.5 phone screen), which moves some pixels by one level; we keep the
+  horizontal-first order whatever Pillow is installed: the original's frames were made with it,
+  and the records do not depend on the Pillow version.
   """
   image = frame if isinstance(frame, Image.Image) else Image.fromarray(frame)
   width, height = image.size
