@@ -757,7 +757,6 @@ class _FrameSink:
       if self._unneeded(packet):
         self.packets_left_out += 1
         return
-    if packet is not None:
       rank = None
       if not packet.is_discard:
         rank = bisect.bisect_left(self._seen_pts, packet.pts)
