@@ -407,6 +407,70 @@ def test_a_wrong_guess_of_an_idr_picture_decodes_the_stream_again(tmp_path, monk
   assert sink.packets_left_out > 0 and sink._count_instead  # pylint: disable=protected-access
 
 
+def _annex_b_units(data):
+  """The NAL units of Annex B data, each with its start code."""
+  starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b'\0\0\1']
+  starts = [i - 1 if i and data[i - 1] == 0 else i for i in starts]
+  return [data[a:b] for a, b in zip(starts, starts[1:] + [len(data)])]
+
+
+def _repeat_parameter_sets(source, path, unit_type, parameter_sets, frames):
+  """Copies an MPEG-TS file whose first packet holds the stream's parameter sets, repeating
+  them (the same bytes, as a stream may anywhere between pictures) in the packets of reference
+  P pictures shown at `frames` (right after each packet's access unit delimiter)."""
+  with av.open(source) as reader, av.open(path, 'w', format='mpegts') as writer:
+    copy = writer.add_stream_from_template(reader.streams.video[0])
+    packets = [p for p in reader.demux(video=0) if p.size]
+    ranks = {pts: rank for rank, pts in enumerate(sorted(p.pts for p in packets))}
+    sets = [u for u in _annex_b_units(bytes(packets[0]))
+            if unit_type(u[u.index(b'\1') + 1]) in parameter_sets]
+    repeated = 0
+    for packet in packets:
+      data = bytes(packet)
+      if ranks[packet.pts] in frames:
+        units = _annex_b_units(data)
+        first, second = (unit_type(u[u.index(b'\1') + 1]) for u in units[:2])
+        assert (first, second) in ((9, 1), (35, 1))  # a delimiter, a P slice (H.264: or B)
+        data = b''.join(units[:1] + sets + units[1:])
+        repeated += 1
+      copied = av.Packet(data)
+      copied.pts, copied.dts, copied.time_base = packet.pts, packet.dts, packet.time_base
+      copied.is_keyframe, copied.stream = packet.is_keyframe, copy
+      writer.mux(copied)
+    assert repeated == len(frames)
+
+
+def _h264_type(header):
+  return header & 0x1F
+
+
+def _hevc_type(header):
+  return (header >> 1) & 0x3F
+
+
+@pytest.mark.parametrize('codec, unit_type, parameter_sets', [
+    ('libx264', _h264_type, {7, 8}), ('libx265', _hevc_type, {32, 33, 34})])
+def test_packets_with_parameter_sets_are_not_left_out(tmp_path, codec, unit_type,
+                                                      parameter_sets):
+  # A picture after an IDR picture may use a parameter set sent any time before it: a packet
+  # carrying one is decoded, with the packets it refers to. Here the repeated sets are the same
+  # bytes (the frames are a full decode's either way); a changed set would change the pictures
+  # from the IDR picture on had it been left out.
+  if codec not in av.codecs_available:
+    pytest.skip(f'this PyAV build cannot encode {codec}')
+  plain, path = str(tmp_path / 'plain.ts'), str(tmp_path / 'repeated.ts')
+  _write_gop_clip(plain, codec, 'mpegts', open_gop=False)
+  # Wanted frames 49 and 74 with IDR pictures at 48 and 72: frames 50-71 are left out unless
+  # a packet among them carries parameter sets, here frame 64's.
+  _repeat_parameter_sets(plain, path, unit_type, parameter_sets, frames={64})
+  left_out = _frame_sink_after_decoding(plain).packets_left_out
+  sink = _frame_sink_after_decoding(path)
+  assert not sink._count_instead  # pylint: disable=protected-access
+  # Decoded now: some of frames 50-64 (10 here; those before frame 49 is out of the decoder
+  # were never left out); frames 65-71 still left out.
+  assert 0 < left_out - sink.packets_left_out <= 15
+
+
 def test_nal_unit_headers_of_both_layouts():
   headers = decode._nal_headers  # pylint: disable=protected-access
   # Length-prefixed (MP4/Matroska), 4- and 2-byte prefixes.

@@ -101,6 +101,7 @@ import math
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import av
 from av.sidedata import sidedata as av_sidedata
@@ -133,10 +134,20 @@ _REORDER_WINDOW = 32  # Packets held back to rank timestamps (H.264 reorders at 
 # NAL unit types of the pictures after which no picture refers to one before (the decoder starts
 # afresh): H.264's IDR slice; HEVC's IDR_W_RADL and IDR_N_LP, whose leading pictures (RADL) refer
 # only to the IDR picture and one another. Not an open GOP's I picture, nor HEVC's CRA or BLA:
-# pictures after those may refer to earlier ones. By codec: (the type of a unit's first header
-# byte, the types that start afresh, the avcC/hvcC byte holding the length prefix's size - 1).
-_FRESH_START = {'h264': (lambda header: header & 0x1F, frozenset({5}), 4),
-                'hevc': (lambda header: (header >> 1) & 0x3F, frozenset({19, 20}), 21)}
+# pictures after those may refer to earlier ones. And the types of the parameter sets, which a
+# picture after an IDR picture may use however early they were sent: H.264's SPS, PPS, SPS
+# extension and subset SPS; HEVC's VPS, SPS and PPS.
+class _NalTypes(NamedTuple):
+  unit_type: Callable[[int], int]  # The type in a unit's first header byte.
+  fresh_start: frozenset[int]
+  parameter_sets: frozenset[int]
+  size_byte: int  # The avcC/hvcC byte holding the length prefix's size - 1.
+
+
+_NAL_TYPES = {'h264': _NalTypes(lambda header: header & 0x1F, frozenset({5}),
+                                frozenset({7, 8, 13, 15}), 4),
+              'hevc': _NalTypes(lambda header: (header >> 1) & 0x3F, frozenset({19, 20}),
+                                frozenset({32, 33, 34}), 21)}
 _AV_TIME_BASE = 1_000_000
 
 
@@ -587,29 +598,60 @@ def _nal_headers(data: bytes, length_size: int) -> list[int]:
   return headers
 
 
-def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool] | None:
-  """A test of whether a packet holds a picture the decoder starts afresh at (`_FRESH_START`);
-  None for codecs other than H.264 and HEVC, or codec data of a layout not known here."""
+def _unit_types(stream: av.video.stream.VideoStream,
+                ) -> tuple[_NalTypes, Callable[[av.Packet], set[int] | None]] | None:
+  """The codec's `_NalTypes` and a function giving the NAL unit types of a packet (None where
+  its data does not divide into units); None for codecs other than H.264 and HEVC, or codec
+  data of a layout not known here."""
   codec = stream.codec_context.name
-  if codec not in _FRESH_START:
+  if codec not in _NAL_TYPES:
     return None
-  unit_type, fresh_types, size_byte = _FRESH_START[codec]
+  types = _NAL_TYPES[codec]
   extradata = stream.codec_context.extradata or b''
   if extradata[:1] == b'\x01':  # avcC / hvcC (configuration version 1)
-    if len(extradata) <= size_byte or (extradata[size_byte] & 3) == 2:  # 3-byte: invalid
+    if len(extradata) <= types.size_byte or (extradata[types.size_byte] & 3) == 2:  # 3-byte
       return None
-    length_size = (extradata[size_byte] & 3) + 1
+    length_size = (extradata[types.size_byte] & 3) + 1
   elif not extradata or extradata.startswith((b'\x00\x00\x01', b'\x00\x00\x00\x01')):
     length_size = 0  # Annex B
   else:
     return None
 
+  def unit_types(packet: av.Packet) -> set[int] | None:
+    headers = _nal_headers(bytes(packet), length_size)
+    return {types.unit_type(header) for header in headers} if headers else None
+
+  return types, unit_types
+
+
+def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool] | None:
+  """A test of whether a packet holds a picture the decoder starts afresh at (`_NAL_TYPES`);
+  None for codecs other than H.264 and HEVC, or codec data of a layout not known here."""
+  known = _unit_types(stream)
+  if known is None:
+    return None
+  types, unit_types = known
+
   def starts_afresh(packet: av.Packet) -> bool:
     # The container's keyframe flag and the picture's own NAL units must both say so.
-    return packet.is_keyframe and any(
-        unit_type(header) in fresh_types for header in _nal_headers(bytes(packet), length_size))
+    return packet.is_keyframe and bool((unit_types(packet) or set()) & types.fresh_start)
 
   return starts_afresh
+
+
+def _parameter_set_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool]:
+  """A test of whether a packet may carry parameter sets (`_NAL_TYPES`): it does, or its data
+  does not divide into NAL units; every packet may where the codec or layout is not known."""
+  known = _unit_types(stream)
+  if known is None:
+    return lambda packet: True
+  types, unit_types = known
+
+  def may_carry_parameter_sets(packet: av.Packet) -> bool:
+    found = unit_types(packet)
+    return found is None or bool(found & types.parameter_sets)
+
+  return may_carry_parameter_sets
 
 
 def _set_decoder_threads(stream: av.video.stream.VideoStream, threads: int) -> None:
@@ -629,7 +671,8 @@ class _FrameSink:
   before it is decoded; the decoder then skips non-reference frames that are not wanted, which
   leaves every other frame bit-identical. In H.264 and HEVC the held-back packets also show a
   coming IDR picture, after which no picture refers to an earlier one: once every wanted frame
-  before it is kept, the packets up to it are left out (`_unneeded`). A stream whose timestamps
+  before it is kept, the packets up to it are left out (`_unneeded`), unless one of them carries
+  parameter sets. A stream whose timestamps
   cannot rank its frames (missing or repeated), or whose ranks turn out inconsistent, or whose
   picture after packets left out is no keyframe to the decoder, is decoded again from the start
   and its frames counted one by one.
@@ -684,6 +727,8 @@ class _FrameSink:
     self._pending: collections.deque[av.Packet] = collections.deque()
     self._count_instead = False  # Timestamps cannot rank frames: count them in a new pass.
     self._starts_afresh = _fresh_start_test(stream)
+    self._may_carry_parameter_sets = _parameter_set_test(stream)
+    self._parameter_sets_at: dict[int, bool] = {}  # pts -> may carry parameter sets (cache).
     self._fresh_pts: set[int] = set()  # Timestamps of the IDR pictures among the held back.
     self._resume_pts: int | None = None  # The IDR picture decoding resumes at.
     self.packets_left_out = 0  # Packets not decoded because an IDR picture follows.
@@ -729,8 +774,9 @@ class _FrameSink:
   def _unneeded(self, packet: av.Packet) -> bool:
     """Whether `packet`, due to be decoded, can be left out: an IDR picture follows among the
     held-back packets, it and every packet up to that picture come before the picture in
-    presentation order too, and every wanted frame before the picture is already kept (nothing
-    from the IDR picture on refers to what comes before it)."""
+    presentation order too and carry no parameter sets, and every wanted frame before the
+    picture is already kept (nothing from the IDR picture on refers to what comes before it
+    but the parameter sets)."""
     if not self._fresh_pts:
       return False
     before = [packet]
@@ -746,6 +792,13 @@ class _FrameSink:
       return False
     if any(index < fresh_rank and index not in self._frames for index in self._wanted):
       return False
+    # A parameter set sent before the IDR picture may be one it uses (H.264 and HEVC allow
+    # them anywhere between pictures): such a packet, and the packets it refers to, are decoded.
+    for p in before:
+      if p.pts not in self._parameter_sets_at:
+        self._parameter_sets_at[p.pts] = self._may_carry_parameter_sets(p)
+      if self._parameter_sets_at[p.pts]:
+        return False
     self._resume_pts = held.pts
     return True
 
