@@ -341,10 +341,13 @@ def test_reordered_frames_are_numbered_by_presentation_order(media, monkeypatch,
 
 
 def _write_gop_clip(path, codec, container_format, open_gop, count=250, fps=25):
-  """Numbered frames with a keyframe every 24 and B-frames, in `codec` (libx264/libx265)."""
+  """Numbered frames with a keyframe every 24 and B-frames, in `codec` (libx264/libx265), or
+  libvpx-vp9's key frames every 24 and hidden alt-ref frames."""
   params = f'keyint=24:min-keyint=24:scenecut=0:bframes=3:open-gop={int(open_gop)}'
   options = ({'x264-params': params} if codec == 'libx264' else
-             {'x265-params': params + ':log-level=error'})
+             {'x265-params': params + ':log-level=error'} if codec == 'libx265' else
+             {'g': '24', 'keyint_min': '24', 'auto-alt-ref': '1', 'lag-in-frames': '16',
+              'cpu-used': '8'})
   with av.open(str(path), 'w', format=container_format) as container:
     stream = container.add_stream(codec, rate=fps, options=options)
     stream.width, stream.height, stream.pix_fmt = 96, 64, 'yuv420p'
@@ -379,12 +382,13 @@ def _frame_sink_after_decoding(path):
 
 @pytest.mark.parametrize('codec, container_format, open_gop', [
     ('libx264', 'mp4', False), ('libx264', 'mpegts', False), ('libx264', 'mp4', True),
-    ('libx265', 'matroska', False), ('libx265', 'mp4', True)])
+    ('libx265', 'matroska', False), ('libx265', 'mp4', True), ('libvpx-vp9', 'webm', False),
+    ('libvpx-vp9', 'mp4', False)])
 def test_frames_up_to_an_idr_picture_are_left_out_with_the_same_frames(
     tmp_path, codec, container_format, open_gop):
   # Keyframes every 24 frames, wanted frames every 25: after the last wanted frame before an
-  # IDR picture nothing is needed up to it. Open GOPs (x264's open-gop I pictures, HEVC's CRA)
-  # are followed by pictures that refer back: nothing is left out there.
+  # IDR picture (VP9: a key frame) nothing is needed up to it. Open GOPs (x264's open-gop I
+  # pictures, HEVC's CRA) are followed by pictures that refer back: nothing is left out there.
   if codec not in av.codecs_available:
     pytest.skip(f'this PyAV build cannot encode {codec}')
   path = str(tmp_path / f'clip.{container_format}')
@@ -469,6 +473,26 @@ def test_packets_with_parameter_sets_are_not_left_out(tmp_path, codec, unit_type
   # Decoded now: some of frames 50-64 (10 here; those before frame 49 is out of the decoder
   # were never left out); frames 65-71 still left out.
   assert 0 < left_out - sink.packets_left_out <= 15
+
+
+def _vp9_header(profile, show_existing=0, frame_type=0, sync=0x498342):
+  """The first 5 bytes of a VP9 frame's uncompressed header (show_frame 1, not error
+  resilient), bits after the sync code 0."""
+  bits = [1, 0, profile & 1, profile >> 1] + ([0] if profile == 3 else [])
+  bits += [show_existing, frame_type, 1, 0] + [int(b) for b in f'{sync:024b}']
+  bits += [0] * (40 - len(bits))
+  return int(''.join(map(str, bits)), 2).to_bytes(5, 'big')
+
+
+def test_vp9_key_frames_are_read_from_the_frame_header():
+  key = decode._vp9_key_frame  # pylint: disable=protected-access
+  for profile in range(4):
+    assert key(_vp9_header(profile) + b'rest'), profile
+    assert not key(_vp9_header(profile, frame_type=1)), profile
+    assert not key(_vp9_header(profile, show_existing=1)), profile
+    assert not key(_vp9_header(profile, sync=0x498343)), profile
+  assert not key(b'\x00' + _vp9_header(0)[1:])  # frame_marker not 0b10
+  assert not key(_vp9_header(0)[:4])
 
 
 def test_nal_unit_headers_of_both_layouts():
@@ -1206,6 +1230,26 @@ def test_benchmark_preprocess_tool_transcodes_with_the_gop_asked_for(tmp_path):
   assert_one_error_line(result.returncode, result.stderr, '--gop 25', 'needs --source')
   result = run_tool('benchmark_preprocess', '--source', SMALL_SAMPLE, '--gop', '0')
   assert_one_error_line(result.returncode, result.stderr, '--gop 0', 'must be >= 1')
+
+
+def test_benchmark_preprocess_tool_transcodes_to_vp9(tmp_path):
+  from test_prepare import assert_one_error_line, run_tool  # pylint: disable=g-import-not-at-top
+  result = run_tool('benchmark_preprocess', '--source', SMALL_SAMPLE, '--codec', 'vp9',
+                    '--gop', '25', '--clips', '1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ', VP9 + Opus (WebM), a keyframe every 25 frames, source: ' in result.stdout
+  clip = str(tmp_path / 'clip.webm')
+  preprocess_benchmark.transcode_360p(SMALL_SAMPLE, clip, gop=25, codec='vp9')
+  with av.open(clip) as container:
+    assert container.format.name.startswith('matroska')
+    codecs = [s.codec_context.name for s in container.streams]
+    keyframes = [p.pts for p in container.demux(video=0) if p.size and p.is_keyframe]
+  assert sorted(codecs) == ['opus', 'vp9'] and len(keyframes) == 5
+  assert decode.decode_clip(clip).frames.shape == (10, 224, 224, 3)
+  result = run_tool('benchmark_preprocess', '--codec', 'vp9')
+  assert_one_error_line(result.returncode, result.stderr, '--codec vp9', 'needs --source')
+  result = run_tool('benchmark_preprocess', '--source', SMALL_SAMPLE, '--codec', 'av1')
+  assert_one_error_line(result.returncode, result.stderr, "argument --codec: invalid choice")
 
 
 def test_of_several_audio_streams_the_ffmpeg_command_lines_is_decoded(tmp_path):

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Clips per second per core: our decode + fbank + JPEG against the original's preprocessing.
 
-  python tools/benchmark_preprocess.py [--source VIDEO [--gop N]] [--clips 8] [--cpu 0] [--stages] \
-      [--original-python /path/to/python-with-cv2-torchaudio-torchvision]
+  python tools/benchmark_preprocess.py [--source VIDEO [--gop N] [--codec vp9]] [--clips 8] \
+      [--cpu 0] [--stages] [--original-python /path/to/python-with-cv2-torchaudio-torchvision]
 
 Both sides process the same 10-s 360p clips on one pinned CPU core, and throughput is reported
 per CPU-second (what each side runs: `cav_mae_jax/data/preprocess_benchmark.py`). The
@@ -12,7 +12,8 @@ adds the CPU milliseconds of each of our stages on the first clip (best of 5): t
 
 Clips: `--source` (e.g. the original repo's sample video KlsG1EnBEjc_000361.mp4) is
 transcoded to 640x360 H.264 + AAC stereo 44.1 kHz, 10 s (with `--gop N`, an IDR picture every N
-frames, as phones and streaming encoders write video), and copied `--clips` times; without
+frames, as phones and streaming encoders write video; with `--codec vp9`, VP9 + Opus stereo
+48 kHz in WebM, as YouTube serves clips), and copied `--clips` times; without
 it, synthetic 360p clips are generated (flat graphics decode faster than camera video).
 
 Bad input is answered with one line `error: ...` and exit status 2 before anything is measured:
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                       help='with --source: an IDR picture every GOP frames in the transcoded '
                       'clips, none at scene cuts (phone and streaming encoders\' kind); '
                       'default: x264\'s own (every 250 frames, and at scene cuts)')
+  parser.add_argument('--codec', choices=preprocess_benchmark.CODECS,
+                      help='with --source: the transcoded clips\' codec, h264 (H.264 + AAC in '
+                      'MP4, the default) or vp9 (VP9 + Opus in WebM, as YouTube serves)')
   parser.add_argument('--cpu', type=int, default=0, help='the CPU core both sides run on')
   parser.add_argument('--original-python',
                       help='python with cv2, torch, torchaudio, torchvision, soundfile')
@@ -142,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.gop is not None and (args.gop < 1 or not args.source):
     return _error(f'--gop {args.gop}: ' + ('must be >= 1' if args.gop < 1 else
                                            'needs --source (synthetic clips are not transcoded)'))
+  if args.codec is not None and not args.source:
+    return _error(f'--codec {args.codec}: needs --source (synthetic clips are not transcoded)')
   try:
     os.sched_setaffinity(0, {args.cpu})
   except OSError as e:
     return _error(f'--cpu {args.cpu}: {e.strerror or e}')
   if args.run_original:  # Worker mode, under --original-python.
     paths = sorted(os.path.join(args.run_original, n) for n in os.listdir(args.run_original)
-                   if n.endswith('.mp4'))
+                   if n.endswith(('.mp4', '.webm')))
     with tempfile.TemporaryDirectory() as work_dir:
       print(json.dumps(preprocess_benchmark.run_original(paths, work_dir)))
     return 0
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
   with tempfile.TemporaryDirectory() as directory:
     clip_dir = os.path.join(directory, 'clips')
     os.makedirs(clip_dir)
-    paths = preprocess_benchmark.prepare_clips(args.source, args.clips, clip_dir, args.gop)
+    paths = preprocess_benchmark.prepare_clips(args.source, args.clips, clip_dir, args.gop,
+                                               args.codec or 'h264')
     results = {'ours': preprocess_benchmark.run_ours(paths)}
     stages = preprocess_benchmark.stage_times(paths[0]) if args.stages else {}
     if original_python is None:
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e)
 
   gop = f', an IDR picture every {args.gop} frames' if args.gop else ''
+  if args.codec == 'vp9':
+    gop = ', VP9 + Opus (WebM)' + gop.replace('an IDR picture', 'a keyframe')
   print(f'{args.clips} clips, 10 s, 640x360{gop}, source: {args.source or "synthetic"}, '
         f'one core (cpu {args.cpu})')
   print(f'{"path":10s} {"clips/CPU-s":>12s} {"clips/wall-s":>13s} {"CPU ms/clip":>12s}')

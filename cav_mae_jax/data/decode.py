@@ -148,6 +148,12 @@ _NAL_TYPES = {'h264': _NalTypes(lambda header: header & 0x1F, frozenset({5}),
                                 frozenset({7, 8, 13, 15}), 4),
               'hevc': _NalTypes(lambda header: (header >> 1) & 0x3F, frozenset({19, 20}),
                                 frozenset({32, 33, 34}), 21)}
+# VP9's key frame refreshes all eight reference slots and resets the probability contexts,
+# segmentation and loop-filter deltas: nothing after it refers to what came before (and VP9 has
+# no parameter sets). Its uncompressed header begins: frame_marker (2 bits, 0b10), profile's two
+# bits (and a reserved one in profile 3), show_existing_frame 0, frame_type 0 (KEY_FRAME),
+# show_frame, error_resilient_mode, then this sync code.
+_VP9_SYNC_CODE = 0x498342
 _AV_TIME_BASE = 1_000_000
 
 
@@ -598,6 +604,22 @@ def _nal_headers(data: bytes, length_size: int) -> list[int]:
   return headers
 
 
+def _vp9_key_frame(data: bytes) -> bool:
+  """Whether VP9 data (a frame, or a superframe, whose first frame is read) holds a key frame
+  (`_VP9_SYNC_CODE`)."""
+  if len(data) < 5:
+    return False
+  bits = int.from_bytes(data[:5], 'big')
+
+  def field(start: int, size: int) -> int:
+    return (bits >> (40 - start - size)) & ((1 << size) - 1)
+
+  if field(0, 2) != 2:
+    return False
+  at = 5 if field(2, 2) == 3 else 4  # profile 3 (both bits set) has a reserved bit
+  return field(at, 2) == 0 and field(at + 4, 24) == _VP9_SYNC_CODE
+
+
 def _unit_types(stream: av.video.stream.VideoStream,
                 ) -> tuple[_NalTypes, Callable[[av.Packet], set[int] | None]] | None:
   """The codec's `_NalTypes` and a function giving the NAL unit types of a packet (None where
@@ -625,8 +647,12 @@ def _unit_types(stream: av.video.stream.VideoStream,
 
 
 def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool] | None:
-  """A test of whether a packet holds a picture the decoder starts afresh at (`_NAL_TYPES`);
-  None for codecs other than H.264 and HEVC, or codec data of a layout not known here."""
+  """A test of whether a packet holds a picture the decoder starts afresh at (`_NAL_TYPES`, VP9's
+  key frame); None for codecs other than H.264, HEVC and VP9, or codec data of a layout not
+  known here."""
+  if stream.codec_context.name == 'vp9':
+    # The container's keyframe flag and the frame's own header must both say so.
+    return lambda packet: packet.is_keyframe and _vp9_key_frame(bytes(packet))
   known = _unit_types(stream)
   if known is None:
     return None
@@ -641,7 +667,10 @@ def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packe
 
 def _parameter_set_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool]:
   """A test of whether a packet may carry parameter sets (`_NAL_TYPES`): it does, or its data
-  does not divide into NAL units; every packet may where the codec or layout is not known."""
+  does not divide into NAL units; none does in VP9, every packet may where the codec or layout
+  is not known."""
+  if stream.codec_context.name == 'vp9':
+    return lambda packet: False
   known = _unit_types(stream)
   if known is None:
     return lambda packet: True
@@ -670,12 +699,11 @@ class _FrameSink:
   `_REORDER_WINDOW` packets, longer than any H.264/HEVC reordering, so a packet's rank is known
   before it is decoded; the decoder then skips non-reference frames that are not wanted, which
   leaves every other frame bit-identical. In H.264 and HEVC the held-back packets also show a
-  coming IDR picture, after which no picture refers to an earlier one: once every wanted frame
-  before it is kept, the packets up to it are left out (`_unneeded`), unless one of them carries
-  parameter sets. A stream whose timestamps
-  cannot rank its frames (missing or repeated), or whose ranks turn out inconsistent, or whose
-  picture after packets left out is no keyframe to the decoder, is decoded again from the start
-  and its frames counted one by one.
+  coming IDR picture (in VP9 a key frame), after which no picture refers to an earlier one: once
+  every wanted frame before it is kept, the packets up to it are left out (`_unneeded`), unless
+  one of them carries parameter sets. A stream whose timestamps cannot rank its frames (missing
+  or repeated), or whose ranks turn out inconsistent, or whose picture after packets left out is
+  no keyframe to the decoder, is decoded again from the start and its frames counted one by one.
   """
 
   def __init__(self, path: str, container: av.container.InputContainer,

@@ -32,23 +32,44 @@ def cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def transcode_360p(source: str, destination: str, seconds: float = 10.0,
-                   gop: int | None = None) -> None:
-  """Re-encodes the first `seconds` of a video at 640x360 (H.264 + AAC stereo 44.1 kHz).
+# What `transcode_360p` writes by codec: (container, video encoder, its options, audio encoder,
+# audio rate). VP9 + Opus in WebM is what YouTube serves, and a clip cut with `-c copy` keeps it.
+_TRANSCODES = {
+    'h264': ('mp4', 'libx264', {'preset': 'medium', 'crf': '23'}, 'aac', 44100),
+    'vp9': ('webm', 'libvpx-vp9', {'crf': '32', 'b': '0', 'deadline': 'good', 'cpu-used': '4'},
+            'libopus', 48000),
+}
+CODECS = tuple(_TRANSCODES)
 
-  `gop`: an IDR picture every `gop` frames and none at scene cuts, as phones and streaming
-  encoders write video; None leaves x264 its defaults (every 250 frames, and at scene cuts)."""
+
+def clip_extension(codec: str) -> str:
+  """The file extension of `transcode_360p`'s clips of `codec`."""
+  return '.' + _TRANSCODES[codec][0]
+
+
+def transcode_360p(source: str, destination: str, seconds: float = 10.0,
+                   gop: int | None = None, codec: str = 'h264') -> None:
+  """Re-encodes the first `seconds` of a video at 640x360: H.264 + AAC stereo 44.1 kHz (MP4),
+  or with `codec='vp9'` VP9 + Opus stereo 48 kHz (WebM).
+
+  `gop`: a keyframe (H.264: an IDR picture) every `gop` frames and none at scene cuts, as phones
+  and streaming encoders write video; None leaves the encoder its defaults (x264: every 250
+  frames, and at scene cuts; libvpx: at most every 128 frames)."""
   import av
-  options = {'preset': 'medium', 'crf': '23'}
-  if gop is not None:
+  container, encoder, options, audio_encoder, audio_rate = _TRANSCODES[codec]
+  options = dict(options)
+  if gop is not None and codec == 'h264':
     options['x264-params'] = f'keyint={gop}:min-keyint={gop}:scenecut=0'
-  with av.open(source) as inp, av.open(destination, 'w') as out:
+  elif gop is not None:
+    options.update({'g': str(gop), 'keyint_min': str(gop)})
+  with av.open(source) as inp, av.open(destination, 'w', format=container) as out:
     video_in, audio_in = inp.streams.video[0], inp.streams.audio[0]
     rate = video_in.average_rate or fractions.Fraction(25)
-    video_out = out.add_stream('libx264', rate=rate, options=options)
+    video_out = out.add_stream(encoder, rate=rate, options=options)
     video_out.width, video_out.height, video_out.pix_fmt = 640, 360, 'yuv420p'
-    audio_out = out.add_stream('aac', rate=44100, layout='stereo')
-    resampler = av.AudioResampler(format='fltp', layout='stereo', rate=44100)
+    audio_out = out.add_stream(audio_encoder, rate=audio_rate, layout='stereo')
+    resampler = av.AudioResampler(format=audio_out.format.name, layout='stereo',
+                                  rate=audio_rate)
     frames_written = 0
     for frame in inp.decode(video_in, audio_in):
       if frame.time is not None and frame.time >= seconds:
@@ -68,15 +89,16 @@ def transcode_360p(source: str, destination: str, seconds: float = 10.0,
 
 
 def prepare_clips(source: str | None, count: int, directory: str,
-                  gop: int | None = None) -> list[str]:
-  """Writes `count` 10-s 360p clips into `directory` and returns their paths (`gop`: that of
-  the transcoded `source`, `transcode_360p`)."""
+                  gop: int | None = None, codec: str = 'h264') -> list[str]:
+  """Writes `count` 10-s 360p clips into `directory` and returns their paths (`gop`, `codec`:
+  those of the transcoded `source`, `transcode_360p`)."""
   if source:
-    first = os.path.join(directory, 'clip_000.mp4')
-    transcode_360p(source, first, gop=gop)
+    extension = clip_extension(codec)
+    first = os.path.join(directory, 'clip_000' + extension)
+    transcode_360p(source, first, gop=gop, codec=codec)
     paths = [first]
     for i in range(1, count):
-      paths.append(os.path.join(directory, f'clip_{i:03d}.mp4'))
+      paths.append(os.path.join(directory, f'clip_{i:03d}{extension}'))
       shutil.copyfile(first, paths[-1])
     return paths
   from cav_mae_jax.data import synthetic
