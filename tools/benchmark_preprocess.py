@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Clips per second per core: our decode + fbank + JPEG against the original's preprocessing.
 
-  python tools/benchmark_preprocess.py [--source VIDEO [--gop N] [--codec vp9]] [--clips 8] \
+  python tools/benchmark_preprocess.py [--source VIDEO [--gop N] [--codec vp9|av1]] [--clips 8] \
       [--cpu 0] [--stages] [--original-python /path/to/python-with-cv2-torchaudio-torchvision]
 
 Both sides process the same 10-s 360p clips on one pinned CPU core, and throughput is reported
@@ -13,7 +13,8 @@ adds the CPU milliseconds of each of our stages on the first clip (best of 5): t
 Clips: `--source` (e.g. the original repo's sample video KlsG1EnBEjc_000361.mp4) is
 transcoded to 640x360 H.264 + AAC stereo 44.1 kHz, 10 s (with `--gop N`, an IDR picture every N
 frames, as phones and streaming encoders write video; with `--codec vp9`, VP9 + Opus stereo
-48 kHz in WebM, as YouTube serves clips), and copied `--clips` times; without
+48 kHz in WebM, as YouTube serves clips, or `--codec av1`, SVT-AV1 + Opus), and copied
+`--clips` times; without
 it, synthetic 360p clips are generated (flat graphics decode faster than camera video).
 
 Bad input is answered with one line `error: ...` and exit status 2 before anything is measured:
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                       'default: x264\'s own (every 250 frames, and at scene cuts)')
   parser.add_argument('--codec', choices=preprocess_benchmark.CODECS,
                       help='with --source: the transcoded clips\' codec, h264 (H.264 + AAC in '
-                      'MP4, the default) or vp9 (VP9 + Opus in WebM, as YouTube serves)')
+                      'MP4, the default), vp9 or av1 (VP9 or AV1 + Opus in WebM, as YouTube '
+                      'serves)')
   parser.add_argument('--cpu', type=int, default=0, help='the CPU core both sides run on')
   parser.add_argument('--original-python',
                       help='python with cv2, torch, torchaudio, torchvision, soundfile')
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e)
 
   gop = f', an IDR picture every {args.gop} frames' if args.gop else ''
-  if args.codec == 'vp9':
-    gop = ', VP9 + Opus (WebM)' + gop.replace('an IDR picture', 'a keyframe')
+  if args.codec in ('vp9', 'av1'):
+    gop = f', {args.codec.upper()} + Opus (WebM)' + gop.replace('an IDR picture', 'a keyframe')
   print(f'{args.clips} clips, 10 s, 640x360{gop}, source: {args.source or "synthetic"}, '
         f'one core (cpu {args.cpu})')
   print(f'{"path":10s} {"clips/CPU-s":>12s} {"clips/wall-s":>13s} {"CPU ms/clip":>12s}')

@@ -33,11 +33,13 @@ def cpu_seconds() -> float:
 
 
 # What `transcode_360p` writes by codec: (container, video encoder, its options, audio encoder,
-# audio rate). VP9 + Opus in WebM is what YouTube serves, and a clip cut with `-c copy` keeps it.
+# audio rate). VP9 or AV1 + Opus in WebM is what YouTube serves, and a clip cut with `-c copy`
+# keeps it.
 _TRANSCODES = {
     'h264': ('mp4', 'libx264', {'preset': 'medium', 'crf': '23'}, 'aac', 44100),
     'vp9': ('webm', 'libvpx-vp9', {'crf': '32', 'b': '0', 'deadline': 'good', 'cpu-used': '4'},
             'libopus', 48000),
+    'av1': ('webm', 'libsvtav1', {'crf': '35', 'preset': '8'}, 'libopus', 48000),
 }
 CODECS = tuple(_TRANSCODES)
 
@@ -50,7 +52,7 @@ def clip_extension(codec: str) -> str:
 def transcode_360p(source: str, destination: str, seconds: float = 10.0,
                    gop: int | None = None, codec: str = 'h264') -> None:
   """Re-encodes the first `seconds` of a video at 640x360: H.264 + AAC stereo 44.1 kHz (MP4),
-  or with `codec='vp9'` VP9 + Opus stereo 48 kHz (WebM).
+  or with `codec='vp9'` / `'av1'` VP9 (libvpx) / AV1 (SVT-AV1) + Opus stereo 48 kHz (WebM).
 
   `gop`: a keyframe (H.264: an IDR picture) every `gop` frames and none at scene cuts, as phones
   and streaming encoders write video; None leaves the encoder its defaults (x264: every 250
