@@ -858,6 +858,17 @@ def test_workers_keep_freed_memory(monkeypatch):
   assert calls == [True]
 
 
+def test_the_tool_keeps_freed_memory_where_it_decodes_itself(media, tmp_path, monkeypatch):
+  # --workers 0: the tool's own process decodes every clip, and keeps memory as workers do.
+  calls = []
+  monkeypatch.setattr(clips, "keep_freed_memory", lambda: calls.append(True))
+  datafile = write_datafile(str(tmp_path / "data.json"), [("good_a", media["good_a"], "/m/a")])
+  assert load_tool("preprocess").main([
+      "--datafile", datafile, "--labels", media["labels_csv"], "--out", str(tmp_path / "out"),
+      "--workers", "0", "--no-progress"]) == 0
+  assert calls == [True]
+
+
 def test_the_originals_extracted_layout_gives_the_videos_records(media, tmp_path):
   """Audio file + frame folders (the original's datafiles) -> the same fbank and frames as the
   video; missing or malformed frames are quarantined naming the frame file, never replaced."""

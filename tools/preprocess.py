@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge_index:
       summary = prepare.finalize(args.out)
     else:
+      if args.workers == 0:  # This process decodes the clips: keep memory as a worker does.
+        clips.keep_freed_memory()
       summary = prepare.prepare_records(
           args.datafile, args.labels, args.out, num_workers=args.workers,
           task_index=args.shard_index, num_tasks=args.num_shards,
