@@ -342,10 +342,11 @@ def test_reordered_frames_are_numbered_by_presentation_order(media, monkeypatch,
 
 def _write_gop_clip(path, codec, container_format, open_gop, count=250, fps=25):
   """Numbered frames with a keyframe every 24 and B-frames, in `codec` (libx264/libx265), or
-  libvpx-vp9's key frames every 24 and hidden alt-ref frames."""
+  libvpx-vp9's or SVT-AV1's key frames every 24 and hidden frames."""
   params = f'keyint=24:min-keyint=24:scenecut=0:bframes=3:open-gop={int(open_gop)}'
   options = ({'x264-params': params} if codec == 'libx264' else
              {'x265-params': params + ':log-level=error'} if codec == 'libx265' else
+             {'g': '24'} if codec == 'libsvtav1' else
              {'g': '24', 'keyint_min': '24', 'auto-alt-ref': '1', 'lag-in-frames': '16',
               'cpu-used': '8'})
   with av.open(str(path), 'w', format=container_format) as container:
@@ -383,11 +384,11 @@ def _frame_sink_after_decoding(path):
 @pytest.mark.parametrize('codec, container_format, open_gop', [
     ('libx264', 'mp4', False), ('libx264', 'mpegts', False), ('libx264', 'mp4', True),
     ('libx265', 'matroska', False), ('libx265', 'mp4', True), ('libvpx-vp9', 'webm', False),
-    ('libvpx-vp9', 'mp4', False)])
+    ('libvpx-vp9', 'mp4', False), ('libsvtav1', 'webm', False), ('libsvtav1', 'mp4', False)])
 def test_frames_up_to_an_idr_picture_are_left_out_with_the_same_frames(
     tmp_path, codec, container_format, open_gop):
   # Keyframes every 24 frames, wanted frames every 25: after the last wanted frame before an
-  # IDR picture (VP9: a key frame) nothing is needed up to it. Open GOPs (x264's open-gop I
+  # IDR picture (VP9, AV1: a key frame) nothing is needed up to it. Open GOPs (x264's open-gop I
   # pictures, HEVC's CRA) are followed by pictures that refer back: nothing is left out there.
   if codec not in av.codecs_available:
     pytest.skip(f'this PyAV build cannot encode {codec}')
@@ -493,6 +494,74 @@ def test_vp9_key_frames_are_read_from_the_frame_header():
     assert not key(_vp9_header(profile, sync=0x498343)), profile
   assert not key(b'\x00' + _vp9_header(0)[1:])  # frame_marker not 0b10
   assert not key(_vp9_header(0)[:4])
+
+
+def test_av1_packets_with_a_sequence_header_are_not_left_out(tmp_path):
+  # AV1's sequence header is its parameter set: repeated (the same bytes) in frame 64's packet,
+  # inside a run that is otherwise left out (wanted frame 49, key frames at 48 and 72).
+  if 'libsvtav1' not in av.codecs_available:
+    pytest.skip('this PyAV build cannot encode libsvtav1')
+  plain, path = str(tmp_path / 'plain.webm'), str(tmp_path / 'repeated.webm')
+  _write_gop_clip(plain, 'libsvtav1', 'webm', open_gop=False)
+  with av.open(path, 'w', format='webm') as container:
+    stream = container.add_stream('libsvtav1', rate=25, options={'g': '24'})
+    stream.width, stream.height, stream.pix_fmt = 96, 64, 'yuv420p'
+    sequence_header, repeated = None, 0
+    for i, pixels in enumerate([*synthetic.numbered_frames(250), None]):
+      frame = None
+      if pixels is not None:
+        frame = av.VideoFrame.from_ndarray(pixels, format='rgb24')
+        frame.pts = i
+      for packet in stream.encode(frame):
+        data = bytes(packet)
+        obus = decode._av1_obus(data)  # pylint: disable=protected-access
+        assert obus[0][:2] == (2, 2)  # each temporal unit starts with its (empty) delimiter
+        if sequence_header is None:  # the first key frame brings it
+          sequence_header = next(_obu(1, data[start:start + size])
+                                 for kind, start, size in obus if kind == 1)
+        elif packet.pts == 64:
+          assert all(kind != 1 for kind, _, _ in obus)
+          copy = av.Packet(data[:2] + sequence_header + data[2:])
+          copy.pts, copy.dts, copy.time_base = packet.pts, packet.dts, packet.time_base
+          copy.stream, packet = stream, copy
+          repeated += 1
+        container.mux(packet)
+  assert repeated == 1
+  left_out = _frame_sink_after_decoding(plain).packets_left_out
+  sink = _frame_sink_after_decoding(path)
+  assert not sink._count_instead  # pylint: disable=protected-access
+  assert 0 < left_out - sink.packets_left_out <= 15
+
+
+def _obu(kind, payload, size_field=True):
+  """An AV1 OBU without extension header, its size as leb128 (or none: the data's last OBU)."""
+  if not size_field:
+    return bytes([kind << 3]) + payload
+  size, leb = len(payload), b''
+  while True:
+    leb += bytes([(size & 0x7F) | (0x80 if size >> 7 else 0)])
+    size >>= 7
+    if not size:
+      return bytes([kind << 3 | 0x02]) + leb + payload
+
+
+def test_av1_key_frames_are_read_from_the_frame_header():
+  key, obus = decode._av1_key_frame, decode._av1_obus  # pylint: disable=protected-access
+  sequence, delimiter = _obu(1, b'\x00\x00\x00' + bytes(20)), _obu(2, b'')
+  frame = lambda first: _obu(6, bytes([first]) + bytes(300))  # a 2-byte leb128 size
+  assert key(sequence + frame(0x10)) and key(delimiter + sequence + frame(0x10))
+  assert key(sequence + _obu(3, b'\x10') + _obu(4, bytes(8)))  # frame header + tile group
+  assert key(sequence + _obu(6, b'\x10' + bytes(8), size_field=False))
+  assert not key(sequence + frame(0x30))  # frame_type INTER_FRAME
+  assert not key(sequence + frame(0x00))  # a key frame not shown
+  assert not key(sequence + frame(0x80))  # show_existing_frame
+  assert not key(sequence)  # no frame
+  assert not key(_obu(1, b'\x08' + bytes(4)) + frame(0x10))  # reduced still-picture headers
+  assert obus(sequence + frame(0x10)) == [(1, 2, 23), (6, 28, 301)]
+  # Not OBUs: the forbidden bit, an extension header (layers), sizes past the data.
+  for data in (b'\x80' + sequence, bytes([6 << 3 | 0x06, 0, 1, 0x10]), sequence[:-1],
+               b'\x32\xff'):
+    assert obus(data) is None and not key(data), data
 
 
 def test_nal_unit_headers_of_both_layouts():

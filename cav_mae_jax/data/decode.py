@@ -154,6 +154,15 @@ _NAL_TYPES = {'h264': _NalTypes(lambda header: header & 0x1F, frozenset({5}),
 # bits (and a reserved one in profile 3), show_existing_frame 0, frame_type 0 (KEY_FRAME),
 # show_frame, error_resilient_mode, then this sync code.
 _VP9_SYNC_CODE = 0x498342
+# AV1's shown key frame likewise (all eight reference frames refreshed, contexts reset). OBU types
+# (AV1 data in MP4, Matroska and WebM is a temporal unit's OBUs, each with its size): the
+# sequence header, AV1's parameter set, which a key frame may use however early it was sent (it
+# usually comes with the key frame); the frame header and the frame (header and tiles), whose
+# header begins show_existing_frame, frame_type (KEY_FRAME 0), show_frame.
+_AV1_SEQUENCE_HEADER, _AV1_FRAME_HEADER, _AV1_FRAME = 1, 3, 6
+# FFmpeg's decoders of VP9 and AV1, by the names PyAV gives them.
+_VP9_DECODERS = frozenset({'vp9', 'libvpx-vp9'})
+_AV1_DECODERS = frozenset({'av1', 'libdav1d', 'libaom-av1'})
 _AV_TIME_BASE = 1_000_000
 
 
@@ -620,6 +629,55 @@ def _vp9_key_frame(data: bytes) -> bool:
   return field(at, 2) == 0 and field(at + 4, 24) == _VP9_SYNC_CODE
 
 
+def _av1_obus(data: bytes) -> list[tuple[int, int, int]] | None:
+  """(type, payload start, payload size) of each OBU of AV1 data in the low-overhead format;
+  None where the data does not divide into OBUs, or an OBU has an extension header (a layered
+  stream, not read here)."""
+  obus, position = [], 0
+  while position < len(data):
+    header = data[position]
+    if header & 0x84:  # the forbidden bit, or obu_extension_flag
+      return None
+    position += 1
+    if header & 0x02:  # obu_has_size_field: leb128
+      size = shift = 0
+      while True:
+        if position >= len(data) or shift > 49:
+          return None
+        byte = data[position]
+        position += 1
+        size |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+          break
+    else:
+      size = len(data) - position
+    if position + size > len(data):
+      return None
+    obus.append(((header >> 3) & 0x0F, position, size))
+    position += size
+  return obus
+
+
+def _av1_still_picture_headers(data: bytes) -> bool:
+  """Whether a sequence header among AV1 data's OBUs sets reduced_still_picture_header (frame
+  headers then start otherwise), or the data does not divide into OBUs."""
+  obus = _av1_obus(data)
+  return obus is None or any(kind == _AV1_SEQUENCE_HEADER and (not size or data[start] & 0x08)
+                             for kind, start, size in obus)
+
+
+def _av1_key_frame(data: bytes) -> bool:
+  """Whether AV1 data (a temporal unit) begins with a shown key frame (`_AV1_FRAME`)."""
+  if _av1_still_picture_headers(data):
+    return False
+  for kind, start, size in _av1_obus(data):
+    if kind in (_AV1_FRAME_HEADER, _AV1_FRAME):
+      # show_existing_frame 0, frame_type KEY_FRAME, show_frame 1.
+      return size > 0 and data[start] & 0xF0 == 0x10
+  return False
+
+
 def _unit_types(stream: av.video.stream.VideoStream,
                 ) -> tuple[_NalTypes, Callable[[av.Packet], set[int] | None]] | None:
   """The codec's `_NalTypes` and a function giving the NAL unit types of a packet (None where
@@ -648,11 +706,17 @@ def _unit_types(stream: av.video.stream.VideoStream,
 
 def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool] | None:
   """A test of whether a packet holds a picture the decoder starts afresh at (`_NAL_TYPES`, VP9's
-  key frame); None for codecs other than H.264, HEVC and VP9, or codec data of a layout not
-  known here."""
-  if stream.codec_context.name == 'vp9':
-    # The container's keyframe flag and the frame's own header must both say so.
+  key frame, AV1's shown key frame); None for codecs other than H.264, HEVC, VP9 and AV1, or
+  codec data of a layout not known here."""
+  # The container's keyframe flag and the frame's own header must both say so.
+  if stream.codec_context.name in _VP9_DECODERS:
     return lambda packet: packet.is_keyframe and _vp9_key_frame(bytes(packet))
+  if stream.codec_context.name in _AV1_DECODERS:
+    extradata = stream.codec_context.extradata or b''
+    # av1C: 4 bytes, then the sequence header's OBUs (in-band data: the OBUs themselves)
+    if _av1_still_picture_headers(extradata[4:] if extradata[:1] == b'\x81' else extradata):
+      return None
+    return lambda packet: packet.is_keyframe and _av1_key_frame(bytes(packet))
   known = _unit_types(stream)
   if known is None:
     return None
@@ -667,10 +731,15 @@ def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packe
 
 def _parameter_set_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool]:
   """A test of whether a packet may carry parameter sets (`_NAL_TYPES`): it does, or its data
-  does not divide into NAL units; none does in VP9, every packet may where the codec or layout
-  is not known."""
-  if stream.codec_context.name == 'vp9':
+  does not divide into NAL units (AV1: a sequence header, or data that does not divide into
+  OBUs); none does in VP9, every packet may where the codec or layout is not known."""
+  if stream.codec_context.name in _VP9_DECODERS:
     return lambda packet: False
+  if stream.codec_context.name in _AV1_DECODERS:
+    def may_carry_sequence_header(packet: av.Packet) -> bool:
+      obus = _av1_obus(bytes(packet))
+      return obus is None or any(kind == _AV1_SEQUENCE_HEADER for kind, _, _ in obus)
+    return may_carry_sequence_header
   known = _unit_types(stream)
   if known is None:
     return lambda packet: True
@@ -699,11 +768,12 @@ class _FrameSink:
   `_REORDER_WINDOW` packets, longer than any H.264/HEVC reordering, so a packet's rank is known
   before it is decoded; the decoder then skips non-reference frames that are not wanted, which
   leaves every other frame bit-identical. In H.264 and HEVC the held-back packets also show a
-  coming IDR picture (in VP9 a key frame), after which no picture refers to an earlier one: once
-  every wanted frame before it is kept, the packets up to it are left out (`_unneeded`), unless
-  one of them carries parameter sets. A stream whose timestamps cannot rank its frames (missing
-  or repeated), or whose ranks turn out inconsistent, or whose picture after packets left out is
-  no keyframe to the decoder, is decoded again from the start and its frames counted one by one.
+  coming IDR picture (in VP9 and AV1 a key frame), after which no picture refers to an earlier
+  one: once every wanted frame before it is kept, the packets up to it are left out
+  (`_unneeded`), unless one of them carries parameter sets. A stream whose timestamps cannot rank
+  its frames (missing or repeated), or whose ranks turn out inconsistent, or whose picture after
+  packets left out is no keyframe to the decoder, is decoded again from the start and its frames
+  counted one by one.
   """
 
   def __init__(self, path: str, container: av.container.InputContainer,
