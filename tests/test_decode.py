@@ -407,7 +407,8 @@ def test_a_wrong_guess_of_an_idr_picture_decodes_the_stream_again(tmp_path, monk
   # keyframe: the stream is decoded again from the start, frames counted (same frames).
   path = str(tmp_path / 'clip.mp4')
   _write_gop_clip(path, 'libx264', 'mp4', open_gop=False)
-  monkeypatch.setattr(decode, '_fresh_start_test', lambda stream: lambda packet: True)
+  monkeypatch.setattr(decode, '_fresh_start_tests',
+                      lambda stream: (lambda packet: True, lambda packet: False))
   sink = _frame_sink_after_decoding(path)
   assert sink.packets_left_out > 0 and sink._count_instead  # pylint: disable=protected-access
 

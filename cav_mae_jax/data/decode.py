@@ -704,52 +704,46 @@ def _unit_types(stream: av.video.stream.VideoStream,
   return types, unit_types
 
 
-def _fresh_start_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool] | None:
-  """A test of whether a packet holds a picture the decoder starts afresh at (`_NAL_TYPES`, VP9's
-  key frame, AV1's shown key frame); None for codecs other than H.264, HEVC, VP9 and AV1, or
-  codec data of a layout not known here."""
-  # The container's keyframe flag and the frame's own header must both say so.
-  if stream.codec_context.name in _VP9_DECODERS:
-    return lambda packet: packet.is_keyframe and _vp9_key_frame(bytes(packet))
-  if stream.codec_context.name in _AV1_DECODERS:
+_PacketTest = Callable[[av.Packet], bool]
+
+
+def _fresh_start_tests(stream: av.video.stream.VideoStream
+                       ) -> tuple[_PacketTest, _PacketTest] | None:
+  """Two tests of a packet of `stream`: whether it holds a picture the decoder starts afresh at
+  (`_NAL_TYPES`' IDR pictures, VP9's key frame, AV1's shown key frame: the container's keyframe
+  flag and the picture's own header must both say so), and whether it may carry parameter sets
+  (`_NAL_TYPES`', AV1's sequence header; VP9 has none), as it does where its data does not
+  divide into NAL units or OBUs. None for codecs other than H.264, HEVC, VP9 and AV1, or codec
+  data of a layout not known here."""
+  name = stream.codec_context.name
+  if name in _VP9_DECODERS:
+    return (lambda packet: packet.is_keyframe and _vp9_key_frame(bytes(packet)),
+            lambda packet: False)
+  if name in _AV1_DECODERS:
     extradata = stream.codec_context.extradata or b''
     # av1C: 4 bytes, then the sequence header's OBUs (in-band data: the OBUs themselves)
     if _av1_still_picture_headers(extradata[4:] if extradata[:1] == b'\x81' else extradata):
       return None
-    return lambda packet: packet.is_keyframe and _av1_key_frame(bytes(packet))
+
+    def may_carry_sequence_header(packet: av.Packet) -> bool:
+      obus = _av1_obus(bytes(packet))
+      return obus is None or any(kind == _AV1_SEQUENCE_HEADER for kind, _, _ in obus)
+
+    return (lambda packet: packet.is_keyframe and _av1_key_frame(bytes(packet)),
+            may_carry_sequence_header)
   known = _unit_types(stream)
   if known is None:
     return None
   types, unit_types = known
 
   def starts_afresh(packet: av.Packet) -> bool:
-    # The container's keyframe flag and the picture's own NAL units must both say so.
     return packet.is_keyframe and bool((unit_types(packet) or set()) & types.fresh_start)
-
-  return starts_afresh
-
-
-def _parameter_set_test(stream: av.video.stream.VideoStream) -> Callable[[av.Packet], bool]:
-  """A test of whether a packet may carry parameter sets (`_NAL_TYPES`): it does, or its data
-  does not divide into NAL units (AV1: a sequence header, or data that does not divide into
-  OBUs); none does in VP9, every packet may where the codec or layout is not known."""
-  if stream.codec_context.name in _VP9_DECODERS:
-    return lambda packet: False
-  if stream.codec_context.name in _AV1_DECODERS:
-    def may_carry_sequence_header(packet: av.Packet) -> bool:
-      obus = _av1_obus(bytes(packet))
-      return obus is None or any(kind == _AV1_SEQUENCE_HEADER for kind, _, _ in obus)
-    return may_carry_sequence_header
-  known = _unit_types(stream)
-  if known is None:
-    return lambda packet: True
-  types, unit_types = known
 
   def may_carry_parameter_sets(packet: av.Packet) -> bool:
     found = unit_types(packet)
     return found is None or bool(found & types.parameter_sets)
 
-  return may_carry_parameter_sets
+  return starts_afresh, may_carry_parameter_sets
 
 
 def _set_decoder_threads(stream: av.video.stream.VideoStream, threads: int) -> None:
@@ -824,8 +818,8 @@ class _FrameSink:
     self._seen_pts: list[int] = []  # Sorted timestamps of the packets demuxed so far.
     self._pending: collections.deque[av.Packet] = collections.deque()
     self._count_instead = False  # Timestamps cannot rank frames: count them in a new pass.
-    self._starts_afresh = _fresh_start_test(stream)
-    self._may_carry_parameter_sets = _parameter_set_test(stream)
+    self._starts_afresh, self._may_carry_parameter_sets = (
+        _fresh_start_tests(stream) or (None, None))
     self._parameter_sets_at: dict[int, bool] = {}  # pts -> may carry parameter sets (cache).
     self._fresh_pts: set[int] = set()  # Timestamps of the IDR pictures among the held back.
     self._resume_pts: int | None = None  # The IDR picture decoding resumes at.
@@ -890,8 +884,9 @@ class _FrameSink:
       return False
     if any(index < fresh_rank and index not in self._frames for index in self._wanted):
       return False
-    # A parameter set sent before the IDR picture may be one it uses (H.264 and HEVC allow
-    # them anywhere between pictures): such a packet, and the packets it refers to, are decoded.
+    # A parameter set sent before the IDR picture may be one it uses (H.264, HEVC and AV1
+    # allow them anywhere between pictures): such a packet, and the packets it refers to, are
+    # decoded.
     for p in before:
       if p.pts not in self._parameter_sets_at:
         self._parameter_sets_at[p.pts] = self._may_carry_parameter_sets(p)
