@@ -1308,8 +1308,8 @@ def test_benchmark_preprocess_tool_transcodes_to_vp9(tmp_path):
                     '--gop', '25', '--clips', '1')
   assert result.returncode == 0, result.stderr[-2000:]
   assert ', VP9 + Opus (WebM), a keyframe every 25 frames, source: ' in result.stdout
-  clip = str(tmp_path / 'clip.webm')
-  preprocess_benchmark.transcode_360p(SMALL_SAMPLE, clip, gop=25, codec='vp9')
+  clip = str(tmp_path / 'clip.webm')  # 2 s at 12.5 fps: key frames at 0, 5, ..., 20
+  preprocess_benchmark.transcode_360p(SMALL_SAMPLE, clip, seconds=2.0, gop=5, codec='vp9')
   with av.open(clip) as container:
     assert container.format.name.startswith('matroska')
     codecs = [s.codec_context.name for s in container.streams]
