@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge_index:
       summary = prepare.finalize(args.out)
     else:
-      if args.workers == 0:  # This process decodes the clips: keep memory as a worker does.
+      if args.workers == 0 and argv is None:
+        # The tool's own process decodes the clips: it keeps memory as a worker does (not when
+        # main is called with arguments from a program, whose malloc is its own).
         clips.keep_freed_memory()
       summary = prepare.prepare_records(
           args.datafile, args.labels, args.out, num_workers=args.workers,
