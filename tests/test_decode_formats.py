@@ -104,8 +104,8 @@ def clips(tmp_path_factory):
 
 
 # Cases read from tests/data/formats_<name> (written by `_write` once: `PYTHONPATH=. python
-# tests/test_decode_formats.py` from the repository root) instead of encoded by each run: SVT-AV1's encoder has
-# hung inside svt_av1_enc_get_packet in a test run (2026-12-05).
+# tests/test_decode_formats.py` from the repository root) instead of encoded by each run:
+# SVT-AV1's encoder has hung inside svt_av1_enc_get_packet in a test run (2026-12-05).
 STORED = {'av1.mp4'}
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
