@@ -15,22 +15,15 @@ same stream with its sequence header repeated (the same bytes) in frame 64's pac
 from __future__ import annotations
 
 import os
+import sys
 
 import av
 
 from cav_mae_jax.data import decode, synthetic
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _obu(kind: int, payload: bytes) -> bytes:
-  """An AV1 OBU without extension header, its size as leb128."""
-  size, leb = len(payload), b''
-  while True:
-    leb += bytes([(size & 0x7F) | (0x80 if size >> 7 else 0)])
-    size >>= 7
-    if not size:
-      return bytes([kind << 3 | 0x02]) + leb + payload
+sys.path.insert(0, os.path.dirname(DATA_DIR))  # tests/
+from test_decode import _obu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def write(path: str, container_format: str, repeat_sequence_header_at: int | None = None) -> None:
