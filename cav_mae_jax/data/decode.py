@@ -659,19 +659,20 @@ def _av1_obus(data: bytes) -> list[tuple[int, int, int]] | None:
   return obus
 
 
-def _av1_still_picture_headers(data: bytes) -> bool:
-  """Whether a sequence header among AV1 data's OBUs sets reduced_still_picture_header (frame
-  headers then start otherwise), or the data does not divide into OBUs."""
-  obus = _av1_obus(data)
+def _av1_still_picture_headers(data: bytes,
+                               obus: list[tuple[int, int, int]] | None) -> bool:
+  """Whether a sequence header among `obus` (`_av1_obus(data)`) sets reduced_still_picture_header
+  (frame headers then start otherwise), or the data does not divide into OBUs (None)."""
   return obus is None or any(kind == _AV1_SEQUENCE_HEADER and (not size or data[start] & 0x08)
                              for kind, start, size in obus)
 
 
 def _av1_key_frame(data: bytes) -> bool:
   """Whether AV1 data (a temporal unit) begins with a shown key frame (`_AV1_FRAME`)."""
-  if _av1_still_picture_headers(data):
+  obus = _av1_obus(data)
+  if _av1_still_picture_headers(data, obus):
     return False
-  for kind, start, size in _av1_obus(data):
+  for kind, start, size in obus:
     if kind in (_AV1_FRAME_HEADER, _AV1_FRAME):
       # show_existing_frame 0, frame_type KEY_FRAME, show_frame 1.
       return size > 0 and data[start] & 0xF0 == 0x10
@@ -722,7 +723,8 @@ def _fresh_start_tests(stream: av.video.stream.VideoStream
   if name in _AV1_DECODERS:
     extradata = stream.codec_context.extradata or b''
     # av1C: 4 bytes, then the sequence header's OBUs (in-band data: the OBUs themselves)
-    if _av1_still_picture_headers(extradata[4:] if extradata[:1] == b'\x81' else extradata):
+    config = extradata[4:] if extradata[:1] == b'\x81' else extradata
+    if _av1_still_picture_headers(config, _av1_obus(config)):
       return None
 
     def may_carry_sequence_header(packet: av.Packet) -> bool:
