@@ -449,18 +449,9 @@ def _repeat_parameter_sets(source, path, unit_type, parameter_sets, frames):
     assert repeated == len(frames)
 
 
-def _h264_type(header):
-  return header & 0x1F
-
-
-def _hevc_type(header):
-  return (header >> 1) & 0x3F
-
-
-@pytest.mark.parametrize('codec, unit_type, parameter_sets', [
-    ('libx264', _h264_type, {7, 8}), ('libx265', _hevc_type, {32, 33, 34})])
-def test_packets_with_parameter_sets_are_not_left_out(tmp_path, codec, unit_type,
-                                                      parameter_sets):
+@pytest.mark.parametrize('codec, nal, parameter_sets', [
+    ('libx264', 'h264', {7, 8}), ('libx265', 'hevc', {32, 33, 34})])
+def test_packets_with_parameter_sets_are_not_left_out(tmp_path, codec, nal, parameter_sets):
   # A picture after an IDR picture may use a parameter set sent any time before it: a packet
   # carrying one is decoded, with the packets it refers to. Here the repeated sets are the same
   # bytes (the frames are a full decode's either way); a changed set would change the pictures
@@ -471,6 +462,7 @@ def test_packets_with_parameter_sets_are_not_left_out(tmp_path, codec, unit_type
   _write_gop_clip(plain, codec, 'mpegts', open_gop=False)
   # Wanted frames 49 and 74 with IDR pictures at 48 and 72: frames 50-71 are left out unless
   # a packet among them carries parameter sets, here frame 64's.
+  unit_type = decode._NAL_TYPES[nal].unit_type  # pylint: disable=protected-access
   _repeat_parameter_sets(plain, path, unit_type, parameter_sets, frames={64})
   left_out = _frame_sink_after_decoding(plain).packets_left_out
   sink = _frame_sink_after_decoding(path)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     return _error(f'--cpu {args.cpu}: {e.strerror or e}')
   if args.run_original:  # Worker mode, under --original-python.
     paths = sorted(os.path.join(args.run_original, n) for n in os.listdir(args.run_original)
-                   if n.endswith(('.mp4', '.webm')))
+                   if n.endswith(preprocess_benchmark.CLIP_EXTENSIONS))
     with tempfile.TemporaryDirectory() as work_dir:
       print(json.dumps(preprocess_benchmark.run_original(paths, work_dir)))
     return 0
@@ -194,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
       except RuntimeError as e:
         return _error(e)
 
-  gop = f', an IDR picture every {args.gop} frames' if args.gop else ''
+  kind = ''  # H.264 + AAC in MP4, as the synthetic clips are, goes unsaid
   if args.codec in ('vp9', 'av1'):
-    gop = f', {args.codec.upper()} + Opus (WebM)' + gop.replace('an IDR picture', 'a keyframe')
-  print(f'{args.clips} clips, 10 s, 640x360{gop}, source: {args.source or "synthetic"}, '
+    kind = f', {args.codec.upper()} + Opus (WebM)'
+  if args.gop:
+    keyframe = 'a keyframe' if kind else 'an IDR picture'
+    kind += f', {keyframe} every {args.gop} frames'
+  print(f'{args.clips} clips, 10 s, 640x360{kind}, source: {args.source or "synthetic"}, '
         f'one core (cpu {args.cpu})')
   print(f'{"path":10s} {"clips/CPU-s":>12s} {"clips/wall-s":>13s} {"CPU ms/clip":>12s}')
   for name, result in results.items():

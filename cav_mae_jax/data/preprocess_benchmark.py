@@ -42,6 +42,8 @@ _TRANSCODES = {
     'av1': ('webm', 'libsvtav1', {'crf': '35', 'preset': '8'}, 'libopus', 48000),
 }
 CODECS = tuple(_TRANSCODES)
+# The extensions of the clips `prepare_clips` writes (the synthetic ones are MP4).
+CLIP_EXTENSIONS = tuple(sorted({'.' + container for container, *_ in _TRANSCODES.values()}))
 
 
 def clip_extension(codec: str) -> str:
