@@ -8,8 +8,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 import weakref
 
@@ -510,6 +512,40 @@ def test_worker_crash_loses_nothing_else(media, tmp_path):
     (line,) = [json.loads(x) for x in f]
   assert line["video_id"] == "crash" and "exit code 7" in line["message"]
   assert not any(".tmp-" in name for name in os.listdir(out))  # The dead worker's temp file.
+
+
+def _killed_between_the_renames(entry, labels, store_waveform):
+  """A clip function that leaves the state of a worker killed between its shard's rename and
+  its sidecar's (the shard in place, no sidecar), then interrupts the parent, whose pid is the
+  clip's id, as a Ctrl-C would, and waits to be ended."""
+  del labels, store_waveform
+  out = os.path.join(os.path.dirname(entry.path), "out")
+  with open(os.path.join(out, shards.shard_file_name(0, 1)), "wb"):
+    pass
+  os.kill(int(entry.video_id), signal.SIGINT)
+  time.sleep(60)
+
+
+def test_an_interrupted_pool_leaves_no_shard_without_its_sidecar(media, tmp_path):
+  # The pool ends its workers with SIGKILL when it is interrupted; one killed between its
+  # shard's two renames left the shard without its sidecar (seen in a CI run of
+  # test_interrupts' Ctrl-C test). Resuming redid it, but the directory held a shard that
+  # looked finished; the pool now removes it with the temporary files.
+  clip = os.path.join(tmp_path, "clip.mp4")
+  shutil.copy(media["one_second"], clip)
+  datafile = write_datafile(str(tmp_path / "data.json"), [(str(os.getpid()), clip, "/m/b")])
+  out = str(tmp_path / "out")
+  os.makedirs(out)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=1,
+                              examples_per_shard=1, clip_fn=_killed_between_the_renames,
+                              progress=False)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert not any(name.endswith((".tfrecord", ".tfrecord.json")) or ".tmp-" in name
+                 for name in os.listdir(out)), os.listdir(out)
 
 
 def test_workers_are_replaced_after_a_number_of_shards(media, tmp_path, monkeypatch):

@@ -91,6 +91,16 @@ def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
       os.remove(stale)
 
 
+def remove_unfinished_shard(out_dir: str, file_name: str) -> None:
+  """Removes what a shard cut short left: its temporary files and the shard itself when its
+  sidecar is missing (a worker killed between the shard's rename and its sidecar's). A shard
+  with its sidecar is finished and kept."""
+  remove_stale_temporaries(out_dir, file_name)
+  path = os.path.join(out_dir, file_name)
+  if os.path.exists(path) and not os.path.exists(path + SIDECAR_SUFFIX):
+    os.remove(path)
+
+
 def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
                 options: clips.WriteOptions = clips.WriteOptions(),
                 clip_fn: clips.ClipFn = clips.clip_example,
@@ -151,7 +161,8 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
   }
   # The shard and its sidecar appear together: a Ctrl-C or SIGTERM that comes between the two
   # renames waits for both (it left a complete shard that resuming had to write again). A
-  # SIGKILL still can come between; resuming redoes such a shard.
+  # SIGKILL still can come between (the pool ends its workers so when it is interrupted, and
+  # then removes such a shard: `remove_unfinished_shard`); resuming redoes it.
   with _signals_held():
     try:
       os.replace(tmp, final)
@@ -386,9 +397,9 @@ def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, 
           _handle_crash(pool, worker, pending, options)
   except BaseException:
     pool.terminate()
-    for worker in pool.workers:  # Shards cut short leave no temp files behind.
+    for worker in pool.workers:  # Shards cut short leave nothing half-written behind.
       if worker.plan is not None:
-        remove_stale_temporaries(out_dir, worker.plan.file_name)
+        remove_unfinished_shard(out_dir, worker.plan.file_name)
     raise
   pool.close()
   return errors
