@@ -291,8 +291,9 @@ def test_balanced_sampling_class_frequencies_follow_the_weights(tmp_path):
   config = dataset.DataConfig(batch_size=4, shuffle_buffer=16, balanced_sampling=True)
   sampler = dataset.HostRecords.scan(files, [len(labels[i::3]) for i in range(3)], counts,
                                          records.parse_labels)
-  # 100,000 draws: each class count has a relative spread 1 / sqrt(draws * p) <= 0.55%.
-  draws = 100_000
+  # 25,000 draws: each class count has a relative spread 1 / sqrt(draws * p) <= 1.1% (the
+  # tolerance below is 3.6 of it; without balancing, class 2 is off by more than 50%).
+  draws = 25_000
   spec = {records.LABELS: records.feature_spec()[records.LABELS]}
 
   def count(state, batch):  # (last epoch seen, draws carrying each class)
@@ -306,7 +307,7 @@ def test_balanced_sampling_class_frequencies_follow_the_weights(tmp_path):
   observed = totals.numpy() / draws
   # As many draws per epoch as clips (the original's num_samples = len(dataset)).
   assert int(epochs) + 1 == math.ceil(draws / len(labels))
-  np.testing.assert_allclose(observed, expected, rtol=0.02)
+  np.testing.assert_allclose(observed, expected, rtol=0.04)
   print("relative error of the class frequencies:", np.round(observed / expected - 1, 4))
 
 
