@@ -6,6 +6,8 @@ records give (the records written by the data tools from the same files).
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from test_features import (  # pylint: disable=unused-import
     RECORD_ORDER, fixture_records_dir, tiny_config)
 
 VIDEO_SECONDS = 2.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", name="videos")
@@ -47,6 +50,26 @@ def test_record_batches_are_the_eval_pipelines_with_ids(records_dir):
     np.testing.assert_array_equal(mine["image"], reference["image"])
   ids = np.concatenate([b["video_id"] for b in ours])
   assert list(ids) == RECORD_ORDER + [""]
+
+
+_ONE_BATCH_THEN_EXIT = """
+import sys
+from test_features import tiny_config
+from cav_mae_jax.eval import clips
+batches = clips.record_batches(tiny_config(sys.argv[1]), 4)
+print(len(next(batches)["video_id"]))
+"""
+
+
+def test_a_program_may_end_with_record_batches_unfinished(records_dir):
+  # The generator is closed as the program ends, after TensorFlow's modules are torn down:
+  # its `except tf.errors.OpError` printed 'Exception ignored in ... AttributeError'.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+  done = subprocess.run([sys.executable, "-c", _ONE_BATCH_THEN_EXIT, records_dir], env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert (done.returncode, done.stdout) == (0, "4\n"), done.stderr[-3000:]
+  assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
 
 
 def test_subset_keeps_listed_clips_and_names_missing_ones(records_dir, tmp_path):

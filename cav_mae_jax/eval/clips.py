@@ -237,12 +237,15 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   batches = batches.batch(host_batch).prefetch(2)
   num_batches = _max_over_processes(math.ceil(count / host_batch))
   yielded = 0
+  # Named now: a generator left unfinished is closed when the program ends, by when
+  # TensorFlow's modules may be torn down (`tf.errors` None: 'Exception ignored in').
+  read_error = tf.errors.OpError
   try:
     for batch in batches.as_numpy_iterator():
       batch["video_id"] = np.asarray([x.decode() for x in batch["video_id"]], dtype=object)
       yield pad_batch(batch, host_batch)
       yielded += 1
-  except tf.errors.OpError as e:
+  except read_error as e:
     damaged = input_lib.find_damaged_shard(split.files, split.file_examples)
     where = (f"shard {damaged[0]} is damaged: {damaged[1]}" if damaged else
              records.op_error_text(e))
