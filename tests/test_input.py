@@ -567,7 +567,8 @@ def test_uneven_training_shares_of_the_processes_warn(record_dirs, caplog):
     dataset.check_data_sources(make_config(record_dirs), process_count=2)
   assert len(caplog.records) == 1
   assert ("give the 2 processes 3 to 7 training clips, so a clip of a process with fewer is "
-          "drawn up to 2.33x as often; write a multiple of 2 shards") in caplog.records[0].getMessage()
+          "drawn up to 2.33x as often; write a multiple of 2 shards"
+          ) in caplog.records[0].getMessage()
 
 
 def test_a_missing_split_names_the_evaluator_that_reads_it(record_dirs):

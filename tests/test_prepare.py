@@ -211,8 +211,8 @@ def test_corpus_valid_clips(corpus_run):
   silent = examples["silent"]
   # 10 s of audio (+ the AAC encoder's padding, which the original's ffmpeg decode keeps too).
   assert 998 <= silent["fbank_num_frames"] <= 1010 and not np.any(silent["waveform"])
-  np.testing.assert_allclose(silent["fbank"][:silent["fbank_num_frames"]], np.log(np.finfo(np.float32).eps),
-                             atol=1e-2)  # log floor, not zeros
+  np.testing.assert_allclose(silent["fbank"][:silent["fbank_num_frames"]],
+                             np.log(np.finfo(np.float32).eps), atol=1e-2)  # log floor, not zeros
   one = examples["one_second"]
   assert 90 <= one["fbank_num_frames"] <= 105 and one["duration_s"] == pytest.approx(1, abs=0.1)
   long = examples["thirty_seconds"]
@@ -447,7 +447,8 @@ def test_entries_without_labels_are_quarantined_unless_allowed_and_then_counted(
     lines = [json.loads(line) for line in f]
   assert sorted(q["video_id"] for q in lines) == ["comma", "empty", "list"]
   assert "no labels" in lines[0]["message"] and "--allow-unlabeled" in lines[0]["message"]
-  with pytest.raises(clips.StrictModeError, match="no_labels: the list gives video id 'empty' no labels"):
+  with pytest.raises(clips.StrictModeError,
+                     match="no_labels: the list gives video id 'empty' no labels"):
     prepare.prepare_records(datafile, media["labels_csv"], str(tmp_path / "strict"),
                             num_workers=0, strict=True, progress=False)
   with pytest.raises(ValueError, match="allow_unlabeled was False"):  # not mixed in one dir
