@@ -534,15 +534,18 @@ class HostRecords:
     the original's `WeightedRandomSampler(weights, N, replacement=True)`, N independent draws,
     each clip with probability proportional to its weight, in draw order (`check_weights`
     first)."""
+    return self._read_in_order(self.balanced_draws(epoch, base_seed), skip, reads_in_flight)
+
+  def balanced_draws(self, epoch: tf.Tensor, base_seed: tf.Tensor) -> tf.Tensor:
+    """The clips [N] (indices) that `balanced_epoch` reads in epoch `epoch`, in draw order."""
     cumulative = tf.constant(self.cumulative_weight, tf.float64)
     uniform = tf.random.stateless_uniform(
         [self.num_clips], _salted(base_seed, "balanced", epoch), dtype=tf.float64)
     # A draw u * total falls in clip k's interval [cumulative[k-1], cumulative[k]); clips of
     # weight 0 have empty intervals. The clamp keeps a draw rounded up to the total in range.
     last = int(np.flatnonzero(np.diff(self.cumulative_weight, prepend=0.0) > 0)[-1])
-    chosen = tf.minimum(tf.searchsorted(cumulative, uniform * self.cumulative_weight[-1],
-                                        side="right"), last)
-    return self._read_in_order(chosen, skip, reads_in_flight)
+    return tf.minimum(tf.searchsorted(cumulative, uniform * self.cumulative_weight[-1],
+                                      side="right"), last)
 
   def permuted_epoch(self, epoch: tf.Tensor, base_seed: tf.Tensor, skip: tf.Tensor,
                      reads_in_flight: int) -> tf.data.Dataset:
