@@ -272,25 +272,37 @@ def _label_only_records(directory, labels: list[list[int]], num_shards: int) -> 
   return tuple(paths)
 
 
+# Skewed (label counts 320, 84, 10), with multi-label clips whose weights add up.
+SKEWED_LABELS = [[0]] * 300 + [[1]] * 60 + [[2]] * 6 + [[0, 1]] * 20 + [[1, 2]] * 4
+
+
+def _label_only_sampler(directory, labels: list[list[int]], num_shards: int):
+  """(files, HostRecords, weights, multi-hot labels) of `_label_only_records`' records of
+  `labels`, the last two in the sampler's clip order (shard by shard): a clip's weight is the
+  original's, the sum over its labels of 1000 / (label count + 0.01)."""
+  files = _label_only_records(directory, labels, num_shards)
+  counts = np.bincount(sum(labels, []))
+  sampler = dataset.HostRecords.scan(
+      files, [len(labels[i::num_shards]) for i in range(num_shards)], counts,
+      records.parse_labels)
+  order = sorted(range(len(labels)), key=lambda i: (i % num_shards, i))
+  weights = np.array([sum(1000 / (counts[k] + 0.01) for k in labels[i]) for i in order])
+  multi_hot = np.zeros((len(labels), len(counts)))
+  for row, i in enumerate(order):
+    multi_hot[row, labels[i]] = 1
+  return files, sampler, weights, multi_hot
+
+
 def test_balanced_sampling_class_frequencies_follow_the_weights(tmp_path):
-  # Skewed (label counts 320, 84, 10), with multi-label clips whose weights add up.
-  labels = [[0]] * 300 + [[1]] * 60 + [[2]] * 6 + [[0, 1]] * 20 + [[1, 2]] * 4
-  classes = 3
-  counts = np.bincount(sum(labels, []), minlength=classes)
-  # The original: a clip's weight is the sum over its labels of 1000 / (label count + 0.01), and
-  # clips are drawn with probability proportional to it.
-  clip_weights = np.array([sum(1000 / (counts[k] + 0.01) for k in clip) for clip in labels])
-  multi_hot = np.zeros((len(labels), classes))
-  for i, clip in enumerate(labels):
-    multi_hot[i, clip] = 1
+  labels = SKEWED_LABELS
+  files, sampler, clip_weights, multi_hot = _label_only_sampler(str(tmp_path), labels, 3)
+  classes = multi_hot.shape[1]
+  # The original draws clips with probability proportional to their weights.
   expected = clip_weights @ multi_hot / clip_weights.sum()  # P(a draw carries class k)
   plain = multi_hot.sum(0) / len(labels)
   assert np.max(np.abs(plain / expected - 1)) > 0.5  # without balancing this test fails
 
-  files = _label_only_records(str(tmp_path), labels, num_shards=3)
   config = dataset.DataConfig(batch_size=4, shuffle_buffer=16, balanced_sampling=True)
-  sampler = dataset.HostRecords.scan(files, [len(labels[i::3]) for i in range(3)], counts,
-                                         records.parse_labels)
   # 25,000 draws: each class count has a relative spread 1 / sqrt(draws * p) <= 1.1% (the
   # tolerance below is 3.6 of it; without balancing, class 2 is off by more than 50%).
   draws = 25_000
@@ -315,13 +327,8 @@ def test_balanced_draws_pick_each_clip_in_proportion_to_its_weight(tmp_path):
   # The draws alone (no records read), 1,000,740 of them in 2,566 epochs: each clip's count
   # against its weight's share (chi-square over the 390 clips), and each class's frequency to
   # 0.7% (3.8 times its spread; the end-to-end test above reads 25,000 records at 4%).
-  labels = [[0]] * 300 + [[1]] * 60 + [[2]] * 6 + [[0, 1]] * 20 + [[1, 2]] * 4
-  counts = np.bincount(sum(labels, []), minlength=3)
-  files = _label_only_records(str(tmp_path), labels, num_shards=3)
-  sampler = dataset.HostRecords.scan(files, [len(labels[i::3]) for i in range(3)], counts,
-                                     records.parse_labels)
-  order = sorted(range(len(labels)), key=lambda i: (i % 3, i))  # the sampler's clip order
-  weights = np.array([sum(1000 / (counts[k] + 0.01) for k in labels[i]) for i in order])
+  labels = SKEWED_LABELS
+  _, sampler, weights, multi_hot = _label_only_sampler(str(tmp_path), labels, 3)
   epochs = 2_566
   seed = tf.constant([0, 7], tf.int64)
   drawn = tf.data.Dataset.range(epochs).map(lambda e: sampler.balanced_draws(e, seed)).reduce(
@@ -333,9 +340,6 @@ def test_balanced_draws_pick_each_clip_in_proportion_to_its_weight(tmp_path):
   expected = weights / weights.sum() * draws
   chi_square = np.sum((drawn - expected) ** 2 / expected)  # 389 degrees of freedom
   assert chi_square < 389 + 5 * np.sqrt(2 * 389), chi_square
-  multi_hot = np.zeros((len(labels), 3))
-  for row, i in enumerate(order):
-    multi_hot[row, labels[i]] = 1
   np.testing.assert_allclose(drawn @ multi_hot / draws,
                              weights @ multi_hot / weights.sum(), rtol=0.007)
   # Draws landing one interval off (each clip with its neighbour's share) would be caught.
@@ -349,13 +353,8 @@ def test_balanced_sampling_spreads_a_clip_over_the_epoch(tmp_path):
   epoch). Before, a clip's copies were emitted together into the shuffle buffer (16 here), so
   they came within a few dozen positions of each other."""
   labels = [[0]] * 190 + [[1]] * 10  # each class-1 clip: weight 1000 / 10.01, p ~ 0.05
-  files = _label_only_records(str(tmp_path), labels, num_shards=4)
-  counts = np.bincount(sum(labels, []), minlength=2)
-  sampler = dataset.HostRecords.scan(files, [len(labels[i::4]) for i in range(4)], counts,
-                                         records.parse_labels)
-  np.testing.assert_allclose(np.diff(sampler.cumulative_weight, prepend=0),
-                             [sum(1000 / (counts[k] + 0.01) for k in labels[i]) for i in
-                              sorted(range(200), key=lambda i: (i % 4, i))])
+  files, sampler, weights, _ = _label_only_sampler(str(tmp_path), labels, 4)
+  np.testing.assert_allclose(np.diff(sampler.cumulative_weight, prepend=0), weights)
   config = dataset.DataConfig(batch_size=4, shuffle_buffer=16, balanced_sampling=True)
   epochs = 5
   stream = dataset.training_records(files, 0, config, sampler).take(epochs * 200)
