@@ -116,12 +116,33 @@ def test_classification_evaluator_scores_every_clip_once():
   assert result["val/num_clips"] == CLIPS
   _assert_stats(result, np.mean([jax.nn.softmax(logits(f), -1) for f in range(3)], 0),
                 data["label"])
+  # And every frame's mAP and accuracy of its logits, as the original prints them.
+  for f in range(3):
+    expected = stats.classification_stats(np.asarray(logits(f)), data["label"])
+    assert result[f"val/frame{f}/mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert result[f"val/frame{f}/accuracy"] == expected["accuracy"]
+  assert "val/frame3/mAP" not in result and "val/loss" not in result
 
   # One frame: the logits, as the original's per-epoch validation. Softmax would rank the clips
   # of a class differently here, which moves mAP.
   result = dict(_evaluator(task, "", False, batch_source).run(params))
   assert seen.pop() == ("eval", 11, {"eval_all_frames": False})
   _assert_stats(result, logits(1), data["label"])
+  assert not [key for key in result if "frame" in key]
+  # The evaluator's scores are the logits function's, compiled, to the bit (one forward gives
+  # the logits, the probabilities and the losses).
+  evaluator = _evaluator(task, "", False, batch_source)
+  compiled = jax.jit(task.predict_fns["logits"])
+  np.testing.assert_array_equal(
+      evaluator.predictions(params)["scores"],
+      np.concatenate([np.asarray(compiled(params, b))[b["valid"]]
+                      for b in batch_source("eval", "", 11)]))
+  # The held-out loss: cross-entropy against the labels, averaged over the clips (float64 here).
+  shifted = np.asarray(logits(1), np.float64)
+  shifted -= shifted.max(axis=1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  expected_loss = np.mean(-np.sum(data["label"] * log_softmax, axis=1))
+  assert result["val/loss"] == pytest.approx(expected_loss, rel=1e-6)
   softmax_map = stats.classification_stats(np.asarray(jax.nn.softmax(logits(1), -1)),
                                            data["label"])["mAP"]
   assert result["val/mAP"] != pytest.approx(softmax_map, abs=1e-6)

@@ -189,6 +189,13 @@ def test_loss_on_soft_targets_matches_torch(loss):
   value, grad = jax.value_and_grad(finetune_task.classification_loss)(logits, labels, loss)
   assert float(value) == pytest.approx(expected.item(), abs=1e-6)
   np.testing.assert_allclose(np.asarray(grad), torch_logits.grad.numpy(), atol=1e-7)
+  # Each clip's loss (what the evaluator averages over the clips): torch's without reduction,
+  # BCE's averaged over the classes.
+  per_clip = torch_fn.__class__(reduction="none")(torch_logits, parity.to_torch(labels))
+  per_clip = (per_clip.mean(dim=1) if loss == "bce" else per_clip).detach().numpy()
+  np.testing.assert_allclose(
+      np.asarray(finetune_task.classification_loss(logits, labels, loss, per_clip=True)),
+      per_clip, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- released files
@@ -256,3 +263,7 @@ def test_evaluating_a_released_finetuned_pth_scores_the_reference_probabilities(
   assert results["val/num_clips"] == 8
   for key, value in expected.items():
     assert results[f"val/{key}"] == pytest.approx(value, abs=1e-6), key
+  # The held-out loss, as the original's validate computes valid_loss (one batch here).
+  reference_loss = torch.nn.BCEWithLogitsLoss()(
+      parity.to_torch(reference_logits(released, "multimodal")), parity.to_torch(labels))
+  assert results["val/loss"] == pytest.approx(reference_loss.item(), rel=1e-5)

@@ -23,7 +23,7 @@ from cav_mae_jax.eval import common
 EVALUATOR_TYPES = {
     "losses": ("losses", "LossesEvaluator", ("losses",)),
     "retrieval": ("retrieval", "RetrievalEvaluator", ("features",)),
-    "classification": ("classification", "ClassificationEvaluator", ("logits", "probabilities")),
+    "classification": ("classification", "ClassificationEvaluator", ("classify",)),
 }
 
 

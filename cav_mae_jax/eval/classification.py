@@ -13,10 +13,17 @@ d-prime of one frame and of the frame average are of different scores, as in the
 own `ft_mode`). Unlike the original's per-epoch loop (drop_last), every clip of the split is
 scored exactly once: padding clips are marked by `valid` and dropped. Statistics:
 `eval/stats.py`.
+
+Besides the statistics: with one frame, `loss`, the task's loss (BCE or cross-entropy against
+the hard labels) averaged over the clips, the original's per-epoch `valid_loss` (which averages
+its batches' means instead); with all frames, each frame's `frame<k>/mAP` and
+`frame<k>/accuracy` of its logits, the numbers the original's multi-frame evaluation prints for
+every frame before the average (`mul_frame_res.csv`).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Iterator
 
@@ -55,36 +62,51 @@ class ClassificationEvaluator(common.Evaluator):
     self._mode = config.mode or None
     self._all_frames = (config.all_frames and model_sees_video and
                         (config.mode or model_mode) not in AUDIO_ONLY_MODES)
-    self._logits = self.jit(functools.partial(predict_fns["logits"], mode=self._mode))
-    self._probabilities = self.jit(functools.partial(predict_fns["probabilities"],
-                                                     mode=self._mode))
+    self._classify = self.jit(functools.partial(predict_fns["classify"], mode=self._mode))
 
   def data_overrides(self) -> dict[str, Any]:
     return {"eval_all_frames": self._all_frames}
 
-  def _batch_scores(self, params: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
-    image = batch["image"]
-    if image.ndim == 4:  # one frame per clip
-      return np.asarray(self._logits(params, self.global_batch(batch)), np.float32)
-    total = 0.0
-    for frame in range(image.shape[1]):
-      inputs = self.global_batch({"audio": batch["audio"], "image": image[:, frame]})
-      total = total + np.asarray(self._probabilities(params, inputs), np.float64)
-    return total / image.shape[1]
+  def _classify_batch(self, params: Any, batch: dict[str, np.ndarray],
+                      image: np.ndarray) -> dict[str, np.ndarray]:
+    inputs = {"audio": batch["audio"], "image": image, "label": batch["label"]}
+    return jax.tree.map(np.asarray, self._classify(params, self.global_batch(inputs, keys=inputs.keys())))
 
-  def predictions(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [clips, classes], labels [clips, classes]) of every valid clip, in data order."""
-    scores, labels = [], []
+  def predictions(self, params: Any) -> dict[str, np.ndarray]:
+    """Of every valid clip, in data order: 'scores' [clips, classes] (one frame's logits, or
+    the frames' mean probabilities), 'labels' [clips, classes], and with one frame 'loss'
+    [clips], with all frames 'frame_logits' [frames, clips, classes]."""
+    outputs = collections.defaultdict(list)
     for batch in self.batches():
       valid = batch["valid"]
-      scores.append(self._batch_scores(params, batch)[valid])
-      labels.append(common.global_array(batch["label"])[valid])
-    if not scores or not sum(len(s) for s in scores):
+      outputs["labels"].append(common.global_array(batch["label"])[valid])
+      image = batch["image"]
+      if image.ndim == 4:  # one frame per clip
+        frame = self._classify_batch(params, batch, image)
+        outputs["scores"].append(frame["logits"].astype(np.float32)[valid])
+        outputs["loss"].append(frame["loss"][valid])
+        continue
+      total, logits = 0.0, []
+      for index in range(image.shape[1]):
+        frame = self._classify_batch(params, batch, image[:, index])
+        total = total + frame["probabilities"].astype(np.float64)
+        logits.append(frame["logits"][valid])
+      outputs["scores"].append((total / image.shape[1])[valid])
+      outputs["frame_logits"].append(np.stack(logits))
+    if not sum(len(s) for s in outputs["scores"]):
       raise ValueError(f"evaluator {self.name!r}: split {self.config.split!r} has no clips.")
-    return np.concatenate(scores), np.concatenate(labels)
+    return {key: np.concatenate(value, axis=1 if key == "frame_logits" else 0)
+            for key, value in outputs.items()}
 
   def run(self, params: Any) -> Iterator[tuple[str, float]]:
-    scores, labels = self.predictions(params)
+    outputs = self.predictions(params)
+    scores, labels = outputs["scores"], outputs["labels"]
     yield f"{self.name}/num_clips", float(len(scores))
     for key, value in stats.classification_stats(scores, labels).items():
       yield f"{self.name}/{key}", float(value)
+    if "loss" in outputs:
+      yield f"{self.name}/loss", float(np.mean(outputs["loss"], dtype=np.float64))
+    for index, logits in enumerate(outputs.get("frame_logits", ())):
+      yield f"{self.name}/frame{index}/mAP", float(np.mean(stats.average_precision(logits,
+                                                                                    labels)))
+      yield f"{self.name}/frame{index}/accuracy", stats.top1_accuracy(logits, labels)

@@ -56,12 +56,16 @@ def probabilities(logits: jax.Array, loss: str) -> jax.Array:
   return jax.nn.sigmoid(logits) if loss == "bce" else jax.nn.softmax(logits, axis=-1)
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, loss: str) -> jax.Array:
-  """torch BCEWithLogitsLoss (mean over clips and classes) or CrossEntropyLoss on soft targets."""
+def classification_loss(logits: jax.Array, labels: jax.Array, loss: str,
+                        per_clip: bool = False) -> jax.Array:
+  """torch BCEWithLogitsLoss (mean over clips and classes) or CrossEntropyLoss on soft targets;
+  with `per_clip`, each clip's [clips] (BCE: its mean over classes), whose mean is the loss."""
   logits, labels = logits.astype(jnp.float32), labels.astype(jnp.float32)
   if loss == "bce":
-    return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
-  return optax.softmax_cross_entropy(logits, labels).mean()
+    losses = optax.sigmoid_binary_cross_entropy(logits, labels)
+    return losses.mean(axis=-1) if per_clip else losses.mean()
+  losses = optax.softmax_cross_entropy(logits, labels)
+  return losses if per_clip else losses.mean()
 
 
 def make_task(config: ml_collections.ConfigDict, *, probe: bool = False) -> Task:
@@ -86,8 +90,11 @@ def make_task(config: ml_collections.ConfigDict, *, probe: bool = False) -> Task
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
     return loss, {"loss": loss, "accuracy": accuracy.astype(jnp.float32)}
 
-  def probabilities_fn(params: Any, batch: Batch, mode: str | None = None) -> jax.Array:
-    return probabilities(logits_fn(params, batch, mode), loss_name)
+  def classify_fn(params: Any, batch: Batch, mode: str | None = None) -> dict[str, jax.Array]:
+    """One forward pass: 'logits', 'probabilities' and each clip's 'loss' for batch['label']."""
+    logits = logits_fn(params, batch, mode)
+    return {"logits": logits, "probabilities": probabilities(logits, loss_name),
+            "loss": classification_loss(logits, batch["label"], loss_name, per_clip=True)}
 
   def features(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     audio, video = model.apply({"params": params}, batch["audio"], batch["image"],
@@ -105,8 +112,7 @@ def make_task(config: ml_collections.ConfigDict, *, probe: bool = False) -> Task
   return Task(name="probe" if probe else "finetune", model_config=model_config,
               init_params=init_params, loss_fn=loss_fn, trainable=trainable,
               lr_multipliers=lr_multipliers,
-              predict_fns={"probabilities": probabilities_fn, "features": features,
-                           "logits": logits_fn},
+              predict_fns={"classify": classify_fn, "features": features, "logits": logits_fn},
               step_flops=step_flops, finetune=True)
 
 
