@@ -15,8 +15,8 @@ scored exactly once: padding clips are marked by `valid` and dropped. Statistics
 `eval/stats.py`.
 
 Besides the statistics: with one frame, `loss`, the task's loss (BCE or cross-entropy against
-the hard labels) averaged over the clips, the original's per-epoch `valid_loss` (which averages
-its batches' means instead); with all frames, each frame's `frame<k>/mAP` and
+the hard labels) averaged over the clips, the original's per-epoch `valid_loss` (over its
+drop_last-truncated set); with all frames, each frame's `frame<k>/mAP` and
 `frame<k>/accuracy` of its logits, the numbers the original's multi-frame evaluation prints for
 every frame before the average (`mul_frame_res.csv`).
 """
