@@ -70,7 +70,8 @@ class ClassificationEvaluator(common.Evaluator):
   def _classify_batch(self, params: Any, batch: dict[str, np.ndarray],
                       image: np.ndarray) -> dict[str, np.ndarray]:
     inputs = {"audio": batch["audio"], "image": image, "label": batch["label"]}
-    return jax.tree.map(np.asarray, self._classify(params, self.global_batch(inputs, keys=inputs.keys())))
+    outputs = self._classify(params, self.global_batch(inputs, keys=inputs.keys()))
+    return jax.tree.map(np.asarray, outputs)
 
   def predictions(self, params: Any) -> dict[str, np.ndarray]:
     """Of every valid clip, in data order: 'scores' [clips, classes] (one frame's logits, or
