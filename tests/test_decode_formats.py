@@ -42,6 +42,14 @@ CASES = {
                              (64, 96)),
     'mjpeg_pcm_16k_mono.avi': ('avi', 'mjpeg', 'yuvj420p', {}, 'pcm_s16le', 16000, 1, 25,
                                (64, 96)),
+    # AVI stores no presentation times: FFmpeg gives H.264's packets decode-order timestamps,
+    # so its B-frames (referenced ones with the pyramid, only unreferenced ones without) must
+    # be numbered by counting.
+    'h264_bframes_mp3.avi': ('avi', 'libx264', 'yuv420p', {'preset': 'medium'}, 'libmp3lame',
+                             44100, 2, 25, (64, 96)),
+    'h264_bframes_no_pyramid.avi': ('avi', 'libx264', 'yuv420p',
+                                    {'x264-params': 'b-pyramid=none:bframes=2'}, 'pcm_s16le',
+                                    44100, 2, 25, (64, 96)),
     'ac3_six_channels.mkv': ('matroska', 'libx264', 'yuv420p', {}, 'ac3', 48000, 6, 25,
                              (64, 96)),
     'ffv1_odd_size.mkv': ('matroska', 'ffv1', 'yuv444p', {}, 'flac', 22050, 1, 25, (67, 97)),

@@ -769,7 +769,10 @@ class _FrameSink:
   (`_unneeded`), unless one of them carries parameter sets. A stream whose timestamps cannot rank
   its frames (missing or repeated), or whose ranks turn out inconsistent, or whose picture after
   packets left out is no keyframe to the decoder, is decoded again from the start and its frames
-  counted one by one.
+  counted one by one. So is one whose timestamps follow the decode order, not the presentation
+  order (H.264 with B-frames in AVI, which stores no presentation times): its decoder reorders
+  (`has_b_frames`) but no packet came with an earlier timestamp than one before it, or frames
+  came out of the decoder, which gives them in presentation order, with decreasing timestamps.
   """
 
   def __init__(self, path: str, container: av.container.InputContainer,
@@ -820,6 +823,8 @@ class _FrameSink:
     self._seen_pts: list[int] = []  # Sorted timestamps of the packets demuxed so far.
     self._pending: collections.deque[av.Packet] = collections.deque()
     self._count_instead = False  # Timestamps cannot rank frames: count them in a new pass.
+    self._reordered = False  # A packet's timestamp came before an earlier packet's.
+    self._output_pts: int | None = None  # The timestamp of the last frame decoded.
     self._starts_afresh, self._may_carry_parameter_sets = (
         _fresh_start_tests(stream) or (None, None))
     self._parameter_sets_at: dict[int, bool] = {}  # pts -> may carry parameter sets (cache).
@@ -858,6 +863,7 @@ class _FrameSink:
                               self._seen_pts[position] == packet.pts):
         self._count_instead = self.done = True
         return
+      self._reordered = self._reordered or position < len(self._seen_pts)
       self._seen_pts.insert(position, packet.pts)
       if self._starts_afresh is not None and self._starts_afresh(packet):
         self._fresh_pts.add(packet.pts)
@@ -918,6 +924,11 @@ class _FrameSink:
           if not frame.key_frame:  # The decoder did not start afresh: decode it all again.
             self._count_instead = self.done = True
             return
+        if frame.pts is not None:
+          if self._output_pts is not None and frame.pts <= self._output_pts:
+            self._count_instead = self.done = True  # Timestamps in decode order.
+            return
+          self._output_pts = frame.pts
         index = self._target_pts.get(frame.pts)
         if index is not None and index not in self._frames:
           self._frames[index] = self._convert(frame)
@@ -954,6 +965,8 @@ class _FrameSink:
 
   def frames(self) -> np.ndarray:
     """Returns the wanted frames [num_frames, size, size, 3]; raises if the stream ended early."""
+    if self.stream.codec_context.has_b_frames and not self._reordered:
+      self._count_instead = True  # Timestamps in decode order: the decoder reorders, they never.
     if (self._count_instead or len(self._frames) < len(self._wanted) or
         not self._ranks_consistent()):
       self._count_frames()
