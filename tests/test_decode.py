@@ -87,7 +87,27 @@ def media(tmp_path_factory):
     paths[name] = str(root / name)
     with open(paths[name], 'wb') as f:
       f.write(data[:int(len(data) * 0.4)])
+  # Matroska stores no stream durations in its track headers, but FFmpeg's muxer tags each
+  # track with its DURATION: the same audio cut, or a track legitimately shorter than the video.
+  _remux(str(root / 'whole_truncated_audio_data.mp4'), str(root / 'whole_audio.mkv'))
+  data = open(root / 'whole_audio.mkv', 'rb').read()
+  paths['truncated_audio_data.mkv'] = str(root / 'truncated_audio_data.mkv')
+  with open(paths['truncated_audio_data.mkv'], 'wb') as f:
+    f.write(data[:int(len(data) * 0.4)])
+  write('short_audio.mp4', synthetic.numbered_frames(120), 10, _stereo(6.0))
+  paths['short_audio.mkv'] = str(root / 'short_audio.mkv')
+  _remux(paths['short_audio.mp4'], paths['short_audio.mkv'])
   return paths
+
+
+def _remux(source, path):
+  """Copies `source`'s streams into a Matroska file, packets unchanged."""
+  with av.open(source) as reader, av.open(path, 'w', format='matroska') as writer:
+    copies = {s.index: writer.add_stream_from_template(s) for s in reader.streams}
+    for packet in reader.demux():
+      if packet.size:
+        packet.stream = copies[packet.stream.index]
+        writer.mux(packet)
 
 
 def _numbers(frames):
@@ -780,6 +800,7 @@ BAD_INPUTS = [
     ('text.mp4', 'unreadable_container', 'decode_clip'),
     ('truncated.mp4', 'unreadable_container', 'decode_clip'),
     ('truncated_audio_data.mp4', 'audio_decode_error', 'decode_audio'),
+    ('truncated_audio_data.mkv', 'audio_decode_error', 'decode_audio'),
     ('truncated_av_data.mp4', 'audio_decode_error', 'decode_clip'),
     ('truncated_av_data.mp4', 'too_few_frames', 'decode_frames'),
     ('audio_only.mp4', 'no_video_stream', 'decode_clip'),
@@ -796,6 +817,21 @@ def test_bad_input_raises_decode_error_with_reason(media, name, reason, function
   assert info.value.reason == reason
   assert info.value.path == media[name]
   assert media[name] in str(info.value) and reason in str(info.value)
+
+
+def test_matroska_audio_is_checked_against_its_duration_tag(media):
+  # Its track header has no duration; the DURATION tag says 6 s. The cut copy of a 10-s track
+  # is an error (above); a track shorter than the video by design is not.
+  with av.open(media['short_audio.mkv']) as container:
+    audio = container.streams.audio[0]
+    assert audio.duration is None
+    declared = decode._declared_duration_s(audio)  # pylint: disable=protected-access
+  assert declared == pytest.approx(6.0, abs=0.05)
+  clip = decode.decode_clip(media['short_audio.mkv'])
+  assert len(clip.waveform) == pytest.approx(6.0 * 16000, abs=0.05 * 16000)
+  with pytest.raises(decode.DecodeError, match=r'decoded \d\.\d\d s of audio, the stream '
+                                               r'declares 10\.\d\d s'):
+    decode.decode_audio(media['truncated_audio_data.mkv'])
 
 
 def _zero_one_packet(source, path, kind, number):

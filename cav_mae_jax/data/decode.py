@@ -69,8 +69,9 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
                         picture (attached_pic, as in .m4a/.mp3 files) is not a video stream
   audio_decode_error    the audio decoder fails (on any one packet: the message gives its
                         time; the original's ffmpeg would skip it), or decodes much less
-                        audio than the stream declares (truncated data), or this FFmpeg
-                        build has no decoder for the stream's codec
+                        audio than the stream declares (truncated data; its header's duration
+                        or, in Matroska and WebM, its DURATION tag), or this FFmpeg build has
+                        no decoder for the stream's codec
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
   video_decode_error    the video decoder (on any one packet, as for audio) or the RGB
                         conversion fails, or there is no decoder for the stream's codec
@@ -99,6 +100,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -402,6 +404,20 @@ def _stream_duration_s(stream: av.stream.Stream) -> float | None:
   return None
 
 
+def _declared_duration_s(stream: av.stream.Stream) -> float | None:
+  """The stream's own duration: its header's, else its `DURATION` tag (FFmpeg's Matroska and
+  WebM muxers write one per track, 'HH:MM:SS.nnnnnnnnn', where the track header has none)."""
+  duration_s = _stream_duration_s(stream)
+  if duration_s is not None:
+    return duration_s
+  tag = (stream.metadata or {}).get('DURATION', '')
+  match = re.fullmatch(r'(\d+):([0-5]\d):(\d+(?:\.\d*)?)', tag.strip())
+  if match is None:
+    return None
+  hours, minutes, seconds = match.groups()
+  return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
 class _AudioSink:
   """Decodes one audio stream's packets, keeping the first channel at the source rate.
 
@@ -491,7 +507,7 @@ class _AudioSink:
     if waveform.shape[0] < MIN_AUDIO_SAMPLES:
       raise DecodeError(self.path, 'audio_too_short',
                         f'{waveform.shape[0]} samples at {self.target_sample_rate} Hz')
-    declared_s = _stream_duration_s(self.stream)
+    declared_s = _declared_duration_s(self.stream)
     if declared_s is not None:
       expected = declared_s * self.target_sample_rate
       if self.max_samples is not None:
