@@ -75,6 +75,10 @@ CASES = {
     "preprocess_shard_index_past_num_shards": ("preprocess.py", [
         "--out=o", "--datafile=d.json", "--labels=l.csv", "--shard-index=3", "--num-shards=2"],
         "--shard-index 3: must be < --num-shards 2"),
+    # An existing file as --out said only "File exists".
+    "preprocess_out_is_a_file": ("preprocess.py", [f"--out={ROOT}/README.md", "--datafile=d.json",
+                                                   "--labels=l.csv"],
+                                 f"--out {ROOT}/README.md: is a file, not a directory"),
     "preprocess_negative_workers": ("preprocess.py", ["--out=o", "--datafile=d.json",
                                                       "--labels=l.csv", "--workers=-1"],
                                     "argument --workers: -1: must be >= 0"),

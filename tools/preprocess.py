@@ -77,6 +77,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.error("--datafile and --labels are required (unless --merge-index)")
   if args.shard_index >= args.num_shards:
     parser.error(f"--shard-index {args.shard_index}: must be < --num-shards {args.num_shards}")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    parser.error(f"--out {args.out}: is a file, not a directory for the records")
   return args
 
 
