@@ -374,7 +374,7 @@ def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  argv = resolve_config_args(argv)
+  given = argv = resolve_config_args(argv)
   argv, _none_overrides[:] = split_none_overrides(argv, _config_flag_names())
   config_files = _config_file_args(argv)
   for flag, value in config_files:  # ml_collections' own messages name its internal module
@@ -389,8 +389,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config raised)
     if isinstance(e, AttributeError) and "get_config" in str(e) and config_files:
       fail(f"{'='.join(config_files[0])}: the file defines no get_config()")
-    # ml_collections answers an override of a field the config lacks with AttributeError("'x'").
-    fail(_unknown_config_field(argv) or f"{type(e).__name__}: {e}")
+    # ml_collections answers an override of a field the config lacks with AttributeError("'x'")
+    # (a `=None` one too: it reads sys.argv, which still holds those).
+    fail(_unknown_config_field(given) or f"{type(e).__name__}: {e}")
   return []
 
 

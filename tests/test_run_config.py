@@ -1,5 +1,7 @@
 """What may change when a run resumes (train/run_config.py), checked on the recorded config."""
 
+import re
+
 import pytest
 
 from cav_mae_jax.train import run_config
@@ -17,6 +19,16 @@ def test_recorded_config_round_trips(tmp_path):
   saved = _saved(tmp_path)
   assert run_config.changed_fields(saved, pretrain.get_config("tiny")) == {}
   assert run_config.read_steps_per_epoch(str(tmp_path)) == 8
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"model": {}}', "not a run's config (no task, data)"), ("[1]", "not a run's config"),
+    ("{'task': 1}", "not valid JSON")])
+def test_a_damaged_recorded_config_is_an_error_naming_it(tmp_path, text, why):
+  # It surfaced as AttributeError("'data'") or a JSONDecodeError naming no file.
+  (tmp_path / run_config.RUN_CONFIG_FILE).write_text(text)
+  with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/config.json: {why}")):
+    run_config.read_run_config(str(tmp_path))
 
 
 def test_allowed_changes_are_returned(tmp_path):

@@ -46,6 +46,10 @@ CASES = {
                                                   "--config.total_epochs=None",
                                                   "--config.total_steps=0"],
                                      "config.total_steps=0: must be positive"),
+    # ml_collections reads the =None override from sys.argv too: "AttributeError: \"'nosuch'\"".
+    "train_unknown_field_set_to_none": ("train.py", [TINY, "--workdir=w",
+                                                     "--config.model.nosuch=None"],
+                                        "--config.model.nosuch: config.model has no field"),
     "train_missing_init": ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
                                         "--config.init.path=/no/model.pth"], "config.init.path"),
     "evaluate_missing_workdir": ("evaluate.py", [TINY, "--workdir=/no/workdir",

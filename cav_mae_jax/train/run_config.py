@@ -72,6 +72,10 @@ def read_steps_per_epoch(workdir: str) -> int:
     return int(json.load(f)["steps_per_epoch"])
 
 
+# Sections every run's config holds (configs/pretrain.py and configs/finetune.py).
+RECORDED_SECTIONS = ("task", "model", "data")
+
+
 def missing_run_config(workdir: str) -> str | None:
   """Why `workdir` holds no recorded config ('no such directory', 'no config.json (...)'), or
   None when it holds one."""
@@ -89,7 +93,17 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict | None:
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      recorded = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}): the run's recorded config is "
+                       "damaged") from None
+  missing = [s for s in RECORDED_SECTIONS if s not in recorded] if isinstance(
+      recorded, dict) else RECORDED_SECTIONS
+  if missing:
+    raise ValueError(f"{path}: not a run's config (no {', '.join(missing)}): the recorded "
+                     "config is damaged")
+  return ml_collections.ConfigDict(recorded)
 
 
 def changed_fields(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
