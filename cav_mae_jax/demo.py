@@ -185,18 +185,28 @@ def finetune_config(options: DemoOptions, train_dir: str, eval_dir: str,
   return config
 
 
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """One training run; SIGTERM ends the whole program (after the run saved its step), where
+  the run alone would stop and the next stage go on."""
+  from cav_mae_jax import cli  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    return trainer.train_and_evaluate(config, workdir, raise_on_preemption=True)
+  except trainer.Preempted:
+    raise cli.Terminated() from None
+
+
 def finetune(options: DemoOptions, train_dir: str, eval_dir: str, pretrained: str | None,
              workdir: str) -> dict[str, float]:
   """Fine-tunes the tiny model (from `pretrained`'s workdir, or random init); held-out metrics.
 
   Evaluators: all modalities, and (with a pretrained start) the video or the audio missing.
   """
-  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = finetune_config(options, train_dir, eval_dir, pretrained)
   if os.path.isdir(workdir):
     shutil.rmtree(workdir)
   with contextlib.redirect_stdout(io.StringIO()):  # the init report is in the workdir
-    return trainer.train_and_evaluate(config, workdir)
+    return train(config, workdir)
 
 
 def finetune_report(results: dict[str, dict[str, float]], clips: int) -> list[str]:
@@ -338,14 +348,13 @@ def run_demo(options: DemoOptions) -> str:
   train_dir, eval_dir = prepare_demo_records(options)
   seconds["data"] = time.time() - start
 
-  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = demo_config(options, train_dir, eval_dir)
   run_dir = os.path.join(options.workdir, "run")
   if os.path.isdir(run_dir):
     shutil.rmtree(run_dir)  # the report compares init and the end of one fresh run
   print(f"[2/4] pretraining {options.steps} steps on CPU ({options.config}) ...", flush=True)
   start = time.time()
-  trainer.train_and_evaluate(config, run_dir)
+  train(config, run_dir)
   seconds["pretraining + evals"] = time.time() - start
 
   print(f"[3/4] fine-tuning {options.finetune_steps} steps from the pretrained model and from "

@@ -49,7 +49,6 @@ def run_dir(options: demo.DemoOptions, seed: int, placement: str) -> str:
 def run_sweep(options: demo.DemoOptions, seeds: Sequence[int],
               placements: Sequence[str] = tuple(PLACEMENTS)) -> list[dict[str, Any]]:
   """Trains (or reads back) every (seed, placement) run; returns their final metrics."""
-  from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(placements) - set(PLACEMENTS))
   if unknown:
     raise ValueError(f"noise placements {unknown}: unknown; choose from {sorted(PLACEMENTS)}")
@@ -63,7 +62,7 @@ def run_sweep(options: demo.DemoOptions, seeds: Sequence[int],
       config.data.noise_on_device = PLACEMENTS[placement]
       workdir = run_dir(options, seed, placement)
       print(f"seed {seed}, noise in {placement}: {workdir}", flush=True)
-      trainer.train_and_evaluate(config, workdir)
+      demo.train(config, workdir)
       results.append(final_metrics(workdir, seed, placement))
   with open(os.path.join(options.workdir, SWEEP_DIR, RESULTS_FILE), "w") as f:
     json.dump(results, f, indent=1)

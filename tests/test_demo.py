@@ -96,3 +96,22 @@ def test_records_of_other_options_are_made_again_and_the_demo_says_so(tmp_path, 
                             "eval") == "made with --classes=2, --clip_seconds=0.1"
   os.remove(tmp_path / "records" / "eval_made_with.json")  # records of an earlier version
   assert "unknown options" in demo.stale_records(larger, "eval")
+
+
+def test_sigterm_during_a_run_ends_the_demo(monkeypatch):
+  # The runs stopped at the preemption notice and the demo went on to the next stage (minutes
+  # of fine-tuning, then a report and exit 0): a run that is preempted ends the program.
+  from cav_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def preempted(config, workdir, raise_on_preemption=False):
+    calls.append((config, workdir, raise_on_preemption))
+    if raise_on_preemption:
+      raise trainer.Preempted(3, {})
+    return {}
+
+  monkeypatch.setattr(trainer, "train_and_evaluate", preempted)
+  with pytest.raises(cli.Terminated):
+    demo.train("config", "workdir")
+  assert calls == [("config", "workdir", True)]
