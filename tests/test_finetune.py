@@ -239,8 +239,11 @@ def test_finetune_from_pretraining_then_average_epochs(tmp_path, capsys):
                              sd.flatten_params(averaged).values()):
     expected = ((a.astype(np.float64) + b) / 2).astype(np.float32)
     np.testing.assert_array_equal(m, expected, err_msg=str(path))
-  with pytest.raises(FileNotFoundError, match=r"epoch\(s\) \[3\]"):
+  with pytest.raises(FileNotFoundError, match=r"epoch\(s\) 3 \(2 steps per epoch"):
     averaging.average_workdir(str(tmp_path / "ft"), 2, 3)
+  # A mistyped last epoch is one range (it listed every epoch, 24 GB for 10**12).
+  with pytest.raises(FileNotFoundError, match=r"epoch\(s\) 3-1000000000000 \("):
+    averaging.average_workdir(str(tmp_path / "ft"), 1, 10**12)
 
   # Another class count: refused unless a new head is asked for.
   other = ft_config(source="workdir", path=str(tmp_path / "ft"))
