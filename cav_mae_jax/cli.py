@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import queue
 import signal
@@ -44,8 +45,9 @@ flags.disclaim_key_flags()
 # errors (ours subclass it); OSError covers missing, unreadable and existing paths.
 USER_ERRORS = (ValueError, OSError)
 # Failures of a run that started: one line too, with exit status 1 (a loss that became NaN or
-# infinite: trainer.NonFiniteLossError).
-RUN_FAILURES = (FloatingPointError,)
+# infinite: trainer.NonFiniteLossError; host memory exhausted, e.g. NumPy's "Unable to allocate
+# 954. GiB for an array with shape ...").
+RUN_FAILURES = (FloatingPointError, MemoryError)
 
 
 def config_search_dirs() -> list[str]:
@@ -207,6 +209,8 @@ def number_type(kind: Callable[[str], Any], minimum: float, *,
       value = kind(text)
     except ValueError:
       raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if not math.isfinite(value):  # (NaN passes every comparison below)
+      raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
     if value < minimum or (value == minimum and not inclusive):
       raise argparse.ArgumentTypeError(f"{text}: must be {'>=' if inclusive else '>'} {minimum:g}")
     return value

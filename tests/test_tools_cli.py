@@ -262,3 +262,16 @@ def test_demo_bad_option_is_refused_before_anything_is_built_or_deleted(tool, ar
   assert not result.stdout  # not even "[1/4] synthetic clips and records ..."
   assert sorted(os.listdir(workdir)) == sorted(earlier)  # no synthetic/ or records/
   assert all((workdir / name / "metrics.jsonl").read_text() == "{}\n" for name in earlier)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nan", "nan: must be a finite number"), ("inf", "inf: must be a finite number"),
+    ("0", "0: must be > 0"), ("x", "invalid float value: 'x'")])
+def test_number_flags_refuse_what_is_not_a_finite_number_in_range(text, message):
+  # NaN passed every comparison (make_synthetic.py --duration=nan then failed converting it),
+  # inf overflowed into a traceback.
+  import argparse  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}$"):
+    cli.number_type(float, 0, inclusive=False)(text)
+  assert cli.number_type(float, 0, inclusive=False)("0.5") == 0.5

@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     return _error(f'--codec {args.codec}: needs --source (synthetic clips are not transcoded)')
   try:
     os.sched_setaffinity(0, {args.cpu})
-  except OSError as e:
-    return _error(f'--cpu {args.cpu}: {e.strerror or e}')
+  except (OSError, ValueError) as e:  # ValueError: a negative CPU number
+    return _error(f'--cpu {args.cpu}: {getattr(e, "strerror", None) or e}')
   if args.run_original:  # Worker mode, under --original-python.
     paths = sorted(os.path.join(args.run_original, n) for n in os.listdir(args.run_original)
                    if n.endswith(preprocess_benchmark.CLIP_EXTENSIONS))

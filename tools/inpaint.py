@@ -29,7 +29,9 @@ _OUT = flags.DEFINE_string("out", None, "Output PNG file (must not exist unless 
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (never a "
                                 "directory).")
 flags.mark_flags_as_required(["out"])
-flags.register_validator(_OUT.name, lambda path: path is None or path.lower().endswith(".png"),
+# ('.png' alone is a hidden file without the extension: matplotlib wrote '.png.png'.)
+flags.register_validator(_OUT.name, lambda path: path is None or (
+    path.lower().endswith(".png") and len(path.replace("\\", "/").rsplit("/", 1)[-1]) > 4),
                          message="must name a .png file")
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
 flags.register_validator(_INDEX.name, lambda index: index is None or index >= 0,

@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                       help='number of evaluation clips (0: none)')
   parser.add_argument('--classes', type=cli.number_type(int, 1), default=8,
                       help='number of classes')
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seed', type=cli.number_type(int, 0), default=0)
   parser.add_argument('--duration', type=cli.number_type(float, 0, inclusive=False), default=10.0,
                       help='clip length in seconds')
   parser.add_argument('--fps', type=cli.number_type(int, 1), default=10)
-  parser.add_argument('--width', type=int, default=160)
-  parser.add_argument('--height', type=int, default=120)
+  parser.add_argument('--width', type=cli.number_type(int, 2), default=160)
+  parser.add_argument('--height', type=cli.number_type(int, 2), default=120)
   parser.add_argument('--workers', type=cli.number_type(int, 1), default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
   splits = [('train', args.train)] + ([('eval', args.eval)] if args.eval > 0 else [])
