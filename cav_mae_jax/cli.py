@@ -387,7 +387,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       fail(f"{flag}={value}: " + ("a directory, not a config file" if os.path.isdir(path)
                                   else "no such file"))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     fail(_without_traceback(str(e)))
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config raised)
@@ -395,8 +395,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
       fail(f"{'='.join(config_files[0])}: the file defines no get_config()")
     # ml_collections answers an override of a field the config lacks with AttributeError("'x'")
     # (a `=None` one too: it reads sys.argv, which still holds those).
-    fail(_unknown_config_field(given) or f"{type(e).__name__}: {e}")
-  return []
+    where = f"{'='.join(config_files[0])}: " if config_files else ""
+    fail(_unknown_config_field(given) or f"{where}{type(e).__name__}: {e}")
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  for flag, value in config_files:
+    config = flags.FLAGS[flag.lstrip("-")].value
+    if not isinstance(config, config_dict.ConfigDict):
+      fail(f"{flag}={value}: get_config() returned an object of type "
+           f"{type(config).__name__}, not a ml_collections.ConfigDict")
+  return rest
 
 
 def _config_file_args(argv: Sequence[str]) -> list[tuple[str, str]]:

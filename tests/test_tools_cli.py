@@ -275,3 +275,17 @@ def test_number_flags_refuse_what_is_not_a_finite_number_in_range(text, message)
   with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(message)}$"):
     cli.number_type(float, 0, inclusive=False)(text)
   assert cli.number_type(float, 0, inclusive=False)("0.5") == 0.5
+
+
+def test_a_config_file_that_fails_or_returns_no_configdict_is_named(tmp_path):
+  # Its import error named no file; a get_config returning something else gave a traceback.
+  (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")
+  (tmp_path / "imports.py").write_text("import nosuchmod\n\n\ndef get_config():\n  return 5\n")
+  for name, message in [
+      ("five.py", "five.py: get_config() returned an object of type int, not a "
+                  "ml_collections.ConfigDict"),
+      ("imports.py", "imports.py: ModuleNotFoundError: No module named 'nosuchmod'")]:
+    result = _run_tool("model_summary.py", [f"--config={tmp_path / name}"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: --config={tmp_path}/") and lines[0].endswith(message)
