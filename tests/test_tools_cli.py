@@ -83,6 +83,8 @@ CASES = {
     "preprocess_out_is_a_file": ("preprocess.py", [f"--out={ROOT}/README.md", "--datafile=d.json",
                                                    "--labels=l.csv"],
                                  f"--out {ROOT}/README.md: is a file, not a directory"),
+    "benchmark_profile_is_a_file": ("benchmark.py", [TINY, f"--profile={ROOT}/README.md"],
+                                    "README.md: is a file, not a folder"),
     "preprocess_negative_workers": ("preprocess.py", ["--out=o", "--datafile=d.json",
                                                       "--labels=l.csv", "--workers=-1"],
                                     "argument --workers: -1: must be >= 0"),

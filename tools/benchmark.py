@@ -95,6 +95,9 @@ _MEMORY_ANALYSIS = flags.DEFINE_bool(
 _INPUT_ONLY = flags.DEFINE_bool("input-only", False, "Time only the tf.data pipeline.")
 _PROFILE = flags.DEFINE_string("profile", None, "Also trace a few steps into this folder and "
                                "print where their device time went.")
+# (A file there failed the trace only after the whole benchmark had run.)
+flags.register_validator(_PROFILE.name, lambda path: path is None or not (
+    os.path.exists(path) and not os.path.isdir(path)), message="is a file, not a folder")
 _GPU_TARGET = flags.DEFINE_enum(
     "gpu-target", None, ["h100", "h200"], "--memory-analysis or --cost-analysis: compile for this "
     "GPU without one (needs JAX's CUDA plugin) and print the GPU compiler's memory plan, or the "
