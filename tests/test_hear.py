@@ -150,13 +150,14 @@ def test_bad_audio_and_paths(model, tmp_path):
 
 
 def test_workdir_normalization_is_the_runs(tmp_path):
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
   os.makedirs(tmp_path / "checkpoints")
-  (tmp_path / "config.json").write_text(json.dumps({"data": {"fbank_mean": -4.0,
-                                                             "fbank_std": 3.0}}))
-  assert hear.fbank_normalization(str(tmp_path)) == (-4.0, 3.0)
-  (tmp_path / "config.json").write_text(json.dumps({"data": {"fbank_mean": None,
-                                                             "fbank_std": None}}))
-  assert hear.fbank_normalization(str(tmp_path)) == (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD)
+  recorded = json.loads(pretrain.get_config("tiny").to_json())  # as a run records it
+  for mean, std, expected in ((-4.0, 3.0, (-4.0, 3.0)),
+                              (None, None, (fbank.AUDIOSET_MEAN, fbank.AUDIOSET_STD))):
+    recorded["data"].update(fbank_mean=mean, fbank_std=std)
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert hear.fbank_normalization(str(tmp_path)) == expected
 
 
 def test_workdir_normalization_with_index_statistics_is_the_training_splits(tmp_path):
