@@ -89,25 +89,16 @@ def media(tmp_path_factory):
       f.write(data[:int(len(data) * 0.4)])
   # Matroska stores no stream durations in its track headers, but FFmpeg's muxer tags each
   # track with its DURATION: the same audio cut, or a track legitimately shorter than the video.
-  _remux(str(root / 'whole_truncated_audio_data.mp4'), str(root / 'whole_audio.mkv'))
+  _remux_to_matroska(str(root / 'whole_truncated_audio_data.mp4'),
+                     str(root / 'whole_audio.mkv'))
   data = open(root / 'whole_audio.mkv', 'rb').read()
   paths['truncated_audio_data.mkv'] = str(root / 'truncated_audio_data.mkv')
   with open(paths['truncated_audio_data.mkv'], 'wb') as f:
     f.write(data[:int(len(data) * 0.4)])
   write('short_audio.mp4', synthetic.numbered_frames(120), 10, _stereo(6.0))
   paths['short_audio.mkv'] = str(root / 'short_audio.mkv')
-  _remux(paths['short_audio.mp4'], paths['short_audio.mkv'])
+  _remux_to_matroska(paths['short_audio.mp4'], paths['short_audio.mkv'])
   return paths
-
-
-def _remux(source, path):
-  """Copies `source`'s streams into a Matroska file, packets unchanged."""
-  with av.open(source) as reader, av.open(path, 'w', format='matroska') as writer:
-    copies = {s.index: writer.add_stream_from_template(s) for s in reader.streams}
-    for packet in reader.demux():
-      if packet.size:
-        packet.stream = copies[packet.stream.index]
-        writer.mux(packet)
 
 
 def _numbers(frames):
