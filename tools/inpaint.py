@@ -14,6 +14,8 @@ model was trained with (checked against the checkpoint's stored model config).
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from cav_mae_jax import cli
@@ -31,7 +33,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out fi
 flags.mark_flags_as_required(["out"])
 # ('.png' alone is a hidden file without the extension: matplotlib wrote '.png.png'.)
 flags.register_validator(_OUT.name, lambda path: path is None or (
-    path.lower().endswith(".png") and len(path.replace("\\", "/").rsplit("/", 1)[-1]) > 4),
+    path.lower().endswith(".png") and len(os.path.basename(path)) > 4),
                          message="must name a .png file")
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
 flags.register_validator(_INDEX.name, lambda index: index is None or index >= 0,

@@ -88,15 +88,17 @@ def average_workdir(workdir: str, first_epoch: int, last_epoch: int) -> tuple[Py
   # Epochs beyond the last checkpoint are missing without a list of every one of them (a
   # mistyped --last_epoch=1000000000000 made a list of that length).
   last_saved = max(available, default=0) // steps_per_epoch
-  steps = [epoch * steps_per_epoch for epoch in range(first_epoch, min(last_epoch,
-                                                                        last_saved) + 1)]
-  missing = [s // steps_per_epoch for s in steps if s not in available]
-  if last_epoch > last_saved:
-    missing.append(f"{max(first_epoch, last_saved + 1)}-{last_epoch}" if last_epoch > max(
-        first_epoch, last_saved + 1) else last_epoch)
+  steps = [epoch * steps_per_epoch
+           for epoch in range(first_epoch, min(last_epoch, last_saved) + 1)]
+  missing = [str(s // steps_per_epoch) for s in steps if s not in available]
+  first_unsaved = max(first_epoch, last_saved + 1)
+  if first_unsaved < last_epoch:
+    missing.append(f"{first_unsaved}-{last_epoch}")
+  elif first_unsaved == last_epoch:
+    missing.append(str(last_epoch))
   if missing:
     raise FileNotFoundError(f"{workdir}: no epoch-end checkpoint of epoch(s) "
-                            f"{', '.join(map(str, missing))} ({steps_per_epoch} steps per "
+                            f"{', '.join(missing)} ({steps_per_epoch} steps per "
                             f"epoch; saved steps {sorted(available)}; was "
                             "config.checkpoint.every_epoch on?)")
   params = average_params(checkpoint.read_workdir_params(workdir, s)[0] for s in steps)
