@@ -6,6 +6,7 @@ records give (the records written by the data tools from the same files).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,6 +71,41 @@ def test_a_program_may_end_with_record_batches_unfinished(records_dir):
                         capture_output=True, text=True, timeout=300, check=False)
   assert (done.returncode, done.stdout) == (0, "4\n"), done.stderr[-3000:]
   assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+
+
+def _rewrite_shard(path: str, keep: slice, extra: int = 0) -> None:
+  """Rewrites a shard with only its records `keep` (cut at a record boundary: it still reads
+  without an error) and its first record `extra` more times at the end."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  serialized = [x.numpy() for x in tf.data.TFRecordDataset(path)]
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in serialized[keep] + serialized[:1] * extra:
+      writer.write(record)
+
+
+@pytest.mark.parametrize("shard,keep,extra,why", [
+    (0, slice(0, 0), 0, "holds 0 records, the index lists 3"),
+    (1, slice(0, 1), 0, "holds 1 records, the index lists 2"),
+    (2, slice(None), 1, "holds more than the 2 records the index lists")])
+def test_a_shard_holding_another_count_than_its_index_is_named(records_dir, tmp_path, shard,
+                                                                keep, extra, why):
+  # Cut at a record boundary (or emptied) a shard reads without an error: its clips were left
+  # out (or others took their places) and features, retrieval and inpainting went on.
+  from cav_mae_jax.eval import inpaint  # pylint: disable=g-import-not-at-top
+  damaged = str(tmp_path / "records")
+  shutil.copytree(records_dir, damaged)
+  path = os.path.join(damaged, f"clips-{shard:05d}-of-00003.tfrecord")
+  _rewrite_shard(path, keep, extra)
+  config = tiny_config(damaged)
+  message = rf"shard {path} is damaged: {why}"
+  with pytest.raises(input_lib.RecordReadError, match=message):
+    list(clips.record_batches(config, 4))
+  with pytest.raises(input_lib.RecordReadError, match=message):
+    list(clips.record_batches(config, 4, video_ids=["clip0"]))
+  if shard == 0:  # the first clip would be shard 1's: refused before it is shown
+    with pytest.raises(input_lib.RecordReadError, match=message):
+      inpaint.record_clip(config, index=0)
+  assert len(list(clips.record_batches(tiny_config(records_dir), 4))) == 2  # the intact copy
 
 
 def test_subset_keeps_listed_clips_and_names_missing_ones(records_dir, tmp_path):

@@ -155,6 +155,14 @@ def test_open_records_dir_checks_the_directory_in_one_line(tmp_path):
   records.write_index(records.index_path(str(good)), index)
   assert records.open_records_dir(str(good)) == index
   assert [v["video_id"] for v in records.iter_examples(str(good))] == ["clip_0"]
+  shard = good / "records-00000-of-00001.tfrecord"
+  for held, serialized in ((0, b""), ("more than 1", shard.read_bytes() * 2)):
+    intact = shard.read_bytes()
+    shard.write_bytes(serialized)  # reads without an error: its count tells
+    with pytest.raises(ValueError, match=f"shard {shard} is damaged: holds {held} records, "
+                       "the index lists 1"):
+      list(records.iter_examples(str(good)))
+    shard.write_bytes(intact)
 
   (tmp_path / "plain").mkdir()
   (tmp_path / "file.txt").write_text("x")

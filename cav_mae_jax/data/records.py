@@ -566,8 +566,18 @@ def open_records_dir(directory: str) -> RecordIndex:
 
 
 def iter_examples(directory: str) -> Iterator[ExampleValues]:
-  """Every example of a records directory as record values, in shard order."""
+  """Every example of a records directory as record values, in shard order. A shard holding
+  another count of records than the index lists raises ValueError naming it (one cut at a
+  record boundary, or empty, reads without an error)."""
   index = open_records_dir(directory)
-  for path in index.shard_paths(directory):
+  for shard, path in zip(index.shards, index.shard_paths(directory)):
+    count = 0
     for serialized in tf.data.TFRecordDataset(path):
+      count += 1
+      if count > shard.num_examples:
+        break
       yield parsed_to_values(parse_example(serialized, with_waveform=index.store_waveform))
+    if count != shard.num_examples:
+      held = (f"more than {shard.num_examples}" if count > shard.num_examples else count)
+      raise ValueError(f"shard {path} is damaged: holds {held} records, the index lists "
+                       f"{shard.num_examples}")

@@ -182,6 +182,41 @@ def eval_preprocess_fn(data_config: Any, mean: float, std: float) -> Callable[[d
 # Records.
 
 
+class _ShardCounts:
+  """Checks that each shard holds the records its index lists, as records arrive in file order
+  (each named by its shard's position): a shard that ends early or runs over raises
+  RecordReadError naming it, before a batch holding another shard's clips in its place is used."""
+
+  def __init__(self, files: Sequence[str], expected: Sequence[int], description: str):
+    self._files, self._expected, self._description = list(files), list(expected), description
+    self._shard, self._count = 0, 0
+
+  def add(self, shards: Sequence[int]) -> None:
+    for shard in shards:
+      while shard != self._shard:  # the records of self._shard have ended
+        self._check_complete()
+        self._shard, self._count = self._shard + 1, 0
+      self._count += 1
+      if self._count > self._expected[shard]:
+        self._fail(f"holds more than the {self._expected[shard]} records the index lists")
+
+  def finish(self) -> None:
+    """After the last record: every shard left must be complete."""
+    for self._shard in range(self._shard, len(self._files)):
+      self._check_complete()
+      self._count = 0
+
+  def _check_complete(self) -> None:
+    if self._count != self._expected[self._shard]:
+      self._fail(f"holds {self._count} records, the index lists {self._expected[self._shard]} "
+                 "(truncated file?)")
+
+  def _fail(self, why: str) -> None:
+    from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+    raise input_lib.RecordReadError(
+        f"{self._description}: shard {self._files[self._shard]} is damaged: {why}")
+
+
 def record_batches(config: Any, batch_size: int, *, directory: str = "",
                    video_ids: Sequence[str] | None = None,
                    frame: int | None = None) -> Iterator[HostBatch]:
@@ -207,13 +242,21 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   files = tf.constant(split.files, tf.string, shape=[len(split.files)])
   id_spec = {records.VIDEO_ID: records.feature_spec()[records.VIDEO_ID]}
   count = split.host_examples[process]
-  examples = tf.data.TFRecordDataset(files)
+  # Each record with the position of its shard among `files`: a shard that ends early (cut at
+  # a record boundary, or empty) reads without an error, and its clips would be left out.
+  examples = tf.data.Dataset.from_tensor_slices((files, tf.range(len(split.files)))).flat_map(
+      lambda path, shard: tf.data.TFRecordDataset(path).map(lambda s: (s, shard)))
+  shard_counts = _ShardCounts(split.files, split.file_examples, split.source.description)
   if video_ids is not None:
     wanted = list(dict.fromkeys(video_ids))
     if not wanted:
       raise ValueError("the subset of clip ids is empty")
-    local_ids = [x.decode() for x in examples.map(
-        lambda s: tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]).as_numpy_iterator()]
+    local_ids = []
+    for video_id, shard in examples.map(lambda s, shard: (
+        tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID], shard)).as_numpy_iterator():
+      shard_counts.add([shard])
+      local_ids.append(video_id.decode())
+    shard_counts.finish()
     found = {x for ids in allgather_strings(sorted(set(local_ids) & set(wanted))) for x in ids}
     missing = [x for x in wanted if x not in found]
     if missing:
@@ -225,13 +268,15 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(wanted), tf.ones(len(wanted), tf.int32)),
         default_value=0)
-    examples = examples.filter(
-        lambda s: table.lookup(tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]) > 0)
+    examples = examples.filter(lambda s, shard: table.lookup(
+        tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]) > 0)
+    shard_counts = None  # every shard was counted when the ids were read
 
-  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  def parse(serialized: tf.Tensor, shard: tf.Tensor) -> dict[str, tf.Tensor]:
     parsed = split.source.parse(serialized)
     clip = preprocess({"audio": parsed[records.FBANK], "frames": parsed[records.FRAMES]})
-    return {**clip, "video_id": parsed[records.VIDEO_ID], "valid": tf.constant(True)}
+    return {**clip, "video_id": parsed[records.VIDEO_ID], "valid": tf.constant(True),
+            "shard": shard}
 
   batches = examples.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   batches = batches.batch(host_batch).prefetch(2)
@@ -242,9 +287,14 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   read_error = tf.errors.OpError
   try:
     for batch in batches.as_numpy_iterator():
+      shards = batch.pop("shard")
+      if shard_counts is not None:
+        shard_counts.add(shards)  # before the batch is used: it may hold another shard's clips
       batch["video_id"] = np.asarray([x.decode() for x in batch["video_id"]], dtype=object)
       yield pad_batch(batch, host_batch)
       yielded += 1
+    if shard_counts is not None:
+      shard_counts.finish()
   except read_error as e:
     damaged = input_lib.find_damaged_shard(split.files, split.file_examples)
     where = (f"shard {damaged[0]} is damaged: {damaged[1]}" if damaged else
