@@ -883,6 +883,25 @@ def test_unreadable_container_says_why_without_errno_or_the_path_again(media, na
       'media file FFmpeg can open, or one cut before its index)')
 
 
+@pytest.mark.parametrize('name,text,listing', [
+    ('list.mp4', 'ffconcat version 1.0\nfile {clip}\nfile {clip}\n', 'an FFmpeg concat list'),
+    ('list.m3u8', '#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{clip}\n#EXT-X-ENDLIST\n',
+     'an HLS playlist')])
+def test_a_text_file_naming_other_media_files_is_not_a_clip(media, tmp_path, name, text,
+                                                            listing):
+  # FFmpeg probes files by content: a concat list named .mp4 opened as the media it names (a
+  # clip under this file's id), and was refused only later with a misleading hint.
+  clip = tmp_path / 'clip.mp4'
+  shutil.copy(media['numbered_12.5fps.mp4'], clip)
+  path = tmp_path / name
+  path.write_text(text.format(clip=clip.name))
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_clip(str(path))
+  assert str(info.value) == (f'{path}: unreadable_container ({listing} (text naming other '
+                             'files), not a media file)')
+  decode.decode_clip(str(clip))  # the clip it names is one
+
+
 def test_too_few_frames_says_when_the_frame_count_is_an_estimate(media, tmp_path):
   # Matroska stores no frame count: it is estimated (as OpenCV does) from the container's
   # duration, here that of the longer audio track. The message said "container declares 31

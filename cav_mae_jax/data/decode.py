@@ -360,14 +360,26 @@ def _packet_decode_error(path: str, kind: str, packet: av.Packet | None,
                      "where the original's ffmpeg and OpenCV skip the packet")
 
 
+# FFmpeg demuxers of text files that name other media files (FFmpeg probes them by content, so
+# a playlist named .mp4 opens too): the clip would be those files' media under this file's id.
+_LIST_DEMUXERS = {'concat': 'an FFmpeg concat list', 'hls': 'an HLS playlist',
+                  'dash': 'a DASH manifest'}
+
+
 def _open_container(path: str, source: str | _RemoteFile) -> av.container.InputContainer:
   try:
-    return av.open(source, mode='r')
+    container = av.open(source, mode='r')
   except (av.error.FFmpegError, UnicodeDecodeError) as e:
     detail = ffmpeg_text(e)
     if isinstance(e, av.error.InvalidDataError):
       detail += ': not a media file FFmpeg can open, or one cut before its index'
     raise DecodeError(path, 'unreadable_container', detail) from e
+  listing = _LIST_DEMUXERS.get(container.format.name)
+  if listing is not None:
+    container.close()
+    raise DecodeError(path, 'unreadable_container',
+                      f'{listing} (text naming other files), not a media file')
+  return container
 
 
 @contextlib.contextmanager
