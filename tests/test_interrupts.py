@@ -240,6 +240,26 @@ def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(tmp_path, workdi
                                trainer.Inputs(source, None, 24))
 
 
+def test_a_workdir_that_is_a_records_directory_is_refused(tmp_path):
+  # The run's checkpoints, metrics and config were written among the shards.
+  import test_train_resume  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
+  source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
+  records = tmp_path / "records"
+  records.mkdir()
+  (records / "index.json").write_text("{}")
+  config = test_train_resume.tiny_config()
+  with pytest.raises(ValueError, match=rf"^workdir {records}: is a records directory \(it "
+                     r"holds index.json\)"):
+    trainer.train_and_evaluate(config, str(records), trainer.Inputs(source, None, 24))
+  with config.unlocked():
+    config.data.eval_dir = str(tmp_path / "eval")
+  with pytest.raises(ValueError, match=rf"^workdir {tmp_path}/x/../eval: is the records "
+                     "directory config.data.eval_dir;"):
+    trainer.train_and_evaluate(config, f"{tmp_path}/x/../eval", trainer.Inputs(source, None, 24))
+  assert sorted(os.listdir(tmp_path)) == ["records"] and os.listdir(records) == ["index.json"]
+
+
 def test_an_interrupted_shard_leaves_no_temporary_of_its_sidecar(tmp_path):
   from cav_mae_jax.data import shards  # pylint: disable=import-outside-toplevel
   name = shards.shard_file_name(2, 40)

@@ -101,6 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   task = tasks.get_task(config)
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
+  _check_workdir_holds_no_data(config, workdir)
   made = dir_lock.make_output_dir(workdir, "workdir")
   if not is_main:
     return _train(config, workdir, inputs, task, is_main, raise_on_preemption)
@@ -114,6 +115,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if made:  # failed before writing anything: leave no empty workdir behind
         lock.remove_unused_directory()
       raise
+
+
+def _check_workdir_holds_no_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir is the run's own: not a records directory (the run's checkpoints, metrics and
+  config would be written among its shards), named by a data field or not."""
+  data = [(f"config.data.{split}_dir", config.data.get(f"{split}_dir", ""))
+          for split in ("train", "eval")]
+  data += [(f"config.evals.{name}.dir", entry.get("dir", ""))
+           for name, entry in (config.get("evals") or {}).items()]
+  for field, directory in data:
+    if directory and os.path.realpath(directory) == os.path.realpath(workdir):
+      raise ValueError(f"workdir {workdir}: is the records directory {field}; a run writes its "
+                       "checkpoints, metrics and config in a directory of its own")
+  if os.path.isfile(os.path.join(workdir, "index.json")):
+    raise ValueError(f"workdir {workdir}: is a records directory (it holds index.json); a run "
+                     "writes its checkpoints, metrics and config in a directory of its own")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | None,
