@@ -185,13 +185,19 @@ def test_a_labels_csv_row_without_a_mid_is_refused_and_duplicates_are_named(tmp_
   for text, why in (("index,mid,display_name\n0,/m/a,A\n1\n", "row 3 (index 1) has no mid"),
                     ("index,mid,display_name\n0, ,A\n", "row 2 (index 0) has no mid"),
                     ("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/a,C\n",
-                     "duplicate mids: /m/a")):
+                     "duplicate mids: /m/a"),
+                    # An unquoted comma: the name was read as 'Vehicle' and ' car' dropped.
+                    ("index,mid,display_name\n0,/m/v,Vehicle, car\n",
+                     'row 2 has 4 fields, the header 3: a display name that holds a comma must '
+                     'be quoted ("Male speech, man speaking")')):
     path.write_text(text)
     with pytest.raises(sources.SourceError) as info:
       sources.read_class_labels(str(path))
     assert str(info.value) == f"labels CSV {path}: {why}"
   path.write_text("index,mid,display_name\n0,/m/a\n")  # a display name only names the class
   assert sources.read_class_labels(str(path)).display_names == ("",)
+  path.write_text('index,mid,display_name\n0,/m/v,"Vehicle, car"\n')
+  assert sources.read_class_labels(str(path)).display_names == ("Vehicle, car",)
 
 
 class _CountedLabel(str):

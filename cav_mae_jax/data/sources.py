@@ -131,6 +131,11 @@ def read_class_labels(path: str) -> ClassLabels:
     raise SourceError(what, path, "has no classes (a header and no rows)")
   by_index: dict[int, dict[str, str]] = {}
   for position, row in enumerate(rows):
+    if None in row:  # more fields than the header names (DictReader's rest key)
+      fields = len(reader.fieldnames) + len(row[None])
+      raise SourceError(what, path, f"row {position + 2} has {fields} fields, the header "
+                        f"{len(reader.fieldnames)}: a display name that holds a comma must be "
+                        'quoted ("Male speech, man speaking")')
     try:
       index = int(row["index"])
     except (TypeError, ValueError):
