@@ -23,6 +23,10 @@ HEAD_MODULES = ("mlp_head_0", "mlp_head_1")
 # Ours only (not in the original): kept at their init values.
 NOT_IN_ORIGINAL = ("log_temperature",)
 AUDIO_POS_EMBEDS = ("pos_embed_a", "decoder_pos_embed_a")
+# In the original's ImageNet-MAE starting file for pretraining (src/adapt_vmae_weights.py, the
+# recipes' ori_mae_11_for_pretrain.pth): MAE's CLS token, attached to the model three times. The
+# original's model uses none (its pretraining loads the file with strict=False); dropped, said.
+ADAPTED_CLS_TOKENS = ("cls_token_a", "cls_token_v", "cls_token_av")
 
 
 def _is_visual(module: str) -> bool:
@@ -72,7 +76,11 @@ def cavmae_to_params(
       report.dropped[name] = "replaced by a new classification head"
       del source[path]
     elif _is_decoder(path[0]) and not any(_is_decoder(m) for m in target_modules):
-      report.dropped[name] = "decoder, not part of the target (fine-tuning) model"
+      report.dropped[name] = "decoder, not part of the target model"
+      del source[path]
+    elif path[0] in ADAPTED_CLS_TOKENS and path[0] not in target_modules:
+      report.dropped[name] = ("the original's adapted ImageNet-MAE file's CLS token, which its "
+                              "model does not use")
       del source[path]
 
   resized = False
