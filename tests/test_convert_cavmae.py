@@ -193,6 +193,13 @@ def test_sincos_recomputes_fixed_audio_grids_for_a_longer_input_and_refuses_trai
     np.testing.assert_array_equal(params[name].reshape(8, 128, dim)[:, :64],
                                   released[f"module.{name}"].reshape(8, 64, dim))
   assert any("sincos" in note and "8 x 64 -> 8 x 128" in note for note in report.notes)
+  # 'interpolate' stretches a fixed table: done as asked, and the report says what fits it.
+  _, report = cavmae_checkpoint.cavmae_to_params(released, _init(target_dims),
+                                                 audio_pos_resize="interpolate")
+  assert [note for note in report.notes if "stretched" in note] == [
+      f"{name}: the checkpoint's table is the fixed sin-cos embedding; 'interpolate' stretched "
+      "it (a model built at this length, as the original builds one, has it recomputed: "
+      "audio_pos_resize='sincos')" for name in ("pos_embed_a", "decoder_pos_embed_a")]
   released["module.pos_embed_a"] = released["module.pos_embed_a"] + 1e-3  # trained in fine-tuning
   with pytest.raises(ValueError, match="not the fixed sin-cos.*use method='interpolate'"):
     cavmae_checkpoint.cavmae_to_params(released, _init(target_dims), audio_pos_resize="sincos")

@@ -70,6 +70,17 @@ def test_bad_requests_are_errors(kwargs, message):
     resize_audio_pos_embed(np.zeros((1, 512, 4), np.float32), freq_patches=8, **kwargs)
 
 
+def test_lengthening_by_trim_points_to_the_method_for_the_table():
+  # It said "use method='interpolate'" for every table: on a pretraining checkpoint's fixed
+  # sin-cos table that stretches it, 1.8 off in features from the original built at that length.
+  with pytest.raises(ValueError, match=r"to lengthen use method='sincos' \(the table is the "
+                     "fixed sin-cos"):
+    resize_audio_pos_embed(_sincos_2d(16, 8, 4), freq_patches=8, time_patches=6, method="trim")
+  trained = _sincos_2d(16, 8, 4) + 0.01
+  with pytest.raises(ValueError, match=r"to lengthen use method='interpolate' \(a trained"):
+    resize_audio_pos_embed(trained, freq_patches=8, time_patches=6, method="trim")
+
+
 def test_grid_that_is_not_eight_rows_is_an_error():
   with pytest.raises(ValueError, match="do not form 8 frequency rows"):
     resize_audio_pos_embed(np.zeros((1, 100, 2), np.float32), freq_patches=8, time_patches=4,

@@ -41,14 +41,17 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
   grid = pos_embed.reshape(freq_patches, source_time, dim)
   if method == "trim":
     if time_patches > source_time:
-      raise ValueError(f"cannot trim {source_time} time patches to {time_patches}; "
-                       "use method='interpolate' to lengthen")
+      longer = ("method='sincos' (the table is the fixed sin-cos embedding: recomputed on the "
+                "longer grid, as the original builds it)" if
+                sincos_distance(pos_embed, freq_patches) <= SINCOS_ATOL else
+                "method='interpolate' (a trained table)")
+      raise ValueError(f"cannot trim {source_time} time patches to {time_patches}; to lengthen "
+                       f"use {longer}")
     resized = grid[:, :time_patches]
   elif method == "interpolate":
     resized = _interpolate_time(grid.astype(np.float64), time_patches).astype(pos_embed.dtype)
   elif method == "sincos":
-    fixed = sincos.sincos_2d(dim, freq_patches, source_time).reshape(grid.shape)
-    distance = float(np.max(np.abs(grid.astype(np.float64) - fixed)))
+    distance = sincos_distance(pos_embed, freq_patches)
     if distance > SINCOS_ATOL:
       raise ValueError(
           f"the source table is not the fixed sin-cos embedding of its {freq_patches} x "
@@ -59,6 +62,15 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
     raise ValueError(f"unknown resize method {method!r} (use 'trim', 'interpolate' or "
                      "'sincos')")
   return np.ascontiguousarray(resized.reshape(1, freq_patches * time_patches, dim))
+
+
+def sincos_distance(pos_embed: np.ndarray, freq_patches: int) -> float:
+  """Largest difference between a [1, F*T, D] audio table and the fixed sin-cos table of its
+  grid (<= SINCOS_ATOL: it is that table, as every pretraining checkpoint of the paper's
+  recipes keeps it)."""
+  _, patches, dim = pos_embed.shape
+  fixed = sincos.sincos_2d(dim, freq_patches, patches // freq_patches).reshape(pos_embed.shape)
+  return float(np.max(np.abs(pos_embed.astype(np.float64) - fixed)))
 
 
 def _interpolate_time(grid: np.ndarray, time_patches: int) -> np.ndarray:
