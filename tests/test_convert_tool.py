@@ -92,9 +92,16 @@ def _assert_nothing_written(tmp_path, out):
 def test_finetuned_checkpoint_given_for_pretraining_names_what_is_missing(tmp_path):
   src, _ = _released(tmp_path, dataclasses.replace(DIMS, num_classes=5), "ft.safetensors")
   out = tmp_path / "ckpt"
-  with pytest.raises(sd.ParamsMismatchError, match=r"has no decoder.*decoder_embed/kernel"):
+  # The message names the file first (the mapping rules' own name only keys).
+  with pytest.raises(sd.ParamsMismatchError, match=rf"^{src}: .*has no decoder.*"
+                     "decoder_embed/kernel"):
     pipelines.cavmae_to_checkpoint(src, out, PRETRAIN, finetune=False)
   _assert_nothing_written(tmp_path, out)
+  longer = models.model_config("tiny", audio_length=96, image_size=32, num_classes=5,
+                               trainable_pos_embed=True)
+  with pytest.raises(sd.ParamsMismatchError, match=rf"^{src}: pos_embed_a: cannot trim 4 time "
+                     "patches to 6; to lengthen use method='interpolate'"):
+    pipelines.cavmae_to_checkpoint(src, out, longer, finetune=True, audio_pos_resize="trim")
 
 
 def test_an_audio_only_finetuning_checkpoint_is_named_as_such(tmp_path):

@@ -155,8 +155,11 @@ def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
         f"shape mismatch for {name}: checkpoint {value.shape} vs target {tuple(target_shape)} "
         "cannot be fixed by resizing the time axis")
   time_patches = target_shape[1] // freq_patches
-  resized = pos_embed_lib.resize_audio_pos_embed(
-      value, freq_patches=freq_patches, time_patches=time_patches, method=method)
+  try:
+    resized = pos_embed_lib.resize_audio_pos_embed(
+        value, freq_patches=freq_patches, time_patches=time_patches, method=method)
+  except ValueError as e:  # the request does not fit this table
+    raise sd.ParamsMismatchError(f"{name}: {e}") from None
   report.notes.append(f"{name}: {method} {freq_patches} x {value.shape[1] // freq_patches} -> "
                       f"{freq_patches} x {time_patches} audio grid")
   if method == "interpolate" and (

@@ -143,8 +143,9 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
     if finetune:
       raise ValueError("config.init.source='imagenet_mae' initializes a pretraining model; "
                        "pretrain first, then fine-tune from that workdir.")
-    return imagenet_mae.imagenet_mae_to_params(
-        formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
+    with sd.naming_source(f"config.init.path={init.path}"):
+      return imagenet_mae.imagenet_mae_to_params(
+          formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
   check_head_counts(init.source, init.path, config, finetune=finetune)
   notes, ours_only = [], {}
   if init.source == "cavmae":
@@ -165,13 +166,11 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
   # another class count needs init.new_head, so that replacing a head is never silent.
   has_head = any(k.startswith("mlp_head") for k in sd.remove_module_prefix(state_dict))
   new_head = init.new_head or (finetune and not has_head)
-  try:
+  with sd.naming_source(f"config.init.path={init.path}"):
     params, report = cavmae_checkpoint.cavmae_to_params(
         state_dict, init_params, new_head=new_head,
         audio_pos_resize=init.audio_pos_resize or None, freq_patches=config.audio_grid[0],
         allow_unexpected=init.allow_unexpected)
-  except sd.ParamsMismatchError as e:  # name the file: the rules' messages name only keys
-    raise sd.ParamsMismatchError(f"config.init.path={init.path}: {e}") from None
   report.notes.extend(notes)
   if ours_only:
     params = _carry_over(params, ours_only, report, init.path)

@@ -37,8 +37,9 @@ def imagenet_mae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, m
                        inputs=(("--src", src),))
   state_dict = formats.read_state_dict(src)
   init = target.init_params(model_config, finetune=False, seed=seed)
-  params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init,
-                                                       allow_unexpected=allow_unexpected)
+  with sd.naming_source(os.fspath(src)):
+    params, report = imagenet_mae.imagenet_mae_to_params(state_dict, init,
+                                                         allow_unexpected=allow_unexpected)
   io.save_params(out, params, model_config=_config_dict(model_config), overwrite=overwrite)
   return report
 
@@ -57,9 +58,10 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
   needs_init = new_head or config.learnable_temperature
   init = (target.init_params(config, finetune=finetune, seed=seed) if needs_init
           else target.param_shapes(config, finetune=finetune))
-  params, report = cavmae_checkpoint.cavmae_to_params(
-      state_dict, init, new_head=new_head, audio_pos_resize=audio_pos_resize,
-      freq_patches=config.audio_grid[0], allow_unexpected=allow_unexpected)
+  with sd.naming_source(os.fspath(src)):
+    params, report = cavmae_checkpoint.cavmae_to_params(
+        state_dict, init, new_head=new_head, audio_pos_resize=audio_pos_resize,
+        freq_patches=config.audio_grid[0], allow_unexpected=allow_unexpected)
   io.save_params(out, params, model_config=_config_dict(config), overwrite=overwrite)
   return report
 

@@ -13,9 +13,10 @@ are the other prefixes of `WRAPPER_PREFIXES`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -197,6 +198,16 @@ class MatchReport:
 
 class ParamsMismatchError(ValueError):
   """A source tree does not fit the target tree (missing key or wrong shape)."""
+
+
+@contextlib.contextmanager
+def naming_source(source: str) -> Iterator[None]:
+  """Prefixes a ParamsMismatchError raised inside with `source` (the file: the mapping rules'
+  messages name only keys)."""
+  try:
+    yield
+  except ParamsMismatchError as e:
+    raise ParamsMismatchError(f"{source}: {e}") from None
 
 
 def abbreviate(names: list[str], limit: int = 12) -> list[str]:
