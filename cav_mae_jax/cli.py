@@ -381,6 +381,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   given = argv = resolve_config_args(argv)
   argv, _none_overrides[:] = split_none_overrides(argv, _config_flag_names())
   config_files = _config_file_args(argv)
+  _check_config_file_given(argv, config_files)
   for flag, value in config_files:  # ml_collections' own messages name its internal module
     path = value.partition(":")[0]
     if path and not os.path.isfile(path):
@@ -426,6 +427,25 @@ def _without_traceback(message: str) -> str:
     return message
   lines = [line.strip() for line in trace.splitlines() if line.strip()]
   return f"{head.rstrip()} {lines[-1]}" if lines else head.rstrip()
+
+
+def _check_config_file_given(argv: Sequence[str], config_files: Sequence[tuple[str, str]]) -> None:
+  """Fails, saying what is missing, when a config flag is needed and absent: absl said "flag
+  --config=None: Flag --config must have a value other than None." (with --params) or "Unknown
+  command line flag 'config.data.eval_dir'" (an override without its config file)."""
+  given = {flag for flag, _ in config_files}
+  for name in _config_flag_names():
+    if f"--{name}" in given:
+      continue
+    override = next((arg.split("=", 1)[0] for arg in argv[1:]
+                     if arg.startswith(f"--{name}.")), None)
+    if override is not None:
+      fail(f"{override}: overrides a field of --{name}, which is not given (the config file, "
+           f"e.g. --{name}=configs/pretrain.py:base)")
+    if _model_flags_defined and name == "config" and any(
+        arg == "--params" or arg.startswith("--params=") for arg in argv[1:]):
+      fail("--params needs --config, the config file of the model the params are (e.g. "
+           "--config=configs/finetune.py:as2m); only --workdir reads the config its run recorded")
 
 
 def _config_flag_names() -> list[str]:

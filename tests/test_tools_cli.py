@@ -85,6 +85,12 @@ CASES = {
                                  f"--out {ROOT}/README.md: is a file, not a directory"),
     "benchmark_profile_is_a_file": ("benchmark.py", [TINY, f"--profile={ROOT}/README.md"],
                                     "README.md: is a file, not a folder"),
+    # absl's words: "flag --config=None: Flag --config must have a value other than None." and
+    # "Unknown command line flag 'config.data.eval_dir'".
+    "evaluate_params_without_config": ("evaluate.py", ["--params=p"], "--params needs --config"),
+    "train_override_without_config": ("train.py", ["--workdir=w", "--config.data.batch_size=8"],
+                                      "--config.data.batch_size: overrides a field of --config, "
+                                      "which is not given"),
     "preprocess_negative_workers": ("preprocess.py", ["--out=o", "--datafile=d.json",
                                                       "--labels=l.csv", "--workers=-1"],
                                     "argument --workers: -1: must be >= 0"),
