@@ -231,3 +231,17 @@ def test_video_lists_name_their_problems(tmp_path):
   (tmp_path / "list.txt").write_text("a/x.mp4\nb/x.mp4\n")
   with pytest.raises(ValueError, match="repeated: x"):
     clips.list_videos(str(tmp_path / "list.txt"))
+  # A directory lists its own video files: what it leaves out is said (its subfolders' videos
+  # were left out without a word), and a video file given as the list is named as such.
+  (tmp_path / "sub dir").mkdir()
+  (tmp_path / "sub dir" / "a.mp4").write_bytes(b"")
+  assert clips.unlisted_entries(str(tmp_path)) == (
+      "not read: 1 subfolder(s) (sub dir; a directory lists its own video files, a text file of "
+      "paths names files anywhere); 1 file(s) of other extensions")
+  with pytest.raises(ValueError, match=r"lists no video files .*; not read: 1 subfolder\(s\)"):
+    clips.list_videos(str(tmp_path))
+  assert clips.unlisted_entries(str(tmp_path / "list.txt")) == ""
+  (tmp_path / "clip.mp4").write_bytes(b"\x00\xff")
+  assert [c.video_id for c in clips.list_videos(str(tmp_path))] == ["clip"]
+  with pytest.raises(ValueError, match=r"clip.mp4: a video file, not a list: give a directory"):
+    clips.list_videos(str(tmp_path / "clip.mp4"))

@@ -17,8 +17,8 @@ columns, frequency-major: token r * audio_length/16 + c is mel bins 16r..16r+15,
 frames 16c..16c+15), `video_patches` [N, Lv, D] (Lv = (image_size / 16)^2, row-major from the top
 left) and `joint_patches` [N, La + Lv, D] (audio tokens first, then video).
 
---videos: a directory of video files (ids: file names without extension), a text file of paths
-(one a line) or the original's JSON datafile (ids: video_id). Each file is decoded and
+--videos: a directory of video files (its own, not its subfolders'; ids: file names without
+extension), a text file of paths (one a line) or the original's JSON datafile (ids: video_id). Each file is decoded and
 preprocessed as tools/preprocess.py and the evaluation input do (frame config.data.eval_frame,
 fbank normalized as the records are: config.data.fbank_mean / fbank_std, or the training split's
 statistics with fbank_stats='index'); audio longer than the model's
@@ -90,6 +90,9 @@ def main(argv: list[str]) -> None:
   print(f"wrote {_OUT.value}: {len(ids)} clips ({shapes})")
   if quarantine is not None and quarantine.count:
     print(f"quarantined {quarantine.count} videos: see {quarantine.path}")
+  left_out = clips.unlisted_entries(_VIDEOS.value) if _VIDEOS.value else ""
+  if left_out:
+    print(f"--videos {_VIDEOS.value}: {left_out}")
 
 
 def _input_paths() -> list[tuple[str, str | None]]:

@@ -332,6 +332,9 @@ def list_videos(source: str) -> list[VideoClip]:
     clips = [VideoClip(os.path.splitext(n)[0], os.path.join(source, n)) for n in names]
   elif not os.path.isfile(source):
     raise FileNotFoundError(f"{source}: no such video directory or list file")
+  elif source.lower().endswith(VIDEO_EXTENSIONS):  # it was read as a text list: "not UTF-8"
+    raise ValueError(f"{source}: a video file, not a list: give a directory of video files, a "
+                     "text file of paths (one a line) or a JSON datafile")
   elif source.endswith(".json"):
     from cav_mae_jax.data import sources  # pylint: disable=g-import-not-at-top
     clips = [VideoClip(e.video_id, e.path, e.frames_dir) for e in sources.read_datafile(source)]
@@ -342,7 +345,9 @@ def list_videos(source: str) -> list[VideoClip]:
     clips = [VideoClip(os.path.splitext(os.path.basename(p))[0], os.path.join(base, p))
              for p in paths]
   if not clips:
-    raise ValueError(f"{source}: lists no video files (extensions {', '.join(VIDEO_EXTENSIONS)})")
+    left_out = unlisted_entries(source)
+    raise ValueError(f"{source}: lists no video files (extensions {', '.join(VIDEO_EXTENSIONS)})"
+                     + (f"; {left_out}" if left_out else ""))
   seen: dict[str, int] = {}
   for clip in clips:
     seen[clip.video_id] = seen.get(clip.video_id, 0) + 1
@@ -350,6 +355,25 @@ def list_videos(source: str) -> list[VideoClip]:
   if duplicates:
     raise ValueError(f"{source}: clip ids must be unique; repeated: {', '.join(duplicates[:20])}")
   return clips
+
+
+def unlisted_entries(source: str) -> str:
+  """What `list_videos` leaves out of a directory (its subfolders, which it does not enter,
+  and files of other extensions), as words for the user ('not read: ...'); '' for none, or
+  for a list file."""
+  if not os.path.isdir(source):
+    return ""
+  names = sorted(n for n in os.listdir(source) if not n.lower().endswith(VIDEO_EXTENSIONS))
+  folders = [n for n in names if os.path.isdir(os.path.join(source, n))]
+  others = len(names) - len(folders)
+  parts = []
+  if folders:
+    shown = ", ".join(folders[:5]) + (" ..." if len(folders) > 5 else "")
+    parts.append(f"{len(folders)} subfolder(s) ({shown}; a directory lists its own video files, "
+                 "a text file of paths names files anywhere)")
+  if others:
+    parts.append(f"{others} file(s) of other extensions")
+  return f"not read: {'; '.join(parts)}" if parts else ""
 
 
 def audio_window_seconds(audio_length: int, sample_rate: int = 16000) -> float:
