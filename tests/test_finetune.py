@@ -391,6 +391,7 @@ def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
   it as its result)."""
   from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import run_config  # pylint: disable=import-outside-toplevel
   config = _with_val(ft_config(), batch_size=BATCH, every_steps=0)
   config.total_epochs = 0.5
   data = clips(seed=4)
@@ -398,14 +399,29 @@ def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
   inputs = trainer.Inputs(array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS)
   trainer.train_and_evaluate(config, str(tmp_path), inputs)
   runs = metrics_lib.last_scalars(str(tmp_path))
-  config.evals.val.mode = "missingaudioonly"
+  own_mode, config.evals.val.mode = config.evals.val.mode, "missingaudioonly"
   step, results = evaluate.evaluate(config, workdir=str(tmp_path), batch_source=source)
   assert results["val/mAP"] != runs["val/mAP"]
   after = metrics_lib.last_scalars(str(tmp_path))
   assert after["val/mAP"] == runs["val/mAP"]
-  assert after["evaluate/val/mAP"] == results["val/mAP"]
+  # Apart from evaluations with the run's own settings too: rows of several evaluations (mode,
+  # all frames, another set of clips) were all "evaluate/val/*" at the same step.
+  assert after["evaluate/val@mode=missingaudioonly/mAP"] == results["val/mAP"]
+  assert "evaluate/val/mAP" not in after
+  config.evals.val.mode = own_mode
+  config.evals.val.batch_size = 2 * BATCH  # how it runs, not what it measures
+  _, own = evaluate.evaluate(config, workdir=str(tmp_path), batch_source=source)
+  assert metrics_lib.last_scalars(str(tmp_path))["evaluate/val/mAP"] == own["val/mAP"]
+  config.evals.val.batch_size = BATCH
   assert trainer.train_and_evaluate(config, str(tmp_path), inputs)["val/mAP"] == runs["val/mAP"]
   assert step == 1
+  recorded = run_config.read_run_config(str(tmp_path))
+  config.data.eval_dir, config.evals.val.all_frames = "/data/records/train/", True
+  assert evaluate.record_names(config, recorded, ["val"]) == {
+      "val": "evaluate/val@eval_dir=train,all_frames=True"}
+  with config.unlocked():
+    config.evals.other = config.evals.val
+  assert evaluate.record_names(config, recorded, ["other"]) == {"other": "evaluate/other@added"}
 
 
 def test_an_evaluation_the_interrupted_run_did_not_log_runs_when_it_resumes(tmp_path):

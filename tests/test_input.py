@@ -585,6 +585,15 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
     dataset.check_data_sources(make_config(record_dirs, eval_dir=record_dirs["train"] + "/"))
   assert len(caplog.records) == 1
   assert "the eval split is the training clips" in caplog.records[0].getMessage()
+  # An evaluation alone (tools/evaluate.py) warns too; it said nothing. A training split that
+  # cannot be read there is not compared.
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=dataset.logger.name):
+    dataset.check_data_sources(make_config(record_dirs, eval_dir=record_dirs["train"]),
+                               training=False)
+    assert len(caplog.records) == 1
+    dataset.check_data_sources(make_config(record_dirs, train_dir="/no/records"), training=False)
+  assert len(caplog.records) == 1
 
 
 def test_uneven_training_shares_of_the_processes_warn(record_dirs, caplog):

@@ -292,9 +292,15 @@ def check_data_sources(config: Any, training: bool = True,
       raise ValueError(f"config.model.num_classes={num_classes}: the clips of "
                        f"{source.description} have {source.index.num_classes} classes (the "
                        "labels CSV they were made with)")
-  if train is not None and any(splits.same_clips(train, s) for s in eval_sources):
+  compared = train
+  if compared is None and (data_config.train_dir or data_config.tfds_name):
+    try:  # an evaluation alone: the run's training split, if it can be read here, to compare
+      compared = open_split(data_config, "train")
+    except (ValueError, OSError):
+      compared = None
+  if compared is not None and any(splits.same_clips(compared, s) for s in eval_sources):
     logger.warning("config.data: the eval split is the training clips (%s): evaluation "
-                   "measures the training data.", train.description)
+                   "measures the training data.", compared.description)
   if train is not None and training:
     uneven = uneven_hosts(train, process_count)
     if uneven:

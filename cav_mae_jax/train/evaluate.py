@@ -22,6 +22,7 @@ from cav_mae_jax import tasks
 from cav_mae_jax.train import checkpoint as checkpoint_lib
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import metrics as metrics_lib
+from cav_mae_jax.train import run_config
 from cav_mae_jax.train import validation
 
 
@@ -165,6 +166,39 @@ def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> N
 # run's own series, which an evaluation with other settings under an evaluator's name (another
 # mode, split or frame) would otherwise continue as if the run had measured it.
 RECORD_PREFIX = "evaluate/"
+# Evaluator fields that say when and in what batches it runs, not what it measures.
+_SCHEDULING_FIELDS = ("every_steps", "every_epochs", "at_start", "batch_size")
+
+
+def record_names(config: ml_collections.ConfigDict, recorded: ml_collections.ConfigDict | None,
+                 names: list[str]) -> dict[str, str]:
+  """{evaluator: the name its results get in the workdir's records}: `RECORD_PREFIX` + name,
+  with '@' and the settings that differ from the run's recorded config (`recorded`) when any
+  do (its entry's fields, and the data fields that choose its clips and frame), e.g.
+  `evaluate/val@mode=missingaudioonly`: evaluations with other settings (another mode, frame
+  handling or set of clips) get series of their own, told apart by their names."""
+  changed = run_config.changed_fields(recorded, config) if recorded is not None else {}
+  recorded_evals = (recorded.get("evals") or {}) if recorded is not None else {}
+  result = {}
+  for name in names:
+    split = config.evals[name].split
+    data_fields = (f"{split}_dir", "tfds_name", f"tfds_{split}_split", "eval_frame")
+    if recorded is not None and name not in recorded_evals:
+      settings = ["added"]  # an evaluator the run did not have
+    else:
+      settings = [f"{key.rsplit('.', 1)[1]}={_short(new)}" for key, (_, new) in changed.items()
+                  if (key.startswith(f"evals.{name}.")
+                      and key.rsplit(".", 1)[1] not in _SCHEDULING_FIELDS)
+                  or key in {f"data.{field}" for field in data_fields}]
+    result[name] = RECORD_PREFIX + name + (f"@{','.join(settings)}" if settings else "")
+  return result
+
+
+def _short(value: Any) -> str:
+  """A setting's value in a series name: a path by its last component."""
+  if isinstance(value, str) and "/" in value.rstrip("/"):
+    return value.rstrip("/").rsplit("/", 1)[1]
+  return str(value)
 
 
 def evaluate(
@@ -174,7 +208,8 @@ def evaluate(
   """Runs the evaluators of `config.evals` (or `names`); returns (step, metrics).
 
   With a `workdir`, the metrics are also appended to its metrics.jsonl at the checkpoint's step,
-  named `RECORD_PREFIX` + name (e.g. `evaluate/val/mAP`).
+  named `RECORD_PREFIX` + name (e.g. `evaluate/val/mAP`), with the settings that differ from the
+  run's after an '@' (`record_names`: e.g. `evaluate/val@mode=missingaudioonly/mAP`).
   """
   validation.validate_config(config, jax.device_count(), jax.process_count(),
                              check_data=batch_source is None, training=False)
@@ -194,7 +229,11 @@ def evaluate(
   for evaluator in eval_lib.build_evaluators(config, task.predict_fns, mesh, batch_source, names):
     results.update(evaluator.run(params))
   if workdir:
+    named = {tuple(name.split("/", 1)): value for name, value in results.items()}
+    recorded_as = record_names(config, run_config.read_run_config(workdir),
+                               sorted({evaluator for evaluator, _ in named}))
     writer = metrics_lib.make_writer(workdir, jax.process_index() == 0, config.tensorboard)
-    writer.write_scalars(step, {RECORD_PREFIX + name: value for name, value in results.items()})
+    writer.write_scalars(step, {f"{recorded_as[evaluator]}/{metric}": value
+                                for (evaluator, metric), value in named.items()})
     writer.close()
   return step, results
