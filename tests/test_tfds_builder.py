@@ -147,6 +147,20 @@ def test_strict_local_build_names_bad_clip(manual_dir, tmp_path):
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
+def test_a_list_not_named_as_a_split_is_said_to_be_unread(manual_dir, tmp_path, caplog):
+  # An eval.json beside train.json was left out without a word.
+  other = tmp_path / "manual"
+  shutil.copytree(manual_dir, other)
+  shutil.copy(other / "test.json", other / "eval.json")
+  config = tfds_builder.ClipsConfig(name="datafile_unread", source="datafile", strict=True)
+  builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
+  with caplog.at_level("WARNING"), pytest.raises(clips.StrictModeError):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(other)))
+  assert (f"{other}: not read as a split: eval.json (config 'datafile_unread' reads train.json, "
+          "validation.json, test.json)") in caplog.text
+
+
 def test_a_labels_csv_of_another_list_is_refused(manual_dir, tmp_path):
   # As tools/preprocess.py: every clip would be quarantined unknown_label.
   other = tmp_path / "manual"

@@ -352,6 +352,14 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
       if not readers:
         raise ValueError(f"{manual_dir}: no split files found for config {config.name!r}; "
                          f"see MANUAL_DOWNLOAD_INSTRUCTIONS")
+      suffix = {"datafile": ".json", "audioset_csv": ".csv"}.get(config.source)
+      unread = sorted(name for name in tf.io.gfile.listdir(manual_dir) if suffix and
+                      name.endswith(suffix) and name[:-len(suffix)] not in SPLITS
+                      and name != LABELS_CSV)
+      if unread:  # an eval.json was left out without a word
+        logging.warning("%s: not read as a split: %s (config %r reads %s)", manual_dir,
+                        ", ".join(unread), config.name,
+                        ", ".join(f"{split}{suffix}" for split in SPLITS))
     labels = sources.read_class_labels(labels_csv)
     readers = {split: functools.partial(_read_known_labels, read_entries, labels)
                for split, read_entries in readers.items()}
