@@ -73,6 +73,36 @@ def test_a_signal_ends_a_tool_with_one_line_after_its_cleanup(tmp_path, signum, 
   assert os.path.exists(out + ".cleaned")  # SIGTERM's default would end it without cleanup
 
 
+_EXIT_WORK = textwrap.dedent("""
+    import atexit, os, sys, threading, time
+    from cav_mae_jax import cli
+    out = sys.argv[1]
+    atexit.register(lambda: open(out + ".atexit", "w").close())
+    def main(argv):
+      def late_writer():  # a non-daemon thread: Python waits for it at exit
+        time.sleep(1.0)
+        open(out + ".thread", "w").close()
+      threading.Thread(target=late_writer).start()
+      open(out + ".started", "w").close()
+      time.sleep(60)
+    cli.run(main, uses_tensorflow=False)
+""")
+
+
+def test_an_interrupted_tool_ends_as_a_normal_exit_does(tmp_path):
+  # After the error line a tool leaves without the interpreter's native teardown (XLA's
+  # compiler threads crashed in it: status 139 after Ctrl-C); what Python runs at exit must
+  # still run: other threads are waited for, atexit functions called.
+  out = str(tmp_path / "out")
+  proc = _start([sys.executable, "-c", _EXIT_WORK, out])
+  _wait_for(lambda: os.path.exists(out + ".started"), proc)
+  os.killpg(proc.pid, signal.SIGINT)
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 130, stderr
+  assert stderr.splitlines() == ["error: interrupted by SIGINT (Ctrl-C)"], stderr
+  assert os.path.exists(out + ".thread") and os.path.exists(out + ".atexit")
+
+
 _SIGNAL_IN_A_CALLBACK = textwrap.dedent("""
     import gc, signal, sys, time
     from cav_mae_jax import cli
