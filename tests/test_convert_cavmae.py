@@ -76,6 +76,16 @@ def test_pretraining_checkpoint_without_new_head_names_the_head():
     cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(TINY_FT))
 
 
+def test_a_checkpoint_of_another_block_layout_says_so():
+  # An 11+1 checkpoint given to a vanilla AV-MAE (0+12) or audio-only config listed the 20 or
+  # 220 missing block arrays and never said that the layouts differ.
+  target = dataclasses.replace(TINY, modality_specific_depth=1)  # 1 + 2 blocks, the source 2 + 1
+  with pytest.raises(sd.ParamsMismatchError, match=r"the checkpoint has 2 modality-specific and 1 "
+                     r"joint blocks, the config 1 and 2: set config.model.modality_specific_depth"
+                     r"=2 and encoder_depth=3"):
+    cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(target))
+
+
 def test_an_incomplete_checkpoint_is_not_told_to_use_new_head():
   """The new_head hint only where the head alone is missing: following it would still fail."""
   released = _released(TINY)

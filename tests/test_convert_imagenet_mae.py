@@ -147,6 +147,11 @@ def test_report_accounts_for_every_key(converted):
     assert kept in report.kept_init
   assert set(_block_leaves(params)) == all_paths
   assert "cls_token" in report.summary()
+  # The blocks of one stream keep only their unused per-stream norms at init: said so (the
+  # summary read "kept at init: blocks_a_*/* (8 arrays) (not in ImageNet MAE)").
+  assert report.kept_init["blocks_a_0/norm1_a/scale"].startswith("only their per-stream norms")
+  assert all(why.startswith("only their per-stream norms") for name, why in
+             report.kept_init.items() if name.startswith(("blocks_a_", "blocks_v_")))
 
 
 def test_checkpoint_without_decoder_keeps_the_decoder_init():

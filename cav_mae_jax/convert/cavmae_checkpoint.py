@@ -40,6 +40,18 @@ def _is_imagenet_mae(module: str) -> bool:
   return module in ("cls_token", "patch_embed") or re.fullmatch(r"blocks_\d+", module) is not None
 
 
+def _block_counts(tree: Mapping[tuple[str, ...], Any]) -> tuple[int, int] | None:
+  """(modality-specific, joint) encoder blocks of a flat params tree (audio's count stands for
+  both streams'); None when a stack's block numbers are not 0..n-1 (blocks are missing)."""
+  counts = []
+  for prefix in ("blocks_a", "blocks_u"):
+    numbers = {int(p[0].rsplit("_", 1)[1]) for p in tree if re.fullmatch(rf"{prefix}_\d+", p[0])}
+    if numbers != set(range(len(numbers))):
+      return None
+    counts.append(len(numbers))
+  return counts[0], counts[1]
+
+
 def _is_decoder(name: str) -> bool:
   return name.startswith("decoder_") or name == "mask_token"
 
@@ -97,6 +109,7 @@ def cavmae_to_params(
   missing = [p for p in target if p not in source and p not in kept_at_init]
   if missing:
     hint = ""
+    source_blocks, target_blocks = _block_counts(source), _block_counts(target)
     if any(_is_imagenet_mae(p[0]) for p in source):
       # Its decoder's names are ours (decoder_embed, mask_token): it was said to be a fine-tuned
       # checkpoint without a decoder.
@@ -105,6 +118,12 @@ def cavmae_to_params(
     elif not any(p in source for p in target):
       hint = (" (it holds none of the model's parameters, so it is not a CAV-MAE checkpoint; its "
               f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
+    elif (source_blocks is not None and source_blocks != target_blocks
+          and any(re.fullmatch(r"blocks_[auv]_\d+", p[0]) for p in missing)):
+      (a, u), (target_a, target_u) = source_blocks, target_blocks
+      hint = (f" (the checkpoint has {a} modality-specific and {u} joint blocks, the config "
+              f"{target_a} and {target_u}: set config.model.modality_specific_depth={a} and "
+              f"encoder_depth={a + u}, the checkpoint's model)")
     elif all(p[0] in HEAD_MODULES for p in missing):
       hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
     elif any(_is_decoder(p[0]) for p in missing):

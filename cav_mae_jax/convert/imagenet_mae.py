@@ -122,6 +122,9 @@ def mae_rules(
   return mapped, dropped, unexpected
 
 
+_STREAM_NORMS = ("norm1_a", "norm1_v", "norm2_a", "norm2_v")
+
+
 def imagenet_mae_to_params(
     mae_state_dict: Mapping[str, np.ndarray], init_params: Mapping[str, Any], *,
     allow_unexpected: bool = False,
@@ -171,7 +174,12 @@ def imagenet_mae_to_params(
   for path in sd.flatten_params(init_params):
     name = "/".join(path)
     if name not in report.mapped:
-      report.kept_init[name] = ("MAE checkpoint has no decoder" if not source_decoder and
-                                (path[0].startswith("decoder_") or path[0] == "mask_token")
-                                else "not in ImageNet MAE")
+      if not source_decoder and (path[0].startswith("decoder_") or path[0] == "mask_token"):
+        report.kept_init[name] = "MAE checkpoint has no decoder"
+      elif len(path) > 1 and path[1] in _STREAM_NORMS:
+        # Read as "the audio blocks were not loaded" when listed as blocks_a_*/* alone.
+        report.kept_init[name] = ("only their per-stream norms norm1_a/_v, norm2_a/_v, which a "
+                                  "block of one stream does not use (the original's neither)")
+      else:
+        report.kept_init[name] = "not in ImageNet MAE"
   return params, report
