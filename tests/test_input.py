@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import ml_collections
 import numpy as np
@@ -594,6 +595,30 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
     assert len(caplog.records) == 1
     dataset.check_data_sources(make_config(record_dirs, train_dir="/no/records"), training=False)
   assert len(caplog.records) == 1
+
+
+def test_a_training_shard_of_the_wrong_size_is_refused_before_training(record_dirs, tmp_path):
+  # Cut at a record boundary (or emptied), it read without an error: the run found it when an
+  # epoch ended short, an epoch of AudioSet-2M after it started.
+  damaged = tmp_path / "train"
+  shutil.copytree(record_dirs["train"], damaged)
+  shard = damaged / "clips-00001-of-00003.tfrecord"
+  serialized = [x.numpy() for x in tf.data.TFRecordDataset(str(shard))]
+  records.write_record_layout(str(shard))  # its sidecar: each record's size
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for record in serialized[:-1]:
+      writer.write(record)
+  listed = sum(len(x) for x in serialized) + 16 * len(serialized)
+  cut = listed - len(serialized[-1]) - 16
+  with pytest.raises(ValueError, match=rf"shard {shard} is damaged: is {cut} bytes, the "
+                     rf"{len(serialized)} records its sidecar lists take {listed} "):
+    dataset.check_data_sources(make_config(record_dirs, train_dir=str(damaged)))
+  os.remove(str(shard) + records.SIDECAR_SUFFIX)  # without one: the smallest size records take
+  shard.write_bytes(b"")
+  with pytest.raises(ValueError, match=rf"shard {shard} is damaged: is 0 bytes, too small for the "
+                     f"{len(serialized)} records"):
+    dataset.check_data_sources(make_config(record_dirs, train_dir=str(damaged)))
+  dataset.check_data_sources(make_config(record_dirs, train_dir=str(damaged)), training=False)
 
 
 def test_uneven_training_shares_of_the_processes_warn(record_dirs, caplog):

@@ -89,6 +89,7 @@ lengths and labels, once per `input.InputPipeline`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -302,9 +303,23 @@ def check_data_sources(config: Any, training: bool = True,
     logger.warning("config.data: the eval split is the training clips (%s): evaluation "
                    "measures the training data.", compared.description)
   if train is not None and training:
+    check_shard_sizes(train)
     uneven = uneven_hosts(train, process_count)
     if uneven:
       logger.warning("config.data: %s", uneven)
+
+
+def check_shard_sizes(source: splits.Split) -> None:
+  """Every shard file of `source` has the size its records take (`records.shard_size_problem`):
+  a training shard cut at a record boundary or emptied was found only when an epoch ended
+  short, an epoch of AudioSet-2M into the run. One file-size query (and sidecar read) per
+  shard, some at once: a remote file system answers each in tens of milliseconds."""
+  shards = list(zip(source.files, (shard.num_examples for shard in source.index.shards)))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, max(1, len(shards)))) as pool:
+    problems = list(pool.map(lambda shard: records.shard_size_problem(*shard), shards))
+  for (path, _), problem in zip(shards, problems):
+    if problem:
+      raise ValueError(f"{source.description}: shard {path} is damaged: {problem}")
 
 
 def check_training_split(data_config: DataConfig, source: splits.Split,

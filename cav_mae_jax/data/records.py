@@ -470,6 +470,32 @@ def read_record_layout(path: str, num_records: int,
   return sizes, labels
 
 
+def shard_size_problem(path: str, num_records: int) -> str | None:
+  """What is wrong with shard `path`'s size, found without reading its records: against its
+  sidecar's record sizes when it has them (a file cut at a record boundary, or emptied, reads
+  without an error and would only be found when its records run out), else against the
+  smallest size `num_records` records take; None when the size fits."""
+  try:
+    size = tf.io.gfile.stat(path).length
+  except (OSError, tf.errors.OpError) as e:
+    return f"cannot be read ({op_error_text(e) if isinstance(e, tf.errors.OpError) else e})"
+  try:
+    with tf.io.gfile.GFile(path + SIDECAR_SUFFIX) as f:
+      sizes = json.load(f)[RECORD_BYTES]
+    listed = int(np.sum(np.asarray(sizes, np.int64))) + TFRECORD_FRAMING_BYTES * len(sizes)
+  except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError):
+    sizes = None  # no sidecar (or none that lists sizes): the smallest possible size
+  if sizes is not None and len(sizes) == num_records:
+    if size != listed:
+      return (f"is {size} bytes, the {num_records} records its sidecar lists take {listed} "
+              "(a truncated file, or a sidecar of another file: without it the shard is read "
+              "for its records' sizes)")
+  elif size < TFRECORD_FRAMING_BYTES * num_records:
+    return (f"is {size} bytes, too small for the {num_records} records the index lists "
+            "(truncated file?)")
+  return None
+
+
 def _sizes_and_classes(path: str, labels_of: Callable[[tf.Tensor], tf.Tensor]
                        ) -> Iterator[tuple[int, list[int]]]:
   """(size in bytes, classes) of each record of shard `path`, in file order."""
