@@ -636,9 +636,10 @@ def exit_after_interrupt(status: int) -> None:
   An interrupt that lands while XLA compiles left compiler threads running into the C++ static
   destructors of the interpreter's exit: "Fatal Python error: Segmentation fault" after the
   error line, and status 139 instead of 130 or 143 (2 of 6 tries of tools/train.py)."""
-  for thread in threading.enumerate():
-    if thread is not threading.current_thread() and not thread.daemon:
-      thread.join()
+  # What the interpreter's exit runs first: threading's own exit calls (concurrent.futures
+  # wakes its idle workers there, which a plain join of every thread would wait for forever),
+  # then a join of the other non-daemon threads.
+  threading._shutdown()  # pylint: disable=protected-access
   import atexit  # pylint: disable=g-import-not-at-top
   atexit._run_exitfuncs()  # pylint: disable=protected-access
   for stream in (sys.stdout, sys.stderr):

@@ -74,14 +74,16 @@ def test_a_signal_ends_a_tool_with_one_line_after_its_cleanup(tmp_path, signum, 
 
 
 _EXIT_WORK = textwrap.dedent("""
-    import atexit, os, sys, threading, time
+    import atexit, concurrent.futures, os, sys, threading, time
     from cav_mae_jax import cli
     out = sys.argv[1]
     atexit.register(lambda: open(out + ".atexit", "w").close())
+    idle = concurrent.futures.ThreadPoolExecutor(1)  # never shut down: its worker waits for work
     def main(argv):
       def late_writer():  # a non-daemon thread: Python waits for it at exit
         time.sleep(1.0)
         open(out + ".thread", "w").close()
+      idle.submit(lambda: None).result()
       threading.Thread(target=late_writer).start()
       open(out + ".started", "w").close()
       time.sleep(60)
