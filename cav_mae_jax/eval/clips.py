@@ -202,9 +202,9 @@ class _ShardCounts:
 
   def finish(self) -> None:
     """After the last record: every shard left must be complete."""
-    for self._shard in range(self._shard, len(self._files)):
+    while self._shard < len(self._files):
       self._check_complete()
-      self._count = 0
+      self._shard, self._count = self._shard + 1, 0
 
   def _check_complete(self) -> None:
     if self._count != self._expected[self._shard]:
