@@ -17,14 +17,16 @@ from configs import pretrain as pretrain_config
 
 
 def _write_index(directory, fbank_shape=(1024, 128)):
-  """A records directory of index.json and an empty shard (validation reads only the index)."""
+  """A records directory of index.json and a shard of zeros (validation reads only the index,
+  and checks that the shard is there and as large as its records' framing at least)."""
   os.makedirs(directory, exist_ok=True)
   index = records.RecordIndex(
       shards=(records.ShardInfo(file="records-00000-of-00001.tfrecord", num_examples=16),),
       num_examples=16, num_classes=1, label_counts=(16,), fbank_mean=-5.0, fbank_std=4.0,
       fbank_stats_count=10, store_waveform=False, fbank_shape=tuple(fbank_shape))
   records.write_index(records.index_path(directory), index)
-  open(os.path.join(directory, index.shards[0].file), "wb").close()  # validation checks it exists
+  with open(os.path.join(directory, index.shards[0].file), "wb") as f:
+    f.write(bytes(records.TFRECORD_FRAMING_BYTES * 16))
   return directory
 
 

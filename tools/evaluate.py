@@ -8,8 +8,8 @@ r"""Runs configured evaluators on a checkpoint, without training.
 to its metrics.jsonl, named evaluate/<evaluator>/<metric> so that they never continue the run's
 own series, and evaluate/<evaluator>@<settings>/<metric> when the evaluator's settings differ
 from the run's, e.g. evaluate/val@mode=missingaudioonly/mAP); without --config, the config its
-run recorded (configs/workdir.py:<workdir>), to which --config.<path> overrides apply. --params: a params checkpoint written by tools/convert.py
-or tools/average.py.
+run recorded (configs/workdir.py:<workdir>), to which --config.<path> overrides apply.
+--params: a params checkpoint written by tools/convert.py or tools/average.py.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ frames 16c..16c+15), `video_patches` [N, Lv, D] (Lv = (image_size / 16)^2, row-m
 left) and `joint_patches` [N, La + Lv, D] (audio tokens first, then video).
 
 --videos: a directory of video files (its own, not its subfolders'; ids: file names without
-extension), a text file of paths (one a line) or the original's JSON datafile (ids: video_id). Each file is decoded and
-preprocessed as tools/preprocess.py and the evaluation input do (frame config.data.eval_frame,
-fbank normalized as the records are: config.data.fbank_mean / fbank_std, or the training split's
-statistics with fbank_stats='index'); audio longer than the model's
+extension), a text file of paths (one a line) or the original's JSON datafile (ids: video_id).
+Each file is decoded and preprocessed as tools/preprocess.py and the evaluation input do (frame
+config.data.eval_frame, fbank normalized as the records are: config.data.fbank_mean / fbank_std,
+or the training split's statistics with fbank_stats='index'); audio longer than the model's
 audio_length frames is cut, shorter audio zero-padded in log-mel space as the original pads.
 A file that cannot be decoded is listed in --quarantine (JSON lines: path, video_id, reason,
 message; default <out>.quarantine.jsonl) and left out; --strict stops at the first one instead.
