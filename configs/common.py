@@ -90,20 +90,28 @@ def optim_config(learning_rate: float) -> ml_collections.ConfigDict:
 def multistep_schedule(first_decay_epoch: int, decay_every_epochs: int,
                        decay_factor: float = 0.5) -> ml_collections.ConfigDict:
   """`config.schedule` of torch MultiStepLR(range(first, 1000, every), gamma) stepped per epoch."""
-  schedule = ml_collections.ConfigDict()
-  schedule.kind = "multistep"
-  schedule.first_decay_epoch = first_decay_epoch
-  schedule.decay_every_epochs = decay_every_epochs
-  schedule.decay_factor = decay_factor
-  return schedule
+  return _schedule("multistep", first_decay_epoch=first_decay_epoch,
+                   decay_every_epochs=decay_every_epochs, decay_factor=decay_factor)
 
 
 def cosine_schedule(warmup_epochs: float = 1.0) -> ml_collections.ConfigDict:
   """`config.schedule`: linear warmup then cosine decay to zero."""
+  return _schedule("warmup_cosine", warmup_epochs=warmup_epochs)
+
+
+def _schedule(kind: str, *, first_decay_epoch: float = 10, decay_every_epochs: float = 5,
+              decay_factor: float = 0.5, warmup_epochs: float = 1.0,
+              final_lr_fraction: float = 0.0) -> ml_collections.ConfigDict:
+  """`config.schedule`: its `kind` and the fields of every kind, so that
+  `--config.schedule.kind=warmup_cosine` on a multistep recipe finds its fields (with their
+  defaults, each overridable); a kind reads only its own."""
   schedule = ml_collections.ConfigDict()
-  schedule.kind = "warmup_cosine"
-  schedule.warmup_epochs = warmup_epochs
-  schedule.final_lr_fraction = 0.0
+  schedule.kind = kind
+  schedule.first_decay_epoch = first_decay_epoch  # multistep
+  schedule.decay_every_epochs = decay_every_epochs
+  schedule.decay_factor = decay_factor
+  schedule.warmup_epochs = warmup_epochs  # warmup_cosine
+  schedule.final_lr_fraction = final_lr_fraction
   return schedule
 
 

@@ -10,6 +10,7 @@ from cav_mae_jax import eval as eval_lib
 from cav_mae_jax import tasks
 from cav_mae_jax.data import records
 from cav_mae_jax.train import array_input
+from cav_mae_jax.train import optim
 from cav_mae_jax.train import trainer
 from cav_mae_jax.train import validation
 from configs import finetune as finetune_config
@@ -41,6 +42,17 @@ def fixture_config(tmp_path):
 def test_valid_config_passes(config):
   model = validation.validate_config(config, num_devices=8)
   assert model.embed_dim == config.model.embed_dim
+
+
+@pytest.mark.parametrize("kind", ["warmup_cosine", "multistep"])
+def test_the_schedule_kind_switches_from_the_command_line(config, kind):
+  # --config.schedule.kind=warmup_cosine on a multistep recipe was a KeyError traceback
+  # ('warmup_epochs'): a schedule holds the fields of every kind, with their defaults.
+  config.schedule.kind = kind
+  validation.validate_config(config, num_devices=8)
+  schedule = optim.make_schedule(config, steps_per_epoch=10, total_steps=100)
+  rates = [float(schedule(step)) for step in (0, 50, 99)]
+  assert (rates[0] == 0.0) == (kind == "warmup_cosine"), rates
 
 
 def _set(config, path, value):
