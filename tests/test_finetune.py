@@ -447,3 +447,25 @@ def test_an_evaluation_the_interrupted_run_did_not_log_runs_when_it_resumes(tmp_
   # Logged now: the next call has nothing to do and evaluates nothing.
   assert trainer.train_and_evaluate(config, str(tmp_path), inputs)["val/mAP"] == first["val/mAP"]
   assert path.read_text().count('"val/mAP"') == 1
+  # tools/evaluate.py's record at that step is not the run's evaluation.
+  step = int(json.loads(final[0])["step"])
+  path.write_text("".join(line for line in lines if line not in final)
+                  + json.dumps({"step": step, "evaluate/val/mAP": 0.5}) + "\n")
+  assert not metrics_lib.evaluation_logged(str(tmp_path), step)
+
+
+def test_a_resume_where_no_evaluation_is_due_says_none_is_missing(tmp_path, capsys):
+  # Every resume at a step where no evaluator was due said "the interrupted run saved it but
+  # did not log its evaluation" and then evaluated nothing.
+  config = _with_val(ft_config(), batch_size=BATCH, every_steps=0)  # at the last step only
+  config.total_epochs = 0.5
+  source = _full_batches(clips(seed=4))
+  inputs = trainer.Inputs(array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS)
+  trainer.train_and_evaluate(config, str(tmp_path), inputs)
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                          if '"val/mAP"' not in line))  # as if killed before evaluating
+  config.total_epochs = 1.0  # going on: the saved step is no longer the last, nothing is due
+  capsys.readouterr()
+  trainer.train_and_evaluate(config, str(tmp_path), inputs)
+  assert "did not log its evaluation" not in capsys.readouterr().out

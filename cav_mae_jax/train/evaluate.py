@@ -165,7 +165,7 @@ def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> N
 # Where a workdir's metrics.jsonl (and TensorBoard) records results of `evaluate`: apart from the
 # run's own series, which an evaluation with other settings under an evaluator's name (another
 # mode, split or frame) would otherwise continue as if the run had measured it.
-RECORD_PREFIX = "evaluate/"
+RECORD_PREFIX = metrics_lib.EVALUATE_TOOL_PREFIX
 # Evaluator fields that say when and in what batches it runs, not what it measures.
 _SCHEDULING_FIELDS = ("every_steps", "every_epochs", "at_start", "batch_size")
 

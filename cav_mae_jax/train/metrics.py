@@ -117,14 +117,19 @@ def drop_records_after(workdir: str, step: int) -> int:
   return len(lines) - len(kept)
 
 
+# Names of the results tools/evaluate.py appends to a workdir's records (`train.evaluate`).
+EVALUATE_TOOL_PREFIX = "evaluate/"
+
+
 def evaluation_logged(workdir: str, step: int) -> bool:
-  """Whether a workdir's metrics.jsonl holds evaluator results (names without `train/`) at
-  `step`: the trainer writes all evaluators due at a step in one record, after they ran."""
+  """Whether a workdir's metrics.jsonl holds the run's evaluator results (names without
+  `train/`, and not tools/evaluate.py's) at `step`: the trainer writes all evaluators due at a
+  step in one record, after they ran."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return False
-  return any(record["step"] == step and any(k != "step" and not k.startswith("train/")
-                                            for k in record)
+  return any(record["step"] == step and any(
+      k != "step" and not k.startswith(("train/", EVALUATE_TOOL_PREFIX)) for k in record)
              for record in read_jsonl(path))
 
 

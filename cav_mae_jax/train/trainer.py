@@ -235,7 +235,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   preempted = False
   if start_step == 0:  # the initialization's baseline
     evaluate(0, state.params)
-  elif evaluation_missing:
+  elif evaluation_missing and any(e.due(start_step, total_steps, steps_per_epoch)
+                                  for e in evaluators):
     if is_main:
       print(f"evaluating step {start_step}: the interrupted run saved it but did not log its "
             "evaluation")
