@@ -454,6 +454,21 @@ def test_an_evaluation_the_interrupted_run_did_not_log_runs_when_it_resumes(tmp_
   assert not metrics_lib.evaluation_logged(str(tmp_path), step)
 
 
+def test_a_resume_with_other_training_clips_is_refused(tmp_path):
+  # It re-planned the epochs (epoch-end checkpoints, schedule, input position) without a word;
+  # tools/average.py then misread the epoch checkpoints.
+  config = ft_config()
+  config.total_epochs = 0.5
+  source = _full_batches(clips(seed=4))
+  trainer.train_and_evaluate(config, str(tmp_path), trainer.Inputs(
+      array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS))
+  config.total_epochs = 1.0
+  with pytest.raises(ValueError, match=rf"workdir {tmp_path}: the run has \d+ steps per epoch, "
+                     rf"this config \d+ \({CLIPS // 2} training clips\)"):
+    trainer.train_and_evaluate(config, str(tmp_path), trainer.Inputs(
+        array_input.ArrayInput(clips(), BATCH, seed=0), source, CLIPS // 2))
+
+
 def test_a_resume_where_no_evaluation_is_due_says_none_is_missing(tmp_path, capsys):
   # Every resume at a step where no evaluator was due said "the interrupted run saved it but
   # did not log its evaluation" and then evaluated nothing.

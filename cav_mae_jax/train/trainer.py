@@ -117,6 +117,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise
 
 
+def _check_same_epochs(workdir: str, steps_per_epoch: int, train_examples: int) -> None:
+  """A resumed run keeps its epochs: its epoch-end checkpoints, epoch-based schedule and
+  evaluations, and input position are at multiples of the steps per epoch it planned. (A
+  changed batch size is refused by `run_config.check_resume`; another set of training clips
+  re-planned the epochs without a word, and tools/average.py then misread the checkpoints.)"""
+  try:
+    planned = run_config.read_steps_per_epoch(workdir)
+  except FileNotFoundError:  # a workdir from before plan.json
+    return
+  if planned != steps_per_epoch:
+    raise ValueError(
+        f"workdir {workdir}: the run has {planned} steps per epoch, this config "
+        f"{steps_per_epoch} ({train_examples} training clips): its epoch-end checkpoints, "
+        "schedule and input position follow its epochs, so it resumes with its own training "
+        "clips (or a new workdir starts from its parameters: --config.init.source=workdir "
+        "--config.init.path=<workdir>)")
+
+
 def _check_workdir_holds_no_data(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A workdir is the run's own: not a records directory (the run's checkpoints, metrics and
   config would be written among its shards), named by a data field or not."""
@@ -162,6 +180,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   if start_step:
     changes = run_config.check_resume(run_config.read_run_config(workdir), config,
                                       step_lib.abstract_state_of)
+    _check_same_epochs(workdir, steps_per_epoch, inputs.train_examples)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
   # The evaluations due at the checkpointed step run again if the interrupted run did not log
