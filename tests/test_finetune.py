@@ -5,6 +5,7 @@ Tiny shapes, in-memory clips (no records), cheap XLA compilation.
 """
 
 import json
+import shutil
 
 import jax
 import ml_collections
@@ -452,6 +453,32 @@ def test_an_evaluation_the_interrupted_run_did_not_log_runs_when_it_resumes(tmp_
   path.write_text("".join(line for line in lines if line not in final)
                   + json.dumps({"step": step, "evaluate/val/mAP": 0.5}) + "\n")
   assert not metrics_lib.evaluation_logged(str(tmp_path), step)
+
+
+def test_training_rows_after_a_resume_off_the_logging_cadence_are_an_uninterrupted_runs(
+    tmp_path):
+  # A resume from a checkpoint between two rows started its next row's window at the
+  # checkpoint: that row averaged fewer steps than the uninterrupted run's (train/loss 1.8992
+  # vs 2.0097 in an audit), and a SIGTERM stop logged an extra row at the stop.
+  from cav_mae_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  config = ft_config()  # 4 steps
+  config.log_every_steps, config.checkpoint.every_steps, config.checkpoint.keep = 2, 1, 10
+
+  def rows(workdir):
+    return [{k: v for k, v in json.loads(line).items() if k.startswith("train/")
+             and k not in ("train/step_time_s", "train/samples_per_s")} | {"step": json.loads(
+                 line)["step"]} for line in (workdir / "metrics.jsonl").read_text().splitlines()
+            if '"train/loss"' in line]
+
+  straight = tmp_path / "straight"
+  train(config, straight)
+  resumed = tmp_path / "resumed"
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")  # killed after checkpoint 3, between the rows
+  train(config, resumed)
+  assert [row["step"] for row in rows(straight)] == [2, 4]
+  assert rows(resumed) == rows(straight)
+  assert metrics_lib.read_log_window(str(straight), 3)[0] == 2  # step 3: not logged at 2
 
 
 def test_a_resume_with_other_training_clips_is_refused(tmp_path):

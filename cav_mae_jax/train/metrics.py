@@ -15,6 +15,11 @@ import time
 from typing import Any, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+# The training rows a checkpoint's step had not logged yet (the steps since the last row), by
+# checkpoint step: a run resumed there logs its next row over the same steps as an
+# uninterrupted run (`save_log_window`, `read_log_window`).
+LOG_WINDOW_FILE = "log_window.json"
+_LOG_WINDOWS_KEPT = 16
 
 
 class JsonlWriter:
@@ -87,6 +92,41 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   """The scalar records of a metrics.jsonl file (hparams lines skipped)."""
   with open(path) as f:
     return [r for r in map(json.loads, f) if "step" in r]
+
+
+def save_log_window(workdir: str, step: int, since: int,
+                    rows: Sequence[Mapping[str, float]]) -> None:
+  """Records, before checkpoint `step` is saved, the per-step training metrics of the steps
+  after the last logged row (`since`) up to `step` (atomically; the newest windows kept)."""
+  path = os.path.join(workdir, LOG_WINDOW_FILE)
+  windows = _read_json_object(path)
+  windows = {k: v for k, v in windows.items() if k.isdigit() and int(k) < step}
+  windows[str(step)] = {"since": int(since), "rows": [dict(row) for row in rows]}
+  kept = sorted(windows, key=int)[-_LOG_WINDOWS_KEPT:]
+  staged = f"{path}.tmp-{os.getpid()}"
+  with open(staged, "w") as f:
+    json.dump({k: windows[k] for k in kept}, f)
+  os.replace(staged, path)
+
+
+def read_log_window(workdir: str, step: int) -> tuple[int, list[dict[str, float]]] | None:
+  """(last logged step, per-step rows since) recorded for checkpoint `step`; None when there is
+  none (a workdir from before the file, or one the file does not describe)."""
+  window = _read_json_object(os.path.join(workdir, LOG_WINDOW_FILE)).get(str(step))
+  try:
+    since, rows = int(window["since"]), [dict(row) for row in window["rows"]]
+  except (TypeError, KeyError, ValueError):
+    return None
+  return (since, rows) if since <= step and len(rows) == step - since else None
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return data if isinstance(data, dict) else {}
 
 
 def drop_records_after(workdir: str, step: int) -> int:

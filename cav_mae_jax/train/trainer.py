@@ -261,6 +261,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
             "evaluation")
     evaluate(start_step, state.params)
   last_log_time, last_log_step = time.monotonic(), start_step
+  timed_from = start_step  # the step the time since last_log_time counts from
+  window = metrics_lib.read_log_window(workdir, start_step) if start_step and is_main else None
+  if window is not None:  # the steps after the last row, logged by the next row as without a stop
+    last_log_step, logged[:] = window
 
   def check(upto_step: int) -> None:
     """Fetches metrics of steps <= upto_step; stops the run on a non-finite loss."""
@@ -284,14 +288,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       check(step - 1)  # one step behind, so dispatch runs ahead of the host
 
       preempted = preemption.preempted(step)
-      final = step == total_steps or preempted
+      final = step == total_steps
+      # A stop for preemption logs no row off the cadence: its steps' metrics are saved with
+      # its checkpoint, and the resumed run's next row covers them as an uninterrupted run's.
       if step % config.log_every_steps == 0 or final:
         check(step)
         now = time.monotonic()
         summary = _mean(logged)
         summary["lr"] = logged[-1]["lr"]  # the rate of the logged step, not a window mean
         logged.clear()
-        seconds_per_step = (now - last_log_time) / (step - last_log_step)
+        seconds_per_step = (now - last_log_time) / (step - timed_from)
         summary["step_time_s"] = seconds_per_step
         summary["samples_per_s"] = config.data.batch_size / seconds_per_step
         summary["epoch"] = step / steps_per_epoch
@@ -302,10 +308,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
         writer.flush()
         progress.update(step, {k: summary[k] for k in ("loss", "lr") if k in summary})
-        last_log_time, last_log_step = now, step
-      if checkpointer.should_save(step) or final:
+        last_log_time, last_log_step, timed_from = now, step, step
+      if checkpointer.should_save(step) or final or preempted:
         check(step)
         writer.flush()  # the metrics of every step up to this checkpoint are on disk first
+        if is_main:
+          metrics_lib.save_log_window(workdir, step, last_log_step, logged)
         checkpointer.save(step, {"state": state, "rng": train_rng}, inputs.train.get_state())
       eval_metrics = evaluate(step, state.params)
       if eval_metrics:
