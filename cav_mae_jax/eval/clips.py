@@ -259,6 +259,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     shard_counts.finish()
     found = {x for ids in allgather_strings(sorted(set(local_ids) & set(wanted))) for x in ids}
     missing = [x for x in wanted if x not in found]
+    if missing and len(wanted) == 1:  # one clip asked for (tools/inpaint.py --clip_id)
+      raise ValueError(f"no clip of {split.source.description} has the id {missing[0]!r}")
     if missing:
       raise ValueError(f"{len(missing)} of the {len(wanted)} subset clips are not in "
                        f"{split.source.description}: {', '.join(missing[:20])}"
