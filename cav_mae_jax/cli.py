@@ -639,7 +639,11 @@ def exit_after_interrupt(status: int) -> None:
   # What the interpreter's exit runs first: threading's own exit calls (concurrent.futures
   # wakes its idle workers there, which a plain join of every thread would wait for forever),
   # then a join of the other non-daemon threads.
-  threading._shutdown()  # pylint: disable=protected-access
+  shutdown = getattr(threading, "_shutdown", None)  # CPython's own (private)
+  if shutdown is not None:
+    shutdown()
+  else:  # another interpreter: what it runs at exit is unknown; leave by the normal path
+    sys.exit(status)
   import atexit  # pylint: disable=g-import-not-at-top
   atexit._run_exitfuncs()  # pylint: disable=protected-access
   for stream in (sys.stdout, sys.stderr):
