@@ -434,6 +434,8 @@ def _check_config_file_given(argv: Sequence[str], config_files: Sequence[tuple[s
   --config=None: Flag --config must have a value other than None." (with --params) or "Unknown
   command line flag 'config.data.eval_dir'" (an override without its config file)."""
   given = {flag for flag, _ in config_files}
+  if any(arg.startswith(("--flagfile", "-flagfile")) for arg in argv[1:]):
+    return  # the config file may be in it: absl reads it later
   for name in _config_flag_names():
     if f"--{name}" in given:
       continue
@@ -640,15 +642,20 @@ def exit_after_interrupt(status: int) -> None:
   # wakes its idle workers there, which a plain join of every thread would wait for forever),
   # then a join of the other non-daemon threads.
   shutdown = getattr(threading, "_shutdown", None)  # CPython's own (private)
-  if shutdown is not None:
-    shutdown()
-  else:  # another interpreter: what it runs at exit is unknown; leave by the normal path
+  if shutdown is None:  # another interpreter: what it runs at exit is unknown; the normal path
     sys.exit(status)
-  import atexit  # pylint: disable=g-import-not-at-top
-  atexit._run_exitfuncs()  # pylint: disable=protected-access
-  for stream in (sys.stdout, sys.stderr):
-    try:
-      stream.flush()
-    except (OSError, ValueError):  # closed, or a pipe whose reader left
-      pass
-  os._exit(status)  # pylint: disable=protected-access
+  # The error line is out: a second Ctrl-C or SIGTERM (pressed twice, a scheduler repeating
+  # it) must not raise out of the wait below (a traceback and status 1).
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+  try:
+    shutdown()
+    import atexit  # pylint: disable=g-import-not-at-top
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  finally:
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):  # closed, or a pipe whose reader left
+        pass
+    os._exit(status)  # pylint: disable=protected-access

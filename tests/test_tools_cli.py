@@ -105,6 +105,14 @@ def _run_tool(tool, args, cwd, extra_path=()):
                         env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+def test_a_config_file_in_a_flagfile_takes_overrides(tmp_path):
+  # The check that an override has its config file looked at the command line only.
+  (tmp_path / "flags.txt").write_text(f"{TINY.replace('configs/', ROOT + '/configs/')}\n")
+  result = _run_tool("model_summary.py", [f"--flagfile={tmp_path / 'flags.txt'}",
+                                          "--config.model.audio_length=512"], tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_prints_one_error_line_and_exits_2(case, tmp_path):
   tool, args, named = CASES[case]
