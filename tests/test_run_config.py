@@ -21,6 +21,23 @@ def test_recorded_config_round_trips(tmp_path):
   assert run_config.read_steps_per_epoch(str(tmp_path)) == 8
 
 
+def test_a_run_recorded_before_every_schedule_field_was_held_resumes_unchanged(tmp_path):
+  # A schedule now holds every kind's fields; a workdir recorded with only its kind's said
+  # "changed fields: schedule.final_lr_fraction None -> 0.0, schedule.warmup_epochs None -> 1.0".
+  saved = _saved(tmp_path)
+  assert saved.schedule.kind == "multistep"
+  with saved.unlocked():
+    del saved.schedule["warmup_epochs"], saved.schedule["final_lr_fraction"]
+  config = pretrain.get_config("tiny")
+  assert run_config.changed_fields(saved, config) == {}
+  config.schedule.warmup_epochs = 2.0  # another kind's field: read by no schedule here
+  assert run_config.changed_fields(saved, config) == {}
+  config.schedule.kind = "warmup_cosine"
+  assert run_config.changed_fields(saved, config) == {
+      "schedule.final_lr_fraction": (None, 0.0), "schedule.kind": ("multistep", "warmup_cosine"),
+      "schedule.warmup_epochs": (None, 2.0)}
+
+
 @pytest.mark.parametrize("text, why", [
     ('{"model": {}}', "not a run's config (no task, data)"), ("[1]", "not a run's config"),
     ("{'task': 1}", "not valid JSON")])

@@ -17,6 +17,9 @@ import ml_collections
 import optax
 
 SCHEDULE_KINDS = ("multistep", "warmup_cosine")
+# The `config.schedule` fields each kind reads (a schedule holds every kind's: configs/common.py).
+SCHEDULE_FIELDS = {"multistep": ("first_decay_epoch", "decay_every_epochs", "decay_factor"),
+                   "warmup_cosine": ("warmup_epochs", "final_lr_fraction")}
 
 
 def multistep_schedule(base_lr: float, steps_per_epoch: int, first_decay_epoch: int,

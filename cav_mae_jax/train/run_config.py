@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from cav_mae_jax.train import optim
+
 RUN_CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
 # Changes refused on resume even though no shape depends on them, and why.
@@ -111,8 +113,12 @@ def changed_fields(saved: ml_collections.ConfigDict, config: ml_collections.Conf
   """{field: (saved value, new value)} of every field that differs (JSON-normalized)."""
   old = flatten(json.loads(saved.to_json_best_effort()))
   new = flatten(json.loads(config.to_json_best_effort()))
+  unread = set()  # fields of another schedule kind (a run recorded before they were all held)
+  if old.get("schedule.kind") == new.get("schedule.kind") in optim.SCHEDULE_FIELDS:
+    unread = {f"schedule.{field}" for kind, fields in optim.SCHEDULE_FIELDS.items()
+              if kind != new["schedule.kind"] for field in fields}
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k)}
+          if old.get(k) != new.get(k) and k not in unread}
 
 
 def check_resume(saved: ml_collections.ConfigDict | None, config: ml_collections.ConfigDict,
