@@ -420,6 +420,9 @@ def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
   config.data.eval_dir, config.evals.val.all_frames = "/data/records/train/", True
   assert evaluate.record_names(config, recorded, ["val"]) == {
       "val": "evaluate/val@eval_dir=train,all_frames=True"}
+  recorded.data.eval_dir = "/data/records/eval"
+  config.data.eval_dir, config.evals.val.all_frames = "/data/records/eval/", False  # the same
+  assert evaluate.record_names(config, recorded, ["val"]) == {"val": "evaluate/val"}
   with config.unlocked():
     config.evals.other = config.evals.val
   assert evaluate.record_names(config, recorded, ["other"]) == {"other": "evaluate/other@added"}

@@ -471,28 +471,34 @@ def read_record_layout(path: str, num_records: int,
 
 
 def shard_size_problem(path: str, num_records: int) -> str | None:
-  """What is wrong with shard `path`'s size, found without reading its records: against its
+  """What is wrong with shard `path`'s size, found without parsing its records: against its
   sidecar's record sizes when it has them (a file cut at a record boundary, or emptied, reads
   without an error and would only be found when its records run out), else against the
-  smallest size `num_records` records take; None when the size fits."""
+  smallest size `num_records` records take; None when the size fits. A sidecar that does not
+  describe the file (another count, sizes that do not add up to it: a sidecar of an older
+  version of the shard) is not believed: the shard's records are counted instead."""
   try:
     size = tf.io.gfile.stat(path).length
   except (OSError, tf.errors.OpError) as e:
     return f"cannot be read ({op_error_text(e) if isinstance(e, tf.errors.OpError) else e})"
   try:
     with tf.io.gfile.GFile(path + SIDECAR_SUFFIX) as f:
-      sizes = json.load(f)[RECORD_BYTES]
-    listed = int(np.sum(np.asarray(sizes, np.int64))) + TFRECORD_FRAMING_BYTES * len(sizes)
+      sizes = np.asarray(json.load(f)[RECORD_BYTES], np.int64)
   except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError):
     sizes = None  # no sidecar (or none that lists sizes): the smallest possible size
-  if sizes is not None and len(sizes) == num_records:
-    if size != listed:
-      return (f"is {size} bytes, the {num_records} records its sidecar lists take {listed} "
-              "(a truncated file, or a sidecar of another file: without it the shard is read "
-              "for its records' sizes)")
-  elif size < TFRECORD_FRAMING_BYTES * num_records:
-    return (f"is {size} bytes, too small for the {num_records} records the index lists "
-            "(truncated file?)")
+  if sizes is None:
+    if size < TFRECORD_FRAMING_BYTES * num_records:
+      return (f"is {size} bytes, too small for the {num_records} records the index lists "
+              "(truncated file?)")
+    return None
+  if sizes.shape == (num_records,) and int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) == size:
+    return None
+  try:  # the sidecar is not this file's: count
+    count = sum(1 for _ in tf.data.TFRecordDataset(path))
+  except tf.errors.OpError as e:
+    return op_error_text(e)
+  if count != num_records:
+    return f"holds {count} records, the index lists {num_records} (truncated file?)"
   return None
 
 

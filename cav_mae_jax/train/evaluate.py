@@ -11,6 +11,7 @@ one.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -186,12 +187,19 @@ def record_names(config: ml_collections.ConfigDict, recorded: ml_collections.Con
     if recorded is not None and name not in recorded_evals:
       settings = ["added"]  # an evaluator the run did not have
     else:
-      settings = [f"{key.rsplit('.', 1)[1]}={_short(new)}" for key, (_, new) in changed.items()
-                  if (key.startswith(f"evals.{name}.")
-                      and key.rsplit(".", 1)[1] not in _SCHEDULING_FIELDS)
-                  or key in {f"data.{field}" for field in data_fields}]
+      settings = [f"{key.rsplit('.', 1)[1]}={_short(new)}" for key, (old, new) in changed.items()
+                  if ((key.startswith(f"evals.{name}.")
+                       and key.rsplit(".", 1)[1] not in _SCHEDULING_FIELDS)
+                      or key in {f"data.{field}" for field in data_fields})
+                  and not _same_path(old, new)]
     result[name] = RECORD_PREFIX + name + (f"@{','.join(settings)}" if settings else "")
   return result
+
+
+def _same_path(old: Any, new: Any) -> bool:
+  """Whether two setting values name one folder ('/x/eval' and '/x/eval/')."""
+  return (isinstance(old, str) and isinstance(new, str) and "/" in old + new
+          and os.path.normpath(old) == os.path.normpath(new))
 
 
 def _short(value: Any) -> str:

@@ -91,9 +91,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config.task` (resuming from the latest checkpoint in workdir); returns the last
   metrics.
 
-  A preemption notice (SIGTERM) saves a checkpoint and stops the run early: it returns as a
-  finished run does, or, with `raise_on_preemption`, raises `Preempted` (so that a job script
-  can tell a run cut short from a finished one).
+  A preemption notice (SIGTERM) saves a checkpoint and stops the run early: it returns the last
+  logged metrics as a finished run does, or, with `raise_on_preemption`, raises `Preempted` (so
+  that a job script can tell a run cut short from a finished one).
   """
   # ---------------------------------------------------------------- setup
   validation.validate_config(config, jax.device_count(), jax.process_count(),
