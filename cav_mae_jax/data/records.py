@@ -463,11 +463,17 @@ def read_record_layout(path: str, num_records: int,
     file_size = tf.io.gfile.stat(path).length
   except (OSError, tf.errors.OpError, ValueError, TypeError, KeyError):
     return None
-  if (sizes.shape != (num_records,) or len(labels) != num_records
-      or int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) != file_size
+  if (not _sizes_fit(sizes, num_records, file_size) or len(labels) != num_records
       or any(not 0 <= k < num_classes for clip in labels for k in clip)):
     return None
   return sizes, labels
+
+
+def _sizes_fit(sizes: np.ndarray, num_records: int, file_size: int) -> bool:
+  """Whether a sidecar's record sizes are `num_records` records that, framed, make a file of
+  `file_size` bytes."""
+  return (sizes.shape == (num_records,)
+          and int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) == file_size)
 
 
 def shard_size_problem(path: str, num_records: int) -> str | None:
@@ -491,7 +497,7 @@ def shard_size_problem(path: str, num_records: int) -> str | None:
       return (f"is {size} bytes, too small for the {num_records} records the index lists "
               "(truncated file?)")
     return None
-  if sizes.shape == (num_records,) and int(np.sum(sizes + TFRECORD_FRAMING_BYTES)) == size:
+  if _sizes_fit(sizes, num_records, size):
     return None
   try:  # the sidecar is not this file's: count
     count = sum(1 for _ in tf.data.TFRecordDataset(path))

@@ -163,17 +163,15 @@ def check_fbank_normalization(config: ml_collections.ConfigDict, path: str) -> N
                      f"{show(ours)}; evaluate with the run's normalization: {flags}")
 
 
-# Where a workdir's metrics.jsonl (and TensorBoard) records results of `evaluate`: apart from the
-# run's own series, which an evaluation with other settings under an evaluator's name (another
-# mode, split or frame) would otherwise continue as if the run had measured it.
-RECORD_PREFIX = metrics_lib.EVALUATE_TOOL_PREFIX
 # Evaluator fields that say when and in what batches it runs, not what it measures.
 _SCHEDULING_FIELDS = ("every_steps", "every_epochs", "at_start", "batch_size")
 
 
 def record_names(config: ml_collections.ConfigDict, recorded: ml_collections.ConfigDict | None,
                  names: list[str]) -> dict[str, str]:
-  """{evaluator: the name its results get in the workdir's records}: `RECORD_PREFIX` + name,
+  """{evaluator: the name its results get in the workdir's records}:
+  `metrics.EVALUATE_TOOL_PREFIX` + name (apart from the run's own series, which an evaluation
+  under an evaluator's name would otherwise continue as if the run had measured it),
   with '@' and the settings that differ from the run's recorded config (`recorded`) when any
   do (its entry's fields, and the data fields that choose its clips and frame), e.g.
   `evaluate/val@mode=missingaudioonly`: evaluations with other settings (another mode, frame
@@ -192,7 +190,8 @@ def record_names(config: ml_collections.ConfigDict, recorded: ml_collections.Con
                        and key.rsplit(".", 1)[1] not in _SCHEDULING_FIELDS)
                       or key in {f"data.{field}" for field in data_fields})
                   and not _same_path(old, new)]
-    result[name] = RECORD_PREFIX + name + (f"@{','.join(settings)}" if settings else "")
+    result[name] = (metrics_lib.EVALUATE_TOOL_PREFIX + name
+                    + (f"@{','.join(settings)}" if settings else ""))
   return result
 
 
@@ -216,7 +215,7 @@ def evaluate(
   """Runs the evaluators of `config.evals` (or `names`); returns (step, metrics).
 
   With a `workdir`, the metrics are also appended to its metrics.jsonl at the checkpoint's step,
-  named `RECORD_PREFIX` + name (e.g. `evaluate/val/mAP`), with the settings that differ from the
+  named `evaluate/` + name (e.g. `evaluate/val/mAP`), with the settings that differ from the
   run's after an '@' (`record_names`: e.g. `evaluate/val@mode=missingaudioonly/mAP`).
   """
   validation.validate_config(config, jax.device_count(), jax.process_count(),

@@ -157,7 +157,8 @@ def drop_records_after(workdir: str, step: int) -> int:
   return len(lines) - len(kept)
 
 
-# Names of the results tools/evaluate.py appends to a workdir's records (`train.evaluate`).
+# Names of the results tools/evaluate.py appends to a workdir's records (`train.evaluate`),
+# apart from the run's own series.
 EVALUATE_TOOL_PREFIX = "evaluate/"
 
 

@@ -146,6 +146,7 @@ def _check_workdir_holds_no_data(config: ml_collections.ConfigDict, workdir: str
     if directory and os.path.realpath(directory) == os.path.realpath(workdir):
       raise ValueError(f"workdir {workdir}: is the records directory {field}; a run writes its "
                        "checkpoints, metrics and config in a directory of its own")
+  # records.INDEX_FILE, spelled out: the trainer imports no TensorFlow (records does).
   if os.path.isfile(os.path.join(workdir, "index.json")):
     raise ValueError(f"workdir {workdir}: is a records directory (it holds index.json); a run "
                      "writes its checkpoints, metrics and config in a directory of its own")
