@@ -86,7 +86,7 @@ def _rewrite_shard(path: str, keep: slice, extra: int = 0) -> None:
 @pytest.mark.parametrize("shard,keep,extra,why", [
     (0, slice(0, 0), 0, "holds 0 records, the index lists 3"),
     (1, slice(0, 1), 0, "holds 1 records, the index lists 2"),
-    (2, slice(None), 1, "holds more than the 2 records the index lists")])
+    (2, slice(None), 1, "holds more than 2 records, the index lists 2")])
 def test_a_shard_holding_another_count_than_its_index_is_named(records_dir, tmp_path, shard,
                                                                 keep, extra, why):
   # Cut at a record boundary (or emptied) a shard reads without an error: its clips were left

@@ -514,8 +514,7 @@ class HostRecords:
       for i, (size, weight) in zip(unread, read):
         if len(size) != file_examples[i]:
           raise tf.errors.DataLossError(
-              None, None, f"{files[i]} holds {len(size)} records, the index lists "
-              f"{file_examples[i]}")
+              None, None, f"{files[i]} {records.count_problem(len(size), file_examples[i])}")
         sizes[i], weights[i] = size, weight
     # A record's offset: the sizes of the records before it in its file, with their framing.
     offsets = [np.cumsum(size + records.TFRECORD_FRAMING_BYTES) - size

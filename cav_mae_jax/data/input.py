@@ -64,7 +64,7 @@ def find_damaged_shard(files: Any, expected_counts: Any,
     except tf.errors.OpError as e:
       return path, records.op_error_text(e)
     if count != expected:
-      return path, f"holds {count} records, the index lists {expected} (truncated file?)"
+      return path, records.count_problem(count, expected)
   return None
 
 

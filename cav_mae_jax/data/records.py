@@ -503,9 +503,7 @@ def shard_size_problem(path: str, num_records: int) -> str | None:
     count = sum(1 for _ in tf.data.TFRecordDataset(path))
   except tf.errors.OpError as e:
     return op_error_text(e)
-  if count != num_records:
-    return f"holds {count} records, the index lists {num_records} (truncated file?)"
-  return None
+  return count_problem(count, num_records) if count != num_records else None
 
 
 def _sizes_and_classes(path: str, labels_of: Callable[[tf.Tensor], tf.Tensor]
@@ -552,6 +550,13 @@ def layout_mismatch(path: str, num_records: int, num_classes: int,
 
 # ----------------------------------------------------------------------------------------
 # Records directories.
+
+
+def count_problem(held: int | None, listed: int) -> str:
+  """Why a shard of `held` records (None: more than `listed`) is not the index's `listed`: a
+  shard cut at a record boundary, or emptied, reads without an error, so its count tells."""
+  held_text = f"more than {listed}" if held is None else str(held)
+  return f"holds {held_text} records, the index lists {listed} (truncated file?)"
 
 
 def op_error_text(error: tf.errors.OpError) -> str:
@@ -616,6 +621,5 @@ def iter_examples(directory: str) -> Iterator[ExampleValues]:
         break
       yield parsed_to_values(parse_example(serialized, with_waveform=index.store_waveform))
     if count != shard.num_examples:
-      held = (f"more than {shard.num_examples}" if count > shard.num_examples else count)
-      raise ValueError(f"shard {path} is damaged: holds {held} records, the index lists "
-                       f"{shard.num_examples}")
+      held = None if count > shard.num_examples else count
+      raise ValueError(f"shard {path} is damaged: {count_problem(held, shard.num_examples)}")

@@ -198,7 +198,7 @@ class _ShardCounts:
         self._shard, self._count = self._shard + 1, 0
       self._count += 1
       if self._count > self._expected[shard]:
-        self._fail(f"holds more than the {self._expected[shard]} records the index lists")
+        self._fail(None)
 
   def finish(self) -> None:
     """After the last record: every shard left must be complete."""
@@ -208,13 +208,15 @@ class _ShardCounts:
 
   def _check_complete(self) -> None:
     if self._count != self._expected[self._shard]:
-      self._fail(f"holds {self._count} records, the index lists {self._expected[self._shard]} "
-                 "(truncated file?)")
+      self._fail(self._count)
 
-  def _fail(self, why: str) -> None:
+  def _fail(self, held: int | None) -> None:
+    """Raises for the current shard, which holds `held` records (None: more than listed)."""
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
+    from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top
     raise input_lib.RecordReadError(
-        f"{self._description}: shard {self._files[self._shard]} is damaged: {why}")
+        f"{self._description}: shard {self._files[self._shard]} is damaged: "
+        f"{records.count_problem(held, self._expected[self._shard])}")
 
 
 def record_batches(config: Any, batch_size: int, *, directory: str = "",
