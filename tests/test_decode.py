@@ -1344,6 +1344,33 @@ def test_benchmark_preprocess_tool_transcodes_to_vp9(tmp_path):
   assert_one_error_line(result.returncode, result.stderr, "argument --codec: invalid choice")
 
 
+def test_of_several_video_streams_the_first_is_decoded_as_opencv_reads_it(media, tmp_path):
+  """OpenCV, the original's frame reader, reads the first video stream; FFmpeg's best-stream
+  ranking (taken before) prefers a default or larger one: another stream's pictures were stored
+  without a word."""
+  path = str(tmp_path / 'two_video.mkv')
+  with av.open(media['one_second.mp4']) as reader, av.open(path, 'w', format='matroska') as writer:
+    copies = {stream.index: writer.add_stream_from_template(stream) for stream in reader.streams}
+    second = writer.add_stream('libx264', rate=10)  # larger, and the default
+    second.width, second.height, second.pix_fmt = 192, 128, 'yuv420p'
+    for stream in copies.values():
+      stream.disposition = 0
+    second.disposition = av.stream.Disposition.default
+    for picture in np.full((10, 128, 192, 3), 200, np.uint8):
+      for packet in second.encode(av.VideoFrame.from_ndarray(picture, format='rgb24')):
+        writer.mux(packet)
+    writer.mux(second.encode(None))
+    for packet in reader.demux():
+      if packet.dts is not None:
+        packet.stream = copies[packet.stream.index]
+        writer.mux(packet)
+  with av.open(path) as container:
+    video = [s for s in container.streams if s.type == 'video']
+    assert len(video) == 2 and container.streams.best('video') is not video[0]
+  frames, indices, fps, frame_count = decode.decode_frames(path)
+  assert (fps, frame_count) == (10.0, 10) and _numbers(frames) == indices.tolist()
+
+
 def test_of_several_audio_streams_the_ffmpeg_command_lines_is_decoded(tmp_path):
   """None default: the one with the most channels, as `ffmpeg -i F -vn -ar 16000` takes it
   (FFmpeg's best-stream ranking would take the first, mono one here)."""

@@ -13,9 +13,9 @@ fbank space). An all-zero (silent) track is valid audio. The original keeps the 
 cuts the fbank to 1024 frames, which see the first `ORIGINAL_AUDIO_SECONDS` (10.255 s); pass
 that as `max_seconds` to reproduce its fbank exactly for clips longer than 10 s.
 
-Frames (as the original's `extract_video_frame.py`), from the video stream FFmpeg ranks best
-(the default one; OpenCV takes the first, the same stream in ordinary files), never a cover
-picture (attached_pic): with `fps` and `frame_count` as OpenCV reports them (the stream's
+Frames (as the original's `extract_video_frame.py`), from the first video stream, as OpenCV
+reads it whatever the streams' dispositions say (a file of several video streams, camera angles
+say, gives the first one's frames), never a cover picture (attached_pic): with `fps` and `frame_count` as OpenCV reports them (the stream's
 average frame rate; the container's frame count, else round(duration * fps)), `total =
 min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The original
 seeks OpenCV to that index minus one, so the frame it really stores, and the one we return, is
@@ -1104,9 +1104,9 @@ def _frame_sink(path: str, container: av.container.InputContainer, num_frames: i
                       else 'an audio-only file: a record holds frames of the clip\'s video too '
                       '(audio-only models train on the same records)' if container.streams.audio
                       else '')
-  stream = container.streams.best('video')
-  if stream.disposition & av.stream.Disposition.attached_pic:
-    stream = videos[0]
+  # The original's frames are OpenCV's, which reads the first video stream whatever the
+  # dispositions say (FFmpeg's best-stream ranking takes the default one, or the largest).
+  stream = videos[0]
   _check_decoder(path, stream, 'video_decode_error')
   return _FrameSink(path, container, stream, num_frames, image_size, decoder_threads)
 
