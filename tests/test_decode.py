@@ -816,13 +816,59 @@ def test_matroska_audio_is_checked_against_its_duration_tag(media):
   with av.open(media['short_audio.mkv']) as container:
     audio = container.streams.audio[0]
     assert audio.duration is None
-    declared = decode._declared_duration_s(audio)  # pylint: disable=protected-access
+    declared = decode._duration_tag_s(audio)  # pylint: disable=protected-access
   assert declared == pytest.approx(6.0, abs=0.05)
   clip = decode.decode_clip(media['short_audio.mkv'])
   assert len(clip.waveform) == pytest.approx(6.0 * 16000, abs=0.05 * 16000)
-  with pytest.raises(decode.DecodeError, match=r'decoded \d\.\d\d s of audio, the stream '
-                                               r'declares 10\.\d\d s'):
+  with pytest.raises(decode.DecodeError, match=r'decoded \d\.\d\d s of audio \(ending at '
+                     r'\d\.\d\d s\), the stream declares its end at 10\.\d\d s'):
     decode.decode_audio(media['truncated_audio_data.mkv'])
+
+
+def _write_matroska_with_audio_at(path, pieces, rate=16000):
+  """10 s of numbered video with 16-bit PCM audio pieces (start_s, seconds) on the timeline."""
+  with av.open(path, 'w', format='matroska') as container:
+    video = container.add_stream('libx264', rate=10)
+    video.width, video.height, video.pix_fmt = 96, 64, 'yuv420p'
+    audio = container.add_stream('pcm_s16le', rate=rate, layout='mono')
+    for number, picture in enumerate(synthetic.numbered_frames(100)):
+      frame = av.VideoFrame.from_ndarray(picture, format='rgb24')
+      frame.pts = number
+      container.mux(video.encode(frame))
+    container.mux(video.encode(None))
+    for start_s, seconds in pieces:
+      wave = (_sine(440.0, seconds, rate, 0.3) * 32767).astype(np.int16)
+      for offset in range(0, len(wave), 1024):
+        frame = av.AudioFrame.from_ndarray(wave[None, offset:offset + 1024], format='s16',
+                                           layout='mono')
+        frame.sample_rate, frame.time_base = rate, fractions.Fraction(1, rate)
+        frame.pts = round(start_s * rate) + offset
+        container.mux(audio.encode(frame))
+    container.mux(audio.encode(None))
+
+
+@pytest.mark.parametrize('pieces', [[(2.0, 8.0)], [(0.0, 4.0), (6.0, 4.0)]],
+                         ids=['starts_late', 'skips_two_seconds'])
+def test_matroska_audio_that_starts_late_or_skips_is_not_taken_for_a_cut_file(tmp_path, pieces):
+  # Matroska's DURATION tag is the time the track ends (10 s here), not its length (8 s): such
+  # audio was refused as 'decoded 8.00 s of audio, the stream declares 10.00 s', where the
+  # original's ffmpeg writes its 8 s (gaps are not filled).
+  path = str(tmp_path / 'audio.mkv')
+  _write_matroska_with_audio_at(path, pieces)
+  with av.open(path) as container:
+    assert decode._duration_tag_s(container.streams.audio[0]) == 10.0  # pylint: disable=protected-access
+  waveform, _ = decode.decode_audio(path)
+  assert len(waveform) == 8 * 16000
+  # Cut at 7 s on the timeline, after 5 of its 8 s: still refused, saying where it ends.
+  data = open(path, 'rb').read()
+  with av.open(path) as container:
+    cut = next(p.pos for p in container.demux(container.streams.audio[0])
+               if p.pts is not None and p.pts * p.time_base >= 7)
+  with open(path, 'wb') as f:
+    f.write(data[:cut])
+  with pytest.raises(decode.DecodeError, match=r'decoded 5\.0\d s of audio \(ending at 7\.0\d s\), '
+                     r'the stream declares its end at 10\.00 s'):
+    decode.decode_audio(path)
 
 
 def _zero_one_packet(source, path, kind, number):

@@ -70,8 +70,9 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
   audio_decode_error    the audio decoder fails (on any one packet: the message gives its
                         time; the original's ffmpeg would skip it), or decodes much less
                         audio than the stream declares (truncated data; its header's duration
-                        or, in Matroska and WebM, its DURATION tag), or this FFmpeg build has
-                        no decoder for the stream's codec
+                        or, in Matroska and WebM, its DURATION tag; measured on the stream's
+                        timeline, so audio that starts late or skips a stretch is not cut),
+                        or this FFmpeg build has no decoder for the stream's codec
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
   video_decode_error    the video decoder (on any one packet, as for audio) or the RGB
                         conversion fails, or there is no decoder for the stream's codec
@@ -416,12 +417,10 @@ def _stream_duration_s(stream: av.stream.Stream) -> float | None:
   return None
 
 
-def _declared_duration_s(stream: av.stream.Stream) -> float | None:
-  """The stream's own duration: its header's, else its `DURATION` tag (FFmpeg's Matroska and
-  WebM muxers write one per track, 'HH:MM:SS.nnnnnnnnn', where the track header has none)."""
-  duration_s = _stream_duration_s(stream)
-  if duration_s is not None:
-    return duration_s
+def _duration_tag_s(stream: av.stream.Stream) -> float | None:
+  """A track's `DURATION` tag (FFmpeg's Matroska and WebM muxers write one per track,
+  'HH:MM:SS.nnnnnnnnn', where the track header has no duration): the time the track ends,
+  counted from 0, not its length."""
   tag = (stream.metadata or {}).get('DURATION', '')
   match = re.fullmatch(r'(\d+):([0-5]\d):(\d+(?:\.\d*)?)', tag.strip())
   if match is None:
@@ -450,6 +449,10 @@ class _AudioSink:
     self._source_format: tuple[str, int] | None = None  # (sample format, sample rate).
     self._source_samples = 0
     self._source_samples_needed: int | None = None
+    self._enough = False  # stopped once max_samples (and the filter's reach) were decoded
+    # The decoded audio's span on the stream's timeline (seconds; None without timestamps).
+    self._first_s: float | None = None
+    self._end_s: float | None = None
 
   def _keep_first_channel(self, frame: av.AudioFrame) -> None:
     source_format = (frame.format.name, frame.sample_rate)
@@ -477,9 +480,12 @@ class _AudioSink:
       first = first.copy()
     self._chunks.append(first)
     self._source_samples += first.shape[0]
+    if frame.time is not None and frame.sample_rate:
+      self._first_s = frame.time if self._first_s is None else self._first_s
+      self._end_s = frame.time + frame.samples / frame.sample_rate
     if (self._source_samples_needed is not None and
         self._source_samples >= self._source_samples_needed):
-      self.done = True
+      self.done = self._enough = True
 
   def feed(self, packet: av.Packet | None) -> None:
     """Decodes a packet (None flushes the decoder)."""
@@ -519,17 +525,36 @@ class _AudioSink:
     if waveform.shape[0] < MIN_AUDIO_SAMPLES:
       raise DecodeError(self.path, 'audio_too_short',
                         f'{waveform.shape[0]} samples at {self.target_sample_rate} Hz')
-    declared_s = _declared_duration_s(self.stream)
-    if declared_s is not None:
-      expected = declared_s * self.target_sample_rate
-      if self.max_samples is not None:
-        expected = min(expected, self.max_samples)
-      if waveform.shape[0] < expected - max(0.5 * self.target_sample_rate, 0.05 * expected):
-        raise DecodeError(
-            self.path, 'audio_decode_error',
-            f'decoded {waveform.shape[0] / self.target_sample_rate:.2f} s of audio, the stream '
-            f'declares {declared_s:.2f} s')
+    if not self._enough:
+      self._check_declared_duration(waveform.shape[0] / self.target_sample_rate)
     return waveform
+
+  def _check_declared_duration(self, decoded_s: float) -> None:
+    """Raises when the stream ended well before its declared duration (truncated data).
+
+    Measured on the stream's timeline where frames have timestamps, so that audio which starts
+    late or skips a stretch (the original's ffmpeg writes it without filling the gap) is not
+    taken for a cut file: a header's duration is the track's length, from its first timestamp
+    to its end; Matroska's DURATION tag is the time the track ends, counted from 0.
+    """
+    timed = self._first_s is not None and self._end_s is not None
+    header_s = _stream_duration_s(self.stream)
+    if header_s is not None:
+      declared_s, what = header_s, 'declares'
+      covered_s = self._end_s - self._first_s if timed else decoded_s
+    else:
+      declared_s, what = _duration_tag_s(self.stream), 'declares its end at'
+      covered_s = self._end_s if timed else decoded_s
+    if declared_s is None:
+      return
+    expected_s = declared_s
+    if self.max_samples is not None:
+      expected_s = min(expected_s, self.max_samples / self.target_sample_rate)
+    if covered_s < expected_s - max(0.5, 0.05 * expected_s):
+      ends = f' (ending at {self._end_s:.2f} s)' if timed and header_s is None else ''
+      raise DecodeError(self.path, 'audio_decode_error',
+                        f'decoded {decoded_s:.2f} s of audio{ends}, the stream {what} '
+                        f'{declared_s:.2f} s')
 
 
 def rotation_from_display_matrix(matrix: Sequence[int]) -> int:
