@@ -15,9 +15,10 @@ that as `max_seconds` to reproduce its fbank exactly for clips longer than 10 s.
 
 Frames (as the original's `extract_video_frame.py`), from the first video stream, as OpenCV
 reads it whatever the streams' dispositions say (a file of several video streams, camera angles
-say, gives the first one's frames), never a cover picture (attached_pic): with `fps` and `frame_count` as OpenCV reports them (the stream's
-average frame rate; the container's frame count, else round(duration * fps)), `total =
-min(frame_count, int(fps * 10))` and frame i of 10 is `int(i * (total / 10))`. The original
+say, gives the first one's frames), never a cover picture (attached_pic): with `fps` and
+`frame_count` as OpenCV reports them (the stream's average frame rate; the container's frame
+count, else round(duration * fps)), `total = min(frame_count, int(fps * 10))` and frame i of 10
+is `int(i * (total / 10))`. The original
 seeks OpenCV to that index minus one, so the frame it really stores, and the one we return, is
 the decoded frame number `max(int(i * (total / 10)) - 1, 0)` (0-based, in presentation order;
 OpenCV's seek numbers frames by timestamp from a keyframe, so in a variable-frame-rate stream or
