@@ -904,6 +904,27 @@ def test_a_damaged_packet_refuses_the_clip_saying_which_and_when(media, tmp_path
       'and OpenCV skip the packet')
 
 
+@pytest.mark.parametrize('kind', ['video', 'audio'])
+def test_a_file_cut_inside_a_packet_is_called_truncated(tmp_path, kind):
+  # A faststart MP4 cut after its index: FFmpeg reads the last packet short and the decoder
+  # fails on it. The message spoke of one bad packet that the original would skip.
+  whole = str(tmp_path / 'whole.mp4')
+  synthetic.write_mp4(whole, synthetic.numbered_frames(100), 10, _stereo(10.0), faststart=True)
+  with av.open(whole) as container:
+    packets = [p for p in container.demux(getattr(container.streams, kind)[0]) if p.size]
+  packet = max(packets[len(packets) // 2:], key=lambda p: p.size)
+  seconds = float(packet.pts * packet.time_base)
+  cut = str(tmp_path / 'cut.mp4')
+  with open(cut, 'wb') as f:
+    f.write(open(whole, 'rb').read()[:packet.pos + packet.size // 2])
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_clip(cut)
+  assert info.value.reason == f'{kind}_decode_error'
+  assert info.value.detail == (f'the {kind} packet at {seconds:.2f} s does not decode: the file '
+                               f'ends inside it (byte {packet.pos + packet.size // 2}): a '
+                               'truncated file')
+
+
 def test_a_frame_that_cannot_be_converted_is_not_called_a_packet_that_does_not_decode(
     media, monkeypatch):
   # A ValueError of the RGB conversion reached the packet message ("does not decode", "the

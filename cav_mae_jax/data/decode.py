@@ -353,6 +353,10 @@ def _packet_decode_error(path: str, kind: str, packet: av.Packet | None,
     when = (f'at {float(stamp * packet.time_base):.2f} s' if stamp is not None and
             packet.time_base else 'at an unknown time')
     what = f'the {kind} packet {when} does not decode'
+    if _cut_by_end_of_file(path, packet):
+      return DecodeError(path, f'{kind}_decode_error',
+                         f'{what}: the file ends inside it (byte {packet.pos + packet.size}): '
+                         'a truncated file')
   if not isinstance(error, av.error.FFmpegError):  # not the decoder: the frame's conversion
     return DecodeError(path, f'{kind}_decode_error',
                        f"{what.replace(' does not decode', '')}: its frame cannot be converted: "
@@ -360,6 +364,16 @@ def _packet_decode_error(path: str, kind: str, packet: av.Packet | None,
   return DecodeError(path, f'{kind}_decode_error',
                      f'{what}: {ffmpeg_text(error)}; a clip with such a packet is not kept, '
                      "where the original's ffmpeg and OpenCV skip the packet")
+
+
+def _cut_by_end_of_file(path: str, packet: av.Packet) -> bool:
+  """Whether `packet` was read short because the (local) file ends inside it: FFmpeg flags a
+  short read corrupt, and a file cut after its index (a faststart MP4) ends that way."""
+  try:
+    return (packet.is_corrupt and packet.pos is not None and packet.pos >= 0 and
+            packet.pos + packet.size >= os.path.getsize(path))
+  except OSError:  # a remote file: no local size
+    return False
 
 
 # FFmpeg demuxers of text files that name other media files (FFmpeg probes them by content, so
