@@ -7,7 +7,8 @@ its FIRST channel (not a downmix) is resampled by libswresample to signed 16-bit
 libswresample treats channels independently, so this is bit-identical to channel 0 of ffmpeg's
 multi-channel output (the ffmpeg CLI build may decode AAC ~1e-7 differently, which flips an
 occasional sample by 1 LSB; for audio that decodes to 16-bit integers (PCM, A-law, fixed-point
-MP2) an ffmpeg 5.1 command line resamples through 16-bit integers and differs by up to 4 LSB).
+MP2) an ffmpeg 5.1 command line resamples through 16-bit integers and differs by a few LSB: up to 4
+measured on PCM, 6 on an MP2 tone).
 Audio longer than `max_seconds` is cut; shorter audio is returned as it is (padding happens in
 fbank space). An all-zero (silent) track is valid audio. The original keeps the whole track and
 cuts the fbank to 1024 frames, which see the first `ORIGINAL_AUDIO_SECONDS` (10.255 s); pass
