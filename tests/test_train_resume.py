@@ -289,6 +289,25 @@ def test_sigterm_saves_and_stops(tmp_path, cache):
   assert int(_restore_state(str(tmp_path), 2)["state"]["step"]) == 2
 
 
+def test_a_sigterm_after_the_last_step_says_the_run_finishes(caplog):
+  # It said "saving a checkpoint and stopping at the next step" while the final evaluation ran
+  # (the run then finished, status 0: no step was left to stop at).
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  watcher = checkpoint.PreemptionWatcher(None)
+  try:
+    with caplog.at_level("WARNING"):
+      os.kill(os.getpid(), signal.SIGTERM)
+      watcher.last_step_taken()
+      os.kill(os.getpid(), signal.SIGTERM)
+  finally:
+    watcher.restore_handler()
+  assert [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()] == [
+      "SIGTERM received: saving a checkpoint and stopping at the next step.",
+      "SIGTERM received after the last training step: the run finishes its final checkpoint "
+      "and evaluation."]
+  assert watcher.preempted(1)
+
+
 if __name__ == "__main__":
   MODE, WORKDIR = sys.argv[1], sys.argv[2]
   if MODE == "train":

@@ -312,13 +312,22 @@ class PreemptionWatcher:
     self._signalled = threading.Event()
     self._multi_process = jax.process_count() > 1
     self._warned = False
+    self._last_step_taken = False
     self._previous_handler = None
     if not self._multi_process and threading.current_thread() is threading.main_thread():
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
+    if self._last_step_taken:  # no step is left to stop at: the run is saving and evaluating
+      logging.warning("SIGTERM received after the last training step: the run finishes its "
+                      "final checkpoint and evaluation.")
+    else:
+      logging.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
     self._signalled.set()
+
+  def last_step_taken(self) -> None:
+    """The loop took its last step (after polling it): a later SIGTERM has no step to stop at."""
+    self._last_step_taken = True
 
   def preempted(self, step: int) -> bool:
     """True once a preemption notice arrived (single process: SIGTERM; multi-host: sync point)."""

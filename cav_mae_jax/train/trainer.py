@@ -288,8 +288,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       pending.append((step, device_metrics))
       check(step - 1)  # one step behind, so dispatch runs ahead of the host
 
-      preempted = preemption.preempted(step)
       final = step == total_steps
+      preempted = preemption.preempted(step)
+      if final:
+        preemption.last_step_taken()
       # A stop for preemption logs no row off the cadence: its steps' metrics are saved with
       # its checkpoint, and the resumed run's next row covers them as an uninterrupted run's.
       if step % config.log_every_steps == 0 or final:
