@@ -193,6 +193,12 @@ def test_run_data_check_reads_tfds_and_names_the_field(sources, caplog):
     input_lib.check_data_sources(config)
   assert "the eval split is the training clips (TFDS split 'train'" in caplog.text
   config = make_config(sources, tfds=True)
+  config.data.tfds_name = TFDS_NAME + ":9.0.0"  # a version never built
+  with pytest.raises(ValueError, match=r"^config\.data\.tfds_name='cav_mae_clips/datafile:9\.0\.0'"
+                     r": Dataset cav_mae_clips cannot be loaded at version 9\.0\.0, only: "
+                     r"1\.4\.0\.$"):  # TFDS raised an AssertionError (a traceback)
+    input_lib.check_data_sources(config)
+  config = make_config(sources, tfds=True)
   config.model.audio_length = 512
   with pytest.raises(ValueError, match=r"config\.model\.audio_length=512.*1024-frame"):
     input_lib.check_data_sources(config)

@@ -91,8 +91,12 @@ def open_tfds_split(name: str, split: str, data_dir: str = "", *,
     raise ValueError(f"{name_field}='': no TFDS dataset given")
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
-  except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
-    raise ValueError(f"{name_field}={name!r}: {_first_line(e)}") from None
+  # AssertionError: TFDS's way of saying that a version it does not know was asked for.
+  except (ValueError, KeyError, OSError, AssertionError, tf.errors.OpError) as e:
+    detail = _first_line(e)
+    if detail.startswith("Failed to construct dataset") and '": ' in detail:
+      detail = detail.rpartition('": ')[2]  # what failed, without the builder's arguments
+    raise ValueError(f"{name_field}={name!r}: {detail}") from None
   if not builder.is_prepared():
     versions = _built_versions(os.path.dirname(builder.data_dir))
     other = (f"; built here: version {', '.join(versions)}, read as "
