@@ -5,6 +5,12 @@ from `fold_in(key(mask_seed), b)`, so every batch (not only every evaluation) ha
 as the original draws new ones at every forward pass. The losses are batch means over the
 model's contrastive groups, so only batches without padding enter them (`full_batches` says how
 many); evaluators that score clips (retrieval, classification) use every valid clip instead.
+
+A global batch is every process's rows side by side, each process reading its own shard files,
+so which clips share a batch (the contrastive negatives, the masks a clip gets) and which clips
+fall in full batches depend on the process count and the shard layout: compare these losses
+between runs of one topology (the same checkpoint on 1 and 2 processes: 1.48529 against
+1.48501 in one check).
 """
 
 from __future__ import annotations

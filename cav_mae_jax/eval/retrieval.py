@@ -23,7 +23,10 @@ class RetrievalEvaluator(common.Evaluator):
   The features are the mean-pooled audio-only and video-only streams of every valid clip, in
   data order, up to `max_clips`: the first clips of the split, a progress signal sized like the
   paper's subsets (1,725 AudioSet and 1,545 VGGSound clips) but not those class-balanced
-  subsets; `tools/retrieval.py --subset` runs the paper's protocol.
+  subsets; `tools/retrieval.py --subset` runs the paper's protocol. Data order is that of the
+  global batches, every process's rows side by side, each process reading its own shard files:
+  with a split larger than `max_clips`, which clips are taken depends on the process count
+  (and the shard layout), so compare these figures between runs of one topology.
   """
 
   FIELDS = {"max_clips": int}
