@@ -131,6 +131,22 @@ BAD_CASES = [
     ("model.learnable_temperature", True, "config.model.learnable_temperature=True: learns the "
      "contrastive loss's temperature, and this model has no contrastive loss",
      {"model.lambda_c": 0.0}),
+    # Non-finite values passed `>= 0` checks: a loss weight compiled and stopped at a NaN loss
+    # without naming it, an infinite every_epochs failed after the first step, an infinite
+    # mlp_ratio and a seed beyond 64 bits were tracebacks, a NaN every_epochs meant 'off'.
+    ("model.lambda_c", float("nan"), "config.model.lambda_c=nan: must be finite", {}),
+    ("model.lambda_mae", float("inf"), "config.model.lambda_mae=inf: must be finite", {}),
+    ("evals.val.every_epochs", float("nan"), "config.evals.val.every_epochs=nan: must be finite",
+     {}),
+    ("evals.val.every_epochs", float("inf"), "config.evals.val.every_epochs=inf: must be finite",
+     {}),
+    ("model.mlp_ratio", float("inf"), "config.model.mlp_ratio=inf: must be finite", {}),
+    ("seed", 2**70, f"config.seed={2**70}: must fit in 64 bits", {}),
+    # An MLP of no hidden units (a ZeroDivisionError traceback in the initializer).
+    ("model.mlp_ratio", 0.001, "config.model.mlp_ratio=0.001: gives an MLP of no hidden units",
+     {}),
+    # Ignored with a random init, as the other fields of loading are refused.
+    ("init.allow_unexpected", True, "config.init.allow_unexpected=True: applies only", {}),
 ]
 
 
@@ -149,7 +165,7 @@ def test_unset_duration_is_allowed_and_nan_epochs_named(config):
   config.total_steps, config.total_epochs = None, 2.0
   validation.validate_config(config, num_devices=8)
   config.total_epochs = float("nan")  # was "cannot convert float NaN to integer"
-  with pytest.raises(ValueError, match=r"config\.total_epochs=nan: must be positive and finite"):
+  with pytest.raises(ValueError, match=r"config\.total_epochs=nan: must be finite"):
     validation.validate_config(config, num_devices=8)
 
 

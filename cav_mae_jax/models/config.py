@@ -99,6 +99,9 @@ class ModelConfig:
         fail(field, "must be positive")
     if self.mlp_ratio <= 0:
       fail("mlp_ratio", "must be positive")
+    if int(min(self.embed_dim, self.decoder_embed_dim) * self.mlp_ratio) < 1:
+      fail("mlp_ratio", "gives an MLP of no hidden units (int(embed_dim * mlp_ratio), and "
+           "with decoder_embed_dim, must be at least 1)")
     if self.embed_dim % self.num_heads:
       fail("num_heads", f"must divide embed_dim={self.embed_dim}")
     if self.decoder_embed_dim % self.decoder_num_heads:

@@ -81,6 +81,12 @@ def _validate_set(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     elif value is None and path not in UNSETTABLE:
       _fail(path, None, f"needs a value: only {' and '.join(UNSETTABLE)} can be unset (None), "
             "and an evaluator removed with --config.evals.<name>=None.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      # No field means anything by NaN or infinity: a loss weight of NaN compiled and failed
+      # at its first step, an infinite every_epochs after it, an infinite mlp_ratio in init.
+      _fail(path, value, "must be finite.")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+      _fail(path, value, "must fit in 64 bits.")
 
 
 def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
@@ -222,7 +228,7 @@ def _validate_init(config: ml_collections.ConfigDict) -> None:
     _fail("init.path", init.path, f"init.source={init.source!r} needs a path.")
   if not init.source:  # random init: what would say where and how to load weights is unused
     for field, unused in (("path", ""), ("step", 0), ("new_head", False),
-                          ("audio_pos_resize", "")):
+                          ("audio_pos_resize", ""), ("allow_unexpected", False)):
       if init[field] != unused:
         _fail(f"init.{field}", init[field], "applies only to a run that starts from weights, "
               "and config.init.source is '' (random init): set it to workdir, params, cavmae "
