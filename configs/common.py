@@ -13,6 +13,18 @@ AUDIOSET_FBANK_MEAN = -5.081
 AUDIOSET_FBANK_STD = 4.4849
 
 
+def option(options: dict[str, str], key: str, kind: type, default=None):
+  """The value of config option `key` ('recipe,key=value') as `kind`, else `default`; a value
+  that is not one raises ValueError naming the option (int('abc') named nothing)."""
+  if key not in options:
+    return default
+  try:
+    return kind(options[key])
+  except ValueError:
+    raise ValueError(f"config option {key}={options[key]!r}: must be "
+                     f"{'an integer' if kind is int else 'a number'}.") from None
+
+
 def init_config() -> ml_collections.ConfigDict:
   """`config.init`: where a fresh run's parameters come from (resuming ignores it).
 

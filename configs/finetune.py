@@ -89,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init = common.init_config()
 
   config.model = model_config(
-      size, num_classes=int(options.get("classes", classes)),
+      size, num_classes=common.option(options, "classes", int, classes),
       ft_mode=options.get("mode", FT_MODES[0]), trainable_pos_embed=True,
       dtype="float32" if tiny else "bfloat16",
       **(pretrain.model_overrides({}, {options["encoder"]}) if "encoder" in options else {}))

@@ -76,11 +76,12 @@ def model_overrides(options: dict[str, str], flags: set[str]) -> dict[str, objec
   """config.model fields set by the ablation options."""
   overrides: dict[str, object] = {}
   if "mask_ratio" in options:
-    overrides["mask_ratio_a"] = overrides["mask_ratio_v"] = float(options["mask_ratio"])
+    ratio = common.option(options, "mask_ratio", float)
+    overrides["mask_ratio_a"] = overrides["mask_ratio_v"] = ratio
   if "mask_mode" in options:
     overrides["mask_mode_a"] = options["mask_mode"]
   if "lambda_c" in options:
-    overrides["lambda_c"] = float(options["lambda_c"])
+    overrides["lambda_c"] = common.option(options, "lambda_c", float)
   if "symmetric" in flags:
     overrides["contrast_bidirectional"] = True
   if "vanilla_avmae" in flags:

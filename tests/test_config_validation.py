@@ -210,6 +210,11 @@ def test_unknown_config_name_and_option():
     pretrain_config.get_config("huge")
   with pytest.raises(ValueError, match="config option 'maskratio'"):
     pretrain_config.get_config("base,maskratio=0.5")
+  # A value of the wrong type named no option: "invalid literal for int() with base 10: 'abc'".
+  with pytest.raises(ValueError, match=r"^config option mask_ratio='abc': must be a number\.$"):
+    pretrain_config.get_config("base,mask_ratio=abc")
+  with pytest.raises(ValueError, match=r"^config option classes='4\.5': must be an integer\.$"):
+    finetune_config.get_config("tiny,classes=4.5")
   with pytest.raises(ValueError, match="config option 'bidirectional'"):
     pretrain_config.get_config("base,bidirectional")
 
