@@ -145,6 +145,8 @@ BAD_CASES = [
     # An MLP of no hidden units (a ZeroDivisionError traceback in the initializer).
     ("model.mlp_ratio", 0.001, "config.model.mlp_ratio=0.001: gives an MLP of no hidden units",
      {}),
+    ("data.label_smooth", 0.1, "config.data.label_smooth=0.1: smooths the training labels, "
+     "and config.task='pretrain' trains on none", {}),
     # Ignored with a random init, as the other fields of loading are refused.
     ("init.allow_unexpected", True, "config.init.allow_unexpected=True: applies only", {}),
 ]
