@@ -147,6 +147,9 @@ BAD_CASES = [
      {}),
     ("data.label_smooth", 0.1, "config.data.label_smooth=0.1: smooths the training labels, "
      "and config.task='pretrain' trains on none", {}),
+    ("data.tfds_data_dir", "/data/tfds", "config.data.tfds_data_dir='/data/tfds': applies to a "
+     "TFDS dataset, and config.data.tfds_name is ''", {}),
+    ("data.tfds_train_split", "bogus", "config.data.tfds_train_split='bogus': applies to", {}),
     # Ignored with a random init, as the other fields of loading are refused.
     ("init.allow_unexpected", True, "config.init.allow_unexpected=True: applies only", {}),
 ]

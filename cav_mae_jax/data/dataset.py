@@ -182,6 +182,12 @@ class DataConfig:
     for field in ("tfds_name", "tfds_train_split", "tfds_eval_split"):
       if not isinstance(getattr(self, field), str):
         fail(field, "must be a string")
+    if not self.tfds_name:  # where a TFDS dataset is read from, with none named: ignored
+      for field, default in (("tfds_data_dir", ""), ("tfds_train_split", "train"),
+                             ("tfds_eval_split", "test")):
+        if getattr(self, field) != default:
+          fail(field, "applies to a TFDS dataset, and config.data.tfds_name is '' (none): name "
+               "it, or leave this field out")
     if not isinstance(self.batch_size, int) or self.batch_size <= 0:
       fail("batch_size", "must be a positive int")
     if self.shuffle_buffer < 1:
