@@ -150,6 +150,8 @@ BAD_CASES = [
     ("data.tfds_data_dir", "/data/tfds", "config.data.tfds_data_dir='/data/tfds': applies to a "
      "TFDS dataset, and config.data.tfds_name is ''", {}),
     ("data.tfds_train_split", "bogus", "config.data.tfds_train_split='bogus': applies to", {}),
+    ("init.new_head", True, "config.init.new_head=True: makes a new classification head, and a "
+     "pretraining model has none", {"init.source": "workdir", "init.path": "/tmp"}),
     # Ignored with a random init, as the other fields of loading are refused.
     ("init.allow_unexpected", True, "config.init.allow_unexpected=True: applies only", {}),
 ]
