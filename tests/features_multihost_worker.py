@@ -4,8 +4,8 @@
 
 Each process sees 4 CPU devices (XLA_FLAGS set by the caller) and joins the other through
 `jax.distributed` (multihost_worker's launch helpers). It prints one JSON line: the ids and outputs of an in-memory pass
-(13 rows, global batch 8) and of a records pass with a subset list (each process reads its own
-shards), and every process's strings gathered.
+(13 rows, global batch 8), of a records pass with a subset list (each process reads its own
+shards), the clips the retrieval evaluator takes, and every process's strings gathered.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def main(process_id: int, num_processes: int, port: int, records_dir: str) -> No
   record_ids, record_out = features.run_on_mesh(
       lambda p, b: {"mean": b["audio"].mean(axis=(1, 2)) + p}, 0.0,
       clips.record_batches(tiny_config(records_dir), 8, video_ids=subset), mesh)
+  retrieval_audio, _ = retrieval_evaluator(mesh, records_dir).features(0.0)
   print(json.dumps({"array_ids": list(array_ids), "array_x": array_out["x"].tolist(),
+                    "retrieval_audio": retrieval_audio.reshape(-1).tolist(),
                     "interleaved_requested": [d.process_index for d in interleaved],
                     "interleaved_ids": list(interleaved_ids),
                     "interleaved_x": interleaved_out["x"].tolist(),
@@ -52,6 +54,20 @@ def main(process_id: int, num_processes: int, port: int, records_dir: str) -> No
                     "gathered": clips.allgather_strings([f"p{process_id}"] * (process_id + 1))}),
         flush=True)
   jax.distributed.shutdown()
+
+
+def retrieval_evaluator(mesh, records_dir: str, max_clips: int = 4):
+  """A retrieval evaluator of the records whose 'features' are each clip's mean fbank value."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.eval import common, retrieval  # pylint: disable=import-outside-toplevel
+  from test_features import tiny_config  # pylint: disable=import-outside-toplevel
+  entry = ml_collections.ConfigDict(dict(
+      type="retrieval", split="eval", dir="", every_steps=0, every_epochs=0.0, at_start=False,
+      batch_size=8, max_clips=max_clips))
+  features = lambda p, b: (b["audio"].mean(axis=(1, 2))[:, None] + p,  # noqa: E731
+                           b["image"].mean(axis=(1, 2, 3))[:, None])
+  return retrieval.RetrievalEvaluator("retrieval", entry, {"features": features}, mesh,
+                                      common.records_batch_source(tiny_config(records_dir)))
 
 
 if __name__ == "__main__":

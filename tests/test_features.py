@@ -20,6 +20,7 @@ from cav_mae_jax.eval import features
 from cav_mae_jax.eval import ranking
 from cav_mae_jax.train import mesh as mesh_lib
 from configs import pretrain
+import features_multihost_worker
 import multihost_worker
 from test_input import write_records
 
@@ -152,6 +153,18 @@ def test_two_processes_count_every_clip_once(records_dir):
   clip_numbers = np.array([int(x[4:]) for x in result["record_ids"]])
   np.testing.assert_allclose(result["record_mean"], (clip_numbers + 5.081) / 4.4849, rtol=1e-5)
   assert result["gathered"] == [["p0"], ["p1", "p1"]]
+  # The retrieval evaluator's first 4 clips are those of shard order, 0, 3, 6 (shard 0) and 1
+  # (shard 1), as one process takes them; it took the global batch's first valid rows: 0, 3, 6,
+  # 2 (process 0's rows, shards 0 and 2, come first).
+  assert _clip_numbers(result["retrieval_audio"]) == [0, 1, 3, 6]
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  one_process, _ = features_multihost_worker.retrieval_evaluator(mesh, records_dir).features(0.0)
+  assert _clip_numbers(one_process.reshape(-1)) == [0, 1, 3, 6]
+
+
+def _clip_numbers(mean_fbanks):
+  """The clips (numbered by their constant fbank value) of normalized mean fbank values."""
+  return sorted(int(round(x * 4.4849 - 5.081)) for x in mean_fbanks)
 
 
 def test_finetuned_encoder_gives_the_same_embeddings(params):

@@ -85,3 +85,24 @@ def test_evaluator_drops_padding_and_yields_pairs():
 def test_rejects_non_square():
   with pytest.raises(ValueError, match="square"):
     retrieval_reference.correct_item_ranks(np.zeros((3, 4)))
+
+
+def test_each_process_gives_its_share_of_the_first_clips():
+  # Shards of 4, 4 and 3 clips; process p reads shards p, p + 2, ...: of the first 5 clips in
+  # shard order process 0 holds 4 (shard 0), process 1 one (shard 1's first).
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.data import dataset  # pylint: disable=import-outside-toplevel
+  split = SimpleNamespace(index=SimpleNamespace(
+      shards=[SimpleNamespace(num_examples=n) for n in (4, 4, 3)]))
+  assert dataset.first_clips_per_process(split, 2, 5) == [4, 1]
+  assert dataset.first_clips_per_process(split, 2, 10) == [6, 4]
+  assert dataset.first_clips_per_process(split, 2, 100) == [7, 4]
+  assert dataset.first_clips_per_process(split, 1, 5) == [5]
+  assert dataset.first_clips_per_process(split, 3, 9) == [4, 4, 1]
+  # A global batch of two processes' parts of 4 rows: each gives its first valid rows until
+  # its share is given.
+  taken = [0, 0]
+  keep = retrieval.take_rows(np.array([1, 1, 1, 1, 1, 1, 0, 0], bool), [3, 1], taken)
+  assert keep.tolist() == [1, 1, 1, 0, 1, 0, 0, 0] and taken == [3, 1]
+  keep = retrieval.take_rows(np.ones(8, bool), [3, 1], taken)
+  assert not keep.any() and taken == [3, 1]

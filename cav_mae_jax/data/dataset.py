@@ -457,6 +457,20 @@ def host_file_indices(num_files: int, process_index: int, process_count: int) ->
   return list(range(process_index, num_files, process_count))
 
 
+def first_clips_per_process(source: splits.Split, process_count: int, count: int) -> list[int]:
+  """How many of each process's clips are among the split's first `count` in shard order.
+
+  Each process reads its own shard files in order (`host_file_indices`), so its share of those
+  first clips is the first that many of what it reads: together the same clips whatever the
+  process count."""
+  shares = [0] * process_count
+  start = 0
+  for shard, info in enumerate(source.index.shards):
+    shares[shard % process_count] += max(0, min(info.num_examples, count - start))
+    start += info.num_examples
+  return shares
+
+
 def load_split(config: DataConfig, split: str, process_index: int,
                process_count: int) -> SplitFiles:
   """Opens and checks the split's clips (`open_split`) and picks this process's shard files."""

@@ -110,6 +110,11 @@ class InputPipeline:
     return None if self.training else dataset.num_eval_batches(self.split_files,
                                                                   self.host_batch)
 
+  def first_clips_per_process(self, count: int) -> list[int]:
+    """Each process's share of the split's first `count` clips in shard order: the first that
+    many valid clips of its part of the batches (`dataset.first_clips_per_process`)."""
+    return dataset.first_clips_per_process(self.split_files.source, self.process_count, count)
+
   def _locate(self, batches: int) -> tuple[int, int]:
     """(epoch, position) after `batches` full batches."""
     epoch_size = self.split_files.host_examples[self.process_index]

@@ -78,10 +78,15 @@ class Evaluator:
     """`config.data` fields this evaluator's passes set (e.g. all frames per clip)."""
     return {}
 
-  def batches(self) -> Iterator[HostBatch]:
-    """A fresh pass over this evaluator's split; `valid` describes the global batch."""
-    for batch in self._batch_source(self.config.split, self.config.dir, self.config.batch_size,
-                                    **self.data_overrides()):
+  def source(self) -> Iterable[HostBatch]:
+    """A fresh pass over this evaluator's split, as its batch source gives it (host batches)."""
+    return self._batch_source(self.config.split, self.config.dir, self.config.batch_size,
+                              **self.data_overrides())
+
+  def batches(self, source: Iterable[HostBatch] | None = None) -> Iterator[HostBatch]:
+    """A fresh pass over this evaluator's split (or over `source`, a pass from `source()`);
+    `valid` describes the global batch."""
+    for batch in self.source() if source is None else source:
       yield {**batch, "valid": global_valid(batch["valid"])}
 
   def global_batch(self, batch: HostBatch, keys: Iterable[str] = ("audio", "image")
