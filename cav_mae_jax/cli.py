@@ -114,6 +114,52 @@ def _check_run_config(workdir: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedFlags:
+  """--distributed and the arguments of `jax.distributed.initialize` (every process of a
+  multi-host run runs the same command)."""
+  distributed: flags.FlagHolder
+  coordinator_address: flags.FlagHolder
+  num_processes: flags.FlagHolder
+  process_id: flags.FlagHolder
+
+  def initialize(self) -> None:
+    """Joins the other processes when --distributed is given (call before anything else of
+    JAX): the arguments from the flags, or detected from the cluster environment (TPU pods,
+    SLURM, Open MPI, Kubernetes)."""
+    if not self.distributed.value:
+      return
+    import jax  # pylint: disable=g-import-not-at-top
+    try:
+      jax.distributed.initialize(coordinator_address=self.coordinator_address.value,
+                                 num_processes=self.num_processes.value,
+                                 process_id=self.process_id.value)
+    except ValueError as e:  # JAX's own line ("coordinator_address should be defined.")
+      hint = ("; outside a cluster JAX detects (TPU pod, SLURM, Open MPI, Kubernetes) give "
+              "--coordinator_address, --num_processes and --process_id"
+              if self.coordinator_address.value is None else "")
+      raise ValueError(f"--distributed: {str(e).rstrip('.')}{hint}") from None
+
+
+def define_distributed_flags(alone: str) -> DistributedFlags:
+  """Defines --distributed, --coordinator_address, --num_processes and --process_id; the last
+  three need --distributed (`alone`: what each process would do without it, for the error)."""
+  holder = DistributedFlags(
+      distributed=flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize "
+                                    "(one process per host of a multi-host run)."),
+      coordinator_address=flags.DEFINE_string("coordinator_address", None,
+                                              "host:port of process 0."),
+      num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes."),
+      process_id=flags.DEFINE_integer("process_id", None, "This process's index."))
+  names = ["coordinator_address", "num_processes", "process_id"]
+  flags.register_multi_flags_validator(
+      ["distributed", *names],
+      lambda values: values["distributed"] or all(values[name] is None for name in names),
+      message=f"--coordinator_address, --num_processes and --process_id need --distributed "
+      f"(without it every process would {alone})")
+  return holder
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFlags:
   """The flags that say which model a tool loads: --config, and --workdir [--step] or --params."""
   config: flags.FlagHolder

@@ -70,6 +70,13 @@ CASES = {
                                                              "--num_processes=2",
                                                              "--process_id=1"],
                                                 "need --distributed"),
+    "evaluate_process_flags_without_distributed": ("evaluate.py", [TINY, "--params=p",
+                                                                   "--process_id=1"],
+                                                   "need --distributed (without it every "
+                                                   "process would evaluate alone"),
+    "retrieval_process_flags_without_distributed": ("retrieval.py", [TINY, "--params=p",
+                                                                     "--num_processes=2"],
+                                                    "need --distributed"),
     # 0 was taken as "not given": on a fine-tuning run the config's epoch replaced it.
     "average_epoch_zero": ("average.py", ["--workdir=w", "--out=o", "--first_epoch=0",
                                           "--last_epoch=2"],

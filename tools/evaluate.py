@@ -10,6 +10,7 @@ own series, and evaluate/<evaluator>@<settings>/<metric> when the evaluator's se
 from the run's, e.g. evaluate/val@mode=missingaudioonly/mAP); without --config, the config its
 run recorded (configs/workdir.py:<workdir>), to which --config.<path> overrides apply.
 --params: a params checkpoint written by tools/convert.py or tools/average.py.
+Multi-host: the same command on every host with --distributed (as tools/train.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import flags
 from cav_mae_jax import cli
 
 _MODEL = cli.define_model_flags("Training workdir to evaluate.")
+_DISTRIBUTED = cli.define_distributed_flags("evaluate alone, on its own devices")
 _EVALS = flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
 # An empty --evals (or an empty name in it) ran nothing and printed only the step.
 flags.register_validator(_EVALS.name, lambda names: names is None or (names and all(names)),
@@ -28,13 +30,16 @@ flags.register_validator(_EVALS.name, lambda names: names is None or (names and 
 
 def main(argv: list[str]) -> None:
   del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  _DISTRIBUTED.initialize()
   from cav_mae_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   step, results = evaluate.evaluate(_MODEL.config.value, workdir=_MODEL.workdir.value,
                                     step=_MODEL.step.value, params_path=_MODEL.params.value,
                                     names=_EVALS.value)
-  print(f"step {step}")
-  for name, value in results.items():
-    print(f"{name:32s} {value:.6g}")
+  if jax.process_index() == 0:
+    print(f"step {step}")
+    for name, value in results.items():
+      print(f"{name:32s} {value:.6g}")
 
 
 def _input_paths() -> list[tuple[str, str | None]]:

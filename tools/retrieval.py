@@ -8,7 +8,8 @@ Features are the task's retrieval features (mean-pooled audio-only and video-onl
 config.data.eval_frame) of every clip once; the cosine-similarity ranks are computed on the
 device (cav_mae_jax/eval/ranking.py). --records defaults to config.data.eval_dir. --subset: a
 text file of clip ids (one a line) or JSON (a list of ids, or a datafile with video_id entries),
-e.g. the paper's 5-per-class subsets; an id missing from the records is an error.
+e.g. the paper's 5-per-class subsets; an id missing from the records is an error. Multi-host:
+the same command on every host with --distributed (as tools/train.py); process 0 prints.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ _MODEL = cli.define_model_flags()
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
 _SUBSET = flags.DEFINE_string("subset", None, "File of clip ids to keep (text or JSON).")
 _BATCH_SIZE = cli.define_batch_size_flag()
+_DISTRIBUTED = cli.define_distributed_flags("rank the clips alone, on its own devices")
 
 
 def main(argv: list[str]) -> None:
   del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  _DISTRIBUTED.initialize()
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
   records = features.records_directory(config, _RECORDS.value or "")
@@ -35,6 +39,8 @@ def main(argv: list[str]) -> None:
   features.check_batch_size(batch_size, loaded.mesh, what=what)
   result = features.retrieval(loaded, clips.record_batches(config, batch_size, directory=records,
                                                            video_ids=subset))
+  if jax.process_index():
+    return
   print(f"step {loaded.step}: {len(result.ids)} clips of {records} (features "
         f"{result.feature_seconds:.1f} s, ranking {result.ranking_seconds:.2f} s)")
   print(f"{'direction':14s} {'R@1':>7s} {'R@5':>7s} {'R@10':>7s} {'median rank':>12s}")

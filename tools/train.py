@@ -22,33 +22,14 @@ from cav_mae_jax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and arg.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = cli.define_distributed_flags("train alone")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-@flags.multi_flags_validator(["distributed", "coordinator_address", "num_processes", "process_id"],
-                             message="--coordinator_address, --num_processes and --process_id "
-                             "need --distributed (without it every process would train alone)")
-def _distributed_flags_need_distributed(values: dict) -> bool:
-  return values["distributed"] or all(values[name] is None for name in
-                                      ("coordinator_address", "num_processes", "process_id"))
 
 
 def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    try:
-      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-    except ValueError as e:  # JAX's own line ("coordinator_address should be defined.")
-      hint = ("; outside a cluster JAX detects (TPU pod, SLURM, Open MPI, Kubernetes) give "
-              "--coordinator_address, --num_processes and --process_id"
-              if _COORDINATOR.value is None else "")
-      raise ValueError(f"--distributed: {str(e).rstrip('.')}{hint}") from None
+  _DISTRIBUTED.initialize()
   from cav_mae_jax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, raise_on_preemption=True)
