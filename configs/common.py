@@ -111,7 +111,7 @@ def cosine_schedule(warmup_epochs: float = 1.0) -> ml_collections.ConfigDict:
   return _schedule("warmup_cosine", warmup_epochs=warmup_epochs)
 
 
-def _schedule(kind: str, *, first_decay_epoch: float = 10, decay_every_epochs: float = 5,
+def _schedule(kind: str, *, first_decay_epoch: int = 10, decay_every_epochs: int = 5,
               decay_factor: float = 0.5, warmup_epochs: float = 1.0,
               final_lr_fraction: float = 0.0) -> ml_collections.ConfigDict:
   """`config.schedule`: its `kind` and the fields of every kind, so that
@@ -119,7 +119,7 @@ def _schedule(kind: str, *, first_decay_epoch: float = 10, decay_every_epochs: f
   defaults, each overridable); a kind reads only its own."""
   schedule = ml_collections.ConfigDict()
   schedule.kind = kind
-  schedule.first_decay_epoch = first_decay_epoch  # multistep
+  schedule.first_decay_epoch = first_decay_epoch  # multistep: whole epochs, as MultiStepLR's
   schedule.decay_every_epochs = decay_every_epochs
   schedule.decay_factor = decay_factor
   schedule.warmup_epochs = warmup_epochs  # warmup_cosine
