@@ -289,6 +289,15 @@ def test_sigterm_saves_and_stops(tmp_path, cache):
   assert int(_restore_state(str(tmp_path), 2)["state"]["step"]) == 2
 
 
+def test_a_sigterm_at_the_last_step_finishes_the_run(tmp_path, cache):
+  # It saved the last step and then reported the run as preempted (tools/train.py: status 143,
+  # "the same command resumes from it"), though nothing was left to train.
+  result = _subprocess("sigterm_at_last_step", tmp_path, cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Preempted" not in result.stdout and "tensorflow imported" in result.stdout
+  assert str(TOTAL_STEPS) in os.listdir(tmp_path / "checkpoints")
+
+
 def test_a_sigterm_after_the_last_step_says_the_run_finishes(caplog):
   # It said "saving a checkpoint and stopping at the next step" while the final evaluation ran
   # (the run then finished, status 0: no step was left to stop at).
@@ -318,6 +327,8 @@ if __name__ == "__main__":
     run_training(WORKDIR, kill=True)
   elif MODE == "sigterm_at_step_2":
     run_training(WORKDIR, sigterm_call=2, raise_on_preemption=True)
+  elif MODE == "sigterm_at_last_step":
+    run_training(WORKDIR, sigterm_call=TOTAL_STEPS, raise_on_preemption=True)
   elif MODE == "nan_at_step_4":
     run_training(WORKDIR, poison_call=4)
   elif MODE == "train_decoder_depth_2":

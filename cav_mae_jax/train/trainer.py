@@ -331,7 +331,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     checkpointer.close()
     writer.flush()
     writer.close()
-  if preempted and raise_on_preemption:
+  if preempted and raise_on_preemption and step != total_steps:  # the last step: a finished run
     raise Preempted(step, summary)
   if start_step == total_steps:  # a finished run's missing final evaluation, now logged
     return metrics_lib.last_scalars(workdir)
