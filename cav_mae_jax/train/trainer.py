@@ -322,7 +322,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       if eval_metrics:
         summary.update(eval_metrics)
         last_log_time = time.monotonic()  # eval time is not train step time
-      if preempted:
+      if preempted and not final:
         logger.warning("Preempted: saved step %d; stopping.", step)
         break
   finally:
