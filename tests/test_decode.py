@@ -1436,6 +1436,23 @@ def test_of_several_video_streams_the_first_is_decoded_as_opencv_reads_it(media,
     assert len(video) == 2 and container.streams.best('video') is not video[0]
   frames, indices, fps, frame_count = decode.decode_frames(path)
   assert (fps, frame_count) == (10.0, 10) and _numbers(frames) == indices.tolist()
+  # A still picture as the first video track (not marked as a cover): too few frames, saying
+  # which stream was read and why.
+  still = str(tmp_path / 'still_first.mkv')
+  with av.open(media['one_second.mp4']) as reader, av.open(still, 'w', format='matroska') as writer:
+    picture = writer.add_stream('libx264', rate=10)
+    picture.width, picture.height, picture.pix_fmt = 96, 64, 'yuv420p'
+    copies = {stream.index: writer.add_stream_from_template(stream) for stream in reader.streams}
+    writer.mux(picture.encode(av.VideoFrame.from_ndarray(np.zeros((64, 96, 3), np.uint8),
+                                                         format='rgb24')))
+    writer.mux(picture.encode(None))
+    for packet in reader.demux():
+      if packet.dts is not None:
+        packet.stream = copies[packet.stream.index]
+        writer.mux(packet)
+  with pytest.raises(decode.DecodeError, match=r"decoded 1 frames, needed frame \d+ \(.*; of "
+                     r"video stream 0, the first of 2, which the original's OpenCV reads\)"):
+    decode.decode_frames(still)
 
 
 def test_of_several_audio_streams_the_ffmpeg_command_lines_is_decoded(tmp_path):

@@ -872,6 +872,11 @@ class _FrameSink:
       self._count_source = (
           f'frame count {frame_count} estimated from the {of} duration {duration_s:.2f} s x '
           f"{self.fps:.3f} fps, as the original's OpenCV does: the file stores no frame count")
+    videos = [s for s in container.streams.video
+              if not s.disposition & av.stream.Disposition.attached_pic]
+    if len(videos) > 1:  # a still picture as the first video track, say
+      self._count_source += (f'; of video stream {stream.index}, the first of {len(videos)}, '
+                             "which the original's OpenCV reads")
     self.frame_count = frame_count
     self.indices = frame_indices(frame_count, self.fps, num_frames)
     if frame_count <= 0 or self.fps <= 0:
