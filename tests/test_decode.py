@@ -856,7 +856,8 @@ def test_matroska_audio_that_starts_late_or_skips_is_not_taken_for_a_cut_file(tm
   path = str(tmp_path / 'audio.mkv')
   _write_matroska_with_audio_at(path, pieces)
   with av.open(path) as container:
-    assert decode._duration_tag_s(container.streams.audio[0]) == 10.0  # pylint: disable=protected-access
+    tag_s = decode._duration_tag_s(container.streams.audio[0])  # pylint: disable=protected-access
+    assert tag_s == 10.0
   waveform, _ = decode.decode_audio(path)
   assert len(waveform) == 8 * 16000
   # Cut at 7 s on the timeline, after 5 of its 8 s: still refused, saying where it ends.
