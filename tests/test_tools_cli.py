@@ -74,6 +74,9 @@ CASES = {
                                                                    "--process_id=1"],
                                                    "need --distributed (without it every "
                                                    "process would evaluate alone"),
+    "extract_features_videos_distributed": ("extract_features.py", [
+        TINY, "--params=p", "--videos=v", "--out=o.npz", "--distributed"],
+        "--videos decodes its files in one process: leave out --distributed"),
     "retrieval_process_flags_without_distributed": ("retrieval.py", [TINY, "--params=p",
                                                                      "--num_processes=2"],
                                                     "need --distributed"),

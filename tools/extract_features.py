@@ -8,7 +8,8 @@ r"""Per-clip audio, visual and joint embeddings of video files or records, to on
 With --workdir, --config defaults to the config the run recorded (configs/workdir.py:<workdir>).
 
 The .npz holds `ids` [N] (unicode; row i of every array is clip ids[i]: records in data order,
-shard by shard; --videos in list order, unreadable files left out) and `audio`, `video`, `joint`
+shard by shard, or with --distributed the global batches' order, every process's rows side by
+side; --videos in list order, unreadable files left out) and `audio`, `video`, `joint`
 [N, D] float32: the mean-pooled audio-only (norm_a), video-only (norm_v) and audio+video (norm)
 streams after the joint block (a single-modality MAE: its one stream, norm), not L2-normalized
 (the original's retrieval normalizes them before its cosine similarity). --patches adds the float32
@@ -25,7 +26,9 @@ or the training split's statistics with fbank_stats='index'); audio longer than 
 audio_length frames is cut, shorter audio zero-padded in log-mel space as the original pads.
 A file that cannot be decoded is listed in --quarantine (JSON lines: path, video_id, reason,
 message; default <out>.quarantine.jsonl) and left out; --strict stops at the first one instead.
---records (default config.data.eval_dir when --videos is not given) reads clip records.
+--records (default config.data.eval_dir when --videos is not given) reads clip records; with
+--distributed (as tools/train.py) every process of a multi-host run reads its shards and
+process 0 writes --out.
 """
 
 from __future__ import annotations
@@ -46,16 +49,23 @@ _BATCH_SIZE = cli.define_batch_size_flag()
 _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
                                   "(default <out>.quarantine.jsonl).")
 _STRICT = flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be read.")
+_DISTRIBUTED = cli.define_distributed_flags("extract the features alone, on its own devices")
 flags.mark_flags_as_required(["out"])
 flags.mark_flags_as_mutual_exclusive(["videos", "records"])
 flags.register_multi_flags_validator(
     ["videos", "subset"], lambda values: not (values["videos"] and values["subset"]),
     message="--subset selects clips of records; with --videos, list the video files instead")
+# Each process would keep its own quarantine list (and --strict stop one process alone).
+flags.register_multi_flags_validator(
+    ["videos", "distributed"], lambda values: not (values["videos"] and values["distributed"]),
+    message="--videos decodes its files in one process: leave out --distributed (records are "
+    "read by every process of a multi-host run)")
 
 
 def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  _DISTRIBUTED.initialize()
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
@@ -84,8 +94,9 @@ def main(argv: list[str]) -> None:
     raise features.NoClipsError(f"no clip of --videos {_VIDEOS.value} could be read: all "
                                 f"{quarantine.count} were quarantined ({reasons}); see "
                                 f"{quarantine.path}") from None
-  if jax.process_index() == 0:
-    features.write_npz(_OUT.value, ids, arrays, overwrite=_OVERWRITE.value)
+  if jax.process_index():
+    return
+  features.write_npz(_OUT.value, ids, arrays, overwrite=_OVERWRITE.value)
   shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
   print(f"wrote {_OUT.value}: {len(ids)} clips ({shapes})")
   if quarantine is not None and quarantine.count:
