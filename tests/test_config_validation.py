@@ -310,3 +310,16 @@ def test_resolve_total_steps(config):
   assert trainer.resolve_total_steps(config, 100) == (6, 300)  # tiny: total_steps=300, batch 16
   config = pretrain_config.get_config("base")
   assert trainer.resolve_total_steps(config, 4800) == (100, 2500)
+
+
+def test_a_run_shorter_than_its_averaging_range_is_warned_of():
+  # Training accepted it and tools/average.py later said "no epoch-end checkpoint of epoch(s)".
+  config = finetune_config.get_config("as20k")  # averages epochs 3-15
+  assert trainer.averaging_beyond_run(config, steps_per_epoch=10, total_steps=150) == ""
+  assert trainer.averaging_beyond_run(config, steps_per_epoch=10, total_steps=45) == (
+      "config.finetune.average_last_epoch=15: this run ends after 4 whole epoch(s), so "
+      "tools/average.py will not find the checkpoints of epochs 5-15 that it averages by default "
+      "(give --first_epoch / --last_epoch then, or set the fields).")
+  assert trainer.averaging_beyond_run(pretrain_config.get_config("tiny"), 10, 5) == ""
+  config.checkpoint.every_epoch = False  # no epoch-end checkpoints to average (the demo's)
+  assert trainer.averaging_beyond_run(config, steps_per_epoch=10, total_steps=45) == ""

@@ -85,6 +85,24 @@ def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) 
   return steps_per_epoch, int(math.ceil(config.total_epochs * steps_per_epoch))
 
 
+def averaging_beyond_run(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                         total_steps: int) -> str:
+  """Why tools/average.py would find no checkpoint of some epochs it averages by default (the
+  run keeps epoch-end checkpoints but ends before them: a shortened recipe, say); '' when the
+  run reaches them or keeps none."""
+  section = config.get("finetune")
+  if section is None or not config.checkpoint.every_epoch:
+    return ""
+  epochs = total_steps // steps_per_epoch
+  if section.average_last_epoch <= epochs:
+    return ""
+  return (f"config.finetune.average_last_epoch={section.average_last_epoch}: this run ends "
+          f"after {epochs} whole epoch(s), so tools/average.py will not find the checkpoints "
+          f"of epochs {max(section.average_first_epoch, epochs + 1)}-"
+          f"{section.average_last_epoch} that it averages by default (give --first_epoch / "
+          "--last_epoch then, or set the fields).")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        inputs: Inputs | None = None, *,
                        raise_on_preemption: bool = False) -> dict[str, float]:
@@ -173,6 +191,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
   logger.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
               inputs.train_examples)
+  averaging = averaging_beyond_run(config, steps_per_epoch, total_steps)
+  if averaging and is_main:
+    logger.warning("%s", averaging)
 
   # ---------------------------------------------------------------- workdir: resume or start
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.workdir_checkpoints(workdir),
