@@ -192,6 +192,9 @@ def test_run_data_check_reads_tfds_and_names_the_field(sources, caplog):
   with caplog.at_level("WARNING", logger=dataset.logger.name):
     input_lib.check_data_sources(config)
   assert "the eval split is the training clips (TFDS split 'train'" in caplog.text
+  with pytest.raises(ValueError, match=r"process 1 of 2 gets no training examples \(1 shard "
+                     r"files\); write more shards \(a TFDS build: .*num_shards=N\)"):
+    input_lib.check_data_sources(make_config(sources, tfds=True), process_count=2)
   config = make_config(sources, tfds=True)
   config.data.tfds_name = TFDS_NAME + ":9.0.0"  # a version never built
   with pytest.raises(ValueError, match=r"^config\.data\.tfds_name='cav_mae_clips/datafile:9\.0\.0'"

@@ -338,9 +338,11 @@ def check_training_split(data_config: DataConfig, source: splits.Split,
                      f"{source.description} was written without them (use 'fbank' or "
                      f"rewrite the records with waveforms)")
   if min(shares) == 0:
+    how = (" (a TFDS build: tfds.download.DownloadConfig(num_shards=N), a multiple of the "
+           "process count)" if source.description.startswith("TFDS ") else "")
     raise ValueError(f"{source.description}: process {list(shares).index(0)} of {len(shares)} "
                      f"gets no training examples ({len(source.index.shards)} shard files); "
-                     "write more shards")
+                     f"write more shards{how}")
 
 
 def _check_full_batches(source: splits.Split, field: str, batch_size: int,
