@@ -323,3 +323,12 @@ def test_a_run_shorter_than_its_averaging_range_is_warned_of():
   assert trainer.averaging_beyond_run(pretrain_config.get_config("tiny"), 10, 5) == ""
   config.checkpoint.every_epoch = False  # no epoch-end checkpoints to average (the demo's)
   assert trainer.averaging_beyond_run(config, steps_per_epoch=10, total_steps=45) == ""
+
+
+@pytest.mark.parametrize("ratio", [float("inf"), float("nan"), 0.0])
+def test_model_config_alone_names_a_bad_mlp_ratio(ratio):
+  # ModelConfig is also built outside validate_config (a saved model_config.json): inf or NaN
+  # was an OverflowError / ValueError of int() that named nothing.
+  from cav_mae_jax import models  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"config\.model\.mlp_ratio=.*: must be positive and finite"):
+    models.ModelConfig(mlp_ratio=ratio).validate()

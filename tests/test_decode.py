@@ -872,6 +872,30 @@ def test_matroska_audio_that_starts_late_or_skips_is_not_taken_for_a_cut_file(tm
     decode.decode_audio(path)
 
 
+def test_matroska_audio_past_the_probe_and_cut_files_with_a_late_start(tmp_path):
+  # Audio that starts after FFmpeg's probe (~5 s): FFmpeg fills in the stream's duration from
+  # the container's (10 s, from 0), which the check took for the track's length.
+  late = str(tmp_path / 'late.mkv')
+  _write_matroska_with_audio_at(late, [(5.0, 5.0)])
+  assert len(decode.decode_audio(late)[0]) == 5 * 16000
+  # 17 s from 3 s (the tag: ends at 20 s), cut at 12 s: what was decoded (9 s) is short of the
+  # 10.255 s wanted because the file ends, not because the track does: refused (the late start
+  # had made its end reach the 10.255 s cap).
+  whole = str(tmp_path / 'whole.mkv')
+  _write_matroska_with_audio_at(whole, [(3.0, 17.0)])
+  assert len(decode.decode_audio(whole, max_seconds=10.255)[0]) == round(10.255 * 16000)
+  data = open(whole, 'rb').read()
+  with av.open(whole) as container:
+    cut = next(p.pos for p in container.demux(container.streams.audio[0])
+               if p.pts is not None and p.pts * p.time_base >= 12)
+  cut_path = str(tmp_path / 'cut.mkv')
+  with open(cut_path, 'wb') as f:
+    f.write(data[:cut])
+  with pytest.raises(decode.DecodeError, match=r'decoded 9\.\d\d s of audio \(ending at '
+                     r'12\.\d\d s\), the stream declares its end at 20\.00 s'):
+    decode.decode_audio(cut_path, max_seconds=10.255)
+
+
 def _zero_one_packet(source, path, kind, number):
   """Copies `source` with the bytes of its `number`-th `kind` packet zeroed; returns that
   packet's time in seconds."""

@@ -191,3 +191,9 @@ def test_open_records_dir_checks_the_directory_in_one_line(tmp_path):
     assert reason in message and "\n" not in message, message
     assert message.startswith(directory), message
     assert isinstance(error.value, ValueError) and error.value.reason in message
+
+
+def test_a_shard_count_off_the_index_is_called_truncated_only_when_short():
+  assert records.count_problem(3, 4) == "holds 3 records, the index lists 4 (truncated file?)"
+  assert records.count_problem(None, 4) == "holds more than 4 records, the index lists 4"
+  assert records.count_problem(5, 4) == "holds 5 records, the index lists 4"

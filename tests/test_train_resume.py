@@ -298,23 +298,24 @@ def test_a_sigterm_at_the_last_step_finishes_the_run(tmp_path, cache):
   assert str(TOTAL_STEPS) in os.listdir(tmp_path / "checkpoints")
 
 
-def test_a_sigterm_after_the_last_step_says_the_run_finishes(caplog):
-  # It said "saving a checkpoint and stopping at the next step" while the final evaluation ran
-  # (the run then finished, status 0: no step was left to stop at).
+def test_a_sigterm_during_the_final_save_and_evaluation_finishes_the_run(tmp_path, monkeypatch,
+                                                                          caplog):
+  # It said "saving a checkpoint and stopping at the next step" while the final checkpoint and
+  # evaluation ran (the run then finished, status 0: no step was left to stop at).
   from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
-  watcher = checkpoint.PreemptionWatcher(None)
-  try:
-    with caplog.at_level("WARNING"):
-      os.kill(os.getpid(), signal.SIGTERM)
-      watcher.last_step_taken()
-      os.kill(os.getpid(), signal.SIGTERM)
-  finally:
-    watcher.restore_handler()
-  assert [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()] == [
-      "SIGTERM received: saving a checkpoint and stopping at the next step.",
-      "SIGTERM received after the last training step: the run finishes its final checkpoint "
-      "and evaluation."]
-  assert watcher.preempted(1)
+  last_step_taken = checkpoint.PreemptionWatcher.last_step_taken
+
+  def then_sigterm(watcher):
+    last_step_taken(watcher)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by the watcher: the run is not stopped
+
+  monkeypatch.setattr(checkpoint.PreemptionWatcher, "last_step_taken", then_sigterm)
+  with caplog.at_level("WARNING"):
+    run_training(str(tmp_path), raise_on_preemption=True)  # Preempted: SystemExit(143)
+  messages = [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()]
+  assert messages == ["SIGTERM received after the last training step: the run finishes its "
+                      "final checkpoint and evaluation."]
+  assert str(TOTAL_STEPS) in os.listdir(tmp_path / "checkpoints")
 
 
 if __name__ == "__main__":

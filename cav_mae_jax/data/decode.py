@@ -465,7 +465,6 @@ class _AudioSink:
     self._source_format: tuple[str, int] | None = None  # (sample format, sample rate).
     self._source_samples = 0
     self._source_samples_needed: int | None = None
-    self._enough = False  # stopped once max_samples (and the filter's reach) were decoded
     # The decoded audio's span on the stream's timeline (seconds; None without timestamps).
     self._first_s: float | None = None
     self._end_s: float | None = None
@@ -501,7 +500,7 @@ class _AudioSink:
       self._end_s = frame.time + frame.samples / frame.sample_rate
     if (self._source_samples_needed is not None and
         self._source_samples >= self._source_samples_needed):
-      self.done = self._enough = True
+      self.done = True
 
   def feed(self, packet: av.Packet | None) -> None:
     """Decodes a packet (None flushes the decoder)."""
@@ -541,7 +540,7 @@ class _AudioSink:
     if waveform.shape[0] < MIN_AUDIO_SAMPLES:
       raise DecodeError(self.path, 'audio_too_short',
                         f'{waveform.shape[0]} samples at {self.target_sample_rate} Hz')
-    if not self._enough:
+    if self.max_samples is None or waveform.shape[0] < self.max_samples:  # the stream ran out
       self._check_declared_duration(waveform.shape[0] / self.target_sample_rate)
     return waveform
 
@@ -554,20 +553,20 @@ class _AudioSink:
     to its end; Matroska's DURATION tag is the time the track ends, counted from 0.
     """
     timed = self._first_s is not None and self._end_s is not None
-    header_s = _stream_duration_s(self.stream)
-    if header_s is not None:
-      declared_s, what = header_s, 'declares'
-      covered_s = self._end_s - self._first_s if timed else decoded_s
-    else:
-      declared_s, what = _duration_tag_s(self.stream), 'declares its end at'
+    # Matroska's tag first: where a track's audio starts after FFmpeg's probe (~5 s), FFmpeg
+    # fills in the stream's duration from the container's, the whole file's length.
+    tag_s = _duration_tag_s(self.stream)
+    if tag_s is not None:
+      declared_s, what = tag_s, 'declares its end at'
       covered_s = self._end_s if timed else decoded_s
+    else:
+      declared_s, what = _stream_duration_s(self.stream), 'declares'
+      covered_s = self._end_s - self._first_s if timed else decoded_s
     if declared_s is None:
       return
-    expected_s = declared_s
-    if self.max_samples is not None:
-      expected_s = min(expected_s, self.max_samples / self.target_sample_rate)
-    if covered_s < expected_s - max(0.5, 0.05 * expected_s):
-      ends = f' (ending at {self._end_s:.2f} s)' if timed and header_s is None else ''
+    # Called only when the stream ran out before max_samples: all of it is measured.
+    if covered_s < declared_s - max(0.5, 0.05 * declared_s):
+      ends = f' (ending at {self._end_s:.2f} s)' if timed and tag_s is not None else ''
       raise DecodeError(self.path, 'audio_decode_error',
                         f'decoded {decoded_s:.2f} s of audio{ends}, the stream {what} '
                         f'{declared_s:.2f} s')

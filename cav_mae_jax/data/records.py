@@ -555,8 +555,10 @@ def layout_mismatch(path: str, num_records: int, num_classes: int,
 def count_problem(held: int | None, listed: int) -> str:
   """Why a shard of `held` records (None: more than `listed`) is not the index's `listed`: a
   shard cut at a record boundary, or emptied, reads without an error, so its count tells."""
-  held_text = f"more than {listed}" if held is None else str(held)
-  return f"holds {held_text} records, the index lists {listed} (truncated file?)"
+  if held is None:
+    return f"holds more than {listed} records, the index lists {listed}"
+  return f"holds {held} records, the index lists {listed}" + (
+      " (truncated file?)" if held < listed else "")
 
 
 def op_error_text(error: tf.errors.OpError) -> str:

@@ -97,8 +97,8 @@ class ModelConfig:
                   "num_classes"):
       if getattr(self, field) <= 0:
         fail(field, "must be positive")
-    if self.mlp_ratio <= 0:
-      fail("mlp_ratio", "must be positive")
+    if not 0 < self.mlp_ratio < math.inf:
+      fail("mlp_ratio", "must be positive and finite")
     if int(min(self.embed_dim, self.decoder_embed_dim) * self.mlp_ratio) < 1:
       fail("mlp_ratio", "gives an MLP of no hidden units (int(embed_dim * mlp_ratio), and "
            "with decoder_embed_dim, must be at least 1)")
