@@ -318,6 +318,46 @@ def test_a_sigterm_during_the_final_save_and_evaluation_finishes_the_run(tmp_pat
   assert str(TOTAL_STEPS) in os.listdir(tmp_path / "checkpoints")
 
 
+class _Signalled(Exception):
+  pass
+
+
+def test_a_signal_while_a_checkpoint_is_finished_waits_for_it(tmp_path):
+  # Ctrl-C while the trainer waited for an asynchronous save (its last checkpoint, say) ended the
+  # process with the save half done: "1.orbax-checkpoint-tmp" left, and a RuntimeError ("cannot
+  # schedule new futures after shutdown"). The signal is now held until the save is complete.
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+
+  def signalled(signum, frame):
+    raise _Signalled(signum)
+
+  previous = signal.signal(signal.SIGTERM, signalled)
+  try:
+    options = ml_collections.ConfigDict(dict(every_steps=1, every_epoch=False, keep=3,
+                                              async_save=True))
+    checkpointer = checkpoint.Checkpointer(str(tmp_path / "ckpt"), options)
+    checkpointer.save(1, {"w": jnp.ones((256, 1024), jnp.float32)}, {"batches": 1})
+    with pytest.raises(_Signalled):
+      with checkpoint.signals_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)  # held: the handler runs after the block
+        checkpointer.close()
+    assert os.listdir(tmp_path / "ckpt") == ["1"]
+    assert signal.getsignal(signal.SIGTERM) is signalled
+    # Twice: the wait is abandoned at once.
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+      with checkpoint.signals_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        steps.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        steps.append(2)
+    assert steps == [1]
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 if __name__ == "__main__":
   MODE, WORKDIR = sys.argv[1], sys.argv[2]
   if MODE == "train":

@@ -349,7 +349,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   finally:
     progress.close()
     preemption.restore_handler()
-    checkpointer.close()
+    with checkpoint_lib.signals_deferred():  # a save under way is finished first
+      checkpointer.close()
     writer.flush()
     writer.close()
   if preempted and raise_on_preemption and step != total_steps:  # the last step: a finished run
