@@ -184,3 +184,20 @@ def test_finetuned_encoder_gives_the_same_embeddings(params):
   audio_only = features.embedding_fn(model_config, streams=("audio",))(pretrained, batch)
   assert sorted(audio_only) == ["audio"]
   np.testing.assert_allclose(audio_only["audio"], reference["audio"], atol=1e-5)
+
+
+def test_a_batch_larger_than_the_clips_is_cut_to_them(records_dir):
+  # A batch of 10**9 padded that many zero clips: hours of work, or no memory left, for the
+  # same outputs. Every source holds one batch of the clips, rounded to the devices, instead.
+  from cav_mae_jax.eval import common  # pylint: disable=import-outside-toplevel
+  devices = jax.local_device_count()
+  huge = devices * 10**8
+  fits = -(-NUM_CLIPS // devices) * devices
+  assert clips.useful_host_batch(huge, NUM_CLIPS) == fits
+  assert clips.useful_host_batch(devices, NUM_CLIPS) == devices
+  batches = list(clips.record_batches(tiny_config(records_dir), huge))
+  assert [len(b["valid"]) for b in batches] == [fits] and sum(batches[0]["valid"]) == NUM_CLIPS
+  pipeline = common.records_batch_source(tiny_config(records_dir))("eval", "", huge)
+  assert pipeline.host_batch == fits and pipeline.num_batches == 1
+  arrays = {"audio": np.zeros((NUM_CLIPS, 2), np.float32)}
+  assert [len(b["valid"]) for b in clips.array_batches(arrays, huge)] == [fits]

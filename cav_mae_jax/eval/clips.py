@@ -113,6 +113,15 @@ def _max_over_processes(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.array([value]))))
 
 
+def useful_host_batch(host_batch: int, most_clips: int) -> int:
+  """`host_batch`, or fewer rows where one batch holds every clip already (`most_clips`: the
+  most clips a process reads): a multiple of this process's devices, as a batch must be. The
+  clips and every output are the same; a batch of 10**9 padded that many zero clips (hours of
+  work, or no memory left, for nothing)."""
+  devices = jax.local_device_count()
+  return min(host_batch, max(devices, -(-most_clips // devices) * devices))
+
+
 def pad_batch(batch: HostBatch, size: int) -> HostBatch:
   """`batch` with zero rows (valid False, id '') appended up to `size` rows."""
   count = len(batch["valid"])
@@ -131,6 +140,8 @@ def array_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[Ho
   from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
   num = len(next(iter(arrays.values())))
+  host_batch = useful_host_batch(host_batch, -(-num // jax.process_count()))
+  batch_size = host_batch * jax.process_count()
   ids = np.asarray([str(i) for i in range(num)], dtype=object)
   for start in range(0, num, batch_size):
     rows = slice(start + jax.process_index() * host_batch,
@@ -238,7 +249,9 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     data_config = dataclasses.replace(data_config, eval_dir=directory)
   process, processes = jax.process_index(), jax.process_count()
   split = dataset_lib.load_split(data_config, "eval", process, processes)
-  host_batch = dataset_lib.host_batch_size(batch_size, processes, field="batch_size")
+  host_batch = useful_host_batch(
+      dataset_lib.host_batch_size(batch_size, processes, field="batch_size"),
+      max(split.host_examples))
   normalization = dataset_lib.fbank_normalization(data_config)
   preprocess = eval_preprocess_fn(data_config, normalization.mean, normalization.std)
   files = tf.constant(split.files, tf.string, shape=[len(split.files)])
@@ -429,6 +442,8 @@ def video_batches(clips: Sequence[VideoClip], config: Any, batch_size: int, *,
   normalization = dataset_lib.fbank_normalization(data_config)
   preprocess = eval_preprocess_fn(data_config, normalization.mean, normalization.std)
   host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
+  host_batch = useful_host_batch(host_batch, -(-len(clips) // jax.process_count()))
+  batch_size = host_batch * jax.process_count()
   first_row = jax.process_index() * host_batch
   size = data_config.image_size
   for start in range(0, len(clips), batch_size):

@@ -133,8 +133,16 @@ def records_batch_source(config: ml_collections.ConfigDict) -> BatchSource:
       if directory:  # the clips are another directory's; the normalization stays the run's
         normalization = dataset.fbank_normalization(data_config)
         data_config.data[f"{split}_dir"] = directory
+    pipeline = input_lib.InputPipeline(data_config, split, training=False, seed=config.seed,
+                                       batch_size=batch_size, normalization=normalization)
+    from cav_mae_jax.eval import clips  # pylint: disable=g-import-not-at-top
+    host_batch = clips.useful_host_batch(pipeline.host_batch,
+                                         max(pipeline.split_files.host_examples))
+    if host_batch == pipeline.host_batch:
+      return pipeline
     return input_lib.InputPipeline(data_config, split, training=False, seed=config.seed,
-                                   batch_size=batch_size, normalization=normalization)
+                                   batch_size=host_batch * pipeline.process_count,
+                                   normalization=normalization)
 
   return batches
 
