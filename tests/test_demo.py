@@ -23,7 +23,8 @@ def test_the_demo_defaults_pass(tmp_path):
     ("clip_seconds", 0.01, "--clip_seconds=0.01: must be at least 0.025"),
     ("clip_seconds", math.nan, "--clip_seconds=nan"),
     ("config", "bogus", "--config='bogus': config name 'bogus': unknown recipe"),
-    ("config", "tiny,mask_ratio=x", "--config='tiny,mask_ratio=x': could not convert"),
+    ("config", "tiny,mask_ratio=x", "--config='tiny,mask_ratio=x': config option mask_ratio='x': "
+     "must be a number."),
     ("config", "base", "--config='base': the demo pretrains the tiny model"),
     ("config", "tiny,mask_ratio=1.5", "--config='tiny,mask_ratio=1.5': config.model.mask_ratio"),
     ("config", "tiny,audio_mae", "--config='tiny,audio_mae': the demo reports held-out "
