@@ -871,8 +871,7 @@ class _FrameSink:
       self._count_source = (
           f'frame count {frame_count} estimated from the {of} duration {duration_s:.2f} s x '
           f"{self.fps:.3f} fps, as the original's OpenCV does: the file stores no frame count")
-    videos = [s for s in container.streams.video
-              if not s.disposition & av.stream.Disposition.attached_pic]
+    videos = _clip_video_streams(container)
     if len(videos) > 1:  # a still picture as the first video track, say
       self._count_source += (f'; of video stream {stream.index}, the first of {len(videos)}, '
                              "which the original's OpenCV reads")
@@ -1136,13 +1135,18 @@ def _audio_sink(path: str, container: av.container.InputContainer, target_sample
   return _AudioSink(path, stream, target_sample_rate, max_samples)
 
 
+def _clip_video_streams(container: av.container.InputContainer) -> list[av.stream.Stream]:
+  """The video streams that may be the clip's video, in file order: not a cover picture
+  (attached_pic: the artwork of an .m4a/.mp3, a thumbnail embedded in an MP4), which is one
+  still image."""
+  return [stream for stream in container.streams.video
+          if not stream.disposition & av.stream.Disposition.attached_pic]
+
+
 def _frame_sink(path: str, container: av.container.InputContainer, num_frames: int,
                 image_size: int, decoder_threads: int) -> _FrameSink:
   _check_media_streams(path, container)
-  # A cover picture (attached_pic: the artwork of an .m4a/.mp3, a thumbnail embedded in an
-  # MP4) is one still image, not the clip's video.
-  videos = [stream for stream in container.streams.video
-            if not stream.disposition & av.stream.Disposition.attached_pic]
+  videos = _clip_video_streams(container)
   if not videos:
     raise DecodeError(path, 'no_video_stream',
                       'only a cover picture (attached_pic), no video' if container.streams.video
