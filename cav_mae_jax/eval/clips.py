@@ -122,6 +122,18 @@ def useful_host_batch(host_batch: int, most_clips: int) -> int:
   return min(host_batch, max(devices, -(-most_clips // devices) * devices))
 
 
+def _list_batch_rows(batch_size: int, num: int) -> tuple[int, int]:
+  """(this process's rows, all rows) of each global batch over a list of `num` clips whose
+  batches every process slices in process order (`useful_host_batch`: no more than the clips
+  need)."""
+  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  processes = jax.process_count()
+  host_batch = useful_host_batch(
+      dataset_lib.host_batch_size(batch_size, processes, field="batch_size"),
+      -(-num // processes))
+  return host_batch, host_batch * processes
+
+
 def pad_batch(batch: HostBatch, size: int) -> HostBatch:
   """`batch` with zero rows (valid False, id '') appended up to `size` rows."""
   count = len(batch["valid"])
@@ -137,11 +149,8 @@ def pad_batch(batch: HostBatch, size: int) -> HostBatch:
 
 def array_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[HostBatch]:
   """Host batches of in-memory arrays [N, ...] (this process's rows), ids '0'..'N-1'."""
-  from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-  host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
   num = len(next(iter(arrays.values())))
-  host_batch = useful_host_batch(host_batch, -(-num // jax.process_count()))
-  batch_size = host_batch * jax.process_count()
+  host_batch, batch_size = _list_batch_rows(batch_size, num)
   ids = np.asarray([str(i) for i in range(num)], dtype=object)
   for start in range(0, num, batch_size):
     rows = slice(start + jax.process_index() * host_batch,
@@ -441,9 +450,7 @@ def video_batches(clips: Sequence[VideoClip], config: Any, batch_size: int, *,
   data_config = eval_data_config(config, frame)
   normalization = dataset_lib.fbank_normalization(data_config)
   preprocess = eval_preprocess_fn(data_config, normalization.mean, normalization.std)
-  host_batch = dataset_lib.host_batch_size(batch_size, jax.process_count(), field="batch_size")
-  host_batch = useful_host_batch(host_batch, -(-len(clips) // jax.process_count()))
-  batch_size = host_batch * jax.process_count()
+  host_batch, batch_size = _list_batch_rows(batch_size, len(clips))
   first_row = jax.process_index() * host_batch
   size = data_config.image_size
   for start in range(0, len(clips), batch_size):
