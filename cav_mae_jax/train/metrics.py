@@ -84,7 +84,7 @@ def make_writer(workdir: str, is_main_process: bool, tensorboard: bool = True) -
   if tensorboard:
     # pylint: disable-next=g-import-not-at-top
     from clu.metric_writers.summary_writer import SummaryWriter  # imports TensorFlow
-    writers.insert(0, SummaryWriter(os.path.join(workdir, "tensorboard")))
+    writers.insert(0, SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR)))
   return Writers(writers)
 
 
@@ -155,6 +155,56 @@ def drop_records_after(workdir: str, step: int) -> int:
     f.writelines(kept)
   os.replace(staged, path)
   return len(lines) - len(kept)
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def drop_summaries_after(workdir: str, step: int) -> int:
+  """`drop_records_after` for the TensorBoard event files of a workdir (imports TensorFlow when
+  there are any): rewrites each file (atomically) without the summaries of steps after `step`
+  and a record cut short by the interruption; every summary for a start from scratch (step 0).
+  A file left with no summary is removed. Returns how many summary events were dropped.
+
+  TensorBoard's own loaders do not all do this: the Python one drops the later points of a
+  resumed run only where the file says a session restarted, which `tf.summary` never writes,
+  and so drew both runs' points over the same steps."""
+  directory = os.path.join(workdir, TENSORBOARD_DIR)
+  if not os.path.isdir(directory):
+    return 0
+  names = sorted(n for n in os.listdir(directory) if "tfevents" in n)
+  if not names:
+    return 0
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from tensorflow.core.util import event_pb2
+  dropped = 0
+  for name in names:
+    path = os.path.join(directory, name)
+    records, torn = [], False
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        records.append(record)
+    except tf.errors.DataLossError:  # the last record cut short
+      torn = True
+    kept = []
+    for record in records:
+      event = event_pb2.Event.FromString(record)
+      if not event.HasField("summary") or (step > 0 and event.step <= step):
+        kept.append((record, event.HasField("summary")))
+    if len(kept) == len(records) and not torn:
+      continue
+    dropped += len(records) - len(kept)
+    if not any(is_summary for _, is_summary in kept):
+      os.remove(path)
+      continue
+    # Not named like an event file, which TensorBoard would read (an interrupted rewrite).
+    staged = os.path.join(directory, f".rewrite.tmp-{os.getpid()}")
+    with tf.io.TFRecordWriter(staged) as out:
+      for record, _ in kept:
+        out.write(record)
+    os.replace(staged, path)
+  return dropped
 
 
 # Names of the results tools/evaluate.py appends to a workdir's records (`train.evaluate`),
