@@ -41,6 +41,13 @@ def test_released_pretrained_to_checkpoint_and_back_is_exact(tmp_path):
   report = pipelines.cavmae_to_checkpoint(src, tmp_path / "ckpt", PRETRAIN, finetune=False)
   assert len(report.mapped) == len(state_dict) and not report.unexpected
   assert io.load_model_config(tmp_path / "ckpt")["embed_dim"] == 64
+  # What the weights cannot show is recorded from the config, and the report says so.
+  assert io.load_model_config(tmp_path / "ckpt")["norm_pix_loss"] == PRETRAIN.norm_pix_loss
+  assert [n for n in report.notes if "a .pth does not say" in n] == [
+      f"model_config.json records the config's norm_pix_loss={PRETRAIN.norm_pix_loss} and "
+      f"mask_mode_a={PRETRAIN.mask_mode_a!r}, which a .pth does not say (tools/inpaint.py pictures "
+      "the model by them; cav-mae-base-nonorm.pth was trained with norm_pix_loss=False, the "
+      "ablations with their mask mode)"]
   notes = pipelines.checkpoint_to_torch(tmp_path / "ckpt", tmp_path / "back.safetensors",
                                         module_prefix=True)
   assert notes == [f"exported {len(state_dict)} arrays (keys prefixed 'module.', as DataParallel "

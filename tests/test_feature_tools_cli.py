@@ -109,7 +109,7 @@ CASES = {
     # with the default norm_pix_loss=True was pictured through the wrong un-normalization.
     "inpaint_norm_pix_loss_not_the_models": ("inpaint.py", [
         "--params={params}", "--records={records}", "--config.model.norm_pix_loss=False",
-        "--out=x.png"], "trained with norm_pix_loss=True, the config has False; inpaint it "
+        "--out=x.png"], "records norm_pix_loss=True, the config has False; inpaint it "
                         "with --config.model.norm_pix_loss=True"),
 }
 

@@ -9,7 +9,9 @@ The clip is --clip_id, or the --index-th clip of the records (default config.dat
 data order (default: the first). Masks are drawn from --seed. Models trained with
 norm_pix_loss predict normalized patches; they are un-normalized with the target patches'
 mean and variance, and the picture says so. The config's model.norm_pix_loss must be the one the
-model was trained with (checked against the checkpoint's stored model config).
+model was trained with (checked against the checkpoint's stored model config). The audio mask
+takes the config's model.mask_mode_a (unstructured by default, all the original's script
+draws; --config.model.mask_mode_a=time|freq|tf for the paper's structured masks).
 """
 
 from __future__ import annotations

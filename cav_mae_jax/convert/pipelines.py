@@ -62,6 +62,12 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
     params, report = cavmae_checkpoint.cavmae_to_params(
         state_dict, init, new_head=new_head, audio_pos_resize=audio_pos_resize,
         freq_patches=config.audio_grid[0], allow_unexpected=allow_unexpected)
+  if not finetune:  # what tools/inpaint.py takes from the model config, which no weight shows
+    report.notes.append(
+        f"model_config.json records the config's norm_pix_loss={config.norm_pix_loss} and "
+        f"mask_mode_a={config.mask_mode_a!r}, which a .pth does not say (tools/inpaint.py "
+        "pictures the model by them; cav-mae-base-nonorm.pth was trained with "
+        "norm_pix_loss=False, the ablations with their mask mode)")
   io.save_params(out, params, model_config=_config_dict(config), overwrite=overwrite)
   return report
 

@@ -180,15 +180,18 @@ def check_norm_pix_loss(model_config: models.ModelConfig, path: str) -> None:
   scaled by the target patches' spread and shifted to their means, a plausible-looking picture
   that is not the model's; the reverse shows normalized patches as pixels. The checkpoint's
   stored model config (a workdir's config.json, a params checkpoint's model_config.json) says
-  how it was trained; a checkpoint without one is not checked.
+  how it was trained (one converted from a .pth: what the converter was given, which the .pth
+  does not record); a checkpoint without one is not checked.
   """
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   trained = init_source.stored_model_field(path, "norm_pix_loss")
   if trained is not None and bool(trained) != model_config.norm_pix_loss:
     raise ValueError(
-        f"{path}: the model was trained with norm_pix_loss={bool(trained)}, the config has "
+        f"{path}: its model config records norm_pix_loss={bool(trained)}, the config has "
         f"{model_config.norm_pix_loss}; inpaint it with "
-        f"--config.model.norm_pix_loss={bool(trained)}")
+        f"--config.model.norm_pix_loss={bool(trained)} (a checkpoint converted from a .pth "
+        "records what tools/convert.py was given: the .pth does not say; convert "
+        "cav-mae-base-nonorm.pth with --config.model.norm_pix_loss=False)")
 
 
 def record_clip(config: Any, *, directory: str = "", index: int | None = None,
