@@ -119,17 +119,23 @@ def copy_weights(source: "torch.nn.Module", target: "torch.nn.Module") -> "torch
 
 
 def make_inputs(cfg: models.ModelConfig, batch: int, seed: int = 0,
-                constant_tail: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                constant_tail: bool = True,
+                near_flat: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Random fbank [B, T, F] and NHWC image.
 
   With constant_tail, the first clip's second half is constant, like a short clip's zero padding
   after normalization: constant patches, whose norm_pix targets divide float rounding by 1e-3.
+  With near_flat, the lower half of the first image is nearly flat (variance ~1e-6 per patch, as
+  a one-level JPEG step), where the norm_pix variance's +1e-6 sets the targets' scale.
   """
   rng = np.random.default_rng(seed)
   audio = rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins)).astype(np.float32)
   image = rng.standard_normal((batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
   if constant_tail:
     audio[0, cfg.audio_length // 2:] = (0.0 + 5.081) / 4.4849
+  if near_flat:
+    flat = np.random.default_rng(seed + 1000).standard_normal(image[0, cfg.image_size // 2:].shape)
+    image[0, cfg.image_size // 2:] = 1e-3 * flat
   return audio, image
 
 

@@ -29,6 +29,14 @@ def test_kept_count_is_exact_in_every_mode(mode, ratio):
   np.testing.assert_array_equal(mask.sum(axis=1), L - keep)
 
 
+@pytest.mark.parametrize("tokens,ratio,kept", [
+    (512, 0.75, 128), (196, 0.75, 49), (196, 0.65, 68), (512, 0.85, 76), (196, 0.9, 19),
+    (256, 0.5, 128)])
+def test_kept_count_truncates_as_the_original(tokens, ratio, kept):
+  # The original: len_keep = int(L * (1 - mask_ratio)); a rounding would keep 69 of 196 at 0.65.
+  assert masking.num_kept(tokens, ratio) == kept
+
+
 def test_kept_tokens_are_the_unmasked_ones_and_restore_inverts():
   _, kept, mask, ids_restore = _mask(jax.random.key(1), "unstructured", 0.75)
   for b in range(kept.shape[0]):

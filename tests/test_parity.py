@@ -57,7 +57,7 @@ class PretrainCases:
     self.cfg = tiny_config()
     self.reference = build_reference(self.cfg)
     self.params = flax_params(self.reference, self.cfg)
-    self.audio, self.image = make_inputs(self.cfg, BATCH)
+    self.audio, self.image = make_inputs(self.cfg, BATCH, near_flat=True)
     self._fns: dict[str, Any] = {}
     self._results: dict[tuple[str, str], tuple[dict, dict, tuple]] = {}
 
