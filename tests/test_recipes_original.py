@@ -62,7 +62,7 @@ def test_pretraining_recipe_is_the_originals(recipe):
   assert (m.mask_ratio_a, m.mask_ratio_v, m.mask_mode_a) == (0.75, 0.75, "unstructured")
   assert (m.lambda_c, m.lambda_mae, m.norm_pix_loss, m.trainable_pos_embed) == (
       0.01, 1.0, True, False)
-  # src/models/cav_mae.py forward_contrastive: similarities / 0.05, audio -> video only.
+  # src/models/cav_mae.py forward_contrastive: similarities / 0.05, one direction (dim 0).
   assert (m.temperature, m.learnable_temperature, m.contrast_bidirectional) == (0.05, False, False)
   assert (config.schedule.first_decay_epoch, config.schedule.decay_every_epochs) == (10, 5)
   d = config.data
