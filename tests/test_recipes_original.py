@@ -6,7 +6,7 @@ run_cavmae_pretrain_scale+.sh, run_cavmae_pretrain_scale++.sh, egs/vggsound/run_
 egs/audioset/run_cavmae_ft_bal.sh (AudioSet-20K), run_cavmae_ft_full.sh (AudioSet-2M),
 egs/vggsound/run_cavmae_ft.sh; src/dataloader.py (ImageNet normalization, mixup's Beta(10, 10),
 the evaluation frame total_frame / 2 = 5); src/run_cavmae_ft.py, src/traintest_*.py (Adam betas
-and weight decay). REFERENCE.md lists the same numbers.
+and weight decay).
 """
 import numpy as np
 import pytest
