@@ -1,4 +1,6 @@
-"""The trainer's metric records on resume: TensorBoard event files cut back to the checkpoint."""
+"""The trainer's console line and metric records: TensorBoard event files cut back to the
+checkpoint on resume."""
+import io
 import os
 
 import numpy as np
@@ -6,7 +8,10 @@ import pytest
 
 from cav_mae_jax.train import metrics
 
-tf = pytest.importorskip("tensorflow")
+
+@pytest.fixture(name="tf")
+def fixture_tf():
+  return pytest.importorskip("tensorflow")
 
 
 def _write(workdir, steps, offset):
@@ -18,7 +23,7 @@ def _write(workdir, steps, offset):
   writer.close()
 
 
-def _points(workdir):
+def _points(tf, workdir):
   """(step, value) of train/loss as TensorBoard's Python loader shows them."""
   # pylint: disable-next=import-outside-toplevel
   from tensorboard.backend.event_processing import plugin_event_accumulator
@@ -34,24 +39,24 @@ def _event_files(workdir):
   return sorted(os.path.join(directory, n) for n in os.listdir(directory))
 
 
-def test_resume_drops_the_summaries_after_the_checkpoint(tmp_path):
+def test_resume_drops_the_summaries_after_the_checkpoint(tf, tmp_path):  # pylint: disable=unused-argument
   interrupted = tmp_path / "interrupted"
   _write(interrupted, range(1, 11), 0.0)  # logged up to step 10, checkpointed at 6
   # What TensorBoard drew without the cut: both runs' points over steps 7-10.
   duplicated = tmp_path / "duplicated"
   _write(duplicated, range(1, 11), 0.0)
   _write(duplicated, range(7, 13), 100.0)
-  assert [s for s, _ in _points(duplicated)] == list(range(1, 11)) + list(range(7, 13))
+  assert [s for s, _ in _points(tf, duplicated)] == list(range(1, 11)) + list(range(7, 13))
 
   assert metrics.drop_summaries_after(str(interrupted), 6) == 4
   assert metrics.drop_summaries_after(str(interrupted), 6) == 0  # nothing more to drop
   _write(interrupted, range(7, 13), 100.0)
-  assert _points(interrupted) == [(s, float(s)) for s in range(1, 7)] + [
+  assert _points(tf, interrupted) == [(s, float(s)) for s in range(1, 7)] + [
       (s, 100.0 + s) for s in range(7, 13)]
   assert all("tfevents" in os.path.basename(p) for p in _event_files(interrupted))
 
 
-def test_a_record_cut_short_is_dropped(tmp_path):
+def test_a_record_cut_short_is_dropped(tf, tmp_path):
   _write(tmp_path, range(1, 6), 0.0)
   (path,) = _event_files(tmp_path)
   with open(path, "rb+") as f:
@@ -60,11 +65,34 @@ def test_a_record_cut_short_is_dropped(tmp_path):
     list(tf.data.TFRecordDataset(path))
   assert metrics.drop_summaries_after(str(tmp_path), 5) == 0  # the cut record is not counted
   assert len(list(tf.data.TFRecordDataset(path))) == 5  # file version + steps 1-4
-  np.testing.assert_array_equal([s for s, _ in _points(tmp_path)], [1, 2, 3, 4])
+  np.testing.assert_array_equal([s for s, _ in _points(tf, tmp_path)], [1, 2, 3, 4])
 
 
-def test_a_start_from_scratch_drops_every_summary(tmp_path):
+def test_a_start_from_scratch_drops_every_summary(tf, tmp_path):  # pylint: disable=unused-argument
   _write(tmp_path, range(1, 4), 0.0)
   assert metrics.drop_summaries_after(str(tmp_path), 0) == 3
   assert not _event_files(tmp_path)
   assert metrics.drop_summaries_after(str(tmp_path / "elsewhere"), 3) == 0  # no folder
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_redraws_on_a_terminal_and_writes_lines_to_a_log(monkeypatch, terminal):
+  out = _Terminal() if terminal else io.StringIO()
+  monkeypatch.setattr("sys.stdout", out)
+  progress = metrics.ProgressBar(total_steps=20, start_step=0)
+  for step in (10, 20):
+    progress.update(step, {"loss": 1.0 / step})
+  progress.close()
+  text = out.getvalue()
+  if terminal:  # one line, redrawn
+    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
+  else:  # a log file: a line per update (it was one line of the whole run)
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) == 2 and text.endswith("\n")
+    assert lines[0].startswith("[############............] 10/20  50% loss=0.1 elapsed ")
+    assert lines[1].startswith("[########################] 20/20 100% loss=0.05 elapsed ")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -237,11 +238,15 @@ def last_scalars(workdir: str) -> dict[str, float]:
 
 
 class ProgressBar:
-  """One console line: step, percent, a few metrics, elapsed and estimated time left."""
+  """One console line: step, percent, a few metrics, elapsed and estimated time left; redrawn
+  in place on a terminal, a line per update where stdout is a file or pipe (a cluster job's
+  log, which `\r` redraws made one line of the whole run)."""
 
   def __init__(self, total_steps: int, start_step: int, enabled: bool = True, width: int = 24):
     self.total, self.start, self.enabled, self.width = total_steps, start_step, enabled, width
     self.started = time.monotonic()
+    isatty = getattr(sys.stdout, "isatty", None)
+    self.redraw = bool(isatty and isatty())
 
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
     """Redraws the line for `step` (steps since `start_step` set the ETA)."""
@@ -252,12 +257,16 @@ class ProgressBar:
     eta = elapsed / done * (self.total - step) if done else float("nan")
     filled = int(self.width * step / max(self.total, 1))
     shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total} "
-          f"{100 * step / max(self.total, 1):3.0f}% {shown} "
-          f"elapsed {_clock(elapsed)} ETA {_clock(eta)}", end="", flush=True)
+    line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total} "
+            f"{100 * step / max(self.total, 1):3.0f}% {shown} "
+            f"elapsed {_clock(elapsed)} ETA {_clock(eta)}")
+    if self.redraw:
+      print(f"\r{line}", end="", flush=True)
+    else:
+      print(line, flush=True)
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and self.redraw:
       print(flush=True)
 
 
