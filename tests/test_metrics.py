@@ -39,7 +39,7 @@ def _event_files(workdir):
   return sorted(os.path.join(directory, n) for n in os.listdir(directory))
 
 
-def test_resume_drops_the_summaries_after_the_checkpoint(tf, tmp_path):  # pylint: disable=unused-argument
+def test_resume_drops_the_summaries_after_the_checkpoint(tf, tmp_path):
   interrupted = tmp_path / "interrupted"
   _write(interrupted, range(1, 11), 0.0)  # logged up to step 10, checkpointed at 6
   # What TensorBoard drew without the cut: both runs' points over steps 7-10.
@@ -66,6 +66,17 @@ def test_a_record_cut_short_is_dropped(tf, tmp_path):
   assert metrics.drop_summaries_after(str(tmp_path), 5) == 0  # the cut record is not counted
   assert len(list(tf.data.TFRecordDataset(path))) == 5  # file version + steps 1-4
   np.testing.assert_array_equal([s for s, _ in _points(tf, tmp_path)], [1, 2, 3, 4])
+
+
+def test_a_record_damaged_inside_leaves_the_file_as_it_is(tf, tmp_path, capsys):
+  _write(tmp_path, range(1, 6), 0.0)
+  (path,) = _event_files(tmp_path)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF  # a bad checksum inside, whole records after it
+  open(path, "wb").write(bytes(data))
+  assert metrics.drop_summaries_after(str(tmp_path), 2) == 0
+  assert open(path, "rb").read() == bytes(data)  # not cut at the damage: the later steps stay
+  assert "a damaged record after" in capsys.readouterr().out
 
 
 def test_a_start_from_scratch_drops_every_summary(tf, tmp_path):  # pylint: disable=unused-argument

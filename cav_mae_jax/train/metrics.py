@@ -16,6 +16,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 # The training rows a checkpoint's step had not logged yet (the steps since the last row), by
 # checkpoint step: a run resumed there logs its next row over the same steps as an
 # uninterrupted run (`save_log_window`, `read_log_window`).
@@ -158,9 +159,6 @@ def drop_records_after(workdir: str, step: int) -> int:
   return len(lines) - len(kept)
 
 
-TENSORBOARD_DIR = "tensorboard"
-
-
 def drop_summaries_after(workdir: str, step: int) -> int:
   """`drop_records_after` for the TensorBoard event files of a workdir (imports TensorFlow when
   there are any): rewrites each file (atomically) without the summaries of steps after `step`
@@ -170,24 +168,23 @@ def drop_summaries_after(workdir: str, step: int) -> int:
   TensorBoard's own loaders do not all do this: the Python one drops the later points of a
   resumed run only where the file says a session restarted, which `tf.summary` never writes,
   and so drew both runs' points over the same steps."""
-  directory = os.path.join(workdir, TENSORBOARD_DIR)
-  if not os.path.isdir(directory):
-    return 0
-  names = sorted(n for n in os.listdir(directory) if "tfevents" in n)
+  names = summary_files(workdir)
   if not names:
     return 0
-  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf
-  from tensorflow.core.util import event_pb2
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   dropped = 0
-  for name in names:
-    path = os.path.join(directory, name)
+  for path in names:
     records, torn = [], False
     try:
       for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
         records.append(record)
-    except tf.errors.DataLossError:  # the last record cut short
-      torn = True
+    except tf.errors.DataLossError:
+      if not _ends_inside_a_record(path, records):  # damaged inside: left as it is
+        print(f"note: {path}: a damaged record after {len(records)} readable ones; the file is "
+              "left as it is (TensorBoard reads up to it)")
+        continue
+      torn = True  # the last record cut short by the interruption
     kept = []
     for record in records:
       event = event_pb2.Event.FromString(record)
@@ -200,12 +197,33 @@ def drop_summaries_after(workdir: str, step: int) -> int:
       os.remove(path)
       continue
     # Not named like an event file, which TensorBoard would read (an interrupted rewrite).
-    staged = os.path.join(directory, f".rewrite.tmp-{os.getpid()}")
+    staged = os.path.join(os.path.dirname(path), f".rewrite.tmp-{os.getpid()}")
     with tf.io.TFRecordWriter(staged) as out:
       for record, _ in kept:
         out.write(record)
     os.replace(staged, path)
   return dropped
+
+
+def summary_files(workdir: str) -> list[str]:
+  """The TensorBoard event files of a workdir (its `tensorboard` folder), in name order."""
+  directory = os.path.join(workdir, TENSORBOARD_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if "tfevents" in n]
+
+
+def _ends_inside_a_record(path: str, records: Sequence[bytes]) -> bool:
+  """Whether a TFRecord file whose `records` read before a data-loss error ends inside the next
+  one (its header, or its data, runs past the end of the file): a write cut short."""
+  offset = sum(len(r) + 16 for r in records)  # length, its CRC, data, its CRC
+  size = os.path.getsize(path)
+  if size - offset < 12:
+    return True
+  with open(path, "rb") as f:
+    f.seek(offset)
+    length = int.from_bytes(f.read(8), "little")
+  return offset + 16 + length > size
 
 
 # Names of the results tools/evaluate.py appends to a workdir's records (`train.evaluate`),
@@ -246,7 +264,8 @@ class ProgressBar:
     self.total, self.start, self.enabled, self.width = total_steps, start_step, enabled, width
     self.started = time.monotonic()
     isatty = getattr(sys.stdout, "isatty", None)
-    self.redraw = bool(isatty and isatty())
+    # A Jupyter kernel's stdout is no terminal, but its front ends draw `\r` as one.
+    self.redraw = bool(isatty and isatty()) or "ipykernel" in sys.modules
 
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
     """Redraws the line for `step` (steps since `start_step` set the ETA)."""
