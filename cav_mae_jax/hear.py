@@ -68,6 +68,9 @@ class HearModel:
   fbank_std: float
   batch_size: int
   sample_rate: int = sample_rate
+  # The embedding function, made once: each call of the API then runs the program compiled for
+  # the first (a new function object was traced and compiled again at every call).
+  embed: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
   @property
   def scene_embedding_size(self) -> int:
@@ -169,11 +172,15 @@ def _windows(audio: Any, model: HearModel) -> tuple[np.ndarray, int]:
 def _encode(audio: Any, model: HearModel) -> tuple[np.ndarray, np.ndarray, int]:
   """(pooled [n, W, D], time columns [n, W * columns, D], frames) of every window."""
   windows, frames = _windows(audio, model)
-  fn = features.embedding_fn(model.model_config, finetune=model.finetune, patches=True,
-                             streams=("audio",))
-  _, out = features.run_on_mesh(fn, model.params,
-                                clips.array_batches({"audio": windows}, model.batch_size),
-                                model.mesh, input_keys=("audio",))
+  if model.embed is None:
+    model.embed = features.embedding_fn(model.model_config, finetune=model.finetune,
+                                        patches=True, streams=("audio",))
+  # Batches of `batch_size` windows whatever their number: one program for every call, so a
+  # clip's embedding does not depend on the clips beside it (a program compiled for another
+  # batch size rounds otherwise in bfloat16: up to 2.2e-2 apart).
+  batches = clips.array_batches({"audio": windows}, model.batch_size, cut_to_clips=False)
+  _, out = features.run_on_mesh(model.embed, model.params, batches, model.mesh,
+                                input_keys=("audio",))
   n = np.shape(audio)[0]
   rows, columns = model.model_config.audio_grid
   tokens = out["audio_patches"].reshape(n, -1, rows, columns, model.model_config.embed_dim)

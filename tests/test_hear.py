@@ -202,3 +202,32 @@ def test_params_checkpoint_normalization_is_what_it_records(tmp_path, checkpoint
   (tmp_path / "fixed" / io.NORMALIZATION_FILE).write_text('{"fbank_mean": 1}')
   with pytest.raises(ValueError, match="not a record of an fbank normalization"):
     hear.fbank_normalization(str(tmp_path / "fixed"))
+
+
+def test_a_clips_embedding_does_not_depend_on_the_clips_beside_it(checkpoint):
+  # One program for every call: a batch compiled for the number of windows rounded otherwise in
+  # bfloat16 (the base model's scene embeddings up to 5.9e-3 apart, a batch of 3 or one alone).
+  model = hear.load_model(checkpoint[0], dtype="bfloat16")
+  audio = _audio(3, 24000, seed=5)
+  together = hear.get_timestamp_embeddings(audio, model)[0]
+  for i in range(3):
+    np.testing.assert_array_equal(hear.get_timestamp_embeddings(audio[i:i + 1], model)[0][0],
+                                  together[i])
+  np.testing.assert_array_equal(hear.get_scene_embeddings(audio[1:], model),
+                                hear.get_scene_embeddings(audio, model)[1:])
+
+
+def test_calls_run_the_program_compiled_for_the_first(checkpoint):
+  model = hear.load_model(checkpoint[0])
+  traced = []
+  embed = model.embed or hear.features.embedding_fn(model.model_config, patches=True,
+                                                    streams=("audio",))
+
+  def counting(params, batch):
+    traced.append(1)
+    return embed(params, batch)
+  model.embed = counting
+  for samples in (8000, 24000, 4000):  # other lengths, other window counts
+    hear.get_scene_embeddings(_audio(2, samples), model)
+    hear.get_timestamp_embeddings(_audio(1, samples), model)
+  assert len(traced) == 1

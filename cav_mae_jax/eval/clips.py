@@ -122,15 +122,15 @@ def useful_host_batch(host_batch: int, most_clips: int) -> int:
   return min(host_batch, max(devices, -(-most_clips // devices) * devices))
 
 
-def _list_batch_rows(batch_size: int, num: int) -> tuple[int, int]:
+def _list_batch_rows(batch_size: int, num: int, cut_to_clips: bool = True) -> tuple[int, int]:
   """(this process's rows, all rows) of each global batch over a list of `num` clips whose
   batches every process slices in process order (`useful_host_batch`: no more than the clips
-  need)."""
+  need, unless not `cut_to_clips`)."""
   from cav_mae_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   processes = jax.process_count()
-  host_batch = useful_host_batch(
-      dataset_lib.host_batch_size(batch_size, processes, field="batch_size"),
-      -(-num // processes))
+  host_batch = dataset_lib.host_batch_size(batch_size, processes, field="batch_size")
+  if cut_to_clips:
+    host_batch = useful_host_batch(host_batch, -(-num // processes))
   return host_batch, host_batch * processes
 
 
@@ -147,10 +147,12 @@ def pad_batch(batch: HostBatch, size: int) -> HostBatch:
   return padded
 
 
-def array_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[HostBatch]:
-  """Host batches of in-memory arrays [N, ...] (this process's rows), ids '0'..'N-1'."""
+def array_batches(arrays: dict[str, np.ndarray], batch_size: int,
+                  cut_to_clips: bool = True) -> Iterator[HostBatch]:
+  """Host batches of in-memory arrays [N, ...] (this process's rows), ids '0'..'N-1'; of
+  `batch_size` rows whatever N when not `cut_to_clips` (one compiled program for every call)."""
   num = len(next(iter(arrays.values())))
-  host_batch, batch_size = _list_batch_rows(batch_size, num)
+  host_batch, batch_size = _list_batch_rows(batch_size, num, cut_to_clips)
   ids = np.asarray([str(i) for i in range(num)], dtype=object)
   for start in range(0, num, batch_size):
     rows = slice(start + jax.process_index() * host_batch,
