@@ -81,7 +81,7 @@ class HearModel:
     return self.model_config.embed_dim
 
 
-def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0,
+def load_model(model_file_path: str = "", *, step: int = 0, batch_size: int = 0,
                dtype: str = "") -> HearModel:
   """A params checkpoint (tools/convert.py, with model_config.json) or a training workdir.
 
@@ -92,6 +92,9 @@ def load_model(model_file_path: str, *, step: int = 0, batch_size: int = 0,
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
   path = os.fspath(model_file_path)
+  if not path:  # HEAR's signature has a default; there are no built-in weights to load
+    raise ValueError("load_model: give the path of a params checkpoint or training workdir "
+                     "(there are no built-in weights)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no params checkpoint or training workdir")
   stored = init_source.read_model_config(path)

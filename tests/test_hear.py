@@ -231,3 +231,9 @@ def test_calls_run_the_program_compiled_for_the_first(checkpoint):
     hear.get_scene_embeddings(_audio(2, samples), model)
     hear.get_timestamp_embeddings(_audio(1, samples), model)
   assert len(traced) == 1
+
+
+def test_load_model_without_a_path_says_what_it_needs():
+  # HEAR's signature is load_model(model_file_path=""); hear-validator without -m calls it so.
+  with pytest.raises(ValueError, match="give the path of a params checkpoint or training workdir"):
+    hear.load_model()
