@@ -9,8 +9,8 @@ on the input's device, else NumPy); NaN or infinite samples are refused.
 
 "HEAR-style": the functions and attributes are HEAR's, but the model object is a plain Python
 object holding JAX parameters, not a `torch.nn.Module` or `tf.Module`, so HEAR's own harness
-(hear-eval-kit) and `hear-validator`, which check that type, refuse it; running them needs a
-thin module wrapper around these functions.
+(hear-eval-kit) and `hear-validator`, which check that type, refuse it; `cav_mae_jax.hear_torch`
+is this API with `load_model` returning such a module, for them.
 
 Only the audio branch runs: the audio-only stream after the joint block with `norm_a`, as the
 original's audio feature script (`forward_feat`) takes it. A clip becomes a Kaldi fbank exactly

@@ -237,3 +237,32 @@ def test_load_model_without_a_path_says_what_it_needs():
   # HEAR's signature is load_model(model_file_path=""); hear-validator without -m calls it so.
   with pytest.raises(ValueError, match="give the path of a params checkpoint or training workdir"):
     hear.load_model()
+
+
+def test_the_torch_module_passes_hear_validators_checks(checkpoint):
+  """cav_mae_jax.hear_torch for HEAR's tools (hear-validator, hear-eval-kit), which take only a
+  torch.nn.Module: the checks hear-validator makes, and the same numbers as cav_mae_jax.hear."""
+  torch = pytest.importorskip("torch")
+  from cav_mae_jax import hear_torch  # pylint: disable=import-outside-toplevel
+  module = hear_torch.load_model(checkpoint[0])  # the kit: load_model(path, **model_options)
+  assert isinstance(module, torch.nn.Module) and module.to("cpu") is module
+  assert hear_torch.sample_rate == module.sample_rate == 16000
+  assert type(module.scene_embedding_size) is type(module.timestamp_embedding_size) is int
+  model = hear.load_model(checkpoint[0])
+  for length in (1.07, 1.98, 4.0):  # hear-validator's lengths, white noise in [-1, 1)
+    audio = torch.rand((2, int(length * 16000)), generator=torch.Generator().manual_seed(0))
+    audio = audio * 2 - 1
+    with torch.no_grad():
+      embeddings, timestamps = hear_torch.get_timestamp_embeddings(audio, module)
+    assert embeddings.dtype == torch.float32 and embeddings.ndim == 3 and timestamps.ndim == 2
+    assert embeddings.shape[:2] == timestamps.shape and embeddings.shape[0] == 2
+    assert embeddings.shape[2] == module.timestamp_embedding_size
+    steps = np.diff(timestamps.numpy())
+    assert np.max(np.abs(steps - steps.mean())) <= 1  # regular
+    assert 1000 * length - 2 * steps.mean() <= timestamps.max() <= 1000 * length
+    np.testing.assert_array_equal(embeddings.numpy(),
+                                  hear.get_timestamp_embeddings(audio.numpy(), model)[0])
+  audio = torch.rand((4, int(2.74 * 16000))) * 2 - 1
+  scene = hear_torch.get_scene_embeddings(audio, module)
+  assert scene.dtype == torch.float32 and tuple(scene.shape) == (4, module.scene_embedding_size)
+  np.testing.assert_array_equal(scene.numpy(), module(audio).numpy())
