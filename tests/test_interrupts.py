@@ -148,6 +148,27 @@ def test_a_signal_landing_in_a_callback_is_not_lost(signum, status, what, where)
   assert time.monotonic() - start < 30  # not at the end of the 60-s wait
 
 
+def test_preprocessing_workers_ignore_ctrl_c_from_their_start():
+  """A process the workers' fork server forks starts with SIGINT ignored (`worker_signals`):
+  it had Python's handler until the worker's own SIG_IGN, and a Ctrl-C landing in JAX's gc
+  callback there printed "Exception ignored ... KeyboardInterrupt" into the tool's stderr."""
+  script = textwrap.dedent("""
+      import multiprocessing, signal
+      from cav_mae_jax.data import shards
+      context = multiprocessing.get_context("forkserver")
+      context.set_forkserver_preload(shards._WORKER_PRELOAD)
+      child = context.Process(target=signal.raise_signal, args=(signal.SIGINT,))
+      child.start()
+      child.join()
+      print("exitcode", child.exitcode)
+      """)
+  result = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["exitcode", "0"], result.stderr[-3000:]
+  assert "KeyboardInterrupt" not in result.stderr
+
+
 def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_path):
   import test_prepare  # pylint: disable=import-outside-toplevel
   clip = test_prepare.write_clip(str(tmp_path / "clip.mp4"), seconds=1)

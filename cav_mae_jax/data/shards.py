@@ -217,7 +217,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, out_dir: str,
   """Child process loop: receives (plan, known_quarantined), sends progress and results.
 
   Ctrl-C reaches the whole process group; the parent alone handles it (it ends the workers and
-  removes their temporary files), so a worker ignores SIGINT, and it exits quietly when the
+  removes their temporary files), so a worker ignores SIGINT (from its start:
+  `worker_signals`), and it exits quietly when the
   parent is gone (its end of the pipe closed), at its next message: the shard it was writing
   is left unfinished (its temporary file removed). Its malloc keeps freed memory for the next
   clip (`clips.keep_freed_memory`).
@@ -259,8 +260,9 @@ def _write_shard_in_worker(conn: multiprocessing.connection.Connection, plan: Sh
     conn.send(("done", sidecar))
 
 
-_WORKER_PRELOAD = ["cav_mae_jax.data.shards", "cav_mae_jax.data.decode",
-                   "cav_mae_jax.data.fbank", "tensorflow"]
+# worker_signals first: the fork server and its workers ignore SIGINT from the start.
+_WORKER_PRELOAD = ["cav_mae_jax.data.worker_signals", "cav_mae_jax.data.shards",
+                   "cav_mae_jax.data.decode", "cav_mae_jax.data.fbank", "tensorflow"]
 # Each worker is one core's worth of work, so native thread pools (OpenBLAS runs the fbank's
 # mel matmul; OpenMP) get one thread each unless the user chose otherwise: with the default (a
 # thread per core in every worker) they oversubscribe the machine. Applied to the fork server's
