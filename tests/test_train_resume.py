@@ -328,6 +328,7 @@ def test_a_signal_while_a_checkpoint_is_finished_waits_for_it(tmp_path):
   # schedule new futures after shutdown"). The signal is now held until the save is complete.
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import signals_held  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
 
   def signalled(signum, frame):
@@ -340,7 +341,7 @@ def test_a_signal_while_a_checkpoint_is_finished_waits_for_it(tmp_path):
     checkpointer = checkpoint.Checkpointer(str(tmp_path / "ckpt"), options)
     checkpointer.save(1, {"w": jnp.ones((256, 1024), jnp.float32)}, {"batches": 1})
     with pytest.raises(_Signalled):
-      with checkpoint.signals_deferred():
+      with signals_held.held("the checkpoint being written"):
         os.kill(os.getpid(), signal.SIGTERM)  # held: the handler runs after the block
         checkpointer.close()
     assert os.listdir(tmp_path / "ckpt") == ["1"]
@@ -348,7 +349,7 @@ def test_a_signal_while_a_checkpoint_is_finished_waits_for_it(tmp_path):
     # Twice: the wait is abandoned at once.
     steps = []
     with pytest.raises(KeyboardInterrupt):
-      with checkpoint.signals_deferred():
+      with signals_held.held("the checkpoint being written"):
         os.kill(os.getpid(), signal.SIGTERM)
         steps.append(1)
         os.kill(os.getpid(), signal.SIGTERM)

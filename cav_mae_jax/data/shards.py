@@ -25,13 +25,13 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
+from cav_mae_jax import signals_held
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
@@ -163,7 +163,7 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
   # renames waits for both (it left a complete shard that resuming had to write again). A
   # SIGKILL still can come between (the pool ends its workers so when it is interrupted, and
   # then removes such a shard: `remove_unfinished_shard`); resuming redoes it.
-  with _signals_held():
+  with signals_held.held():
     try:
       os.replace(tmp, final)
     except BaseException:
@@ -171,27 +171,6 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
       raise
     write_json_atomic(final + SIDECAR_SUFFIX, sidecar)
   return sidecar
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-  """Holds SIGINT and SIGTERM until the block ends, then raises them again for their own
-  handlers. (Masking them would not do: the process's other threads, TensorFlow's, would take
-  them, and Python runs its handlers in the main thread all the same.)"""
-  if threading.current_thread() is not threading.main_thread():
-    yield  # signal handlers can be set in the main thread only; it gets the signals anyway
-    return
-  caught: list[int] = []
-  held = (signal.SIGINT, signal.SIGTERM)
-  previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
-              for signum in held}
-  try:
-    yield
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
-    for signum in caught:
-      signal.raise_signal(signum)
 
 
 def read_sidecar(out_dir: str, shard_index: int, num_shards: int) -> dict[str, Any] | None:

@@ -299,38 +299,6 @@ def _quiet_absl():
     absl_logging.set_verbosity(level)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-  """Holds back Ctrl-C and SIGTERM while a checkpoint being written is finished (the writes of
-  an asynchronous save run on other threads: an interrupt of the wait for them ended the process
-  with the save half done, its folder left as `N.orbax-checkpoint-tmp`). The signal is raised as
-  usual once the block is done; a second one abandons the wait at once. Main thread only
-  (elsewhere, nothing is held back)."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  received: list[int] = []
-  signals = (signal.SIGINT, signal.SIGTERM)
-  previous = {signum: signal.getsignal(signum) for signum in signals}
-
-  def hold(signum, frame):  # pylint: disable=unused-argument
-    if received:  # pressed again: stop waiting
-      raise KeyboardInterrupt
-    received.append(signum)
-    logging.warning("%s: finishing the checkpoint being written first (again to abandon it).",
-                    signal.Signals(signum).name)
-
-  for signum in signals:
-    signal.signal(signum, hold)
-  try:
-    yield
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
-  if received:  # delivered again, to the handler it was meant for
-    signal.raise_signal(received[0])
-
-
 class PreemptionWatcher:
   """Turns SIGTERM into a flag polled by the train loop, which then saves and stops.
 

@@ -4,11 +4,13 @@ The writers follow the part of clu's `MetricWriter` interface that the trainer u
 clu's `metric_writers` package imports TensorFlow (~7 s; its TensorBoard writer is built on
 `tf.summary`), so it is imported only when TensorBoard summaries are written
 (`config.tensorboard`): a run without them, on in-memory data or on a machine without
-TensorFlow, never imports TensorFlow.
+TensorFlow, imports TensorFlow only to cut back event files an earlier run left in its workdir
+(`drop_summaries_after`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -163,13 +165,16 @@ def drop_summaries_after(workdir: str, step: int) -> int:
   """`drop_records_after` for the TensorBoard event files of a workdir (imports TensorFlow when
   there are any): rewrites each file (atomically) without the summaries of steps after `step`
   and a record cut short by the interruption; every summary for a start from scratch (step 0).
-  A file left with no summary is removed. Returns how many summary events were dropped.
+  A file left with no summary is removed. Returns how many summary events were dropped. Called
+  also by a run that writes no summaries (a later run that does would show them beside its
+  own); where TensorFlow is not installed, it leaves the files as they are (such a run cannot
+  write any, and TensorBoard needs it to read them).
 
   TensorBoard's own loaders do not all do this: the Python one drops the later points of a
   resumed run only where the file says a session restarted, which `tf.summary` never writes,
   and so drew both runs' points over the same steps."""
   names = summary_files(workdir)
-  if not names:
+  if not names or importlib.util.find_spec("tensorflow") is None:
     return 0
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,6 @@ trained comes from the task (`cav_mae_jax.tasks`), what is measured from the eva
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ import numpy as np
 
 from cav_mae_jax import dir_lock
 from cav_mae_jax import eval as eval_lib
+from cav_mae_jax import signals_held
 from cav_mae_jax import tasks
 from cav_mae_jax.train import checkpoint as checkpoint_lib
 from cav_mae_jax.train import device_augment
@@ -220,9 +220,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch)
     # Records an interrupted run logged after its last checkpoint are logged again from there.
     metrics_lib.drop_records_after(workdir, start_step)
-    # Also where this run writes none: a later run that does would show them beside its own.
-    if config.tensorboard or (metrics_lib.summary_files(workdir) and _tensorflow_installed()):
-      metrics_lib.drop_summaries_after(workdir, start_step)
+    metrics_lib.drop_summaries_after(workdir, start_step)
   writer = metrics_lib.make_writer(workdir, is_main, config.tensorboard)
 
   # ---------------------------------------------------------------- task and optimizer
@@ -353,7 +351,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   finally:
     progress.close()
     preemption.restore_handler()
-    with checkpoint_lib.signals_deferred():  # a save under way is finished first
+    with signals_held.held("the checkpoint being written"):  # a save under way is finished
       checkpointer.close()
     writer.flush()
     writer.close()
@@ -375,10 +373,6 @@ def _read_init_params(config: ml_collections.ConfigDict, task: tasks.Task, init_
   if is_main:
     print(init_source.write_report(workdir, config.init, report), end="")
   return params
-
-
-def _tensorflow_installed() -> bool:
-  return importlib.util.find_spec("tensorflow") is not None
 
 
 def _on_every_process(value: bool) -> bool:
