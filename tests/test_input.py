@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -577,6 +578,29 @@ def test_an_evaluator_reading_another_directory_keeps_the_runs_normalization(rec
   audio = next(pipeline)["audio"]
   np.testing.assert_allclose(audio[:, 0, 0], (np.array([0, 2, 4, 6]) - train.fbank_mean) /
                              train.fbank_std, rtol=1e-6)
+
+
+def test_an_evaluation_batch_larger_than_the_clips_is_cut_without_reading_the_split_again(
+    record_dirs, monkeypatch):
+  from cav_mae_jax.eval import common  # pylint: disable=g-import-not-at-top
+  config = make_config(record_dirs)
+  config.seed = 0
+  loads = []
+  load_split = dataset.load_split
+  monkeypatch.setattr(dataset, "load_split", lambda *a: loads.append(a[1]) or load_split(*a))
+  pipeline = common.records_batch_source(config)("eval", "", 64)  # 7 clips
+  devices = jax.device_count()
+  cut = max(devices, -(-7 // devices) * devices)  # rows for 7 clips, in whole devices
+  assert (pipeline.batch_size, pipeline.host_batch, pipeline.num_batches) == (cut, cut, 1)
+  assert loads == ["eval"]
+  batches = list(pipeline)
+  assert len(batches) == 1 and batches[0]["valid"].sum() == 7
+  assert sorted(np.asarray(clip_ids(batches[0]))[batches[0]["valid"]]) == list(range(7))
+  # A pipeline is cut before it starts only.
+  pipeline.reset()
+  next(pipeline)
+  with pytest.raises(ValueError, match="has started"):
+    pipeline.with_batch_size(4)
 
 
 def test_same_train_and_eval_clips_warn(record_dirs, caplog):

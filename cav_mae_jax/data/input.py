@@ -21,6 +21,7 @@ file. Throughput is measured by `measure_input` (samples per wall second and per
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -183,6 +184,16 @@ class InputPipeline:
     """Rewinds to the first batch (e.g. before another evaluation pass)."""
     self._batches, self._epoch, self._position = 0, 0, 0
     self._iterator = None
+
+  def with_batch_size(self, batch_size: int) -> InputPipeline:
+    """This pipeline, not yet started, with another global batch size: its split, statistics
+    and settings as they are (nothing is read again)."""
+    if self._iterator is not None or self._batches:
+      raise ValueError("with_batch_size: the pipeline has started")
+    other = copy.copy(self)
+    other.batch_size = batch_size
+    other.host_batch = dataset.resolve_host_batch(self.config, batch_size, self.process_count)
+    return other
 
   def get_state(self) -> dict[str, Any]:
     """The position in the stream as a JSON-serializable dict."""

@@ -140,9 +140,7 @@ def records_batch_source(config: ml_collections.ConfigDict) -> BatchSource:
                                          max(pipeline.split_files.host_examples))
     if host_batch == pipeline.host_batch:
       return pipeline
-    return input_lib.InputPipeline(data_config, split, training=False, seed=config.seed,
-                                   batch_size=host_batch * pipeline.process_count,
-                                   normalization=normalization)
+    return pipeline.with_batch_size(host_batch * pipeline.process_count)
 
   return batches
 
