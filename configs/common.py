@@ -137,7 +137,8 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 def checkpoint_config(every_steps: int) -> ml_collections.ConfigDict:
   """`config.checkpoint`: orbax saves every `every_steps` (0 = off) and at the end, the newest
-  `keep` kept; with `every_epoch` also one at every epoch end, all kept (weight averaging)."""
+  `keep` kept; with `every_epoch` also one at every epoch end, whose params are all kept apart
+  (weight averaging)."""
   checkpoint = ml_collections.ConfigDict()
   checkpoint.every_steps = every_steps
   checkpoint.every_epoch = False

@@ -13,7 +13,7 @@ Recipes (the original's fine-tuning scripts):
 All real recipes: noise + time roll, SpecAugment (freq 48, time 192), mixup 0.5 with
 Beta(10, 10) on the mean-removed waveforms (records written with --store-waveform; or
 --config.data.mixup_on=fbank), label smoothing 0.1, AudioSet fbank statistics, trainable
-position embeddings, a checkpoint at every epoch end (kept, for weight averaging).
+position embeddings, a checkpoint at every epoch end (its params kept, for weight averaging).
 
 Options: `classes=N` (default: the recipe's), `mode=<ft mode>` (multimodal, audioonly, videoonly,
 missingaudioonly, missingvideoonly), `probe` (linear probe: encoder frozen, task 'probe'),

@@ -1,5 +1,6 @@
 """A 2-process fine-tuning run with balanced sampling, killed after a checkpoint and resumed,
-continues with the same batches on both processes as an unbroken run.
+continues with the same batches on both processes as an unbroken run, and its epoch ends'
+params are the unbroken run's.
 
 Each host draws its own clips, at their byte offsets in its shard files; the checkpoint holds
 each process's input state (train/checkpoint.py) and each restores its own. Two local processes x 2 CPU devices joined by jax.distributed train the
@@ -42,7 +43,8 @@ def resume_config(records_dir: str):
   config.data.batch_size, config.data.shuffle_buffer = 8, 8
   config.data.balanced_sampling = True
   config.total_epochs = TOTAL_STEPS / (len(LABELS) // config.data.batch_size)  # 2 steps per epoch
-  config.checkpoint.every_steps, config.checkpoint.every_epoch = KILL_AFTER_STEP, False
+  config.checkpoint.every_steps, config.checkpoint.every_epoch = KILL_AFTER_STEP, True
+  config.checkpoint.keep = 1  # the epoch ends' params are kept apart, all of them
   config.log_every_steps = 1
   with config.unlocked():
     config.evals = ml_collections.ConfigDict()  # no eval records
@@ -109,6 +111,21 @@ def test_balanced_two_process_run_resumes_with_the_same_batches(tmp_path):
     assert len(_batches(straight, process)) == TOTAL_STEPS
     assert _batches(resumed, process) == _batches(straight, process), f"process {process}"
   assert _batches(straight, 0) != _batches(straight, 1)  # each host its own clips
+  # Both processes wrote their shards of every epoch end's params, and the resumed run's are
+  # the unbroken run's.
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  for workdir in (straight, resumed):
+    assert os.listdir(workdir / checkpoint.CHECKPOINT_DIR) == [str(TOTAL_STEPS)]
+    assert sorted(os.listdir(workdir / checkpoint.EPOCH_PARAMS_DIR)) == ["2", "4", "6"]
+  for step in (2, 4, 6):
+    params = [checkpoint.read_workdir_params(str(w), step)[0] for w in (straight, resumed)]
+    for a, b in zip(*(jax_leaves(p) for p in params)):
+      np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree.leaves(tree)
 
 
 if __name__ == "__main__":

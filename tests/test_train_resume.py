@@ -9,6 +9,7 @@ SIGKILL test, which checks both writers.
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,6 +249,102 @@ def test_checkpoints_keep_every_process_input_state_and_old_ones_restore(tmp_pat
   # Saved by 2 processes, restored by 1: process 0's state (the input decides if it fits).
   two = {checkpoint.INPUT_STATES_KEY: [{"position": 1}, {"position": 2}]}
   assert checkpoint.own_input_state(two) == {"position": 1}
+
+
+def _full_state(value: float) -> dict:
+  """A full state as the trainer saves it: params, optimizer moments (twice their size), rng."""
+  rng = np.random.default_rng(value)  # random: the sizes on disk are not compression's
+  params, mu, nu = (rng.standard_normal(65536).astype(np.float32) for _ in range(3))
+  return {"state": {"params": {"w": params}, "opt": {"mu": mu, "nu": nu}, "step": value},
+          "rng": np.zeros(2, np.uint32)}
+
+
+def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_path):
+  # Every epoch end was a full state kept forever (3x the original's params-only files: 30 GB
+  # for AS-20K's base model). Now the newest `keep` full states, and every epoch's params.
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  options = ml_collections.ConfigDict(dict(every_steps=1, keep=2, async_save=True,
+                                           every_epoch=True))
+  workdir = str(tmp_path)
+  checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options,
+                                         steps_per_epoch=2)
+  assert not checkpointer.epoch_full_states
+  for step in range(1, 6):
+    state = _full_state(step)
+    checkpointer.save(step, state, {"position": step}, params=state["state"]["params"])
+  with pytest.raises(ValueError, match="step 6 ends an epoch"):
+    checkpointer.save(6, _full_state(6), {"position": 6})
+  checkpointer.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5"]
+  assert sorted(os.listdir(tmp_path / checkpoint.EPOCH_PARAMS_DIR)) == ["2", "4"]
+  assert checkpoint.saved_steps(workdir) == [2, 4, 5]
+  assert checkpoint.latest_saved_step(workdir) == 5  # the resume point
+  for step in (2, 4, 5):
+    params, read_step = checkpoint.read_workdir_params(workdir, step)
+    assert read_step == step
+    np.testing.assert_array_equal(params["w"], _full_state(step)["state"]["params"]["w"])
+
+  def size(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+  # The params alone: a third of a full state's arrays.
+  assert size(tmp_path / checkpoint.EPOCH_PARAMS_DIR / "4") < size(tmp_path / "checkpoints" /
+                                                                    "5") / 2
+  # Stopped after an epoch end's params were written and before its full state was: the run
+  # resumes before that epoch end and saves it again (it failed: "step 6 already exists").
+  checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
+  checkpointer.save(6, _full_state(6), {"position": 6}, params=_full_state(6)["state"]["params"])
+  checkpointer.close()
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
+  checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
+  assert checkpointer.latest_step() == 5
+  assert checkpoint.saved_steps(workdir) == [2, 4, 5]
+  checkpointer.save(6, _full_state(6), {"position": 6}, params=_full_state(6)["state"]["params"])
+  checkpointer.close()
+  assert checkpoint.saved_steps(workdir) == [2, 4, 5, 6]
+
+  # Its digest is the params' and is checked as a full state's is.
+  step_path = str(tmp_path / checkpoint.EPOCH_PARAMS_DIR / "2")
+  digest = checkpoint.read_digest(step_path)
+  expected = checkpoint.tree_digest({"state": {"state": {"params": _full_state(2)["state"][
+      "params"]}}})
+  assert digest == expected and list(digest) == ["state/state/params/w"]
+  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
+      os.path.join(step_path, checkpoint.DIGEST_ITEM), {"state/state/params/w": 1}, force=True)
+  with pytest.raises(checkpoint.CheckpointReadError, match="differ from what was saved"):
+    checkpoint.read_workdir_params(workdir, 2)
+
+
+def test_a_workdir_with_epoch_end_full_states_keeps_all_of_them(tmp_path):
+  # Written before epoch params were kept apart: `keep` alone would now delete its epochs.
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  directory = checkpoint.workdir_checkpoints(str(tmp_path))
+  earlier = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, keep_period=2, create=True))
+  for step in (1, 2, 3):
+    earlier.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_full_state(step)),
+                                               input=ocp.args.JsonSave({"position": step})))
+  earlier.close()
+  assert sorted(os.listdir(directory), key=int) == ["2", "3"]
+  options = ml_collections.ConfigDict(dict(every_steps=1, keep=1, async_save=False,
+                                           every_epoch=True))
+  checkpointer = checkpoint.Checkpointer(directory, options, steps_per_epoch=2)
+  assert checkpointer.epoch_full_states
+  for step in (4, 5):
+    state = _full_state(step)
+    checkpointer.save(step, state, {"position": step}, params=state["state"]["params"])
+  checkpointer.close()
+  assert sorted(os.listdir(directory), key=int) == ["2", "4", "5"]
+  assert not os.path.exists(tmp_path / checkpoint.EPOCH_PARAMS_DIR)
+  assert checkpoint.saved_steps(str(tmp_path)) == [2, 4, 5]
+  # Not a run of that kind: a checkpoint folder without epoch-end steps.
+  fresh = checkpoint.Checkpointer(str(tmp_path / "other" / "checkpoints"), options, 2)
+  assert not fresh.epoch_full_states
+  fresh.close()
 
 
 SAVE_ELEMENTS = 32 * 2**20  # 128 MB: the background write is still running when the kill lands

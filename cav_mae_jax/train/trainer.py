@@ -340,7 +340,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
         writer.flush()  # the metrics of every step up to this checkpoint are on disk first
         if is_main:
           metrics_lib.save_log_window(workdir, step, last_log_step, logged)
-        checkpointer.save(step, {"state": state, "rng": train_rng}, inputs.train.get_state())
+        checkpointer.save(step, {"state": state, "rng": train_rng}, inputs.train.get_state(),
+                          params=state.params)
       eval_metrics = evaluate(step, state.params)
       if eval_metrics:
         summary.update(eval_metrics)
