@@ -135,10 +135,15 @@ def fbank_normalization(path: str) -> tuple[float, float]:
 
 
 def _as_numpy(audio: Any) -> np.ndarray:
-  """`audio` as a NumPy array; a torch tensor may be on any device or require grad."""
+  """`audio` as a NumPy array; a torch tensor may be on any device or require grad. bfloat16
+  (which NumPy holds as no floating type, and torch does not convert) as float32, exactly."""
   if _is_torch(audio):
-    return audio.detach().cpu().numpy()
-  return np.asarray(audio)
+    audio = audio.detach().cpu()
+    if str(audio.dtype) == "torch.bfloat16":
+      audio = audio.float()
+    return audio.numpy()
+  audio = np.asarray(audio)
+  return audio.astype(np.float32) if audio.dtype.name == "bfloat16" else audio
 
 
 def _is_torch(audio: Any) -> bool:

@@ -123,6 +123,15 @@ def test_torch_in_torch_out(model):
   assert embeddings.device == timestamps.device == tracked.device
   np.testing.assert_allclose(embeddings.numpy(),
                              hear.get_timestamp_embeddings(audio, model)[0])
+  # bfloat16 (a half-precision front end): torch's .numpy() refused it ("Got unsupported
+  # ScalarType BFloat16"), and a JAX bfloat16 array was refused as not floating point. Its
+  # values, exactly as float32.
+  rounded = torch.from_numpy(audio).to(torch.bfloat16)
+  expected = hear.get_scene_embeddings(rounded.float().numpy(), model)
+  np.testing.assert_array_equal(hear.get_scene_embeddings(rounded, model).numpy(), expected)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  np.testing.assert_array_equal(hear.get_scene_embeddings(jnp.asarray(audio, jnp.bfloat16),
+                                                          model), expected)
 
 
 def test_int16_audio_is_scaled_as_the_records_are(model):
