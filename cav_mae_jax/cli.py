@@ -450,7 +450,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if not isinstance(config, config_dict.ConfigDict):
       fail(f"{flag}={value}: get_config() returned an object of type "
            f"{type(config).__name__}, not a ml_collections.ConfigDict")
+    _check_schedule_overrides(flag, config, given)
   return rest
+
+
+def _check_schedule_overrides(flag: str, config: Any, argv: Sequence[str]) -> None:
+  """Fails on an override of a `schedule` field that the config's schedule kind does not read
+  (a schedule holds every kind's fields, configs/common.py): it changed nothing, silently."""
+  schedule = config.get("schedule") if hasattr(config, "get") else None
+  overrides = [arg[len(flag) + 1:].partition("=")[0] for arg in argv[1:]
+               if arg.startswith(f"{flag}.schedule.")]
+  if schedule is None or not overrides or "kind" not in schedule:
+    return
+  from cav_mae_jax.train import optim  # pylint: disable=g-import-not-at-top
+  read = optim.SCHEDULE_FIELDS.get(schedule.kind, ())
+  for path in overrides:
+    field = path.split(".", 1)[1]
+    kinds = [kind for kind, fields in optim.SCHEDULE_FIELDS.items() if field in fields]
+    if kinds and field not in read:
+      fail(f"{flag}.{path}: read by schedule kind {kinds[0]!r} only, and this config's is "
+           f"{schedule.kind!r} (--{flag.lstrip('-')}.schedule.kind={kinds[0]} to use it)")
 
 
 def _config_file_args(argv: Sequence[str]) -> list[tuple[str, str]]:

@@ -59,6 +59,23 @@ def test_every_field_overrides_from_the_command_line(config_arg):
   assert parsed == wanted
 
 
+def test_a_schedule_field_counts_where_the_schedule_kind_reads_it(capsys):
+  recipe = f"--config={os.path.join(ROOT, 'configs/finetune.py:tiny')}"  # multistep
+  for overrides in ([], ["--config.schedule.decay_factor=0.25"],
+                    ["--config.schedule.kind=warmup_cosine", "--config.schedule.warmup_epochs=2"],
+                    ["--config.schedule.kind", "warmup_cosine", "--config.schedule.warmup_epochs",
+                     "2"]):
+    argv = ["prog", recipe, *overrides]
+    cli._check_schedule_overrides("--config", _parse(argv[1:]), argv)  # pylint: disable=protected-access
+  for overrides, named in ((["--config.schedule.final_lr_fraction=0.1"], "final_lr_fraction"),
+                           (["--config.schedule.kind=warmup_cosine",
+                             "--config.schedule.first_decay_epoch=3"], "first_decay_epoch")):
+    argv = ["prog", recipe, *overrides]
+    with pytest.raises(SystemExit):
+      cli._check_schedule_overrides("--config", _parse(argv[1:]), argv)  # pylint: disable=protected-access
+    assert f"error: --config.schedule.{named}: read by schedule kind" in capsys.readouterr().err
+
+
 def test_config_file_resolves_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = _parse(["--config=configs/pretrain.py:base", "--config.data.freqm=48"])

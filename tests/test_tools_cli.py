@@ -50,6 +50,12 @@ CASES = {
     "train_unknown_field_set_to_none": ("train.py", [TINY, "--workdir=w",
                                                      "--config.model.nosuch=None"],
                                         "--config.model.nosuch: config.model has no field"),
+    # A schedule holds every kind's fields; one its kind does not read changed nothing.
+    "train_schedule_field_of_another_kind": (
+        "train.py", ["--config=configs/finetune.py:tiny", "--workdir=w",
+                     "--config.schedule.warmup_epochs=2"],
+        "--config.schedule.warmup_epochs: read by schedule kind 'warmup_cosine' only, and this "
+        "config's is 'multistep' (--config.schedule.kind=warmup_cosine to use it)"),
     "train_missing_init": ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
                                         "--config.init.path=/no/model.pth"], "config.init.path"),
     "evaluate_missing_workdir": ("evaluate.py", [TINY, "--workdir=/no/workdir",
