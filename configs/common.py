@@ -116,7 +116,8 @@ def _schedule(kind: str, *, first_decay_epoch: int = 10, decay_every_epochs: int
               final_lr_fraction: float = 0.0) -> ml_collections.ConfigDict:
   """`config.schedule`: its `kind` and the fields of every kind, so that
   `--config.schedule.kind=warmup_cosine` on a multistep recipe finds its fields (with their
-  defaults, each overridable); a kind reads only its own."""
+  defaults, each overridable); a kind reads only its own (the tools refuse an override of
+  another kind's field, which would change nothing)."""
   schedule = ml_collections.ConfigDict()
   schedule.kind = kind
   schedule.first_decay_epoch = first_decay_epoch  # multistep: whole epochs, as MultiStepLR's
