@@ -47,6 +47,8 @@ from etils import epath
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from cav_mae_jax.train import mesh as mesh_lib
+
 CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 EPOCH_PARAMS_DIR = "epoch_params"  # beside it: the params of every epoch end
 INPUT_STATES_KEY = "process_input_states"  # the `input` item: one input state per process
@@ -174,7 +176,7 @@ class Checkpointer:
         os.path.dirname(self.directory.rstrip("/")), EPOCH_PARAMS_DIR))
     # Every process looks (listing steps is collective in orbax) before any creates a folder
     # (the broadcast waits for all), and process 0's answer is everyone's.
-    self.epoch_full_states = bool(self.epoch_steps) and _on_every_process(
+    self.epoch_full_states = bool(self.epoch_steps) and mesh_lib.process_zero_value(
         _holds_epoch_full_states(self.directory, epoch_directory, self.epoch_steps))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep,
@@ -268,13 +270,6 @@ def _holds_epoch_full_states(directory: str, epoch_directory: str, epoch_steps: 
   if epath.Path(epoch_directory).exists():
     return False
   return any(step % epoch_steps == 0 for step in _steps_in(directory))
-
-
-def _on_every_process(value: bool) -> bool:
-  """Process 0's `value` on every process."""
-  if jax.process_count() == 1:
-    return value
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def read_digest(step_path: str) -> dict[str, int] | None:

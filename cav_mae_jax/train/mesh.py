@@ -140,3 +140,12 @@ def host_to_global(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
       tree, shardings)
+
+
+def process_zero_value(value: bool) -> bool:
+  """Process 0's `value` on every process (a collective: every process calls it, and none
+  returns before all have)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))

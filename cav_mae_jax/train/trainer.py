@@ -208,8 +208,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
   # The evaluations due at the checkpointed step run again if the interrupted run did not log
   # them (it saves a step's checkpoint, then evaluates): a finished run's final ones included.
-  evaluation_missing = bool(start_step) and bool(config.evals) and not _on_every_process(
-      metrics_lib.evaluation_logged(workdir, start_step) if is_main else False)
+  evaluation_missing = bool(start_step) and bool(config.evals) and not (
+      mesh_lib.process_zero_value(is_main and metrics_lib.evaluation_logged(workdir, start_step)))
   if start_step > total_steps or (start_step == total_steps and not evaluation_missing):
     checkpointer.close()
     if is_main:
@@ -374,14 +374,6 @@ def _read_init_params(config: ml_collections.ConfigDict, task: tasks.Task, init_
   if is_main:
     print(init_source.write_report(workdir, config.init, report), end="")
   return params
-
-
-def _on_every_process(value: bool) -> bool:
-  """The main process's `value` on every process (evaluations are collective)."""
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _abstract_like(x: jax.Array) -> jax.ShapeDtypeStruct:
