@@ -580,7 +580,7 @@ def test_an_evaluator_reading_another_directory_keeps_the_runs_normalization(rec
                              train.fbank_std, rtol=1e-6)
 
 
-def test_an_evaluation_batch_larger_than_the_clips_is_cut_without_reading_the_split_again(
+def test_an_evaluation_batch_larger_than_the_clips_is_cut_without_opening_the_split_again(
     record_dirs, monkeypatch):
   from cav_mae_jax.eval import common  # pylint: disable=g-import-not-at-top
   config = make_config(record_dirs)
@@ -599,6 +599,7 @@ def test_an_evaluation_batch_larger_than_the_clips_is_cut_without_reading_the_sp
   # A pipeline is cut before it starts only.
   pipeline.reset()
   next(pipeline)
+  assert loads == ["eval"]  # nor for its passes (each evaluation opened the split again)
   with pytest.raises(ValueError, match="has started"):
     pipeline.with_batch_size(4)
 

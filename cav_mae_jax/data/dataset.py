@@ -846,7 +846,8 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
                  seed: int = 0, training: bool | None = None, start_epoch: int = 0,
                  start_position: int = 0, start_batch: int = 0, batch_size: int | None = None,
                  threads: int | None = None, normalization: FbankNormalization | None = None,
-                 host: HostRecords | None = None) -> tf.data.Dataset:
+                 host: HostRecords | None = None,
+                 split_files: SplitFiles | None = None) -> tf.data.Dataset:
   """This process's batches of `split` as a tf.data.Dataset of dicts (see the module doc).
 
   `training` defaults to `split == "train"`; `batch_size` (global) overrides
@@ -856,12 +857,12 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   numbering batches from `start_batch`. `normalization` (default: `fbank_normalization` of the
   config) is the fbank mean and std, given by a caller that reads another directory as `split`.
   `host` (training with balanced sampling, exact shuffling or mixup; default: `host_records` of
-  the split) is where the host's clips are, given by a caller that builds the stream more than
-  once.
+  the split) is where the host's clips are, and `split_files` (default: `load_split`) the
+  split's files, each given by a caller that builds the stream more than once.
   """
   data_config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
   training = split == "train" if training is None else training
-  split_files = load_split(data_config, split, process_index, process_count)
+  split_files = split_files or load_split(data_config, split, process_index, process_count)
   source = split_files.source
   host_batch = resolve_host_batch(data_config, batch_size, process_count)
   with_waveform = _uses_waveform(data_config, training)

@@ -130,7 +130,7 @@ class InputPipeline:
         process_count=self.process_count, seed=self.seed, training=self.training,
         start_epoch=self._epoch, start_position=self._position, start_batch=self._batches,
         batch_size=self.batch_size, threads=self.threads, normalization=self.fbank_normalization,
-        host=self._host)
+        host=self._host, split_files=self.split_files)
     return batches.as_numpy_iterator()
 
   def __iter__(self) -> InputPipeline:
@@ -187,7 +187,7 @@ class InputPipeline:
 
   def with_batch_size(self, batch_size: int) -> InputPipeline:
     """This pipeline, not yet started, with another global batch size: its split, statistics
-    and settings as they are (nothing is read again)."""
+    and settings as they are (the split is not opened again)."""
     if self._iterator is not None or self._batches:
       raise ValueError("with_batch_size: the pipeline has started")
     other = copy.copy(self)
