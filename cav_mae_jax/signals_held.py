@@ -21,10 +21,11 @@ HELD = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def held(abandon_what: str | None = None) -> Iterator[None]:
-  """Holds SIGINT and SIGTERM until the block ends, then raises the first one that came again,
-  for the handler it was meant for. (Masking them would not do: the process's other threads,
-  TensorFlow's or orbax's, would take them, and Python runs its handlers in the main thread all
-  the same.)
+  """Holds SIGINT and SIGTERM until the block ends, then raises each that came again, for the
+  handler it was meant for (a handler that raises stops the rest). Also when the block raised:
+  the signal's exception then carries the block's as its context. (Masking them would not do:
+  the process's other threads, TensorFlow's or orbax's, would take them, and Python runs its
+  handlers in the main thread all the same.)
 
   With `abandon_what` (what the block finishes, "the checkpoint being written"), the first
   signal logs a warning saying so and a second one abandons the block at once with
@@ -54,5 +55,6 @@ def held(abandon_what: str | None = None) -> Iterator[None]:
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-    if received and not abandoned:  # delivered again, to the handler it was meant for
-      signal.raise_signal(received[0])
+    if not abandoned:  # delivered again, each to the handler it was meant for, in order
+      for signum in dict.fromkeys(received):
+        signal.raise_signal(signum)

@@ -42,6 +42,17 @@ def test_signals_wait_for_the_block_then_the_first_reaches_its_handler(handlers)
     assert signal.getsignal(signum) is handlers
 
 
+def test_a_signal_that_its_handler_ignores_does_not_hide_the_next(handlers):
+  # A preprocessing worker ignores SIGINT: a SIGTERM held after one was lost.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  with pytest.raises(_Signalled) as raised:
+    with signals_held.held():
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert raised.value.args[0] == signal.SIGTERM
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_no_signal_no_effect_and_an_error_in_the_block_still_raises_the_held_signal(handlers):
   with signals_held.held():
     pass

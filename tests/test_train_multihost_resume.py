@@ -44,7 +44,7 @@ def resume_config(records_dir: str):
   config.data.balanced_sampling = True
   config.total_epochs = TOTAL_STEPS / (len(LABELS) // config.data.batch_size)  # 2 steps per epoch
   config.checkpoint.every_steps, config.checkpoint.every_epoch = KILL_AFTER_STEP, True
-  config.checkpoint.keep = 1  # the epoch ends' params are kept apart, all of them
+  config.checkpoint.keep = 2  # the epoch ends' params are kept apart, all of them
   config.log_every_steps = 1
   with config.unlocked():
     config.evals = ml_collections.ConfigDict()  # no eval records
@@ -106,6 +106,12 @@ def test_balanced_two_process_run_resumes_with_the_same_batches(tmp_path):
   assert [s["batches"] for s in states] == [KILL_AFTER_STEP] * 2
   assert (states[0]["epoch"], states[0]["position"]) != (states[1]["epoch"], states[1]["position"])
 
+  # As if stopped between epoch end 2's full state and its params: both processes take them
+  # from the full state.
+  import shutil  # pylint: disable=import-outside-toplevel
+  assert sorted(os.listdir(resumed / checkpoint.CHECKPOINT_DIR)) == ["2", "3"]
+  shutil.rmtree(resumed / checkpoint.EPOCH_PARAMS_DIR / "2")
+
   _assert_exits(_run(records_dir, resumed, "train", cache), 0)
   for process in range(PROCESSES):
     assert len(_batches(straight, process)) == TOTAL_STEPS
@@ -115,7 +121,7 @@ def test_balanced_two_process_run_resumes_with_the_same_batches(tmp_path):
   # the unbroken run's.
   import numpy as np  # pylint: disable=import-outside-toplevel
   for workdir in (straight, resumed):
-    assert os.listdir(workdir / checkpoint.CHECKPOINT_DIR) == [str(TOTAL_STEPS)]
+    assert sorted(os.listdir(workdir / checkpoint.CHECKPOINT_DIR)) == ["4", "6"]
     assert sorted(os.listdir(workdir / checkpoint.EPOCH_PARAMS_DIR)) == ["2", "4", "6"]
   for step in (2, 4, 6):
     params = [checkpoint.read_workdir_params(str(w), step)[0] for w in (straight, resumed)]

@@ -270,7 +270,7 @@ def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_
   workdir = str(tmp_path)
   checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options,
                                          steps_per_epoch=2)
-  assert not checkpointer.epoch_full_states
+  assert checkpointer.settle_epoch_params() == []
   for step in range(1, 6):
     state = _full_state(step)
     checkpointer.save(step, state, {"position": step}, params=state["state"]["params"])
@@ -292,18 +292,32 @@ def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_
   # The params alone: a third of a full state's arrays.
   assert size(tmp_path / checkpoint.EPOCH_PARAMS_DIR / "4") < size(tmp_path / "checkpoints" /
                                                                     "5") / 2
-  # Stopped after an epoch end's params were written and before its full state was: the run
-  # resumes before that epoch end and saves it again (it failed: "step 6 already exists").
+  # Stopped between an epoch end's two saves, either way round. The params written and the
+  # full state not: the run resumes before that epoch end and saves it again (it failed: "step
+  # 6 already exists").
   checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
   checkpointer.save(6, _full_state(6), {"position": 6}, params=_full_state(6)["state"]["params"])
   checkpointer.close()
   shutil.rmtree(tmp_path / "checkpoints" / "6")
   checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
+  assert checkpointer.settle_epoch_params() == []
   assert checkpointer.latest_step() == 5
   assert checkpoint.saved_steps(workdir) == [2, 4, 5]
   checkpointer.save(6, _full_state(6), {"position": 6}, params=_full_state(6)["state"]["params"])
   checkpointer.close()
   assert checkpoint.saved_steps(workdir) == [2, 4, 5, 6]
+  # The full state written and the params not: the run resumes at that epoch end and does not
+  # save it again; its params come from the full state (they were lost once `keep` rotated it).
+  shutil.rmtree(tmp_path / checkpoint.EPOCH_PARAMS_DIR / "6")
+  checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
+  assert checkpointer.settle_epoch_params() == [6]
+  for step in (7, 8, 9):
+    checkpointer.save(step, _full_state(step), {"position": step},
+                      params=_full_state(step)["state"]["params"])
+  checkpointer.close()
+  assert checkpoint.saved_steps(workdir) == [2, 4, 6, 8, 9]
+  np.testing.assert_array_equal(checkpoint.read_workdir_params(workdir, 6)[0]["w"],
+                                _full_state(6)["state"]["params"]["w"])
 
   # Its digest is the params' and is checked as a full state's is.
   step_path = str(tmp_path / checkpoint.EPOCH_PARAMS_DIR / "2")
@@ -317,7 +331,7 @@ def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_
     checkpoint.read_workdir_params(workdir, 2)
 
 
-def test_a_workdir_with_epoch_end_full_states_keeps_all_of_them(tmp_path):
+def test_a_workdir_with_epoch_end_full_states_keeps_their_params(tmp_path):
   # Written before epoch params were kept apart: `keep` alone would now delete its epochs.
   import ml_collections  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -325,26 +339,31 @@ def test_a_workdir_with_epoch_end_full_states_keeps_all_of_them(tmp_path):
   directory = checkpoint.workdir_checkpoints(str(tmp_path))
   earlier = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       max_to_keep=1, keep_period=2, create=True))
-  for step in (1, 2, 3):
+  for step in (1, 2, 3, 4, 5):
     earlier.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_full_state(step)),
                                                input=ocp.args.JsonSave({"position": step})))
   earlier.close()
-  assert sorted(os.listdir(directory), key=int) == ["2", "3"]
+  assert sorted(os.listdir(directory), key=int) == ["2", "4", "5"]
   options = ml_collections.ConfigDict(dict(every_steps=1, keep=1, async_save=False,
                                            every_epoch=True))
   checkpointer = checkpoint.Checkpointer(directory, options, steps_per_epoch=2)
-  assert checkpointer.epoch_full_states
-  for step in (4, 5):
+  assert checkpointer.settle_epoch_params() == [2, 4]
+  for step in (6, 7):
     state = _full_state(step)
     checkpointer.save(step, state, {"position": step}, params=state["state"]["params"])
   checkpointer.close()
-  assert sorted(os.listdir(directory), key=int) == ["2", "4", "5"]
-  assert not os.path.exists(tmp_path / checkpoint.EPOCH_PARAMS_DIR)
-  assert checkpoint.saved_steps(str(tmp_path)) == [2, 4, 5]
-  # Not a run of that kind: a checkpoint folder without epoch-end steps.
-  fresh = checkpoint.Checkpointer(str(tmp_path / "other" / "checkpoints"), options, 2)
-  assert not fresh.epoch_full_states
-  fresh.close()
+  assert os.listdir(directory) == ["7"]
+  assert sorted(os.listdir(tmp_path / checkpoint.EPOCH_PARAMS_DIR), key=int) == ["2", "4", "6"]
+  assert checkpoint.saved_steps(str(tmp_path)) == [2, 4, 6, 7]
+  for step in (2, 4, 6):
+    np.testing.assert_array_equal(checkpoint.read_workdir_params(str(tmp_path), step)[0]["w"],
+                                  _full_state(step)["state"]["params"]["w"])
+  # Without every_epoch, nothing is kept apart.
+  options.every_epoch = False
+  other = checkpoint.Checkpointer(str(tmp_path / "other" / "checkpoints"), options, 2)
+  assert other.epoch_manager is None and other.settle_epoch_params() == []
+  other.close()
+  assert os.listdir(tmp_path / "other") == ["checkpoints"]
 
 
 SAVE_ELEMENTS = 32 * 2**20  # 128 MB: the background write is still running when the kill lands

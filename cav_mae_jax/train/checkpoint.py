@@ -47,8 +47,6 @@ from etils import epath
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
-from cav_mae_jax.train import mesh as mesh_lib
-
 CHECKPOINT_DIR = "checkpoints"  # inside a training workdir
 EPOCH_PARAMS_DIR = "epoch_params"  # beside it: the params of every epoch end
 INPUT_STATES_KEY = "process_input_states"  # the `input` item: one input state per process
@@ -163,44 +161,58 @@ class Checkpointer:
   `epoch_directory` (default: `epoch_params` beside `directory`), all kept (weight averaging):
   a third of a full state (the base fine-tuning model's 0.66 GB of 1.98 GB: AS-20K's 15 epochs
   keep 10 GB, and the newest three full states 6 GB, where its 15 full states kept 30 GB), as
-  the original keeps them. A workdir whose epoch-end checkpoints are
-  full states in `directory` (written before they were kept apart) keeps all of them there, as
-  then: the newest K alone would delete them."""
+  the original keeps them. `settle_epoch_params` makes the epoch folder match the resume point
+  (a workdir whose epoch ends are full states, from before, gets their params there too)."""
 
   def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict,
                steps_per_epoch: int = 0, epoch_directory: str | None = None):
     self.every_steps = int(checkpoint_config.every_steps)
     self.epoch_steps = steps_per_epoch if checkpoint_config.every_epoch else 0
     self.directory = _orbax_directory(directory)
-    epoch_directory = _orbax_directory(epoch_directory or os.path.join(
-        os.path.dirname(self.directory.rstrip("/")), EPOCH_PARAMS_DIR))
-    # Every process looks (listing steps is collective in orbax) before any creates a folder
-    # (the broadcast waits for all), and process 0's answer is everyone's.
-    self.epoch_full_states = bool(self.epoch_steps) and mesh_lib.process_zero_value(
-        _holds_epoch_full_states(self.directory, epoch_directory, self.epoch_steps))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=checkpoint_config.keep,
-        keep_period=self.epoch_steps if self.epoch_full_states else None,
         enable_async_checkpointing=checkpoint_config.async_save,
         cleanup_tmp_directories=True,
         create=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.epoch_manager = None
-    if self.epoch_steps and not self.epoch_full_states:
+    if self.epoch_steps:
       epoch_options = ocp.CheckpointManagerOptions(
           enable_async_checkpointing=checkpoint_config.async_save,
           cleanup_tmp_directories=True, create=True,
           # Both managers save an epoch end's step: their processes' barriers must not meet.
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix=EPOCH_PARAMS_DIR))
-      self.epoch_manager = ocp.CheckpointManager(epoch_directory, options=epoch_options)
-      # An epoch end after the resume point (its full state was not complete when the run
-      # stopped) is trained again, and saved again.
-      resume_step = self.manager.latest_step() or 0
-      for step in self.epoch_manager.all_steps():
-        if step > resume_step:
-          self.epoch_manager.delete(step)
+      self.epoch_manager = ocp.CheckpointManager(_orbax_directory(epoch_directory or os.path.join(
+          os.path.dirname(self.directory.rstrip("/")), EPOCH_PARAMS_DIR)), options=epoch_options)
+
+  def settle_epoch_params(self) -> list[int]:
+    """Makes the epoch folder hold the params of every epoch end up to the resume point (the
+    latest full state) and none after it; returns the epoch-end steps whose params were taken
+    from their full states. Called once the run goes on in this workdir with these epochs
+    (after the resume checks), before it saves.
+
+    Epoch ends after the resume point are trained again, and saved again (their full states
+    were not complete when the run stopped). An epoch end whose full state is complete and whose
+    params are not (a run stopped between the two saves; or a workdir from before epoch params
+    were kept apart, whose epoch ends are all full states: the newest K alone would delete them
+    at the next save) gets them from the full state."""
+    if self.epoch_manager is None:
+      return []
+    resume_step = self.manager.latest_step() or 0
+    kept = set()
+    for step in self.epoch_manager.all_steps():
+      if step > resume_step:
+        self.epoch_manager.delete(step)
+      else:
+        kept.add(step)
+    taken = [step for step in sorted(self.manager.all_steps())
+             if step % self.epoch_steps == 0 and step not in kept]
+    for step in taken:
+      self._save_epoch_params(step, read_state_params(os.path.join(self.directory, str(step))))
+    self.epoch_manager.wait_until_finished()
+    return taken
 
   def latest_step(self) -> int | None:
     """Step of the newest complete checkpoint, or None."""
@@ -226,13 +238,17 @@ class Checkpointer:
                                 input=ocp.args.JsonSave(input_states),
                                 **{DIGEST_ITEM: ocp.args.JsonSave(digest)}),
         force=True)
-    if epoch_end:  # as a full state's `state` item's params: `read_workdir_params` reads both
-      tree = {"state": {"params": params}}
-      digest = tree_digest({"state": tree})
-      self.epoch_manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                        **{DIGEST_ITEM: ocp.args.JsonSave(digest)}),
-          force=True)
+    if epoch_end:
+      self._save_epoch_params(step, params)
+
+  def _save_epoch_params(self, step: int, params: Any) -> None:
+    """Laid out as a full state's `state` item's params: `read_state_params` reads both."""
+    tree = {"state": {"params": params}}
+    digest = tree_digest({"state": tree})
+    self.epoch_manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                      **{DIGEST_ITEM: ocp.args.JsonSave(digest)}),
+        force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores (state, this process's input state) at `step`; arrays take `abstract_state`'s
@@ -253,23 +269,19 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""
-    self.manager.wait_until_finished()
-    if self.epoch_manager is not None:
-      self.epoch_manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      if self.epoch_manager is not None:
+        self.epoch_manager.wait_until_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases resources."""
-    self.manager.close()
-    if self.epoch_manager is not None:
-      self.epoch_manager.close()
-
-
-def _holds_epoch_full_states(directory: str, epoch_directory: str, epoch_steps: int) -> bool:
-  """Whether a checkpoint folder holds epoch-end full states kept as such (a run from before
-  epoch params were kept apart: no epoch folder yet, and a complete epoch-end step)."""
-  if epath.Path(epoch_directory).exists():
-    return False
-  return any(step % epoch_steps == 0 for step in _steps_in(directory))
+    try:
+      self.manager.close()
+    finally:
+      if self.epoch_manager is not None:
+        self.epoch_manager.close()
 
 
 def read_digest(step_path: str) -> dict[str, int] | None:
@@ -319,9 +331,15 @@ def _epoch_params_steps(workdir: str) -> list[int]:
 def saved_steps(workdir: str) -> list[int]:
   """Steps of the complete checkpoints in a training workdir whose params can be read: its full
   states and its epoch ends' params."""
+  return _full_state_and_params_steps(workdir)[1]
+
+
+def _full_state_and_params_steps(workdir: str) -> tuple[set[int], list[int]]:
+  """(steps of a workdir's full states, steps whose params can be read, sorted)."""
   if not os.path.isdir(workdir_checkpoints(workdir)):
     raise FileNotFoundError(f"{workdir}: not a training workdir (no {CHECKPOINT_DIR}/ inside)")
-  return sorted(set(_complete_steps(workdir)) | set(_epoch_params_steps(workdir)))
+  full_states = set(_complete_steps(workdir))
+  return full_states, sorted(full_states | set(_epoch_params_steps(workdir)))
 
 
 def latest_saved_step(workdir: str) -> int | None:
@@ -338,15 +356,21 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
   another: the optimizer state and the input position stay on disk.
   """
   directory = os.path.abspath(workdir_checkpoints(workdir))
-  steps = saved_steps(workdir)
+  full_states, steps = _full_state_and_params_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{workdir}: no complete checkpoint in {directory}")
   step = step or max(steps)
   if step not in steps:
-    raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)})")
-  if step not in _complete_steps(workdir):  # an epoch end's params alone
+    raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {steps})")
+  if step not in full_states:  # an epoch end's params alone
     directory = os.path.abspath(os.path.join(workdir, EPOCH_PARAMS_DIR))
-  path = os.path.join(directory, str(step), "state")  # the item holding {"state", "rng"}
+  return read_state_params(os.path.join(directory, str(step))), step
+
+
+def read_state_params(step_path: str) -> dict[str, Any]:
+  """The params (NumPy) of the checkpoint in folder `step_path` (a full state's, or an epoch
+  end's alone), checked against its digest; nothing else is read."""
+  path = os.path.join(step_path, "state")  # the item holding {"state", "rng"}
   with _quiet_absl(), ocp.PyTreeCheckpointer() as checkpointer, reading(path):
     tree = checkpointer.metadata(path).item_metadata.tree
     params_metadata = tree["state"]["params"]
@@ -355,9 +379,9 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item={"state": {"params": params_metadata}},
         restore_args={"state": {"params": restore_args}}, partial_restore=True))
-    saved = read_digest(os.path.dirname(path))
-  verify_digest(os.path.dirname(path), {"state": restored}, saved)
-  return restored["state"]["params"], step
+    saved = read_digest(step_path)
+  verify_digest(step_path, {"state": restored}, saved)
+  return restored["state"]["params"]
 
 
 @contextlib.contextmanager

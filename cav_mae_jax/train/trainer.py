@@ -206,6 +206,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     _check_same_epochs(workdir, steps_per_epoch, inputs.train_examples)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
+  taken = checkpointer.settle_epoch_params()
+  if taken and is_main:
+    print(f"the params of epoch-end step(s) {', '.join(map(str, taken))} are kept in "
+          f"{checkpoint_lib.EPOCH_PARAMS_DIR}/ (taken from their full states, of which "
+          f"checkpoints/ keeps the newest {config.checkpoint.keep})")
   # The evaluations due at the checkpointed step run again if the interrupted run did not log
   # them (it saves a step's checkpoint, then evaluates): a finished run's final ones included.
   evaluation_missing = bool(start_step) and bool(config.evals) and not (
