@@ -270,10 +270,19 @@ def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_
   workdir = str(tmp_path)
   checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options,
                                          steps_per_epoch=2)
-  assert checkpointer.settle_epoch_params() == []
+  assert checkpointer.settle_epoch_params() == ([], [])
+  calls = []  # an epoch end's params are complete before the next full state's save starts
+
+  def recorded(name, method):
+    return lambda *args, **kwargs: calls.append((name, args[:1])) or method(*args, **kwargs)
+
+  checkpointer.manager.save = recorded("save", checkpointer.manager.save)
+  checkpointer.epoch_manager.wait_until_finished = recorded(
+      "epoch wait", checkpointer.epoch_manager.wait_until_finished)
   for step in range(1, 6):
     state = _full_state(step)
     checkpointer.save(step, state, {"position": step}, params=state["state"]["params"])
+  assert calls[calls.index(("save", (2,))):calls.index(("save", (3,)))][-1] == ("epoch wait", ())
   with pytest.raises(ValueError, match="step 6 ends an epoch"):
     checkpointer.save(6, _full_state(6), {"position": 6})
   checkpointer.close()
@@ -300,7 +309,7 @@ def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_
   checkpointer.close()
   shutil.rmtree(tmp_path / "checkpoints" / "6")
   checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
-  assert checkpointer.settle_epoch_params() == []
+  assert checkpointer.settle_epoch_params() == ([], [6])
   assert checkpointer.latest_step() == 5
   assert checkpoint.saved_steps(workdir) == [2, 4, 5]
   checkpointer.save(6, _full_state(6), {"position": 6}, params=_full_state(6)["state"]["params"])
@@ -310,7 +319,7 @@ def test_epoch_ends_keep_their_params_apart_and_the_newest_full_states_only(tmp_
   # save it again; its params come from the full state (they were lost once `keep` rotated it).
   shutil.rmtree(tmp_path / checkpoint.EPOCH_PARAMS_DIR / "6")
   checkpointer = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), options, 2)
-  assert checkpointer.settle_epoch_params() == [6]
+  assert checkpointer.settle_epoch_params() == ([6], [])
   for step in (7, 8, 9):
     checkpointer.save(step, _full_state(step), {"position": step},
                       params=_full_state(step)["state"]["params"])
@@ -346,8 +355,18 @@ def test_a_workdir_with_epoch_end_full_states_keeps_their_params(tmp_path):
   assert sorted(os.listdir(directory), key=int) == ["2", "4", "5"]
   options = ml_collections.ConfigDict(dict(every_steps=1, keep=1, async_save=False,
                                            every_epoch=True))
+  # A damaged older one is named with what reading it is for, and how to go on without it.
+  digest = os.path.join(directory, "2", checkpoint.DIGEST_ITEM)
+  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(digest, {"state/state/params/w": 1})
   checkpointer = checkpoint.Checkpointer(directory, options, steps_per_epoch=2)
-  assert checkpointer.settle_epoch_params() == [2, 4]
+  with pytest.raises(checkpoint.CheckpointReadError,
+                     match=rf"differ from what was saved .* \(read to keep epoch-end step 2's "
+                     rf"params in epoch_params/; remove {directory}/2 to go on without them\)"):
+    checkpointer.settle_epoch_params()
+  checkpointer.close()
+  shutil.rmtree(digest)  # as written before digests (unchecked)
+  checkpointer = checkpoint.Checkpointer(directory, options, steps_per_epoch=2)
+  assert checkpointer.settle_epoch_params() == ([2, 4], [])
   for step in (6, 7):
     state = _full_state(step)
     checkpointer.save(step, state, {"position": step}, params=state["state"]["params"])
@@ -358,12 +377,23 @@ def test_a_workdir_with_epoch_end_full_states_keeps_their_params(tmp_path):
   for step in (2, 4, 6):
     np.testing.assert_array_equal(checkpoint.read_workdir_params(str(tmp_path), step)[0]["w"],
                                   _full_state(step)["state"]["params"]["w"])
-  # Without every_epoch, nothing is kept apart.
+  # Without every_epoch, nothing is kept apart; epoch params after the resume point still go.
   options.every_epoch = False
   other = checkpoint.Checkpointer(str(tmp_path / "other" / "checkpoints"), options, 2)
-  assert other.epoch_manager is None and other.settle_epoch_params() == []
+  assert other.epoch_manager is None and other.settle_epoch_params() == ([], [])
   other.close()
   assert os.listdir(tmp_path / "other") == ["checkpoints"]
+  options.every_epoch, options.keep = True, 3
+  other = checkpoint.Checkpointer(str(tmp_path / "other" / "checkpoints"), options, 2)
+  for step in (1, 2, 3, 4):
+    other.save(step, _full_state(step), {}, params=_full_state(step)["state"]["params"])
+  other.close()
+  shutil.rmtree(tmp_path / "other" / "checkpoints" / "4")  # stopped before its full state
+  options.every_epoch = False
+  other = checkpoint.Checkpointer(str(tmp_path / "other" / "checkpoints"), options, 2)
+  assert other.settle_epoch_params() == ([], [4])
+  other.close()
+  assert os.listdir(tmp_path / "other" / checkpoint.EPOCH_PARAMS_DIR) == ["2"]
 
 
 SAVE_ELEMENTS = 32 * 2**20  # 128 MB: the background write is still running when the kill lands

@@ -177,42 +177,54 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.epoch_manager = None
-    if self.epoch_steps:
+    epoch_directory = _orbax_directory(epoch_directory or os.path.join(
+        os.path.dirname(self.directory.rstrip("/")), EPOCH_PARAMS_DIR))
+    # Also without epoch ends where the folder is there: its steps after the resume point go.
+    if self.epoch_steps or epath.Path(epoch_directory).exists():
       epoch_options = ocp.CheckpointManagerOptions(
           enable_async_checkpointing=checkpoint_config.async_save,
           cleanup_tmp_directories=True, create=True,
           # Both managers save an epoch end's step: their processes' barriers must not meet.
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix=EPOCH_PARAMS_DIR))
-      self.epoch_manager = ocp.CheckpointManager(_orbax_directory(epoch_directory or os.path.join(
-          os.path.dirname(self.directory.rstrip("/")), EPOCH_PARAMS_DIR)), options=epoch_options)
+      self.epoch_manager = ocp.CheckpointManager(epoch_directory, options=epoch_options)
 
-  def settle_epoch_params(self) -> list[int]:
-    """Makes the epoch folder hold the params of every epoch end up to the resume point (the
-    latest full state) and none after it; returns the epoch-end steps whose params were taken
-    from their full states. Called once the run goes on in this workdir with these epochs
-    (after the resume checks), before it saves.
+  def settle_epoch_params(self) -> tuple[list[int], list[int]]:
+    """Makes the epoch folder match the resume point (the latest full state); returns (the
+    epoch-end steps whose params were taken from their full states, the steps removed). Called
+    once the run goes on in this workdir with these epochs (after the resume checks), before it
+    saves.
 
-    Epoch ends after the resume point are trained again, and saved again (their full states
-    were not complete when the run stopped). An epoch end whose full state is complete and whose
-    params are not (a run stopped between the two saves; or a workdir from before epoch params
-    were kept apart, whose epoch ends are all full states: the newest K alone would delete them
-    at the next save) gets them from the full state."""
+    Epoch ends after the resume point are trained again, and saved again: their params are
+    removed (their full states were not complete when the run stopped). An epoch end whose full
+    state is complete and whose params are not (a run stopped between the two saves; or a
+    workdir from before epoch params were kept apart, whose epoch ends are all full states: the
+    newest K alone would delete them at the next save) gets them from the full state."""
     if self.epoch_manager is None:
-      return []
+      return [], []
     resume_step = self.manager.latest_step() or 0
-    kept = set()
-    for step in self.epoch_manager.all_steps():
+    removed, kept = [], set()
+    for step in sorted(self.epoch_manager.all_steps()):
       if step > resume_step:
         self.epoch_manager.delete(step)
+        removed.append(step)
       else:
         kept.add(step)
     taken = [step for step in sorted(self.manager.all_steps())
-             if step % self.epoch_steps == 0 and step not in kept]
+             if self.epoch_steps and step % self.epoch_steps == 0 and step not in kept]
     for step in taken:
-      self._save_epoch_params(step, read_state_params(os.path.join(self.directory, str(step))))
+      path = os.path.join(self.directory, str(step))
+      try:
+        params = read_state_params(path)
+      except CheckpointReadError as e:
+        if step == resume_step:
+          raise
+        raise CheckpointReadError(
+            f"{e} (read to keep epoch-end step {step}'s params in {EPOCH_PARAMS_DIR}/; remove "
+            f"{path} to go on without them)") from e
+      self._save_epoch_params(step, params)
     self.epoch_manager.wait_until_finished()
-    return taken
+    return taken, removed
 
   def latest_step(self) -> int | None:
     """Step of the newest complete checkpoint, or None."""
@@ -227,9 +239,13 @@ class Checkpointer:
            params: Any = None) -> None:
     """Starts an (asynchronous) save of `state` and of every process's input state at `step`;
     at an epoch end, also of `params` (the state's) in the epoch folder."""
-    epoch_end = self.epoch_manager is not None and step % self.epoch_steps == 0
+    epoch_end = bool(self.epoch_steps) and step % self.epoch_steps == 0
     if epoch_end and params is None:
       raise ValueError(f"step {step} ends an epoch: its params are saved apart; pass them")
+    if self.epoch_manager is not None:
+      # An epoch end's params are complete before a later full state is saved, which may
+      # delete that epoch end's full state (orbax rotates in the next save of its folder).
+      self.epoch_manager.wait_until_finished()
     input_states = {INPUT_STATES_KEY: gather_input_states(input_state)}
     digest = tree_digest({"state": state})
     self.manager.save(

@@ -206,11 +206,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     _check_same_epochs(workdir, steps_per_epoch, inputs.train_examples)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
-  taken = checkpointer.settle_epoch_params()
-  if taken and is_main:
-    print(f"the params of epoch-end step(s) {', '.join(map(str, taken))} are kept in "
-          f"{checkpoint_lib.EPOCH_PARAMS_DIR}/ (taken from their full states, of which "
-          f"checkpoints/ keeps the newest {config.checkpoint.keep})")
   # The evaluations due at the checkpointed step run again if the interrupted run did not log
   # them (it saves a step's checkpoint, then evaluates): a finished run's final ones included.
   evaluation_missing = bool(start_step) and bool(config.evals) and not (
@@ -221,6 +216,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       print(f"{workdir}: finished: step {start_step} of {total_steps} is checkpointed; "
             "nothing to do (raise config.total_steps or total_epochs to continue).")
     return metrics_lib.last_scalars(workdir)
+  taken, removed = checkpointer.settle_epoch_params()
+  if removed and is_main:
+    print(f"{checkpoint_lib.EPOCH_PARAMS_DIR}/: removed the params of step(s) "
+          f"{', '.join(map(str, removed))}, after the resume point (step {start_step}): this "
+          "run trains them again")
+  if taken and is_main:
+    print(f"{checkpoint_lib.EPOCH_PARAMS_DIR}/: the params of epoch-end step(s) "
+          f"{', '.join(map(str, taken))}, taken from their full states (checkpoints/ keeps the "
+          f"newest {config.checkpoint.keep} from this run's next save on)")
   if is_main:
     run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch)
     # Records an interrupted run logged after its last checkpoint are logged again from there.
