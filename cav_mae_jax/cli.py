@@ -457,7 +457,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _check_schedule_overrides(flag: str, config: Any, argv: Sequence[str]) -> None:
   """Fails on an override of a `schedule` field that the config's schedule kind does not read
   (a schedule holds every kind's fields, configs/common.py): it changed nothing, silently."""
-  schedule = config.get("schedule") if hasattr(config, "get") else None
+  schedule = config.get("schedule")  # a ConfigDict: checked by the caller
   overrides = [arg[len(flag) + 1:].partition("=")[0] for arg in argv[1:]
                if arg.startswith(f"{flag}.schedule.")]
   if schedule is None or not overrides or "kind" not in schedule:

@@ -158,14 +158,14 @@ class Checkpointer:
   """Saves every `every_steps` steps and at epoch ends (when asked); keeps the newest K.
 
   With epoch ends (`steps_per_epoch`), each epoch end's params are also saved apart, in
-  `epoch_directory` (default: `epoch_params` beside `directory`), all kept (weight averaging):
+  `epoch_params` beside `directory` (`workdir_epoch_params`), all kept (weight averaging):
   a third of a full state (the base fine-tuning model's 0.66 GB of 1.98 GB: AS-20K's 15 epochs
   keep 10 GB, and the newest three full states 6 GB, where its 15 full states kept 30 GB), as
   the original keeps them. `settle_epoch_params` makes the epoch folder match the resume point
   (a workdir whose epoch ends are full states, from before, gets their params there too)."""
 
   def __init__(self, directory: str, checkpoint_config: ml_collections.ConfigDict,
-               steps_per_epoch: int = 0, epoch_directory: str | None = None):
+               steps_per_epoch: int = 0):
     self.every_steps = int(checkpoint_config.every_steps)
     self.epoch_steps = steps_per_epoch if checkpoint_config.every_epoch else 0
     self.directory = _orbax_directory(directory)
@@ -177,8 +177,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.epoch_manager = None
-    epoch_directory = _orbax_directory(epoch_directory or os.path.join(
-        os.path.dirname(self.directory.rstrip("/")), EPOCH_PARAMS_DIR))
+    epoch_directory = workdir_epoch_params(os.path.dirname(self.directory.rstrip("/")))
     # Also without epoch ends where the folder is there: its steps after the resume point go.
     if self.epoch_steps or epath.Path(epoch_directory).exists():
       epoch_options = ocp.CheckpointManagerOptions(
@@ -313,6 +312,11 @@ def workdir_checkpoints(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_DIR)
 
 
+def workdir_epoch_params(workdir: str) -> str:
+  """The epoch ends' params directory of a training workdir (as orbax needs it)."""
+  return _orbax_directory(os.path.join(workdir, EPOCH_PARAMS_DIR))
+
+
 def is_workdir(path: str) -> bool:
   """Whether `path` is a training workdir (it holds a checkpoint directory)."""
   return os.path.isdir(workdir_checkpoints(path))
@@ -341,7 +345,7 @@ def _complete_steps(workdir: str) -> list[int]:
 
 def _epoch_params_steps(workdir: str) -> list[int]:
   """Steps of the epoch-end params checkpoints of a workdir (`EPOCH_PARAMS_DIR`)."""
-  return _steps_in(os.path.join(workdir, EPOCH_PARAMS_DIR))
+  return _steps_in(workdir_epoch_params(workdir))
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -379,7 +383,7 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
   if step not in steps:
     raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {steps})")
   if step not in full_states:  # an epoch end's params alone
-    directory = os.path.abspath(os.path.join(workdir, EPOCH_PARAMS_DIR))
+    directory = workdir_epoch_params(workdir)
   return read_state_params(os.path.join(directory, str(step))), step
 
 
