@@ -37,6 +37,8 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from cav_mae_jax.train import peers
+
 # Flags this module defines for a tool (define_model_flags) belong to that tool, as if the tool
 # had defined them itself: absl lists them under the tool's own --helpshort.
 flags.disclaim_key_flags()
@@ -138,6 +140,7 @@ class DistributedFlags:
               "--coordinator_address, --num_processes and --process_id"
               if self.coordinator_address.value is None else "")
       raise ValueError(f"--distributed: {str(e).rstrip('.')}{hint}") from None
+    peers.start()
 
 
 def define_distributed_flags(alone: str) -> DistributedFlags:
@@ -666,17 +669,21 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
     redeliver_swallowed_interrupts()
     stop_on_sigterm()
     try:
-      # After the flags and config files: a bad one is answered without TensorFlow's ~5 s import.
-      _raise_config_file_errors()
-      apply_none_overrides({name: flags.FLAGS[name].value for name, _ in _none_overrides},
-                           _none_overrides)
-      if check_args is not None:
-        check_args(argv)
-      if input_paths is not None:
-        check_input_paths(input_paths())
-      if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
-        import_tensorflow_quietly()
-      main(argv)
+      try:
+        # After the flags and config files: a bad one is answered without TensorFlow's import.
+        _raise_config_file_errors()
+        apply_none_overrides({name: flags.FLAGS[name].value for name, _ in _none_overrides},
+                             _none_overrides)
+        if check_args is not None:
+          check_args(argv)
+        if input_paths is not None:
+          check_input_paths(input_paths())
+        if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
+          import_tensorflow_quietly()
+        main(argv)
+      except Exception as e:  # a multi-process run's peers stop too (the status as below)
+        peers.report(e, status=2 if isinstance(e, (app.UsageError, *USER_ERRORS)) else 1)
+        raise
     except app.UsageError as e:
       fail(str(e))
     except USER_ERRORS as e:

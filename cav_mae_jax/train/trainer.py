@@ -30,6 +30,7 @@ from cav_mae_jax.train import flops as flops_lib
 from cav_mae_jax.train import mesh as mesh_lib
 from cav_mae_jax.train import metrics as metrics_lib
 from cav_mae_jax.train import optim
+from cav_mae_jax.train import peers
 from cav_mae_jax.train import run_config
 from cav_mae_jax.train import step as step_lib
 from cav_mae_jax.train import validation
@@ -112,8 +113,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   A preemption notice (SIGTERM) saves a checkpoint and stops the run early: it returns the last
   logged metrics as a finished run does, or, with `raise_on_preemption`, raises `Preempted` (so
-  that a job script can tell a run cut short from a finished one).
+  that a job script can tell a run cut short from a finished one). Where the run has several
+  processes, one's failure ends the others at once (`train.peers`).
   """
+  peers.start()
+  try:
+    return _train_and_evaluate(config, workdir, inputs, raise_on_preemption)
+  except Exception as error:  # pylint: disable=broad-except
+    if not isinstance(error, Preempted):  # every process stopped at the notice, none failed
+      peers.report(error)
+    raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | None,
+                        raise_on_preemption: bool) -> dict[str, float]:
   # ---------------------------------------------------------------- setup
   validation.validate_config(config, jax.device_count(), jax.process_count(),
                              check_data=inputs is None)

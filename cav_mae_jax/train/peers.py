@@ -1,0 +1,162 @@
+"""One process's failure stops every process of a multi-process run at once, saying which and why.
+
+Without this, a process whose input raised (a damaged shard, a missing file on one host) left
+its peers waiting in a collective of the next step: they waited until JAX's shutdown barrier of
+the failed process timed out (`shutdown_timeout_seconds`, 5 minutes), and then every process,
+the failed one included, aborted with a C++ fatal error ("the JAX distributed service detected
+fatal errors") that named no cause; a peer on a GPU or TPU may wait longer still.
+
+`start()` (the trainer and the multi-host tools call it; nothing without jax.distributed or
+with one process) runs a thread on each process that waits, in the coordination service's
+key-value store, for a peer's failure. `report(error)` (where a process fails) puts the failure
+there. Each peer then prints one line, `error: process P of N failed: <why>; process Q stops
+too`, and ends with status 1 at once, whatever its main thread waits for; the failed process
+goes on to its own error line and its status. No process waits at the shutdown barrier then (it
+would wait for the processes that have gone); process 0, which runs the coordination service,
+ends last, once the others have ended or after `EXIT_WAIT_S`.
+
+A Ctrl-C or SIGTERM is not a failure: a preemption notice reaches every process and they stop
+together (`train.trainer`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+
+_PREFIX = "cav_mae_jax/peers/"
+_FAILURE_KEY = _PREFIX + "failure"  # the first failure's line; later ones are not stored
+# How long process 0, whose exit ends the coordination service, waits for the others to end
+# (a process still there then is aborted by JAX when the service goes).
+EXIT_WAIT_S = 30.0
+_MESSAGE_CHARS = 500
+_WAIT_MS = 3_600_000  # one wait of the thread; it waits again after it
+
+
+class _Watch:
+  """The watching thread of this process and what the exit does."""
+
+  def __init__(self, client, process: int, processes: int):
+    self.client, self.process, self.processes = client, process, processes
+    self.lock = threading.Lock()
+    self.failed = False  # a failure reported here or by a peer: the exit skips the barrier
+    self.status = 1
+    self.thread = threading.Thread(target=self._wait, name="cav_mae_jax peers", daemon=True)
+
+  def _wake_key(self, process: int) -> str:
+    return f"{_PREFIX}wake/{process}"
+
+  def _set(self, key: str, value: str) -> bool:
+    """Puts key=value unless key is there; False when it was (or the service is gone)."""
+    try:
+      self.client.key_value_set(key, value)
+      return True
+    except Exception:  # pylint: disable=broad-except  # ALREADY_EXISTS, or the service gone
+      return False
+
+  def _wait(self) -> None:
+    while True:
+      try:
+        message = self.client.blocking_key_value_get(self._wake_key(self.process), _WAIT_MS)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        if "DEADLINE_EXCEEDED" not in str(e):  # the service went: JAX aborts the process
+          return
+    if not message:  # this process's own exit woke it
+      return
+    with self.lock:
+      if self.failed:  # this process has failed itself: its own error path ends it
+        return
+      self.failed = True
+    print(f"error: {message}; process {self.process} stops too", file=sys.stderr)
+    self._end(1)
+
+  def report(self, error: BaseException, status: int | None) -> None:
+    with self.lock:
+      first = not self.failed
+      self.failed = True
+      if status is not None:
+        self.status = status
+    if not first:
+      return
+    why = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, (ValueError, OSError, FloatingPointError, MemoryError)):
+      why = f"{type(error).__name__}: {why}"  # what a traceback would have named
+    if len(why) > _MESSAGE_CHARS:
+      why = why[:_MESSAGE_CHARS] + " ..."
+    line = f"process {self.process} of {self.processes} failed: {why}"
+    if not self._set(_FAILURE_KEY, line):  # a peer failed first: its line is the run's
+      try:
+        line = self.client.key_value_try_get(_FAILURE_KEY)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    for peer in range(self.processes):
+      if peer != self.process:
+        self._set(self._wake_key(peer), line)
+
+  def at_exit(self) -> None:
+    """Stops the thread; after a failure anywhere, ends the process without the barrier."""
+    self._set(self._wake_key(self.process), "")
+    self.thread.join(timeout=5.0)
+    with self.lock:
+      failed, status = self.failed, self.status
+    if failed:
+      self._end(status)
+
+  def _end(self, status: int) -> None:
+    """Ends this process now with `status`: process 0 after the others (or EXIT_WAIT_S)."""
+    self._set(f"{_PREFIX}ended/{self.process}", "")
+    if self.process == 0:
+      deadline = time.monotonic() + EXIT_WAIT_S
+      while time.monotonic() < deadline:
+        try:
+          if len(self.client.key_value_dir_get(f"{_PREFIX}ended/")) >= self.processes:
+            break
+        except Exception:  # pylint: disable=broad-except
+          break
+        time.sleep(0.1)
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
+    os._exit(status)  # pylint: disable=protected-access
+
+
+_watch: _Watch | None = None
+
+
+def start() -> bool:
+  """Watches for a peer's failure (once per process); False, doing nothing, where the run has
+  one process or JAX's distributed client is not initialized."""
+  global _watch
+  if _watch is not None:
+    return True
+  try:  # JAX's own client of the coordination service (not public API: a JAX without it
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    state = distributed.global_state  # leaves the run as it was without this module)
+    client, process, processes = state.client, state.process_id, state.num_processes
+    if client is None or not processes or processes == 1:
+      return False
+    for method in ("key_value_set", "blocking_key_value_get", "key_value_try_get",
+                   "key_value_dir_get"):
+      getattr(client, method)
+  except (ImportError, AttributeError):
+    return False
+  _watch = _Watch(client, process, processes)
+  _watch.thread.start()
+  # After JAX's own exit function (registered at its import), so run before it: the shutdown
+  # barrier in JAX's would wait for the processes a failure has ended.
+  atexit.register(_watch.at_exit)
+  return True
+
+
+def report(error: BaseException, status: int | None = None) -> None:
+  """Tells the peers that this process failed with `error` (the first report of a process is
+  the one sent; `status`, given, is the one the process ends with). Nothing without `start()`
+  or for a Ctrl-C or SIGTERM (KeyboardInterrupt)."""
+  if _watch is not None and not isinstance(error, KeyboardInterrupt):
+    _watch.report(error, status)

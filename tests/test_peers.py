@@ -1,0 +1,140 @@
+"""One process's failure ends every process of a 2-process run at once, each saying why
+(`cav_mae_jax/train/peers.py`).
+
+Before, the peers of a failed process waited in their next collective until JAX's shutdown
+barrier timed out (5 minutes); then every process aborted with a C++ fatal error that named no
+cause. Two local processes x 2 CPU devices joined by jax.distributed. This file is also the
+processes' entry point:
+
+  python tests/test_peers.py tool PROCESS_ID PORT FAILING   (FAILING: a process id, or -1)
+  python tests/test_peers.py train PROCESS_ID PORT RECORDS WORKDIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import multihost_worker  # noqa: E402  pylint: disable=wrong-import-position
+
+PROCESSES = 2
+BAD_INPUT = "videos.csv line 3: no such file /data/clip.mp4"
+
+
+def tool_worker(process_id: int, port: int, failing: int) -> None:
+  """A multi-host tool (cli.run, --distributed): process `failing` fails on a bad input after
+  one collective, while its peer waits in the next."""
+  from cav_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  distributed = cli.define_distributed_flags("work alone")
+
+  def main(argv):
+    del argv
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    distributed.initialize()
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.process_allgather(np.ones(2))
+    if jax.process_index() == failing:
+      raise ValueError(BAD_INPUT)
+    multihost_utils.process_allgather(np.ones(2))
+    print(f"process {jax.process_index()} done")
+
+  sys.argv = [sys.argv[0], "--distributed", f"--coordinator_address=localhost:{port}",
+              f"--num_processes={PROCESSES}", f"--process_id={process_id}"]
+  cli.run(main, uses_tensorflow=False)
+
+
+def train_worker(process_id: int, port: int, records_dir: str, workdir: str) -> None:
+  """One process of a fine-tuning run whose records hold a damaged shard."""
+  multihost_worker.initialize_distributed(process_id, PROCESSES, port)
+  import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  config = test_train_multihost_resume.resume_config(records_dir)
+  config.data.balanced_sampling = False
+  trainer.train_and_evaluate(config, workdir)
+
+
+def _run(args, timeout):
+  port = multihost_worker.free_port()
+  started = time.monotonic()
+  results = multihost_worker.run_processes(
+      os.path.abspath(__file__), [[args[0], i, port, *args[1:]] for i in range(PROCESSES)],
+      multihost_worker.process_env(2), timeout=timeout, grace=timeout)
+  return results, time.monotonic() - started
+
+
+def _logs(results):
+  return "\n".join(f"--- process {i} (exit {r.returncode}):\n{r.stderr[-3000:]}"
+                   for i, r in enumerate(results))
+
+
+def _error_lines(result):
+  return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_one_process_starts_no_watch():
+  from cav_mae_jax.train import peers  # pylint: disable=import-outside-toplevel
+  assert not peers.start()  # no jax.distributed here
+  peers.report(ValueError("nothing to tell"))  # nothing happens
+
+
+def test_a_run_without_failure_ends_as_before():
+  results, seconds = _run(["tool", -1], timeout=120)
+  assert [r.returncode for r in results] == [0, 0], _logs(results)
+  done = [[line for line in r.stdout.splitlines() if "Gloo" not in line] for r in results]
+  assert done == [["process 0 done"], ["process 1 done"]]  # Gloo prints its connections
+  assert not any(_error_lines(r) for r in results), _logs(results)
+  assert seconds < 60, seconds
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failed_process_ends_its_peer_waiting_in_a_collective(failing):
+  results, seconds = _run(["tool", failing], timeout=150)
+  peer = 1 - failing
+  assert results[failing].returncode == 2, _logs(results)  # its own error's status
+  assert _error_lines(results[failing]) == [f"error: {BAD_INPUT}"], _logs(results)
+  assert results[peer].returncode == 1, _logs(results)
+  assert _error_lines(results[peer]) == [
+      f"error: process {failing} of 2 failed: {BAD_INPUT}; process {peer} stops too"
+  ], _logs(results)
+  assert "Check failure" not in results[peer].stderr + results[failing].stderr
+  assert seconds < 60, seconds  # JAX's shutdown barrier alone waited 300 s
+
+
+def test_a_damaged_shard_ends_both_processes_of_a_training_run(tmp_path):
+  import test_input  # pylint: disable=import-outside-toplevel
+  import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
+  records_dir = test_input.write_records(str(tmp_path / "records"),
+                                         test_train_multihost_resume.LABELS, num_shards=4)
+  shard = os.path.join(records_dir, sorted(f for f in os.listdir(records_dir)
+                                           if f.endswith(".tfrecord"))[1])
+  with open(shard, "r+b") as f:  # one byte of its first record's data: its checksum fails
+    f.seek(100)
+    byte = f.read(1)
+    f.seek(100)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+  results, seconds = _run(["train", records_dir, str(tmp_path / "workdir")], timeout=200)
+  failed = [i for i, r in enumerate(results) if "Traceback" in r.stderr]
+  assert len(failed) == 1, _logs(results)
+  failing, peer = failed[0], 1 - failed[0]
+  assert os.path.basename(shard) in results[failing].stderr, _logs(results)
+  assert [r.returncode for r in results] == [1, 1], _logs(results)
+  lines = _error_lines(results[peer])
+  assert len(lines) == 1 and lines[0].startswith(f"error: process {failing} of 2 failed: "), (
+      _logs(results))
+  assert os.path.basename(shard) in lines[0] and lines[0].endswith(f"process {peer} stops too")
+  assert "Check failure" not in results[peer].stderr + results[failing].stderr
+  assert seconds < 150, seconds
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "tool":
+    tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+  else:
+    train_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
