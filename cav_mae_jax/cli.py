@@ -273,6 +273,25 @@ def error_line(message: object, status: int = 2) -> int:
   return status
 
 
+# TensorFlow's errors of a file system (gs://...: a bucket or object not found, no permission,
+# no credentials, the network down) by name: one line as an OSError is (`_storage_error`).
+_STORAGE_ERRORS = ("NotFoundError", "PermissionDeniedError", "UnauthenticatedError",
+                   "FailedPreconditionError", "UnavailableError", "DeadlineExceededError",
+                   "DataLossError")
+
+
+def _storage_error(error: BaseException) -> OSError | None:
+  """`error` as an OSError in its own words where it is one of TensorFlow's file-system errors
+  (which subclass no OSError: they printed a traceback), else None."""
+  tf_errors = getattr(sys.modules.get("tensorflow"), "errors", None)
+  if tf_errors is None or not isinstance(error, tf_errors.OpError):
+    return None
+  if type(error).__name__ not in _STORAGE_ERRORS:
+    return None
+  from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top  (TF imported)
+  return OSError(records.op_error_text(error))
+
+
 def fail(message: str) -> None:
   """Prints `error: <message>` as one line to stderr and exits 2."""
   sys.exit(error_line(message))
@@ -682,8 +701,11 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
           import_tensorflow_quietly()
         main(argv)
       except Exception as e:  # a multi-process run's peers stop too (the status as below)
-        peers.report(e, status=2 if isinstance(e, (app.UsageError, *USER_ERRORS)) else 1)
-        raise
+        error = _storage_error(e) or e
+        peers.report(error, status=2 if isinstance(error, (app.UsageError, *USER_ERRORS)) else 1)
+        if error is e:
+          raise
+        raise error from e
     except app.UsageError as e:
       fail(str(e))
     except USER_ERRORS as e:

@@ -298,6 +298,19 @@ def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(tmp_path, workdi
                                trainer.Inputs(source, None, 24))
 
 
+def test_a_workdir_url_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+  # It made a local folder gs: for the lock, config and logs; orbax wrote to the bucket.
+  import test_train_resume  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
+  with pytest.raises(ValueError, match=r"^workdir gs://bucket/run: must be a local path \(a "
+                     r"shared file system every host sees, or the bucket mounted"):
+    trainer.train_and_evaluate(test_train_resume.tiny_config(), "gs://bucket/run",
+                               trainer.Inputs(source, None, 24))
+  assert not os.listdir(tmp_path)
+
+
 def test_a_workdir_that_is_a_records_directory_is_refused(tmp_path):
   # The run's checkpoints, metrics and config were written among the shards.
   import test_train_resume  # pylint: disable=import-outside-toplevel

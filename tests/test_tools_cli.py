@@ -121,6 +121,31 @@ def _run_tool(tool, args, cwd, extra_path=()):
                         env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.parametrize("error,status", [
+    ("PermissionDeniedError", 2), ("FailedPreconditionError", 2), ("InvalidArgumentError", 1)])
+def test_a_file_system_error_of_tensorflow_is_one_line(tmp_path, error, status):
+  """A bucket's errors (no permission, no network, not found) printed a traceback: TensorFlow's
+  errors subclass no OSError. Others (a bug of a tf.data op) keep theirs."""
+  script = tmp_path / "tool.py"
+  script.write_text(
+      "from cav_mae_jax import cli\n"
+      "def main(argv):\n"
+      "  import tensorflow as tf\n"
+      f"  raise tf.errors.{error}(None, None, '{{{{function_node f}}}} Error executing an HTTP "
+      "request: HTTP response code 403 when reading gs://bucket/x [Op:ReadFile]')\n"
+      "cli.run(main)\n")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the tools quiet TensorFlow themselves
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == status, result.stderr[-2000:]
+  if status == 2:
+    assert result.stderr.splitlines() == ["error: Error executing an HTTP request: HTTP response "
+                                          "code 403 when reading gs://bucket/x"]
+  else:
+    assert "Traceback" in result.stderr
+
+
 def test_a_config_file_in_a_flagfile_takes_overrides(tmp_path):
   # The check that an override has its config file looked at the command line only.
   (tmp_path / "flags.txt").write_text(f"{TINY.replace('configs/', ROOT + '/configs/')}\n")

@@ -128,6 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | None,
                         raise_on_preemption: bool) -> dict[str, float]:
   # ---------------------------------------------------------------- setup
+  _check_local_workdir(workdir)
   validation.validate_config(config, jax.device_count(), jax.process_count(),
                              check_data=inputs is None)
   task = tasks.get_task(config)
@@ -165,6 +166,18 @@ def _check_same_epochs(workdir: str, steps_per_epoch: int, train_examples: int) 
         "schedule and input position follow its epochs, so it resumes with its own training "
         "clips (or a new workdir starts from its parameters: --config.init.source=workdir "
         "--config.init.path=<workdir>)")
+
+
+def _check_local_workdir(workdir: str) -> None:
+  """A workdir is a directory of the local file system (one every host sees). A URL (gs://...)
+  made a local folder `gs:` beside the command's current directory for the lock, config and
+  logs, while orbax wrote the checkpoints to the bucket: two halves of one run."""
+  scheme, sep, _ = workdir.partition("://")
+  if sep:
+    raise ValueError(
+        f"workdir {workdir}: must be a local path (a shared file system every host sees, or the "
+        f"bucket mounted, e.g. with gcsfuse); the run's lock, config and logs are written with "
+        f"local file calls. Records may stay on {scheme}://")
 
 
 def _check_workdir_holds_no_data(config: ml_collections.ConfigDict, workdir: str) -> None:
