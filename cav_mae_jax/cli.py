@@ -702,7 +702,9 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
         main(argv)
       except Exception as e:  # a multi-process run's peers stop too (the status as below)
         error = _storage_error(e) or e
-        peers.report(error, status=2 if isinstance(error, (app.UsageError, *USER_ERRORS)) else 1)
+        one_line = isinstance(error, app.UsageError) or (isinstance(error, USER_ERRORS) and
+                                                         not _verbose())  # else a traceback
+        peers.report(error, status=2 if one_line else 1)
         if error is e:
           raise
         raise error from e

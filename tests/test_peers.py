@@ -6,7 +6,9 @@ barrier timed out (5 minutes); then every process aborted with a C++ fatal error
 cause. Two local processes x 2 CPU devices joined by jax.distributed. This file is also the
 processes' entry point:
 
-  python tests/test_peers.py tool PROCESS_ID PORT FAILING   (FAILING: a process id, or -1)
+  python tests/test_peers.py tool PROCESS_ID PORT FAILING WHEN
+      (FAILING: a process id, -1 for none, 2 for both; WHEN: 'mid' with the peer in the next
+      collective, 'late' after the last one, once the peer has returned)
   python tests/test_peers.py train PROCESS_ID PORT RECORDS WORKDIR
 """
 
@@ -25,9 +27,9 @@ PROCESSES = 2
 BAD_INPUT = "videos.csv line 3: no such file /data/clip.mp4"
 
 
-def tool_worker(process_id: int, port: int, failing: int) -> None:
-  """A multi-host tool (cli.run, --distributed): process `failing` fails on a bad input after
-  one collective, while its peer waits in the next."""
+def tool_worker(process_id: int, port: int, failing: int, when: str) -> None:
+  """A multi-host tool (cli.run, --distributed): process `failing` (both: 2) fails on a bad
+  input after one collective, while its peer waits in the next, or after the last one."""
   from cav_mae_jax import cli  # pylint: disable=import-outside-toplevel
   distributed = cli.define_distributed_flags("work alone")
 
@@ -39,9 +41,13 @@ def tool_worker(process_id: int, port: int, failing: int) -> None:
     import numpy as np  # pylint: disable=import-outside-toplevel
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.process_allgather(np.ones(2))
-    if jax.process_index() == failing:
+    fails = failing in (jax.process_index(), PROCESSES)
+    if fails and when == "mid":
       raise ValueError(BAD_INPUT)
     multihost_utils.process_allgather(np.ones(2))
+    if fails:  # late: as process 0 writing the results, once the peer is at its exit
+      time.sleep(3)
+      raise ValueError(BAD_INPUT)
     print(f"process {jax.process_index()} done")
 
   sys.argv = [sys.argv[0], "--distributed", f"--coordinator_address=localhost:{port}",
@@ -84,7 +90,7 @@ def test_one_process_starts_no_watch():
 
 
 def test_a_run_without_failure_ends_as_before():
-  results, seconds = _run(["tool", -1], timeout=120)
+  results, seconds = _run(["tool", -1, "mid"], timeout=120)
   assert [r.returncode for r in results] == [0, 0], _logs(results)
   done = [[line for line in r.stdout.splitlines() if "Gloo" not in line] for r in results]
   assert done == [["process 0 done"], ["process 1 done"]]  # Gloo prints its connections
@@ -94,7 +100,7 @@ def test_a_run_without_failure_ends_as_before():
 
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failed_process_ends_its_peer_waiting_in_a_collective(failing):
-  results, seconds = _run(["tool", failing], timeout=150)
+  results, seconds = _run(["tool", failing, "mid"], timeout=150)
   peer = 1 - failing
   assert results[failing].returncode == 2, _logs(results)  # its own error's status
   assert _error_lines(results[failing]) == [f"error: {BAD_INPUT}"], _logs(results)
@@ -104,6 +110,34 @@ def test_a_failed_process_ends_its_peer_waiting_in_a_collective(failing):
   ], _logs(results)
   assert "Check failure" not in results[peer].stderr + results[failing].stderr
   assert seconds < 60, seconds  # JAX's shutdown barrier alone waited 300 s
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_failing_after_its_peer_returned_meets_it_at_the_exit(failing):
+  # Its peer is at JAX's shutdown barrier: it was not woken, and the barrier is met (ending
+  # the failed process without it aborted its peer once JAX gave up).
+  results, seconds = _run(["tool", failing, "late"], timeout=150)
+  peer = 1 - failing
+  assert results[failing].returncode == 2, _logs(results)
+  assert _error_lines(results[failing]) == [f"error: {BAD_INPUT}"], _logs(results)
+  assert results[peer].returncode == 0 and not _error_lines(results[peer]), _logs(results)
+  assert "Check failure" not in results[peer].stderr + results[failing].stderr
+  assert seconds < 60, seconds
+
+
+def test_processes_failing_together_print_one_line_each():
+  # A config error every process raises: one line each, its own or the first failure's.
+  for _ in range(2):
+    results, seconds = _run(["tool", 2, "mid"], timeout=150)
+    for process, result in enumerate(results):
+      lines = _error_lines(result)
+      assert len(lines) == 1, _logs(results)
+      assert (lines[0], result.returncode) in [
+          (f"error: {BAD_INPUT}", 2),
+          (f"error: process {1 - process} of 2 failed: {BAD_INPUT}; process {process} stops too",
+           1)], _logs(results)
+      assert "Traceback" not in result.stderr and "Check failure" not in result.stderr
+    assert seconds < 60, seconds
 
 
 def test_a_damaged_shard_ends_both_processes_of_a_training_run(tmp_path):
@@ -135,6 +169,6 @@ def test_a_damaged_shard_ends_both_processes_of_a_training_run(tmp_path):
 
 if __name__ == "__main__":
   if sys.argv[1] == "tool":
-    tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
   else:
     train_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -13,7 +13,16 @@ there. Each peer then prints one line, `error: process P of N failed: <why>; pro
 too`, and ends with status 1 at once, whatever its main thread waits for; the failed process
 goes on to its own error line and its status. No process waits at the shutdown barrier then (it
 would wait for the processes that have gone); process 0, which runs the coordination service,
-ends last, once the others have ended or after `EXIT_WAIT_S`.
+ends last, once the others have ended or after `EXIT_WAIT_S`. Where several processes fail, the
+first failure stored is the run's: every other process prints the line above for it (its own
+error is likely a consequence, e.g. a collective whose peer has gone).
+
+A process that fails after its peers have finished (process 0 writing the results) meets them
+at the barrier as before. Where some peers have finished and others are woken, those that
+finished wait at the barrier until JAX gives up. A process whose failure woke its peers ends
+with `os._exit` after Python's exit functions registered after `start()`, not those before (a
+library user's own, or logging's); a script that catches the trainer's error still ends then,
+with the error's status (1 by default): its peers have gone.
 
 A Ctrl-C or SIGTERM is not a failure: a preemption notice reaches every process and they stop
 together (`train.trainer`).
@@ -33,16 +42,26 @@ _FAILURE_KEY = _PREFIX + "failure"  # the first failure's line; later ones are n
 # (a process still there then is aborted by JAX when the service goes).
 EXIT_WAIT_S = 30.0
 _MESSAGE_CHARS = 500
+_LAST_GRACE_S = 1.0  # process 0's wait after the others' last `ended` key
 _WAIT_MS = 3_600_000  # one wait of the thread; it waits again after it
 
 
 class _Watch:
-  """The watching thread of this process and what the exit does."""
+  """The watching thread of this process, and how a failure ends it.
+
+  The run's failure is the first one put in the store (`_FAILURE_KEY`); its process wakes the
+  others and ends by its own error path. Any other process ends with one line naming that
+  failure and status 1, by whichever of its threads sees it first (its watcher, or its main
+  thread's own later error, likely a consequence: a collective whose peer has gone); the other
+  thread then parks until the process ends."""
 
   def __init__(self, client, process: int, processes: int):
     self.client, self.process, self.processes = client, process, processes
     self.lock = threading.Lock()
-    self.failed = False  # a failure reported here or by a peer: the exit skips the barrier
+    self.failed = False  # this process reported a failure
+    self.first = False  # ... the run's first: it woke the others and ends by its own path
+    self.woke_peers = False  # ... and a peer was woken: that peer ends without JAX's barrier
+    self.following = False  # a peer's failure ends this process (`_follow`)
     self.status = 1
     self.thread = threading.Thread(target=self._wait, name="cav_mae_jax peers", daemon=True)
 
@@ -52,7 +71,7 @@ class _Watch:
   def _set(self, key: str, value: str) -> bool:
     """Puts key=value unless key is there; False when it was (or the service is gone)."""
     try:
-      self.client.key_value_set(key, value)
+      self.client.key_value_set(key, value, allow_overwrite=False)
       return True
     except Exception:  # pylint: disable=broad-except  # ALREADY_EXISTS, or the service gone
       return False
@@ -65,22 +84,29 @@ class _Watch:
       except Exception as e:  # pylint: disable=broad-except
         if "DEADLINE_EXCEEDED" not in str(e):  # the service went: JAX aborts the process
           return
-    if not message:  # this process's own exit woke it
-      return
+    if message:  # else this process's own exit woke it
+      self._follow(message)
+
+  def _follow(self, line: str) -> None:
+    """Ends this process for a peer's failure `line` (once: a second caller parks)."""
     with self.lock:
-      if self.failed:  # this process has failed itself: its own error path ends it
+      if self.first:  # its own failure is the run's (no peer wakes it then)
         return
-      self.failed = True
-    print(f"error: {message}; process {self.process} stops too", file=sys.stderr)
+      ended_elsewhere, self.following = self.following, True
+    if ended_elsewhere:
+      _park()
+    print(f"error: {line}; process {self.process} stops too", file=sys.stderr)
     self._end(1)
 
   def report(self, error: BaseException, status: int | None) -> None:
     with self.lock:
-      first = not self.failed
-      self.failed = True
       if status is not None:
         self.status = status
-    if not first:
+      again, self.failed = self.failed, True
+      following = self.following
+    if following:  # a peer's failure came first: this error is likely its consequence
+      _park()
+    if again:
       return
     why = " ".join(str(error).split()) or type(error).__name__
     if not isinstance(error, (ValueError, OSError, FloatingPointError, MemoryError)):
@@ -88,42 +114,58 @@ class _Watch:
     if len(why) > _MESSAGE_CHARS:
       why = why[:_MESSAGE_CHARS] + " ..."
     line = f"process {self.process} of {self.processes} failed: {why}"
-    if not self._set(_FAILURE_KEY, line):  # a peer failed first: its line is the run's
+    if not self._set(_FAILURE_KEY, line):  # a peer failed first: its failure is the run's
       try:
-        line = self.client.key_value_try_get(_FAILURE_KEY)
+        line = self.client.key_value_try_get(_FAILURE_KEY) or line
       except Exception:  # pylint: disable=broad-except
         pass
-    for peer in range(self.processes):
-      if peer != self.process:
-        self._set(self._wake_key(peer), line)
+      self._follow(line)
+      return
+    with self.lock:
+      self.first = True
+    # A peer whose wake key is there already is at its exit (at JAX's shutdown barrier).
+    woken = [self._set(self._wake_key(peer), line)
+             for peer in range(self.processes) if peer != self.process]
+    with self.lock:
+      self.woke_peers = any(woken)
 
   def at_exit(self) -> None:
-    """Stops the thread; after a failure anywhere, ends the process without the barrier."""
+    """Stops the thread; ends the process without JAX's barrier where peers it woke have
+    gone (a failure with every peer at the barrier already meets them there)."""
     self._set(self._wake_key(self.process), "")
     self.thread.join(timeout=5.0)
     with self.lock:
-      failed, status = self.failed, self.status
-    if failed:
+      following, end, status = self.following, self.first and self.woke_peers, self.status
+    if following:  # the watcher ends the process
+      _park()
+    if end:
       self._end(status)
 
   def _end(self, status: int) -> None:
-    """Ends this process now with `status`: process 0 after the others (or EXIT_WAIT_S)."""
+    """Ends this process now with `status`; process 0, whose exit ends the coordination
+    service, after the others (or EXIT_WAIT_S)."""
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
     self._set(f"{_PREFIX}ended/{self.process}", "")
     if self.process == 0:
       deadline = time.monotonic() + EXIT_WAIT_S
       while time.monotonic() < deadline:
         try:
           if len(self.client.key_value_dir_get(f"{_PREFIX}ended/")) >= self.processes:
+            time.sleep(_LAST_GRACE_S)  # from its `ended` key to its os._exit
             break
         except Exception:  # pylint: disable=broad-except
           break
         time.sleep(0.1)
-    for stream in (sys.stdout, sys.stderr):
-      try:
-        stream.flush()
-      except (OSError, ValueError):
-        pass
     os._exit(status)  # pylint: disable=protected-access
+
+
+def _park() -> None:
+  """Waits for the other thread of this process to end it."""
+  threading.Event().wait()
 
 
 _watch: _Watch | None = None
