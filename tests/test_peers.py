@@ -9,7 +9,7 @@ processes' entry point:
   python tests/test_peers.py tool PROCESS_ID PORT FAILING WHEN
       (FAILING: a process id, -1 for none, 2 for both; WHEN: 'mid' with the peer in the next
       collective, 'late' after the last one, once the peer has returned)
-  python tests/test_peers.py train PROCESS_ID PORT RECORDS WORKDIR
+  python tests/test_peers.py train PROCESS_ID PORT RECORDS WORKDIR LEARNING_RATE
 """
 
 from __future__ import annotations
@@ -55,13 +55,17 @@ def tool_worker(process_id: int, port: int, failing: int, when: str) -> None:
   cli.run(main, uses_tensorflow=False)
 
 
-def train_worker(process_id: int, port: int, records_dir: str, workdir: str) -> None:
-  """One process of a fine-tuning run whose records hold a damaged shard."""
+def train_worker(process_id: int, port: int, records_dir: str, workdir: str,
+                 learning_rate: float) -> None:
+  """One process of a fine-tuning run (`learning_rate`: 0 for the recipe's)."""
   multihost_worker.initialize_distributed(process_id, PROCESSES, port)
   import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import trainer  # pylint: disable=import-outside-toplevel
   config = test_train_multihost_resume.resume_config(records_dir)
   config.data.balanced_sampling = False
+  config.data.train_dir = records_dir + "/" * process_id  # a path may differ: where it is found
+  if learning_rate:
+    config.optim.learning_rate = learning_rate
   trainer.train_and_evaluate(config, workdir)
 
 
@@ -153,7 +157,7 @@ def test_a_damaged_shard_ends_both_processes_of_a_training_run(tmp_path):
     f.seek(100)
     f.write(bytes([byte[0] ^ 0xFF]))
 
-  results, seconds = _run(["train", records_dir, str(tmp_path / "workdir")], timeout=200)
+  results, seconds = _run(["train", records_dir, str(tmp_path / "workdir"), 0], timeout=200)
   failed = [i for i, r in enumerate(results) if "Traceback" in r.stderr]
   assert len(failed) == 1, _logs(results)
   failing, peer = failed[0], 1 - failed[0]
@@ -167,8 +171,29 @@ def test_a_damaged_shard_ends_both_processes_of_a_training_run(tmp_path):
   assert seconds < 150, seconds
 
 
+def test_processes_given_different_configs_are_refused_naming_the_field(tmp_path):
+  # Each traced its own step: process 1's learning rate trained its replica of the params apart.
+  import test_input  # pylint: disable=import-outside-toplevel
+  import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
+  records_dir = test_input.write_records(str(tmp_path / "records"),
+                                         test_train_multihost_resume.LABELS, num_shards=4)
+  port = multihost_worker.free_port()
+  args = [["train", i, port, records_dir, str(tmp_path / "workdir"), [0, 0.5][i]]
+          for i in range(PROCESSES)]
+  results = multihost_worker.run_processes(os.path.abspath(__file__), args,
+                                           multihost_worker.process_env(2), timeout=200)
+  assert [r.returncode for r in results] == [1, 1], _logs(results)
+  wanted = ("the run's processes differ: config.optim.learning_rate is 0.001 on "
+            "process 0, 0.5 on process 1: every process of a run is given the same config and "
+            "runs the same software")
+  for result in results:
+    assert wanted in result.stderr, _logs(results)
+  assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "tool":
     tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
   else:
-    train_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    train_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
+                 float(sys.argv[6]))

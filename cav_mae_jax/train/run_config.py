@@ -5,16 +5,22 @@ a change that alters the shapes of the parameters or the optimizer state is refu
 line naming the fields that cause it; so is a changed batch size (it re-plans epochs, learning
 rate milestones and the input position silently) and a changed seed (the input order). Other
 changes (durations, logging, eval cadence, data paths, the mesh) are allowed and reported.
+
+Every process of a multi-process run must run the same code with the same config
+(`check_same_on_every_process`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from cav_mae_jax.train import optim
 
@@ -179,3 +185,83 @@ def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
   for parent in parents:
     node = node[parent]
   node[leaf] = value
+
+
+# Fields that may differ between the processes of a run: where each host finds the files (a
+# copy on its local disk may sit at another path).
+_HOST_PATH_FIELDS = ("data.train_dir", "data.eval_dir", "data.tfds_data_dir", "init.path")
+_SOFTWARE = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def check_same_on_every_process(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on every process when the processes of a run were not given the same
+  config (paths apart: `_HOST_PATH_FIELDS`, `evals.*.dir`) or do not run the same software (this
+  package's source, JAX, Flax, Optax, orbax, NumPy): each would trace its own step, and a
+  hyperparameter that differs trained the replicas of the params apart without a word (a
+  collective: every process of the run calls it). Each names the first differing process's
+  fields that differ from process 0's."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  text = json.dumps(_run_identity(config), sort_keys=True)
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest))
+  differ = [p for p, row in enumerate(digests) if not np.array_equal(row, digests[0])]
+  if not differ:
+    return
+  first = differ[0]  # both configs on every process: each names the same fields
+  zero = _from_process(0, text)
+  other = _from_process(first, text)
+  diffs = [f"{field} is {_shown(zero.get(field))} on process 0, {_shown(other.get(field))} on "
+           f"process {first}" for field in sorted(set(zero) | set(other))
+           if zero.get(field) != other.get(field)]
+  more = f" (and {len(diffs) - 3} more)" if diffs[3:] else ""
+  also = f" (processes {', '.join(map(str, differ[1:]))} differ too)" if differ[1:] else ""
+  raise ValueError(f"the run's processes differ: "
+                   f"{'; '.join(diffs[:3])}{more}{also}: every process of a run is given the "
+                   "same config and runs the same software")
+
+
+def _from_process(source: int, text: str) -> dict[str, Any]:
+  """Process `source`'s JSON `text`, decoded on every process (a collective)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  is_source = jax.process_index() == source
+  data = np.frombuffer(text.encode(), np.uint8)
+  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data)), is_source=is_source))
+  padded = data if is_source else np.zeros(length, np.uint8)
+  received = multihost_utils.broadcast_one_to_all(padded, is_source=is_source)
+  return json.loads(bytes(np.asarray(received)).decode())
+
+
+def _shown(value: Any) -> str:
+  return "missing" if value is None else repr(value)
+
+
+def _run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'config.<field>': value, 'software.<name>': version} of what every process must share."""
+  flat = flatten(json.loads(config.to_json_best_effort()))
+  identity = {f"config.{field}": value for field, value in flat.items()
+              if field not in _HOST_PATH_FIELDS
+              and not (field.startswith("evals.") and field.endswith(".dir"))}
+  for name in _SOFTWARE:
+    try:
+      identity[f"software.{name}"] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      identity[f"software.{name}"] = None
+  identity["software.cav_mae_jax source"] = _source_digest()
+  return identity
+
+
+def _source_digest() -> str:
+  """SHA-256 of this package's Python files (their paths and contents)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  digest = hashlib.sha256()
+  for directory, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(files):
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+          digest.update(f.read())
+  return digest.hexdigest()[:16]

@@ -133,6 +133,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, inputs:
                              check_data=inputs is None)
   task = tasks.get_task(config)
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
+  run_config.check_same_on_every_process(config)
   is_main = jax.process_index() == 0
   _check_workdir_holds_no_data(config, workdir)
   made = dir_lock.make_output_dir(workdir, "workdir")
