@@ -117,14 +117,17 @@ def test_a_failed_process_ends_its_peer_waiting_in_a_collective(failing):
 
 
 @pytest.mark.parametrize("failing", [0, 1])
-def test_a_process_failing_after_its_peer_returned_meets_it_at_the_exit(failing):
-  # Its peer is at JAX's shutdown barrier: it was not woken, and the barrier is met (ending
-  # the failed process without it aborted its peer once JAX gave up).
+def test_a_process_failing_after_its_peer_returned_ends_it_at_its_exit(failing):
+  # Its peer waits at its exit, before JAX's shutdown barrier, where the failure reaches it
+  # (left at JAX's barrier, it aborted once JAX gave up).
   results, seconds = _run(["tool", failing, "late"], timeout=150)
   peer = 1 - failing
   assert results[failing].returncode == 2, _logs(results)
   assert _error_lines(results[failing]) == [f"error: {BAD_INPUT}"], _logs(results)
-  assert results[peer].returncode == 0 and not _error_lines(results[peer]), _logs(results)
+  assert results[peer].returncode == 1, _logs(results)
+  assert _error_lines(results[peer]) == [
+      f"error: process {failing} of 2 failed: {BAD_INPUT}; process {peer} stops too"
+  ], _logs(results)
   assert "Check failure" not in results[peer].stderr + results[failing].stderr
   assert seconds < 60, seconds
 

@@ -17,12 +17,12 @@ ends last, once the others have ended or after `EXIT_WAIT_S`. Where several proc
 first failure stored is the run's: every other process prints the line above for it (its own
 error is likely a consequence, e.g. a collective whose peer has gone).
 
-A process that fails after its peers have finished (process 0 writing the results) meets them
-at the barrier as before. Where some peers have finished and others are woken, those that
-finished wait at the barrier until JAX gives up. A process whose failure woke its peers ends
-with `os._exit` after Python's exit functions registered after `start()`, not those before (a
-library user's own, or logging's); a script that catches the trainer's error still ends then,
-with the error's status (1 by default): its peers have gone.
+A process that has finished waits at its exit (`at_exit`) for every process to get there, or
+for a failure, before JAX's barrier: a peer failing late (process 0 writing the results) ends
+it there with the same line. A failed process ends with `os._exit` after Python's exit
+functions registered after `start()`, not those before (a library user's own, or logging's); a
+script that catches the trainer's error still ends then, with the error's status (1 by
+default): its peers have gone.
 
 A Ctrl-C or SIGTERM is not a failure: a preemption notice reaches every process and they stop
 together (`train.trainer`).
@@ -43,6 +43,9 @@ _FAILURE_KEY = _PREFIX + "failure"  # the first failure's line; later ones are n
 EXIT_WAIT_S = 30.0
 _MESSAGE_CHARS = 500
 _LAST_GRACE_S = 1.0  # process 0's wait after the others' last `ended` key
+# How long a process at its exit waits for the others there (or a failure) before JAX's own
+# shutdown barrier, which then waits as long again (its `shutdown_timeout_seconds` default).
+_DONE_WAIT_S = 300.0
 _WAIT_MS = 3_600_000  # one wait of the thread; it waits again after it
 
 
@@ -60,7 +63,6 @@ class _Watch:
     self.lock = threading.Lock()
     self.failed = False  # this process reported a failure
     self.first = False  # ... the run's first: it woke the others and ends by its own path
-    self.woke_peers = False  # ... and a peer was woken: that peer ends without JAX's barrier
     self.following = False  # a peer's failure ends this process (`_follow`)
     self.status = 1
     self.thread = threading.Thread(target=self._wait, name="cav_mae_jax peers", daemon=True)
@@ -68,13 +70,23 @@ class _Watch:
   def _wake_key(self, process: int) -> str:
     return f"{_PREFIX}wake/{process}"
 
-  def _set(self, key: str, value: str) -> bool:
-    """Puts key=value unless key is there; False when it was (or the service is gone)."""
+  def _set(self, key: str, value: str) -> bool | None:
+    """Puts key=value unless key is there: True; False when it was; None when the service
+    cannot be reached (gone, or shut down)."""
     try:
       self.client.key_value_set(key, value, allow_overwrite=False)
       return True
-    except Exception:  # pylint: disable=broad-except  # ALREADY_EXISTS, or the service gone
-      return False
+    except Exception as e:  # pylint: disable=broad-except
+      return False if "ALREADY_EXISTS" in str(e) else None
+
+  def _get(self, key: str, timeout_s: float = 0.0) -> str | None:
+    """The value of key (waiting up to timeout_s for it), or None."""
+    try:
+      if not timeout_s:
+        return self.client.key_value_try_get(key)
+      return self.client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception:  # pylint: disable=broad-except  # not there, or the service gone
+      return None
 
   def _wait(self) -> None:
     while True:
@@ -95,8 +107,10 @@ class _Watch:
       ended_elsewhere, self.following = self.following, True
     if ended_elsewhere:
       _park()
-    print(f"error: {line}; process {self.process} stops too", file=sys.stderr)
-    self._end(1)
+    try:
+      print(f"error: {line}; process {self.process} stops too", file=sys.stderr)
+    finally:  # whatever printing does (a closed pipe): the other thread may be parked
+      self._end(1)
 
   def report(self, error: BaseException, status: int | None) -> None:
     with self.lock:
@@ -114,32 +128,44 @@ class _Watch:
     if len(why) > _MESSAGE_CHARS:
       why = why[:_MESSAGE_CHARS] + " ..."
     line = f"process {self.process} of {self.processes} failed: {why}"
-    if not self._set(_FAILURE_KEY, line):  # a peer failed first: its failure is the run's
-      try:
-        line = self.client.key_value_try_get(_FAILURE_KEY) or line
-      except Exception:  # pylint: disable=broad-except
-        pass
-      self._follow(line)
+    stored = self._set(_FAILURE_KEY, line)
+    if stored is None:  # no service to tell (shut down): this process's own error path
+      return
+    if not stored:  # a peer failed first: its failure is the run's
+      first_line = self._get(_FAILURE_KEY)
+      if first_line:
+        self._follow(first_line)
       return
     with self.lock:
       self.first = True
-    # A peer whose wake key is there already is at its exit (at JAX's shutdown barrier).
-    woken = [self._set(self._wake_key(peer), line)
-             for peer in range(self.processes) if peer != self.process]
-    with self.lock:
-      self.woke_peers = any(woken)
+    for peer in range(self.processes):  # a peer at its exit sees the failure there
+      if peer != self.process:
+        self._set(self._wake_key(peer), line)
 
   def at_exit(self) -> None:
-    """Stops the thread; ends the process without JAX's barrier where peers it woke have
-    gone (a failure with every peer at the barrier already meets them there)."""
+    """Stops the thread. A failed process ends without JAX's barrier (its peers have gone, or
+    go); any other waits for every process to reach this point, or for a failure, before JAX's
+    barrier (where no failure could reach it: a peer that failed late, after this process's
+    work, left it there until JAX gave up and aborted it)."""
     self._set(self._wake_key(self.process), "")
     self.thread.join(timeout=5.0)
     with self.lock:
-      following, end, status = self.following, self.first and self.woke_peers, self.status
+      following, failed, status = self.following, self.failed, self.status
     if following:  # the watcher ends the process
       _park()
-    if end:
+    if failed:
       self._end(status)
+    self._set(f"{_PREFIX}done/{self.process}", "")
+    deadline = time.monotonic() + _DONE_WAIT_S
+    while time.monotonic() < deadline:
+      try:
+        if len(self.client.key_value_dir_get(f"{_PREFIX}done/")) >= self.processes:
+          return  # JAX's barrier passes at once
+      except Exception:  # pylint: disable=broad-except  # the service gone: JAX's exit says so
+        return
+      line = self._get(_FAILURE_KEY, timeout_s=0.5)
+      if line:
+        self._follow(line)
 
   def _end(self, status: int) -> None:
     """Ends this process now with `status`; process 0, whose exit ends the coordination
@@ -164,8 +190,13 @@ class _Watch:
 
 
 def _park() -> None:
-  """Waits for the other thread of this process to end it."""
-  threading.Event().wait()
+  """Waits for the other thread of this process to end it (a Ctrl-C or SIGTERM then adds no
+  line of its own)."""
+  while True:
+    try:
+      threading.Event().wait()
+    except KeyboardInterrupt:
+      pass
 
 
 _watch: _Watch | None = None
