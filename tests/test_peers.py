@@ -10,6 +10,7 @@ processes' entry point:
       (FAILING: a process id, -1 for none, 2 for both; WHEN: 'mid' with the peer in the next
       collective, 'late' after the last one, once the peer has returned)
   python tests/test_peers.py train PROCESS_ID PORT RECORDS WORKDIR LEARNING_RATE
+  python tests/test_peers.py settings PROCESS_ID PORT
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def train_worker(process_id: int, port: int, records_dir: str, workdir: str,
   if learning_rate:
     config.optim.learning_rate = learning_rate
   trainer.train_and_evaluate(config, workdir)
+
+
+def settings_worker(process_id: int, port: int) -> None:
+  """Checks a config whose data path differs (allowed) with a tool's --step that differs."""
+  multihost_worker.initialize_distributed(process_id, PROCESSES, port)
+  from cav_mae_jax.train import run_config  # pylint: disable=import-outside-toplevel
+  config = multihost_worker.tiny_config()
+  config.data.train_dir = f"/host{process_id}/records"
+  run_config.check_same_on_every_process(config, {"--step": 3 + process_id})
 
 
 def _run(args, timeout):
@@ -194,8 +204,18 @@ def test_processes_given_different_configs_are_refused_naming_the_field(tmp_path
   assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
 
 
+def test_a_tools_setting_that_differs_between_processes_is_named():
+  results, _ = _run(["settings"], timeout=120)
+  wanted = ("ValueError: the run's processes differ: --step is 3 on process 0, 4 on process 1: "
+            "every process of a run is given the same config and runs the same software")
+  for result in results:
+    assert result.returncode == 1 and wanted in result.stderr, _logs(results)
+
+
 if __name__ == "__main__":
-  if sys.argv[1] == "tool":
+  if sys.argv[1] == "settings":
+    settings_worker(int(sys.argv[2]), int(sys.argv[3]))
+  elif sys.argv[1] == "tool":
     tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
   else:
     train_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],

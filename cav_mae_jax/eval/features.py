@@ -167,11 +167,13 @@ def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step:
          params_path: str | None = None) -> Loaded:
   """The config's task with parameters from a training workdir or a params checkpoint."""
   from cav_mae_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import validation  # pylint: disable=g-import-not-at-top
   if not (workdir or params_path):
     raise ValueError("give a training workdir or a params checkpoint")
   validation.validate_config(config, jax.device_count(), jax.process_count(), check_data=False,
                              training=False)
+  run_config.check_same_on_every_process(config, {"--step": step})
   task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = evaluate.load_params(task, mesh, workdir=workdir, step=step,

@@ -222,6 +222,7 @@ def evaluate(
                              check_data=batch_source is None, training=False)
   task = tasks.get_task(config)
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
+  run_config.check_same_on_every_process(config, {"--step": step, "--evals": names})
   unknown = sorted(set(names or ()) - set(config.evals.keys()))
   if unknown:
     raise ValueError(f"--evals: {unknown} not in config.evals (have {sorted(config.evals)})")

@@ -193,17 +193,19 @@ _HOST_PATH_FIELDS = ("data.train_dir", "data.eval_dir", "data.tfds_data_dir", "i
 _SOFTWARE = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
-def check_same_on_every_process(config: ml_collections.ConfigDict) -> None:
+def check_same_on_every_process(config: ml_collections.ConfigDict,
+                                also: dict[str, Any] | None = None) -> None:
   """Raises ValueError on every process when the processes of a run were not given the same
   config (paths apart: `_HOST_PATH_FIELDS`, `evals.*.dir`) or do not run the same software (this
   package's source, JAX, Flax, Optax, orbax, NumPy): each would trace its own step, and a
   hyperparameter that differs trained the replicas of the params apart without a word (a
-  collective: every process of the run calls it). Each names the first differing process's
-  fields that differ from process 0's."""
+  collective: every process of the run calls it). `also`: a tool's own settings that must be
+  shared too ({'--step': 3}). Each names the first differing process's fields that differ from
+  process 0's."""
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  text = json.dumps(_run_identity(config), sort_keys=True)
+  text = json.dumps({**_run_identity(config), **(also or {})}, sort_keys=True)
   digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
   digests = np.asarray(multihost_utils.process_allgather(digest))
   differ = [p for p, row in enumerate(digests) if not np.array_equal(row, digests[0])]
