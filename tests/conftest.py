@@ -58,6 +58,7 @@ _LONGEST_FILES = (
     "test_feature_tools_cli.py",  # 101
     "test_tools_cli.py",  # 94
     "test_finetune.py",  # 78
+    "test_peers.py",  # ~60 alone (2026-12-06): 2-process runs
 )
 
 
