@@ -218,9 +218,9 @@ def check_same_on_every_process(config: ml_collections.ConfigDict,
            f"process {first}" for field in sorted(set(zero) | set(other))
            if zero.get(field) != other.get(field)]
   more = f" (and {len(diffs) - 3} more)" if diffs[3:] else ""
-  also = f" (processes {', '.join(map(str, differ[1:]))} differ too)" if differ[1:] else ""
+  others = f" (processes {', '.join(map(str, differ[1:]))} differ too)" if differ[1:] else ""
   raise ValueError(f"the run's processes differ: "
-                   f"{'; '.join(diffs[:3])}{more}{also}: every process of a run is given the "
+                   f"{'; '.join(diffs[:3])}{more}{others}: every process of a run is given the "
                    "same config and runs the same software")
 
 
