@@ -62,7 +62,6 @@ class _Watch:
     self.client, self.process, self.processes = client, process, processes
     self.lock = threading.Lock()
     self.failed = False  # this process reported a failure
-    self.first = False  # ... the run's first: it woke the others and ends by its own path
     self.following = False  # a peer's failure ends this process (`_follow`)
     self.status = 1
     self.thread = threading.Thread(target=self._wait, name="cav_mae_jax peers", daemon=True)
@@ -101,9 +100,9 @@ class _Watch:
 
   def _follow(self, line: str) -> None:
     """Ends this process for a peer's failure `line` (once: a second caller parks)."""
+    # Never for the run's own failure: its process wakes only the others, and at its exit
+    # ends before looking at the store.
     with self.lock:
-      if self.first:  # its own failure is the run's (no peer wakes it then)
-        return
       ended_elsewhere, self.following = self.following, True
     if ended_elsewhere:
       _park()
@@ -136,8 +135,6 @@ class _Watch:
       if first_line:
         self._follow(first_line)
       return
-    with self.lock:
-      self.first = True
     for peer in range(self.processes):  # a peer at its exit sees the failure there
       if peer != self.process:
         self._set(self._wake_key(peer), line)
