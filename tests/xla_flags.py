@@ -7,6 +7,11 @@
   minutes; tests/test_train_init.py alone 141 -> 114 s (2026-12-02, jax 0.10.2). That emitter
   lowers a scatter as a loop, so a test that looks for scatters in compiled HLO compiles with
   `native_compile_options()`.
+- `--xla_llvm_disable_expensive_passes=true` (as `jax_disable_most_optimizations` sets it) and
+  `--xla_cpu_multi_thread_eigen=false` (XLA's Eigen matmuls and convolutions on one thread: the
+  suite's two workers and the subprocesses they start already share the 2 cores, and the tiny
+  test models' matmuls gain nothing from splitting). tests/test_train_init.py alone on 2 cores:
+  142-146 s -> 112 s wall, user CPU 131-134 -> 105 s (2026-12-06, jax 0.10.2).
 A test only compares numbers built under the same flags (its trainer subprocesses inherit them);
 the tools, the demo and users' programs compile with XLA's defaults.
 
@@ -20,7 +25,8 @@ import subprocess
 import sys
 
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
-_FAST = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_FAST = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+         "--xla_llvm_disable_expensive_passes=true", "--xla_cpu_multi_thread_eigen=false")
 _FUSION_EMITTERS = "xla_cpu_use_fusion_emitters"
 _ACCEPTED_ENV = "CAV_MAE_JAX_TEST_XLA_FLAGS"  # the fast flags this jaxlib accepted
 
