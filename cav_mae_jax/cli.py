@@ -660,6 +660,7 @@ def config_input_paths() -> list[tuple[str, str | None]]:
 def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
         input_paths: Callable[[], Sequence[tuple[str, str | None]]] | None = None,
         check_args: Callable[[list[str]], Any] | None = None,
+        check_outputs: Callable[[], Any] | None = None,
         interrupt_note: str = "") -> None:
   """app.run(main) with the conventions of the module docstring.
 
@@ -669,7 +670,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   import, in about a second rather than the ten or more that importing and loading take.
   `check_args(argv)` checks what absl's validators cannot see (a tool's positional arguments,
   and the flags that apply to the mode they name) at the same time, before the paths; it raises
-  ValueError or app.UsageError.
+  ValueError or app.UsageError. `check_outputs()` refuses the tool's outputs (one that exists, or
+  is or holds an input) after the input paths, also before TensorFlow's import.
   Ctrl-C (SIGINT) and SIGTERM end the tool with one line (`interrupted_line`, then
   `interrupt_note`: what was kept) and the shell's status for the signal (130, 143), after the
   tool's cleanup has run; `--verbosity=1` shows the traceback. A signal that lands in a
@@ -697,6 +699,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
           check_args(argv)
         if input_paths is not None:
           check_input_paths(input_paths())
+        if check_outputs is not None:
+          check_outputs()
         if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
           import_tensorflow_quietly()
         main(argv)

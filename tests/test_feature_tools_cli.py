@@ -32,11 +32,24 @@ TINY = ["--config=configs/pretrain.py:tiny", "--config.model.embed_dim=32",
         "--config.model.image_size=32", "--config.data.batch_size=8"]
 
 
-def run_tool(tool, args, cwd):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+def run_tool(tool, args, cwd, first_on_path=None):
+  """Runs tools/<tool> from `cwd` (`first_on_path`: a folder put before this checkout)."""
+  path = os.pathsep.join(([first_on_path] if first_on_path else []) + [ROOT])
+  env = dict(os.environ, PYTHONPATH=path, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the tools quiet TensorFlow themselves
   return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args], cwd=cwd,
                         env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module", name="without_tensorflow")
+def fixture_without_tensorflow(tmp_path_factory):
+  """A folder whose `tensorflow` fails to import: first on a tool's path, a bad input must be
+  answered before TensorFlow's import."""
+  folder = tmp_path_factory.mktemp("without_tensorflow")
+  (folder / "tensorflow").mkdir()
+  (folder / "tensorflow" / "__init__.py").write_text(
+      "raise ImportError('TensorFlow is blocked: answer before importing it')\n")
+  return str(folder)
 
 
 @pytest.fixture(scope="module", name="params_dir")
@@ -128,16 +141,21 @@ def fixture_damaged_dir(records_dir, tmp_path_factory):
   return str(damaged)
 
 
+# Answered before TensorFlow's import: an --out that exists.
+BEFORE_TENSORFLOW = ("extract_existing_out", "inpaint_existing_out")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_prints_one_error_line_and_exits_2(case, records_dir, params_dir, damaged_dir,
-                                                     tmp_path):
+                                                     tmp_path, without_tensorflow):
   tool, args, named = CASES[case]
   (tmp_path / "list.txt").write_text("missing.mp4\n")
   (tmp_path / "exists.npz").write_bytes(b"features of an earlier run")
   (tmp_path / "exists.png").write_bytes(b"a picture of an earlier run")
   paths = dict(records=records_dir, params=params_dir, damaged=damaged_dir)
   args, named = [a.format(**paths) for a in args], named.format(**paths)
-  result = run_tool(tool, TINY + args, tmp_path)
+  result = run_tool(tool, TINY + args, tmp_path,
+                    first_on_path=without_tensorflow if case in BEFORE_TENSORFLOW else None)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
@@ -233,9 +251,11 @@ def _files(path):
           for root, _, names in os.walk(path) for name in names}
 
 
-def test_overwrite_never_deletes_a_directory_or_an_input(records_dir, params_dir, tmp_path):
+def test_overwrite_never_deletes_a_directory_or_an_input(records_dir, params_dir, tmp_path,
+                                                         without_tensorflow):
   """--overwrite replaced whatever --out named: a folder (`--out /tmp` deleted /tmp and wrote
-  the .npz in its place) or the records being read; --quarantine emptied the --videos list."""
+  the .npz in its place) or the records being read; --quarantine emptied the --videos list.
+  Each is refused before TensorFlow's import (in seconds, not after the model loaded)."""
   (tmp_path / "folder").mkdir()
   (tmp_path / "folder" / "keep.txt").write_text("someone's data")
   (tmp_path / "folder.png").mkdir()
@@ -252,7 +272,7 @@ def test_overwrite_never_deletes_a_directory_or_an_input(records_dir, params_dir
       ("extract_features.py", TINY + [f"--params={params_dir}", "--videos=list.txt",
                                       "--quarantine=list.txt", "--out=f.npz"],
        "--quarantine list.txt: is --videos list.txt")):
-    result = run_tool(tool, args, tmp_path)
+    result = run_tool(tool, args, tmp_path, first_on_path=without_tensorflow)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: ") and named in lines[0], lines[0]

@@ -66,18 +66,11 @@ def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   _DISTRIBUTED.initialize()
-  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
-  # Before any work: an existing --out is refused now, not after the extraction.
-  # Nor is an --out (or a --quarantine list, which is started empty) that would replace an input.
-  inputs = [*_input_paths(), *cli.config_input_paths()]
-  features.check_output(_OUT.value, overwrite=_OVERWRITE.value, inputs=inputs)
   quarantine = None
   if _VIDEOS.value:
-    quarantine_path = _QUARANTINE.value or _OUT.value + ".quarantine.jsonl"
-    io.check_not_an_input(quarantine_path, [*inputs, ("--out", _OUT.value)], flag="--quarantine")
-    quarantine = clips.Quarantine(quarantine_path, strict=_STRICT.value)
+    quarantine = clips.Quarantine(_quarantine_path(), strict=_STRICT.value)
   subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
   batch_size, batch_size_what = cli.batch_size_source(_BATCH_SIZE, config)
   batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",
@@ -106,6 +99,23 @@ def main(argv: list[str]) -> None:
     print(f"--videos {_VIDEOS.value}: {left_out}")
 
 
+def _quarantine_path() -> str:
+  return _QUARANTINE.value or _OUT.value + ".quarantine.jsonl"
+
+
+def _check_outputs() -> None:
+  """Before any work (`cli.run`: before TensorFlow's import): an existing --out is refused now,
+  not after the extraction; nor is an --out (or a --quarantine list, which is started empty)
+  that would replace an input."""
+  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.eval import features  # pylint: disable=g-import-not-at-top
+  inputs = [*_input_paths(), *cli.config_input_paths()]
+  features.check_output(_OUT.value, overwrite=_OVERWRITE.value, inputs=inputs)
+  if _VIDEOS.value:
+    io.check_not_an_input(_quarantine_path(), [*inputs, ("--out", _OUT.value)],
+                          flag="--quarantine")
+
+
 def _input_paths() -> list[tuple[str, str | None]]:
   source = (("--videos", _VIDEOS.value) if _VIDEOS.value
             else cli.records_input_path(_RECORDS.value, _MODEL.config.value))
@@ -113,4 +123,5 @@ def _input_paths() -> list[tuple[str, str | None]]:
 
 
 if __name__ == "__main__":
-  cli.run(main, input_paths=_input_paths, interrupt_note="--out was not written")
+  cli.run(main, input_paths=_input_paths, check_outputs=_check_outputs,
+          interrupt_note="--out was not written")

@@ -50,10 +50,6 @@ def main(argv: list[str]) -> None:
   from cav_mae_jax import models  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import features, inpaint  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
-  # Before any work: an existing --out (or one that is an input) is refused now, not after
-  # the model ran.
-  features.check_output(_OUT.value, overwrite=_OVERWRITE.value,
-                        inputs=[*_input_paths(), *cli.config_input_paths()])
   records = features.records_directory(config, _RECORDS.value or "")
   inpaint.check_norm_pix_loss(models.ModelConfig.from_config(config.model),
                               _MODEL.workdir.value or _MODEL.params.value)
@@ -73,10 +69,18 @@ def main(argv: list[str]) -> None:
         f"audio {result.loss_a:.4f}, video {result.loss_v:.4f}")
 
 
+def _check_outputs() -> None:
+  """Before any work (`cli.run`: before TensorFlow's import): an existing --out (or one that is
+  an input) is refused now, not after the model ran."""
+  from cav_mae_jax.eval import features  # pylint: disable=g-import-not-at-top
+  features.check_output(_OUT.value, overwrite=_OVERWRITE.value,
+                        inputs=[*_input_paths(), *cli.config_input_paths()])
+
+
 def _input_paths() -> list[tuple[str, str | None]]:
   records = cli.records_input_path(_RECORDS.value, _MODEL.config.value)
   return [records, *cli.model_input_paths(_MODEL)]
 
 
 if __name__ == "__main__":
-  cli.run(main, input_paths=_input_paths)
+  cli.run(main, input_paths=_input_paths, check_outputs=_check_outputs)
