@@ -41,8 +41,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from cav_mae_jax import cli
-from cav_mae_jax.convert import io
-from cav_mae_jax.convert import pipelines
 
 DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
 
@@ -93,6 +91,9 @@ def _model_config(required: bool):
 
 def run(direction: str) -> None:
   """Runs one conversion and prints its account."""
+  # Imported here: a bad command line is answered without JAX's import (half of its second).
+  from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.convert import pipelines  # pylint: disable=g-import-not-at-top
   src, out = _SRC.value, _OUT.value
   # The pipelines refuse an --out that is --src (or inside or around it); the config file is an
   # input too.
