@@ -187,6 +187,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
                      for split in ("train", "eval"))
   result = _run_tool("train.py", [
       TINY, f"--workdir={tmp_path / 'run'}", "--config.total_steps=2",
+      "--config.model.embed_dim=32", "--config.model.encoder_depth=2",  # a smaller step to build
+      "--config.model.modality_specific_depth=1", "--config.model.image_size=32",
       "--config.tensorboard=False", "--config.data.fbank_std=1e-30",
       f"--config.data.train_dir={train}", f"--config.data.eval_dir={held_out}"], tmp_path)
   assert result.returncode == 1, result.stderr[-2000:]
