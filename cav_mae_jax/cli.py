@@ -11,9 +11,10 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
 - TensorFlow's C++ start-up lines are silenced: TF_CPP_MIN_LOG_LEVEL=3 unless set, and TF
   (when installed) is imported once with the process's stderr closed, because TF 2.16+ prints
   its start-up lines before that variable is read. That import comes after the flags are
-  parsed, after the tool's own argument checks (`run`'s check_args) and after a check that the
-  tool's local input paths exist, so a bad flag, config value or mistyped path is answered in
-  about a second.
+  parsed, after the tool's own argument checks (`run`'s check_args), a check that the tool's
+  local input paths exist and its outputs may be written, and the config checks that need no
+  data (`run`'s check_config), so a bad flag, config value or mistyped path is answered in one
+  or two seconds.
 - A flag that the tool's chosen mode does not read is refused, not ignored (`check_mode_flags`).
 """
 
@@ -37,19 +38,15 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from cav_mae_jax import errors
 from cav_mae_jax.train import peers
 
 # Flags this module defines for a tool (define_model_flags) belong to that tool, as if the tool
 # had defined them itself: absl lists them under the tool's own --helpshort.
 flags.disclaim_key_flags()
 
-# Errors that mean "bad input", not "bug": ValueError covers config checks, parse and shape
-# errors (ours subclass it); OSError covers missing, unreadable and existing paths.
-USER_ERRORS = (ValueError, OSError)
-# Failures of a run that started: one line too, with exit status 1 (a loss that became NaN or
-# infinite: trainer.NonFiniteLossError; host memory exhausted, e.g. NumPy's "Unable to allocate
-# 954. GiB for an array with shape ...").
-RUN_FAILURES = (FloatingPointError, MemoryError)
+# One line for these (status 2 and 1), a traceback for any other error: `errors`.
+USER_ERRORS, RUN_FAILURES = errors.USER_ERRORS, errors.RUN_FAILURES
 
 
 def config_search_dirs() -> list[str]:
@@ -661,6 +658,7 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
         input_paths: Callable[[], Sequence[tuple[str, str | None]]] | None = None,
         check_args: Callable[[list[str]], Any] | None = None,
         check_outputs: Callable[[], Any] | None = None,
+        check_config: Callable[[], Any] | None = None,
         interrupt_note: str = "") -> None:
   """app.run(main) with the conventions of the module docstring.
 
@@ -671,7 +669,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   `check_args(argv)` checks what absl's validators cannot see (a tool's positional arguments,
   and the flags that apply to the mode they name) at the same time, before the paths; it raises
   ValueError or app.UsageError. `check_outputs()` refuses the tool's outputs (one that exists, or
-  is or holds an input) after the input paths, also before TensorFlow's import.
+  is or holds an input) after the input paths, also before TensorFlow's import; `check_config()`
+  (last) the checks of the tool's config that need JAX but not the data.
   Ctrl-C (SIGINT) and SIGTERM end the tool with one line (`interrupted_line`, then
   `interrupt_note`: what was kept) and the shell's status for the signal (130, 143), after the
   tool's cleanup has run; `--verbosity=1` shows the traceback. A signal that lands in a
@@ -701,6 +700,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
           check_input_paths(input_paths())
         if check_outputs is not None:
           check_outputs()
+        if check_config is not None:
+          check_config()
         if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
           import_tensorflow_quietly()
         main(argv)

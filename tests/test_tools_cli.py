@@ -27,11 +27,6 @@ CASES = {
     "train_unknown_recipe": ("train.py", ["--config=configs/pretrain.py:bogus", "--workdir=w"],
                              "Error whilst parsing config file: ValueError: config name "
                              "'bogus': unknown recipe"),
-    "train_cudnn_attention_without_a_gpu": (
-        "train.py", [TINY, "--workdir=w", "--config.model.attention_impl=cudnn",
-                     "--config.model.dtype=bfloat16"],
-        "config.model.attention_impl='cudnn': cuDNN's attention runs on NVIDIA GPUs, and this "
-        "run's devices are cpu; use 'xla'"),
     "train_bad_field_value": ("train.py", [TINY, "--workdir=w", "--config.data.freqm=abc"],
                               "freqm"),
     "train_unknown_config_field": ("train.py", [TINY, "--workdir=w",
@@ -40,12 +35,6 @@ CASES = {
                                    "'learning_rat' (did you mean learning_rate?"),
     "train_none_for_a_group": ("train.py", [TINY, "--workdir=w", "--config.model=None"],
                                "--config.model=None: config.model is a group of fields"),
-    # An epoch recipe run for a number of steps: the None reached the config (else the error
-    # would be "set exactly one of total_steps / total_epochs").
-    "train_epochs_unset_with_none": ("train.py", ["--config=configs/finetune.py:tiny", "--workdir=w",
-                                                  "--config.total_epochs=None",
-                                                  "--config.total_steps=0"],
-                                     "config.total_steps=0: must be positive"),
     # ml_collections reads the =None override from sys.argv too: "AttributeError: \"'nosuch'\"".
     "train_unknown_field_set_to_none": ("train.py", [TINY, "--workdir=w",
                                                      "--config.model.nosuch=None"],
@@ -56,8 +45,6 @@ CASES = {
                      "--config.schedule.warmup_epochs=2"],
         "--config.schedule.warmup_epochs: read by schedule kind 'warmup_cosine' only, and this "
         "config's is 'multistep' (--config.schedule.kind=warmup_cosine to use it)"),
-    "train_missing_init": ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
-                                        "--config.init.path=/no/model.pth"], "config.init.path"),
     "evaluate_missing_workdir": ("evaluate.py", [TINY, "--workdir=/no/workdir",
                                                  "--config.data.eval_dir=/no/records"],
                                  "config.data.eval_dir"),
@@ -237,6 +224,18 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
      "flag --batch_size=-4: must be >= 0 (0: config.data.batch_size)"),
     ("inpaint.py", [TINY, "--params=p", "--index=-1", "--out=x.png"],
      "flag --index=-1: must be >= 0"),
+    # The trainer's checks of the config alone (these came after the import).
+    ("train.py", [TINY, "--workdir=w", "--config.model.attention_impl=cudnn",
+                  "--config.model.dtype=bfloat16"],
+     "config.model.attention_impl='cudnn': cuDNN's attention runs on NVIDIA GPUs, and this "
+     "run's devices are cpu; use 'xla'"),
+    # An epoch recipe run for a number of steps: the None reached the config (else the error
+    # would be "set exactly one of total_steps / total_epochs").
+    ("train.py", ["--config=configs/finetune.py:tiny", "--workdir=w",
+                  "--config.total_epochs=None", "--config.total_steps=0"],
+     "config.total_steps=0: must be positive"),
+    ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
+                  "--config.init.path=/no/model.pth"], "config.init.path='/no/model.pth'"),
     ("inspect_records.py", ["--records=r", "--split=test", "--tfds-data-dir=/x"],
      "--split and --tfds-data-dir: apply to --tfds only, not to --records"),
     ("inspect_records.py", ["--records=r", f"--png-dir={os.path.join(ROOT, 'README.md')}"],

@@ -40,6 +40,19 @@ def main(argv: list[str]) -> None:
     print(" ".join(f"{k}={v:.5g}" for k, v in sorted(summary.items())))
 
 
+def _check_config() -> None:
+  """The trainer's checks of the config alone, before TensorFlow's import (a bad value is
+  answered in about 2 s rather than 7); with --distributed the trainer's, after the processes
+  join (JAX's devices must not be initialized before `jax.distributed.initialize`)."""
+  if _DISTRIBUTED.distributed.value:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import validation  # pylint: disable=g-import-not-at-top
+  validation.validate_config(_CONFIG.value, jax.device_count(), jax.process_count(),
+                             check_data=False)
+
+
 if __name__ == "__main__":
   cli.run(main, input_paths=lambda: [("config.data.train_dir", _CONFIG.value.data.train_dir)],
+          check_config=_check_config,
           interrupt_note="the last complete checkpoint is kept; the same command resumes from it")

@@ -36,6 +36,8 @@ import sys
 import threading
 import time
 
+from cav_mae_jax import errors
+
 _PREFIX = "cav_mae_jax/peers/"
 _FAILURE_KEY = _PREFIX + "failure"  # the first failure's line; later ones are not stored
 # How long process 0, whose exit ends the coordination service, waits for the others to end
@@ -122,7 +124,7 @@ class _Watch:
     if again:
       return
     why = " ".join(str(error).split()) or type(error).__name__
-    if not isinstance(error, (ValueError, OSError, FloatingPointError, MemoryError)):
+    if not errors.speaks_for_itself(error):
       why = f"{type(error).__name__}: {why}"  # what a traceback would have named
     if len(why) > _MESSAGE_CHARS:
       why = why[:_MESSAGE_CHARS] + " ..."
