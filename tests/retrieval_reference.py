@@ -1,8 +1,11 @@
 """A NumPy float64 reference of the retrieval metrics, for tests.
 
-Square similarity matrix, query i's correct item is item i; ties count against the query (an
-item scoring equal to the correct one ranks ahead of it). `cav_mae_jax/eval/ranking.py` computes
-the same metrics on the device from features; tests compare it with this brute-force form.
+Square similarity matrix, query i's correct item is item i. As the original's retrieval script
+scores them (its `compute_metrics`): every position of a query's descending-sorted row whose
+similarity equals the correct item's is one entry (a tie of m items gives m entries, at each of
+its positions); recall@k is the share of entries before position k, the median rank the median
+entry + 1. `cav_mae_jax/eval/ranking.py` computes the same metrics on the device from features;
+tests compare it with this brute-force form.
 """
 
 from __future__ import annotations
@@ -23,21 +26,22 @@ def cosine_similarity(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
   return queries @ items.T
 
 
-def correct_item_ranks(similarity: np.ndarray) -> np.ndarray:
-  """0-based rank of item i among all items for query i (row i of a square similarity matrix)."""
+def correct_item_positions(similarity: np.ndarray) -> np.ndarray:
+  """The 0-based positions in query i's ranking (row i, sorted descending) at which the correct
+  item's similarity stands, every query's concatenated (more than one where it ties)."""
   similarity = np.asarray(similarity)
   if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
     raise ValueError(f"similarity must be square [N, N], got shape {similarity.shape}.")
-  correct = np.diag(similarity)[:, None]
-  others = ~np.eye(similarity.shape[0], dtype=bool)
-  return np.sum((similarity >= correct) & others, axis=1)
+  descending = -np.sort(-similarity, axis=1)
+  _, positions = np.nonzero(descending == np.diag(similarity)[:, None])
+  return positions
 
 
 def retrieval_metrics(similarity: np.ndarray, ks: Iterable[int] = RECALL_KS) -> dict[str, float]:
   """Recall@k (in %) and median rank (1-based) for queries = rows, items = columns."""
-  ranks = correct_item_ranks(similarity)
-  metrics = {f"r@{k}": 100.0 * float(np.mean(ranks < k)) for k in ks}
-  metrics["median_rank"] = float(np.median(ranks + 1))
+  positions = correct_item_positions(similarity)
+  metrics = {f"r@{k}": 100.0 * float(np.mean(positions < k)) for k in ks}
+  metrics["median_rank"] = float(np.median(positions + 1))
   return metrics
 
 

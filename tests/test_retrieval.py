@@ -20,17 +20,22 @@ def test_hand_made_ranks():
       [0.8, 0.3, 0.7],
       [0.1, 0.6, 0.5],
   ])
-  np.testing.assert_array_equal(retrieval_reference.correct_item_ranks(similarity), [0, 2, 1])
+  np.testing.assert_array_equal(retrieval_reference.correct_item_positions(similarity), [0, 2, 1])
   metrics = retrieval_reference.retrieval_metrics(similarity, ks=(1, 2))
   assert metrics["r@1"] == pytest.approx(100 / 3)
   assert metrics["r@2"] == pytest.approx(200 / 3)
   assert metrics["median_rank"] == 2.0
 
 
-def test_ties_count_against_the_query():
+def test_a_tie_counts_once_at_each_of_its_positions():
+  # Constant similarities: each query's correct item stands at every position: chance level.
   metrics = retrieval_reference.retrieval_metrics(np.ones((20, 20)))
-  assert metrics["r@1"] == 0.0 and metrics["r@10"] == 0.0
-  assert metrics["median_rank"] == 20.0
+  assert metrics == {"r@1": 5.0, "r@5": 25.0, "r@10": 50.0, "median_rank": 10.5}
+  # Query 0 ties with one other item (positions 0 and 1), queries 1 and 2 stand alone at 0.
+  similarity = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.3], [0.0, 0.1, 0.7]])
+  np.testing.assert_array_equal(retrieval_reference.correct_item_positions(similarity),
+                                [0, 1, 0, 0])
+  assert retrieval_reference.retrieval_metrics(similarity, ks=(1,))["r@1"] == 75.0
 
 
 def test_recall_at_k_of_shifted_permutation():
@@ -84,7 +89,7 @@ def test_evaluator_drops_padding_and_yields_pairs():
 
 def test_rejects_non_square():
   with pytest.raises(ValueError, match="square"):
-    retrieval_reference.correct_item_ranks(np.zeros((3, 4)))
+    retrieval_reference.correct_item_positions(np.zeros((3, 4)))
 
 
 def test_each_process_gives_its_share_of_the_first_clips():

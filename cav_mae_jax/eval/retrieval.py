@@ -2,9 +2,9 @@
 
 As in the original's `retrieval.py`: the audio-only and video-only encoder streams are mean-pooled
 over tokens, L2-normalized, and compared by cosine similarity, here on the device
-(`ranking.py`). Query i's correct item is item i. Ties count against the query (an item scoring
-equal to the correct one ranks ahead of it), so degenerate constant features give chance-level
-recall, not perfect recall.
+(`ranking.py`). Query i's correct item is item i. Exact ties (duplicate clips,
+constant features) are scored as the original scores them (`ranking.py`): chance level for
+constant features.
 """
 
 from __future__ import annotations
