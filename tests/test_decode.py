@@ -994,6 +994,20 @@ def test_a_text_file_naming_other_media_files_is_not_a_clip(media, tmp_path, nam
   decode.decode_clip(str(clip))  # the clip it names is one
 
 
+def test_a_concat_list_naming_a_named_pipe_is_refused_before_it_is_opened(tmp_path):
+  # Opening a concat list opens the first file it names: a FIFO blocked the tool for ever.
+  os.mkfifo(tmp_path / 'segment.ts')
+  path = tmp_path / 'list.mp4'
+  path.write_text("ffconcat version 1.0\nfile 'segment.ts'\n")
+  result = subprocess.run(
+      [sys.executable, '-c', 'import sys; from cav_mae_jax.data import decode\n'
+       'try:\n  decode.decode_clip(sys.argv[1])\nexcept decode.DecodeError as e:\n  print(e)',
+       str(path)], capture_output=True, text=True, timeout=60, check=True,
+      env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)) or '.'))
+  assert result.stdout.strip() == (f'{path}: unreadable_container (an FFmpeg concat list (text '
+                                   'naming other files), not a media file)')
+
+
 def test_too_few_frames_says_when_the_frame_count_is_an_estimate(media, tmp_path):
   # Matroska stores no frame count: it is estimated (as OpenCV does) from the container's
   # duration, here that of the longer audio track. The message said "container declares 31

@@ -383,6 +383,26 @@ _LIST_DEMUXERS = {'concat': 'an FFmpeg concat list', 'hls': 'an HLS playlist',
                   'dash': 'a DASH manifest'}
 
 
+# The first bytes by which FFmpeg's probes recognize those of them that open the files they
+# name while the container is opened (`_open_container` checks the opened format as well).
+_LIST_HEADERS = ((b'ffconcat version', 'concat'), (b'#EXTM3U', 'hls'))
+
+
+def _check_not_a_list(path: str) -> None:
+  """Refuses a local file that starts as a concat list or an HLS playlist before FFmpeg opens
+  it: opening a concat list opens the first file it names, which blocks for ever where that is
+  a named pipe (FIFO), and reads a device or a huge file."""
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(max(len(header) for header, _ in _LIST_HEADERS))
+  except OSError as e:
+    raise DecodeError(path, 'unreadable_container', e.strerror or str(e)) from None
+  for header, demuxer in _LIST_HEADERS:
+    if head.startswith(header):
+      raise DecodeError(path, 'unreadable_container',
+                        f'{_LIST_DEMUXERS[demuxer]} (text naming other files), not a media file')
+
+
 def _open_container(path: str, source: str | _RemoteFile) -> av.container.InputContainer:
   try:
     container = av.open(source, mode='r')
@@ -404,6 +424,7 @@ def _open(path: str) -> Iterator[av.container.InputContainer]:
   """Opens a media file (local: by path; otherwise through tf.io.gfile) as a PyAV container."""
   if is_local_path(path):
     _check_file(path)
+    _check_not_a_list(path)
     with _open_container(path, path) as container:
       yield container
     return
