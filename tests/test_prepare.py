@@ -679,8 +679,9 @@ def test_inspect_names_the_clip_and_shard_of_a_frame_that_cannot_be_decoded(tmp_
 
 def test_inspect_pictures_of_ids_with_one_safe_name_are_all_kept(tmp_path):
   """Ids 'x/1' and 'x_1' both became fbank_x_1.png: the second overwrote the first while the
-  report listed both. An id in a script the font lacks draws boxes, without a warning per glyph."""
-  ids = {0: "x/1", 2: "x_1", 4: "日本語"}
+  report listed both. An id in a script the font lacks draws boxes, without a warning per glyph.
+  A long id (270 bytes) made a name too long for a file, which ended the tool."""
+  ids = {0: "x/1", 2: "x_1", 4: "日本語" * 30}
 
   def rename(shard):
     def edit(example):
@@ -703,6 +704,8 @@ def test_inspect_pictures_of_ids_with_one_safe_name_are_all_kept(tmp_path):
     report = tool.inspect(splits.open_records_split(out, "--records"), str(tmp_path / "png"), 3)
   assert len(set(report["pngs"])) == 6
   assert all(os.path.isfile(png) for png in report["pngs"])
+  names = {tool._safe_name(video_id) for video_id in ("x" * 300, "x" * 299 + "y", "日" * 90)}
+  assert len(names) == 3 and all(len(name.encode()) <= 150 for name in names)
 
 
 def test_inspect_figures_have_titles_axes_and_frame_numbers(corpus_run):

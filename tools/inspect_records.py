@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import hashlib
 import io
 import os
 import sys
@@ -50,8 +51,19 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+# The longest name, in UTF-8 bytes, a clip id gives its pictures (a file name holds 255).
+_MAX_NAME_BYTES = 150
+
+
 def _safe_name(video_id: str) -> str:
-  return "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
+  """`video_id` as a file name: other characters than letters, digits and '-_.' become '_',
+  and a longer name than _MAX_NAME_BYTES is cut, ending in a digest of the whole id."""
+  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
+  if len(name.encode()) > _MAX_NAME_BYTES:
+    digest = hashlib.sha256(video_id.encode()).hexdigest()[:12]
+    cut = name.encode()[:_MAX_NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore")
+    name = f"{cut}_{digest}"
+  return name
 
 
 def default_png_dir(args: argparse.Namespace) -> str:
