@@ -929,6 +929,46 @@ def test_a_damaged_packet_refuses_the_clip_saying_which_and_when(media, tmp_path
       'and OpenCV skip the packet')
 
 
+def _mpeg4_clip(path, cut=(), fps=25, frames=25):
+  """An MPEG-4 Part 2 clip (no B-frames: packet i is frame i) whose packets of the frames in
+  `cut` hold only their first half: its decoder conceals the rest and flags the frame corrupt."""
+  with av.open(path, 'w') as out:
+    stream = out.add_stream('mpeg4', rate=fps)
+    stream.width, stream.height, stream.pix_fmt = 160, 96, 'yuv420p'
+
+    def mux(packets):
+      for packet in packets:
+        data = bytes(packet)
+        if round(packet.pts * packet.time_base * fps) in cut:
+          data = data[:len(data) // 2]
+        copy = av.Packet(data)
+        copy.pts, copy.dts, copy.time_base = packet.pts, packet.dts, packet.time_base
+        copy.is_keyframe, copy.stream = packet.is_keyframe, stream
+        out.mux(copy)
+
+    for picture in synthetic.numbered_frames(frames, height=96, width=160):
+      mux(stream.encode(av.VideoFrame.from_ndarray(picture, format='rgb24')))
+    mux(stream.encode())
+
+
+@pytest.mark.parametrize('cut, seconds', [((4,), 0.16), ((2, 9), 0.08)])
+def test_a_frame_decoded_corrupt_refuses_the_clip(tmp_path, cut, seconds):
+  # The decoder conceals the damage and raises nothing: the clip was kept with guessed pictures
+  # (frame 2 is not one the rule keeps, but frame 4 refers to it).
+  path = str(tmp_path / 'cut.mp4')
+  _mpeg4_clip(path, cut)
+  with pytest.raises(decode.DecodeError) as info:
+    decode.decode_frames(path)
+  assert info.value.reason == 'video_decode_error'
+  assert info.value.detail == (
+      f'the video frame at {seconds:.2f} s decodes damaged (FFmpeg concealed errors in its '
+      "data); a clip with such a frame is not kept, where the original's OpenCV takes the "
+      'concealed picture')
+  _mpeg4_clip(path)
+  frames, indices, _, _ = decode.decode_frames(path)
+  assert frames.shape == (10, 224, 224, 3) and indices.tolist()[:3] == [0, 1, 4]
+
+
 @pytest.mark.parametrize('kind', ['video', 'audio'])
 def test_a_file_cut_inside_a_packet_is_called_truncated(tmp_path, kind):
   # A faststart MP4 cut after its index: FFmpeg reads the last packet short and the decoder

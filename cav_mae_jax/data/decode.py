@@ -77,7 +77,8 @@ Failures never produce zeros: they raise `DecodeError(path, reason, detail)`. Re
                         or this FFmpeg build has no decoder for the stream's codec
   audio_too_short       fewer than 400 samples at 16 kHz (one 25 ms fbank frame)
   video_decode_error    the video decoder (on any one packet, as for audio) or the RGB
-                        conversion fails, or there is no decoder for the stream's codec
+                        conversion fails, or a frame decodes flagged corrupt (damaged data
+                        FFmpeg concealed), or there is no decoder for the stream's codec
   too_few_frames        the stream has no frames, or ends before a frame the rule needs
   unsupported_rotation  the display matrix mirrors the picture or turns it by an angle that
                         is not a multiple of 90 degrees
@@ -365,6 +366,17 @@ def _packet_decode_error(path: str, kind: str, packet: av.Packet | None,
   return DecodeError(path, f'{kind}_decode_error',
                      f'{what}: {ffmpeg_text(error)}; a clip with such a packet is not kept, '
                      "where the original's ffmpeg and OpenCV skip the packet")
+
+
+def _check_intact(path: str, frame: av.VideoFrame) -> None:
+  """Refuses a decoded frame FFmpeg flags corrupt: its decoder met damaged data and concealed
+  it (the picture is partly guessed, and so are the frames that refer to it)."""
+  if frame.is_corrupt:
+    when = f'at {frame.time:.2f} s' if frame.time is not None else 'at an unknown time'
+    raise DecodeError(path, 'video_decode_error',
+                      f'the video frame {when} decodes damaged (FFmpeg concealed errors in its '
+                      "data); a clip with such a frame is not kept, where the original's OpenCV "
+                      'takes the concealed picture')
 
 
 def _cut_by_end_of_file(path: str, packet: av.Packet) -> bool:
@@ -1012,6 +1024,7 @@ class _FrameSink:
       self.stream.codec_context.skip_frame = 'DEFAULT' if rank in self._wanted else 'NONREF'
     try:
       for frame in self.stream.decode(packet):
+        _check_intact(self.path, frame)
         if self._resume_pts is not None and frame.pts == self._resume_pts:
           self._resume_pts = None
           if not frame.key_frame:  # The decoder did not start afresh: decode it all again.
@@ -1046,6 +1059,7 @@ class _FrameSink:
       for packet in _packets(self.path, container, [stream]):
         try:
           for frame in stream.decode(packet if packet.size else None):
+            _check_intact(self.path, frame)
             if count in self._wanted:
               self._frames[count] = self._convert(frame)
             count += 1
