@@ -286,3 +286,46 @@ def test_a_long_datafile_is_read_without_a_dict_per_entry_or_a_copy_per_label(tm
   assert entries[0].label_ids[0] is entries[527].label_ids[0]  # one string per label
   assert retained / num_entries < 440, retained / num_entries
   assert peak / num_entries < 780, peak / num_entries
+
+
+def test_lists_with_old_mac_line_ends_are_read_and_an_unreadable_csv_is_one_error(tmp_path):
+  # A spreadsheet's "CSV (Macintosh)" export ends lines with a lone '\r': the original (text
+  # mode) reads it; csv's "new-line character seen in unquoted field" was a traceback.
+  path = tmp_path / "labels.csv"
+  path.write_bytes(b'index,mid,display_name\r0,/m/09x0r,"Speech"\r'
+                   b'1,/m/05zppz,"Male speech, man speaking"\r')
+  labels = sources.read_class_labels(str(path))
+  assert labels.mids == LABELS.mids and labels.display_names == LABELS.display_names
+  segments = tmp_path / "segments.csv"
+  segments.write_bytes(b'# YTID, start_seconds, end_seconds, positive_labels\r'
+                       b'abc, 10.000, 20.000, "/m/09x0r,/m/05zppz"\r')
+  entry, = sources.read_audioset_csv(str(segments), "videos", "{ytid}.mp4")
+  assert (entry.video_id, entry.label_ids) == ("abc", ("/m/09x0r", "/m/05zppz"))
+  path.write_text("index,mid,display_name\n0,/m/a," + "A" * 200_000 + "\n")  # not a CSV
+  with pytest.raises(sources.SourceError) as info:
+    sources.read_class_labels(str(path))
+  assert str(info.value) == (f"labels CSV {path}: not a readable CSV: field larger than field "
+                             "limit (131072)")
+
+
+def test_a_frames_folder_without_its_audio_file_says_so(tmp_path):
+  (tmp_path / "frames").mkdir()
+  datafile = tmp_path / "data.json"
+  for wav in ("", None):
+    datafile.write_text(json.dumps({"data": [{"video_id": "a4", "wav": wav,
+                                              "video_path": "frames", "labels": "/m/09x0r"}]}))
+    with pytest.raises(sources.SourceError) as info:  # it said "names no media file"
+      sources.read_datafile(str(datafile))
+    assert str(info.value) == (
+        f"datafile {datafile}: data[0] (a4): 'video_path' is a folder of extracted frames "
+        f"({tmp_path / 'frames'}), and 'wav' names no audio file to go with them")
+
+
+def test_a_subset_list_takes_integer_ids_as_the_datafile_reader_does(tmp_path):
+  from cav_mae_jax.eval import clips as eval_clips  # pylint: disable=import-outside-toplevel
+  datafile, id_list = tmp_path / "subset.json", tmp_path / "ids.json"
+  datafile.write_text(json.dumps({"data": [{"video_id": 17, "labels": "/m/09x0r"},
+                                           {"video_id": "x", "labels": "/m/09x0r"}]}))
+  id_list.write_text(json.dumps([17, "x"]))
+  assert eval_clips.read_id_list(str(datafile)) == ["17", "x"]
+  assert eval_clips.read_id_list(str(id_list)) == ["17", "x"]

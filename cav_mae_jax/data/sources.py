@@ -17,7 +17,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -97,7 +97,9 @@ class ClassLabels:
 
 
 def read_text(what: str, path: str) -> str:
-  """The whole text of a list file on any file system TensorFlow reads; SourceError if not."""
+  """The whole text of a list file on any file system TensorFlow reads; SourceError if not.
+  Line ends are '\n': '\r\n' and a lone '\r' (a spreadsheet's old-Mac CSV export) too, as the
+  original, which opens its lists in Python's text mode (universal newlines), reads them."""
   try:
     if tf.io.gfile.isdir(path):
       raise SourceError(what, path, "is a directory, not a file")
@@ -110,9 +112,19 @@ def read_text(what: str, path: str) -> str:
   except tf.errors.OpError as e:
     raise SourceError(what, path, f"cannot be read: {e.message.splitlines()[0]}") from None
   try:
-    return data.decode("utf-8-sig")
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise SourceError(what, path, f"not UTF-8 text (byte {e.start})") from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _csv_rows(what: str, path: str, rows: Iterable[Any]) -> list[Any]:
+  """All rows of a csv reader over `path`'s text; its errors (a field over csv's size limit,
+  as a binary file gives) as SourceError naming the file."""
+  try:
+    return list(rows)
+  except csv.Error as e:
+    raise SourceError(what, path, f"not a readable CSV: {e}") from None
 
 
 def read_class_labels(path: str) -> ClassLabels:
@@ -120,7 +132,7 @@ def read_class_labels(path: str) -> ClassLabels:
   original looks each mid's index up, so it takes rows in any order too)."""
   what = "labels CSV"
   reader = csv.DictReader(io.StringIO(read_text(what, path)))
-  rows = list(reader)
+  rows = _csv_rows(what, path, reader)
   if not {"index", "mid", "display_name"} <= set(reader.fieldnames or ()):
     # What the first row holds: spaces after the commas, semicolons (a spreadsheet's export in
     # some locales) or no header row at all are told apart at a glance.
@@ -305,6 +317,10 @@ def read_datafile(path: str) -> list[ClipEntry]:
       media, frames_dir = wav, _media_path(base, media)
     elif not media or media.endswith("/"):
       media = wav
+    if not media and frames_dir:
+      raise SourceError(what, path, f"data[{position}] ({item['video_id']}): 'video_path' is a "
+                        f"folder of extracted frames ({frames_dir}), and 'wav' names no audio "
+                        "file to go with them")
     if not media:
       raise SourceError(what, path, f"data[{position}] ({item['video_id']}) names no media "
                         "file in 'video_path' or 'wav'")
@@ -318,7 +334,8 @@ def read_audioset_csv(path: str, video_dir: str, video_name_format: str) -> list
   what = "AudioSet CSV"
   lines = [line for line in io.StringIO(read_text(what, path)) if not line.startswith("#")]
   entries = []
-  for line_number, row in enumerate(csv.reader(lines, skipinitialspace=True), 1):
+  rows = _csv_rows(what, path, csv.reader(lines, skipinitialspace=True))
+  for line_number, row in enumerate(rows, 1):
     if not row:
       continue
     if len(row) != 4:
@@ -342,7 +359,9 @@ def _vggsound_rows(path: str) -> list[list[Any]]:
   """The rows of vggsound.csv (ytid, start_seconds as int, label, split, line number), stripped
   and checked."""
   rows = []
-  for line_number, row in enumerate(csv.reader(io.StringIO(read_text("vggsound CSV", path))), 1):
+  what = "vggsound CSV"
+  for line_number, row in enumerate(
+      _csv_rows(what, path, csv.reader(io.StringIO(read_text(what, path)))), 1):
     if not row:
       continue
     if len(row) != 4:

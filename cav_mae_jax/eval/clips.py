@@ -70,6 +70,8 @@ def read_id_list(path: str) -> list[str]:
       raise ValueError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
       data = [item.get("video_id") if isinstance(item, dict) else None for item in data["data"]]
+    if isinstance(data, list):  # an integer id as the datafile reader takes it (`str`)
+      data = [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in data]
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
       raise ValueError(f"{path}: expected a JSON list of clip ids or a datafile "
                        "{'data': [{'video_id': ...}, ...]}")
