@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import math
 import os
 import queue
@@ -264,6 +265,14 @@ def number_type(kind: Callable[[str], Any], minimum: float, *,
   return parse
 
 
+def path_type(text: str) -> str:
+  """An argparse `type` for a file or folder: an empty one is refused (`error: argument --out:
+  must not be empty (a path)`), as the absl tools refuse theirs (`_PATH_FLAGS`)."""
+  if not text:
+    raise argparse.ArgumentTypeError("must not be empty (a path)")
+  return text
+
+
 def error_line(message: object, status: int = 2) -> int:
   """Prints `error: <message>` as one line to stderr; returns the exit status (2: bad input)."""
   print("error: " + " ".join(str(message).split()), file=sys.stderr)
@@ -442,6 +451,11 @@ def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:
   return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
+# The tools' flags that name a file or folder: given empty, `tools/demo.py --workdir=` ran (and
+# cleared its earlier runs) in the working directory, `tools/train.py --workdir=` failed late.
+_PATH_FLAGS = ("workdir", "out", "params", "records", "videos", "subset", "src", "quarantine")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   given = argv = resolve_config_args(argv)
   argv, _none_overrides[:] = split_none_overrides(argv, _config_flag_names())
@@ -463,6 +477,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # (a `=None` one too: it reads sys.argv, which still holds those).
     where = f"{'='.join(config_files[0])}: " if config_files else ""
     fail(_unknown_config_field(given) or f"{where}{type(e).__name__}: {e}")
+  for name in _PATH_FLAGS:  # an empty one was the working directory, or "not given"
+    if name in flags.FLAGS and flags.FLAGS[name].present and flags.FLAGS[name].value == "":
+      fail(f"flag --{name}=: must not be empty (a path)")
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   for flag, value in config_files:
     config = flags.FLAGS[flag.lstrip("-")].value
@@ -574,6 +591,16 @@ def _unknown_config_field(argv: Sequence[str]) -> str | None:
   return None
 
 
+class _LevelFormatter(logging.Formatter):
+  """`warning: <message>` (the level's name, then the message; a traceback's lines after it)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    line = f"{record.levelname.lower()}: {record.getMessage()}"
+    if record.exc_info:
+      line += "\n" + self.formatException(record.exc_info)
+    return line
+
+
 def _verbose() -> bool:
   return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
 
@@ -592,7 +619,6 @@ def quiet_async_leftovers() -> None:
   drops exactly those (that unraisable RuntimeError; asyncio's log below CRITICAL) unless
   `--verbosity` asks for library logs.
   """
-  import logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   previous = sys.unraisablehook
 
@@ -683,7 +709,9 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   def wrapped(argv: list[str]) -> None:
     if not _verbose():
       absl_logging.set_verbosity(absl_logging.WARNING)
-      import logging  # pylint: disable=g-import-not-at-top
+      # A warning reads as the tools' other lines do, `warning: <what>`, not as a log record
+      # (time, thread, source line); --verbosity=1 keeps absl's format.
+      absl_logging.get_absl_handler().setFormatter(_LevelFormatter())
       logging.getLogger().setLevel(logging.WARNING)
       quiet_async_leftovers()
     redeliver_swallowed_interrupts()

@@ -152,6 +152,11 @@ BAD_CASES = [
     ("data.tfds_train_split", "bogus", "config.data.tfds_train_split='bogus': applies to", {}),
     ("init.new_head", True, "config.init.new_head=True: makes a new classification head, and a "
      "pretraining model has none", {"init.source": "workdir", "init.path": "/tmp"}),
+    # Read by no split (both have a records directory): a bogus name trained as if unset.
+    ("data.tfds_name", "bogus", "config.data.tfds_name='bogus': names the TFDS dataset of the "
+     "splits without a records directory, and both have one", {}),
+    ("model.num_classes", 3, "config.model.num_classes=3: sizes a fine-tuned classifier's head, "
+     "and a pretraining model has none", {}),
     # Ignored with a random init, as the other fields of loading are refused.
     ("init.allow_unexpected", True, "config.init.allow_unexpected=True: applies only", {}),
 ]

@@ -248,6 +248,44 @@ def test_bad_flag_or_config_is_answered_before_tensorflow_is_imported(tool, args
   assert line.startswith("error: ") and named in line, line
 
 
+@pytest.mark.parametrize("tool, args, flag", [
+    # The demo ran in the working directory (and cleared ./run and ./records of a demo there).
+    ("demo.py", ["--workdir="], "flag --workdir="),
+    ("train.py", [TINY, "--workdir="], "flag --workdir="),  # "workdir : cannot make ..." at 7 s
+    ("extract_features.py", [TINY, "--params=p", "--out="], "flag --out="),
+    ("evaluate.py", [TINY, "--params="], "flag --params="),
+    ("inspect_records.py", ["--records="], "argument --records"),  # a traceback
+    ("preprocess.py", ["--datafile=d.json", "--labels=l.csv", "--out="], "argument --out"),
+    ("make_synthetic.py", ["--out="], "argument --out"),  # wrote the clips here
+])
+def test_an_empty_path_is_refused_before_anything_is_made(tool, args, flag, tmp_path):
+  line = _error_line_without_tensorflow(tool, args, tmp_path)
+  assert line == f"error: {flag}: must not be empty (a path)"
+  assert os.listdir(tmp_path) == ["tripwire"]
+
+
+def test_a_warning_is_one_line_as_the_tools_other_lines(tmp_path):
+  """The project's warnings (an eval split that is the training split, epochs to average that a
+  run never reaches) came as absl log records: 'W1206 23:54:30.236534 1399... trainer.py:224]'."""
+  script = tmp_path / "tool.py"
+  script.write_text(
+      "import logging\n"
+      "from cav_mae_jax import cli\n"
+      "def main(argv):\n"
+      "  logging.getLogger('cav_mae_jax.data.dataset').warning('config.data: %s', 'uneven')\n"
+      "  logging.getLogger('cav_mae_jax.train').info('not shown')\n"
+      "cli.run(main, uses_tensorflow=False)\n")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  for args, expected in (([], ["warning: config.data: uneven"]), (["--verbosity=1"], None)):
+    result = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300, check=True)
+    lines = result.stderr.splitlines()
+    if expected is not None:
+      assert lines == expected, result.stderr
+    else:  # asked for the library logs: absl's records, with their source lines
+      assert any(re.match(r"W\d{4} .*tool\.py:\d+\] config\.data: uneven", l) for l in lines)
+
+
 def _error_line_without_tensorflow(tool, args, cwd):
   """The one error line of tools/<tool> run with a `tensorflow` that ends the process when
   imported (it would exit 1 with 'tensorflow was imported')."""

@@ -38,13 +38,17 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.error = lambda message: sys.exit(cli.error_line(message))
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--records", help="a records directory (tools/preprocess.py output)")
+  source.add_argument("--records", type=cli.path_type,
+                      help="a records directory (tools/preprocess.py output)")
   source.add_argument("--tfds", help="a TFDS dataset built by the cav_mae_clips builder, "
                       "e.g. cav_mae_clips/datafile")
-  parser.add_argument("--tfds-data-dir", help="its TFDS data directory (default: TFDS's)")
+  parser.add_argument("--tfds-data-dir", type=cli.path_type,
+                      help="its TFDS data directory (default: TFDS's)")
   parser.add_argument("--split", help="the TFDS split (with --tfds; default train)")
-  parser.add_argument("--labels", help="class_labels_indices.csv, for class names")
-  parser.add_argument("--png-dir", help="where to write PNGs (default RECORDS/inspect, or "
+  parser.add_argument("--labels", type=cli.path_type,
+                      help="class_labels_indices.csv, for class names")
+  parser.add_argument("--png-dir", type=cli.path_type,
+                      help="where to write PNGs (default RECORDS/inspect, or "
                       "inspect_<dataset>_<split> here for --tfds)")
   parser.add_argument("--num-images", type=cli.number_type(int, 0), default=4)
   parser.add_argument("--top", type=cli.number_type(int, 0), default=20)

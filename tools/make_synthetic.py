@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.error = lambda message: sys.exit(cli.error_line(message))
-  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--out', type=cli.path_type, required=True, help='output directory')
   parser.add_argument('--train', type=cli.number_type(int, 1), default=256,
                       help='number of training clips')
   parser.add_argument('--eval', type=cli.number_type(int, 0), default=64,

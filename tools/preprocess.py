@@ -43,13 +43,14 @@ def _parser() -> argparse.ArgumentParser:
       description=paragraphs[0],
       epilog=next(p for p in paragraphs if p.startswith("A clip that cannot be made")))
   parser.error = lambda message: sys.exit(cli.error_line(message))
-  parser.add_argument("--datafile", help="JSON datafile {'data': [{video_id, wav, "
-                      "video_path, labels}]}; when video_path names a video, its own audio "
-                      "is used and wav is not read (the original's wav is extracted from that "
-                      "video); when video_path is the original's folder of extracted frames, "
-                      "the audio is wav")
-  parser.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name)")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--datafile", type=cli.path_type,
+                      help="JSON datafile {'data': [{video_id, wav, video_path, labels}]}; "
+                      "when video_path names a video, its own audio is used and wav is not "
+                      "read (the original's wav is extracted from that video); when video_path "
+                      "is the original's folder of extracted frames, the audio is wav")
+  parser.add_argument("--labels", type=cli.path_type,
+                      help="class_labels_indices.csv (index,mid,display_name)")
+  parser.add_argument("--out", type=cli.path_type, required=True, help="output directory")
   parser.add_argument("--workers", type=cli.number_type(int, 0), default=os.cpu_count() or 1,
                       help="worker processes (0: in this process)")
   parser.add_argument("--shard-index", type=cli.number_type(int, 0), default=0,

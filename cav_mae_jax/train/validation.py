@@ -129,6 +129,9 @@ def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig) -> N
   if config.task == "pretrain" and model.ft_mode != default.ft_mode:
     _fail("model.ft_mode", model.ft_mode, "chooses the streams a fine-tuned classifier uses; "
           "pretraining trains every stream the model has (model.modalities chooses them).")
+  if config.task == "pretrain" and model.num_classes != default.num_classes:
+    _fail("model.num_classes", model.num_classes, "sizes a fine-tuned classifier's head, and a "
+          "pretraining model has none.")
   if config.task == "pretrain" and config.init.new_head:
     _fail("init.new_head", True, "makes a new classification head, and a pretraining model has "
           "none.")
