@@ -15,7 +15,10 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
   local input paths exist and its outputs may be written, and the config checks that need no
   data (`run`'s check_config), so a bad flag, config value or mistyped path is answered in one
   or two seconds.
-- A flag that the tool's chosen mode does not read is refused, not ignored (`check_mode_flags`).
+- A flag that the tool's chosen mode does not read is refused, not ignored (`check_mode_flags`);
+  so is an empty path (`--workdir=`, `--out=`: `_PATH_FLAGS`, and `path_type` for argparse).
+- A warning (the project's, or a library's at WARNING and above) prints as one line,
+  `warning: <what>`, without absl's time, thread and source line unless `--verbosity` is given.
 """
 
 from __future__ import annotations
