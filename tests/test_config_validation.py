@@ -337,3 +337,12 @@ def test_model_config_alone_names_a_bad_mlp_ratio(ratio):
   from cav_mae_jax import models  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"config\.model\.mlp_ratio=.*: must be positive and finite"):
     models.ModelConfig(mlp_ratio=ratio).validate()
+
+
+def test_fields_refused_in_training_alone_leave_recorded_configs_evaluable(config):
+  # An earlier run's recorded config may hold them (they changed nothing then): its evaluation
+  # (tools/evaluate.py with the workdir's config and new data paths) is not refused.
+  config.data.tfds_name, config.model.num_classes = "cav_mae_clips/datafile", 309
+  validation.validate_config(config, num_devices=8, training=False)
+  with pytest.raises(ValueError, match=r"^config\.model\.num_classes=309: "):
+    validation.validate_config(config, num_devices=8)

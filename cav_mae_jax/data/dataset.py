@@ -188,10 +188,6 @@ class DataConfig:
         if getattr(self, field) != default:
           fail(field, "applies to a TFDS dataset, and config.data.tfds_name is '' (none): name "
                "it, or leave this field out")
-    elif self.train_dir and self.eval_dir:  # (evaluators' own `dir`s do not read it either)
-      fail("tfds_name", "names the TFDS dataset of the splits without a records directory, and "
-           "both have one (config.data.train_dir and eval_dir): leave it out "
-           "(--config.data.tfds_name=''), or one of the directories")
     if not isinstance(self.batch_size, int) or self.batch_size <= 0:
       fail("batch_size", "must be a positive int")
     if self.shuffle_buffer < 1:

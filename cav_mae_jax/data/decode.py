@@ -372,7 +372,9 @@ def _check_intact(path: str, frame: av.VideoFrame) -> None:
   """Refuses a decoded frame FFmpeg flags corrupt: its decoder met damaged data and concealed
   it (the picture is partly guessed, and so are the frames that refer to it)."""
   if frame.is_corrupt:
-    when = f'at {frame.time:.2f} s' if frame.time is not None else 'at an unknown time'
+    time = frame.time  # None without a timestamp, NaN for one flushed without a time base
+    when = (f'at {time:.2f} s' if time is not None and math.isfinite(time) else
+            'at an unknown time')
     raise DecodeError(path, 'video_decode_error',
                       f'the video frame {when} decodes damaged (FFmpeg concealed errors in its '
                       "data); a clip with such a frame is not kept, where the original's OpenCV "

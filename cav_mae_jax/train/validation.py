@@ -46,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   model = ModelConfig.from_config(config.model)
   _validate_platforms(model, platforms)
   _validate_masking(config, model)
-  _validate_unused(config, model)
+  _validate_unused(config, model, training)
   if config.data.get("eval_all_frames"):
     _fail("data.eval_all_frames", config.data.eval_all_frames,
           "is set by each classification evaluator for its own passes "
@@ -111,11 +111,13 @@ def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> 
             "train the contrastive loss alone (lambda_mae=0).")
 
 
-def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
+                     training: bool) -> None:
   """A model setting the run would ignore is refused when it asks for something: a user who sets
   it expects an effect. (Settings the recipes carry for every variant, such as the contrast
   group size of a model without the contrastive loss, are not checked: refusing them would
-  refuse the recipes.)"""
+  refuse the recipes. The checks marked `training` were added after runs recorded configs that
+  hold such settings: those configs are still evaluated, so the checks refuse training alone.)"""
   default = ModelConfig()
   if model.remat_policy != default.remat_policy and not model.remat:
     _fail("model.remat_policy", model.remat_policy, "chooses what rematerialization keeps, and "
@@ -129,12 +131,16 @@ def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig) -> N
   if config.task == "pretrain" and model.ft_mode != default.ft_mode:
     _fail("model.ft_mode", model.ft_mode, "chooses the streams a fine-tuned classifier uses; "
           "pretraining trains every stream the model has (model.modalities chooses them).")
-  if config.task == "pretrain" and model.num_classes != default.num_classes:
+  if training and config.task == "pretrain" and model.num_classes != default.num_classes:
     _fail("model.num_classes", model.num_classes, "sizes a fine-tuned classifier's head, and a "
           "pretraining model has none.")
   if config.task == "pretrain" and config.init.new_head:
     _fail("init.new_head", True, "makes a new classification head, and a pretraining model has "
           "none.")
+  if training and config.data.tfds_name and config.data.train_dir and config.data.eval_dir:
+    _fail("data.tfds_name", config.data.tfds_name, "names the TFDS dataset of the splits without "
+          "a records directory, and both have one (config.data.train_dir and eval_dir): leave "
+          "it out (--config.data.tfds_name=''), or one of the directories.")
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   if config.data.label_smooth and not tasks.uses_labels(config):
     _fail("data.label_smooth", config.data.label_smooth, "smooths the training labels, and "
