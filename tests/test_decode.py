@@ -1381,6 +1381,13 @@ def _run_benchmark_preprocess_before_tensorflow(tmp_path, *args):
        *args], capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
+def test_benchmark_preprocess_tool_refuses_an_empty_source(tmp_path):
+  # It meant "synthetic clips" (as no --source), measured silently.
+  result = _run_benchmark_preprocess_before_tensorflow(tmp_path, '--source=')
+  assert result.returncode == 2 and not result.stdout
+  assert result.stderr == 'error: argument --source: must not be empty (a path)\n'
+
+
 def test_benchmark_preprocess_tool_refuses_a_source_it_cannot_decode(tmp_path):
   """One line with the file and decode's reason code, as preprocessing quarantines it."""
   from test_prepare import assert_one_error_line  # pylint: disable=g-import-not-at-top

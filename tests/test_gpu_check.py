@@ -176,7 +176,8 @@ def test_bad_flags_and_an_out_that_cannot_be_made_are_one_error_line(tmp_path):
   for args, expected in ((["--bogus"], "error: unrecognized arguments: --bogus"),
                          (["--budget-s", "abc"], "error: argument --budget-s: invalid float value"),
                          (["--out", str(blocker / "out")], f"error: --out {blocker / 'out'}: cannot "
-                          "make this directory")):
+                          "make this directory"),
+                         (["--out="], "error: argument --out: must not be empty (a path)")):
     done = subprocess.run([sys.executable, "-m", "cav_mae_jax.train.gpu_check", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and done.stdout == "", (args, done.stdout, done.stderr)

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                       help='also print the CPU ms of each of our stages on the first clip')
   parser.add_argument('--run-original', metavar='CLIP_DIR', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.source == '':  # (as the other tools refuse an empty path; it meant "synthetic")
+    return _error('argument --source: must not be empty (a path)')
   if args.source and not os.path.isfile(args.source):
     return _error(f'--source {args.source}: no such file')
   if args.clips < 1:

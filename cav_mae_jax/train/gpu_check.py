@@ -435,7 +435,8 @@ def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.error = lambda message: sys.exit(cli.error_line(message))
   parser.add_argument("--tiny", action="store_true", help="tiny model, short inputs, any backend")
-  parser.add_argument("--out", default=None, help="write gpu_check.md and gpu_check.json here")
+  parser.add_argument("--out", type=cli.path_type, default=None,
+                      help="write gpu_check.md and gpu_check.json here")
   parser.add_argument("--budget-s", type=float, default=None,
                       help="stop starting rows after this many seconds (default: the plan's)")
   args = parser.parse_args(argv)
