@@ -71,6 +71,20 @@ def test_pretraining_checkpoint_to_finetuning_model_with_new_head():
   assert "mlp_head_*/* (4 arrays)  (new classification head)" in summary
 
 
+def test_a_float16_checkpoint_is_cast_and_the_cast_listed_by_module():
+  # Every array of a float16 checkpoint was named on one line (17,390 characters for the base
+  # model).
+  released = {key: value.astype(np.float16) for key, value in _released(TINY).items()}
+  params, report = cavmae_checkpoint.cavmae_to_params(released, _init(TINY))
+  assert params["blocks_u_0"]["attn"]["qkv"]["kernel"].dtype == np.float32
+  np.testing.assert_array_equal(params["blocks_u_0"]["attn"]["qkv"]["kernel"],
+                                released["module.blocks_u.0.attn.qkv.weight"].T)
+  summary = report.summary().splitlines()
+  start = summary.index(f"cast to the target dtype: {len(report.cast)}")
+  assert len(report.cast) == len(report.mapped) and "  blocks_a_*/* (" in summary[start + 1:][0]
+  assert max(map(len, summary)) < 100
+
+
 def test_pretraining_checkpoint_without_new_head_names_the_head():
   with pytest.raises(sd.ParamsMismatchError, match=r"new_head=True.*mlp_head_0/scale"):
     cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(TINY_FT))

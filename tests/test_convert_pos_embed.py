@@ -85,3 +85,20 @@ def test_grid_that_is_not_eight_rows_is_an_error():
   with pytest.raises(ValueError, match="do not form 8 frequency rows"):
     resize_audio_pos_embed(np.zeros((1, 100, 2), np.float32), freq_patches=8, time_patches=4,
                            method="trim")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_a_half_precision_copy_of_the_sincos_table_is_that_table(dtype):
+  # A checkpoint saved in float16 or bfloat16 was "not the fixed sin-cos embedding (max
+  # difference 0.000244; a trained table)", and 'trim' pointed a lengthening to 'interpolate'.
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+  half = _sincos_2d(768, 8, 64).astype(dtype)
+  resized = resize_audio_pos_embed(half, freq_patches=8, time_patches=32, method="sincos")
+  assert resized.dtype == dtype
+  np.testing.assert_array_equal(resized, _sincos_2d(768, 8, 32).astype(dtype))
+  with pytest.raises(ValueError, match=r"to lengthen use method='sincos'"):
+    resize_audio_pos_embed(half, freq_patches=8, time_patches=128, method="trim")
+  trained = (_sincos_2d(768, 8, 64) + 0.01).astype(dtype)
+  with pytest.raises(ValueError, match="not the fixed sin-cos embedding"):
+    resize_audio_pos_embed(trained, freq_patches=8, time_patches=32, method="sincos")

@@ -181,8 +181,7 @@ def _resize(name: str, value: np.ndarray, target_shape: tuple[int, ...],
     raise sd.ParamsMismatchError(f"{name}: {e}") from None
   report.notes.append(f"{name}: {method} {freq_patches} x {value.shape[1] // freq_patches} -> "
                       f"{freq_patches} x {time_patches} audio grid")
-  if method == "interpolate" and (
-      pos_embed_lib.sincos_distance(value, freq_patches) <= pos_embed_lib.SINCOS_ATOL):
+  if method == "interpolate" and pos_embed_lib.is_sincos(value, freq_patches):
     report.notes.append(
         f"{name}: the checkpoint's table is the fixed sin-cos embedding; 'interpolate' stretched "
         "it (a model built at this length, as the original builds one, has it recomputed: "

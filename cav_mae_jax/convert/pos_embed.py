@@ -13,7 +13,9 @@ import numpy as np
 from cav_mae_jax.models import pos_embed as sincos
 
 ResizeMethod = Literal["trim", "interpolate", "sincos"]
-# How far a float32 table may be from the float64-computed sin-cos table and still be it.
+# How far a stored table may be from the float64-computed sin-cos table and still be it: this,
+# plus one unit in the last place of the table's own dtype (a float16 or bfloat16 copy of the
+# float32 table the original saves is rounded twice).
 SINCOS_ATOL = 1e-6
 
 
@@ -43,7 +45,7 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
     if time_patches > source_time:
       longer = ("method='sincos' (the table is the fixed sin-cos embedding: recomputed on the "
                 "longer grid, as the original builds it)" if
-                sincos_distance(pos_embed, freq_patches) <= SINCOS_ATOL else
+                is_sincos(pos_embed, freq_patches) else
                 "method='interpolate' (a trained table)")
       raise ValueError(f"cannot trim {source_time} time patches to {time_patches}; to lengthen "
                        f"use {longer}")
@@ -51,8 +53,8 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
   elif method == "interpolate":
     resized = _interpolate_time(grid.astype(np.float64), time_patches).astype(pos_embed.dtype)
   elif method == "sincos":
-    distance = sincos_distance(pos_embed, freq_patches)
-    if distance > SINCOS_ATOL:
+    if not is_sincos(pos_embed, freq_patches):
+      distance = sincos_distance(pos_embed, freq_patches)
       raise ValueError(
           f"the source table is not the fixed sin-cos embedding of its {freq_patches} x "
           f"{source_time} grid (max difference {distance:.3g}; a trained table, as a fine-tuned "
@@ -64,13 +66,26 @@ def resize_audio_pos_embed(pos_embed: np.ndarray, *, freq_patches: int, time_pat
   return np.ascontiguousarray(resized.reshape(1, freq_patches * time_patches, dim))
 
 
+def _fixed_table(pos_embed: np.ndarray, freq_patches: int) -> np.ndarray:
+  """The float64 sin-cos table of a [1, F*T, D] audio table's grid."""
+  _, patches, dim = pos_embed.shape
+  return sincos.sincos_2d(dim, freq_patches, patches // freq_patches).reshape(pos_embed.shape)
+
+
 def sincos_distance(pos_embed: np.ndarray, freq_patches: int) -> float:
   """Largest difference between a [1, F*T, D] audio table and the fixed sin-cos table of its
-  grid (<= SINCOS_ATOL: it is that table, as every pretraining checkpoint of the paper's
-  recipes keeps it)."""
-  _, patches, dim = pos_embed.shape
-  fixed = sincos.sincos_2d(dim, freq_patches, patches // freq_patches).reshape(pos_embed.shape)
+  grid (for messages: `is_sincos` decides)."""
+  fixed = _fixed_table(pos_embed, freq_patches)
   return float(np.max(np.abs(pos_embed.astype(np.float64) - fixed)))
+
+
+def is_sincos(pos_embed: np.ndarray, freq_patches: int) -> bool:
+  """Whether a [1, F*T, D] audio table is the fixed sin-cos table of its grid, as every
+  pretraining checkpoint of the paper's recipes keeps it, at the table's own precision (within
+  SINCOS_ATOL plus one unit in the last place of its dtype)."""
+  fixed = _fixed_table(pos_embed, freq_patches)
+  ulp = np.spacing(np.abs(fixed).astype(pos_embed.dtype)).astype(np.float64)
+  return bool(np.all(np.abs(pos_embed.astype(np.float64) - fixed) <= SINCOS_ATOL + ulp))
 
 
 def _interpolate_time(grid: np.ndarray, time_patches: int) -> np.ndarray:

@@ -34,8 +34,9 @@ class ConversionReport:
     if self.unexpected:
       lines.append(f"unexpected (no rule, not used): {len(self.unexpected)}")
       lines.extend(f"  {key}" for key in self.unexpected)
-    if self.cast:
-      lines.append(f"cast to the target dtype: {', '.join(self.cast)}")
+    if self.cast:  # (every array of a float16 checkpoint: grouped, as the lists above)
+      lines.append(f"cast to the target dtype: {len(self.cast)}")
+      lines.extend(f"  {name}" for name, _ in _grouped_by_module(dict.fromkeys(self.cast, "")))
     lines.extend(f"note: {n}" for n in self.notes)
     return "\n".join(lines)
 
