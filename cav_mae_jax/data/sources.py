@@ -365,15 +365,15 @@ def _vggsound_rows(path: str) -> list[list[Any]]:
     if not row:
       continue
     if len(row) != 4:
-      raise SourceError("vggsound CSV", path, f"line {line_number} has {len(row)} fields, "
+      raise SourceError(what, path, f"line {line_number} has {len(row)} fields, "
                         "expected 4 (ytid, start_seconds, label, split)")
     row = [x.strip() for x in row]
     if not row[0]:
-      raise SourceError("vggsound CSV", path, f"line {line_number} has an empty ytid")
+      raise SourceError(what, path, f"line {line_number} has an empty ytid")
     try:
       row[1] = int(row[1])
     except ValueError:
-      raise SourceError("vggsound CSV", path, f"line {line_number}: start_seconds {row[1]!r} "
+      raise SourceError(what, path, f"line {line_number}: start_seconds {row[1]!r} "
                         "is not a whole number") from None
     rows.append(row + [line_number])
   return rows
