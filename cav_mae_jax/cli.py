@@ -632,19 +632,29 @@ def quiet_async_leftovers() -> None:
   sys.unraisablehook = hook
 
 
-def import_tensorflow_quietly() -> None:
-  """Imports TensorFlow (if installed) with file descriptor 2 pointed at /dev/null meanwhile."""
-  if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+def import_tensorflow(quiet: bool = True) -> None:
+  """Imports TensorFlow (if installed) for the host's input alone: its GPUs are hidden from it
+  (`tf.config.set_visible_devices([], "GPU")`, as big_vision's trainers do), so that a CUDA build
+  of TensorFlow does not claim the memory of the devices JAX computes on. `quiet`: file
+  descriptor 2 points at /dev/null during the import (TensorFlow's C++ start-up lines)."""
+  if importlib.util.find_spec("tensorflow") is None:
     return
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
+  if "tensorflow" not in sys.modules and quiet:
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      os.close(devnull)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError as e:  # its runtime had started (the tool's caller used it): too late
+    logging.getLogger(__name__).warning(
+        "TensorFlow keeps its GPUs (%s): it may hold memory JAX's devices need", e)
 
 
 def _raise_config_file_errors() -> None:
@@ -692,7 +702,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
   """app.run(main) with the conventions of the module docstring.
 
   `uses_tensorflow=False` for tools that must not import TensorFlow (the train-step benchmark
-  runs where it is not installed). `input_paths` returns the tool's input paths from its parsed
+  runs where it is not installed); the others import it before `main`, its GPUs hidden
+  (`import_tensorflow`). `input_paths` returns the tool's input paths from its parsed
   flags (see `check_input_paths`): a mistyped local path is then answered before TensorFlow's
   import, in about a second rather than the ten or more that importing and loading take.
   `check_args(argv)` checks what absl's validators cannot see (a tool's positional arguments,
@@ -733,8 +744,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
           check_outputs()
         if check_config is not None:
           check_config()
-        if uses_tensorflow and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
-          import_tensorflow_quietly()
+        if uses_tensorflow:
+          import_tensorflow(quiet=os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3")
         main(argv)
       except Exception as e:  # a multi-process run's peers stop too (the status as below)
         error = _storage_error(e) or e

@@ -48,7 +48,7 @@ def init_config() -> ml_collections.ConfigDict:
 
 def data_config(batch_size: int, *, noise: bool, noise_on_device: bool,
                 shuffle_buffer: int) -> ml_collections.ConfigDict:
-  """`config.data`: where the clips are and the input pipeline (cav_mae_jax/data/dataset.py).
+  """`config.data`: where the clips are and the input pipeline (fields: cav_mae_jax/data/config.py).
 
   Each split ('train', 'eval') reads its records directory (`train_dir`, `eval_dir`:
   tools/preprocess.py output) when set, else the TFDS split `tfds_train_split` /

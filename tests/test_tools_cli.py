@@ -236,6 +236,11 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
      "config.total_steps=0: must be positive"),
     ("train.py", [TINY, "--workdir=w", "--config.init.source=cavmae",
                   "--config.init.path=/no/model.pth"], "config.init.path='/no/model.pth'"),
+    # The fields of config.data (DataConfig lived in a module that imports TensorFlow).
+    ("train.py", [TINY, "--workdir=w", "--config.data.mixup=2"],
+     "config.data.mixup=2.0: is a probability: must be in [0, 1]"),
+    ("train.py", ["--config=configs/finetune.py:tiny", "--workdir=w", "--config.data.timem=5000"],
+     "config.data.timem=5000: must be in [0, "),
     ("inspect_records.py", ["--records=r", "--split=test", "--tfds-data-dir=/x"],
      "--split and --tfds-data-dir: apply to --tfds only, not to --records"),
     ("inspect_records.py", ["--records=r", f"--png-dir={os.path.join(ROOT, 'README.md')}"],
@@ -284,6 +289,29 @@ def test_a_warning_is_one_line_as_the_tools_other_lines(tmp_path):
       assert lines == expected, result.stderr
     else:  # asked for the library logs: absl's records, with their source lines
       assert any(re.match(r"W\d{4} .*tool\.py:\d+\] config\.data: uneven", l) for l in lines)
+
+
+@pytest.mark.parametrize("log_level", [None, "0"])
+def test_tensorflow_is_told_to_leave_the_gpus_to_jax(tmp_path, log_level):
+  """A CUDA build of TensorFlow (pip's `tensorflow[and-cuda]`, not the requirements' -cpu) claims
+  the GPUs' memory when its runtime starts, which JAX's devices need: the tools hide them from
+  it before `main`, quiet or not (a `tensorflow` here records the calls)."""
+  fake = tmp_path / "fake" / "tensorflow"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text(
+      "import types\n"
+      "config = types.SimpleNamespace(set_visible_devices=lambda devices, kind: "
+      "print('visible', kind, devices))\n")
+  script = tmp_path / "tool.py"
+  script.write_text("from cav_mae_jax import cli\n"
+                    "cli.run(lambda argv: print('main'))\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), ROOT]))
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  if log_level is not None:  # a user who asked for TensorFlow's own lines
+    env["TF_CPP_MIN_LOG_LEVEL"] = log_level
+  result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+  assert result.stdout.splitlines() == ["visible GPU []", "main"], result.stderr[-2000:]
 
 
 def _error_line_without_tensorflow(tool, args, cwd):

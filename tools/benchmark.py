@@ -142,7 +142,7 @@ def check_flags() -> str | None:
 
 def input_only(config) -> None:
   """Times the input pipeline alone and prints what was measured and the figures."""
-  cli.import_tensorflow_quietly()
+  cli.import_tensorflow()
   from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   if _BATCH.value is not None:

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
   # The timed path imports TensorFlow (records); its start-up lines would bury the table.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   from cav_mae_jax import cli  # pylint: disable=g-import-not-at-top  (absl: not in worker mode)
-  cli.import_tensorflow_quietly()
+  cli.import_tensorflow()
 
   with tempfile.TemporaryDirectory() as directory:
     clip_dir = os.path.join(directory, 'clips')

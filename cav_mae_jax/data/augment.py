@@ -30,6 +30,7 @@ from typing import Any
 import tensorflow as tf
 
 from cav_mae_jax.data import fbank_tf
+from cav_mae_jax.data.config import MIXUP_TARGETS
 
 Data = dict[str, tf.Tensor]
 PreprocessOp = Callable[[Data], Data]
@@ -37,7 +38,6 @@ PreprocessOp = Callable[[Data], Data]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIXUP_BETA = 10.0  # lambda ~ Beta(10, 10), as the original.
-MIXUP_TARGETS = ("waveform", "fbank")
 SEED_KEY = "_seed"
 MIXED_KEY = "_mixed"
 # A clip's mixup partner: `MIX_PREFIX + field` for each of MIX_FIELDS the clip has.

@@ -1,14 +1,14 @@
 """The checkpointable input iterator: `InputPipeline`, host-local batches with a resumable position.
 
 `InputPipeline(config, split, seed=..., batch_size=...)` iterates over the batches that
-`dataset.make_dataset` builds for this process (the batch dict of docs/design.md, numpy arrays; the
-graph, the config fields and the augmentations are described in `dataset.py`). It counts what it
-has handed out: `get_state()` is a small JSON dict and `set_state()` rebuilds the stream at that
-point (it skips the already-seen records of the current epoch before parsing, so resuming costs
-reading at most one epoch of this host's raw records; with balanced sampling or exact
-shuffling, which read the drawn records at their offsets, it skips the draws without reading
-them). Every epoch has as
-many clips as the host's files, so the state is a count of batches; checkpoints hold every
+`dataset.make_dataset` builds for this process (the batch dict of docs/design.md, numpy arrays;
+the graph and the augmentations are described in `dataset.py`, the config fields in
+`config.py`). It counts what it has handed out: `get_state()` is a small JSON dict and
+`set_state()` rebuilds the stream at that point (it skips the already-seen records of the
+current epoch before parsing, so resuming costs reading at most one epoch of this host's raw
+records; with balanced sampling or exact shuffling, which read the drawn records at their
+offsets, it skips the draws without reading them). Every epoch has as many clips as the host's
+files, so the state is a count of batches; checkpoints hold every
 process's (`cav_mae_jax.train.checkpoint`).
 
 A split is read from a records directory or from a TFDS dataset (`dataset.open_split`; the

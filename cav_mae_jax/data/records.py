@@ -60,12 +60,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from cav_mae_jax.data.config import IMAGE_SIZE, NUM_MEL_BINS, NUM_VIDEO_FRAMES
+from cav_mae_jax.data.config import TARGET_FBANK_FRAMES
+
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
-NUM_MEL_BINS = 128
-TARGET_FBANK_FRAMES = 1024
-NUM_VIDEO_FRAMES = 10
-IMAGE_SIZE = 224
 WAVEFORM_SAMPLE_RATE = 16000
 
 VIDEO_ID = "video_id"

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from cav_mae_jax.data.config import DataConfig
 from cav_mae_jax.models import masking
 from cav_mae_jax.models.config import ModelConfig
 from cav_mae_jax.train import mesh as mesh_lib
@@ -34,10 +35,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   """Validates `config` for a run on `num_devices` devices; returns the checked ModelConfig.
 
   `check_data=False` skips what needs the data (and TensorFlow): every split the run reads
-  (records directories or TFDS splits), their shapes against the model, and the input
-  pipeline's own field checks. `training=False` (evaluation only) does not need the training
-  split. `platforms`: those of the devices the run computes on (default: JAX's devices here;
-  a compile for another machine's devices gives theirs).
+  (records directories or TFDS splits) and their shapes against the model; the fields of
+  `config.data` are checked either way (`DataConfig`). `training=False` (evaluation only) does
+  not need the training split. `platforms`: those of the devices the run computes on (default:
+  JAX's devices here; a compile for another machine's devices gives theirs).
   """
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
@@ -52,6 +53,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
           "is set by each classification evaluator for its own passes "
           "(config.evals.<name>.all_frames=True scores all 10 frames); the losses and retrieval "
           "evaluators take one frame (config.data.eval_frame).")
+  DataConfig.from_config(config)
   _validate_duration(config)
   _validate_batch(config, model, num_devices, num_processes)
   mesh_lib.mesh_shape(config.mesh, num_devices)
