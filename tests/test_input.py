@@ -622,6 +622,47 @@ def test_same_train_and_eval_clips_warn(record_dirs, caplog):
   assert len(caplog.records) == 1
 
 
+@pytest.mark.parametrize("shards, listed", [(1, [3]), (2, [1, 2])])
+def test_an_eval_shard_with_records_the_index_does_not_list_stops_the_pass(tmp_path, shards,
+                                                                           listed):
+  """The padding was counted from the index while the shard's records ran on: clips the index
+  does not list were scored, and listed ones fell off the last batch, without a word."""
+  directory = str(tmp_path / "eval")
+  write_records(directory, [[i % 3] for i in range(4)], num_shards=shards)
+  index_path = os.path.join(directory, records.INDEX_FILE)
+  index = json.load(open(index_path))
+  for shard, count in zip(index["shards"], listed):
+    shard["num_examples"] = count
+  index["num_examples"] = sum(listed)
+  json.dump(index, open(index_path, "w"))
+  config = make_config({"train": directory, "eval": directory}, batch_size=4)
+  dataset.check_data_sources(config, training=False)  # no sidecars: the sizes cannot tell
+  pipeline = input_lib.InputPipeline(config, "eval", training=False, process_index=0,
+                                     process_count=1)
+  with pytest.raises(input_lib.RecordReadError,
+                     match=r"clips-00000-of-0000\d\.tfrecord is damaged: holds \d records, the "
+                     r"index lists \d"):
+    list(pipeline)
+
+
+def test_an_eval_shard_of_the_wrong_size_is_refused_before_the_run(record_dirs, tmp_path):
+  """A training run checked only its training shards' sizes: an eval shard that its index
+  miscounts stopped the run at its first evaluation."""
+  damaged = tmp_path / "eval"
+  shutil.copytree(record_dirs["eval"], damaged)
+  shard = sorted(damaged.glob("*.tfrecord"))[0]
+  serialized = [x.numpy() for x in tf.data.TFRecordDataset(str(shard))]
+  records.write_record_layout(str(shard))
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for record in serialized[:-1]:
+      writer.write(record)
+  for training in (True, False):
+    with pytest.raises(ValueError, match=rf"shard {shard} is damaged: holds "
+                       rf"{len(serialized) - 1} records, the index lists {len(serialized)} "):
+      dataset.check_data_sources(make_config(record_dirs, eval_dir=str(damaged)),
+                                 training=training)
+
+
 def test_a_training_shard_of_the_wrong_size_is_refused_before_training(record_dirs, tmp_path):
   # Cut at a record boundary (or emptied), it read without an error: the run found it when an
   # epoch ended short, an epoch of AudioSet-2M after it started.

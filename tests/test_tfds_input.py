@@ -188,6 +188,10 @@ def test_run_data_check_reads_tfds_and_names_the_field(sources, caplog):
   config.data.tfds_eval_split = "validation"
   with pytest.raises(ValueError, match=r"config\.data\.tfds_eval_split='validation'.*test"):
     input_lib.check_data_sources(config)
+  config.data.tfds_eval_split = "test[:50%]"  # TFDS's slicing: said so (was "has splits")
+  with pytest.raises(ValueError, match=r"tfds_eval_split='test\[:50%\]': .* has splits "
+                     r"\['test', 'train'\]; name a whole split: .* a slice or sum of splits"):
+    input_lib.check_data_sources(config)
   config.data.tfds_eval_split = "train"
   with caplog.at_level("WARNING", logger=dataset.logger.name):
     input_lib.check_data_sources(config)

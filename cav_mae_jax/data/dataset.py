@@ -101,7 +101,8 @@ def check_data_sources(config: Any, training: bool = True,
 
   The run reads the training split (when `training`, or for fbank_stats='index'), the split
   (or records directory `dir`) of each `config.evals` entry, and checks `eval_dir` when set.
-  A `losses` evaluator needs at least one full batch of its split.
+  A `losses` evaluator needs at least one full batch of its split. The shard files of every
+  split read must have the sizes their records take (`check_shard_sizes`).
   With `num_classes` (a task that reads labels), every split's clips must have that many
   classes. Logs one warning when the training clips are also read as the "eval" split, and one
   when the training shards give `process_count` processes uneven shares (`uneven_hosts`).
@@ -115,6 +116,7 @@ def check_data_sources(config: Any, training: bool = True,
   if data_config.fbank_stats == "index":
     _index_normalization(train)
   eval_sources = [open_split(data_config, "eval")] if data_config.eval_dir else []
+  evaluated = list(eval_sources)  # every split an evaluator reads
   evals = config["evals"] if isinstance(config, Mapping) else getattr(config, "evals", None)
   for name, entry in (evals or {}).items():
     if entry["dir"]:
@@ -126,6 +128,7 @@ def check_data_sources(config: Any, training: bool = True,
       except ValueError as e:
         raise ValueError(f"{e} (read by evaluator config.evals.{name}; "
                          f"--config.evals.{name}=None removes it)") from None
+    evaluated.append(source)
     if entry["split"] == "eval":
       eval_sources.append(source)
     if entry.get("type") == "losses":
@@ -150,6 +153,11 @@ def check_data_sources(config: Any, training: bool = True,
     uneven = uneven_hosts(train, process_count)
     if uneven:
       logger.warning("config.data: %s", uneven)
+  sized = {train.description} if train is not None and training else set()
+  for source in evaluated:  # a miscounting index was found by the evaluation, hours in
+    if source.description not in sized:
+      sized.add(source.description)
+      check_shard_sizes(source)
 
 
 def check_shard_sizes(source: splits.Split) -> None:
@@ -674,6 +682,19 @@ def resolve_host_batch(config: DataConfig, batch_size: int | None, process_count
   return host_batch_size(batch_size, process_count, field="batch_size (passed to the input)")
 
 
+def _listed_record(i: tf.Tensor, serialized: tf.Tensor, listed: int) -> tf.Tensor:
+  """`serialized`, the `i`-th record of a host's eval files, which the index says hold `listed`:
+  a record past them stops the pass (an OpError; `InputPipeline` names the shard). Else its
+  padding would be counted from the index while the real records ran on: unlisted clips
+  scored and listed ones cut off by the last batch, without a word. (Fewer records end the
+  pass early, which `InputPipeline` refuses.)"""
+  check = tf.debugging.assert_less(
+      i, tf.constant(listed, tf.int64),
+      message="the shard files hold more records than the index lists")
+  with tf.control_dependencies([check]):
+    return tf.identity(serialized)
+
+
 def num_eval_batches(split_files: SplitFiles, host_batch: int) -> int:
   """Batches every process yields in evaluation: enough for the process with most clips."""
   return max(math.ceil(n / host_batch) for n in split_files.host_examples)
@@ -741,11 +762,12 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
   else:
     # A process may hold no shard at all (more processes than files): it yields padding only.
     files = tf.constant(split_files.files, tf.string, shape=[len(split_files.files)])
-    clips = tf.data.TFRecordDataset(files).map(
-        lambda serialized: parse(serialized, base_seed), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
+    listed = split_files.host_examples[process_index]
+    clips = tf.data.TFRecordDataset(files).enumerate().map(
+        lambda i, serialized: parse(_listed_record(i, serialized, listed), base_seed),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     total = num_eval_batches(split_files, host_batch) * host_batch
-    padding = total - split_files.host_examples[process_index]
+    padding = total - listed
     blank = {k: tf.zeros(s.shape, s.dtype) for k, s in clips.element_spec.items()}
     batches = clips.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding)).batch(
         host_batch, drop_remainder=True).skip(start_batch)

@@ -113,8 +113,11 @@ def open_tfds_split(name: str, split: str, data_dir: str = "", *,
     raise ValueError(f"{name_field}={name!r}: files in {info.file_format.value} format; the "
                      "input reads TFRecord files (the builder's default)")
   if split not in info.splits:
+    whole = ("; name a whole split: the input gives each process whole shard files, so a slice "
+             "or sum of splits ('train[:10%]', 'train+test') is not read (build the clips as a "
+             "split of their own)" if re.search(r"[\[+]", split) else "")
     raise ValueError(f"{split_field}={split!r}: {info.full_name} has splits "
-                     f"{sorted(info.splits.keys())}")
+                     f"{sorted(info.splits.keys())}{whole}")
   split_info = info.splits[split]
   paths = [os.fspath(path) for path in split_info.filepaths]
   shards = tuple(records.ShardInfo(file=os.path.basename(path), num_examples=count)
