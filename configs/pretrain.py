@@ -50,6 +50,8 @@ RECIPES = {
     "vgg": ("base", 1e-4, 120, 30, 25),
 }
 VARIANTS = ("symmetric", "vanilla_avmae", "avmae", "cav", "audio_mae", "visual_mae", "cosine")
+MODEL_VARIANTS = ("vanilla_avmae", "avmae", "cav", "audio_mae", "visual_mae")  # one at a time
+NO_CONTRAST = ("vanilla_avmae", "avmae", "audio_mae", "visual_mae")  # these set lambda_c=0
 VALUED_OPTIONS = ("mask_ratio", "mask_mode", "lambda_c")
 
 
@@ -73,7 +75,18 @@ def parse_arg(arg: str) -> tuple[str, dict[str, str], set[str]]:
 
 
 def model_overrides(options: dict[str, str], flags: set[str]) -> dict[str, object]:
-  """config.model fields set by the ablation options."""
+  """config.model fields set by the ablation options; options that contradict each other (two
+  model variants, a contrastive setting for a variant without the contrastive loss) raise."""
+  variants = [name for name in MODEL_VARIANTS if name in flags]
+  if len(variants) > 1:
+    raise ValueError(f"config options {', '.join(variants)}: each is a model variant of its "
+                     "own; choose one.")
+  contrastive = [part for part, given in ((f"lambda_c={options.get('lambda_c')}",
+                                           "lambda_c" in options),
+                                          ("symmetric", "symmetric" in flags)) if given]
+  if variants and variants[0] in NO_CONTRAST and contrastive:
+    raise ValueError(f"config option {contrastive[0]}: {variants[0]} has no contrastive loss "
+                     "(it sets lambda_c=0); leave the option out, or name no variant.")
   overrides: dict[str, object] = {}
   if "mask_ratio" in options:
     ratio = common.option(options, "mask_ratio", float)

@@ -189,6 +189,15 @@ def test_cav_keeps_every_token_and_finetuning_has_no_contrast_groups(config):
   validation.validate_config(finetuning, num_devices=8, check_data=False)
 
 
+def test_the_groups_of_a_model_without_contrast_must_divide_the_batch(config):
+  """AV-MAE's reconstruction loss is summed over the groups too: a group size that does not
+  divide the batch passed here and stopped the run at its first step."""
+  config.model.lambda_c, config.model.contrast_group_size = 0.0, 3  # batch 16
+  with pytest.raises(ValueError, match=r"^config\.model\.contrast_group_size=3: must divide "
+                     r"config\.data\.batch_size=16"):
+    validation.validate_config(config, num_devices=8)
+
+
 def test_settings_with_an_effect_pass_and_finetuning_learns_no_temperature(config):
   config.model.remat, config.model.remat_policy = True, "attention_only"
   config.model.learnable_temperature = True  # with the contrastive loss of the tiny recipe
@@ -229,6 +238,28 @@ def test_unknown_config_name_and_option():
     finetune_config.get_config("tiny,classes=4.5")
   with pytest.raises(ValueError, match="config option 'bidirectional'"):
     pretrain_config.get_config("base,bidirectional")
+
+
+@pytest.mark.parametrize("arg, message", [
+    # Each was trained as the variant, the option dropped without a word (lambda_c 0).
+    ("base,vanilla_avmae,lambda_c=0.1", "config option lambda_c=0.1: vanilla_avmae has no "
+     "contrastive loss (it sets lambda_c=0)"),
+    ("base,lambda_c=0.1,avmae", "config option lambda_c=0.1: avmae has no contrastive loss"),
+    ("base,symmetric,audio_mae", "config option symmetric: audio_mae has no contrastive loss"),
+    ("base,cav,avmae", "config options avmae, cav: each is a model variant of its own; choose "
+     "one."),
+])
+def test_ablation_options_that_contradict_each_other_are_refused(arg, message):
+  with pytest.raises(ValueError, match="^" + re.escape(message)):
+    pretrain_config.get_config(arg)
+
+
+def test_a_bidirectional_contrast_without_contrast_is_refused(config):
+  config.model.lambda_c, config.model.contrast_bidirectional = 0.0, True
+  with pytest.raises(ValueError, match=r"^config\.model\.contrast_bidirectional=True: makes the "
+                     r"contrastive loss bidirectional, and this model has no contrastive loss"):
+    validation.validate_config(config, num_devices=8)
+  validation.validate_config(config, num_devices=8, training=False)  # a recorded run's config
 
 
 def test_trainer_fails_before_compiling(config, monkeypatch):

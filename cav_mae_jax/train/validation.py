@@ -130,6 +130,10 @@ def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
   if config.task == "pretrain" and model.learnable_temperature and not model.has_contrast:
     _fail("model.learnable_temperature", True, "learns the contrastive loss's temperature, and "
           "this model has no contrastive loss (model.lambda_c=0).")
+  if (training and config.task == "pretrain" and model.contrast_bidirectional
+      and not model.has_contrast):
+    _fail("model.contrast_bidirectional", True, "makes the contrastive loss bidirectional, and "
+          "this model has no contrastive loss (model.lambda_c=0).")
   if config.task == "pretrain" and model.ft_mode != default.ft_mode:
     _fail("model.ft_mode", model.ft_mode, "chooses the streams a fine-tuned classifier uses; "
           "pretraining trains every stream the model has (model.modalities chooses them).")
@@ -188,7 +192,9 @@ def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_d
     _fail("data.batch_size", batch,
           f"must be divisible by the number of processes ({num_processes}).")
   group = model.contrast_group_size
-  if config.task == "pretrain" and model.has_contrast and group:
+  # Both pretraining losses are summed over the groups (the original's GPUs), so a model
+  # without the contrastive loss uses them too (it stopped at its first step).
+  if config.task == "pretrain" and group:
     batches = {"data.batch_size": batch}
     batches.update({f"evals.{name}.batch_size": entry.batch_size
                     for name, entry in config.evals.items() if entry.type == "losses"})
