@@ -13,6 +13,7 @@ from cav_mae_jax.train import array_input
 from cav_mae_jax.train import optim
 from cav_mae_jax.train import trainer
 from cav_mae_jax.train import validation
+from configs import common as config_common
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
@@ -314,6 +315,22 @@ def test_every_variant_can_feed_its_evaluators(variant):
       extra = (jax.random.PRNGKey(1),) if needed == "losses" else ()
       jax.eval_shape(task.predict_fns[needed], params, batch, *extra)
   assert ("retrieval" in config.evals) == (m.modalities == "audiovisual")
+
+
+@pytest.mark.parametrize("encoder", ["audio_mae", "visual_mae"])
+def test_retrieval_of_a_single_modality_finetuned_model_is_refused_saying_why(encoder):
+  """The fine-tuning task had a 'features' function for every model: a retrieval evaluator of
+  an audio-only model passed and failed when it ran ('NoneType' object has no attribute 'mean')."""
+  config = finetune_config.get_config(f"tiny,encoder={encoder}")
+  with config.unlocked():
+    config.evals.retrieval = config_common.evaluator("retrieval", every_steps=10, batch_size=4)
+  task = tasks.get_task(config)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.retrieval.type='retrieval': a single-modality model (config.model.modalities="
+      f"{config.model.modalities!r}) has no audio-visual retrieval")):
+    eval_lib.validate_evals(config, task.predict_fns, num_devices=1, num_processes=1)
+  audiovisual = tasks.get_task(finetune_config.get_config("tiny,mode=audioonly"))
+  assert "features" in audiovisual.predict_fns  # both streams are there to rank
 
 
 @pytest.mark.parametrize("modalities", ["audio", "visual"])

@@ -40,6 +40,7 @@ def _shrink(config):
   m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads = 16, 1, 2
   m.audio_length, m.image_size = 32, 32
   config.data.batch_size = BATCH
+  config.data.timem = min(config.data.timem, m.audio_length)  # SpecAugment's, within the fbank
   config.log_every_steps = 1
   with config.unlocked():
     config.evals = ml_collections.ConfigDict()
@@ -277,6 +278,17 @@ def test_bad_finetune_fields_name_the_field():
                                         mode="stereo", all_frames=False)
   with pytest.raises(ValueError, match=r"config\.evals\.val\.mode"):
     validation.validate_config(config, 8, check_data=False)
+
+
+def test_one_class_under_cross_entropy_is_refused():
+  """The softmax of one class is 1: loss 0, accuracy 1, no gradient; it trained nothing."""
+  config = finetune.get_config("tiny,classes=1")
+  assert config.finetune.loss == "ce"
+  with pytest.raises(ValueError, match=r"^config\.model\.num_classes=1: with "
+                     r"config\.finetune\.loss='ce' .* use --config\.finetune\.loss=bce"):
+    validation.validate_config(config, 8, check_data=False)
+  config.finetune.loss = "bce"
+  validation.validate_config(config, 8, check_data=False)
 
 
 def test_the_tasks_that_read_labels_get_their_class_count_checked():

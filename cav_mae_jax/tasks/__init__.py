@@ -52,6 +52,22 @@ class Task:
   finetune: bool = False
 
 
+def feature_fns(model: Any, model_config: ModelConfig) -> dict[str, Callable[..., Any]]:
+  """{'features': (params, batch) -> the mean-pooled audio and video features of the
+  modality-specific streams (retrieval)} for an audio-visual model (`model`: a Flax module with
+  a `features` method); {} for a single-modality one, which has no features of the other
+  modality to rank against (the evaluators then refuse retrieval, saying so)."""
+  if model_config.modalities != "audiovisual":
+    return {}
+
+  def features(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    audio, video = model.apply({"params": params}, batch["audio"], batch["image"],
+                               method="features")
+    return audio.mean(axis=1), video.mean(axis=1)
+
+  return {"features": features}
+
+
 def _module(config: ml_collections.ConfigDict) -> Any:
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: unknown task; choose one of {sorted(TASKS)}.")

@@ -23,6 +23,7 @@ import ml_collections
 import optax
 
 from cav_mae_jax import models
+from cav_mae_jax import tasks
 from cav_mae_jax.tasks import Batch, Task
 from cav_mae_jax.train import flops
 
@@ -41,6 +42,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if section.loss not in LOSSES:
     raise ValueError(f"config.finetune.loss={section.loss!r}: must be one of {LOSSES} "
                      "('bce' multi-label as AudioSet, 'ce' single-label as VGGSound).")
+  if section.loss == "ce" and config.model.get("num_classes") == 1:
+    raise ValueError("config.model.num_classes=1: with config.finetune.loss='ce' the softmax of "
+                     "one class is 1 whatever the clip, so the loss is 0 and nothing learns; "
+                     "use --config.finetune.loss=bce (the class present or not).")
   if not section.head_lr_multiplier > 0:
     raise ValueError(f"config.finetune.head_lr_multiplier={section.head_lr_multiplier}: must be "
                      "positive.")
@@ -96,11 +101,6 @@ def make_task(config: ml_collections.ConfigDict, *, probe: bool = False) -> Task
     return {"logits": logits, "probabilities": probabilities(logits, loss_name),
             "loss": classification_loss(logits, batch["label"], loss_name, per_clip=True)}
 
-  def features(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    audio, video = model.apply({"params": params}, batch["audio"], batch["image"],
-                               method="features")
-    return audio.mean(axis=1), video.mean(axis=1)
-
   shapes = models.param_shapes(model_config, finetune=True)
   trainable = models.trainable_mask(shapes, model_config, finetune=True)
   is_head = {k: jax.tree.map(lambda _, k=k: k in HEAD_MODULES, v) for k, v in shapes.items()}
@@ -112,7 +112,8 @@ def make_task(config: ml_collections.ConfigDict, *, probe: bool = False) -> Task
   return Task(name="probe" if probe else "finetune", model_config=model_config,
               init_params=init_params, loss_fn=loss_fn, trainable=trainable,
               lr_multipliers=lr_multipliers,
-              predict_fns={"classify": classify_fn, "features": features, "logits": logits_fn},
+              predict_fns={"classify": classify_fn, "logits": logits_fn,
+                           **tasks.feature_fns(model, model_config)},
               step_flops=step_flops, finetune=True)
 
 

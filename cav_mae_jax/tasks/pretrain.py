@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from cav_mae_jax import models
+from cav_mae_jax import tasks
 from cav_mae_jax.tasks import Batch, Task
 from cav_mae_jax.train import flops
 
@@ -35,15 +36,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   def losses(params: Any, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     return loss_fn(params, batch, rng)[1]
 
-  def features(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    audio, video = model.apply({"params": params}, batch["audio"], batch["image"],
-                               method="features")
-    return audio.mean(axis=1), video.mean(axis=1)
-
   trainable = models.trainable_mask(models.param_shapes(model_config), model_config)
-  predict_fns = {"losses": losses}
-  if model_config.modalities == "audiovisual":  # a single-modality MAE has no norm_a / norm_v
-    predict_fns["features"] = features
+  predict_fns = {"losses": losses, **tasks.feature_fns(model, model_config)}
   return Task(name="pretrain", model_config=model_config, init_params=init_params,
               loss_fn=loss_fn, trainable=trainable, lr_multipliers=None,
               predict_fns=predict_fns,
