@@ -130,8 +130,14 @@ def test_base_flops_match_reference():
   # docs/original.md: encoder 33.4 + decoder 43.8 + embeddings/heads ~0.9 = 78.1 GFLOP per sample.
   assert flops.pretrain_forward_flops(model) / 1e9 == pytest.approx(78.1, abs=0.1)
   assert flops.pretrain_step_flops(model) / 1e9 == pytest.approx(234.3, abs=0.3)
+  # CAV runs no decoder and no joint audio+video stream (the decoder's input): one joint block
+  # on 128 + 49 kept tokens, 2.6 GFLOP; AV-MAE runs no audio-only and video-only streams (the
+  # contrastive loss's): one block on 128 and one on 49 tokens, 2.56 GFLOP.
   cav = model_config("base", lambda_mae=0.0)
-  assert flops.pretrain_forward_flops(cav) / 1e9 == pytest.approx(78.1 - 43.8 - 0.43, abs=0.1)
+  assert flops.pretrain_forward_flops(cav) / 1e9 == pytest.approx(78.1 - 43.8 - 0.43 - 2.6,
+                                                                  abs=0.1)
+  avmae = model_config("base", lambda_c=0.0)
+  assert flops.pretrain_forward_flops(avmae) / 1e9 == pytest.approx(78.1 - 2.56, abs=0.1)
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert flops.peak_flops("cpu") is None
 

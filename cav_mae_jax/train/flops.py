@@ -2,8 +2,10 @@
 
 Per transformer block on n tokens of width d: 24*n*d^2 (qkv, projection, 4x MLP) plus 4*n^2*d
 (scores and weighted sum). A pretraining forward masks each modality, runs the modality-specific
-blocks on the kept tokens, the joint blocks on three streams (audio+video, audio, video), then the
-decoder on all tokens of both modalities. Base at mask ratio 0.75: about 78.1 GFLOP per sample.
+blocks on the kept tokens, the joint blocks on three streams (audio+video for the decoder; audio
+and video for the contrastive loss), then the decoder on all tokens of both modalities; a variant
+runs only the streams its losses need (AV-MAE no audio and video streams, CAV no joint one and
+no decoder). Base at mask ratio 0.75: about 78.1 GFLOP per sample.
 A training step is 3x the forward (backward = 2x forward). Fine-tuning runs the unmasked encoder:
 about 132 GFLOP forward, 397 GFLOP per training step per sample for base.
 
@@ -56,9 +58,13 @@ def pretrain_forward_flops(model: ml_collections.ConfigDict) -> float:
 
   flops = 2 * patches_a * (p * p) * d + 2 * patches_v * (p * p * 3) * d  # patch embeddings
   flops += specific * (block_flops(kept_a, d, r) * use_a + block_flops(kept_v, d, r) * use_v)
-  streams = [kept_a + kept_v] + ([kept_a, kept_v] if model.modalities == "audiovisual" else [])
+  # The streams the model runs (models.CAVMAE.encode): the joint one for the decoder, the
+  # audio-only and video-only ones for the contrastive loss.
+  has_decoder = model.lambda_mae != 0
+  has_contrast = model.lambda_c != 0 and model.modalities == "audiovisual"
+  streams = [kept_a + kept_v] * has_decoder + [kept_a, kept_v] * has_contrast
   flops += joint * sum(block_flops(n, d, r) for n in streams if n)
-  if model.lambda_mae > 0:
+  if has_decoder:
     dd, total = model.decoder_embed_dim, patches_a + patches_v
     flops += 2 * (kept_a + kept_v) * d * dd  # decoder_embed
     flops += model.decoder_depth * block_flops(total, dd, r)
