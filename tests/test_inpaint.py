@@ -1,6 +1,7 @@
 """Inpainting pictures (eval/inpaint.py): masks, pasted reconstructions, un-normalization."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -104,6 +105,17 @@ def test_picture_says_what_was_removed(clip):
   titles = [axes.get_title() for axes in inpaint.figure(result).axes if axes.get_title()]
   assert titles[1] == "spectrogram: masked (50% of patches removed, time masking)"
   assert titles[4] == "frame: masked (100% of patches removed)"
+
+
+def test_a_modality_with_no_patch_removed_has_no_loss(clip):
+  """Its MSE on removed patches is 0 / 0: it was printed as 'video nan'."""
+  config = small_config(False)
+  result = inpaint.inpaint(config, _params(config), *clip, mask_ratio_a=0.5, mask_ratio_v=0.0)
+  assert not result.image_mask.any() and result.loss_v is None
+  assert np.isfinite(result.loss_a)
+  assert re.fullmatch(r"MSE on removed patches: audio \d+\.\d{4}, video: no patch removed",
+                      inpaint.losses_text(result))
+  assert inpaint.figure(result)._suptitle.get_text().endswith(inpaint.losses_text(result))
 
 
 def test_record_clip_by_index_or_id(records_dir):

@@ -64,9 +64,7 @@ def main(argv: list[str]) -> None:
                            video_id=video_id, mask_ratio_a=_MASK_RATIO_A.value,
                            mask_ratio_v=_MASK_RATIO_V.value, seed=_SEED.value)
   inpaint.save_figure(result, _OUT.value)
-  space = " (normalized-patch space)" if result.norm_pix_loss else ""
-  print(f"wrote {_OUT.value}: clip {video_id}, MSE on removed patches{space}: "
-        f"audio {result.loss_a:.4f}, video {result.loss_v:.4f}")
+  print(f"wrote {_OUT.value}: clip {video_id}, {inpaint.losses_text(result)}")
 
 
 def _check_outputs() -> None:

@@ -47,8 +47,8 @@ class Inpainting:
   image_mask: np.ndarray  # [H, W] bool
   audio_reconstruction: np.ndarray  # [T, F]: visible input + predicted removed patches
   image_reconstruction: np.ndarray  # [H, W, 3]
-  loss_a: float
-  loss_v: float
+  loss_a: float | None  # MSE on the removed patches; None when none is removed
+  loss_v: float | None
   mask_ratio_a: float
   mask_ratio_v: float
   seed: int
@@ -110,7 +110,10 @@ def inpaint(model_config: models.ModelConfig, params: Any, audio: np.ndarray, im
       video_id=video_id, audio=np.asarray(audio, np.float32),
       image=np.asarray(image, np.float32), audio_mask=masks["a"].T,
       image_mask=masks["v"], audio_reconstruction=pictures["a"][..., 0].T,
-      image_reconstruction=pictures["v"], loss_a=out["loss_mae_a"], loss_v=out["loss_mae_v"],
+      image_reconstruction=pictures["v"],
+      # The mean over no removed patch is 0 / 0: no loss, rather than NaN.
+      loss_a=out["loss_mae_a"] if masks["a"].any() else None,
+      loss_v=out["loss_mae_v"] if masks["v"].any() else None,
       mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v, seed=seed,
       norm_pix_loss=config.norm_pix_loss, mask_mode_a=config.mask_mode_a)
 
@@ -161,10 +164,18 @@ def figure(result: Inpainting) -> Any:
   for column, (image, mask) in enumerate(((result.image, None), (result.image, result.image_mask),
                                           (result.image_reconstruction, None))):
     _show_image(fig.add_subplot(grid[1, column]), image, mask, f"frame: {titles[column]}")
-  space = " (normalized-patch space)" if result.norm_pix_loss else ""
-  fig.suptitle(f"clip {result.video_id or '?'}: mask seed {result.seed}; reconstruction MSE on "
-               f"removed patches{space}: audio {result.loss_a:.4f}, video {result.loss_v:.4f}")
+  fig.suptitle(f"clip {result.video_id or '?'}: mask seed {result.seed}; reconstruction "
+               f"{losses_text(result)}")
   return fig
+
+
+def losses_text(result: Inpainting) -> str:
+  """'MSE on removed patches: audio 0.1234, video 0.5678' (a modality with none removed: 'no
+  patch removed')."""
+  space = " (normalized-patch space)" if result.norm_pix_loss else ""
+  parts = [f"{name} {loss:.4f}" if loss is not None else f"{name}: no patch removed"
+           for name, loss in (("audio", result.loss_a), ("video", result.loss_v))]
+  return f"MSE on removed patches{space}: {', '.join(parts)}"
 
 
 def save_figure(result: Inpainting, path: str) -> None:
