@@ -100,6 +100,28 @@ def test_a_checkpoint_of_another_block_layout_says_so():
     cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(target))
 
 
+@pytest.mark.parametrize("modality_specific_depth", [1, 0])
+def test_a_single_modality_mae_given_to_an_audiovisual_model_says_so(modality_specific_depth):
+  """An audio-only MAE's checkpoint (configs/pretrain.py:<recipe>,audio_mae) given to the default
+  fine-tuning model was told to set the block counts; following that, it listed the missing
+  visual branch with no hint. Its config is encoder=audio_mae."""
+  import jax  # pylint: disable=import-outside-toplevel
+  sizes = dict(embed_dim=32, num_heads=2, encoder_depth=2, decoder_embed_dim=16,
+               decoder_depth=1, decoder_num_heads=2, audio_length=64, image_size=32)
+  audio_mae = models.ModelConfig.from_config(models.model_config(
+      "tiny", modalities="audio", modality_specific_depth=0, lambda_c=0.0, **sizes))
+  params = jax.tree.map(np.asarray, models.init_params(audio_mae, jax.random.PRNGKey(0)))
+  state, _ = export.to_original_state_dict(params)
+  target = models.ModelConfig.from_config(models.model_config(
+      "tiny", num_classes=3, modality_specific_depth=modality_specific_depth, **sizes))
+  init = jax.tree.map(np.asarray, models.init_params(target, jax.random.PRNGKey(1),
+                                                     finetune=True))
+  with pytest.raises(sd.ParamsMismatchError, match=r"\(it is a single-modality MAE's: the audio "
+                     r"branch only, one shared encoder; fine-tune it with configs/finetune\.py:"
+                     r"<recipe>,encoder=audio_mae, which sets config\.model\.modalities='audio'"):
+    cavmae_checkpoint.cavmae_to_params(state, init, new_head=True)
+
+
 def test_an_incomplete_checkpoint_is_not_told_to_use_new_head():
   """The new_head hint only where the head alone is missing: following it would still fail."""
   released = _released(TINY)

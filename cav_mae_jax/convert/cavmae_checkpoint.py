@@ -52,6 +52,17 @@ def _block_counts(tree: Mapping[tuple[str, ...], Any]) -> tuple[int, int] | None
   return counts[0], counts[1]
 
 
+def _single_modality(tree: Mapping[tuple[str, ...], Any]) -> str | None:
+  """'audio' or 'visual' for the params of a single-modality MAE (one branch's patch embedding,
+  no modality-specific blocks: `configs/pretrain.py:<recipe>,audio_mae`), else None."""
+  modules = {path[0] for path in tree}
+  branches = [name for name, suffix in (("audio", "a"), ("visual", "v"))
+              if f"patch_embed_{suffix}" in modules]
+  if len(branches) != 1 or any(re.fullmatch(r"blocks_[av]_\d+", m) for m in modules):
+    return None
+  return branches[0]
+
+
 def _is_decoder(name: str) -> bool:
   return name.startswith("decoder_") or name == "mask_token"
 
@@ -110,6 +121,7 @@ def cavmae_to_params(
   if missing:
     hint = ""
     source_blocks, target_blocks = _block_counts(source), _block_counts(target)
+    single_modality = _single_modality(source) if _single_modality(target) is None else None
     if any(_is_imagenet_mae(p[0]) for p in source):
       # Its decoder's names are ours (decoder_embed, mask_token): it was said to be a fine-tuned
       # checkpoint without a decoder.
@@ -118,6 +130,11 @@ def cavmae_to_params(
     elif not any(p in source for p in target):
       hint = (" (it holds none of the model's parameters, so it is not a CAV-MAE checkpoint; its "
               f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
+    elif single_modality is not None:
+      hint = (f" (it is a single-modality MAE's: the {single_modality} branch only, one shared "
+              f"encoder; fine-tune it with configs/finetune.py:<recipe>,encoder="
+              f"{single_modality}_mae, which sets config.model.modalities={single_modality!r} "
+              "and modality_specific_depth=0)")
     elif (source_blocks is not None and source_blocks != target_blocks
           and any(re.fullmatch(r"blocks_[auv]_\d+", p[0]) for p in missing)):
       (a, u), (target_a, target_u) = source_blocks, target_blocks
