@@ -317,6 +317,25 @@ def test_another_head_count_is_refused_naming_the_field(source, tmp_path):
     train(config, tmp_path / "run2")
 
 
+def test_another_frequency_grid_is_refused_naming_the_field(source, tmp_path):
+  """The audio position table is laid out on the source's frequency x time patch grid: with 64
+  mel bins (4 rows of patches, not 8) it was read as another grid, or resized along the wrong
+  axis, without a word."""
+  workdir, _ = source
+  config = tiny_config(source="workdir", path=str(workdir))
+  config.model.num_mel_bins = 64
+  with pytest.raises(ValueError, match=rf"^config\.model\.num_mel_bins=64: {workdir} was trained "
+                     r"on 128 mel bins \(its stored config\), and its audio position table is "
+                     r"laid out on 8 rows of frequency patches, this model's on 4"):
+    train(config, tmp_path / "run")
+  model = models.ModelConfig.from_config(models.model_config("base"))
+  init_source.check_architecture("cavmae", "audio_model.pth", model, finetune=True)
+  with pytest.raises(ValueError, match=r"num_mel_bins=64: audio_model\.pth was trained on 128 mel "
+                     r"bins \(the original's fbank\)"):
+    init_source.check_architecture("cavmae", "audio_model.pth",
+                                   dataclasses.replace(model, num_mel_bins=64), finetune=True)
+
+
 def test_evaluating_with_another_head_count_is_refused(source):
   """tools/evaluate.py, retrieval.py and extract_features.py read checkpoints by shape only."""
   from cav_mae_jax.train import evaluate  # pylint: disable=import-outside-toplevel

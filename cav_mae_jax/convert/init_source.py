@@ -146,7 +146,7 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
     with sd.naming_source(f"config.init.path={init.path}"):
       return imagenet_mae.imagenet_mae_to_params(
           formats.read_state_dict(init.path), init_params, allow_unexpected=init.allow_unexpected)
-  check_head_counts(init.source, init.path, config, finetune=finetune)
+  check_architecture(init.source, init.path, config, finetune=finetune)
   notes, ours_only = [], {}
   if init.source == "cavmae":
     state_dict = formats.read_state_dict(init.path)
@@ -221,6 +221,42 @@ def check_head_counts(source: str, path: str, model: models.ModelConfig, *,
       raise ValueError(f"config.model.{name}={ours}: {path} was trained with {name}={theirs} "
                        f"({where}); its parameters would load and compute another model. Set "
                        f"--config.model.{name}={theirs}")
+
+
+# The original's fbank: 128 mel bins, hard-coded (docs/original.md).
+ORIGINAL_MEL_BINS = 128
+
+
+def check_frequency_grid(source: str, path: str, model: models.ModelConfig) -> None:
+  """Raises ValueError naming config.model.num_mel_bins when the target's audio patch grid has
+  another number of frequency rows than the source's: the audio position table is laid out on
+  that grid, so it would be read as another one (the shapes can even agree: 8 x 128 patches and
+  4 x 256), or resized along the wrong axis. Against the config stored with our workdirs and
+  params checkpoints, and for an original .pth ('cavmae') against the original's 128 mel bins."""
+  if source in ("workdir", "params"):
+    bins = stored_model_field(path, "num_mel_bins")
+    patch = stored_model_field(path, "patch_size")
+    if bins is None or patch is None:
+      return
+    where = "its stored config"
+  elif source == "cavmae":
+    bins, patch, where = ORIGINAL_MEL_BINS, model.patch_size, "the original's fbank"
+  else:
+    return
+  rows = bins // patch
+  if rows != model.audio_grid[0]:
+    raise ValueError(f"config.model.num_mel_bins={model.num_mel_bins}: {path} was trained on "
+                     f"{bins} mel bins ({where}), and its audio position table is laid out on "
+                     f"{rows} rows of frequency patches, this model's on {model.audio_grid[0]}. "
+                     f"Set --config.model.num_mel_bins={bins} (and records of {bins} mel bins)")
+
+
+def check_architecture(source: str, path: str, model: models.ModelConfig, *,
+                       finetune: bool) -> None:
+  """What the parameters' shapes do not show of the model `path` was trained as: its head
+  counts (`check_head_counts`) and its audio frequency grid (`check_frequency_grid`)."""
+  check_head_counts(source, path, model, finetune=finetune)
+  check_frequency_grid(source, path, model)
 
 
 def write_report(workdir: str, init: ml_collections.ConfigDict,

@@ -54,7 +54,7 @@ def cavmae_to_checkpoint(src: str | os.PathLike, out: str | os.PathLike, model_c
                        inputs=(("--src", src),))
   state_dict = formats.read_state_dict(src)
   config = models.ModelConfig.from_config(model_config)
-  init_source.check_head_counts("cavmae", os.fspath(src), config, finetune=finetune)
+  init_source.check_architecture("cavmae", os.fspath(src), config, finetune=finetune)
   needs_init = new_head or config.learnable_temperature
   init = (target.init_params(config, finetune=finetune, seed=seed) if needs_init
           else target.param_shapes(config, finetune=finetune))

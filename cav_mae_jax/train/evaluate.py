@@ -42,7 +42,7 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
   else:
     host_params, step, source = io.load_params(params_path), 0, params_path
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
-  init_source.check_head_counts("workdir" if workdir else "params", workdir or params_path,
+  init_source.check_architecture("workdir" if workdir else "params", workdir or params_path,
                                 task.model_config, finetune=task.name != "pretrain")
   abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   try:
