@@ -30,7 +30,9 @@ encoded on its own.
   whose timestamp lies within the audio (at most ceil(frames / 16)): a last, partly padded
   column whose centre would fall past the end (it holds under 87.5 ms of audio) is left out, as
   HEAR requires timestamps within the audio (its validator refuses one past the end). Audio
-  shorter than 87.5 ms still gets its one column (timestamp 87.5 ms).
+  shorter than 87.5 ms still gets its one column, at the middle of the audio; audio shorter
+  than one 25-ms fbank frame (400 samples) is zero-padded to one frame, as HEAR takes audio
+  of any length.
 - Scene embeddings: the mean of all tokens of a window (padding columns included, as the
   original pools a padded clip); for several windows, their mean weighted by the real frames in
   each. For audio up to the model's length this is exactly the original's pooled feature.
@@ -162,10 +164,11 @@ def _windows(audio: Any, model: HearModel) -> tuple[np.ndarray, int]:
     bad = np.flatnonzero(~finite)
     raise ValueError(f"audio has NaN or infinite samples in clip(s) {', '.join(map(str, bad[:10]))}"
                      f"{', ...' if bad.size > 10 else ''} of {audio.shape[0]}")
+  if audio.shape[1] == 0:
+    raise ValueError("audio has no samples")
   window, _, _ = fbank.frame_geometry(sample_rate)
-  if audio.shape[1] < window:
-    raise ValueError(f"audio has {audio.shape[1]} samples: at least {window} (one 25-ms fbank "
-                     f"frame at {sample_rate} Hz) are needed")
+  if audio.shape[1] < window:  # HEAR takes audio of any length: one fbank frame, zero-padded
+    audio = np.pad(audio, ((0, 0), (0, window - audio.shape[1])))
   length = model.model_config.audio_length
   frames = fbank.num_frames(audio.shape[1], sample_rate)
   padded = math.ceil(frames / length) * length
@@ -220,6 +223,8 @@ def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Any, Any]:
              * fbank.FRAME_SHIFT_MS + fbank.FRAME_LENGTH_MS / 2)
   duration_ms = 1000.0 * np.shape(audio)[1] / sample_rate
   count = max(1, int(np.count_nonzero(centres <= duration_ms)))  # centres ascend
-  centres = centres[:count]
+  # Audio shorter than the first column's centre: its one column holds all of it, centred at
+  # the middle of the audio (HEAR's timestamps lie within the audio).
+  centres = centres[:count] if centres[0] <= duration_ms else np.array([duration_ms / 2])
   timestamps = np.broadcast_to(centres, (column_tokens.shape[0], count)).astype(np.float32)
   return _like(column_tokens[:, :count], audio), _like(timestamps, audio)
