@@ -10,7 +10,9 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
   workdir's run recorded (`configs/workdir.py:<workdir>`).
 - TensorFlow's C++ start-up lines are silenced: TF_CPP_MIN_LOG_LEVEL=3 unless set, and TF
   (when installed) is imported once with the process's stderr closed, because TF 2.16+ prints
-  its start-up lines before that variable is read. That import comes after the flags are
+  its start-up lines (an INFO and a WARNING) before that variable is read (not closed when it
+  asks for them: 0 or 1). Its GPUs are hidden from it: it reads the input on the host, and a
+  CUDA build would claim the memory JAX computes in. That import comes after the flags are
   parsed, after the tool's own argument checks (`run`'s check_args), a check that the tool's
   local input paths exist and its outputs may be written, and the config checks that need no
   data (`run`'s check_config), so a bad flag, config value or mistyped path is answered in one
@@ -744,8 +746,8 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
           check_outputs()
         if check_config is not None:
           check_config()
-        if uses_tensorflow:
-          import_tensorflow(quiet=os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3")
+        if uses_tensorflow:  # quiet unless TF's INFO or WARNING lines are asked for (0, 1)
+          import_tensorflow(quiet=os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("2", "3"))
         main(argv)
       except Exception as e:  # a multi-process run's peers stop too (the status as below)
         error = _storage_error(e) or e
