@@ -81,9 +81,10 @@ def model_overrides(options: dict[str, str], flags: set[str]) -> dict[str, objec
   if len(variants) > 1:
     raise ValueError(f"config options {', '.join(variants)}: each is a model variant of its "
                      "own; choose one.")
-  contrastive = [part for part, given in ((f"lambda_c={options.get('lambda_c')}",
-                                           "lambda_c" in options),
-                                          ("symmetric", "symmetric" in flags)) if given]
+  contrastive = [part for part, given in (
+      (f"lambda_c={options.get('lambda_c')}",
+       "lambda_c" in options and common.option(options, "lambda_c", float) != 0),
+      ("symmetric", "symmetric" in flags)) if given]
   if variants and variants[0] in NO_CONTRAST and contrastive:
     raise ValueError(f"config option {contrastive[0]}: {variants[0]} has no contrastive loss "
                      "(it sets lambda_c=0); leave the option out, or name no variant.")

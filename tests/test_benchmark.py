@@ -50,13 +50,9 @@ def test_compiled_step_flops_stay_near_the_model_flops(plain_step):
   assert FLOPS_BAND[0] <= cost["xla_over_model_flops"] <= FLOPS_BAND[1], cost
 
 
-@pytest.mark.parametrize("variant", [dict(lambda_c=0.0),  # AV-MAE
-                                     dict(lambda_c=0.0, modality_specific_depth=0),  # vanilla
-                                     dict(lambda_mae=0.0)])  # CAV
-def test_the_model_flops_of_a_variant_count_what_it_runs(variant):
-  """A variant runs only the streams its losses need; the count had every stream of CAV-MAE
-  (vanilla AV-MAE's MFU came out 1.4x too high at base size). XLA's count of the forward pass,
-  which runs what the model runs, sits a little above the model FLOPs (the elementwise work)."""
+def _forward_flops_ratio(**variant):
+  """XLA's FLOPs of the tiny pretraining forward (audio 64 frames, image 32 pixels) over the
+  model's count."""
   config = pretrain.get_config("tiny")
   config.model.update(audio_length=64, image_size=32, **variant)
   model_config = models.ModelConfig.from_config(config.model)
@@ -66,8 +62,19 @@ def test_the_model_flops_of_a_variant_count_what_it_runs(variant):
                           jax.random.PRNGKey(0))
   forward = jax.jit(lambda p, a, i, rng: model.apply({"params": p}, a, i, rngs={"mask": rng}))
   compiled = forward.lower(params, clips["audio"], clips["image"], jax.random.PRNGKey(1)).compile()
-  ratio = flops.xla_flops(compiled) / batch / flops.pretrain_forward_flops(config.model)
-  assert 1.0 <= ratio <= 1.25, ratio
+  return flops.xla_flops(compiled) / batch / flops.pretrain_forward_flops(config.model)
+
+
+def test_the_model_flops_of_a_variant_count_what_it_runs():
+  """A variant runs only the streams its losses need; the count had every stream of CAV-MAE
+  (vanilla AV-MAE's MFU came out 1.4x too high at base size). XLA's count of a variant's forward
+  sits above the model FLOPs by the elementwise work, as CAV-MAE's does: here 1.17 for CAV-MAE,
+  AV-MAE and vanilla AV-MAE, 1.13 for CAV (1.01, 0.80 and 0.92 when every stream was counted)."""
+  reference = _forward_flops_ratio()
+  for variant in (dict(lambda_c=0.0),  # AV-MAE
+                  dict(lambda_c=0.0, modality_specific_depth=0),  # vanilla AV-MAE
+                  dict(lambda_mae=0.0)):  # CAV
+    assert abs(_forward_flops_ratio(**variant) - reference) < 0.08, variant
 
 
 def test_recomputed_work_leaves_the_band(plain_step):

@@ -13,6 +13,7 @@ from cav_mae_jax.train import array_input
 from cav_mae_jax.train import optim
 from cav_mae_jax.train import trainer
 from cav_mae_jax.train import validation
+from cav_mae_jax.data import config as data_config
 from configs import common as config_common
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
@@ -190,6 +191,17 @@ def test_cav_keeps_every_token_and_finetuning_has_no_contrast_groups(config):
   validation.validate_config(finetuning, num_devices=8, check_data=False)
 
 
+def test_a_run_without_records_takes_specaugment_masks_beyond_its_input():
+  """SpecAugment's mask sizes are bounded by the model's input for the input pipeline alone: the
+  train-step benchmark of a shorter fine-tuning model (in-memory batches) was refused."""
+  config = finetune_config.get_config("tiny")
+  config.model.audio_length = 32  # the recipe's time mask is 48
+  validation.validate_config(config, num_devices=8, check_data=False)
+  with pytest.raises(ValueError, match=r"^config\.data\.timem=48: must be in \[0, 32\] \(the "
+                     r"model's fbank frames\)"):
+    data_config.DataConfig.from_config(config)
+
+
 def test_the_groups_of_a_model_without_contrast_must_divide_the_batch(config):
   """AV-MAE's reconstruction loss is summed over the groups too: a group size that does not
   divide the batch passed here and stopped the run at its first step."""
@@ -323,7 +335,8 @@ def test_retrieval_of_a_single_modality_finetuned_model_is_refused_saying_why(en
   an audio-only model passed and failed when it ran ('NoneType' object has no attribute 'mean')."""
   config = finetune_config.get_config(f"tiny,encoder={encoder}")
   with config.unlocked():
-    config.evals.retrieval = config_common.evaluator("retrieval", every_steps=10, batch_size=4)
+    config.evals.retrieval = config_common.evaluator("retrieval", every_steps=10, batch_size=4,
+                                                     max_clips=1725)
   task = tasks.get_task(config)
   with pytest.raises(ValueError, match=re.escape(
       "config.evals.retrieval.type='retrieval': a single-modality model (config.model.modalities="

@@ -117,9 +117,14 @@ def test_a_single_modality_mae_given_to_an_audiovisual_model_says_so(modality_sp
   init = jax.tree.map(np.asarray, models.init_params(target, jax.random.PRNGKey(1),
                                                      finetune=True))
   with pytest.raises(sd.ParamsMismatchError, match=r"\(it is a single-modality MAE's: the audio "
-                     r"branch only, one shared encoder; fine-tune it with configs/finetune\.py:"
-                     r"<recipe>,encoder=audio_mae, which sets config\.model\.modalities='audio'"):
+                     r"branch only, one shared encoder; load it into the model of configs/"
+                     r"finetune\.py:<recipe>,encoder=audio_mae, which sets config\.model\."
+                     r"modalities='audio'"):
     cavmae_checkpoint.cavmae_to_params(state, init, new_head=True)
+  pretraining = jax.tree.map(np.asarray, models.init_params(target, jax.random.PRNGKey(1)))
+  with pytest.raises(sd.ParamsMismatchError, match=r"the model of configs/pretrain\.py:<recipe>,"
+                     r"audio_mae, which sets"):
+    cavmae_checkpoint.cavmae_to_params(state, pretraining)
 
 
 def test_an_incomplete_checkpoint_is_not_told_to_use_new_head():

@@ -40,7 +40,6 @@ def _shrink(config):
   m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads = 16, 1, 2
   m.audio_length, m.image_size = 32, 32
   config.data.batch_size = BATCH
-  config.data.timem = min(config.data.timem, m.audio_length)  # SpecAugment's, within the fbank
   config.log_every_steps = 1
   with config.unlocked():
     config.evals = ml_collections.ConfigDict()

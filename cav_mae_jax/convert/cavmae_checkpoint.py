@@ -131,10 +131,12 @@ def cavmae_to_params(
       hint = (" (it holds none of the model's parameters, so it is not a CAV-MAE checkpoint; its "
               f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
     elif single_modality is not None:
+      config = (f"configs/pretrain.py:<recipe>,{single_modality}_mae"
+                if any(_is_decoder(m) for m in target_modules) else
+                f"configs/finetune.py:<recipe>,encoder={single_modality}_mae")
       hint = (f" (it is a single-modality MAE's: the {single_modality} branch only, one shared "
-              f"encoder; fine-tune it with configs/finetune.py:<recipe>,encoder="
-              f"{single_modality}_mae, which sets config.model.modalities={single_modality!r} "
-              "and modality_specific_depth=0)")
+              f"encoder; load it into the model of {config}, which sets "
+              f"config.model.modalities={single_modality!r} and modality_specific_depth=0)")
     elif (source_blocks is not None and source_blocks != target_blocks
           and any(re.fullmatch(r"blocks_[auv]_\d+", p[0]) for p in missing)):
       (a, u), (target_a, target_u) = source_blocks, target_blocks

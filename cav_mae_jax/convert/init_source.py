@@ -232,15 +232,17 @@ def check_frequency_grid(source: str, path: str, model: models.ModelConfig) -> N
   another number of frequency rows than the source's: the audio position table is laid out on
   that grid, so it would be read as another one (the shapes can even agree: 8 x 128 patches and
   4 x 256), or resized along the wrong axis. Against the config stored with our workdirs and
-  params checkpoints, and for an original .pth ('cavmae') against the original's 128 mel bins."""
+  params checkpoints, and for an original .pth ('cavmae') of the original's width against its
+  128 mel bins (as `check_head_counts`)."""
   if source in ("workdir", "params"):
     bins = stored_model_field(path, "num_mel_bins")
     patch = stored_model_field(path, "patch_size")
     if bins is None or patch is None:
       return
     where = "its stored config"
-  elif source == "cavmae":
-    bins, patch, where = ORIGINAL_MEL_BINS, model.patch_size, "the original's fbank"
+  elif source == "cavmae" and model.embed_dim == ORIGINAL_HEADS["num_heads"][0]:
+    bins, patch = ORIGINAL_MEL_BINS, model.patch_size  # a file of another width: not known
+    where = f"the original's fbank, at embed_dim={model.embed_dim}"
   else:
     return
   rows = bins // patch

@@ -36,7 +36,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
 
   `check_data=False` skips what needs the data (and TensorFlow): every split the run reads
   (records directories or TFDS splits) and their shapes against the model; the fields of
-  `config.data` are checked either way (`DataConfig`). `training=False` (evaluation only) does
+  `config.data` are checked either way (`DataConfig`; SpecAugment's mask sizes against the
+  model's input only with the data). `training=False` (evaluation only) does
   not need the training split. `platforms`: those of the devices the run computes on (default:
   JAX's devices here; a compile for another machine's devices gives theirs).
   """
@@ -53,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
           "is set by each classification evaluator for its own passes "
           "(config.evals.<name>.all_frames=True scores all 10 frames); the losses and retrieval "
           "evaluators take one frame (config.data.eval_frame).")
-  DataConfig.from_config(config)
+  DataConfig.from_config(config, against_model=check_data)
   _validate_duration(config)
   _validate_batch(config, model, num_devices, num_processes)
   mesh_lib.mesh_shape(config.mesh, num_devices)
