@@ -265,6 +265,7 @@ def test_unknown_config_name_and_option():
 def test_ablation_options_that_contradict_each_other_are_refused(arg, message):
   with pytest.raises(ValueError, match="^" + re.escape(message)):
     pretrain_config.get_config(arg)
+  assert pretrain_config.get_config("base,avmae,lambda_c=0").model.lambda_c == 0  # agrees
 
 
 def test_a_bidirectional_contrast_without_contrast_is_refused(config):
