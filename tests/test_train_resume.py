@@ -251,6 +251,49 @@ def test_checkpoints_keep_every_process_input_state_and_old_ones_restore(tmp_pat
   assert checkpoint.own_input_state(two) == {"position": 1}
 
 
+def test_an_evaluation_between_log_rows_leaves_the_step_time_right(tmp_path, monkeypatch):
+  """The time since an evaluation was divided by every step since the last row: with the
+  fine-tuning recipe's epoch-end evaluations between rows of 100 steps, a row's step time came
+  out up to 100x too small (its samples/s and MFU as much too large)."""
+  import json  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import eval as eval_lib  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import array_input, trainer  # pylint: disable=import-outside-toplevel
+
+  class SlowInput:
+    def __init__(self, inner):
+      self.inner = inner
+
+    def __next__(self):
+      time.sleep(0.2)  # every step takes at least this
+      return next(self.inner)
+
+    def get_state(self):
+      return self.inner.get_state()
+
+    def set_state(self, state):
+      self.inner.set_state(state)
+
+  class SlowEvaluator:
+    def due(self, step, total_steps, steps_per_epoch):
+      del total_steps, steps_per_epoch
+      return step == 3  # one step before the row of step 4
+
+    def run(self, params):
+      del params
+      time.sleep(0.5)
+      return {"val/seconds": 0.5}
+
+  monkeypatch.setattr(eval_lib, "build_evaluators", lambda *args, **kwargs: [SlowEvaluator()])
+  config = tiny_config()
+  config.total_steps, config.log_every_steps, config.checkpoint.every_steps = 4, 4, 4
+  source = array_input.ArrayInput(array_input.random_clips(24, 32, 32, 32, seed=0), 8, seed=0)
+  trainer.train_and_evaluate(config, str(tmp_path), trainer.Inputs(SlowInput(source), None, 24))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  row, = [r for r in rows if "train/step_time_s" in r]
+  assert row["train/step_time_s"] >= 0.2, row
+  assert row["train/samples_per_s"] <= 8 / 0.2, row
+
+
 def _full_state(value: float) -> dict:
   """A full state as the trainer saves it: params, optimizer moments (twice their size), rng."""
   rng = np.random.default_rng(value)  # random: the sizes on disk are not compression's

@@ -381,7 +381,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
       eval_metrics = evaluate(step, state.params)
       if eval_metrics:
         summary.update(eval_metrics)
-        last_log_time = time.monotonic()  # eval time is not train step time
+        # Eval time is not train step time: the next row times the steps after this one.
+        last_log_time, timed_from = time.monotonic(), step
       if preempted and not final:
         logger.warning("Preempted: saved step %d; stopping.", step)
         break
