@@ -340,8 +340,34 @@ def test_split_runs_merge_and_resume(media, tmp_path):
   assert mtimes == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in mtimes}
   os.remove(records.index_path(out))
   assert prepare.finalize(out).index_written  # --merge-index
-  with pytest.raises(ValueError, match="store_waveform"):
+  # A changed setting is refused naming what the user set (it said "num_shards was 3" for
+  # --examples-per-shard, and printed the datafile's SHA-256s).
+  with pytest.raises(ValueError, match=r"--store-waveform was False when this directory was "
+                     r"started, now True; use a new output directory"):
     prepare.prepare_records(datafile, media["labels_csv"], out, store_waveform=True, **kwargs)
+  with pytest.raises(ValueError, match=r"the shard count \(the datafile's entries over "
+                     r"--examples-per-shard\) was 3 when this directory was started, now 2"):
+    prepare.prepare_records(datafile, media["labels_csv"], out,
+                            **{**kwargs, "examples_per_shard": 2})
+  write_datafile(datafile, rows[::-1])
+  with pytest.raises(ValueError, match=r"--datafile's contents differ from those of the file "
+                     "this directory was started with"):
+    prepare.prepare_records(datafile, media["labels_csv"], out, **kwargs)
+
+
+def test_a_strict_rerun_counts_the_finished_shards_quarantined_clips(media, tmp_path):
+  """A rerun with --strict (to check the data) skipped the finished shards and succeeded,
+  their quarantined clips unseen."""
+  datafile = write_datafile(str(tmp_path / "data.json"), [
+      ("good_a", media["good_a"], "/m/a"), ("zero_byte", media["zero_byte"], "/m/a")])
+  out = str(tmp_path / "out")
+  kwargs = dict(examples_per_shard=1, num_workers=0, progress=False)
+  first = prepare.prepare_records(datafile, media["labels_csv"], out, **kwargs)
+  assert (first.written, first.quarantined, first.shards_finished) == (1, 1, 2)
+  with pytest.raises(clips.StrictModeError, match=rf"^{re.escape(media['zero_byte'])}: "
+                     "empty_file"):
+    prepare.prepare_records(datafile, media["labels_csv"], out, strict=True,
+                            clip_fn=_never_called, **kwargs)
 
 
 def _every_other_clip(entry, labels, store_waveform):
@@ -420,10 +446,10 @@ def test_a_repeated_video_id_is_written_once_and_the_repeat_quarantined(media, t
   # The first entry is named as the datafile's errors name entries (it said "entry 0").
   first = f"data[0] ({media['good_a']})"
   assert repeats == [
-      ("a", media["good_a"], f"video id 'a' repeats that of {first}, the entry written (an id is "
-       "an example's key)"),
-      ("a", media["good_b"], f"video id 'a' repeats that of {first}, the entry written (an id is "
-       "an example's key)")]
+      ("a", media["good_a"], f"video id 'a' repeats that of {first}, the entry kept for it (an "
+       "id is an example's key: that entry is written, or quarantined for its own reason)"),
+      ("a", media["good_b"], f"video id 'a' repeats that of {first}, the entry kept for it (an "
+       "id is an example's key: that entry is written, or quarantined for its own reason)")]
   index = records.read_index(records.index_path(out))
   assert (index.num_examples, index.label_counts) == (2, (1, 1, 0))  # the first 'a': /m/a
   with pytest.raises(clips.StrictModeError,
@@ -451,7 +477,7 @@ def test_entries_without_labels_are_quarantined_unless_allowed_and_then_counted(
                      match="no_labels: the list gives video id 'empty' no labels"):
     prepare.prepare_records(datafile, media["labels_csv"], str(tmp_path / "strict"),
                             num_workers=0, strict=True, progress=False)
-  with pytest.raises(ValueError, match="allow_unlabeled was False"):  # not mixed in one dir
+  with pytest.raises(ValueError, match="--allow-unlabeled was False"):  # not mixed in one dir
     prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0,
                             examples_per_shard=2, allow_unlabeled=True, progress=False)
 

@@ -183,7 +183,8 @@ def try_clip_example(entry: sources.ClipEntry, labels: sources.ClassLabels, *,
   if entry.duplicate_of is not None:
     return Quarantined(entry.path, entry.video_id, DUPLICATE_ID,
                        f"video id {entry.video_id!r} repeats that of {entry.duplicate_of}, the "
-                       "entry written (an id is an example's key)")
+                       "entry kept for it (an id is an example's key: that entry is written, "
+                       "or quarantined for its own reason)")
   if not entry.label_ids and not options.allow_unlabeled:
     return Quarantined(entry.path, entry.video_id, NO_LABELS,
                        f"the list gives video id {entry.video_id!r} no labels (fine-tuning "

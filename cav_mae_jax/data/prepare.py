@@ -66,6 +66,17 @@ def _sha256(path: str) -> str:
 _MANIFEST_DEFAULTS = {"allow_unlabeled": False}
 
 
+# What the user set behind each manifest key, for the refusal of a changed one.
+_MANIFEST_SETTINGS = {
+    "format_version": "the record format version",
+    "num_entries": "the datafile's entry count",
+    "num_shards": "the shard count (the datafile's entries over --examples-per-shard)",
+    "store_waveform": "--store-waveform",
+    "allow_unlabeled": "--allow-unlabeled",
+}
+_MANIFEST_FILES = {"datafile_sha256": "--datafile", "labels_sha256": "--labels"}
+
+
 def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.exists(path):
@@ -74,9 +85,15 @@ def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
   with open(path) as f:
     existing = {**_MANIFEST_DEFAULTS, **json.load(f)}
   for key, value in manifest.items():
-    if existing.get(key) != value:
-      raise ValueError(f"{path}: {key} was {existing.get(key)!r} when this directory was "
-                       f"started, now {value!r}; use a new output directory")
+    if existing.get(key) == value:
+      continue
+    if key in _MANIFEST_FILES:  # named by its contents' SHA-256
+      change = (f"{_MANIFEST_FILES[key]}'s contents differ from those of the file this "
+                "directory was started with")
+    else:
+      change = (f"{_MANIFEST_SETTINGS.get(key, key)} was {existing.get(key)!r} when this "
+                f"directory was started, now {value!r}")
+    raise ValueError(f"{path}: {change}; use a new output directory, or the run's settings")
 
 
 def prepare_records(datafile: str, labels_csv: str, out_dir: str, *, num_workers: int = 1,
@@ -134,9 +151,17 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
       "store_waveform": options.store_waveform,
       "allow_unlabeled": options.allow_unlabeled,
   })
-  todo = [p for p in shards.plan_shards(entries, num_shards)
-          if p.shard_index % num_tasks == task_index
-          and shards.read_sidecar(out_dir, p.shard_index, num_shards) is None]
+  todo = []
+  for plan in shards.plan_shards(entries, num_shards):
+    if plan.shard_index % num_tasks != task_index:
+      continue
+    sidecar = shards.read_sidecar(out_dir, plan.shard_index, num_shards)
+    if sidecar is None:
+      todo.append(plan)
+    elif options.strict and sidecar["quarantined"]:  # a rerun with --strict: these count too
+      item = sidecar["quarantined"][0]
+      raise clips.StrictModeError(clips.Quarantined(
+          **{k: item[k] for k in ("path", "video_id", "reason", "message")}))
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=sum(len(p.entries) for p in todo), unit="clip", disable=not progress,
              desc=f"task {task_index}/{num_tasks}: {len(todo)} shards")
