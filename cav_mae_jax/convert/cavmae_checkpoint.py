@@ -86,6 +86,7 @@ def cavmae_to_params(
   source = sd.flatten_params(sd.torch_to_flax(state_dict))
   target = sd.flatten_params(init_params)
   target_modules = {path[0] for path in target}
+  target_has_decoder = any(_is_decoder(m) for m in target_modules)  # a pretraining model
   kept_at_init = {}
 
   for path in target:
@@ -98,7 +99,7 @@ def cavmae_to_params(
     if new_head and path[0] in HEAD_MODULES:
       report.dropped[name] = "replaced by a new classification head"
       del source[path]
-    elif _is_decoder(path[0]) and not any(_is_decoder(m) for m in target_modules):
+    elif _is_decoder(path[0]) and not target_has_decoder:
       report.dropped[name] = "decoder, not part of the target model"
       del source[path]
     elif path[0] in ADAPTED_CLS_TOKENS and path[0] not in target_modules:
@@ -132,7 +133,7 @@ def cavmae_to_params(
               f"keys: {', '.join(sd.abbreviate(sorted(state_dict), 8)) or 'none'})")
     elif single_modality is not None:
       config = (f"configs/pretrain.py:<recipe>,{single_modality}_mae"
-                if any(_is_decoder(m) for m in target_modules) else
+                if target_has_decoder else
                 f"configs/finetune.py:<recipe>,encoder={single_modality}_mae")
       hint = (f" (it is a single-modality MAE's: the {single_modality} branch only, one shared "
               f"encoder; load it into the model of {config}, which sets "

@@ -148,16 +148,14 @@ def check_data_sources(config: Any, training: bool = True,
   if compared is not None and any(splits.same_clips(compared, s) for s in eval_sources):
     logger.warning("config.data: the eval split is the training clips (%s): evaluation "
                    "measures the training data.", compared.description)
+  # Every split the run reads, once (an evaluator's miscounting index was found hours in).
+  read = ([train] if train is not None and training else []) + evaluated
+  for source in {source.description: source for source in read}.values():
+    check_shard_sizes(source)
   if train is not None and training:
-    check_shard_sizes(train)
     uneven = uneven_hosts(train, process_count)
     if uneven:
       logger.warning("config.data: %s", uneven)
-  sized = {train.description} if train is not None and training else set()
-  for source in evaluated:  # a miscounting index was found by the evaluation, hours in
-    if source.description not in sized:
-      sized.add(source.description)
-      check_shard_sizes(source)
 
 
 def check_shard_sizes(source: splits.Split) -> None:

@@ -37,9 +37,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   `check_data=False` skips what needs the data (and TensorFlow): every split the run reads
   (records directories or TFDS splits) and their shapes against the model; the fields of
   `config.data` are checked either way (`DataConfig`; SpecAugment's mask sizes against the
-  model's input only with the data). `training=False` (evaluation only) does
-  not need the training split. `platforms`: those of the devices the run computes on (default:
-  JAX's devices here; a compile for another machine's devices gives theirs).
+  model's input only with the data). `training=False` (evaluation only) does not need the
+  training split. `platforms`: those of the devices the run computes on (default: JAX's devices
+  here; a compile for another machine's devices gives theirs).
   """
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
@@ -117,8 +117,8 @@ def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> 
 def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
                      training: bool) -> None:
   """A model setting the run would ignore is refused when it asks for something: a user who sets
-  it expects an effect. (Settings the recipes carry for every variant, such as the contrast
-  group size of a model without the contrastive loss, are not checked: refusing them would
+  it expects an effect. (Settings the recipes carry for every variant, such as the temperature
+  of a model without the contrastive loss, are not checked: refusing them would
   refuse the recipes. The checks marked `training` were added after runs recorded configs that
   hold such settings: those configs are still evaluated, so the checks refuse training alone.)"""
   default = ModelConfig()
