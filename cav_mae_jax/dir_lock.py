@@ -14,6 +14,7 @@ mounts) is run unguarded, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,9 +22,11 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Iterator
 
 LOCK_FILE = "lock"
+# What lockf raises where a file system has no locks (some FUSE and NFS mounts).
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class DirLock:
             f"for it to end, or stop it (its lock, {self.path}, is released when its process "
             "ends)") from None
       os.close(fd)
-      if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+      if e.errno in _NO_LOCKS:
         logger.warning("%s: this file system has no file locks (%s); a second %s here "
                        "would not be detected", self.path, e.strerror, self.what)
         return self
@@ -113,6 +116,22 @@ class DirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+@contextlib.contextmanager
+def held(directory: str, name: str) -> Iterator[None]:
+  """Holds lock file `name` of `directory` over a short critical section, waiting while another
+  process holds it (DirLock refuses instead); unguarded where the file system has no locks."""
+  fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.lockf(fd, fcntl.LOCK_EX)
+    except OSError as e:
+      if e.errno not in _NO_LOCKS:
+        raise
+    yield
+  finally:
+    os.close(fd)  # drops the lock
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

@@ -2,6 +2,10 @@
 checkpoint on resume."""
 import io
 import os
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -84,6 +88,40 @@ def test_a_start_from_scratch_drops_every_summary(tf, tmp_path):  # pylint: disa
   assert metrics.drop_summaries_after(str(tmp_path), 0) == 3
   assert not _event_files(tmp_path)
   assert metrics.drop_summaries_after(str(tmp_path / "elsewhere"), 3) == 0  # no folder
+
+
+_SLOW_REWIND = textwrap.dedent("""
+    import os, sys, time
+    from cav_mae_jax.train import metrics
+    workdir, replace = sys.argv[1], os.replace
+    def slow_replace(src, dst):  # the rewrite is read and staged: let an append come now
+      open(os.path.join(workdir, "staged"), "w").close()
+      time.sleep(1.5)
+      replace(src, dst)
+    metrics.os.replace = slow_replace
+    metrics.rewind(workdir, 2)
+    """)
+
+
+def test_an_evaluation_appending_while_a_run_rewinds_keeps_its_rows(tmp_path):
+  # tools/evaluate.py appends to a workdir's metrics while a resumed run may be rewriting them:
+  # an append between the rewrite's read and its replace went to the replaced file.
+  rows = [{"step": s, "train/loss": float(s)} for s in (1, 2, 3)]
+  writer = metrics.JsonlWriter(str(tmp_path / metrics.METRICS_FILE))
+  for row in rows:
+    writer.write_scalars(row["step"], {"train/loss": row["train/loss"]})
+  writer.close()
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  rewinding = subprocess.Popen([sys.executable, "-c", _SLOW_REWIND, str(tmp_path)], env=env)
+  deadline = time.monotonic() + 60
+  while not (tmp_path / "staged").exists():
+    assert rewinding.poll() is None and time.monotonic() < deadline, "the rewind did not start"
+    time.sleep(0.02)
+  with metrics.appending(str(tmp_path), True, tensorboard=False) as writer:
+    writer.write_scalars(2, {"evaluate/val/loss": 0.5})
+  assert rewinding.wait(timeout=60) == 0
+  assert metrics.read_jsonl(str(tmp_path / metrics.METRICS_FILE)) == [
+      *rows[:2], {"step": 2, "evaluate/val/loss": 0.5}]
 
 
 class _Terminal(io.StringIO):

@@ -240,8 +240,8 @@ def evaluate(
     named = {tuple(name.split("/", 1)): value for name, value in results.items()}
     recorded_as = record_names(config, run_config.read_run_config(workdir),
                                sorted({evaluator for evaluator, _ in named}))
-    writer = metrics_lib.make_writer(workdir, jax.process_index() == 0, config.tensorboard)
-    writer.write_scalars(step, {f"{recorded_as[evaluator]}/{metric}": value
-                                for (evaluator, metric), value in named.items()})
-    writer.close()
+    with metrics_lib.appending(workdir, jax.process_index() == 0,
+                               config.tensorboard) as writer:
+      writer.write_scalars(step, {f"{recorded_as[evaluator]}/{metric}": value
+                                  for (evaluator, metric), value in named.items()})
   return step, results

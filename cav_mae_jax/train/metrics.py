@@ -10,14 +10,20 @@ TensorFlow, imports TensorFlow only to cut back event files an earlier run left 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
+
+from cav_mae_jax import dir_lock
 
 METRICS_FILE = "metrics.jsonl"
+# Held while a run rewrites its metrics (`rewind`) and while another process appends to them
+# (`appending`): an append to a file being replaced would go to the replaced file, and be lost.
+METRICS_LOCK = ".metrics.lock"
 TENSORBOARD_DIR = "tensorboard"
 # The training rows a checkpoint's step had not logged yet (the steps since the last row), by
 # checkpoint step: a run resumed there logs its next row over the same steps as an
@@ -90,6 +96,32 @@ def make_writer(workdir: str, is_main_process: bool, tensorboard: bool = True) -
     from clu.metric_writers.summary_writer import SummaryWriter  # imports TensorFlow
     writers.insert(0, SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR)))
   return Writers(writers)
+
+
+@contextlib.contextmanager
+def appending(workdir: str, is_main_process: bool, tensorboard: bool = True
+              ) -> Iterator[Writers]:
+  """`make_writer` for a process that adds to another run's metrics (an evaluation of its
+  checkpoints, tools/evaluate.py), closed on exit; the run's `rewind` waits for it, and it for
+  the rewind."""
+  if not is_main_process:
+    yield Writers([])
+    return
+  with dir_lock.held(workdir, METRICS_LOCK):
+    writer = make_writer(workdir, is_main_process, tensorboard)
+    try:
+      yield writer
+    finally:
+      writer.close()
+
+
+def rewind(workdir: str, step: int) -> None:
+  """For a run starting at checkpoint `step` (0: from scratch), drops the metrics and summaries
+  that it logs again (`drop_records_after`, `drop_summaries_after`), under the workdir's
+  metrics lock."""
+  with dir_lock.held(workdir, METRICS_LOCK):
+    drop_records_after(workdir, step)
+    drop_summaries_after(workdir, step)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

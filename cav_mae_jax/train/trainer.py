@@ -255,8 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   if is_main:
     run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch)
     # Records an interrupted run logged after its last checkpoint are logged again from there.
-    metrics_lib.drop_records_after(workdir, start_step)
-    metrics_lib.drop_summaries_after(workdir, start_step)
+    metrics_lib.rewind(workdir, start_step)
   writer = metrics_lib.make_writer(workdir, is_main, config.tensorboard)
 
   # ---------------------------------------------------------------- task and optimizer
