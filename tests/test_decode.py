@@ -1249,6 +1249,19 @@ def test_damaged_files_decode_or_raise_decode_error(media, tmp_path, container):
   assert outcomes['decoded'] and len(outcomes) > 2, outcomes  # the damage is varied
 
 
+def test_a_relative_name_with_a_colon_is_the_file_of_that_name(media, tmp_path, monkeypatch):
+  # FFmpeg reads 'clip:1.mp4' as protocol 'clip' (refused) and 'file:x.mp4' as file x.mp4.
+  monkeypatch.chdir(tmp_path)
+  shutil.copy(media['numbered_12.5fps.mp4'], 'clip:1.mp4')
+  shutil.copy(media['numbered_12.5fps.mp4'], 'file:x.mp4')
+  shutil.copy(media['silent.mp4'], 'x.mp4')
+  expected = decode.decode_clip(media['numbered_12.5fps.mp4'])
+  for name in ('clip:1.mp4', 'file:x.mp4'):
+    clip = decode.decode_clip(name)
+    np.testing.assert_array_equal(clip.frames, expected.frames)
+    np.testing.assert_array_equal(clip.waveform, expected.waveform)
+
+
 def test_a_directory_is_named_as_one(tmp_path):
   folder = tmp_path / 'clip.mp4'
   folder.mkdir()

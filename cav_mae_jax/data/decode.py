@@ -439,7 +439,8 @@ def _open(path: str) -> Iterator[av.container.InputContainer]:
   if is_local_path(path):
     _check_file(path)
     _check_not_a_list(path)
-    with _open_container(path, path) as container:
+    # Absolute: FFmpeg reads a relative 'a:b.mp4' as protocol 'a' ('file:x.mp4': file x.mp4).
+    with _open_container(path, os.path.abspath(path)) as container:
       yield container
     return
   remote = _RemoteFile(path)
