@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -315,6 +316,28 @@ def test_strict_cli_names_first_bad_file(media, tmp_path, capsys):
 
 def _never_called(entry, labels, store_waveform):
   raise AssertionError(f"{entry.video_id} was processed again although its shard was finished")
+
+
+def test_a_finalize_killed_while_writing_leaves_nothing_after_the_next(media, tmp_path):
+  # kill -9 while finalize wrote quarantine.jsonl, summary.json or the index left its temporary
+  # file for good; the next finalize removes those of this host's dead processes, and not those
+  # of a live process or of another host (a split run's task finishing at the same time).
+  rows = [("clip0", media["good_a"], "/m/c")]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  out = str(tmp_path / "out")
+  prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=0, progress=False)
+  finished = sorted(os.listdir(out))
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  host = socket.gethostname()
+  stale = [f"{name}.tmp-{host}-{dead.pid}"
+           for name in (prepare.QUARANTINE, prepare.SUMMARY, records.INDEX_FILE)]
+  others = [f"{prepare.SUMMARY}.tmp-{host}-{os.getppid()}",
+            f"{prepare.QUARANTINE}.tmp-{host}x-{dead.pid}"]
+  for name in stale + others:
+    open(os.path.join(out, name), "w").close()
+  prepare.finalize(out)
+  assert sorted(os.listdir(out)) == sorted(finished + others)
 
 
 def test_split_runs_merge_and_resume(media, tmp_path):

@@ -204,6 +204,8 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
   """
   manifest = _manifest(out_dir)
   num_shards = manifest["num_shards"]
+  # What an earlier finalize on this host left when it was killed (kill -9) while writing.
+  shards.remove_dead_temporaries(out_dir, (QUARANTINE, SUMMARY, records.INDEX_FILE))
   by_reason: dict[str, int] = {}
   merged: records.ShardStats | None = None  # the finished shards' statistics, in shard order
   infos: list[records.ShardInfo] = []

@@ -54,6 +54,7 @@ import json
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -392,7 +393,7 @@ def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
 def write_index(path: str, index: RecordIndex) -> None:
   """Writes the index JSON atomically (temp file + rename)."""
   data = dataclasses.asdict(index)
-  tmp = f"{path}.tmp-{os.getpid()}"
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(data, f, indent=1)
     f.write("\n")

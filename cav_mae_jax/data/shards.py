@@ -91,6 +91,33 @@ def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
       os.remove(stale)
 
 
+def remove_dead_temporaries(out_dir: str, names: Sequence[str]) -> list[str]:
+  """Removes the temporary files of `names` (`write_json_atomic`'s `<name>.tmp-<host>-<pid>`)
+  that processes of this host left and that are gone (a run killed while it wrote them); a
+  live process's, and other hosts' (a split run's tasks finishing at once on a shared folder),
+  are left alone. Returns the paths removed."""
+  removed = []
+  for name in names:
+    prefix = os.path.join(out_dir, f"{name}.tmp-{socket.gethostname()}-")
+    for path in glob.glob(glob.escape(prefix) + "*"):
+      pid = path[len(prefix):]
+      if pid.isdigit() and not _process_alive(int(pid)):
+        with contextlib.suppress(FileNotFoundError):  # (another run's cleanup came first)
+          os.remove(path)
+          removed.append(path)
+  return removed
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
+
+
 def remove_unfinished_shard(out_dir: str, file_name: str) -> None:
   """Removes what a shard cut short left: its temporary files and the shard itself when its
   sidecar is missing (a worker killed between the shard's rename and its sidecar's). A shard
