@@ -597,13 +597,24 @@ def _unknown_config_field(argv: Sequence[str]) -> str | None:
 
 
 class _LevelFormatter(logging.Formatter):
-  """`warning: <message>` (the level's name, then the message; a traceback's lines after it)."""
+  """`warning: <message>` (the level's name, then the message; a traceback's lines after it);
+  `warning: process 1 of 2: <message>` in a multi-process run, whose processes' lines often
+  reach one console or log (a scheduler's)."""
 
   def format(self, record: logging.LogRecord) -> str:
-    line = f"{record.levelname.lower()}: {record.getMessage()}"
+    line = f"{record.levelname.lower()}: {_process_tag()}{record.getMessage()}"
     if record.exc_info:
       line += "\n" + self.formatException(record.exc_info)
     return line
+
+
+def _process_tag() -> str:
+  """'process i of n: ' once jax.distributed joined n > 1 processes, else '' (JAX is not
+  imported for it, nor its backends started before `initialize`)."""
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
+    return ""
+  return f"process {jax.process_index()} of {jax.process_count()}: "
 
 
 def _verbose() -> bool:

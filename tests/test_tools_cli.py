@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import multihost_worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/pretrain.py:tiny"  # resolved from any working directory
 
@@ -289,6 +291,25 @@ def test_a_warning_is_one_line_as_the_tools_other_lines(tmp_path):
       assert lines == expected, result.stderr
     else:  # asked for the library logs: absl's records, with their source lines
       assert any(re.match(r"W\d{4} .*tool\.py:\d+\] config\.data: uneven", l) for l in lines)
+
+
+def test_a_warning_of_a_multi_process_run_names_its_process(tmp_path):
+  script = tmp_path / "tool.py"
+  script.write_text(
+      "import logging\n"
+      "import jax\n"
+      "from cav_mae_jax import cli\n"
+      "def main(argv):\n"
+      "  logging.getLogger('cav_mae_jax.train').warning('before')\n"
+      "  jax.distributed.initialize(f'localhost:{argv[2]}', 2, int(argv[1]))\n"
+      "  logging.getLogger('cav_mae_jax.train').warning('after')\n"
+      "cli.run(main, uses_tensorflow=False)\n")
+  port = multihost_worker.free_port()
+  results = multihost_worker.run_processes(str(script), [[i, port] for i in range(2)],
+                                           multihost_worker.process_env(1))
+  for i, result in enumerate(results):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines() == ["warning: before", f"warning: process {i} of 2: after"]
 
 
 @pytest.mark.parametrize("log_level", [None, "0"])
