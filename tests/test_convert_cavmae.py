@@ -1,6 +1,7 @@
 """Released CAV-MAE checkpoints -> our params -> the original's layout (tiny configs)."""
 
 import dataclasses
+import re
 
 import ml_collections
 import numpy as np
@@ -98,6 +99,24 @@ def test_a_checkpoint_of_another_block_layout_says_so():
                      r"joint blocks, the config 1 and 2: set config.model.modality_specific_depth"
                      r"=2 and encoder_depth=3"):
     cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(target))
+
+
+def test_a_checkpoint_with_blocks_the_config_lacks_says_so_in_one_short_line():
+  # An 11 + 1 checkpoint given to a 1 + 1 config missed nothing and listed every array of the
+  # ten blocks too many (360 names, a 9,400-character line), with a Python argument's name.
+  target = dataclasses.replace(TINY, encoder_depth=2, modality_specific_depth=1)  # source 2 + 1
+  with pytest.raises(sd.ParamsMismatchError) as info:
+    cavmae_checkpoint.cavmae_to_params(_released(TINY), _init(target))
+  assert re.match(r"\d+ source arrays have no place in the target model \(the checkpoint has 2 "
+                  r"modality-specific and 1 joint blocks, the config 1 and 1: set "
+                  r"config.model.modality_specific_depth=2 and encoder_depth=3", str(info.value))
+  assert re.search(r"blocks_a_1/.*\.\.\. \(\d+ more\)$", str(info.value))
+  assert len(str(info.value)) < 2000
+  with pytest.raises(sd.ParamsMismatchError, match=r"no place in the target model \(wrong "
+                     r"architecture or config\? allow_unexpected ignores them: "
+                     r"--allow_unexpected of tools/convert.py, config.init.allow_unexpected"):
+    state = {**_released(TINY), "module.extra": np.zeros(3, np.float32)}
+    cavmae_checkpoint.cavmae_to_params(state, _init(TINY))
 
 
 @pytest.mark.parametrize("modality_specific_depth", [1, 0])

@@ -63,6 +63,13 @@ def _single_modality(tree: Mapping[tuple[str, ...], Any]) -> str | None:
   return branches[0]
 
 
+def _other_layout(source_blocks: tuple[int, int], target_blocks: tuple[int, int]) -> str:
+  (a, u), (target_a, target_u) = source_blocks, target_blocks
+  return (f"the checkpoint has {a} modality-specific and {u} joint blocks, the config "
+          f"{target_a} and {target_u}: set config.model.modality_specific_depth={a} and "
+          f"encoder_depth={a + u}, the checkpoint's model")
+
+
 def _is_decoder(name: str) -> bool:
   return name.startswith("decoder_") or name == "mask_token"
 
@@ -140,10 +147,7 @@ def cavmae_to_params(
               f"config.model.modalities={single_modality!r} and modality_specific_depth=0)")
     elif (source_blocks is not None and source_blocks != target_blocks
           and any(re.fullmatch(r"blocks_[auv]_\d+", p[0]) for p in missing)):
-      (a, u), (target_a, target_u) = source_blocks, target_blocks
-      hint = (f" (the checkpoint has {a} modality-specific and {u} joint blocks, the config "
-              f"{target_a} and {target_u}: set config.model.modality_specific_depth={a} and "
-              f"encoder_depth={a + u}, the checkpoint's model)")
+      hint = f" ({_other_layout(source_blocks, target_blocks)})"
     elif all(p[0] in HEAD_MODULES for p in missing):
       hint = " (a pretraining checkpoint has no classification head: use new_head=True)"
     elif any(_is_decoder(p[0]) for p in missing):
@@ -165,7 +169,11 @@ def cavmae_to_params(
   report.mapped = {name: name for name in match_report.mapped}
   report.cast = list(match_report.cast)
   report.unexpected = list(match_report.unexpected)
-  report_lib.check_no_unexpected(report, allow_unexpected)
+  source_blocks, target_blocks = _block_counts(source), _block_counts(target)
+  report_lib.check_no_unexpected(
+      report, allow_unexpected,
+      _other_layout(source_blocks, target_blocks)
+      if source_blocks is not None and source_blocks != target_blocks else None)
   report.kept_init.update({"/".join(p): why for p, why in kept_at_init.items()})
   matched_flat = sd.flatten_params(matched)
   for path in kept_at_init:

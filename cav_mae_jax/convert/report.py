@@ -52,13 +52,17 @@ def _grouped_by_module(entries: Mapping[str, str]) -> list[tuple[str, str]]:
           for (module, why), keys in groups.items()]
 
 
-def check_no_unexpected(report: ConversionReport, allow_unexpected: bool) -> None:
-  """Raises ParamsMismatchError naming unused source keys unless they are allowed."""
+def check_no_unexpected(report: ConversionReport, allow_unexpected: bool,
+                        hint: str | None = None) -> None:
+  """Raises ParamsMismatchError naming unused source keys (the first 24) unless they are
+  allowed; `hint` says why where the caller knows (e.g. another block layout)."""
   if report.unexpected and not allow_unexpected:
+    hint = hint or ("wrong architecture or config? allow_unexpected ignores them: "
+                    "--allow_unexpected of tools/convert.py, config.init.allow_unexpected=True "
+                    "for training")
     raise sd.ParamsMismatchError(
-        f"{len(report.unexpected)} source arrays have no place in the target model: "
-        f"{', '.join(report.unexpected)} (wrong architecture or config? allow_unexpected=True "
-        "to ignore them)")
+        f"{len(report.unexpected)} source arrays have no place in the target model ({hint}): "
+        f"{', '.join(sd.abbreviate(report.unexpected, 24))}")
 
 
 def overlay(init_params: Mapping[str, Any], updates: Mapping[tuple[str, ...], np.ndarray],
