@@ -340,6 +340,27 @@ def test_a_finalize_killed_while_writing_leaves_nothing_after_the_next(media, tm
   assert sorted(os.listdir(out)) == sorted(finished + others)
 
 
+def test_a_rerun_says_which_shards_an_earlier_run_finished(media, tmp_path, capsys):
+  # A rerun on a finished directory printed "written 3 clips ... in 0.0 s" as if it wrote them.
+  rows = [(f"clip{i}", media["good_a"], "/m/c") for i in range(3)]
+  datafile = write_datafile(str(tmp_path / "data.json"), rows)
+  out = str(tmp_path / "out")
+  kwargs = dict(examples_per_shard=1, num_workers=0)
+  prepare.prepare_records(datafile, media["labels_csv"], out, task_index=1, num_tasks=2,
+                          progress=False, **kwargs)  # shard 1 of 3
+  capsys.readouterr()
+  prepare.prepare_records(datafile, media["labels_csv"], out, task_index=1, num_tasks=2,
+                          progress=True, **kwargs)
+  assert capsys.readouterr().out.splitlines() == [
+      "note: 1 of 1 shards of this task were finished by an earlier run and are kept (their "
+      "clips count in the totals below)"]
+  summary = prepare.prepare_records(datafile, media["labels_csv"], out, progress=True, **kwargs)
+  assert summary.written == 3
+  assert capsys.readouterr().out.splitlines() == [
+      "note: 1 of 3 shards were finished by an earlier run and are kept (their clips count in "
+      "the totals below)"]
+
+
 def test_split_runs_merge_and_resume(media, tmp_path):
   rows = [(f"clip{i}", media["good_a" if i % 2 else "good_b"], "/m/c") for i in range(3)]
   datafile = write_datafile(str(tmp_path / "data.json"), rows)

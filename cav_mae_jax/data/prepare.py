@@ -162,6 +162,11 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
       item = sidecar["quarantined"][0]
       raise clips.StrictModeError(clips.Quarantined(
           **{k: item[k] for k in ("path", "video_id", "reason", "message")}))
+  task_shards = len(range(task_index, num_shards, num_tasks))
+  if len(todo) < task_shards and progress:  # resumed: the summary's counts are the directory's
+    print(f"note: {task_shards - len(todo)} of {task_shards} shards"
+          f"{' of this task' if num_tasks > 1 else ''} were finished by an earlier run and are "
+          "kept (their clips count in the totals below)")
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=sum(len(p.entries) for p in todo), unit="clip", disable=not progress,
              desc=f"task {task_index}/{num_tasks}: {len(todo)} shards")
