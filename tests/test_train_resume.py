@@ -225,6 +225,45 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):
   checkpointer.close()
 
 
+def _damage_digest(step_path):
+  """Stands for a damaged data file: a checksum that the arrays do not have."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  digest = {name: value + 1 for name, value in checkpoint.read_digest(step_path).items()}
+  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
+      os.path.join(step_path, checkpoint.DIGEST_ITEM), digest, force=True)
+
+
+def test_a_damaged_latest_checkpoint_names_the_earlier_one_to_resume_from(tmp_path):
+  # The run stops (a damaged checkpoint is not passed over without a word); it did not say that
+  # an earlier one is there, nor how to resume from it.
+  import jax  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  options = ml_collections.ConfigDict(dict(every_steps=1, keep=3, async_save=False,
+                                           every_epoch=False))
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), options)
+  for step in (1, 2):
+    checkpointer.save(step, {"w": np.full(3, step, np.float32)}, {"position": step})
+  checkpointer.wait()
+  _damage_digest(str(tmp_path / "2"))
+  with pytest.raises(checkpoint.CheckpointReadError, match=(
+      rf"differ from what was saved.*; the newest earlier checkpoint is step 1: to resume from "
+      rf"it, move {re.escape(str(tmp_path / '2'))} out of {re.escape(str(tmp_path))}$")):
+    checkpointer.restore(2, abstract)
+  shutil.rmtree(tmp_path / "2")
+  checkpointer.close()
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), options)
+  assert checkpointer.latest_step() == 1
+  np.testing.assert_array_equal(checkpointer.restore(1, abstract)[0]["w"], np.ones(3))
+  _damage_digest(str(tmp_path / "1"))
+  with pytest.raises(checkpoint.CheckpointReadError, match=r"differ from what was saved.*"
+                     r"damaged$"):  # no earlier one: nothing to add
+    checkpointer.restore(1, abstract)
+  checkpointer.close()
+
+
 def test_checkpoints_keep_every_process_input_state_and_old_ones_restore(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel

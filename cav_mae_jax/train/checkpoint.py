@@ -269,13 +269,21 @@ class Checkpointer:
     """Restores (state, this process's input state) at `step`; arrays take `abstract_state`'s
     shardings."""
     path = os.path.join(self.directory, str(step))
-    with reading(path):
-      restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  input=ocp.args.JsonRestore()))
-      saved = read_digest(path)
-    verify_digest(path, {"state": restored["state"]}, saved)
+    try:
+      with reading(path):
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                    input=ocp.args.JsonRestore()))
+        saved = read_digest(path)
+      verify_digest(path, {"state": restored["state"]}, saved)
+    except CheckpointReadError as e:  # not passed over for an earlier one: said what to do
+      earlier = [s for s in self.manager.all_steps() if s < step]
+      if not earlier:
+        raise
+      raise CheckpointReadError(
+          f"{e}; the newest earlier checkpoint is step {max(earlier)}: to resume from it, move "
+          f"{path} out of {self.directory}") from e
     return restored["state"], own_input_state(restored["input"])
 
   def reached_preemption(self, step: int) -> bool:
