@@ -225,6 +225,37 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, cache):
   checkpointer.close()
 
 
+def test_a_resume_on_records_rebuilt_with_other_shards_is_refused(tmp_path):
+  # The input position counts batches in the shards' order: records rebuilt with the same clips
+  # in other shards (another --examples-per-shard) resumed with another order, only a changed
+  # data.train_dir said (and nothing where they were rebuilt in place).
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import run_config  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  from test_input import write_records  # pylint: disable=import-outside-toplevel
+  from test_train_multihost_resume import LABELS  # pylint: disable=import-outside-toplevel
+  from test_train_multihost_resume import resume_config  # pylint: disable=import-outside-toplevel
+  config = resume_config(write_records(str(tmp_path / "records"), LABELS, 4))
+  shards = trainer.records_inputs(config).train_shards
+  assert shards == [[f"clips-{i:05d}-of-00004.tfrecord", n] for i, n in enumerate([5, 5, 5, 4])]
+  workdir = str(tmp_path / "run")  # as a run that saved step 3 leaves it
+  os.makedirs(workdir)
+  run_config.write_run_config(workdir, config, steps_per_epoch=len(LABELS) // 8,
+                              train_shards=shards)
+  assert run_config.read_plan(workdir) == {"steps_per_epoch": 2, "train_shards": shards}
+  saved = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), config.checkpoint)
+  saved.save(3, {"w": np.ones(3, np.float32)}, {"position": 3})
+  saved.close()
+  config.data.train_dir = write_records(str(tmp_path / "records"), LABELS, 2)  # in place
+  with pytest.raises(ValueError, match=re.escape(
+      "the run read 4 shard(s) of 19 clips: clips-00000-of-00004.tfrecord (5), "
+      "clips-00001-of-00004.tfrecord (5), clips-00002-of-00004.tfrecord (5), ... (1 more), "
+      "config.data's training records are 2 shard(s) of 19 clips: "
+      "clips-00000-of-00002.tfrecord (10), clips-00001-of-00002.tfrecord (9): its input "
+      "position counts batches")):
+    trainer.train_and_evaluate(config, workdir)
+
+
 def _damage_digest(step_path):
   """Stands for a damaged data file: a checksum that the arrays do not have."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel

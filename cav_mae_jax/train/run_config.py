@@ -51,8 +51,10 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict,
-                     steps_per_epoch: int | None = None) -> None:
-  """Records `config` (and the run's steps per epoch) in the workdir; the main process writes.
+                     steps_per_epoch: int | None = None,
+                     train_shards: list[list[Any]] | None = None) -> None:
+  """Records `config` (and the run's plan: its steps per epoch, its training shards [file,
+  clips]) in the workdir; the main process writes.
 
   Each file is replaced atomically: when a multi-process run resumes, the other processes read
   the previous config.json while the main process writes the new one.
@@ -60,8 +62,10 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict,
   _replace_file(os.path.join(workdir, RUN_CONFIG_FILE),
                 config.to_json_best_effort(indent=2, sort_keys=True))
   if steps_per_epoch is not None:
-    _replace_file(os.path.join(workdir, PLAN_FILE),
-                  json.dumps({"steps_per_epoch": steps_per_epoch}))
+    plan = {"steps_per_epoch": steps_per_epoch}
+    if train_shards is not None:
+      plan["train_shards"] = train_shards
+    _replace_file(os.path.join(workdir, PLAN_FILE), json.dumps(plan))
 
 
 def _replace_file(path: str, text: str) -> None:
@@ -71,13 +75,21 @@ def _replace_file(path: str, text: str) -> None:
   os.replace(staged, path)
 
 
-def read_steps_per_epoch(workdir: str) -> int:
-  """The steps per epoch of the run in `workdir` (epoch-end checkpoints are at its multiples)."""
+def read_plan(workdir: str) -> dict[str, Any]:
+  """The plan of the run in `workdir` (`write_run_config`); {} for a workdir from before it."""
   path = os.path.join(workdir, PLAN_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{workdir}: no {PLAN_FILE} (not a training workdir)")
+    return {}
   with open(path) as f:
-    return int(json.load(f)["steps_per_epoch"])
+    return json.load(f)
+
+
+def read_steps_per_epoch(workdir: str) -> int:
+  """The steps per epoch of the run in `workdir` (epoch-end checkpoints are at its multiples)."""
+  plan = read_plan(workdir)
+  if not plan:
+    raise FileNotFoundError(f"{workdir}: no {PLAN_FILE} (not a training workdir)")
+  return int(plan["steps_per_epoch"])
 
 
 # Sections every run's config holds (configs/pretrain.py and configs/finetune.py).

@@ -66,6 +66,9 @@ class Inputs:
   train: TrainInput
   eval_batches: eval_lib.common.BatchSource | None
   train_examples: int
+  # The training records' shards, [file, clips] each (the input order follows them); a run
+  # resumes only with the same (None: inputs not read from records, not checked).
+  train_shards: list[list[Any]] | None = None
 
 
 def records_inputs(config: ml_collections.ConfigDict) -> Inputs:
@@ -73,7 +76,8 @@ def records_inputs(config: ml_collections.ConfigDict) -> Inputs:
   from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
   train_index = input_lib.open_split(config, "train").index
   return Inputs(train=input_lib.InputPipeline(config, "train", seed=config.seed),
-                eval_batches=None, train_examples=train_index.num_examples)
+                eval_batches=None, train_examples=train_index.num_examples,
+                train_shards=[[shard.file, shard.num_examples] for shard in train_index.shards])
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, int]:
@@ -149,6 +153,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, inputs:
       if made:  # failed before writing anything: leave no empty workdir behind
         lock.remove_unused_directory()
       raise
+
+
+def _check_same_shards(workdir: str, train_shards: list[list[Any]] | None) -> None:
+  """A resumed run reads the training shards it was reading: its input position counts batches
+  in their order (records rebuilt with other shards hold the same clips in another order, and
+  the epoch under way would see clips twice and others not at all)."""
+  planned = run_config.read_plan(workdir).get("train_shards")
+  if planned is None or train_shards is None or planned == train_shards:
+    return
+  raise ValueError(
+      f"workdir {workdir}: the run read {_describe_shards(planned)}, config.data's training "
+      f"records are {_describe_shards(train_shards)}: its input position counts batches in its "
+      "own shards' order, so it resumes with its own training records (or a new workdir starts "
+      "from its parameters: --config.init.source=workdir --config.init.path=<workdir>)")
+
+
+def _describe_shards(shards: list[list[Any]]) -> str:
+  listed = ", ".join(f"{name} ({count})" for name, count in shards[:3])
+  more = f", ... ({len(shards) - 3} more)" if len(shards) > 3 else ""
+  return f"{len(shards)} shard(s) of {sum(count for _, count in shards)} clips: {listed}{more}"
 
 
 def _check_same_epochs(workdir: str, steps_per_epoch: int, train_examples: int) -> None:
@@ -231,6 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     changes = run_config.check_resume(run_config.read_run_config(workdir), config,
                                       step_lib.abstract_state_of)
     _check_same_epochs(workdir, steps_per_epoch, inputs.train_examples)
+    _check_same_shards(workdir, inputs.train_shards)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
   # The evaluations due at the checkpointed step run again if the interrupted run did not log
@@ -253,7 +278,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
           f"{', '.join(map(str, taken))}, taken from their full states (checkpoints/ keeps the "
           f"newest {config.checkpoint.keep} from this run's next save on)")
   if is_main:
-    run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch)
+    run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch,
+                                train_shards=inputs.train_shards)
     # Records an interrupted run logged after its last checkpoint are logged again from there.
     metrics_lib.rewind(workdir, start_step)
   writer = metrics_lib.make_writer(workdir, is_main, config.tensorboard)
