@@ -434,6 +434,10 @@ def test_evaluating_a_workdir_records_apart_from_the_runs_series(tmp_path):
   recorded.data.eval_dir = "/data/records/eval"
   config.data.eval_dir, config.evals.val.all_frames = "/data/records/eval/", False  # the same
   assert evaluate.record_names(config, recorded, ["val"]) == {"val": "evaluate/val"}
+  config.data.tfds_data_dir = "/data/tfds_vgg"  # other clips: a series apart (it was not)
+  assert evaluate.record_names(config, recorded, ["val"]) == {
+      "val": "evaluate/val@tfds_data_dir=tfds_vgg"}
+  config.data.tfds_data_dir = recorded.data.tfds_data_dir
   with config.unlocked():
     config.evals.other = config.evals.val
   assert evaluate.record_names(config, recorded, ["other"]) == {"other": "evaluate/other@added"}

@@ -147,6 +147,50 @@ def test_strict_local_build_names_bad_clip(manual_dir, tmp_path):
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
+@pytest.fixture(name="all_bad_test_split")
+def fixture_all_bad_test_split(manual_dir, tmp_path):
+  """A manual dir whose train.json is good and whose test.json lists one empty file."""
+  root = tmp_path / "manual_all_bad"
+  root.mkdir()
+  write_datafile(str(root / "train.json"), [("a", os.path.join(manual_dir, "good_a.mp4"),
+                                             "/m/a")])
+  write_datafile(str(root / "test.json"), [("empty", os.path.join(manual_dir, "empty.mp4"),
+                                            "/m/a")])
+  (root / tfds_builder.LABELS_CSV).write_text(LABELS_CSV)
+  return str(root)
+
+
+ALL_QUARANTINED = (r"split 'test': no clip was written: all 1 were quarantined \(empty_file: 1\); "
+                   r"e\.g\. .*empty\.mp4: empty_file: ")
+
+
+def test_a_split_with_every_clip_quarantined_says_why(all_bad_test_split, tmp_path):
+  # TFDS's own error named no clip ('Failed to finalize writing of split "test": No examples
+  # were yielded'), and its cleanup removed the quarantine file that said why.
+  builder = tfds_builder.builder("datafile", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match=ALL_QUARANTINED):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=all_bad_test_split))
+
+
+def test_a_beam_split_with_every_clip_quarantined_says_why(all_bad_test_split, tmp_path):
+  with pytest.raises(Exception, match=ALL_QUARANTINED):  # (Beam's runner may wrap it)
+    _beam_build(all_bad_test_split, str(tmp_path / "tfds"))
+
+
+def test_another_file_format_is_refused_before_any_clip_is_decoded(manual_dir, tmp_path,
+                                                                   monkeypatch):
+  # Every clip was decoded, then the shards' sidecars read them as TFRecord files: "corrupted
+  # record at 0 (Is this even a TFRecord file?)", the build thrown away.
+  monkeypatch.setattr(clips, "try_clip_example", None)  # not reached
+  builder = tfds.builder("cav_mae_clips/datafile", data_dir=str(tmp_path / "tfds"),
+                         file_format="array_record")
+  with pytest.raises(ValueError, match=r"^file_format=array_record: cav_mae_clips writes "
+                     r"TFRecord shards .*build without file_format \(--file_format\)$"):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
 def test_a_list_not_named_as_a_split_is_said_to_be_unread(manual_dir, tmp_path, caplog):
   # An eval.json beside train.json was left out without a word.
   other = tmp_path / "manual"

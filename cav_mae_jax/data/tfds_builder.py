@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -193,6 +193,16 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
                | "Decode" >> beam.FlatMap(process).with_outputs("quarantine", main="examples"))
     _ = outputs.quarantine | "Quarantine" >> beam.io.WriteToText(quarantine_prefix,
                                                                   file_name_suffix=".jsonl")
+    # A split with no clip written fails saying why (small side inputs: counts, one line).
+    by_reason = (outputs.quarantine
+                 | "Reasons" >> beam.Map(lambda line: json.loads(line)["reason"])
+                 | "CountReasons" >> beam.combiners.Count.PerElement())
+    sample = outputs.quarantine | "OneQuarantined" >> beam.combiners.Sample.FixedSizeGlobally(1)
+    _ = (outputs.examples
+         | "CountWritten" >> beam.combiners.Count.Globally()
+         | "SomeWritten" >> beam.Map(_check_beam_written, split=split,
+                                     by_reason=beam.pvalue.AsDict(by_reason),
+                                     sample=beam.pvalue.AsList(sample)))
     num_classes = labels.num_classes
     _ = (outputs.examples
          | "ExampleStats" >> beam.Map(_one_example_stats, num_classes=num_classes)
@@ -201,6 +211,26 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
     return outputs.examples
 
   return transform()  # pylint: disable=no-value-for-parameter
+
+
+def _check_written(split: str, written: int, by_reason: Mapping[str, int],
+                   first: clips.Quarantined | None) -> None:
+  """Raises ValueError naming why when a split's clips were all quarantined (`by_reason`: their
+  count by reason; `first`: one of them): TFDS's own error ('No examples were yielded') named
+  no clip, and its cleanup removed the quarantine file."""
+  if written:
+    return
+  counts = ", ".join(f"{reason}: {count}" for reason, count in sorted(by_reason.items()))
+  example = f"; e.g. {first.path}: {first.reason}: {first.message}" if first else ""
+  raise ValueError(f"split {split!r}: no clip was written: all {sum(by_reason.values())} were "
+                   f"quarantined ({counts or 'the list is empty'}){example}")
+
+
+def _check_beam_written(written: int, split: str, by_reason: Mapping[str, int],
+                        sample: list[list[str]]) -> None:
+  first = sample[0][0] if sample and sample[0] else None
+  _check_written(split, written, by_reason,
+                 clips.Quarantined(**json.loads(first)) if first else None)
 
 
 def labels_parser(labels_feature: tfds.features.FeatureConnector
@@ -275,6 +305,11 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   beam_counters: dict[str, dict[str, int]] | None = None
 
   def _download_and_prepare(self, dl_manager, download_config) -> None:
+    if self.info.file_format != tfds.core.FileFormat.TFRECORD:  # before any clip is decoded
+      raise ValueError(
+          f"file_format={self.info.file_format.value}: {self.name} writes TFRecord shards (each "
+          "with a sidecar of its records' sizes and classes, read by the input pipeline, which "
+          "reads TFRecord files); build without file_format (--file_format)")
     self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
     super()._download_and_prepare(dl_manager, download_config)
     self._store_split_stats()
@@ -374,24 +409,29 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
     if getattr(self, "_use_beam", False):
       return _beam_clip_examples(read_entries, labels, config.write_options, quarantine_prefix,
                                  split, stats_path)
-    return self._local_examples(read_entries(), labels, quarantine_prefix, stats_path)
+    return self._local_examples(read_entries(), labels, split, quarantine_prefix, stats_path)
 
   def _local_examples(self, entries: Sequence[sources.ClipEntry], labels: sources.ClassLabels,
-                      quarantine_prefix: str, stats_path: str
+                      split: str, quarantine_prefix: str, stats_path: str
                       ) -> Iterator[tuple[str, dict[str, Any]]]:
     options = self.builder_config.write_options
     stats = records.ShardStats(labels.num_classes)
+    by_reason: dict[str, int] = {}  # the quarantined clips' count by reason, and the first
+    first: clips.Quarantined | None = None
     try:
       with tf.io.gfile.GFile(f"{quarantine_prefix}-00000-of-00001.jsonl", "w") as quarantine:
         for entry in entries:
           result = _example_or_quarantine(entry, labels, options)
           if isinstance(result, clips.Quarantined):
             quarantine.write(json.dumps(result.to_json()) + "\n")
+            by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
+            first = first or result
           else:
             stats.add(result[1])
             yield result
     finally:  # Also when TFDS stops early (max_examples_per_split): the examples it took.
       _write_stats(stats_path, stats)
+    _check_written(split, stats.num_examples, by_reason, first)
 
 
 def builder(config: str | ClipsConfig, data_dir: str | None = None) -> CavMaeClips:

@@ -181,7 +181,8 @@ def record_names(config: ml_collections.ConfigDict, recorded: ml_collections.Con
   result = {}
   for name in names:
     split = config.evals[name].split
-    data_fields = (f"{split}_dir", "tfds_name", f"tfds_{split}_split", "eval_frame")
+    data_fields = (f"{split}_dir", "tfds_name", "tfds_data_dir", f"tfds_{split}_split",
+                   "eval_frame")
     if recorded is not None and name not in recorded_evals:
       settings = ["added"]  # an evaluator the run did not have
     else:
