@@ -198,17 +198,21 @@ def _beam_clip_examples(read_entries: EntryReader, labels: sources.ClassLabels,
                  | "Reasons" >> beam.Map(lambda line: json.loads(line)["reason"])
                  | "CountReasons" >> beam.combiners.Count.PerElement())
     sample = outputs.quarantine | "OneQuarantined" >> beam.combiners.Sample.FixedSizeGlobally(1)
-    _ = (outputs.examples
-         | "CountWritten" >> beam.combiners.Count.Globally()
-         | "SomeWritten" >> beam.Map(_check_beam_written, split=split,
-                                     by_reason=beam.pvalue.AsDict(by_reason),
-                                     sample=beam.pvalue.AsList(sample)))
+    written = outputs.examples | "CountWritten" >> beam.combiners.Count.Globally()
+    # No element; fed to TFDS's writer with the examples, so that the check runs before TFDS's
+    # own count check, which would otherwise come first at random.
+    checked = (root
+               | "CheckStart" >> beam.Create([None])
+               | "SomeWritten" >> beam.FlatMap(_check_beam_written, split=split,
+                                               written=beam.pvalue.AsSingleton(written),
+                                               by_reason=beam.pvalue.AsDict(by_reason),
+                                               sample=beam.pvalue.AsList(sample)))
     num_classes = labels.num_classes
     _ = (outputs.examples
          | "ExampleStats" >> beam.Map(_one_example_stats, num_classes=num_classes)
          | "MergeStats" >> beam.CombineGlobally(_merge_stats, num_classes=num_classes)
          | "WriteStats" >> beam.Map(lambda stats: _write_stats(stats_path, stats)))
-    return outputs.examples
+    return (outputs.examples, checked) | "Checked" >> beam.Flatten()
 
   return transform()  # pylint: disable=no-value-for-parameter
 
@@ -226,11 +230,13 @@ def _check_written(split: str, written: int, by_reason: Mapping[str, int],
                    f"quarantined ({counts or 'the list is empty'}){example}")
 
 
-def _check_beam_written(written: int, split: str, by_reason: Mapping[str, int],
-                        sample: list[list[str]]) -> None:
+def _check_beam_written(_, split: str, written: int, by_reason: Mapping[str, int],
+                        sample: list[list[str]]) -> list[Any]:
+  """`_check_written` in the Beam transform; yields nothing."""
   first = sample[0][0] if sample and sample[0] else None
   _check_written(split, written, by_reason,
                  clips.Quarantined(**json.loads(first)) if first else None)
+  return []
 
 
 def labels_parser(labels_feature: tfds.features.FeatureConnector
