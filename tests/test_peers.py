@@ -16,6 +16,7 @@ processes' entry point:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -62,6 +63,7 @@ def train_worker(process_id: int, port: int, records_dir: str, workdir: str,
   multihost_worker.initialize_distributed(process_id, PROCESSES, port)
   import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
   from cav_mae_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  records_dir = records_dir.replace("@I@", str(process_id))  # each process its own, if asked
   config = test_train_multihost_resume.resume_config(records_dir)
   config.data.balanced_sampling = False
   config.data.train_dir = records_dir + "/" * process_id  # a path may differ: where it is found
@@ -188,6 +190,26 @@ def test_processes_given_different_configs_are_refused_naming_the_field(tmp_path
             "runs the same software")
   for result in results:
     assert wanted in result.stderr, _logs(results)
+  assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
+
+
+def test_processes_given_records_that_differ_are_refused_naming_them(tmp_path):
+  # Only the paths were compared: other clip counts planned other steps per epoch and the
+  # processes hung in mismatched collectives; the same clips in other shards were read twice
+  # or not at all.
+  import test_input  # pylint: disable=import-outside-toplevel
+  import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
+  for i, num_shards in enumerate((4, 2)):
+    test_input.write_records(str(tmp_path / f"records{i}"), test_train_multihost_resume.LABELS,
+                             num_shards=num_shards)
+  results, _ = _run(["train", str(tmp_path / "records@I@"), str(tmp_path / "workdir"), 0],
+                    timeout=200)
+  assert [r.returncode for r in results] == [1, 1], _logs(results)
+  for result in results:
+    assert re.search(r"the run's processes differ: config.data's training records is '4 "
+                     r"shard\(s\) of 19 clips: .*' on process 0, '2 shard\(s\) of 19 clips: "
+                     r"clips-00000-of-00002.tfrecord \(10\), clips-00001-of-00002.tfrecord "
+                     r"\(9\) \[[0-9a-f]{8}\]' on process 1", result.stderr), _logs(results)
   assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
 
 

@@ -75,8 +75,12 @@ def main(argv: list[str]) -> None:
   batch_size, batch_size_what = cli.batch_size_source(_BATCH_SIZE, config)
   batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",
                                   subset=subset, videos=_VIDEOS.value or "", on_error=quarantine)
+  records = "" if _VIDEOS.value else features.records_directory(config, _RECORDS.value or "")
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
-                         params_path=_MODEL.params.value)
+                         params_path=_MODEL.params.value,
+                         also={"--batch_size": batch_size, "--subset": subset,
+                               "--patches": _PATCHES.value,
+                               "--records": features.records_line(records) if records else None})
   features.check_batch_size(batch_size, loaded.mesh, what=batch_size_what)
   try:
     ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)

@@ -164,8 +164,12 @@ class Loaded:
 
 
 def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
-         params_path: str | None = None) -> Loaded:
-  """The config's task with parameters from a training workdir or a params checkpoint."""
+         params_path: str | None = None, also: dict[str, Any] | None = None) -> Loaded:
+  """The config's task with parameters from a training workdir or a params checkpoint.
+
+  A multi-process run's processes must agree on the config, `step` and `also` (a tool's own
+  settings and what its inputs hold, e.g. {'--batch_size': 8, 'records': records_line(dir)}):
+  `run_config.check_same_on_every_process`."""
   from cav_mae_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import validation  # pylint: disable=g-import-not-at-top
@@ -173,13 +177,22 @@ def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step:
     raise ValueError("give a training workdir or a params checkpoint")
   validation.validate_config(config, jax.device_count(), jax.process_count(), check_data=False,
                              training=False)
-  run_config.check_same_on_every_process(config, {"--step": step})
+  run_config.check_same_on_every_process(config, {"--step": step, **(also or {})})
   task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = evaluate.load_params(task, mesh, workdir=workdir, step=step,
                                       params_path=params_path)
   evaluate.check_fbank_normalization(config, workdir or params_path)
   return Loaded(task, mesh, params, step)
+
+
+def records_line(directory: str) -> str:
+  """What a records directory holds, in a line that is the same on every host that reads the
+  same shards (`run_config.shards_line`: file names and counts, not paths)."""
+  from cav_mae_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
+  index = records_lib.open_records_dir(directory)
+  return run_config.shards_line([[shard.file, shard.num_examples] for shard in index.shards])
 
 
 def records_directory(config: ml_collections.ConfigDict, records: str = "") -> str:

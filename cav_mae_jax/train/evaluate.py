@@ -196,6 +196,21 @@ def record_names(config: ml_collections.ConfigDict, recorded: ml_collections.Con
   return result
 
 
+def _evaluated_clips(config: ml_collections.ConfigDict,
+                    names: list[str] | None) -> dict[str, str]:
+  """{"config.evals.<name>'s clips": `run_config.shards_line`} of the evaluators that run: the
+  processes of a run read shares of the same shards (paths may differ: a host's own copy)."""
+  from cav_mae_jax.data import dataset, splits  # pylint: disable=g-import-not-at-top
+  lines = {}
+  for name, entry in config.evals.items():
+    if names is None or name in names:
+      source = (splits.open_records_split(entry.dir, f"config.evals.{name}.dir") if entry.dir
+                else dataset.open_split(config, entry.split))
+      lines[f"config.evals.{name}'s clips"] = run_config.shards_line(
+          [[shard.file, shard.num_examples] for shard in source.index.shards])
+  return lines
+
+
 def _same_path(old: Any, new: Any) -> bool:
   """Whether two setting values name one folder ('/x/eval' and '/x/eval/')."""
   return (isinstance(old, str) and isinstance(new, str) and "/" in old + new
@@ -223,7 +238,10 @@ def evaluate(
                              check_data=batch_source is None, training=False)
   task = tasks.get_task(config)
   eval_lib.validate_evals(config, task.predict_fns, jax.device_count(), jax.process_count())
-  run_config.check_same_on_every_process(config, {"--step": step, "--evals": names})
+  same = {"--step": step, "--evals": names}
+  if batch_source is None and jax.process_count() > 1:
+    same.update(_evaluated_clips(config, names))
+  run_config.check_same_on_every_process(config, same)
   unknown = sorted(set(names or ()) - set(config.evals.keys()))
   if unknown:
     raise ValueError(f"--evals: {unknown} not in config.evals (have {sorted(config.evals)})")

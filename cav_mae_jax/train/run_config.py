@@ -236,6 +236,16 @@ def check_same_on_every_process(config: ml_collections.ConfigDict,
                    "same config and runs the same software")
 
 
+def shards_line(shards: list[list[Any]]) -> str:
+  """A split's shards ([file, clips] each, paths apart) in a line: their count and clips, the
+  first three, and a digest of the whole list (two lists that differ later differ in it)."""
+  digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:8]
+  listed = ", ".join(f"{name} ({count})" for name, count in shards[:3])
+  more = f", ... ({len(shards) - 3} more)" if len(shards) > 3 else ""
+  return (f"{len(shards)} shard(s) of {sum(count for _, count in shards)} clips: "
+          f"{listed}{more} [{digest}]")
+
+
 def _from_process(source: int, text: str) -> dict[str, Any]:
   """Process `source`'s JSON `text`, decoded on every process (a collective)."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

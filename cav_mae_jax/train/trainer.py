@@ -163,16 +163,11 @@ def _check_same_shards(workdir: str, train_shards: list[list[Any]] | None) -> No
   if planned is None or train_shards is None or planned == train_shards:
     return
   raise ValueError(
-      f"workdir {workdir}: the run read {_describe_shards(planned)}, config.data's training "
-      f"records are {_describe_shards(train_shards)}: its input position counts batches in its "
-      "own shards' order, so it resumes with its own training records (or a new workdir starts "
-      "from its parameters: --config.init.source=workdir --config.init.path=<workdir>)")
-
-
-def _describe_shards(shards: list[list[Any]]) -> str:
-  listed = ", ".join(f"{name} ({count})" for name, count in shards[:3])
-  more = f", ... ({len(shards) - 3} more)" if len(shards) > 3 else ""
-  return f"{len(shards)} shard(s) of {sum(count for _, count in shards)} clips: {listed}{more}"
+      f"workdir {workdir}: the run read {run_config.shards_line(planned)}, config.data's "
+      f"training records are {run_config.shards_line(train_shards)}: its input position "
+      "counts batches in its own shards' order, so it resumes with its own training records "
+      "(or a new workdir starts from its parameters: --config.init.source=workdir "
+      "--config.init.path=<workdir>)")
 
 
 def _check_same_epochs(workdir: str, steps_per_epoch: int, train_examples: int) -> None:
@@ -240,6 +235,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
 
   # ---------------------------------------------------------------- data
   inputs = inputs or records_inputs(config)
+  if inputs.train_shards is not None:  # each reads its share of them: the same on every process
+    run_config.check_same_on_every_process(
+        config, {"config.data's training records": run_config.shards_line(inputs.train_shards)})
   steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
   logger.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
               inputs.train_examples)
