@@ -8,6 +8,7 @@ SIGKILL test, which checks both writers.
 
 import hashlib
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -246,7 +247,8 @@ def test_a_resume_on_records_rebuilt_with_other_shards_is_refused(tmp_path):
   saved = checkpoint.Checkpointer(checkpoint.workdir_checkpoints(workdir), config.checkpoint)
   saved.save(3, {"w": np.ones(3, np.float32)}, {"position": 3})
   saved.close()
-  config.data.train_dir = write_records(str(tmp_path / "records"), LABELS, 2)  # in place
+  original = config.data.train_dir
+  config.data.train_dir = write_records(str(tmp_path / "rebuilt"), LABELS, 2)
   with pytest.raises(ValueError, match=(
       r"the run read 4 shard\(s\) of 19 clips: clips-00000-of-00004.tfrecord \(5\), "
       r"clips-00001-of-00004.tfrecord \(5\), clips-00002-of-00004.tfrecord \(5\), \.\.\. "
@@ -254,6 +256,14 @@ def test_a_resume_on_records_rebuilt_with_other_shards_is_refused(tmp_path):
       r"clips: clips-00000-of-00002.tfrecord \(10\), clips-00001-of-00002.tfrecord \(9\) "
       r"\[[0-9a-f]{8}\]: its input position counts batches")):
     trainer.train_and_evaluate(config, workdir)
+  # A resume refused at its restore (here: the stand-in checkpoint's tree) leaves the workdir's
+  # record as it was; the config was written before the restore, and said no change next time.
+  recorded = {name: (pathlib.Path(workdir) / name).read_text()
+              for name in (run_config.RUN_CONFIG_FILE, run_config.PLAN_FILE)}
+  config.data.train_dir, config.total_epochs = original, 8.0
+  with pytest.raises(Exception):
+    trainer.train_and_evaluate(config, workdir)
+  assert recorded == {name: (pathlib.Path(workdir) / name).read_text() for name in recorded}
 
 
 def _damage_digest(step_path):

@@ -275,12 +275,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     print(f"{checkpoint_lib.EPOCH_PARAMS_DIR}/: the params of epoch-end step(s) "
           f"{', '.join(map(str, taken))}, taken from their full states (checkpoints/ keeps the "
           f"newest {config.checkpoint.keep} from this run's next save on)")
-  if is_main:
-    run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch,
-                                train_shards=inputs.train_shards)
-    # Records an interrupted run logged after its last checkpoint are logged again from there.
-    metrics_lib.rewind(workdir, start_step)
-  writer = metrics_lib.make_writer(workdir, is_main, config.tensorboard)
 
   # ---------------------------------------------------------------- task and optimizer
   schedule, tx = optim.for_task(config, task, steps_per_epoch, total_steps)
@@ -308,6 +302,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
             "paper's start is a pretrained model: --config.init.source=workdir|params|cavmae "
             "--config.init.path=...")
     state, _ = step_lib.create_train_state(task, tx, mesh, init_rng, params)
+  # The run's record, once its state is there: a resume refused at its restore (a damaged
+  # checkpoint, another process count) leaves the workdir as it was.
+  if is_main:
+    run_config.write_run_config(workdir, config, steps_per_epoch=steps_per_epoch,
+                                train_shards=inputs.train_shards)
+    # Records an interrupted run logged after its last checkpoint are logged again from there.
+    metrics_lib.rewind(workdir, start_step)
+  writer = metrics_lib.make_writer(workdir, is_main, config.tensorboard)
+  if not start_step:
     writer.write_hparams(config.to_dict())
 
   # ---------------------------------------------------------------- update function
