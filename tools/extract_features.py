@@ -66,6 +66,7 @@ def main(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   _DISTRIBUTED.initialize()
+  from cav_mae_jax.data import clips as data_clips  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import clips, features  # pylint: disable=g-import-not-at-top
   config = _MODEL.config.value
   quarantine = None
@@ -75,19 +76,18 @@ def main(argv: list[str]) -> None:
   batch_size, batch_size_what = cli.batch_size_source(_BATCH_SIZE, config)
   batches = features.clip_batches(config, batch_size, records_dir=_RECORDS.value or "",
                                   subset=subset, videos=_VIDEOS.value or "", on_error=quarantine)
-  records = "" if _VIDEOS.value else features.records_directory(config, _RECORDS.value or "")
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
                          params_path=_MODEL.params.value,
+                         records_dir=None if _VIDEOS.value else _RECORDS.value or "",
                          also={"--batch_size": batch_size, "--subset": subset,
-                               "--patches": _PATCHES.value,
-                               "--records": features.records_line(records) if records else None})
+                               "--patches": _PATCHES.value})
   features.check_batch_size(batch_size, loaded.mesh, what=batch_size_what)
   try:
     ids, arrays = features.extract_embeddings(loaded, batches, patches=_PATCHES.value)
   except features.NoClipsError:
     if quarantine is None or not quarantine.count:
       raise
-    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(quarantine.by_reason.items()))
+    reasons = data_clips.reason_counts(quarantine.by_reason)
     raise features.NoClipsError(f"no clip of --videos {_VIDEOS.value} could be read: all "
                                 f"{quarantine.count} were quarantined ({reasons}); see "
                                 f"{quarantine.path}") from None

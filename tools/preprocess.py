@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli.interrupted_line(e, "finished shards are kept; the same command resumes")
   print(prepare.format_summary(summary))
   if summary.shards_finished == summary.num_shards and not summary.written:
-    reasons = ", ".join(f"{r}: {n}" for r, n in summary.quarantined_by_reason.items())
+    reasons = clips.reason_counts(summary.quarantined_by_reason)
     return cli.error_line(f"{args.out}: no clip was written: all {summary.quarantined} were "
                           f"quarantined ({reasons}; see {prepare.QUARANTINE})")
   return 0

@@ -35,9 +35,8 @@ def main(argv: list[str]) -> None:
   subset = clips.read_id_list(_SUBSET.value) if _SUBSET.value else None
   batch_size, what = cli.batch_size_source(_BATCH_SIZE, config)
   loaded = features.load(config, workdir=_MODEL.workdir.value, step=_MODEL.step.value,
-                         params_path=_MODEL.params.value,
-                         also={"--batch_size": batch_size, "--subset": subset,
-                               "--records": features.records_line(records)})
+                         params_path=_MODEL.params.value, records_dir=records,
+                         also={"--batch_size": batch_size, "--subset": subset})
   features.check_batch_size(batch_size, loaded.mesh, what=what)
   result = features.retrieval(loaded, clips.record_batches(config, batch_size, directory=records,
                                                            video_ids=subset))

@@ -16,7 +16,7 @@ import ctypes
 import dataclasses
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
@@ -64,6 +64,12 @@ def keep_freed_memory() -> bool:
     return False
   mallopt = ctypes.CDLL(None).mallopt
   return all(mallopt(option, value) == 1 for option, value in _MALLOC_SETTINGS)
+
+
+def reason_counts(by_reason: Mapping[str, int]) -> str:
+  """'empty_file: 2, missing_file: 1': quarantined clips' counts by reason code, in code order
+  (the one-line errors of a run that wrote no clip)."""
+  return ", ".join(f"{reason}: {count}" for reason, count in sorted(by_reason.items()))
 
 
 class ClipError(Exception):

@@ -95,6 +95,21 @@ def open_split(config: Any, split: str) -> splits.Split:
   return source
 
 
+def open_evaluator_split(config: Any, name: str, entry: Mapping[str, Any]) -> splits.Split:
+  """The clips evaluator `config.evals.<name>` (`entry`) reads: its records directory `dir`, else
+  its split of config.data; errors name the field."""
+  config = config if isinstance(config, DataConfig) else DataConfig.from_config(config)
+  if entry["dir"]:
+    source = splits.open_records_split(entry["dir"], f"config.evals.{name}.dir")
+    splits.check_fbank_shape(source, config.audio_length, config.num_mel_bins)
+    return source
+  try:
+    return open_split(config, entry["split"])
+  except ValueError as e:
+    raise ValueError(f"{e} (read by evaluator config.evals.{name}; "
+                     f"--config.evals.{name}=None removes it)") from None
+
+
 def check_data_sources(config: Any, training: bool = True,
                        num_classes: int | None = None, process_count: int = 1) -> None:
   """Opens every split a run reads and checks it against the model; ValueError naming the field.
@@ -119,15 +134,7 @@ def check_data_sources(config: Any, training: bool = True,
   evaluated = list(eval_sources)  # every split an evaluator reads
   evals = config["evals"] if isinstance(config, Mapping) else getattr(config, "evals", None)
   for name, entry in (evals or {}).items():
-    if entry["dir"]:
-      source = splits.open_records_split(entry["dir"], f"config.evals.{name}.dir")
-      splits.check_fbank_shape(source, data_config.audio_length, data_config.num_mel_bins)
-    else:
-      try:
-        source = open_split(data_config, entry["split"])
-      except ValueError as e:
-        raise ValueError(f"{e} (read by evaluator config.evals.{name}; "
-                         f"--config.evals.{name}=None removes it)") from None
+    source = open_evaluator_split(data_config, name, entry)
     evaluated.append(source)
     if entry["split"] == "eval":
       eval_sources.append(source)

@@ -363,6 +363,11 @@ class RecordIndex:
   waveform_sample_rate: int = WAVEFORM_SAMPLE_RATE
   format_version: int = FORMAT_VERSION
 
+  def shard_list(self) -> list[list[Any]]:
+    """[file, examples] of each shard, in order: which clips a split holds, paths apart (the
+    same on every host that reads the same shards; JSON as plan.json keeps it)."""
+    return [[shard.file, shard.num_examples] for shard in self.shards]
+
   def shard_paths(self, directory: str) -> list[str]:
     """Paths of the shard files in the records directory (absolute for local paths)."""
     if "://" not in directory:

@@ -224,7 +224,7 @@ def _check_written(split: str, written: int, by_reason: Mapping[str, int],
   no clip, and its cleanup removed the quarantine file."""
   if written:
     return
-  counts = ", ".join(f"{reason}: {count}" for reason, count in sorted(by_reason.items()))
+  counts = clips.reason_counts(by_reason)
   example = f"; e.g. {first.path}: {first.reason}: {first.message}" if first else ""
   raise ValueError(f"split {split!r}: no clip was written: all {sum(by_reason.values())} were "
                    f"quarantined ({counts or 'the list is empty'}){example}")

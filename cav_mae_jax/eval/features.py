@@ -164,12 +164,13 @@ class Loaded:
 
 
 def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step: int = 0,
-         params_path: str | None = None, also: dict[str, Any] | None = None) -> Loaded:
+         params_path: str | None = None, records_dir: str | None = None,
+         also: dict[str, Any] | None = None) -> Loaded:
   """The config's task with parameters from a training workdir or a params checkpoint.
 
-  A multi-process run's processes must agree on the config, `step` and `also` (a tool's own
-  settings and what its inputs hold, e.g. {'--batch_size': 8, 'records': records_line(dir)}):
-  `run_config.check_same_on_every_process`."""
+  A multi-process run's processes must agree on the config, `step`, `also` (a tool's own
+  settings, e.g. {'--batch_size': 8}) and, where the tool reads records (`records_dir`, as
+  `records_directory` takes it), what they hold: `run_config.check_same_on_every_process`."""
   from cav_mae_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.train import validation  # pylint: disable=g-import-not-at-top
@@ -177,22 +178,18 @@ def load(config: ml_collections.ConfigDict, *, workdir: str | None = None, step:
     raise ValueError("give a training workdir or a params checkpoint")
   validation.validate_config(config, jax.device_count(), jax.process_count(), check_data=False,
                              training=False)
-  run_config.check_same_on_every_process(config, {"--step": step, **(also or {})})
+  same = {"--step": step, **(also or {})}
+  if records_dir is not None and jax.process_count() > 1:
+    from cav_mae_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
+    same["--records"] = run_config.shards_line(
+        records_lib.open_records_dir(records_directory(config, records_dir)).shard_list())
+  run_config.check_same_on_every_process(config, same)
   task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = evaluate.load_params(task, mesh, workdir=workdir, step=step,
                                       params_path=params_path)
   evaluate.check_fbank_normalization(config, workdir or params_path)
   return Loaded(task, mesh, params, step)
-
-
-def records_line(directory: str) -> str:
-  """What a records directory holds, in a line that is the same on every host that reads the
-  same shards (`run_config.shards_line`: file names and counts, not paths)."""
-  from cav_mae_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.train import run_config  # pylint: disable=g-import-not-at-top
-  index = records_lib.open_records_dir(directory)
-  return run_config.shards_line([[shard.file, shard.num_examples] for shard in index.shards])
 
 
 def records_directory(config: ml_collections.ConfigDict, records: str = "") -> str:

@@ -200,15 +200,11 @@ def _evaluated_clips(config: ml_collections.ConfigDict,
                     names: list[str] | None) -> dict[str, str]:
   """{"config.evals.<name>'s clips": `run_config.shards_line`} of the evaluators that run: the
   processes of a run read shares of the same shards (paths may differ: a host's own copy)."""
-  from cav_mae_jax.data import dataset, splits  # pylint: disable=g-import-not-at-top
-  lines = {}
-  for name, entry in config.evals.items():
-    if names is None or name in names:
-      source = (splits.open_records_split(entry.dir, f"config.evals.{name}.dir") if entry.dir
-                else dataset.open_split(config, entry.split))
-      lines[f"config.evals.{name}'s clips"] = run_config.shards_line(
-          [[shard.file, shard.num_examples] for shard in source.index.shards])
-  return lines
+  from cav_mae_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  data_config = dataset.DataConfig.from_config(config)
+  return {f"config.evals.{name}'s clips": run_config.shards_line(
+              dataset.open_evaluator_split(data_config, name, entry).index.shard_list())
+          for name, entry in config.evals.items() if names is None or name in names}
 
 
 def _same_path(old: Any, new: Any) -> bool:

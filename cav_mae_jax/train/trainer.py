@@ -77,7 +77,7 @@ def records_inputs(config: ml_collections.ConfigDict) -> Inputs:
   train_index = input_lib.open_split(config, "train").index
   return Inputs(train=input_lib.InputPipeline(config, "train", seed=config.seed),
                 eval_batches=None, train_examples=train_index.num_examples,
-                train_shards=[[shard.file, shard.num_examples] for shard in train_index.shards])
+                train_shards=train_index.shard_list())
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, int]:
@@ -155,11 +155,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, inputs:
       raise
 
 
-def _check_same_shards(workdir: str, train_shards: list[list[Any]] | None) -> None:
-  """A resumed run reads the training shards it was reading: its input position counts batches
-  in their order (records rebuilt with other shards hold the same clips in another order, and
-  the epoch under way would see clips twice and others not at all)."""
-  planned = run_config.read_plan(workdir).get("train_shards")
+def _check_same_plan(workdir: str, steps_per_epoch: int, train_examples: int,
+                     train_shards: list[list[Any]] | None) -> None:
+  """A resumed run keeps its plan (plan.json; a workdir from before it is not checked).
+
+  Its epochs: its epoch-end checkpoints, epoch-based schedule and evaluations, and input
+  position are at multiples of the steps per epoch it planned. (A changed batch size is refused
+  by `run_config.check_resume`; another set of training clips re-planned the epochs without a
+  word, and tools/average.py then misread the checkpoints.) And its training shards: its input
+  position counts batches in their order (records rebuilt with other shards hold the same clips
+  in another order, and the epoch under way would see clips twice and others not at all)."""
+  plan = run_config.read_plan(workdir)
+  if plan and plan["steps_per_epoch"] != steps_per_epoch:
+    raise ValueError(
+        f"workdir {workdir}: the run has {plan['steps_per_epoch']} steps per epoch, this config "
+        f"{steps_per_epoch} ({train_examples} training clips): its epoch-end checkpoints, "
+        "schedule and input position follow its epochs, so it resumes with its own training "
+        "clips (or a new workdir starts from its parameters: --config.init.source=workdir "
+        "--config.init.path=<workdir>)")
+  planned = plan.get("train_shards")
   if planned is None or train_shards is None or planned == train_shards:
     return
   raise ValueError(
@@ -168,24 +182,6 @@ def _check_same_shards(workdir: str, train_shards: list[list[Any]] | None) -> No
       "counts batches in its own shards' order, so it resumes with its own training records "
       "(or a new workdir starts from its parameters: --config.init.source=workdir "
       "--config.init.path=<workdir>)")
-
-
-def _check_same_epochs(workdir: str, steps_per_epoch: int, train_examples: int) -> None:
-  """A resumed run keeps its epochs: its epoch-end checkpoints, epoch-based schedule and
-  evaluations, and input position are at multiples of the steps per epoch it planned. (A
-  changed batch size is refused by `run_config.check_resume`; another set of training clips
-  re-planned the epochs without a word, and tools/average.py then misread the checkpoints.)"""
-  try:
-    planned = run_config.read_steps_per_epoch(workdir)
-  except FileNotFoundError:  # a workdir from before plan.json
-    return
-  if planned != steps_per_epoch:
-    raise ValueError(
-        f"workdir {workdir}: the run has {planned} steps per epoch, this config "
-        f"{steps_per_epoch} ({train_examples} training clips): its epoch-end checkpoints, "
-        "schedule and input position follow its epochs, so it resumes with its own training "
-        "clips (or a new workdir starts from its parameters: --config.init.source=workdir "
-        "--config.init.path=<workdir>)")
 
 
 def _check_local_workdir(workdir: str) -> None:
@@ -252,8 +248,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
   if start_step:
     changes = run_config.check_resume(run_config.read_run_config(workdir), config,
                                       step_lib.abstract_state_of)
-    _check_same_epochs(workdir, steps_per_epoch, inputs.train_examples)
-    _check_same_shards(workdir, inputs.train_shards)
+    _check_same_plan(workdir, steps_per_epoch, inputs.train_examples, inputs.train_shards)
     if changes and is_main:
       print(f"resuming step {start_step} with changed fields: {run_config.describe(changes)}")
   # The evaluations due at the checkpointed step run again if the interrupted run did not log
