@@ -27,6 +27,13 @@ def _write(workdir, steps, offset):
   writer.close()
 
 
+def _next_second():
+  """Waits for the clock's next second: an event file's name holds its second, then a counter
+  of the process's writers, compared as text ('10' before '9'); a resumed run's file, made
+  seconds later, is read after the earlier one as TensorBoard reads them, in name order."""
+  time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def _points(tf, workdir):
   """(step, value) of train/loss as TensorBoard's Python loader shows them."""
   # pylint: disable-next=import-outside-toplevel
@@ -49,11 +56,13 @@ def test_resume_drops_the_summaries_after_the_checkpoint(tf, tmp_path):
   # What TensorBoard drew without the cut: both runs' points over steps 7-10.
   duplicated = tmp_path / "duplicated"
   _write(duplicated, range(1, 11), 0.0)
+  _next_second()
   _write(duplicated, range(7, 13), 100.0)
   assert [s for s, _ in _points(tf, duplicated)] == list(range(1, 11)) + list(range(7, 13))
 
   assert metrics.drop_summaries_after(str(interrupted), 6) == 4
   assert metrics.drop_summaries_after(str(interrupted), 6) == 0  # nothing more to drop
+  _next_second()
   _write(interrupted, range(7, 13), 100.0)
   assert _points(tf, interrupted) == [(s, float(s)) for s in range(1, 7)] + [
       (s, 100.0 + s) for s in range(7, 13)]
