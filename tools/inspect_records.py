@@ -119,6 +119,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from cav_mae_jax.data import dataset
 from cav_mae_jax.data import decode
 from cav_mae_jax.data import records
 from cav_mae_jax.data import sources
@@ -205,7 +206,7 @@ def _parsed_or_fail(path: str, parse: Callable[[tf.Tensor], dict[str, tf.Tensor]
   read from memory)."""
   try:
     yield from tf.data.TFRecordDataset(path).map(
-        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset.no_autograph(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   except tf.errors.OpError as e:
     raise ValueError(f"shard {path} is damaged: {records.op_error_text(e)}") from None
 

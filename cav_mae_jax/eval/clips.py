@@ -273,15 +273,16 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
   # Each record with the position of its shard among `files`: a shard that ends early (cut at
   # a record boundary, or empty) reads without an error, and its clips would be left out.
   examples = tf.data.Dataset.from_tensor_slices((files, tf.range(len(split.files)))).flat_map(
-      lambda path, shard: tf.data.TFRecordDataset(path).map(lambda s: (s, shard)))
+      dataset_lib.no_autograph(
+          lambda path, shard: tf.data.TFRecordDataset(path).map(lambda s: (s, shard))))
   shard_counts = _ShardCounts(split.files, split.file_examples, split.source.description)
   if video_ids is not None:
     wanted = list(dict.fromkeys(video_ids))
     if not wanted:
       raise ValueError("the subset of clip ids is empty")
     local_ids = []
-    for video_id, shard in examples.map(lambda s, shard: (
-        tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID], shard)).as_numpy_iterator():
+    for video_id, shard in examples.map(dataset_lib.no_autograph(lambda s, shard: (
+        tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID], shard))).as_numpy_iterator():
       shard_counts.add([shard])
       local_ids.append(video_id.decode())
     shard_counts.finish()
@@ -298,8 +299,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(wanted), tf.ones(len(wanted), tf.int32)),
         default_value=0)
-    examples = examples.filter(lambda s, shard: table.lookup(
-        tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]) > 0)
+    examples = examples.filter(dataset_lib.no_autograph(lambda s, shard: table.lookup(
+        tf.io.parse_single_example(s, id_spec)[records.VIDEO_ID]) > 0))
     shard_counts = None  # every shard was counted when the ids were read
 
   def parse(serialized: tf.Tensor, shard: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -308,7 +309,7 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     return {**clip, "video_id": parsed[records.VIDEO_ID], "valid": tf.constant(True),
             "shard": shard}
 
-  batches = examples.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batches = examples.map(dataset_lib.no_autograph(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   batches = batches.batch(host_batch).prefetch(2)
   num_batches = _max_over_processes(math.ceil(count / host_batch))
   yielded = 0
