@@ -774,7 +774,8 @@ def make_dataset(config: Any, split: str, *, process_index: int, process_count: 
     if data_config.mixup > 0:
       clips = host.with_mixup_partners(clips, data_config.mixup, base_seed,
                                        data_config.reads_in_flight)
-    clips = clips.map(no_autograph(parse_clip), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    clips = clips.map(no_autograph(parse_clip), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True)
     batches = _batch(clips, host_batch, with_waveform)
   else:
     # A process may hold no shard at all (more processes than files): it yields padding only.

@@ -309,7 +309,8 @@ def record_batches(config: Any, batch_size: int, *, directory: str = "",
     return {**clip, "video_id": parsed[records.VIDEO_ID], "valid": tf.constant(True),
             "shard": shard}
 
-  batches = examples.map(dataset_lib.no_autograph(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batches = examples.map(dataset_lib.no_autograph(parse), num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
   batches = batches.batch(host_batch).prefetch(2)
   num_batches = _max_over_processes(math.ceil(count / host_batch))
   yielded = 0
