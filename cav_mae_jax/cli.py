@@ -126,6 +126,7 @@ class DistributedFlags:
   coordinator_address: flags.FlagHolder
   num_processes: flags.FlagHolder
   process_id: flags.FlagHolder
+  heartbeat_timeout_s: flags.FlagHolder
 
   def initialize(self) -> None:
     """Joins the other processes when --distributed is given (call before anything else of
@@ -134,10 +135,13 @@ class DistributedFlags:
     if not self.distributed.value:
       return
     import jax  # pylint: disable=g-import-not-at-top
+    timeout = self.heartbeat_timeout_s.value
     try:
       jax.distributed.initialize(coordinator_address=self.coordinator_address.value,
                                  num_processes=self.num_processes.value,
-                                 process_id=self.process_id.value)
+                                 process_id=self.process_id.value,
+                                 **({} if timeout is None else
+                                    {"heartbeat_timeout_seconds": timeout}))
     except ValueError as e:  # JAX's own line ("coordinator_address should be defined.")
       hint = ("; outside a cluster JAX detects (TPU pod, SLURM, Open MPI, Kubernetes) give "
               "--coordinator_address, --num_processes and --process_id"
@@ -147,21 +151,26 @@ class DistributedFlags:
 
 
 def define_distributed_flags(alone: str) -> DistributedFlags:
-  """Defines --distributed, --coordinator_address, --num_processes and --process_id; the last
-  three need --distributed (`alone`: what each process would do without it, for the error)."""
+  """Defines --distributed, --coordinator_address, --num_processes, --process_id and
+  --heartbeat_timeout_s; all but the first need --distributed (`alone`: what each process would
+  do without it, for the error)."""
   holder = DistributedFlags(
       distributed=flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize "
                                     "(one process per host of a multi-host run)."),
       coordinator_address=flags.DEFINE_string("coordinator_address", None,
                                               "host:port of process 0."),
       num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes."),
-      process_id=flags.DEFINE_integer("process_id", None, "This process's index."))
-  names = ["coordinator_address", "num_processes", "process_id"]
+      process_id=flags.DEFINE_integer("process_id", None, "This process's index."),
+      heartbeat_timeout_s=flags.DEFINE_integer(
+          "heartbeat_timeout_s", None, "Seconds without a process's heartbeat before JAX ends "
+          "every process of the run (default: JAX's, 100): a process killed outright (SIGKILL, "
+          "the OOM killer) cannot tell its peers that it failed.", lower_bound=1))
+  names = ["coordinator_address", "num_processes", "process_id", "heartbeat_timeout_s"]
   flags.register_multi_flags_validator(
       ["distributed", *names],
       lambda values: values["distributed"] or all(values[name] is None for name in names),
-      message=f"--coordinator_address, --num_processes and --process_id need --distributed "
-      f"(without it every process would {alone})")
+      message=f"--coordinator_address, --num_processes, --process_id and --heartbeat_timeout_s "
+      f"need --distributed (without it every process would {alone})")
   return holder
 
 

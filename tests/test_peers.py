@@ -6,9 +6,10 @@ barrier timed out (5 minutes); then every process aborted with a C++ fatal error
 cause. Two local processes x 2 CPU devices joined by jax.distributed. This file is also the
 processes' entry point:
 
-  python tests/test_peers.py tool PROCESS_ID PORT FAILING WHEN
+  python tests/test_peers.py tool PROCESS_ID PORT FAILING WHEN [HEARTBEAT_TIMEOUT_S]
       (FAILING: a process id, -1 for none, 2 for both; WHEN: 'mid' with the peer in the next
-      collective, 'late' after the last one, once the peer has returned)
+      collective, 'late' after the last one, once the peer has returned, 'killed' with a
+      SIGKILL while the peer is in the next collective)
   python tests/test_peers.py train PROCESS_ID PORT RECORDS WORKDIR LEARNING_RATE
   python tests/test_peers.py settings PROCESS_ID PORT
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 
@@ -29,9 +31,11 @@ PROCESSES = 2
 BAD_INPUT = "videos.csv line 3: no such file /data/clip.mp4"
 
 
-def tool_worker(process_id: int, port: int, failing: int, when: str) -> None:
+def tool_worker(process_id: int, port: int, failing: int, when: str,
+                heartbeat_timeout_s: str = "") -> None:
   """A multi-host tool (cli.run, --distributed): process `failing` (both: 2) fails on a bad
-  input after one collective, while its peer waits in the next, or after the last one."""
+  input after one collective, while its peer waits in the next, or after the last one; or is
+  killed (SIGKILL) while its peer waits in the next."""
   from cav_mae_jax import cli  # pylint: disable=import-outside-toplevel
   distributed = cli.define_distributed_flags("work alone")
 
@@ -44,6 +48,8 @@ def tool_worker(process_id: int, port: int, failing: int, when: str) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.process_allgather(np.ones(2))
     fails = failing in (jax.process_index(), PROCESSES)
+    if fails and when == "killed":
+      os.kill(os.getpid(), signal.SIGKILL)
     if fails and when == "mid":
       raise ValueError(BAD_INPUT)
     multihost_utils.process_allgather(np.ones(2))
@@ -54,6 +60,8 @@ def tool_worker(process_id: int, port: int, failing: int, when: str) -> None:
 
   sys.argv = [sys.argv[0], "--distributed", f"--coordinator_address=localhost:{port}",
               f"--num_processes={PROCESSES}", f"--process_id={process_id}"]
+  if heartbeat_timeout_s:
+    sys.argv.append(f"--heartbeat_timeout_s={heartbeat_timeout_s}")
   cli.run(main, uses_tensorflow=False)
 
 
@@ -146,6 +154,19 @@ def test_processes_failing_together_print_one_line_each():
   assert seconds < 60, seconds
 
 
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_killed_process_ends_its_peer_after_the_heartbeat_timeout(killed):
+  # A process killed outright cannot report: JAX notices its missing heartbeats (100 s by
+  # default, 93 s measured in a training run) and ends the other process (its own message, no
+  # `error:` line). Here the survivor's Gloo collective fails at once; without the flag it then
+  # waited for its peer at its exit until peers.EXIT_WAIT_S (34 s in all), with 2 s 6 s.
+  results, seconds = _run(["tool", killed, "killed", 2], timeout=90)
+  assert results[killed].returncode == -signal.SIGKILL, _logs(results)
+  assert results[1 - killed].returncode != 0, _logs(results)
+  assert f"process {1 - killed} done" not in results[1 - killed].stdout
+  assert seconds < 25, seconds
+
+
 def test_a_damaged_shard_ends_both_processes_of_a_training_run(tmp_path):
   import test_input  # pylint: disable=import-outside-toplevel
   import test_train_multihost_resume  # pylint: disable=import-outside-toplevel
@@ -225,7 +246,7 @@ if __name__ == "__main__":
   if sys.argv[1] == "settings":
     settings_worker(int(sys.argv[2]), int(sys.argv[3]))
   elif sys.argv[1] == "tool":
-    tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    tool_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7])
   else:
     train_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
                  float(sys.argv[6]))

@@ -75,6 +75,12 @@ CASES = {
     "retrieval_process_flags_without_distributed": ("retrieval.py", [TINY, "--params=p",
                                                                      "--num_processes=2"],
                                                     "need --distributed"),
+    "train_heartbeat_without_distributed": ("train.py", [TINY, "--workdir=w",
+                                                         "--heartbeat_timeout_s=10"],
+                                            "--heartbeat_timeout_s need --distributed"),
+    "evaluate_heartbeat_not_positive": ("evaluate.py", [TINY, "--params=p", "--distributed",
+                                                        "--heartbeat_timeout_s=0"],
+                                        "heartbeat_timeout_s"),
     # 0 was taken as "not given": on a fine-tuning run the config's epoch replaced it.
     "average_epoch_zero": ("average.py", ["--workdir=w", "--out=o", "--first_epoch=0",
                                           "--last_epoch=2"],
