@@ -161,6 +161,16 @@ BAD_CASES = [
      "and a pretraining model has none", {}),
     # Ignored with a random init, as the other fields of loading are refused.
     ("init.allow_unexpected", True, "config.init.allow_unexpected=True: applies only", {}),
+    # Ignored too: a params or .pth file has one set of weights.
+    ("init.step", 7, "config.init.step=7: picks a checkpoint of a training workdir", {
+        "init.source": "params", "init.path": "/tmp"}),
+    # No other clip in a contrastive group: loss_c was 0 and c_acc 1 at every step.
+    ("model.contrast_group_size", 1, "config.model.contrast_group_size=1: leaves each clip "
+     "alone in its contrastive group", {}),
+    ("data.batch_size", 1, "config.data.batch_size=1: is the contrastive group", {
+        "model.contrast_group_size": 0, "num_devices": 1}),
+    ("model.lambda_c", 0.0, "config.model.lambda_c=0.0: lambda_mae and lambda_c are both 0: "
+     "nothing to train", {"model.lambda_mae": 0.0}),
 ]
 
 
@@ -209,6 +219,16 @@ def test_the_groups_of_a_model_without_contrast_must_divide_the_batch(config):
   with pytest.raises(ValueError, match=r"^config\.model\.contrast_group_size=3: must divide "
                      r"config\.data\.batch_size=16"):
     validation.validate_config(config, num_devices=8)
+
+
+def test_pretraining_loss_checks_leave_other_configs_alone(config):
+  # Fine-tuning uses neither pretraining loss weight: both 0 was refused as "nothing to train".
+  finetuning = finetune_config.get_config("tiny")
+  finetuning.model.lambda_mae = finetuning.model.lambda_c = 0.0
+  validation.validate_config(finetuning, num_devices=8, check_data=False)
+  # Without the contrastive loss, a group (or batch) of one clip is a reconstruction like any.
+  config.model.lambda_c, config.model.contrast_group_size = 0.0, 1
+  validation.validate_config(config, num_devices=8)
 
 
 def test_settings_with_an_effect_pass_and_finetuning_learns_no_temperature(config):

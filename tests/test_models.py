@@ -325,7 +325,6 @@ def test_inpaint_returns_reconstructions_and_masks():
     (dict(remat=True, remat_policy="save_everything"), "remat_policy"),
     (dict(remat=True, remat_policy="attention_only", attention_impl="cudnn"), "remat_policy"),
     (dict(attention_impl="cudnn", dtype="float32"), "attention_impl"),
-    (dict(lambda_c=0.0, lambda_mae=0.0), "lambda_c"),
     (dict(modalities="audio"), "lambda_c"),
     (dict(contrast_group_size=-2), "contrast_group_size"),
     (dict(mask_ratio_a="0.75"), "mask_ratio_a"),

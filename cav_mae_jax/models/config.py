@@ -129,8 +129,6 @@ class ModelConfig:
       fail("lambda_mae", "must be >= 0")
     if self.lambda_c < 0:
       fail("lambda_c", "must be >= 0")
-    if self.lambda_mae == 0 and self.lambda_c == 0:
-      fail("lambda_c", "lambda_mae and lambda_c are both 0: nothing to train")
     if self.modalities != "audiovisual" and self.lambda_c != 0:
       fail("lambda_c", f"must be 0 for a single-modality model (modalities={self.modalities!r})")
     if self.modalities != "audiovisual" and self.lambda_mae == 0:

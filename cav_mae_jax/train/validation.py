@@ -46,6 +46,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   _validate_set(config)
   tasks.validate_config(config)
   model = ModelConfig.from_config(config.model)
+  if config.task == "pretrain" and model.lambda_mae == 0 and model.lambda_c == 0:
+    _fail("model.lambda_c", model.lambda_c, "lambda_mae and lambda_c are both 0: nothing to "
+          "train.")
   _validate_platforms(model, platforms)
   _validate_masking(config, model)
   _validate_unused(config, model, training)
@@ -193,15 +196,28 @@ def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_d
     _fail("data.batch_size", batch,
           f"must be divisible by the number of processes ({num_processes}).")
   group = model.contrast_group_size
+  if config.task != "pretrain":
+    return
+  batches = {"data.batch_size": batch}
+  batches.update({f"evals.{name}.batch_size": entry.batch_size
+                  for name, entry in config.evals.items() if entry.type == "losses"})
   # Both pretraining losses are summed over the groups (the original's GPUs), so a model
   # without the contrastive loss uses them too (it stopped at its first step).
-  if config.task == "pretrain" and group:
-    batches = {"data.batch_size": batch}
-    batches.update({f"evals.{name}.batch_size": entry.batch_size
-                    for name, entry in config.evals.items() if entry.type == "losses"})
-    for field, value in batches.items():
-      if value % group:
-        _fail("model.contrast_group_size", group, f"must divide config.{field}={value}.")
+  for field, value in batches.items():
+    if group and value % group:
+      _fail("model.contrast_group_size", group, f"must divide config.{field}={value}.")
+  if model.modalities != "audiovisual" or not model.lambda_c:
+    return
+  # A group of one clip has no other clip to contrast with: loss_c was 0 and c_acc 1 at every
+  # step, whatever the model learned.
+  if group == 1:
+    _fail("model.contrast_group_size", group, "leaves each clip alone in its contrastive group: "
+          "no other clip to contrast with (loss_c is 0 whatever the model); use at least 2, or 0 "
+          "for the whole batch.")
+  for field, value in batches.items():
+    if not group and value == 1:
+      _fail(field, value, "is the contrastive group (config.model.contrast_group_size=0): one "
+            "clip has no other clip to contrast with (loss_c is 0 whatever the model).")
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
@@ -262,6 +278,10 @@ def _validate_init(config: ml_collections.ConfigDict) -> None:
     _fail("init.path", init.path, "does not exist.")
   if init.step < 0:
     _fail("init.step", init.step, "must be >= 0 (0 = the latest checkpoint).")
+  if init.source not in ("", "workdir") and init.step:
+    _fail("init.step", init.step, f"picks a checkpoint of a training workdir "
+          f"(config.init.source='workdir'); config.init.source={init.source!r} is one file of "
+          "weights: leave it 0.")
   if init.audio_pos_resize not in AUDIO_POS_RESIZE:
     _fail("init.audio_pos_resize", init.audio_pos_resize, f"must be one of {AUDIO_POS_RESIZE}.")
 
