@@ -197,8 +197,10 @@ def test_cav_keeps_every_token_and_finetuning_has_no_contrast_groups(config):
   config.model.lambda_mae, config.model.mask_ratio_a, config.model.mask_ratio_v = 0.0, 0.0, 0.0
   validation.validate_config(config, num_devices=8)  # contrastive only: nothing to reconstruct
   finetuning = finetune_config.get_config("tiny")
-  finetuning.model.contrast_group_size = 5  # fine-tuning has no contrastive loss to group
-  validation.validate_config(finetuning, num_devices=8, check_data=False)
+  finetuning.model.contrast_group_size = 5  # fine-tuning has no contrastive loss to group:
+  # a recorded run's config is evaluated without the pretraining batch checks; training with
+  # it is refused (test_pretraining_settings_a_finetuning_run_would_ignore_are_refused).
+  validation.validate_config(finetuning, num_devices=8, check_data=False, training=False)
 
 
 def test_a_run_without_records_takes_specaugment_masks_beyond_its_input():
@@ -229,6 +231,19 @@ def test_pretraining_loss_checks_leave_other_configs_alone(config):
   # Without the contrastive loss, a group (or batch) of one clip is a reconstruction like any.
   config.model.lambda_c, config.model.contrast_group_size = 0.0, 1
   validation.validate_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize("field,value", [("contrast_group_size", 3),
+                                         ("contrast_bidirectional", True),
+                                         ("mask_mode_a", "time")])
+def test_pretraining_settings_a_finetuning_run_would_ignore_are_refused(field, value):
+  finetuning = finetune_config.get_config("tiny")
+  finetuning.model[field] = value
+  with pytest.raises(ValueError, match="^" + re.escape(
+      f"config.model.{field}={value!r}: ") + ".*config.task='finetune' has no contrastive loss"):
+    validation.validate_config(finetuning, num_devices=8, check_data=False)
+  # A run that recorded such a config is still evaluated.
+  validation.validate_config(finetuning, num_devices=8, check_data=False, training=False)
 
 
 def test_settings_with_an_effect_pass_and_finetuning_learns_no_temperature(config):

@@ -264,6 +264,19 @@ def test_a_path_of_another_kind_is_named_with_its_field_or_flag(source, tmp_path
     with pytest.raises(FileNotFoundError, match=re.escape(f"config.init.path={neither}")):
       init_source.load_init_params(config.init, config.model, finetune=False,
                                    init_params=params)
+  # The field at fault is named: a step the workdir lacks, a file that is no state dict.
+  config = tiny_config(source="workdir", path=str(workdir), step=999)
+  with pytest.raises(FileNotFoundError, match=r"^config\.init\.step=999: .*no checkpoint of "
+                     r"step 999 \(have \[2\]\)"):
+    init_source.load_init_params(config.init, config.model, finetune=False, init_params=params)
+  text = tmp_path / "notes.pth"
+  text.write_text("not weights\n")
+  for kind in ("cavmae", "imagenet_mae"):
+    config = tiny_config(source=kind, path=str(text))
+    with pytest.raises(ValueError, match="^" + re.escape(f"config.init.path={text}: not a "
+                                                         "PyTorch")):
+      init_source.load_init_params(config.init, config.model, finetune=False,
+                                   init_params=params)
   io.save_params(tmp_path / "params", params)
   config = tiny_config()
   task, mesh = tasks.get_task(config), mesh_lib.make_mesh(config.mesh)

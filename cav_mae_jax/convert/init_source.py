@@ -136,8 +136,18 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
   `init_params` gives the values of parameters the source does not have (a new head, a learned
   temperature, ImageNet-MAE's missing decoder) and the shapes of all others. Our own sources
   are mapped through the original's layout; what it has no place for (a learned temperature)
-  is taken from them directly where the target has it too.
+  is taken from them directly where the target has it too. A file that is no state dict is
+  named as config.init.path.
   """
+  try:
+    return _load_init_params(init, model_config, finetune=finetune, init_params=init_params)
+  except formats.CheckpointFileError as e:
+    raise ValueError(f"config.init.path={e}") from None
+
+
+def _load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, finetune: bool,
+                      init_params: dict[str, Any]) -> tuple[dict[str, Any],
+                                                            report_lib.ConversionReport]:
   config = models.ModelConfig.from_config(model_config)
   if init.source == "imagenet_mae":
     if finetune:
@@ -154,7 +164,9 @@ def load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fine
     try:  # either kind of ours, whichever `source` says; another path is named as such
       source_params = read_params(init.path, init.step)
     except FileNotFoundError as e:
-      raise FileNotFoundError(f"config.init.path={e}") from None
+      missing_step = init.step and f"no checkpoint of step {init.step} " in str(e)
+      raise FileNotFoundError(f"config.init.step={init.step}: {e}" if missing_step
+                              else f"config.init.path={e}") from None
     # Ours alone (a learned temperature) goes on from the checkpoint when the target has it too.
     ours_only = {name: np.asarray(source_params[name]) for name in cavmae_checkpoint.NOT_IN_ORIGINAL
                  if name in source_params and name in init_params}

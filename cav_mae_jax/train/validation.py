@@ -138,6 +138,16 @@ def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
       and not model.has_contrast):
     _fail("model.contrast_bidirectional", True, "makes the contrastive loss bidirectional, and "
           "this model has no contrastive loss (model.lambda_c=0).")
+  if training and config.task != "pretrain":
+    # Fine-tuning's model section carries the pretraining fields of its size's recipe (mask
+    # ratios, decoder, loss weights, temperature); these three no recipe of it sets.
+    for field, why in (("contrast_group_size", "sizes pretraining's contrastive groups"),
+                       ("contrast_bidirectional", "makes pretraining's contrastive loss "
+                        "bidirectional"),
+                       ("mask_mode_a", "chooses how pretraining masks the audio")):
+      if getattr(model, field) != getattr(default, field):
+        _fail(f"model.{field}", getattr(model, field), f"{why}; config.task={config.task!r} "
+              "has no contrastive loss and masks nothing.")
   if config.task == "pretrain" and model.ft_mode != default.ft_mode:
     _fail("model.ft_mode", model.ft_mode, "chooses the streams a fine-tuned classifier uses; "
           "pretraining trains every stream the model has (model.modalities chooses them).")
