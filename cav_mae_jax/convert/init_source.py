@@ -161,12 +161,13 @@ def _load_init_params(init: ml_collections.ConfigDict, model_config: Any, *, fin
   if init.source == "cavmae":
     state_dict = formats.read_state_dict(init.path)
   elif init.source in ("workdir", "params"):
+    from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
     try:  # either kind of ours, whichever `source` says; another path is named as such
       source_params = read_params(init.path, init.step)
+    except checkpoint.MissingStepError as e:
+      raise FileNotFoundError(f"config.init.step={init.step}: {e}") from None
     except FileNotFoundError as e:
-      missing_step = init.step and f"no checkpoint of step {init.step} " in str(e)
-      raise FileNotFoundError(f"config.init.step={init.step}: {e}" if missing_step
-                              else f"config.init.path={e}") from None
+      raise FileNotFoundError(f"config.init.path={e}") from None
     # Ours alone (a learned temperature) goes on from the checkpoint when the target has it too.
     ours_only = {name: np.asarray(source_params[name]) for name in cavmae_checkpoint.NOT_IN_ORIGINAL
                  if name in source_params and name in init_params}

@@ -377,6 +377,10 @@ def latest_saved_step(workdir: str) -> int | None:
   return steps[-1] if steps else None
 
 
+class MissingStepError(FileNotFoundError):
+  """A workdir has checkpoints, but not of the step asked for."""
+
+
 def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], int]:
   """(params as NumPy, step) of a workdir's checkpoint `step` (0: the latest); nothing else is read.
 
@@ -389,7 +393,7 @@ def read_workdir_params(workdir: str, step: int = 0) -> tuple[dict[str, Any], in
     raise FileNotFoundError(f"{workdir}: no complete checkpoint in {directory}")
   step = step or max(steps)
   if step not in steps:
-    raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {steps})")
+    raise MissingStepError(f"{workdir}: no checkpoint of step {step} (have {steps})")
   if step not in full_states:  # an epoch end's params alone
     directory = workdir_epoch_params(workdir)
   return read_state_params(os.path.join(directory, str(step))), step

@@ -216,7 +216,7 @@ def _validate_batch(config: ml_collections.ConfigDict, model: ModelConfig, num_d
   for field, value in batches.items():
     if group and value % group:
       _fail("model.contrast_group_size", group, f"must divide config.{field}={value}.")
-  if model.modalities != "audiovisual" or not model.lambda_c:
+  if not model.has_contrast:
     return
   # A group of one clip has no other clip to contrast with: loss_c was 0 and c_acc 1 at every
   # step, whatever the model learned.
