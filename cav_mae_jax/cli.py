@@ -770,7 +770,7 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
           import_tensorflow(quiet=os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("2", "3"))
         main(argv)
       except Exception as e:  # a multi-process run's peers stop too (the status as below)
-        error = _storage_error(e) or e
+        error = _storage_error(e) or errors.from_jax_runtime(e) or e
         one_line = isinstance(error, app.UsageError) or (isinstance(error, USER_ERRORS) and
                                                          not _verbose())  # else a traceback
         peers.report(error, status=2 if one_line else 1)

@@ -148,6 +148,25 @@ def test_a_signal_landing_in_a_callback_is_not_lost(signum, status, what, where)
   assert time.monotonic() - start < 30  # not at the end of the 60-s wait
 
 
+_OUT_OF_MEMORY_TOOL = textwrap.dedent("""
+    from cav_mae_jax import cli
+    def main(argv):
+      import jax, jax.numpy as jnp
+      jax.jit(lambda: jnp.ones((1 << 50,), jnp.float32))().block_until_ready()  # 4 PiB
+    cli.run(main, uses_tensorflow=False)
+""")
+
+
+def test_a_device_out_of_memory_ends_a_tool_with_one_line():
+  # XLA's RESOURCE_EXHAUSTED (a batch too large for a GPU's memory) was a traceback.
+  result = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_TOOL], env=_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.splitlines() == [
+      "error: out of device memory: Out of memory allocating 4503599627370496 bytes. (a smaller "
+      "batch per device needs less; --verbosity=1 shows XLA's report)"], result.stderr
+
+
 def test_preprocessing_workers_ignore_ctrl_c_from_their_start():
   """A process the workers' fork server forks starts with SIGINT ignored (`worker_signals`):
   it had Python's handler until the worker's own SIG_IGN, and a Ctrl-C landing in JAX's gc

@@ -35,15 +35,6 @@ def test_a_mesh_one_host_does_not_hold_is_refused_naming_the_mesh(name, chips, c
                           f"is planned for {counts} chips (config.mesh.data x config.mesh.fsdp)")
 
 
-def test_the_compilers_out_of_memory_sentence_is_kept_and_nothing_else():
-  error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
-                       "for HLO temporaries (18.97G) exceeds available HBM (15.75G).\n\nmore")
-  assert tpu_target.out_of_memory(error) == (
-      "Ran out of memory on HBM, the total memory required for HLO temporaries (18.97G) exceeds "
-      "available HBM (15.75G).")
-  assert tpu_target.out_of_memory(RuntimeError("INTERNAL: something else")) is None
-
-
 def test_prepare_without_libtpu_says_how_to_install_it(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "libtpu" else object())

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import jax
 
+from cav_mae_jax import errors
 from cav_mae_jax.train import mesh as mesh_lib
 
 
@@ -108,15 +109,6 @@ class DoesNotFit(ValueError):
     self.compiler_message = compiler_message
 
 
-def out_of_memory(error: Exception) -> str | None:
-  """XLA:TPU's sentence on a step that does not fit a chip's memory (its RESOURCE_EXHAUSTED
-  error's first line, without the status), or None for any other compile error."""
-  text = str(error).strip()
-  if not text.startswith("RESOURCE_EXHAUSTED"):
-    return None
-  return text.splitlines()[0].removeprefix("RESOURCE_EXHAUSTED:").strip()
-
-
 def _compile(config: Any, batch_size: int, target: TpuTarget) -> tuple[Any, Any]:
   """(setup, compiled step) of `config` for `mesh.planned_devices(config.mesh)` chips of
   `target`; DoesNotFit with the compiler's message where the step needs more than a chip has."""
@@ -126,7 +118,7 @@ def _compile(config: Any, batch_size: int, target: TpuTarget) -> tuple[Any, Any]
   try:
     return setup, setup.compile()
   except jax.errors.JaxRuntimeError as e:
-    message = out_of_memory(e)
+    message = errors.out_of_memory(e)
     if message is None:
       raise
     raise DoesNotFit(f"--batch_size {batch_size}: the step does not fit a {target.name} chip "
