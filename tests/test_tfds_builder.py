@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -218,12 +219,18 @@ def test_a_labels_csv_of_another_list_is_refused(manual_dir, tmp_path):
         manual_dir=str(other)))
 
 
-def test_synthetic_config_local_build(tmp_path):
+def test_synthetic_config_local_build(tmp_path, monkeypatch):
+  temporary = tmp_path / "tmp"  # the temporary folders of the build and TFDS
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temporary))
   config = tfds_builder.ClipsConfig(name="synthetic_tiny", source="synthetic",
                                     synthetic_clips_per_split=(("train", 2),),
                                     synthetic_num_classes=2, synthetic_duration_s=1.0)
   builder = tfds_builder.builder(config, data_dir=str(tmp_path / "tfds"))
   builder.download_and_prepare()
+  # TFDS's look into its bucket of public datasets left an empty /tmp/tmp*tfds per build.
+  assert os.listdir(temporary) == []
+  assert builder.info.description.startswith("# cav_mae_jax.data: clip records")  # its README
   examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
   assert sorted(e["labels"].tolist() for e in examples) == [[0], [1]]
   assert all(e["fbank"].shape == (1024, 128) and e["frames"].shape == (10,) for e in examples)

@@ -271,6 +271,15 @@ def read_quarantine(data_dir: str, split: str) -> list[dict[str, str]]:
   return lines
 
 
+class _ClipsInfo(tfds.core.DatasetInfo):
+  """The builder's DatasetInfo, never looked for in TFDS's bucket of public datasets."""
+
+  def initialize_from_bucket(self) -> None:
+    """Nothing: cav_mae_clips is not in gs://tfds-data. (TFDS's own, called at the builder's
+    construction until its data dir holds a build, made an empty temporary folder each time,
+    `/tmp/tmp*tfds`, and never removed it.)"""
+
+
 class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   """Clips with raw Kaldi fbank [1024, 128], 10 JPEG frames, labels and metadata."""
 
@@ -300,11 +309,17 @@ class CavMaeClips(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    # What dataset_info_from_configs gives (its description: the data README), as _ClipsInfo.
+    metadata = self.get_metadata()
+    texts = {key: value for key, value in (("description", metadata.description),
+                                           ("citation", metadata.citation)) if value}
+    return _ClipsInfo(
+        builder=self,
         features=_features(self.builder_config.store_waveform),
         supervised_keys=None,
         homepage="https://github.com/YuanGongND/cav-mae",
         metadata=tfds.core.MetadataDict(),
+        **texts,
     )
 
   # Set after a Beam build: {split: {"written": n, "quarantined_{reason}": n}}.
