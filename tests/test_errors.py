@@ -1,6 +1,8 @@
 """Which errors a tool answers with one line (`cav_mae_jax/errors.py`); the tools' lines
 themselves: test_interrupts.py (a device out of memory), test_peers.py (a lost peer)."""
 
+import types
+
 import jax
 
 from cav_mae_jax import errors
@@ -32,3 +34,15 @@ def test_other_errors_stay_what_they_are():
   assert errors.from_jax_runtime(jax.errors.JaxRuntimeError("INTERNAL: a bug")) is None
   assert errors.from_jax_runtime(jax.errors.JaxRuntimeError(
       "UNKNOWN: Gloo AllGather failed: Connection reset by peer")) is None
+
+
+def test_a_multi_process_runs_peers_are_told_in_the_same_words(monkeypatch):
+  # The trainer reports its own error to the peers before the tool's one line is made: they
+  # said "process 0 of 2 failed: JaxRuntimeError: RESOURCE_EXHAUSTED: ...".
+  from cav_mae_jax.train import peers  # pylint: disable=import-outside-toplevel
+  told = []
+  monkeypatch.setattr(peers, "_watch",
+                      types.SimpleNamespace(report=lambda error, status: told.append(error)))
+  peers.report(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes."))
+  assert [type(error) for error in told] == [errors.DeviceMemoryError]
+  assert str(told[0]).startswith("out of device memory: Out of memory allocating 8 bytes. (")

@@ -231,4 +231,4 @@ def report(error: BaseException, status: int | None = None) -> None:
   the one sent; `status`, given, is the one the process ends with). Nothing without `start()`
   or for a Ctrl-C or SIGTERM (KeyboardInterrupt)."""
   if _watch is not None and not isinstance(error, KeyboardInterrupt):
-    _watch.report(error, status)
+    _watch.report(errors.from_jax_runtime(error) or error, status)  # in the tools' words
