@@ -634,17 +634,29 @@ def _is_closed_loop_leftover(error: BaseException | None) -> bool:
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+
+
+def _not_an_orbax_error(record: logging.LogRecord) -> bool:
+  """False for orbax's error records (each is an error it raises to its caller)."""
+  return record.levelno < logging.ERROR or _ORBAX_SOURCE not in record.pathname
+
+
 def quiet_async_leftovers() -> None:
-  """Keeps the leftovers of an aborted checkpoint read off stderr.
+  """Keeps the leftovers of a failed checkpoint read or save off stderr.
 
   When orbax's restore fails (a damaged checkpoint), its event loop closes while TensorStore's
   other reads are still in flight; each then reports "Event loop is closed" as an unraisable
   exception, and asyncio logs every unretrieved task's error: dozens of tracebacks after the
   tool's one error line, at random. They say nothing the error line does not, so `cli.run`
   drops exactly those (that unraisable RuntimeError; asyncio's log below CRITICAL) unless
-  `--verbosity` asks for library logs.
+  `--verbosity` asks for library logs; and orbax's error records (a failed save: a traceback
+  per thread of it, before the error is raised).
   """
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  # A failed asynchronous save: orbax logs the error of each of its threads with a traceback,
+  # then raises it where the trainer waits for the save (one line, `checkpoint.writing`).
+  absl_logging.get_absl_handler().addFilter(_not_an_orbax_error)
   previous = sys.unraisablehook
 
   def hook(unraisable: Any) -> None:

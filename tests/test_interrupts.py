@@ -292,6 +292,55 @@ def test_a_second_preprocessing_run_of_a_task_is_refused(tmp_path):
     holder.wait()
 
 
+def test_a_checkpoint_the_disk_refuses_stops_the_run_with_one_line(tmp_path):
+  # A disk full (or a quota) while orbax saved in the background: each of its threads logged
+  # the error with a traceback, the run trained on to its next save, and ended with TensorStore's
+  # "RESOURCE_EXHAUSTED: Error writing ...". Files are limited here to 64 KB (RLIMIT_FSIZE:
+  # Python ignores SIGXFSZ, so a longer write fails with EFBIG); the step-2 save needs more.
+  import resource  # pylint: disable=import-outside-toplevel
+  import test_input  # pylint: disable=import-outside-toplevel
+  records = test_input.write_records(str(tmp_path / "records"),
+                                     [[i % test_input.NUM_CLASSES] for i in range(16)], 2)
+  workdir = tmp_path / "run"
+  limit = 64 * 1024
+
+  def limit_files():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "train.py"), "--config",
+       "configs/pretrain.py:tiny", f"--workdir={workdir}", f"--config.data.train_dir={records}",
+       "--config.evals.val=None", "--config.evals.retrieval=None", "--config.total_steps=8",
+       "--config.total_epochs=None", "--config.checkpoint.every_steps=2",
+       "--config.data.batch_size=8", "--config.log_every_steps=1",
+       "--config.model.encoder_depth=2", "--config.model.modality_specific_depth=1",
+       "--config.model.image_size=32"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+      preexec_fn=limit_files)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: {workdir}: a checkpoint cannot be written: File too large (ValueError: "), lines
+  steps = [int(line.split("/")[0].split()[-1]) for line in done.stdout.splitlines()
+           if "%" in line]
+  assert steps and steps[-1] < 8, done.stdout  # stopped at a log row after the failed save
+
+
+def test_only_the_file_systems_refusals_are_called_unwritable():
+  import errno  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="^a bug$"):  # anything else is raised as it is
+    with checkpoint.writing("/w"):
+      raise ValueError("a bug")
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    with checkpoint.writing("/w"):
+      raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+  assert e.value.errno == errno.EDQUOT
+  assert str(e.value) == (f"/w: a checkpoint cannot be written: {os.strerror(errno.EDQUOT)} "
+                          f"(OSError: [Errno {errno.EDQUOT}] {os.strerror(errno.EDQUOT)})")
+
+
 def test_an_output_in_a_folder_that_cannot_be_written_is_named(tmp_path):
   from cav_mae_jax.convert import io  # pylint: disable=import-outside-toplevel
   # /proc refuses new files even to root (chmod does not stop root).

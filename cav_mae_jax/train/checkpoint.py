@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -130,6 +131,41 @@ def reading(path: str) -> Iterator[None]:
         f"({type(e).__name__}: {lines[0][:300] if lines else 'no message'})") from e
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint that cannot be written (the disk full, no permission, a quota reached)."""
+
+
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")  # how TensorStore names errno
+
+
+@contextlib.contextmanager
+def writing(directory: str) -> Iterator[None]:
+  """Reports a failure of orbax (or TensorStore below it) to write a checkpoint in `directory`
+  as CheckpointWriteError, where the file system refused it (TensorStore's errors are
+  ValueErrors that end with the errno); any other error as it is.
+
+  An asynchronous save's error is raised where the run next waits for it (the next save, or
+  the run's end): the message names the folder, the file system's reason, then the cause's
+  first line."""
+  try:
+    yield
+  except CheckpointWriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    code = e.errno if isinstance(e, OSError) else None
+    found = _OS_ERROR_CODE.search(str(e))
+    if found:
+      code = int(found.group(1))
+    if not code:
+      raise
+    lines = str(e).strip().splitlines()
+    error = CheckpointWriteError(
+        f"{directory}: a checkpoint cannot be written: {os.strerror(code)} "
+        f"({type(e).__name__}: {lines[0][:300] if lines else 'no message'})")
+    error.errno = code
+    raise error from e
+
+
 def gather_input_states(input_state: dict[str, Any]) -> list[dict[str, Any]]:
   """Every process's input state, in process order (collective: every process must call it)."""
   if jax.process_count() == 1:
@@ -177,7 +213,8 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.epoch_manager = None
-    epoch_directory = workdir_epoch_params(os.path.dirname(self.directory.rstrip("/")))
+    self.workdir = os.path.dirname(self.directory.rstrip("/"))  # named by a failed save
+    epoch_directory = workdir_epoch_params(self.workdir)
     # Also without epoch ends where the folder is there: its steps after the resume point go.
     if self.epoch_steps or epath.Path(epoch_directory).exists():
       epoch_options = ocp.CheckpointManagerOptions(
@@ -221,8 +258,10 @@ class Checkpointer:
         raise CheckpointReadError(
             f"{e} (read to keep epoch-end step {step}'s params in {EPOCH_PARAMS_DIR}/; remove "
             f"{path} to go on without them)") from e
-      self._save_epoch_params(step, params)
-    self.epoch_manager.wait_until_finished()
+      with writing(self.workdir):
+        self._save_epoch_params(step, params)
+    with writing(self.workdir):
+      self.epoch_manager.wait_until_finished()
     return taken, removed
 
   def latest_step(self) -> int | None:
@@ -244,17 +283,19 @@ class Checkpointer:
     if self.epoch_manager is not None:
       # An epoch end's params are complete before a later full state is saved, which may
       # delete that epoch end's full state (orbax rotates in the next save of its folder).
-      self.epoch_manager.wait_until_finished()
+      with writing(self.workdir):  # an earlier save's error is raised here
+        self.epoch_manager.wait_until_finished()
     input_states = {INPUT_STATES_KEY: gather_input_states(input_state)}
     digest = tree_digest({"state": state})
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                input=ocp.args.JsonSave(input_states),
-                                **{DIGEST_ITEM: ocp.args.JsonSave(digest)}),
-        force=True)
-    if epoch_end:
-      self._save_epoch_params(step, params)
+    with writing(self.workdir):
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  input=ocp.args.JsonSave(input_states),
+                                  **{DIGEST_ITEM: ocp.args.JsonSave(digest)}),
+          force=True)
+      if epoch_end:
+        self._save_epoch_params(step, params)
 
   def _save_epoch_params(self, step: int, params: Any) -> None:
     """Laid out as a full state's `state` item's params: `read_state_params` reads both."""
@@ -290,21 +331,32 @@ class Checkpointer:
     """Whether the cluster's preemption notice (multi-host sync point) was reached."""
     return self.manager.reached_preemption(step)
 
+  def check_for_errors(self) -> None:
+    """Raises the error of an asynchronous save that has failed (CheckpointWriteError where the
+    file system refused it), without waiting for one under way: a run learns of it at its next
+    log row rather than at its next save, many steps later."""
+    with writing(self.workdir):
+      self.manager.check_for_errors()
+      if self.epoch_manager is not None:
+        self.epoch_manager.check_for_errors()
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""
-    try:
-      self.manager.wait_until_finished()
-    finally:
-      if self.epoch_manager is not None:
-        self.epoch_manager.wait_until_finished()
+    with writing(self.workdir):
+      try:
+        self.manager.wait_until_finished()
+      finally:
+        if self.epoch_manager is not None:
+          self.epoch_manager.wait_until_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases resources."""
-    try:
-      self.manager.close()
-    finally:
-      if self.epoch_manager is not None:
-        self.epoch_manager.close()
+    with writing(self.workdir):
+      try:
+        self.manager.close()
+      finally:
+        if self.epoch_manager is not None:
+          self.epoch_manager.close()
 
 
 def read_digest(step_path: str) -> dict[str, int] | None:

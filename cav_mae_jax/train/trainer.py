@@ -392,6 +392,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
         writer.flush()
         progress.update(step, {k: summary[k] for k in ("loss", "lr") if k in summary})
         last_log_time, last_log_step, timed_from = now, step, step
+        checkpointer.check_for_errors()  # a failed save (a disk full) stops the run here
       if checkpointer.should_save(step) or final or preempted:
         check(step)
         writer.flush()  # the metrics of every step up to this checkpoint are on disk first
