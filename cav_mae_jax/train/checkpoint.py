@@ -335,28 +335,25 @@ class Checkpointer:
     """Raises the error of an asynchronous save that has failed (CheckpointWriteError where the
     file system refused it), without waiting for one under way: a run learns of it at its next
     log row rather than at its next save, many steps later."""
-    with writing(self.workdir):
-      self.manager.check_for_errors()
-      if self.epoch_manager is not None:
-        self.epoch_manager.check_for_errors()
+    self._on_both("check_for_errors")
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""
-    with writing(self.workdir):
-      try:
-        self.manager.wait_until_finished()
-      finally:
-        if self.epoch_manager is not None:
-          self.epoch_manager.wait_until_finished()
+    self._on_both("wait_until_finished")
 
   def close(self) -> None:
     """Finishes pending saves and releases resources."""
+    self._on_both("close")
+
+  def _on_both(self, method: str) -> None:
+    """Calls `method` of the full states' manager, then (whatever it raised) of the epoch
+    params' manager; a write the file system refused is CheckpointWriteError."""
     with writing(self.workdir):
       try:
-        self.manager.close()
+        getattr(self.manager, method)()
       finally:
         if self.epoch_manager is not None:
-          self.epoch_manager.close()
+          getattr(self.epoch_manager, method)()
 
 
 def read_digest(step_path: str) -> dict[str, int] | None:
