@@ -294,10 +294,11 @@ def error_line(message: object, status: int = 2) -> int:
 
 
 # TensorFlow's errors of a file system (gs://...: a bucket or object not found, no permission,
-# no credentials, the network down) by name: one line as an OSError is (`_storage_error`).
+# no credentials, the network down; a disk full: TensorBoard's event file, a records shard) by
+# name: one line as an OSError is (`_storage_error`).
 _STORAGE_ERRORS = ("NotFoundError", "PermissionDeniedError", "UnauthenticatedError",
                    "FailedPreconditionError", "UnavailableError", "DeadlineExceededError",
-                   "DataLossError")
+                   "DataLossError", "ResourceExhaustedError")
 
 
 def _storage_error(error: BaseException) -> OSError | None:

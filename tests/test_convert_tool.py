@@ -149,9 +149,13 @@ def test_bad_files_write_nothing(tmp_path):
   assert not os.listdir(existing)
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, str(ROOT / "tools/convert.py"), *args], capture_output=True,
-                        text=True, cwd=ROOT, check=False)
+def _cli(*args, max_file_kib=None):
+  """tools/convert.py; `max_file_kib`: a file-size limit (bash's `ulimit -f`; Python ignores
+  SIGXFSZ, so a longer write fails with EFBIG, as a full disk fails with ENOSPC)."""
+  command = [sys.executable, str(ROOT / "tools/convert.py"), *args]
+  if max_file_kib:
+    command = ["bash", "-c", f'ulimit -f {max_file_kib} && exec "$@"', "bash", *command]
+  return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
 
 
 _TINY = "--config=configs/pretrain.py:tiny"
@@ -222,6 +226,14 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   assert not list(tmp_path.glob("*bf16.npz*"))
   assert set(formats.read_state_dict(tmp_path / "back.safetensors")) == set(
       formats.read_state_dict(src))
+  # A disk full: torch's and safetensors' writers raised their own errors (a traceback,
+  # "unexpected pos 1037568 vs 1037520"); the line names the output, and no file is left.
+  for name in ("full.pth", "full.safetensors"):
+    full = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / name}",
+                max_file_kib=64)
+    assert (full.returncode, full.stderr) == (
+        2, f"error: {tmp_path / name}: cannot be written: File too large\n"), full.stderr
+    assert not list(tmp_path.glob(f"*{name}*"))
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(src.read_bytes()[:1000])
   bad = _cli("cavmae", f"--src={cut}", f"--out={tmp_path / 'bad'}", *config)

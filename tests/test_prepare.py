@@ -1,6 +1,7 @@
 """Tests for cav_mae_jax.data.prepare and tools/preprocess.py on a generated bad-input corpus."""
 from __future__ import annotations
 
+import errno
 import fractions
 import importlib.util
 import json
@@ -677,6 +678,41 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
           f"0: {len(WRITTEN) - 1}, 90: 1") in printed
   assert ("record layouts in shard sidecars: 4 of 4 shards; balanced sampling, mixup and "
           "exact_shuffle find the records without reading them") in printed
+
+
+def test_inspect_on_a_full_disk_leaves_no_partial_png_and_names_it(corpus_run, tmp_path,
+                                                                   capsys, monkeypatch):
+  """A PNG write that failed midway (a full disk) left a truncated PNG under its final name
+  beside complete ones, and the error line read 'error: None: ...' (the OSError names no
+  file)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  savefig = Figure.savefig
+  calls = []
+
+  def fill_the_disk_at_the_third(figure, fname, **kwargs):
+    calls.append(fname)
+    if len(calls) < 3:
+      return savefig(figure, fname, **kwargs)
+    whole = tmp_path / "whole.png"
+    savefig(figure, str(whole), format="png")
+    with open(fname, "wb") as f:
+      f.write(whole.read_bytes()[:whole.stat().st_size // 2])
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(Figure, "savefig", fill_the_disk_at_the_third)
+  tool = load_tool("inspect_records")
+  png_dir = str(tmp_path / "png")
+  assert tool.main(["--records", corpus_run[0], "--png-dir", png_dir, "--num-images", "2"]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  match = re.fullmatch(rf"error: ({re.escape(png_dir)}/fbank_\w+\.png): No space left on device",
+                       line)
+  assert match, line
+  assert not os.path.exists(match.group(1))
+  left = sorted(os.listdir(png_dir))  # the first clip's two pictures, complete; no temporary
+  assert [name.split("_")[0] for name in left] == ["fbank", "frames"]
+  for name in left:  # a PNG ends with its IEND chunk (length 0, type, CRC)
+    with open(os.path.join(png_dir, name), "rb") as f:
+      assert f.read().endswith(b"\0\0\0\0IEND\xaeB`\x82"), name
 
 
 def test_inspect_counts_and_checks_the_sidecar_layouts(corpus_run, tmp_path):

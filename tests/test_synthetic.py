@@ -2,10 +2,14 @@
 
 import colorsys
 import csv
+import errno
 import hashlib
 import importlib.util
 import json
 import os
+import re
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -168,3 +172,75 @@ def test_make_synthetic_tool_bad_values_print_one_error_line(tmp_path):
   result = run_tool('make_synthetic', '--out', out, '--eval', '-1')
   assert_one_error_line(result.returncode, result.stderr, 'argument --eval: -1', 'must be >= 0')
   assert not os.path.exists(out)
+
+
+def _clips_left(video_dir):
+  """The files in `video_dir`, each .mp4 checked to decode in full (a complete clip)."""
+  names = sorted(os.listdir(video_dir))
+  for name in names:
+    if name.endswith('.mp4'):
+      assert decode.decode_clip(os.path.join(video_dir, name)).frame_count > 0, name
+  return names
+
+
+def test_make_synthetic_tool_under_a_file_size_limit_leaves_no_truncated_clip(tmp_path):
+  """A write that fails midway (a full disk, here a file-size limit smaller than a clip) left
+  truncated MP4s under their final names, which tools reading the folder took for clips; the
+  pool's other workers, ended midway, must not leave their temporaries either."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'out'
+  result = subprocess.run(  # files of 8 KiB at most: Python ignores SIGXFSZ, writes get EFBIG
+      ['bash', '-c', 'ulimit -f 8 && exec "$@"', 'bash',
+       sys.executable, os.path.join(repo, 'tools', 'make_synthetic.py'), '--out', str(out),
+       '--train', '4', '--eval', '2', '--classes', '2', '--duration', '1', '--width', '64',
+       '--height', '48', '--workers', '2'],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo), timeout=120,
+      check=False)
+  video_dir = out / 'video' / 'train'
+  # One line naming a clip (not its temporary), exit status 2.
+  assert result.returncode == 2 and re.fullmatch(
+      rf'error: --out {re.escape(str(video_dir))}/syn_train_0000\d\.mp4: File too large\n',
+      result.stderr), result.stderr
+  assert all(name.endswith('.mp4') for name in _clips_left(video_dir))
+  assert not os.path.exists(out / 'train.json')
+
+
+def _failing_after(write, count):
+  """`write`, which after `count` calls writes a few bytes and raises ENOSPC naming no file, as
+  a write to a full disk does."""
+  calls = []
+
+  def wrapped(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) <= count:
+      return write(path, *args, **kwargs)
+    with open(path, 'wb') as f:
+      f.write(b'\0' * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  return wrapped
+
+
+def test_a_full_disk_leaves_no_partial_clip_and_names_the_clip(tmp_path, monkeypatch):
+  monkeypatch.setattr(synthetic, 'write_mp4', _failing_after(synthetic.write_mp4, 1))
+  with pytest.raises(OSError) as info:
+    synthetic.generate_dataset(tmp_path, 3, num_classes=2, duration_s=1.0, width=32,
+                               height=24)
+  video_dir = tmp_path / 'video' / 'train'
+  assert info.value.errno == errno.ENOSPC
+  assert info.value.filename == str(video_dir / 'syn_train_00001.mp4')
+  assert _clips_left(video_dir) == ['syn_train_00000.mp4']
+
+
+def test_a_full_disk_leaves_no_partial_datafile_and_names_it(tmp_path, monkeypatch):
+  def partial_json(data, f, **kwargs):
+    del data, kwargs
+    f.write('{"data": [')
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(synthetic.json, 'dump', partial_json)
+  with pytest.raises(OSError) as info:
+    synthetic.generate_dataset(tmp_path, 1, num_classes=2, duration_s=1.0, width=32,
+                               height=24)
+  assert info.value.filename == str(tmp_path / 'train.json')
+  assert sorted(os.listdir(tmp_path)) == ['video']
+  assert _clips_left(tmp_path / 'video' / 'train') == ['syn_train_00000.mp4']

@@ -117,10 +117,12 @@ def _run_tool(tool, args, cwd, extra_path=()):
 
 
 @pytest.mark.parametrize("error,status", [
-    ("PermissionDeniedError", 2), ("FailedPreconditionError", 2), ("InvalidArgumentError", 1)])
+    ("PermissionDeniedError", 2), ("FailedPreconditionError", 2), ("ResourceExhaustedError", 2),
+    ("InvalidArgumentError", 1)])
 def test_a_file_system_error_of_tensorflow_is_one_line(tmp_path, error, status):
-  """A bucket's errors (no permission, no network, not found) printed a traceback: TensorFlow's
-  errors subclass no OSError. Others (a bug of a tf.data op) keep theirs."""
+  """A bucket's errors (no permission, no network, not found; a disk full under TensorBoard's
+  event file) printed a traceback: TensorFlow's errors subclass no OSError. Others (a bug of a
+  tf.data op) keep theirs."""
   script = tmp_path / "tool.py"
   script.write_text(
       "from cav_mae_jax import cli\n"

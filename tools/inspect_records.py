@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cav_mae_jax import cli
+from cav_mae_jax import files
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,6 +200,14 @@ def _unique_name(video_id: str, taken: set[str]) -> str:
   return name
 
 
+def save_png(figure: Figure, png: str) -> None:
+  """Writes `figure` to `png`: only a complete picture carries its name (a full disk left a
+  truncated PNG beside complete ones), and a refused write names it (the line was 'error:
+  None: ...')."""
+  with files.staged_output(png) as staged:
+    figure.savefig(staged, format="png")  # the format given: the name does not end in .png
+
+
 def _parsed_or_fail(path: str, parse: Callable[[tf.Tensor], dict[str, tf.Tensor]]):
   """A shard's parsed examples, in order; a shard that cannot be read or parsed raises
   ValueError naming it. Parsed in a tf.data graph on parallel threads: an eager parse per
@@ -252,7 +261,7 @@ def inspect(split: splits.Split, png_dir: str, num_images: int = 4,
               figure = draw(values, class_names)
             except ValueError as e:
               raise ValueError(f"shard {path}: {e}") from None
-            figure.savefig(png)
+            save_png(figure, png)
           images.append(png)
       count += 1
     if count != shard.num_examples:

@@ -6,7 +6,9 @@
 
 Writes DIR/train.json, DIR/eval.json (the original CAV-MAE datafile format), DIR/video/<split>/
 *.mp4 and DIR/class_labels_indices.csv. Train and eval clips are drawn independently. Bad values
-print one line `error: ...` on stderr and exit with status 2.
+print one line `error: ...` on stderr and exit with status 2, and so does a write that fails (a
+full disk): each file is written under a temporary name and renamed when complete, so the folder
+never holds a truncated clip under a final name (tools that read it would take it for a clip).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -304,7 +305,14 @@ def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     _write_pth(path, arrays)
   elif kind == "safetensors":
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file(arrays, os.fspath(path))
+    try:
+      save_file(arrays, os.fspath(path))
+    except Exception as e:  # pylint: disable=broad-except  # SafetensorError, Rust's I/O error
+      found = re.search(r"\(os error (\d+)\)", str(e))  # "I/O error: ... (os error 28)"
+      if not found:
+        raise
+      code = int(found.group(1))
+      raise OSError(code, os.strerror(code), os.fspath(path)) from e
   else:
     with open(path, "wb") as f:
       np.savez(f, **arrays)
@@ -345,4 +353,29 @@ def _write_pth(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Non
       tensors[key] = torch.from_numpy(value.view(np.int16).copy()).view(torch.bfloat16)
     else:
       tensors[key] = torch.from_numpy(value.copy())
-  torch.save(tensors, path)
+  with open(path, "wb") as f:
+    out = _KeptWriteError(f)
+    try:
+      torch.save(tensors, out)
+    except RuntimeError:  # "unexpected pos ...": torch's zip writer loses the file's OSError
+      if out.error is not None:
+        raise out.error from None
+      raise
+
+
+class _KeptWriteError:
+  """A file for torch.save that keeps the OSError of a failed write (a disk full), which
+  torch's zip writer replaces with a RuntimeError of its own."""
+
+  def __init__(self, f: Any):
+    self.f, self.error = f, None
+
+  def write(self, data: bytes) -> int:
+    try:
+      return self.f.write(data)
+    except OSError as e:
+      self.error = e
+      raise
+
+  def flush(self) -> None:
+    self.f.flush()

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import jax
 import orbax.checkpoint as ocp
 
+from cav_mae_jax import files
+
 MODEL_CONFIG_FILE = "model_config.json"
 DIGEST_FILE = "params_digest.json"  # checksum of every parameter array (train.checkpoint)
 # How the run that made the params normalized its fbanks (init_source.normalization_settings);
@@ -170,7 +172,8 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False,
     raise OSError(f"{path}: cannot write in {parent} ({e.strerror or e})") from e
   staged = os.path.join(scratch, os.path.basename(path))
   try:
-    yield staged
+    with files.writing(path):  # a refused write names the output, not the temporary
+      yield staged
     if not os.path.lexists(staged):
       raise RuntimeError(f"nothing was written for {path}")
     if os.path.isdir(staged) != (kind == "params"):

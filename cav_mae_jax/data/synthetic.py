@@ -25,15 +25,19 @@ video into what the original's preprocessing leaves (a 16 kHz WAV and frame fold
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import csv
 import fractions
 import json
 import multiprocessing
 import os
+import secrets
 import zlib
 
 import av
 import numpy as np
+
+from cav_mae_jax import files
 
 SAMPLE_RATE = 44100
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'ring', 'cross', 'bar', 'x')
@@ -313,13 +317,16 @@ def _order_seed(seed: int, split_name: str) -> np.random.SeedSequence:
 
 def _write_clip(job: tuple) -> None:
   """Generates and writes one clip (a worker job: picklable arguments)."""
-  (path, seed, split_name, index, class_index, num_classes, duration_s, fps, width,
+  (path, token, seed, split_name, index, class_index, num_classes, duration_s, fps, width,
    height) = job
   rng = np.random.default_rng(_clip_seed(seed, split_name, index))
   audio, note_rate, note_phase = _clip_audio(rng, class_index, num_classes, duration_s)
   frames = _clip_frames(rng, class_index, num_classes, duration_s, fps, width, height,
                         note_rate, note_phase)
-  write_mp4(path, frames, fps, audio, SAMPLE_RATE)
+  # Only a complete clip carries a final name: a full disk left truncated MP4s, which a tool
+  # reading the folder (extract_features --videos DIR) took for clips.
+  with files.staged_output(path, token) as staged:
+    write_mp4(staged, frames, fps, audio, SAMPLE_RATE)
 
 
 def write_class_labels(path: str | os.PathLike, num_classes: int) -> None:
@@ -357,25 +364,37 @@ def generate_dataset(out_dir: str | os.PathLike,
   os.makedirs(video_dir, exist_ok=True)
   order_rng = np.random.default_rng(_order_seed(seed, split_name))
   classes = order_rng.permutation(np.arange(num_clips) % num_classes)
+  # This run's temporaries end in this token: another run writing the same folder has its own.
+  token = f'{os.getpid()}-{secrets.token_hex(4)}'
   jobs, entries = [], []
   for i in range(num_clips):
     video_id = f'syn_{split_name}_{i:05d}'
     path = os.path.abspath(os.path.join(video_dir, f'{video_id}.mp4'))
-    jobs.append((path, seed, split_name, i, int(classes[i]), num_classes, duration_s, fps,
-                 width, height))
+    jobs.append((path, token, seed, split_name, i, int(classes[i]), num_classes, duration_s,
+                 fps, width, height))
     entries.append({'video_id': video_id, 'wav': path, 'video_path': path,
                     'labels': class_mid(int(classes[i]))})
   if num_workers > 1:
-    with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
-      pool.map(_write_clip, jobs, chunksize=max(1, len(jobs) // (4 * num_workers)))
+    try:
+      with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
+        pool.map(_write_clip, jobs, chunksize=max(1, len(jobs) // (4 * num_workers)))
+    except BaseException:
+      # The first failed clip ends the pool, which kills the other workers midway through their
+      # clips (SIGTERM: no cleanup of their own); their temporaries are removed here, after the
+      # pool has joined them.
+      for job in jobs:
+        with contextlib.suppress(OSError):
+          os.remove(files.staged_name(job[0], token))
+      raise
   else:
     for job in jobs:
       _write_clip(job)
   datafile = os.path.join(out_dir, f'{split_name}.json')
-  with open(datafile, 'w') as f:
+  with files.staged_output(datafile, token) as staged, open(staged, 'w') as f:
     json.dump({'data': entries}, f, indent=1)
   labels_csv = os.path.join(out_dir, 'class_labels_indices.csv')
-  write_class_labels(labels_csv, num_classes)
+  with files.staged_output(labels_csv, token) as staged:
+    write_class_labels(staged, num_classes)
   return {'datafile': datafile, 'labels_csv': labels_csv, 'video_dir': video_dir,
           'num_clips': num_clips, 'num_classes': num_classes}
 

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cav_mae_jax import files
 from cav_mae_jax import models
 from cav_mae_jax.eval import clips
 from cav_mae_jax.models import losses
@@ -180,7 +181,8 @@ def losses_text(result: Inpainting) -> str:
 
 def save_figure(result: Inpainting, path: str) -> None:
   """Writes the picture of `result` as a PNG at `path`."""
-  figure(result).savefig(path, dpi=100)
+  with files.writing(path):  # a disk full names the picture
+    figure(result).savefig(path, dpi=100)
 
 
 def check_norm_pix_loss(model_config: models.ModelConfig, path: str) -> None:

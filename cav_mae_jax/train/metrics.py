@@ -19,6 +19,7 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 from cav_mae_jax import dir_lock
+from cav_mae_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 # Held while a run rewrites its metrics (`rewind`) and while another process appends to them
@@ -41,16 +42,20 @@ class JsonlWriter:
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record) + "\n")
+    with files.writing(self.path):
+      self._file.write(json.dumps(record) + "\n")
 
   def write_hparams(self, hparams: Mapping[str, Any]):
-    self._file.write(json.dumps({"hparams": _jsonable(hparams)}) + "\n")
+    with files.writing(self.path):
+      self._file.write(json.dumps({"hparams": _jsonable(hparams)}) + "\n")
 
   def flush(self):
-    self._file.flush()
+    with files.writing(self.path):
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    with files.writing(self.path):
+      self._file.close()
 
 
 def _jsonable(value: Any) -> Any:
@@ -139,10 +144,7 @@ def save_log_window(workdir: str, step: int, since: int,
   windows = {k: v for k, v in windows.items() if k.isdigit() and int(k) < step}
   windows[str(step)] = {"since": int(since), "rows": [dict(row) for row in rows]}
   kept = sorted(windows, key=int)[-_LOG_WINDOWS_KEPT:]
-  staged = f"{path}.tmp-{os.getpid()}"
-  with open(staged, "w") as f:
-    json.dump({k: windows[k] for k in kept}, f)
-  os.replace(staged, path)
+  files.replace_text(path, json.dumps({k: windows[k] for k in kept}))
 
 
 def read_log_window(workdir: str, step: int) -> tuple[int, list[dict[str, float]]] | None:
@@ -186,10 +188,7 @@ def drop_records_after(workdir: str, step: int) -> int:
     kept.append(line)
   if len(kept) == len(lines):
     return 0
-  staged = f"{path}.tmp-{os.getpid()}"
-  with open(staged, "w") as f:
-    f.writelines(kept)
-  os.replace(staged, path)
+  files.replace_text(path, "".join(kept))
   return len(lines) - len(kept)
 
 

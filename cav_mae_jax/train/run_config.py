@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cav_mae_jax import files
 from cav_mae_jax.train import optim
 
 RUN_CONFIG_FILE = "config.json"
@@ -59,20 +60,13 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict,
   Each file is replaced atomically: when a multi-process run resumes, the other processes read
   the previous config.json while the main process writes the new one.
   """
-  _replace_file(os.path.join(workdir, RUN_CONFIG_FILE),
-                config.to_json_best_effort(indent=2, sort_keys=True))
+  files.replace_text(os.path.join(workdir, RUN_CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
   if steps_per_epoch is not None:
     plan = {"steps_per_epoch": steps_per_epoch}
     if train_shards is not None:
       plan["train_shards"] = train_shards
-    _replace_file(os.path.join(workdir, PLAN_FILE), json.dumps(plan))
-
-
-def _replace_file(path: str, text: str) -> None:
-  staged = f"{path}.tmp-{os.getpid()}"
-  with open(staged, "w") as f:
-    f.write(text)
-  os.replace(staged, path)
+    files.replace_text(os.path.join(workdir, PLAN_FILE), json.dumps(plan))
 
 
 def read_plan(workdir: str) -> dict[str, Any]:
