@@ -645,17 +645,22 @@ def _fail_on_marked_clip(entry, labels, store_waveform):
   return clips.clip_example(entry, labels, store_waveform)
 
 
-def test_a_failing_shard_names_the_clip_it_failed_on(media, tmp_path):
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_failing_shard_names_the_clip_it_failed_on(media, tmp_path, workers):
+  # Without workers, the failure was raised as it was: TensorFlow's error of a full disk under
+  # a shard printed a traceback, and the other shards were not written.
   ids = ["a0", "b0", "bug", "b1"]  # shard 0: a0, bug; shard 1: b0, b1
   rows = [(v, media["good_a" if v == "bug" else "one_second"], "/m/b") for v in ids]
   datafile = write_datafile(str(tmp_path / "data.json"), rows)
   out = str(tmp_path / "out")
   with pytest.raises(RuntimeError) as info:
-    prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=1,
+    prepare.prepare_records(datafile, media["labels_csv"], out, num_workers=workers,
                             examples_per_shard=2, clip_fn=_fail_on_marked_clip, progress=False)
-  (line,) = str(info.value).splitlines()[1:]
-  assert line == (f"{shards.shard_file_name(0, 2)}: AttributeError: 'NoneType' object has no "
-                  f"attribute 'channels' (at clip 1 of the shard, {media['good_a']})")
+  # One line (the shards were a line each after it), as without workers.
+  assert str(info.value) == (
+      f"1 of 2 shards failed (finished shards are kept; rerun to resume): "
+      f"{shards.shard_file_name(0, 2)}: AttributeError: 'NoneType' object has no attribute "
+      f"'channels' (at clip 1 of the shard, {media['good_a']})")
   finished = sorted(name for name in os.listdir(out) if name.endswith(".tfrecord"))
   assert finished == [shards.shard_file_name(1, 2)]  # The other shard is kept.
 
@@ -1069,3 +1074,12 @@ def test_the_originals_extracted_layout_gives_the_videos_records(media, tmp_path
   assert by_reason.keys() == {"missing_frame", "bad_frame"}
   assert os.path.join(str(broken), "frame_7", f"{broken.name}.jpg") in by_reason["missing_frame"]
   assert "100x100" in by_reason["bad_frame"] and "frame_3" in by_reason["bad_frame"]
+
+
+def test_a_shards_tensorflow_failure_is_said_in_its_own_words():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  error = tf.errors.ResourceExhaustedError(
+      None, None, "{{function_node __wrapped__WriteRecord}} /out/r.tfrecord.tmp-h-1; No space "
+      "left on device\n\tmore [Op:WriteRecord]")
+  assert shards.failure_text(error) == (
+      "ResourceExhaustedError: /out/r.tfrecord.tmp-h-1; No space left on device")

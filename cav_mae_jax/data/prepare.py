@@ -37,6 +37,7 @@ from cav_mae_jax.data import sources
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 SUMMARY = "summary.json"
+_FAILURES_SHOWN = 3  # failed shards named in the error line (a full disk fails them all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +173,17 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
              desc=f"task {task_index}/{num_tasks}: {len(todo)} shards")
   errors = []
   try:
-    if num_workers == 0:
+    if num_workers == 0:  # a shard's failure is said as a worker's is, and the others go on
       for plan in todo:
-        shards.write_shard(plan, out_dir, labels, options=options, clip_fn=clip_fn,
-                           on_clip=lambda *_: bar.update())
+        started = []
+        try:
+          shards.write_shard(plan, out_dir, labels, options=options, clip_fn=clip_fn,
+                             on_clip=lambda *_: bar.update(), on_start=started.append)
+        except clips.StrictModeError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          errors.append(shards.failure_line(plan, shards.failure_text(e),
+                                            started[-1] if started else None))
     elif todo:
       errors = shards.run_pool(todo, out_dir, labels, num_workers=num_workers,
                                options=options, clip_fn=clip_fn, on_clip=bar.update)
@@ -185,9 +193,12 @@ def _prepare_locked(entries: list[sources.ClipEntry], labels: sources.ClassLabel
     raise
   bar.close()
   summary = finalize(out_dir, seconds=time.time() - start)
-  if errors:
-    raise RuntimeError("shards failed (finished shards are kept; rerun to resume):\n"
-                       + "\n".join(errors))
+  if errors:  # one line: the first few, each naming its shard and clip
+    shown = "; ".join(errors[:_FAILURES_SHOWN])
+    more = len(errors) - _FAILURES_SHOWN
+    raise RuntimeError(
+        f"{len(errors)} of {len(todo)} shards failed (finished shards are kept; rerun to "
+        f"resume): {shown}{f'; and {more} more' if more > 0 else ''}")
   return summary
 
 

@@ -261,7 +261,7 @@ def _write_shard_in_worker(conn: multiprocessing.connection.Connection, plan: Sh
   except (BrokenPipeError, ConnectionResetError):
     raise
   except Exception as e:  # pylint: disable=broad-except
-    conn.send(("error", f"{type(e).__name__}: {e}"))
+    conn.send(("error", failure_text(e)))
   else:
     conn.send(("done", sidecar))
 
@@ -358,6 +358,20 @@ class _WorkerPool:
       worker.process.join()
 
 
+def failure_text(error: Exception) -> str:
+  """A shard's failure (a bug, or an I/O error: a full disk) in one line: its type, then its
+  words (TensorFlow's without its op and function names)."""
+  text = records.op_error_text(error) if isinstance(error, tf.errors.OpError) else str(error)
+  return f"{type(error).__name__}: {' '.join(text.split())}"
+
+
+def failure_line(plan: ShardPlan, text: str, position: int | None) -> str:
+  """`<shard file>: <failure_text> (at clip <i> of the shard, <its path>)`."""
+  where = ("" if position is None else
+           f" (at clip {position} of the shard, {plan.entries[position].path})")
+  return f"{plan.file_name}: {text}{where}"
+
+
 def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, *,
               num_workers: int, options: clips.WriteOptions, clip_fn: clips.ClipFn,
               on_clip: Callable[[], None]) -> list[str]:
@@ -389,10 +403,7 @@ def run_pool(plans: list[ShardPlan], out_dir: str, labels: sources.ClassLabels, 
               elif kind == "strict":
                 raise clips.StrictModeError(payload[0])
               elif kind == "error":  # A bug or an I/O failure, not a bad clip: say where.
-                where = ("" if worker.position is None else
-                         f" (at clip {worker.position} of the shard, "
-                         f"{worker.plan.entries[worker.position].path})")
-                errors.append(f"{worker.plan.file_name}: {payload[0]}{where}")
+                errors.append(failure_line(worker.plan, payload[0], worker.position))
                 worker.plan = None
               elif kind == "done":
                 worker.plan = None
