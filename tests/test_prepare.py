@@ -1083,3 +1083,18 @@ def test_a_shards_tensorflow_failure_is_said_in_its_own_words():
       "left on device\n\tmore [Op:WriteRecord]")
   assert shards.failure_text(error) == (
       "ResourceExhaustedError: /out/r.tfrecord.tmp-h-1; No space left on device")
+
+
+def test_a_json_file_the_disk_refuses_is_named_and_leaves_no_temporary(tmp_path, monkeypatch):
+  # manifest.json's temporary stayed for good (no rerun removes it), and the tool's line named
+  # the output folder: the OSError of the write named no file.
+  import errno  # pylint: disable=import-outside-toplevel
+  def full_disk(*args, **kwargs):
+    del args, kwargs
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(shards.json, "dump", full_disk)
+  path = str(tmp_path / "manifest.json")
+  with pytest.raises(OSError) as info:
+    shards.write_json_atomic(path, {"a": 1})
+  assert (info.value.filename, info.value.strerror) == (path, os.strerror(errno.ENOSPC))
+  assert os.listdir(tmp_path) == []

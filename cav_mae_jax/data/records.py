@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from cav_mae_jax import files
 from cav_mae_jax.data.config import IMAGE_SIZE, NUM_MEL_BINS, NUM_VIDEO_FRAMES
 from cav_mae_jax.data.config import TARGET_FBANK_FRAMES
 
@@ -396,13 +397,13 @@ def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
 
 
 def write_index(path: str, index: RecordIndex) -> None:
-  """Writes the index JSON atomically (temp file + rename)."""
+  """Writes the index JSON atomically (temp file + rename; a failed write removes the temporary
+  and names `path`)."""
   data = dataclasses.asdict(index)
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with files.staged_output(path, f"{socket.gethostname()}-{os.getpid()}") as tmp, \
+      open(tmp, "w") as f:
     json.dump(data, f, indent=1)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def index_path(directory: str) -> str:

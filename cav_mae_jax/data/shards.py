@@ -31,6 +31,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from cav_mae_jax import files
 from cav_mae_jax import signals_held
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
@@ -75,12 +76,12 @@ def plan_shards(entries: Sequence[sources.ClipEntry], num_shards: int) -> list[S
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-  """Writes a JSON file through a temporary name and a rename (readers never see half)."""
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  with open(tmp, "w") as f:
+  """Writes a JSON file through a temporary name and a rename (readers never see half; a failed
+  write, a full disk, removes the temporary and names `path`)."""
+  with files.staged_output(path, f"{socket.gethostname()}-{os.getpid()}") as tmp, \
+      open(tmp, "w") as f:
     json.dump(data, f, indent=1)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
