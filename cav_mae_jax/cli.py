@@ -45,6 +45,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from cav_mae_jax import errors
+from cav_mae_jax import files
 from cav_mae_jax.train import peers
 
 # Flags this module defines for a tool (define_model_flags) belong to that tool, as if the tool
@@ -294,23 +295,28 @@ def error_line(message: object, status: int = 2) -> int:
 
 
 # TensorFlow's errors of a file system (gs://...: a bucket or object not found, no permission,
-# no credentials, the network down; a disk full: TensorBoard's event file, a records shard) by
-# name: one line as an OSError is (`_storage_error`).
+# no credentials, the network down) by name: one line as an OSError is (`_storage_error`).
 _STORAGE_ERRORS = ("NotFoundError", "PermissionDeniedError", "UnauthenticatedError",
                    "FailedPreconditionError", "UnavailableError", "DeadlineExceededError",
-                   "DataLossError", "ResourceExhaustedError")
+                   "DataLossError")
+# Its ResourceExhaustedError is a refused write (a disk full under TensorBoard's event file) or
+# host memory exhausted ("OOM when allocating tensor ..."): told apart by the system's words.
+_REFUSED_WRITE_WORDS = tuple(os.strerror(code) for code in files.WRITE_REFUSED)
 
 
-def _storage_error(error: BaseException) -> OSError | None:
-  """`error` as an OSError in its own words where it is one of TensorFlow's file-system errors
-  (which subclass no OSError: they printed a traceback), else None."""
+def _storage_error(error: BaseException) -> OSError | MemoryError | None:
+  """`error` in its own words where it is one of TensorFlow's file-system errors (an OSError)
+  or its host memory exhausted (a MemoryError); they subclass neither and printed a traceback.
+  Else None."""
   tf_errors = getattr(sys.modules.get("tensorflow"), "errors", None)
   if tf_errors is None or not isinstance(error, tf_errors.OpError):
     return None
-  if type(error).__name__ not in _STORAGE_ERRORS:
-    return None
   from cav_mae_jax.data import records  # pylint: disable=g-import-not-at-top  (TF imported)
-  return OSError(records.op_error_text(error))
+  text = records.op_error_text(error)
+  if isinstance(error, tf_errors.ResourceExhaustedError):
+    refused = any(words in (error.message or "") for words in _REFUSED_WRITE_WORDS)
+    return OSError(text) if refused else MemoryError(text)
+  return OSError(text) if type(error).__name__ in _STORAGE_ERRORS else None
 
 
 def fail(message: str) -> None:
@@ -639,8 +645,10 @@ _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
 
 
 def _not_an_orbax_error(record: logging.LogRecord) -> bool:
-  """False for orbax's error records (each is an error it raises to its caller)."""
-  return record.levelno < logging.ERROR or _ORBAX_SOURCE not in record.pathname
+  """False for orbax's error records with a traceback: its background threads' errors of a
+  save, each raised to its caller later (those it logs and passes over have none)."""
+  return (record.levelno < logging.ERROR or not record.exc_info
+          or _ORBAX_SOURCE not in record.pathname)
 
 
 def quiet_async_leftovers() -> None:
@@ -656,7 +664,7 @@ def quiet_async_leftovers() -> None:
   """
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   # A failed asynchronous save: orbax logs the error of each of its threads with a traceback,
-  # then raises it where the trainer waits for the save (one line, `checkpoint.writing`).
+  # then raises it where the trainer next looks (one line, `checkpoint.writing`).
   absl_logging.get_absl_handler().addFilter(_not_an_orbax_error)
   previous = sys.unraisablehook
 

@@ -117,12 +117,10 @@ def _run_tool(tool, args, cwd, extra_path=()):
 
 
 @pytest.mark.parametrize("error,status", [
-    ("PermissionDeniedError", 2), ("FailedPreconditionError", 2), ("ResourceExhaustedError", 2),
-    ("InvalidArgumentError", 1)])
+    ("PermissionDeniedError", 2), ("FailedPreconditionError", 2), ("InvalidArgumentError", 1)])
 def test_a_file_system_error_of_tensorflow_is_one_line(tmp_path, error, status):
-  """A bucket's errors (no permission, no network, not found; a disk full under TensorBoard's
-  event file) printed a traceback: TensorFlow's errors subclass no OSError. Others (a bug of a
-  tf.data op) keep theirs."""
+  """A bucket's errors (no permission, no network, not found) printed a traceback: TensorFlow's
+  errors subclass no OSError. Others (a bug of a tf.data op) keep theirs."""
   script = tmp_path / "tool.py"
   script.write_text(
       "from cav_mae_jax import cli\n"
@@ -141,6 +139,21 @@ def test_a_file_system_error_of_tensorflow_is_one_line(tmp_path, error, status):
                                           "code 403 when reading gs://bucket/x"]
   else:
     assert "Traceback" in result.stderr
+
+
+def test_tensorflows_resource_exhausted_is_a_full_disk_or_host_memory():
+  # A full disk under TensorBoard's event file printed a traceback (status 1); the same error
+  # type says that host memory ran out, a run failure (status 1), not a bad input.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  full = cli._storage_error(tf.errors.ResourceExhaustedError(  # pylint: disable=protected-access
+      None, None, "{{function_node __wrapped__WriteSummary}} /w/tensorboard/events.out.tfevents"
+      ".1.vm.2.v2; No space left on device\n\tCould not flush events file. [Op:WriteSummary]"))
+  assert type(full) is OSError and str(full) == (
+      "/w/tensorboard/events.out.tfevents.1.vm.2.v2; No space left on device")
+  memory = cli._storage_error(tf.errors.ResourceExhaustedError(  # pylint: disable=protected-access
+      None, None, "OOM when allocating tensor with shape[1000000000000] and type float"))
+  assert type(memory) is MemoryError and isinstance(memory, cli.RUN_FAILURES)
 
 
 def test_a_config_file_in_a_flagfile_takes_overrides(tmp_path):

@@ -334,8 +334,13 @@ class Checkpointer:
   def check_for_errors(self) -> None:
     """Raises the error of an asynchronous save that has failed (CheckpointWriteError where the
     file system refused it), without waiting for one under way: a run learns of it at its next
-    log row rather than at its next save, many steps later."""
-    self._on_both("check_for_errors")
+    log row rather than at its next save, many steps later. (orbax's own `check_for_errors`
+    finds nothing once its finalize thread has taken the error; waiting for a save that has
+    ended returns at once, raising it.)"""
+    with writing(self.workdir):
+      for manager in (self.manager, self.epoch_manager):
+        if manager is not None and not manager.is_saving_in_progress():
+          manager.wait_until_finished()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""
