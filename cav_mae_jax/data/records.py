@@ -396,14 +396,19 @@ def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
   )
 
 
-def write_index(path: str, index: RecordIndex) -> None:
-  """Writes the index JSON atomically (temp file + rename; a failed write removes the temporary
-  and names `path`)."""
-  data = dataclasses.asdict(index)
+def write_json_atomic(path: str, data: Any) -> None:
+  """Writes a JSON file of the data side (index, manifest, summary, sidecars) through a
+  temporary name `<path>.tmp-<host>-<pid>` and a rename (readers never see half; a failed
+  write, a full disk, removes the temporary and names `path`)."""
   with files.staged_output(path, f"{socket.gethostname()}-{os.getpid()}") as tmp, \
       open(tmp, "w") as f:
     json.dump(data, f, indent=1)
     f.write("\n")
+
+
+def write_index(path: str, index: RecordIndex) -> None:
+  """Writes the index JSON atomically (`write_json_atomic`)."""
+  write_json_atomic(path, dataclasses.asdict(index))
 
 
 def index_path(directory: str) -> str:

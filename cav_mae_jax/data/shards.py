@@ -31,7 +31,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from cav_mae_jax import files
 from cav_mae_jax import signals_held
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
@@ -75,13 +74,7 @@ def plan_shards(entries: Sequence[sources.ClipEntry], num_shards: int) -> list[S
   return [ShardPlan(s, num_shards, tuple(entries[s::num_shards])) for s in range(num_shards)]
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-  """Writes a JSON file through a temporary name and a rename (readers never see half; a failed
-  write, a full disk, removes the temporary and names `path`)."""
-  with files.staged_output(path, f"{socket.gethostname()}-{os.getpid()}") as tmp, \
-      open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-    f.write("\n")
+write_json_atomic = records.write_json_atomic  # the index's writer, for every JSON file here
 
 
 def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
