@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import _thread
 from typing import Any, Callable, Mapping, Sequence
 
@@ -642,6 +643,7 @@ def _is_closed_loop_leftover(error: BaseException | None) -> bool:
 
 
 _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+_COMPILATION_CACHE_WARNING = "Error (reading|writing) persistent compilation cache entry"
 
 
 def _not_an_orbax_error(record: logging.LogRecord) -> bool:
@@ -771,6 +773,10 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       absl_logging.get_absl_handler().setFormatter(_LevelFormatter())
       logging.getLogger().setLevel(logging.WARNING)
       quiet_async_leftovers()
+      # JAX's persistent compilation cache, where the user set one (JAX_COMPILATION_CACHE_DIR):
+      # an entry it cannot write (a full disk) or read (one that a full disk left truncated) is
+      # compiled anew, and its warning would come before the tool's own line.
+      warnings.filterwarnings("ignore", message=_COMPILATION_CACHE_WARNING, category=UserWarning)
     redeliver_swallowed_interrupts()
     stop_on_sigterm()
     try:

@@ -15,6 +15,7 @@ from cav_mae_jax.convert import formats
 from cav_mae_jax.convert import io
 from cav_mae_jax.convert import pipelines
 from cav_mae_jax.convert import state_dict as sd
+import limits
 from test_convert_imagenet_mae import mae_shapes
 from test_convert_layout import Dims, random_state_dict
 
@@ -149,12 +150,11 @@ def test_bad_files_write_nothing(tmp_path):
   assert not os.listdir(existing)
 
 
-def _cli(*args, max_file_kib=None):
-  """tools/convert.py; `max_file_kib`: a file-size limit (bash's `ulimit -f`; Python ignores
-  SIGXFSZ, so a longer write fails with EFBIG, as a full disk fails with ENOSPC)."""
+def _cli(*args, max_file_kib=None, xla_cache_dir=None):
+  """tools/convert.py; `max_file_kib`: a file-size limit (`limits.file_size_limited`)."""
   command = [sys.executable, str(ROOT / "tools/convert.py"), *args]
   if max_file_kib:
-    command = ["bash", "-c", f'ulimit -f {max_file_kib} && exec "$@"', "bash", *command]
+    command = limits.file_size_limited(command, max_file_kib, xla_cache_dir)
   return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
 
 
@@ -228,12 +228,16 @@ def test_command_line_converts_and_reports_errors(tmp_path):
       formats.read_state_dict(src))
   # A disk full: torch's and safetensors' writers raised their own errors (a traceback,
   # "unexpected pos 1037568 vs 1037520"); the line names the output, and no file is left.
+  # The same disk holds a JAX compilation cache: its entries refused (then read truncated by the
+  # second run) each printed JAX's warning before the line.
+  xla_cache = tmp_path / "xla_cache"
   for name in ("full.pth", "full.safetensors"):
     full = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / name}",
-                max_file_kib=64)
+                max_file_kib=64, xla_cache_dir=str(xla_cache))
     assert (full.returncode, full.stderr) == (
         2, f"error: {tmp_path / name}: cannot be written: File too large\n"), full.stderr
     assert not list(tmp_path.glob(f"*{name}*"))
+  assert any(entry.stat().st_size == 64 * 1024 for entry in xla_cache.rglob("*"))  # refused
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(src.read_bytes()[:1000])
   bad = _cli("cavmae", f"--src={cut}", f"--out={tmp_path / 'bad'}", *config)

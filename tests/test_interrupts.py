@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+import limits
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -296,21 +298,21 @@ def test_a_checkpoint_the_disk_refuses_stops_the_run_with_one_line(tmp_path):
   # A disk full (or a quota) while orbax saved in the background: each of its threads logged
   # the error with a traceback, the run trained on to its next save, and ended with TensorStore's
   # "RESOURCE_EXHAUSTED: Error writing ...". Files are limited here to 64 KiB (`ulimit -f`:
-  # Python ignores SIGXFSZ, so a longer write fails with EFBIG); the step-20 save needs more.
+  # limits.file_size_limited); the step-20 save needs more.
   # The run stops at a log row after it, before the next save (orbax raises it there).
   import test_input  # pylint: disable=import-outside-toplevel
   records = test_input.write_records(str(tmp_path / "records"),
                                      [[i % test_input.NUM_CLASSES] for i in range(16)], 2)
   workdir = tmp_path / "run"
   done = subprocess.run(
-      ["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash",  # KiB
+      limits.file_size_limited([
        sys.executable, os.path.join(REPO, "tools", "train.py"), "--config",
        "configs/pretrain.py:tiny", f"--workdir={workdir}", f"--config.data.train_dir={records}",
        "--config.evals.val=None", "--config.evals.retrieval=None", "--config.total_steps=60",
        "--config.total_epochs=None", "--config.checkpoint.every_steps=20",
        "--config.data.batch_size=8", "--config.log_every_steps=1",
        "--config.model.encoder_depth=2", "--config.model.modality_specific_depth=1",
-       "--config.model.image_size=32"],
+       "--config.model.image_size=32"], 64),
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 2, done.stderr[-3000:]
   assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -18,6 +18,7 @@ import pytest
 from cav_mae_jax.data import decode
 from cav_mae_jax.data import fbank
 from cav_mae_jax.data import synthetic
+import limits
 
 NUM_CLASSES = 4
 CLIPS_PER_CLASS = 3
@@ -190,10 +191,10 @@ def test_make_synthetic_tool_under_a_file_size_limit_leaves_no_truncated_clip(tm
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / 'out'
   result = subprocess.run(  # files of 8 KiB at most: Python ignores SIGXFSZ, writes get EFBIG
-      ['bash', '-c', 'ulimit -f 8 && exec "$@"', 'bash',
-       sys.executable, os.path.join(repo, 'tools', 'make_synthetic.py'), '--out', str(out),
-       '--train', '4', '--eval', '2', '--classes', '2', '--duration', '1', '--width', '64',
-       '--height', '48', '--workers', '2'],
+      limits.file_size_limited([
+          sys.executable, os.path.join(repo, 'tools', 'make_synthetic.py'), '--out', str(out),
+          '--train', '4', '--eval', '2', '--classes', '2', '--duration', '1', '--width', '64',
+          '--height', '48', '--workers', '2'], 8),
       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo), timeout=120,
       check=False)
   video_dir = out / 'video' / 'train'
