@@ -6,6 +6,7 @@ use it), all at once, and each field must come back with its new value.
 
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -132,3 +133,16 @@ def test_leftovers_of_an_aborted_checkpoint_read_stay_off_stderr(monkeypatch):
     sys.unraisablehook(types.SimpleNamespace(exc_value=error))
   assert seen == [other]
   assert not logging.getLogger("asyncio").isEnabledFor(logging.ERROR)
+
+
+def test_the_configs_load_without_jax():
+  """Every tool loads its --config file before it parses a flag's value; the configs import
+  `cav_mae_jax.models.config`, and the package's __init__ imported JAX and Flax with it (1.4 s
+  before a mistyped flag was answered)."""
+  code = ("import sys\n"
+          "from configs import finetune, pretrain\n"
+          "pretrain.get_config('base'), finetune.get_config('tiny')\n"
+          "print(sorted(m for m in ('jax', 'flax', 'optax', 'tensorflow') if m in sys.modules))\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=120, check=True)
+  assert done.stdout == "[]\n", done.stdout + done.stderr

@@ -730,3 +730,15 @@ def test_the_train_step_pins_the_pooled_stream_without_gathering_it():
   assert str(jax.make_jaxpr(setup.train_step)(*args)).count("layout_constraint") == 4
   text = setup.compile().as_text()
   assert "all-reduce" in text and "all-gather" not in text
+
+
+def test_the_packages_names_are_its_modules():
+  """`cav_mae_jax.models` imports its modules on first use (`__getattr__`): each exported name is
+  the object its module defines, and a name it does not export is an AttributeError."""
+  from cav_mae_jax.models import cav_mae, config, masking, params, vit  # pylint: disable=C0415
+  modules = (cav_mae, config, masking, params, vit)
+  for name in models.__all__:
+    assert any(getattr(m, name, None) is getattr(models, name) for m in modules), name
+  assert set(models.__all__) <= set(dir(models))
+  with pytest.raises(AttributeError, match="has no attribute 'init_param'"):
+    models.init_param  # pylint: disable=pointless-statement
