@@ -26,6 +26,7 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -39,7 +40,7 @@ import threading
 import time
 import warnings
 import _thread
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -677,23 +678,54 @@ def quiet_async_leftovers() -> None:
   sys.unraisablehook = hook
 
 
+# What TensorFlow's import loads of Keras "so that any function/method that needs to happen at
+# load time will trigger" (its __init__; the second where TF_USE_LEGACY_KERAS is set).
+_KERAS_PRELOADS = ("keras.src.optimizers", "tf_keras.src.optimizers")
+
+
+@contextlib.contextmanager
+def _keras_preload_skipped() -> Iterator[None]:
+  """TensorFlow's import loads Keras's optimizers, and with them all of Keras and (where
+  scikit-learn is installed: librosa needs it) scikit-learn and SciPy's statistics: 2.3 of its
+  7 seconds on 2 cores, for nothing the tools use. TensorFlow passes over a module it cannot
+  import; None in sys.modules says so, for the import alone: `tf.keras` still loads Keras
+  where something asks for it."""
+  skipped = [name for name in _KERAS_PRELOADS if name not in sys.modules]
+  for name in skipped:
+    sys.modules[name] = None  # type: ignore[assignment]
+  try:
+    yield
+  finally:
+    for name in skipped:
+      if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _stderr_on_devnull() -> Iterator[None]:
+  """File descriptor 2 on /dev/null (what C++ code writes there too)."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def import_tensorflow(quiet: bool = True) -> None:
   """Imports TensorFlow (if installed) for the host's input alone: its GPUs are hidden from it
   (`tf.config.set_visible_devices([], "GPU")`, as big_vision's trainers do), so that a CUDA build
-  of TensorFlow does not claim the memory of the devices JAX computes on. `quiet`: file
-  descriptor 2 points at /dev/null during the import (TensorFlow's C++ start-up lines)."""
+  of TensorFlow does not claim the memory of the devices JAX computes on; Keras is not loaded
+  with it (`_keras_preload_skipped`). `quiet`: file descriptor 2 points at /dev/null during the
+  import (TensorFlow's C++ start-up lines)."""
   if importlib.util.find_spec("tensorflow") is None:
     return
-  if "tensorflow" not in sys.modules and quiet:
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
+  if "tensorflow" not in sys.modules:
+    with _keras_preload_skipped(), _stderr_on_devnull() if quiet else contextlib.nullcontext():
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      os.close(devnull)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   try:
     tf.config.set_visible_devices([], "GPU")
