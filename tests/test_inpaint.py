@@ -96,6 +96,26 @@ def test_picture_says_what_it_shows(inpainted, tmp_path):
   assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_picture_the_disk_refuses_is_named_and_not_left_half_written(inpainted, tmp_path,
+                                                                       monkeypatch):
+  import errno  # pylint: disable=import-outside-toplevel
+  import matplotlib.figure  # pylint: disable=import-outside-toplevel
+  from cav_mae_jax import files  # pylint: disable=import-outside-toplevel
+  _, _, result = inpainted
+
+  def full_disk(self, fname, **kwargs):  # pylint: disable=unused-argument
+    with open(fname, "wb") as f:
+      f.write(b"\x89PNG\r\n\x1a\n")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+  out = tmp_path / "x.png"
+  with pytest.raises(files.WriteRefusedError,
+                     match=f"^{out}: cannot be written: No space left on device"):
+    inpaint.save_figure(result, str(out))
+  assert not list(tmp_path.iterdir())
+
+
 def test_picture_says_what_was_removed(clip):
   # The titles gave the ratio asked for; int(L * (1 - ratio)) patches are kept, so 0.8 of the
   # tiny image's 4 patches removes all 4 (the title said 80%). A structured audio mask says so.

@@ -180,9 +180,10 @@ def losses_text(result: Inpainting) -> str:
 
 
 def save_figure(result: Inpainting, path: str) -> None:
-  """Writes the picture of `result` as a PNG at `path`."""
-  with files.writing(path):  # a disk full names the picture
-    figure(result).savefig(path, dpi=100)
+  """Writes the picture of `result` as a PNG at `path`: under a temporary name first, so that a
+  write the disk refuses names the picture and leaves no half-written PNG."""
+  with files.staged_output(path) as staged:
+    figure(result).savefig(staged, dpi=100, format="png")
 
 
 def check_norm_pix_loss(model_config: models.ModelConfig, path: str) -> None:
