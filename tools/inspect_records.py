@@ -112,6 +112,7 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   parse_args()  # A bad flag is answered now, not after TensorFlow's import.
+  cli.import_tensorflow()  # as the other tools: without Keras, its GPUs hidden
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.backends.backend_agg import FigureCanvasAgg
