@@ -144,6 +144,10 @@ BAD_CASES = [
      {}),
     ("model.mlp_ratio", float("inf"), "config.model.mlp_ratio=inf: must be finite", {}),
     ("seed", 2**70, f"config.seed={2**70}: must fit in 64 bits", {}),
+    # Seeds JAX's PRNG key cuts to 32 bits: -1 drew seed 4294967295's numbers, 2**32 seed 0's.
+    ("seed", -1, "config.seed=-1: must be in", {}),
+    ("seed", 2**32, f"config.seed={2**32}: must be in", {}),
+    ("evals.val.mask_seed", -1, "config.evals.val.mask_seed=-1: must be in", {}),
     # An MLP of no hidden units (a ZeroDivisionError traceback in the initializer).
     ("model.mlp_ratio", 0.001, "config.model.mlp_ratio=0.001: gives an MLP of no hidden units",
      {}),

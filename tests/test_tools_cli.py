@@ -247,6 +247,11 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
      "flag --batch_size=-4: must be >= 0 (0: config.data.batch_size)"),
     ("inpaint.py", [TINY, "--params=p", "--index=-1", "--out=x.png"],
      "flag --index=-1: must be >= 0"),
+    # Seeds JAX's PRNG key cuts to 32 bits (-1 drew seed 4294967295's masks, 2**32 seed 0's).
+    ("inpaint.py", [TINY, "--params=p", "--seed=-1", "--out=x.png"],
+     "flag --seed=-1: must be in [0, 4294967295]"),
+    ("convert.py", ["imagenet-mae", TINY, "--src=p", "--out=o", "--seed=4294967296"],
+     "flag --seed=4294967296: must be in [0, 4294967295]"),
     # The trainer's checks of the config alone (these came after the import).
     ("train.py", [TINY, "--workdir=w", "--config.model.attention_impl=cudnn",
                   "--config.model.dtype=bfloat16"],

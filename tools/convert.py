@@ -40,7 +40,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cav_mae_jax import cli
+from cav_mae_jax import cli, seeds
 
 DIRECTIONS = ("imagenet-mae", "cavmae", "to-torch", "export-eval")
 
@@ -64,6 +64,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"
                            "export-eval: dtype of the exported params.")
 _SEED = flags.DEFINE_integer("seed", 0, "imagenet-mae / cavmae: seed of the init values for "
                              "parameters not in the source.")
+flags.register_validator(_SEED.name, seeds.valid, message=seeds.RANGE)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out of the same kind "
                                 "(a file by a file, a params checkpoint by a params checkpoint).")
 _STEP = flags.DEFINE_integer("step", 0, "to-torch / export-eval from a workdir: its checkpoint "

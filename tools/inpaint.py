@@ -20,7 +20,7 @@ import os
 
 from absl import flags
 
-from cav_mae_jax import cli
+from cav_mae_jax import cli, seeds
 
 _MODEL = cli.define_model_flags()
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (default config.data.eval_dir).")
@@ -37,6 +37,7 @@ flags.mark_flags_as_required(["out"])
 flags.register_validator(_OUT.name, lambda path: path is None or (
     path.lower().endswith(".png") and len(os.path.basename(path)) > 4),
                          message="must name a .png file")
+flags.register_validator(_SEED.name, seeds.valid, message=seeds.RANGE)
 flags.mark_flags_as_mutual_exclusive(["index", "clip_id"])
 flags.register_validator(_INDEX.name, lambda index: index is None or index >= 0,
                          message="must be >= 0 (a position in the records)")

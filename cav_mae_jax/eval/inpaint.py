@@ -29,6 +29,7 @@ import numpy as np
 
 from cav_mae_jax import files
 from cav_mae_jax import models
+from cav_mae_jax import seeds
 from cav_mae_jax.eval import clips
 from cav_mae_jax.models import losses
 
@@ -90,6 +91,7 @@ def inpaint(model_config: models.ModelConfig, params: Any, audio: np.ndarray, im
   config = dataclasses.replace(models.ModelConfig.from_config(model_config),
                                mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
   config.validate()
+  seeds.check("seed", seed)
   if config.modalities != "audiovisual":
     raise ValueError(f"inpainting pictures need an audio-visual model, not modalities="
                      f"{config.modalities!r}")

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from cav_mae_jax import seeds
 from cav_mae_jax.eval import common
 from cav_mae_jax.train import mesh as mesh_lib
 
@@ -28,6 +29,10 @@ class LossesEvaluator(common.Evaluator):
   """Mean of the task's 'losses' predict function over the split's full batches."""
 
   FIELDS = {"mask_seed": int}
+
+  @classmethod
+  def check_entry(cls, name, config):
+    seeds.check(f"config.evals.{name}.mask_seed", config.mask_seed)
 
   def __init__(self, name, config, predict_fns, mesh, batch_source):
     super().__init__(name, config, predict_fns, mesh, batch_source)

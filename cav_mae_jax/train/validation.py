@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from cav_mae_jax import seeds
 from cav_mae_jax.data.config import DataConfig
 from cav_mae_jax.models import masking
 from cav_mae_jax.models.config import ModelConfig
@@ -44,6 +45,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   _validate_set(config)
+  seeds.check("config.seed", config.seed)
   tasks.validate_config(config)
   model = ModelConfig.from_config(config.model)
   if config.task == "pretrain" and model.lambda_mae == 0 and model.lambda_c == 0:
