@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import socket
 from typing import Iterator
 
 # A file system's refusals of a write: the disk full, a file-size limit, a quota, read-only.
@@ -47,11 +49,42 @@ def writing(path: str) -> Iterator[None]:
     raise refused from e
 
 
+STAGED = ".tmp-"  # what a temporary name adds to the final one, before its tag
+
+
 def staged_name(path: str, tag: str | None = None) -> str:
   """The temporary name `path` is written under (`staged_output`): in the same folder (a rename
   cannot cross file systems), ending in no extension of the final name's (a reader of the
   folder skips it)."""
-  return f"{path}.tmp-{tag or os.getpid()}"
+  return f"{path}{STAGED}{tag or os.getpid()}"
+
+
+def process_tag() -> str:
+  """`<host>-<pid>`: the tag of this process's temporaries (`staged_name`) in a folder that
+  processes of several hosts write (a split preprocessing run's); `dead_temporaries` reads it."""
+  return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def dead_temporaries(path: str) -> list[str]:
+  """The temporaries of `path` tagged by a process of this host (`process_tag`) that is gone (a
+  run killed while it wrote them); a live process's, and other hosts', are not listed."""
+  prefix = staged_name(path, f"{socket.gethostname()}-")
+  dead = []
+  for staged in glob.glob(glob.escape(prefix) + "*"):
+    pid = staged[len(prefix):]
+    if pid.isdigit() and not _process_alive(int(pid)):
+      dead.append(staged)
+  return dead
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
 
 
 @contextlib.contextmanager

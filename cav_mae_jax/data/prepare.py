@@ -17,18 +17,17 @@ with a pool of worker processes, then `finalize`s the directory:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import socket
 import time
 from typing import Any
 
 import tensorflow as tf
 
 from cav_mae_jax import dir_lock
+from cav_mae_jax import files
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
 from cav_mae_jax.data import shards
@@ -226,27 +225,23 @@ def finalize(out_dir: str, seconds: float = 0.0) -> Summary:
   merged: records.ShardStats | None = None  # the finished shards' statistics, in shard order
   infos: list[records.ShardInfo] = []
   shard_seconds = 0  # summed as sum() did (an int 0 when no shard is finished)
-  quarantine_path = os.path.join(out_dir, QUARANTINE)
-  tmp = f"{quarantine_path}.tmp-{socket.gethostname()}-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      for shard_index in range(num_shards):
-        sidecar = shards.read_sidecar(out_dir, shard_index, num_shards)
-        if sidecar is None:
-          continue
-        for item in sidecar["quarantined"]:
-          by_reason[item["reason"]] = by_reason.get(item["reason"], 0) + 1
-          line = {k: item[k] for k in ("path", "video_id", "reason", "message")}
-          f.write(json.dumps({**line, "shard": sidecar["file"]}) + "\n")
-        stats = records.ShardStats.from_json(sidecar["stats"])
-        merged = stats if merged is None else merged.merge(stats)
-        infos.append(records.ShardInfo(sidecar["file"], sidecar["stats"]["num_examples"]))
-        shard_seconds += sidecar["seconds"]
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):  # (not made, where the open failed)
-      os.remove(tmp)  # e.g. a sidecar without its shard: nothing half-written is left
-    raise
-  os.replace(tmp, quarantine_path)
+  lines = []
+  for shard_index in range(num_shards):
+    sidecar = shards.read_sidecar(out_dir, shard_index, num_shards)
+    if sidecar is None:
+      continue
+    for item in sidecar["quarantined"]:
+      by_reason[item["reason"]] = by_reason.get(item["reason"], 0) + 1
+      line = {k: item[k] for k in ("path", "video_id", "reason", "message")}
+      lines.append(json.dumps({**line, "shard": sidecar["file"]}) + "\n")
+    stats = records.ShardStats.from_json(sidecar["stats"])
+    merged = stats if merged is None else merged.merge(stats)
+    infos.append(records.ShardInfo(sidecar["file"], sidecar["stats"]["num_examples"]))
+    shard_seconds += sidecar["seconds"]
+  # Under this process's temporary name (`remove_dead_temporaries` above reads it back).
+  with files.staged_output(os.path.join(out_dir, QUARANTINE), files.process_tag()) as tmp, \
+      open(tmp, "w") as f:
+    f.writelines(lines)
   index_written = False
   if len(infos) == num_shards and merged.num_examples > 0:
     records.write_index(records.index_path(out_dir),

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import re
-import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -398,9 +397,9 @@ def index_from_stats(shards: Sequence[ShardInfo], stats: ShardStats,
 
 def write_json_atomic(path: str, data: Any) -> None:
   """Writes a JSON file of the data side (index, manifest, summary, sidecars) through a
-  temporary name `<path>.tmp-<host>-<pid>` and a rename (readers never see half; a failed
-  write, a full disk, removes the temporary and names `path`)."""
-  with files.staged_output(path, f"{socket.gethostname()}-{os.getpid()}") as tmp, \
+  temporary name (`files.staged_name`, tagged `files.process_tag`) and a rename (readers never see
+  half; a failed write, a full disk, removes the temporary and names `path`)."""
+  with files.staged_output(path, files.process_tag()) as tmp, \
       open(tmp, "w") as f:
     json.dump(data, f, indent=1)
     f.write("\n")
@@ -535,7 +534,7 @@ def write_record_layout(path: str,
     sizes.append(size)
     labels.append(classes)
   sidecar = path + SIDECAR_SUFFIX
-  tmp = f"{sidecar}.tmp-{os.getpid()}"
+  tmp = files.staged_name(sidecar, files.process_tag())
   with tf.io.gfile.GFile(tmp, "w") as f:
     json.dump({RECORD_BYTES: sizes, RECORD_LABELS: labels}, f)
   tf.io.gfile.rename(tmp, sidecar, overwrite=True)

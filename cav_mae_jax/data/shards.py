@@ -24,13 +24,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
+from cav_mae_jax import files
 from cav_mae_jax import signals_held
 from cav_mae_jax.data import clips
 from cav_mae_jax.data import records
@@ -81,35 +81,22 @@ def remove_stale_temporaries(out_dir: str, file_name: str) -> None:
   """Removes temporary files of shard `file_name` and of its sidecar left by killed runs or
   dead workers (a worker ended while it wrote the sidecar leaves the latter's)."""
   for name in (file_name, file_name + SIDECAR_SUFFIX):
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(name) + ".tmp-*")):
+    pattern = glob.escape(os.path.join(out_dir, name + files.STAGED)) + "*"
+    for stale in glob.glob(pattern):
       os.remove(stale)
 
 
 def remove_dead_temporaries(out_dir: str, names: Sequence[str]) -> list[str]:
-  """Removes the temporary files of `names` (`write_json_atomic`'s `<name>.tmp-<host>-<pid>`)
-  that processes of this host left and that are gone (a run killed while it wrote them); a
-  live process's, and other hosts' (a split run's tasks finishing at once on a shared folder),
-  are left alone. Returns the paths removed."""
+  """Removes the temporary files of `names` (`write_json_atomic`'s) that processes of this host
+  left and that are gone (`files.dead_temporaries`); a live process's, and other hosts' (a split
+  run's tasks finishing at once on a shared folder), are left alone. Returns the paths removed."""
   removed = []
   for name in names:
-    prefix = os.path.join(out_dir, f"{name}.tmp-{socket.gethostname()}-")
-    for path in glob.glob(glob.escape(prefix) + "*"):
-      pid = path[len(prefix):]
-      if pid.isdigit() and not _process_alive(int(pid)):
-        with contextlib.suppress(FileNotFoundError):  # (another run's cleanup came first)
-          os.remove(path)
-          removed.append(path)
+    for path in files.dead_temporaries(os.path.join(out_dir, name)):
+      with contextlib.suppress(FileNotFoundError):  # (another run's cleanup came first)
+        os.remove(path)
+        removed.append(path)
   return removed
-
-
-def _process_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's
-    return True
-  return True
 
 
 def remove_unfinished_shard(out_dir: str, file_name: str) -> None:
@@ -138,7 +125,7 @@ def write_shard(plan: ShardPlan, out_dir: str, labels: sources.ClassLabels, *,
   known_quarantined = known_quarantined or {}
   start = time.time()
   final = os.path.join(out_dir, plan.file_name)
-  tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
+  tmp = files.staged_name(final, files.process_tag())
   remove_stale_temporaries(out_dir, plan.file_name)
   stats = records.ShardStats(num_classes=labels.num_classes)
   quarantined: list[dict[str, Any]] = []
