@@ -227,6 +227,20 @@ def test_benchmark_refuses_no_timed_step_before_compiling():
     benchmark.benchmark_torch(_tiny_config(), batch_size=8, steps=1, warmup=-1)
 
 
+def test_a_step_out_of_device_memory_is_reported_not_raised(monkeypatch):
+  """XLA's allocation failure while the step runs is the result `jax/does_not_fit` (in its own
+  words, as the trainer reports it: `errors.out_of_memory`), with the compiled step's figures."""
+  def run_out_of_memory(*args):
+    del args
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                     "9.50GiB.\nBufferAssignment OOM Debugging.")
+  monkeypatch.setattr(benchmark, "_time_compiled_step", run_out_of_memory)
+  result = benchmark.benchmark_train_step(_tiny_config(), batch_size=8, steps=1, warmup=0)
+  assert result["jax/does_not_fit"] == ("out of device memory: Out of memory while trying to "
+                                        "allocate 9.50GiB.")
+  assert result["jax/compile_s"] > 0 and "jax/samples_per_s" not in result
+
+
 @pytest.mark.parametrize("arg", ["tiny", "tiny,probe"])
 def test_finetuning_and_probe_steps_run_on_random_labels(arg):
   """The benchmark times any task: fine-tuning and probing get one-hot labels with the clips.

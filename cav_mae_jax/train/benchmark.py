@@ -33,6 +33,7 @@ from jax.extend import core as jax_core
 import optax
 from jax.sharding import Mesh
 
+from cav_mae_jax import errors
 from cav_mae_jax import tasks
 from cav_mae_jax.train import array_input
 from cav_mae_jax.train import device_augment
@@ -251,10 +252,10 @@ def benchmark_train_step(config: ml_collections.ConfigDict, batch_size: int, ste
   try:
     result = _time_compiled_step(setup, compiled, steps, warmup, profile_dir)
   except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    sentence = errors.out_of_memory(e)
+    if sentence is None:
       raise
-    return {"jax/does_not_fit": "out of device memory: " + str(e).splitlines()[0][:200],
-            **compiled_figures}
+    return {"jax/does_not_fit": "out of device memory: " + sentence[:200], **compiled_figures}
   result.update(compiled_figures)
   return result
 
