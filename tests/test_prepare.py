@@ -685,6 +685,21 @@ def test_inspect_records_tool(corpus_run, tmp_path, capsys):
           "exact_shuffle find the records without reading them") in printed
 
 
+def test_inspect_records_refuses_labels_of_another_class_count(corpus_run, tmp_path, capsys):
+  """A labels CSV of fewer classes than the records ended in an IndexError traceback at the
+  class histogram; one of more classes named the classes from another list."""
+  tool = load_tool("inspect_records")
+  for count in (2, 4):
+    labels = tmp_path / f"labels{count}.csv"
+    labels.write_text("index,mid,display_name\n" + "".join(
+        f'{i},/m/{i},"class {i}"\n' for i in range(count)))
+    assert tool.main(["--records", corpus_run[0], "--labels", str(labels), "--png-dir",
+                      str(tmp_path / "png"), "--num-images", "0"]) == 2
+    assert capsys.readouterr().err == (f"error: --labels {labels}: lists {count} classes, and "
+                                       "the records have 3 (the labels CSV they were made "
+                                       "with?)\n")
+
+
 def test_inspect_on_a_full_disk_leaves_no_partial_png_and_names_it(corpus_run, tmp_path,
                                                                    capsys, monkeypatch):
   """A PNG write that failed midway (a full disk) left a truncated PNG under its final name

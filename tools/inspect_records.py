@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     names = list(sources.read_class_labels(args.labels).display_names) if args.labels else None
     split, default_png_dir = open_source(args)
+    if names is not None and len(names) != split.index.num_classes:
+      # (fewer names: a traceback at the class histogram; more: the names of another class list)
+      raise ValueError(f"--labels {args.labels}: lists {len(names)} classes, and the records "
+                       f"have {split.index.num_classes} (the labels CSV they were made with?)")
     report = inspect(split, args.png_dir or default_png_dir, args.num_images, names)
   except OSError as e:
     return cli.error_line(f"{e.filename}: {e.strerror or e}")
