@@ -216,6 +216,13 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
     ("train.py", [TINY, "--workdir=w", "--workers=2"], "workers"),
     ("preprocess.py", ["--out=o", "--workers=two"], "--workers"),
     ("preprocess.py", ["--out=o"], "--datafile and --labels are required"),
+    # Read by writing only: a merge took its inputs from the sidecars and said nothing.
+    ("preprocess.py", ["--merge-index", "--out=o", "--strict"], "--strict applies to writing "
+     "records, not to --merge-index"),
+    ("preprocess.py", ["--merge-index", "--out=o", "--num-shards=3"], "--num-shards applies"),
+    # A bucket as --out made a local folder 'gs:' and failed at each shard's end.
+    ("preprocess.py", ["--out=gs://bucket/records", "--datafile=d.json", "--labels=l.csv"],
+     "--out gs://bucket/records: must be a local directory"),
     ("inspect_records.py", ["--records=r", "--top=ten"], "--top"),
     # A mistyped input path, too (tools that load a model check them before importing).
     ("train.py", [TINY, "--workdir=w", "--config.data.train_dir=/no/records"],

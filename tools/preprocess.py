@@ -71,11 +71,24 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+# The flags --merge-index reads (argparse's dest names).
+_MERGE_FLAGS = ("merge_index", "out", "no_progress", "help")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser = _parser()
   args = parser.parse_args(argv)
   if not args.merge_index and (not args.datafile or not args.labels):
     parser.error("--datafile and --labels are required (unless --merge-index)")
+  if args.merge_index:  # the merge reads the shards' sidecars and the manifest, nothing else
+    for action in parser._actions:  # pylint: disable=protected-access
+      if (action.option_strings and action.dest not in _MERGE_FLAGS
+          and getattr(args, action.dest) != action.default):
+        parser.error(f"{action.option_strings[0]} applies to writing records, not to "
+                     "--merge-index (which takes the rest from the shards' sidecars)")
+  if "://" in args.out:
+    parser.error(f"--out {args.out}: must be a local directory (the datafile, labels and "
+                 "videos may be on any file system TensorFlow reads; copy the records after)")
   if args.shard_index >= args.num_shards:
     parser.error(f"--shard-index {args.shard_index}: must be < --num-shards {args.num_shards}")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
