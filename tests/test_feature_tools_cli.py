@@ -107,6 +107,16 @@ CASES = {
                                                            "--videos=list.txt",
                                                            "--subset=list.txt", "--out=f.npz"],
                                    "--subset selects clips of records; with --videos"),
+    # An earlier run's quarantine list was emptied (before the model loaded, too).
+    "extract_existing_quarantine": ("extract_features.py", ["--params={params}",
+                                                            "--videos=list.txt", "--out=f.npz",
+                                                            "--quarantine=exists.npz"],
+                                    "exists.npz: output already exists (--overwrite"),
+    # Read by --videos alone: with records they promised a check that never ran.
+    "extract_strict_with_records": ("extract_features.py", ["--params={params}",
+                                                            "--records={records}", "--strict",
+                                                            "--out=f.npz"],
+                                    "--quarantine and --strict apply to --videos"),
     "inpaint_missing_records": ("inpaint.py", ["--params=p", "--records=/no/records",
                                                "--out=x.png"], "/no/records"),
     "inpaint_bad_mask_ratio": ("inpaint.py", ["--params=p", "--mask_ratio_a=1.5",
@@ -142,7 +152,8 @@ def fixture_damaged_dir(records_dir, tmp_path_factory):
 
 
 # Answered before TensorFlow's import: an --out that exists.
-BEFORE_TENSORFLOW = ("extract_existing_out", "inpaint_existing_out")
+BEFORE_TENSORFLOW = ("extract_existing_out", "extract_existing_quarantine",
+                     "extract_strict_with_records", "inpaint_existing_out")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -43,7 +43,7 @@ _RECORDS = flags.DEFINE_string("records", None, "Records directory (default conf
 _SUBSET = flags.DEFINE_string("subset", None, "With records: file of clip ids to keep.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz file (must not exist unless --overwrite).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (never a "
-                                "directory).")
+                                "directory) and --quarantine list.")
 _PATCHES = flags.DEFINE_bool("patches", False, "Also write the per-patch tokens.")
 _BATCH_SIZE = cli.define_batch_size_flag()
 _QUARANTINE = flags.DEFINE_string("quarantine", None, "JSONL of unreadable videos "
@@ -55,6 +55,11 @@ flags.mark_flags_as_mutual_exclusive(["videos", "records"])
 flags.register_multi_flags_validator(
     ["videos", "subset"], lambda values: not (values["videos"] and values["subset"]),
     message="--subset selects clips of records; with --videos, list the video files instead")
+# Records hold clips that were decoded already: nothing of theirs is quarantined or stops a run.
+flags.register_multi_flags_validator(
+    ["videos", "quarantine", "strict"],
+    lambda values: values["videos"] or not (values["quarantine"] or values["strict"]),
+    message="--quarantine and --strict apply to --videos (records hold clips decoded already)")
 # Each process would keep its own quarantine list (and --strict stop one process alone).
 flags.register_multi_flags_validator(
     ["videos", "distributed"], lambda values: not (values["videos"] and values["distributed"]),
@@ -108,16 +113,16 @@ def _quarantine_path() -> str:
 
 
 def _check_outputs() -> None:
-  """Before any work (`cli.run`: before TensorFlow's import): an existing --out is refused now,
-  not after the extraction; nor is an --out (or a --quarantine list, which is started empty)
-  that would replace an input."""
+  """Before any work (`cli.run`: before TensorFlow's import): an existing --out or --quarantine
+  list (which is started empty: an earlier run's list was emptied) is refused now, not after the
+  extraction, unless --overwrite; so is one that would replace an input, whatever it says."""
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import features  # pylint: disable=g-import-not-at-top
   inputs = [*_input_paths(), *cli.config_input_paths()]
   features.check_output(_OUT.value, overwrite=_OVERWRITE.value, inputs=inputs)
-  if _VIDEOS.value:
-    io.check_not_an_input(_quarantine_path(), [*inputs, ("--out", _OUT.value)],
-                          flag="--quarantine")
+  if _VIDEOS.value and not _STRICT.value:  # (--strict writes no list: it stops instead)
+    io.check_output_path(_quarantine_path(), overwrite=_OVERWRITE.value, kind="file",
+                         inputs=[*inputs, ("--out", _OUT.value)], flag="--quarantine")
 
 
 def _input_paths() -> list[tuple[str, str | None]]:
