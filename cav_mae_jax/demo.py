@@ -270,7 +270,7 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.data import dataset, fbank  # pylint: disable=g-import-not-at-top
-  from cav_mae_jax.train import trainer, validation  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import optim, trainer, validation  # pylint: disable=g-import-not-at-top
   from configs import pretrain  # pylint: disable=g-import-not-at-top
   for name in ("train_clips", "eval_clips", "classes", "workers"):
     if getattr(options, name) < 1:
@@ -311,8 +311,7 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
         raise ValueError(_named_flag(options, what, e) + (reused if check_data else "")) from None
     # Records still to make: the checks of their clip counts that need the data.
     try:
-      if not made["train"]:
-        trainer.resolve_total_steps(config, options.train_clips)
+      steps_per_epoch, total_steps = trainer.resolve_total_steps(config, options.train_clips)
       for name, entry in config.evals.items():
         if (not made["eval"] and entry.type == "losses" and entry.split == "eval"
             and not entry.dir):
@@ -321,6 +320,11 @@ def check_options(options: DemoOptions, finetuning: bool = True) -> None:
     except ValueError as e:
       flag = "eval_clips" if "config.evals." in str(e) else "train_clips"
       raise ValueError(f"--{flag}={getattr(options, flag)} ({what}): {e}") from None
+    try:  # a warmup longer than the run (a cosine schedule's, for a few steps)
+      optim.check_schedule(config, steps_per_epoch, total_steps)
+    except ValueError as e:
+      steps = "finetune_steps" if what == "fine-tuning" else "steps"
+      raise ValueError(f"--{steps}={getattr(options, steps)} ({what}): {e}") from None
 
 
 def _named_flag(options: DemoOptions, what: str, error: ValueError) -> str:

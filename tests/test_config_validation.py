@@ -57,6 +57,20 @@ def test_the_schedule_kind_switches_from_the_command_line(config, kind):
   assert (rates[0] == 0.0) == (kind == "warmup_cosine"), rates
 
 
+def test_a_warmup_longer_than_the_run_is_refused(config):
+  """An epoch recipe run for a number of steps (the base cosine recipe's one-epoch warmup is 7773
+  steps on AudioSet-2M, a run of 2000 steps) warmed up all along: the rate never reached its
+  peak and never decayed, and nothing said so. A warmup that ends with the run is kept."""
+  config.schedule.kind, config.schedule.warmup_epochs = "warmup_cosine", 1.0
+  optim.check_schedule(config, steps_per_epoch=7773, total_steps=7773)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.schedule.warmup_epochs=1.0: 7773 warmup steps (7773 an epoch), and the run has "
+      "2000: the learning rate would not reach config.optim.learning_rate=")):
+    optim.check_schedule(config, steps_per_epoch=7773, total_steps=2000)
+  config.schedule.kind = "multistep"  # no warmup: its fields are another kind's
+  optim.check_schedule(config, steps_per_epoch=7773, total_steps=2000)
+
+
 def _set(config, path, value):
   node = config
   *parents, leaf = path.split(".")

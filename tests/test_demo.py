@@ -36,6 +36,9 @@ def test_the_demo_defaults_pass(tmp_path):
      "training examples"),
     ("eval_clips", 8, "--eval_clips=8 (pretraining): config.evals.val.batch_size=16: the losses "
      "evaluator scores full batches only, and the demo's held-out split has 8 clips"),
+    # The cosine schedule's warmup (an epoch: 128 clips in batches of 16) outlasted the run.
+    ("steps", 5, "--steps=5 (pretraining): config.schedule.warmup_epochs=1.0: 8 warmup steps (8 "
+     "an epoch), and the run has 5"),
 ])
 def test_a_bad_option_names_its_flag(option, value, named, tmp_path):
   with pytest.raises(ValueError) as error:

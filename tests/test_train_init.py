@@ -50,7 +50,7 @@ def tiny_config(**init):
   m.audio_length, m.image_size = DIMS.audio_length, DIMS.image_size
   config.data.batch_size = 8
   config.total_steps = 1
-  config.schedule.warmup_epochs = 1.0  # lr(step 0) = 0: the one step leaves params as they are
+  config.schedule.warmup_epochs = 0.5  # lr(step 0) = 0: the one step leaves params as they are
   config.log_every_steps = 1
   for key, value in init.items():
     config.init[key] = value

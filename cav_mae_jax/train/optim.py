@@ -46,12 +46,33 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
     return multistep_schedule(base_lr, steps_per_epoch, sched.first_decay_epoch,
                               sched.decay_every_epochs, sched.decay_factor)
   if sched.kind == "warmup_cosine":
-    warmup_steps = int(round(sched.warmup_epochs * steps_per_epoch))
+    warmup_steps = _warmup_steps(sched, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1),
         end_value=base_lr * sched.final_lr_fraction)
   raise ValueError(f"config.schedule.kind={sched.kind!r}: expected one of {SCHEDULE_KINDS}.")
+
+
+def _warmup_steps(sched: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  return int(round(sched.warmup_epochs * steps_per_epoch))
+
+
+def check_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   total_steps: int) -> None:
+  """Raises ValueError naming `config.schedule.warmup_epochs` where the warmup is longer than
+  the run (an epoch recipe run for a number of steps, say): the rate would never reach
+  `config.optim.learning_rate`, nor the cosine start."""
+  sched = config.schedule
+  if sched.kind != "warmup_cosine":
+    return
+  warmup_steps = _warmup_steps(sched, steps_per_epoch)
+  if warmup_steps > total_steps:
+    raise ValueError(
+        f"config.schedule.warmup_epochs={sched.warmup_epochs}: {warmup_steps} warmup steps "
+        f"({steps_per_epoch} an epoch), and the run has {total_steps}: the learning rate would "
+        f"not reach config.optim.learning_rate={config.optim.learning_rate:g}, nor decay; "
+        "shorten the warmup.")
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule,

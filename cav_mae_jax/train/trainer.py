@@ -235,6 +235,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, inputs: Inputs | Non
     run_config.check_same_on_every_process(
         config, {"config.data's training records": run_config.shards_line(inputs.train_shards)})
   steps_per_epoch, total_steps = resolve_total_steps(config, inputs.train_examples)
+  optim.check_schedule(config, steps_per_epoch, total_steps)
   logger.info("%d steps (%d per epoch of %d examples).", total_steps, steps_per_epoch,
               inputs.train_examples)
   averaging = averaging_beyond_run(config, steps_per_epoch, total_steps)
