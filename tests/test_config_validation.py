@@ -400,6 +400,27 @@ def test_retrieval_of_a_single_modality_finetuned_model_is_refused_saying_why(en
   assert "features" in audiovisual.predict_fns  # both streams are there to rank
 
 
+@pytest.mark.parametrize("arg,mode,problem", [
+    ("tiny,encoder=audio_mae", "videoonly", "mode 'videoonly' needs a modality that "
+     "config.model.modalities='audio' does not have"),
+    ("tiny,encoder=visual_mae", "missingaudioonly", "mode 'missingaudioonly' needs a modality"),
+    ("tiny,encoder=audio_mae,mode=audioonly", "multimodal", "mode 'multimodal' pools through "
+     "LayerNorms (norm) that a modalities='audio' model fine-tuned with ft_mode='audioonly' "
+     "does not have"),
+])
+def test_a_classification_mode_the_model_cannot_run_is_refused_before_training(arg, mode,
+                                                                               problem):
+  """It passed the checks and failed when the evaluator first ran: after the first epoch of a
+  fine-tuning run (or a checkpoint's loading), and without naming the field."""
+  config = finetune_config.get_config(arg)
+  config.evals.val.mode = mode
+  with pytest.raises(ValueError, match=re.escape(f"config.evals.val.mode={mode!r}: {problem}")):
+    validation.validate_config(config, num_devices=1, check_data=False)
+  for fine in ("", "audioonly" if "audio_mae" in arg else "videoonly"):
+    config.evals.val.mode = fine  # the model's own mode
+    validation.validate_config(config, num_devices=1, check_data=False)
+
+
 @pytest.mark.parametrize("modalities", ["audio", "visual"])
 def test_retrieval_of_a_single_modality_model_is_refused_saying_why(modalities):
   """--config.model.modalities alone (not the preset) keeps the recipe's retrieval evaluator; the

@@ -52,7 +52,7 @@ def validate_evals(config: ml_collections.ConfigDict, predict_fns: Mapping[str, 
                        f"'{missing[0]}' function (it has {sorted(predict_fns)}).")
     cls = evaluator_class(type_name)
     common.validate_entry(name, entry, cls.FIELDS, num_devices, num_processes)
-    cls.check_entry(name, entry)
+    cls.check_entry(name, entry, config)
 
 
 def single_modality(modalities: str) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 
 from cav_mae_jax.eval import common
 from cav_mae_jax.eval import stats
-from cav_mae_jax.models.config import FT_MODES
+from cav_mae_jax.models.config import FT_MODES, ModelConfig
 
 AUDIO_ONLY_MODES = ("audioonly", "missingaudioonly")
 
@@ -43,10 +43,14 @@ class ClassificationEvaluator(common.Evaluator):
   FIELDS = {"mode": str, "all_frames": bool}
 
   @classmethod
-  def check_entry(cls, name, config):
+  def check_entry(cls, name, config, run_config):
     if config.mode and config.mode not in FT_MODES:
       raise ValueError(f"config.evals.{name}.mode={config.mode!r}: unknown mode; must be '' "
                        f"(the model's) or one of {FT_MODES}.")
+    if config.mode and run_config.task in ("finetune", "probe"):  # (the others: no logits)
+      problem = ModelConfig.from_config(run_config.model).mode_problem(config.mode)
+      if problem is not None:
+        raise ValueError(f"config.evals.{name}.mode={config.mode!r}: {problem}.")
 
   @classmethod
   def run_options(cls, run_config):

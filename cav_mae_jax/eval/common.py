@@ -54,8 +54,10 @@ class Evaluator:
     self._batch_source = batch_source
 
   @classmethod
-  def check_entry(cls, name: str, config: ml_collections.ConfigDict) -> None:
-    """Checks the type's own fields (types and common fields are checked already)."""
+  def check_entry(cls, name: str, config: ml_collections.ConfigDict,
+                  run_config: ml_collections.ConfigDict) -> None:
+    """Checks the type's own fields (types and common fields are checked already), alone and
+    against the run's config."""
 
   @classmethod
   def run_options(cls, run_config: ml_collections.ConfigDict) -> dict[str, Any]:

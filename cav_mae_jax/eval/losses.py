@@ -31,7 +31,8 @@ class LossesEvaluator(common.Evaluator):
   FIELDS = {"mask_seed": int}
 
   @classmethod
-  def check_entry(cls, name, config):
+  def check_entry(cls, name, config, run_config):
+    del run_config
     seeds.check(f"config.evals.{name}.mask_seed", config.mask_seed)
 
   def __init__(self, name, config, predict_fns, mesh, batch_source):

@@ -31,7 +31,8 @@ class RetrievalEvaluator(common.Evaluator):
   FIELDS = {"max_clips": int}
 
   @classmethod
-  def check_entry(cls, name, config):
+  def check_entry(cls, name, config, run_config):
+    del run_config
     if config.max_clips < 2:
       raise ValueError(f"config.evals.{name}.max_clips={config.max_clips}: must be >= 2.")
 

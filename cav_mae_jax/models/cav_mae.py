@@ -380,15 +380,6 @@ class CAVMAEFT(_Encoder):
     single = self.config.modalities != "audiovisual"
     return None if single and self.config.ft_mode == "multimodal" else modality
 
-  def _final_norms(self, mode: str) -> set[str]:
-    """The final LayerNorms a single-modality model's `mode` pools through (its parameters are
-    those of its `ft_mode` and of its stream alone)."""
-    letter = "a" if self.config.uses_audio else "v"
-    own = {"norm" if self.alone_norms(letter) is None else f"norm_{letter}"}
-    if mode == "multimodal":
-      return {"norm"}
-    return own | {"norm"} if mode.startswith("missing") else own
-
   def _head(self, pooled: jax.Array) -> jax.Array:
     return self.mlp_head_1(self.mlp_head_0(pooled.astype(jnp.float32)))
 
@@ -397,22 +388,14 @@ class CAVMAEFT(_Encoder):
     """Logits [B, num_classes] (float32) for one of the five modality modes."""
     cfg = self.config
     mode = cfg.ft_mode if mode is None else mode
-    if mode not in FT_MODES:
-      raise ValueError(f"unknown fine-tuning mode {mode!r}; must be one of {FT_MODES}")
+    problem = cfg.mode_problem(mode)
+    if problem is not None and (mode not in FT_MODES or not self.is_initializing()):
+      raise ValueError(problem)
     need_audio = mode in ("multimodal", "audioonly", "missingaudioonly") or self.is_initializing()
     need_image = mode in ("multimodal", "videoonly", "missingvideoonly") or self.is_initializing()
     need_audio &= cfg.uses_audio
     need_image &= cfg.uses_video
-    if mode != "multimodal" and not (need_audio or need_image):
-      raise ValueError(f"mode {mode!r} needs a modality that config.model.modalities="
-                       f"{cfg.modalities!r} does not have")
     check_inputs(cfg, audio, image, need_audio=need_audio, need_image=need_image)
-    if cfg.modalities != "audiovisual" and not self.is_initializing():
-      missing = self._final_norms(mode) - self._final_norms(cfg.ft_mode)
-      if missing:
-        raise ValueError(f"mode {mode!r} pools through LayerNorms ({', '.join(sorted(missing))}) "
-                         f"that a modalities={cfg.modalities!r} model fine-tuned with "
-                         f"ft_mode={cfg.ft_mode!r} does not have")
     if self.is_initializing():
       # Create every parameter: the multimodal stream and both single-modality streams, or a
       # single-modality model's for its own mode.

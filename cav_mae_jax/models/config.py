@@ -188,6 +188,33 @@ class ModelConfig:
   def uses_video(self) -> bool:
     return self.modalities in ("audiovisual", "visual")
 
+  def mode_problem(self, mode: str) -> str | None:
+    """Why the fine-tuned model of this config cannot score in modality mode `mode` (None: it
+    can): a single-modality model has no stream of the other modality, and has the final
+    LayerNorms of its own `ft_mode` only (the joint ones after 'multimodal', its modality's
+    after its modality's modes)."""
+    if mode not in FT_MODES:
+      return f"unknown fine-tuning mode {mode!r}; must be one of {FT_MODES}"
+    if self.modalities == "audiovisual":
+      return None
+    if mode != "multimodal" and ("audio" in mode) != self.uses_audio:
+      return (f"mode {mode!r} needs a modality that config.model.modalities="
+              f"{self.modalities!r} does not have")
+    missing = self._final_norms(mode) - self._final_norms(self.ft_mode)
+    if missing:
+      return (f"mode {mode!r} pools through LayerNorms ({', '.join(sorted(missing))}) that a "
+              f"modalities={self.modalities!r} model fine-tuned with ft_mode={self.ft_mode!r} "
+              "does not have")
+    return None
+
+  def _final_norms(self, mode: str) -> set[str]:
+    """The final LayerNorms a single-modality fine-tuned model's `mode` pools through: the joint
+    `norm` after 'multimodal' (as its MAE trained them), its modality's after its own modes."""
+    if mode == "multimodal":
+      return {"norm"}
+    own = {"norm" if self.ft_mode == "multimodal" else "norm_" + ("a" if self.uses_audio else "v")}
+    return own | {"norm"} if mode.startswith("missing") else own
+
   @property
   def has_decoder(self) -> bool:
     return self.lambda_mae != 0
