@@ -158,6 +158,11 @@ BAD_CASES = [
      {}),
     ("model.mlp_ratio", float("inf"), "config.model.mlp_ratio=inf: must be finite", {}),
     ("seed", 2**70, f"config.seed={2**70}: must fit in 64 bits", {}),
+    # A structured mask of no whole column or row: the ablation trained with random masks.
+    ("model.mask_mode_a", "time", "config.model.mask_mode_a='time': masks no whole time columns",
+     {"model.mask_ratio_a": 0.01}),
+    ("model.mask_mode_a", "tf", "config.model.mask_mode_a='tf': masks no whole frequency rows",
+     {"model.mask_ratio_a": 0.1}),
     # Seeds JAX's PRNG key cuts to 32 bits: -1 drew seed 4294967295's numbers, 2**32 seed 0's.
     ("seed", -1, "config.seed=-1: must be in", {}),
     ("seed", 2**32, f"config.seed={2**32}: must be in", {}),

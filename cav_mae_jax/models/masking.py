@@ -32,6 +32,18 @@ def _choose(key: jax.Array, batch_size: int, size: int, count: int) -> jax.Array
   return ranks < count
 
 
+def structured_counts(grid: tuple[int, int], mask_ratio: float, mode: str) -> dict[str, int]:
+  """Whole time columns and frequency rows that `mode` masks on an audio grid (rows, cols):
+  {'time': int(cols * ratio), 'freq': int(rows * ratio)}, each x0.7 for `tf`; only the mode's."""
+  scale = 0.7 if mode == "tf" else 1.0
+  counts = {}
+  if mode in ("time", "tf"):
+    counts["time"] = int(grid[1] * mask_ratio * scale)
+  if mode in ("freq", "tf"):
+    counts["freq"] = int(grid[0] * mask_ratio * scale)
+  return counts
+
+
 def mask_noise(key: jax.Array, batch_size: int, grid: tuple[int, int], mask_ratio: float,
                mode: str = "unstructured") -> jax.Array:
   """Noise [B, rows * cols] whose ascending order decides which tokens are kept.
@@ -49,12 +61,11 @@ def mask_noise(key: jax.Array, batch_size: int, grid: tuple[int, int], mask_rati
   key_noise, key_cols, key_rows = jax.random.split(key, 3)
   noise = jax.random.uniform(key_noise, (batch_size, rows, cols))
   lifted = jnp.zeros((batch_size, rows, cols), dtype=bool)
-  if mode in ("time", "tf"):
-    count = int(cols * mask_ratio * (0.7 if mode == "tf" else 1.0))
-    lifted |= _choose(key_cols, batch_size, cols, count)[:, None, :]
-  if mode in ("freq", "tf"):
-    count = int(rows * mask_ratio * (0.7 if mode == "tf" else 1.0))
-    lifted |= _choose(key_rows, batch_size, rows, count)[:, :, None]
+  counts = structured_counts(grid, mask_ratio, mode)
+  if "time" in counts:
+    lifted |= _choose(key_cols, batch_size, cols, counts["time"])[:, None, :]
+  if "freq" in counts:
+    lifted |= _choose(key_rows, batch_size, rows, counts["freq"])[:, :, None]
   noise = jnp.where(lifted, noise + STRUCTURED_OFFSET, noise)
   return noise.reshape(batch_size, rows * cols)
 

@@ -117,6 +117,16 @@ def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> 
       _fail(field, ratio, f"removes none of the {tokens} patches, so the reconstruction loss "
             f"(lambda_mae={model.lambda_mae}) has nothing to reconstruct (0 / 0); mask some, or "
             "train the contrastive loss alone (lambda_mae=0).")
+  if model.uses_audio and model.mask_ratio_a > 0:
+    # The original's rule too: such a run trained with (partly) unstructured masks.
+    rows, cols = model.audio_grid
+    counts = masking.structured_counts(model.audio_grid, model.mask_ratio_a, model.mask_mode_a)
+    for axis, count in counts.items():
+      if count == 0:
+        lines = f"time columns of {cols}" if axis == "time" else f"frequency rows of {rows}"
+        _fail("model.mask_mode_a", model.mask_mode_a, f"masks no whole {lines} at "
+              f"mask_ratio_a={model.mask_ratio_a} (the audio patch grid is {rows} x {cols}), "
+              "which leaves random masking; raise mask_ratio_a.")
 
 
 def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
