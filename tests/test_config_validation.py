@@ -157,6 +157,10 @@ BAD_CASES = [
     ("evals.val.every_epochs", float("inf"), "config.evals.val.every_epochs=inf: must be finite",
      {}),
     ("model.mlp_ratio", float("inf"), "config.model.mlp_ratio=inf: must be finite", {}),
+    # Finite, but not in float32, where the device computes: the rate became inf (a NaN loss at
+    # step 2, not naming it), a weight 1e-300 0.
+    ("optim.learning_rate", 1e39, "config.optim.learning_rate=1e", {}),  # (a regex: no '+')
+    ("model.lambda_c", 1e-300, "config.model.lambda_c=1e-300: must be 0 or of magnitude in", {}),
     ("seed", 2**70, f"config.seed={2**70}: must fit in 64 bits", {}),
     # A structured mask of no whole column or row: the ablation trained with random masks.
     ("model.mask_mode_a", "time", "config.model.mask_mode_a='time': masks no whole time columns",

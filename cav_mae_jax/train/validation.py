@@ -15,6 +15,7 @@ from collections.abc import Collection
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from cav_mae_jax import seeds
 from cav_mae_jax.data.config import DataConfig
@@ -75,6 +76,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   return model
 
 
+# The device computes in float32 (or less): a field's value must be one of its normal numbers.
+_FLOAT32_TINY, _FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
 # The fields a run may leave unset (None): exactly one of the two durations.
 UNSETTABLE = ("total_steps", "total_epochs")
 
@@ -93,6 +97,10 @@ def _validate_set(config: ml_collections.ConfigDict, prefix: str = "") -> None:
       # No field means anything by NaN or infinity: a loss weight of NaN compiled and failed
       # at its first step, an infinite every_epochs after it, an infinite mlp_ratio in init.
       _fail(path, value, "must be finite.")
+    elif isinstance(value, float) and value and not _FLOAT32_TINY <= abs(value) <= _FLOAT32_MAX:
+      # 1e39 became inf on the device (a learning rate: a NaN loss at step 2), 1e-40 nearly 0.
+      _fail(path, value, f"must be 0 or of magnitude in [{_FLOAT32_TINY:.4g}, "
+            f"{_FLOAT32_MAX:.4g}] (float32's normal numbers).")
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
       _fail(path, value, "must fit in 64 bits.")
 
