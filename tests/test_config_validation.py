@@ -167,6 +167,9 @@ BAD_CASES = [
      {"model.mask_ratio_a": 0.01}),
     ("model.mask_mode_a", "tf", "config.model.mask_mode_a='tf': masks no whole frequency rows",
      {"model.mask_ratio_a": 0.1}),
+    # Read at once: 10**9 took all of the host's memory and the kernel killed the run.
+    ("data.reads_in_flight", 10**9, "config.data.reads_in_flight=1000000000: must be at most "
+     "4096", {}),
     # Seeds JAX's PRNG key cuts to 32 bits: -1 drew seed 4294967295's numbers, 2**32 seed 0's.
     ("seed", -1, "config.seed=-1: must be in", {}),
     ("seed", 2**32, f"config.seed={2**32}: must be in", {}),

@@ -68,6 +68,7 @@ MIXUP_TARGETS = ("waveform", "fbank")
 SPLITS = ("train", "eval")
 FBANK_STATS = ("fixed", "index")
 MODEL_FIELDS = ("audio_length", "num_mel_bins", "image_size")  # read from config.model
+MAX_READS_IN_FLIGHT = 4096  # records read at once (config.data.reads_in_flight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,10 @@ class DataConfig:
       fail("shuffle_buffer", "must be >= 1 (1 = no shuffling)")
     if not isinstance(self.reads_in_flight, int) or self.reads_in_flight < 1:
       fail("reads_in_flight", "must be a positive int")
+    if self.reads_in_flight > MAX_READS_IN_FLIGHT:  # (1e9 took all of a host's memory, killed)
+      fail("reads_in_flight", f"must be at most {MAX_READS_IN_FLIGHT}: each read in flight "
+           "holds a clip's record in host memory (on an object store, about samples per second "
+           "x latency is enough)")
     if self.exact_shuffle and self.balanced_sampling:
       fail("exact_shuffle", "balanced_sampling draws its own clips each epoch (independent "
            "weighted draws); set one of the two")
