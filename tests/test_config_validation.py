@@ -170,6 +170,9 @@ BAD_CASES = [
     # Read at once: 10**9 took all of the host's memory and the kernel killed the run.
     ("data.reads_in_flight", 10**9, "config.data.reads_in_flight=1000000000: must be at most "
      "4096", {}),
+    # An ImageNet MAE has no audio position grid to fit: the setting was ignored.
+    ("init.audio_pos_resize", "trim", "config.init.audio_pos_resize='trim': fits a CAV-MAE "
+     "checkpoint's audio position grid", {"init.source": "imagenet_mae", "init.path": "/tmp"}),
     # Seeds JAX's PRNG key cuts to 32 bits: -1 drew seed 4294967295's numbers, 2**32 seed 0's.
     ("seed", -1, "config.seed=-1: must be in", {}),
     ("seed", 2**32, f"config.seed={2**32}: must be in", {}),

@@ -314,6 +314,10 @@ def _validate_init(config: ml_collections.ConfigDict) -> None:
           "weights: leave it 0.")
   if init.audio_pos_resize not in AUDIO_POS_RESIZE:
     _fail("init.audio_pos_resize", init.audio_pos_resize, f"must be one of {AUDIO_POS_RESIZE}.")
+  if init.source == "imagenet_mae" and init.audio_pos_resize:
+    _fail("init.audio_pos_resize", init.audio_pos_resize, "fits a CAV-MAE checkpoint's audio "
+          "position grid to another audio length; an ImageNet MAE (config.init.source="
+          "'imagenet_mae') has no audio stream: leave it ''.")
 
 
 def _exists(path: str) -> bool:
