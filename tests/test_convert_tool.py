@@ -215,6 +215,16 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   ok = _cli("cavmae", f"--src={src}", f"--out={tmp_path / 'ckpt'}", *config)
   assert ok.returncode == 0, ok.stderr
   assert "mapped: " in ok.stdout and f"wrote {tmp_path / 'ckpt'}" in ok.stdout
+  # Ignored, and nothing said so: a params checkpoint's --step, a pretraining model's new head.
+  for args, line in (
+      (["to-torch", f"--src={tmp_path / 'ckpt'}", "--step=3"],
+       f"--step picks one of the checkpoints of a training workdir; --src {tmp_path / 'ckpt'} is "
+       "not one (a params checkpoint holds a single one)"),
+      (["cavmae", f"--src={src}", "--new_head", *config], "--new_head makes a new "
+       "classification head, and a pretraining model has none (--config "
+       "configs/finetune.py:... fine-tunes)")):
+    refused = _cli(*args, f"--out={tmp_path / 'refused.pth'}")
+    assert (refused.returncode, refused.stderr) == (2, f"error: {line}\n"), refused.stderr
   # Back to the original's layout: by default with DataParallel's prefix, as the released files
   # (the original's loaders wrap the model first; strict=False would load nothing without it).
   back = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back.safetensors'}")

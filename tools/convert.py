@@ -99,6 +99,11 @@ def run(direction: str) -> None:
   # The pipelines refuse an --out that is --src (or inside or around it); the config file is an
   # input too.
   io.check_not_an_input(out, cli.config_input_paths())
+  if _STEP.value:
+    from cav_mae_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    if not checkpoint.is_workdir(src):
+      raise app.UsageError(f"--step picks one of the checkpoints of a training workdir; --src "
+                           f"{src} is not one (a params checkpoint holds a single one)")
   if direction == "imagenet-mae":
     model_config, finetune = _model_config(required=True)
     if finetune:
@@ -109,6 +114,9 @@ def run(direction: str) -> None:
     print(report.summary())
   elif direction == "cavmae":
     model_config, finetune = _model_config(required=True)
+    if _NEW_HEAD.value and not finetune:
+      raise app.UsageError("--new_head makes a new classification head, and a pretraining "
+                           "model has none (--config configs/finetune.py:... fine-tunes)")
     report = pipelines.cavmae_to_checkpoint(
         src, out, model_config, finetune=finetune, new_head=_NEW_HEAD.value,
         audio_pos_resize=_AUDIO_POS_RESIZE.value, seed=_SEED.value,
