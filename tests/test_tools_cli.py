@@ -216,6 +216,9 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_one_line(tmp_path):
     ("train.py", [TINY, "--workdir=w", "--workers=2"], "workers"),
     ("preprocess.py", ["--out=o", "--workers=two"], "--workers"),
     ("preprocess.py", ["--out=o"], "--datafile and --labels are required"),
+    # No fbank frame: every clip was quarantined later, as audio_too_short.
+    ("make_synthetic.py", ["--out=o", "--duration=0.001"], "argument --duration: 0.001: must "
+     "be >= 0.025"),
     # Read by writing only: a merge took its inputs from the sidecars and said nothing.
     ("preprocess.py", ["--merge-index", "--out=o", "--strict"], "--strict applies to writing "
      "records, not to --merge-index"),
@@ -422,6 +425,9 @@ _SMALL_DEMO = ["--train_clips=16", "--eval_clips=16", "--clip_seconds=0.1", "--w
      "--eval_clips=4 (pretraining): config.evals.val.batch_size=16: the losses evaluator"),
     ("noise_sweep.py", ["--steps=-1"], "--steps=-1: config.total_steps=-1: must be positive"),
     ("noise_sweep.py", ["--seeds=a,b"], "--seeds"),
+    # A repeated seed read its run back twice, counted twice in the means and spreads.
+    ("noise_sweep.py", ["--seeds=0,1,0"], "flag --seeds=['0', '1', '0']: must be one or more "
+     "different integers"),
     ("noise_sweep.py", ["--placements=gpu"], "--placements"),
 ])
 def test_demo_bad_option_is_refused_before_anything_is_built_or_deleted(tool, args, named,

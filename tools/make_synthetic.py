@@ -19,6 +19,7 @@ import sys
 import time
 
 from cav_mae_jax import cli
+from cav_mae_jax.data import fbank
 from cav_mae_jax.data import synthetic
 
 
@@ -34,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--classes', type=cli.number_type(int, 1), default=8,
                       help='number of classes')
   parser.add_argument('--seed', type=cli.number_type(int, 0), default=0)
-  parser.add_argument('--duration', type=cli.number_type(float, 0, inclusive=False), default=10.0,
-                      help='clip length in seconds')
+  # Shorter clips have no fbank frame: every one would be quarantined as audio_too_short.
+  parser.add_argument('--duration', type=cli.number_type(float, fbank.FRAME_LENGTH_MS / 1000),
+                      default=10.0, help='clip length in seconds (at least one 25 ms fbank '
+                      'frame)')
   parser.add_argument('--fps', type=cli.number_type(int, 1), default=10)
   parser.add_argument('--width', type=cli.number_type(int, 2), default=160)
   parser.add_argument('--height', type=cli.number_type(int, 2), default=120)

@@ -26,15 +26,18 @@ _STEPS = flags.DEFINE_integer("steps", 300, "Training steps per run (the demo's)
 
 
 def _are_integers(values: list[str]) -> bool:
-  """Whether `values` (a list flag's strings) are one or more integers."""
+  """Whether `values` (a list flag's strings) are one or more integers, each once."""
   try:
-    return bool([int(v) for v in values])
+    seeds = [int(v) for v in values]
   except ValueError:
     return False
+  return bool(seeds) and len(set(seeds)) == len(seeds)
 
 
+# (A repeated seed read its run back twice, counted as two in the means and spreads.)
 flags.register_validator(_SEEDS.name, _are_integers,
-                         message="must be one or more integers, comma-separated (e.g. 0,1,2)")
+                         message="must be one or more different integers, comma-separated "
+                         "(e.g. 0,1,2)")
 flags.register_validator(_PLACEMENTS.name,
                          lambda names: bool(names) and set(names) <= set(noise_sweep.PLACEMENTS),
                          message=f"must be one or more of {sorted(noise_sweep.PLACEMENTS)}, "

@@ -374,6 +374,7 @@ def generate_dataset(out_dir: str | os.PathLike,
                  fps, width, height))
     entries.append({'video_id': video_id, 'wav': path, 'video_path': path,
                     'labels': class_mid(int(classes[i]))})
+  num_workers = min(num_workers, num_clips)  # (64 spawned processes wrote 2 clips)
   if num_workers > 1:
     try:
       with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
