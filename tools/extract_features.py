@@ -25,7 +25,8 @@ config.data.eval_frame, fbank normalized as the records are: config.data.fbank_m
 or the training split's statistics with fbank_stats='index'); audio longer than the model's
 audio_length frames is cut, shorter audio zero-padded in log-mel space as the original pads.
 A file that cannot be decoded is listed in --quarantine (JSON lines: path, video_id, reason,
-message; default <out>.quarantine.jsonl) and left out; --strict stops at the first one instead.
+message; default <out>.quarantine.jsonl; an existing list is replaced only with --overwrite) and
+left out; --strict stops at the first one instead.
 --records (default config.data.eval_dir when --videos is not given) reads clip records; with
 --distributed (as tools/train.py) every process of a multi-host run reads its shards and
 process 0 writes --out.
