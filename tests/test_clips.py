@@ -217,6 +217,13 @@ def test_bad_videos_are_quarantined_or_fatal(videos, tmp_path):
   assert [(x["video_id"], x["reason"]) for x in lines] == [("missing", "missing_file"),
                                                            ("empty", "empty_file")]
   assert lines[0]["path"] == str(tmp_path / "missing.mp4")
+  # The next run's list starts without the earlier one's lines, and is made at a bad clip only:
+  # a list made at the start stayed behind a run that failed before any clip, and the rerun
+  # was refused (an existing output).
+  clean = clips.Quarantine(str(tmp_path / "quarantine.jsonl"))
+  assert not os.path.exists(tmp_path / "quarantine.jsonl")
+  list(clips.video_batches([good], tiny_config(), 8, on_error=clean))
+  assert clean.count == 0 and not os.path.exists(tmp_path / "quarantine.jsonl")
   strict = clips.Quarantine(str(tmp_path / "unused.jsonl"), strict=True)
   with pytest.raises(ValueError, match="missing.mp4: missing_file"):
     list(clips.video_batches(listed, tiny_config(), 8, on_error=strict))

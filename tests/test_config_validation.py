@@ -497,3 +497,13 @@ def test_fields_refused_in_training_alone_leave_recorded_configs_evaluable(confi
   validation.validate_config(config, num_devices=8, training=False)
   with pytest.raises(ValueError, match=r"^config\.model\.num_classes=309: "):
     validation.validate_config(config, num_devices=8)
+  # So are the checks of this kind added later (a seed, a structured mask, an ImageNet init).
+  for field, value, extra in (
+      ("seed", -1, {}), ("model.mask_mode_a", "freq", {"model.mask_ratio_a": 0.1}),
+      ("init.audio_pos_resize", "trim", {"init.source": "imagenet_mae", "init.path": "/tmp"})):
+    recorded = pretrain_config.get_config("tiny")
+    for path, setting in {field: value, **extra}.items():
+      _set(recorded, path, setting)
+    validation.validate_config(recorded, num_devices=8, training=False, check_data=False)
+    with pytest.raises(ValueError, match=f"^config\\.{field.replace('.', '[.]')}="):
+      validation.validate_config(recorded, num_devices=8, check_data=False)

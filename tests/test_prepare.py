@@ -696,8 +696,8 @@ def test_inspect_records_refuses_labels_of_another_class_count(corpus_run, tmp_p
     assert tool.main(["--records", corpus_run[0], "--labels", str(labels), "--png-dir",
                       str(tmp_path / "png"), "--num-images", "0"]) == 2
     assert capsys.readouterr().err == (f"error: --labels {labels}: lists {count} classes, and "
-                                       "the records have 3 (the labels CSV they were made "
-                                       "with?)\n")
+                                       "the records have 3 (the labels CSV of another "
+                                       "dataset?)\n")
 
 
 def test_inspect_on_a_full_disk_leaves_no_partial_png_and_names_it(corpus_run, tmp_path,

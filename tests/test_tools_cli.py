@@ -428,6 +428,8 @@ _SMALL_DEMO = ["--train_clips=16", "--eval_clips=16", "--clip_seconds=0.1", "--w
     # A repeated seed read its run back twice, counted twice in the means and spreads.
     ("noise_sweep.py", ["--seeds=0,1,0"], "flag --seeds=['0', '1', '0']: must be one or more "
      "different integers"),
+    ("noise_sweep.py", ["--seeds=0,-1"], "flag --seeds=['0', '-1']: must be one or more "
+     "different integers in [0, 4294967295]"),
     ("noise_sweep.py", ["--placements=gpu"], "--placements"),
 ])
 def test_demo_bad_option_is_refused_before_anything_is_built_or_deleted(tool, args, named,

@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if names is not None and len(names) != split.index.num_classes:
       # (fewer names: a traceback at the class histogram; more: the names of another class list)
       raise ValueError(f"--labels {args.labels}: lists {len(names)} classes, and the records "
-                       f"have {split.index.num_classes} (the labels CSV they were made with?)")
+                       f"have {split.index.num_classes} (the labels CSV of another dataset?)")
     report = inspect(split, args.png_dir or default_png_dir, args.num_images, names)
   except OSError as e:
     return cli.error_line(f"{e.filename}: {e.strerror or e}")

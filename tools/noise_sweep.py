@@ -16,6 +16,7 @@ import os
 from absl import flags
 
 from cav_mae_jax import cli
+from cav_mae_jax import seeds
 from cav_mae_jax import noise_sweep  # no JAX: main sets JAX_PLATFORMS before JAX is imported
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cav_mae_demo", "The demo's workdir (records).")
@@ -25,19 +26,20 @@ _PLACEMENTS = flags.DEFINE_list("placements", ["tfdata", "device"],
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps per run (the demo's).")
 
 
-def _are_integers(values: list[str]) -> bool:
-  """Whether `values` (a list flag's strings) are one or more integers, each once."""
+def _are_seeds(values: list[str]) -> bool:
+  """Whether `values` (a list flag's strings) are one or more seeds, each once."""
   try:
-    seeds = [int(v) for v in values]
+    numbers = [int(v) for v in values]
   except ValueError:
     return False
-  return bool(seeds) and len(set(seeds)) == len(seeds)
+  return bool(numbers) and len(set(numbers)) == len(numbers) and all(map(seeds.valid, numbers))
 
 
-# (A repeated seed read its run back twice, counted as two in the means and spreads.)
-flags.register_validator(_SEEDS.name, _are_integers,
-                         message="must be one or more different integers, comma-separated "
-                         "(e.g. 0,1,2)")
+# (A repeated seed read its run back twice, counted as two in the means and spreads; one out of
+# range was refused by the trainer after the runs before it.)
+flags.register_validator(_SEEDS.name, _are_seeds,
+                         message=f"must be one or more different integers in [0, "
+                         f"{seeds.MAX_SEED}], comma-separated (e.g. 0,1,2)")
 flags.register_validator(_PLACEMENTS.name,
                          lambda names: bool(names) and set(names) <= set(noise_sweep.PLACEMENTS),
                          message=f"must be one or more of {sorted(noise_sweep.PLACEMENTS)}, "

@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-# The flags --merge-index reads (argparse's dest names).
-_MERGE_FLAGS = ("merge_index", "out", "no_progress", "help")
+# The flags --merge-index takes (argparse's dest names): what it reads, and --workers, a resource
+# setting that job scripts pass to every command (its default is the machine's core count).
+_MERGE_FLAGS = ("merge_index", "out", "no_progress", "help", "workers")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -482,7 +482,9 @@ class Quarantine:
   """`on_error` for `video_batches`: one JSON line per bad clip, or a ValueError with `strict`.
 
   Lines are the data tools' (`path`, `video_id`, `reason`, `message`; reason codes of
-  `decode.DecodeError`). The file is started empty, so it lists exactly this run's clips.
+  `decode.DecodeError`). The file lists exactly this run's clips: one there before is removed
+  at the start, and the file is made at the first bad clip (a run without one leaves none, and
+  a run that failed before one leaves nothing that a rerun would have to replace).
   """
 
   def __init__(self, path: str, strict: bool = False):
@@ -490,9 +492,8 @@ class Quarantine:
     self.strict = strict
     self.count = 0
     self.by_reason: collections.Counter[str] = collections.Counter()
-    if not strict:
-      with open(path, "w"):
-        pass
+    if not strict and os.path.lexists(path):
+      os.remove(path)
 
   def __call__(self, clip: VideoClip, error: Any) -> None:
     from cav_mae_jax.data import clips as data_clips  # pylint: disable=g-import-not-at-top

@@ -46,14 +46,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   from cav_mae_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   _validate_set(config)
-  seeds.check("config.seed", config.seed)
+  if training:  # (evaluation draws nothing from it: recorded runs' configs stay evaluable)
+    seeds.check("config.seed", config.seed)
   tasks.validate_config(config)
   model = ModelConfig.from_config(config.model)
   if config.task == "pretrain" and model.lambda_mae == 0 and model.lambda_c == 0:
     _fail("model.lambda_c", model.lambda_c, "lambda_mae and lambda_c are both 0: nothing to "
           "train.")
   _validate_platforms(model, platforms)
-  _validate_masking(config, model)
+  _validate_masking(config, model, training)
   _validate_unused(config, model, training)
   if config.data.get("eval_all_frames"):
     _fail("data.eval_all_frames", config.data.eval_all_frames,
@@ -66,7 +67,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   mesh_lib.mesh_shape(config.mesh, num_devices)
   _validate_optim(config)
   _validate_checkpoint(config)
-  _validate_init(config)
+  _validate_init(config, training)
   eval_lib.validate_evals(config, None, num_devices, num_processes)
   if check_data:
     from cav_mae_jax.data import input as input_lib  # pylint: disable=g-import-not-at-top
@@ -105,9 +106,11 @@ def _validate_set(config: ml_collections.ConfigDict, prefix: str = "") -> None:
       _fail(path, value, "must fit in 64 bits.")
 
 
-def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig,
+                      training: bool) -> None:
   """Pretraining keeps at least one token of each stream, and with the reconstruction loss
-  removes at least one (its mean over removed patches is 0 / 0 otherwise)."""
+  removes at least one (its mean over removed patches is 0 / 0 otherwise); in training, a
+  structured audio mask masks whole columns or rows (a check newer than recorded runs)."""
   if config.task != "pretrain":
     return
   streams = [("a", model.num_audio_patches, model.uses_audio),
@@ -125,16 +128,19 @@ def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig) -> 
       _fail(field, ratio, f"removes none of the {tokens} patches, so the reconstruction loss "
             f"(lambda_mae={model.lambda_mae}) has nothing to reconstruct (0 / 0); mask some, or "
             "train the contrastive loss alone (lambda_mae=0).")
-  if model.uses_audio and model.mask_ratio_a > 0:
+  if training and model.uses_audio and model.mask_ratio_a > 0:
     # The original's rule too: such a run trained with (partly) unstructured masks.
     rows, cols = model.audio_grid
     counts = masking.structured_counts(model.audio_grid, model.mask_ratio_a, model.mask_mode_a)
+    names = {"time": f"time columns of {cols}", "freq": f"frequency rows of {rows}"}
     for axis, count in counts.items():
       if count == 0:
-        lines = f"time columns of {cols}" if axis == "time" else f"frequency rows of {rows}"
-        _fail("model.mask_mode_a", model.mask_mode_a, f"masks no whole {lines} at "
-              f"mask_ratio_a={model.mask_ratio_a} (the audio patch grid is {rows} x {cols}), "
-              "which leaves random masking; raise mask_ratio_a.")
+        whole = [names[other] for other, n in counts.items() if n]
+        result = (f"only its {whole[0].split(' of ')[0]} would be masked whole" if whole
+                  else "the masks would be random")
+        _fail("model.mask_mode_a", model.mask_mode_a, f"masks no whole {names[axis]} at "
+              f"mask_ratio_a={model.mask_ratio_a} (the audio patch grid is {rows} x {cols}): "
+              f"{result}; raise mask_ratio_a.")
 
 
 def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
@@ -291,7 +297,7 @@ INIT_SOURCES = ("", "workdir", "params", "cavmae", "imagenet_mae")
 AUDIO_POS_RESIZE = ("", "trim", "interpolate", "sincos")
 
 
-def _validate_init(config: ml_collections.ConfigDict) -> None:
+def _validate_init(config: ml_collections.ConfigDict, training: bool) -> None:
   init = config.init
   if init.source not in INIT_SOURCES:
     _fail("init.source", init.source, f"must be one of {INIT_SOURCES} ('' = random init).")
@@ -314,7 +320,7 @@ def _validate_init(config: ml_collections.ConfigDict) -> None:
           "weights: leave it 0.")
   if init.audio_pos_resize not in AUDIO_POS_RESIZE:
     _fail("init.audio_pos_resize", init.audio_pos_resize, f"must be one of {AUDIO_POS_RESIZE}.")
-  if init.source == "imagenet_mae" and init.audio_pos_resize:
+  if training and init.source == "imagenet_mae" and init.audio_pos_resize:  # (newer check)
     _fail("init.audio_pos_resize", init.audio_pos_resize, "fits a CAV-MAE checkpoint's audio "
           "position grid to another audio length; an ImageNet MAE (config.init.source="
           "'imagenet_mae') has no audio stream: leave it ''.")
