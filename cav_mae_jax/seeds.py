@@ -11,9 +11,9 @@ MAX_SEED = 2**32 - 1
 RANGE = f"must be in [0, {MAX_SEED}] (a PRNG key keeps a seed's low 32 bits)"
 
 
-def valid(seed: int | None) -> bool:
-  """Whether `seed` gives a key of its own (None: a flag left unset)."""
-  return seed is None or (not isinstance(seed, bool) and 0 <= seed <= MAX_SEED)
+def valid(seed: int) -> bool:
+  """Whether `seed` gives a key of its own."""
+  return not isinstance(seed, bool) and 0 <= seed <= MAX_SEED
 
 
 def check(field: str, seed: int) -> None:

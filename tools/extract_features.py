@@ -115,7 +115,7 @@ def _quarantine_path() -> str:
 
 def _check_outputs() -> None:
   """Before any work (`cli.run`: before TensorFlow's import): an existing --out or --quarantine
-  list (which is started empty: an earlier run's list was emptied) is refused now, not after the
+  list (which a run replaces: an earlier run's list was emptied) is refused now, not after the
   extraction, unless --overwrite; so is one that would replace an input, whatever it says."""
   from cav_mae_jax.convert import io  # pylint: disable=g-import-not-at-top
   from cav_mae_jax.eval import features  # pylint: disable=g-import-not-at-top

@@ -151,7 +151,7 @@ class ModelConfig:
            f"dtype='bfloat16', not {self.dtype!r}; use 'xla' in float32")
     if self.ft_mode not in FT_MODES:
       fail("ft_mode", f"unknown fine-tuning mode; must be one of {FT_MODES}")
-    absent = {"audio": "video", "visual": "audio"}.get(self.modalities)
+    absent = self.absent_modality
     if absent and absent in self.ft_mode:
       fail("ft_mode", f"needs the {absent}, which a modalities={self.modalities!r} model does "
            "not have")
@@ -188,6 +188,12 @@ class ModelConfig:
   def uses_video(self) -> bool:
     return self.modalities in ("audiovisual", "visual")
 
+  @property
+  def absent_modality(self) -> str | None:
+    """'video' for an audio-only model, 'audio' for a visual-only one (as the modes spell
+    them), None for an audio-visual one."""
+    return {"audio": "video", "visual": "audio"}.get(self.modalities)
+
   def mode_problem(self, mode: str) -> str | None:
     """Why the fine-tuned model of this config cannot score in modality mode `mode` (None: it
     can): a single-modality model has no stream of the other modality, and has the final
@@ -197,7 +203,7 @@ class ModelConfig:
       return f"unknown fine-tuning mode {mode!r}; must be one of {FT_MODES}"
     if self.modalities == "audiovisual":
       return None
-    if mode != "multimodal" and ("audio" in mode) != self.uses_audio:
+    if self.absent_modality in mode:  # (the rule `validate` applies to ft_mode)
       return (f"mode {mode!r} needs a modality that config.model.modalities="
               f"{self.modalities!r} does not have")
     missing = self._final_norms(mode) - self._final_norms(self.ft_mode)

@@ -132,15 +132,15 @@ def _validate_masking(config: ml_collections.ConfigDict, model: ModelConfig,
     # The original's rule too: such a run trained with (partly) unstructured masks.
     rows, cols = model.audio_grid
     counts = masking.structured_counts(model.audio_grid, model.mask_ratio_a, model.mask_mode_a)
-    names = {"time": f"time columns of {cols}", "freq": f"frequency rows of {rows}"}
+    lines = {"time": ("time columns", cols), "freq": ("frequency rows", rows)}
     for axis, count in counts.items():
       if count == 0:
-        whole = [names[other] for other, n in counts.items() if n]
-        result = (f"only its {whole[0].split(' of ')[0]} would be masked whole" if whole
+        whole = [lines[other][0] for other, n in counts.items() if n]
+        result = (f"only its {whole[0]} would be masked whole" if whole
                   else "the masks would be random")
-        _fail("model.mask_mode_a", model.mask_mode_a, f"masks no whole {names[axis]} at "
-              f"mask_ratio_a={model.mask_ratio_a} (the audio patch grid is {rows} x {cols}): "
-              f"{result}; raise mask_ratio_a.")
+        _fail("model.mask_mode_a", model.mask_mode_a, f"masks no whole {lines[axis][0]} of "
+              f"{lines[axis][1]} at mask_ratio_a={model.mask_ratio_a} (the audio patch grid is "
+              f"{rows} x {cols}): {result}; raise mask_ratio_a.")
 
 
 def _validate_unused(config: ml_collections.ConfigDict, model: ModelConfig,
