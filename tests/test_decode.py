@@ -647,6 +647,15 @@ def test_resampling_in_frames_gives_the_clip_at_once(media, name):
   np.testing.assert_array_equal(waveform, _resampled_at_once(path))
 
 
+def test_audio_frames_of_no_samples_are_too_short_not_a_crash():
+  with av.open(SMALL_SAMPLE) as container:
+    sink = decode._AudioSink(SMALL_SAMPLE, container.streams.audio[0], 16000, None)
+    sink._chunks, sink._source_format = [np.zeros(0, np.float32)], ('flt', 44100)
+    with pytest.raises(decode.DecodeError, match='0 samples at 16000 Hz') as error:
+      sink.waveform()
+  assert error.value.reason == 'audio_too_short'
+
+
 @pytest.mark.parametrize('codec, sample_format', [('pcm_s16le', 's16'), ('pcm_f32le', 'flt')])
 def test_packed_samples_give_channel_zero_exactly(tmp_path, codec, sample_format):
   # Packed (interleaved) sample formats: channel 0 is every third sample of the plane. At 16 kHz

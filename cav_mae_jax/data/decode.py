@@ -593,6 +593,8 @@ class _AudioSink:
     except (av.error.FFmpegError, ValueError) as e:
       raise DecodeError(self.path, 'audio_decode_error',
                         f'resampling failed: {ffmpeg_text(e)}') from e
+    if not frames:  # frames of no samples: too short, said by waveform()
+      return np.zeros(0, np.int16)
     return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
 
   def waveform(self) -> np.ndarray:
