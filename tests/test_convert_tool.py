@@ -150,12 +150,25 @@ def test_bad_files_write_nothing(tmp_path):
   assert not os.listdir(existing)
 
 
-def _cli(*args, max_file_kib=None, xla_cache_dir=None):
-  """tools/convert.py; `max_file_kib`: a file-size limit (`limits.file_size_limited`)."""
+def _cli(*args, max_file_kib=None, xla_cache_dir=None, first_on_path=None):
+  """tools/convert.py; `max_file_kib`: a file-size limit (`limits.file_size_limited`);
+  `first_on_path`: a folder put first on its PYTHONPATH."""
   command = [sys.executable, str(ROOT / "tools/convert.py"), *args]
   if max_file_kib:
     command = limits.file_size_limited(command, max_file_kib, xla_cache_dir)
-  return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+  env = None
+  if first_on_path:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [first_on_path, str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+
+
+def _without_tensorflow(tmp_path):
+  """A folder whose `tensorflow` fails to import (first on a tool's path)."""
+  (tmp_path / "without_tensorflow" / "tensorflow").mkdir(parents=True)
+  (tmp_path / "without_tensorflow" / "tensorflow" / "__init__.py").write_text(
+      "raise ImportError('TensorFlow is blocked: conversion does not need it')\n")
+  return str(tmp_path / "without_tensorflow")
 
 
 _TINY = "--config=configs/pretrain.py:tiny"
@@ -212,7 +225,9 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   src, _ = _released(tmp_path)
   config = [f"--config={ROOT}/configs/pretrain.py:tiny", "--config.model.audio_length=64",
             "--config.model.image_size=32"]
-  ok = _cli("cavmae", f"--src={src}", f"--out={tmp_path / 'ckpt'}", *config)
+  # Without TensorFlow (no conversion reads records): it was imported first, 3-4 s of each run.
+  no_tf = _without_tensorflow(tmp_path)
+  ok = _cli("cavmae", f"--src={src}", f"--out={tmp_path / 'ckpt'}", *config, first_on_path=no_tf)
   assert ok.returncode == 0, ok.stderr
   assert "mapped: " in ok.stdout and f"wrote {tmp_path / 'ckpt'}" in ok.stdout
   # Ignored, and nothing said so: a params checkpoint's --step, a pretraining model's new head.
@@ -227,7 +242,8 @@ def test_command_line_converts_and_reports_errors(tmp_path):
     assert (refused.returncode, refused.stderr) == (2, f"error: {line}\n"), refused.stderr
   # Back to the original's layout: by default with DataParallel's prefix, as the released files
   # (the original's loaders wrap the model first; strict=False would load nothing without it).
-  back = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back.safetensors'}")
+  back = _cli("to-torch", f"--src={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back.safetensors'}",
+              first_on_path=no_tf)
   assert back.returncode == 0 and "keys prefixed 'module.'" in back.stdout, back.stderr
   pipelines.checkpoint_to_eval_export(tmp_path / "ckpt", tmp_path / "bf16", dtype="bfloat16")
   npz = _cli("to-torch", f"--src={tmp_path / 'bf16'}", f"--out={tmp_path / 'bf16.npz'}")
