@@ -1,6 +1,7 @@
 """Model family: parameter counts, variants, dtypes, and input/config validation."""
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -730,6 +731,39 @@ def test_the_train_step_pins_the_pooled_stream_without_gathering_it():
   assert str(jax.make_jaxpr(setup.train_step)(*args)).count("layout_constraint") == 4
   text = setup.compile().as_text()
   assert "all-reduce" in text and "all-gather" not in text
+
+
+def test_param_shapes_are_traced_once_per_model_and_kind(monkeypatch):
+  """models.param_shapes traces the model's init once per config and kind in a process (the
+  base model's trace takes ~1 s; a trainer's start asked four times); every call gets its own
+  containers, and a task's abstract train state is the one its own init gives."""
+  from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from cav_mae_jax.train import optim, step  # pylint: disable=g-import-not-at-top
+  from configs import finetune, pretrain  # pylint: disable=g-import-not-at-top
+  traced = []
+  init = params_lib.init_params
+  monkeypatch.setattr(params_lib, "init_params",
+                      lambda config, rng, **kw: traced.append(kw) or init(config, rng, **kw))
+  params_lib._traced_param_shapes.cache_clear()  # pylint: disable=protected-access
+  cfg = _cfg(embed_dim=48)
+  first = models.param_shapes(cfg)
+  first.pop("norm")  # the caller's own dict: the next call is whole
+  assert models.param_shapes(cfg)["norm"]["scale"].shape == (48,)
+  assert "norm" in models.param_shapes(dataclasses.asdict(cfg))  # the same model, as a dict
+  assert "mlp_head_1" in models.param_shapes(cfg, finetune=True)
+  assert traced == [{"finetune": False}, {"finetune": True}]
+  for config in (pretrain.get_config("tiny"), finetune.get_config("tiny")):
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    task = tasks.get_task(config)
+    _, tx = optim.for_task(config, task, steps_per_epoch=1, total_steps=1)
+    expected = jax.eval_shape(lambda rng, task=task, tx=tx: step.state_from_params(
+        init(task.model_config, rng, finetune=task.finetune), tx), jax.random.key(0))
+    for abstract in (step.abstract_train_state(task, tx, mesh), step.abstract_state_of(config)):
+      assert jax.tree.structure(abstract) == jax.tree.structure(expected)
+      assert [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [
+          (x.shape, x.dtype) for x in jax.tree.leaves(expected)]
 
 
 def test_the_packages_names_are_its_modules():

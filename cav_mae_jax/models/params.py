@@ -4,6 +4,7 @@ what its objective reaches)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -137,5 +138,14 @@ def init_params(config: Any, rng: jax.Array, *, finetune: bool = False) -> Any:
 
 
 def param_shapes(config: Any, finetune: bool = False) -> Any:
-  """Parameter shapes (jax.ShapeDtypeStruct pytree) without materializing any weights."""
+  """Parameter shapes (jax.ShapeDtypeStruct pytree) without materializing any weights.
+
+  Traced once per model config and kind in a process (a base model's trace takes ~1 s, and a
+  tool's or trainer's start asks several times); each call returns its own containers."""
+  shapes = _traced_param_shapes(ModelConfig.from_config(config), bool(finetune))
+  return jax.tree.map(lambda leaf: leaf, shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_param_shapes(config: ModelConfig, finetune: bool) -> Any:
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0), finetune=finetune))

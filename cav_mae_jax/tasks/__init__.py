@@ -51,6 +51,12 @@ class Task:
   step_flops: float
   finetune: bool = False
 
+  def param_shapes(self) -> Any:
+    """The shapes `init_params` gives (the pretraining model's, or with `finetune` the
+    fine-tuning model's, for `model_config`), traced once per process."""
+    from cav_mae_jax import models  # pylint: disable=g-import-not-at-top
+    return models.param_shapes(self.model_config, finetune=self.finetune)
+
 
 def feature_fns(model: Any, model_config: ModelConfig) -> dict[str, Callable[..., Any]]:
   """{'features': (params, batch) -> the mean-pooled audio and video features of the

@@ -44,7 +44,7 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   init_source.check_architecture("workdir" if workdir else "params", workdir or params_path,
                                 task.model_config, finetune=task.name != "pretrain")
-  abstract = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  abstract = task.param_shapes()
   try:
     params, report = sd.match_to_target(host_params, abstract)
   except sd.ParamsMismatchError as e:

@@ -42,8 +42,7 @@ def state_from_params(params: Any, tx: optax.GradientTransformation) -> TrainSta
 
 def abstract_train_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
   """ShapeDtypeStructs (with their shardings) of the train state; nothing is materialized."""
-  abstract = jax.eval_shape(lambda rng: state_from_params(task.init_params(rng), tx),
-                            jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(lambda params: state_from_params(params, tx), task.param_shapes())
   shardings = mesh_lib.tree_shardings(mesh, abstract)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
@@ -54,8 +53,7 @@ def abstract_state_of(config: Any) -> TrainState:
   from cav_mae_jax import tasks  # pylint: disable=g-import-not-at-top
   task = tasks.get_task(config)
   _, tx = optim.for_task(config, task, steps_per_epoch=1, total_steps=1)
-  return jax.eval_shape(lambda rng: state_from_params(task.init_params(rng), tx),
-                        jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda params: state_from_params(params, tx), task.param_shapes())
 
 
 def shardings_of(abstract: Any) -> Any:
