@@ -141,7 +141,7 @@ def saved_activations(config: ml_collections.ConfigDict) -> dict[str, float]:
     with run_config.unlocked():  # traced for one device: the mesh does not change residuals
       run_config.mesh.data, run_config.mesh.fsdp = 1, 1
     task = _task_at_batch_size(run_config, batch_size, jax.devices()[:1])
-    params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    params = task.param_shapes()
     rng = jax.random.PRNGKey(0)
     backward = lambda p, b, task=task, rng=rng: jax.vjp(lambda q: task.loss_fn(q, b, rng)[0], p)[1]
     jaxpr = jax.make_jaxpr(backward)(params, abstract_batch(task, batch_size)).jaxpr
