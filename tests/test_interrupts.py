@@ -191,6 +191,39 @@ def test_preprocessing_workers_ignore_ctrl_c_from_their_start():
   assert "KeyboardInterrupt" not in result.stderr
 
 
+def test_a_ctrl_c_that_lands_in_a_gc_callback_still_stops_preprocess(tmp_path):
+  """tools/preprocess.py (argparse, not `cli.run`) had no `redeliver_swallowed_interrupts`: a
+  Ctrl-C landing in JAX's gc callback printed "Exception ignored ... KeyboardInterrupt" and the
+  run went on to its end, exit 0 (the fresh-clone CI run of 979fe38, 1 run in ~20). Here the
+  interrupt is raised where Python cannot propagate it (a finalizer), as the callback's was."""
+  for name in ("data.json", "labels.csv"):
+    (tmp_path / name).write_text("")  # never read: prepare_records is replaced
+  script = textwrap.dedent("""
+      import os, sys, time
+      os.environ.update(TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")  # as the tool's
+      sys.path.insert(0, sys.argv[1])
+      import test_prepare
+      tool = test_prepare.load_tool("preprocess")
+      class Finalizer:
+        def __del__(self):
+          raise KeyboardInterrupt  # unraisable: Python prints it and drops it
+      def prepare_records(*args, **kwargs):
+        Finalizer()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+          time.sleep(0.1)
+        raise RuntimeError("the interrupt was lost")
+      tool.prepare.prepare_records = prepare_records
+      sys.exit(tool.main(["--datafile", "data.json", "--labels", "labels.csv", "--out", "out"]))
+      """)
+  result = subprocess.run([sys.executable, "-c", script, os.path.join(REPO, "tests")],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+                          check=False)
+  assert (result.returncode, result.stderr) == (130, "error: interrupted by SIGINT (Ctrl-C); "
+                                                "finished shards are kept; the same command "
+                                                "resumes\n"), result.stderr[-3000:]
+
+
 def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_path):
   import test_prepare  # pylint: disable=import-outside-toplevel
   clip = test_prepare.write_clip(str(tmp_path / "clip.mp4"), seconds=1)
