@@ -465,6 +465,30 @@ def redeliver_swallowed_interrupts() -> None:
   sys.unraisablehook = hook
 
 
+def handle_stop_signals() -> None:
+  """Makes SIGTERM raise `Terminated` and keeps a Ctrl-C or SIGTERM that lands in a finalizer or
+  gc callback (`stop_on_sigterm`, `redeliver_swallowed_interrupts`): what `run` installs for its
+  tools, and `signals_end_with_one_line` for a tool that parses its own arguments."""
+  redeliver_swallowed_interrupts()
+  stop_on_sigterm()
+
+
+@contextlib.contextmanager
+def signals_end_with_one_line(note: str = "") -> Iterator[None]:
+  """`run`'s ending on a signal, for a tool that parses its own arguments (argparse).
+
+  With `handle_stop_signals` installed, a Ctrl-C or SIGTERM in the block ends the process, after
+  the cleanup of the block's `finally` clauses and context managers, with one line
+  (`interrupted_line`, then `note`: what was kept) and status 130 or 143, as a normal exit ends
+  (`exit_after_interrupt`); without it the tools printed Python's traceback.
+  """
+  handle_stop_signals()
+  try:
+    yield
+  except KeyboardInterrupt as e:
+    exit_after_interrupt(interrupted_line(e, note))
+
+
 def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:
   """Prints `error: interrupted by SIGINT (Ctrl-C)|stopped by SIGTERM[; note]` as one line to
   stderr; returns the shell's status for that signal (130 or 143)."""
@@ -809,8 +833,7 @@ def run(main: Callable[[list[str]], None], *, uses_tensorflow: bool = True,
       # an entry it cannot write (a full disk) or read (one that a full disk left truncated) is
       # compiled anew, and its warning would come before the tool's own line.
       warnings.filterwarnings("ignore", message=_COMPILATION_CACHE_WARNING, category=UserWarning)
-    redeliver_swallowed_interrupts()
-    stop_on_sigterm()
+    handle_stop_signals()
     try:
       try:
         # After the flags and config files: a bad one is answered without TensorFlow's import.

@@ -62,12 +62,20 @@ _LONG_TOOL = textwrap.dedent("""
 """)
 
 
+# The same, as a tool that parses its own arguments (argparse) runs it.
+_LONG_ARGPARSE_TOOL = _LONG_TOOL.replace(
+    'cli.run(main, uses_tensorflow=False, interrupt_note="nothing was written")',
+    'with cli.signals_end_with_one_line("nothing was written"):\n  sys.exit(main(sys.argv))')
+
+
+@pytest.mark.parametrize("tool", [_LONG_TOOL, _LONG_ARGPARSE_TOOL], ids=["cli_run", "argparse"])
 @pytest.mark.parametrize("signum,status,what", [
     (signal.SIGINT, 130, "interrupted by SIGINT (Ctrl-C)"),
     (signal.SIGTERM, 143, "stopped by SIGTERM")])
-def test_a_signal_ends_a_tool_with_one_line_after_its_cleanup(tmp_path, signum, status, what):
+def test_a_signal_ends_a_tool_with_one_line_after_its_cleanup(tmp_path, signum, status, what,
+                                                              tool):
   out = str(tmp_path / "out")
-  proc = _start([sys.executable, "-c", _LONG_TOOL, out])
+  proc = _start([sys.executable, "-c", tool, out])
   _wait_for(lambda: os.path.exists(out + ".started"), proc)
   os.killpg(proc.pid, signum)
   _, stderr = proc.communicate(timeout=60)
@@ -249,6 +257,24 @@ def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_
     if name.endswith(".tfrecord"):
       assert name + ".json" in names
   assert "index.json" not in names  # 40 shards, not all finished
+
+
+def test_ctrl_c_during_make_synthetic_prints_one_line_and_leaves_no_temporaries(tmp_path):
+  # It printed Python's traceback, and its spawned workers "Process SpawnPoolWorker-1:".
+  out = tmp_path / "out"
+  video_dir = out / "video" / "train"
+  proc = _start([sys.executable, os.path.join(REPO, "tools", "make_synthetic.py"),
+                 "--out", str(out), "--train", "64", "--eval", "0", "--workers", "2",
+                 "--duration", "2"])
+  _wait_for(lambda: video_dir.is_dir() and any(n.endswith(".mp4") for n in os.listdir(video_dir)),
+            proc)
+  os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the workers get it too
+  stdout, stderr = proc.communicate(timeout=60)
+  assert (proc.returncode, stdout, stderr.splitlines()) == (
+      130, "", ["error: interrupted by SIGINT (Ctrl-C); no clip was left half-written"]), stderr
+  names = os.listdir(video_dir)
+  assert len(names) < 64 and all(name.endswith(".mp4") for name in names), names
+  assert not (out / "train.json").exists()
 
 
 _HOLD_LOCK = textwrap.dedent("""

@@ -221,4 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  if '--run-original' in sys.argv[1:]:  # under the original's Python (no absl): the parent
+    sys.exit(main())                    # answers a Ctrl-C
+  from cav_mae_jax import cli  # pylint: disable=g-import-not-at-top
+  with cli.signals_end_with_one_line('nothing was measured'):
+    sys.exit(main())

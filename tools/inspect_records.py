@@ -111,8 +111,9 @@ if __name__ == "__main__":
   # kernels are not needed.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  parse_args()  # A bad flag is answered now, not after TensorFlow's import.
-  cli.import_tensorflow()  # as the other tools: without Keras, its GPUs hidden
+  with cli.signals_end_with_one_line():  # Ctrl-C in TensorFlow's import (seconds) too
+    parse_args()  # A bad flag is answered now, not after TensorFlow's import.
+    cli.import_tensorflow()  # as the other tools: without Keras, its GPUs hidden
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -367,4 +368,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  with cli.signals_end_with_one_line():
+    sys.exit(main())

@@ -63,4 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  # Each clip is renamed when whole, and the workers' temporaries are removed.
+  with cli.signals_end_with_one_line('no clip was left half-written'):
+    sys.exit(main())

@@ -115,10 +115,10 @@ from cav_mae_jax.data import prepare
 def main(argv: list[str] | None = None) -> int:
   """Runs the tool; returns the exit status."""
   args = _parse(argv)
-  # A Ctrl-C that lands in a gc callback (JAX's, which TensorFlow's import brings) is delivered
-  # again, not lost (the run went on to its end and exited 0), as in the tools of `cli.run`.
-  cli.redeliver_swallowed_interrupts()
-  cli.stop_on_sigterm()
+  # SIGTERM stops the run as Ctrl-C does, and either one that lands in a gc callback (JAX's,
+  # which TensorFlow's import brings) is delivered again, not lost (the run went on to its end
+  # and exited 0), as in the tools of `cli.run`.
+  cli.handle_stop_signals()
   try:
     if args.merge_index:
       summary = prepare.finalize(args.out)

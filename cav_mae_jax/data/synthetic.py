@@ -30,8 +30,11 @@ import csv
 import fractions
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import secrets
+import signal
+import threading
 import zlib
 
 import av
@@ -338,6 +341,29 @@ def write_class_labels(path: str | os.PathLike, num_classes: int) -> None:
       writer.writerow([c, class_mid(c), class_display_name(c, num_classes)])
 
 
+def _pool_ignoring_ctrl_c(num_workers: int) -> multiprocessing.pool.Pool:
+  """A pool of spawned workers that ignore SIGINT from their first instruction on.
+
+  A terminal's Ctrl-C reaches the whole process group; the parent alone handles it (it ends the
+  pool and removes the workers' temporaries). A worker started with Python's handler printed
+  "Process SpawnPoolWorker-1:" and a traceback into the tool's stderr before its one line. The
+  workers start while SIGINT is ignored here (an ignored signal stays ignored across exec, and
+  Python keeps it so), a few milliseconds in which a Ctrl-C is dropped; the initializer covers
+  a worker the pool starts later in place of one that died.
+  """
+  if threading.current_thread() is not threading.main_thread():  # signal.signal's restriction
+    return multiprocessing.get_context('spawn').Pool(num_workers, _ignore_sigint)
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    return multiprocessing.get_context('spawn').Pool(num_workers, _ignore_sigint)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _ignore_sigint() -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def generate_dataset(out_dir: str | os.PathLike,
                      num_clips: int,
                      num_classes: int = 8,
@@ -377,7 +403,7 @@ def generate_dataset(out_dir: str | os.PathLike,
   num_workers = min(num_workers, num_clips)  # (64 spawned processes wrote 2 clips)
   if num_workers > 1:
     try:
-      with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
+      with _pool_ignoring_ctrl_c(num_workers) as pool:
         pool.map(_write_clip, jobs, chunksize=max(1, len(jobs) // (4 * num_workers)))
     except BaseException:
       # The first failed clip ends the pool, which kills the other workers midway through their
