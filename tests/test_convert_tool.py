@@ -15,6 +15,7 @@ from cav_mae_jax.convert import formats
 from cav_mae_jax.convert import io
 from cav_mae_jax.convert import pipelines
 from cav_mae_jax.convert import state_dict as sd
+import blocked_imports
 import limits
 from test_convert_imagenet_mae import mae_shapes
 from test_convert_layout import Dims, random_state_dict
@@ -163,14 +164,6 @@ def _cli(*args, max_file_kib=None, xla_cache_dir=None, first_on_path=None):
   return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
 
 
-def _without_tensorflow(tmp_path):
-  """A folder whose `tensorflow` fails to import (first on a tool's path)."""
-  (tmp_path / "without_tensorflow" / "tensorflow").mkdir(parents=True)
-  (tmp_path / "without_tensorflow" / "tensorflow" / "__init__.py").write_text(
-      "raise ImportError('TensorFlow is blocked: conversion does not need it')\n")
-  return str(tmp_path / "without_tensorflow")
-
-
 _TINY = "--config=configs/pretrain.py:tiny"
 # (arguments, the error line): a flag that the direction does not read was ignored silently
 # (`to-torch --dtype=bfloat16` kept the params' dtype, `to-torch --new_head` the model's head).
@@ -226,7 +219,8 @@ def test_command_line_converts_and_reports_errors(tmp_path):
   config = [f"--config={ROOT}/configs/pretrain.py:tiny", "--config.model.audio_length=64",
             "--config.model.image_size=32"]
   # Without TensorFlow (no conversion reads records): it was imported first, 3-4 s of each run.
-  no_tf = _without_tensorflow(tmp_path)
+  no_tf = blocked_imports.blocked_packages(tmp_path / "without_tensorflow", ["tensorflow"],
+                                           "conversion does not need it")
   ok = _cli("cavmae", f"--src={src}", f"--out={tmp_path / 'ckpt'}", *config, first_on_path=no_tf)
   assert ok.returncode == 0, ok.stderr
   assert "mapped: " in ok.stdout and f"wrote {tmp_path / 'ckpt'}" in ok.stdout

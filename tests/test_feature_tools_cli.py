@@ -21,6 +21,7 @@ from cav_mae_jax.eval import features
 from cav_mae_jax.train import array_input
 from cav_mae_jax.train import trainer
 from configs import workdir as workdir_config
+import blocked_imports
 from test_features import (  # pylint: disable=unused-import
     NUM_CLIPS, RECORD_ORDER, fixture_records_dir, tiny_config)
 
@@ -45,11 +46,8 @@ def run_tool(tool, args, cwd, first_on_path=None):
 def fixture_without_tensorflow(tmp_path_factory):
   """A folder whose `tensorflow` fails to import: first on a tool's path, a bad input must be
   answered before TensorFlow's import."""
-  folder = tmp_path_factory.mktemp("without_tensorflow")
-  (folder / "tensorflow").mkdir()
-  (folder / "tensorflow" / "__init__.py").write_text(
-      "raise ImportError('TensorFlow is blocked: answer before importing it')\n")
-  return str(folder)
+  return blocked_imports.blocked_packages(tmp_path_factory.mktemp("without_tensorflow"),
+                                          ["tensorflow"], "answer before importing it")
 
 
 @pytest.fixture(scope="module", name="params_dir")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cav_mae_jax.train import gpu_check
 
+import blocked_imports
 import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +24,8 @@ NOT_NEEDED_BY_THE_CHECK = ("tensorflow", "tensorflow_datasets", "clu", "av", "li
 
 
 def test_tiny_check_runs_end_to_end_without_packages_it_does_not_need(tmp_path):
-  for name in NOT_NEEDED_BY_THE_CHECK:
-    blocked = tmp_path / "blocked" / name
-    blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text(f"raise ImportError('{name} is blocked: the GPU check "
-                                         "must not need it')\n")
+  blocked_imports.blocked_packages(tmp_path / "blocked", NOT_NEEDED_BY_THE_CHECK,
+                                   "the GPU check must not need it")
   out = tmp_path / "out"
   env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(tmp_path / "blocked"),
@@ -203,9 +201,8 @@ def test_wheels_that_do_not_import_are_one_error_line(tmp_path):
   (tmp_path / "tools").mkdir()
   (tmp_path / "tools" / "gpu_check.sh").write_text((ROOT / "tools" / "gpu_check.sh").read_text())
   _fake_wheel(tmp_path / ".whl", "ml_collections", "import absl_not_on_this_machine\n")
-  hidden = tmp_path / "hidden" / "ml_collections"  # the environment's own, out of sight
-  hidden.mkdir(parents=True)
-  (hidden / "__init__.py").write_text("raise ImportError('no ml_collections here')\n")
+  # The environment's own, out of sight.
+  blocked_imports.blocked_packages(tmp_path / "hidden", ["ml_collections"], "not on this machine")
   env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(tmp_path),
              PYTHONPATH=str(tmp_path / "hidden"))
   done = subprocess.run(["bash", "tools/gpu_check.sh", "--tiny"], cwd=tmp_path, env=env,

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import blocked_imports
 import multihost_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,11 +374,10 @@ def test_tensorflow_is_told_to_leave_the_gpus_to_jax(tmp_path, log_level):
 
 def _error_line_without_tensorflow(tool, args, cwd):
   """The one error line of tools/<tool> run with a `tensorflow` that ends the process when
-  imported (it would exit 1 with 'tensorflow was imported')."""
-  tripwire = cwd / "tripwire" / "tensorflow"
-  tripwire.mkdir(parents=True)
-  (tripwire / "__init__.py").write_text("raise SystemExit('tensorflow was imported')\n")
-  result = _run_tool(tool, args, cwd, extra_path=[tripwire.parent])
+  imported (it would exit 1 with 'tensorflow is blocked: it was imported')."""
+  tripwire = blocked_imports.blocked_packages(cwd / "tripwire", ["tensorflow"], "it was imported",
+                                             exception="SystemExit")
+  result = _run_tool(tool, args, cwd, extra_path=[tripwire])
   assert result.returncode == 2, result.stderr[-2000:]
   line, = result.stderr.strip().splitlines()
   return line
