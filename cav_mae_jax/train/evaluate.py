@@ -43,7 +43,7 @@ def load_params(task: tasks.Task, mesh: jax.sharding.Mesh, *, workdir: str | Non
     host_params, step, source = io.load_params(params_path), 0, params_path
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   init_source.check_architecture("workdir" if workdir else "params", workdir or params_path,
-                                task.model_config, finetune=task.name != "pretrain")
+                                task.model_config, finetune=task.finetune)
   abstract = task.param_shapes()
   try:
     params, report = sd.match_to_target(host_params, abstract)
@@ -86,7 +86,7 @@ def _why_shapes_differ(path: str, task: tasks.Task, host_params: Any) -> str:
   config's fields that alone give other parameter shapes; '' when none is found."""
   from cav_mae_jax.convert import init_source  # pylint: disable=g-import-not-at-top
   has_head = any(name.startswith("mlp_head") for name in host_params)
-  finetune = task.name != "pretrain"
+  finetune = task.finetune
   if has_head != finetune:
     return (f"the checkpoint is a {'fine-tuned' if has_head else 'pretraining'} model, the "
             f"config's task is {task.name!r}")
