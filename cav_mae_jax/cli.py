@@ -19,6 +19,9 @@ Tools are absl programs: `cli.run(main)` instead of `app.run(main)`.
   or two seconds.
 - A flag that the tool's chosen mode does not read is refused, not ignored (`check_mode_flags`);
   so is an empty path (`--workdir=`, `--out=`: `_PATH_FLAGS`, and `path_type` for argparse).
+- Ctrl-C and SIGTERM end a tool with one line and status 130 or 143 after its cleanup; the tools
+  that parse their own arguments (argparse: make_synthetic, inspect_records, benchmark_preprocess,
+  preprocess's start) get that from `signals_end_with_one_line`.
 - A warning (the project's, or a library's at WARNING and above) prints as one line,
   `warning: <what>`, without absl's time, thread and source line unless `--verbosity` is given.
 """

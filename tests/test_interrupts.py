@@ -277,6 +277,33 @@ def test_ctrl_c_during_make_synthetic_prints_one_line_and_leaves_no_temporaries(
   assert not (out / "train.json").exists()
 
 
+@pytest.mark.parametrize("tool, args", [
+    ("preprocess.py", ["--datafile", "data.json", "--labels", "labels.csv", "--out", "out"]),
+    ("inspect_records.py", ["--records", "records"])])
+def test_ctrl_c_during_tensorflows_import_prints_one_line(tmp_path, tool, args):
+  # The argparse tools import TensorFlow after their flags (seconds): a Ctrl-C there printed
+  # Python's traceback. Here the import waits for the signal: a `tensorflow` first on the path.
+  marker = tmp_path / "importing"
+  fake = tmp_path / "slow" / "tensorflow"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text(f"import time\nopen({str(marker)!r}, 'w').close()\n"
+                                    "time.sleep(60)\n")
+  for name in ("data.json", "labels.csv"):
+    (tmp_path / name).write_text("")
+  (tmp_path / "records").mkdir()
+  env = _env()
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "slow"), env["PYTHONPATH"]])
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _WITH_DEFAULT_SIGINT, sys.executable,
+       os.path.join(REPO, "tools", tool), *args], cwd=tmp_path, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  _wait_for(marker.exists, proc)
+  os.killpg(proc.pid, signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=60)
+  assert (proc.returncode, stdout, stderr.splitlines()) == (
+      130, "", ["error: interrupted by SIGINT (Ctrl-C)"]), stderr
+
+
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from cav_mae_jax import dir_lock

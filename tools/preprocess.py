@@ -103,7 +103,9 @@ if __name__ == "__main__":
   # oneDNN's kernels are not needed.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  _parse(None)  # A bad flag is answered now, not after TensorFlow's import (seconds).
+  with cli.signals_end_with_one_line():  # a Ctrl-C in TensorFlow's import (seconds) too
+    _parse(None)  # A bad flag is answered now, not after TensorFlow's import.
+    cli.import_tensorflow()  # as the other tools: without Keras, its GPUs hidden
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from cav_mae_jax import dir_lock
