@@ -95,19 +95,27 @@ class DirLock:
       self._fd = None
 
   def remove_unused_directory(self) -> bool:
-    """Removes the lock's directory if it holds nothing but the lock file, while the lock is
-    held; returns whether it did. For a run that made its directory and failed before writing
-    anything there (a starting-weights source that does not fit, records that cannot be opened):
+    """Removes the lock's directory if it holds nothing but the lock file and empty folders
+    (a run's `checkpoints/`, made before its first file), while the lock is held; returns
+    whether it did. For a run that made its directory and failed before writing anything there
+    (a starting-weights source that does not fit, records that cannot be opened, a full disk):
     the next attempt then finds no empty directory left behind. A run that takes the lock file
     over meanwhile made a new one (the directory is then not empty and stays) or, after the
     removal, finds no directory: it fails as it would have without one."""
     directory = os.path.dirname(self.path)
-    if self._fd is None or os.listdir(directory) != [os.path.basename(self.path)]:
+    if self._fd is None:
       return False
-    os.unlink(self.path)
+    walk = list(os.walk(directory, topdown=False))  # the deepest folders first
+    for folder, folders, files in walk:
+      if (files != ([os.path.basename(self.path)] if folder == directory else []) or
+          any(os.path.islink(os.path.join(folder, name)) for name in folders)):
+        return False
     try:
+      for folder, _, _ in walk[:-1]:  # (the last is `directory`)
+        os.rmdir(folder)  # fails where a peer process of the run has just written into it
+      os.unlink(self.path)
       os.rmdir(directory)
-    except OSError:  # another run's lock file appeared in between: its directory now
+    except OSError:  # or another run's lock file appeared in between: its directory now
       return False
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,6 +303,29 @@ def test_ctrl_c_during_tensorflows_import_prints_one_line(tmp_path, tool, args):
   stdout, stderr = proc.communicate(timeout=60)
   assert (proc.returncode, stdout, stderr.splitlines()) == (
       130, "", ["error: interrupted by SIGINT (Ctrl-C)"]), stderr
+
+
+def test_a_directory_holding_only_the_lock_and_empty_folders_is_removed(tmp_path):
+  # A run on a full disk made its workdir and checkpoints/, then failed at its first file
+  # (config.json: "No space left on device"): the workdir was left behind with the empty folder.
+  from cav_mae_jax import dir_lock  # pylint: disable=import-outside-toplevel
+  run = tmp_path / "run"
+  for kept in [None, "checkpoints/1/data", "notes.txt"]:
+    (run / "checkpoints" / "tmp").mkdir(parents=True)
+    if kept:
+      (run / kept).parent.mkdir(parents=True, exist_ok=True)
+      (run / kept).write_text("kept")
+    with dir_lock.DirLock(str(run)) as lock:
+      assert lock.remove_unused_directory() is (kept is None)
+    assert run.exists() is (kept is not None)
+    if kept:
+      assert (run / kept).read_text() == "kept" and (run / "checkpoints" / "tmp").is_dir()
+      shutil.rmtree(run)
+  run.mkdir()
+  (run / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+  with dir_lock.DirLock(str(run)) as lock:
+    assert not lock.remove_unused_directory()
+  assert sorted(os.listdir(run)) == ["elsewhere", dir_lock.LOCK_FILE]
 
 
 _HOLD_LOCK = textwrap.dedent("""
