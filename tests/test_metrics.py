@@ -154,3 +154,39 @@ def test_progress_redraws_on_a_terminal_and_writes_lines_to_a_log(monkeypatch, t
     assert "\r" not in text and len(lines) == 2 and text.endswith("\n")
     assert lines[0].startswith("[############............] 10/20  50% loss=0.1 elapsed ")
     assert lines[1].startswith("[########################] 20/20 100% loss=0.05 elapsed ")
+
+
+_TENSORBOARD_WRITER = textwrap.dedent("""
+    import json, sys
+    from cav_mae_jax import cli
+    cli.import_tensorflow()  # as the tools import it (without Keras)
+    from cav_mae_jax.train import metrics
+    writer = metrics.make_writer(sys.argv[1], True, tensorboard=True)
+    writer.write_hparams({"optim": {"learning_rate": 0.001}, "task": "pretrain"})
+    writer.close()
+    print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == "keras")))
+""")
+
+
+def test_the_tensorboard_writer_records_hparams_without_importing_keras(tf, tmp_path):
+  # clu's SummaryWriter imports TensorBoard's hparams api, whose Keras callback class imported
+  # all of Keras: 1.6 s of every training and evaluation start.
+  del tf
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+       *filter(None, [os.environ.get("PYTHONPATH")])]))
+  done = subprocess.run([sys.executable, "-c", _TENSORBOARD_WRITER, str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines()[-1] == "[]"  # no Keras module
+  # pylint: disable-next=import-outside-toplevel
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  from tensorboard.plugins.hparams import metadata  # pylint: disable=import-outside-toplevel
+  accumulator = plugin_event_accumulator.EventAccumulator(
+      os.path.join(tmp_path, metrics.TENSORBOARD_DIR))
+  accumulator.Reload()
+  content = accumulator.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+  info = metadata.parse_session_start_info_plugin_data(content)
+  assert {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+          for name, value in info.hparams.items()} == {"optim.learning_rate": 0.001,
+                                                       "task": "pretrain"}

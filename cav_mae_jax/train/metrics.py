@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import types
 from typing import Any, Iterator, Mapping, Sequence
 
 from cav_mae_jax import dir_lock
@@ -97,10 +98,39 @@ def make_writer(workdir: str, is_main_process: bool, tensorboard: bool = True) -
     return Writers([])
   writers: list[Any] = [JsonlWriter(os.path.join(workdir, METRICS_FILE))]
   if tensorboard:
-    # pylint: disable-next=g-import-not-at-top
-    from clu.metric_writers.summary_writer import SummaryWriter  # imports TensorFlow
+    with _hparams_api_without_keras():
+      # pylint: disable-next=g-import-not-at-top
+      from clu.metric_writers.summary_writer import SummaryWriter  # imports TensorFlow
     writers.insert(0, SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR)))
   return Writers(writers)
+
+
+_HPARAMS_API = "tensorboard.plugins.hparams.api"
+
+
+@contextlib.contextmanager
+def _hparams_api_without_keras() -> Iterator[None]:
+  """clu's SummaryWriter imports TensorBoard's hparams `api` module for its `hparams` function
+  (`write_hparams`); that module also defines a Keras callback class, which imports all of Keras
+  (1.6 s of each training or evaluation start, more than the rest of clu). For the block, unless
+  the real module is loaded, `api` is a module of what the real one takes from `summary_v2`
+  (the same functions and classes, `hparams` among them); the real one is imported as usual
+  afterwards (clu keeps its reference to this one)."""
+  if _HPARAMS_API in sys.modules:
+    yield
+    return
+  # pylint: disable-next=g-import-not-at-top
+  from tensorboard.plugins.hparams import summary_v2
+  api = types.ModuleType(_HPARAMS_API, "summary_v2's part of TensorBoard's hparams api.")
+  for name in ("Discrete", "Domain", "HParam", "IntInterval", "Metric", "RealInterval",
+               "hparams", "hparams_pb", "hparams_config", "hparams_config_pb"):
+    setattr(api, name, getattr(summary_v2, name))
+  sys.modules[_HPARAMS_API] = api
+  try:
+    yield
+  finally:
+    if sys.modules.get(_HPARAMS_API) is api:
+      del sys.modules[_HPARAMS_API]
 
 
 @contextlib.contextmanager
