@@ -124,7 +124,8 @@ def _hparams_api_without_keras() -> Iterator[None]:
   api = types.ModuleType(_HPARAMS_API, "summary_v2's part of TensorBoard's hparams api.")
   for name in ("Discrete", "Domain", "HParam", "IntInterval", "Metric", "RealInterval",
                "hparams", "hparams_pb", "hparams_config", "hparams_config_pb"):
-    setattr(api, name, getattr(summary_v2, name))
+    if hasattr(summary_v2, name):  # (clu calls `hparams` alone)
+      setattr(api, name, getattr(summary_v2, name))
   sys.modules[_HPARAMS_API] = api
   try:
     yield
