@@ -711,7 +711,7 @@ _KERAS_PRELOADS = ("keras.src.optimizers", "tf_keras.src.optimizers")
 
 
 @contextlib.contextmanager
-def _keras_preload_skipped() -> Iterator[None]:
+def keras_preload_skipped() -> Iterator[None]:
   """TensorFlow's import loads Keras's optimizers, and with them all of Keras and (where
   scikit-learn is installed: librosa needs it) scikit-learn and SciPy's statistics: 2.3 of its
   7 seconds on 2 cores, for nothing the tools use. TensorFlow passes over a module it cannot
@@ -746,12 +746,12 @@ def import_tensorflow(quiet: bool = True) -> None:
   """Imports TensorFlow (if installed) for the host's input alone: its GPUs are hidden from it
   (`tf.config.set_visible_devices([], "GPU")`, as big_vision's trainers do), so that a CUDA build
   of TensorFlow does not claim the memory of the devices JAX computes on; Keras is not loaded
-  with it (`_keras_preload_skipped`). `quiet`: file descriptor 2 points at /dev/null during the
+  with it (`keras_preload_skipped`). `quiet`: file descriptor 2 points at /dev/null during the
   import (TensorFlow's C++ start-up lines)."""
   if importlib.util.find_spec("tensorflow") is None:
     return
   if "tensorflow" not in sys.modules:
-    with _keras_preload_skipped(), _stderr_on_devnull() if quiet else contextlib.nullcontext():
+    with keras_preload_skipped(), _stderr_on_devnull() if quiet else contextlib.nullcontext():
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
   import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   try:

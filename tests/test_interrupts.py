@@ -179,24 +179,37 @@ def test_a_device_out_of_memory_ends_a_tool_with_one_line():
       "batch per device needs less; --verbosity=1 shows XLA's report)"], result.stderr
 
 
-def test_preprocessing_workers_ignore_ctrl_c_from_their_start():
+_PREPROCESSING_WORKER = """
+import json, multiprocessing, signal, sys
+from cav_mae_jax.data import shards
+def worker(conn):
+  conn.send(sorted(name for name in sys.modules if name.split(".")[0] in ("keras", "tensorflow")))
+  signal.raise_signal(signal.SIGINT)
+if __name__ == "__main__":
+  context = multiprocessing.get_context("forkserver")
+  context.set_forkserver_preload(shards._WORKER_PRELOAD)
+  parent, child = context.Pipe()
+  process = context.Process(target=worker, args=(child,))
+  process.start()
+  loaded = parent.recv()
+  process.join()
+  print(json.dumps([process.exitcode, "tensorflow" in loaded,
+                    [name for name in loaded if name.split(".")[0] == "keras"]]))
+"""
+
+
+def test_preprocessing_workers_ignore_ctrl_c_from_their_start_and_hold_no_keras(tmp_path):
   """A process the workers' fork server forks starts with SIGINT ignored (`worker_signals`):
   it had Python's handler until the worker's own SIG_IGN, and a Ctrl-C landing in JAX's gc
-  callback there printed "Exception ignored ... KeyboardInterrupt" into the tool's stderr."""
-  script = textwrap.dedent("""
-      import multiprocessing, signal
-      from cav_mae_jax.data import shards
-      context = multiprocessing.get_context("forkserver")
-      context.set_forkserver_preload(shards._WORKER_PRELOAD)
-      child = context.Process(target=signal.raise_signal, args=(signal.SIGINT,))
-      child.start()
-      child.join()
-      print("exitcode", child.exitcode)
-      """)
-  result = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+  callback there printed "Exception ignored ... KeyboardInterrupt" into the tool's stderr. And
+  the fork server loads TensorFlow without Keras (`worker_tensorflow`): its plain import loaded
+  Keras too, a second more of every run's start, which waits for the workers."""
+  script = tmp_path / "worker.py"
+  script.write_text(_PREPROCESSING_WORKER)
+  result = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True,
                           text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split() == ["exitcode", "0"], result.stderr[-3000:]
+  assert json.loads(result.stdout.splitlines()[-1]) == [0, True, []], result.stderr[-3000:]
   assert "KeyboardInterrupt" not in result.stderr
 
 

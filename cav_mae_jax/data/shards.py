@@ -248,8 +248,8 @@ def _write_shard_in_worker(conn: multiprocessing.connection.Connection, plan: Sh
 
 
 # worker_signals first: the fork server and its workers ignore SIGINT from the start.
-_WORKER_PRELOAD = ["cav_mae_jax.data.worker_signals", "cav_mae_jax.data.shards",
-                   "cav_mae_jax.data.decode", "cav_mae_jax.data.fbank", "tensorflow"]
+_WORKER_PRELOAD = ["cav_mae_jax.data.worker_signals", "cav_mae_jax.data.worker_tensorflow",
+                   "cav_mae_jax.data.shards", "cav_mae_jax.data.decode", "cav_mae_jax.data.fbank"]
 # Each worker is one core's worth of work, so native thread pools (OpenBLAS runs the fbank's
 # mel matmul; OpenMP) get one thread each unless the user chose otherwise: with the default (a
 # thread per core in every worker) they oversubscribe the machine. Applied to the fork server's
