@@ -483,13 +483,19 @@ def signals_end_with_one_line(note: str = "") -> Iterator[None]:
   With `handle_stop_signals` installed, a Ctrl-C or SIGTERM in the block ends the process, after
   the cleanup of the block's `finally` clauses and context managers, with one line
   (`interrupted_line`, then `note`: what was kept) and status 130 or 143, as a normal exit ends
-  (`exit_after_interrupt`); without it the tools printed Python's traceback.
+  (`exit_after_interrupt`); without it the tools printed Python's traceback. SIGTERM's handler
+  is put back on leaving the block: after it (a tool's imports between two blocks), SIGTERM ends
+  the process as before, not with an uncaught `Terminated`.
   """
+  previous = signal.getsignal(signal.SIGTERM)
   handle_stop_signals()
   try:
     yield
   except KeyboardInterrupt as e:
     exit_after_interrupt(interrupted_line(e, note))
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted_line(error: KeyboardInterrupt, note: str = "") -> int:

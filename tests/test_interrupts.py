@@ -273,6 +273,17 @@ def test_ctrl_c_during_preprocess_keeps_finished_shards_and_prints_one_line(tmp_
   assert "index.json" not in names  # 40 shards, not all finished
 
 
+def test_sigterm_after_a_signals_block_ends_the_tool_as_before():
+  # The block's SIGTERM handler stayed: a SIGTERM in a tool's imports after the block (between
+  # inspect_records' two blocks) raised an uncaught Terminated: a traceback and status 1.
+  script = ("import signal\nfrom cav_mae_jax import cli\n"
+            "with cli.signals_end_with_one_line():\n  pass\n"
+            "signal.raise_signal(signal.SIGTERM)\n")
+  result = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert (result.returncode, result.stderr) == (-signal.SIGTERM, ""), result.stderr[-2000:]
+
+
 def test_ctrl_c_during_make_synthetic_prints_one_line_and_leaves_no_temporaries(tmp_path):
   # It printed Python's traceback, and its spawned workers "Process SpawnPoolWorker-1:".
   out = tmp_path / "out"
